@@ -1,0 +1,77 @@
+"""The audit record: one fixed-size packed struct, mirrored from kernels/pqc_audit_record.h.
+
+Records are stored as rows of a numpy structured array of RECORD_DTYPE; no
+Python object is built per record on the hot path.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+__all__ = ["RECORD_DTYPE", "RECORD_SIZE", "Op", "Status", "NONE16", "OP_NAMES", "op_from_name"]
+
+RECORD_DTYPE = np.dtype([
+    ("record_no", "<u8"),
+    ("host_ts_ns", "<u8"),
+    ("device_ts_ns", "<u8"),
+    ("nonce_counter", "<u8"),
+    ("pos_start", "<u4"),
+    ("pos_count", "<u4"),
+    ("tenant_idx", "<u4"),
+    ("session_idx", "<u4"),
+    ("epoch", "<u4"),
+    ("nbytes", "<u4"),
+    ("layer", "<u2"),
+    ("row", "<u2"),
+    ("op", "u1"),
+    ("status", "u1"),
+    ("flags", "<u2"),
+])
+RECORD_SIZE = RECORD_DTYPE.itemsize
+assert RECORD_SIZE == 64
+
+NONE16 = 0xFFFF
+
+
+class Op(enum.IntEnum):
+    ENCRYPT = 1
+    DECRYPT = 2
+    ROTATE = 3
+    ISOLATION_VIOLATION = 4
+    CROP = 5
+    REORDER = 6
+    CLOSE = 7
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    AUTH_FAILED = 1
+    REFUSED = 2
+    ERROR = 3
+
+
+# The strings of the earlier library ("encrypt", "decrypt", "rotate", "isolation-violation")
+# and the new operations.
+OP_NAMES = {
+    Op.ENCRYPT: "encrypt",
+    Op.DECRYPT: "decrypt",
+    Op.ROTATE: "rotate",
+    Op.ISOLATION_VIOLATION: "isolation-violation",
+    Op.CROP: "crop",
+    Op.REORDER: "reorder",
+    Op.CLOSE: "close",
+}
+_OPS_BY_NAME = {v: k for k, v in OP_NAMES.items()}
+_OPS_BY_NAME["isolation_violation"] = Op.ISOLATION_VIOLATION
+
+
+def op_from_name(name: "str | Op") -> Op:
+    """Op of an operation name (earlier-library strings accepted); ValueError if unknown."""
+    if isinstance(name, Op):
+        return name
+    try:
+        return _OPS_BY_NAME[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown audit operation {name!r}; known: {sorted(OP_NAMES.values())}") from None
