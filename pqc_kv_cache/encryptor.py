@@ -1,0 +1,144 @@
+"""CacheEncryptor / CacheDecryptor: one entry at a time, the reference path.
+
+The batched paths (backends/) produce exactly the same envelope; these classes
+are what a tenant, an auditor or a test uses to seal or open one chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from cryptography.exceptions import InvalidTag
+
+from .envelope import EncryptedEntry, EntryMetadata, KVCacheEntry, make_nonce
+from .errors import (
+    DecryptionError,
+    MalformedEntryError,
+    NonceReplayError,
+    TenantIsolationError,
+)
+from .session import TenantSession
+
+__all__ = ["CacheEncryptor", "CacheDecryptor", "ReplayWindow"]
+
+
+def _check_owner(session: TenantSession, meta: EntryMetadata, verb: str) -> None:
+    if meta.tenant_id != session.tenant_id:
+        raise TenantIsolationError(
+            f"tenant {session.tenant_id!r} may not {verb} an entry of tenant {meta.tenant_id!r}")
+    if meta.session_id != session.session_id:
+        raise TenantIsolationError(
+            f"entry belongs to session {meta.session_id}, not to session {session.session_id} "
+            f"of tenant {session.tenant_id!r}")
+
+
+class CacheEncryptor:
+    """Seal KVCacheEntry objects under a session's current epoch key.
+
+    Each call takes the next nonce counter of the session (never reused);
+    KeyRotationRequiredError at the session's per-epoch cap.
+    """
+
+    def __init__(self, session: TenantSession):
+        if not isinstance(session, TenantSession):
+            raise TypeError(f"session must be a TenantSession, got {type(session).__name__}")
+        self.session = session
+
+    def encrypt(self, entry: KVCacheEntry, *, dtype: str = "", num_heads: int = 0,
+                head_dim: int = 0) -> EncryptedEntry:
+        if not isinstance(entry, KVCacheEntry):
+            raise TypeError(f"entry must be a KVCacheEntry, got {type(entry).__name__}")
+        if not isinstance(entry.key_tensor_bytes, (bytes, bytearray, memoryview)) or \
+                not isinstance(entry.value_tensor_bytes, (bytes, bytearray, memoryview)):
+            raise TypeError("key_tensor_bytes and value_tensor_bytes must be bytes")
+        s = self.session
+        _check_owner(s, entry.metadata, "encrypt")
+        epoch, counter = s.reserve(1)
+        k = bytes(entry.key_tensor_bytes)
+        out = EncryptedEntry(entry.metadata, make_nonce(epoch, counter), b"", len(k), counter,
+                             epoch, dtype, num_heads, head_dim)
+        out.ciphertext = s.cipher(epoch).encrypt(out.nonce, k + bytes(entry.value_tensor_bytes), out.aad())
+        return out
+
+
+class ReplayWindow:
+    """Bounded replay detection for counters: a sliding bitmap of ``size`` counters below the highest seen.
+
+    A counter above the window's top is accepted and slides the window; one
+    inside the window is accepted once; one below the window is refused (it is
+    too old to tell), so memory stays ``size`` bits whatever the traffic.
+    """
+
+    def __init__(self, size: int = 1 << 16):
+        if size < 64:
+            raise ValueError("replay window must cover at least 64 counters")
+        self.size = size
+        self.top = -1          # highest counter accepted
+        self.bits = 0          # bit i set: counter (top - i) seen
+
+    def check(self, counter: int) -> None:
+        """NonceReplayError if ``counter`` was seen or is older than the window."""
+        if counter > self.top:
+            return
+        offset = self.top - counter
+        if offset >= self.size:
+            raise NonceReplayError(f"counter {counter} is older than the replay window ({self.size}); refused")
+        if (self.bits >> offset) & 1:
+            raise NonceReplayError(f"counter {counter} was already opened")
+
+    def mark(self, counter: int) -> None:
+        if counter > self.top:
+            shift = counter - self.top
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self.top = counter
+        else:
+            self.bits |= 1 << (self.top - counter)
+
+
+class CacheDecryptor:
+    """Open EncryptedEntry objects of one session, refusing replays and other tenants' entries.
+
+    * An entry of another tenant or session: TenantIsolationError.
+    * A (epoch, counter) already opened by this decryptor: NonceReplayError
+      (bounded memory: one ReplayWindow per epoch).
+    * Any tag failure — changed byte, chunk moved to another layer, position or
+      tenant, retired epoch key: DecryptionError naming tenant, layer and positions.
+    """
+
+    def __init__(self, session: TenantSession, replay_window: int = 1 << 16):
+        if not isinstance(session, TenantSession):
+            raise TypeError(f"session must be a TenantSession, got {type(session).__name__}")
+        self.session = session
+        self._window_size = replay_window
+        self._windows: dict[int, ReplayWindow] = {}
+        self._lock = threading.Lock()
+
+    def decrypt(self, entry: EncryptedEntry) -> KVCacheEntry:
+        if not isinstance(entry, EncryptedEntry):
+            raise TypeError(f"entry must be an EncryptedEntry, got {type(entry).__name__}")
+        try:
+            entry.validate()
+        except MalformedEntryError:
+            raise
+        except Exception as exc:  # wrong field types in a hand-built entry
+            raise MalformedEntryError(f"malformed entry: {exc}") from None
+        s = self.session
+        m = entry.metadata
+        _check_owner(s, m, "decrypt")
+        with self._lock:
+            window = self._windows.setdefault(entry.epoch, ReplayWindow(self._window_size))
+            window.check(entry.sequence_number)
+            try:
+                cipher = s.cipher(entry.epoch)
+            except DecryptionError as exc:
+                raise DecryptionError(f"{exc}; layer {m.layer_idx}, positions {m.positions.start}..{m.positions.stop - 1}",
+                                      tenant_id=m.tenant_id, layer_idx=m.layer_idx, positions=m.positions) from None
+            try:
+                plain = cipher.decrypt(bytes(entry.nonce), bytes(entry.ciphertext), entry.aad())
+            except InvalidTag:
+                raise DecryptionError(
+                    f"authentication failed for tenant {m.tenant_id!r}, layer {m.layer_idx}, "
+                    f"positions {m.positions.start}..{m.positions.stop - 1}",
+                    tenant_id=m.tenant_id, layer_idx=m.layer_idx, positions=m.positions) from None
+            window.mark(entry.sequence_number)
+        return KVCacheEntry(m, plain[:entry.key_len], plain[entry.key_len:])

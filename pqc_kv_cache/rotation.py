@@ -1,0 +1,69 @@
+"""Key rotation: when a session opens a new epoch, and why.
+
+Age is counted from the last rotation (``session.epoch_started_at``), not from
+session creation, so the time trigger fires once per period, not forever after
+the first one. Rotation keeps earlier epochs readable until
+``session.retire_epoch(e)``; the hard per-epoch cap on encryptions is enforced
+by the session itself (KeyRotationRequiredError), whatever the policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Callable
+
+from .session import DEFAULT_MAX_ENTRIES_PER_EPOCH, TenantSession
+
+__all__ = ["RotationTrigger", "KeyRotationPolicy"]
+
+
+class RotationTrigger(str, enum.Enum):
+    ENTRY_COUNT = "entry_count"
+    TIME_ELAPSED = "time_elapsed"
+    MANUAL = "manual"
+
+
+class KeyRotationPolicy:
+    """Rotate after ``max_entries`` encryptions or ``max_age_seconds`` in one epoch.
+
+    ``hard_max_entries`` is applied to sessions passed to :meth:`apply` as their
+    per-epoch cap (KeyRotationRequiredError beyond it).
+    """
+
+    def __init__(self, max_entries: int = 100_000, max_age_seconds: float = 300.0,
+                 clock: Callable[[], float] | None = None,
+                 hard_max_entries: int = DEFAULT_MAX_ENTRIES_PER_EPOCH):
+        if not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
+        if not isinstance(max_age_seconds, (int, float)) or max_age_seconds <= 0:
+            raise ValueError(f"max_age_seconds must be positive, got {max_age_seconds!r}")
+        if not isinstance(hard_max_entries, int) or hard_max_entries < max_entries:
+            raise ValueError("hard_max_entries must be an int >= max_entries")
+        self.max_entries = max_entries
+        self.max_age_seconds = float(max_age_seconds)
+        self.hard_max_entries = hard_max_entries
+        self.clock = clock
+
+    def apply(self, session: TenantSession) -> None:
+        """Set the session's hard per-epoch cap."""
+        session.max_entries_per_epoch = self.hard_max_entries
+
+    def _now(self, session: TenantSession) -> float:
+        return (self.clock or session.clock)()
+
+    def should_rotate(self, session: TenantSession) -> tuple[bool, RotationTrigger | None]:
+        if session.epoch_entries >= self.max_entries:
+            return True, RotationTrigger.ENTRY_COUNT
+        if self._now(session) - session.epoch_started_at >= self.max_age_seconds:
+            return True, RotationTrigger.TIME_ELAPSED
+        return False, None
+
+    def rotate(self, session: TenantSession, trigger: RotationTrigger = RotationTrigger.MANUAL) -> int:
+        """Open a new epoch on the session; returns it."""
+        if not isinstance(trigger, RotationTrigger):
+            trigger = RotationTrigger(trigger)
+        return session.rotate_key()
+
+    def __repr__(self) -> str:
+        return f"KeyRotationPolicy(max_entries={self.max_entries}, max_age_seconds={self.max_age_seconds:g})"

@@ -1,0 +1,406 @@
+"""Tenant sessions: ML-KEM-768 key agreement, HKDF key schedule, epochs, nonce counters.
+
+Key schedule (documented in the README):
+
+* The server encapsulates to the tenant's ML-KEM-768 public key and keeps the
+  32-byte shared secret ``ss``; the tenant decapsulates the 1088-byte
+  ``kem_ciphertext`` to the same ``ss``.
+* ``ctx = len16(tenant_id) ‖ tenant_id ‖ len16(session_id) ‖ session_id`` (UTF-8).
+* ``chain_0 = HKDF-SHA256(ikm=ss, salt="pqc_kv_cache/v1/chain", info=ctx)``.
+* ``chain_{e+1} = HKDF-SHA256(ikm=chain_e, salt="pqc_kv_cache/v1/ratchet", info=ctx ‖ be32(e+1))``.
+* ``key_e = HKDF-SHA256(ikm=chain_e, salt="pqc_kv_cache/v1/key", info=ctx ‖ be32(e))`` — the AES-256 key of epoch e.
+
+Rotation is an HKDF ratchet rather than a fresh encapsulation: the tenant,
+holding only its private key and the one ``kem_ciphertext``, derives every
+epoch's key without another round trip (``TenantKeyPair.session_key``), and
+the server keeps only the current chain value, so erasing an epoch's key
+(``retire_epoch``) and the chain values before it leaves nothing in this
+process from which that key could be recomputed (forward secrecy across
+epochs within the process). A key supplied to ``rotate_key(new_key)`` is used
+as is for that epoch (the tenant cannot derive it); the chain continues.
+
+Keys live in ``bytearray`` buffers that ``close()`` and ``retire_epoch()``
+overwrite with zeros. ``bytes`` returned to callers (``symmetric_key``,
+``key_for_epoch``) are copies the library cannot erase; AES-GCM contexts cached
+per epoch are dropped at the same moments (OpenSSL clears their key schedules
+when they are freed).
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import (
+    KeyRotationRequiredError,
+    PQCUnavailableError,
+    SessionClosedError,
+    SessionExpiredError,
+    DecryptionError,
+)
+
+__all__ = [
+    "TenantIdentity",
+    "TenantKeyPair",
+    "TenantSession",
+    "establish_tenant_session",
+    "DEFAULT_TTL_SECONDS",
+    "DEFAULT_MAX_ENTRIES_PER_EPOCH",
+    "KEM_CIPHERTEXT_SIZE",
+    "KEM_PUBLIC_KEY_SIZE",
+]
+
+DEFAULT_TTL_SECONDS = 900.0
+# Hard cap of encryptions under one (session, epoch) key. NIST SP 800-38D bounds
+# invocations of one key at 2^32; rotation policies fire far earlier.
+DEFAULT_MAX_ENTRIES_PER_EPOCH = 1 << 32
+KEM_CIPHERTEXT_SIZE = 1088
+KEM_PUBLIC_KEY_SIZE = 1184
+MAX_TENANT_ID_LEN = 128
+
+Clock = Callable[[], float]
+
+
+def _mlkem():
+    """The ML-KEM module of cryptography, or PQCUnavailableError (never a silent fallback)."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric import mlkem
+        mlkem.MLKEM768PrivateKey  # noqa: B018 - attribute probe
+    except (ImportError, AttributeError) as exc:
+        raise PQCUnavailableError(
+            "ML-KEM-768 is not available: install cryptography>=47 built against an OpenSSL with ML-KEM"
+        ) from exc
+    return mlkem
+
+
+def _hkdf(ikm: bytes | bytearray, salt: bytes, info: bytes) -> bytearray:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    return bytearray(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(bytes(ikm)))
+
+
+def _ctx(tenant_id: str, session_id: str) -> bytes:
+    t = tenant_id.encode("utf-8")
+    s = session_id.encode("utf-8")
+    return struct.pack(">H", len(t)) + t + struct.pack(">H", len(s)) + s
+
+
+def _chain0(ss: bytes, ctx: bytes) -> bytearray:
+    return _hkdf(ss, b"pqc_kv_cache/v1/chain", ctx)
+
+
+def _ratchet(chain: bytearray, ctx: bytes, new_epoch: int) -> bytearray:
+    return _hkdf(chain, b"pqc_kv_cache/v1/ratchet", ctx + struct.pack(">I", new_epoch))
+
+
+def _epoch_key(chain: bytearray, ctx: bytes, epoch: int) -> bytearray:
+    return _hkdf(chain, b"pqc_kv_cache/v1/key", ctx + struct.pack(">I", epoch))
+
+
+def _wipe(buf: bytearray | None) -> None:
+    if buf is not None:
+        for i in range(len(buf)):
+            buf[i] = 0
+
+
+def _check_tenant_id(tenant_id: object) -> str:
+    if not isinstance(tenant_id, str):
+        raise TypeError(f"tenant_id must be a str, got {type(tenant_id).__name__}")
+    if not tenant_id or len(tenant_id) > MAX_TENANT_ID_LEN or not tenant_id.isprintable():
+        raise ValueError(f"tenant_id must be non-empty printable text of at most {MAX_TENANT_ID_LEN} characters, got {tenant_id!r}")
+    return tenant_id
+
+
+@dataclass(frozen=True)
+class TenantIdentity:
+    """Who a tenant is: an id (non-empty printable text, at most 128 characters), a display name,
+    and optionally its ML-KEM-768 public key (1184 bytes) to which sessions are encapsulated."""
+
+    tenant_id: str
+    display_name: str = ""
+    public_key: bytes | None = None
+
+    def __post_init__(self):
+        _check_tenant_id(self.tenant_id)
+        if not isinstance(self.display_name, str):
+            raise TypeError("display_name must be a str")
+        if self.public_key is not None:
+            if not isinstance(self.public_key, (bytes, bytearray)):
+                raise TypeError("public_key must be bytes (a raw ML-KEM-768 public key)")
+            if len(self.public_key) != KEM_PUBLIC_KEY_SIZE:
+                raise ValueError(f"public_key must be a raw ML-KEM-768 public key of {KEM_PUBLIC_KEY_SIZE} bytes, got {len(self.public_key)}")
+
+
+class TenantKeyPair:
+    """The tenant side of the key agreement: an ML-KEM-768 key pair.
+
+    >>> kp = TenantKeyPair.generate()
+    >>> tenant = kp.identity("alice")
+    >>> session = establish_tenant_session(tenant)
+    >>> kp.session_key(session.kem_ciphertext, session.session_id, tenant_id="alice") == session.key_for_epoch(0)
+    True
+    """
+
+    def __init__(self, private_key, tenant_id: str | None = None):
+        self._sk = private_key
+        self.tenant_id = _check_tenant_id(tenant_id) if tenant_id is not None else None
+
+    @classmethod
+    def generate(cls, tenant_id: str | None = None) -> "TenantKeyPair":
+        return cls(_mlkem().MLKEM768PrivateKey.generate(), tenant_id)
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        return self._sk.public_key().public_bytes_raw()
+
+    def identity(self, tenant_id: str | None = None, display_name: str = "") -> TenantIdentity:
+        """A TenantIdentity carrying this key pair's public key (and binding tenant_id to the pair)."""
+        tenant_id = tenant_id or self.tenant_id
+        if tenant_id is None:
+            raise ValueError("tenant_id is required (none was bound at generate())")
+        self.tenant_id = _check_tenant_id(tenant_id)
+        return TenantIdentity(tenant_id, display_name, self.public_key_bytes)
+
+    def session_key(self, kem_ciphertext: bytes, session_id: str, epoch: int = 0,
+                    *, tenant_id: str | None = None) -> bytes:
+        """The AES-256 key of ``epoch`` that the server holds for this session (ratchet-derived epochs)."""
+        tenant_id = tenant_id or self.tenant_id
+        if tenant_id is None:
+            raise ValueError("tenant_id is required (none was bound at generate())")
+        if not isinstance(kem_ciphertext, (bytes, bytearray)) or len(kem_ciphertext) != KEM_CIPHERTEXT_SIZE:
+            raise ValueError(f"kem_ciphertext must be {KEM_CIPHERTEXT_SIZE} bytes")
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError("epoch must be a non-negative int")
+        try:
+            ss = self._sk.decapsulate(bytes(kem_ciphertext))
+        except ValueError as exc:
+            raise ValueError(f"kem_ciphertext is not a valid ML-KEM-768 ciphertext: {exc}") from None
+        ctx = _ctx(tenant_id, session_id)
+        chain = _chain0(ss, ctx)
+        for e in range(1, epoch + 1):
+            nxt = _ratchet(chain, ctx, e)
+            _wipe(chain)
+            chain = nxt
+        key = _epoch_key(chain, ctx, epoch)
+        _wipe(chain)
+        out = bytes(key)
+        _wipe(key)
+        return out
+
+
+class TenantSession:
+    """One tenant's session: current and older epoch keys, monotonic nonce counter, expiry.
+
+    Thread-safe. ``next_sequence`` (starting at 1) is the next nonce counter;
+    counters are shared by all epochs and only go up, so a (key, nonce) pair is
+    never used twice. ``reserve(n)`` allocates n counters at once for a batch.
+    """
+
+    def __init__(self, tenant_id: str, session_id: str, shared_secret: bytes, kem_ciphertext: bytes,
+                 ttl_seconds: float = DEFAULT_TTL_SECONDS, clock: Clock | None = None,
+                 max_entries_per_epoch: int = DEFAULT_MAX_ENTRIES_PER_EPOCH):
+        self.tenant_id = _check_tenant_id(tenant_id)
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError("session_id must be a non-empty str")
+        if not (isinstance(ttl_seconds, (int, float)) and ttl_seconds > 0):
+            raise ValueError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+        self.session_id = session_id
+        self.kem_ciphertext = bytes(kem_ciphertext)
+        self.ttl_seconds = float(ttl_seconds)
+        self.clock: Clock = clock or time.monotonic
+        self.max_entries_per_epoch = int(max_entries_per_epoch)
+        self._lock = threading.RLock()
+        self._ctx = _ctx(tenant_id, session_id)
+        self._chain: bytearray = _chain0(shared_secret, self._ctx)
+        self._keys: dict[int, bytearray] = {0: _epoch_key(self._chain, self._ctx, 0)}
+        self._ciphers: dict[int, object] = {}
+        self.epoch = 0
+        self.created_at = self.clock()
+        self.created_at_wall = time.time()
+        self.expires_at = self.created_at + self.ttl_seconds
+        self.epoch_started_at = self.created_at
+        self.next_sequence = 1
+        self.entries_encrypted = 0
+        self.epoch_entries = 0
+        self.closed = False
+        self._close_hooks: list[Callable[["TenantSession"], None]] = []
+
+    # ---- validity ------------------------------------------------------------
+    def is_valid(self) -> bool:
+        return not self.closed and self.clock() < self.expires_at
+
+    def check_valid(self) -> None:
+        """Raise SessionClosedError / SessionExpiredError unless the session can be used."""
+        if self.closed:
+            raise SessionClosedError(f"session {self.session_id} of tenant {self.tenant_id!r} is closed")
+        if self.clock() >= self.expires_at:
+            raise SessionExpiredError(
+                f"session {self.session_id} of tenant {self.tenant_id!r} expired "
+                f"{self.clock() - self.expires_at:.1f} s ago (ttl {self.ttl_seconds:g} s)")
+
+    @property
+    def age_seconds(self) -> float:
+        return self.clock() - self.created_at
+
+    @property
+    def epoch_age_seconds(self) -> float:
+        return self.clock() - self.epoch_started_at
+
+    # ---- keys ----------------------------------------------------------------
+    @property
+    def symmetric_key(self) -> bytes:
+        """The current epoch's AES-256 key (a copy)."""
+        return self.key_for_epoch(self.epoch)
+
+    def key_for_epoch(self, epoch: int) -> bytes:
+        """The key of ``epoch`` (a copy); DecryptionError if that epoch was retired or never existed."""
+        with self._lock:
+            self.check_valid()
+            key = self._keys.get(epoch)
+            if key is None:
+                raise DecryptionError(
+                    f"no key for epoch {epoch} of session {self.session_id}: "
+                    + ("retired" if 0 <= epoch < self.epoch else "unknown epoch"),
+                    tenant_id=self.tenant_id)
+            return bytes(key)
+
+    def cipher(self, epoch: int):
+        """A cached AESGCM context for ``epoch`` (same errors as key_for_epoch)."""
+        c = self._ciphers.get(epoch)
+        if c is not None and not self.closed:
+            return c
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        with self._lock:
+            c = AESGCM(self.key_for_epoch(epoch))
+            self._ciphers[epoch] = c
+            return c
+
+    @property
+    def live_epochs(self) -> list[int]:
+        with self._lock:
+            return sorted(self._keys)
+
+    # ---- counters --------------------------------------------------------------
+    def reserve(self, n: int) -> tuple[int, int]:
+        """Allocate ``n`` consecutive nonce counters under the current epoch: returns (epoch, first).
+
+        KeyRotationRequiredError when the epoch's hard cap would be passed (nothing is allocated).
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        with self._lock:
+            self.check_valid()
+            if self.epoch_entries + n > self.max_entries_per_epoch:
+                raise KeyRotationRequiredError(
+                    f"epoch {self.epoch} of session {self.session_id} has sealed {self.epoch_entries} "
+                    f"entries; {n} more would pass the cap of {self.max_entries_per_epoch}: rotate first")
+            first = self.next_sequence
+            self.next_sequence += n
+            self.entries_encrypted += n
+            self.epoch_entries += n
+            return self.epoch, first
+
+    def consume_sequence(self) -> int:
+        """Allocate one nonce counter (the earlier library's name); returns it."""
+        return self.reserve(1)[1]
+
+    # ---- rotation ----------------------------------------------------------------
+    def rotate_key(self, new_key: bytes | None = None) -> int:
+        """Open a new epoch (HKDF ratchet, or ``new_key`` used as is); returns the new epoch.
+
+        Keys of earlier epochs stay available until ``retire_epoch``.
+        """
+        if new_key is not None and (not isinstance(new_key, (bytes, bytearray)) or len(new_key) != 32):
+            raise ValueError("new_key must be 32 bytes (AES-256)")
+        with self._lock:
+            self.check_valid()
+            e = self.epoch + 1
+            if e > 0xFFFFFFFF:
+                raise KeyRotationRequiredError("epoch counter exhausted: establish a new session")
+            nxt = _ratchet(self._chain, self._ctx, e)
+            _wipe(self._chain)
+            self._chain = nxt
+            self._keys[e] = bytearray(new_key) if new_key is not None else _epoch_key(self._chain, self._ctx, e)
+            self.epoch = e
+            self.epoch_entries = 0
+            self.epoch_started_at = self.clock()
+            return e
+
+    def retire_epoch(self, epoch: int) -> None:
+        """Erase the key of an older epoch: its entries can no longer be opened."""
+        with self._lock:
+            if epoch == self.epoch:
+                raise ValueError(f"epoch {epoch} is the current epoch; rotate before retiring it")
+            key = self._keys.pop(epoch, None)
+            self._ciphers.pop(epoch, None)
+            _wipe(key)
+
+    # ---- closing -------------------------------------------------------------------
+    def on_close(self, hook: Callable[["TenantSession"], None]) -> None:
+        """Call ``hook(session)`` when the session closes (used by caches to shred rows)."""
+        with self._lock:
+            self._close_hooks.append(hook)
+
+    def close(self) -> None:
+        """Overwrite all key material and make every later use raise SessionClosedError."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            for key in self._keys.values():
+                _wipe(key)
+            self._keys.clear()
+            self._ciphers.clear()
+            _wipe(self._chain)
+            hooks, self._close_hooks = self._close_hooks, []
+        for hook in hooks:
+            hook(self)
+
+    def to_public_dict(self) -> dict:
+        """Session facts safe to log or return to the tenant: never a key."""
+        return {
+            "tenant_id": self.tenant_id,
+            "session_id": self.session_id,
+            "epoch": self.epoch,
+            "live_epochs": self.live_epochs,
+            "created_at": self.created_at_wall,
+            "ttl_seconds": self.ttl_seconds,
+            "expires_in_seconds": max(0.0, self.expires_at - self.clock()),
+            "next_sequence": self.next_sequence,
+            "entries_encrypted": self.entries_encrypted,
+            "is_valid": self.is_valid(),
+            "kem": "ML-KEM-768",
+            "kem_ciphertext": self.kem_ciphertext.hex(),
+        }
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("valid" if self.is_valid() else "expired")
+        return f"TenantSession(tenant_id={self.tenant_id!r}, session_id={self.session_id!r}, epoch={self.epoch}, {state})"
+
+
+def establish_tenant_session(tenant: TenantIdentity, ttl_seconds: float = DEFAULT_TTL_SECONDS,
+                             clock: Clock | None = None, *,
+                             max_entries_per_epoch: int = DEFAULT_MAX_ENTRIES_PER_EPOCH) -> TenantSession:
+    """Server side: encapsulate to the tenant's ML-KEM-768 public key and derive the session key.
+
+    When the identity carries no public key, a fresh tenant key pair is generated
+    and its private key discarded (the session then lives only in this process).
+    """
+    if not isinstance(tenant, TenantIdentity):
+        raise TypeError(f"tenant must be a TenantIdentity, got {type(tenant).__name__}")
+    mlkem = _mlkem()
+    if tenant.public_key is None:
+        public = mlkem.MLKEM768PrivateKey.generate().public_key()
+    else:
+        try:
+            public = mlkem.MLKEM768PublicKey.from_public_bytes(bytes(tenant.public_key))
+        except ValueError as exc:
+            raise ValueError(f"tenant {tenant.tenant_id!r} public_key is not an ML-KEM-768 public key: {exc}") from None
+    shared_secret, kem_ciphertext = public.encapsulate()
+    session_id = secrets.token_hex(16)
+    return TenantSession(tenant.tenant_id, session_id, shared_secret, kem_ciphertext,
+                         ttl_seconds=ttl_seconds, clock=clock, max_entries_per_epoch=max_entries_per_epoch)
