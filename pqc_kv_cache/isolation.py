@@ -1,0 +1,189 @@
+"""TenantIsolationManager: one live session per tenant, and every cross-tenant access refused and recorded.
+
+The manager writes its own audit records (encrypt, decrypt, rotate,
+isolation-violation, close): a refused access is on record whether or not the
+caller remembers to log it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from .encryptor import CacheDecryptor, CacheEncryptor
+from .envelope import EncryptedEntry, KVCacheEntry
+from .errors import (
+    DecryptionError,
+    KeyRotationRequiredError,
+    SessionExpiredError,
+    TenantIsolationError,
+    UnknownTenantError,
+)
+from .rotation import KeyRotationPolicy, RotationTrigger
+from .session import DEFAULT_TTL_SECONDS, TenantIdentity, TenantSession, establish_tenant_session
+
+__all__ = ["TenantIsolationManager"]
+
+
+class TenantIsolationManager:
+    """Thread-safe registry of tenant sessions that seals and opens entries on their behalf.
+
+    ``audit`` is a KVAuditLog (or None for no audit); ``policy`` a
+    KeyRotationPolicy applied before each encryption (rotations are recorded).
+    """
+
+    def __init__(self, audit=None, policy: KeyRotationPolicy | None = None,
+                 clock: Callable[[], float] | None = None):
+        self.audit = audit
+        self.policy = policy
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._sessions: dict[str, TenantSession] = {}
+        self._encryptors: dict[str, CacheEncryptor] = {}
+        self._decryptors: dict[str, CacheDecryptor] = {}
+
+    # ---- sessions -------------------------------------------------------------
+    def create_session(self, tenant: TenantIdentity, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> TenantSession:
+        """The tenant's live session, establishing a new one (ML-KEM-768) if it has none or it expired."""
+        if not isinstance(tenant, TenantIdentity):
+            raise TypeError(f"tenant must be a TenantIdentity, got {type(tenant).__name__}")
+        with self._lock:
+            live = self._sessions.get(tenant.tenant_id)
+            if live is not None and live.is_valid():
+                return live
+            if live is not None:
+                self._drop(tenant.tenant_id, live, reason="expired")
+            session = establish_tenant_session(tenant, ttl_seconds=ttl_seconds, clock=self.clock)
+            if self.policy is not None:
+                self.policy.apply(session)
+            self._sessions[tenant.tenant_id] = session
+            self._encryptors[tenant.tenant_id] = CacheEncryptor(session)
+            self._decryptors[tenant.tenant_id] = CacheDecryptor(session)
+            return session
+
+    def get_session(self, tenant_id: str) -> TenantSession:
+        """The tenant's session: UnknownTenantError if none, SessionExpiredError if it expired."""
+        with self._lock:
+            session = self._sessions.get(tenant_id)
+            if session is None:
+                raise UnknownTenantError(f"no session for tenant {tenant_id!r}")
+            session.check_valid()
+            return session
+
+    def list_active_tenants(self) -> list[str]:
+        with self._lock:
+            return sorted(t for t, s in self._sessions.items() if s.is_valid())
+
+    def close_session(self, tenant_id: str) -> None:
+        """Erase the tenant's keys (its entries become unreadable) and record the close."""
+        with self._lock:
+            session = self._sessions.get(tenant_id)
+            if session is None:
+                raise UnknownTenantError(f"no session for tenant {tenant_id!r}")
+            self._drop(tenant_id, session, reason="closed")
+
+    def _drop(self, tenant_id: str, session: TenantSession, reason: str) -> None:
+        del self._sessions[tenant_id]
+        self._encryptors.pop(tenant_id, None)
+        self._decryptors.pop(tenant_id, None)
+        session.close()
+        if self.audit is not None:
+            self.audit.log_event("close", tenant_id, session.session_id, details=reason)
+
+    def close(self) -> None:
+        """Close every session."""
+        with self._lock:
+            for tenant_id, session in list(self._sessions.items()):
+                self._drop(tenant_id, session, reason="closed")
+
+    # ---- rotation ---------------------------------------------------------------
+    def rotate(self, tenant_id: str, trigger: RotationTrigger = RotationTrigger.MANUAL) -> int:
+        """Open a new epoch for the tenant's session; returns it. Earlier entries stay readable."""
+        with self._lock:
+            session = self.get_session(tenant_id)
+            policy = self.policy or KeyRotationPolicy()
+            epoch = policy.rotate(session, trigger)
+            if self.audit is not None:
+                self.audit.log_rotate(tenant_id, session.session_id,
+                                      details=f"trigger={RotationTrigger(trigger).value}", epoch=epoch)
+            return epoch
+
+    def _maybe_rotate(self, tenant_id: str, session: TenantSession) -> None:
+        if self.policy is None:
+            return
+        due, trigger = self.policy.should_rotate(session)
+        if due:
+            self.rotate(tenant_id, trigger)
+
+    # ---- entries ------------------------------------------------------------------
+    def encrypt(self, tenant_id: str, entry: KVCacheEntry) -> EncryptedEntry:
+        """Seal an entry of ``tenant_id`` under its session (rotating first if the policy says so)."""
+        if not isinstance(entry, KVCacheEntry):
+            raise TypeError(f"entry must be a KVCacheEntry, got {type(entry).__name__}")
+        m = entry.metadata
+        with self._lock:
+            session = self.get_session(tenant_id)
+            if m.tenant_id != tenant_id:
+                self._violation(tenant_id, session, m.tenant_id, m.layer_idx, m.position, m.position_count,
+                                "encrypt of an entry labelled for another tenant")
+            self._maybe_rotate(tenant_id, session)
+            encryptor = self._encryptors[tenant_id]
+        try:
+            out = encryptor.encrypt(entry)
+        except KeyRotationRequiredError:
+            self._log("log_encrypt", session, m.layer_idx, m.position, 0, False, "rotation required",
+                      m.position_count, session.epoch, entry.plaintext_size)
+            raise
+        self._log("log_encrypt", session, m.layer_idx, m.position, out.sequence_number, True, None,
+                  m.position_count, out.epoch, entry.plaintext_size)
+        return out
+
+    def decrypt(self, tenant_id: str, entry: EncryptedEntry) -> KVCacheEntry:
+        """Open an entry for ``tenant_id``; another tenant's entry is refused and recorded."""
+        if not isinstance(entry, EncryptedEntry):
+            raise TypeError(f"entry must be an EncryptedEntry, got {type(entry).__name__}")
+        m = entry.metadata
+        with self._lock:
+            session = self.get_session(tenant_id)
+            if m.tenant_id != tenant_id or m.session_id != session.session_id:
+                self._violation(tenant_id, session, m.tenant_id, m.layer_idx, m.position, m.position_count,
+                                f"decrypt of an entry of tenant {m.tenant_id!r}")
+            decryptor = self._decryptors[tenant_id]
+        try:
+            out = decryptor.decrypt(entry)
+        except (DecryptionError, SessionExpiredError) as exc:
+            self._log("log_decrypt", session, m.layer_idx, m.position, entry.sequence_number, False, str(exc),
+                      m.position_count, entry.epoch, entry.plaintext_size)
+            raise
+        except Exception as exc:  # replay and malformed entries are failures on record too
+            self._log("log_decrypt", session, m.layer_idx, m.position, entry.sequence_number, False,
+                      f"{type(exc).__name__}: {exc}", m.position_count, entry.epoch, entry.plaintext_size)
+            raise
+        self._log("log_decrypt", session, m.layer_idx, m.position, entry.sequence_number, True, None,
+                  m.position_count, entry.epoch, entry.plaintext_size)
+        return out
+
+    # ---- audit helpers ------------------------------------------------------------
+    def _log(self, method: str, session: TenantSession, layer: int, position: int, seq: int, ok: bool,
+             details: str | None, count: int, epoch: int, nbytes: int) -> None:
+        if self.audit is None:
+            return
+        getattr(self.audit, method)(session.tenant_id, session.session_id, layer, position, seq, ok, details,
+                                    position_count=count, epoch=epoch, nbytes=nbytes)
+
+    def _violation(self, tenant_id: str, session: TenantSession, target: str, layer: int, position: int,
+                   count: int, what: str):
+        if self.audit is not None:
+            self.audit.log_isolation_violation(tenant_id, session.session_id, details=what, layer_idx=layer,
+                                               position=position, position_count=count,
+                                               target_tenant_id=target)
+        raise TenantIsolationError(f"tenant {tenant_id!r} refused: {what} (layer {layer}, position {position})")
+
+    def __enter__(self) -> "TenantIsolationManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TenantIsolationManager(tenants={self.list_active_tenants()}, audit={'on' if self.audit is not None else 'off'})"
