@@ -1,0 +1,265 @@
+// pqc_kv_cache host shim: the primitives of pqc_gcm.cuh compiled for the CPU
+// (g++ -O2 -shared -fPIC), loaded by pqc_kv_cache.backends.kernel_host with
+// ctypes. The batched chunk entry points walk chunks and lanes exactly as the
+// CUDA kernels do (pqc_chunk_setup, pqc_gcm_lane over `lanes` lanes, the same
+// record encoders), so the kernels' indexing is what the CPU tests check.
+//
+// Every entry point returns 0 on success or a negative PQC_HOST_E* code on
+// malformed arguments; the Python side turns those into ValueError.
+#include <stdint.h>
+#include <string.h>
+
+#include "pqc_audit_record.h"
+#include "pqc_gcm.cuh"
+
+#define PQC_HOST_ABI 1
+#define PQC_HOST_EARG (-1)
+
+namespace {
+
+struct TeTable {
+    uint32_t t[256];
+    TeTable() {
+        for (uint32_t x = 0; x < 256; ++x) t[x] = pqc_te_entry(x);
+    }
+};
+
+const pqc_te_flat& te() {
+    static const TeTable table;
+    static const pqc_te_flat acc = {table.t};
+    return acc;
+}
+
+void build_gtab(const pqc_key_sched* ks, pqc_u128* gtab) {
+    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) gtab[i] = pqc_ghash_tab_entry(ks->vtab, i);
+}
+
+// Runs every lane of one message and returns the combined GHASH.
+template <class IO>
+pqc_u128 run_lanes(const pqc_key_sched* ks, const pqc_u128* gtab, const pqc_gcm_msg& msg, const IO& io,
+                   bool encrypt, uint32_t lanes) {
+    pqc_u128 g = {0ull, 0ull};
+    for (uint32_t t = 0; t < lanes; ++t) g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks, gtab, msg, io, encrypt, t, lanes));
+    return g;
+}
+
+bool lanes_ok(uint32_t lanes) { return lanes >= 1 && lanes <= PQC_MAX_LANES; }
+
+void write_record(uint8_t* dst, const uint32_t w[16]) {
+    for (int i = 0; i < 16; ++i) pqc_store_le32(dst + 4 * i, w[i]);
+}
+
+}  // namespace
+
+extern "C" {
+
+int pqc_host_abi_version(void) { return PQC_HOST_ABI; }
+int64_t pqc_host_sched_size(void) { return (int64_t)sizeof(pqc_key_sched); }
+int64_t pqc_host_slot_meta_size(void) { return (int64_t)sizeof(pqc_slot_meta); }
+int64_t pqc_host_record_size(void) { return (int64_t)sizeof(pqc_audit_record); }
+
+int pqc_host_sbox(uint32_t x) { return (int)pqc_sbox(x & 0xFFu); }
+
+int pqc_host_aes256_encrypt_block(const uint8_t* key, const uint8_t* in, uint8_t* out) {
+    uint32_t rk[PQC_AES256_ROUND_KEYS], w[4], o[4];
+    pqc_aes256_expand_key(key, rk);
+    for (int i = 0; i < 4; ++i) w[i] = pqc_load_be32(in + 4 * i);
+    pqc_aes256_encrypt_words(te(), rk, w, o);
+    for (int i = 0; i < 4; ++i) pqc_store_be32(out + 4 * i, o[i]);
+    return 0;
+}
+
+static pqc_u128 load_u128(const uint8_t* p) {
+    uint32_t w[4];
+    for (int i = 0; i < 4; ++i) w[i] = pqc_load_be32(p + 4 * i);
+    return pqc_u128_from_words(w);
+}
+
+static void store_u128(uint8_t* p, pqc_u128 v) {
+    pqc_store_be64(p, v.hi);
+    pqc_store_be64(p + 8, v.lo);
+}
+
+// out = a * b in GF(2^128), GCM bit order; table != 0 uses the 4-bit table of b.
+int pqc_host_gf_mul(const uint8_t* a, const uint8_t* b, uint8_t* out, int table) {
+    pqc_u128 x = load_u128(a), y = load_u128(b);
+    if (!table) {
+        store_u128(out, pqc_gf_mul(x, y));
+        return 0;
+    }
+    pqc_u128 vtab[128], gtab[PQC_GHASH_TAB_ENTRIES];
+    for (int k = 0; k < 128; ++k) {
+        vtab[k] = y;
+        y = pqc_gf_mulx(y);
+    }
+    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) gtab[i] = pqc_ghash_tab_entry(vtab, i);
+    store_u128(out, pqc_gf_mul_tab(x, gtab));
+    return 0;
+}
+
+int pqc_host_ct_equal(const uint8_t* a, const uint8_t* b, int n) {
+    if (n < 0) return PQC_HOST_EARG;
+    return pqc_ct_equal(a, b, n);
+}
+
+int pqc_host_build_aad_v1(uint8_t* out, const uint8_t* tenant_tag, const uint8_t* session_tag, uint32_t epoch,
+                          uint32_t layer, uint64_t pos_start, uint32_t pos_count, uint32_t key_len,
+                          uint32_t dtype_code, uint32_t num_heads, uint32_t head_dim) {
+    pqc_build_aad_v1(out, tenant_tag, session_tag, epoch, layer, pos_start, pos_count, key_len, dtype_code,
+                     num_heads, head_dim);
+    return 0;
+}
+
+// keys: n x 32 bytes -> n pqc_key_sched (pqc_host_sched_size() bytes each).
+int pqc_host_prepare_keys(const uint8_t* keys, int64_t n, uint32_t lanes, pqc_key_sched* out) {
+    if (n < 0 || !lanes_ok(lanes)) return PQC_HOST_EARG;
+    for (int64_t i = 0; i < n; ++i) pqc_prepare_key(te(), keys + 32 * i, lanes, out + i);
+    return 0;
+}
+
+// Seal n independent messages (96-bit nonces): message i is pt[pt_off[i] .. +pt_len[i]]
+// with aad[aad_off[i] .. +aad_len[i]]; ciphertext || tag goes to out[out_off[i] ..].
+int pqc_host_gcm_seal_many(int64_t n, const uint8_t* keys, const uint8_t* nonces, const uint8_t* aad,
+                           const int64_t* aad_off, const int64_t* aad_len, const uint8_t* pt,
+                           const int64_t* pt_off, const int64_t* pt_len, uint8_t* out,
+                           const int64_t* out_off, uint32_t lanes) {
+    if (n < 0 || !lanes_ok(lanes)) return PQC_HOST_EARG;
+    pqc_key_sched ks;
+    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    for (int64_t i = 0; i < n; ++i) {
+        if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || pt_len[i] < 0) return PQC_HOST_EARG;
+        pqc_prepare_key(te(), keys + 32 * i, lanes, &ks);
+        build_gtab(&ks, gtab);
+        pqc_gcm_msg msg;
+        for (int w = 0; w < 3; ++w) msg.nonce_w[w] = pqc_load_be32(nonces + 12 * i + 4 * w);
+        msg.aad = aad + aad_off[i];
+        msg.aad_len = (uint32_t)aad_len[i];
+        msg.nbytes = (uint64_t)pt_len[i];
+        pqc_io_flat io = {pt + pt_off[i], out + out_off[i], (uint64_t)pt_len[i]};
+        pqc_u128 g = run_lanes(&ks, gtab, msg, io, true, lanes);
+        pqc_gcm_tag(te(), &ks, msg.nonce_w, g, out + out_off[i] + pt_len[i]);
+    }
+    return 0;
+}
+
+// Open n messages: ct_with_tag at ct[ct_off[i] ..], ct_len[i] bytes including the
+// tag_len-byte tag (4..16); plaintext to out[out_off[i] ..], zeroed where the tag
+// fails; status[i] = 0 OK, 1 AUTH_FAILED.
+int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces, const uint8_t* aad,
+                           const int64_t* aad_off, const int64_t* aad_len, const uint8_t* ct,
+                           const int64_t* ct_off, const int64_t* ct_len, uint8_t* out,
+                           const int64_t* out_off, int tag_len, uint8_t* status, uint32_t lanes) {
+    if (n < 0 || !lanes_ok(lanes) || tag_len < 4 || tag_len > 16) return PQC_HOST_EARG;
+    pqc_key_sched ks;
+    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    for (int64_t i = 0; i < n; ++i) {
+        if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || ct_len[i] < tag_len) return PQC_HOST_EARG;
+        pqc_prepare_key(te(), keys + 32 * i, lanes, &ks);
+        build_gtab(&ks, gtab);
+        const int64_t nb = ct_len[i] - tag_len;
+        pqc_gcm_msg msg;
+        for (int w = 0; w < 3; ++w) msg.nonce_w[w] = pqc_load_be32(nonces + 12 * i + 4 * w);
+        msg.aad = aad + aad_off[i];
+        msg.aad_len = (uint32_t)aad_len[i];
+        msg.nbytes = (uint64_t)nb;
+        pqc_io_flat io = {ct + ct_off[i], out + out_off[i], (uint64_t)nb};
+        pqc_u128 g = run_lanes(&ks, gtab, msg, io, false, lanes);
+        uint8_t tag[16];
+        pqc_gcm_tag(te(), &ks, msg.nonce_w, g, tag);
+        int ok = pqc_ct_equal(tag, ct + ct_off[i] + nb, tag_len);
+        status[i] = (uint8_t)(ok ? 0 : 1);
+        if (!ok) memset(out + out_off[i], 0, (size_t)nb);
+    }
+    return 0;
+}
+
+// The encrypt kernel's work on the CPU: chunk i of the table (int64
+// [PQC_TABLE_COLS, n]) read from the K/V tensors (byte strides, dim
+// contiguous), ciphertext + tag into arena + offset, ENCRYPT records (one per
+// position) at records[(aux + p) * 64] when records != 0, numbered first_no + aux + p.
+int pqc_host_encrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* meta, const int64_t* table,
+                            int64_t n, uint32_t layer, uint32_t num_heads, uint32_t head_dim,
+                            uint32_t itemsize, uint32_t dtype_code, uint8_t* k, int64_t k_sb, int64_t k_sh,
+                            int64_t k_ss, uint8_t* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
+                            uint8_t* arena, uint8_t* records, uint64_t first_no) {
+    if (n < 0 || ((head_dim * itemsize) & 15u) != 0u) return PQC_HOST_EARG;
+    pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
+    pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
+    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    int64_t gtab_slot = -1;
+    for (int64_t i = 0; i < n; ++i) {
+        pqc_chunk c;
+        pqc_chunk_setup(table, n, i, meta, L, kt, vt, &c);
+        const pqc_key_sched* ks = sched + c.slot;
+        if (c.slot != gtab_slot) {
+            build_gtab(ks, gtab);
+            gtab_slot = c.slot;
+        }
+        pqc_io_kv_to_arena io = {c.kv, arena + c.offset, false};
+        pqc_u128 g = run_lanes(ks, gtab, c.msg, io, true, ks->lanes);
+        pqc_gcm_tag(te(), ks, c.msg.nonce_w, g, arena + c.offset + c.nbytes);
+        if (records) {
+            for (uint32_t p = 0; p < (uint32_t)c.pos_count; ++p) {
+                uint32_t w[16];
+                pqc_encrypt_record(c, meta, L, first_no + (uint64_t)c.aux + p, 0ull, p, w);
+                write_record(records + 64 * (c.aux + p), w);
+            }
+        }
+    }
+    return 0;
+}
+
+// The decrypt kernels' work on the CPU: row DECRYPT records (rowdesc, int64
+// [PQC_ROWDESC_COLS, nrows]) at records[r * 64], numbered first_no + r; then
+// every chunk verified and decrypted into k/v, zeroed on failure, status[i]
+// set, AUTH_FAILED ORed into its row record (aux = row record index, -1 none)
+// and a failure record appended to fq (capacity fq_cap; *fq_count counts all
+// failures, also those past the capacity).
+int pqc_host_decrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* meta, const int64_t* table,
+                            int64_t n, uint32_t layer, uint32_t num_heads, uint32_t head_dim,
+                            uint32_t itemsize, uint32_t dtype_code, const uint8_t* arena, uint8_t* k,
+                            int64_t k_sb, int64_t k_sh, int64_t k_ss, uint8_t* v, int64_t v_sb, int64_t v_sh,
+                            int64_t v_ss, uint8_t* status, uint8_t* records, uint64_t first_no,
+                            const int64_t* rowdesc, int64_t nrows, uint8_t* fq, uint32_t* fq_count,
+                            uint32_t fq_cap, uint32_t call_tag) {
+    if (n < 0 || nrows < 0 || ((head_dim * itemsize) & 15u) != 0u) return PQC_HOST_EARG;
+    pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
+    pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
+    if (records) {
+        for (int64_t r = 0; r < nrows; ++r) {
+            uint32_t w[16];
+            pqc_row_record(rowdesc, nrows, r, meta, L, first_no + (uint64_t)r, 0ull, w);
+            write_record(records + 64 * r, w);
+        }
+    }
+    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    int64_t gtab_slot = -1;
+    for (int64_t i = 0; i < n; ++i) {
+        pqc_chunk c;
+        pqc_chunk_setup(table, n, i, meta, L, kt, vt, &c);
+        const pqc_key_sched* ks = sched + c.slot;
+        if (c.slot != gtab_slot) {
+            build_gtab(ks, gtab);
+            gtab_slot = c.slot;
+        }
+        pqc_io_arena_to_kv io = {c.kv, arena + c.offset, false};
+        pqc_u128 g = run_lanes(ks, gtab, c.msg, io, false, ks->lanes);
+        uint8_t tag[16];
+        pqc_gcm_tag(te(), ks, c.msg.nonce_w, g, tag);
+        int ok = pqc_ct_equal(tag, arena + c.offset + c.nbytes, 16);
+        status[i] = (uint8_t)(ok ? 0 : 1);
+        if (!ok) {
+            for (uint64_t j = 0; j < c.nbytes / 16u; ++j) io.zero(j);
+            if (records && c.aux >= 0) records[64 * c.aux + 4 * PQC_RECORD_STATUS_WORD + 1] |= 1u;
+            uint32_t idx = (*fq_count)++;
+            if (fq && idx < fq_cap) {
+                uint32_t w[16];
+                pqc_failure_record(c, meta, L, 0ull, call_tag, w);
+                write_record(fq + 64ull * idx, w);
+            }
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"
