@@ -39,7 +39,7 @@ template <class IO>
 pqc_u128 run_lanes(const pqc_key_sched* ks, const pqc_u128* gtab, const pqc_gcm_msg& msg, const IO& io,
                    bool encrypt, uint32_t lanes) {
     pqc_u128 g = {0ull, 0ull};
-    for (uint32_t t = 0; t < lanes; ++t) g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks, gtab, msg, io, encrypt, t, lanes));
+    for (uint32_t t = 0; t < lanes; ++t) g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->hpow, gtab, msg, io, encrypt, t, lanes));
     return g;
 }
 
@@ -137,7 +137,7 @@ int pqc_host_gcm_seal_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
         msg.nbytes = (uint64_t)pt_len[i];
         pqc_io_flat io = {pt + pt_off[i], out + out_off[i], (uint64_t)pt_len[i]};
         pqc_u128 g = run_lanes(&ks, gtab, msg, io, true, lanes);
-        pqc_gcm_tag(te(), &ks, msg.nonce_w, g, out + out_off[i] + pt_len[i]);
+        pqc_gcm_tag(te(), ks.rk, msg.nonce_w, g, out + out_off[i] + pt_len[i]);
     }
     return 0;
 }
@@ -165,7 +165,7 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
         pqc_io_flat io = {ct + ct_off[i], out + out_off[i], (uint64_t)nb};
         pqc_u128 g = run_lanes(&ks, gtab, msg, io, false, lanes);
         uint8_t tag[16];
-        pqc_gcm_tag(te(), &ks, msg.nonce_w, g, tag);
+        pqc_gcm_tag(te(), ks.rk, msg.nonce_w, g, tag);
         int ok = pqc_ct_equal(tag, ct + ct_off[i] + nb, tag_len);
         status[i] = (uint8_t)(ok ? 0 : 1);
         if (!ok) memset(out + out_off[i], 0, (size_t)nb);
@@ -197,7 +197,7 @@ int pqc_host_encrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* met
         }
         pqc_io_kv_to_arena io = {c.kv, arena + c.offset, false};
         pqc_u128 g = run_lanes(ks, gtab, c.msg, io, true, ks->lanes);
-        pqc_gcm_tag(te(), ks, c.msg.nonce_w, g, arena + c.offset + c.nbytes);
+        pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, g, arena + c.offset + c.nbytes);
         if (records) {
             for (uint32_t p = 0; p < (uint32_t)c.pos_count; ++p) {
                 uint32_t w[16];
@@ -245,7 +245,7 @@ int pqc_host_decrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* met
         pqc_io_arena_to_kv io = {c.kv, arena + c.offset, false};
         pqc_u128 g = run_lanes(ks, gtab, c.msg, io, false, ks->lanes);
         uint8_t tag[16];
-        pqc_gcm_tag(te(), ks, c.msg.nonce_w, g, tag);
+        pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, g, tag);
         int ok = pqc_ct_equal(tag, arena + c.offset + c.nbytes, 16);
         status[i] = (uint8_t)(ok ? 0 : 1);
         if (!ok) {

@@ -486,11 +486,11 @@ struct pqc_gcm_msg {
     uint64_t nbytes;
 };
 
-// Lane t of `lanes`: CTR-encrypts (encrypt=true) or -decrypts its data blocks
+// Lane t of `lanes` (rk: round keys; hpow[e-1] = H^e): CTR-encrypts (encrypt=true) or -decrypts its data blocks
 // through io and returns its partial GHASH (already multiplied by H^(lanes-t)).
 // gtab is the 4-bit table of H^lanes (PQC_GHASH_TAB_ENTRIES entries).
 template <class TE, class IO>
-PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const pqc_key_sched* ks, const pqc_u128* gtab,
+PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const uint32_t* rk, const pqc_u128* hpow, const pqc_u128* gtab,
                              const pqc_gcm_msg& msg, const IO& io, bool encrypt,
                              uint32_t t, uint32_t lanes) {
     const uint64_t a = ((uint64_t)msg.aad_len + 15ull) >> 4;
@@ -518,7 +518,7 @@ PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const pqc_key_sched* ks, const pqc_u1
             const uint64_t j = idx - pad - a;
             uint32_t ctr[4], ks_w[4], in[4], out[4];
             pqc_counter_block(msg.nonce_w, j, ctr);
-            pqc_aes256_encrypt_words(te, ks->rk, ctr, ks_w);
+            pqc_aes256_encrypt_words(te, rk, ctr, ks_w);
             io.load(j, in);
             for (int i = 0; i < 4; ++i) out[i] = in[i] ^ ks_w[i];
             io.store(j, out);
@@ -540,15 +540,15 @@ PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const pqc_key_sched* ks, const pqc_u1
         }
         acc = pqc_u128_xor(pqc_gf_mul_tab(acc, gtab), x);
     }
-    return pqc_gf_mul(acc, ks->hpow[lanes - 1 - t]);
+    return pqc_gf_mul(acc, hpow[lanes - 1 - t]);
 }
 
 // The tag: E_K(nonce || 1) XOR GHASH, as 16 bytes.
 template <class TE>
-PQC_HD void pqc_gcm_tag(const TE& te, const pqc_key_sched* ks, const uint32_t nonce_w[3],
+PQC_HD void pqc_gcm_tag(const TE& te, const uint32_t* rk, const uint32_t nonce_w[3],
                         pqc_u128 ghash, uint8_t tag[16]) {
     uint32_t j0[4] = {nonce_w[0], nonce_w[1], nonce_w[2], 1u}, e[4];
-    pqc_aes256_encrypt_words(te, ks->rk, j0, e);
+    pqc_aes256_encrypt_words(te, rk, j0, e);
     pqc_u128 ek = pqc_u128_from_words(e);
     pqc_store_be64(tag, ek.hi ^ ghash.hi);
     pqc_store_be64(tag + 8, ek.lo ^ ghash.lo);
