@@ -1,0 +1,651 @@
+"""KVAuditLog: batched audit records, an asynchronous drain, a queryable columnar log.
+
+Emitters (the hot path, any thread) write batches of packed records into the
+host ring (or, on a GPU, into a CUDA ring); record numbers are global and
+dense, handed out per batch under one lock.  A background drain thread moves
+the records, in record-number order, into the in-memory columnar store and to
+the persistent sink, and reports failures and isolation violations to Python
+``logging``.  Query methods build ``KVAuditEntry`` objects only for what they
+return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import heapq
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+
+from ..errors import AuditError, KVCacheError
+from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status, op_from_name
+from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing
+from .sink import AuditSink
+from .store import ColumnarStore
+
+__all__ = ["KVAuditLog", "KVAuditEntry"]
+
+_LIMITS = tuple(FIELD_LIMITS[name] for name in VALUE_FIELDS)
+_ITEMSIZE = tuple(RECORD_DTYPE[name].itemsize for name in VALUE_FIELDS)
+_I_POS_START = VALUE_FIELDS.index("pos_start")
+_I_POS_COUNT = VALUE_FIELDS.index("pos_count")
+_I_NBYTES = VALUE_FIELDS.index("nbytes")
+_I_STATUS = VALUE_FIELDS.index("status")
+_VALID_OPS = frozenset(int(o) for o in Op)
+
+
+def _iso(ns: int) -> str:
+    """ISO-8601 UTC, as the earlier library wrote it (datetime.isoformat with +00:00)."""
+    return _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat()
+
+
+@dataclasses.dataclass
+class KVAuditEntry:
+    """One audit record as the query API returns it (the earlier library's fields first)."""
+
+    timestamp: str
+    operation: str
+    tenant_id: str
+    session_id: str
+    layer_idx: int
+    position: int
+    sequence_number: int
+    success: bool
+    details: str | None = None
+    record_number: int = -1
+    position_count: int = 0
+    row: int | None = None
+    epoch: int = 0
+    nbytes: int = 0
+    status: int = 0
+    device_timestamp_ns: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _since_ns(since) -> int:
+    if isinstance(since, bool):
+        raise TypeError("since must be a datetime, an ISO-8601 string or nanoseconds since the epoch")
+    if isinstance(since, int):
+        return since
+    if isinstance(since, float):
+        return int(since * 1e9)
+    if isinstance(since, str):
+        try:
+            since = _dt.datetime.fromisoformat(since)
+        except ValueError:
+            raise ValueError(f"since={since!r} is not an ISO-8601 timestamp") from None
+    if isinstance(since, _dt.datetime):
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=_dt.timezone.utc)
+        return int(since.timestamp() * 1e9)
+    raise TypeError("since must be a datetime, an ISO-8601 string or nanoseconds since the epoch")
+
+
+class KVAuditLog:
+    """Audit log of KV-cache accesses: host ring -> drain thread -> columnar store (+ signed file).
+
+    ``path``: persist every record to this file (format in docs/audit.md); an
+    existing file is verified and continued, which needs its ``signing_key``.
+    ``max_entries``: records kept in memory (older ones stay in the file).
+    ``ring_records``: host ring capacity; a full ring makes emitters wait.
+    ``signing_key``: ML-DSA-65 private key or 32-byte seed; generated when None.
+    Keyword-only extras: ``clock`` (ns since the epoch, injectable for tests),
+    ``checkpoint_records`` and ``frame_records`` (file layout),
+    ``fsync`` (fsync at flush/close), ``drain_interval`` (seconds the idle drain
+    thread waits before picking up a partly filled ring).
+    """
+
+    def __init__(self, path=None, max_entries: int = 1_000_000, ring_records: int = 65536,
+                 signing_key=None, logger="pqc_kv_cache.audit", *, clock=time.time_ns,
+                 checkpoint_records: int = 65536, frame_records: int = 4096, fsync: bool = True,
+                 drain_interval: float = 0.05):
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)   # emitters wait here for ring room
+        self._work = threading.Condition(self._lock)    # the drain thread waits here for work
+        self._done = threading.Condition(self._lock)    # flush waits here for the drain
+        self._store_lock = threading.Lock()              # queries vs. the drain's appends
+        self._ring = HostRing(ring_records)
+        self._store = ColumnarStore(max_entries)
+        self._clock = clock
+        self._logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
+        self._drain_interval = drain_interval
+        self._wake_at = max(1, ring_records // 4)
+
+        self._tenant_ids: list[str] = []
+        self._tenant_idx: dict[str, int] = {}
+        self._sessions: list[tuple[int, str]] = []
+        self._session_idx: dict[tuple[int, str], int] = {}
+        self._tables_pending: list[tuple[int, int, int, str]] = []
+        self._details: dict[int, str] = {}
+        self._details_pending: dict[int, str] = {}
+
+        self._next_no = 0
+        self._emitted = 0
+        self._stalls = 0
+        self._delivered = 0          # every record below this number is in the store (and sink)
+        self._persisted = 0          # ... and flushed to disk
+        self._flush_target = 0
+        self._reorder: list = []     # heap of (first_no, records) that arrived ahead of their turn
+        self._cuda_rings: dict = {}
+        self._cuda_waiting = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._stopping = False
+        self._drain_idle = False
+        self._drain_busy_ns = 0
+        self._drained = 0
+
+        self._sink = None
+        if path is not None:
+            self._sink = AuditSink(path, signing_key, checkpoint_records=checkpoint_records,
+                                   frame_records=frame_records, fsync=fsync, clock=clock)
+            for idx in sorted(self._sink.tenants):
+                self._tenant_idx[self._sink.tenants[idx]] = idx
+                self._tenant_ids.append(self._sink.tenants[idx])
+            for idx in sorted(self._sink.sessions):
+                tidx, sid = self._sink.sessions[idx]
+                self._session_idx[(tidx, sid)] = idx
+                self._sessions.append((tidx, sid))
+            if self._tenant_ids != [self._sink.tenants[i] for i in range(len(self._tenant_ids))] or \
+                    len(self._sessions) != len(self._sink.sessions):
+                raise AuditError(f"{path}: tenant/session tables of the log are not dense")
+            self._next_no = self._delivered = self._persisted = self._flush_target = self._sink.next_no
+            self._store.reset_base(self._sink.next_no)
+        elif signing_key is not None:
+            raise ValueError("signing_key without path: only a persisted log is signed")
+
+        self._thread = threading.Thread(target=self._drain_loop, name="pqc-kv-audit-drain", daemon=True)
+        self._thread.start()
+
+    # -- tables -------------------------------------------------------------------
+    def tenant_index(self, tenant_id: str) -> int:
+        """Index of ``tenant_id`` in the tenant table (registered on first use)."""
+        i = self._tenant_idx.get(tenant_id)
+        if i is not None:
+            return i
+        if not isinstance(tenant_id, str):
+            raise TypeError(f"tenant_id must be a str, got {type(tenant_id).__name__}")
+        with self._lock:
+            i = self._tenant_idx.get(tenant_id)
+            if i is None:
+                i = len(self._tenant_ids)
+                self._tenant_ids.append(tenant_id)
+                self._tenant_idx[tenant_id] = i
+                if self._sink is not None:
+                    self._tables_pending.append((1, i, 0, tenant_id))
+            return i
+
+    def session_index(self, session_id: str, tenant_id: str) -> int:
+        """Index of (tenant, session) in the session table (registered on first use)."""
+        t = self.tenant_index(tenant_id)
+        key = (t, session_id)
+        i = self._session_idx.get(key)
+        if i is not None:
+            return i
+        if not isinstance(session_id, str):
+            raise TypeError(f"session_id must be a str, got {type(session_id).__name__}")
+        with self._lock:
+            i = self._session_idx.get(key)
+            if i is None:
+                i = len(self._sessions)
+                self._sessions.append(key)
+                self._session_idx[key] = i
+                if self._sink is not None:
+                    self._tables_pending.append((2, i, t, session_id))
+            return i
+
+    # -- hot path -----------------------------------------------------------------
+    def _prepare(self, values: tuple) -> tuple[int, list]:
+        """Check every field value (scalar or 1-D integer array); the common batch length."""
+        n = None
+        out = list(values)
+        for k, v in enumerate(values):
+            if type(v) is int:
+                if v < 0 or v > _LIMITS[k]:
+                    raise ValueError(f"{VALUE_FIELDS[k]}={v} is out of range 0..{_LIMITS[k]}")
+                continue
+            if type(v) is not np.ndarray:
+                if isinstance(v, (int, np.integer)):
+                    v = int(v)
+                    if v < 0 or v > _LIMITS[k]:
+                        raise ValueError(f"{VALUE_FIELDS[k]}={v} is out of range 0..{_LIMITS[k]}")
+                    out[k] = v
+                    continue
+                try:
+                    v = np.asarray(v)
+                except Exception:
+                    raise TypeError(f"{VALUE_FIELDS[k]} must be an int or a 1-D integer array") from None
+                if v.ndim == 0 and v.dtype.kind in "iu":
+                    out[k] = int(v)
+                    if not 0 <= out[k] <= _LIMITS[k]:
+                        raise ValueError(f"{VALUE_FIELDS[k]}={out[k]} is out of range 0..{_LIMITS[k]}")
+                    continue
+            if v.ndim != 1 or v.dtype.kind not in "iu":
+                raise TypeError(f"{VALUE_FIELDS[k]} must be an int or a 1-D integer array, "
+                                f"got {v.ndim}-D {v.dtype}")
+            if n is None:
+                n = len(v)
+            elif len(v) != n:
+                raise ValueError(f"{VALUE_FIELDS[k]} has {len(v)} elements, other fields {n}")
+            if len(v) and (v.dtype.kind == "i" or v.dtype.itemsize > _ITEMSIZE[k]):
+                lo, hi = int(v.min()), int(v.max())
+                if lo < 0 or hi > _LIMITS[k]:
+                    raise ValueError(f"{VALUE_FIELDS[k]} holds {lo if lo < 0 else hi}, "
+                                     f"out of range 0..{_LIMITS[k]}")
+            out[k] = v
+        return (1 if n is None else n), out
+
+    def _write(self, op: int, n: int, values, details: str | None = None) -> int:
+        """Number ``n`` records and write them into the host ring, waiting for room if full."""
+        host_ts = self._clock()
+        ring = self._ring
+        with self._lock:
+            if self._closed:
+                raise AuditError("the audit log is closed")
+            if self._error is not None:
+                raise AuditError(f"the audit pipeline failed: {self._error}") from self._error
+            first = self._next_no
+            self._next_no += n
+            if details is not None:
+                self._details[first] = details
+                if self._sink is not None:
+                    self._details_pending[first] = details
+            done = 0
+            while done < n:
+                room = ring.contiguous_room()
+                if room == 0:
+                    self._stalls += 1
+                    self._work.notify()
+                    while ring.contiguous_room() == 0:
+                        if self._error is not None:
+                            raise AuditError(f"the audit pipeline failed: {self._error}") from self._error
+                        self._space.wait()
+                    continue
+                k = room if room < n - done else n - done
+                ring.write(op, first, done, k, values, host_ts)
+                done += k
+                if self._drain_idle and ring.written - ring.read >= self._wake_at:
+                    self._work.notify()
+            self._emitted += n
+        return first
+
+    def emit(self, op, *, tenant_idx, session_idx, layer=NONE16, row=NONE16, pos_start=0, pos_count=0,
+             nonce_counter=0, epoch=0, nbytes=0, status=0, device_ts_ns=0) -> int:
+        """Emit one record per element (scalars broadcast); returns the first record number.
+
+        Arrays pass without a copy when their dtype is unsigned and no wider
+        than the field; signed or wider arrays are range-checked first.
+        """
+        op = int(op)
+        if op not in _VALID_OPS:
+            raise ValueError(f"unknown audit operation code {op}")
+        n, values = self._prepare((tenant_idx, session_idx, layer, row, pos_start, pos_count,
+                                   nonce_counter, epoch, nbytes, status, device_ts_ns))
+        return self._write(op, n, values)
+
+    def emit_per_position(self, op, *, tenant_idx, session_idx, layer=NONE16, row=NONE16, pos_start=0,
+                          pos_count=0, nonce_counter=0, epoch=0, nbytes=0, status=0, device_ts_ns=0) -> int:
+        """Expand each descriptor (pos_start, pos_count) into pos_count one-position records.
+
+        Each record keeps its descriptor's nonce counter and epoch; the
+        descriptor's nbytes is split evenly (the first ``nbytes % pos_count``
+        records get one byte more).  Vectorised; returns the first record
+        number (the next number, with no record written, when every count is 0).
+        """
+        op = int(op)
+        if op not in _VALID_OPS:
+            raise ValueError(f"unknown audit operation code {op}")
+        d, values = self._prepare((tenant_idx, session_idx, layer, row, pos_start, pos_count,
+                                   nonce_counter, epoch, nbytes, status, device_ts_ns))
+        counts = np.broadcast_to(np.asarray(values[_I_POS_COUNT], dtype=np.int64), (d,))
+        starts = np.broadcast_to(np.asarray(values[_I_POS_START], dtype=np.int64), (d,))
+        if d and int((starts + counts).max()) > 0x1_0000_0000:
+            raise ValueError("pos_start + pos_count exceeds the 32-bit position range")
+        total = int(counts.sum())
+        if total == 0:
+            with self._lock:
+                return self._next_no
+        offsets = np.cumsum(counts) - counts
+        rank = np.arange(total, dtype=np.int64) - np.repeat(offsets, counts)
+        out = []
+        for k, v in enumerate(values):
+            if k == _I_POS_START:
+                out.append((np.repeat(starts, counts) + rank).astype(np.uint32))
+            elif k == _I_POS_COUNT:
+                out.append(1)
+            elif k == _I_NBYTES:
+                nb = np.broadcast_to(np.asarray(v, dtype=np.int64), (d,))
+                safe = np.maximum(counts, 1)
+                out.append((np.repeat(nb // safe, counts) + (rank < np.repeat(nb % safe, counts)))
+                           .astype(np.uint32))
+            elif type(v) is np.ndarray:
+                out.append(np.repeat(v, counts))
+            else:
+                out.append(v)
+        return self._write(op, total, out)
+
+    def cuda_ring(self, device, capacity: int | None = None):
+        """The CUDA ring of ``device`` (created on first use); see cuda_ring.CudaAuditRing."""
+        from .cuda_ring import CudaAuditRing
+        import torch
+
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else dev
+        with self._lock:
+            ring = self._cuda_rings.get(dev)
+        if ring is None:
+            ring = CudaAuditRing(self, dev, capacity or self._ring.capacity)
+            with self._lock:
+                ring = self._cuda_rings.setdefault(dev, ring)
+        return ring
+
+    # -- earlier-library API ------------------------------------------------------------
+    def _emit_one(self, op: Op, tenant_id, session_id, layer_idx, position, position_count, row,
+                  sequence_number, epoch, nbytes, status: int, details) -> int:
+        if details is not None and not isinstance(details, str):
+            details = str(details)
+        if layer_idx is None or layer_idx == -1:
+            layer_idx = NONE16
+        if row is None or row == -1:
+            row = NONE16
+        if position is None or position == -1:
+            position, position_count = 0, 0
+        elif position_count == 0:
+            position_count = 1
+        t = self.tenant_index(tenant_id)
+        s = self.session_index(session_id, tenant_id)
+        _, values = self._prepare((t, s, layer_idx, row, position, position_count, sequence_number,
+                                   epoch, nbytes, status, 0))
+        return self._write(int(op), 1, values, details)
+
+    def log_encrypt(self, tenant_id, session_id, layer_idx=-1, position=-1, sequence_number=0, success=True,
+                    details=None, *, position_count=1, row=None, epoch=0, nbytes=0) -> int:
+        return self._emit_one(Op.ENCRYPT, tenant_id, session_id, layer_idx, position, position_count, row,
+                              sequence_number, epoch, nbytes, Status.OK if success else Status.ERROR, details)
+
+    def log_decrypt(self, tenant_id, session_id, layer_idx=-1, position=-1, sequence_number=0, success=True,
+                    details=None, *, position_count=1, row=None, epoch=0, nbytes=0) -> int:
+        return self._emit_one(Op.DECRYPT, tenant_id, session_id, layer_idx, position, position_count, row,
+                              sequence_number, epoch, nbytes, Status.OK if success else Status.AUTH_FAILED,
+                              details)
+
+    def log_rotate(self, tenant_id, session_id, details=None, *, epoch=0) -> int:
+        return self._emit_one(Op.ROTATE, tenant_id, session_id, -1, -1, 0, None, 0, epoch, 0, Status.OK,
+                              details)
+
+    def log_isolation_violation(self, tenant_id, session_id="", details=None, *, layer_idx=-1, position=-1,
+                                position_count=0, target_tenant_id=None) -> int:
+        if target_tenant_id is not None:
+            note = f"target tenant {target_tenant_id!r}"
+            details = note if details is None else f"{note}; {details}"
+        return self._emit_one(Op.ISOLATION_VIOLATION, tenant_id, session_id, layer_idx, position, position_count,
+                              None, 0, 0, 0, Status.REFUSED, details)
+
+    def log_event(self, op, tenant_id, session_id, *, layer_idx=-1, position=-1, position_count=0, row=None,
+                  sequence_number=0, epoch=0, nbytes=0, success=True, details=None) -> int:
+        op = op_from_name(op) if isinstance(op, str) else Op(int(op))
+        status = Status.OK if success else (Status.REFUSED if op == Op.ISOLATION_VIOLATION else Status.ERROR)
+        return self._emit_one(op, tenant_id, session_id, layer_idx, position, position_count, row,
+                              sequence_number, epoch, nbytes, status, details)
+
+    # -- drain ----------------------------------------------------------------------
+    def _drain_loop(self) -> None:
+        ring = self._ring
+        while True:
+            with self._lock:
+                pending = ring.written - ring.read
+                urgent = (pending >= self._wake_at or self._stopping
+                          or (self._flush_target > self._persisted
+                              and (pending > 0 or self._delivered >= self._flush_target)))
+                if not urgent:
+                    self._drain_idle = True
+                    self._work.wait(0.0005 if self._cuda_waiting else self._drain_interval)
+                    self._drain_idle = False
+                segs, upto = ring.take()
+                tables = self._tables_pending
+                self._tables_pending = []
+                details = self._details_pending
+                self._details_pending = {}
+                flush_target = self._flush_target
+                stopping = self._stopping
+                cuda_rings = list(self._cuda_rings.values())
+            t0 = time.perf_counter_ns()
+            waiting = False
+            flushed = None
+            try:
+                self._sink_call("write_tables", tables)
+                self._sink_call("write_details", sorted(details.items()))
+                self._take_segments(segs)
+                for cr in cuda_rings:
+                    chunks, still = cr.collect()
+                    waiting |= still
+                    for first, recs in chunks:
+                        self._arrive(first, recs, owned=True)
+                if self._delivered >= flush_target:
+                    if self._sink_call("flush"):
+                        flushed = self._delivered
+            except BaseException as e:   # a bug or a failing CUDA runtime: report it, never hang emitters
+                with self._lock:
+                    if self._error is None:
+                        self._error = e
+                self._logger.error("audit drain failed: %r", e)
+            self._drain_busy_ns += time.perf_counter_ns() - t0
+            with self._lock:
+                ring.release(upto)
+                self._cuda_waiting = waiting
+                if self._sink is None:
+                    self._persisted = self._delivered
+                elif flushed is not None:
+                    self._persisted = max(self._persisted, flushed)
+                first_kept = self._store.first_kept
+                if self._details and next(iter(self._details)) < first_kept:
+                    for no in [k for k in self._details if k < first_kept]:
+                        del self._details[no]
+                self._space.notify_all()
+                self._done.notify_all()
+                if stopping and ring.written == ring.read and self._delivered >= self._next_no:
+                    return
+
+    def _sink_call(self, method: str, *args) -> bool:
+        """Call the sink; on failure remember the error (emitters and flush raise it) and go on."""
+        if self._sink is None or self._error is not None:
+            return False
+        try:
+            getattr(self._sink, method)(*args)
+            return True
+        except Exception as e:
+            with self._lock:
+                if self._error is None:
+                    self._error = e if isinstance(e, KVCacheError) else AuditError(f"audit sink: {e!r}")
+            self._logger.error("audit log file failed: %s", e)
+            return False
+
+    def _take_segments(self, segs) -> None:
+        """Deliver ring segments (slot order) in record-number order; park those that are early."""
+        buf = self._ring.buf
+        i = 0
+        while i < len(segs):
+            s, first, k = segs[i]
+            # merge following segments that continue both the slots and the numbering
+            while i + 1 < len(segs) and segs[i + 1][0] == s + k and segs[i + 1][1] == first + k:
+                k += segs[i + 1][2]
+                i += 1
+            self._arrive(first, buf[s:s + k], owned=False)
+            i += 1
+
+    def _arrive(self, first: int, recs: np.ndarray, owned: bool) -> None:
+        if first != self._delivered:
+            heapq.heappush(self._reorder, (first, id(recs), recs if owned else recs.copy()))
+            return
+        self._deliver(recs)
+        while self._reorder and self._reorder[0][0] == self._delivered:
+            self._deliver(heapq.heappop(self._reorder)[2])
+
+    def _deliver(self, recs: np.ndarray) -> None:
+        with self._store_lock:
+            self._store.append(recs)
+        self._delivered += len(recs)
+        self._drained += len(recs)
+        self._sink_call("write_records", recs)
+        bad = np.flatnonzero((recs["status"] != 0) | (recs["op"] == Op.ISOLATION_VIOLATION))
+        for i in bad[:1000]:
+            self._warn(recs[int(i)])
+        if len(bad) > 1000:
+            self._logger.warning("audit: %d more failures or violations in records %d..%d not itemised",
+                                 len(bad) - 1000, int(recs["record_no"][0]), int(recs["record_no"][-1]))
+
+    def _warn(self, r) -> None:
+        op = OP_NAMES.get(int(r["op"]), str(int(r["op"])))
+        t = int(r["tenant_idx"])
+        tenant = self._tenant_ids[t] if t < len(self._tenant_ids) else f"#{t}"
+        s = int(r["session_idx"])
+        session = self._sessions[s][1] if s < len(self._sessions) else f"#{s}"
+        layer = int(r["layer"])
+        ps, pc = int(r["pos_start"]), int(r["pos_count"])
+        try:
+            status = Status(int(r["status"])).name
+        except ValueError:
+            status = str(int(r["status"]))
+        self._logger.warning(
+            "audit %s %s: tenant=%r session=%r layer=%s positions=%s row=%s record=%d details=%s",
+            op, status, tenant, session, "-" if layer == NONE16 else layer,
+            f"{ps}..{ps + pc - 1}" if pc else "-", "-" if int(r["row"]) == NONE16 else int(r["row"]),
+            int(r["record_no"]), self._details.get(int(r["record_no"])))
+
+    # -- control ------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record emitted before the call is queryable and persisted.
+
+        Returns False if ``timeout`` (seconds) passed first.  Records reserved
+        on a CUDA ring are waited for until committed and copied.  Raises
+        AuditError if the pipeline failed.
+        """
+        with self._lock:
+            target = self._next_no
+            if target > self._flush_target:
+                self._flush_target = target
+            self._work.notify()
+            ok = self._done.wait_for(lambda: self._persisted >= target or self._error is not None
+                                     or not self._thread.is_alive(), timeout)
+            if self._error is not None:
+                raise AuditError(f"the audit pipeline failed: {self._error}") from self._error
+            if ok and self._persisted < target:
+                raise AuditError("the audit drain thread stopped before the flush completed")
+            return bool(ok)
+
+    def close(self) -> None:
+        """Drain everything, sign the file's final checkpoint and seal it; emitting afterwards fails."""
+        with self._lock:
+            if self._closed:
+                return
+        err = None
+        try:
+            self.flush()
+        except AuditError as e:
+            err = e
+        with self._lock:
+            self._closed = True
+            self._stopping = True
+            self._work.notify()
+        self._thread.join()
+        if self._sink is not None:
+            if err is None and self._error is None:
+                self._sink.close()
+            else:
+                self._sink.abandon()
+        if err is not None:
+            raise err
+
+    def __enter__(self) -> "KVAuditLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def public_key(self):
+        """The ML-DSA-65 public key of the persisted log (None without a path)."""
+        return None if self._sink is None else self._sink.pub
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "emitted": self._emitted,
+                "drained": self._drained,
+                "stalls": self._stalls,
+                "dropped": 0,
+                "evicted": self._store.evicted,
+                "bytes_persisted": 0 if self._sink is None else self._sink.bytes_written,
+                "in_memory": len(self._store),
+                "reorder_pending": sum(len(r[2]) for r in self._reorder),
+                "drain_busy_s": self._drain_busy_ns / 1e9,
+            }
+
+    # -- queries --------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Records in memory (at most max_entries), after draining everything emitted so far."""
+        self.flush()
+        return len(self._store)
+
+    def _entry(self, rec: dict) -> KVAuditEntry:
+        t, s = rec["tenant_idx"], rec["session_idx"]
+        layer, row, pc = rec["layer"], rec["row"], rec["pos_count"]
+        no = rec["record_no"]
+        return KVAuditEntry(
+            timestamp=_iso(rec["host_ts_ns"]),
+            operation=OP_NAMES.get(rec["op"], str(rec["op"])),
+            tenant_id=self._tenant_ids[t] if t < len(self._tenant_ids) else f"#{t}",
+            session_id=self._sessions[s][1] if s < len(self._sessions) else f"#{s}",
+            layer_idx=-1 if layer == NONE16 else layer,
+            position=rec["pos_start"] if pc else -1,
+            sequence_number=rec["nonce_counter"],
+            success=rec["status"] == Status.OK,
+            details=self._details.get(no),
+            record_number=no, position_count=pc, row=None if row == NONE16 else row,
+            epoch=rec["epoch"], nbytes=rec["nbytes"], status=rec["status"],
+            device_timestamp_ns=rec["device_ts_ns"])
+
+    def entries(self, limit: int | None = 100, tenant_id=None, operation=None, layer_idx=None, position=None,
+                success=None, since=None) -> list[KVAuditEntry]:
+        """Matching records, newest first.  ``position`` matches records whose range contains it."""
+        self.flush()
+        return self._query(limit=limit, newest_first=True, tenant_id=tenant_id, operation=operation,
+                           layer_idx=layer_idx, position=position, success=success, since=since)
+
+    def _query(self, *, limit, newest_first, tenant_id=None, operation=None, layer_idx=None, position=None,
+               success=None, since=None) -> list[KVAuditEntry]:
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
+        t = None
+        if tenant_id is not None:
+            t = self._tenant_idx.get(tenant_id)
+            if t is None:
+                return []
+        op = None if operation is None else int(op_from_name(operation))
+        layer = None
+        if layer_idx is not None:
+            layer = NONE16 if layer_idx == -1 else int(layer_idx)
+            if not 0 <= layer <= NONE16:
+                return []
+        if position is not None:
+            position = int(position)
+            if not 0 <= position <= 0xFFFF_FFFF:
+                return []
+        since_ns = None if since is None else _since_ns(since)
+        with self._store_lock:
+            hits = self._store.select(limit=limit, newest_first=newest_first, tenant_idx=t, op=op, layer=layer,
+                                      position=position, success=success, since_ns=since_ns)
+            recs = [self._store.record(b, i) for b, i in hits]
+        return [self._entry(r) for r in recs]
+
+    def export_json(self) -> str:
+        """Every record in memory as a JSON list of entry dicts, oldest first."""
+        self.flush()
+        return json.dumps([e.to_dict() for e in self._query(limit=None, newest_first=False)], indent=2)

@@ -1,0 +1,107 @@
+"""Host audit ring: a fixed-capacity numpy array of packed records.
+
+Emitters write whole batches with vectorised field assignments (no Python
+object per record) into consecutive slots; the drain thread reads the written
+slots and then frees them.  A full ring makes the emitter wait on a condition
+variable (a *stall*); it never overwrites undrained slots and never drops.
+
+Record numbers are not allocated here: the owner (``KVAuditLog``) hands out a
+dense, global range per batch under the same lock, so the host ring and the
+CUDA rings share one numbering.  Because a large batch may be written in
+several pieces while other threads write theirs, the ring keeps a list of
+*segments* ``(slot_index, first_record_no, count)`` in slot order; each
+segment is a contiguous run of record numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .records import RECORD_DTYPE
+
+__all__ = ["HostRing", "FIELD_LIMITS"]
+
+# Upper bound (inclusive) of each writable field, for input checks at the door.
+FIELD_LIMITS = {
+    "tenant_idx": 0xFFFF_FFFF,
+    "session_idx": 0xFFFF_FFFF,
+    "layer": 0xFFFF,
+    "row": 0xFFFF,
+    "pos_start": 0xFFFF_FFFF,
+    "pos_count": 0xFFFF_FFFF,
+    "nonce_counter": 0xFFFF_FFFF_FFFF_FFFF,
+    "epoch": 0xFFFF_FFFF,
+    "nbytes": 0xFFFF_FFFF,
+    "status": 0xFF,
+    "device_ts_ns": 0xFFFF_FFFF_FFFF_FFFF,
+}
+
+# Order of the value tuple the emitters pass to ``HostRing.write``.
+VALUE_FIELDS = ("tenant_idx", "session_idx", "layer", "row", "pos_start", "pos_count",
+                "nonce_counter", "epoch", "nbytes", "status", "device_ts_ns")
+
+
+class HostRing:
+    """``capacity`` packed records in one numpy array, written and read in slot order.
+
+    Counters ``written`` and ``read`` only grow; slot of counter ``c`` is
+    ``c % capacity``.  The caller holds the owning lock around ``write`` and
+    around the bookkeeping parts of the drain (``take`` / ``release``).
+    """
+
+    def __init__(self, capacity: int):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"ring capacity must be a positive int, got {capacity!r}")
+        self.capacity = capacity
+        self.buf = np.zeros(capacity, dtype=RECORD_DTYPE)
+        # One view per field, made once: slicing a view is much cheaper than
+        # indexing the structured array by name on every write.
+        self._f = {name: self.buf[name] for name in RECORD_DTYPE.names}
+        self._f_value = tuple(self._f[name] for name in VALUE_FIELDS)
+        self._f_recno = self._f["record_no"]
+        self._f_host_ts = self._f["host_ts_ns"]
+        self._f_op = self._f["op"]
+        self._f_flags = self._f["flags"]
+        self.written = 0
+        self.read = 0
+        self.segments: list[tuple[int, int, int]] = []
+
+    @property
+    def free(self) -> int:
+        return self.capacity - (self.written - self.read)
+
+    def write(self, op: int, first_no: int, done: int, k: int, values: tuple, host_ts: int) -> None:
+        """Write records ``done .. done+k`` of a batch (``k <= free``) into the next slots.
+
+        ``values`` holds, per field of VALUE_FIELDS, a scalar or a 1-D array of
+        the batch's length.  The slots written are contiguous: the caller
+        limits ``k`` to the room left before the end of the buffer.
+        """
+        s = self.written % self.capacity
+        e = s + k
+        for f, v in zip(self._f_value, values):
+            if type(v) is np.ndarray:
+                f[s:e] = v[done:done + k]
+            else:
+                f[s:e] = v
+        self._f_recno[s:e] = np.arange(first_no + done, first_no + done + k, dtype=np.uint64)
+        self._f_host_ts[s:e] = host_ts
+        self._f_op[s:e] = op
+        self._f_flags[s:e] = 0
+        self.segments.append((s, first_no + done, k))
+        self.written += k
+
+    def contiguous_room(self) -> int:
+        """Free slots from the write position up to the end of the buffer."""
+        s = self.written % self.capacity
+        return min(self.free, self.capacity - s)
+
+    def take(self) -> tuple[list[tuple[int, int, int]], int]:
+        """Segments written since the last take and the write counter they end at."""
+        segs = self.segments
+        self.segments = []
+        return segs, self.written
+
+    def release(self, upto: int) -> None:
+        """Free every slot before write counter ``upto`` (after the drain copied them)."""
+        self.read = upto

@@ -1,0 +1,334 @@
+"""Persistent, tamper-evident audit log file (format v1, documented in docs/audit.md).
+
+Layout::
+
+    header (64 bytes)            magic "PQCAUDIT", version, record size, algorithms,
+                                 file id, SHA-256 of the ML-DSA-65 public key
+    frame*                       type (4 ASCII bytes) | payload length (u32) | payload |
+                                 chain hash (32 bytes)
+
+Every frame extends one SHA-256 chain:
+``h_0 = SHA-256(header)``, ``h_i = SHA-256(h_{i-1} || type || length || payload)``,
+and ``h_i`` is stored after the frame.  Frame types:
+
+- ``RECS`` records: first record number (u64), count (u32), reserved (u32),
+  ``count`` packed 64-byte records, then ``count`` u64 record locators
+  (a fast non-cryptographic mix of each record's eight words; they only
+  let ``verify`` name the exact record inside a frame whose hash fails).
+- ``TABL`` tenant / session table entries, ``DETL`` per-record details text.
+- ``CKPT`` / ``CLOS`` checkpoints: the chain head before the frame, the record
+  count, the frame index and the wall time, signed with ML-DSA-65.  ``CLOS`` is
+  written by ``close()``.
+- ``RCVR`` written when a log whose last run crashed is re-opened.
+
+At a clean close a *seal* is written beside the log (``PATH.seal``): the file
+length, record count and chain head after the ``CLOS`` frame, signed.  A log
+cut short after a clean close no longer reaches the sealed length.  The
+public key is written to ``PATH.pub`` (PEM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import mldsa
+
+from ..errors import AuditError, AuditIntegrityError, PQCUnavailableError
+from .records import RECORD_DTYPE, RECORD_SIZE
+
+__all__ = [
+    "AuditSink", "MAGIC", "VERSION", "HEADER", "FRAME_HEAD", "RECS_HEAD", "CKPT_HEAD", "SEAL_HEAD",
+    "FRAME_TYPES", "record_locators", "checkpoint_message", "seal_message", "load_public_key",
+    "coerce_signing_key", "public_key_fingerprint", "pub_path", "seal_path",
+]
+
+MAGIC = b"PQCAUDIT"
+VERSION = 1
+HASH_SHA256 = 1
+SIG_MLDSA65 = 1
+# magic, version, record size, hash alg, signature alg, reserved, file id, key fingerprint
+HEADER = struct.Struct("<8sHHBBH16s32s")
+assert HEADER.size == 64
+FRAME_HEAD = struct.Struct("<4sI")
+RECS_HEAD = struct.Struct("<QII")          # first record number, count, reserved
+CKPT_HEAD = struct.Struct("<QQQ32sH")      # next record number, frame index, wall ns, head, sig length
+TABL_ENTRY = struct.Struct("<BIIH")        # kind (1 tenant, 2 session), index, tenant index, text length
+DETL_ENTRY = struct.Struct("<QI")          # record number, text length
+RCVR_BODY = struct.Struct("<QQQ")          # torn bytes dropped, unsigned records kept, wall ns
+SEAL_MAGIC = b"PQCSEAL1"
+SEAL_HEAD = struct.Struct("<8s16sQQQ32sH")  # magic, file id, file length, records, frames, head, sig len
+FRAME_TYPES = (b"RECS", b"TABL", b"DETL", b"CKPT", b"CLOS", b"RCVR")
+LOCATOR_SIZE = 8
+
+_CKPT_DOMAIN = b"PQCAUDIT-CKPT-v1"
+_SEAL_DOMAIN = b"PQCAUDIT-SEAL-v1"
+_MIX_PRIME = np.uint64(0x9E3779B97F4A7C15)
+_MIX_SEED = np.uint64(0xCBF29CE484222325)
+
+
+def pub_path(path: str) -> str:
+    return os.fspath(path) + ".pub"
+
+
+def seal_path(path: str) -> str:
+    return os.fspath(path) + ".seal"
+
+
+def record_locators(recs: np.ndarray) -> np.ndarray:
+    """One u64 per record, mixing its eight 64-bit words (vectorised; not a MAC)."""
+    w = np.ascontiguousarray(recs).view(np.uint64).reshape(len(recs), RECORD_SIZE // 8)
+    h = np.full(len(recs), _MIX_SEED, dtype=np.uint64)
+    for j in range(RECORD_SIZE // 8):
+        h ^= w[:, j]
+        h *= _MIX_PRIME
+        h ^= h >> np.uint64(29)
+    return h
+
+
+def checkpoint_message(file_id: bytes, ftype: bytes, next_no: int, frame_index: int, wall_ns: int,
+                       head: bytes) -> bytes:
+    return _CKPT_DOMAIN + file_id + ftype + struct.pack("<QQQ", next_no, frame_index, wall_ns) + head
+
+
+def seal_message(file_id: bytes, file_len: int, next_no: int, frames: int, head: bytes) -> bytes:
+    return _SEAL_DOMAIN + file_id + struct.pack("<QQQ", file_len, next_no, frames) + head
+
+
+def public_key_fingerprint(pub: mldsa.MLDSA65PublicKey) -> bytes:
+    return hashlib.sha256(pub.public_bytes_raw()).digest()
+
+
+def coerce_signing_key(key) -> mldsa.MLDSA65PrivateKey:
+    """An ML-DSA-65 private key from a key object or its 32-byte seed; a new one for None."""
+    try:
+        if key is None:
+            return mldsa.MLDSA65PrivateKey.generate()
+        if isinstance(key, mldsa.MLDSA65PrivateKey):
+            return key
+        if isinstance(key, (bytes, bytearray, memoryview)):
+            if len(key) != 32:
+                raise ValueError(f"an ML-DSA-65 seed is 32 bytes, got {len(key)}")
+            return mldsa.MLDSA65PrivateKey.from_seed_bytes(bytes(key))
+    except ValueError:
+        raise
+    except Exception as e:  # UnsupportedAlgorithm and friends from the backend
+        raise PQCUnavailableError(f"ML-DSA-65 is not available: {e}") from None
+    raise TypeError(f"signing_key must be an MLDSA65PrivateKey or a 32-byte seed, got {type(key).__name__}")
+
+
+def load_public_key(source) -> mldsa.MLDSA65PublicKey:
+    """An ML-DSA-65 public key from a key object, PEM bytes, raw bytes, or a file path."""
+    if isinstance(source, mldsa.MLDSA65PublicKey):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as f:
+                source = f.read()
+        except OSError as e:
+            raise AuditError(f"cannot read public key {os.fspath(source)!r}: {e.strerror}") from None
+    if not isinstance(source, (bytes, bytearray)):
+        raise TypeError(f"public key must be a key, bytes or a path, got {type(source).__name__}")
+    data = bytes(source)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = mldsa.MLDSA65PublicKey.from_public_bytes(data)
+    except Exception:
+        raise AuditError("public key is not an ML-DSA-65 public key (PEM or 1952 raw bytes)") from None
+    if not isinstance(key, mldsa.MLDSA65PublicKey):
+        raise AuditError(f"public key is a {type(key).__name__}, not ML-DSA-65")
+    return key
+
+
+class AuditSink:
+    """Append-only writer of one audit log file (format v1); called from the drain thread only.
+
+    A new file gets a header and a PEM public key beside it.  An existing file
+    is verified with the signing key's public key, its torn final frame (if the
+    last run crashed mid-write) is cut off and recorded in an ``RCVR`` frame,
+    and its chain and numbering continue; ``next_no``, ``tenants`` and
+    ``sessions`` tell the owner where it left off.
+    """
+
+    def __init__(self, path, signing_key=None, *, checkpoint_records: int = 65536,
+                 frame_records: int = 4096, fsync: bool = True, clock=time.time_ns):
+        from .verify import verify_log   # verify reads the format this module writes
+
+        if checkpoint_records < 1 or frame_records < 1:
+            raise ValueError("checkpoint_records and frame_records must be positive")
+        self.path = os.fspath(path)
+        self.checkpoint_records = checkpoint_records
+        self.frame_records = frame_records
+        self.fsync = fsync
+        self.clock = clock
+        self.bytes_written = 0
+        self.tenants: dict[int, str] = {}
+        self.sessions: dict[int, tuple[int, str]] = {}
+        exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        if exists and signing_key is None:
+            raise AuditError(f"{self.path} exists: re-opening it needs the signing key it was written with")
+        self.key = coerce_signing_key(signing_key)
+        self.pub = self.key.public_key()
+        try:
+            if exists:
+                rep = verify_log(self.path, self.pub)
+                if not rep.ok:
+                    raise AuditIntegrityError(f"cannot continue {self.path}: {rep.error}",
+                                              record_number=rep.bad_record)
+                self.file_id = rep.file_id
+                self.head = rep.head
+                self.frame_index = rep.frames
+                self.next_no = rep.records
+                self.tenants = dict(rep.tenants)
+                self.sessions = dict(rep.sessions)
+                self.f = open(self.path, "r+b")
+                self.f.truncate(rep.tail_offset)
+                self.f.seek(rep.tail_offset)
+                if rep.crash_tail:
+                    self._frame(b"RCVR", RCVR_BODY.pack(rep.torn_bytes, rep.records - rep.signed_records,
+                                                        self.clock()))
+            else:
+                self.file_id = os.urandom(16)
+                header = HEADER.pack(MAGIC, VERSION, RECORD_SIZE, HASH_SHA256, SIG_MLDSA65, 0,
+                                     self.file_id, public_key_fingerprint(self.pub))
+                self.f = open(self.path, "wb")
+                self.f.write(header)
+                self.bytes_written += len(header)
+                self.head = hashlib.sha256(header).digest()
+                self.frame_index = 0
+                self.next_no = 0
+                pem = self.pub.public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+                _atomic_write(pub_path(self.path), pem)
+        except OSError as e:
+            raise AuditError(f"cannot open audit log {self.path}: {e.strerror}") from None
+        self.since_checkpoint = 0
+        self.dirty = exists   # a re-opened log gets a checkpoint even with no new records
+        self.closed = False
+
+    # -- frames ------------------------------------------------------------------
+    def _frame(self, ftype: bytes, *parts) -> None:
+        length = sum(len(p) for p in parts)
+        head = FRAME_HEAD.pack(ftype, length)
+        h = hashlib.sha256(self.head)
+        h.update(head)
+        for p in parts:
+            h.update(p)
+        digest = h.digest()
+        try:
+            self.f.write(head)
+            for p in parts:
+                self.f.write(p)
+            self.f.write(digest)
+        except OSError as e:
+            raise AuditError(f"cannot write audit log {self.path}: {e.strerror}") from None
+        self.head = digest
+        self.frame_index += 1
+        self.bytes_written += FRAME_HEAD.size + length + 32
+        self.dirty = True
+
+    def write_tables(self, entries) -> None:
+        """entries: (kind, index, tenant_index, text) with kind 1 = tenant, 2 = session."""
+        if not entries:
+            return
+        parts = []
+        for kind, idx, tidx, text in entries:
+            b = text.encode("utf-8")
+            parts.append(TABL_ENTRY.pack(kind, idx, tidx, len(b)) + b)
+            if kind == 1:
+                self.tenants[idx] = text
+            else:
+                self.sessions[idx] = (tidx, text)
+        self._frame(b"TABL", b"".join(parts))
+
+    def write_details(self, entries) -> None:
+        """entries: (record_no, text)."""
+        if not entries:
+            return
+        parts = []
+        for no, text in entries:
+            b = text.encode("utf-8")
+            parts.append(DETL_ENTRY.pack(no, len(b)) + b)
+        self._frame(b"DETL", b"".join(parts))
+
+    def write_records(self, recs: np.ndarray) -> None:
+        """Append records (RECORD_DTYPE, numbers continuing the file) in frames of frame_records."""
+        n = len(recs)
+        done = 0
+        while done < n:
+            k = min(n - done, self.frame_records, self.checkpoint_records - self.since_checkpoint)
+            part = np.ascontiguousarray(recs[done:done + k])
+            first = int(part["record_no"][0])
+            if first != self.next_no:
+                raise AuditError(f"internal: record {first} handed to the sink, expected {self.next_no}")
+            self._frame(b"RECS", RECS_HEAD.pack(first, k, 0), part.data.cast("B"),
+                        record_locators(part).data.cast("B"))
+            self.next_no += k
+            self.since_checkpoint += k
+            done += k
+            if self.since_checkpoint >= self.checkpoint_records:
+                self.checkpoint()
+
+    def checkpoint(self, ftype: bytes = b"CKPT") -> None:
+        """Sign the chain head: ``ftype`` is CKPT, or CLOS at close."""
+        wall = self.clock()
+        msg = checkpoint_message(self.file_id, ftype, self.next_no, self.frame_index, wall, self.head)
+        sig = self.key.sign(msg)
+        self._frame(ftype, CKPT_HEAD.pack(self.next_no, self.frame_index, wall, self.head, len(sig)), sig)
+        self.since_checkpoint = 0
+        self.dirty = False
+
+    def flush(self, checkpoint: bool = True) -> None:
+        """Sign what is new (if anything) and push it to the disk."""
+        if self.closed:
+            return
+        if checkpoint and (self.dirty or self.since_checkpoint):
+            self.checkpoint()
+        try:
+            self.f.flush()
+            if self.fsync:
+                os.fsync(self.f.fileno())
+        except OSError as e:
+            raise AuditError(f"cannot flush audit log {self.path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        """Write the signed CLOS frame and the seal; the file is complete after this."""
+        if self.closed:
+            return
+        self.checkpoint(b"CLOS")
+        self.flush(checkpoint=False)
+        file_len = self.f.tell()
+        self.f.close()
+        self.closed = True
+        body = seal_message(self.file_id, file_len, self.next_no, self.frame_index, self.head)
+        sig = self.key.sign(body)
+        seal = SEAL_HEAD.pack(SEAL_MAGIC, self.file_id, file_len, self.next_no, self.frame_index,
+                              self.head, len(sig)) + sig
+        try:
+            _atomic_write(seal_path(self.path), seal)
+        except OSError as e:
+            raise AuditError(f"cannot write seal of {self.path}: {e.strerror}") from None
+
+    def abandon(self) -> None:
+        """Close the file without a CLOS frame (used when the owner failed; verify sees a crash)."""
+        if not self.closed:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+            self.closed = True
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

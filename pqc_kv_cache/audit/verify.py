@@ -1,0 +1,266 @@
+"""Verification and reading of a persisted audit log (format v1, see sink.py and docs/audit.md).
+
+``verify_log`` walks every frame, recomputes the hash chain, checks record
+numbering, record locators, checkpoint signatures and the seal, and returns a
+``VerifyReport``.  It stops at the first problem and names the first bad
+record.  An unclosed tail (the writer crashed) is not an integrity failure: the
+report says so (``crash_tail``) and how many records after the last signed
+checkpoint are only chain-protected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import struct
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+
+from ..errors import AuditError
+from .records import RECORD_DTYPE, RECORD_SIZE
+from .sink import (CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC, RCVR_BODY,
+                   RECS_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSION, checkpoint_message, load_public_key,
+                   pub_path, public_key_fingerprint, record_locators, seal_message, seal_path)
+
+__all__ = ["VerifyReport", "verify_log"]
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """What ``verify_log`` found.  ``ok`` is False exactly when ``error`` is set."""
+
+    path: str
+    ok: bool = True
+    error: str | None = None
+    bad_record: int | None = None
+    records: int = 0                 # records read in order (all, when ok)
+    signed_records: int = 0          # records covered by a valid signed checkpoint
+    closed: bool = False             # the last frame is a signed CLOS
+    crash_tail: bool = False         # the writer did not close: unsigned records and/or a torn frame
+    torn_bytes: int = 0              # bytes of an incomplete final frame
+    recovered_crashes: int = 0       # RCVR frames: earlier runs that crashed and were continued
+    sealed: bool = False             # a valid seal was found and matched
+    first_ts_ns: int | None = None
+    last_ts_ns: int | None = None
+    frames: int = 0
+    head: bytes = b""
+    file_id: bytes = b""
+    tail_offset: int = 0             # end of the last complete frame
+    tenants: dict = dataclasses.field(default_factory=dict)
+    sessions: dict = dataclasses.field(default_factory=dict)
+    details: dict = dataclasses.field(default_factory=dict)
+    record_blocks: list = dataclasses.field(default_factory=list)
+
+    def fail(self, message: str, record: int | None) -> "VerifyReport":
+        self.ok = False
+        self.error = message
+        self.bad_record = record
+        return self
+
+    def all_records(self) -> np.ndarray:
+        if not self.record_blocks:
+            return np.zeros(0, dtype=RECORD_DTYPE)
+        return np.concatenate(self.record_blocks)
+
+
+def verify_log(path, public_key=None, *, collect: bool = False) -> VerifyReport:
+    """Verify the log at ``path`` with ``public_key`` (default: the key in ``PATH.pub``).
+
+    Raises AuditError only when the log or the key cannot be read at all;
+    every integrity problem is returned in the report.  With ``collect`` the
+    records read (in order) are kept in ``report.record_blocks``.
+    """
+    path = os.fspath(path)
+    rep = VerifyReport(path=path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise AuditError(f"cannot read audit log {path!r}: {e.strerror}") from None
+    if public_key is None:
+        if not os.path.exists(pub_path(path)):
+            raise AuditError(f"no public key given and {pub_path(path)!r} does not exist")
+        public_key = pub_path(path)
+    pub = load_public_key(public_key)
+
+    if len(data) < HEADER.size:
+        return rep.fail(f"not an audit log: {len(data)} bytes, shorter than the header", 0)
+    magic, version, rsize, halg, salg, _, file_id, fpr = HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        return rep.fail("not an audit log: bad magic", 0)
+    if version != VERSION or rsize != RECORD_SIZE or halg != 1 or salg != 1:
+        return rep.fail(f"unsupported log: version {version}, record size {rsize}, algorithms {halg}/{salg}", 0)
+    rep.file_id = file_id
+    if fpr != public_key_fingerprint(pub):
+        return rep.fail("wrong key: the log was signed with a different ML-DSA-65 key", 0)
+
+    h = hashlib.sha256(data[:HEADER.size]).digest()
+    off = HEADER.size
+    expected = 0
+    frame_index = 0
+    closed = False
+    ts_min = ts_max = None
+    ends: dict[int, tuple[bytes, int, int]] = {}   # end offset of CLOS frames -> (head, records, frames)
+    n = len(data)
+    while off < n:
+        if n - off < FRAME_HEAD.size:
+            rep.torn_bytes = n - off
+            break
+        ftype, length = FRAME_HEAD.unpack_from(data, off)
+        if ftype not in FRAME_TYPES:
+            return rep.fail(f"unknown frame type {ftype!r} at byte {off} (inserted or changed bytes); "
+                            f"first bad record {expected}", expected)
+        end = off + FRAME_HEAD.size + length + 32
+        if end > n:
+            rep.torn_bytes = n - off
+            break
+        payload = data[off + FRAME_HEAD.size: end - 32]
+        stored = data[end - 32: end]
+        computed = hashlib.sha256(h + data[off: off + FRAME_HEAD.size] + payload).digest()
+        if ftype == b"RECS":
+            if length < RECS_HEAD.size:
+                return rep.fail(f"record frame at byte {off} too short; first bad record {expected}", expected)
+            first, count, _ = RECS_HEAD.unpack_from(payload, 0)
+            if length != RECS_HEAD.size + count * (RECORD_SIZE + LOCATOR_SIZE):
+                return rep.fail(f"record frame at byte {off} has a wrong length for {count} records; "
+                                f"first bad record {expected}", expected)
+            if first != expected:
+                what = "missing (deleted)" if first > expected else "out of order (reordered or inserted)"
+                return rep.fail(f"record {expected} {what}: frame at byte {off} starts with record {first}",
+                                expected)
+            body = RECS_HEAD.size + count * RECORD_SIZE
+            recs = np.frombuffer(payload, dtype=RECORD_DTYPE, count=count, offset=RECS_HEAD.size)
+            locs = np.frombuffer(payload, dtype="<u8", count=count, offset=body)
+            nums = recs["record_no"]
+            bad = np.flatnonzero(nums != np.arange(first, first + count, dtype=np.uint64))
+            if len(bad):
+                i = int(bad[0])
+                return rep.fail(f"record {first + i} out of order: found record number {int(nums[i])} "
+                                f"in its place (deleted, reordered or inserted record)", first + i)
+            bad = np.flatnonzero(record_locators(recs) != locs)
+            if len(bad):
+                i = int(bad[0])
+                return rep.fail(f"record {first + i} changed (its bytes do not match the frame)", first + i)
+            if computed != stored:
+                return rep.fail(f"hash chain broken in the frame of records {first}..{first + count - 1}; "
+                                f"first bad record {first}", first)
+            if count:
+                ts = recs["host_ts_ns"]
+                lo, hi = int(ts.min()), int(ts.max())
+                ts_min = lo if ts_min is None else min(ts_min, lo)
+                ts_max = hi if ts_max is None else max(ts_max, hi)
+                if collect:
+                    rep.record_blocks.append(recs)
+            expected += count
+            closed = False
+        else:
+            if computed != stored:
+                return rep.fail(f"hash chain broken at the {ftype.decode()} frame at byte {off}; "
+                                f"first bad record {expected}", expected)
+            if ftype == b"TABL":
+                err = _read_table(payload, rep)
+                if err:
+                    return rep.fail(f"{err} at byte {off}; first bad record {expected}", expected)
+            elif ftype == b"DETL":
+                err = _read_details(payload, rep)
+                if err:
+                    return rep.fail(f"{err} at byte {off}; first bad record {expected}", expected)
+            elif ftype in (b"CKPT", b"CLOS"):
+                if length < CKPT_HEAD.size:
+                    return rep.fail(f"checkpoint at byte {off} too short", rep.signed_records)
+                next_no, findex, wall, head, slen = CKPT_HEAD.unpack_from(payload, 0)
+                sig = payload[CKPT_HEAD.size:]
+                if len(sig) != slen or next_no != expected or findex != frame_index or head != h:
+                    return rep.fail(f"checkpoint at byte {off} does not match the log before it "
+                                    f"(it claims {next_no} records, the log has {expected}); "
+                                    f"first bad record {rep.signed_records}", rep.signed_records)
+                try:
+                    pub.verify(sig, checkpoint_message(file_id, ftype, next_no, findex, wall, head))
+                except InvalidSignature:
+                    return rep.fail(f"signature of the checkpoint at byte {off} does not verify (wrong key "
+                                    f"or forged); first bad record {rep.signed_records}", rep.signed_records)
+                rep.signed_records = expected
+                closed = ftype == b"CLOS"
+                if closed:
+                    ends[end] = (computed, expected, frame_index + 1)
+            elif ftype == b"RCVR":
+                if length != RCVR_BODY.size:
+                    return rep.fail(f"recovery frame at byte {off} malformed", expected)
+                rep.recovered_crashes += 1
+                closed = False
+        h = computed
+        frame_index += 1
+        off = end
+
+    rep.records = expected
+    rep.frames = frame_index
+    rep.head = h
+    rep.tail_offset = off
+    rep.first_ts_ns, rep.last_ts_ns = ts_min, ts_max
+    rep.closed = closed and rep.torn_bytes == 0
+    rep.crash_tail = not rep.closed
+
+    sp = seal_path(path)
+    if os.path.exists(sp):
+        try:
+            with open(sp, "rb") as f:
+                seal = f.read()
+        except OSError as e:
+            raise AuditError(f"cannot read seal {sp!r}: {e.strerror}") from None
+        if len(seal) < SEAL_HEAD.size:
+            return rep.fail(f"seal {sp!r} is malformed", rep.records)
+        smagic, sfid, slen_file, snext, sframes, shead, siglen = SEAL_HEAD.unpack_from(seal, 0)
+        sig = seal[SEAL_HEAD.size:]
+        if smagic != SEAL_MAGIC or len(sig) != siglen:
+            return rep.fail(f"seal {sp!r} is malformed", rep.records)
+        try:
+            pub.verify(sig, seal_message(sfid, slen_file, snext, sframes, shead))
+        except InvalidSignature:
+            return rep.fail(f"signature of the seal {sp!r} does not verify (wrong key or forged)", 0)
+        if sfid != file_id:
+            return rep.fail(f"seal {sp!r} belongs to another log", 0)
+        if ends.get(slen_file) != (shead, snext, sframes):
+            if rep.records < snext or n < slen_file:
+                return rep.fail(f"log truncated after a clean close: the seal records {snext} records and "
+                                f"{slen_file} bytes, the file holds {rep.records} records and {n} bytes; "
+                                f"first missing record {rep.records}", rep.records)
+            return rep.fail(f"log does not match its seal (closed with {snext} records at byte {slen_file}); "
+                            f"first bad record {min(snext, rep.records)}", min(snext, rep.records))
+        rep.sealed = True
+    return rep
+
+
+def _read_table(payload: bytes, rep: VerifyReport) -> str | None:
+    off = 0
+    try:
+        while off < len(payload):
+            kind, idx, tidx, ln = TABL_ENTRY.unpack_from(payload, off)
+            off += TABL_ENTRY.size
+            text = payload[off:off + ln].decode("utf-8")
+            if off + ln > len(payload) or kind not in (1, 2):
+                return "malformed table frame"
+            off += ln
+            if kind == 1:
+                rep.tenants[idx] = text
+            else:
+                rep.sessions[idx] = (tidx, text)
+    except (struct.error, UnicodeDecodeError):
+        return "malformed table frame"
+    return None
+
+
+def _read_details(payload: bytes, rep: VerifyReport) -> str | None:
+    off = 0
+    try:
+        while off < len(payload):
+            no, ln = DETL_ENTRY.unpack_from(payload, off)
+            off += DETL_ENTRY.size
+            if off + ln > len(payload):
+                return "malformed details frame"
+            rep.details[no] = payload[off:off + ln].decode("utf-8")
+            off += ln
+    except (struct.error, UnicodeDecodeError):
+        return "malformed details frame"
+    return None
