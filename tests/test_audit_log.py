@@ -1,0 +1,251 @@
+"""KVAuditLog: the earlier API, queries, eviction, logging, stats and input checks."""
+
+import datetime as dt
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pqc_kv_cache.audit import NONE16, KVAuditEntry, KVAuditLog, Op, Status
+from pqc_kv_cache.errors import AuditError
+
+T0 = 1_767_225_600_000_000_000   # 2026-01-01T00:00:00Z
+
+
+class Clock:
+    def __init__(self, start=T0, step=1_000_000_000):
+        self.t = start - step
+        self.step = step
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            self.t += self.step
+            return self.t
+
+
+@pytest.fixture
+def log():
+    with KVAuditLog(clock=Clock()) as lg:
+        yield lg
+
+
+def test_earlier_api_entries_have_earlier_fields_and_iso_timestamps(log):
+    log.log_encrypt("alice", "s1", 3, 7, 41)
+    log.log_decrypt("alice", "s1", 3, 7, 41, success=False, details="tag mismatch")
+    log.log_rotate("alice", "s1", details="entry count", epoch=2)
+    log.log_isolation_violation("mallory", "s9", "read alice", target_tenant_id="alice")
+    es = log.entries()
+    assert [e.operation for e in es] == ["isolation-violation", "rotate", "decrypt", "encrypt"]
+    enc = es[-1]
+    assert isinstance(enc, KVAuditEntry)
+    assert (enc.tenant_id, enc.session_id, enc.layer_idx, enc.position, enc.sequence_number, enc.success) == \
+        ("alice", "s1", 3, 7, 41, True)
+    assert enc.timestamp == "2026-01-01T00:00:00+00:00"
+    assert dt.datetime.fromisoformat(es[0].timestamp) == dt.datetime(2026, 1, 1, 0, 0, 3, tzinfo=dt.timezone.utc)
+    assert es[2].success is False and es[2].details == "tag mismatch" and es[2].status == Status.AUTH_FAILED
+    assert es[1].epoch == 2 and es[1].layer_idx == -1 and es[1].position == -1
+    assert es[0].success is False and "alice" in es[0].details and es[0].status == Status.REFUSED
+    assert [e.record_number for e in es] == [3, 2, 1, 0]
+    assert len(log) == 4
+
+
+def test_entries_filter_by_tenant_operation_layer_and_success(log):
+    for layer in range(4):
+        log.log_encrypt("a", "s", layer, 0)
+        log.log_decrypt("b", "s", layer, 0, success=layer != 2)
+    assert len(log.entries(tenant_id="a")) == 4
+    assert len(log.entries(tenant_id="nobody")) == 0
+    assert {e.operation for e in log.entries(operation="decrypt")} == {"decrypt"}
+    assert [e.layer_idx for e in log.entries(layer_idx=2)] == [2, 2]
+    fail = log.entries(success=False)
+    assert len(fail) == 1 and fail[0].tenant_id == "b" and fail[0].layer_idx == 2
+    assert len(log.entries(success=True)) == 7
+    assert len(log.entries(limit=3)) == 3
+    assert len(log.entries(tenant_id="b", operation="decrypt", layer_idx=1)) == 1
+    assert log.entries(operation="isolation_violation") == []
+
+
+def test_position_matches_records_whose_range_contains_it(log):
+    t = log.tenant_index("a")
+    s = log.session_index("s", "a")
+    log.emit(Op.DECRYPT, tenant_idx=t, session_idx=s, layer=1, pos_start=10, pos_count=5)
+    log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, layer=1, pos_start=14, pos_count=1)
+    log.log_rotate("a", "s")     # no positions: never matches a position query
+    assert [e.operation for e in log.entries(position=14)] == ["encrypt", "decrypt"]
+    assert [e.position for e in log.entries(position=10)] == [10]
+    assert log.entries(position=15) == []
+    assert log.entries(position=9) == []
+    assert log.entries(position=0) == []
+    assert len(log.entries(tenant_id="a", layer_idx=1, position=12)) == 1
+
+
+def test_since_accepts_datetime_iso_string_and_nanoseconds(log):
+    for i in range(5):
+        log.log_encrypt("a", "s", 0, i)
+    cut = dt.datetime(2026, 1, 1, 0, 0, 3, tzinfo=dt.timezone.utc)
+    assert [e.position for e in log.entries(since=cut)] == [4, 3]
+    assert [e.position for e in log.entries(since=cut.isoformat())] == [4, 3]
+    assert [e.position for e in log.entries(since=T0 + 4_000_000_000)] == [4]
+    with pytest.raises(ValueError):
+        log.entries(since="yesterday")
+
+
+def test_export_json_is_oldest_first_with_earlier_field_names(log):
+    log.log_encrypt("a", "s", 0, 1)
+    log.log_decrypt("a", "s", 0, 1)
+    data = json.loads(log.export_json())
+    assert [d["operation"] for d in data] == ["encrypt", "decrypt"]
+    for key in ("timestamp", "operation", "tenant_id", "session_id", "layer_idx", "position", "sequence_number",
+                "success", "details"):
+        assert key in data[0]
+
+
+def test_oldest_records_leave_memory_beyond_max_entries_but_stay_in_the_file(tmp_path):
+    from pqc_kv_cache.audit import verify_log
+
+    with KVAuditLog(path=tmp_path / "a.log", max_entries=100, clock=Clock(), fsync=False) as lg:
+        t = lg.tenant_index("a")
+        s = lg.session_index("s", "a")
+        lg.log_encrypt("a", "s", 0, 0, details="first")
+        for _ in range(3):
+            lg.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, pos_start=np.arange(83, dtype=np.uint32),
+                    pos_count=1)
+        assert len(lg) == 100
+        st_ = lg.stats()
+        assert st_["evicted"] == 150 and st_["in_memory"] == 100 and st_["dropped"] == 0
+        es = lg.entries(limit=None)
+        assert es[-1].record_number == 150 and es[0].record_number == 249
+        assert 0 not in lg._details       # details of evicted records leave memory too
+    rep = verify_log(tmp_path / "a.log", collect=True)
+    assert rep.ok and rep.records == 250 and rep.details == {0: "first"}
+
+
+def test_failures_and_violations_go_to_logging_at_warning_with_tenant_layer_positions(caplog):
+    with KVAuditLog(clock=Clock(), logger="test.audit") as lg:
+        with caplog.at_level(logging.WARNING, logger="test.audit"):
+            t = lg.tenant_index("carol")
+            s = lg.session_index("s", "carol")
+            lg.emit(Op.DECRYPT, tenant_idx=t, session_idx=s, layer=7, pos_start=np.array([0, 40], np.uint32),
+                    pos_count=np.array([40, 8], np.uint32), status=np.array([0, 1], np.uint8))
+            lg.log_isolation_violation("mallory", "x", layer_idx=2, position=5)
+            lg.log_encrypt("carol", "s", 1, 1)
+            lg.flush()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "test.audit"]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "test.audit")
+    assert len(msgs) == 2
+    assert "'carol'" in msgs[0] and "layer=7" in msgs[0] and "positions=40..47" in msgs[0]
+    assert "AUTH_FAILED" in msgs[0]
+    assert "isolation-violation" in msgs[1] and "'mallory'" in msgs[1] and "layer=2" in msgs[1]
+    assert "positions=5..5" in msgs[1]
+
+
+def test_stats_count_emitted_drained_and_bytes_persisted(tmp_path):
+    with KVAuditLog(path=tmp_path / "a.log", clock=Clock(), fsync=False) as lg:
+        t = lg.tenant_index("a")
+        s = lg.session_index("s", "a")
+        lg.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, row=np.arange(16, dtype=np.uint16))
+        lg.flush()
+        st_ = lg.stats()
+        assert st_["emitted"] == st_["drained"] == 16
+        assert st_["dropped"] == 0
+        assert st_["bytes_persisted"] >= 16 * 64
+    assert (tmp_path / "a.log").stat().st_size == lg.stats()["bytes_persisted"]
+
+
+def test_emit_broadcasts_scalars_and_returns_dense_first_record_numbers(log):
+    t = log.tenant_index("a")
+    s = log.session_index("s", "a")
+    assert log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s) == 0
+    assert log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, layer=np.arange(32, dtype=np.uint16),
+                    row=5, nonce_counter=np.arange(100, 132, dtype=np.uint64)) == 1
+    assert log.emit(Op.CROP, tenant_idx=t, session_idx=s) == 33
+    es = list(reversed(log.entries(limit=None)))
+    assert [e.layer_idx for e in es[1:33]] == list(range(32))
+    assert [e.sequence_number for e in es[1:33]] == list(range(100, 132))
+    assert all(e.row == 5 for e in es[1:33])
+    assert es[0].layer_idx == -1 and es[0].row is None and es[33].operation == "crop"
+
+
+def test_emit_per_position_expands_descriptors_vectorised(log):
+    t = log.tenant_index("a")
+    s = log.session_index("s", "a")
+    first = log.emit_per_position(Op.ENCRYPT, tenant_idx=t, session_idx=s, layer=3,
+                                  row=np.array([0, 1, 2], np.uint16), pos_start=np.array([10, 0, 5], np.uint32),
+                                  pos_count=np.array([3, 0, 2], np.uint32),
+                                  nonce_counter=np.array([7, 8, 9], np.uint64), nbytes=np.array([10, 5, 4], np.uint32),
+                                  epoch=1)
+    assert first == 0
+    es = list(reversed(log.entries(limit=None)))
+    assert [(e.row, e.position, e.position_count, e.sequence_number, e.nbytes, e.epoch) for e in es] == [
+        (0, 10, 1, 7, 4, 1), (0, 11, 1, 7, 3, 1), (0, 12, 1, 7, 3, 1), (2, 5, 1, 9, 2, 1), (2, 6, 1, 9, 2, 1)]
+    assert log.emit_per_position(Op.ENCRYPT, tenant_idx=t, session_idx=s, pos_count=0) == 5
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 6), st.integers(0, 100)), min_size=1, max_size=8))
+def test_emit_per_position_equals_a_loop_over_positions(descs):
+    with KVAuditLog(clock=Clock()) as lg:
+        t = lg.tenant_index("a")
+        s = lg.session_index("s", "a")
+        starts, counts, nbs = (np.array(c, dtype=np.uint32) for c in zip(*descs))
+        lg.emit_per_position(Op.ENCRYPT, tenant_idx=t, session_idx=s, pos_start=starts, pos_count=counts,
+                             nbytes=nbs, nonce_counter=np.arange(len(descs), dtype=np.uint64))
+        got = [(e.position, e.sequence_number, e.nbytes) for e in reversed(lg.entries(limit=None))]
+    want = []
+    for d, (ps, pc, nb) in enumerate(descs):
+        for j in range(pc):
+            want.append((ps + j, d, nb // pc + (1 if j < nb % pc else 0)))
+    assert got == want
+
+
+def test_bad_input_raises_one_clear_error(log):
+    t = log.tenant_index("a")
+    s = log.session_index("s", "a")
+    with pytest.raises(ValueError, match="layer"):
+        log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, layer=70000)
+    with pytest.raises(ValueError, match="pos_start"):
+        log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, pos_start=np.array([1, -1]))
+    with pytest.raises(TypeError, match="row"):
+        log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, row=np.array([1.5]))
+    with pytest.raises(TypeError, match="layer"):
+        log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, layer=np.zeros((2, 2), np.uint16))
+    with pytest.raises(ValueError, match="elements"):
+        log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, layer=np.arange(3), row=np.arange(4))
+    with pytest.raises(ValueError, match="operation"):
+        log.emit(99, tenant_idx=t, session_idx=s)
+    with pytest.raises(ValueError):
+        log.log_event("delete", "a", "s")
+    with pytest.raises(TypeError):
+        log.tenant_index(5)
+    with pytest.raises(ValueError):
+        KVAuditLog(max_entries=0)
+    with pytest.raises(ValueError):
+        KVAuditLog(signing_key=b"\0" * 32)
+    # nothing half-written: the failed calls emitted no record
+    assert len(log) == 0 and log.stats()["emitted"] == 0
+
+
+def test_emit_after_close_raises_audit_error():
+    lg = KVAuditLog(clock=Clock())
+    lg.log_encrypt("a", "s")
+    lg.close()
+    lg.close()       # idempotent
+    with pytest.raises(AuditError):
+        lg.log_encrypt("a", "s")
+    assert lg.stats()["drained"] == 1
+
+
+def test_log_event_records_crop_reorder_close(log):
+    log.log_event("crop", "a", "s", layer_idx=0, position=100, position_count=28)
+    log.log_event(Op.REORDER, "a", "s", row=3)
+    log.log_event("close", "a", "s", details="ttl")
+    es = list(reversed(log.entries()))
+    assert [e.operation for e in es] == ["crop", "reorder", "close"]
+    assert (es[0].position, es[0].position_count) == (100, 28)
+    assert es[1].row == 3 and es[2].details == "ttl"
+    assert len(log.entries(layer_idx=-1)) == 2 and NONE16 == 0xFFFF
