@@ -1,0 +1,393 @@
+"""Host crypto backend: the backend contract on CPU tensors, through `cryptography` (OpenSSL, AES-NI).
+
+Batched: one Python call per call of the contract, the per-chunk nonce and AAD
+bytes built with numpy for the whole batch, and ciphertext written and read in
+place with ``AESGCM.encrypt_into`` / ``decrypt_into`` (no hex, no JSON, no
+intermediate ``bytes`` per chunk).
+
+Decryption writes a chunk straight into its destination when the destination
+is one contiguous run of memory: a one-position chunk into ``k_out`` / ``v_out``
+views of a position-major buffer ``[batch, seq, 2, heads, dim]`` (how
+``EncryptedCache`` lays out its plaintext scratch). Any other chunk is opened
+into a staging buffer and copied; the staging buffer is zeroed before the
+call returns. A chunk whose tag fails has its destination zeroed (OpenSSL
+leaves the unauthenticated plaintext in the buffer, so this is not optional).
+
+Large calls are split over a small thread pool: OpenSSL releases the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..audit.records import Op, Status
+from ..envelope import AAD_SIZE, FORMAT_VERSION, KV_ROLES, NONCE_SIZE, TAG_SIZE, dtype_code
+from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
+
+__all__ = ["HostBackend", "chunk_aads", "chunk_nonces"]
+
+# The AAD v1 layout of envelope.py as a numpy record (big-endian), so the AADs of
+# a whole batch are built in one vectorised pass.
+_AAD_DTYPE = np.dtype([
+    ("magic", "S4"), ("version", "u1"), ("role", "u1"), ("dtype", "u1"), ("reserved", "u1"),
+    ("tenant_tag", "V16"), ("session_tag", "V16"), ("epoch", ">u4"), ("layer", ">u4"),
+    ("pos_start", ">u8"), ("pos_count", ">u4"), ("key_len", ">u4"), ("num_heads", ">u4"),
+    ("head_dim", ">u4"), ("token_id", ">i8"),
+])
+assert _AAD_DTYPE.itemsize == AAD_SIZE
+_NONCE_DTYPE = np.dtype([("epoch", ">u4"), ("counter", ">u8")])
+assert _NONCE_DTYPE.itemsize == NONCE_SIZE
+
+# Below this many ciphertext bytes a call runs on the calling thread only.
+_PARALLEL_MIN_BYTES = 256 * 1024
+
+
+def _as_i64(name: str, a, n: int | None = None) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise TypeError(f"chunk field {name} must be a 1-D integer array, got {a.ndim}-D {a.dtype}")
+    if n is not None and a.shape[0] != n:
+        raise ValueError(f"chunk field {name} has {a.shape[0]} entries, slot has {n}")
+    return a.astype(np.int64, copy=False)
+
+
+def _table(chunks: ChunkTable) -> dict[str, np.ndarray]:
+    if not isinstance(chunks, ChunkTable):
+        raise TypeError(f"chunks must be a ChunkTable, got {type(chunks).__name__}")
+    n = None
+    out = {}
+    for f in ChunkTable.fields():
+        out[f] = _as_i64(f, getattr(chunks, f), n)
+        n = out[f].shape[0]
+    for f in ("slot", "row", "pos_start", "io_start", "counter", "offset"):
+        if n and int(out[f].min()) < 0:
+            raise ValueError(f"chunk field {f} must be >= 0")
+    if n and int(out["pos_count"].min()) < 1:
+        raise ValueError("chunk field pos_count must be >= 1")
+    return out
+
+
+def _check_keys(keys: Sequence[KeySlot], slot: np.ndarray) -> None:
+    for k in keys:
+        if not isinstance(k, KeySlot):
+            raise TypeError(f"keys must be KeySlot objects, got {type(k).__name__}")
+        if len(k.key) != 32:
+            raise ValueError("a KeySlot key must be 32 bytes (AES-256)")
+    if slot.size and int(slot.max()) >= len(keys):
+        raise ValueError(f"chunk slot {int(slot.max())} has no key (only {len(keys)} given)")
+
+
+def chunk_aads(keys: Sequence[KeySlot], layout: ChunkLayout, slot, pos_start, pos_count) -> np.ndarray:
+    """The AAD v1 of every chunk, as an ``(n, 80)`` uint8 array (vectorised ``envelope.build_aad``)."""
+    slot = np.asarray(slot, dtype=np.int64)
+    tmpl = np.zeros(len(keys), dtype=_AAD_DTYPE)
+    tmpl["magic"] = b"PKVA"
+    tmpl["version"] = FORMAT_VERSION
+    tmpl["role"] = KV_ROLES["both"]
+    tmpl["dtype"] = dtype_code(layout.dtype)
+    tmpl["layer"] = layout.layer_idx
+    tmpl["num_heads"] = layout.num_heads
+    tmpl["head_dim"] = layout.head_dim
+    tmpl["token_id"] = -1
+    for i, k in enumerate(keys):
+        tmpl["tenant_tag"][i] = np.frombuffer(k.tenant_tag, dtype="V16")[0]
+        tmpl["session_tag"][i] = np.frombuffer(k.session_tag, dtype="V16")[0]
+        tmpl["epoch"][i] = k.epoch
+    rec = tmpl[slot]
+    pc = np.asarray(pos_count, dtype=np.int64)
+    rec["pos_start"] = np.asarray(pos_start, dtype=np.int64)
+    rec["pos_count"] = pc
+    rec["key_len"] = pc * (layout.bytes_per_position // 2)
+    return rec.view(np.uint8).reshape(-1, AAD_SIZE)
+
+
+def chunk_nonces(keys: Sequence[KeySlot], slot, counter) -> np.ndarray:
+    """The nonce (epoch ‖ counter, big-endian) of every chunk, as an ``(n, 12)`` uint8 array."""
+    slot = np.asarray(slot, dtype=np.int64)
+    epochs = np.array([k.epoch for k in keys], dtype=np.int64)
+    rec = np.empty(slot.shape[0], dtype=_NONCE_DTYPE)
+    rec["epoch"] = epochs[slot] if slot.size else 0
+    rec["counter"] = np.asarray(counter, dtype=np.int64)
+    return rec.view(np.uint8).reshape(-1, NONCE_SIZE)
+
+
+def _u8_numpy(t: torch.Tensor) -> np.ndarray:
+    """A writable uint8 numpy view of a contiguous CPU tensor's bytes."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class HostBackend(CryptoBackend):
+    """The backend contract for CPU tensors, on `cryptography`'s AES-256-GCM."""
+
+    name = "host"
+    _instance: "HostBackend | None" = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, threads: int | None = None):
+        if threads is None:
+            threads = min(2, os.cpu_count() or 1)
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pqc-kv-host") if threads > 1 else None
+
+    @classmethod
+    def instance(cls) -> "HostBackend":
+        """The process-wide host backend."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    # ---- checks at the door --------------------------------------------------------
+    @staticmethod
+    def _check_layout(layout: ChunkLayout) -> None:
+        if not isinstance(layout, ChunkLayout):
+            raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
+        if layout.num_heads < 1 or layout.head_dim < 1 or layout.layer_idx < 0:
+            raise ValueError(f"bad chunk layout {layout}")
+
+    @staticmethod
+    def _check_arena(arena: torch.Tensor) -> None:
+        if not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 or arena.dim() != 1:
+            raise TypeError("arena must be a 1-D uint8 tensor")
+        if arena.device.type != "cpu" or not arena.is_contiguous():
+            raise ValueError("the host backend needs a contiguous CPU arena")
+
+    @staticmethod
+    def _check_kv(name: str, k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout) -> None:
+        for t, what in ((k, "k"), (v, "v")):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}_{name} must be a tensor, got {type(t).__name__}")
+            if t.device.type != "cpu":
+                raise ValueError(f"the host backend handles CPU tensors only; {what}_{name} is on {t.device}")
+            if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
+                raise ValueError(f"{what}_{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
+                                 f"got {list(t.shape)}")
+            if t.dtype != layout.dtype:
+                raise TypeError(f"{what}_{name} has dtype {t.dtype}, the layout says {layout.dtype}")
+        if k.shape != v.shape:
+            raise ValueError(f"k_{name} {list(k.shape)} and v_{name} {list(v.shape)} differ in shape")
+
+    @staticmethod
+    def _check_ranges(t: dict, batch: int, seq: int, arena_len: int, chunk_bytes: np.ndarray) -> None:
+        if not t["row"].size:
+            return
+        if int(t["row"].max()) >= batch:
+            raise ValueError(f"chunk row {int(t['row'].max())} outside the batch of {batch}")
+        if int((t["io_start"] + t["pos_count"]).max()) > seq:
+            raise ValueError(f"a chunk reaches past the {seq} positions of the tensors")
+        if int((t["offset"] + chunk_bytes + TAG_SIZE).max()) > arena_len:
+            raise ValueError("a chunk reaches past the end of the arena")
+
+    def _run(self, fn, n: int, total_bytes: int) -> None:
+        """Run ``fn(lo, hi)`` over [0, n), split over the pool when the call is large."""
+        if self._pool is None or n < 2 or total_bytes < _PARALLEL_MIN_BYTES:
+            fn(0, n)
+            return
+        parts = min(self.threads, n)
+        bounds = np.linspace(0, n, parts + 1).astype(int).tolist()
+        futs = [self._pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+        err = None
+        try:
+            fn(bounds[0], bounds[1])
+        except BaseException as exc:  # wait for the others before raising
+            err = exc
+        for f in futs:
+            try:
+                f.result()
+            except BaseException as exc:
+                err = err or exc
+        if err is not None:
+            raise err
+
+    # ---- encrypt ---------------------------------------------------------------------
+    def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
+                       k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
+                       audit: AuditContext | None = None) -> None:
+        self._check_layout(layout)
+        self._check_arena(arena)
+        self._check_kv("src", k_src, v_src, layout)
+        t = _table(chunks)
+        n = t["slot"].shape[0]
+        _check_keys(keys, t["slot"])
+        bpp = layout.bytes_per_position
+        nbytes = t["pos_count"] * bpp
+        self._check_ranges(t, k_src.shape[0], k_src.shape[2], arena.numel(), nbytes)
+        if n == 0:
+            return
+        aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"]).tobytes()
+        nonces = chunk_nonces(keys, t["slot"], t["counter"]).tobytes()
+        ciphers = [AESGCM(k.key) for k in keys]
+        arena_np = arena.numpy()
+        seq = k_src.shape[2]
+        rows = t["row"]
+        whole_rows = bool((t["io_start"] == 0).all() and (t["pos_count"] == seq).all()
+                          and np.unique(rows).size == n)
+        plain = None
+        try:
+            if whole_rows:
+                # One chunk per row covering all positions: stacking K and V on dim 1 gives each
+                # row's plaintext ([2, heads, seq, dim]) as one contiguous run.
+                plain = torch.stack((k_src, v_src), dim=1).contiguous()
+                plain_np = _u8_numpy(plain)
+                row_bytes = seq * bpp
+                src_off = (rows * row_bytes).tolist()
+            slot_l, off_l, nb_l = t["slot"].tolist(), t["offset"].tolist(), nbytes.tolist()
+            row_l, io_l, cnt_l = rows.tolist(), t["io_start"].tolist(), t["pos_count"].tolist()
+
+            def work(lo: int, hi: int) -> None:
+                for i in range(lo, hi):
+                    nb = nb_l[i]
+                    off = off_l[i]
+                    if plain is not None:
+                        src = plain_np[src_off[i]:src_off[i] + nb]
+                        ciphers[slot_l[i]].encrypt_into(nonces[12 * i:12 * i + 12], src,
+                                                        aads[80 * i:80 * i + 80], arena_np[off:off + nb + TAG_SIZE])
+                    else:
+                        r, s, c = row_l[i], io_l[i], cnt_l[i]
+                        one = torch.stack((k_src[r, :, s:s + c, :], v_src[r, :, s:s + c, :])).contiguous()
+                        try:
+                            ciphers[slot_l[i]].encrypt_into(nonces[12 * i:12 * i + 12], _u8_numpy(one),
+                                                            aads[80 * i:80 * i + 80],
+                                                            arena_np[off:off + nb + TAG_SIZE])
+                        finally:
+                            one.zero_()
+
+            self._run(work, n, int(nbytes.sum()))
+        finally:
+            if plain is not None:
+                plain.zero_()
+        if audit is not None:
+            slot = t["slot"]
+            audit.log.emit_per_position(
+                Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
+                layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=t["pos_start"].astype(np.uint32),
+                pos_count=t["pos_count"].astype(np.uint32), nonce_counter=t["counter"].astype(np.uint64),
+                epoch=np.array([k.epoch for k in keys], dtype=np.uint32)[slot],
+                nbytes=nbytes.astype(np.uint32), status=Status.OK)
+
+    # ---- decrypt ---------------------------------------------------------------------
+    @staticmethod
+    def _direct_target(k_out: torch.Tensor, v_out: torch.Tensor, layout: ChunkLayout):
+        """(uint8 view of the storage, element offset of k_out, row stride, position stride) when a
+        one-position chunk's K‖V is one contiguous run of the output, else None."""
+        H, D = layout.num_heads, layout.head_dim
+        ks, vs = k_out.stride(), v_out.stride()
+        if ks != vs or ks[3] != 1 or (H > 1 and ks[1] != D):
+            return None
+        if k_out.untyped_storage().data_ptr() != v_out.untyped_storage().data_ptr():
+            return None
+        if v_out.storage_offset() - k_out.storage_offset() != H * D:
+            return None
+        storage = torch.empty(0, dtype=torch.uint8).set_(k_out.untyped_storage())
+        return storage.numpy(), k_out.storage_offset(), ks[0], ks[2]
+
+    def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
+                       arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+                       audit: AuditContext | None = None) -> np.ndarray:
+        self._check_layout(layout)
+        self._check_arena(arena)
+        self._check_kv("out", k_out, v_out, layout)
+        t = _table(chunks)
+        n = t["slot"].shape[0]
+        _check_keys(keys, t["slot"])
+        bpp = layout.bytes_per_position
+        nbytes = t["pos_count"] * bpp
+        self._check_ranges(t, k_out.shape[0], k_out.shape[2], arena.numel(), nbytes)
+        status = np.zeros(n, dtype=np.uint8)
+        if n == 0:
+            return status
+        aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"]).tobytes()
+        nonces = chunk_nonces(keys, t["slot"], t["counter"]).tobytes()
+        ciphers = [AESGCM(k.key) for k in keys]
+        arena_np = arena.numpy()
+        itemsize = layout.itemsize
+        H, D = layout.num_heads, layout.head_dim
+        direct = self._direct_target(k_out, v_out, layout)
+        slot_l, off_l, nb_l = t["slot"].tolist(), t["offset"].tolist(), nbytes.tolist()
+        row_l, io_l, cnt_l = t["row"].tolist(), t["io_start"].tolist(), t["pos_count"].tolist()
+        if direct is not None:
+            out_np, base, s_row, s_pos = direct
+            dst_l = ((base + t["row"] * s_row + t["io_start"] * s_pos) * itemsize).tolist()
+        max_staged = int(nbytes.max())
+
+        def work(lo: int, hi: int) -> None:
+            staging = None
+            try:
+                for i in range(lo, hi):
+                    nb, off, c = nb_l[i], off_l[i], cnt_l[i]
+                    ct = arena_np[off:off + nb + TAG_SIZE]
+                    nonce, aad = nonces[12 * i:12 * i + 12], aads[80 * i:80 * i + 80]
+                    if direct is not None and c == 1:
+                        dst = out_np[dst_l[i]:dst_l[i] + nb]
+                        try:
+                            ciphers[slot_l[i]].decrypt_into(nonce, ct, aad, dst)
+                        except InvalidTag:
+                            dst.fill(0)
+                            status[i] = Status.AUTH_FAILED
+                        continue
+                    if staging is None:
+                        staging = torch.empty(max_staged, dtype=torch.uint8)
+                    buf = staging[:nb]
+                    r, s = row_l[i], io_l[i]
+                    try:
+                        ciphers[slot_l[i]].decrypt_into(nonce, ct, aad, buf.numpy())
+                    except InvalidTag:
+                        k_out[r, :, s:s + c, :].zero_()
+                        v_out[r, :, s:s + c, :].zero_()
+                        status[i] = Status.AUTH_FAILED
+                        continue
+                    kv = buf.view(layout.dtype).view(2, H, c, D)
+                    k_out[r, :, s:s + c, :].copy_(kv[0])
+                    v_out[r, :, s:s + c, :].copy_(kv[1])
+            finally:
+                if staging is not None:
+                    staging.zero_()
+
+        self._run(work, n, int(nbytes.sum()))
+        if audit is not None:
+            self._emit_decrypt(audit, keys, layout, t, nbytes, status)
+        return status
+
+    @staticmethod
+    def _emit_decrypt(audit: AuditContext, keys, layout, t, nbytes, status) -> None:
+        """One DECRYPT record per row read (covering its positions), one AUTH_FAILED record per failing chunk."""
+        rows, inv = np.unique(t["row"], return_inverse=True)
+        m = rows.shape[0]
+        end = t["pos_start"] + t["pos_count"]
+        lo = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+        hi = np.zeros(m, dtype=np.int64)
+        np.minimum.at(lo, inv, t["pos_start"])
+        np.maximum.at(hi, inv, end)
+        nb = np.zeros(m, dtype=np.int64)
+        np.add.at(nb, inv, nbytes)
+        bad = np.zeros(m, dtype=np.uint8)
+        np.maximum.at(bad, inv, status)
+        first = np.zeros(m, dtype=np.int64)
+        first[inv[::-1]] = np.arange(inv.shape[0])[::-1]   # first chunk of each row
+        slot = t["slot"][first]
+        epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
+        audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
+                       layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=lo.astype(np.uint32),
+                       pos_count=(hi - lo).astype(np.uint32), nonce_counter=0, epoch=epochs[slot],
+                       nbytes=np.minimum(nb, 0xFFFFFFFF).astype(np.uint32), status=bad)
+        failed = np.flatnonzero(status)
+        if failed.size:
+            fs = t["slot"][failed]
+            audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[fs], session_idx=audit.session_idx[fs],
+                           layer=layout.layer_idx, row=t["row"][failed].astype(np.uint16),
+                           pos_start=t["pos_start"][failed].astype(np.uint32),
+                           pos_count=t["pos_count"][failed].astype(np.uint32),
+                           nonce_counter=t["counter"][failed].astype(np.uint64), epoch=epochs[fs],
+                           nbytes=nbytes[failed].astype(np.uint32), status=Status.AUTH_FAILED)
