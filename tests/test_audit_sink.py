@@ -1,0 +1,318 @@
+"""Persisted audit log: hash chain, signed checkpoints, seal, verify, re-open, and the CLI."""
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import mldsa
+
+from pqc_kv_cache.audit import KVAuditLog, Op, verify_log
+from pqc_kv_cache.audit import cli
+from pqc_kv_cache.audit.sink import FRAME_HEAD, HEADER, RECS_HEAD, AuditSink, record_locators
+from pqc_kv_cache.errors import AuditError, AuditIntegrityError
+
+N = 100
+T0 = 1_767_225_600_000_000_000
+KEY = mldsa.MLDSA65PrivateKey.generate()
+
+
+class Clock:
+    def __init__(self):
+        self.t = T0
+
+    def __call__(self):
+        self.t += 1_000_000
+        return self.t
+
+
+def write_log(path, n=N, key=KEY, close=True):
+    lg = KVAuditLog(path=path, signing_key=key, clock=Clock(), frame_records=10, checkpoint_records=25,
+                    fsync=False)
+    t = lg.tenant_index("alice")
+    s = lg.session_index("s1", "alice")
+    lg.log_isolation_violation("mallory", "m", "probe", layer_idx=1, position=2)
+    lg.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s, layer=np.arange(n - 1, dtype=np.uint16) % 32,
+            pos_start=np.arange(n - 1, dtype=np.uint32), pos_count=1)
+    if close:
+        lg.close()
+    else:
+        lg.flush()
+    return lg
+
+
+def frames(path):
+    data = open(path, "rb").read()
+    off = HEADER.size
+    out = []
+    while off < len(data):
+        ftype, ln = FRAME_HEAD.unpack_from(data, off)
+        out.append((off, ftype, ln))
+        off += FRAME_HEAD.size + ln + 32
+    return out
+
+
+def record_frame(path, k):
+    """(frame offset, first record, count) of the frame holding record k."""
+    data = open(path, "rb").read()
+    for off, ftype, ln in frames(path):
+        if ftype == b"RECS":
+            first, count, _ = RECS_HEAD.unpack_from(data, off + FRAME_HEAD.size)
+            if first <= k < first + count:
+                return off, first, count
+    raise AssertionError(k)
+
+
+def record_offset(path, k):
+    """Byte offset of record k in the file."""
+    off, first, _ = record_frame(path, k)
+    return off + FRAME_HEAD.size + RECS_HEAD.size + (k - first) * 64
+
+
+def run_cli(*argv, capsys=None):
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["audit", *argv])
+    rc = args.func(args)
+    out = capsys.readouterr() if capsys else None
+    return rc, out
+
+
+def patch(path, off, new: bytes):
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(new)
+
+
+def cut(path, off, length):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:off] + data[off + length:])
+
+
+@pytest.fixture
+def logfile(tmp_path):
+    p = tmp_path / "audit.log"
+    write_log(p)
+    return str(p)
+
+
+def test_intact_log_verifies_and_prints_count_and_time_range(logfile, capsys):
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 0, out.out
+    assert f"{N} records" in out.out
+    assert "2026-01-01T00:00:00" in out.out and "closed and signed, sealed" in out.out
+    rep = verify_log(logfile)
+    assert rep.ok and rep.closed and rep.sealed and rep.signed_records == N
+    assert os.path.exists(logfile + ".pub")
+
+
+def test_changed_byte_in_a_record_names_that_record(logfile, capsys):
+    off = record_offset(logfile, 37)
+    patch(logfile, off + 40, b"\x09")             # tenant_idx of record 37
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1
+    assert "record 37 changed" in out.out and "first bad record: 37" in out.out
+    assert verify_log(logfile).bad_record == 37
+
+
+def test_changed_record_with_forged_locator_breaks_the_chain_at_its_frame(logfile):
+    off = record_offset(logfile, 42)
+    data = bytearray(open(logfile, "rb").read())
+    data[off + 56] ^= 1                             # layer of record 42
+    rec = np.frombuffer(bytes(data[off:off + 64]), dtype=np.uint8).view(
+        __import__("pqc_kv_cache.audit", fromlist=["RECORD_DTYPE"]).RECORD_DTYPE)
+    foff, first, count = record_frame(logfile, 42)
+    loc_off = foff + FRAME_HEAD.size + RECS_HEAD.size + count * 64 + (42 - first) * 8
+    data[loc_off:loc_off + 8] = record_locators(rec).tobytes()
+    open(logfile, "wb").write(bytes(data))
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == first and "hash chain broken" in rep.error
+
+
+def test_forged_chain_recomputed_to_the_end_fails_the_signed_checkpoint(logfile):
+    data = bytearray(open(logfile, "rb").read())
+    off = record_offset(logfile, 3)
+    data[off + 56] ^= 1
+    rec_frames = frames(logfile)
+    # recompute the locator and every chain hash after the header, as a forger without the key would
+    h = hashlib.sha256(bytes(data[:HEADER.size])).digest()
+    for foff, ftype, ln in rec_frames:
+        payload = bytes(data[foff + 8: foff + 8 + ln])
+        if ftype == b"RECS":
+            first, count, _ = RECS_HEAD.unpack_from(payload, 0)
+            from pqc_kv_cache.audit import RECORD_DTYPE
+            recs = np.frombuffer(payload, dtype=RECORD_DTYPE, count=count, offset=RECS_HEAD.size)
+            locs = record_locators(recs).tobytes()
+            start = foff + 8 + RECS_HEAD.size + count * 64
+            data[start:start + 8 * count] = locs
+            payload = bytes(data[foff + 8: foff + 8 + ln])
+        h = hashlib.sha256(h + bytes(data[foff:foff + 8]) + payload).digest()
+        data[foff + 8 + ln: foff + 8 + ln + 32] = h
+    open(logfile, "wb").write(bytes(data))
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == 0 and "checkpoint" in rep.error
+
+
+def test_changed_byte_in_tenant_table_is_detected(logfile):
+    for off, ftype, ln in frames(logfile):
+        if ftype == b"TABL":
+            patch(logfile, off + FRAME_HEAD.size + 11 + 1, b"X")   # a letter of a tenant id
+            break
+    rep = verify_log(logfile)
+    assert not rep.ok and "TABL" in rep.error and rep.bad_record == 0
+
+
+def test_deleted_record_is_named(logfile, capsys):
+    cut(logfile, record_offset(logfile, 55), 64)
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1 and "first bad record: 55" in out.out
+
+
+def test_deleted_frame_of_records_is_named(logfile):
+    off, ftype, ln = next(f for f in frames(logfile) if f[1] == b"RECS" and f[0] > record_offset(logfile, 60) - 100)
+    cut(logfile, off, FRAME_HEAD.size + ln + 32)
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == 60 and "missing" in rep.error
+
+
+def test_reordered_records_are_named(logfile):
+    a, b = record_offset(logfile, 21), record_offset(logfile, 22)
+    data = bytearray(open(logfile, "rb").read())
+    data[a:a + 64], data[b:b + 64] = data[b:b + 64], data[a:a + 64]
+    open(logfile, "wb").write(bytes(data))
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == 21 and "out of order" in rep.error
+
+
+def test_inserted_record_is_named(logfile):
+    off = record_offset(logfile, 70)
+    data = open(logfile, "rb").read()
+    open(logfile, "wb").write(data[:off + 64] + data[off:off + 64] + data[off + 64:])   # record 70 twice
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == 71
+
+
+def test_wrong_public_key_fails(logfile, tmp_path, capsys):
+    other = tmp_path / "other.log"
+    write_log(other, n=3, key=mldsa.MLDSA65PrivateKey.generate())
+    rc, out = run_cli("verify", logfile, "--public-key", str(other) + ".pub", capsys=capsys)
+    assert rc == 1 and "wrong key" in out.out and "first bad record: 0" in out.out
+
+
+def test_truncation_after_a_clean_close_is_detected(logfile, capsys):
+    off, ftype, ln = frames(logfile)[-1]
+    assert ftype == b"CLOS"
+    with open(logfile, "r+b") as f:
+        f.truncate(off)                             # drop the CLOS frame: looks like a crash without the seal
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1 and "truncated after a clean close" in out.out
+
+
+def test_truncation_of_records_after_a_clean_close_names_the_first_missing_record(logfile):
+    torn_first = record_frame(logfile, 80)[1]
+    with open(logfile, "r+b") as f:
+        f.truncate(record_offset(logfile, 80) + 10)
+    rep = verify_log(logfile)
+    assert not rep.ok and "truncated after a clean close" in rep.error
+    assert rep.bad_record == torn_first             # the torn frame's records are gone
+
+
+def test_unclosed_log_is_reported_as_a_crash(tmp_path, capsys):
+    p = tmp_path / "crash.log"
+    sink = AuditSink(p, KEY, checkpoint_records=50, frame_records=10, fsync=False)
+    sink.write_tables([(1, 0, 0, "alice"), (2, 0, 0, "s")])
+    recs = np.zeros(70, dtype=__import__("pqc_kv_cache.audit", fromlist=["x"]).RECORD_DTYPE)
+    recs["record_no"] = np.arange(70)
+    recs["host_ts_ns"] = T0
+    sink.write_records(recs)                        # a checkpoint after 50, 20 unsigned after it
+    sink.f.flush()
+    sink.abandon()                                  # the process died: no CLOS, no seal
+    rc, out = run_cli("verify", str(p), capsys=capsys)
+    assert rc == 3
+    assert "not closed (crash)" in out.out and "50 records are covered" in out.out and "20 after" in out.out
+
+
+def test_torn_final_frame_is_reported_as_a_crash(tmp_path):
+    p = tmp_path / "torn.log"
+    write_log(p, close=False)._sink.f.flush()
+    size = os.path.getsize(p)
+    with open(p, "ab") as f:
+        f.write(FRAME_HEAD.pack(b"RECS", 1000) + b"\0" * 100)   # the writer died mid-frame
+    rep = verify_log(p)
+    assert rep.ok and rep.crash_tail and rep.torn_bytes == os.path.getsize(p) - size
+
+
+def test_reopen_verifies_and_continues_chain_and_numbering(tmp_path, capsys):
+    p = tmp_path / "a.log"
+    write_log(p)
+    with KVAuditLog(path=p, signing_key=KEY, clock=Clock(), fsync=False) as lg:
+        assert lg.tenant_index("alice") == 0         # tables are restored: alice 0, mallory 1
+        first = lg.log_encrypt("bob", "b1", 0, 0)
+        assert first == N
+        assert lg.entries()[0].record_number == N
+    rep = verify_log(p, collect=True)
+    assert rep.ok and rep.closed and rep.records == N + 1 and rep.tenants[2] == "bob"
+    rc, out = run_cli("show", str(p), "--tenant", "bob", "--json", capsys=capsys)
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert rc == 0 and [r["record_number"] for r in rows] == [N]
+
+
+def test_reopen_after_a_crash_records_the_recovery(tmp_path, capsys):
+    p = tmp_path / "a.log"
+    lg = write_log(p, close=False)
+    lg._sink.f.flush()
+    with open(p, "ab") as f:
+        f.write(b"RECS\x05")                        # torn header of a frame
+    with KVAuditLog(path=p, signing_key=KEY, clock=Clock(), fsync=False) as lg2:
+        lg2.log_encrypt("alice", "s1", 0, 0)
+    rep = verify_log(p)
+    assert rep.ok and rep.closed and rep.recovered_crashes == 1 and rep.records == N + 1
+    rc, out = run_cli("verify", str(p), capsys=capsys)
+    assert rc == 0 and "1 earlier crash(es) recovered" in out.out
+
+
+def test_reopen_of_a_tampered_log_refuses_to_continue(logfile):
+    patch(logfile, record_offset(logfile, 5) + 40, b"\x07")
+    with pytest.raises(AuditIntegrityError) as ei:
+        KVAuditLog(path=logfile, signing_key=KEY)
+    assert ei.value.record_number == 5
+
+
+def test_reopen_needs_the_signing_key(logfile):
+    with pytest.raises(AuditError, match="signing key"):
+        KVAuditLog(path=logfile)
+    with pytest.raises(AuditIntegrityError, match="wrong key"):
+        KVAuditLog(path=logfile, signing_key=mldsa.MLDSA65PrivateKey.generate())
+
+
+def test_show_filters_by_tenant_layer_position_operation(logfile, capsys):
+    rc, out = run_cli("show", logfile, "--tenant", "alice", "--layer", "5", "--json", capsys=capsys)
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert rc == 0 and rows and all(r["tenant_id"] == "alice" and r["layer_idx"] == 5 for r in rows)
+    rc, out = run_cli("show", logfile, "--position", "2", "--operation", "isolation-violation", capsys=capsys)
+    lines = out.out.splitlines()
+    assert rc == 0 and len(lines) == 2 and "mallory" in lines[1] and "probe" in lines[1]
+    rc, out = run_cli("show", logfile, "--operation", "delete", capsys=capsys)
+    assert rc == 2
+
+
+def test_verify_of_a_missing_file_exits_2(tmp_path, capsys):
+    rc, out = run_cli("verify", str(tmp_path / "none.log"), capsys=capsys)
+    assert rc == 2
+
+
+def test_cli_runs_as_python_dash_m(logfile):
+    r = subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", "verify", logfile], capture_output=True,
+                       text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert r.returncode == 0, r.stderr
+    assert f"{N} records" in r.stdout
+    patch(logfile, record_offset(logfile, 9) + 8, b"\xff")
+    r = subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", "verify", logfile], capture_output=True,
+                       text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert r.returncode == 1 and "first bad record: 9" in r.stdout
