@@ -28,12 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
     bench.add_argument("--out", default=None, help="write the results as JSON to this file")
     bench.set_defaults(func=_bench)
-    try:
-        from .audit.cli import register
-    except ImportError:  # pragma: no cover - the audit package always ships with the library
-        pass
-    else:
-        register(sub)
+    from .audit.cli import register
+    register(sub)
     return parser
 
 
