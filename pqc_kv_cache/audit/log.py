@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import AuditError, KVCacheError
 from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status, op_from_name
-from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing
+from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing, template
 from .sink import AuditSink
 from .store import ColumnarStore
 
@@ -243,8 +243,9 @@ class KVAuditLog:
 
     def _write(self, op: int, n: int, values, details: str | None = None) -> int:
         """Number ``n`` records and write them into the host ring, waiting for room if full."""
-        host_ts = self._clock()
         ring = self._ring
+        tmpl = template(op, values, self._clock())
+        arrays = ring.array_fields(values)
         with self._lock:
             if self._closed:
                 raise AuditError("the audit log is closed")
@@ -268,7 +269,7 @@ class KVAuditLog:
                         self._space.wait()
                     continue
                 k = room if room < n - done else n - done
-                ring.write(op, first, done, k, values, host_ts)
+                ring.write(first, done, k, tmpl, arrays)
                 done += k
                 if self._drain_idle and ring.written - ring.read >= self._wake_at:
                     self._work.notify()

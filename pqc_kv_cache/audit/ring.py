@@ -15,6 +15,8 @@ segment is a contiguous run of record numbers.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from .records import RECORD_DTYPE
@@ -40,6 +42,17 @@ FIELD_LIMITS = {
 VALUE_FIELDS = ("tenant_idx", "session_idx", "layer", "row", "pos_start", "pos_count",
                 "nonce_counter", "epoch", "nbytes", "status", "device_ts_ns")
 
+# The record in field order (kernels/pqc_audit_record.h), for packing a template in one call.
+_PACK = struct.Struct("<QQQQIIIIIIHHBBH")
+assert _PACK.size == RECORD_DTYPE.itemsize
+
+
+def template(op: int, values, host_ts: int) -> np.ndarray:
+    """The record as one opaque 64-byte item with every scalar field set (array-valued fields 0)."""
+    v = [x if type(x) is int else 0 for x in values]
+    return np.frombuffer(_PACK.pack(0, host_ts, v[10], v[6], v[4], v[5], v[0], v[1], v[7], v[8], v[2], v[3],
+                                    op, v[9], 0), dtype=f"V{_PACK.size}")[0]
+
 
 class HostRing:
     """``capacity`` packed records in one numpy array, written and read in slot order.
@@ -59,9 +72,7 @@ class HostRing:
         self._f = {name: self.buf[name] for name in RECORD_DTYPE.names}
         self._f_value = tuple(self._f[name] for name in VALUE_FIELDS)
         self._f_recno = self._f["record_no"]
-        self._f_host_ts = self._f["host_ts_ns"]
-        self._f_op = self._f["op"]
-        self._f_flags = self._f["flags"]
+        self._slots = self.buf.view(f"V{RECORD_DTYPE.itemsize}")   # whole records as opaque 64-byte items
         self.written = 0
         self.read = 0
         self.segments: list[tuple[int, int, int]] = []
@@ -70,24 +81,24 @@ class HostRing:
     def free(self) -> int:
         return self.capacity - (self.written - self.read)
 
-    def write(self, op: int, first_no: int, done: int, k: int, values: tuple, host_ts: int) -> None:
-        """Write records ``done .. done+k`` of a batch (``k <= free``) into the next slots.
+    def array_fields(self, values) -> list:
+        """(field view, array) for the array-valued entries of a value tuple (VALUE_FIELDS order)."""
+        return [(f, v) for f, v in zip(self._f_value, values) if type(v) is np.ndarray]
 
-        ``values`` holds, per field of VALUE_FIELDS, a scalar or a 1-D array of
-        the batch's length.  The slots written are contiguous: the caller
-        limits ``k`` to the room left before the end of the buffer.
+    def write(self, first_no: int, done: int, k: int, tmpl: np.ndarray, arrays: list) -> None:
+        """Write records ``done .. done+k`` of a batch (``k <= contiguous_room()``) into the next slots.
+
+        ``tmpl`` is the batch's record template (``template()``), broadcast
+        into every slot in one assignment; ``arrays`` (``array_fields()``) then
+        overwrite the fields that vary per record, and the record numbers are
+        written last.
         """
         s = self.written % self.capacity
         e = s + k
-        for f, v in zip(self._f_value, values):
-            if type(v) is np.ndarray:
-                f[s:e] = v[done:done + k]
-            else:
-                f[s:e] = v
+        self._slots[s:e] = tmpl
+        for f, v in arrays:
+            f[s:e] = v[done:done + k]
         self._f_recno[s:e] = np.arange(first_no + done, first_no + done + k, dtype=np.uint64)
-        self._f_host_ts[s:e] = host_ts
-        self._f_op[s:e] = op
-        self._f_flags[s:e] = 0
         self.segments.append((s, first_no + done, k))
         self.written += k
 
