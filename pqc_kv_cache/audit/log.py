@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import AuditError, KVCacheError
 from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status, op_from_name
-from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing, template
+from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing
 from .sink import AuditSink
 from .store import ColumnarStore
 
@@ -244,8 +244,7 @@ class KVAuditLog:
     def _write(self, op: int, n: int, values, details: str | None = None) -> int:
         """Number ``n`` records and write them into the host ring, waiting for room if full."""
         ring = self._ring
-        tmpl = template(op, values, self._clock())
-        arrays = ring.array_fields(values)
+        tmpl, arrays = ring.layout(op, values, self._clock())
         with self._lock:
             if self._closed:
                 raise AuditError("the audit log is closed")

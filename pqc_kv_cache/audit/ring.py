@@ -45,13 +45,8 @@ VALUE_FIELDS = ("tenant_idx", "session_idx", "layer", "row", "pos_start", "pos_c
 # The record in field order (kernels/pqc_audit_record.h), for packing a template in one call.
 _PACK = struct.Struct("<QQQQIIIIIIHHBBH")
 assert _PACK.size == RECORD_DTYPE.itemsize
+_SLOT = np.dtype(f"V{_PACK.size}")
 
-
-def template(op: int, values, host_ts: int) -> np.ndarray:
-    """The record as one opaque 64-byte item with every scalar field set (array-valued fields 0)."""
-    v = [x if type(x) is int else 0 for x in values]
-    return np.frombuffer(_PACK.pack(0, host_ts, v[10], v[6], v[4], v[5], v[0], v[1], v[7], v[8], v[2], v[3],
-                                    op, v[9], 0), dtype=f"V{_PACK.size}")[0]
 
 
 class HostRing:
@@ -81,9 +76,18 @@ class HostRing:
     def free(self) -> int:
         return self.capacity - (self.written - self.read)
 
-    def array_fields(self, values) -> list:
-        """(field view, array) for the array-valued entries of a value tuple (VALUE_FIELDS order)."""
-        return [(f, v) for f, v in zip(self._f_value, values) if type(v) is np.ndarray]
+    def layout(self, op: int, values, host_ts: int) -> tuple:
+        """(template, arrays) of a batch: the packed scalar fields, and (field view, array) pairs."""
+        v = [0] * len(VALUE_FIELDS)
+        arrays = []
+        for i, (f, x) in enumerate(zip(self._f_value, values)):
+            if type(x) is int:
+                v[i] = x
+            else:
+                arrays.append((f, x))
+        tmpl = np.frombuffer(_PACK.pack(0, host_ts, v[10], v[6], v[4], v[5], v[0], v[1], v[7], v[8], v[2], v[3],
+                                        op, v[9], 0), dtype=_SLOT)[0]
+        return tmpl, arrays
 
     def write(self, first_no: int, done: int, k: int, tmpl: np.ndarray, arrays: list) -> None:
         """Write records ``done .. done+k`` of a batch (``k <= contiguous_room()``) into the next slots.
