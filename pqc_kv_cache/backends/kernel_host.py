@@ -59,6 +59,7 @@ __all__ = [
 LANES = 256            # threads per CTA of the chunk kernels = GHASH lanes
 RECORD_SIZE = 64
 SLOT_META_SIZE = 48
+SCHED_SIZE = 6400        # sizeof(pqc_key_sched): 60 round keys + lanes + pad, 256 H powers, 128 H^L x^k
 TABLE_COLS = 8         # slot,row,pos_start,pos_count,io_start,counter,offset,aux
 ROWDESC_COLS = 6       # row,pos_start,pos_count,counter,slot,nbytes
 _SOURCES = ("host_shim.cpp", "pqc_gcm.cuh", "pqc_audit_record.h")
@@ -166,7 +167,7 @@ def load() -> ctypes.CDLL:
                 raise BackendUnavailableError(f"cannot load the kernel host shim {path}: {exc}") from None
             _declare(lib)
             if lib.pqc_host_abi_version() != _ABI or lib.pqc_host_record_size() != RECORD_SIZE \
-                    or lib.pqc_host_slot_meta_size() != SLOT_META_SIZE:
+                    or lib.pqc_host_slot_meta_size() != SLOT_META_SIZE or lib.pqc_host_sched_size() != SCHED_SIZE:
                 raise BackendUnavailableError("kernel host shim ABI mismatch")
             _lib = lib
         return _lib

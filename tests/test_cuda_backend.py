@@ -1,0 +1,339 @@
+"""CUDA backend. The tests marked ``gpu`` need a CUDA device and CuPy and are skipped elsewhere;
+they are written to run unchanged on a GPU host. The others check, on any machine, what can
+be checked without one: the NVRTC translation unit, the error on a machine without CUDA,
+the launch splitting."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pqc_kv_cache.audit.records import RECORD_DTYPE
+from pqc_kv_cache.backends import kernel_host as kh
+from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot, select_backend
+from pqc_kv_cache.backends.cuda import CudaBackend, kernel_source
+from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
+from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
+
+
+def _has_cuda() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+gpu = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device and CuPy")
+
+# ------------------------------------------------------------------ any machine
+
+
+def test_kernel_source_is_one_translation_unit():
+    src = kernel_source()
+    assert '#include "' not in src
+    for name in ("pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_row_records", "pqc_decrypt_chunks"):
+        assert f" {name}(" in src
+    assert src.count("#define PQC_GCM_CUH") == 1 and src.count("#define PQC_AUDIT_RECORD_H") == 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_assembled_translation_unit_compiles_with_nvcc(tmp_path):
+    cu = tmp_path / "tu.cu"
+    cu.write_text(kernel_source())
+    proc = subprocess.run(["nvcc", "-std=c++17", "-Werror", "all-warnings", "-arch=sm_90", "-ptx",
+                           "-o", str(tmp_path / "tu.ptx"), str(cu)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+def _find_nvrtc():
+    cands = []
+    if os.environ.get("PQC_NVRTC_LIB"):
+        cands.append(os.environ["PQC_NVRTC_LIB"])
+    for base in sys.path + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]:
+        cands += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*")))
+        cands += sorted(glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")))
+        cands += sorted(glob.glob(os.path.join(base, "libnvrtc.so*")))
+    for c in cands:
+        if "builtins" in c or "alt" in os.path.basename(c):
+            continue
+        d = os.path.dirname(c)
+        try:
+            for b in sorted(glob.glob(os.path.join(d, "libnvrtc-builtins.so*"))):
+                if "alt" not in os.path.basename(b):
+                    ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    return None
+
+
+def test_assembled_translation_unit_compiles_with_nvrtc():
+    """What CuPy's RawModule does on a GPU host, done here through libnvrtc (no GPU needed).
+    Point PQC_NVRTC_LIB at a libnvrtc.so (e.g. from the nvidia-cuda-nvrtc wheel) to run it."""
+    lib = _find_nvrtc()
+    if lib is None:
+        pytest.skip("libnvrtc not found")
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), kernel_source().encode(), b"pqc_kernels.cu", 0, None, None) == 0
+    for arch in (b"sm_90", b"sm_80"):
+        opts = [b"-std=c++17", b"--gpu-architecture=" + arch]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, log.value.decode(errors="replace")
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_raises_backend_unavailable():
+    with pytest.raises(BackendUnavailableError):
+        select_backend("cuda")
+    with pytest.raises(BackendUnavailableError):
+        CudaBackend.for_device("cuda:0")
+
+
+def test_cpu_device_is_refused_by_the_cuda_backend():
+    with pytest.raises(BackendUnavailableError):
+        CudaBackend.for_device("cpu")
+
+
+def test_launch_groups_respect_the_record_limit():
+    counts = np.array([1, 3, 2, 5, 1, 1], dtype=np.int64)
+    groups = CudaBackend._groups(counts, 4)
+    assert groups == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert CudaBackend._groups(counts, 100) == [(0, 6)]
+    assert CudaBackend._groups(np.zeros(0, np.int64), 4) == []
+    covered = [i for a, b in groups for i in range(a, b)]
+    assert covered == list(range(6))
+
+
+# ------------------------------------------------------------------ GPU host
+
+LAYOUT = ChunkLayout(layer_idx=3, num_heads=8, head_dim=128, dtype=torch.bfloat16)
+
+
+class FakeRing:
+    """Test double of the CUDA audit ring: device slots, reserve / commit bookkeeping."""
+
+    def __init__(self, device, capacity=1 << 14):
+        self.capacity = capacity
+        self.buf = torch.zeros((capacity, 64), dtype=torch.uint8, device=device)
+        self.next_slot = 0
+        self.next_no = 500
+        self.committed = []
+
+    def reserve(self, n):
+        view = self.buf[self.next_slot:self.next_slot + n]
+        first = self.next_no
+        self.next_slot += n
+        self.next_no += n
+        return view, first
+
+    def commit(self, n, first_no=None):
+        self.committed.append((first_no, n))
+
+    def records(self):
+        return self.buf[:self.next_slot].cpu().numpy().view(RECORD_DTYPE).reshape(-1)
+
+
+class FakeLog:
+    def __init__(self, device):
+        self.ring = FakeRing(device)
+        self.emitted = []
+        self._tenant_ids = ["tenant-0", "tenant-1"]
+
+    def cuda_ring(self, device):
+        return self.ring
+
+    def emit(self, op, **fields):
+        self.emitted.append((int(op), fields))
+
+
+def _slots():
+    g = np.random.default_rng(7)
+    return [KeySlot(key=g.bytes(32), tenant_tag=tenant_tag(f"tenant-{i}"), session_tag=session_tag(f"s-{i}"),
+                    epoch=2 + i) for i in range(2)]
+
+
+ENTRIES = [  # slot, row, pos_start, pos_count, io_start, counter
+    (0, 0, 0, 64, 0, 1), (0, 0, 64, 1, 64, 65), (1, 1, 10, 64, 0, 1 << 33), (1, 2, 0, 1, 7, 3),
+    (0, 3, 5, 17, 20, 99),
+]
+
+
+def _table():
+    cols = list(zip(*ENTRIES))
+    pc = np.array(cols[3], dtype=np.int64)
+    size = pc * LAYOUT.bytes_per_position + 16
+    off = np.zeros(len(ENTRIES), dtype=np.int64)
+    off[1:] = np.cumsum(size)[:-1]
+    return ChunkTable(*(np.array(c, dtype=np.int64) for c in cols), off), int(size.sum())
+
+
+def _kv(device, seq=80, batch=4):
+    g = torch.Generator(device="cpu").manual_seed(3)
+    k = torch.randn(batch, 8, seq, 128, generator=g).to(torch.bfloat16)
+    v = torch.randn(batch, 8, seq, 128, generator=g).to(torch.bfloat16)
+    return k.to(device), v.to(device)
+
+
+def _aad(keys, slot, ps, pc):
+    nb = pc * LAYOUT.bytes_per_position
+    return build_aad(tenant_id=f"tenant-{slot}", session_id=f"s-{slot}", epoch=keys[slot].epoch,
+                     layer_idx=LAYOUT.layer_idx, position=ps, position_count=pc, key_len=nb // 2,
+                     dtype="bfloat16", num_heads=8, head_dim=128)
+
+
+def _plain(k, v, row, io, n):
+    kk = k[row, :, io:io + n].contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    vv = v[row, :, io:io + n].contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return kk + vv
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_sealed_chunks_open_with_plain_aesgcm_and_match_the_host_shim():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8, device=dev)
+    log = FakeLog(dev)
+    ctx = AuditContext(log, np.array([4, 5], np.uint32), np.array([6, 7], np.uint32))
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+    torch.cuda.synchronize()
+    host_arena = arena.cpu()
+    for i, (slot, row, ps, pc, io, ctr) in enumerate(ENTRIES):
+        off = int(chunks.offset[i])
+        ct = host_arena[off:off + pc * LAYOUT.bytes_per_position + 16].numpy().tobytes()
+        assert AESGCM(keys[slot].key).decrypt(make_nonce(keys[slot].epoch, ctr), ct, _aad(keys, slot, ps, pc)) \
+            == _plain(k, v, row, io, pc)
+    if kh.available():   # the same bytes as the kernels' math compiled for the host
+        ref = torch.zeros(size, dtype=torch.uint8)
+        kh.encrypt_chunks(keys, LAYOUT, chunks, k.cpu(), v.cpu(), ref)
+        assert torch.equal(ref, host_arena)
+    r = log.ring.records()
+    assert len(r) == sum(e[3] for e in ENTRIES)
+    assert r["record_no"].tolist() == list(range(500, 500 + len(r)))
+    assert (r["op"] == 1).all() and not r["status"].any() and (r["device_ts_ns"] > 0).all()
+    assert r["pos_start"].tolist() == [ps + p for (_, _, ps, pc, _, _) in ENTRIES for p in range(pc)]
+    assert r["tenant_idx"].tolist() == [4 + s for (s, _, _, pc, _, _) in ENTRIES for _ in range(pc)]
+    assert log.ring.committed == [(500, len(r))]
+
+
+@pytest.mark.gpu
+@gpu
+def test_host_sealed_chunks_open_on_the_gpu_into_bhsd_scratch():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    arena_h = bytearray(size)
+    for i, (slot, row, ps, pc, io, ctr) in enumerate(ENTRIES):
+        ct = AESGCM(keys[slot].key).encrypt(make_nonce(keys[slot].epoch, ctr), _plain(k, v, row, io, pc),
+                                            _aad(keys, slot, ps, pc))
+        arena_h[int(chunks.offset[i]):int(chunks.offset[i]) + len(ct)] = ct
+    arena = torch.frombuffer(arena_h, dtype=torch.uint8).to(dev)
+    # a position-major scratch seen as [batch, heads, seq, dim] (non-contiguous views)
+    scratch = torch.full((4, 80, 2, 8, 128), 9.0, dtype=torch.bfloat16, device=dev)
+    k_out, v_out = scratch[:, :, 0].permute(0, 2, 1, 3), scratch[:, :, 1].permute(0, 2, 1, 3)
+    log = FakeLog(dev)
+    ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
+    assert isinstance(status, torch.Tensor) and status.device == dev
+    be.check()
+    assert not status.cpu().any()
+    for (slot, row, ps, pc, io, ctr) in ENTRIES:
+        assert torch.equal(k_out[row, :, io:io + pc], k[row, :, io:io + pc])
+        assert torch.equal(v_out[row, :, io:io + pc], v[row, :, io:io + pc])
+    r = log.ring.records()
+    assert r["row"].tolist() == [0, 1, 2, 3] and (r["op"] == 2).all() and not r["status"].any()
+    assert r["pos_start"].tolist() == [0, 10, 0, 5] and r["pos_count"].tolist() == [65, 64, 1, 17]
+
+
+@pytest.mark.gpu
+@gpu
+def test_tampered_chunk_is_zeroed_failed_and_raised_at_check():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    be.pending_failures()   # start from an empty queue
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8, device=dev)
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    arena[int(chunks.offset[2]) + 1000] ^= 1       # chunk 2: row 1, positions 10..73
+    k_out = torch.full_like(k, 5.0)
+    v_out = torch.full_like(v, 5.0)
+    log = FakeLog(dev)
+    ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
+    with pytest.raises(DecryptionError) as ei:
+        be.check()
+    assert ei.value.layer_idx == 3 and ei.value.positions == range(10, 74) and ei.value.tenant_id == "tenant-1"
+    assert status.cpu().tolist() == [0, 0, 1, 0, 0]
+    assert not k_out[1, :, 0:64].any() and not v_out[1, :, 0:64].any()
+    assert torch.equal(k_out[0, :, 0:65], k[0, :, 0:65])
+    r = log.ring.records()
+    assert r["status"].tolist() == [0, 1, 0, 0]
+    assert len(log.emitted) == 1
+    op, f = log.emitted[0]
+    assert op == 2 and f["status"] == 1 and (f["pos_start"], f["pos_count"], f["row"]) == (10, 64, 1)
+    be.check()   # the queue was emptied
+
+
+@pytest.mark.gpu
+@gpu
+def test_hot_path_makes_no_host_synchronisation():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8, device=dev)
+    log = FakeLog(dev)
+    ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)   # warm-up: module and key schedules
+    torch.cuda.synchronize()
+    k_out, v_out = torch.empty_like(k), torch.empty_like(v)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+            be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    be.check()
+
+
+@pytest.mark.gpu
+@gpu
+def test_bad_inputs_raise_clear_errors_on_gpu():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    with pytest.raises(ValueError):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k.cpu(), v.cpu(), torch.zeros(size, dtype=torch.uint8, device=dev))
+    with pytest.raises(ValueError):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k, v, torch.zeros(size - 1, dtype=torch.uint8, device=dev))
+    with pytest.raises(TypeError):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k, v, torch.zeros(size, dtype=torch.int32, device=dev))
