@@ -103,7 +103,7 @@ class KVAuditLog:
 
     def __init__(self, path=None, max_entries: int = 1_000_000, ring_records: int = 65536,
                  signing_key=None, logger="pqc_kv_cache.audit", *, clock=time.time_ns,
-                 checkpoint_records: int = 65536, frame_records: int = 4096, fsync: bool = True,
+                 checkpoint_records: int = 65536, frame_records: int = 16384, fsync: bool = True,
                  drain_interval: float = 0.05):
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)   # emitters wait here for ring room
