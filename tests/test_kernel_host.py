@@ -400,3 +400,23 @@ def test_shim_is_cached_by_source_hash(tmp_path, monkeypatch):
     first = kh._build()
     assert first.parent == tmp_path and first.is_file()
     assert kh._build() == first
+
+
+def test_kernel_sources_are_found_as_package_data_of_an_installed_layout(tmp_path):
+    """The wheel layout (pyproject maps kernels/ to pqc_kv_cache/kernels, no __init__.py)."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "pqc_kv_cache", tmp_path / "pqc_kv_cache",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "kernels", tmp_path / "pqc_kv_cache" / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("from pqc_kv_cache.backends.kernel_host import kernel_sources_dir; "
+            "from pqc_kv_cache.backends.cuda import kernel_source; "
+            "print(kernel_sources_dir()); kernel_source()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "pqc_kv_cache" / "kernels")

@@ -73,10 +73,11 @@ _lib: ctypes.CDLL | None = None
 def kernel_sources_dir() -> Path:
     """Directory holding pqc_gcm.cuh, pqc_kernels.cu, host_shim.cpp and pqc_audit_record.h."""
     try:
-        p = importlib.resources.files("pqc_kv_cache.kernels")
-        cand = Path(str(p))
-        if (cand / "pqc_gcm.cuh").is_file():
-            return cand
+        # a namespace package (kernels/ has no __init__.py): files() may be a MultiplexedPath,
+        # whose joined file entries are plain paths
+        header = importlib.resources.files("pqc_kv_cache.kernels").joinpath("pqc_gcm.cuh")
+        if isinstance(header, Path) and header.is_file():
+            return header.parent
     except (ModuleNotFoundError, TypeError):
         pass
     cand = Path(__file__).resolve().parents[2] / "kernels"
