@@ -135,7 +135,7 @@ class HostBackend(CryptoBackend):
 
     def __init__(self, threads: int | None = None):
         if threads is None:
-            threads = min(2, os.cpu_count() or 1)
+            threads = 1
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.threads = threads

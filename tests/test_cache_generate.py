@@ -1,0 +1,206 @@
+"""EncryptedCache is a drop-in for DynamicCache: token-identical generation in every mode, and exact audit counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pqc_kv_cache.audit import KVAuditLog, Op
+from pqc_kv_cache.cache import EncryptedCache
+from pqc_kv_cache.errors import TenantIsolationError
+from test_cache_support import generate, prompts, sessions, tiny_model
+
+KINDS = ["llama", "mistral", "neox"]
+
+
+@pytest.fixture(scope="module")
+def alice_bob():
+    return sessions("alice", "bob")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_two_tenants_matches_dynamic_cache(kind, alice_bob):
+    model = tiny_model(kind)
+    ids = prompts(2, 12)
+    ref = generate(model, ids, max_new_tokens=12, do_sample=False)
+    cache = EncryptedCache(model.config, sessions=alice_bob)
+    out = generate(model, ids, cache, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ref, out)
+    assert all(layer.keys is None and layer.values is None for layer in cache.layers)
+
+
+def test_mistral_layers_are_sliding_and_window_is_exceeded(alice_bob):
+    model = tiny_model("mistral")
+    cache = EncryptedCache(model.config, sessions=alice_bob)
+    assert all(layer.is_sliding and layer.sliding_window == 8 for layer in cache.layers)
+    generate(model, prompts(2, 12), cache, max_new_tokens=6, do_sample=False)
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == 17 and layer.get_max_length() == 8
+    assert layer.get_mask_sizes(1) == (8, 10)
+    # segments wholly outside the window were dropped
+    assert int(layer._seg_start[0] + layer._seg_count[0]) > 17 - 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_with_fixed_seed_matches(kind, alice_bob):
+    model = tiny_model(kind)
+    ids = prompts(2, 9, seed=3)
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=20, temperature=0.9)
+    ref = generate(model, ids, seed=123, **kw)
+    out = generate(model, ids, EncryptedCache(model.config, sessions=alice_bob), seed=123, **kw)
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_with_return_sequences_matches(kind, alice_bob):
+    model = tiny_model(kind)
+    ids = prompts(2, 10, seed=4)
+    kw = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, do_sample=False)
+    ref = generate(model, ids, **kw)
+    audit = KVAuditLog()
+    cache = EncryptedCache(model.config, sessions=alice_bob, audit=audit)
+    out = generate(model, ids, cache, **kw)
+    assert torch.equal(ref, out)
+    # expanded rows inherit their prompt's session: rows 0-2 alice, 3-5 bob
+    assert [s.tenant_id for s in cache.layers[0].row_sessions] == ["alice"] * 3 + ["bob"] * 3
+    assert audit.entries(limit=1, operation="reorder")
+    audit.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_assisted_decoding_matches(kind, alice_bob):
+    model, assistant = tiny_model(kind), tiny_model(kind, seed=5, layers=1)
+    ids = prompts(1, 11, seed=6)
+    ref = generate(model, ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    audit = KVAuditLog()
+    cache = EncryptedCache(model.config, sessions=alice_bob[:1], audit=audit)
+    out = generate(model, ids, cache, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    assert torch.equal(ref, out)
+    assert audit.entries(limit=1, operation="crop")
+    audit.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_lookup_decoding_crops_and_matches(kind, alice_bob):
+    model = tiny_model(kind)
+    ids = torch.tensor([[5, 6, 7, 8, 9] * 3])
+    ref = generate(model, ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    audit = KVAuditLog()
+    cache = EncryptedCache(model.config, sessions=alice_bob[:1], audit=audit)
+    out = generate(model, ids, cache, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(ref, out)
+    crops = audit.entries(limit=None, operation="crop")
+    assert crops and any(e.position_count > 0 for e in crops)
+    audit.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_second_generate_reuses_the_cache(kind, alice_bob):
+    model = tiny_model(kind)
+    ids = prompts(2, 8, seed=7)
+    from transformers import DynamicCache
+    ref_cache = DynamicCache(config=model.config)
+    ref1 = generate(model, ids, ref_cache, max_new_tokens=5, do_sample=False)
+    cache = EncryptedCache(model.config, sessions=alice_bob)
+    out1 = generate(model, ids, cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ref1, out1)
+    follow = torch.cat([ref1, prompts(2, 3, seed=8)], dim=1)
+    ref2 = generate(model, follow, ref_cache, max_new_tokens=5, do_sample=False)
+    out2 = generate(model, follow, cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ref2, out2)
+    assert cache.get_seq_length() == ref_cache.get_seq_length()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padded_two_tenant_batch_matches(kind, alice_bob):
+    model = tiny_model(kind)
+    ids = prompts(2, 10, seed=9)
+    mask = torch.ones_like(ids)
+    ids[0, :4] = 0
+    mask[0, :4] = 0
+    ref = generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    cache = EncryptedCache(model.config, sessions=alice_bob)
+    out = generate(model, ids, cache, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_matches(kind, alice_bob):
+    model = tiny_model(kind)
+    model_bf16 = type(model)(model.config).eval()
+    model_bf16.load_state_dict(model.state_dict())
+    model_bf16.generation_config = model.generation_config
+    model_bf16 = model_bf16.to(torch.bfloat16)
+    ids = prompts(2, 9, seed=10)
+    ref = generate(model_bf16, ids, max_new_tokens=8, do_sample=False)
+    cache = EncryptedCache(model_bf16.config, sessions=alice_bob)
+    out = generate(model_bf16, ids, cache, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ref, out)
+    assert cache.export_entries(0, 0)[0].dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_encrypt_records_equal_layers_rows_positions_with_right_tenant(kind, alice_bob):
+    model = tiny_model(kind)
+    ids = prompts(2, 12, seed=11)
+    audit = KVAuditLog()
+    cache = EncryptedCache(model.config, sessions=alice_bob, audit=audit)
+    out = generate(model, ids, cache, max_new_tokens=9, do_sample=False)
+    audit.flush()
+    written = out.shape[1] - 1          # the last token is sampled, never written to the cache
+    layers = model.config.num_hidden_layers
+    enc = audit.entries(limit=None, operation="encrypt")
+    assert len(enc) == layers * 2 * written
+    for tenant, row in (("alice", 0), ("bob", 1)):
+        mine = audit.entries(limit=None, operation="encrypt", tenant_id=tenant)
+        assert len(mine) == layers * written
+        assert {e.row for e in mine} == {row}
+        for layer in range(layers):
+            assert sorted(e.position for e in mine if e.layer_idx == layer) == list(range(written))
+    dec = audit.entries(limit=None, operation="decrypt")
+    assert len(dec) == layers * 2 * (9)      # one per (layer, row) per forward
+    assert all(e.success for e in dec)
+    audit.close()
+
+
+def test_audit_none_disables_auditing(alice_bob):
+    model = tiny_model("llama")
+    cache = EncryptedCache(model.config, sessions=alice_bob, audit=None)
+    generate(model, prompts(2, 5), cache, max_new_tokens=3, do_sample=False)
+    assert cache.audit is None
+
+
+def test_rotation_mid_generation_is_token_identical_and_retires_old_keys(alice_bob):
+    from pqc_kv_cache.rotation import KeyRotationPolicy
+    model = tiny_model("llama")
+    ids = prompts(2, 6, seed=12)
+    ref = generate(model, ids, max_new_tokens=10, do_sample=False)
+    a, b = sessions("alice", "bob")
+    audit = KVAuditLog()
+    # 2 layers x 1 chunk per update: the policy fires every few steps
+    cache = EncryptedCache(model.config, sessions=[a, b], audit=audit, policy=KeyRotationPolicy(max_entries=5))
+    out = generate(model, ids, cache, max_new_tokens=10, do_sample=False)
+    assert torch.equal(ref, out)
+    assert a.epoch >= 2 and a.live_epochs == [a.epoch]
+    epochs = {int(e) for layer in cache.layers for e in layer._meta["epoch"][:, 0]}
+    assert epochs == {a.epoch}
+    assert audit.entries(limit=None, operation="rotate", tenant_id="alice")
+    audit.close()
+
+
+def test_manual_rotate_between_generates(alice_bob):
+    model = tiny_model("llama")
+    a, b = sessions("alice", "bob")
+    ids = prompts(2, 6, seed=13)
+    ref_first = generate(model, ids, max_new_tokens=4, do_sample=False)
+    cache = EncryptedCache(model.config, sessions=[a, b])
+    first = generate(model, ids, cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ref_first, first)
+    assert cache.rotate("bob") == [1]
+    assert b.live_epochs == [1] and a.live_epochs == [0]
+    follow = torch.cat([first, prompts(2, 2, seed=14)], dim=1)
+    ref = generate(model, follow, max_new_tokens=4, do_sample=False)
+    out = generate(model, follow, cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ref, out)
+    with pytest.raises(TenantIsolationError):
+        cache.rotate("mallory")
