@@ -249,3 +249,27 @@ def test_log_event_records_crop_reorder_close(log):
     assert (es[0].position, es[0].position_count) == (100, 28)
     assert es[1].row == 3 and es[2].details == "ttl"
     assert len(log.entries(layer_idx=-1)) == 2 and NONE16 == 0xFFFF
+
+
+def test_file_write_failure_surfaces_as_audit_error_and_records_stay_in_memory(tmp_path):
+    from pqc_kv_cache.audit import verify_log
+
+    lg = KVAuditLog(path=tmp_path / "a.log", clock=Clock(), fsync=False)
+    lg.log_encrypt("a", "s", 0, 0)
+    lg.flush()
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    lg._sink.f.write = disk_full
+    lg.log_encrypt("a", "s", 0, 1)
+    with pytest.raises(AuditError, match="No space left"):
+        lg.flush()
+    with pytest.raises(AuditError):
+        lg.log_encrypt("a", "s", 0, 2)
+    assert lg.stats()["drained"] == 2 and lg.stats()["dropped"] == 0
+    assert [e.position for e in lg._query(limit=None, newest_first=False)] == [0, 1]
+    with pytest.raises(AuditError):
+        lg.close()
+    rep = verify_log(tmp_path / "a.log")
+    assert rep.ok and rep.crash_tail and rep.signed_records == 1

@@ -11,6 +11,7 @@ return.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime as _dt
 import heapq
@@ -18,6 +19,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -36,6 +38,27 @@ _I_POS_COUNT = VALUE_FIELDS.index("pos_count")
 _I_NBYTES = VALUE_FIELDS.index("nbytes")
 _I_STATUS = VALUE_FIELDS.index("status")
 _VALID_OPS = frozenset(int(o) for o in Op)
+
+
+_OPEN_LOGS: "weakref.WeakSet[KVAuditLog]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_logs() -> None:
+    """A normal interpreter exit closes (drains, signs, seals) every log still open."""
+    for log in list(_OPEN_LOGS):
+        try:
+            log.close()
+        except Exception:   # exit must go on; verify will report the log as unclosed
+            pass
+
+
+def _drain_main(ref) -> None:
+    while True:
+        log = ref()
+        if log is None or not log._drain_once():
+            return
+        del log
 
 
 def _iso(ns: int) -> str:
@@ -160,8 +183,11 @@ class KVAuditLog:
         elif signing_key is not None:
             raise ValueError("signing_key without path: only a persisted log is signed")
 
-        self._thread = threading.Thread(target=self._drain_loop, name="pqc-kv-audit-drain", daemon=True)
+        # The thread holds the log weakly: a log dropped without close() stops its thread.
+        self._thread = threading.Thread(target=_drain_main, args=(weakref.ref(self),),
+                                        name="pqc-kv-audit-drain", daemon=True)
         self._thread.start()
+        _OPEN_LOGS.add(self)
 
     # -- tables -------------------------------------------------------------------
     def tenant_index(self, tenant_id: str) -> int:
@@ -396,62 +422,64 @@ class KVAuditLog:
                               sequence_number, epoch, nbytes, status, details)
 
     # -- drain ----------------------------------------------------------------------
-    def _drain_loop(self) -> None:
+    def _drain_once(self) -> bool:
+        """One pass of the drain thread; False when the log is closed and empty."""
         ring = self._ring
-        while True:
+        with self._lock:
+            pending = ring.written - ring.read
+            urgent = (pending >= self._wake_at or self._stopping
+                      or (self._flush_target > self._persisted
+                          and (pending > 0 or self._delivered >= self._flush_target)))
+            if not urgent:
+                self._drain_idle = True
+                self._work.wait(0.0005 if self._cuda_waiting else self._drain_interval)
+                self._drain_idle = False
+            segs, upto = ring.take()
+            tables = self._tables_pending
+            self._tables_pending = []
+            details = self._details_pending
+            self._details_pending = {}
+            flush_target = self._flush_target
+            stopping = self._stopping
+            cuda_rings = list(self._cuda_rings.values())
+        t0 = time.perf_counter_ns()
+        waiting = False
+        flushed = None
+        try:
+            self._sink_call("write_tables", tables)
+            self._sink_call("write_details", sorted(details.items()))
+            self._take_segments(segs)
+            for cr in cuda_rings:
+                chunks, still = cr.collect()
+                waiting |= still
+                for first, recs in chunks:
+                    self._arrive(first, recs, owned=True)
+            if self._delivered >= flush_target:
+                if self._sink_call("flush"):
+                    flushed = self._delivered
+        except BaseException as e:   # a bug or a failing CUDA runtime: report it, never hang emitters
             with self._lock:
-                pending = ring.written - ring.read
-                urgent = (pending >= self._wake_at or self._stopping
-                          or (self._flush_target > self._persisted
-                              and (pending > 0 or self._delivered >= self._flush_target)))
-                if not urgent:
-                    self._drain_idle = True
-                    self._work.wait(0.0005 if self._cuda_waiting else self._drain_interval)
-                    self._drain_idle = False
-                segs, upto = ring.take()
-                tables = self._tables_pending
-                self._tables_pending = []
-                details = self._details_pending
-                self._details_pending = {}
-                flush_target = self._flush_target
-                stopping = self._stopping
-                cuda_rings = list(self._cuda_rings.values())
-            t0 = time.perf_counter_ns()
-            waiting = False
-            flushed = None
-            try:
-                self._sink_call("write_tables", tables)
-                self._sink_call("write_details", sorted(details.items()))
-                self._take_segments(segs)
-                for cr in cuda_rings:
-                    chunks, still = cr.collect()
-                    waiting |= still
-                    for first, recs in chunks:
-                        self._arrive(first, recs, owned=True)
-                if self._delivered >= flush_target:
-                    if self._sink_call("flush"):
-                        flushed = self._delivered
-            except BaseException as e:   # a bug or a failing CUDA runtime: report it, never hang emitters
-                with self._lock:
-                    if self._error is None:
-                        self._error = e
-                self._logger.error("audit drain failed: %r", e)
-            self._drain_busy_ns += time.perf_counter_ns() - t0
-            with self._lock:
-                ring.release(upto)
-                self._cuda_waiting = waiting
-                if self._sink is None:
-                    self._persisted = self._delivered
-                elif flushed is not None:
-                    self._persisted = max(self._persisted, flushed)
-                first_kept = self._store.first_kept
-                if self._details and next(iter(self._details)) < first_kept:
-                    for no in [k for k in self._details if k < first_kept]:
-                        del self._details[no]
-                self._space.notify_all()
-                self._done.notify_all()
-                if stopping and ring.written == ring.read and self._delivered >= self._next_no:
-                    return
+                if self._error is None:
+                    self._error = e
+            self._logger.error("audit drain failed: %r", e)
+        self._drain_busy_ns += time.perf_counter_ns() - t0
+        with self._lock:
+            ring.release(upto)
+            self._cuda_waiting = waiting
+            if self._sink is None:
+                self._persisted = self._delivered
+            elif flushed is not None:
+                self._persisted = max(self._persisted, flushed)
+            first_kept = self._store.first_kept
+            if self._details and next(iter(self._details)) < first_kept:
+                for no in [k for k in self._details if k < first_kept]:
+                    del self._details[no]
+            self._space.notify_all()
+            self._done.notify_all()
+            if stopping and (self._error is not None
+                             or (ring.written == ring.read and self._delivered >= self._next_no)):
+                return False
+        return True
 
     def _sink_call(self, method: str, *args) -> bool:
         """Call the sink; on failure remember the error (emitters and flush raise it) and go on."""
@@ -555,6 +583,7 @@ class KVAuditLog:
             self._stopping = True
             self._work.notify()
         self._thread.join()
+        _OPEN_LOGS.discard(self)
         if self._sink is not None:
             if err is None and self._error is None:
                 self._sink.close()
