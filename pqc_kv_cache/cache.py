@@ -288,7 +288,13 @@ class EncryptedLayer(CacheLayerMixin):
         view_start = self._start
         if self.is_sliding and self.record_past:
             view_start = max(self._start, self._end - (self.sliding_window - 1 + n))
-        k, v = self._read_from(view_start)
+        try:
+            k, v = self._read_from(view_start)
+        except BaseException:
+            if n:   # the failed update leaves the layer as it was
+                self._keep_segments(np.arange(self.num_segments - 1))
+                self._end -= n
+            raise
         if self.is_sliding and not self.record_past:
             self._set_start(self._end - (self.sliding_window - 1))
         return k, v

@@ -1,0 +1,390 @@
+"""EncryptedCache fails closed: tampering, moved chunks, cross-tenant reorders, closed sessions; no plaintext at rest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pqc_kv_cache.audit import KVAuditLog
+from pqc_kv_cache.cache import EncryptedCache
+from pqc_kv_cache.encryptor import CacheDecryptor
+from pqc_kv_cache.errors import DecryptionError, KVCacheError, SessionClosedError, TenantIsolationError
+from test_cache_support import sessions, tiny_model
+
+H, D = 2, 16   # tiny llama: 2 KV heads, head_dim 64 / 4
+
+
+@pytest.fixture
+def two():
+    return sessions("alice", "bob")
+
+
+def kv(batch, n, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, H, n, D, generator=g).to(dtype), torch.randn(batch, H, n, D, generator=g).to(dtype)
+
+
+def filled(two, audit=None, prefill=6, steps=3, kind="llama"):
+    """A cache with a prefill and ``steps`` one-position updates in both layers; returns (cache, all K, all V)."""
+    cache = EncryptedCache(tiny_model(kind).config, sessions=two, audit=audit)
+    ks, vs = [], []
+    for i, n in enumerate([prefill] + [1] * steps):
+        k, v = kv(2, n, seed=i)
+        for layer in range(2):
+            cache.update(k, v, layer)
+        ks.append(k)
+        vs.append(v)
+    return cache, torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+def read(cache, layer=0):
+    k, v = kv(2, 1, seed=99)
+    return cache.update(k, v, layer)
+
+
+def test_update_returns_the_written_states(two):
+    cache, k, v = filled(two)
+    k_out, v_out = cache.layers[1].update(*kv(2, 1, seed=50))
+    k50, v50 = kv(2, 1, seed=50)
+    assert torch.equal(k_out, torch.cat([k, k50], 2)) and torch.equal(v_out, torch.cat([v, v50], 2))
+
+
+def test_flipped_ciphertext_byte_raises_and_records_failure(two):
+    audit = KVAuditLog()
+    cache, _, _ = filled(two, audit)
+    layer = cache.layers[1]
+    off = int(layer._meta["offset"][2, 1])          # bob's chunk at position 7
+    layer.ciphertext[off + 3] ^= 0x40
+    with pytest.raises(DecryptionError) as exc:
+        read(cache, 1)
+    err = exc.value
+    assert err.tenant_id == "bob" and err.layer_idx == 1 and err.positions == range(7, 8)
+    assert "bob" in str(err) and "layer 1" in str(err)
+    assert not cache._scratch.any(), "no plaintext may be left in the scratch after a failed read"
+    failed = audit.entries(limit=None, operation="decrypt", success=False)
+    assert {e.tenant_id for e in failed} == {"bob"}
+    assert any(e.layer_idx == 1 and e.position == 7 and e.position_count == 1 for e in failed)
+    audit.close()
+
+
+def _swap(arena_a, off_a, arena_b, off_b, n):
+    tmp = arena_a[off_a:off_a + n].clone()
+    arena_a[off_a:off_a + n] = arena_b[off_b:off_b + n]
+    arena_b[off_b:off_b + n] = tmp
+
+
+@pytest.mark.parametrize("what", ["positions", "layers", "tenants"])
+def test_swapped_chunks_fail_authentication(two, what):
+    audit = KVAuditLog()
+    cache, _, _ = filled(two, audit)
+    l0, l1 = cache.layers
+    size = 2 * H * D * 4 + 16          # one-position chunk
+    off = l0._meta["offset"]
+    if what == "positions":            # alice's positions 6 and 7 of layer 0
+        _swap(l0.ciphertext, int(off[1, 0]), l0.ciphertext, int(off[2, 0]), size)
+    elif what == "layers":             # alice's position 6: layer 0 <-> layer 1
+        _swap(l0.ciphertext, int(off[1, 0]), l1.ciphertext, int(l1._meta["offset"][1, 0]), size)
+    else:                              # position 6: alice's row <-> bob's row
+        _swap(l0.ciphertext, int(off[1, 0]), l0.ciphertext, int(off[1, 1]), size)
+    with pytest.raises(DecryptionError):
+        read(cache, 0)
+    assert audit.entries(limit=None, operation="decrypt", success=False)
+    audit.close()
+
+
+def test_metadata_pointing_at_another_tenants_chunk_fails(two):
+    cache, _, _ = filled(two)
+    layer = cache.layers[0]
+    layer._meta["offset"][1, 1] = layer._meta["offset"][1, 0]   # bob's row reads alice's chunk
+    with pytest.raises(DecryptionError) as exc:
+        read(cache, 0)
+    assert exc.value.tenant_id == "bob"
+
+
+def test_no_plaintext_in_any_layer_attribute_after_update(two):
+    cache, k, v = filled(two)
+    needles = [k[r, h, p].numpy().tobytes() for r in range(2) for h in range(H) for p in (0, 5, 8)]
+    needles += [v[r, h, p].numpy().tobytes() for r in range(2) for h in range(H) for p in (0, 5, 8)]
+
+    def blobs(obj, depth=0):
+        if isinstance(obj, torch.Tensor):
+            yield obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        elif isinstance(obj, np.ndarray):
+            yield obj.tobytes()
+        elif isinstance(obj, (bytes, bytearray)):
+            yield bytes(obj)
+        elif isinstance(obj, dict) and depth < 3:
+            for x in obj.values():
+                yield from blobs(x, depth + 1)
+        elif isinstance(obj, (list, tuple)) and depth < 3:
+            for x in obj:
+                yield from blobs(x, depth + 1)
+
+    for layer in cache.layers:
+        assert layer.keys is None and layer.values is None
+        for name, value in vars(layer).items():
+            for blob in blobs(value):
+                assert not any(n in blob for n in needles), f"plaintext found in layer attribute {name}"
+
+
+def test_reorder_across_tenants_is_refused_and_recorded(two):
+    audit = KVAuditLog()
+    cache, _, _ = filled(two, audit)
+    before = {f: a.copy() for f, a in cache.layers[0]._meta.items()}
+    with pytest.raises(TenantIsolationError):
+        cache.reorder_cache(torch.tensor([1, 1]))
+    assert all(np.array_equal(before[f], cache.layers[0]._meta[f]) for f in before)
+    viol = audit.entries(limit=None, operation="isolation-violation")
+    assert viol and not viol[0].success
+    audit.close()
+
+
+def test_reorder_within_a_session_needs_no_reencryption():
+    (s,) = sessions("solo")
+    cache, k, v = filled([s])
+    counters = cache.layers[0]._meta["counter"].copy()
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert np.array_equal(cache.layers[0]._meta["counter"], counters[:, [1, 1]])
+    k_out, _ = read(cache, 0)
+    assert torch.equal(k_out[0, :, :9], k[1]) and torch.equal(k_out[1, :, :9], k[1])
+
+
+def test_export_entries_open_with_the_right_session_only(two):
+    alice, bob = two
+    cache, k, v = filled(two)
+    entries = cache.export_entries(1, 0)
+    assert [e.metadata.position for e in entries] == [0, 6, 7, 8]
+    dec = CacheDecryptor(alice)
+    first = dec.decrypt(entries[0])
+    assert first.key_tensor_bytes == k[0, :, :6].contiguous().numpy().tobytes()
+    assert first.value_tensor_bytes == v[0, :, :6].contiguous().numpy().tobytes()
+    with pytest.raises(TenantIsolationError):
+        CacheDecryptor(bob).decrypt(entries[1])
+    for e in entries:
+        plain = AESGCM(alice.key_for_epoch(e.epoch)).decrypt(e.nonce, e.ciphertext, e.aad())
+        assert len(plain) == e.plaintext_size
+    assert cache.export_entries(1, 1)[0].metadata.tenant_id == "bob"
+    with pytest.raises(IndexError):
+        cache.export_entries(1, 2)
+
+
+def test_closing_a_session_shreds_its_rows_and_is_recorded(two):
+    alice, bob = two
+    audit = KVAuditLog()
+    cache, _, _ = filled(two, audit)
+    bob_offsets = cache.layers[0]._meta["offset"][:, 1]
+    bob.close()
+    layer = cache.layers[0]
+    assert not any(layer.ciphertext[int(o):int(o) + 16].any() for o in bob_offsets)
+    with pytest.raises(SessionClosedError):
+        read(cache, 0)
+    closes = audit.entries(limit=None, operation="close", tenant_id="bob")
+    assert {e.layer_idx for e in closes} == {0, 1}
+    # the closed row can be dropped; the other tenant carries on
+    cache.batch_select_indices(torch.tensor([0]))
+    k_out, _ = cache.update(*kv(1, 1, seed=7), 0)
+    assert k_out.shape == (1, H, 10, D)      # the refused update above added nothing
+    audit.close()
+
+
+def test_rows_and_sessions_must_agree():
+    model = tiny_model("llama")
+    cache = EncryptedCache(model.config, sessions=sessions("a", "b", "c"))
+    with pytest.raises(ValueError, match="multiple"):
+        cache.update(*kv(2, 3), 0)
+
+
+def test_bad_constructor_arguments_raise_clear_errors(two):
+    from transformers import LlamaConfig, T5Config
+    with pytest.raises(TypeError):
+        EncryptedCache(tiny_model("llama").config, sessions=["alice"])
+    with pytest.raises(TypeError):
+        EncryptedCache(tiny_model("llama").config, sessions=[])
+    with pytest.raises(TypeError):
+        EncryptedCache({"layers": 2}, sessions=two)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        EncryptedCache(T5Config(num_layers=1, d_model=16, d_kv=4, num_heads=2, d_ff=32), sessions=two)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      layer_types=["full_attention", "linear_attention"])
+    with pytest.raises(ValueError, match="linear_attention"):
+        EncryptedCache(cfg, sessions=two)
+
+
+def test_bad_update_inputs_raise_clear_errors(two):
+    cache, _, _ = filled(two)
+    k, v = kv(2, 1)
+    with pytest.raises(ValueError):
+        cache.update(k, v[:, :, :, :8], 0)
+    with pytest.raises(ValueError):
+        cache.update(k[:1], v[:1], 0)
+    with pytest.raises(ValueError):
+        cache.update(k.double(), v.double(), 0)
+    with pytest.raises(TypeError):
+        cache.layers[0].crop(1.5)
+    with pytest.raises(ValueError):
+        cache.crop(2)
+    with pytest.raises(ValueError):
+        cache.reorder_cache(torch.tensor([0]))
+
+
+def test_expired_session_is_refused(clock):
+    from pqc_kv_cache.session import TenantIdentity, establish_tenant_session
+    s = establish_tenant_session(TenantIdentity("late"), ttl_seconds=10, clock=clock)
+    cache = EncryptedCache(tiny_model("llama").config, sessions=s)
+    cache.update(*kv(1, 2), 0)
+    clock.advance(11)
+    with pytest.raises(KVCacheError):
+        cache.update(*kv(1, 1), 0)
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("update"), st.integers(1, 4)),
+    st.tuples(st.just("crop"), st.integers(1, 3)),
+    st.tuples(st.just("rotate"), st.sampled_from(["alice", "bob"])),
+    st.tuples(st.just("reorder"), st.integers(0, 1)),
+), min_size=3, max_size=10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=OPS)
+def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(ops):
+    two = sessions("alice", "bob")
+    model_cfg = tiny_model("llama").config
+    cache = EncryptedCache(model_cfg, sessions=[two[0], two[0], two[1], two[1]])   # rows 0,1 alice; 2,3 bob
+    seen: dict[tuple, tuple] = {}
+    step = 0
+
+    def record():
+        for li in range(2):
+            for row in range(4):
+                for e in cache.export_entries(li, row):
+                    key = (e.metadata.session_id, e.epoch, e.sequence_number)
+                    val = (e.aad(), e.ciphertext)
+                    assert seen.setdefault(key, val) == val, f"(key, nonce) reused: {key}"
+
+    cache.update(*kv(4, 5), 0)
+    cache.update(*kv(4, 5), 1)
+    record()
+    for op, arg in ops:
+        step += 1
+        if op == "update":
+            k, v = kv(4, arg, seed=step)
+            cache.update(k, v, 0)
+            cache.update(k, v, 1)
+        elif op == "crop":
+            cache.crop(-arg)
+        elif op == "rotate":
+            cache.rotate(arg)
+        else:
+            cache.reorder_cache(torch.tensor([arg, arg, 2 + arg, 2 + arg]))
+        record()
+
+
+def _apply(cache, op, arg, step, batch):
+    if op == "update":
+        k, v = kv(batch, arg, seed=step)
+        return [cache.update(k, v, i) for i in range(2)]
+    if op == "crop":
+        cache.crop(-arg)
+    elif op == "crop0":
+        cache.crop(0)
+    elif op == "reorder":
+        cache.reorder_cache(torch.tensor(arg))
+    return None
+
+
+LAYER_OPS = st.lists(st.one_of(
+    st.tuples(st.just("update"), st.integers(1, 5)),
+    st.tuples(st.just("crop"), st.integers(1, 4)),
+    st.tuples(st.just("crop0"), st.just(0)),
+    st.tuples(st.just("reorder"), st.lists(st.integers(0, 2), min_size=3, max_size=3)),
+), min_size=2, max_size=12)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@settings(max_examples=30, deadline=None)
+@given(ops=LAYER_OPS, record_past=st.booleans())
+def test_layer_states_match_dynamic_cache_under_any_op_sequence(kind, ops, record_past):
+    from transformers import DynamicCache
+    (s,) = sessions("solo")
+    cfg = tiny_model(kind).config
+    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=s)
+    if record_past:
+        ref.activate_past_recording()
+        enc.activate_past_recording()
+    for step, (op, arg) in enumerate([("update", 6)] + ops):
+        if op.startswith("crop") and kind == "mistral" and ref.layers[0].is_initialized:
+            layer = ref.layers[0]
+            if layer.cumulative_length < 8 and layer.keys.shape[-2] != layer.cumulative_length:
+                # DynamicSlidingWindowLayer then resets cumulative_length to the stored count, losing the
+                # absolute position; EncryptedLayer keeps absolute positions (they are bound into the AAD)
+                break
+        try:
+            want = _apply(ref, op, arg, step, 3)
+        except (RuntimeError, ValueError) as exc:
+            with pytest.raises(ValueError):
+                _apply(enc, op, arg, step, 3)
+            continue
+        got = _apply(enc, op, arg, step, 3)
+        if want is not None:
+            for (wk, wv), (gk, gv) in zip(want, got):
+                assert torch.equal(wk, gk) and torch.equal(wv, gv)
+        for i in range(2):
+            assert ref.get_seq_length(i) == enc.get_seq_length(i)
+            assert ref.get_mask_sizes(3, i) == enc.get_mask_sizes(3, i)
+
+
+def test_sliding_crop_past_window_without_recording_is_refused(two):
+    cache = EncryptedCache(tiny_model("mistral").config, sessions=two)
+    cache.update(*kv(2, 10), 0)
+    with pytest.raises(ValueError, match="activate_past_recording"):
+        cache.layers[0].crop(-1)
+
+
+def test_batch_repeat_interleave_and_select_follow_dynamic_cache(two):
+    from transformers import DynamicCache
+    cfg = tiny_model("llama").config
+    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=two)
+    for c in (ref, enc):
+        c.update(*kv(2, 4), 0)
+        c.batch_repeat_interleave(2)
+    assert [s.tenant_id for s in enc.layers[0].row_sessions] == ["alice", "alice", "bob", "bob"]
+    for c in (ref, enc):
+        c.batch_select_indices(torch.tensor([0, 3]))
+    want = ref.update(*kv(2, 1, seed=3), 0)
+    got = enc.update(*kv(2, 1, seed=3), 0)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    assert [s.tenant_id for s in enc.layers[0].row_sessions] == ["alice", "bob"]
+
+
+def test_reset_forgets_everything_and_starts_again(two):
+    cache, _, _ = filled(two)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not cache.layers[0].is_initialized
+    k, v = kv(2, 3, seed=5)
+    k_out, v_out = cache.update(k, v, 0)
+    assert torch.equal(k_out, k) and torch.equal(v_out, v)
+
+
+def test_offload_and_prefetch_keep_the_layer_readable(two):
+    cache, k, _ = filled(two)
+    layer = cache.layers[0]
+    layer.offload()
+    layer.prefetch()
+    k_out, _ = read(cache, 0)
+    assert torch.equal(k_out[:, :, :9], k)
+
+
+def test_arena_reclaims_dead_bytes(two):
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two)
+    layer = cache.layers[0]
+    for i in range(60):
+        cache.update(*kv(2, 4, seed=i), 0)
+        cache.layers[0].crop(-4)
+    # every update is cropped away again: the arena must not grow with the number of updates
+    assert layer._arena.numel() <= 1 << 16
+    assert layer.get_seq_length() == 0
