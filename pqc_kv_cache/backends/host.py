@@ -83,6 +83,8 @@ def _check_keys(keys: Sequence[KeySlot], slot: np.ndarray) -> None:
             raise TypeError(f"keys must be KeySlot objects, got {type(k).__name__}")
         if len(k.key) != 32:
             raise ValueError("a KeySlot key must be 32 bytes (AES-256)")
+        if not 0 <= k.epoch <= 0xFFFFFFFF or len(k.tenant_tag) != 16 or len(k.session_tag) != 16:
+            raise ValueError("a KeySlot needs a 32-bit epoch and 16-byte tenant and session tags")
     if slot.size and int(slot.max()) >= len(keys):
         raise ValueError(f"chunk slot {int(slot.max())} has no key (only {len(keys)} given)")
 
@@ -105,6 +107,8 @@ def chunk_aads(keys: Sequence[KeySlot], layout: ChunkLayout, slot, pos_start, po
         tmpl["epoch"][i] = k.epoch
     rec = tmpl[slot]
     pc = np.asarray(pos_count, dtype=np.int64)
+    if pc.size and int(pc.max()) * (layout.bytes_per_position // 2) > 0xFFFFFFFF:
+        raise ValueError("a chunk's K length does not fit the 32-bit AAD field: use smaller chunks")
     rec["pos_start"] = np.asarray(pos_start, dtype=np.int64)
     rec["pos_count"] = pc
     rec["key_len"] = pc * (layout.bytes_per_position // 2)
@@ -139,6 +143,7 @@ class HostBackend(CryptoBackend):
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.threads = threads
+        self.parallel_min_bytes = _PARALLEL_MIN_BYTES
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pqc-kv-host") if threads > 1 else None
 
     @classmethod
@@ -192,7 +197,7 @@ class HostBackend(CryptoBackend):
 
     def _run(self, fn, n: int, total_bytes: int) -> None:
         """Run ``fn(lo, hi)`` over [0, n), split over the pool when the call is large."""
-        if self._pool is None or n < 2 or total_bytes < _PARALLEL_MIN_BYTES:
+        if self._pool is None or n < 2 or total_bytes < self.parallel_min_bytes:
             fn(0, n)
             return
         parts = min(self.threads, n)
