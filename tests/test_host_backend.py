@@ -165,7 +165,7 @@ def test_select_backend_gives_the_host_backend_on_cpu():
 
 
 @settings(max_examples=60, deadline=None)
-@given(epoch=st.integers(0, 2**32 - 1), layer=st.integers(0, 2**32 - 1), start=st.integers(0, 2**63),
+@given(epoch=st.integers(0, 2**32 - 1), layer=st.integers(0, 2**32 - 1), start=st.integers(0, 2**63 - 1),
        count=st.integers(1, 2**20), counter=st.integers(0, 2**63 - 1), heads=st.integers(1, 64),
        dim=st.integers(1, 256), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        tenant=st.text(min_size=1, max_size=12), session=st.text(min_size=1, max_size=12))
