@@ -18,13 +18,30 @@ __all__ = ["ColumnarStore", "COLUMNS"]
 COLUMNS = tuple(n for n in RECORD_DTYPE.names if n != "flags")
 
 
+# Widest columns first, so every column of a block's single buffer is aligned.
+_ORDER = sorted(COLUMNS, key=lambda name: -RECORD_DTYPE[name].itemsize)
+_ROW_BYTES = sum(RECORD_DTYPE[name].itemsize for name in COLUMNS)
+
+
 class _Block:
-    __slots__ = ("first_no", "n", "cols")
+    """Columns of ``size`` records carved from one buffer (one allocation per block).
+
+    The store keeps one evicted block to reuse, so a log at its
+    ``max_entries`` bound stops allocating.
+    """
+
+    __slots__ = ("first_no", "n", "cols", "buf")
 
     def __init__(self, first_no: int, size: int):
         self.first_no = first_no
         self.n = 0
-        self.cols = {name: np.empty(size, dtype=RECORD_DTYPE[name]) for name in COLUMNS}
+        self.buf = np.empty(size * _ROW_BYTES, dtype=np.uint8)
+        self.cols = {}
+        off = 0
+        for name in _ORDER:
+            dt = RECORD_DTYPE[name]
+            self.cols[name] = self.buf[off:off + size * dt.itemsize].view(dt)
+            off += size * dt.itemsize
 
 
 class ColumnarStore:
@@ -36,6 +53,7 @@ class ColumnarStore:
         self.max_entries = max_entries
         self.block_records = max(1, min(block_records, max_entries))
         self.blocks: list[_Block] = []
+        self._spare: _Block | None = None   # an evicted block, reused for the next one
         self.first_kept = 0   # record number of the oldest record in memory
         self.next_no = 0      # record number the next appended record must have
         self.evicted = 0
@@ -55,7 +73,13 @@ class ColumnarStore:
         done = 0
         while done < n:
             if not self.blocks or self.blocks[-1].n == self.block_records:
-                self.blocks.append(_Block(self.next_no, self.block_records))
+                b = self._spare
+                if b is None:
+                    b = _Block(self.next_no, self.block_records)
+                else:
+                    self._spare = None
+                    b.first_no, b.n = self.next_no, 0
+                self.blocks.append(b)
             b = self.blocks[-1]
             k = min(n - done, self.block_records - b.n)
             part = recs[done:done + k]
@@ -69,7 +93,7 @@ class ColumnarStore:
             self.first_kept += over
             self.evicted += over
             while self.blocks and self.blocks[0].first_no + self.blocks[0].n <= self.first_kept:
-                self.blocks.pop(0)
+                self._spare = self.blocks.pop(0)
 
     def select(self, *, limit: int | None, newest_first: bool, tenant_idx=None, session_idx=None,
                op=None, layer=None, position=None, success=None, since_ns=None) -> list[tuple[_Block, int]]:
