@@ -39,7 +39,7 @@ template <class IO>
 pqc_u128 run_lanes(const pqc_key_sched* ks, const pqc_u128* gtab, const pqc_gcm_msg& msg, const IO& io,
                    bool encrypt, uint32_t lanes) {
     pqc_u128 g = {0ull, 0ull};
-    for (uint32_t t = 0; t < lanes; ++t) g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->hpow, gtab, msg, io, encrypt, t, lanes));
+    for (uint32_t t = 0; t < lanes; ++t) g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, msg, io, encrypt, t, lanes));
     return g;
 }
 
@@ -80,13 +80,21 @@ static void store_u128(uint8_t* p, pqc_u128 v) {
     pqc_store_be64(p + 8, v.lo);
 }
 
-// out = a * b in GF(2^128), GCM bit order; table != 0 uses the 4-bit table of b.
-int pqc_host_gf_mul(const uint8_t* a, const uint8_t* b, uint8_t* out, int table) {
+// out = a * b in GF(2^128), GCM bit order. method 0: bitwise; 1: the 512-entry
+// 4-bit table of b (Horner step); 2: the 16-entry table of b (lane's final multiply).
+int pqc_host_gf_mul(const uint8_t* a, const uint8_t* b, uint8_t* out, int method) {
     pqc_u128 x = load_u128(a), y = load_u128(b);
-    if (!table) {
+    if (method == 0) {
         store_u128(out, pqc_gf_mul(x, y));
         return 0;
     }
+    if (method == 2) {
+        pqc_u128 m[16];
+        pqc_shoup_table(y, m);
+        store_u128(out, pqc_gf_mul_shoup(x, m));
+        return 0;
+    }
+    if (method != 1) return PQC_HOST_EARG;
     pqc_u128 vtab[128], gtab[PQC_GHASH_TAB_ENTRIES];
     for (int k = 0; k < 128; ++k) {
         vtab[k] = y;

@@ -55,14 +55,16 @@ struct pqc_u128 {
 };
 
 // Per-key material, prepared once per (key, lanes): AES round keys, the powers
-// H^1..H^lanes of the hash key, and H^lanes * x^k for k = 0..127 (from which the
-// 4-bit multiplication table for the Horner step is built).
+// H^1..H^256 of the hash key, H^lanes * x^k for k = 0..127 (from which the
+// 4-bit table of the Horner step is built), and for each lane t the 16-entry
+// (Shoup) table of H^(lanes - t), its final multiplier.
 struct pqc_key_sched {
     uint32_t rk[PQC_AES256_ROUND_KEYS];
     uint32_t lanes;
     uint32_t pad_[3];
-    pqc_u128 hpow[PQC_MAX_LANES];  // hpow[e-1] = H^e
-    pqc_u128 vtab[128];            // H^lanes * x^k
+    pqc_u128 hpow[PQC_MAX_LANES];            // hpow[e-1] = H^e
+    pqc_u128 vtab[128];                      // H^lanes * x^k
+    pqc_u128 lane_tab[PQC_MAX_LANES * 16];   // [t * 16 + n]: H^(lanes - t) * nibble n
 };
 
 // Per-key-slot AAD and audit metadata.
@@ -282,6 +284,45 @@ PQC_HD pqc_u128 pqc_gf_mul_tab(pqc_u128 x, const pqc_u128* tab) {
     return z;
 }
 
+// 16-entry table of Y for pqc_gf_mul_shoup: m[n] = Y times the nibble n placed at
+// bits 0..3 (bit 0 = the nibble's MSB).
+PQC_HD void pqc_shoup_table(pqc_u128 y, pqc_u128 m[16]) {
+    pqc_u128 p[4];
+    p[0] = y;
+    for (int b = 1; b < 4; ++b) p[b] = pqc_gf_mulx(p[b - 1]);
+    for (int n = 0; n < 16; ++n) {
+        pqc_u128 r = {0ull, 0ull};
+        for (int b = 0; b < 4; ++b) {
+            uint64_t msk = 0ull - (uint64_t)((n >> (3 - b)) & 1);
+            r.hi ^= p[b].hi & msk;
+            r.lo ^= p[b].lo & msk;
+        }
+        m[n] = r;
+    }
+}
+
+// z * x^4: the four bits that leave the low end come back reduced, bit j (the
+// coefficient of x^(127-j)) as (x^7 + x^2 + x + 1) x^(3-j).
+PQC_HD pqc_u128 pqc_gf_mulx4(pqc_u128 z) {
+    const uint64_t r = z.lo & 15ull;
+    pqc_u128 o;
+    o.lo = (z.lo >> 4) | (z.hi << 60);
+    o.hi = z.hi >> 4;
+    for (int j = 0; j < 4; ++j) o.hi ^= (0xE100000000000000ull >> (3 - j)) & (0ull - ((r >> j) & 1ull));
+    return o;
+}
+
+// x * Y with the 16-entry table of Y (Horner over the 32 nibbles of x, last first).
+PQC_HD pqc_u128 pqc_gf_mul_shoup(pqc_u128 x, const pqc_u128* m) {
+    pqc_u128 z = {0ull, 0ull};
+    for (int i = 31; i >= 0; --i) {
+        const uint64_t w = i < 16 ? x.hi : x.lo;
+        const int nib = (int)((w >> (60 - 4 * (i & 15))) & 15ull);
+        z = pqc_u128_xor(pqc_gf_mulx4(z), m[nib]);
+    }
+    return z;
+}
+
 // ------------------------------------------------------- key preparation
 
 // Round keys, H = E_K(0^128), H^1..H^lanes and vtab for H^lanes (sequential; once per key).
@@ -299,6 +340,13 @@ PQC_HD void pqc_prepare_key(const TE& te, const uint8_t key[32], uint32_t lanes,
     for (int k = 0; k < 128; ++k) {
         ks->vtab[k] = v;
         v = pqc_gf_mulx(v);
+    }
+    for (uint32_t t = 0; t < PQC_MAX_LANES; ++t) {
+        if (t < lanes) {
+            pqc_shoup_table(ks->hpow[lanes - 1 - t], ks->lane_tab + 16 * t);
+        } else {
+            for (int n = 0; n < 16; ++n) ks->lane_tab[16 * t + n].hi = ks->lane_tab[16 * t + n].lo = 0ull;
+        }
     }
 }
 
@@ -486,11 +534,12 @@ struct pqc_gcm_msg {
     uint64_t nbytes;
 };
 
-// Lane t of `lanes` (rk: round keys; hpow[e-1] = H^e): CTR-encrypts (encrypt=true) or -decrypts its data blocks
-// through io and returns its partial GHASH (already multiplied by H^(lanes-t)).
+// Lane t of `lanes` (rk: round keys; lane_tab: pqc_key_sched::lane_tab): CTR-encrypts (encrypt=true) or -decrypts its data blocks
+// through io and returns its partial GHASH (already multiplied by H^(lanes-t), with
+// the lane's 16-entry table).
 // gtab is the 4-bit table of H^lanes (PQC_GHASH_TAB_ENTRIES entries).
 template <class TE, class IO>
-PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const uint32_t* rk, const pqc_u128* hpow, const pqc_u128* gtab,
+PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const uint32_t* rk, const pqc_u128* lane_tab, const pqc_u128* gtab,
                              const pqc_gcm_msg& msg, const IO& io, bool encrypt,
                              uint32_t t, uint32_t lanes) {
     const uint64_t a = ((uint64_t)msg.aad_len + 15ull) >> 4;
@@ -540,7 +589,7 @@ PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const uint32_t* rk, const pqc_u128* h
         }
         acc = pqc_u128_xor(pqc_gf_mul_tab(acc, gtab), x);
     }
-    return pqc_gf_mul(acc, hpow[lanes - 1 - t]);
+    return pqc_gf_mul_shoup(acc, lane_tab + 16 * t);
 }
 
 // The tag: E_K(nonce || 1) XOR GHASH, as 16 bytes.

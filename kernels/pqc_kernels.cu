@@ -4,7 +4,7 @@
 //   * pqc_prepare_keys:      grid = number of key slots, block = 256.
 //   * pqc_encrypt_chunks,
 //     pqc_decrypt_chunks:    block = PQC_LANES (256) threads, grid = min(n,
-//                            SMs x CTAs per SM); each CTA walks chunks
+//                            SMs x 4); each CTA walks chunks
 //                            blockIdx.x, blockIdx.x + gridDim.x, ... so the
 //                            shared tables are filled once per CTA, not per chunk.
 //   * pqc_decrypt_row_records: one thread per row descriptor, 128 per block.
@@ -18,7 +18,8 @@
 // that copy l sits in bank l (entry x of copy l at word 32x + l); lane l of a
 // warp reads only copy l, so the 16 data-dependent lookups per round never
 // conflict. 32 KiB per CTA. The GHASH Horner step uses a 4-bit table of H^256
-// (512 x 16 B = 8 KiB, rebuilt when the CTA's key slot changes).
+// (512 x 16 B = 8 KiB, rebuilt when the CTA's key slot changes); each lane's final
+// multiply by H^(256 - t) uses its own 16-entry table from the key schedule.
 //
 // Tensor layout: K/V sources (encrypt) and destinations (decrypt) are
 // [batch, heads, seq, dim] with any byte strides for batch, head and seq and a
@@ -90,13 +91,12 @@ __device__ __forceinline__ pqc_u128 pqc_cta_xor(pqc_u128 v, pqc_u128* red) {
     return s;
 }
 
-// Loads the per-slot round keys, H powers and the Horner table into shared memory.
-__device__ __forceinline__ void pqc_load_slot(const pqc_key_sched* ks, uint32_t* rk_s, pqc_u128* hpow_s,
-                                              pqc_u128* gtab_s) {
+// Loads the per-slot round keys and the Horner table into shared memory (each lane's
+// final-multiply table stays in global memory: 256 B per lane, read 32 times per chunk).
+__device__ __forceinline__ void pqc_load_slot(const pqc_key_sched* ks, uint32_t* rk_s, pqc_u128* gtab_s) {
     __syncthreads();
     for (int e = threadIdx.x; e < PQC_GHASH_TAB_ENTRIES; e += PQC_LANES) gtab_s[e] = pqc_ghash_tab_entry(ks->vtab, e);
     for (int e = threadIdx.x; e < PQC_AES256_ROUND_KEYS; e += PQC_LANES) rk_s[e] = ks->rk[e];
-    hpow_s[threadIdx.x] = ks->hpow[threadIdx.x];
     __syncthreads();
 }
 
@@ -120,7 +120,6 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_encrypt_chunks(
     uint8_t* arena, uint8_t* records, unsigned long long first_no) {
     __shared__ uint32_t te_s[256 * 32];
     __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
-    __shared__ pqc_u128 hpow_s[PQC_LANES];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     pqc_fill_te_lanes(te_s);
@@ -133,13 +132,13 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_encrypt_chunks(
         pqc_chunk c;
         pqc_chunk_setup(tab, n, i, meta, L, kt, vt, &c);
         if (c.slot != cur_slot) {  // uniform across the CTA
-            pqc_load_slot(sched + c.slot, rk_s, hpow_s, gtab_s);
+            pqc_load_slot(sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
         uint8_t* ct = arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
         pqc_io_kv_to_arena io = {c.kv, ct, ct_aligned};
-        pqc_u128 g = pqc_gcm_lane(te, rk_s, hpow_s, gtab_s, c.msg, io, true, threadIdx.x, PQC_LANES);
+        pqc_u128 g = pqc_gcm_lane(te, rk_s, sched[c.slot].lane_tab, gtab_s, c.msg, io, true, threadIdx.x, PQC_LANES);
         g = pqc_cta_xor(g, red_s);
         if (threadIdx.x == 0) pqc_gcm_tag(te, rk_s, c.msg.nonce_w, g, ct + c.nbytes);
         if (records != nullptr) {
@@ -178,7 +177,6 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_decrypt_chunks(
     uint8_t* status, uint8_t* records, uint8_t* fq, unsigned* fq_count, unsigned fq_cap, unsigned call_tag) {
     __shared__ uint32_t te_s[256 * 32];
     __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
-    __shared__ pqc_u128 hpow_s[PQC_LANES];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int ok_s;
@@ -192,13 +190,13 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_decrypt_chunks(
         pqc_chunk c;
         pqc_chunk_setup(tab, n, i, meta, L, kt, vt, &c);
         if (c.slot != cur_slot) {
-            pqc_load_slot(sched + c.slot, rk_s, hpow_s, gtab_s);
+            pqc_load_slot(sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
         const uint8_t* ct = arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
         pqc_io_arena_to_kv io = {c.kv, ct, ct_aligned};
-        pqc_u128 g = pqc_gcm_lane(te, rk_s, hpow_s, gtab_s, c.msg, io, false, threadIdx.x, PQC_LANES);
+        pqc_u128 g = pqc_gcm_lane(te, rk_s, sched[c.slot].lane_tab, gtab_s, c.msg, io, false, threadIdx.x, PQC_LANES);
         g = pqc_cta_xor(g, red_s);
         if (threadIdx.x == 0) {
             uint8_t tag[16];

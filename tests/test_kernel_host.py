@@ -55,15 +55,19 @@ def _gf_mul_ref(a: bytes, b: bytes) -> bytes:
     return z.to_bytes(16, "big")
 
 
-def test_gf_mul_bitwise_and_table_match_reference():
+@pytest.mark.parametrize("method", ["bitwise", "table", "shoup"])
+def test_gf_mul_methods_match_reference(method):
     one = bytes([0x80]) + bytes(15)
     for _ in range(100):
         a, b = rbytes(16), rbytes(16)
-        ref = _gf_mul_ref(a, b)
-        assert kh.gf_mul(a, b) == ref
-        assert kh.gf_mul(a, b, table=True) == ref
+        assert kh.gf_mul(a, b, method=method) == _gf_mul_ref(a, b)
+    # the low bits, where the reduction happens
+    low = bytes(15) + bytes([0x0F])
+    assert kh.gf_mul(low, low, method=method) == _gf_mul_ref(low, low)
     a = rbytes(16)
-    assert kh.gf_mul(a, one) == a and kh.gf_mul(a, one, table=True) == a
+    assert kh.gf_mul(a, one, method=method) == a
+    with pytest.raises(ValueError):
+        kh.gf_mul(a, one, method="karatsuba")
 
 
 def test_ct_equal_rejects_every_single_bit_flip_of_a_tag():

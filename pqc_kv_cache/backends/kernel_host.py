@@ -19,7 +19,7 @@ Public API (bytes in, bytes out; a bad tag raises :class:`DecryptionError`):
 - ``gcm_seal_many(keys, nonces, aads, plaintexts, *, lanes=256) -> list[bytes]``
 - ``gcm_open_many(keys, nonces, aads, ciphertexts, *, tag_len=16, lanes=256) -> (list[bytes], status)``
   (status: uint8 array, 0 OK, 1 AUTH_FAILED; failed plaintexts are zeroed)
-- ``aes256_encrypt_block(key, block)``, ``gf_mul(a, b, *, table=False)``, ``ct_equal(a, b)``,
+- ``aes256_encrypt_block(key, block)``, ``gf_mul(a, b, *, method="bitwise")``, ``ct_equal(a, b)``,
   ``sbox(x)``, ``build_aad_v1(...)``: the single primitives
 - ``prepare_keys(keys, *, lanes=256)``: the per-key schedules the chunk entry points take
 - ``encrypt_chunks(...)`` / ``decrypt_chunks(...)``: the kernels' batched chunk work (see
@@ -59,7 +59,7 @@ __all__ = [
 LANES = 256            # threads per CTA of the chunk kernels = GHASH lanes
 RECORD_SIZE = 64
 SLOT_META_SIZE = 48
-SCHED_SIZE = 6400        # sizeof(pqc_key_sched): 60 round keys + lanes + pad, 256 H powers, 128 H^L x^k
+SCHED_SIZE = 71936       # sizeof(pqc_key_sched): round keys, 256 H powers, 128 H^L x^k, 256 lane tables
 TABLE_COLS = 8         # slot,row,pos_start,pos_count,io_start,counter,offset,aux
 ROWDESC_COLS = 6       # row,pos_start,pos_count,counter,slot,nbytes
 _SOURCES = ("host_shim.cpp", "pqc_gcm.cuh", "pqc_audit_record.h")
@@ -238,11 +238,18 @@ def sbox(x: int) -> int:
     return load().pqc_host_sbox(x)
 
 
-def gf_mul(a: bytes, b: bytes, *, table: bool = False) -> bytes:
-    """a * b in GF(2^128) (GCM bit order); ``table`` uses the 4-bit table of b (the Horner step)."""
+_GF_METHODS = {"bitwise": 0, "table": 1, "shoup": 2}
+
+
+def gf_mul(a: bytes, b: bytes, *, method: str = "bitwise") -> bytes:
+    """a * b in GF(2^128) (GCM bit order). ``method``: "bitwise" (reference), "table" (the
+    512-entry 4-bit table of b: the Horner step), "shoup" (the 16-entry table of b: a lane's
+    final multiply)."""
     a, b = _bytes("a", a, 16), _bytes("b", b, 16)
+    if method not in _GF_METHODS:
+        raise ValueError(f"method must be one of {sorted(_GF_METHODS)}, got {method!r}")
     out = ctypes.create_string_buffer(16)
-    _check_rc(load().pqc_host_gf_mul(a, b, out, 1 if table else 0), "gf_mul")
+    _check_rc(load().pqc_host_gf_mul(a, b, out, _GF_METHODS[method]), "gf_mul")
     return out.raw
 
 
