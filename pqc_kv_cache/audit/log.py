@@ -227,30 +227,36 @@ class KVAuditLog:
             return i
 
     # -- hot path -----------------------------------------------------------------
-    def _prepare(self, values: tuple) -> tuple[int, list]:
-        """Check every field value (scalar or 1-D integer array); the common batch length."""
+    def _prepare(self, values: tuple) -> tuple[int, list, list]:
+        """Check every field value (scalar or 1-D integer array).
+
+        Returns the batch length, the scalar values (VALUE_FIELDS order, 0
+        where a field is an array) and the (field index, array) pairs.
+        """
         n = None
-        out = list(values)
+        ints = [0] * len(values)
+        arrays = []
         for k, v in enumerate(values):
             if type(v) is int:
                 if v < 0 or v > _LIMITS[k]:
                     raise ValueError(f"{VALUE_FIELDS[k]}={v} is out of range 0..{_LIMITS[k]}")
+                ints[k] = v
                 continue
             if type(v) is not np.ndarray:
                 if isinstance(v, (int, np.integer)):
                     v = int(v)
                     if v < 0 or v > _LIMITS[k]:
                         raise ValueError(f"{VALUE_FIELDS[k]}={v} is out of range 0..{_LIMITS[k]}")
-                    out[k] = v
+                    ints[k] = v
                     continue
                 try:
                     v = np.asarray(v)
                 except Exception:
                     raise TypeError(f"{VALUE_FIELDS[k]} must be an int or a 1-D integer array") from None
                 if v.ndim == 0 and v.dtype.kind in "iu":
-                    out[k] = int(v)
-                    if not 0 <= out[k] <= _LIMITS[k]:
-                        raise ValueError(f"{VALUE_FIELDS[k]}={out[k]} is out of range 0..{_LIMITS[k]}")
+                    ints[k] = int(v)
+                    if not 0 <= ints[k] <= _LIMITS[k]:
+                        raise ValueError(f"{VALUE_FIELDS[k]}={ints[k]} is out of range 0..{_LIMITS[k]}")
                     continue
             if v.ndim != 1 or v.dtype.kind not in "iu":
                 raise TypeError(f"{VALUE_FIELDS[k]} must be an int or a 1-D integer array, "
@@ -264,13 +270,13 @@ class KVAuditLog:
                 if lo < 0 or hi > _LIMITS[k]:
                     raise ValueError(f"{VALUE_FIELDS[k]} holds {lo if lo < 0 else hi}, "
                                      f"out of range 0..{_LIMITS[k]}")
-            out[k] = v
-        return (1 if n is None else n), out
+            arrays.append((k, v))
+        return (1 if n is None else n), ints, arrays
 
-    def _write(self, op: int, n: int, values, details: str | None = None) -> int:
+    def _write(self, op: int, n: int, ints, arrays, details: str | None = None) -> int:
         """Number ``n`` records and write them into the host ring, waiting for room if full."""
         ring = self._ring
-        tmpl, arrays = ring.layout(op, values, self._clock())
+        pack_args = ring.pack_args(op, ints, self._clock())
         with self._lock:
             if self._closed:
                 raise AuditError("the audit log is closed")
@@ -294,7 +300,7 @@ class KVAuditLog:
                         self._space.wait()
                     continue
                 k = room if room < n - done else n - done
-                ring.write(first, done, k, tmpl, arrays)
+                ring.write(first, done, k, pack_args, arrays)
                 done += k
                 if self._drain_idle and ring.written - ring.read >= self._wake_at:
                     self._work.notify()
@@ -311,9 +317,9 @@ class KVAuditLog:
         op = int(op)
         if op not in _VALID_OPS:
             raise ValueError(f"unknown audit operation code {op}")
-        n, values = self._prepare((tenant_idx, session_idx, layer, row, pos_start, pos_count,
-                                   nonce_counter, epoch, nbytes, status, device_ts_ns))
-        return self._write(op, n, values)
+        n, ints, arrays = self._prepare((tenant_idx, session_idx, layer, row, pos_start, pos_count,
+                                         nonce_counter, epoch, nbytes, status, device_ts_ns))
+        return self._write(op, n, ints, arrays)
 
     def emit_per_position(self, op, *, tenant_idx, session_idx, layer=NONE16, row=NONE16, pos_start=0,
                           pos_count=0, nonce_counter=0, epoch=0, nbytes=0, status=0, device_ts_ns=0) -> int:
@@ -327,8 +333,11 @@ class KVAuditLog:
         op = int(op)
         if op not in _VALID_OPS:
             raise ValueError(f"unknown audit operation code {op}")
-        d, values = self._prepare((tenant_idx, session_idx, layer, row, pos_start, pos_count,
-                                   nonce_counter, epoch, nbytes, status, device_ts_ns))
+        d, ints, arrays = self._prepare((tenant_idx, session_idx, layer, row, pos_start, pos_count,
+                                         nonce_counter, epoch, nbytes, status, device_ts_ns))
+        values = list(ints)
+        for k, v in arrays:
+            values[k] = v
         counts = np.broadcast_to(np.asarray(values[_I_POS_COUNT], dtype=np.int64), (d,))
         starts = np.broadcast_to(np.asarray(values[_I_POS_START], dtype=np.int64), (d,))
         if d and int((starts + counts).max()) > 0x1_0000_0000:
@@ -339,22 +348,22 @@ class KVAuditLog:
                 return self._next_no
         offsets = np.cumsum(counts) - counts
         rank = np.arange(total, dtype=np.int64) - np.repeat(offsets, counts)
-        out = []
+        out_ints = list(ints)
+        out_arrays = []
         for k, v in enumerate(values):
             if k == _I_POS_START:
-                out.append((np.repeat(starts, counts) + rank).astype(np.uint32))
+                out_arrays.append((k, (np.repeat(starts, counts) + rank).astype(np.uint32)))
             elif k == _I_POS_COUNT:
-                out.append(1)
+                out_ints[k] = 1
             elif k == _I_NBYTES:
                 nb = np.broadcast_to(np.asarray(v, dtype=np.int64), (d,))
                 safe = np.maximum(counts, 1)
-                out.append((np.repeat(nb // safe, counts) + (rank < np.repeat(nb % safe, counts)))
-                           .astype(np.uint32))
+                out_arrays.append((k, (np.repeat(nb // safe, counts) + (rank < np.repeat(nb % safe, counts)))
+                                   .astype(np.uint32)))
+                out_ints[k] = 0
             elif type(v) is np.ndarray:
-                out.append(np.repeat(v, counts))
-            else:
-                out.append(v)
-        return self._write(op, total, out)
+                out_arrays.append((k, np.repeat(v, counts)))
+        return self._write(op, total, out_ints, out_arrays)
 
     def cuda_ring(self, device, capacity: int | None = None):
         """The CUDA ring of ``device`` (created on first use); see cuda_ring.CudaAuditRing."""
@@ -387,9 +396,9 @@ class KVAuditLog:
             position_count = 1
         t = self.tenant_index(tenant_id)
         s = self.session_index(session_id, tenant_id)
-        _, values = self._prepare((t, s, layer_idx, row, position, position_count, sequence_number,
-                                   epoch, nbytes, status, 0))
-        return self._write(int(op), 1, values, details)
+        _, ints, arrays = self._prepare((t, s, layer_idx, row, position, position_count, sequence_number,
+                                         epoch, nbytes, status, 0))
+        return self._write(int(op), 1, ints, arrays, details)
 
     def log_encrypt(self, tenant_id, session_id, layer_idx=-1, position=-1, sequence_number=0, success=True,
                     details=None, *, position_count=1, row=None, epoch=0, nbytes=0) -> int:

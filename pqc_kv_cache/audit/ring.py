@@ -67,7 +67,8 @@ class HostRing:
         self._f = {name: self.buf[name] for name in RECORD_DTYPE.names}
         self._f_value = tuple(self._f[name] for name in VALUE_FIELDS)
         self._f_recno = self._f["record_no"]
-        self._slots = self.buf.view(f"V{RECORD_DTYPE.itemsize}")   # whole records as opaque 64-byte items
+        self._slots = self.buf.view(_SLOT)             # whole records as opaque 64-byte items
+        self._mv = memoryview(self.buf.view(np.uint8))
         self.written = 0
         self.read = 0
         self.segments: list[tuple[int, int, int]] = []
@@ -76,33 +77,31 @@ class HostRing:
     def free(self) -> int:
         return self.capacity - (self.written - self.read)
 
-    def layout(self, op: int, values, host_ts: int) -> tuple:
-        """(template, arrays) of a batch: the packed scalar fields, and (field view, array) pairs."""
-        v = [0] * len(VALUE_FIELDS)
-        arrays = []
-        for i, (f, x) in enumerate(zip(self._f_value, values)):
-            if type(x) is int:
-                v[i] = x
-            else:
-                arrays.append((f, x))
-        tmpl = np.frombuffer(_PACK.pack(0, host_ts, v[10], v[6], v[4], v[5], v[0], v[1], v[7], v[8], v[2], v[3],
-                                        op, v[9], 0), dtype=_SLOT)[0]
-        return tmpl, arrays
+    def pack_args(self, op: int, ints, host_ts: int) -> tuple:
+        """Arguments of ``_PACK`` after record_no for a batch whose scalar fields are ``ints``
+        (VALUE_FIELDS order, 0 where the field is array-valued)."""
+        v = ints
+        return (host_ts, v[10], v[6], v[4], v[5], v[0], v[1], v[7], v[8], v[2], v[3], op, v[9], 0)
 
-    def write(self, first_no: int, done: int, k: int, tmpl: np.ndarray, arrays: list) -> None:
+    def write(self, first_no: int, done: int, k: int, pack_args: tuple, arrays: list) -> None:
         """Write records ``done .. done+k`` of a batch (``k <= contiguous_room()``) into the next slots.
 
-        ``tmpl`` is the batch's record template (``template()``), broadcast
-        into every slot in one assignment; ``arrays`` (``array_fields()``) then
-        overwrite the fields that vary per record, and the record numbers are
-        written last.
+        The scalar fields (``pack_args``) are packed once and copied into every
+        slot in one assignment; ``arrays`` — (index into VALUE_FIELDS, array)
+        pairs — then overwrite the fields that vary per record, and the
+        record numbers are written last.  A single record with no arrays is
+        packed straight into its slot.
         """
         s = self.written % self.capacity
         e = s + k
-        self._slots[s:e] = tmpl
-        for f, v in arrays:
-            f[s:e] = v[done:done + k]
-        self._f_recno[s:e] = np.arange(first_no + done, first_no + done + k, dtype=np.uint64)
+        if k == 1 and not arrays:
+            _PACK.pack_into(self._mv, s * _PACK.size, first_no + done, *pack_args)
+        else:
+            self._slots[s:e] = _PACK.pack(0, *pack_args)
+            f_value = self._f_value
+            for i, v in arrays:
+                f_value[i][s:e] = v[done:done + k]
+            self._f_recno[s:e] = np.arange(first_no + done, first_no + done + k, dtype=np.uint64)
         self.segments.append((s, first_no + done, k))
         self.written += k
 
