@@ -346,6 +346,20 @@ class KVAuditLog:
         if total == 0:
             with self._lock:
                 return self._next_no
+        if d == 1:
+            # one descriptor (a whole prefill of one row): positions are a range, the rest stays scalar
+            out_ints = list(values)
+            for k, v in arrays:
+                out_ints[k] = int(v[0])
+            out_arrays = [(_I_POS_START, np.arange(int(starts[0]), int(starts[0]) + total, dtype=np.uint32))]
+            out_ints[_I_POS_START] = 0
+            out_ints[_I_POS_COUNT] = 1
+            base, extra = divmod(out_ints[_I_NBYTES], total)
+            out_ints[_I_NBYTES] = base
+            if extra:
+                out_ints[_I_NBYTES] = 0
+                out_arrays.append((_I_NBYTES, (np.arange(total) < extra).astype(np.uint32) + np.uint32(base)))
+            return self._write(op, total, out_ints, out_arrays)
         offsets = np.cumsum(counts) - counts
         rank = np.arange(total, dtype=np.int64) - np.repeat(offsets, counts)
         out_ints = list(ints)
