@@ -256,16 +256,17 @@ class EncryptedLayer(CacheLayerMixin):
         status = self._backend.decrypt_chunks(keys, self._layout, table, self._arena, k_out, v_out, ctx)
         self._cache._check_status(self, status, table, sub["sess"], (k_out, v_out))
 
-    def _read_from(self, view_start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decrypt every segment that reaches past ``view_start`` into the scratch; views from view_start."""
+    def _read_from(self, view_start: int):
+        """Decrypt every segment that reaches past ``view_start`` into the scratch.
+
+        Returns the scratch views from the first decrypted position (``base``) and base."""
         seg_end = self._seg_start + self._seg_count
         i0 = int(np.searchsorted(seg_end, view_start, side="right"))
         base = int(self._seg_start[i0]) if i0 < self.num_segments else self._end
         k_out, v_out = self._cache._scratch_views(self._batch, self._end - base, self.num_heads,
                                                   self.head_dim, self.dtype, self.device)
         self._open(np.arange(i0, self.num_segments), np.arange(self._batch), k_out, v_out, base)
-        skip = view_start - base
-        return k_out[:, :, skip:, :], v_out[:, :, skip:, :]
+        return k_out, v_out, base
 
     # ---- the Cache API -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -289,15 +290,59 @@ class EncryptedLayer(CacheLayerMixin):
         if self.is_sliding and self.record_past:
             view_start = max(self._start, self._end - (self.sliding_window - 1 + n))
         try:
-            k, v = self._read_from(view_start)
+            k, v, base = self._read_from(view_start)
         except BaseException:
             if n:   # the failed update leaves the layer as it was
                 self._keep_segments(np.arange(self.num_segments - 1))
                 self._end -= n
             raise
+        if n and cache.merge_segments:
+            self._merge_tail(k, v, base)
         if self.is_sliding and not self.record_past:
             self._set_start(self._end - (self.sliding_window - 1))
-        return k, v
+        skip = view_start - base
+        return k[:, :, skip:, :], v[:, :, skip:, :]
+
+    @property
+    def _merge_cap(self) -> int:
+        """Largest segment a merge may build (sliding layers: a quarter window, so little is read beyond it)."""
+        if self.is_sliding:
+            return max(1, self.sliding_window // 4)
+        return self._cache.max_merged_positions
+
+    def _merge_tail(self, k_all: torch.Tensor, v_all: torch.Tensor, base: int) -> None:
+        """Merge trailing segments, binary-counter style (a segment absorbs the ones after it while they
+        add up to no more than itself), re-sealing them as one chunk per row under fresh counters.
+
+        The plaintext comes from the scratch just verified by this update's read. Chunks per row stay
+        O(log positions) instead of one per decoded token; each position is re-sealed O(log) times."""
+        cap = self._merge_cap
+        j = self.num_segments - 1
+        total = int(self._seg_count[j])
+        while j >= 1:
+            prev = int(self._seg_count[j - 1])
+            if prev > total or prev + total > cap or int(self._seg_start[j - 1]) < base:
+                break
+            total += prev
+            j -= 1
+        if j == self.num_segments - 1:
+            return
+        start = int(self._seg_start[j])
+        rows = np.arange(self._batch, dtype=np.int64)
+        c, e, s, o = self._seal(k_all, v_all, rows, rows, np.full(self._batch, start, dtype=np.int64),
+                                np.full(self._batch, total, dtype=np.int64),
+                                np.full(self._batch, start - base, dtype=np.int64), audited=False)
+        self._keep_segments(np.arange(j + 1))
+        self._seg_count[j] = total
+        for f, a in zip(_META, (c, e, s, o)):
+            self._meta[f][j] = a
+        cache = self._cache
+        if cache.audit is not None:
+            tidx, sidx = cache._audit_arrays(self._row_sess)
+            cache.audit.emit(Op.REORDER, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
+                             row=rows.astype(np.uint16), pos_start=start, pos_count=total,
+                             nonce_counter=c.astype(np.uint64), epoch=e.astype(np.uint32),
+                             nbytes=total * self._bpp, status=Status.OK)
 
     def _append_segment(self, start, count, counter, epoch, sess, offset) -> None:
         self._seg_start = np.append(self._seg_start, start)
@@ -543,7 +588,8 @@ class EncryptedCache(Cache):
     """
 
     def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit=None,
-                 policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None):
+                 policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None,
+                 merge_segments: bool = True, max_merged_positions: int = 4096):
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
         if getattr(config, "is_encoder_decoder", False):
@@ -562,6 +608,13 @@ class EncryptedCache(Cache):
             raise TypeError(f"backend must be a CryptoBackend, got {type(backend).__name__}")
         if audit is not None and not (hasattr(audit, "emit") and hasattr(audit, "emit_per_position")):
             raise TypeError("audit must be a KVAuditLog (or None)")
+        if not isinstance(merge_segments, bool):
+            raise TypeError("merge_segments must be a bool")
+        if isinstance(max_merged_positions, bool) or not isinstance(max_merged_positions, int) \
+                or max_merged_positions < 1:
+            raise ValueError(f"max_merged_positions must be a positive int, got {max_merged_positions!r}")
+        self.merge_segments = merge_segments
+        self.max_merged_positions = max_merged_positions
 
         decoder_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder_config)

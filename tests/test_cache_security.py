@@ -28,9 +28,11 @@ def kv(batch, n, seed=0, dtype=torch.float32):
     return torch.randn(batch, H, n, D, generator=g).to(dtype), torch.randn(batch, H, n, D, generator=g).to(dtype)
 
 
-def filled(two, audit=None, prefill=6, steps=3, kind="llama"):
-    """A cache with a prefill and ``steps`` one-position updates in both layers; returns (cache, all K, all V)."""
-    cache = EncryptedCache(tiny_model(kind).config, sessions=two, audit=audit)
+def filled(two, audit=None, prefill=6, steps=3, kind="llama", merge=False):
+    """A cache with a prefill and ``steps`` one-position updates in both layers; returns (cache, all K, all V).
+
+    Without merging, segment i >= 1 is position prefill + i - 1 (the layout the tamper tests rely on)."""
+    cache = EncryptedCache(tiny_model(kind).config, sessions=two, audit=audit, merge_segments=merge)
     ks, vs = [], []
     for i, n in enumerate([prefill] + [1] * steps):
         k, v = kv(2, n, seed=i)
