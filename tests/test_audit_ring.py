@@ -145,3 +145,20 @@ def test_records_reserved_early_and_completed_late_are_delivered_in_record_numbe
 def test_ring_capacity_must_be_positive():
     with pytest.raises(ValueError):
         KVAuditLog(ring_records=0)
+
+
+def test_close_with_a_never_committed_reservation_times_out_and_leaves_the_log_unclosed(tmp_path):
+    from pqc_kv_cache.errors import AuditError
+
+    log = KVAuditLog(path=tmp_path / "a.log", clock=Clock(), fsync=False)
+    dev = DeferredRing(log)
+    log._cuda_rings["deferred"] = dev
+    t = log.tenant_index("a")
+    s = log.session_index("s", "a")
+    log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s)
+    dev.reserve(4)                                   # never completed
+    log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s)
+    with pytest.raises(AuditError, match="not committed"):
+        log.close(timeout=0.05)
+    rep = verify_log(tmp_path / "a.log")
+    assert rep.ok and rep.crash_tail and rep.records == 1

@@ -48,7 +48,7 @@ def _close_open_logs() -> None:
     """A normal interpreter exit closes (drains, signs, seals) every log still open."""
     for log in list(_OPEN_LOGS):
         try:
-            log.close()
+            log.close(timeout=10.0)
         except Exception:   # exit must go on; verify will report the log as unclosed
             pass
 
@@ -160,6 +160,8 @@ class KVAuditLog:
         self._error: BaseException | None = None
         self._closed = False
         self._stopping = False
+        self._abandon = False
+        self._want_delivered = 0     # a query waits until the store holds everything before this
         self._drain_idle = False
         self._drain_busy_ns = 0
         self._drained = 0
@@ -499,7 +501,7 @@ class KVAuditLog:
                     del self._details[no]
             self._space.notify_all()
             self._done.notify_all()
-            if stopping and (self._error is not None
+            if stopping and (self._error is not None or self._abandon
                              or (ring.written == ring.read and self._delivered >= self._next_no)):
                 return False
         return True
@@ -591,19 +593,42 @@ class KVAuditLog:
                 raise AuditError("the audit drain thread stopped before the flush completed")
             return bool(ok)
 
-    def close(self) -> None:
-        """Drain everything, sign the file's final checkpoint and seal it; emitting afterwards fails."""
+    def _sync_queryable(self) -> None:
+        """Wait until every record emitted so far is in the in-memory store (not necessarily on disk)."""
+        with self._lock:
+            target = self._next_no
+            if self._delivered >= target:
+                return
+            if target > self._want_delivered:
+                self._want_delivered = target
+            self._work.notify()
+            self._done.wait_for(lambda: self._delivered >= target or self._error is not None
+                                or not self._thread.is_alive())
+            if self._delivered < target:
+                raise AuditError(f"the audit pipeline failed: {self._error}") from self._error
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain everything, sign the file's final checkpoint and seal it; emitting afterwards fails.
+
+        With ``timeout`` (seconds), a drain that cannot finish in time (records
+        reserved on a CUDA ring and never committed) is abandoned: the file is
+        left without its closing checkpoint (verify reports an unclosed log)
+        and AuditError is raised.
+        """
         with self._lock:
             if self._closed:
                 return
         err = None
         try:
-            self.flush()
+            if not self.flush(timeout):
+                err = AuditError(f"close: the audit drain did not finish within {timeout} s "
+                                 "(records reserved on a CUDA ring were not committed); the log is left unclosed")
         except AuditError as e:
             err = e
         with self._lock:
             self._closed = True
             self._stopping = True
+            self._abandon = err is not None
             self._work.notify()
         self._thread.join()
         _OPEN_LOGS.discard(self)
@@ -643,7 +668,7 @@ class KVAuditLog:
     # -- queries --------------------------------------------------------------------
     def __len__(self) -> int:
         """Records in memory (at most max_entries), after draining everything emitted so far."""
-        self.flush()
+        self._sync_queryable()
         return len(self._store)
 
     def _entry(self, rec: dict) -> KVAuditEntry:
@@ -667,7 +692,7 @@ class KVAuditLog:
     def entries(self, limit: int | None = 100, tenant_id=None, operation=None, layer_idx=None, position=None,
                 success=None, since=None) -> list[KVAuditEntry]:
         """Matching records, newest first.  ``position`` matches records whose range contains it."""
-        self.flush()
+        self._sync_queryable()
         return self._query(limit=limit, newest_first=True, tenant_id=tenant_id, operation=operation,
                            layer_idx=layer_idx, position=position, success=success, since=since)
 
@@ -699,5 +724,5 @@ class KVAuditLog:
 
     def export_json(self) -> str:
         """Every record in memory as a JSON list of entry dicts, oldest first."""
-        self.flush()
+        self._sync_queryable()
         return json.dumps([e.to_dict() for e in self._query(limit=None, newest_first=False)], indent=2)
