@@ -58,8 +58,7 @@ def test_hot_path_emission_performs_no_host_synchronisation():
         layers = torch.arange(32, device=dev, dtype=torch.int32)
         rows = torch.arange(16, device=dev, dtype=torch.int32)
         step_layers, step_rows = layers.repeat_interleave(16), rows.repeat(32)   # 32 layers x 16 rows
-        ring.reserve(1)                 # first use of the ring's buffers outside the checked region
-        ring.commit(1)
+        ring.emit_torch(Op.ENCRYPT, tenant_idx=t, session_idx=s)   # first use outside the checked region
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -110,10 +109,8 @@ def test_full_cuda_ring_applies_back_pressure_without_loss():
         t = log.tenant_index("alice")
         s = log.session_index("s", "alice")
         ring = log.cuda_ring(dev, capacity=64)
-        total = 0
 
         def worker():
-            nonlocal total
             for i in range(200):
                 ring.emit_torch(Op.ENCRYPT, tenant_idx=t, session_idx=s,
                                 pos_start=torch.arange(48, device=dev), pos_count=1, nonce_counter=i)

@@ -4,7 +4,6 @@ import argparse
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 

@@ -108,7 +108,7 @@ class CudaAuditRing:
                     log._stalls += 1
                     stalled = True
                 log._work.notify()
-                self._space.wait()
+                self._space.wait(0.1)     # re-checks closed / failed while waiting for the drain
             slot = (self._head + skip) % self.capacity
             self._head += skip + n
             first = log._next_no

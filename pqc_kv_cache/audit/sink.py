@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from ..errors import AuditError, AuditIntegrityError, PQCUnavailableError
-from .records import RECORD_DTYPE, RECORD_SIZE
+from .records import RECORD_SIZE
 
 __all__ = [
     "AuditSink", "MAGIC", "VERSION", "HEADER", "FRAME_HEAD", "RECS_HEAD", "CKPT_HEAD", "SEAL_HEAD",
