@@ -217,6 +217,21 @@ int pqc_host_encrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* met
     return 0;
 }
 
+// pqc_decrypt_row_records on the CPU (the kernel's parameters): one DECRYPT record per
+// row descriptor at records[r * 64], numbered first_no + r.
+int pqc_host_decrypt_row_records(const pqc_slot_meta* meta, const int64_t* rowdesc, int64_t nrows, uint32_t layer,
+                                 uint32_t num_heads, uint32_t head_dim, uint32_t itemsize, uint32_t dtype_code,
+                                 uint8_t* records, uint64_t first_no) {
+    if (nrows < 0 || records == nullptr) return PQC_HOST_EARG;
+    pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
+    for (int64_t r = 0; r < nrows; ++r) {
+        uint32_t w[16];
+        pqc_row_record(rowdesc, nrows, r, meta, L, first_no + (uint64_t)r, 0ull, w);
+        write_record(records + 64 * r, w);
+    }
+    return 0;
+}
+
 // The decrypt kernels' work on the CPU: row DECRYPT records (rowdesc, int64
 // [PQC_ROWDESC_COLS, nrows]) at records[r * 64], numbered first_no + r; then
 // every chunk verified and decrypted into k/v, zeroed on failure, status[i]
@@ -233,12 +248,10 @@ int pqc_host_decrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* met
     if (n < 0 || nrows < 0 || ((head_dim * itemsize) & 15u) != 0u) return PQC_HOST_EARG;
     pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
     pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
-    if (records) {
-        for (int64_t r = 0; r < nrows; ++r) {
-            uint32_t w[16];
-            pqc_row_record(rowdesc, nrows, r, meta, L, first_no + (uint64_t)r, 0ull, w);
-            write_record(records + 64 * r, w);
-        }
+    if (records && nrows > 0) {
+        int rc = pqc_host_decrypt_row_records(meta, rowdesc, nrows, layer, num_heads, head_dim, itemsize, dtype_code,
+                                              records, first_no);
+        if (rc != 0) return rc;
     }
     pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
     int64_t gtab_slot = -1;

@@ -1,7 +1,11 @@
-"""CUDA backend. The tests marked ``gpu`` need a CUDA device and CuPy and are skipped elsewhere;
-they are written to run unchanged on a GPU host. The others check, on any machine, what can
-be checked without one: the NVRTC translation unit, the error on a machine without CUDA,
-the launch splitting."""
+"""CUDA backend.
+
+The scenario tests run twice: on a GPU (``cuda``, marked ``gpu``, skipped without a CUDA
+device and CuPy; written to run unchanged on a GPU host) and on the CPU twin (``twin``):
+CudaBackend's own host-side code — checks, chunk tables, key schedules, record indices,
+launch splitting, the failure queue and check() — with each kernel launch carried out by
+its host-shim counterpart (the same primitives and indexing, compiled by g++). The other
+tests check the NVRTC translation unit and the errors on a machine without CUDA."""
 
 from __future__ import annotations
 
@@ -122,25 +126,75 @@ def test_launch_groups_respect_the_record_limit():
     assert covered == list(range(6))
 
 
-# ------------------------------------------------------------------ GPU host
+# ------------------------------------------------------------------ backends under test
 
 LAYOUT = ChunkLayout(layer_idx=3, num_heads=8, head_dim=128, dtype=torch.bfloat16)
 
 
+class CpuTwinBackend(CudaBackend):
+    """CudaBackend with its kernel launches carried out by the host shim on CPU tensors."""
+
+    def __init__(self, grid_cap: int = 4):
+        import threading
+
+        self.device = torch.device("cpu")
+        self._lock = threading.Lock()
+        self._init_state(grid_cap)
+        self.launches: list[tuple[str, int, int]] = []
+
+    def _upload(self, arr):
+        return torch.from_numpy(np.ascontiguousarray(arr)).clone()
+
+    def _launch(self, kernel, grid, block, args):
+        lib = kh.load()
+        a = [int(x) for x in args]
+        self.launches.append((kernel, int(grid), int(block)))
+        if kernel == "pqc_prepare_keys":
+            rc = lib.pqc_host_prepare_keys(a[0], a[1], kh.LANES, a[2])
+        elif kernel == "pqc_encrypt_chunks":
+            rc = lib.pqc_host_encrypt_chunks(*a)
+        elif kernel == "pqc_decrypt_row_records":
+            rc = lib.pqc_host_decrypt_row_records(*a)
+        elif kernel == "pqc_decrypt_chunks":
+            # kernel: (..., status, records, fq, fq_count, fq_cap, call_tag); the shim's row
+            # records are written by pqc_decrypt_row_records, so no row descriptors here
+            rc = lib.pqc_host_decrypt_chunks(*a[:19], a[19], 0, None, 0, a[20], a[21], a[22], a[23])
+        else:
+            raise AssertionError(kernel)
+        assert rc == 0, (kernel, rc)
+
+
+def _cuda_device():
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=[pytest.mark.gpu, gpu]), "twin"])
+def env(request):
+    """(backend, device) of the backend under test."""
+    if request.param == "cuda":
+        dev = _cuda_device()
+        return CudaBackend.for_device(dev), dev
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    return CpuTwinBackend(), torch.device("cpu")
+
+
 class FakeRing:
-    """Test double of the CUDA audit ring: device slots, reserve / commit bookkeeping."""
+    """Test double of the CUDA audit ring: slots reserved as fresh device tensors, record numbers
+    dense, reserve / commit bookkeeping."""
 
     def __init__(self, device, capacity=1 << 14):
+        self.device = device
         self.capacity = capacity
-        self.buf = torch.zeros((capacity, 64), dtype=torch.uint8, device=device)
-        self.next_slot = 0
+        self.views = []
         self.next_no = 500
         self.committed = []
 
     def reserve(self, n):
-        view = self.buf[self.next_slot:self.next_slot + n]
+        assert 1 <= n <= self.capacity
+        view = torch.zeros((n, 64), dtype=torch.uint8, device=self.device)
+        self.views.append(view)
         first = self.next_no
-        self.next_slot += n
         self.next_no += n
         return view, first
 
@@ -148,12 +202,12 @@ class FakeRing:
         self.committed.append((first_no, n))
 
     def records(self):
-        return self.buf[:self.next_slot].cpu().numpy().view(RECORD_DTYPE).reshape(-1)
+        return torch.cat(self.views).cpu().numpy().view(RECORD_DTYPE).reshape(-1)
 
 
 class FakeLog:
-    def __init__(self, device):
-        self.ring = FakeRing(device)
+    def __init__(self, device, capacity=1 << 14):
+        self.ring = FakeRing(device, capacity)
         self.emitted = []
         self._tenant_ids = ["tenant-0", "tenant-1"]
 
@@ -205,43 +259,55 @@ def _plain(k, v, row, io, n):
     return kk + vv
 
 
-@pytest.mark.gpu
-@gpu
-def test_gpu_sealed_chunks_open_with_plain_aesgcm_and_match_the_host_shim():
-    dev = torch.device("cuda", torch.cuda.current_device())
-    be = CudaBackend.for_device(dev)
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# ------------------------------------------------------------------ scenarios (GPU and CPU twin)
+
+@pytest.mark.parametrize("ring_capacity", [1 << 14, 64])
+def test_sealed_chunks_open_with_plain_aesgcm_and_records_are_written(env, ring_capacity):
+    be, dev = env
     keys = _slots()
     k, v = _kv(dev)
     chunks, size = _table()
     arena = torch.zeros(size, dtype=torch.uint8, device=dev)
-    log = FakeLog(dev)
+    log = FakeLog(dev, ring_capacity)
     ctx = AuditContext(log, np.array([4, 5], np.uint32), np.array([6, 7], np.uint32))
     be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
-    torch.cuda.synchronize()
+    _sync(dev)
     host_arena = arena.cpu()
     for i, (slot, row, ps, pc, io, ctr) in enumerate(ENTRIES):
         off = int(chunks.offset[i])
         ct = host_arena[off:off + pc * LAYOUT.bytes_per_position + 16].numpy().tobytes()
         assert AESGCM(keys[slot].key).decrypt(make_nonce(keys[slot].epoch, ctr), ct, _aad(keys, slot, ps, pc)) \
             == _plain(k, v, row, io, pc)
-    if kh.available():   # the same bytes as the kernels' math compiled for the host
+    if dev.type == "cuda" and kh.available():   # the same bytes as the kernels' math compiled for the host
         ref = torch.zeros(size, dtype=torch.uint8)
         kh.encrypt_chunks(keys, LAYOUT, chunks, k.cpu(), v.cpu(), ref)
         assert torch.equal(ref, host_arena)
     r = log.ring.records()
-    assert len(r) == sum(e[3] for e in ENTRIES)
-    assert r["record_no"].tolist() == list(range(500, 500 + len(r)))
-    assert (r["op"] == 1).all() and not r["status"].any() and (r["device_ts_ns"] > 0).all()
+    total = sum(e[3] for e in ENTRIES)
+    assert len(r) == total
+    assert r["record_no"].tolist() == list(range(500, 500 + total))
+    assert (r["op"] == 1).all() and not r["status"].any()
+    if dev.type == "cuda":
+        assert (r["device_ts_ns"] > 0).all()
     assert r["pos_start"].tolist() == [ps + p for (_, _, ps, pc, _, _) in ENTRIES for p in range(pc)]
     assert r["tenant_idx"].tolist() == [4 + s for (s, _, _, pc, _, _) in ENTRIES for _ in range(pc)]
-    assert log.ring.committed == [(500, len(r))]
+    assert r["nonce_counter"].tolist() == [c for (_, _, _, pc, _, c) in ENTRIES for _ in range(pc)]
+    # each launch's records committed in order; a small ring splits the call
+    assert sum(n for _, n in log.ring.committed) == total
+    firsts = [f for f, _ in log.ring.committed]
+    assert firsts == sorted(firsts) and firsts[0] == 500
+    if ring_capacity == 64:
+        assert len(log.ring.committed) > 1
 
 
-@pytest.mark.gpu
-@gpu
-def test_host_sealed_chunks_open_on_the_gpu_into_bhsd_scratch():
-    dev = torch.device("cuda", torch.cuda.current_device())
-    be = CudaBackend.for_device(dev)
+@pytest.mark.parametrize("ring_capacity", [1 << 14, 4])
+def test_host_sealed_chunks_open_into_a_position_major_scratch(env, ring_capacity):
+    be, dev = env
     keys = _slots()
     k, v = _kv(dev)
     chunks, size = _table()
@@ -254,10 +320,10 @@ def test_host_sealed_chunks_open_on_the_gpu_into_bhsd_scratch():
     # a position-major scratch seen as [batch, heads, seq, dim] (non-contiguous views)
     scratch = torch.full((4, 80, 2, 8, 128), 9.0, dtype=torch.bfloat16, device=dev)
     k_out, v_out = scratch[:, :, 0].permute(0, 2, 1, 3), scratch[:, :, 1].permute(0, 2, 1, 3)
-    log = FakeLog(dev)
+    log = FakeLog(dev, ring_capacity)
     ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
     status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
-    assert isinstance(status, torch.Tensor) and status.device == dev
+    assert isinstance(status, torch.Tensor) and status.device == dev and status.shape == (len(ENTRIES),)
     be.check()
     assert not status.cpu().any()
     for (slot, row, ps, pc, io, ctr) in ENTRIES:
@@ -266,13 +332,14 @@ def test_host_sealed_chunks_open_on_the_gpu_into_bhsd_scratch():
     r = log.ring.records()
     assert r["row"].tolist() == [0, 1, 2, 3] and (r["op"] == 2).all() and not r["status"].any()
     assert r["pos_start"].tolist() == [0, 10, 0, 5] and r["pos_count"].tolist() == [65, 64, 1, 17]
+    assert r["record_no"].tolist() == [500, 501, 502, 503]
+    assert r["nbytes"].tolist() == [65 * 4096, 64 * 4096, 4096, 17 * 4096]
+    if ring_capacity == 4:   # one row per launch
+        assert len(log.ring.committed) == 4
 
 
-@pytest.mark.gpu
-@gpu
-def test_tampered_chunk_is_zeroed_failed_and_raised_at_check():
-    dev = torch.device("cuda", torch.cuda.current_device())
-    be = CudaBackend.for_device(dev)
+def test_tampered_chunk_is_zeroed_failed_and_raised_at_check(env):
+    be, dev = env
     be.pending_failures()   # start from an empty queue
     keys = _slots()
     k, v = _kv(dev)
@@ -296,13 +363,74 @@ def test_tampered_chunk_is_zeroed_failed_and_raised_at_check():
     assert len(log.emitted) == 1
     op, f = log.emitted[0]
     assert op == 2 and f["status"] == 1 and (f["pos_start"], f["pos_count"], f["row"]) == (10, 64, 1)
+    assert f["nonce_counter"] == 1 << 33 and f["layer"] == 3 and f["tenant_idx"] == 1
     be.check()   # the queue was emptied
 
+
+def test_failure_without_audit_is_still_raised(env):
+    be, dev = env
+    be.pending_failures()
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8, device=dev)      # nothing sealed: every tag fails
+    k_out, v_out = torch.ones_like(k), torch.ones_like(v)
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out)
+    fails = be.pending_failures()
+    assert len(fails) == len(ENTRIES) and status.cpu().all()
+    assert sorted((f["row"], f["positions"].start, f["positions"].stop) for f in fails) == sorted(
+        (row, ps, ps + pc) for (_, row, ps, pc, _, _) in ENTRIES)
+    for (_, row, ps, pc, io, _) in ENTRIES:
+        assert not k_out[row, :, io:io + pc].any() and not v_out[row, :, io:io + pc].any()
+    assert k_out[1, :, 64:].eq(1).all()        # outside every chunk: untouched
+    be.check()
+
+
+def test_key_schedules_are_prepared_once_per_key_set(env):
+    be, dev = env
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8, device=dev)
+    be.clear_key_cache()
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    first = be._schedules(keys)
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    assert be._schedules(keys) is first
+    if isinstance(be, CpuTwinBackend):
+        assert [x[0] for x in be.launches].count("pqc_prepare_keys") == 1
+
+
+def test_bad_inputs_raise_clear_errors(env):
+    be, dev = env
+    keys = _slots()
+    k, v = _kv(dev)
+    chunks, size = _table()
+    other = torch.device("cpu") if dev.type == "cuda" else torch.device("meta")
+    with pytest.raises(ValueError):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k.to(other), v.to(other), torch.zeros(size, dtype=torch.uint8,
+                                                                                        device=dev))
+    with pytest.raises(ValueError):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k, v, torch.zeros(size - 1, dtype=torch.uint8, device=dev))
+    with pytest.raises(TypeError):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k, v, torch.zeros(size, dtype=torch.int32, device=dev))
+    with pytest.raises(ValueError):
+        be.encrypt_chunks(keys[:1], LAYOUT, chunks, k, v, torch.zeros(size, dtype=torch.uint8, device=dev))
+    with pytest.raises(ValueError):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k.float(), v.float(), torch.zeros(size, dtype=torch.uint8,
+                                                                                    device=dev))
+    bad_layout = ChunkLayout(layer_idx=3, num_heads=8, head_dim=4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError):
+        be.encrypt_chunks(keys, bad_layout, chunks, k[..., :4], v[..., :4],
+                          torch.zeros(size, dtype=torch.uint8, device=dev))
+
+
+# ------------------------------------------------------------------ GPU only
 
 @pytest.mark.gpu
 @gpu
 def test_hot_path_makes_no_host_synchronisation():
-    dev = torch.device("cuda", torch.cuda.current_device())
+    dev = _cuda_device()
     be = CudaBackend.for_device(dev)
     keys = _slots()
     k, v = _kv(dev)
@@ -325,15 +453,5 @@ def test_hot_path_makes_no_host_synchronisation():
 
 @pytest.mark.gpu
 @gpu
-def test_bad_inputs_raise_clear_errors_on_gpu():
-    dev = torch.device("cuda", torch.cuda.current_device())
-    be = CudaBackend.for_device(dev)
-    keys = _slots()
-    k, v = _kv(dev)
-    chunks, size = _table()
-    with pytest.raises(ValueError):
-        be.encrypt_chunks(keys, LAYOUT, chunks, k.cpu(), v.cpu(), torch.zeros(size, dtype=torch.uint8, device=dev))
-    with pytest.raises(ValueError):
-        be.encrypt_chunks(keys, LAYOUT, chunks, k, v, torch.zeros(size - 1, dtype=torch.uint8, device=dev))
-    with pytest.raises(TypeError):
-        be.encrypt_chunks(keys, LAYOUT, chunks, k, v, torch.zeros(size, dtype=torch.int32, device=dev))
+def test_encrypted_cache_on_cuda_selects_this_backend():
+    assert isinstance(select_backend(_cuda_device()), CudaBackend)

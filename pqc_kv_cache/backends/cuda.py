@@ -65,6 +65,7 @@ LANES = _kh.LANES                 # threads per CTA of the chunk kernels (PQC_LA
 # on sm_90 (4 CTAs), 80 on sm_80 (3 CTAs)
 CTAS_PER_SM = {9: 4, 8: 3}
 ROW_RECORD_THREADS = 128
+KERNELS = ("pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_row_records", "pqc_decrypt_chunks")
 FAILURE_QUEUE_CAPACITY = 4096
 KEY_CACHE_ENTRIES = 256
 
@@ -147,16 +148,17 @@ class CudaBackend(CryptoBackend):
         try:
             with cupy.cuda.Device(index):
                 self._module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",))
-                self._k_prepare = self._module.get_function("pqc_prepare_keys")
-                self._k_encrypt = self._module.get_function("pqc_encrypt_chunks")
-                self._k_rows = self._module.get_function("pqc_decrypt_row_records")
-                self._k_decrypt = self._module.get_function("pqc_decrypt_chunks")
+                self._kernels = {name: self._module.get_function(name) for name in KERNELS}
         except BackendUnavailableError:
             raise
         except Exception as exc:  # CuPy compile / driver errors
             raise BackendUnavailableError(f"cannot build the CUDA kernels on {self.device}: {exc}") from exc
         props = torch.cuda.get_device_properties(self.device)
-        self._grid_cap = max(1, props.multi_processor_count * CTAS_PER_SM.get(props.major, 3 if props.major < 9 else 4))
+        self._init_state(props.multi_processor_count * CTAS_PER_SM.get(props.major, 3 if props.major < 9 else 4))
+
+    def _init_state(self, grid_cap: int) -> None:
+        """Per-device state: launch cap, failure queue, call tags, key-schedule cache."""
+        self._grid_cap = max(1, grid_cap)
         self._sched_size = _kh.SCHED_SIZE
         self._fq = torch.zeros((FAILURE_QUEUE_CAPACITY, 64), dtype=torch.uint8, device=self.device)
         self._fq_count = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -167,6 +169,11 @@ class CudaBackend(CryptoBackend):
     # ---------------------------------------------------------------- plumbing
     def _stream(self):
         return self._cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device.index)
+
+    def _launch(self, kernel: str, grid: int, block: int, args: tuple) -> None:
+        """Launch one of KERNELS on torch's current stream (asynchronous)."""
+        with self._cupy.cuda.Device(self.device.index), self._stream():
+            self._kernels[kernel]((int(grid),), (int(block),), args)
 
     def _upload(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -181,12 +188,11 @@ class CudaBackend(CryptoBackend):
             if hit is not None:
                 self._key_cache.move_to_end(ident)
                 return hit
-        raw = np.frombuffer(b"".join(bytes(k.key) for k in keys), dtype=np.uint8).reshape(len(keys), 32)
+        raw = np.frombuffer(b"".join(bytes(k.key) for k in keys), dtype=np.uint8).reshape(len(keys), 32).copy()
         dev_keys = self._upload(raw)
         sched = torch.empty((len(keys), self._sched_size), dtype=torch.uint8, device=self.device)
-        with self._cupy.cuda.Device(self.device.index), self._stream():
-            self._k_prepare((len(keys),), (256,), (_u64(dev_keys.data_ptr()), np.int64(len(keys)),
-                                                   _u64(sched.data_ptr())))
+        self._launch("pqc_prepare_keys", len(keys), 256,
+                     (_u64(dev_keys.data_ptr()), np.int64(len(keys)), _u64(sched.data_ptr())))
         with self._lock:
             self._key_cache[ident] = sched
             while len(self._key_cache) > KEY_CACHE_ENTRIES:
@@ -310,8 +316,7 @@ class CudaBackend(CryptoBackend):
                     _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
                     _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
                     _u64(arena.data_ptr()), _u64(view.data_ptr() if view is not None else 0), np.uint64(first_no))
-            with self._cupy.cuda.Device(self.device.index), self._stream():
-                self._k_encrypt((min(b - a, self._grid_cap),), (LANES,), args)
+            self._launch("pqc_encrypt_chunks", min(b - a, self._grid_cap), LANES, args)
             if ring is not None:
                 ring.commit(total, first_no)
 
@@ -351,20 +356,20 @@ class CudaBackend(CryptoBackend):
                       np.uint32(layout.itemsize), np.uint32(dtype_code(layout.dtype)))
             sub_status = status if sel.shape[0] == n else torch.zeros(sel.shape[0], dtype=torch.uint8,
                                                                       device=self.device)
-            with self._cupy.cuda.Device(self.device.index), self._stream():
-                if view is not None:
-                    dev_desc = self._upload(desc)
-                    self._k_rows(((r1 - r0 + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,), (ROW_RECORD_THREADS,),
-                                 (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()), np.int64(r1 - r0), *common,
-                                  _u64(view.data_ptr()), np.uint64(first_no)))
-                args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()),
-                        np.int64(sel.shape[0]), *common, _u64(arena.data_ptr()),
-                        _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
-                        _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
-                        _u64(sub_status.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
-                        _u64(self._fq.data_ptr()), _u64(self._fq_count.data_ptr()),
-                        np.uint32(FAILURE_QUEUE_CAPACITY), np.uint32(tag))
-                self._k_decrypt((min(sel.shape[0], self._grid_cap),), (LANES,), args)
+            if view is not None:
+                dev_desc = self._upload(desc)
+                self._launch("pqc_decrypt_row_records", (r1 - r0 + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,
+                             ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()),
+                                                  np.int64(r1 - r0), *common, _u64(view.data_ptr()),
+                                                  np.uint64(first_no)))
+            args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()),
+                    np.int64(sel.shape[0]), *common, _u64(arena.data_ptr()),
+                    _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
+                    _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
+                    _u64(sub_status.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
+                    _u64(self._fq.data_ptr()), _u64(self._fq_count.data_ptr()),
+                    np.uint32(FAILURE_QUEUE_CAPACITY), np.uint32(tag))
+            self._launch("pqc_decrypt_chunks", min(sel.shape[0], self._grid_cap), LANES, args)
             if sub_status is not status:
                 status[self._upload(sel.astype(np.int64))] = sub_status
             if ring is not None:

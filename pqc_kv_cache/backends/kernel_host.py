@@ -146,6 +146,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_host_gcm_open_many": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT, _P, _U32], _INT),
         "pqc_host_encrypt_chunks": ([_P, _P, _P, _I64, _U32, _U32, _U32, _U32, _U32,
                                      _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _U64], _INT),
+        "pqc_host_decrypt_row_records": ([_P, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P, _U64], _INT),
         "pqc_host_decrypt_chunks": ([_P, _P, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P,
                                      _P, _I64, _I64, _I64, _P, _I64, _I64, _I64,
                                      _P, _P, _U64, _P, _I64, _P, _P, _U32, _U32], _INT),
