@@ -130,6 +130,18 @@ def _u8_numpy(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+_RAW = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
+        8: (torch.int64, np.int64)}
+
+
+def _raw_numpy(t: torch.Tensor) -> np.ndarray:
+    """A writable numpy view (any strides) of a CPU tensor's elements as same-size integers.
+
+    Copies between such views run in numpy on the calling thread: no intra-op thread pool, whose
+    barriers stall for milliseconds when the other cores are busy (bf16 has no numpy dtype either)."""
+    return t.view(_RAW[t.element_size()][0]).numpy()
+
+
 class HostBackend(CryptoBackend):
     """The backend contract for CPU tensors, on `cryptography`'s AES-256-GCM."""
 
@@ -237,42 +249,43 @@ class HostBackend(CryptoBackend):
         arena_np = arena.numpy()
         seq = k_src.shape[2]
         rows = t["row"]
-        whole_rows = bool((t["io_start"] == 0).all() and (t["pos_count"] == seq).all()
-                          and np.unique(rows).size == n)
+        whole_rows = bool((t["io_start"] == 0).all() and (t["pos_count"] == seq).all())
         plain = None
         try:
-            if whole_rows:
-                # One chunk per row covering all positions: stacking K and V on dim 1 gives each
-                # row's plaintext ([2, heads, seq, dim]) as one contiguous run.
-                plain = torch.stack((k_src, v_src), dim=1).contiguous()
-                plain_np = _u8_numpy(plain)
-                row_bytes = seq * bpp
-                src_off = (rows * row_bytes).tolist()
+            # Each chunk's plaintext ([2, heads, count, dim]) is packed into one staging run, copied in
+            # numpy on this thread; the staging buffer is zeroed before it is released.
+            raw_dt = _RAW[layout.itemsize][1]
+            k_np, v_np = _raw_numpy(k_src), _raw_numpy(v_src)
+            total = int(nbytes.sum())
+            plain = np.empty(total // layout.itemsize, dtype=raw_dt)
+            plain_u8 = plain.view(np.uint8)
+            src_off = (np.cumsum(nbytes) - nbytes).tolist()
             slot_l, off_l, nb_l = t["slot"].tolist(), t["offset"].tolist(), nbytes.tolist()
             row_l, io_l, cnt_l = rows.tolist(), t["io_start"].tolist(), t["pos_count"].tolist()
+            H, D = layout.num_heads, layout.head_dim
+            if whole_rows:
+                packed = plain.reshape(n, 2, H, seq, D)
+                for i, r in enumerate(row_l):
+                    packed[i, 0] = k_np[r]
+                    packed[i, 1] = v_np[r]
+            else:
+                for i in range(n):
+                    r, s0, c = row_l[i], io_l[i], cnt_l[i]
+                    e0 = src_off[i] // layout.itemsize
+                    kv = plain[e0:e0 + 2 * H * c * D].reshape(2, H, c, D)
+                    kv[0] = k_np[r, :, s0:s0 + c, :]
+                    kv[1] = v_np[r, :, s0:s0 + c, :]
 
             def work(lo: int, hi: int) -> None:
                 for i in range(lo, hi):
-                    nb = nb_l[i]
-                    off = off_l[i]
-                    if plain is not None:
-                        src = plain_np[src_off[i]:src_off[i] + nb]
-                        ciphers[slot_l[i]].encrypt_into(nonces[12 * i:12 * i + 12], src,
-                                                        aads[80 * i:80 * i + 80], arena_np[off:off + nb + TAG_SIZE])
-                    else:
-                        r, s, c = row_l[i], io_l[i], cnt_l[i]
-                        one = torch.stack((k_src[r, :, s:s + c, :], v_src[r, :, s:s + c, :])).contiguous()
-                        try:
-                            ciphers[slot_l[i]].encrypt_into(nonces[12 * i:12 * i + 12], _u8_numpy(one),
-                                                            aads[80 * i:80 * i + 80],
-                                                            arena_np[off:off + nb + TAG_SIZE])
-                        finally:
-                            one.zero_()
+                    nb, off, so = nb_l[i], off_l[i], src_off[i]
+                    ciphers[slot_l[i]].encrypt_into(nonces[12 * i:12 * i + 12], plain_u8[so:so + nb],
+                                                    aads[80 * i:80 * i + 80], arena_np[off:off + nb + TAG_SIZE])
 
-            self._run(work, n, int(nbytes.sum()))
+            self._run(work, n, total)
         finally:
             if plain is not None:
-                plain.zero_()
+                plain.fill(0)
         if audit is not None:
             slot = t["slot"]
             audit.log.emit_per_position(
@@ -326,6 +339,8 @@ class HostBackend(CryptoBackend):
             out_np, base, s_row, s_pos = direct
             dst_l = ((base + t["row"] * s_row + t["io_start"] * s_pos) * itemsize).tolist()
         max_staged = int(nbytes.max())
+        raw_dt = _RAW[itemsize][1]
+        k_np, v_np = _raw_numpy(k_out), _raw_numpy(v_out)
 
         def work(lo: int, hi: int) -> None:
             staging = None
@@ -343,22 +358,22 @@ class HostBackend(CryptoBackend):
                             status[i] = Status.AUTH_FAILED
                         continue
                     if staging is None:
-                        staging = torch.empty(max_staged, dtype=torch.uint8)
-                    buf = staging[:nb]
+                        staging = np.empty(max_staged // itemsize, dtype=raw_dt)
+                    buf = staging[:nb // itemsize]
                     r, s = row_l[i], io_l[i]
                     try:
-                        ciphers[slot_l[i]].decrypt_into(nonce, ct, aad, buf.numpy())
+                        ciphers[slot_l[i]].decrypt_into(nonce, ct, aad, buf.view(np.uint8))
                     except InvalidTag:
-                        k_out[r, :, s:s + c, :].zero_()
-                        v_out[r, :, s:s + c, :].zero_()
+                        k_np[r, :, s:s + c, :] = 0
+                        v_np[r, :, s:s + c, :] = 0
                         status[i] = Status.AUTH_FAILED
                         continue
-                    kv = buf.view(layout.dtype).view(2, H, c, D)
-                    k_out[r, :, s:s + c, :].copy_(kv[0])
-                    v_out[r, :, s:s + c, :].copy_(kv[1])
+                    kv = buf.reshape(2, H, c, D)
+                    k_np[r, :, s:s + c, :] = kv[0]
+                    v_np[r, :, s:s + c, :] = kv[1]
             finally:
                 if staging is not None:
-                    staging.zero_()
+                    staging.fill(0)
 
         self._run(work, n, int(nbytes.sum()))
         if audit is not None:
