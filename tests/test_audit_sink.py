@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mldsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pqc_kv_cache.audit import KVAuditLog, Op, verify_log
 from pqc_kv_cache.audit import cli
@@ -315,3 +317,26 @@ def test_cli_runs_as_python_dash_m(logfile):
     r = subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", "verify", logfile], capture_output=True,
                        text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert r.returncode == 1 and "first bad record: 9" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    p = tmp_path_factory.mktemp("pristine") / "audit.log"
+    write_log(p, n=40)
+    return {ext: open(str(p) + ext, "rb").read() for ext in ("", ".pub", ".seal")}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_changed_byte_of_a_closed_log_fails_verification(pristine, tmp_path, data):
+    log = bytearray(pristine[""])
+    i = data.draw(st.integers(0, len(log) - 1), label="offset")
+    x = data.draw(st.integers(1, 255), label="xor")
+    log[i] ^= x
+    p = tmp_path / "audit.log"
+    p.write_bytes(bytes(log))
+    (tmp_path / "audit.log.pub").write_bytes(pristine[".pub"])
+    (tmp_path / "audit.log.seal").write_bytes(pristine[".seal"])
+    rep = verify_log(p)
+    assert not rep.ok, f"byte {i} changed and verify passed"
+    assert rep.bad_record is not None
