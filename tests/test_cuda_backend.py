@@ -455,3 +455,28 @@ def test_hot_path_makes_no_host_synchronisation():
 @gpu
 def test_encrypted_cache_on_cuda_selects_this_backend():
     assert isinstance(select_backend(_cuda_device()), CudaBackend)
+
+
+# ------------------------------------------------------------------ the cache over this backend (CPU twin)
+
+@pytest.mark.parametrize("mode", ["greedy", "beams"])
+def test_encrypted_cache_over_the_cuda_backend_logic_matches_dynamic_cache(mode):
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    from test_cache_support import generate, prompts, sessions, tiny_model
+
+    from pqc_kv_cache.cache import EncryptedCache
+
+    model = tiny_model("llama")
+    ids = prompts(2, 12)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    if mode == "beams":
+        kw.update(num_beams=3, num_return_sequences=2)
+    ref = generate(model, ids, **kw)
+    be = CpuTwinBackend()
+    cache = EncryptedCache(model.config, sessions=sessions("alice", "bob"), backend=be)
+    out = generate(model, ids, cache, **kw)
+    cache.check()
+    assert torch.equal(ref, out)
+    kinds = {name for name, _, _ in be.launches}
+    assert {"pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_chunks"} <= kinds
