@@ -12,6 +12,8 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pqc_kv_cache.audit.records import RECORD_DTYPE
 from pqc_kv_cache.backends.base import ChunkLayout, ChunkTable, KeySlot
@@ -424,3 +426,28 @@ def test_kernel_sources_are_found_as_package_data_of_an_installed_layout(tmp_pat
                           env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "pqc_kv_cache" / "kernels")
+
+
+# ------------------------------------------------------------------ properties
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.binary(min_size=32, max_size=32), nonce=st.binary(min_size=12, max_size=12),
+       aad=st.binary(max_size=300), pt=st.binary(max_size=3000), lanes=st.integers(1, 256))
+def test_property_any_message_any_lane_count_matches_aesgcm(key, nonce, aad, pt, lanes):
+    sealed = kh.gcm_encrypt(key, nonce, aad, pt, lanes=lanes)
+    assert sealed == AESGCM(key).encrypt(nonce, pt, aad)
+    assert kh.gcm_decrypt(key, nonce, aad, sealed, lanes=lanes) == pt
+
+
+@settings(max_examples=100, deadline=None)
+@given(tid=st.text(min_size=1, max_size=40), sid=st.text(min_size=1, max_size=40),
+       epoch=st.integers(0, 2**32 - 1), layer=st.integers(0, 2**32 - 1), pos=st.integers(0, 2**64 - 1),
+       count=st.integers(1, 2**32 - 1), key_len=st.integers(0, 2**32 - 1), heads=st.integers(0, 2**32 - 1),
+       dim=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["", "bfloat16", "float16", "float32", "int8"]))
+def test_property_kernel_aad_equals_envelope_aad(tid, sid, epoch, layer, pos, count, key_len, heads, dim, dtype):
+    ref = build_aad(tenant_id=tid, session_id=sid, epoch=epoch, layer_idx=layer, position=pos,
+                    position_count=count, key_len=key_len, dtype=dtype, num_heads=heads, head_dim=dim)
+    got = kh.build_aad_v1(tenant_tag=tenant_tag(tid), session_tag=session_tag(sid), epoch=epoch, layer=layer,
+                          pos_start=pos, pos_count=count, key_len=key_len, dtype=dtype, num_heads=heads,
+                          head_dim=dim)
+    assert got == ref
