@@ -70,22 +70,44 @@ class CudaAuditRing:
         import torch
 
         self._torch = torch
-        device = torch.device(device)
-        if device.type != "cuda" or not torch.cuda.is_available():
-            raise BackendUnavailableError(f"a CUDA audit ring needs a CUDA device, got {device}")
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"ring capacity must be a positive int, got {capacity!r}")
-        self.device = device
+        self.device = torch.device(device)
         self.capacity = capacity
         self._log = log
         self._space = threading.Condition(log._lock)
-        self.buf = torch.zeros((capacity, RECORD_SIZE), dtype=torch.uint8, device=device)
-        self.staging = torch.zeros((capacity, RECORD_SIZE), dtype=torch.uint8, pin_memory=True)
+        self._allocate()
         self._staging_np = self.staging.numpy().view(RECORD_DTYPE).reshape(capacity)
-        self._side = torch.cuda.Stream(device=device)
         self._head = 0            # slot counter reserved so far (incl. skipped tails); only grows
         self._tail = 0            # slot counter freed so far
         self._res: collections.deque[_Reservation] = collections.deque()
+
+    # -- device work: the only CUDA calls of the ring --------------------------------------
+    def _allocate(self) -> None:
+        """Device buffer, pinned staging of the same size, and the side stream of the copies."""
+        torch = self._torch
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise BackendUnavailableError(f"a CUDA audit ring needs a CUDA device, got {self.device}")
+        self.buf = torch.zeros((self.capacity, RECORD_SIZE), dtype=torch.uint8, device=self.device)
+        self.staging = torch.zeros((self.capacity, RECORD_SIZE), dtype=torch.uint8, pin_memory=True)
+        self._side = torch.cuda.Stream(device=self.device)
+
+    def _enqueue_copy(self, slot: int, n: int):
+        """Order the copy of slots ``slot .. slot+n`` after the current stream's work; its completion event."""
+        torch = self._torch
+        written = torch.cuda.Event()
+        written.record(torch.cuda.current_stream(self.device))
+        self._side.wait_event(written)
+        with torch.cuda.stream(self._side):
+            self.staging[slot:slot + n].copy_(self.buf[slot:slot + n], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._side)
+        return copied
+
+    @staticmethod
+    def _copy_done(event) -> bool:
+        """Non-blocking: has the copy behind ``event`` completed?"""
+        return event.query()
 
     # -- compute side (host work only, no device synchronisation) -----------------------
     def reserve(self, n: int):
@@ -137,13 +159,7 @@ class CudaAuditRing:
             if res.n != n:
                 raise ValueError(f"commit of {n} records, but the reservation holds {res.n}")
             res.event = False     # claimed: a concurrent commit cannot take it
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self.device))
-        self._side.wait_event(written)
-        with torch.cuda.stream(self._side):
-            self.staging[res.slot:res.slot + n].copy_(self.buf[res.slot:res.slot + n], non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self._side)
+        copied = self._enqueue_copy(res.slot, n)
         with log._lock:
             res.event = copied
             log._emitted += n
@@ -220,11 +236,11 @@ class CudaAuditRing:
         """
         log = self._log
         with log._lock:
-            ready = [r for r in self._res if r.event and not r.taken]
+            ready = [r for r in self._res if r.event is not None and r.event is not False and not r.taken]
         out = []
         waiting = False
         for r in ready:
-            if not r.event.query():
+            if not self._copy_done(r.event):
                 waiting = True
                 continue
             recs = self._staging_np[r.slot:r.slot + r.n].copy()

@@ -1,0 +1,163 @@
+"""The CUDA ring's host-side bookkeeping and its torch record layout, run on host tensors.
+
+``HostTensorRing`` keeps every method of CudaAuditRing except the three
+device calls (allocation, the event-ordered copy, the completion query),
+which it replaces with host tensors and copies the test completes.  The real
+device path is tested by tests/test_audit_cuda.py on a GPU host.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pqc_kv_cache.audit import NONE16, KVAuditLog, Op, verify_log
+from pqc_kv_cache.audit.cuda_ring import CudaAuditRing
+
+
+class _Copy:
+    def __init__(self, slot, n):
+        self.slot, self.n, self.done = slot, n, False
+
+
+class HostTensorRing(CudaAuditRing):
+    """CudaAuditRing over host tensors; copies complete at ``complete()`` (or at once)."""
+
+    immediate = False
+
+    def _allocate(self):
+        self.buf = torch.zeros((self.capacity, 64), dtype=torch.uint8)
+        self.staging = torch.zeros((self.capacity, 64), dtype=torch.uint8)
+        self.copies = []
+        self.copies_lock = threading.Lock()
+
+    def _enqueue_copy(self, slot, n):
+        c = _Copy(slot, n)
+        with self.copies_lock:
+            self.copies.append(c)
+        if self.immediate:
+            self.complete()
+        return c
+
+    def _copy_done(self, c):
+        return c.done
+
+    def complete(self):
+        with self.copies_lock:
+            for c in self.copies:
+                if not c.done:
+                    self.staging[c.slot:c.slot + c.n].copy_(self.buf[c.slot:c.slot + c.n])
+                    c.done = True
+        with self._log._lock:
+            self._log._work.notify()
+
+
+def attach(log, capacity=64, immediate=False):
+    ring = HostTensorRing(log, torch.device("cpu"), capacity)
+    ring.immediate = immediate
+    log._cuda_rings["host-tensors"] = ring
+    return ring
+
+
+def test_emit_torch_writes_every_field_at_the_offsets_of_the_record_layout():
+    with KVAuditLog() as log:
+        ring = attach(log, immediate=True)
+        t = log.tenant_index("alice")
+        ring.emit_torch(Op.ROTATE, tenant_idx=0xFFFFFFF0, session_idx=2, layer=NONE16, row=0xFFFE,
+                        pos_start=0x80000001, pos_count=5, nonce_counter=(1 << 63) + 5, epoch=9, nbytes=77,
+                        status=3, device_ts_ns=123)
+        ring.emit_torch(Op.DECRYPT, tenant_idx=torch.tensor([t, t]), session_idx=0,
+                        layer=torch.tensor([3, 4], dtype=torch.int16), row=torch.tensor([0, 1]),
+                        pos_start=torch.tensor([10, 20]), pos_count=torch.tensor([2, 3], dtype=torch.int32),
+                        nonce_counter=torch.tensor([100, 200]), nbytes=torch.tensor([64, 96]))
+        log.flush()
+        b = log._store.blocks[0]
+        rec = {k: [int(x) for x in v[:3]] for k, v in b.cols.items()}
+    assert rec["record_no"] == [0, 1, 2]
+    assert rec["op"] == [Op.ROTATE, Op.DECRYPT, Op.DECRYPT]
+    assert rec["tenant_idx"] == [0xFFFFFFF0, t, t] and rec["session_idx"] == [2, 0, 0]
+    assert rec["layer"] == [0xFFFF, 3, 4] and rec["row"] == [0xFFFE, 0, 1]
+    assert rec["pos_start"] == [0x80000001, 10, 20] and rec["pos_count"] == [5, 2, 3]
+    assert rec["nonce_counter"] == [(1 << 63) + 5, 100, 200] and rec["epoch"] == [9, 0, 0]
+    assert rec["nbytes"] == [77, 64, 96] and rec["status"] == [3, 0, 0]
+    assert rec["device_ts_ns"] == [123, 0, 0]
+    assert all(ts > 0 for ts in rec["host_ts_ns"])        # filled by the drain
+
+
+def test_device_records_completing_late_are_delivered_before_later_host_records(tmp_path):
+    with KVAuditLog(path=tmp_path / "a.log", fsync=False) as log:
+        ring = attach(log)
+        t = log.tenant_index("alice")
+        s = log.session_index("s", "alice")
+        view, first = ring.reserve(8)
+        host_first = log.emit(Op.DECRYPT, tenant_idx=t, session_idx=s, pos_start=np.arange(4, dtype=np.uint32),
+                              pos_count=1)
+        assert (first, host_first) == (0, 8)
+        view[:, 60] = int(Op.ENCRYPT)
+        view[:, 56:60] = 0xFF
+        ring.commit(8)
+        assert log.flush(timeout=0.05) is False           # the copy has not completed
+        ring.complete()
+        assert log.flush() is True
+        ops = [e.operation for e in reversed(log.entries(limit=None))]
+    assert ops == ["encrypt"] * 8 + ["decrypt"] * 4
+    rep = verify_log(tmp_path / "a.log", collect=True)
+    assert rep.ok and list(rep.all_records()["record_no"]) == list(range(12))
+
+
+def test_reservation_that_does_not_fit_before_the_end_starts_at_slot_zero():
+    with KVAuditLog() as log:
+        ring = attach(log, capacity=64, immediate=True)
+        firsts = [ring.emit_torch(Op.ENCRYPT, tenant_idx=0, session_idx=0, pos_start=torch.arange(40),
+                                  pos_count=1) for _ in range(5)]
+        log.flush()
+        got = [e.position for e in reversed(log.entries(limit=None))]
+    assert firsts == [0, 40, 80, 120, 160]
+    assert got == list(range(40)) * 5
+
+
+def test_full_device_ring_makes_reserve_wait_and_loses_nothing():
+    with KVAuditLog() as log:
+        ring = attach(log, capacity=64, immediate=True)
+
+        def worker(w):
+            for i in range(100):
+                ring.emit_torch(Op.ENCRYPT, tenant_idx=w, session_idx=0, pos_start=torch.arange(48),
+                                pos_count=1, nonce_counter=i)
+
+        ts = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        log.flush()
+        st = log.stats()
+        recs = log._query(limit=None, newest_first=False)
+    assert st["emitted"] == st["drained"] == 3 * 100 * 48 >= 100 * 64
+    assert st["stalls"] > 0 and st["dropped"] == 0
+    assert [e.record_number for e in recs] == list(range(3 * 100 * 48))
+    for w in range(3):
+        mine = [e.sequence_number for e in recs if e.tenant_id == f"#{w}"]     # unregistered index w
+        assert mine == sorted(mine) and len(mine) == 100 * 48
+
+
+def test_commit_must_match_a_reservation():
+    with KVAuditLog() as log:
+        ring = attach(log)
+        with pytest.raises(ValueError, match="reservation"):
+            ring.commit(4)
+        view, _ = ring.reserve(4)
+        view[:, 60] = int(Op.CLOSE)
+        with pytest.raises(ValueError, match="holds 4"):
+            ring.commit(5)
+        with pytest.raises(ValueError):
+            ring.reserve(0)
+        with pytest.raises(ValueError):
+            ring.reserve(65)
+        with pytest.raises(TypeError):
+            ring.emit_torch(Op.ENCRYPT, tenant_idx=torch.tensor([1.5]), session_idx=0)
+        ring.commit(4)
+        ring.complete()
+        log.flush()
+        assert [e.operation for e in log.entries()] == ["close"] * 4
