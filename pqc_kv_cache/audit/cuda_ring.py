@@ -144,7 +144,6 @@ class CudaAuditRing:
         Without ``first_no`` the calling thread's oldest uncommitted
         reservation is committed; its size must be ``n``.
         """
-        torch = self._torch
         log = self._log
         me = threading.get_ident()
         with log._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import os
 import struct
 
@@ -74,17 +75,34 @@ def verify_log(path, public_key=None, *, collect: bool = False) -> VerifyReport:
     """
     path = os.fspath(path)
     rep = VerifyReport(path=path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise AuditError(f"cannot read audit log {path!r}: {e.strerror}") from None
     if public_key is None:
         if not os.path.exists(pub_path(path)):
             raise AuditError(f"no public key given and {pub_path(path)!r} does not exist")
         public_key = pub_path(path)
     pub = load_public_key(public_key)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except OSError as e:
+        raise AuditError(f"cannot read audit log {path!r}: {e.strerror}") from None
+    if mm is None:
+        return rep.fail("not an audit log: 0 bytes, shorter than the header", 0)
+    # The file is mapped, not read: memory stays small however long the log is.  Every
+    # view into the mapping is gone when _walk returns, so the mapping can be closed.
+    data = memoryview(mm)
+    try:
+        return _walk(data, rep, pub, collect)
+    finally:
+        try:
+            data.release()
+            mm.close()
+        except BufferError:   # only while an exception's traceback still holds a view; GC unmaps later
+            pass
 
+
+def _walk(data: memoryview, rep: VerifyReport, pub, collect: bool) -> VerifyReport:
+    path = rep.path
     if len(data) < HEADER.size:
         return rep.fail(f"not an audit log: {len(data)} bytes, shorter than the header", 0)
     magic, version, rsize, halg, salg, _, file_id, fpr = HEADER.unpack_from(data, 0)
@@ -117,8 +135,11 @@ def verify_log(path, public_key=None, *, collect: bool = False) -> VerifyReport:
             rep.torn_bytes = n - off
             break
         payload = data[off + FRAME_HEAD.size: end - 32]
-        stored = data[end - 32: end]
-        computed = hashlib.sha256(h + data[off: off + FRAME_HEAD.size] + payload).digest()
+        stored = bytes(data[end - 32: end])
+        hasher = hashlib.sha256(h)
+        hasher.update(data[off: off + FRAME_HEAD.size])
+        hasher.update(payload)
+        computed = hasher.digest()
         if ftype == b"RECS":
             if length < RECS_HEAD.size:
                 return rep.fail(f"record frame at byte {off} too short; first bad record {expected}", expected)
@@ -152,7 +173,7 @@ def verify_log(path, public_key=None, *, collect: bool = False) -> VerifyReport:
                 ts_min = lo if ts_min is None else min(ts_min, lo)
                 ts_max = hi if ts_max is None else max(ts_max, hi)
                 if collect:
-                    rep.record_blocks.append(recs)
+                    rep.record_blocks.append(recs.copy())
             expected += count
             closed = False
         else:
@@ -160,18 +181,18 @@ def verify_log(path, public_key=None, *, collect: bool = False) -> VerifyReport:
                 return rep.fail(f"hash chain broken at the {ftype.decode()} frame at byte {off}; "
                                 f"first bad record {expected}", expected)
             if ftype == b"TABL":
-                err = _read_table(payload, rep)
+                err = _read_table(bytes(payload), rep)
                 if err:
                     return rep.fail(f"{err} at byte {off}; first bad record {expected}", expected)
             elif ftype == b"DETL":
-                err = _read_details(payload, rep)
+                err = _read_details(bytes(payload), rep)
                 if err:
                     return rep.fail(f"{err} at byte {off}; first bad record {expected}", expected)
             elif ftype in (b"CKPT", b"CLOS"):
                 if length < CKPT_HEAD.size:
                     return rep.fail(f"checkpoint at byte {off} too short", rep.signed_records)
                 next_no, findex, wall, head, slen = CKPT_HEAD.unpack_from(payload, 0)
-                sig = payload[CKPT_HEAD.size:]
+                sig = bytes(payload[CKPT_HEAD.size:])
                 if len(sig) != slen or next_no != expected or findex != frame_index or head != h:
                     return rep.fail(f"checkpoint at byte {off} does not match the log before it "
                                     f"(it claims {next_no} records, the log has {expected}); "
