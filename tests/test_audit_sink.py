@@ -340,3 +340,16 @@ def test_any_changed_byte_of_a_closed_log_fails_verification(pristine, tmp_path,
     rep = verify_log(p)
     assert not rep.ok, f"byte {i} changed and verify passed"
     assert rep.bad_record is not None
+
+
+def test_show_of_a_tampered_log_prints_the_verified_records_and_exits_1(logfile, capsys):
+    patch(logfile, record_offset(logfile, 50) + 40, b"\x05")
+    rc, out = run_cli("show", logfile, "--json", capsys=capsys)
+    numbers = [json.loads(line)["record_number"] for line in out.out.splitlines()]
+    assert rc == 1 and "FAILED verification" in out.err and "record 50 changed" in out.err
+    assert numbers == list(range(numbers[-1] + 1)) and numbers[-1] < 50
+
+
+def test_show_limit_prints_the_newest_matches(logfile, capsys):
+    rc, out = run_cli("show", logfile, "--tenant", "alice", "--limit", "3", "--json", capsys=capsys)
+    assert rc == 0 and [json.loads(x)["record_number"] for x in out.out.splitlines()] == [N - 3, N - 2, N - 1]

@@ -85,27 +85,34 @@ def _verify(args) -> int:
 
 def _show(args) -> int:
     try:
-        rep = verify_log(args.path, args.public_key, collect=True)
         op = None if args.operation is None else int(op_from_name(args.operation))
-    except KVCacheError as e:
-        print(f"audit show: {e}", file=sys.stderr)
-        return EXIT_UNREADABLE
     except ValueError as e:
         print(f"audit show: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
-    recs = rep.all_records()
-    mask = np.ones(len(recs), dtype=bool)
-    if args.tenant is not None:
-        idx = [i for i, t in rep.tenants.items() if t == args.tenant]
-        mask &= np.isin(recs["tenant_idx"], np.array(idx, dtype=np.uint32))
-    if args.layer is not None:
-        mask &= recs["layer"] == (NONE16 if args.layer == -1 else args.layer)
-    if args.position is not None:
-        p = np.uint32(max(0, args.position))
-        mask &= (recs["pos_start"] <= p) & ((p - recs["pos_start"]) < recs["pos_count"]) & (args.position >= 0)
-    if op is not None:
-        mask &= recs["op"] == op
-    sel = recs[mask]
+
+    def select(recs, rep):
+        """Filter each frame's records as they are verified, so only matches are kept in memory."""
+        mask = np.ones(len(recs), dtype=bool)
+        if args.tenant is not None:
+            idx = [i for i, t in rep.tenants.items() if t == args.tenant]
+            mask &= np.isin(recs["tenant_idx"], np.array(idx, dtype=np.uint32))
+        if args.layer is not None:
+            mask &= recs["layer"] == (NONE16 if args.layer == -1 else args.layer)
+        if args.position is not None:
+            if not 0 <= args.position <= 0xFFFF_FFFF:
+                return np.zeros(len(recs), dtype=bool)
+            p = np.uint32(args.position)
+            mask &= (recs["pos_start"] <= p) & ((p - recs["pos_start"]) < recs["pos_count"])
+        if op is not None:
+            mask &= recs["op"] == op
+        return mask
+
+    try:
+        rep = verify_log(args.path, args.public_key, collect=select)
+    except KVCacheError as e:
+        print(f"audit show: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    sel = rep.all_records()
     if args.limit is not None:
         sel = sel[max(0, len(sel) - args.limit):]
     out = sys.stdout

@@ -66,12 +66,14 @@ class VerifyReport:
         return np.concatenate(self.record_blocks)
 
 
-def verify_log(path, public_key=None, *, collect: bool = False) -> VerifyReport:
+def verify_log(path, public_key=None, *, collect=False) -> VerifyReport:
     """Verify the log at ``path`` with ``public_key`` (default: the key in ``PATH.pub``).
 
     Raises AuditError only when the log or the key cannot be read at all;
-    every integrity problem is returned in the report.  With ``collect`` the
-    records read (in order) are kept in ``report.record_blocks``.
+    every integrity problem is returned in the report.  With ``collect=True``
+    the records read (in order) are kept in ``report.record_blocks``; with a
+    callable ``collect(records, report) -> bool mask`` only the records it
+    selects are kept (the tables read so far are in the report).
     """
     path = os.fspath(path)
     rep = VerifyReport(path=path)
@@ -101,7 +103,7 @@ def verify_log(path, public_key=None, *, collect: bool = False) -> VerifyReport:
             pass
 
 
-def _walk(data: memoryview, rep: VerifyReport, pub, collect: bool) -> VerifyReport:
+def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
     path = rep.path
     if len(data) < HEADER.size:
         return rep.fail(f"not an audit log: {len(data)} bytes, shorter than the header", 0)
@@ -172,8 +174,10 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect: bool) -> VerifyRepo
                 lo, hi = int(ts.min()), int(ts.max())
                 ts_min = lo if ts_min is None else min(ts_min, lo)
                 ts_max = hi if ts_max is None else max(ts_max, hi)
-                if collect:
+                if collect is True:
                     rep.record_blocks.append(recs.copy())
+                elif collect:
+                    rep.record_blocks.append(recs[collect(recs, rep)])
             expected += count
             closed = False
         else:
