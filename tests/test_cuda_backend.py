@@ -480,3 +480,43 @@ def test_encrypted_cache_over_the_cuda_backend_logic_matches_dynamic_cache(mode)
     assert torch.equal(ref, out)
     kinds = {name for name, _, _ in be.launches}
     assert {"pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_chunks"} <= kinds
+
+
+@pytest.mark.gpu
+@gpu
+def test_prefill_and_decode_on_cuda_make_no_host_sync_and_audit_gets_device_timestamps():
+    from test_cache_support import prompts, sessions, tiny_model
+
+    from pqc_kv_cache.audit import KVAuditLog
+    from pqc_kv_cache.cache import EncryptedCache
+
+    dev = _cuda_device()
+    model = tiny_model("llama").to(dev)
+    ids = prompts(2, 12).to(dev)
+    who = sessions("alice", "bob")
+    with torch.no_grad():   # warm-up on another cache: kernels compiled, key schedules prepared
+        warm = EncryptedCache(model.config, sessions=who, audit=KVAuditLog())
+        model(input_ids=ids, past_key_values=warm, use_cache=True)
+        warm.check()
+    torch.cuda.synchronize()
+    log = KVAuditLog()
+    cache = EncryptedCache(model.config, sessions=who, audit=log)
+    assert isinstance(select_backend(dev), CudaBackend)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cache.check()
+    log.flush()
+    layers = model.config.num_hidden_layers
+    enc = log.entries(limit=None, operation="encrypt")
+    dec = log.entries(limit=None, operation="decrypt")
+    assert len(enc) == layers * 2 * (12 + 3)            # one per (layer, row, position)
+    assert all(e.success and e.device_timestamp_ns > 0 for e in enc + dec)
+    assert len(dec) >= layers * 2 * 4                   # at least one per (layer, row, step)
