@@ -135,6 +135,7 @@ def test_failures_and_violations_go_to_logging_at_warning_with_tenant_layer_posi
             lg.log_isolation_violation("mallory", "x", layer_idx=2, position=5)
             lg.log_encrypt("carol", "s", 1, 1)
             lg.flush()
+    assert lg.stats()["failures"] == 2 and lg.stats()["violations"] == 1   # the violation is REFUSED
     msgs = [r.getMessage() for r in caplog.records if r.name == "test.audit"]
     assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "test.audit")
     assert len(msgs) == 2

@@ -165,6 +165,8 @@ class KVAuditLog:
         self._drain_idle = False
         self._drain_busy_ns = 0
         self._drained = 0
+        self._failures = 0           # drained records with status != OK
+        self._violations = 0         # drained isolation-violation records
 
         self._sink = None
         if path is not None:
@@ -547,7 +549,12 @@ class KVAuditLog:
         self._delivered += len(recs)
         self._drained += len(recs)
         self._sink_call("write_records", recs)
-        bad = np.flatnonzero((recs["status"] != 0) | (recs["op"] == Op.ISOLATION_VIOLATION))
+        failed = recs["status"] != 0
+        violation = recs["op"] == Op.ISOLATION_VIOLATION
+        bad = np.flatnonzero(failed | violation)
+        if len(bad):
+            self._failures += int(np.count_nonzero(failed))
+            self._violations += int(np.count_nonzero(violation))
         for i in bad[:1000]:
             self._warn(recs[int(i)])
         if len(bad) > 1000:
@@ -661,6 +668,8 @@ class KVAuditLog:
                 "evicted": self._store.evicted,
                 "bytes_persisted": 0 if self._sink is None else self._sink.bytes_written,
                 "in_memory": len(self._store),
+                "failures": self._failures,
+                "violations": self._violations,
                 "reorder_pending": sum(len(r[2]) for r in self._reorder),
                 "drain_busy_s": self._drain_busy_ns / 1e9,
             }
