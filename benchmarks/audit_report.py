@@ -139,8 +139,11 @@ def per_record(fn, records_per_call: int, calls: int, repeats: int, between=None
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (seconds)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "audit_report.json"))
+    ap.add_argument("--out", default=os.path.join("bench-results", "audit_report.json"),
+                    help="JSON output (default bench-results/audit_report.json)")
     args = ap.parse_args(argv)
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
     quick = args.quick
     repeats = 5 if quick else 9
     rows = []
