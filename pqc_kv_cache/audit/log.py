@@ -342,6 +342,11 @@ class KVAuditLog:
         values = list(ints)
         for k, v in arrays:
             values[k] = v
+        pc = values[_I_POS_COUNT]
+        if (pc == 1) if type(pc) is int else (d and bool((pc == 1).all())):
+            # every descriptor covers one position (a decode step): nothing to expand, and
+            # pos_start + 1 cannot leave the 32-bit range
+            return self._write(op, d, ints, arrays)
         counts = np.broadcast_to(np.asarray(values[_I_POS_COUNT], dtype=np.int64), (d,))
         starts = np.broadcast_to(np.asarray(values[_I_POS_START], dtype=np.int64), (d,))
         if d and int((starts + counts).max()) > 0x1_0000_0000:
