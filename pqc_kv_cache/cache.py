@@ -49,6 +49,10 @@ _SLIDING = ("sliding_attention", "chunked_attention")
 _META = ("counter", "epoch", "sess", "offset")
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -750,7 +754,7 @@ class EncryptedCache(Cache):
 
     # ---- scratch --------------------------------------------------------------------------------
     def _scratch_views(self, batch, seq, heads, dim, dtype, device):
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = _itemsize(dtype)
         need = batch * seq * 2 * heads * dim * itemsize
         s = self._scratch
         if s is None or s.numel() < need or s.device != torch.device(device):
@@ -758,8 +762,8 @@ class EncryptedCache(Cache):
                 s.zero_()
             cap = max(need, 2 * s.numel() if s is not None and s.device == torch.device(device) else 0, 1 << 16)
             s = self._scratch = torch.empty(cap, dtype=torch.uint8, device=device)
-        x = s[:need].view(dtype).view(batch, seq, 2, heads, dim)
-        return x[:, :, 0].permute(0, 2, 1, 3), x[:, :, 1].permute(0, 2, 1, 3)
+        x = s[:need].view(dtype).view(batch, 2, heads, seq, dim)
+        return x[:, 0], x[:, 1]
 
     def wipe_scratch(self) -> None:
         """Zero the plaintext scratch (the K/V views last returned become zeros)."""

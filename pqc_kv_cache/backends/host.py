@@ -9,8 +9,8 @@ Decryption writes a chunk straight into its destination when the destination
 is one contiguous run of memory: a one-position chunk into ``k_out`` / ``v_out``
 views of a position-major buffer ``[batch, seq, 2, heads, dim]`` (how
 ``EncryptedCache`` lays out its plaintext scratch). Any other chunk is opened
-into a staging buffer and copied; the staging buffer is zeroed before the
-call returns. A chunk whose tag fails has its destination zeroed (OpenSSL
+into a per-thread staging buffer and copied; the staging buffer is zeroed
+before the call returns. A chunk whose tag fails has its destination zeroed (OpenSSL
 leaves the unauthenticated plaintext in the buffer, so this is not optional).
 
 Large calls are split over a small thread pool: OpenSSL releases the GIL.
@@ -19,7 +19,9 @@ Large calls are split over a small thread pool: OpenSSL releases the GIL.
 from __future__ import annotations
 
 import os
+import struct
 import threading
+from functools import lru_cache
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -89,30 +91,35 @@ def _check_keys(keys: Sequence[KeySlot], slot: np.ndarray) -> None:
         raise ValueError(f"chunk slot {int(slot.max())} has no key (only {len(keys)} given)")
 
 
-def chunk_aads(keys: Sequence[KeySlot], layout: ChunkLayout, slot, pos_start, pos_count) -> np.ndarray:
+_AAD_STRUCT = struct.Struct(">4sBBBx16s16sIIQIIIIq")
+
+
+@lru_cache(maxsize=4096)
+def _aad_template(tenant_tag_: bytes, session_tag_: bytes, epoch: int, layer: int, heads: int, dim: int,
+                  dcode: int) -> bytes:
+    """The AAD of a (key, layer, shape) with position start, count and K length still 0."""
+    return _AAD_STRUCT.pack(b"PKVA", FORMAT_VERSION, KV_ROLES["both"], dcode, tenant_tag_, session_tag_,
+                            epoch, layer, 0, 0, 0, heads, dim, -1)
+
+
+def chunk_aads(keys: Sequence[KeySlot], layout: ChunkLayout, slot, pos_start, pos_count,
+               bytes_per_position: int | None = None) -> np.ndarray:
     """The AAD v1 of every chunk, as an ``(n, 80)`` uint8 array (vectorised ``envelope.build_aad``)."""
     slot = np.asarray(slot, dtype=np.int64)
-    tmpl = np.zeros(len(keys), dtype=_AAD_DTYPE)
-    tmpl["magic"] = b"PKVA"
-    tmpl["version"] = FORMAT_VERSION
-    tmpl["role"] = KV_ROLES["both"]
-    tmpl["dtype"] = dtype_code(layout.dtype)
-    tmpl["layer"] = layout.layer_idx
-    tmpl["num_heads"] = layout.num_heads
-    tmpl["head_dim"] = layout.head_dim
-    tmpl["token_id"] = -1
-    for i, k in enumerate(keys):
-        tmpl["tenant_tag"][i] = np.frombuffer(k.tenant_tag, dtype="V16")[0]
-        tmpl["session_tag"][i] = np.frombuffer(k.session_tag, dtype="V16")[0]
-        tmpl["epoch"][i] = k.epoch
-    rec = tmpl[slot]
+    bpp = layout.bytes_per_position if bytes_per_position is None else bytes_per_position
+    dcode = dtype_code(layout.dtype)
+    tmpl = np.frombuffer(b"".join(_aad_template(k.tenant_tag, k.session_tag, k.epoch, layout.layer_idx,
+                                                layout.num_heads, layout.head_dim, dcode) for k in keys),
+                         dtype=np.uint8).reshape(len(keys), AAD_SIZE)
+    raw = tmpl[slot]
+    rec = raw.view(_AAD_DTYPE).reshape(-1)
     pc = np.asarray(pos_count, dtype=np.int64)
-    if pc.size and int(pc.max()) * (layout.bytes_per_position // 2) > 0xFFFFFFFF:
+    if pc.size and int(pc.max()) * (bpp // 2) > 0xFFFFFFFF:
         raise ValueError("a chunk's K length does not fit the 32-bit AAD field: use smaller chunks")
     rec["pos_start"] = np.asarray(pos_start, dtype=np.int64)
     rec["pos_count"] = pc
-    rec["key_len"] = pc * (layout.bytes_per_position // 2)
-    return rec.view(np.uint8).reshape(-1, AAD_SIZE)
+    rec["key_len"] = pc * (bpp // 2)
+    return raw
 
 
 def chunk_nonces(keys: Sequence[KeySlot], slot, counter) -> np.ndarray:
@@ -157,6 +164,14 @@ class HostBackend(CryptoBackend):
         self.threads = threads
         self.parallel_min_bytes = _PARALLEL_MIN_BYTES
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pqc-kv-host") if threads > 1 else None
+        self._local = threading.local()
+
+    def _staging(self, nbytes: int, dtype) -> np.ndarray:
+        """This thread's reusable staging buffer (zeroed by the caller before the call returns)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._local.buf = np.zeros(max(nbytes, 1 << 16), dtype=np.uint8)
+        return buf[:nbytes].view(dtype)
 
     @classmethod
     def instance(cls) -> "HostBackend":
@@ -207,13 +222,19 @@ class HostBackend(CryptoBackend):
         if int((t["offset"] + chunk_bytes + TAG_SIZE).max()) > arena_len:
             raise ValueError("a chunk reaches past the end of the arena")
 
-    def _run(self, fn, n: int, total_bytes: int) -> None:
-        """Run ``fn(lo, hi)`` over [0, n), split over the pool when the call is large."""
-        if self._pool is None or n < 2 or total_bytes < self.parallel_min_bytes:
+    def _run(self, fn, nbytes: np.ndarray) -> None:
+        """Run ``fn(lo, hi)`` over all chunks, split by bytes over the pool when the call is large."""
+        n = int(nbytes.shape[0])
+        total = int(nbytes.sum())
+        if self._pool is None or n < 2 or total < self.parallel_min_bytes:
             fn(0, n)
             return
         parts = min(self.threads, n)
-        bounds = np.linspace(0, n, parts + 1).astype(int).tolist()
+        cum = np.cumsum(nbytes)
+        cuts = np.searchsorted(cum, total * np.arange(1, parts) / parts, side="left") + 1
+        bounds = [0] + np.clip(cuts, 1, n - 1).tolist() + [n]
+        bounds = sorted(set(bounds))
+        parts = len(bounds) - 1
         futs = [self._pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
         err = None
         try:
@@ -238,12 +259,13 @@ class HostBackend(CryptoBackend):
         t = _table(chunks)
         n = t["slot"].shape[0]
         _check_keys(keys, t["slot"])
-        bpp = layout.bytes_per_position
+        itemsize = k_src.element_size()
+        bpp = 2 * layout.num_heads * layout.head_dim * itemsize
         nbytes = t["pos_count"] * bpp
         self._check_ranges(t, k_src.shape[0], k_src.shape[2], arena.numel(), nbytes)
         if n == 0:
             return
-        aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"]).tobytes()
+        aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"], bpp).tobytes()
         nonces = chunk_nonces(keys, t["slot"], t["counter"]).tobytes()
         ciphers = [AESGCM(k.key) for k in keys]
         arena_np = arena.numpy()
@@ -254,10 +276,10 @@ class HostBackend(CryptoBackend):
         try:
             # Each chunk's plaintext ([2, heads, count, dim]) is packed into one staging run, copied in
             # numpy on this thread; the staging buffer is zeroed before it is released.
-            raw_dt = _RAW[layout.itemsize][1]
+            raw_dt = _RAW[itemsize][1]
             k_np, v_np = _raw_numpy(k_src), _raw_numpy(v_src)
             total = int(nbytes.sum())
-            plain = np.empty(total // layout.itemsize, dtype=raw_dt)
+            plain = self._staging(total, raw_dt)
             plain_u8 = plain.view(np.uint8)
             src_off = (np.cumsum(nbytes) - nbytes).tolist()
             slot_l, off_l, nb_l = t["slot"].tolist(), t["offset"].tolist(), nbytes.tolist()
@@ -271,7 +293,7 @@ class HostBackend(CryptoBackend):
             else:
                 for i in range(n):
                     r, s0, c = row_l[i], io_l[i], cnt_l[i]
-                    e0 = src_off[i] // layout.itemsize
+                    e0 = src_off[i] // itemsize
                     kv = plain[e0:e0 + 2 * H * c * D].reshape(2, H, c, D)
                     kv[0] = k_np[r, :, s0:s0 + c, :]
                     kv[1] = v_np[r, :, s0:s0 + c, :]
@@ -282,7 +304,7 @@ class HostBackend(CryptoBackend):
                     ciphers[slot_l[i]].encrypt_into(nonces[12 * i:12 * i + 12], plain_u8[so:so + nb],
                                                     aads[80 * i:80 * i + 80], arena_np[off:off + nb + TAG_SIZE])
 
-            self._run(work, n, total)
+            self._run(work, nbytes)
         finally:
             if plain is not None:
                 plain.fill(0)
@@ -320,17 +342,17 @@ class HostBackend(CryptoBackend):
         t = _table(chunks)
         n = t["slot"].shape[0]
         _check_keys(keys, t["slot"])
-        bpp = layout.bytes_per_position
+        itemsize = k_out.element_size()
+        bpp = 2 * layout.num_heads * layout.head_dim * itemsize
         nbytes = t["pos_count"] * bpp
         self._check_ranges(t, k_out.shape[0], k_out.shape[2], arena.numel(), nbytes)
         status = np.zeros(n, dtype=np.uint8)
         if n == 0:
             return status
-        aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"]).tobytes()
+        aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"], bpp).tobytes()
         nonces = chunk_nonces(keys, t["slot"], t["counter"]).tobytes()
         ciphers = [AESGCM(k.key) for k in keys]
         arena_np = arena.numpy()
-        itemsize = layout.itemsize
         H, D = layout.num_heads, layout.head_dim
         direct = self._direct_target(k_out, v_out, layout)
         slot_l, off_l, nb_l = t["slot"].tolist(), t["offset"].tolist(), nbytes.tolist()
@@ -358,7 +380,7 @@ class HostBackend(CryptoBackend):
                             status[i] = Status.AUTH_FAILED
                         continue
                     if staging is None:
-                        staging = np.empty(max_staged // itemsize, dtype=raw_dt)
+                        staging = self._staging(max_staged, raw_dt)
                     buf = staging[:nb // itemsize]
                     r, s = row_l[i], io_l[i]
                     try:
@@ -375,7 +397,7 @@ class HostBackend(CryptoBackend):
                 if staging is not None:
                     staging.fill(0)
 
-        self._run(work, n, int(nbytes.sum()))
+        self._run(work, nbytes)
         if audit is not None:
             self._emit_decrypt(audit, keys, layout, t, nbytes, status)
         return status
