@@ -6,8 +6,10 @@ its oldest entry with ``pop(0)`` beyond 100,000 entries.
 
 Rows:
 - decode step (32 layers x 16 rows = 512 ENCRYPT records): one ``emit`` per
-  step, and one ``emit`` per layer (16 records per call, as a cache layer's
-  update), against 512 baseline calls (below and at its 100,000 bound);
+  step, one ``emit`` per layer (16 records per call, as a cache layer's
+  update), and one ``emit_per_position`` per layer with every field an array
+  (as the host backend calls it), against 512 baseline calls (below and at
+  its 100,000 bound);
 - prefill of 2048 positions (batch 1, 32 layers): one ``emit_per_position``
   per layer (2048 records), against baseline calls per position;
 - drain throughput into the queryable log (drain-thread busy time), without
@@ -108,6 +110,12 @@ class Emitters:
         self.step_rows = np.tile(np.arange(ROWS, dtype=np.uint16), LAYERS)
         self.rows = np.arange(ROWS, dtype=np.uint16)
         self.nonce = np.arange(512, dtype=np.uint64)
+        self.row_tenants = np.full(ROWS, self.t, dtype=np.uint32)
+        self.row_sessions = np.full(ROWS, self.s, dtype=np.uint32)
+        self.row_pos = np.zeros(ROWS, dtype=np.uint32)
+        self.row_ones = np.ones(ROWS, dtype=np.uint32)
+        self.row_zeros = np.zeros(ROWS, dtype=np.uint32)
+        self.row_nbytes = np.full(ROWS, 4096, dtype=np.uint32)
 
     def decode_step(self, step: int) -> None:
         self.log.emit(Op.ENCRYPT, tenant_idx=self.t, session_idx=self.s, layer=self.step_layers,
@@ -117,6 +125,14 @@ class Emitters:
         for layer in range(LAYERS):
             self.log.emit(Op.ENCRYPT, tenant_idx=self.t, session_idx=self.s, layer=layer, row=self.rows,
                           pos_start=step, pos_count=1, nonce_counter=self.nonce[:ROWS], nbytes=4096)
+
+    def decode_step_backend_shape(self, step: int) -> None:
+        """As the host backend emits: per layer, one descriptor per row, every field an array."""
+        for layer in range(LAYERS):
+            self.log.emit_per_position(Op.ENCRYPT, tenant_idx=self.row_tenants, session_idx=self.row_sessions,
+                                       layer=layer, row=self.rows, pos_start=self.row_pos + np.uint32(step),
+                                       pos_count=self.row_ones, nonce_counter=self.nonce[:ROWS],
+                                       epoch=self.row_zeros, nbytes=self.row_nbytes, status=0)
 
     def prefill_layer(self, layer: int) -> None:
         self.log.emit_per_position(Op.ENCRYPT, tenant_idx=self.t, session_idx=self.s, layer=layer, row=0,
@@ -172,6 +188,7 @@ def main(argv=None) -> int:
             ours[mode] = dict(
                 step=per_record(em.decode_step, 512, steps, repeats, between=log.flush),
                 layer=per_record(em.decode_step_per_layer, 512, steps, repeats, between=log.flush),
+                backend=per_record(em.decode_step_backend_shape, 512, steps, repeats, between=log.flush),
                 prefill=per_record(lambda i: em.prefill_layer(i % LAYERS), PREFILL, layers, repeats,
                                    between=log.flush))
     b_prefill = per_record(lambda i: seed_prefill_positions(seed_at_bound, i % LAYERS, 2048), 2048, 2, repeats)
@@ -183,6 +200,8 @@ def main(argv=None) -> int:
     for key, name, baselines in (
             ("step", "decode step, 512 records: one emit per step", ((b_fresh, below), (b_bound, at))),
             ("layer", "decode step, 512 records: one emit per layer (16 records)", ((b_fresh, below), (b_bound, at))),
+            ("backend", "decode step, 512 records: one emit_per_position per layer, all fields arrays "
+                        "(the host backend's shape)", ((b_fresh, below), (b_bound, at))),
             ("prefill", "prefill 2048 positions x 32 layers: one emit_per_position per layer", ((b_prefill_fresh, below), (b_prefill, at)))):
         for b, label in baselines:
             rows.append(dict(name=name, ours_idle_ns=ours["idle"][key] * 1e9,
