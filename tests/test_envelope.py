@@ -181,7 +181,8 @@ def test_valid_dict_with_random_field_values_only_raises_kv_cache_errors(data):
     key = data.draw(st.sampled_from(sorted(d)))
     d[key] = data.draw(json_values)
     if data.draw(st.booleans()):
-        mk = data.draw(st.sampled_from(sorted(d["metadata"]))) if isinstance(d.get("metadata"), dict) else None
+        md = d.get("metadata")
+        mk = data.draw(st.sampled_from(sorted(md))) if isinstance(md, dict) and md else None
         if mk:
             d["metadata"][mk] = data.draw(json_values)
     try:
