@@ -38,6 +38,8 @@ _I_POS_COUNT = VALUE_FIELDS.index("pos_count")
 _I_NBYTES = VALUE_FIELDS.index("nbytes")
 _I_STATUS = VALUE_FIELDS.index("status")
 _VALID_OPS = frozenset(int(o) for o in Op)
+# (array dtype, field index) -> whether its values need a range check (signed, or wider than the field)
+_RANGE_CHECK: dict = {}
 
 
 _OPEN_LOGS: "weakref.WeakSet[KVAuditLog]" = weakref.WeakSet()
@@ -262,14 +264,18 @@ class KVAuditLog:
                     if not 0 <= ints[k] <= _LIMITS[k]:
                         raise ValueError(f"{VALUE_FIELDS[k]}={ints[k]} is out of range 0..{_LIMITS[k]}")
                     continue
-            if v.ndim != 1 or v.dtype.kind not in "iu":
-                raise TypeError(f"{VALUE_FIELDS[k]} must be an int or a 1-D integer array, "
-                                f"got {v.ndim}-D {v.dtype}")
+            check = _RANGE_CHECK.get((v.dtype, k))
+            if check is None or v.ndim != 1:
+                if v.ndim != 1 or v.dtype.kind not in "iu":
+                    raise TypeError(f"{VALUE_FIELDS[k]} must be an int or a 1-D integer array, "
+                                    f"got {v.ndim}-D {v.dtype}")
+                check = _RANGE_CHECK[(v.dtype, k)] = v.dtype.kind == "i" or v.dtype.itemsize > _ITEMSIZE[k]
+            ln = len(v)
             if n is None:
-                n = len(v)
-            elif len(v) != n:
-                raise ValueError(f"{VALUE_FIELDS[k]} has {len(v)} elements, other fields {n}")
-            if len(v) and (v.dtype.kind == "i" or v.dtype.itemsize > _ITEMSIZE[k]):
+                n = ln
+            elif ln != n:
+                raise ValueError(f"{VALUE_FIELDS[k]} has {ln} elements, other fields {n}")
+            if check and ln:
                 lo, hi = int(v.min()), int(v.max())
                 if lo < 0 or hi > _LIMITS[k]:
                     raise ValueError(f"{VALUE_FIELDS[k]} holds {lo if lo < 0 else hi}, "

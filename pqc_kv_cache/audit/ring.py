@@ -100,7 +100,7 @@ class HostRing:
             self._slots[s:e] = _PACK.pack(0, *pack_args)
             f_value = self._f_value
             for i, v in arrays:
-                f_value[i][s:e] = v[done:done + k]
+                f_value[i][s:e] = v if k == len(v) else v[done:done + k]
             self._f_recno[s:e] = np.arange(first_no + done, first_no + done + k, dtype=np.uint64)
         self.segments.append((s, first_no + done, k))
         self.written += k
