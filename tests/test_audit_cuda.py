@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pqc_kv_cache.audit import KVAuditLog, Op, RECORD_DTYPE, verify_log
+from pqc_kv_cache.audit import NONE16, RECORD_DTYPE, KVAuditLog, Op, verify_log
 from pqc_kv_cache.errors import BackendUnavailableError
 
 gpu = pytest.mark.gpu
@@ -134,7 +134,7 @@ def test_device_record_layout_matches_numpy_dtype():
     dev = torch.device("cuda", torch.cuda.current_device())
     with KVAuditLog() as log:
         ring = log.cuda_ring(dev)
-        ring.emit_torch(Op.ROTATE, tenant_idx=0xFFFFFFF0, session_idx=2, layer=NONE16_(), row=0xFFFE,
+        ring.emit_torch(Op.ROTATE, tenant_idx=0xFFFFFFF0, session_idx=2, layer=NONE16, row=0xFFFE,
                         pos_start=0x80000001, pos_count=5, nonce_counter=(1 << 63) + 5, epoch=9, nbytes=77,
                         status=3, device_ts_ns=123)
         log.flush()
@@ -145,8 +145,3 @@ def test_device_record_layout_matches_numpy_dtype():
     assert rec["nonce_counter"] == (1 << 63) + 5 and rec["epoch"] == 9 and rec["nbytes"] == 77
     assert rec["status"] == 3 and rec["device_ts_ns"] == 123 and rec["op"] == Op.ROTATE
     assert RECORD_DTYPE.itemsize == 64
-
-
-def NONE16_():
-    from pqc_kv_cache.audit import NONE16
-    return NONE16
