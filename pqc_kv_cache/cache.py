@@ -223,8 +223,12 @@ class EncryptedLayer(CacheLayerMixin):
         cache = self._cache
         counter = np.empty(sess.shape[0], dtype=np.int64)
         epoch = np.empty(sess.shape[0], dtype=np.int64)
-        for si in np.unique(sess).tolist():
-            where = np.flatnonzero(sess == si)
+        if sess.size == 0:
+            return counter, epoch
+        order = np.argsort(sess, kind="stable")
+        bounds = np.flatnonzero(np.diff(sess[order])) + 1
+        for where in np.split(order, bounds):
+            si = int(sess[where[0]])
             e, first = cache._sessions[si].reserve(int(where.size))
             counter[where] = first + np.arange(where.size, dtype=np.int64)
             epoch[where] = e
@@ -251,7 +255,10 @@ class EncryptedLayer(CacheLayerMixin):
         if segs.size == 0 or rows.size == 0:
             return
         ns, nr = segs.size, rows.size
-        sub = {f: self._meta[f][np.ix_(segs, rows)].reshape(-1) for f in _META}
+        if rows.size == self._batch and segs[-1] - segs[0] + 1 == ns and (rows == np.arange(nr)).all():
+            sub = {f: self._meta[f][int(segs[0]):int(segs[-1]) + 1].reshape(-1) for f in _META}
+        else:
+            sub = {f: self._meta[f][np.ix_(segs, rows)].reshape(-1) for f in _META}
         keys, slot, ctx = self._slots(sub["sess"], sub["epoch"], audited=True)
         dst = np.tile(rows if out_rows is None else out_rows, ns)
         pos_start = np.repeat(self._seg_start[segs], nr)

@@ -66,16 +66,18 @@ def _as_i64(name: str, a, n: int | None = None) -> np.ndarray:
 def _table(chunks: ChunkTable) -> dict[str, np.ndarray]:
     if not isinstance(chunks, ChunkTable):
         raise TypeError(f"chunks must be a ChunkTable, got {type(chunks).__name__}")
-    n = None
-    out = {}
-    for f in ChunkTable.fields():
-        out[f] = _as_i64(f, getattr(chunks, f), n)
-        n = out[f].shape[0]
-    for f in ("slot", "row", "pos_start", "io_start", "counter", "offset"):
-        if n and int(out[f].min()) < 0:
-            raise ValueError(f"chunk field {f} must be >= 0")
-    if n and int(out["pos_count"].min()) < 1:
-        raise ValueError("chunk field pos_count must be >= 1")
+    fields = ChunkTable.fields()
+    cols = [_as_i64(f, getattr(chunks, f)) for f in fields]
+    n = cols[0].shape[0]
+    if any(c.shape[0] != n for c in cols):
+        raise ValueError(f"chunk fields differ in length: {[c.shape[0] for c in cols]}")
+    out = dict(zip(fields, cols))
+    if n:
+        lows = np.stack(cols).min(axis=1)
+        lows[fields.index("pos_count")] -= 1
+        if int(lows.min()) < 0:
+            bad = fields[int(np.argmin(lows))]
+            raise ValueError(f"chunk field {bad} must be >= {1 if bad == 'pos_count' else 0}")
     return out
 
 
