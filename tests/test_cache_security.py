@@ -390,3 +390,35 @@ def test_arena_reclaims_dead_bytes(two):
     # every update is cropped away again: the arena must not grow with the number of updates
     assert layer._arena.numel() <= 1 << 16
     assert layer.get_seq_length() == 0
+
+
+def test_merging_keeps_chunks_logarithmic_and_states_exact(two):
+    audit = KVAuditLog()
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two, audit=audit)
+    ks, vs = [], []
+    for i in range(40):
+        k, v = kv(2, 5 if i == 0 else 1, seed=i)
+        k_out, v_out = cache.update(k, v, 0)
+        ks.append(k)
+        vs.append(v)
+        assert torch.equal(k_out, torch.cat(ks, 2)) and torch.equal(v_out, torch.cat(vs, 2))
+    layer = cache.layers[0]
+    assert layer.num_segments <= 1 + 6            # the prefill plus O(log2 39) merged runs
+    assert list(layer._seg_start[1:]) == sorted(layer._seg_start[1:])
+    # merges re-seal already written positions: recorded as REORDER, never as ENCRYPT
+    assert len(audit.entries(limit=None, operation="encrypt")) == 2 * 44
+    merges = audit.entries(limit=None, operation="reorder")
+    assert merges and all(e.position_count >= 2 and e.nbytes > 0 for e in merges)
+    cache.check()                                 # host backend: failures were raised at once, nothing pending
+    audit.close()
+
+
+def test_sliding_layer_merges_stay_within_a_quarter_window(two):
+    cache = EncryptedCache(tiny_model("mistral").config, sessions=two)
+    ks = []
+    for i in range(20):
+        k, v = kv(2, 1, seed=i)
+        k_out, _ = cache.update(k, v, 0)
+        ks.append(k)
+        assert torch.equal(k_out, torch.cat(ks, 2)[:, :, -8:])
+    assert int(cache.layers[0]._seg_count.max()) <= 2
