@@ -407,20 +407,15 @@ class HostBackend(CryptoBackend):
     @staticmethod
     def _emit_decrypt(audit: AuditContext, keys, layout, t, nbytes, status) -> None:
         """One DECRYPT record per row read (covering its positions), one AUTH_FAILED record per failing chunk."""
-        rows, inv = np.unique(t["row"], return_inverse=True)
-        m = rows.shape[0]
-        end = t["pos_start"] + t["pos_count"]
-        lo = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
-        hi = np.zeros(m, dtype=np.int64)
-        np.minimum.at(lo, inv, t["pos_start"])
-        np.maximum.at(hi, inv, end)
-        nb = np.zeros(m, dtype=np.int64)
-        np.add.at(nb, inv, nbytes)
-        bad = np.zeros(m, dtype=np.uint8)
-        np.maximum.at(bad, inv, status)
-        first = np.zeros(m, dtype=np.int64)
-        first[inv[::-1]] = np.arange(inv.shape[0])[::-1]   # first chunk of each row
-        slot = t["slot"][first]
+        order = np.argsort(t["row"], kind="stable")
+        srow = t["row"][order]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(srow)) + 1))
+        rows = srow[starts]
+        lo = np.minimum.reduceat(t["pos_start"][order], starts)
+        hi = np.maximum.reduceat((t["pos_start"] + t["pos_count"])[order], starts)
+        nb = np.add.reduceat(nbytes[order], starts)
+        bad = np.maximum.reduceat(status[order], starts)
+        slot = t["slot"][order[starts]]                    # the row's first chunk
         epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
         audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
                        layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=lo.astype(np.uint32),
