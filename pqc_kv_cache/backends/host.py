@@ -312,7 +312,9 @@ class HostBackend(CryptoBackend):
                 plain.fill(0)
         if audit is not None:
             slot = t["slot"]
-            audit.log.emit_per_position(
+            # one-position chunks (every decode step) are already one record each: plain emit, no expansion
+            emit = audit.log.emit if bool((t["pos_count"] == 1).all()) else audit.log.emit_per_position
+            emit(
                 Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
                 layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=t["pos_start"].astype(np.uint32),
                 pos_count=t["pos_count"].astype(np.uint32), nonce_counter=t["counter"].astype(np.uint64),
