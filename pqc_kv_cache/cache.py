@@ -658,7 +658,6 @@ class EncryptedCache(Cache):
         self._keyslots: dict[tuple[int, int], KeySlot] = {}
         self._audit_ids: dict[int, tuple[int, int]] = {}
         self._scratch: torch.Tensor | None = None
-        self._pending: list = []
         self._closed: set[int] = set()
         me = weakref.ref(self)
         for s in self._sessions:
@@ -778,11 +777,12 @@ class EncryptedCache(Cache):
             self._scratch.zero_()
 
     def _check_status(self, layer: EncryptedLayer, status, table: ChunkTable, sess: np.ndarray, outs) -> None:
-        """Raise DecryptionError for failed chunks (host backends answer at once; others at check())."""
-        if not isinstance(status, np.ndarray):
-            self._pending.append((layer, status, table, sess, outs))
-            return
-        self._raise_failed(layer, status, table, sess, outs)
+        """Raise DecryptionError for failed chunks when the backend answered on the host (numpy status).
+
+        A device status is not read here (that would synchronise the hot path): the device backend
+        keeps its failures, zeroes their destinations itself, and raises them from ``check()``."""
+        if isinstance(status, np.ndarray):
+            self._raise_failed(layer, status, table, sess, outs)
 
     def _raise_failed(self, layer, status, table, sess, outs) -> None:
         bad = np.flatnonzero(np.asarray(status))
@@ -801,14 +801,16 @@ class EncryptedCache(Cache):
             tenant_id=s.tenant_id, layer_idx=layer.layer_idx, positions=positions)
 
     def check(self) -> None:
-        """Synchronisation point: raise any failure a device backend recorded since the last check."""
+        """Synchronisation point: raise a failure a device backend recorded since the last check
+        (the scratch is wiped first). The host backend raises inside ``update`` already."""
         chk = getattr(self._backend, "check", None)
-        if callable(chk):
+        if not callable(chk):
+            return
+        try:
             chk()
-        pending, self._pending = self._pending, []
-        for layer, status, table, sess, outs in pending:
-            st = status.cpu().numpy() if isinstance(status, torch.Tensor) else np.asarray(status)
-            self._raise_failed(layer, st, table, sess, outs)
+        except DecryptionError:
+            self.wipe_scratch()
+            raise
 
     # ---- rotation ---------------------------------------------------------------------------------
     def rotate(self, tenant: "str | TenantSession") -> list[int]:

@@ -422,3 +422,42 @@ def test_sliding_layer_merges_stay_within_a_quarter_window(two):
         ks.append(k)
         assert torch.equal(k_out, torch.cat(ks, 2)[:, :, -8:])
     assert int(cache.layers[0]._seg_count.max()) <= 2
+
+
+class _DeferringBackend:
+    """A stand-in device backend: statuses stay 'on the device' (not numpy) until check()."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.failed = []
+
+    def encrypt_chunks(self, *args):
+        return self.inner.encrypt_chunks(*args)
+
+    def decrypt_chunks(self, *args):
+        status = self.inner.decrypt_chunks(*args)
+        self.failed.extend(np.flatnonzero(status).tolist())
+        return torch.from_numpy(status)
+
+    def check(self):
+        if self.failed:
+            self.failed.clear()
+            raise DecryptionError("deferred failure", tenant_id="bob", layer_idx=0, positions=range(0, 1))
+
+
+def test_deferred_backend_failures_surface_at_check_and_wipe_the_scratch(two):
+    from pqc_kv_cache.backends.base import CryptoBackend
+    from pqc_kv_cache.backends.host import HostBackend
+    backend = _DeferringBackend(HostBackend(threads=1))
+    CryptoBackend.register(_DeferringBackend)
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two, backend=backend, merge_segments=False)
+    cache.update(*kv(2, 4), 0)
+    cache.check()
+    layer = cache.layers[0]
+    layer.ciphertext[int(layer._meta["offset"][0, 1]) + 2] ^= 1
+    k_out, _ = read(cache, 0)                 # no host-side status: the step returns (zeroed row)
+    assert not k_out[1, :, :4].any()
+    with pytest.raises(DecryptionError):
+        cache.check()
+    assert not cache._scratch.any()
+    cache.check()                             # reported once
