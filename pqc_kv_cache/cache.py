@@ -322,11 +322,14 @@ class EncryptedLayer(CacheLayerMixin):
         return self._cache.max_merged_positions
 
     def _merge_tail(self, k_all: torch.Tensor, v_all: torch.Tensor, base: int) -> None:
-        """Merge trailing segments, binary-counter style (a segment absorbs the ones after it while they
-        add up to no more than itself), re-sealing them as one chunk per row under fresh counters.
+        """Merge trailing segments, binary-counter style, in batches.
 
-        The plaintext comes from the scratch just verified by this update's read. Chunks per row stay
-        O(log positions) instead of one per decoded token; each position is re-sealed O(log) times."""
+        Walking back from the last segment, a segment joins the run while it is no larger than the
+        run's total so far (so merged runs roughly double). The run is merged only once it holds at
+        least ``cache.merge_min_segments`` segments: it becomes one segment, re-sealed as one chunk per
+        row under fresh counters. Chunks per row stay O(log positions + merge_min_segments) instead of
+        one per decoded token; each position is re-sealed O(log positions) times. The plaintext comes
+        from the scratch just verified by this update's read."""
         cap = self._merge_cap
         j = self.num_segments - 1
         total = int(self._seg_count[j])
@@ -336,9 +339,13 @@ class EncryptedLayer(CacheLayerMixin):
                 break
             total += prev
             j -= 1
-        if j == self.num_segments - 1:
-            return
+        if self.num_segments - j >= max(2, self._cache.merge_min_segments):
+            self._merge_range(k_all, v_all, base, j)
+
+    def _merge_range(self, k_all, v_all, base: int, j: int) -> None:
+        """Replace segments j.. by one segment re-sealed from the scratch (which starts at ``base``)."""
         start = int(self._seg_start[j])
+        total = self._end - start
         rows = np.arange(self._batch, dtype=np.int64)
         c, e, s, o = self._seal(k_all, v_all, rows, rows, np.full(self._batch, start, dtype=np.int64),
                                 np.full(self._batch, total, dtype=np.int64),
@@ -600,7 +607,7 @@ class EncryptedCache(Cache):
 
     def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit=None,
                  policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None,
-                 merge_segments: bool = True, max_merged_positions: int = 4096):
+                 merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8):
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
         if getattr(config, "is_encoder_decoder", False):
@@ -624,7 +631,11 @@ class EncryptedCache(Cache):
         if isinstance(max_merged_positions, bool) or not isinstance(max_merged_positions, int) \
                 or max_merged_positions < 1:
             raise ValueError(f"max_merged_positions must be a positive int, got {max_merged_positions!r}")
+        if isinstance(merge_min_segments, bool) or not isinstance(merge_min_segments, int) \
+                or merge_min_segments < 2:
+            raise ValueError(f"merge_min_segments must be an int >= 2, got {merge_min_segments!r}")
         self.merge_segments = merge_segments
+        self.merge_min_segments = merge_min_segments
         self.max_merged_positions = max_merged_positions
 
         decoder_config = config.get_text_config(decoder=True)

@@ -256,7 +256,8 @@ OPS = st.lists(st.one_of(
 def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(ops):
     two = sessions("alice", "bob")
     model_cfg = tiny_model("llama").config
-    cache = EncryptedCache(model_cfg, sessions=[two[0], two[0], two[1], two[1]])   # rows 0,1 alice; 2,3 bob
+    cache = EncryptedCache(model_cfg, sessions=[two[0], two[0], two[1], two[1]],    # rows 0,1 alice; 2,3 bob
+                           merge_min_segments=2)
     seen: dict[tuple, tuple] = {}
     step = 0
 
@@ -314,7 +315,7 @@ def test_layer_states_match_dynamic_cache_under_any_op_sequence(kind, ops, recor
     from transformers import DynamicCache
     (s,) = sessions("solo")
     cfg = tiny_model(kind).config
-    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=s)
+    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=s, merge_min_segments=2)
     if record_past:
         ref.activate_past_recording()
         enc.activate_past_recording()
@@ -392,9 +393,10 @@ def test_arena_reclaims_dead_bytes(two):
     assert layer.get_seq_length() == 0
 
 
-def test_merging_keeps_chunks_logarithmic_and_states_exact(two):
+@pytest.mark.parametrize("batch", [2, 8])
+def test_merging_keeps_chunks_logarithmic_and_states_exact(two, batch):
     audit = KVAuditLog()
-    cache = EncryptedCache(tiny_model("llama").config, sessions=two, audit=audit)
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two, audit=audit, merge_min_segments=batch)
     ks, vs = [], []
     for i in range(40):
         k, v = kv(2, 5 if i == 0 else 1, seed=i)
@@ -403,7 +405,7 @@ def test_merging_keeps_chunks_logarithmic_and_states_exact(two):
         vs.append(v)
         assert torch.equal(k_out, torch.cat(ks, 2)) and torch.equal(v_out, torch.cat(vs, 2))
     layer = cache.layers[0]
-    assert layer.num_segments <= 1 + 6            # the prefill plus O(log2 39) merged runs
+    assert layer.num_segments <= 1 + 6 + cache.merge_min_segments   # prefill, O(log2 39) runs, one batch
     assert list(layer._seg_start[1:]) == sorted(layer._seg_start[1:])
     # merges re-seal already written positions: recorded as REORDER, never as ENCRYPT
     assert len(audit.entries(limit=None, operation="encrypt")) == 2 * 44
