@@ -3,7 +3,8 @@
 What a layer stores: ciphertext chunks (envelope v1) in one growing uint8
 arena, and per chunk its metadata. Chunks form *segments*: a segment is a
 position range written by one ``update`` (a prefill, one decoded token, a
-block of draft tokens), and holds one chunk per batch row. All rows share the
+block of draft tokens) or a merge of such ranges, and holds one chunk per
+batch row. All rows share the
 segment boundaries, so the metadata is a few ``[segments, rows]`` int64 numpy
 arrays (nonce counter, key epoch, session slot, arena offset) plus the
 segments' ``(pos_start, pos_count)``.
@@ -11,9 +12,9 @@ segments' ``(pos_start, pos_count)``.
 What a layer never stores: plaintext. ``layer.keys`` and ``layer.values``
 stay None. ``update`` encrypts the new positions, then decrypts every live
 chunk of the layer into a plaintext *scratch* buffer owned by the cache (one
-buffer shared by all layers, laid out position-major ``[batch, seq, 2, heads,
-dim]`` so a one-position chunk opens straight into place) and returns
-``[batch, heads, seq, dim]`` views of it. The views are valid until the next
+buffer shared by all layers, laid out ``[batch, 2, heads, seq, dim]``) and
+returns ``[batch, heads, seq, dim]`` views of it (K = ``scratch[:, 0]``,
+V = ``scratch[:, 1]``). The views are valid until the next
 layer's update; the scratch is the only place plaintext lives, and it belongs to
 the cache, not to a layer. ``cache.wipe_scratch()`` zeroes it.
 
