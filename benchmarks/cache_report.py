@@ -5,9 +5,9 @@ batch 4, 512-token prompt, 128 new tokens, greedy, fp32, CPU. Decode tokens/s = 
 / (time of the whole generate − time of a 1-token generate), i.e. prefill excluded. Each figure is
 the median of ``--repeats`` runs, the runs of the variants interleaved.
 
-Prints a markdown table and writes JSON (``--json``, default benchmarks/cache_report.json).
+Prints a markdown table and writes JSON (``--json`` / ``--out``, default bench-results/cache_report.json).
 
-    python benchmarks/cache_report.py [--repeats 3] [--new-tokens 128] [--json PATH]
+    python benchmarks/cache_report.py [--repeats 3] [--new-tokens 128] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -131,8 +131,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache_report.json"))
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 32 new tokens (a smoke run, not for figures)")
+    ap.add_argument("--json", "--out", dest="json",
+                    default=os.path.join("bench-results", "cache_report.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.new_tokens = 1, 32
+    if args.repeats < 1 or args.new_tokens < 2:
+        ap.error("--repeats must be >= 1 and --new-tokens >= 2")
+    if os.path.dirname(args.json):
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
 
     model = build_model()
     torch.manual_seed(1)
