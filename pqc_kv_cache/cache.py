@@ -756,6 +756,7 @@ class EncryptedCache(Cache):
             self._closed.add(si)
             for key in [k for k in self._keyslots if k[0] == si]:
                 del self._keyslots[key]
+            self._forget_backend_keys()
             for layer in self.layers:
                 if not layer.is_initialized:
                     continue
@@ -860,7 +861,15 @@ class EncryptedCache(Cache):
             if e != new:
                 s.retire_epoch(e)
                 self._keyslots.pop((si, e), None)
+        self._forget_backend_keys()
         return new
+
+    def _forget_backend_keys(self) -> None:
+        """Let a backend that caches key schedules (the CUDA backend keeps them on the device) drop them,
+        so retired or closed keys do not outlive their session's erasure."""
+        clear = getattr(self._backend, "clear_key_cache", None)
+        if callable(clear):
+            clear()
 
     # ---- Cache API over all layers ------------------------------------------------------------------
     def batch_repeat_interleave(self, repeats: int) -> None:

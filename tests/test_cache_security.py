@@ -463,3 +463,22 @@ def test_deferred_backend_failures_surface_at_check_and_wipe_the_scratch(two):
         cache.check()
     assert not cache._scratch.any()
     cache.check()                             # reported once
+
+
+def test_rotation_and_close_make_a_caching_backend_forget_keys(two):
+    from pqc_kv_cache.backends.base import CryptoBackend
+    from pqc_kv_cache.backends.host import HostBackend
+
+    class Caching(_DeferringBackend):
+        cleared = 0
+
+        def clear_key_cache(self):
+            Caching.cleared += 1
+
+    CryptoBackend.register(Caching)
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two, backend=Caching(HostBackend(threads=1)))
+    cache.update(*kv(2, 3), 0)
+    cache.rotate("alice")
+    assert Caching.cleared == 1
+    two[1].close()
+    assert Caching.cleared == 2
