@@ -265,7 +265,12 @@ class EncryptedLayer(CacheLayerMixin):
         pos_start = np.repeat(self._seg_start[segs], nr)
         pos_count = np.repeat(self._seg_count[segs], nr)
         table = ChunkTable(slot, dst, pos_start, pos_count, pos_start - base, sub["counter"], sub["offset"])
-        status = self._backend.decrypt_chunks(keys, self._layout, table, self._arena, k_out, v_out, ctx)
+        try:
+            status = self._backend.decrypt_chunks(keys, self._layout, table, self._arena, k_out, v_out, ctx)
+        except BaseException:
+            k_out.zero_()       # whatever was opened before the failure is not left behind
+            v_out.zero_()
+            raise
         self._cache._check_status(self, status, table, sub["sess"], (k_out, v_out))
 
     def _read_from(self, view_start: int):
