@@ -21,6 +21,7 @@ extern "C" {
 #define PQC_OP_CROP 5
 #define PQC_OP_REORDER 6
 #define PQC_OP_CLOSE 7
+#define PQC_OP_RESEAL 8   // positions already written, re-sealed under a fresh counter (segment merge)
 
 // status codes
 #define PQC_STATUS_OK 0

@@ -363,7 +363,7 @@ class EncryptedLayer(CacheLayerMixin):
         cache = self._cache
         if cache.audit is not None:
             tidx, sidx = cache._audit_arrays(self._row_sess)
-            cache.audit.emit(Op.REORDER, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
+            cache.audit.emit(Op.RESEAL, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
                              row=rows.astype(np.uint16), pos_start=start, pos_count=total,
                              nonce_counter=c.astype(np.uint64), epoch=e.astype(np.uint32),
                              nbytes=total * self._bpp, status=Status.OK)

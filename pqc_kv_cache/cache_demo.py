@@ -85,8 +85,8 @@ def run_cache_demo(print_fn=print, audit_path: str | None = None) -> int:
         p("  per tenant:    " + ", ".join(f"{k}={v}" for k, v in sorted(by_tenant.items())))
         p("  per operation: " + ", ".join(f"{k}={v}" for k, v in sorted(by_op.items())))
         p("  per layer:     " + ", ".join(f"{k}={v}" for k, v in sorted(by_layer.items())))
-        if by_op.get("reorder"):
-            p("  (reorder records here are segment merges: positions already written, re-sealed as one chunk)")
+        if by_op.get("reseal"):
+            p("  (reseal records are segment merges: positions already written, re-sealed as one chunk)")
         written = enc.shape[1] - 1
         want = model.config.num_hidden_layers * 2 * written
         got = by_op.get("encrypt", 0)

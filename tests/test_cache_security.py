@@ -407,9 +407,10 @@ def test_merging_keeps_chunks_logarithmic_and_states_exact(two, batch):
     layer = cache.layers[0]
     assert layer.num_segments <= 1 + 6 + cache.merge_min_segments   # prefill, O(log2 39) runs, one batch
     assert list(layer._seg_start[1:]) == sorted(layer._seg_start[1:])
-    # merges re-seal already written positions: recorded as REORDER, never as ENCRYPT
+    # merges re-seal already written positions: recorded as RESEAL, never as ENCRYPT
     assert len(audit.entries(limit=None, operation="encrypt")) == 2 * 44
-    merges = audit.entries(limit=None, operation="reorder")
+    assert not audit.entries(limit=None, operation="reorder")
+    merges = audit.entries(limit=None, operation="reseal")
     assert merges and all(e.position_count >= 2 and e.nbytes > 0 for e in merges)
     cache.check()                                 # host backend: failures were raised at once, nothing pending
     audit.close()

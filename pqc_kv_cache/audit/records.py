@@ -43,6 +43,7 @@ class Op(enum.IntEnum):
     CROP = 5
     REORDER = 6
     CLOSE = 7
+    RESEAL = 8      # positions already written, re-sealed as one chunk under a fresh counter
 
 
 class Status(enum.IntEnum):
@@ -62,6 +63,7 @@ OP_NAMES = {
     Op.CROP: "crop",
     Op.REORDER: "reorder",
     Op.CLOSE: "close",
+    Op.RESEAL: "reseal",
 }
 _OPS_BY_NAME = {v: k for k, v in OP_NAMES.items()}
 _OPS_BY_NAME["isolation_violation"] = Op.ISOLATION_VIOLATION
