@@ -274,3 +274,33 @@ def test_file_write_failure_surfaces_as_audit_error_and_records_stay_in_memory(t
         lg.close()
     rep = verify_log(tmp_path / "a.log")
     assert rep.ok and rep.crash_tail and rep.signed_records == 1
+
+
+def test_flush_raises_for_device_reported_tag_failures_once():
+    """On a GPU the decode loop cannot raise; flush() surfaces device-written failed DECRYPT records."""
+    from pqc_kv_cache.errors import DecryptionError
+    log = KVAuditLog()
+    t, s = log.tenant_index("alice"), log.session_index("s1", "alice")
+    # host-path failure (no device timestamp): already raised by the caller, flush stays quiet
+    log.emit(Op.DECRYPT, tenant_idx=t, session_idx=s, layer=1, row=0, pos_start=4, pos_count=2,
+             status=Status.AUTH_FAILED)
+    assert log.flush() is True
+    # device-written record with a failed tag
+    log.emit(Op.DECRYPT, tenant_idx=t, session_idx=s, layer=3, row=1, pos_start=8, pos_count=4,
+             status=Status.AUTH_FAILED, device_ts_ns=123)
+    with pytest.raises(DecryptionError, match=r"alice.*layer 3.*8\.\.11") as info:
+        log.flush()
+    assert info.value.layer_idx == 3 and info.value.positions == range(8, 12)
+    assert log.flush() is True                      # raised once
+    assert len(log.entries(operation="decrypt", success=False)) == 2
+    log.close()
+
+
+def test_close_does_not_raise_device_failures_and_closes():
+    log = KVAuditLog()
+    t, s = log.tenant_index("alice"), log.session_index("s1", "alice")
+    log.emit(Op.DECRYPT, tenant_idx=t, session_idx=s, layer=0, row=0, pos_start=0, pos_count=1,
+             status=Status.AUTH_FAILED, device_ts_ns=5)
+    log.close()
+    with pytest.raises(AuditError):
+        log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s)

@@ -23,7 +23,7 @@ import weakref
 
 import numpy as np
 
-from ..errors import AuditError, KVCacheError
+from ..errors import AuditError, DecryptionError, KVCacheError
 from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status, op_from_name
 from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing
 from .sink import AuditSink
@@ -168,6 +168,10 @@ class KVAuditLog:
         self._drain_busy_ns = 0
         self._drained = 0
         self._failures = 0           # drained records with status != OK
+        # device-written DECRYPT records that failed authentication and that no flush() has raised yet:
+        # on a GPU the hot path cannot raise, so flush() is one of the sync points that does (DESIGN §3)
+        self._device_auth_failures: list[np.void] = []
+        self._device_fail_lock = threading.Lock()
         self._violations = 0         # drained isolation-violation records
 
         self._sink = None
@@ -566,6 +570,13 @@ class KVAuditLog:
         if len(bad):
             self._failures += int(np.count_nonzero(failed))
             self._violations += int(np.count_nonzero(violation))
+        if len(bad):
+            dev = np.flatnonzero(failed & (recs["device_ts_ns"] != 0) & (recs["op"] == Op.DECRYPT)
+                                 & (recs["status"] == Status.AUTH_FAILED))
+            if len(dev):
+                with self._device_fail_lock:
+                    if len(self._device_auth_failures) < 1000:
+                        self._device_auth_failures.extend(recs[dev[:1000]].copy())
         for i in bad[:1000]:
             self._warn(recs[int(i)])
         if len(bad) > 1000:
@@ -596,8 +607,22 @@ class KVAuditLog:
 
         Returns False if ``timeout`` (seconds) passed first.  Records reserved
         on a CUDA ring are waited for until committed and copied.  Raises
-        AuditError if the pipeline failed.
+        AuditError if the pipeline failed, and DecryptionError (after the flush
+        completed) if DECRYPT records written by a device since the last flush
+        report a failed tag: on a GPU the decode loop cannot raise without a host
+        sync, so flush() is one of the synchronisation points where such a
+        failure surfaces (the records themselves are in the log either way).
         """
+        ok = self._wait_persisted(timeout)
+        with self._device_fail_lock:
+            failures, self._device_auth_failures = self._device_auth_failures, []
+        if failures:
+            self._raise_device_failures(failures)
+        return ok
+
+    def _wait_persisted(self, timeout: float | None) -> bool:
+        """Wait until every record emitted before the call is queryable and persisted (AuditError if the
+        pipeline failed); False on timeout."""
         with self._lock:
             target = self._next_no
             if target > self._flush_target:
@@ -610,6 +635,18 @@ class KVAuditLog:
             if ok and self._persisted < target:
                 raise AuditError("the audit drain thread stopped before the flush completed")
             return bool(ok)
+
+    def _raise_device_failures(self, failures) -> None:
+        """DecryptionError naming the first device-reported tag failure (all are in the log already)."""
+        r = failures[0]
+        t, layer = int(r["tenant_idx"]), int(r["layer"])
+        tenant = self._tenant_ids[t] if t < len(self._tenant_ids) else f"#{t}"
+        ps, pc = int(r["pos_start"]), int(r["pos_count"])
+        raise DecryptionError(
+            f"{len(failures)} device decrypt record(s) failed authentication since the last flush; first: "
+            f"tenant {tenant!r}, layer {'-' if layer == NONE16 else layer}, positions {ps}..{ps + pc - 1} "
+            f"(record {int(r['record_no'])})",
+            tenant_id=tenant, layer_idx=None if layer == NONE16 else layer, positions=range(ps, ps + pc))
 
     def _sync_queryable(self) -> None:
         """Wait until every record emitted so far is in the in-memory store (not necessarily on disk)."""
@@ -638,7 +675,7 @@ class KVAuditLog:
                 return
         err = None
         try:
-            if not self.flush(timeout):
+            if not self._wait_persisted(timeout):
                 err = AuditError(f"close: the audit drain did not finish within {timeout} s "
                                  "(records reserved on a CUDA ring were not committed); the log is left unclosed")
         except AuditError as e:
