@@ -187,7 +187,8 @@ class EncryptedLayer(CacheLayerMixin):
 
     def _compact(self, capacity: int) -> None:
         """Copy the live chunks (ciphertext as is: moving a chunk changes nothing it is bound to) into a new arena."""
-        new = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+        # zeroed, not empty: fresh memory may hold bytes this process freed earlier (plaintext included)
+        new = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
         off = self._meta["offset"]
         used = 0
         if off.size:
