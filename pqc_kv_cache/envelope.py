@@ -240,7 +240,17 @@ class EncryptedEntry:
                          head_dim=self.head_dim, token_id=m.token_id)
 
     def validate(self) -> "EncryptedEntry":
-        """Check lengths and consistency; raise MalformedEntryError naming the fault."""
+        """Check types, lengths and consistency; raise MalformedEntryError naming the fault."""
+        if not isinstance(self.metadata, EntryMetadata):
+            raise MalformedEntryError(f"metadata must be an EntryMetadata, got {type(self.metadata).__name__}")
+        for name in ("key_len", "sequence_number", "epoch", "num_heads", "head_dim", "format_version"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise MalformedEntryError(f"{name} must be an int, got {type(v).__name__}")
+        if not isinstance(self.dtype, str):
+            raise MalformedEntryError("dtype must be a str")
+        if len(self.metadata.tenant_id.encode("utf-8")) > 0xFFFF or len(self.metadata.session_id.encode("utf-8")) > 0xFFFF:
+            raise MalformedEntryError("tenant_id and session_id must each fit in 65535 UTF-8 bytes")
         if self.format_version != FORMAT_VERSION:
             raise MalformedEntryError(f"unsupported envelope version {self.format_version}")
         if not isinstance(self.nonce, (bytes, bytearray)) or len(self.nonce) != NONCE_SIZE:

@@ -271,7 +271,7 @@ class TenantSession:
     def cipher(self, epoch: int):
         """A cached AESGCM context for ``epoch`` (same errors as key_for_epoch)."""
         c = self._ciphers.get(epoch)
-        if c is not None and not self.closed:
+        if c is not None and self.is_valid():
             return c
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         with self._lock:
@@ -290,6 +290,8 @@ class TenantSession:
 
         KeyRotationRequiredError when the epoch's hard cap would be passed (nothing is allocated).
         """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, got {type(n).__name__}")
         if n < 0:
             raise ValueError("n must be >= 0")
         with self._lock:

@@ -14,6 +14,8 @@ from pqc_kv_cache import (
     KVCacheEntry,
     NonceReplayError,
     SessionClosedError,
+    SessionExpiredError,
+    MalformedEntryError,
     TenantIdentity,
     TenantIsolationError,
     establish_tenant_session,
@@ -215,3 +217,19 @@ def test_replay_window_refuses_counters_older_than_window():
     w.check(37)                 # inside the window, unseen
     with pytest.raises(NonceReplayError, match="older"):
         w.check(36)
+
+
+def test_expired_session_cannot_open_with_a_cached_cipher(clock):
+    s = establish_tenant_session(TenantIdentity("alice"), clock=clock)
+    e = CacheEncryptor(s).encrypt(entry(s))
+    clock.advance(901)
+    with pytest.raises(SessionExpiredError):
+        CacheDecryptor(s).decrypt(e)
+
+
+def test_entry_with_foreign_metadata_object_is_malformed(alice):
+    e = CacheEncryptor(alice).encrypt(entry(alice))
+    with pytest.raises(MalformedEntryError):
+        CacheDecryptor(alice).decrypt(dataclasses.replace(e, metadata={"tenant_id": "alice"}))
+    with pytest.raises(MalformedEntryError):
+        CacheDecryptor(alice).decrypt(dataclasses.replace(e, key_len="3"))

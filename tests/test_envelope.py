@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import struct
 
@@ -189,3 +190,11 @@ def test_valid_dict_with_random_field_values_only_raises_kv_cache_errors(data):
         EncryptedEntry.from_dict(d)
     except KVCacheError:
         pass
+
+
+def test_ids_too_long_for_the_binary_form_are_malformed():
+    long_id = "t" * 70000
+    e = sealed()
+    big = dataclasses.replace(e, metadata=dataclasses.replace(e.metadata, session_id=long_id))
+    with pytest.raises(MalformedEntryError):
+        big.to_bytes()

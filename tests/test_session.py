@@ -220,3 +220,19 @@ def test_session_constructor_validates():
         TenantSession("alice", "sid", b"\x00" * 32, b"", ttl_seconds=0)
     with pytest.raises(ValueError):
         TenantSession("alice", "", b"\x00" * 32, b"")
+
+
+def test_cached_cipher_is_refused_after_expiry(clock):
+    s = establish_tenant_session(TenantIdentity("alice"), clock=clock)
+    s.cipher(0)
+    clock.advance(901)
+    with pytest.raises(SessionExpiredError):
+        s.cipher(0)
+
+
+@pytest.mark.parametrize("n", [1.5, 0.5, True, "2"])
+def test_reserve_refuses_non_int_counts(n):
+    s = establish_tenant_session(TenantIdentity("alice"))
+    with pytest.raises(TypeError):
+        s.reserve(n)
+    assert s.next_sequence == 1
