@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from .audit.records import NONE16, Op, Status
 from .backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot, select_backend
 from .envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce, session_tag, tenant_tag
-from .errors import DecryptionError, TenantIsolationError
+from .errors import DecryptionError, KVCacheError, TenantIsolationError
 from .rotation import KeyRotationPolicy, RotationTrigger
 from .session import TenantSession
 
@@ -315,7 +315,12 @@ class EncryptedLayer(CacheLayerMixin):
                 self._end -= n
             raise
         if n and cache.merge_segments:
-            self._merge_tail(k, v, base)
+            try:
+                self._merge_tail(k, v, base)
+            except KVCacheError:
+                # merging is an optimisation: a merge that cannot seal (epoch cap reached, session expiring
+                # between the write and the merge) leaves the segments as they are; nothing was replaced
+                pass
         if self.is_sliding and not self.record_past:
             self._set_start(self._end - (self.sliding_window - 1))
         skip = view_start - base
@@ -680,6 +685,7 @@ class EncryptedCache(Cache):
         me = weakref.ref(self)
         for s in self._sessions:
             s.on_close(lambda sess, me=me: me() is not None and me()._on_session_closed(sess))
+            s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
 
     # ---- rows and sessions -------------------------------------------------------------------------
     @property
@@ -755,7 +761,18 @@ class EncryptedCache(Cache):
             if fire:
                 self._rotate(si, trigger)
 
+    def _on_epoch_retired(self, session: TenantSession, epoch: int) -> None:
+        """The session erased an epoch's key: drop this cache's copy too, so chunks of that epoch stop opening."""
+        dropped = False
+        for si, s in enumerate(self._sessions):
+            if s is session and self._keyslots.pop((si, epoch), None) is not None:
+                dropped = True
+        if dropped:
+            self._forget_backend_keys()
+
     def _on_session_closed(self, session: TenantSession) -> None:
+        # the last layer read may be this session's rows in the clear: the scratch goes first
+        self.wipe_scratch()
         for si, s in enumerate(self._sessions):
             if s is not session:
                 continue
@@ -879,6 +896,8 @@ class EncryptedCache(Cache):
 
     # ---- Cache API over all layers ------------------------------------------------------------------
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
         if self._row_sess is not None:
             self._row_sess = np.repeat(self._row_sess, int(repeats))
         super().batch_repeat_interleave(repeats)

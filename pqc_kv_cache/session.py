@@ -228,6 +228,7 @@ class TenantSession:
         self.epoch_entries = 0
         self.closed = False
         self._close_hooks: list[Callable[["TenantSession"], None]] = []
+        self._retire_hooks: list[Callable[["TenantSession", int], None]] = []
 
     # ---- validity ------------------------------------------------------------
     def is_valid(self) -> bool:
@@ -340,6 +341,14 @@ class TenantSession:
             key = self._keys.pop(epoch, None)
             self._ciphers.pop(epoch, None)
             _wipe(key)
+            hooks = list(self._retire_hooks) if key is not None else []
+        for hook in hooks:
+            hook(self, epoch)
+
+    def on_retire(self, hook: Callable[["TenantSession", int], None]) -> None:
+        """Call ``hook(session, epoch)`` when an epoch's key is erased (caches drop their copies of it)."""
+        with self._lock:
+            self._retire_hooks.append(hook)
 
     # ---- closing -------------------------------------------------------------------
     def on_close(self, hook: Callable[["TenantSession"], None]) -> None:
@@ -359,6 +368,7 @@ class TenantSession:
             self._ciphers.clear()
             _wipe(self._chain)
             hooks, self._close_hooks = self._close_hooks, []
+            self._retire_hooks = []
         for hook in hooks:
             hook(self)
 
