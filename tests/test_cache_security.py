@@ -256,8 +256,23 @@ OPS = st.lists(st.one_of(
 def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(ops):
     two = sessions("alice", "bob")
     model_cfg = tiny_model("llama").config
+    from pqc_kv_cache.backends.host import HostBackend
+
+    host = HostBackend(threads=1)
+    sealed: set[tuple] = set()
+
+    class Recording(HostBackend):
+        """Every (key, nonce) the cache actually seals with, including re-seals later replaced."""
+
+        def encrypt_chunks(self, keys, layout, chunks, *args, **kwargs):
+            for slot, counter in zip(np.asarray(chunks.slot).tolist(), np.asarray(chunks.counter).tolist()):
+                pair = (keys[slot].key, keys[slot].epoch, counter)
+                assert pair not in sealed, f"(key, nonce) reused: epoch {pair[1]}, counter {counter}"
+                sealed.add(pair)
+            return host.encrypt_chunks(keys, layout, chunks, *args, **kwargs)
+
     cache = EncryptedCache(model_cfg, sessions=[two[0], two[0], two[1], two[1]],    # rows 0,1 alice; 2,3 bob
-                           merge_min_segments=2)
+                           merge_min_segments=2, backend=Recording(threads=1))
     seen: dict[tuple, tuple] = {}
     step = 0
 
@@ -285,6 +300,7 @@ def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(ops):
         else:
             cache.reorder_cache(torch.tensor([arg, arg, 2 + arg, 2 + arg]))
         record()
+    assert len(sealed) >= 8
 
 
 def _apply(cache, op, arg, step, batch):
