@@ -353,3 +353,113 @@ def test_show_of_a_tampered_log_prints_the_verified_records_and_exits_1(logfile,
 def test_show_limit_prints_the_newest_matches(logfile, capsys):
     rc, out = run_cli("show", logfile, "--tenant", "alice", "--limit", "3", "--json", capsys=capsys)
     assert rc == 0 and [json.loads(x)["record_number"] for x in out.out.splitlines()] == [N - 3, N - 2, N - 1]
+
+
+# -- frames appended after a clean close (the chain is unkeyed: only a signed REOP may follow a CLOS) --
+
+def append_forged_record(path):
+    """Append one RECS frame whose record number and chain hash continue the log, as anyone could."""
+    rep = verify_log(path)
+    assert rep.ok
+    rec = np.zeros(1, dtype=__import__("pqc_kv_cache.audit", fromlist=["x"]).RECORD_DTYPE)
+    rec["record_no"] = rep.records
+    rec["op"] = int(Op.ENCRYPT)
+    rec["host_ts_ns"] = rep.last_ts_ns
+    payload = RECS_HEAD.pack(rep.records, 1, 0) + rec.tobytes() + record_locators(rec).tobytes()
+    head = FRAME_HEAD.pack(b"RECS", len(payload))
+    h = hashlib.sha256(rep.head)
+    h.update(head)
+    h.update(payload)
+    with open(path, "ab") as f:
+        f.write(head + payload + h.digest())
+    return rep.records
+
+
+def test_record_appended_after_a_clean_close_is_named(logfile, capsys):
+    forged = append_forged_record(logfile)
+    assert forged == N
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == N and not rep.sealed
+    assert "appended after the log was closed" in rep.error
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1 and f"first bad record: {N}" in out.out
+
+
+def test_record_appended_after_a_close_fails_even_without_the_seal(logfile):
+    os.remove(logfile + ".seal")
+    append_forged_record(logfile)
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == N
+
+
+def test_torn_bytes_after_a_sealed_close_are_tampering(logfile, capsys):
+    with open(logfile, "ab") as f:
+        f.write(FRAME_HEAD.pack(b"RECS", 1000) + b"\0" * 10)
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == N and "sealed end" in rep.error
+    with pytest.raises(AuditIntegrityError) as ei:
+        KVAuditLog(path=logfile, signing_key=KEY, fsync=False)
+    assert ei.value.record_number == N
+
+
+def test_reopen_refuses_to_sign_a_record_appended_after_the_close(logfile, capsys):
+    before = open(logfile, "rb").read()
+    append_forged_record(logfile)
+    after = open(logfile, "rb").read()
+    with pytest.raises(AuditIntegrityError) as ei:
+        KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False)
+    assert ei.value.record_number == N
+    assert open(logfile, "rb").read() == after and after.startswith(before)   # nothing appended or cut
+    rc, _ = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1
+
+
+def test_legitimate_reopens_after_clean_closes_verify(logfile, capsys):
+    for k in range(2):
+        with KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False) as lg:
+            assert lg.log_encrypt("bob", "b1", 0, k) == N + k
+    types = [t for _, t, _ in frames(logfile)]
+    assert types.count(b"REOP") == 2
+    assert all(types[i + 1] == b"REOP" for i, t in enumerate(types[:-1]) if t == b"CLOS")
+    rep = verify_log(logfile)
+    assert rep.ok and rep.sealed and rep.closed and rep.records == N + 2 and rep.reopens == 2
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 0 and "re-opened after a clean close 2 time(s)" in out.out
+
+
+def test_reopen_that_crashed_is_unclosed_under_the_old_seal_and_can_be_continued(logfile, capsys):
+    lg = KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False)
+    lg.log_encrypt("bob", "b1", 0, 0)
+    lg.flush()
+    lg._sink.abandon()                               # the process died: old seal, REOP and a checkpoint
+    lg._sink = None
+    lg.close()
+    rep = verify_log(logfile)
+    assert rep.ok and rep.crash_tail and rep.reopens == 1 and rep.records == N + 1
+    rc, _ = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 3
+    with KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False) as lg2:
+        lg2.log_encrypt("bob", "b1", 0, 1)
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 0 and f"{N + 2} records" in out.out
+
+
+def test_forged_or_misplaced_reopen_frame_fails(logfile, tmp_path):
+    with KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False) as lg:
+        lg.log_encrypt("bob", "b1", 0, 0)
+    off, _, ln = next(f for f in frames(logfile) if f[1] == b"REOP")
+    sig_byte = off + FRAME_HEAD.size + ln - 5
+    pristine = open(logfile, "rb").read()
+    patch(logfile, sig_byte, bytes([pristine[sig_byte] ^ 1]))
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == N
+    # a REOP signed by the right key, copied (chain recomputed) to where no close precedes it
+    reop = pristine[off: off + FRAME_HEAD.size + ln]
+    other = tmp_path / "other.log"
+    write_log(other, close=False)._sink.f.flush()
+    h = hashlib.sha256(verify_log(other).head)
+    h.update(reop)
+    with open(other, "ab") as f:
+        f.write(reop + h.digest())
+    rep = verify_log(other)
+    assert not rep.ok and "does not follow a closing checkpoint" in rep.error

@@ -4,7 +4,8 @@
 subparsers object; each leaf sets ``func(args) -> int`` (the exit code).
 
 Exit codes of ``verify``: 0 intact and cleanly closed; 1 integrity failure
-(the first bad record is named); 2 the log or key cannot be read;
+(the first bad record is named; this includes anything appended after a
+clean close without the writer's signed REOP frame); 2 the log or key cannot be read;
 3 intact so far but not closed (the writer crashed: unclosed tail).
 ``show`` exits 0, or 1 when the log fails verification (after printing the
 records read before the failure, with the error on stderr), or 2.
@@ -78,6 +79,8 @@ def _verify(args) -> int:
               f"{rep.records - rep.signed_records} after it are only hash-chained{torn}")
         return EXIT_UNCLOSED
     recovered = f"; {rep.recovered_crashes} earlier crash(es) recovered" if rep.recovered_crashes else ""
+    if rep.reopens:
+        recovered += f"; re-opened after a clean close {rep.reopens} time(s) (signed REOP)"
     print(f"OK {args.path}: {rep.records} records {span}; closed and signed"
           f"{', sealed' if rep.sealed else ''}{recovered}")
     return EXIT_OK

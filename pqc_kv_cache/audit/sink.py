@@ -21,10 +21,16 @@ and ``h_i`` is stored after the frame.  Frame types:
   count, the frame index and the wall time, signed with ML-DSA-65.  ``CLOS`` is
   written by ``close()``.
 - ``RCVR`` written when a log whose last run crashed is re-opened.
+- ``REOP`` written first when a cleanly closed log is re-opened: it binds the
+  closing frame it follows (its end offset, record count, frame count and
+  chain head), signed.  Nothing but a ``REOP`` may follow a ``CLOS``: the
+  chain alone is unkeyed, so without this anyone could append frames with a
+  correct chain after a close.
 
 At a clean close a *seal* is written beside the log (``PATH.seal``): the file
 length, record count and chain head after the ``CLOS`` frame, signed.  A log
-cut short after a clean close no longer reaches the sealed length.  The
+cut short after a clean close no longer reaches the sealed length, and bytes
+past the sealed length are accepted only after a signed ``REOP``.  The
 public key is written to ``PATH.pub`` (PEM).
 """
 
@@ -44,7 +50,8 @@ from .records import RECORD_SIZE
 
 __all__ = [
     "AuditSink", "MAGIC", "VERSION", "HEADER", "FRAME_HEAD", "RECS_HEAD", "CKPT_HEAD", "SEAL_HEAD",
-    "FRAME_TYPES", "record_locators", "checkpoint_message", "seal_message", "load_public_key",
+    "REOP_HEAD", "FRAME_TYPES", "record_locators", "checkpoint_message", "reopen_message", "seal_message",
+    "load_public_key",
     "coerce_signing_key", "public_key_fingerprint", "pub_path", "seal_path",
 ]
 
@@ -61,13 +68,15 @@ CKPT_HEAD = struct.Struct("<QQQ32sH")      # next record number, frame index, wa
 TABL_ENTRY = struct.Struct("<BIIH")        # kind (1 tenant, 2 session), index, tenant index, text length
 DETL_ENTRY = struct.Struct("<QI")          # record number, text length
 RCVR_BODY = struct.Struct("<QQQ")          # torn bytes dropped, unsigned records kept, wall ns
+REOP_HEAD = struct.Struct("<QQQQ32sH")    # closed length, next record number, frame index, wall ns, head, sig len
 SEAL_MAGIC = b"PQCSEAL1"
 SEAL_HEAD = struct.Struct("<8s16sQQQ32sH")  # magic, file id, file length, records, frames, head, sig len
-FRAME_TYPES = (b"RECS", b"TABL", b"DETL", b"CKPT", b"CLOS", b"RCVR")
+FRAME_TYPES = (b"RECS", b"TABL", b"DETL", b"CKPT", b"CLOS", b"RCVR", b"REOP")
 LOCATOR_SIZE = 8
 
 _CKPT_DOMAIN = b"PQCAUDIT-CKPT-v1"
 _SEAL_DOMAIN = b"PQCAUDIT-SEAL-v1"
+_REOP_DOMAIN = b"PQCAUDIT-REOP-v1"
 _MIX_PRIME = np.uint64(0x9E3779B97F4A7C15)
 # word j of a record is weighted by the odd constant (2j+1) * 0x9E3779B97F4A7C15 mod 2^64
 _LOCATOR_WEIGHTS = (np.arange(1, 16, 2, dtype=np.uint64) * _MIX_PRIME).astype(np.uint64)
@@ -100,6 +109,12 @@ def record_locators(recs: np.ndarray) -> np.ndarray:
 def checkpoint_message(file_id: bytes, ftype: bytes, next_no: int, frame_index: int, wall_ns: int,
                        head: bytes) -> bytes:
     return _CKPT_DOMAIN + file_id + ftype + struct.pack("<QQQ", next_no, frame_index, wall_ns) + head
+
+
+def reopen_message(file_id: bytes, closed_len: int, next_no: int, frame_index: int, wall_ns: int,
+                   head: bytes) -> bytes:
+    """What a REOP frame signs: the CLOS frame it continues (end offset, records, frames, chain head)."""
+    return _REOP_DOMAIN + file_id + struct.pack("<QQQQ", closed_len, next_no, frame_index, wall_ns) + head
 
 
 def seal_message(file_id: bytes, file_len: int, next_no: int, frames: int, head: bytes) -> bytes:
@@ -158,7 +173,8 @@ class AuditSink:
 
     A new file gets a header and a PEM public key beside it.  An existing file
     is verified with the signing key's public key, its torn final frame (if the
-    last run crashed mid-write) is cut off and recorded in an ``RCVR`` frame,
+    last run crashed mid-write) is cut off and recorded in an ``RCVR`` frame
+    (or, if it was closed cleanly, a signed ``REOP`` frame is written first),
     and its chain and numbering continue; ``next_no``, ``tenants`` and
     ``sessions`` tell the owner where it left off.
     """
@@ -188,6 +204,12 @@ class AuditSink:
                 if not rep.ok:
                     raise AuditIntegrityError(f"cannot continue {self.path}: {rep.error}",
                                               record_number=rep.bad_record)
+                if rep.sealed_length is not None and rep.tail_offset > rep.sealed_length \
+                        and not rep.reopened_after_seal:
+                    # verify refuses this already; never sign frames appended after a sealed close
+                    raise AuditIntegrityError(
+                        f"cannot continue {self.path}: frames after its sealed close (byte "
+                        f"{rep.sealed_length}) are not a signed continuation", record_number=rep.sealed_records)
                 self.file_id = rep.file_id
                 self.head = rep.head
                 self.frame_index = rep.frames
@@ -197,7 +219,9 @@ class AuditSink:
                 self.f = open(self.path, "r+b")
                 self.f.truncate(rep.tail_offset)
                 self.f.seek(rep.tail_offset)
-                if rep.crash_tail:
+                if rep.last_frame == b"CLOS":
+                    self._reopen(rep.tail_offset)
+                elif rep.crash_tail:
                     self._frame(b"RCVR", RCVR_BODY.pack(rep.torn_bytes, rep.records - rep.signed_records,
                                                         self.clock()))
             else:
@@ -290,6 +314,14 @@ class AuditSink:
         self._frame(ftype, CKPT_HEAD.pack(self.next_no, self.frame_index, wall, self.head, len(sig)), sig)
         self.since_checkpoint = 0
         self.dirty = False
+
+    def _reopen(self, closed_len: int) -> None:
+        """First frame after a CLOS: sign the close it continues, so no one else can append there."""
+        wall = self.clock()
+        msg = reopen_message(self.file_id, closed_len, self.next_no, self.frame_index, wall, self.head)
+        sig = self.key.sign(msg)
+        self._frame(b"REOP", REOP_HEAD.pack(closed_len, self.next_no, self.frame_index, wall, self.head,
+                                            len(sig)), sig)
 
     def flush(self, checkpoint: bool = True) -> None:
         """Sign what is new (if anything) and push it to the disk."""

@@ -6,6 +6,13 @@ numbering, record locators, checkpoint signatures and the seal, and returns a
 record.  An unclosed tail (the writer crashed) is not an integrity failure: the
 report says so (``crash_tail``) and how many records after the last signed
 checkpoint are only chain-protected.
+
+The chain is unkeyed, so anyone can append frames with a correct chain.  A
+``CLOS`` frame therefore may only be followed by a signed ``REOP`` frame that
+binds it (written when the writer re-opens a closed log); anything else after
+a close, and any bytes past the length in a valid seal that do not start with
+such a ``REOP``, are an integrity failure naming the first record after the
+close.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from cryptography.exceptions import InvalidSignature
 from ..errors import AuditError
 from .records import RECORD_DTYPE, RECORD_SIZE
 from .sink import (CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC, RCVR_BODY,
-                   RECS_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSION, checkpoint_message, load_public_key,
-                   pub_path, public_key_fingerprint, record_locators, seal_message, seal_path)
+                   RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSION, checkpoint_message,
+                   load_public_key, pub_path, public_key_fingerprint, record_locators, reopen_message,
+                   seal_message, seal_path)
 
 __all__ = ["VerifyReport", "verify_log"]
 
@@ -43,6 +51,11 @@ class VerifyReport:
     torn_bytes: int = 0              # bytes of an incomplete final frame
     recovered_crashes: int = 0       # RCVR frames: earlier runs that crashed and were continued
     sealed: bool = False             # a valid seal was found and matched
+    sealed_length: int | None = None  # file length recorded in that seal
+    sealed_records: int | None = None  # record count recorded in that seal
+    reopens: int = 0                 # REOP frames: cleanly closed runs that were continued
+    reopened_after_seal: bool = False  # a signed REOP starts at the sealed length
+    last_frame: bytes = b""          # type of the last complete frame
     first_ts_ns: int | None = None
     last_ts_ns: int | None = None
     frames: int = 0
@@ -123,6 +136,8 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
     closed = False
     ts_min = ts_max = None
     ends: dict[int, tuple[bytes, int, int]] = {}   # end offset of CLOS frames -> (head, records, frames)
+    reopened: set[int] = set()                     # offsets of valid REOP frames (= end of the CLOS before)
+    prev_type = b""
     n = len(data)
     while off < n:
         if n - off < FRAME_HEAD.size:
@@ -136,6 +151,10 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
         if end > n:
             rep.torn_bytes = n - off
             break
+        if prev_type == b"CLOS" and ftype != b"REOP":
+            return rep.fail(f"{ftype.decode()} frame at byte {off} follows the closing checkpoint without a "
+                            f"signed REOP frame (appended after the log was closed); first bad record "
+                            f"{expected}", expected)
         payload = data[off + FRAME_HEAD.size: end - 32]
         stored = bytes(data[end - 32: end])
         hasher = hashlib.sha256(h)
@@ -210,6 +229,26 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                 closed = ftype == b"CLOS"
                 if closed:
                     ends[end] = (computed, expected, frame_index + 1)
+            elif ftype == b"REOP":
+                if prev_type != b"CLOS":
+                    return rep.fail(f"REOP frame at byte {off} does not follow a closing checkpoint; "
+                                    f"first bad record {expected}", expected)
+                if length < REOP_HEAD.size:
+                    return rep.fail(f"REOP frame at byte {off} too short; first bad record {expected}", expected)
+                clen, next_no, findex, wall, head, slen = REOP_HEAD.unpack_from(payload, 0)
+                sig = bytes(payload[REOP_HEAD.size:])
+                if len(sig) != slen or clen != off or next_no != expected or findex != frame_index or head != h:
+                    return rep.fail(f"REOP frame at byte {off} does not match the close before it; "
+                                    f"first bad record {expected}", expected)
+                try:
+                    pub.verify(sig, reopen_message(file_id, clen, next_no, findex, wall, head))
+                except InvalidSignature:
+                    return rep.fail(f"signature of the REOP frame at byte {off} does not verify (wrong key "
+                                    f"or forged); first bad record {expected}", expected)
+                reopened.add(off)
+                rep.reopens += 1
+                rep.signed_records = expected
+                closed = False
             elif ftype == b"RCVR":
                 if length != RCVR_BODY.size:
                     return rep.fail(f"recovery frame at byte {off} malformed", expected)
@@ -217,12 +256,14 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                 closed = False
         h = computed
         frame_index += 1
+        prev_type = ftype
         off = end
 
     rep.records = expected
     rep.frames = frame_index
     rep.head = h
     rep.tail_offset = off
+    rep.last_frame = prev_type
     rep.first_ts_ns, rep.last_ts_ns = ts_min, ts_max
     rep.closed = closed and rep.torn_bytes == 0
     rep.crash_tail = not rep.closed
@@ -253,6 +294,13 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                                 f"first missing record {rep.records}", rep.records)
             return rep.fail(f"log does not match its seal (closed with {snext} records at byte {slen_file}); "
                             f"first bad record {min(snext, rep.records)}", min(snext, rep.records))
+        rep.sealed_length, rep.sealed_records = slen_file, snext
+        if n > slen_file and slen_file not in reopened:
+            # e.g. a torn frame after the close: the seal says the log ended there
+            return rep.fail(f"{n - slen_file} bytes after the sealed end of the log (byte {slen_file}) that "
+                            f"are not a signed REOP continuation (appended after the log was closed); "
+                            f"first bad record {snext}", snext)
+        rep.reopened_after_seal = slen_file in reopened
         rep.sealed = True
     return rep
 
