@@ -243,25 +243,6 @@ class CudaBackend(CryptoBackend):
         table[7] = -1
         return table
 
-    def _bounds(self, table, layout, k, v, arena, nkeys) -> None:
-        if table.shape[1] == 0:
-            return
-        slot, row, pos_start, pos_count, io_start, counter, offset = table[:7]
-        if slot.min() < 0 or slot.max() >= nkeys:
-            raise ValueError("chunk slot out of range of keys")
-        if pos_count.min() < 1 or min(pos_start.min(), counter.min(), offset.min(), io_start.min()) < 0:
-            raise ValueError("chunk table has negative or empty entries")
-        for name, t in (("k", k), ("v", v)):
-            if row.min() < 0 or row.max() >= t.shape[0]:
-                raise ValueError(f"chunk row out of range of {name} (batch {t.shape[0]})")
-            if (io_start + pos_count).max() > t.shape[2]:
-                raise ValueError(f"chunk positions out of range of {name} (seq {t.shape[2]})")
-        nbytes = pos_count * layout.bytes_per_position
-        if (offset + nbytes + TAG_SIZE).max() > arena.numel():
-            raise ValueError("chunk ciphertext out of range of the arena")
-        if nbytes.max() >= 2**32:
-            raise ValueError("a chunk may hold at most 4 GiB of plaintext")
-
     def _meta(self, keys, audit: AuditContext | None) -> torch.Tensor:
         if audit is None:
             meta = _kh.slot_meta_array(keys)
@@ -294,7 +275,7 @@ class CudaBackend(CryptoBackend):
         table = self._check_common(keys, layout, chunks, arena)
         kp = self._check_tensor("k_src", k_src, layout)
         vp = self._check_tensor("v_src", v_src, layout)
-        self._bounds(table, layout, k_src, v_src, arena, len(keys))
+        _kh.check_bounds(table, layout, k_src, v_src, arena, len(keys))
         n = table.shape[1]
         if n == 0:
             return
@@ -326,7 +307,7 @@ class CudaBackend(CryptoBackend):
         table = self._check_common(keys, layout, chunks, arena)
         kp = self._check_tensor("k_out", k_out, layout)
         vp = self._check_tensor("v_out", v_out, layout)
-        self._bounds(table, layout, k_out, v_out, arena, len(keys))
+        _kh.check_bounds(table, layout, k_out, v_out, arena, len(keys))
         n = table.shape[1]
         status = torch.zeros(n, dtype=torch.uint8, device=self.device)
         if n == 0:

@@ -458,8 +458,9 @@ def _kv_args(name: str, t: torch.Tensor, layout) -> tuple[int, int, int, int]:
     return t.data_ptr(), t.stride(0) * it, t.stride(1) * it, t.stride(2) * it
 
 
-def _check_bounds(table: np.ndarray, layout, k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor,
-                  nkeys: int) -> None:
+def check_bounds(table: np.ndarray, layout, k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor,
+                 nkeys: int) -> None:
+    """Refuse a chunk table the kernels would index out of range (shared by the shim and the CUDA backend)."""
     slot, row, pos_start, pos_count, io_start, counter, offset = table[:7]
     if table.shape[1] == 0:
         return
@@ -499,7 +500,7 @@ def encrypt_chunks(keys: Sequence, layout, chunks, k_src: torch.Tensor, v_src: t
     meta = slot_meta_array(keys, tenant_idx, session_idx)
     first = encrypt_record_index(_col(chunks, "pos_count"))
     table = chunk_table_array(chunks, first[0])
-    _check_bounds(table, layout, k_src, v_src, arena, len(keys))
+    check_bounds(table, layout, k_src, v_src, arena, len(keys))
     kp = _kv_args("k_src", k_src, layout)
     vp = _kv_args("v_src", v_src, layout)
     records = np.zeros((first[1], RECORD_SIZE), dtype=np.uint8)
@@ -527,7 +528,7 @@ def decrypt_chunks(keys: Sequence, layout, chunks, arena: torch.Tensor, k_out: t
     table = chunk_table_array(chunks)
     desc, row_idx = row_descriptors(table, layout.bytes_per_position)
     table[7] = row_idx
-    _check_bounds(table, layout, k_out, v_out, arena, len(keys))
+    check_bounds(table, layout, k_out, v_out, arena, len(keys))
     kp = _kv_args("k_out", k_out, layout)
     vp = _kv_args("v_out", v_out, layout)
     n = table.shape[1]
