@@ -304,3 +304,116 @@ def test_close_does_not_raise_device_failures_and_closes():
     log.close()
     with pytest.raises(AuditError):
         log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s)
+
+
+# -- a drain thread that dies must fail the log, never hang its emitters ----------------------------------
+
+def _run_bounded(fn, timeout=5.0):
+    """Run fn in a thread; (finished, exception) after at most ``timeout`` s, so a hang fails the test."""
+    out = {}
+
+    def body():
+        try:
+            fn()
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            out["exc"] = e
+
+    th = threading.Thread(target=body, daemon=True)
+    th.start()
+    th.join(timeout)
+    return not th.is_alive(), out.get("exc")
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _kill_drain(lg):
+    """Make the drain's unguarded, locked part raise on its next pass."""
+    def take():
+        raise _Boom("ring take exploded")
+    lg._ring.take = take
+
+
+def test_emitters_on_a_full_ring_fail_instead_of_hanging_when_the_drain_dies():
+    lg = KVAuditLog(ring_records=4, drain_interval=0.01)
+    _kill_drain(lg)
+    finished, exc = _run_bounded(lambda: [lg.log_encrypt("a", "s", 0, i) for i in range(10)])
+    assert finished, "emitter hung after the drain thread died"
+    assert isinstance(exc, AuditError) and "drain thread died" in str(exc) and "ring take exploded" in str(exc)
+    assert not lg._thread.is_alive()
+    with pytest.raises(AuditError, match="ring take exploded"):   # every later emit names the cause
+        lg.log_encrypt("a", "s", 0, 0)
+
+
+def test_flush_and_queries_fail_instead_of_hanging_when_the_drain_dies():
+    lg = KVAuditLog(ring_records=64, drain_interval=0.01)
+    lg.log_encrypt("a", "s", 0, 0)
+    lg.flush()
+    _kill_drain(lg)
+    lg.log_encrypt("a", "s", 0, 1)
+    for call in (lg.flush, lambda: len(lg), lg.entries):
+        finished, exc = _run_bounded(call)
+        assert finished and isinstance(exc, AuditError) and "ring take exploded" in str(exc)
+    finished, exc = _run_bounded(lg.close)
+    assert finished
+
+
+def test_drain_death_wakes_an_emitter_already_waiting():
+    lg = KVAuditLog(ring_records=4, drain_interval=0.01)
+    gate = threading.Event()
+
+    def take():
+        gate.wait(5)               # hold the drain until the emitter is parked on the full ring
+        raise _Boom("late failure")
+    lg._ring.take = take
+    out = {}
+
+    def emit():
+        try:
+            for i in range(10):
+                lg.log_encrypt("a", "s", 0, i)
+        except AuditError as e:
+            out["exc"] = e
+    th = threading.Thread(target=emit, daemon=True)
+    th.start()
+    for _ in range(500):
+        if lg.stats()["stalls"]:
+            break
+        gate.wait(0.01)
+    assert lg.stats()["stalls"] >= 1     # the emitter waits for ring room
+    gate.set()
+    th.join(5)
+    assert not th.is_alive(), "waiting emitter was not woken when the drain thread died"
+    assert "late failure" in str(out["exc"])
+
+
+@pytest.mark.parametrize("kwargs, exc", [
+    (dict(drain_interval="x"), TypeError), (dict(drain_interval=0), ValueError),
+    (dict(drain_interval=-1.0), ValueError), (dict(drain_interval=float("nan")), ValueError),
+    (dict(drain_interval=True), TypeError),
+    (dict(ring_records=0), ValueError), (dict(ring_records=2.5), TypeError), (dict(ring_records="4"), TypeError),
+    (dict(max_entries=0), ValueError), (dict(max_entries=None), TypeError),
+    (dict(checkpoint_records=0), ValueError), (dict(checkpoint_records=1.0), TypeError),
+    (dict(frame_records=-3), ValueError), (dict(frame_records=True), TypeError),
+])
+def test_constructor_rejects_bad_sizes_and_intervals(kwargs, exc):
+    with pytest.raises(exc):
+        KVAuditLog(**kwargs)
+
+
+def test_constructor_accepts_numpy_ints_and_int_interval():
+    lg = KVAuditLog(ring_records=np.int64(8), max_entries=np.uint32(100), drain_interval=1)
+    lg.log_encrypt("a", "s", 0, 0)
+    assert len(lg) == 1
+    lg.close()
+
+
+def test_entries_rejects_non_integer_position_layer_and_non_bool_success(log):
+    log.log_encrypt("alice", "s1", 3, 7)
+    for bad in (dict(position=1.5), dict(position="7"), dict(position=True), dict(success="yes"),
+                dict(success=1), dict(layer_idx=3.0)):
+        with pytest.raises(TypeError):
+            log.entries(**bad)
+    assert len(log.entries(position=np.int64(7), success=True, layer_idx=3)) == 1
+    assert log.entries(success=False) == []

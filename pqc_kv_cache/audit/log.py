@@ -17,6 +17,7 @@ import datetime as _dt
 import heapq
 import json
 import logging
+import numbers
 import threading
 import time
 import weakref
@@ -56,11 +57,22 @@ def _close_open_logs() -> None:
 
 
 def _drain_main(ref) -> None:
-    while True:
+    log = None
+    try:
+        while True:
+            log = ref()
+            if log is None or not log._drain_once():
+                return
+            log = None
+    except BaseException as e:   # a bug outside _drain_once's guarded part: fail the log, never hang it
         log = ref()
-        if log is None or not log._drain_once():
-            return
-        del log
+        if log is not None:
+            log._drain_died(e)
+    finally:
+        log = ref()
+        if log is not None:
+            log._wake_all()
+        log = None
 
 
 def _iso(ns: int) -> str:
@@ -130,6 +142,20 @@ class KVAuditLog:
                  signing_key=None, logger="pqc_kv_cache.audit", *, clock=time.time_ns,
                  checkpoint_records: int = 65536, frame_records: int = 16384, fsync: bool = True,
                  drain_interval: float = 0.05):
+        for name, v in (("max_entries", max_entries), ("ring_records", ring_records),
+                        ("checkpoint_records", checkpoint_records), ("frame_records", frame_records)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a positive int, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v}")
+        if not isinstance(drain_interval, numbers.Real) or isinstance(drain_interval, (bool, np.bool_)):
+            raise TypeError(f"drain_interval must be a positive number of seconds, "
+                            f"got {type(drain_interval).__name__}")
+        if not 0 < drain_interval < float("inf"):
+            raise ValueError(f"drain_interval must be a positive number of seconds, got {drain_interval!r}")
+        drain_interval = float(drain_interval)
+        max_entries, ring_records = int(max_entries), int(ring_records)
+        checkpoint_records, frame_records = int(checkpoint_records), int(frame_records)
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)   # emitters wait here for ring room
         self._work = threading.Condition(self._lock)    # the drain thread waits here for work
@@ -311,7 +337,10 @@ class KVAuditLog:
                     while ring.contiguous_room() == 0:
                         if self._error is not None:
                             raise AuditError(f"the audit pipeline failed: {self._error}") from self._error
-                        self._space.wait()
+                        if not self._thread.is_alive():
+                            raise AuditError("the audit drain thread is not running; the ring is full")
+                        # the drain notifies; the timeout only re-checks a thread that died silently
+                        self._space.wait(0.5)
                     continue
                 k = room if room < n - done else n - done
                 ring.write(first, done, k, pack_args, arrays)
@@ -522,6 +551,29 @@ class KVAuditLog:
                              or (ring.written == ring.read and self._delivered >= self._next_no)):
                 return False
         return True
+
+    def _drain_died(self, e: BaseException) -> None:
+        """The drain thread raised outside its guarded part: keep the cause for emitters and flush."""
+        err = AuditError(f"the audit drain thread died: {e!r}")
+        err.__cause__ = e
+        with self._lock:
+            if self._error is None:
+                self._error = err
+        try:
+            self._logger.error("audit drain thread died: %r", e)
+        except Exception:
+            pass
+
+    def _wake_all(self) -> None:
+        """Wake every thread waiting on the drain (emitters, flush, queries, CUDA rings)."""
+        with self._lock:
+            self._space.notify_all()
+            self._done.notify_all()
+            self._work.notify_all()
+            for cr in self._cuda_rings.values():
+                space = getattr(cr, "_space", None)
+                if space is not None:
+                    space.notify_all()
 
     def _sink_call(self, method: str, *args) -> bool:
         """Call the sink; on failure remember the error (emitters and flush raise it) and go on."""
@@ -763,12 +815,18 @@ class KVAuditLog:
             if t is None:
                 return []
         op = None if operation is None else int(op_from_name(operation))
+        if success is not None and not isinstance(success, (bool, np.bool_)):
+            raise TypeError(f"success must be True, False or None, got {type(success).__name__}")
         layer = None
         if layer_idx is not None:
+            if not isinstance(layer_idx, numbers.Integral) or isinstance(layer_idx, (bool, np.bool_)):
+                raise TypeError(f"layer_idx must be an int or None, got {type(layer_idx).__name__}")
             layer = NONE16 if layer_idx == -1 else int(layer_idx)
             if not 0 <= layer <= NONE16:
                 return []
         if position is not None:
+            if not isinstance(position, numbers.Integral) or isinstance(position, (bool, np.bool_)):
+                raise TypeError(f"position must be an int or None, got {type(position).__name__}")
             position = int(position)
             if not 0 <= position <= 0xFFFF_FFFF:
                 return []
