@@ -463,3 +463,15 @@ def test_forged_or_misplaced_reopen_frame_fails(logfile, tmp_path):
         f.write(reop + h.digest())
     rep = verify_log(other)
     assert not rep.ok and "does not follow a closing checkpoint" in rep.error
+
+
+def test_reopen_of_a_closed_unsealed_log_with_a_torn_tail_writes_reop(logfile, capsys):
+    os.remove(logfile + ".seal")                     # closed, but the seal was lost
+    with open(logfile, "ab") as f:
+        f.write(b"REOP\x05")                        # a re-open died while writing its first frame
+    rep = verify_log(logfile)
+    assert rep.ok and rep.crash_tail and rep.torn_bytes == 5
+    with KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False) as lg:
+        lg.log_encrypt("bob", "b1", 0, 0)
+    rep = verify_log(logfile)
+    assert rep.ok and rep.sealed and rep.reopens == 1 and rep.records == N + 1
