@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(PY) -m pytest -q benchmarks/bench_audit.py benchmarks/bench_cache.py --benchmark-only --benchmark-group-by=group
 	$(PY) benchmarks/run_all.py
 
 clean:
