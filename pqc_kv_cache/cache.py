@@ -24,7 +24,9 @@ columns of the metadata without re-encryption (the AAD binds layer and
 position, not the physical row) and refuses to move a row into a row of
 another session. Rotation re-seals a session's live chunks under its new epoch
 and retires the old keys. Closing a session (``session.close()``) shreds its
-rows: the keys are gone and the ciphertext bytes are zeroed.
+rows: the keys are gone, the live chunks' ciphertext bytes are zeroed and the
+scratch is wiped (dead copies that merges, crops and rotations left in the
+arena until its next compaction are ciphertext under keys that are now erased).
 """
 
 from __future__ import annotations
