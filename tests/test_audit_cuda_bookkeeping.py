@@ -161,3 +161,24 @@ def test_commit_must_match_a_reservation():
         ring.complete()
         log.flush()
         assert [e.operation for e in log.entries()] == ["close"] * 4
+
+
+def test_a_request_larger_than_the_space_before_the_end_fits_an_empty_ring():
+    """An empty ring restarts at slot 0: a large reservation after a small one must not wait forever."""
+    with KVAuditLog() as log:
+        ring = attach(log, capacity=64, immediate=True)
+        for n in (10, 60, 37, 64, 3, 50):
+            result = {}
+
+            def go():
+                view, first = ring.reserve(n)
+                view[:, 0] = 1
+                ring.commit(n, first)
+                result["first"] = first
+
+            th = threading.Thread(target=go)
+            th.start()
+            th.join(timeout=5)
+            assert not th.is_alive(), f"reserve({n}) did not return"
+            assert log.flush(timeout=5)
+        assert len(log) == 10 + 60 + 37 + 64 + 3 + 50

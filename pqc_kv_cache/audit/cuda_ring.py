@@ -124,6 +124,12 @@ class CudaAuditRing:
                     raise AuditError(f"the audit pipeline failed: {log._error}") from log._error
                 s = self._head % self.capacity
                 skip = self.capacity - s if s + n > self.capacity else 0
+                if skip and self._head == self._tail:
+                    # empty ring: restart at slot 0 instead of counting the unused tail as taken (else a
+                    # request larger than the space before the end could never fit, even in an empty ring)
+                    self._head += skip
+                    self._tail += skip
+                    skip = 0
                 if self._head + skip + n - self._tail <= self.capacity:
                     break
                 if not stalled:
