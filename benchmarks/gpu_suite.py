@@ -4,9 +4,12 @@ Measured in one run, on one device, every figure beside its baseline:
 
 1. kernel throughput, GB/s of plaintext: CudaBackend.encrypt_chunks and
    decrypt_chunks (decrypt + verify), audit off, 8 KV heads x 128 head dim bf16,
-   256 MiB of K+V per call, chunks of 1 and of 64 positions. Timed with CUDA
+   128 MiB of K+V per call, chunks of 1 and of 64 positions. Timed with CUDA
    events around back-to-back calls (the host-side table building of a call
-   overlaps the previous call's kernels), median of the repeats;
+   overlaps the previous call's kernels), median of the repeats. With 1-position
+   chunks a call carries 32K chunks, whose host-side table work (a few ms) can
+   exceed the kernel time: that figure is then a floor set by the host, not the
+   kernel's speed (the 64-position figure is the kernel's);
 2. decode-step time of a Llama-shaped random model (hidden 4096, 32 query
    heads, 8 KV heads x 128, bf16, ``--layers`` layers) at batch 8 and 1K / 4K
    context: DynamicCache, EncryptedCache with audit off and with audit on,

@@ -520,3 +520,32 @@ def test_prefill_and_decode_on_cuda_make_no_host_sync_and_audit_gets_device_time
     assert len(enc) == layers * 2 * (12 + 3)            # one per (layer, row, position)
     assert all(e.success and e.device_timestamp_ns > 0 for e in enc + dec)
     assert len(dec) >= layers * 2 * 4                   # at least one per (layer, row, step)
+
+
+@pytest.mark.parametrize("direction", ["encrypt", "decrypt"])
+def test_a_failed_launch_commits_its_reserved_records_as_errors(direction):
+    """A launch that raises after its audit slots were reserved must not leave the log waiting forever."""
+    class Failing(CpuTwinBackend):
+        def _launch(self, kernel, grid, block, args):
+            if kernel in ("pqc_encrypt_chunks", "pqc_decrypt_chunks"):
+                raise RuntimeError("launch failed")
+            super()._launch(kernel, grid, block, args)
+
+    be, good = Failing(), CpuTwinBackend()
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    log = FakeLog(torch.device("cpu"))
+    ctx = AuditContext(log, np.array([4, 5], np.uint32), np.array([6, 7], np.uint32))
+    with pytest.raises(RuntimeError):
+        if direction == "encrypt":
+            be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+        else:
+            good.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+            be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), ctx)
+    reserved = sum(view.shape[0] for view in log.ring.views)
+    assert reserved and sum(n for _, n in log.ring.committed) == reserved
+    r = log.ring.records()
+    assert r["record_no"].tolist() == list(range(500, 500 + reserved))
+    assert (r["status"] == 3).all() and (r["op"] == (1 if direction == "encrypt" else 2)).all()

@@ -297,7 +297,12 @@ class CudaBackend(CryptoBackend):
                     _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
                     _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
                     _u64(arena.data_ptr()), _u64(view.data_ptr() if view is not None else 0), np.uint64(first_no))
-            self._launch("pqc_encrypt_chunks", min(b - a, self._grid_cap), LANES, args)
+            try:
+                self._launch("pqc_encrypt_chunks", min(b - a, self._grid_cap), LANES, args)
+            except BaseException:
+                if ring is not None:
+                    self._abandon(ring, view, first_no, total, Op.ENCRYPT, layout, audit)
+                raise
             if ring is not None:
                 ring.commit(total, first_no)
 
@@ -337,25 +342,51 @@ class CudaBackend(CryptoBackend):
                       np.uint32(layout.itemsize), np.uint32(dtype_code(layout.dtype)))
             sub_status = status if sel.shape[0] == n else torch.zeros(sel.shape[0], dtype=torch.uint8,
                                                                       device=self.device)
-            if view is not None:
-                dev_desc = self._upload(desc)
-                self._launch("pqc_decrypt_row_records", (r1 - r0 + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,
-                             ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()),
-                                                  np.int64(r1 - r0), *common, _u64(view.data_ptr()),
-                                                  np.uint64(first_no)))
-            args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()),
-                    np.int64(sel.shape[0]), *common, _u64(arena.data_ptr()),
-                    _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
-                    _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
-                    _u64(sub_status.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
-                    _u64(self._fq.data_ptr()), _u64(self._fq_count.data_ptr()),
-                    np.uint32(FAILURE_QUEUE_CAPACITY), np.uint32(tag))
-            self._launch("pqc_decrypt_chunks", min(sel.shape[0], self._grid_cap), LANES, args)
+            try:
+                self._decrypt_group(view, first_no, desc, r1 - r0, meta, common, sched, dev_table, sel, arena,
+                                    kp, vp, sub_status, tag)
+            except BaseException:
+                if ring is not None:
+                    self._abandon(ring, view, first_no, r1 - r0, Op.DECRYPT, layout, audit)
+                raise
             if sub_status is not status:
                 status[self._upload(sel.astype(np.int64))] = sub_status
             if ring is not None:
                 ring.commit(r1 - r0, first_no)
         return status
+
+    def _decrypt_group(self, view, first_no, desc, nrows, meta, common, sched, dev_table, sel, arena, kp, vp,
+                       sub_status, tag) -> None:
+        """The launches of one row group of decrypt_chunks: row records (when audited), then the chunks."""
+        if view is not None:
+            dev_desc = self._upload(desc)
+            self._launch("pqc_decrypt_row_records", (nrows + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,
+                         ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()),
+                                              np.int64(nrows), *common, _u64(view.data_ptr()),
+                                              np.uint64(first_no)))
+        args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()),
+                np.int64(sel.shape[0]), *common, _u64(arena.data_ptr()),
+                _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
+                _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
+                _u64(sub_status.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
+                _u64(self._fq.data_ptr()), _u64(self._fq_count.data_ptr()),
+                np.uint32(FAILURE_QUEUE_CAPACITY), np.uint32(tag))
+        self._launch("pqc_decrypt_chunks", min(sel.shape[0], self._grid_cap), LANES, args)
+
+    @staticmethod
+    def _abandon(ring, view, first_no: int, n: int, op: Op, layout: ChunkLayout, audit: AuditContext) -> None:
+        """A launch failed after its audit slots were reserved: fill them with ERROR records and commit, so
+        the log stays dense and its drain is not left waiting on a reservation that never completes."""
+        recs = np.zeros(n, dtype=RECORD_DTYPE)
+        recs["record_no"] = first_no + np.arange(n, dtype=np.uint64)
+        recs["op"] = int(op)
+        recs["status"] = int(Status.ERROR)
+        recs["layer"] = layout.layer_idx if layout.layer_idx < 0xFFFF else 0xFFFF
+        recs["row"] = 0xFFFF
+        recs["tenant_idx"] = int(audit.tenant_idx[0]) if len(audit.tenant_idx) else 0
+        recs["session_idx"] = int(audit.session_idx[0]) if len(audit.session_idx) else 0
+        view.copy_(torch.from_numpy(recs.view(np.uint8).reshape(n, RECORD_DTYPE.itemsize)))
+        ring.commit(n, first_no)
 
     def clear_key_cache(self) -> None:
         """Drop the cached device key schedules (e.g. after retiring epochs)."""
@@ -366,6 +397,10 @@ class CudaBackend(CryptoBackend):
     def pending_failures(self) -> list[dict[str, Any]]:
         """Wait for the device, read the failure queue, emit its records into the audit logs,
         empty it, and return one dict per failing chunk (caller-owned synchronisation point)."""
+        # every stream, not only the current one: a decrypt launched on another stream may still be adding
+        # failures, and zeroing the count below would lose them
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         with self._lock:
             count = int(self._fq_count.item())
             if count == 0:
