@@ -226,6 +226,19 @@ class HostBackend(CryptoBackend):
         if int((t["offset"] + chunk_bytes + TAG_SIZE).max()) > arena_len:
             raise ValueError("a chunk reaches past the end of the arena")
 
+    def _checked_call(self, keys, layout, chunks, arena, name: str, k: torch.Tensor, v: torch.Tensor):
+        """Every check at the door of encrypt_chunks / decrypt_chunks: the chunk table as int64 columns, the
+        plaintext bytes of each chunk, and the bytes per position."""
+        self._check_layout(layout)
+        self._check_arena(arena)
+        self._check_kv(name, k, v, layout)
+        t = _table(chunks)
+        _check_keys(keys, t["slot"])
+        bpp = 2 * layout.num_heads * layout.head_dim * k.element_size()
+        nbytes = t["pos_count"] * bpp
+        self._check_ranges(t, k.shape[0], k.shape[2], arena.numel(), nbytes)
+        return t, nbytes, bpp
+
     def _run(self, fn, nbytes: np.ndarray) -> None:
         """Run ``fn(lo, hi)`` over all chunks, split by bytes over the pool when the call is large."""
         n = int(nbytes.shape[0])
@@ -257,16 +270,9 @@ class HostBackend(CryptoBackend):
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
                        audit: AuditContext | None = None) -> None:
-        self._check_layout(layout)
-        self._check_arena(arena)
-        self._check_kv("src", k_src, v_src, layout)
-        t = _table(chunks)
+        t, nbytes, bpp = self._checked_call(keys, layout, chunks, arena, "src", k_src, v_src)
         n = t["slot"].shape[0]
-        _check_keys(keys, t["slot"])
         itemsize = k_src.element_size()
-        bpp = 2 * layout.num_heads * layout.head_dim * itemsize
-        nbytes = t["pos_count"] * bpp
-        self._check_ranges(t, k_src.shape[0], k_src.shape[2], arena.numel(), nbytes)
         if n == 0:
             return
         aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"], bpp).tobytes()
@@ -342,16 +348,9 @@ class HostBackend(CryptoBackend):
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                        audit: AuditContext | None = None) -> np.ndarray:
-        self._check_layout(layout)
-        self._check_arena(arena)
-        self._check_kv("out", k_out, v_out, layout)
-        t = _table(chunks)
+        t, nbytes, bpp = self._checked_call(keys, layout, chunks, arena, "out", k_out, v_out)
         n = t["slot"].shape[0]
-        _check_keys(keys, t["slot"])
         itemsize = k_out.element_size()
-        bpp = 2 * layout.num_heads * layout.head_dim * itemsize
-        nbytes = t["pos_count"] * bpp
-        self._check_ranges(t, k_out.shape[0], k_out.shape[2], arena.numel(), nbytes)
         status = np.zeros(n, dtype=np.uint8)
         if n == 0:
             return status
