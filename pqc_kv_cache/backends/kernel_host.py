@@ -280,15 +280,21 @@ def build_aad_v1(*, tenant_tag: bytes, session_tag: bytes, epoch: int, layer: in
 
 # ---------------------------------------------------------------- one-shot and batched GCM
 
+def _keys_and_nonces(keys: Sequence[bytes], nonces: Sequence[bytes], n: int, what: str) -> tuple[bytes, bytes]:
+    """The n keys (32 bytes each) and nonces (12 bytes each) of a batched call, concatenated and checked."""
+    kb = b"".join(_bytes(f"keys[{i}]", k, 32) for i, k in enumerate(keys))
+    nb = b"".join(_bytes(f"nonces[{i}]", x, NONCE_SIZE) for i, x in enumerate(nonces))
+    if len(kb) != 32 * n or len(nb) != NONCE_SIZE * n:
+        raise ValueError(f"keys, nonces and {what} must have the same length")
+    return kb, nb
+
+
 def gcm_seal_many(keys: Sequence[bytes], nonces: Sequence[bytes], aads: Sequence[bytes],
                   plaintexts: Sequence[bytes], *, lanes: int = LANES) -> list[bytes]:
     """Seal message i under keys[i], nonces[i] (12 bytes), aads[i]; returns ciphertext || tag each."""
     n = len(plaintexts)
     lanes = _lanes(lanes)
-    kb = b"".join(_bytes(f"keys[{i}]", k, 32) for i, k in enumerate(keys))
-    nb = b"".join(_bytes(f"nonces[{i}]", x, NONCE_SIZE) for i, x in enumerate(nonces))
-    if len(kb) != 32 * n or len(nb) != NONCE_SIZE * n:
-        raise ValueError("keys, nonces and plaintexts must have the same length")
+    kb, nb = _keys_and_nonces(keys, nonces, n, "plaintexts")
     abuf, aoff, alen = _concat("aads", aads, n)
     pbuf, poff, plen = _concat("plaintexts", plaintexts, n)
     olen = plen + TAG_SIZE
@@ -312,10 +318,7 @@ def gcm_open_many(keys: Sequence[bytes], nonces: Sequence[bytes], aads: Sequence
     lanes = _lanes(lanes)
     if isinstance(tag_len, bool) or not isinstance(tag_len, int) or not 4 <= tag_len <= 16:
         raise ValueError(f"tag_len must be in [4, 16], got {tag_len!r}")
-    kb = b"".join(_bytes(f"keys[{i}]", k, 32) for i, k in enumerate(keys))
-    nb = b"".join(_bytes(f"nonces[{i}]", x, NONCE_SIZE) for i, x in enumerate(nonces))
-    if len(kb) != 32 * n or len(nb) != NONCE_SIZE * n:
-        raise ValueError("keys, nonces and ciphertexts must have the same length")
+    kb, nb = _keys_and_nonces(keys, nonces, n, "ciphertexts")
     abuf, aoff, alen = _concat("aads", aads, n)
     cbuf, coff, clen = _concat("ciphertexts", ciphertexts, n)
     if n and int(clen.min()) < tag_len:
