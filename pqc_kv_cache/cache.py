@@ -884,9 +884,7 @@ class EncryptedCache(Cache):
             self.audit.emit(Op.ROTATE, tenant_idx=t, session_idx=sx, epoch=new, status=Status.OK)
         for e in s.live_epochs:
             if e != new:
-                s.retire_epoch(e)
-                self._keyslots.pop((si, e), None)
-        self._forget_backend_keys()
+                s.retire_epoch(e)     # the retire hook drops this cache's key copy and the backend's schedules
         return new
 
     def _forget_backend_keys(self) -> None:
