@@ -410,7 +410,8 @@ class EncryptedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
+        # newer transformers pass keywords meant for recurrent layers (recurrent_states_to_keep); none apply here
         if self.is_sliding:
             self.record_past = True
 
