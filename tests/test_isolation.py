@@ -80,6 +80,8 @@ def test_cross_tenant_decrypt_is_refused_and_recorded_by_the_manager(mgr, audit)
     v = audit.entries(operation="isolation-violation")
     assert len(v) == 1
     assert v[0].tenant_id == "bob" and v[0].layer_idx == 1 and v[0].position == 4 and not v[0].success
+    assert v[0].session_id == mgr.get_session("bob").session_id
+    assert v[0].details == "target=alice; decrypt of an entry of tenant 'alice'"
     # the entry is still fine for its owner
     mgr.decrypt("alice", e)
 
