@@ -4,7 +4,8 @@ Each tenant's keys and values are kept encrypted with AES-256-GCM under a
 per-session key agreed through ML-KEM-768; every cross-tenant access is refused
 and recorded; every encrypt and decrypt is in a tamper-evident audit log.
 
-The names of the earlier pure-Python library keep working::
+Code written for the pure-Python "PQC KV Cache Encryption" 0.1.0 (the earlier
+package of the same name) keeps working; its names::
 
     from pqc_kv_cache import (TenantIdentity, establish_tenant_session, TenantSession,
                               EntryMetadata, KVCacheEntry, EncryptedEntry,

@@ -868,7 +868,7 @@ class EncryptedCache(Cache):
 
     def _rotate(self, si: int, trigger: RotationTrigger) -> int:
         s = self._sessions[si]
-        new = self.policy.rotate(s, trigger) if self.policy is not None else s.rotate_key()
+        new = s.rotate_key()
         for layer in self.layers:
             if not layer.is_initialized:
                 continue

@@ -2,6 +2,8 @@
 
 The batched paths (backends/) produce exactly the same envelope; these classes
 are what a tenant, an auditor or a test uses to seal or open one chunk.
+``encrypt_entry`` / ``decrypt_entry`` are the methods; ``encrypt`` / ``decrypt``
+are the same methods under shorter names.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import threading
 
 from cryptography.exceptions import InvalidTag
 
-from .envelope import EncryptedEntry, EntryMetadata, KVCacheEntry, make_nonce
+from .envelope import NONCE_SIZE, EncryptedEntry, EntryMetadata, KVCacheEntry, make_nonce
 from .errors import (
     DecryptionError,
     MalformedEntryError,
@@ -19,7 +21,7 @@ from .errors import (
 )
 from .session import TenantSession
 
-__all__ = ["CacheEncryptor", "CacheDecryptor", "ReplayWindow"]
+__all__ = ["CacheEncryptor", "CacheDecryptor", "ReplayWindow", "NONCE_SIZE"]
 
 
 def _check_owner(session: TenantSession, meta: EntryMetadata, verb: str) -> None:
@@ -35,7 +37,10 @@ def _check_owner(session: TenantSession, meta: EntryMetadata, verb: str) -> None
 class CacheEncryptor:
     """Seal KVCacheEntry objects under a session's current epoch key.
 
-    Each call takes the next nonce counter of the session (never reused);
+    Each call takes the next nonce counter of the session's current epoch
+    (``sequence_number`` 1, 2, 3, ... restarting with each epoch; the nonce is
+    (epoch, counter), never reused). SessionExpiredError for an expired session,
+    TenantIsolationError for another tenant's or session's entry,
     KeyRotationRequiredError at the session's per-epoch cap.
     """
 
@@ -44,8 +49,9 @@ class CacheEncryptor:
             raise TypeError(f"session must be a TenantSession, got {type(session).__name__}")
         self.session = session
 
-    def encrypt(self, entry: KVCacheEntry, *, dtype: str = "", num_heads: int = 0,
-                head_dim: int = 0) -> EncryptedEntry:
+    def encrypt_entry(self, entry: KVCacheEntry, *, dtype: str = "", num_heads: int = 0,
+                      head_dim: int = 0) -> EncryptedEntry:
+        """Seal one entry; ``dtype``, ``num_heads`` and ``head_dim`` are bound into the AAD where known."""
         if not isinstance(entry, KVCacheEntry):
             raise TypeError(f"entry must be a KVCacheEntry, got {type(entry).__name__}")
         if not isinstance(entry.key_tensor_bytes, (bytes, bytearray, memoryview)) or \
@@ -59,6 +65,8 @@ class CacheEncryptor:
                              epoch, dtype, num_heads, head_dim)
         out.ciphertext = s.cipher(epoch).encrypt(out.nonce, k + bytes(entry.value_tensor_bytes), out.aad())
         return out
+
+    encrypt = encrypt_entry
 
 
 class ReplayWindow:
@@ -102,7 +110,9 @@ class CacheDecryptor:
     * A (epoch, counter) already opened by this decryptor: NonceReplayError
       (bounded memory: one ReplayWindow per epoch).
     * Any tag failure — changed byte, chunk moved to another layer, position or
-      tenant, retired epoch key: DecryptionError naming tenant, layer and positions.
+      tenant, changed key_len or sequence number, retired epoch key:
+      DecryptionError naming tenant, layer and positions.
+    * An expired or closed session: SessionExpiredError (SessionClosedError).
     """
 
     def __init__(self, session: TenantSession, replay_window: int = 1 << 16):
@@ -113,7 +123,8 @@ class CacheDecryptor:
         self._windows: dict[int, ReplayWindow] = {}
         self._lock = threading.Lock()
 
-    def decrypt(self, entry: EncryptedEntry) -> KVCacheEntry:
+    def decrypt_entry(self, entry: EncryptedEntry) -> KVCacheEntry:
+        """Open one entry (see the class docstring for the errors)."""
         if not isinstance(entry, EncryptedEntry):
             raise TypeError(f"entry must be an EncryptedEntry, got {type(entry).__name__}")
         try:
@@ -125,6 +136,12 @@ class CacheDecryptor:
         s = self.session
         m = entry.metadata
         _check_owner(s, m, "decrypt")
+        if not entry.nonce_matches():
+            # the nonce is not bound into the AAD; the counter it carries must be the entry's own
+            raise DecryptionError(
+                f"nonce does not match epoch {entry.epoch} and sequence number {entry.sequence_number} "
+                f"for tenant {m.tenant_id!r}, layer {m.layer_idx}, positions {m.positions.start}..{m.positions.stop - 1}",
+                tenant_id=m.tenant_id, layer_idx=m.layer_idx, positions=m.positions)
         with self._lock:
             window = self._windows.setdefault(entry.epoch, ReplayWindow(self._window_size))
             window.check(entry.sequence_number)
@@ -142,3 +159,5 @@ class CacheDecryptor:
                     tenant_id=m.tenant_id, layer_idx=m.layer_idx, positions=m.positions) from None
             window.mark(entry.sequence_number)
         return KVCacheEntry(m, plain[:entry.key_len], plain[entry.key_len:])
+
+    decrypt = decrypt_entry

@@ -8,7 +8,7 @@ metadata, and documented byte by byte in the README, so that plain
 Nonce (12 bytes, big-endian)::
 
     0   4  epoch   (uint32)
-    4   8  counter (uint64)  -- per session, only ever increases
+    4   8  counter (uint64)  -- per (session, epoch), starts at 1 and only increases
 
 AAD (80 bytes, big-endian)::
 
@@ -155,6 +155,8 @@ class EntryMetadata:
 
     ``position`` is the first position, ``position_count`` how many positions the
     chunk covers. ``kv_role`` is "both" (K bytes then V bytes), "key" or "value".
+    ``to_dict()`` holds the six fields before ``position_count``; an
+    EncryptedEntry's dict carries ``position_count`` beside it.
     """
 
     tenant_id: str
@@ -182,23 +184,27 @@ class EntryMetadata:
         return range(self.position, self.position + self.position_count)
 
     def to_dict(self) -> dict:
+        """``tenant_id, session_id, layer_idx, position, token_id, kv_role``."""
         return {"tenant_id": self.tenant_id, "session_id": self.session_id,
                 "layer_idx": self.layer_idx, "position": self.position,
-                "token_id": self.token_id, "kv_role": self.kv_role,
-                "position_count": self.position_count}
+                "token_id": self.token_id, "kv_role": self.kv_role}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)
 class KVCacheEntry:
-    """Plaintext K and V bytes of one chunk, with its metadata."""
+    """Plaintext K and V bytes of one chunk, with its metadata. Its repr shows sizes, never the bytes."""
 
     metadata: EntryMetadata
     key_tensor_bytes: bytes
     value_tensor_bytes: bytes
 
-    @property
     def plaintext_size(self) -> int:
+        """``len(key_tensor_bytes) + len(value_tensor_bytes)``."""
         return len(self.key_tensor_bytes) + len(self.value_tensor_bytes)
+
+    def __repr__(self) -> str:
+        return (f"KVCacheEntry(metadata={self.metadata!r}, key_tensor_bytes=<{len(self.key_tensor_bytes)} bytes>, "
+                f"value_tensor_bytes=<{len(self.value_tensor_bytes)} bytes>)")
 
 
 @dataclass(slots=True)
@@ -208,7 +214,9 @@ class EncryptedEntry:
     ``ciphertext`` is AES-256-GCM ciphertext followed by the 16-byte tag;
     ``key_len`` is the length of the K part of the plaintext. ``dtype``,
     ``num_heads`` and ``head_dim`` describe the tensors where known (bound into
-    the AAD). ``sequence_number`` equals the nonce counter.
+    the AAD). ``sequence_number`` equals the nonce counter; an entry whose nonce
+    is not (epoch, sequence_number) is well-formed but never opens
+    (DecryptionError). ``nonce`` and ``ciphertext`` may be given as hex strings.
     """
 
     metadata: EntryMetadata
@@ -221,6 +229,15 @@ class EncryptedEntry:
     num_heads: int = 0
     head_dim: int = 0
     format_version: int = field(default=FORMAT_VERSION)
+
+    def __post_init__(self):
+        for name in ("nonce", "ciphertext"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                try:
+                    setattr(self, name, bytes.fromhex(v))
+                except ValueError:
+                    raise MalformedEntryError(f"{name} is a str but not valid hex") from None
 
     @property
     def tag(self) -> bytes:
@@ -239,8 +256,16 @@ class EncryptedEntry:
                          kv_role=m.kv_role, dtype=self.dtype, num_heads=self.num_heads,
                          head_dim=self.head_dim, token_id=m.token_id)
 
+    def nonce_matches(self) -> bool:
+        """Whether the nonce is the (epoch, sequence_number) this project seals under."""
+        return bytes(self.nonce) == make_nonce(self.epoch, self.sequence_number)
+
     def validate(self) -> "EncryptedEntry":
-        """Check types, lengths and consistency; raise MalformedEntryError naming the fault."""
+        """Check types, lengths and ranges; raise MalformedEntryError naming the fault.
+
+        Whether the nonce matches (epoch, sequence_number) is left to decryption
+        (``nonce_matches``): such an entry is well-formed, it just never opens.
+        """
         if not isinstance(self.metadata, EntryMetadata):
             raise MalformedEntryError(f"metadata must be an EntryMetadata, got {type(self.metadata).__name__}")
         for name in ("key_len", "sequence_number", "epoch", "num_heads", "head_dim", "format_version"):
@@ -257,9 +282,10 @@ class EncryptedEntry:
             raise MalformedEntryError(f"nonce must be {NONCE_SIZE} bytes")
         if not isinstance(self.ciphertext, (bytes, bytearray)) or len(self.ciphertext) < TAG_SIZE:
             raise MalformedEntryError(f"ciphertext must hold at least the {TAG_SIZE}-byte tag")
-        epoch, counter = split_nonce(bytes(self.nonce))
-        if epoch != self.epoch or counter != self.sequence_number:
-            raise MalformedEntryError("nonce does not match epoch and sequence_number")
+        for name, hi in (("epoch", MAX_EPOCH), ("sequence_number", MAX_COUNTER)):
+            v = getattr(self, name)
+            if not 0 <= v <= hi:
+                raise MalformedEntryError(f"{name} out of range: {v}")
         if not 0 <= self.key_len <= self.plaintext_size:
             raise MalformedEntryError(f"key_len {self.key_len} exceeds plaintext size {self.plaintext_size}")
         if self.dtype not in DTYPE_CODES:
@@ -332,7 +358,8 @@ class EncryptedEntry:
         self.validate()
         return {"metadata": self.metadata.to_dict(), "nonce": bytes(self.nonce).hex(),
                 "ciphertext": bytes(self.ciphertext).hex(), "key_len": self.key_len,
-                "sequence_number": self.sequence_number, "epoch": self.epoch,
+                "sequence_number": self.sequence_number,
+                "position_count": self.metadata.position_count, "epoch": self.epoch,
                 "dtype": self.dtype, "num_heads": self.num_heads, "head_dim": self.head_dim,
                 "format_version": self.format_version}
 
@@ -341,18 +368,24 @@ class EncryptedEntry:
 
     @classmethod
     def from_dict(cls, d: Any) -> "EncryptedEntry":
-        """Parse :meth:`to_dict` output; any malformation raises MalformedEntryError."""
+        """Parse :meth:`to_dict` output; any malformation raises MalformedEntryError.
+
+        ``position_count`` is read beside ``metadata`` or inside it (both forms
+        were written); absent, it is 1.
+        """
         if not isinstance(d, dict):
             raise MalformedEntryError(f"expected a dict, got {type(d).__name__}")
         try:
             md = d["metadata"]
             if not isinstance(md, dict):
                 raise MalformedEntryError("metadata must be a dict")
+            count = _typed(md, "position_count", int, None) if "position_count" in md else \
+                _typed(d, "position_count", int, 1)
             meta = EntryMetadata(
                 tenant_id=_typed(md, "tenant_id", str), session_id=_typed(md, "session_id", str),
                 layer_idx=_typed(md, "layer_idx", int), position=_typed(md, "position", int),
                 token_id=_typed(md, "token_id", int, -1), kv_role=_typed(md, "kv_role", str, "both"),
-                position_count=_typed(md, "position_count", int, 1))
+                position_count=count)
             nonce = _unhex(d, "nonce")
             ct = _unhex(d, "ciphertext")
             entry = cls(meta, nonce, ct, _typed(d, "key_len", int),

@@ -8,7 +8,8 @@ caller remembers to log it.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+import types
+from typing import Callable, Mapping
 
 from .encryptor import CacheDecryptor, CacheEncryptor
 from .envelope import EncryptedEntry, KVCacheEntry
@@ -30,6 +31,7 @@ class TenantIsolationManager:
 
     ``audit`` is a KVAuditLog (or None for no audit); ``policy`` a
     KeyRotationPolicy applied before each encryption (rotations are recorded).
+    ``sessions`` is a read-only view tenant_id -> session.
     """
 
     def __init__(self, audit=None, policy: KeyRotationPolicy | None = None,
@@ -43,6 +45,11 @@ class TenantIsolationManager:
         self._decryptors: dict[str, CacheDecryptor] = {}
 
     # ---- sessions -------------------------------------------------------------
+    @property
+    def sessions(self) -> Mapping[str, TenantSession]:
+        """Read-only live view of the registry: tenant_id -> its current session."""
+        return types.MappingProxyType(self._sessions)
+
     def create_session(self, tenant: TenantIdentity, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> TenantSession:
         """The tenant's live session, establishing a new one (ML-KEM-768) if it has none or it expired."""
         if not isinstance(tenant, TenantIdentity):
@@ -75,12 +82,14 @@ class TenantIsolationManager:
             return sorted(t for t, s in self._sessions.items() if s.is_valid())
 
     def close_session(self, tenant_id: str) -> None:
-        """Erase the tenant's keys (its entries become unreadable) and record the close."""
+        """Erase the tenant's keys (its entries become unreadable) and record the close.
+
+        A tenant without a session is no error: there is nothing to close.
+        """
         with self._lock:
             session = self._sessions.get(tenant_id)
-            if session is None:
-                raise UnknownTenantError(f"no session for tenant {tenant_id!r}")
-            self._drop(tenant_id, session, reason="closed")
+            if session is not None:
+                self._drop(tenant_id, session, reason="closed")
 
     def _drop(self, tenant_id: str, session: TenantSession, reason: str) -> None:
         del self._sessions[tenant_id]
@@ -99,13 +108,12 @@ class TenantIsolationManager:
     # ---- rotation ---------------------------------------------------------------
     def rotate(self, tenant_id: str, trigger: RotationTrigger = RotationTrigger.MANUAL) -> int:
         """Open a new epoch for the tenant's session; returns it. Earlier entries stay readable."""
+        trigger = RotationTrigger(trigger)
         with self._lock:
             session = self.get_session(tenant_id)
-            policy = self.policy or KeyRotationPolicy()
-            epoch = policy.rotate(session, trigger)
+            epoch = session.rotate_key()
             if self.audit is not None:
-                self.audit.log_rotate(tenant_id, session.session_id,
-                                      details=f"trigger={RotationTrigger(trigger).value}", epoch=epoch)
+                self.audit.log_rotate(tenant_id, session.session_id, trigger.value, epoch=epoch)
             return epoch
 
     def _maybe_rotate(self, tenant_id: str, session: TenantSession) -> None:
@@ -132,10 +140,10 @@ class TenantIsolationManager:
             out = encryptor.encrypt(entry)
         except KeyRotationRequiredError:
             self._log("log_encrypt", session, m.layer_idx, m.position, 0, False, "rotation required",
-                      m.position_count, session.epoch, entry.plaintext_size)
+                      m.position_count, session.epoch, entry.plaintext_size())
             raise
         self._log("log_encrypt", session, m.layer_idx, m.position, out.sequence_number, True, None,
-                  m.position_count, out.epoch, entry.plaintext_size)
+                  m.position_count, out.epoch, entry.plaintext_size())
         return out
 
     def decrypt(self, tenant_id: str, entry: EncryptedEntry) -> KVCacheEntry:
@@ -174,9 +182,8 @@ class TenantIsolationManager:
     def _violation(self, tenant_id: str, session: TenantSession, target: str, layer: int, position: int,
                    count: int, what: str):
         if self.audit is not None:
-            self.audit.log_isolation_violation(tenant_id, session.session_id, details=what, layer_idx=layer,
-                                               position=position, position_count=count,
-                                               target_tenant_id=target)
+            self.audit.log_isolation_violation(tenant_id, target, what, session_id=session.session_id,
+                                               layer_idx=layer, position=position, position_count=count)
         raise TenantIsolationError(f"tenant {tenant_id!r} refused: {what} (layer {layer}, position {position})")
 
     def __enter__(self) -> "TenantIsolationManager":

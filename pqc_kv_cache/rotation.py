@@ -19,9 +19,20 @@ __all__ = ["RotationTrigger", "KeyRotationPolicy"]
 
 
 class RotationTrigger(str, enum.Enum):
-    ENTRY_COUNT = "entry_count"
-    TIME_ELAPSED = "time_elapsed"
+    """Why a key was rotated. The values are the strings written to audit records (``trigger=<value>``)."""
+
+    ENTRY_COUNT = "entry-count"
+    TIME_ELAPSED = "time-elapsed"
     MANUAL = "manual"
+
+    @classmethod
+    def _missing_(cls, value):
+        # "entry_count" / "time_elapsed" (underscore spellings) name the same triggers
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.replace("_", "-"):
+                    return member
+        return None
 
 
 class KeyRotationPolicy:
@@ -53,17 +64,21 @@ class KeyRotationPolicy:
         return (self.clock or session.clock)()
 
     def should_rotate(self, session: TenantSession) -> tuple[bool, RotationTrigger | None]:
-        if session.epoch_entries >= self.max_entries:
+        """``(True, ENTRY_COUNT)`` once the current epoch sealed ``max_entries`` entries,
+        ``(True, TIME_ELAPSED)`` once its key is ``max_age_seconds`` old, else ``(False, None)``."""
+        if session.entries_encrypted >= self.max_entries:
             return True, RotationTrigger.ENTRY_COUNT
         if self._now(session) - session.epoch_started_at >= self.max_age_seconds:
             return True, RotationTrigger.TIME_ELAPSED
         return False, None
 
-    def rotate(self, session: TenantSession, trigger: RotationTrigger = RotationTrigger.MANUAL) -> int:
-        """Open a new epoch on the session; returns it."""
-        if not isinstance(trigger, RotationTrigger):
-            trigger = RotationTrigger(trigger)
-        return session.rotate_key()
+    def rotate(self, session: TenantSession) -> bytes:
+        """Open a new epoch on the session (its counters restart); returns the new 32-byte key.
+
+        The caller that wants the epoch number reads ``session.epoch`` or calls
+        ``session.rotate_key()`` directly.
+        """
+        return session.key_for_epoch(session.rotate_key())
 
     def __repr__(self) -> str:
         return f"KeyRotationPolicy(max_entries={self.max_entries}, max_age_seconds={self.max_age_seconds:g})"

@@ -19,6 +19,10 @@ process from which that key could be recomputed (forward secrecy across
 epochs within the process). A key supplied to ``rotate_key(new_key)`` is used
 as is for that epoch (the tenant cannot derive it); the chain continues.
 
+Nonce counters are per epoch: each epoch's counter starts at 1, and the nonce
+holds the epoch (``envelope.make_nonce``), so a (key, nonce) pair is never
+used twice even when ``rotate_key`` is handed a key used before.
+
 Keys live in ``bytearray`` buffers that ``close()`` and ``retire_epoch()``
 overwrite with zeros. ``bytes`` returned to callers (``symmetric_key``,
 ``key_for_epoch``) are copies the library cannot erase; AES-GCM contexts cached
@@ -28,6 +32,8 @@ when they are freed).
 
 from __future__ import annotations
 
+import datetime as _dt
+import enum
 import secrets
 import struct
 import threading
@@ -47,14 +53,18 @@ __all__ = [
     "TenantIdentity",
     "TenantKeyPair",
     "TenantSession",
+    "KEMAlgorithm",
     "establish_tenant_session",
+    "SESSION_TTL_SECONDS",
     "DEFAULT_TTL_SECONDS",
     "DEFAULT_MAX_ENTRIES_PER_EPOCH",
     "KEM_CIPHERTEXT_SIZE",
     "KEM_PUBLIC_KEY_SIZE",
 ]
 
-DEFAULT_TTL_SECONDS = 900.0
+SESSION_TTL_SECONDS = 900
+DEFAULT_TTL_SECONDS = float(SESSION_TTL_SECONDS)
+SESSION_ID_PREFIX = "urn:pqc-kv-sess:"
 # Hard cap of encryptions under one (session, epoch) key. NIST SP 800-38D bounds
 # invocations of one key at 2^32; rotation policies fire far earlier.
 DEFAULT_MAX_ENTRIES_PER_EPOCH = 1 << 32
@@ -63,6 +73,41 @@ KEM_PUBLIC_KEY_SIZE = 1184
 MAX_TENANT_ID_LEN = 128
 
 Clock = Callable[[], float]
+
+
+class KEMAlgorithm(str, enum.Enum):
+    """Key-encapsulation mechanisms a session can be established with (only ML-KEM-768)."""
+
+    ML_KEM_768 = "ML-KEM-768"
+
+
+def _check_algorithm(algorithm: object) -> KEMAlgorithm:
+    value = algorithm.value if isinstance(algorithm, enum.Enum) else algorithm
+    if isinstance(value, str):
+        try:
+            return KEMAlgorithm(value)
+        except ValueError:
+            pass
+    hint = " (the TTL is the third argument: ttl_seconds=...)" if isinstance(algorithm, (int, float)) else ""
+    raise ValueError(f"algorithm must be {KEMAlgorithm.ML_KEM_768.value!r}, got {algorithm!r}{hint}")
+
+
+def _iso(wall: float) -> str:
+    return _dt.datetime.fromtimestamp(wall, tz=_dt.timezone.utc).isoformat()
+
+
+def _wall_of(when: object) -> float:
+    """Seconds since the epoch of an ISO-8601 string or a datetime (naive means UTC)."""
+    if isinstance(when, str):
+        try:
+            when = _dt.datetime.fromisoformat(when)
+        except ValueError:
+            raise ValueError(f"{when!r} is not an ISO-8601 timestamp") from None
+    if not isinstance(when, _dt.datetime):
+        raise TypeError(f"expires_at must be an ISO-8601 string or a datetime, got {type(when).__name__}")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.timestamp()
 
 
 def _mlkem():
@@ -193,21 +238,37 @@ class TenantKeyPair:
 
 
 class TenantSession:
-    """One tenant's session: current and older epoch keys, monotonic nonce counter, expiry.
+    """One tenant's session: current and older epoch keys, per-epoch nonce counters, expiry.
 
-    Thread-safe. ``next_sequence`` (starting at 1) is the next nonce counter;
-    counters are shared by all epochs and only go up, so a (key, nonce) pair is
-    never used twice. ``reserve(n)`` allocates n counters at once for a batch.
+    Thread-safe. ``next_sequence`` (starting at 1) is the next nonce counter of
+    the current epoch and ``entries_encrypted`` the entries sealed in it; both
+    restart with each epoch (``rotate_key``). The nonce is (epoch, counter), so
+    a (key, nonce) pair is never used twice. ``reserve(n)`` allocates n
+    counters at once for a batch; ``total_entries_encrypted`` counts every
+    epoch.
+
+    ``created_at`` and ``expires_at`` are ISO-8601 UTC strings; ``expires_at``
+    may be assigned (an ISO-8601 string or a datetime). Expiry itself is
+    checked on ``clock`` (monotonic by default), which counts seconds from
+    ``created_at``: assigning ``expires_at`` moves that deadline.
     """
+
+    algorithm = KEMAlgorithm.ML_KEM_768.value
 
     def __init__(self, tenant_id: str, session_id: str, shared_secret: bytes, kem_ciphertext: bytes,
                  ttl_seconds: float = DEFAULT_TTL_SECONDS, clock: Clock | None = None,
-                 max_entries_per_epoch: int = DEFAULT_MAX_ENTRIES_PER_EPOCH):
+                 max_entries_per_epoch: int = DEFAULT_MAX_ENTRIES_PER_EPOCH, *,
+                 tenant: TenantIdentity | None = None):
         self.tenant_id = _check_tenant_id(tenant_id)
+        if tenant is None:
+            tenant = TenantIdentity(tenant_id)
+        elif not isinstance(tenant, TenantIdentity) or tenant.tenant_id != tenant_id:
+            raise ValueError(f"tenant must be the TenantIdentity of {tenant_id!r}, got {tenant!r}")
         if not isinstance(session_id, str) or not session_id:
             raise ValueError("session_id must be a non-empty str")
         if not (isinstance(ttl_seconds, (int, float)) and ttl_seconds > 0):
             raise ValueError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+        self.tenant = tenant
         self.session_id = session_id
         self.kem_ciphertext = bytes(kem_ciphertext)
         self.ttl_seconds = float(ttl_seconds)
@@ -219,33 +280,55 @@ class TenantSession:
         self._keys: dict[int, bytearray] = {0: _epoch_key(self._chain, self._ctx, 0)}
         self._ciphers: dict[int, object] = {}
         self.epoch = 0
-        self.created_at = self.clock()
+        self._created = self.clock()
         self.created_at_wall = time.time()
-        self.expires_at = self.created_at + self.ttl_seconds
-        self.epoch_started_at = self.created_at
+        self._deadline = self._created + self.ttl_seconds
+        self.epoch_started_at = self._created
         self.next_sequence = 1
         self.entries_encrypted = 0
-        self.epoch_entries = 0
+        self.total_entries_encrypted = 0
         self.closed = False
         self._close_hooks: list[Callable[["TenantSession"], None]] = []
         self._retire_hooks: list[Callable[["TenantSession", int], None]] = []
 
     # ---- validity ------------------------------------------------------------
+    @property
+    def created_at(self) -> str:
+        """When the session was established (ISO-8601 UTC)."""
+        return _iso(self.created_at_wall)
+
+    @property
+    def expires_at(self) -> str:
+        """When the session expires (ISO-8601 UTC); assign an ISO-8601 string or a datetime to move it."""
+        return _iso(self.created_at_wall + (self._deadline - self._created))
+
+    @expires_at.setter
+    def expires_at(self, when) -> None:
+        wall = _wall_of(when)
+        with self._lock:
+            self._deadline = self._created + (wall - self.created_at_wall)
+
+    @property
+    def expires_in_seconds(self) -> float:
+        """Seconds left before expiry on the session's clock (0 once expired)."""
+        return max(0.0, self._deadline - self.clock())
+
     def is_valid(self) -> bool:
-        return not self.closed and self.clock() < self.expires_at
+        return not self.closed and self.clock() < self._deadline
 
     def check_valid(self) -> None:
         """Raise SessionClosedError / SessionExpiredError unless the session can be used."""
         if self.closed:
             raise SessionClosedError(f"session {self.session_id} of tenant {self.tenant_id!r} is closed")
-        if self.clock() >= self.expires_at:
+        now = self.clock()
+        if now >= self._deadline:
             raise SessionExpiredError(
                 f"session {self.session_id} of tenant {self.tenant_id!r} expired "
-                f"{self.clock() - self.expires_at:.1f} s ago (ttl {self.ttl_seconds:g} s)")
+                f"{now - self._deadline:.1f} s ago (at {self.expires_at})")
 
     @property
     def age_seconds(self) -> float:
-        return self.clock() - self.created_at
+        return self.clock() - self._created
 
     @property
     def epoch_age_seconds(self) -> float:
@@ -286,9 +369,16 @@ class TenantSession:
             return sorted(self._keys)
 
     # ---- counters --------------------------------------------------------------
+    @property
+    def epoch_entries(self) -> int:
+        """Entries sealed under the current epoch (the same count as ``entries_encrypted``)."""
+        return self.entries_encrypted
+
     def reserve(self, n: int) -> tuple[int, int]:
         """Allocate ``n`` consecutive nonce counters under the current epoch: returns (epoch, first).
 
+        Epoch and counters are taken under one lock, so a rotation in another
+        thread never pairs a counter with the wrong epoch.
         KeyRotationRequiredError when the epoch's hard cap would be passed (nothing is allocated).
         """
         if isinstance(n, bool) or not isinstance(n, int):
@@ -297,25 +387,27 @@ class TenantSession:
             raise ValueError("n must be >= 0")
         with self._lock:
             self.check_valid()
-            if self.epoch_entries + n > self.max_entries_per_epoch:
+            if self.entries_encrypted + n > self.max_entries_per_epoch:
                 raise KeyRotationRequiredError(
-                    f"epoch {self.epoch} of session {self.session_id} has sealed {self.epoch_entries} "
+                    f"epoch {self.epoch} of session {self.session_id} has sealed {self.entries_encrypted} "
                     f"entries; {n} more would pass the cap of {self.max_entries_per_epoch}: rotate first")
             first = self.next_sequence
             self.next_sequence += n
             self.entries_encrypted += n
-            self.epoch_entries += n
+            self.total_entries_encrypted += n
             return self.epoch, first
 
     def consume_sequence(self) -> int:
-        """Allocate one nonce counter (the earlier library's name); returns it."""
+        """Allocate one nonce counter of the current epoch; returns it (then ``next_sequence`` and
+        ``entries_encrypted`` are one higher)."""
         return self.reserve(1)[1]
 
     # ---- rotation ----------------------------------------------------------------
     def rotate_key(self, new_key: bytes | None = None) -> int:
         """Open a new epoch (HKDF ratchet, or ``new_key`` used as is); returns the new epoch.
 
-        Keys of earlier epochs stay available until ``retire_epoch``.
+        The counters restart (``next_sequence`` 1, ``entries_encrypted`` 0) under
+        the new epoch. Keys of earlier epochs stay available until ``retire_epoch``.
         """
         if new_key is not None and (not isinstance(new_key, (bytes, bytearray)) or len(new_key) != 32):
             raise ValueError("new_key must be 32 bytes (AES-256)")
@@ -329,7 +421,8 @@ class TenantSession:
             self._chain = nxt
             self._keys[e] = bytearray(new_key) if new_key is not None else _epoch_key(self._chain, self._ctx, e)
             self.epoch = e
-            self.epoch_entries = 0
+            self.next_sequence = 1
+            self.entries_encrypted = 0
             self.epoch_started_at = self.clock()
             return e
 
@@ -375,17 +468,21 @@ class TenantSession:
     def to_public_dict(self) -> dict:
         """Session facts safe to log or return to the tenant: never a key."""
         return {
-            "tenant_id": self.tenant_id,
             "session_id": self.session_id,
-            "epoch": self.epoch,
-            "live_epochs": self.live_epochs,
-            "created_at": self.created_at_wall,
-            "ttl_seconds": self.ttl_seconds,
-            "expires_in_seconds": max(0.0, self.expires_at - self.clock()),
-            "next_sequence": self.next_sequence,
+            "tenant_id": self.tenant_id,
+            "tenant_display": self.tenant.display_name,
+            "algorithm": self.algorithm,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
             "entries_encrypted": self.entries_encrypted,
             "is_valid": self.is_valid(),
-            "kem": "ML-KEM-768",
+            "epoch": self.epoch,
+            "live_epochs": self.live_epochs,
+            "ttl_seconds": self.ttl_seconds,
+            "expires_in_seconds": self.expires_in_seconds,
+            "next_sequence": self.next_sequence,
+            "total_entries_encrypted": self.total_entries_encrypted,
+            "kem": self.algorithm,
             "kem_ciphertext": self.kem_ciphertext.hex(),
         }
 
@@ -394,16 +491,19 @@ class TenantSession:
         return f"TenantSession(tenant_id={self.tenant_id!r}, session_id={self.session_id!r}, epoch={self.epoch}, {state})"
 
 
-def establish_tenant_session(tenant: TenantIdentity, ttl_seconds: float = DEFAULT_TTL_SECONDS,
-                             clock: Clock | None = None, *,
+def establish_tenant_session(tenant: TenantIdentity, algorithm: "KEMAlgorithm | str" = KEMAlgorithm.ML_KEM_768,
+                             ttl_seconds: float = SESSION_TTL_SECONDS, clock: Clock | None = None, *,
                              max_entries_per_epoch: int = DEFAULT_MAX_ENTRIES_PER_EPOCH) -> TenantSession:
     """Server side: encapsulate to the tenant's ML-KEM-768 public key and derive the session key.
 
-    When the identity carries no public key, a fresh tenant key pair is generated
-    and its private key discarded (the session then lives only in this process).
+    ``algorithm`` is ``"ML-KEM-768"`` (or ``KEMAlgorithm.ML_KEM_768``); any other
+    value is a ValueError. When the identity carries no public key, a fresh
+    tenant key pair is generated and its private key discarded (the session
+    then lives only in this process). Session ids read ``urn:pqc-kv-sess:<32 hex>``.
     """
     if not isinstance(tenant, TenantIdentity):
         raise TypeError(f"tenant must be a TenantIdentity, got {type(tenant).__name__}")
+    _check_algorithm(algorithm)
     mlkem = _mlkem()
     if tenant.public_key is None:
         public = mlkem.MLKEM768PrivateKey.generate().public_key()
@@ -413,6 +513,7 @@ def establish_tenant_session(tenant: TenantIdentity, ttl_seconds: float = DEFAUL
         except ValueError as exc:
             raise ValueError(f"tenant {tenant.tenant_id!r} public_key is not an ML-KEM-768 public key: {exc}") from None
     shared_secret, kem_ciphertext = public.encapsulate()
-    session_id = secrets.token_hex(16)
+    session_id = SESSION_ID_PREFIX + secrets.token_hex(16)
     return TenantSession(tenant.tenant_id, session_id, shared_secret, kem_ciphertext,
-                         ttl_seconds=ttl_seconds, clock=clock, max_entries_per_epoch=max_entries_per_epoch)
+                         ttl_seconds=ttl_seconds, clock=clock, max_entries_per_epoch=max_entries_per_epoch,
+                         tenant=tenant)

@@ -37,8 +37,8 @@ def log():
 def test_earlier_api_entries_have_earlier_fields_and_iso_timestamps(log):
     log.log_encrypt("alice", "s1", 3, 7, 41)
     log.log_decrypt("alice", "s1", 3, 7, 41, success=False, details="tag mismatch")
-    log.log_rotate("alice", "s1", details="entry count", epoch=2)
-    log.log_isolation_violation("mallory", "s9", "read alice", target_tenant_id="alice")
+    log.log_rotate("alice", "s1", "entry-count", epoch=2)
+    log.log_isolation_violation("mallory", "alice", "read alice", session_id="s9")
     es = log.entries()
     assert [e.operation for e in es] == ["isolation-violation", "rotate", "decrypt", "encrypt"]
     enc = es[-1]
@@ -49,7 +49,9 @@ def test_earlier_api_entries_have_earlier_fields_and_iso_timestamps(log):
     assert dt.datetime.fromisoformat(es[0].timestamp) == dt.datetime(2026, 1, 1, 0, 0, 3, tzinfo=dt.timezone.utc)
     assert es[2].success is False and es[2].details == "tag mismatch" and es[2].status == Status.AUTH_FAILED
     assert es[1].epoch == 2 and es[1].layer_idx == -1 and es[1].position == -1
-    assert es[0].success is False and "alice" in es[0].details and es[0].status == Status.REFUSED
+    assert es[1].details == "trigger=entry-count"
+    assert es[0].success is False and es[0].details == "target=alice; read alice" and es[0].status == Status.REFUSED
+    assert (es[0].tenant_id, es[0].session_id) == ("mallory", "s9")
     assert [e.record_number for e in es] == [3, 2, 1, 0]
     assert len(log) == 4
 

@@ -168,11 +168,10 @@ def test_no_key_nonce_reuse_across_100k_encryptions_with_rotation_from_8_threads
         mine = []
         for i in range(12_500):
             if i % 500 == 0:
-                due, trigger = policy.should_rotate(session)
-                if due:
+                if policy.should_rotate(session)[0]:
                     with lock:
                         if policy.should_rotate(session)[0]:
-                            policy.rotate(session, trigger)
+                            policy.rotate(session)
             out = enc.encrypt(e)
             mine.append((out.epoch, out.nonce))
         with lock:

@@ -42,9 +42,9 @@ def test_entry_metadata_rejects_bad_fields(kwargs):
         EntryMetadata(**base)
 
 
-def test_plaintext_size():
+def test_plaintext_size_is_a_method():
     m = EntryMetadata("alice", "sid", 0, 0)
-    assert KVCacheEntry(m, b"ab", b"cde").plaintext_size == 5
+    assert KVCacheEntry(m, b"ab", b"cde").plaintext_size() == 5
 
 
 def test_nonce_is_epoch_then_counter_big_endian():
@@ -85,7 +85,8 @@ def test_from_dict_accepts_earlier_minimal_fields():
     d = e.to_dict()
     for k in ("epoch", "dtype", "num_heads", "head_dim", "format_version"):
         d.pop(k)
-    for k in ("token_id", "kv_role", "position_count"):
+    d.pop("position_count")
+    for k in ("token_id", "kv_role"):
         d["metadata"].pop(k)
     # without position_count the AAD differs, so only the structure is compared
     parsed = EncryptedEntry.from_dict(d)
@@ -116,7 +117,8 @@ def test_malformed_bytes_raise_malformed_entry(mutate):
     lambda d: d.update(metadata=[]),
     lambda d: d["metadata"].update(layer_idx=-1),
     lambda d: d["metadata"].update(kv_role="nope"),
-    lambda d: d.update(sequence_number=d["sequence_number"] + 1),
+    lambda d: d.update(sequence_number=-1),
+    lambda d: d.update(position_count=0),
     lambda d: d.update(format_version=2),
     lambda d: d.update(dtype="complex64"),
 ])

@@ -16,7 +16,7 @@ def test_entry_count_trigger():
     assert p.should_rotate(s) == (False, None)
     s.reserve(1)
     assert p.should_rotate(s) == (True, RotationTrigger.ENTRY_COUNT)
-    p.rotate(s, RotationTrigger.ENTRY_COUNT)
+    p.rotate(s)
     assert p.should_rotate(s) == (False, None)
 
 
@@ -27,8 +27,8 @@ def test_age_counts_from_last_rotation_and_fires_once_per_period(clock):
     assert p.should_rotate(s) == (False, None)
     clock.advance(1)
     assert p.should_rotate(s) == (True, RotationTrigger.TIME_ELAPSED)
-    p.rotate(s, RotationTrigger.TIME_ELAPSED)
-    # the earlier library fired forever after the first period; here the age restarts
+    p.rotate(s)
+    # the age restarts with each epoch, so the trigger fires once per period
     assert p.should_rotate(s) == (False, None)
     clock.advance(299)
     assert p.should_rotate(s) == (False, None)
@@ -36,13 +36,21 @@ def test_age_counts_from_last_rotation_and_fires_once_per_period(clock):
     assert p.should_rotate(s)[0]
 
 
-def test_rotate_returns_new_epoch_and_accepts_trigger_strings():
+def test_rotate_returns_the_new_key_and_opens_the_next_epoch():
     s = establish_tenant_session(TenantIdentity("alice"))
     p = KeyRotationPolicy()
-    assert p.rotate(s) == 1
-    assert p.rotate(s, "manual") == 2
+    old = s.symmetric_key
+    key = p.rotate(s)
+    assert len(key) == 32 and key != old and s.symmetric_key == key and s.epoch == 1
+    assert p.rotate(s) == s.key_for_epoch(2)
+
+
+def test_trigger_values_are_hyphenated_and_underscore_spellings_still_parse():
+    assert [t.value for t in RotationTrigger] == ["entry-count", "time-elapsed", "manual"]
+    assert RotationTrigger("entry_count") is RotationTrigger.ENTRY_COUNT
+    assert RotationTrigger("time_elapsed") is RotationTrigger.TIME_ELAPSED
     with pytest.raises(ValueError):
-        p.rotate(s, "whenever")
+        RotationTrigger("whenever")
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_entries=0), dict(max_age_seconds=0), dict(max_entries=10, hard_max_entries=5)])

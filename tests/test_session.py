@@ -100,11 +100,14 @@ def test_sequence_starts_at_one_and_counts_entries():
     assert s.next_sequence == 13 and s.entries_encrypted == 12
 
 
-def test_counters_keep_rising_across_rotation():
+def test_counters_restart_per_epoch_and_the_nonce_holds_the_epoch():
+    from pqc_kv_cache.envelope import make_nonce
     s = establish_tenant_session(TenantIdentity("alice"))
     s.reserve(5)
     s.rotate_key()
-    assert s.reserve(1) == (1, 6)
+    assert (s.next_sequence, s.entries_encrypted, s.total_entries_encrypted) == (1, 0, 5)
+    assert s.reserve(1) == (1, 1)
+    assert make_nonce(1, 1) != make_nonce(0, 1)
 
 
 def test_hard_cap_refuses_before_allocating():
@@ -114,7 +117,7 @@ def test_hard_cap_refuses_before_allocating():
         s.reserve(1)
     assert s.next_sequence == 11
     s.rotate_key()
-    assert s.reserve(10) == (1, 11)
+    assert s.reserve(10) == (1, 1)
 
 
 def test_rotate_with_given_key_and_retire_erases_old_epoch():

@@ -82,17 +82,22 @@ def _iso(ns: int) -> str:
 
 @dataclasses.dataclass
 class KVAuditEntry:
-    """One audit record as the query API returns it (the earlier library's fields first)."""
+    """One audit record as the query API returns it.
+
+    The first nine fields, their order and defaults are those of the pure-Python
+    "PQC KV Cache Encryption" 0.1.0 of the same package name; ``timestamp`` is
+    ISO-8601 UTC. The rest are this log's extensions.
+    """
 
     timestamp: str
     operation: str
     tenant_id: str
     session_id: str
-    layer_idx: int
-    position: int
-    sequence_number: int
-    success: bool
-    details: str | None = None
+    layer_idx: int = -1
+    position: int = -1
+    sequence_number: int = -1
+    success: bool = True
+    details: str = ""
     record_number: int = -1
     position_count: int = 0
     row: int | None = None
@@ -103,6 +108,15 @@ class KVAuditEntry:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _one_seq(seq, sequence_number) -> int:
+    """The sequence number given as ``seq`` (positional or keyword) or as ``sequence_number=``."""
+    if sequence_number is None:
+        return seq
+    if seq != 0:
+        raise TypeError("give the sequence number once: seq or sequence_number, not both")
+    return sequence_number
 
 
 def _since_ns(since) -> int:
@@ -129,7 +143,8 @@ class KVAuditLog:
 
     ``path``: persist every record to this file (format in docs/audit.md); an
     existing file is verified and continued, which needs its ``signing_key``.
-    ``max_entries``: records kept in memory (older ones stay in the file).
+    ``max_entries``: records kept in memory (older ones stay in the file); an int
+    given as the only positional argument is taken as ``max_entries``.
     ``ring_records``: host ring capacity; a full ring makes emitters wait.
     ``signing_key``: ML-DSA-65 private key or 32-byte seed; generated when None.
     Keyword-only extras: ``clock`` (ns since the epoch, injectable for tests),
@@ -142,6 +157,10 @@ class KVAuditLog:
                  signing_key=None, logger="pqc_kv_cache.audit", *, clock=time.time_ns,
                  checkpoint_records: int = 65536, frame_records: int = 16384, fsync: bool = True,
                  drain_interval: float = 0.05):
+        if isinstance(path, numbers.Integral) and not isinstance(path, (bool, np.bool_)):
+            if max_entries != 1_000_000:
+                raise TypeError(f"path must be a file path, got the int {path!r}")
+            path, max_entries = None, path     # KVAuditLog(1000): max_entries as the first positional
         for name, v in (("max_entries", max_entries), ("ring_records", ring_records),
                         ("checkpoint_records", checkpoint_records), ("frame_records", frame_records)):
             if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)):
@@ -462,28 +481,62 @@ class KVAuditLog:
                                          epoch, nbytes, status, 0))
         return self._write(int(op), 1, ints, arrays, details)
 
-    def log_encrypt(self, tenant_id, session_id, layer_idx=-1, position=-1, sequence_number=0, success=True,
-                    details=None, *, position_count=1, row=None, epoch=0, nbytes=0) -> int:
+    def log(self, entry: KVAuditEntry) -> int:
+        """Append a KVAuditEntry; returns its record number.
+
+        The record is stamped with the log's clock (records of a log are in time
+        order); ``timestamp`` and ``record_number`` of ``entry`` are not used.
+        A failed operation is recorded as refused (isolation-violation), failed
+        authentication (decrypt) or error (any other).
+        """
+        if not isinstance(entry, KVAuditEntry):
+            raise TypeError(f"entry must be a KVAuditEntry, got {type(entry).__name__}")
+        op = op_from_name(entry.operation)
+        if entry.success:
+            status = Status.OK
+        else:
+            status = {Op.ISOLATION_VIOLATION: Status.REFUSED, Op.DECRYPT: Status.AUTH_FAILED}.get(op, Status.ERROR)
+        seq = entry.sequence_number
+        return self._emit_one(op, entry.tenant_id, entry.session_id, entry.layer_idx, entry.position,
+                              entry.position_count, entry.row, 0 if seq == -1 else seq, entry.epoch, entry.nbytes,
+                              status, entry.details or None)
+
+    def log_encrypt(self, tenant_id, session_id, layer_idx=-1, position=-1, seq=0, success=True,
+                    details=None, *, sequence_number=None, position_count=1, row=None, epoch=0, nbytes=0) -> int:
+        """Record an encryption; ``seq`` (or ``sequence_number=``) is stored as the sequence number."""
+        seq = _one_seq(seq, sequence_number)
         return self._emit_one(Op.ENCRYPT, tenant_id, session_id, layer_idx, position, position_count, row,
-                              sequence_number, epoch, nbytes, Status.OK if success else Status.ERROR, details)
+                              seq, epoch, nbytes, Status.OK if success else Status.ERROR, details or None)
 
-    def log_decrypt(self, tenant_id, session_id, layer_idx=-1, position=-1, sequence_number=0, success=True,
-                    details=None, *, position_count=1, row=None, epoch=0, nbytes=0) -> int:
+    def log_decrypt(self, tenant_id, session_id, layer_idx=-1, position=-1, seq=0, success=True,
+                    details=None, *, sequence_number=None, position_count=1, row=None, epoch=0, nbytes=0) -> int:
+        """Record a decryption; a failure is recorded as failed authentication."""
+        seq = _one_seq(seq, sequence_number)
         return self._emit_one(Op.DECRYPT, tenant_id, session_id, layer_idx, position, position_count, row,
-                              sequence_number, epoch, nbytes, Status.OK if success else Status.AUTH_FAILED,
-                              details)
+                              seq, epoch, nbytes, Status.OK if success else Status.AUTH_FAILED, details or None)
 
-    def log_rotate(self, tenant_id, session_id, details=None, *, epoch=0) -> int:
-        return self._emit_one(Op.ROTATE, tenant_id, session_id, -1, -1, 0, None, 0, epoch, 0, Status.OK,
-                              details)
+    def log_rotate(self, tenant_id, session_id, trigger="manual", details=None, *, epoch=0) -> int:
+        """Record a key rotation; details read ``trigger=<trigger>`` (then ``; <details>`` if given).
 
-    def log_isolation_violation(self, tenant_id, session_id="", details=None, *, layer_idx=-1, position=-1,
-                                position_count=0, target_tenant_id=None) -> int:
-        if target_tenant_id is not None:
-            note = f"target tenant {target_tenant_id!r}"
-            details = note if details is None else f"{note}; {details}"
-        return self._emit_one(Op.ISOLATION_VIOLATION, tenant_id, session_id, layer_idx, position, position_count,
-                              None, 0, 0, 0, Status.REFUSED, details)
+        ``trigger`` is a string or an enum member (its ``value`` is written).
+        """
+        trigger = getattr(trigger, "value", trigger)
+        note = f"trigger={trigger}" if details is None else f"trigger={trigger}; {details}"
+        return self._emit_one(Op.ROTATE, tenant_id, session_id, -1, -1, 0, None, 0, epoch, 0, Status.OK, note)
+
+    def log_isolation_violation(self, attacker_tenant, target_tenant, details="", *, session_id="", layer_idx=-1,
+                                position=-1, position_count=0) -> int:
+        """Record a refused cross-tenant access by ``attacker_tenant`` on ``target_tenant``.
+
+        The record's tenant is the attacker, its session ``session_id`` (the
+        attacker's, where known), success False; details read
+        ``target=<target_tenant>; <details>``.
+        """
+        if not isinstance(target_tenant, str):
+            raise TypeError(f"target_tenant must be a str, got {type(target_tenant).__name__}")
+        note = f"target={target_tenant}; {'' if details is None else details}"
+        return self._emit_one(Op.ISOLATION_VIOLATION, attacker_tenant, session_id, layer_idx, position,
+                              position_count, None, 0, 0, 0, Status.REFUSED, note)
 
     def log_event(self, op, tenant_id, session_id, *, layer_idx=-1, position=-1, position_count=0, row=None,
                   sequence_number=0, epoch=0, nbytes=0, success=True, details=None) -> int:
@@ -793,7 +846,7 @@ class KVAuditLog:
             position=rec["pos_start"] if pc else -1,
             sequence_number=rec["nonce_counter"],
             success=rec["status"] == Status.OK,
-            details=self._details.get(no),
+            details=self._details.get(no, ""),
             record_number=no, position_count=pc, row=None if row == NONE16 else row,
             epoch=rec["epoch"], nbytes=rec["nbytes"], status=rec["status"],
             device_timestamp_ns=rec["device_ts_ns"])
