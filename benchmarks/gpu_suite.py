@@ -495,6 +495,11 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
            "layers": cfg.num_hidden_layers, "batch": shapes.batch, "steps": shapes.steps, "dtype": str(dtype),
            "variants": [v.name for v in variants], "variants_not_available": skipped, "contexts": {}}
     ok = True
+    # warm-up, untimed and uncounted: kernels compiled, key schedules of these sessions prepared
+    warm_ids = torch.randint(0, cfg.vocab_size, (shapes.batch, 8), generator=torch.Generator().manual_seed(1))
+    for v in variants:
+        checking_pass(model, warm_ids.to(device), v.make(cfg, sessions, log, backend_for(v)), 1, device)
+    _sync(device)
     for ctx in shapes.contexts:
         g = torch.Generator(device="cpu").manual_seed(ctx)
         ids = torch.randint(0, cfg.vocab_size, (shapes.batch, ctx), generator=g).to(device)
