@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # that the project's `torch>=2.4` is already satisfied and no CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks/bench_audit.py benchmarks/bench_cache.py --benchmark-only --benchmark-group-by=group
 	$(PY) benchmarks/run_all.py
+
+# The wheels an offline GPU host (CPython 3.12, manylinux x86-64) needs to import the package:
+# benchmarks/run_gpu_checks.sh installs them from .whl/ with --no-index.
+GPU_WHEELS ?= cryptography==50.0.2 cffi==2.1.1 pycparser
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	ls .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

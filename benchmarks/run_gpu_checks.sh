@@ -1,19 +1,60 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a GPU host: the gpu-marked tests, then the GPU suite.
+# The GPU checks as one command for a GPU host, each step under a time limit (about 6 minutes in all):
 #
-# A host without `cryptography` (the lent device machine) gets it from wheels carried in .whl/
-# (see docs/cuda.md); results go to $OUT (the device tool's folder) or bench-results/.
-set -euo pipefail
+#   1. wheels    (30 s)  cryptography/cffi/pycparser from .whl/ (`make gpu-wheels`) when the host lacks them;
+#                        stops if ML-KEM / ML-DSA still do not import
+#   2. preflight (60 s)  versions, nvidia-smi, cupy.show_config(), a trivial RawKernel; retried with
+#                        CUDA_PATH at the pip-installed CUDA; stops if no kernel can run
+#   3. tests    (100 s)  tests/test_cuda_backend.py and tests/test_audit_cuda.py (every `gpu`-marked
+#                        test, and the CPU-twin tests) with PQC_REQUIRE_GPU=1: a skipped GPU test fails
+#   4. suite    (200 s)  benchmarks/gpu_suite.py: JSON and markdown rewritten after every section
+#
+# Results go to $OUT (the device tool's folder) or bench-results/. Exit status: 0 only if every step passed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && ! python3 -c "import cryptography.hazmat.primitives.asymmetric.mlkem" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl
-    export PYTHONPATH="$PWD/.site:$PWD"
-fi
-export PYTHONPATH="${PYTHONPATH:-$PWD}"
 out="${OUT:-bench-results}"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PQC_REQUIRE_GPU=1
+wheels="${PQC_WHEELS:-.whl}"      # where `make gpu-wheels` put them
 status=0
-python3 -m pytest -q -m gpu tests/test_cuda_backend.py tests/test_audit_cuda.py 2>&1 | tee "$out/gpu_tests.txt" | tail -40 || status=1
-python3 benchmarks/gpu_suite.py --out "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.txt" || status=1
+step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+step "wheels"
+if ! python3 -c "import cryptography.hazmat.primitives.asymmetric.mlkem" 2>/dev/null; then
+    if ls "$wheels"/*.whl >/dev/null 2>&1; then
+        timeout 30 python3 -m pip install -q --no-index --no-deps --target .site "$wheels"/*.whl
+        export PYTHONPATH="$PWD/.site:$PYTHONPATH"
+    else
+        echo "no usable cryptography here and no wheels in $wheels/ (run 'make gpu-wheels' on a networked machine)"
+    fi
+fi
+if ! timeout 30 python3 -c "
+from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
+mlkem.MLKEM768PrivateKey.generate(); mldsa.MLDSA65PrivateKey.generate()
+import cryptography; print('cryptography', cryptography.__version__, 'ML-KEM-768 and ML-DSA-65: ok')
+"; then
+    echo "FATAL: ML-KEM-768 / ML-DSA-65 are not importable: the package cannot run here (see docs/cuda.md)"
+    exit 3
+fi
+
+step "preflight"
+if ! timeout 60 python3 benchmarks/gpu_preflight.py --env-file "$out/preflight.env" --probe-timeout 25 \
+        2>&1 | tee "$out/preflight.txt"; then
+    echo "FATAL: no CUDA kernel can be compiled and run here (see $out/preflight.txt)"
+    exit 4
+fi
+# shellcheck disable=SC1091
+. "$out/preflight.env"
+
+step "tests"
+timeout 100 python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda_backend.py tests/test_audit_cuda.py \
+    2>&1 | tee "$out/gpu_tests.txt" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU tests: FAILED"; status=1; }
+
+step "suite"
+timeout 200 python3 benchmarks/gpu_suite.py --budget 170 --out "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU suite: FAILED (sections finished so far are in $out/gpu_suite.json)"; status=1; }
+
+step "done: status $status"
 exit $status

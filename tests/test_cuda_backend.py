@@ -40,7 +40,8 @@ def _has_cuda() -> bool:
     return True
 
 
-gpu = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device and CuPy")
+# every GPU test carries the ``gpu`` marker (selected by ``pytest -m gpu``) and this skip condition
+needs_gpu = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device and CuPy")
 
 # ------------------------------------------------------------------ any machine
 
@@ -168,7 +169,7 @@ def _cuda_device():
     return torch.device("cuda", torch.cuda.current_device())
 
 
-@pytest.fixture(params=[pytest.param("cuda", marks=[pytest.mark.gpu, gpu]), "twin"])
+@pytest.fixture(params=[pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu]), "twin"])
 def env(request):
     """(backend, device) of the backend under test."""
     if request.param == "cuda":
@@ -428,7 +429,7 @@ def test_bad_inputs_raise_clear_errors(env):
 # ------------------------------------------------------------------ GPU only
 
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 def test_hot_path_makes_no_host_synchronisation():
     dev = _cuda_device()
     be = CudaBackend.for_device(dev)
@@ -452,7 +453,7 @@ def test_hot_path_makes_no_host_synchronisation():
 
 
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 def test_encrypted_cache_on_cuda_selects_this_backend():
     assert isinstance(select_backend(_cuda_device()), CudaBackend)
 
@@ -475,7 +476,8 @@ def test_encrypted_cache_over_the_cuda_backend_logic_matches_dynamic_cache(mode)
     ref = generate(model, ids, **kw)
     be = CpuTwinBackend()
     cache = EncryptedCache(model.config, sessions=sessions("alice", "bob"), backend=be)
-    out = generate(model, ids, cache, **kw)
+    with torch.no_grad():   # past_key_values=: the keyword every transformers 5.x generate() accepts
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kw)
     cache.check()
     assert torch.equal(ref, out)
     kinds = {name for name, _, _ in be.launches}
@@ -483,7 +485,7 @@ def test_encrypted_cache_over_the_cuda_backend_logic_matches_dynamic_cache(mode)
 
 
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 def test_prefill_and_decode_on_cuda_make_no_host_sync_and_audit_gets_device_timestamps():
     from test_cache_support import prompts, sessions, tiny_model
 
