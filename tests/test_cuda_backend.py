@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pqc_kv_cache.audit.records import RECORD_DTYPE
 from pqc_kv_cache.backends import kernel_host as kh
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot, select_backend
-from pqc_kv_cache.backends.cuda import CudaBackend, kernel_source
+from pqc_kv_cache.backends.cuda import CudaBackend, DeviceProps, kernel_source
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
 
@@ -131,16 +131,30 @@ def test_launch_groups_respect_the_record_limit():
 LAYOUT = ChunkLayout(layer_idx=3, num_heads=8, head_dim=128, dtype=torch.bfloat16)
 
 
-class CpuTwinBackend(CudaBackend):
-    """CudaBackend with its kernel launches carried out by the host shim on CPU tensors."""
+def fake_device(sms: int, ctas_per_sm: int) -> DeviceProps:
+    """Device properties of a fake GPU: ``sms`` SMs, ``ctas_per_sm`` resident CTAs of a chunk kernel."""
+    def occupancy(kernel, block, dynamic_smem):
+        assert block == kh.LANES and dynamic_smem == 0
+        return ctas_per_sm if kernel in ("pqc_encrypt_chunks", "pqc_decrypt_chunks") else 8
+    return DeviceProps(sms, occupancy)
 
-    def __init__(self, grid_cap: int = 4):
+
+class CpuTwinBackend(CudaBackend):
+    """CudaBackend with its kernel launches carried out by the host shim on CPU tensors, on a fake
+    device (by default 2 SMs x 2 CTAs: 4 slots, so the scenario tests cut chunks into work items).
+    ``order``: the order the shim runs a launch's work items in (the GPU's is arbitrary);
+    ``execute=False`` records the launches without running them."""
+
+    def __init__(self, props: DeviceProps | None = None, order: int = 0, execute: bool = True):
         import threading
 
         self.device = torch.device("cpu")
         self._lock = threading.Lock()
-        self._init_state(grid_cap)
+        self._init_state(props or fake_device(2, 2))
+        self.order = order
+        self.execute = execute
         self.launches: list[tuple[str, int, int]] = []
+        self.launch_args: list[tuple[str, list[int]]] = []
 
     def _upload(self, arr):
         return torch.from_numpy(np.ascontiguousarray(arr)).clone()
@@ -149,16 +163,17 @@ class CpuTwinBackend(CudaBackend):
         lib = kh.load()
         a = [int(x) for x in args]
         self.launches.append((kernel, int(grid), int(block)))
+        self.launch_args.append((kernel, a))
+        if not self.execute and kernel != "pqc_prepare_keys":
+            return
         if kernel == "pqc_prepare_keys":
             rc = lib.pqc_host_prepare_keys(a[0], a[1], kh.LANES, a[2])
         elif kernel == "pqc_encrypt_chunks":
-            rc = lib.pqc_host_encrypt_chunks(*a)
+            rc = lib.pqc_host_encrypt_chunks(*a, self.order)      # the kernel's parameters, then the order
         elif kernel == "pqc_decrypt_row_records":
             rc = lib.pqc_host_decrypt_row_records(*a)
         elif kernel == "pqc_decrypt_chunks":
-            # kernel: (..., status, records, fq, fq_count, fq_cap, call_tag); the shim's row
-            # records are written by pqc_decrypt_row_records, so no row descriptors here
-            rc = lib.pqc_host_decrypt_chunks(*a[:19], a[19], 0, None, 0, a[20], a[21], a[22], a[23])
+            rc = lib.pqc_host_decrypt_chunks(*a, self.order)
         else:
             raise AssertionError(kernel)
         assert rc == 0, (kernel, rc)
