@@ -361,6 +361,15 @@ int pqc_host_decrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* met
     return 0;
 }
 
+// (H^lanes)^e of a key, by the kernels' window table and multiplication tree (out: 16 bytes).
+int pqc_host_item_multiplier(const uint8_t* key, uint32_t lanes, uint32_t e, uint8_t* out) {
+    if (!lanes_ok(lanes)) return PQC_HOST_EARG;
+    pqc_key_sched ks;
+    pqc_prepare_key(te(), key, lanes, &ks);
+    store_u128(out, pqc_item_multiplier(&ks, e));
+    return 0;
+}
+
 // A 16-byte block's byte offset from the K (or V) base in a chunk view (the kernels'
 // 64-bit addressing), for tests of chunks larger than this machine can hold.
 int64_t pqc_host_kv_block_offset(uint32_t row_bytes, uint64_t pos_count, uint32_t num_heads, int64_t sb, int64_t sh,

@@ -54,7 +54,8 @@ __all__ = [
     "gcm_encrypt", "gcm_decrypt", "gcm_seal_many", "gcm_open_many",
     "aes256_encrypt_block", "gf_mul", "ct_equal", "sbox", "build_aad_v1",
     "prepare_keys", "slot_meta_array", "chunk_table_array", "encrypt_record_index",
-    "row_descriptors", "chunk_rounds", "work_items", "check_gcm_length", "encrypt_chunks", "decrypt_chunks",
+    "row_descriptors", "chunk_rounds", "work_items", "check_gcm_length", "item_multiplier",
+    "kv_block_offset", "encrypt_chunks", "decrypt_chunks",
 ]
 
 LANES = 256            # threads per CTA of the chunk kernels = GHASH lanes
@@ -159,6 +160,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_host_decrypt_chunks": ([_P, _P, _P, _I64, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P,
                                      _P, _I64, _I64, _I64, _P, _I64, _I64, _I64,
                                      _P, _P, _P, _P, _U32, _U32, _P, _P, _U32], _INT),
+        "pqc_host_item_multiplier": ([_P, _U32, _U32, _P], _INT),
         "pqc_host_kv_block_offset": ([_U32, _U64, _U32, _I64, _I64, _I64, _I64, _I64, _U64,
                                       ctypes.POINTER(_INT)], _I64),
     }
@@ -665,6 +667,18 @@ def decrypt_chunks(keys: Sequence, layout, chunks, arena: torch.Tensor, k_out: t
     _check_rc(rc, "decrypt_chunks")
     f = int(count[0])
     return status, records, fq[:min(f, failure_capacity)].copy(), f
+
+
+def item_multiplier(key: bytes, e: int, *, lanes: int = LANES) -> bytes:
+    """(H^lanes)^e for the hash key H of ``key``, as a split chunk's work item multiplies its partial
+    GHASH (the key schedule's window table, multiplied in the kernels' tree order)."""
+    key = _bytes("key", key, 32)
+    lanes = _lanes(lanes)
+    if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < 2**32:
+        raise ValueError(f"e must be an int in [0, 2^32), got {e!r}")
+    out = ctypes.create_string_buffer(16)
+    _check_rc(load().pqc_host_item_multiplier(key, lanes, e, out), "item_multiplier")
+    return out.raw
 
 
 def kv_block_offset(*, row_bytes: int, pos_count: int, num_heads: int, strides: tuple[int, int, int], row: int,
