@@ -1,8 +1,13 @@
 // pqc_kv_cache host shim: the primitives of pqc_gcm.cuh compiled for the CPU
 // (g++ -O2 -shared -fPIC), loaded by pqc_kv_cache.backends.kernel_host with
-// ctypes. The batched chunk entry points walk chunks and lanes exactly as the
-// CUDA kernels do (pqc_chunk_setup, pqc_gcm_lane over `lanes` lanes, the same
-// record encoders), so the kernels' indexing is what the CPU tests check.
+// ctypes. The chunk entry points take the kernels' own parameters and walk
+// work items, chunks and lanes exactly as the CUDA kernels do (pqc_item_get,
+// pqc_chunk_setup, pqc_gcm_lane over `lanes` lanes for the item's rounds, the
+// item multiplier, the partials and per-chunk counters of split chunks with the
+// last item done completing the chunk, the same record encoders), so the
+// kernels' indexing and combine are what the CPU tests check. The items run one
+// after the other, in the order `order` names (0 ascending, 1 descending, 2
+// interleaved by residue mod 3), standing in for the GPU's arbitrary order.
 //
 // Every entry point returns 0 on success or a negative PQC_HOST_E* code on
 // malformed arguments; the Python side turns those into ValueError.
@@ -12,7 +17,7 @@
 #include "pqc_audit_record.h"
 #include "pqc_gcm.cuh"
 
-#define PQC_HOST_ABI 1
+#define PQC_HOST_ABI 2
 #define PQC_HOST_EARG (-1)
 
 namespace {
@@ -38,12 +43,61 @@ void build_gtab(const pqc_key_sched* ks, pqc_u128* gtab) {
 template <class IO>
 pqc_u128 run_lanes(const pqc_key_sched* ks, const pqc_u128* gtab, const pqc_gcm_msg& msg, const IO& io,
                    bool encrypt, uint32_t lanes) {
+    const uint64_t rounds = pqc_msg_rounds(msg.aad_len, msg.nbytes, lanes);
     pqc_u128 g = {0ull, 0ull};
-    for (uint32_t t = 0; t < lanes; ++t) g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, msg, io, encrypt, t, lanes));
+    for (uint32_t t = 0; t < lanes; ++t)
+        g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, msg, io, encrypt, t, lanes, 0ull, rounds));
     return g;
 }
 
 bool lanes_ok(uint32_t lanes) { return lanes >= 1 && lanes <= PQC_MAX_LANES; }
+
+// Position q of the item processing order -> item index.
+int64_t item_at(int64_t q, int64_t n, uint32_t order) {
+    if (order == 1) return n - 1 - q;
+    if (order == 2) {   // residue r holds items r, r + 3, ...: (n - r + 2) / 3 of them
+        int64_t r = 0;
+        while (r < 2 && q >= (n - r + 2) / 3) {
+            q -= (n - r + 2) / 3;
+            ++r;
+        }
+        return r + 3 * q;
+    }
+    return q;
+}
+
+// What pqc_item_combine does on the GPU, for one item whose lanes gave g (already XORed).
+// Returns true if this item completes its chunk; *ghash is then the chunk's GHASH value.
+bool combine_item(pqc_u128 g, const pqc_item& it, uint64_t rounds, const pqc_key_sched* ks, pqc_u128* partials,
+                  uint32_t* counters, pqc_u128* ghash) {
+    if (it.count == 1) {
+        *ghash = g;
+        return true;
+    }
+    const uint32_t e = (uint32_t)(rounds - it.r1);
+    if (e != 0u) g = pqc_gf_mul(g, pqc_item_multiplier(ks, e));
+    partials[it.first + it.j] = g;
+    const uint32_t done = counters[it.chunk]++;
+    if (done != (uint32_t)(it.count - 1)) return false;
+    pqc_u128 x = {0ull, 0ull};
+    for (int64_t q = 0; q < it.count; ++q) x = pqc_u128_xor(x, partials[it.first + q]);
+    *ghash = x;
+    return true;
+}
+
+// Arguments every item table must satisfy before an item is read (the GPU trusts the host's table).
+bool items_ok(const int64_t* items, int64_t n_items, int64_t n, const pqc_u128* partials, const uint32_t* counters) {
+    if (items == nullptr) return n_items == n;
+    for (int64_t i = 0; i < n_items; ++i) {
+        pqc_item it;
+        pqc_item_get(items, n_items, i, &it);
+        if (it.chunk < 0 || it.chunk >= n || it.count < 1 || it.j < 0 || it.j >= it.count || it.r0 > it.r1 ||
+            it.p0 < 0 || it.p0 > it.p1)
+            return false;
+        if (it.count > 1 && (partials == nullptr || counters == nullptr)) return false;
+    }
+    return true;
+}
 
 void write_record(uint8_t* dst, const uint32_t w[16]) {
     for (int i = 0; i < 16; ++i) pqc_store_le32(dst + 4 * i, w[i]);
@@ -135,7 +189,9 @@ int pqc_host_gcm_seal_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
     pqc_key_sched ks;
     pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
     for (int64_t i = 0; i < n; ++i) {
-        if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || pt_len[i] < 0) return PQC_HOST_EARG;
+        if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || pt_len[i] < 0 ||
+            (uint64_t)pt_len[i] > 16ull * PQC_GCM_MAX_BLOCKS)
+            return PQC_HOST_EARG;
         pqc_prepare_key(te(), keys + 32 * i, lanes, &ks);
         build_gtab(&ks, gtab);
         pqc_gcm_msg msg;
@@ -161,7 +217,9 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
     pqc_key_sched ks;
     pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
     for (int64_t i = 0; i < n; ++i) {
-        if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || ct_len[i] < tag_len) return PQC_HOST_EARG;
+        if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || ct_len[i] < tag_len ||
+            (uint64_t)(ct_len[i] - tag_len) > 16ull * PQC_GCM_MAX_BLOCKS)
+            return PQC_HOST_EARG;
         pqc_prepare_key(te(), keys + 32 * i, lanes, &ks);
         build_gtab(&ks, gtab);
         const int64_t nb = ct_len[i] - tag_len;
@@ -181,36 +239,50 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
     return 0;
 }
 
-// The encrypt kernel's work on the CPU: chunk i of the table (int64
-// [PQC_TABLE_COLS, n]) read from the K/V tensors (byte strides, dim
-// contiguous), ciphertext + tag into arena + offset, ENCRYPT records (one per
-// position) at records[(aux + p) * 64] when records != 0, numbered first_no + aux + p.
+// The encrypt kernel's work on the CPU, with its parameters (kernels/pqc_kernels.cu,
+// pqc_encrypt_chunks): work item i of `items` (int64 [PQC_ITEM_COLS, n_items], or
+// nullptr: item i = chunk i of `table`) seals its rounds of its chunk from the K/V
+// tensors (byte strides, dim contiguous) into arena + offset; the item completing a
+// chunk writes its tag; ENCRYPT records of positions [p0, p1) at
+// records[(aux + p - rec_lo) * 64] when records != 0, numbered first_no + aux + p.
 int pqc_host_encrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* meta, const int64_t* table,
-                            int64_t n, uint32_t layer, uint32_t num_heads, uint32_t head_dim,
-                            uint32_t itemsize, uint32_t dtype_code, uint8_t* k, int64_t k_sb, int64_t k_sh,
-                            int64_t k_ss, uint8_t* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
-                            uint8_t* arena, uint8_t* records, uint64_t first_no) {
-    if (n < 0 || ((head_dim * itemsize) & 15u) != 0u) return PQC_HOST_EARG;
+                            int64_t n, const int64_t* items, int64_t n_items, uint32_t layer, uint32_t num_heads,
+                            uint32_t head_dim, uint32_t itemsize, uint32_t dtype_code, uint8_t* k, int64_t k_sb,
+                            int64_t k_sh, int64_t k_ss, uint8_t* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
+                            uint8_t* arena, uint8_t* records, uint64_t first_no, int64_t rec_lo,
+                            pqc_u128* partials, uint32_t* counters, uint32_t order) {
+    if (n < 0 || n_items < 0 || ((head_dim * itemsize) & 15u) != 0u || order > 2u ||
+        !items_ok(items, n_items, n, partials, counters))
+        return PQC_HOST_EARG;
     pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
     pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
     pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
     int64_t gtab_slot = -1;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t q = 0; q < n_items; ++q) {
+        pqc_item it;
+        pqc_item_get(items, n_items, item_at(q, n_items, order), &it);
         pqc_chunk c;
-        pqc_chunk_setup(table, n, i, meta, L, kt, vt, &c);
+        pqc_chunk_setup(table, n, it.chunk, meta, L, kt, vt, &c);
         const pqc_key_sched* ks = sched + c.slot;
+        const uint64_t rounds = pqc_item_resolve(&it, c, ks->lanes);
+        if (it.r1 > rounds) return PQC_HOST_EARG;
         if (c.slot != gtab_slot) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
         pqc_io_kv_to_arena io = {c.kv, arena + c.offset, false};
-        pqc_u128 g = run_lanes(ks, gtab, c.msg, io, true, ks->lanes);
-        pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, g, arena + c.offset + c.nbytes);
+        pqc_u128 g = {0ull, 0ull};
+        for (uint32_t t = 0; t < ks->lanes; ++t)
+            g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, true, t, ks->lanes,
+                                             it.r0, it.r1));
+        pqc_u128 ghash;
+        if (combine_item(g, it, rounds, ks, partials, counters, &ghash))
+            pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, arena + c.offset + c.nbytes);
         if (records) {
-            for (uint32_t p = 0; p < (uint32_t)c.pos_count; ++p) {
+            for (int64_t p = it.p0; p < it.p1; ++p) {
                 uint32_t w[16];
-                pqc_encrypt_record(c, meta, L, first_no + (uint64_t)c.aux + p, 0ull, p, w);
-                write_record(records + 64 * (c.aux + p), w);
+                pqc_encrypt_record(c, meta, L, first_no + (uint64_t)(c.aux + p), 0ull, (uint32_t)p, w);
+                write_record(records + 64 * (c.aux + p - rec_lo), w);
             }
         }
     }
@@ -232,47 +304,53 @@ int pqc_host_decrypt_row_records(const pqc_slot_meta* meta, const int64_t* rowde
     return 0;
 }
 
-// The decrypt kernels' work on the CPU: row DECRYPT records (rowdesc, int64
-// [PQC_ROWDESC_COLS, nrows]) at records[r * 64], numbered first_no + r; then
-// every chunk verified and decrypted into k/v, zeroed on failure, status[i]
-// set, AUTH_FAILED ORed into its row record (aux = row record index, -1 none)
-// and a failure record appended to fq (capacity fq_cap; *fq_count counts all
-// failures, also those past the capacity).
+// The decrypt kernel's work on the CPU, with its parameters (pqc_decrypt_chunks):
+// work items as for pqc_host_encrypt_chunks; the item completing a chunk verifies
+// its tag, zeroes the chunk's whole destination on failure, sets status[chunk],
+// ORs AUTH_FAILED into the chunk's row record (records + aux * 64; aux -1: none)
+// and appends a failure record to fq (capacity fq_cap; *fq_count counts all
+// failures, also those past the capacity). Row records: pqc_host_decrypt_row_records.
 int pqc_host_decrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* meta, const int64_t* table,
-                            int64_t n, uint32_t layer, uint32_t num_heads, uint32_t head_dim,
-                            uint32_t itemsize, uint32_t dtype_code, const uint8_t* arena, uint8_t* k,
-                            int64_t k_sb, int64_t k_sh, int64_t k_ss, uint8_t* v, int64_t v_sb, int64_t v_sh,
-                            int64_t v_ss, uint8_t* status, uint8_t* records, uint64_t first_no,
-                            const int64_t* rowdesc, int64_t nrows, uint8_t* fq, uint32_t* fq_count,
-                            uint32_t fq_cap, uint32_t call_tag) {
-    if (n < 0 || nrows < 0 || ((head_dim * itemsize) & 15u) != 0u) return PQC_HOST_EARG;
+                            int64_t n, const int64_t* items, int64_t n_items, uint32_t layer, uint32_t num_heads,
+                            uint32_t head_dim, uint32_t itemsize, uint32_t dtype_code, const uint8_t* arena,
+                            uint8_t* k, int64_t k_sb, int64_t k_sh, int64_t k_ss, uint8_t* v, int64_t v_sb,
+                            int64_t v_sh, int64_t v_ss, uint8_t* status, uint8_t* records, uint8_t* fq,
+                            uint32_t* fq_count, uint32_t fq_cap, uint32_t call_tag, pqc_u128* partials,
+                            uint32_t* counters, uint32_t order) {
+    if (n < 0 || n_items < 0 || ((head_dim * itemsize) & 15u) != 0u || order > 2u || fq_count == nullptr ||
+        !items_ok(items, n_items, n, partials, counters))
+        return PQC_HOST_EARG;
     pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
     pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
-    if (records && nrows > 0) {
-        int rc = pqc_host_decrypt_row_records(meta, rowdesc, nrows, layer, num_heads, head_dim, itemsize, dtype_code,
-                                              records, first_no);
-        if (rc != 0) return rc;
-    }
     pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
     int64_t gtab_slot = -1;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t q = 0; q < n_items; ++q) {
+        pqc_item it;
+        pqc_item_get(items, n_items, item_at(q, n_items, order), &it);
         pqc_chunk c;
-        pqc_chunk_setup(table, n, i, meta, L, kt, vt, &c);
+        pqc_chunk_setup(table, n, it.chunk, meta, L, kt, vt, &c);
         const pqc_key_sched* ks = sched + c.slot;
+        const uint64_t rounds = pqc_item_resolve(&it, c, ks->lanes);
+        if (it.r1 > rounds) return PQC_HOST_EARG;
         if (c.slot != gtab_slot) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
         pqc_io_arena_to_kv io = {c.kv, arena + c.offset, false};
-        pqc_u128 g = run_lanes(ks, gtab, c.msg, io, false, ks->lanes);
+        pqc_u128 g = {0ull, 0ull};
+        for (uint32_t t = 0; t < ks->lanes; ++t)
+            g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, false, t, ks->lanes,
+                                             it.r0, it.r1));
+        pqc_u128 ghash;
+        if (!combine_item(g, it, rounds, ks, partials, counters, &ghash)) continue;
         uint8_t tag[16];
-        pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, g, tag);
-        int ok = pqc_ct_equal(tag, arena + c.offset + c.nbytes, 16);
-        status[i] = (uint8_t)(ok ? 0 : 1);
+        pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, tag);
+        const int ok = pqc_ct_equal(tag, arena + c.offset + c.nbytes, 16);
+        status[it.chunk] = (uint8_t)(ok ? 0 : 1);
         if (!ok) {
             for (uint64_t j = 0; j < c.nbytes / 16u; ++j) io.zero(j);
             if (records && c.aux >= 0) records[64 * c.aux + 4 * PQC_RECORD_STATUS_WORD + 1] |= 1u;
-            uint32_t idx = (*fq_count)++;
+            const uint32_t idx = (*fq_count)++;
             if (fq && idx < fq_cap) {
                 uint32_t w[16];
                 pqc_failure_record(c, meta, L, 0ull, call_tag, w);
@@ -281,6 +359,36 @@ int pqc_host_decrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* met
         }
     }
     return 0;
+}
+
+// (H^lanes)^e of a key, by the kernels' window table and multiplication tree (out: 16 bytes).
+int pqc_host_item_multiplier(const uint8_t* key, uint32_t lanes, uint32_t e, uint8_t* out) {
+    if (!lanes_ok(lanes)) return PQC_HOST_EARG;
+    pqc_key_sched ks;
+    pqc_prepare_key(te(), key, lanes, &ks);
+    store_u128(out, pqc_item_multiplier(&ks, e));
+    return 0;
+}
+
+// A 16-byte block's byte offset from the K (or V) base in a chunk view (the kernels'
+// 64-bit addressing), for tests of chunks larger than this machine can hold.
+int64_t pqc_host_kv_block_offset(uint32_t row_bytes, uint64_t pos_count, uint32_t num_heads, int64_t sb, int64_t sh,
+                                 int64_t ss, int64_t row, int64_t io_start, uint64_t j, int* is_v) {
+    pqc_kv_view view;
+    uint8_t* const base = nullptr;
+    view.k = base + 0;
+    view.v = base + 0;
+    view.k_sb = view.v_sb = sb;
+    view.k_sh = view.v_sh = sh;
+    view.k_ss = view.v_ss = ss;
+    view.row_bytes = row_bytes;
+    view.pos_count = pos_count;
+    view.half = (uint64_t)row_bytes * num_heads * pos_count;
+    view.row = row;
+    view.io_start = io_start;
+    view.aligned = false;
+    *is_v = 16ull * j >= view.half ? 1 : 0;
+    return (int64_t)(view.addr(j) - base);
 }
 
 }  // extern "C"

@@ -22,6 +22,12 @@
 //     lanes. Lane t (0-based) takes blocks t+1, t+1+L, ... and runs Horner with
 //     H^L; its accumulator is finally multiplied by H^(L-t) and the lanes'
 //     results are XORed. This equals sum X_i H^(m-i+1), the GHASH value.
+//   * Work items: the R = m'/L rounds of a chunk may be split into ranges
+//     [r0, r1) processed independently (by different CTAs on the GPU). Each
+//     range's lanes give a partial P (lane t: the sum over its rounds r of
+//     X_(t+rL) H^(L(r1-1-r)), times H^(L-t)); multiplied by (H^L)^(R - r1) it is
+//     that range's share of the GHASH value, and the shares XOR to the GHASH value. (H^L)^e comes from the key
+//     schedule's window table ipow (8 windows of 4 bits of e).
 #ifndef PQC_GCM_CUH
 #define PQC_GCM_CUH
 
@@ -48,6 +54,10 @@ typedef long long int64_t;
 #define PQC_AAD_V1_SIZE 80
 #define PQC_TAG_SIZE 16
 #define PQC_GHASH_TAB_ENTRIES 512  // 32 nibble positions x 16 values
+#define PQC_IPOW_WINDOWS 8          // (H^lanes)^e for e < 2^32: 8 windows of 4 bits
+// A GCM message with a 96-bit nonce has at most 2^32 - 2 blocks of data
+// (counter blocks 2 .. 2^32 - 1; SP 800-38D section 5.2.1.1).
+#define PQC_GCM_MAX_BLOCKS 4294967294ull
 
 struct pqc_u128 {
     uint64_t hi;
@@ -56,8 +66,9 @@ struct pqc_u128 {
 
 // Per-key material, prepared once per (key, lanes): AES round keys, the powers
 // H^1..H^256 of the hash key, H^lanes * x^k for k = 0..127 (from which the
-// 4-bit table of the Horner step is built), and for each lane t the 16-entry
-// (Shoup) table of H^(lanes - t), its final multiplier.
+// 4-bit table of the Horner step is built), for each lane t the 16-entry
+// (Shoup) table of H^(lanes - t), its final multiplier, and the window table
+// of the work-item multiplier (H^lanes)^e.
 struct pqc_key_sched {
     uint32_t rk[PQC_AES256_ROUND_KEYS];
     uint32_t lanes;
@@ -65,6 +76,7 @@ struct pqc_key_sched {
     pqc_u128 hpow[PQC_MAX_LANES];            // hpow[e-1] = H^e
     pqc_u128 vtab[128];                      // H^lanes * x^k
     pqc_u128 lane_tab[PQC_MAX_LANES * 16];   // [t * 16 + n]: H^(lanes - t) * nibble n
+    pqc_u128 ipow[PQC_IPOW_WINDOWS * 16];    // [w * 16 + d]: (H^lanes)^(d * 16^w)
 };
 
 // Per-key-slot AAD and audit metadata.
@@ -348,6 +360,29 @@ PQC_HD void pqc_prepare_key(const TE& te, const uint8_t key[32], uint32_t lanes,
             for (int n = 0; n < 16; ++n) ks->lane_tab[16 * t + n].hi = ks->lane_tab[16 * t + n].lo = 0ull;
         }
     }
+    // window table: base_w = (H^lanes)^(16^w); entry d = base_w^d (d = 0: the identity, x^0)
+    pqc_u128 base = ks->hpow[lanes - 1];
+    for (int w = 0; w < PQC_IPOW_WINDOWS; ++w) {
+        pqc_u128 one = {0x8000000000000000ull, 0ull};
+        ks->ipow[16 * w] = one;
+        for (int d = 1; d < 16; ++d) ks->ipow[16 * w + d] = pqc_gf_mul(ks->ipow[16 * w + d - 1], base);
+        base = pqc_gf_mul(ks->ipow[16 * w + 15], base);
+    }
+}
+
+// Factor w of (H^lanes)^e: the window table entry of the w-th 4-bit digit of e.
+PQC_HD pqc_u128 pqc_ipow_factor(const pqc_key_sched* ks, uint32_t e, int w) {
+    return ks->ipow[16 * w + (int)((e >> (4 * w)) & 15u)];
+}
+
+// (H^lanes)^e: the eight window factors multiplied pairwise, in the order of the
+// kernels' warp shuffle tree ((f0 f1)(f2 f3))((f4 f5)(f6 f7)).
+PQC_HD pqc_u128 pqc_item_multiplier(const pqc_key_sched* ks, uint32_t e) {
+    pqc_u128 f[PQC_IPOW_WINDOWS];
+    for (int w = 0; w < PQC_IPOW_WINDOWS; ++w) f[w] = pqc_ipow_factor(ks, e, w);
+    for (int off = 1; off < PQC_IPOW_WINDOWS; off <<= 1)
+        for (int w = 0; w < PQC_IPOW_WINDOWS; w += 2 * off) f[w] = pqc_gf_mul(f[w], f[w + off]);
+    return f[0];
 }
 
 // ------------------------------------------------------------ small pieces
@@ -481,22 +516,22 @@ struct pqc_kv_view {
     int64_t k_sb, k_sh, k_ss;
     int64_t v_sb, v_sh, v_ss;
     uint32_t row_bytes;   // head_dim * itemsize
-    uint32_t pos_count;
-    uint32_t half;        // K bytes of the chunk (= V bytes)
+    uint64_t pos_count;
+    uint64_t half;        // K bytes of the chunk (= V bytes)
     int64_t row;
     int64_t io_start;
     bool aligned;
     PQC_HD uint8_t* addr(uint64_t j) const {
-        uint32_t b = (uint32_t)(16ull * j);
-        bool is_v = b >= half;
+        uint64_t b = 16ull * j;   // 64-bit: a chunk may hold more than 4 GiB
+        const bool is_v = b >= half;
         if (is_v) b -= half;
-        uint32_t head_bytes = row_bytes * pos_count;
-        uint32_t h = b / head_bytes;
-        uint32_t rem = b - h * head_bytes;
-        uint32_t pos = rem / row_bytes;
-        uint32_t off = rem - pos * row_bytes;
-        if (is_v) return v + row * v_sb + (int64_t)h * v_sh + (io_start + pos) * v_ss + off;
-        return k + row * k_sb + (int64_t)h * k_sh + (io_start + pos) * k_ss + off;
+        const uint64_t head_bytes = (uint64_t)row_bytes * pos_count;
+        const uint64_t h = b / head_bytes;
+        const uint64_t rem = b - h * head_bytes;
+        const uint64_t pos = rem / row_bytes;
+        const uint64_t off = rem - pos * row_bytes;
+        if (is_v) return v + row * v_sb + (int64_t)h * v_sh + (io_start + (int64_t)pos) * v_ss + (int64_t)off;
+        return k + row * k_sb + (int64_t)h * k_sh + (io_start + (int64_t)pos) * k_ss + (int64_t)off;
     }
 };
 
@@ -534,21 +569,29 @@ struct pqc_gcm_msg {
     uint64_t nbytes;
 };
 
-// Lane t of `lanes` (rk: round keys; lane_tab: pqc_key_sched::lane_tab): CTR-encrypts (encrypt=true) or -decrypts its data blocks
-// through io and returns its partial GHASH (already multiplied by H^(lanes-t), with
-// the lane's 16-entry table).
+// Rounds of a message's lane walk: its GHASH blocks (AAD, data, length) over `lanes`, rounded up.
+PQC_HD uint64_t pqc_msg_rounds(uint32_t aad_len, uint64_t nbytes, uint32_t lanes) {
+    const uint64_t m = (((uint64_t)aad_len + 15ull) >> 4) + ((nbytes + 15ull) >> 4) + 1ull;
+    return (m + lanes - 1ull) / lanes;
+}
+
+// Lane t of `lanes` (rk: round keys; lane_tab: pqc_key_sched::lane_tab), rounds [r0, r1) of the
+// message's lane walk: CTR-encrypts (encrypt=true) or -decrypts its data blocks through io and
+// returns its partial GHASH over those rounds, multiplied by H^(lanes-t) (the lane's 16-entry
+// table). With [r0, r1) = [0, R) the lanes' results XOR to the GHASH value; for a smaller range
+// that XOR still has to be multiplied by (H^lanes)^(R - r1).
 // gtab is the 4-bit table of H^lanes (PQC_GHASH_TAB_ENTRIES entries).
 template <class TE, class IO>
 PQC_HD pqc_u128 pqc_gcm_lane(const TE& te, const uint32_t* rk, const pqc_u128* lane_tab, const pqc_u128* gtab,
                              const pqc_gcm_msg& msg, const IO& io, bool encrypt,
-                             uint32_t t, uint32_t lanes) {
+                             uint32_t t, uint32_t lanes, uint64_t r0, uint64_t r1) {
     const uint64_t a = ((uint64_t)msg.aad_len + 15ull) >> 4;
     const uint64_t c = (msg.nbytes + 15ull) >> 4;
     const uint64_t m = a + c + 1ull;
     const uint64_t rounds = (m + lanes - 1ull) / lanes;
     const uint64_t pad = rounds * lanes - m;
     pqc_u128 acc = {0ull, 0ull};
-    for (uint64_t r = 0; r < rounds; ++r) {
+    for (uint64_t r = r0; r < r1; ++r) {
         const uint64_t idx = t + r * lanes;   // 0-based in the padded sequence
         pqc_u128 x = {0ull, 0ull};
         if (idx < pad) {
@@ -621,6 +664,20 @@ PQC_HD void pqc_nonce_v1(uint32_t epoch, uint64_t counter, uint32_t w[3]) {
 #define PQC_COL_AUX 7     // encrypt: first record index of the chunk; decrypt: index of its row's DECRYPT record (-1: none)
 #define PQC_TABLE_COLS 8
 
+// Work item table (int64, [PQC_ITEM_COLS, n_items] row-major): item i runs rounds
+// [R0, R1) of chunk CHUNK's lane walk and writes its ENCRYPT records for positions
+// [P0, P1); it is item J of the COUNT items of its chunk, whose first item is FIRST
+// (the index of its partial GHASH is FIRST + J). Without a table, item i is all of chunk i.
+#define PQC_ITEM_CHUNK 0
+#define PQC_ITEM_R0 1
+#define PQC_ITEM_R1 2
+#define PQC_ITEM_P0 3
+#define PQC_ITEM_P1 4
+#define PQC_ITEM_FIRST 5
+#define PQC_ITEM_J 6
+#define PQC_ITEM_COUNT 7
+#define PQC_ITEM_COLS 8
+
 // Row DECRYPT record descriptors (int64, [PQC_ROWDESC_COLS, nrows] row-major).
 #define PQC_RD_ROW 0
 #define PQC_RD_POS_START 1
@@ -646,7 +703,7 @@ struct pqc_kv_tensor {
 
 struct pqc_chunk {
     int64_t slot, row, pos_start, pos_count, io_start, counter, offset, aux;
-    uint32_t nbytes;
+    uint64_t nbytes;
     uint8_t aad[PQC_AAD_V1_SIZE];
     pqc_gcm_msg msg;
     pqc_kv_view kv;
@@ -669,11 +726,12 @@ PQC_HD void pqc_chunk_setup(const int64_t* table, int64_t n, int64_t i, const pq
     c->offset = pqc_table_get(table, n, PQC_COL_OFFSET, i);
     c->aux = pqc_table_get(table, n, PQC_COL_AUX, i);
     const uint32_t row_bytes = L.head_dim * L.itemsize;
-    const uint32_t half = row_bytes * L.num_heads * (uint32_t)c->pos_count;
-    c->nbytes = 2u * half;
+    // the host refuses chunks whose K length or position count overflow the AAD's 32-bit fields
+    const uint64_t half = (uint64_t)row_bytes * L.num_heads * (uint64_t)c->pos_count;
+    c->nbytes = 2ull * half;
     const pqc_slot_meta& sm = meta[c->slot];
     pqc_build_aad_v1(c->aad, sm.tenant_tag, sm.session_tag, sm.epoch, L.layer, (uint64_t)c->pos_start,
-                     (uint32_t)c->pos_count, half, L.dtype_code, L.num_heads, L.head_dim);
+                     (uint32_t)c->pos_count, (uint32_t)half, L.dtype_code, L.num_heads, L.head_dim);
     pqc_nonce_v1(sm.epoch, (uint64_t)c->counter, c->msg.nonce_w);
     c->msg.aad = c->aad;
     c->msg.aad_len = PQC_AAD_V1_SIZE;
@@ -683,7 +741,7 @@ PQC_HD void pqc_chunk_setup(const int64_t* table, int64_t n, int64_t i, const pq
     c->kv.k_sb = k.sb; c->kv.k_sh = k.sh; c->kv.k_ss = k.ss;
     c->kv.v_sb = v.sb; c->kv.v_sh = v.sh; c->kv.v_ss = v.ss;
     c->kv.row_bytes = row_bytes;
-    c->kv.pos_count = (uint32_t)c->pos_count;
+    c->kv.pos_count = (uint64_t)c->pos_count;
     c->kv.half = half;
     c->kv.row = c->row;
     c->kv.io_start = c->io_start;
@@ -691,6 +749,45 @@ PQC_HD void pqc_chunk_setup(const int64_t* table, int64_t n, int64_t i, const pq
                       (uint64_t)reinterpret_cast<unsigned long long>(v.base) |
                       (uint64_t)k.sb | (uint64_t)k.sh | (uint64_t)k.ss | (uint64_t)v.sb |
                       (uint64_t)v.sh | (uint64_t)v.ss) & 15ull) == 0ull;
+}
+
+// One work item (see PQC_ITEM_*), resolved against its chunk.
+struct pqc_item {
+    int64_t chunk;
+    uint64_t r0, r1;      // rounds of the chunk's lane walk
+    int64_t p0, p1;       // positions whose ENCRYPT records this item writes
+    int64_t first, j, count;
+};
+
+// Item i of the table (items == nullptr: item i is all of chunk i).
+PQC_HD void pqc_item_get(const int64_t* items, int64_t n_items, int64_t i, pqc_item* it) {
+    if (items == nullptr) {
+        it->chunk = i;
+        it->r0 = 0ull;
+        it->r1 = ~0ull;   // resolved by pqc_item_resolve
+        it->p0 = 0;
+        it->p1 = -1;
+        it->first = i;
+        it->j = 0;
+        it->count = 1;
+        return;
+    }
+    it->chunk = pqc_table_get(items, n_items, PQC_ITEM_CHUNK, i);
+    it->r0 = (uint64_t)pqc_table_get(items, n_items, PQC_ITEM_R0, i);
+    it->r1 = (uint64_t)pqc_table_get(items, n_items, PQC_ITEM_R1, i);
+    it->p0 = pqc_table_get(items, n_items, PQC_ITEM_P0, i);
+    it->p1 = pqc_table_get(items, n_items, PQC_ITEM_P1, i);
+    it->first = pqc_table_get(items, n_items, PQC_ITEM_FIRST, i);
+    it->j = pqc_table_get(items, n_items, PQC_ITEM_J, i);
+    it->count = pqc_table_get(items, n_items, PQC_ITEM_COUNT, i);
+}
+
+// Fills in the whole-chunk defaults of a table-less item; returns the chunk's rounds.
+PQC_HD uint64_t pqc_item_resolve(pqc_item* it, const pqc_chunk& c, uint32_t lanes) {
+    const uint64_t rounds = pqc_msg_rounds(c.msg.aad_len, c.nbytes, lanes);
+    if (it->r1 == ~0ull) it->r1 = rounds;
+    if (it->p1 < 0) it->p1 = c.pos_count;
+    return rounds;
 }
 
 // ENCRYPT record p (0-based position within the chunk) of chunk c.
@@ -706,7 +803,7 @@ PQC_HD void pqc_encrypt_record(const pqc_chunk& c, const pqc_slot_meta* meta, co
     f.tenant_idx = sm.tenant_idx;
     f.session_idx = sm.session_idx;
     f.epoch = sm.epoch;
-    f.nbytes = c.nbytes / (uint32_t)c.pos_count;
+    f.nbytes = (uint32_t)(c.nbytes / (uint64_t)c.pos_count);
     f.layer = L.layer;
     f.row = (uint32_t)c.row;
     f.op = 1u;      // PQC_OP_ENCRYPT
@@ -728,7 +825,8 @@ PQC_HD void pqc_row_record(const int64_t* rowdesc, int64_t nrows, int64_t r, con
     f.tenant_idx = sm.tenant_idx;
     f.session_idx = sm.session_idx;
     f.epoch = sm.epoch;
-    f.nbytes = (uint32_t)pqc_table_get(rowdesc, nrows, PQC_RD_NBYTES, r);
+    const int64_t nb = pqc_table_get(rowdesc, nrows, PQC_RD_NBYTES, r);
+    f.nbytes = nb > 0xFFFFFFFFll ? 0xFFFFFFFFu : (uint32_t)nb;  // saturated (32-bit field)
     f.layer = L.layer;
     f.row = (uint32_t)pqc_table_get(rowdesc, nrows, PQC_RD_ROW, r);
     f.op = 2u;      // PQC_OP_DECRYPT
@@ -751,7 +849,7 @@ PQC_HD void pqc_failure_record(const pqc_chunk& c, const pqc_slot_meta* meta, co
     f.tenant_idx = sm.tenant_idx;
     f.session_idx = sm.session_idx;
     f.epoch = sm.epoch;
-    f.nbytes = c.nbytes;
+    f.nbytes = c.nbytes > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)c.nbytes;  // saturated (32-bit field)
     f.layer = L.layer;
     f.row = (uint32_t)c.row;
     f.op = 2u;      // PQC_OP_DECRYPT

@@ -1,18 +1,35 @@
 // pqc_kv_cache CUDA kernels: thin launchers over the primitives of pqc_gcm.cuh.
 //
-// Launch shape (computed in one place, pqc_kv_cache/backends/cuda.py):
+// Launch shape (computed in one place, CudaBackend.launch_slots in
+// pqc_kv_cache/backends/cuda.py, from the device's SM count and an occupancy
+// query of each kernel):
 //   * pqc_prepare_keys:      grid = number of key slots, block = 256.
 //   * pqc_encrypt_chunks,
-//     pqc_decrypt_chunks:    block = PQC_LANES (256) threads, grid = min(n,
-//                            SMs x 4); each CTA walks chunks
-//                            blockIdx.x, blockIdx.x + gridDim.x, ... so the
-//                            shared tables are filled once per CTA, not per chunk.
+//     pqc_decrypt_chunks:    block = PQC_LANES (256) threads, grid = min(work
+//                            items, SMs x resident CTAs per SM); each CTA walks
+//                            the items blockIdx.x, blockIdx.x + gridDim.x, ...
+//                            so the shared tables are filled once per CTA.
 //   * pqc_decrypt_row_records: one thread per row descriptor, 128 per block.
 //
-// One chunk is processed by one CTA: its 256 threads are the 256 GHASH lanes of
-// pqc_gcm_lane (lane t CTR-crypts data blocks t - pad - a (mod 256) and keeps a
-// Horner accumulator in H^256); the lanes' partial hashes are XOR-reduced with
-// warp shuffles and one shared word per warp, and thread 0 forms the tag.
+// Work items. A chunk's GHASH sequence is walked in R rounds of 256 blocks (see
+// pqc_gcm.cuh). A work item is a range of rounds [r0, r1) of one chunk; the host
+// (kernel_host.work_items) cuts chunks into items of at most B rounds, B chosen
+// per launch so the items fill every SM, while a chunk of at most B rounds stays
+// one item. Without an item table (items == nullptr) item i is all of chunk i.
+// Within an item the CTA's 256 threads are the 256 GHASH lanes of pqc_gcm_lane
+// (lane t CTR-crypts the data blocks of its rounds and keeps a Horner
+// accumulator in H^256); the lanes' partial hashes are XOR-reduced with warp
+// shuffles and one shared word per warp.
+//   * An item that is a whole chunk forms the tag itself (thread 0).
+//   * An item that is part of a chunk multiplies its partial by (H^256)^(R - r1)
+//     (warp 0: eight 4-bit window factors from the key schedule, multiplied in a
+//     shuffle tree), stores it in partials[first + j], fences, and increments the
+//     chunk's counter. The CTA that brings the counter to the chunk's item count
+//     (the last one done) XORs the chunk's partials into the GHASH value and
+//     forms the tag: encrypt writes it; decrypt compares it and, if it fails,
+//     zeroes the whole chunk's destination (also the blocks other CTAs wrote)
+//     before the kernel ends, so nothing later on the stream sees it.
+// The counters are zeroed by the host on the stream before the launch.
 //
 // AES tables: TE (1 KiB) is replicated 32 times in shared memory, interleaved so
 // that copy l sits in bank l (entry x of copy l at word 32x + l); lane l of a
@@ -25,21 +42,26 @@
 // [batch, heads, seq, dim] with any byte strides for batch, head and seq and a
 // contiguous dim axis; head_dim * itemsize must be a multiple of 16 (checked on
 // the host). Blocks are moved as 16-byte vectors when base pointers and strides
-// are 16-byte aligned, bytewise otherwise.
+// are 16-byte aligned, bytewise otherwise. Offsets within a chunk are 64-bit.
 //
-// Audit: encrypt writes one ENCRYPT record per (row, position) into the ring
-// view at index aux + p (aux = exclusive prefix sum of pos_count, computed by
-// the host with the table). Decrypt first writes one DECRYPT record per row
-// read (pqc_decrypt_row_records), then a failing chunk ORs AUTH_FAILED into its
-// row's record and appends a record with its exact positions to the
-// backend's device failure queue (atomic counter; read by the host only at a
-// synchronisation point the caller owns, CudaBackend.check()). A failing
-// chunk's destination is zeroed by the same CTA before the kernel ends.
+// Audit: encrypt writes one ENCRYPT record per (row, position): item i writes
+// those of positions [p0, p1) of its chunk, record index aux + p (aux = exclusive
+// prefix sum of pos_count over the call, computed by the host), into the ring
+// view at aux + p - rec_lo (the view holds this launch's records). Decrypt first
+// writes one DECRYPT record per row read (pqc_decrypt_row_records), then a
+// failing chunk ORs AUTH_FAILED into its row's record and appends a record with
+// its exact positions to the backend's device failure queue (atomic counter;
+// read by the host only at a synchronisation point the caller owns,
+// CudaBackend.check()).
 #include "pqc_audit_record.h"
 #include "pqc_gcm.cuh"
 
 #define PQC_LANES 256
 #define PQC_WARPS (PQC_LANES / 32)
+// Register cap for the chunk kernels: at most 65536 / (256 x 4) = 64 registers, so 4 CTAs
+// (41 KiB of shared memory each) fit on an SM of sm_80 / sm_90. The launch geometry itself
+// comes from the occupancy query, not from this number.
+#define PQC_MIN_CTAS 4
 
 // Lane-private view of the 32-way replicated TE table.
 struct pqc_te_lanes {
@@ -100,6 +122,56 @@ __device__ __forceinline__ void pqc_load_slot(const pqc_key_sched* ks, uint32_t*
     __syncthreads();
 }
 
+// (H^256)^e in lane 0 of the calling warp (all 32 lanes call): lanes 0..7 take the
+// window factors of e, multiplied pairwise in a shuffle tree (pqc_item_multiplier on the host).
+__device__ __forceinline__ pqc_u128 pqc_warp_ipow(const pqc_key_sched* ks, uint32_t e) {
+    const uint32_t lane = threadIdx.x & 31u;
+    pqc_u128 v = {0x8000000000000000ull, 0ull};
+    if (lane < PQC_IPOW_WINDOWS) v = pqc_ipow_factor(ks, e, (int)lane);
+    for (uint32_t off = 1; off < PQC_IPOW_WINDOWS; off <<= 1) {
+        pqc_u128 o;
+        o.hi = __shfl_down_sync(0xFFFFFFFFu, v.hi, off);
+        o.lo = __shfl_down_sync(0xFFFFFFFFu, v.lo, off);
+        if ((lane & (2u * off - 1u)) == 0u) v = pqc_gf_mul(v, o);
+    }
+    return v;
+}
+
+// Combines the lanes' partial hashes of one item (all threads call with their lane's g).
+// Returns true, uniformly across the CTA, if this CTA completes the chunk; thread 0's
+// *ghash is then the chunk's GHASH value. See "Work items" above.
+__device__ __forceinline__ bool pqc_item_combine(pqc_u128 g, const pqc_item& it, uint64_t rounds,
+                                                 const pqc_key_sched* ks, pqc_u128* partials,
+                                                 unsigned* counters, pqc_u128* red_s, int* last_s,
+                                                 pqc_u128* ghash) {
+    if (it.count == 1) {
+        *ghash = pqc_cta_xor(g, red_s);
+        return true;
+    }
+    const uint32_t e = (uint32_t)(rounds - it.r1);
+    pqc_u128 mult = {0x8000000000000000ull, 0ull};
+    if (threadIdx.x < 32u && e != 0u) mult = pqc_warp_ipow(ks, e);   // warp-uniform branch
+    g = pqc_cta_xor(g, red_s);
+    if (threadIdx.x == 0) {
+        if (e != 0u) g = pqc_gf_mul(g, mult);
+        partials[it.first + it.j] = g;
+        __threadfence();                      // the partial (and this item's output) before the count
+        const unsigned done = atomicAdd(counters + it.chunk, 1u);
+        *last_s = done == (unsigned)(it.count - 1);
+    }
+    __syncthreads();
+    if (!*last_s) return false;
+    __threadfence();                          // the other items' partials and output after their count
+    pqc_u128 x = {0ull, 0ull};
+    for (int64_t q = threadIdx.x; q < it.count; q += PQC_LANES) {
+        const unsigned long long* p = reinterpret_cast<const unsigned long long*>(partials + it.first + q);
+        x.hi ^= __ldcg(p);
+        x.lo ^= __ldcg(p + 1);
+    }
+    *ghash = pqc_cta_xor(x, red_s);
+    return true;
+}
+
 // Key schedules for n slots: keys n x 32 bytes -> sched[n] (lanes = PQC_LANES).
 extern "C" __global__ void __launch_bounds__(256) pqc_prepare_keys(const uint8_t* keys, long long n,
                                                                    pqc_key_sched* sched) {
@@ -112,25 +184,35 @@ extern "C" __global__ void __launch_bounds__(256) pqc_prepare_keys(const uint8_t
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_encrypt_chunks(
+// items: int64 [PQC_ITEM_COLS, n_items] or nullptr (item i = chunk i); partials / counters:
+// per-call scratch (nullptr when no chunk is split); records: this launch's ring view, whose
+// first slot holds record index rec_lo (nullptr: no records).
+extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encrypt_chunks(
     const pqc_key_sched* sched, const pqc_slot_meta* meta, const long long* table, long long n,
+    const long long* items, long long n_items,
     unsigned layer, unsigned num_heads, unsigned head_dim, unsigned itemsize, unsigned dtype_code,
     uint8_t* k, long long k_sb, long long k_sh, long long k_ss,
     uint8_t* v, long long v_sb, long long v_sh, long long v_ss,
-    uint8_t* arena, uint8_t* records, unsigned long long first_no) {
+    uint8_t* arena, uint8_t* records, unsigned long long first_no, long long rec_lo,
+    pqc_u128* partials, unsigned* counters) {
     __shared__ uint32_t te_s[256 * 32];
     __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
+    __shared__ int last_s;
     pqc_fill_te_lanes(te_s);
     const pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
     const pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
     const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
     const int64_t* tab = reinterpret_cast<const int64_t*>(table);
+    const int64_t* itab = reinterpret_cast<const int64_t*>(items);
     long long cur_slot = -1;
-    for (long long i = blockIdx.x; i < n; i += gridDim.x) {
+    for (long long i = blockIdx.x; i < n_items; i += gridDim.x) {
+        pqc_item it;
+        pqc_item_get(itab, n_items, i, &it);
         pqc_chunk c;
-        pqc_chunk_setup(tab, n, i, meta, L, kt, vt, &c);
+        pqc_chunk_setup(tab, n, it.chunk, meta, L, kt, vt, &c);
+        const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
         if (c.slot != cur_slot) {  // uniform across the CTA
             pqc_load_slot(sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
@@ -138,18 +220,21 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_encrypt_chunks(
         uint8_t* ct = arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
         pqc_io_kv_to_arena io = {c.kv, ct, ct_aligned};
-        pqc_u128 g = pqc_gcm_lane(te, rk_s, sched[c.slot].lane_tab, gtab_s, c.msg, io, true, threadIdx.x, PQC_LANES);
-        g = pqc_cta_xor(g, red_s);
-        if (threadIdx.x == 0) pqc_gcm_tag(te, rk_s, c.msg.nonce_w, g, ct + c.nbytes);
+        const pqc_key_sched* ks = sched + c.slot;
+        pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, true, threadIdx.x, PQC_LANES,
+                                  it.r0, it.r1);
+        pqc_u128 ghash;
+        if (pqc_item_combine(g, it, rounds, ks, partials, counters, red_s, &last_s, &ghash) && threadIdx.x == 0)
+            pqc_gcm_tag(te, rk_s, c.msg.nonce_w, ghash, ct + c.nbytes);
         if (records != nullptr) {
             const uint64_t ts = pqc_globaltimer();
-            for (uint32_t p = threadIdx.x; p < (uint32_t)c.pos_count; p += PQC_LANES) {
+            for (int64_t p = it.p0 + threadIdx.x; p < it.p1; p += PQC_LANES) {
                 uint32_t w[16];
-                pqc_encrypt_record(c, meta, L, first_no + (uint64_t)c.aux + p, ts, p, w);
-                pqc_store_record(records + 64ll * (c.aux + p), w);
+                pqc_encrypt_record(c, meta, L, first_no + (uint64_t)(c.aux + p), ts, (uint32_t)p, w);
+                pqc_store_record(records + 64ll * (c.aux + p - rec_lo), w);
             }
         }
-        __syncthreads();  // red_s is reused by the next chunk
+        __syncthreads();  // red_s and last_s are reused by the next item
     }
 }
 
@@ -168,27 +253,35 @@ extern "C" __global__ void __launch_bounds__(128) pqc_decrypt_row_records(
     pqc_store_record(records + 64ll * r, w);
 }
 
-extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_decrypt_chunks(
+// items / partials / counters as for pqc_encrypt_chunks; status[chunk]: 0 OK, 1 AUTH_FAILED.
+extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decrypt_chunks(
     const pqc_key_sched* sched, const pqc_slot_meta* meta, const long long* table, long long n,
+    const long long* items, long long n_items,
     unsigned layer, unsigned num_heads, unsigned head_dim, unsigned itemsize, unsigned dtype_code,
     const uint8_t* arena,
     uint8_t* k, long long k_sb, long long k_sh, long long k_ss,
     uint8_t* v, long long v_sb, long long v_sh, long long v_ss,
-    uint8_t* status, uint8_t* records, uint8_t* fq, unsigned* fq_count, unsigned fq_cap, unsigned call_tag) {
+    uint8_t* status, uint8_t* records, uint8_t* fq, unsigned* fq_count, unsigned fq_cap, unsigned call_tag,
+    pqc_u128* partials, unsigned* counters) {
     __shared__ uint32_t te_s[256 * 32];
     __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
+    __shared__ int last_s;
     __shared__ int ok_s;
     pqc_fill_te_lanes(te_s);
     const pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
     const pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
     const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
     const int64_t* tab = reinterpret_cast<const int64_t*>(table);
+    const int64_t* itab = reinterpret_cast<const int64_t*>(items);
     long long cur_slot = -1;
-    for (long long i = blockIdx.x; i < n; i += gridDim.x) {
+    for (long long i = blockIdx.x; i < n_items; i += gridDim.x) {
+        pqc_item it;
+        pqc_item_get(itab, n_items, i, &it);
         pqc_chunk c;
-        pqc_chunk_setup(tab, n, i, meta, L, kt, vt, &c);
+        pqc_chunk_setup(tab, n, it.chunk, meta, L, kt, vt, &c);
+        const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
         if (c.slot != cur_slot) {
             pqc_load_slot(sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
@@ -196,34 +289,38 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES) pqc_decrypt_chunks(
         const uint8_t* ct = arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
         pqc_io_arena_to_kv io = {c.kv, ct, ct_aligned};
-        pqc_u128 g = pqc_gcm_lane(te, rk_s, sched[c.slot].lane_tab, gtab_s, c.msg, io, false, threadIdx.x, PQC_LANES);
-        g = pqc_cta_xor(g, red_s);
-        if (threadIdx.x == 0) {
-            uint8_t tag[16];
-            pqc_gcm_tag(te, rk_s, c.msg.nonce_w, g, tag);
-            ok_s = pqc_ct_equal(tag, ct + c.nbytes, 16);
-        }
-        __syncthreads();
-        const int ok = ok_s;
-        if (!ok) {
-            const uint64_t nblocks = c.nbytes / 16u;
-            for (uint64_t j = threadIdx.x; j < nblocks; j += PQC_LANES) io.zero(j);
-        }
-        if (threadIdx.x == 0) {
-            status[i] = (uint8_t)(ok ? 0 : 1);
+        const pqc_key_sched* ks = sched + c.slot;
+        pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, false, threadIdx.x, PQC_LANES,
+                                  it.r0, it.r1);
+        pqc_u128 ghash;
+        if (pqc_item_combine(g, it, rounds, ks, partials, counters, red_s, &last_s, &ghash)) {
+            if (threadIdx.x == 0) {
+                uint8_t tag[16];
+                pqc_gcm_tag(te, rk_s, c.msg.nonce_w, ghash, tag);
+                ok_s = pqc_ct_equal(tag, ct + c.nbytes, 16);
+            }
+            __syncthreads();
+            const int ok = ok_s;
             if (!ok) {
-                if (records != nullptr && c.aux >= 0) {
-                    unsigned* word = reinterpret_cast<unsigned*>(records + 64ll * c.aux) + PQC_RECORD_STATUS_WORD;
-                    atomicOr(word, (unsigned)PQC_STATUS_AUTH_FAILED << PQC_RECORD_STATUS_SHIFT);
-                }
-                const unsigned idx = atomicAdd(fq_count, 1u);
-                if (idx < fq_cap) {
-                    uint32_t w[16];
-                    pqc_failure_record(c, meta, L, pqc_globaltimer(), call_tag, w);
-                    pqc_store_record(fq + 64ull * idx, w);
+                const uint64_t nblocks = c.nbytes / 16u;
+                for (uint64_t j = threadIdx.x; j < nblocks; j += PQC_LANES) io.zero(j);
+            }
+            if (threadIdx.x == 0) {
+                status[it.chunk] = (uint8_t)(ok ? 0 : 1);
+                if (!ok) {
+                    if (records != nullptr && c.aux >= 0) {
+                        unsigned* word = reinterpret_cast<unsigned*>(records + 64ll * c.aux) + PQC_RECORD_STATUS_WORD;
+                        atomicOr(word, (unsigned)PQC_STATUS_AUTH_FAILED << PQC_RECORD_STATUS_SHIFT);
+                    }
+                    const unsigned idx = atomicAdd(fq_count, 1u);
+                    if (idx < fq_cap) {
+                        uint32_t w[16];
+                        pqc_failure_record(c, meta, L, pqc_globaltimer(), call_tag, w);
+                        pqc_store_record(fq + 64ull * idx, w);
+                    }
                 }
             }
         }
-        __syncthreads();  // ok_s and red_s are reused by the next chunk
+        __syncthreads();  // ok_s, last_s and red_s are reused by the next item
     }
 }

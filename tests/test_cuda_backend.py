@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pqc_kv_cache.audit.records import RECORD_DTYPE
 from pqc_kv_cache.backends import kernel_host as kh
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot, select_backend
-from pqc_kv_cache.backends.cuda import CudaBackend, kernel_source
+from pqc_kv_cache.backends.cuda import CudaBackend, DeviceProps, kernel_source
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
 
@@ -132,16 +132,30 @@ def test_launch_groups_respect_the_record_limit():
 LAYOUT = ChunkLayout(layer_idx=3, num_heads=8, head_dim=128, dtype=torch.bfloat16)
 
 
-class CpuTwinBackend(CudaBackend):
-    """CudaBackend with its kernel launches carried out by the host shim on CPU tensors."""
+def fake_device(sms: int, ctas_per_sm: int) -> DeviceProps:
+    """Device properties of a fake GPU: ``sms`` SMs, ``ctas_per_sm`` resident CTAs of a chunk kernel."""
+    def occupancy(kernel, block, dynamic_smem):
+        assert block == kh.LANES and dynamic_smem == 0
+        return ctas_per_sm if kernel in ("pqc_encrypt_chunks", "pqc_decrypt_chunks") else 8
+    return DeviceProps(sms, occupancy)
 
-    def __init__(self, grid_cap: int = 4):
+
+class CpuTwinBackend(CudaBackend):
+    """CudaBackend with its kernel launches carried out by the host shim on CPU tensors, on a fake
+    device (by default 2 SMs x 2 CTAs: 4 slots, so the scenario tests cut chunks into work items).
+    ``order``: the order the shim runs a launch's work items in (the GPU's is arbitrary);
+    ``execute=False`` records the launches without running them."""
+
+    def __init__(self, props: DeviceProps | None = None, order: int = 0, execute: bool = True):
         import threading
 
         self.device = torch.device("cpu")
         self._lock = threading.Lock()
-        self._init_state(grid_cap)
+        self._init_state(props or fake_device(2, 2))
+        self.order = order
+        self.execute = execute
         self.launches: list[tuple[str, int, int]] = []
+        self.launch_args: list[tuple[str, list[int]]] = []
 
     def _upload(self, arr):
         return torch.from_numpy(np.ascontiguousarray(arr)).clone()
@@ -150,16 +164,17 @@ class CpuTwinBackend(CudaBackend):
         lib = kh.load()
         a = [int(x) for x in args]
         self.launches.append((kernel, int(grid), int(block)))
+        self.launch_args.append((kernel, a))
+        if not self.execute and kernel != "pqc_prepare_keys":
+            return
         if kernel == "pqc_prepare_keys":
             rc = lib.pqc_host_prepare_keys(a[0], a[1], kh.LANES, a[2])
         elif kernel == "pqc_encrypt_chunks":
-            rc = lib.pqc_host_encrypt_chunks(*a)
+            rc = lib.pqc_host_encrypt_chunks(*a, self.order)      # the kernel's parameters, then the order
         elif kernel == "pqc_decrypt_row_records":
             rc = lib.pqc_host_decrypt_row_records(*a)
         elif kernel == "pqc_decrypt_chunks":
-            # kernel: (..., status, records, fq, fq_count, fq_cap, call_tag); the shim's row
-            # records are written by pqc_decrypt_row_records, so no row descriptors here
-            rc = lib.pqc_host_decrypt_chunks(*a[:19], a[19], 0, None, 0, a[20], a[21], a[22], a[23])
+            rc = lib.pqc_host_decrypt_chunks(*a, self.order)
         else:
             raise AssertionError(kernel)
         assert rc == 0, (kernel, rc)
@@ -551,3 +566,99 @@ def test_a_failed_launch_commits_its_reserved_records_as_errors(direction):
     r = log.ring.records()
     assert r["record_no"].tolist() == list(range(500, 500 + reserved))
     assert (r["status"] == 3).all() and (r["op"] == (1 if direction == "encrypt" else 2)).all()
+
+
+# ------------------------------------------------------------------ work split and launch geometry (CPU twin)
+
+@pytest.mark.parametrize("ctas_per_sm", [4, 3])
+def test_a_4k_batch_8_layer_is_launched_as_at_least_one_item_per_resident_cta(ctas_per_sm):
+    """Fake H100 / H200 (132 SMs): a prefill sealing one 4096-position chunk per row at batch 8
+    (8 KV heads x 128, bf16) is cut into at least SMs x resident CTAs work items, encrypt and decrypt."""
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    be = CpuTwinBackend(fake_device(132, ctas_per_sm), execute=False)
+    slots = 132 * ctas_per_sm
+    batch, seq = 8, 4096
+    k = torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16).expand(batch, 8, seq, 128)   # no 128 MiB of data
+    bpp = LAYOUT.bytes_per_position
+    chunks = ChunkTable(np.zeros(batch, np.int64), np.arange(batch), np.zeros(batch, np.int64),
+                        np.full(batch, seq), np.zeros(batch, np.int64), np.arange(batch) + 1,
+                        np.arange(batch) * (seq * bpp + 16))
+    arena = torch.empty(batch * (seq * bpp + 16), dtype=torch.uint8)
+    keys = _slots()[:1]
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, k, arena)
+    be.decrypt_chunks(keys, LAYOUT, chunks, arena, k, k)
+    launched = {name: (grid, a) for (name, grid, _), (_, a) in zip(be.launches, be.launch_args)}
+    for name in ("pqc_encrypt_chunks", "pqc_decrypt_chunks"):
+        grid, a = launched[name]
+        n_items = a[5]
+        assert a[4] != 0 and n_items >= slots, (name, n_items, slots)      # an item table, >= one item per slot
+        assert grid == slots
+
+
+def test_small_chunks_take_one_item_each_and_no_item_table():
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    be = CpuTwinBackend(fake_device(132, 4), execute=False)
+    n = 64
+    chunks = ChunkTable(np.zeros(n, np.int64), np.arange(n) % 4, np.arange(n) // 4, np.ones(n, np.int64),
+                        np.arange(n) // 4, np.arange(n) + 1, np.arange(n) * (LAYOUT.bytes_per_position + 16))
+    k, v = _kv(torch.device("cpu"))
+    arena = torch.empty(n * (LAYOUT.bytes_per_position + 16), dtype=torch.uint8)
+    be.encrypt_chunks(_slots()[:1], LAYOUT, chunks, k, v, arena)
+    name, a = be.launch_args[-1]
+    assert name == "pqc_encrypt_chunks" and a[4] == 0 and a[5] == n      # item i = chunk i
+    assert be.launches[-1][1] == n
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_split_chunks_through_the_backend_in_any_item_order(order):
+    """The scenario of the tamper test with the items run backwards / interleaved: the last item done
+    completes each chunk, whichever it is."""
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    be = CpuTwinBackend(order=order)
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    assert any(a[4] != 0 for name, a in be.launch_args if name == "pqc_encrypt_chunks")   # chunks were cut
+    for i, (slot, row, ps, pc, io, ctr) in enumerate(ENTRIES):
+        off = int(chunks.offset[i])
+        ct = arena[off:off + pc * LAYOUT.bytes_per_position + 16].numpy().tobytes()
+        assert AESGCM(keys[slot].key).decrypt(make_nonce(keys[slot].epoch, ctr), ct, _aad(keys, slot, ps, pc)) \
+            == _plain(k, v, row, io, pc)
+    arena[int(chunks.offset[2]) + 64 * 4096 + 3] ^= 1      # chunk 2 (row 1), in its tag
+    k_out, v_out = torch.full_like(k, 5.0), torch.full_like(v, 5.0)
+    log = FakeLog(torch.device("cpu"))
+    ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
+    with pytest.raises(DecryptionError) as ei:
+        be.check()
+    assert ei.value.positions == range(10, 74) and status.tolist() == [0, 0, 1, 0, 0]
+    assert not k_out[1, :, 0:64].any() and torch.equal(k_out[0, :, 0:65], k[0, :, 0:65])
+    assert log.ring.records()["status"].tolist() == [0, 1, 0, 0]
+
+
+def test_a_chunk_with_more_positions_than_the_ring_holds_is_sealed_and_fully_recorded():
+    """Formerly refused ("more than the audit ring holds"): a chunk's ENCRYPT records now spread over
+    several launches, each within a quarter of the ring, numbered densely."""
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    be = CpuTwinBackend()
+    keys = _slots()[:1]
+    k, v = _kv(torch.device("cpu"), seq=100, batch=1)
+    pc = 100
+    chunks = ChunkTable(*(np.array([x], dtype=np.int64) for x in (0, 0, 3, pc, 0, 77, 0)))
+    arena = torch.zeros(pc * LAYOUT.bytes_per_position + 16, dtype=torch.uint8)
+    log = FakeLog(torch.device("cpu"), capacity=64)
+    ctx = AuditContext(log, np.array([4], np.uint32), np.array([6], np.uint32))
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+    ct = arena.numpy().tobytes()
+    assert AESGCM(keys[0].key).decrypt(make_nonce(keys[0].epoch, 77), ct, _aad(keys, 0, 3, pc)) == _plain(k, v, 0, 0, pc)
+    r = log.ring.records()
+    assert r["record_no"].tolist() == list(range(500, 500 + pc))
+    assert r["pos_start"].tolist() == list(range(3, 3 + pc)) and (r["nonce_counter"] == 77).all()
+    assert len(log.ring.committed) >= 7 and all(n <= 16 for _, n in log.ring.committed)
+    assert sum(n for _, n in log.ring.committed) == pc

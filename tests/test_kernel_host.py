@@ -451,3 +451,163 @@ def test_property_kernel_aad_equals_envelope_aad(tid, sid, epoch, layer, pos, co
                           pos_start=pos, pos_count=count, key_len=key_len, dtype=dtype, num_heads=heads,
                           head_dim=dim)
     assert got == ref
+
+
+# ------------------------------------------------------------------ work items (chunks cut across CTAs)
+
+BIG = ChunkLayout(layer_idx=2, num_heads=8, head_dim=128, dtype=torch.bfloat16)   # 4096 B per position
+
+
+def _one_chunk(pc: int, layout=BIG, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, layout.num_heads, pc, layout.head_dim, generator=g).to(layout.dtype)
+    v = torch.randn(1, layout.num_heads, pc, layout.head_dim, generator=g).to(layout.dtype)
+    chunks = ChunkTable(*(np.array([x], dtype=np.int64) for x in (0, 0, 17, pc, 0, 1 << 35, 0)))
+    nb = pc * layout.bytes_per_position
+    aad = build_aad(tenant_id="tenant-0", session_id="session-0", epoch=3, layer_idx=layout.layer_idx,
+                    position=17, position_count=pc, key_len=nb // 2, dtype=layout.dtype,
+                    num_heads=layout.num_heads, head_dim=layout.head_dim)
+    plain = k[0].contiguous().view(torch.uint8).numpy().tobytes() + v[0].contiguous().view(torch.uint8).numpy().tobytes()
+    return k, v, chunks, nb, aad, plain
+
+
+def _split_round_trip(pc: int, rounds_per_item: int, order: int, lanes: int = kh.LANES, layout=BIG):
+    keys = _slots()[:1]
+    k, v, chunks, nb, aad, plain = _one_chunk(pc, layout)
+    ref = AESGCM(keys[0].key).encrypt(make_nonce(3, 1 << 35), plain, aad)
+    arena = torch.zeros(nb + 16, dtype=torch.uint8)
+    kh.encrypt_chunks(keys, layout, chunks, k, v, arena, lanes=lanes, rounds_per_item=rounds_per_item, order=order)
+    assert arena.numpy().tobytes() == ref, (pc, rounds_per_item, order)
+    k_out, v_out = torch.zeros_like(k), torch.zeros_like(v)
+    status, _, _, nfail = kh.decrypt_chunks(keys, layout, chunks, torch.frombuffer(bytearray(ref), dtype=torch.uint8),
+                                            k_out, v_out, lanes=lanes, rounds_per_item=rounds_per_item,
+                                            order=order)
+    assert not status.any() and nfail == 0
+    assert torch.equal(k_out, k) and torch.equal(v_out, v)
+
+
+@pytest.mark.parametrize("pc", [1, 2, 63, 64])
+def test_split_chunks_seal_to_aesgcm_bytes_and_open_aesgcm_chunks_at_every_cut(pc):
+    """Every item size from one round to the whole chunk: cuts at every round boundary."""
+    rounds = int(kh.chunk_rounds(np.array([pc * BIG.bytes_per_position]))[0])
+    assert rounds == pc + 1   # 4096 B per position: 256 blocks a position, plus 6 AAD/length blocks
+    for b in range(1, rounds + 1):
+        _split_round_trip(pc, b, order=b % 3)
+
+
+@pytest.mark.parametrize("rounds_per_item", [1, 7, 64, 4097])
+def test_split_4096_position_chunk_matches_aesgcm(rounds_per_item):
+    _split_round_trip(4096, rounds_per_item, order=rounds_per_item % 3)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_split_boundaries_at_every_position_with_one_position_rounds(order):
+    """With 4 lanes and 64-byte positions a round is one position: a cut after every position."""
+    small = ChunkLayout(layer_idx=1, num_heads=1, head_dim=8, dtype=torch.float32)
+    for pc in (1, 2, 5, 63, 64):
+        for b in (1, 2, 3):
+            _split_round_trip(pc, b, order, lanes=4, layout=small)
+
+
+def test_work_items_cover_each_chunk_once_and_share_out_its_records():
+    rounds = np.array([2, 4097, 65, 1, 300], dtype=np.int64)
+    pos = np.array([1, 4096, 64, 1, 299], dtype=np.int64)
+    for slots in (1, 4, 132 * 4, 10**6):
+        it = kh.work_items(rounds, pos, slots=slots, record_limit=100)
+        b = max(kh.MIN_ITEM_ROUNDS, int(rounds.sum()) // slots)
+        for c in range(len(rounds)):
+            mine = it[:, it[0] == c]
+            k = mine.shape[1]
+            assert (mine[7] == k).all() and mine[6].tolist() == list(range(k)) and (mine[5] == mine[5][0]).all()
+            assert mine[1][0] == 0 and mine[2][-1] == rounds[c] and (mine[1][1:] == mine[2][:-1]).all()
+            assert mine[3][0] == 0 and mine[4][-1] == pos[c] and (mine[3][1:] == mine[4][:-1]).all()
+            assert (mine[2] - mine[1]).max() <= max(b, 1) or k == -(-pos[c] // 100)
+            assert (mine[4] - mine[3]).max() <= 100
+            if rounds[c] <= b and pos[c] <= 100:
+                assert k == 1          # a small chunk stays one item
+        assert it[5].tolist() == [int(np.flatnonzero(it[0] == c)[0]) for c in it[0]]
+    # B <= total / slots gives at least `slots` items
+    it = kh.work_items(np.full(8, 4097), np.full(8, 4096), slots=528)
+    assert it.shape[1] >= 528
+
+
+def test_tampered_byte_anywhere_in_a_split_chunk_zeroes_that_chunk_only():
+    small = ChunkLayout(layer_idx=4, num_heads=2, head_dim=8, dtype=torch.bfloat16)   # 64 B per position
+    keys = _slots()
+    entries = [(0, 0, 0, 40, 0, 5), (1, 1, 0, 40, 0, 6), (0, 2, 0, 40, 0, 7)]
+    chunks, size = _table(entries, small.bytes_per_position)
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(3, 2, 40, 8, generator=g).to(torch.bfloat16)
+    v = torch.randn(3, 2, 40, 8, generator=g).to(torch.bfloat16)
+    sealed = torch.zeros(size, dtype=torch.uint8)
+    kh.encrypt_chunks(keys, small, chunks, k, v, sealed, lanes=8, rounds_per_item=3)
+    nb = 40 * small.bytes_per_position
+    off = int(chunks.offset[1])
+    for where in (0, 17, nb // 2, nb - 1, nb, nb + 15):       # ciphertext start, middle, end; tag
+        for order in (0, 1, 2):
+            arena = sealed.clone()
+            arena[off + where] ^= 0x01
+            k_out, v_out = torch.full_like(k, 3.0), torch.full_like(v, 3.0)
+            status, rows, fails, nfail = kh.decrypt_chunks(keys, small, chunks, arena, k_out, v_out, lanes=8,
+                                                           rounds_per_item=3, order=order, call_tag=4)
+            assert status.tolist() == [0, 1, 0], (where, order)
+            assert not k_out[1].any() and not v_out[1].any()
+            for r in (0, 2):
+                assert torch.equal(k_out[r], k[r]) and torch.equal(v_out[r], v[r])
+            rr = rows.view(RECORD_DTYPE).reshape(-1)
+            assert rr["status"].tolist() == [0, 1, 0]
+            f = fails.view(RECORD_DTYPE).reshape(-1)
+            assert nfail == 1 and (f["row"][0], f["pos_start"][0], f["pos_count"][0], f["status"][0]) == (1, 0, 40, 1)
+            assert f["nonce_counter"][0] == 6 and f["flags"][0] == 4
+
+
+def test_item_multiplier_is_the_power_of_h_to_the_lanes():
+    """The window table's (H^L)^e equals repeated multiplication, for e across every window."""
+    key = rbytes(32)
+    h = kh.aes256_encrypt_block(key, bytes(16))
+    hl = h
+    for _ in range(3):                     # H^4 (lanes = 4)
+        hl = _gf_mul_ref(hl, h)
+    def power(x, e):   # square and multiply with the independent reference multiply
+        r = (1 << 127).to_bytes(16, "big")
+        while e:
+            if e & 1:
+                r = _gf_mul_ref(r, x)
+            x = _gf_mul_ref(x, x)
+            e >>= 1
+        return r
+
+    assert power(hl, 3) == _gf_mul_ref(_gf_mul_ref(hl, hl), hl)
+    for e in (0, 1, 15, 16, 255, 4097, 0x12345678, 0xFFFFFFFF):
+        assert kh.item_multiplier(key, e, lanes=4) == power(hl, e), e
+
+
+def test_chunk_addresses_are_64_bit():
+    """A chunk of more than 4 GiB: the kernels' block addresses past 4 GiB are exact."""
+    row_bytes, heads, pc = 256, 8, (1 << 20) + 5           # K half = 2 GiB + 10 KiB; the V half ends past 4 GiB
+    half = row_bytes * heads * pc
+    strides = (1 << 40, 1 << 33, 4096)                    # batch, head, seq byte strides
+    for j in (0, 1, half // 16 - 1, half // 16, half // 16 + 12345, 2 * half // 16 - 1):
+        b = 16 * j
+        is_v = b >= half
+        b -= half if is_v else 0
+        h, rem = divmod(b, row_bytes * pc)
+        pos, off = divmod(rem, row_bytes)
+        want = 3 * strides[0] + h * strides[1] + (7 + pos) * strides[2] + off
+        assert kh.kv_block_offset(row_bytes=row_bytes, pos_count=pc, num_heads=heads, strides=strides, row=3,
+                                  io_start=7, block=j) == (want, is_v), j
+
+
+def test_chunk_size_limits_are_the_aad_field_and_the_gcm_counter_space():
+    kh.check_gcm_length(16 * (2**32 - 2))
+    with pytest.raises(ValueError, match="2\\^32 - 2 blocks"):
+        kh.check_gcm_length(16 * (2**32 - 2) + 1)
+    # K length 2^32 - 1 bytes is the most the AAD's key_len field holds
+    lay = ChunkLayout(layer_idx=0, num_heads=1, head_dim=8, dtype=torch.float32)   # 32 B of K per position
+    n_ok, n_bad = (2**32 - 1) // 32, (2**32 - 1) // 32 + 1
+    k = torch.zeros(1, 1, 1, 8).expand(1, 1, n_bad, 8)
+    for pc, ok in ((n_ok, True), (n_bad, False)):
+        table = kh.chunk_table_array(ChunkTable(*(np.array([x], dtype=np.int64) for x in (0, 0, 0, pc, 0, 0, 0))))
+        arena = torch.empty(0, dtype=torch.uint8)
+        with pytest.raises(ValueError, match="arena" if ok else "key_len"):
+            kh.check_bounds(table, lay, k, k, arena, 1)

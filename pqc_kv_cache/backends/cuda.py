@@ -9,8 +9,13 @@ no libc headers.
 
 Hot path (``encrypt_chunks`` / ``decrypt_chunks``):
 
-- kernels run on torch's current stream (``cupy.cuda.ExternalStream``), on the
-  tensors' memory by pointer (``data_ptr``), never through the host;
+- kernels run on torch's current stream (its handle passed to each launch), on
+  the tensors' memory by pointer (``data_ptr``), never through the host;
+- every SM is busy whatever the chunk sizes: chunks are cut into work items
+  (ranges of GCM counter blocks, ``kernel_host.work_items``) so a launch has at
+  least as many items as the device holds resident CTAs (SM count times the
+  kernel's occupancy, both queried from the device once, in ``launch_slots``),
+  and the items' partial GHASH values are combined on the device;
 - the chunk table arrives as numpy arrays (nonce counters from the host's bulk
   allocation) and goes to the device with one pinned, non-blocking copy; key
   schedules are prepared on the device once per key set and cached;
@@ -36,7 +41,8 @@ the kernel) already says AUTH_FAILED without any host involvement.
 Audit records: ENCRYPT records (one per row and position) and DECRYPT row
 records are written by the kernels into slots reserved with
 ``log.cuda_ring(device).reserve(n)`` and committed after the launch; a call
-whose records exceed a quarter of the ring is split into several launches.
+whose records exceed a quarter of the ring is split into several launches
+(also inside one chunk: its work items share out its records).
 A chunk table that is already a device tensor costs one host read of
 ``pos_count`` (to size the reservation) when audit is on: pass numpy tables.
 """
@@ -61,9 +67,7 @@ from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
 __all__ = ["CudaBackend", "kernel_source"]
 
 LANES = _kh.LANES                 # threads per CTA of the chunk kernels (PQC_LANES)
-# resident CTAs per SM of the chunk kernels (256 threads, 41 KiB shared): ptxas gives 64 registers
-# on sm_90 (4 CTAs), 80 on sm_80 (3 CTAs)
-CTAS_PER_SM = {9: 4, 8: 3}
+DYNAMIC_SMEM = 0                  # the chunk kernels use static shared memory only
 ROW_RECORD_THREADS = 128
 KERNELS = ("pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_row_records", "pqc_decrypt_chunks")
 FAILURE_QUEUE_CAPACITY = 4096
@@ -106,6 +110,29 @@ def _import_cupy():
 
 def _u64(x: int) -> np.uint64:
     return np.uint64(x)
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle for a CuPy launch (``kernel(..., stream=...)`` reads ``.ptr``): torch's
+    stream, used without wrapping it in a CuPy stream object (``ExternalStream`` is deprecated in
+    CuPy 14, and a wrapper must never own, hence destroy, torch's stream)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+class DeviceProps:
+    """What launch geometry needs of a device: its SM count and, per kernel, how many CTAs of a
+    given size fit on one SM (the driver's occupancy calculator)."""
+
+    def __init__(self, multi_processor_count: int, max_active_blocks):
+        self.multi_processor_count = int(multi_processor_count)
+        self._max_active_blocks = max_active_blocks
+
+    def max_active_blocks(self, kernel: str, block: int, dynamic_smem: int) -> int:
+        return int(self._max_active_blocks(kernel, block, dynamic_smem))
 
 
 class _Call:
@@ -153,12 +180,19 @@ class CudaBackend(CryptoBackend):
             raise
         except Exception as exc:  # CuPy compile / driver errors
             raise BackendUnavailableError(f"cannot build the CUDA kernels on {self.device}: {exc}") from exc
-        props = torch.cuda.get_device_properties(self.device)
-        self._init_state(props.multi_processor_count * CTAS_PER_SM.get(props.major, 3 if props.major < 9 else 4))
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
 
-    def _init_state(self, grid_cap: int) -> None:
-        """Per-device state: launch cap, failure queue, call tags, key-schedule cache."""
-        self._grid_cap = max(1, grid_cap)
+        def occupancy(kernel: str, block: int, dynamic_smem: int) -> int:
+            with cupy.cuda.Device(index):
+                return cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    self._kernels[kernel].kernel.ptr, block, dynamic_smem)
+
+        self._init_state(DeviceProps(sms, occupancy))
+
+    def _init_state(self, props: DeviceProps) -> None:
+        """Per-device state: device properties, failure queue, call tags, key-schedule cache."""
+        self._props = props
+        self._slots: dict[str, int] = {}
         self._sched_size = _kh.SCHED_SIZE
         self._fq = torch.zeros((FAILURE_QUEUE_CAPACITY, 64), dtype=torch.uint8, device=self.device)
         self._fq_count = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -167,13 +201,33 @@ class CudaBackend(CryptoBackend):
         self._key_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
 
     # ---------------------------------------------------------------- plumbing
-    def _stream(self):
-        return self._cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device.index)
+    def launch_slots(self, kernel: str) -> int:
+        """Resident CTAs of a chunk kernel on the whole device: SM count x CTAs per SM from the
+        occupancy query (256 threads, DYNAMIC_SMEM). The one place launch geometry comes from: a
+        launch has min(work items, slots) CTAs, and work items are cut so there are at least this many."""
+        slots = self._slots.get(kernel)
+        if slots is None:
+            per_sm = self._props.max_active_blocks(kernel, LANES, DYNAMIC_SMEM)
+            if per_sm < 1:
+                raise BackendUnavailableError(f"{kernel} cannot run on {self.device}: the occupancy query "
+                                              f"gives {per_sm} CTAs of {LANES} threads per SM")
+            slots = self._slots[kernel] = self._props.multi_processor_count * per_sm
+        return slots
 
     def _launch(self, kernel: str, grid: int, block: int, args: tuple) -> None:
         """Launch one of KERNELS on torch's current stream (asynchronous)."""
-        with self._cupy.cuda.Device(self.device.index), self._stream():
-            self._kernels[kernel]((int(grid),), (int(block),), args)
+        stream = _StreamHandle(torch.cuda.current_stream(self.device).cuda_stream)
+        with self._cupy.cuda.Device(self.device.index):
+            self._kernels[kernel]((int(grid),), (int(block),), args, stream=stream)
+
+    def _scratch(self, items: np.ndarray, nchunks: int):
+        """(partials, counters) device scratch of a launch whose items split chunks, else (None, None).
+        The counters are zeroed on the stream (the kernels count each chunk's finished items)."""
+        if not bool((items[7] > 1).any()):
+            return None, None
+        partials = torch.empty((items.shape[1], _kh.PARTIAL_SIZE), dtype=torch.uint8, device=self.device)
+        counters = torch.zeros(nchunks, dtype=torch.int32, device=self.device)
+        return partials, counters
 
     def _upload(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -282,28 +336,40 @@ class CudaBackend(CryptoBackend):
         sched = self._schedules(keys)
         meta = self._meta(keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
-        limit = max(1, ring.capacity // 4) if ring is not None else 1 << 62
-        for a, b in self._groups(table[3], limit):
-            sub = np.ascontiguousarray(table[:, a:b])
-            first, total = _kh.encrypt_record_index(sub[3])
-            sub[7] = first
-            dev_table = self._upload(sub)
-            if ring is not None and total > ring.capacity:
-                raise ValueError(f"one chunk has {total} positions, more than the audit ring holds")
-            view, first_no = ring.reserve(total) if ring is not None else (None, 0)
-            args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()), np.int64(b - a),
+        limit = max(1, ring.capacity // 4) if ring is not None else None
+        table[7], _ = _kh.encrypt_record_index(table[3])
+        items = _kh.work_items(_kh.chunk_rounds(table[3] * layout.bytes_per_position), table[3],
+                               slots=self.launch_slots("pqc_encrypt_chunks"), record_limit=limit)
+        n_items = items.shape[1]
+        counts = items[4] - items[3]
+        groups = self._groups(counts, limit) if ring is not None else [(0, n_items)]
+        partials, counters = self._scratch(items, n)
+        dev_table = self._upload(table)
+        fast = partials is None and len(groups) == 1     # item i = chunk i: no item table
+        slots = self.launch_slots("pqc_encrypt_chunks")
+        for a, b in groups:
+            dev_items = None if fast else self._upload(items[:, a:b])
+            total = int(counts[a:b].sum())
+            rec_lo = int(table[7][items[0][a]] + items[3][a])
+            view, first_no = ring.reserve(total) if ring is not None and total else (None, 0)
+            args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()), np.int64(n),
+                    _u64(0 if dev_items is None else dev_items.data_ptr()), np.int64(b - a),
                     np.uint32(layout.layer_idx), np.uint32(layout.num_heads), np.uint32(layout.head_dim),
                     np.uint32(layout.itemsize), np.uint32(dtype_code(layout.dtype)),
                     _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
                     _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
-                    _u64(arena.data_ptr()), _u64(view.data_ptr() if view is not None else 0), np.uint64(first_no))
+                    _u64(arena.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
+                    # record index aux + p is numbered first_no + (aux + p - rec_lo), modulo 2^64 on the device
+                    np.uint64((first_no - rec_lo) % (1 << 64)), np.int64(rec_lo),
+                    _u64(0 if partials is None else partials.data_ptr()),
+                    _u64(0 if counters is None else counters.data_ptr()))
             try:
-                self._launch("pqc_encrypt_chunks", min(b - a, self._grid_cap), LANES, args)
+                self._launch("pqc_encrypt_chunks", min(b - a, slots), LANES, args)
             except BaseException:
-                if ring is not None:
+                if view is not None:
                     self._abandon(ring, view, first_no, total, Op.ENCRYPT, layout, audit)
                 raise
-            if ring is not None:
+            if view is not None:
                 ring.commit(total, first_no)
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
@@ -337,14 +403,16 @@ class CudaBackend(CryptoBackend):
             desc = np.ascontiguousarray(desc_all[:, r0:r1])
             sub[7] = row_of_chunk[sel] - r0
             dev_table = self._upload(sub)
+            items = _kh.work_items(_kh.chunk_rounds(sub[3] * layout.bytes_per_position), sub[3],
+                                   slots=self.launch_slots("pqc_decrypt_chunks"))
             view, first_no = ring.reserve(r1 - r0) if ring is not None else (None, 0)
             common = (np.uint32(layout.layer_idx), np.uint32(layout.num_heads), np.uint32(layout.head_dim),
                       np.uint32(layout.itemsize), np.uint32(dtype_code(layout.dtype)))
             sub_status = status if sel.shape[0] == n else torch.zeros(sel.shape[0], dtype=torch.uint8,
                                                                       device=self.device)
             try:
-                self._decrypt_group(view, first_no, desc, r1 - r0, meta, common, sched, dev_table, sel, arena,
-                                    kp, vp, sub_status, tag)
+                self._decrypt_group(view, first_no, desc, r1 - r0, meta, common, sched, dev_table, items, sel,
+                                    arena, kp, vp, sub_status, tag)
             except BaseException:
                 if ring is not None:
                     self._abandon(ring, view, first_no, r1 - r0, Op.DECRYPT, layout, audit)
@@ -355,23 +423,29 @@ class CudaBackend(CryptoBackend):
                 ring.commit(r1 - r0, first_no)
         return status
 
-    def _decrypt_group(self, view, first_no, desc, nrows, meta, common, sched, dev_table, sel, arena, kp, vp,
-                       sub_status, tag) -> None:
-        """The launches of one row group of decrypt_chunks: row records (when audited), then the chunks."""
+    def _decrypt_group(self, view, first_no, desc, nrows, meta, common, sched, dev_table, items, sel, arena, kp,
+                       vp, sub_status, tag) -> None:
+        """The launches of one row group of decrypt_chunks: row records (when audited), then the work items."""
         if view is not None:
             dev_desc = self._upload(desc)
             self._launch("pqc_decrypt_row_records", (nrows + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,
                          ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()),
                                               np.int64(nrows), *common, _u64(view.data_ptr()),
                                               np.uint64(first_no)))
+        partials, counters = self._scratch(items, sel.shape[0])
+        dev_items = None if partials is None else self._upload(items)   # unsplit: item i = chunk i
+        n_items = items.shape[1]
         args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()),
-                np.int64(sel.shape[0]), *common, _u64(arena.data_ptr()),
+                np.int64(sel.shape[0]), _u64(0 if dev_items is None else dev_items.data_ptr()), np.int64(n_items),
+                *common, _u64(arena.data_ptr()),
                 _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
                 _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
                 _u64(sub_status.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
                 _u64(self._fq.data_ptr()), _u64(self._fq_count.data_ptr()),
-                np.uint32(FAILURE_QUEUE_CAPACITY), np.uint32(tag))
-        self._launch("pqc_decrypt_chunks", min(sel.shape[0], self._grid_cap), LANES, args)
+                np.uint32(FAILURE_QUEUE_CAPACITY), np.uint32(tag),
+                _u64(0 if partials is None else partials.data_ptr()),
+                _u64(0 if counters is None else counters.data_ptr()))
+        self._launch("pqc_decrypt_chunks", min(n_items, self.launch_slots("pqc_decrypt_chunks")), LANES, args)
 
     @staticmethod
     def _abandon(ring, view, first_no: int, n: int, op: Op, layout: ChunkLayout, audit: AuditContext) -> None:

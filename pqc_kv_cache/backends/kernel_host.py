@@ -24,7 +24,8 @@ Public API (bytes in, bytes out; a bad tag raises :class:`DecryptionError`):
 - ``prepare_keys(keys, *, lanes=256)``: the per-key schedules the chunk entry points take
 - ``encrypt_chunks(...)`` / ``decrypt_chunks(...)``: the kernels' batched chunk work (see
   their docstrings); ``chunk_table_array``, ``encrypt_record_index``, ``row_descriptors``,
-  ``slot_meta_array``: the device-table builders the CUDA backend shares.
+  ``slot_meta_array``, ``chunk_rounds``, ``work_items``: the device-table builders the CUDA
+  backend shares (``work_items`` is the one place chunks are cut into work items).
 - ``kernel_sources_dir()``: where the kernel sources are (the installed package data
   ``pqc_kv_cache.kernels``, else the repository's ``kernels/``).
 """
@@ -53,18 +54,25 @@ __all__ = [
     "gcm_encrypt", "gcm_decrypt", "gcm_seal_many", "gcm_open_many",
     "aes256_encrypt_block", "gf_mul", "ct_equal", "sbox", "build_aad_v1",
     "prepare_keys", "slot_meta_array", "chunk_table_array", "encrypt_record_index",
-    "row_descriptors", "encrypt_chunks", "decrypt_chunks",
+    "row_descriptors", "chunk_rounds", "work_items", "check_gcm_length", "item_multiplier",
+    "kv_block_offset", "encrypt_chunks", "decrypt_chunks",
 ]
 
 LANES = 256            # threads per CTA of the chunk kernels = GHASH lanes
 RECORD_SIZE = 64
 SLOT_META_SIZE = 48
-SCHED_SIZE = 71936       # sizeof(pqc_key_sched): round keys, 256 H powers, 128 H^L x^k, 256 lane tables
+SCHED_SIZE = 73984     # sizeof(pqc_key_sched): round keys, 256 H powers, 128 H^L x^k, 256 lane tables,
+                       # 8 x 16 item-multiplier windows
 TABLE_COLS = 8         # slot,row,pos_start,pos_count,io_start,counter,offset,aux
 ROWDESC_COLS = 6       # row,pos_start,pos_count,counter,slot,nbytes
+ITEM_COLS = 8          # chunk,r0,r1,p0,p1,first,j,count (PQC_ITEM_* in pqc_gcm.cuh)
+PARTIAL_SIZE = 16      # one GF(2^128) partial hash per work item of a split chunk
+MIN_ITEM_ROUNDS = 4    # no work item is cut shorter than this many rounds (16 KiB at 256 lanes)
+GCM_MAX_BLOCKS = 2**32 - 2   # data blocks of one GCM message with a 96-bit nonce (SP 800-38D 5.2.1.1)
+AAD_BLOCKS = (AAD_SIZE + 15) // 16
 _SOURCES = ("host_shim.cpp", "pqc_gcm.cuh", "pqc_audit_record.h")
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
-_ABI = 1
+_ABI = 2
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -144,12 +152,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_host_prepare_keys": ([_P, _I64, _U32, _P], _INT),
         "pqc_host_gcm_seal_many": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _U32], _INT),
         "pqc_host_gcm_open_many": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT, _P, _U32], _INT),
-        "pqc_host_encrypt_chunks": ([_P, _P, _P, _I64, _U32, _U32, _U32, _U32, _U32,
-                                     _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _U64], _INT),
+        # the kernels' parameters (kernels/pqc_kernels.cu), then the item order
+        "pqc_host_encrypt_chunks": ([_P, _P, _P, _I64, _P, _I64, _U32, _U32, _U32, _U32, _U32,
+                                     _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _U64, _I64,
+                                     _P, _P, _U32], _INT),
         "pqc_host_decrypt_row_records": ([_P, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P, _U64], _INT),
-        "pqc_host_decrypt_chunks": ([_P, _P, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P,
+        "pqc_host_decrypt_chunks": ([_P, _P, _P, _I64, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P,
                                      _P, _I64, _I64, _I64, _P, _I64, _I64, _I64,
-                                     _P, _P, _U64, _P, _I64, _P, _P, _U32, _U32], _INT),
+                                     _P, _P, _P, _P, _U32, _U32, _P, _P, _U32], _INT),
+        "pqc_host_item_multiplier": ([_P, _U32, _U32, _P], _INT),
+        "pqc_host_kv_block_offset": ([_U32, _U64, _U32, _I64, _I64, _I64, _I64, _I64, _U64,
+                                      ctypes.POINTER(_INT)], _I64),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -289,6 +302,13 @@ def _keys_and_nonces(keys: Sequence[bytes], nonces: Sequence[bytes], n: int, wha
     return kb, nb
 
 
+def check_gcm_length(nbytes: int) -> None:
+    """Refuse a GCM message (96-bit nonce) longer than its counter space: 2^32 - 2 blocks of 16 bytes."""
+    if nbytes > 16 * GCM_MAX_BLOCKS:
+        raise ValueError(f"a GCM message holds at most {16 * GCM_MAX_BLOCKS} bytes (2^32 - 2 blocks), "
+                         f"got {nbytes}")
+
+
 def gcm_seal_many(keys: Sequence[bytes], nonces: Sequence[bytes], aads: Sequence[bytes],
                   plaintexts: Sequence[bytes], *, lanes: int = LANES) -> list[bytes]:
     """Seal message i under keys[i], nonces[i] (12 bytes), aads[i]; returns ciphertext || tag each."""
@@ -297,6 +317,8 @@ def gcm_seal_many(keys: Sequence[bytes], nonces: Sequence[bytes], aads: Sequence
     kb, nb = _keys_and_nonces(keys, nonces, n, "plaintexts")
     abuf, aoff, alen = _concat("aads", aads, n)
     pbuf, poff, plen = _concat("plaintexts", plaintexts, n)
+    if n:
+        check_gcm_length(int(plen.max()))
     olen = plen + TAG_SIZE
     ooff = np.zeros(n, dtype=np.int64)
     if n:
@@ -414,6 +436,61 @@ def encrypt_record_index(pos_count: np.ndarray) -> tuple[np.ndarray, int]:
     return first, int(pc.sum())
 
 
+def chunk_rounds(nbytes: np.ndarray, lanes: int = LANES) -> np.ndarray:
+    """Rounds of each chunk's lane walk: its GHASH blocks (AAD, data, length) over ``lanes``, rounded up."""
+    nb = np.asarray(nbytes, dtype=np.int64)
+    return (AAD_BLOCKS + (nb + 15) // 16 + 1 + lanes - 1) // lanes
+
+
+def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None = None,
+               rounds_per_item: int | None = None, record_limit: int | None = None,
+               min_rounds: int = MIN_ITEM_ROUNDS) -> np.ndarray:
+    """Cut chunks into work items (int64 [ITEM_COLS, n_items]; see PQC_ITEM_* in pqc_gcm.cuh).
+
+    Items hold at most B rounds each, B = ``rounds_per_item`` if given, else
+    max(``min_rounds``, total rounds // ``slots``) (no cut without ``slots``), so a
+    launch of items fills ``slots`` resident CTAs: with B <= total / slots there are
+    at least ``slots`` items. A chunk of at most B rounds is one item. A chunk is
+    cut into k = ceil(R / B) items of near-equal round counts (item j: rounds
+    [j R // k, (j + 1) R // k)), and into at least ceil(P / ``record_limit``) items so
+    that no item writes more ENCRYPT records than one launch may hold; its records
+    are shared out the same way (positions [j P // k, (j + 1) P // k)).
+    """
+    r = np.asarray(rounds, dtype=np.int64).reshape(-1)
+    p = np.asarray(pos_count, dtype=np.int64).reshape(-1)
+    n = r.shape[0]
+    if p.shape[0] != n:
+        raise ValueError("rounds and pos_count must have one entry per chunk")
+    if rounds_per_item is not None:
+        if isinstance(rounds_per_item, bool) or not isinstance(rounds_per_item, int) or rounds_per_item < 1:
+            raise ValueError(f"rounds_per_item must be a positive int, got {rounds_per_item!r}")
+        b = rounds_per_item
+    elif slots is not None and n:
+        b = max(int(min_rounds), int(r.sum()) // max(1, int(slots)))
+    else:
+        b = max(1, int(r.max())) if n else 1
+    k = np.maximum(1, -(-r // b))
+    if record_limit is not None:
+        k = np.maximum(k, -(-p // max(1, int(record_limit))))
+    total = int(k.sum())
+    first = np.zeros(n, dtype=np.int64)
+    if n:
+        first[1:] = np.cumsum(k)[:-1]
+    chunk = np.repeat(np.arange(n, dtype=np.int64), k)
+    j = np.arange(total, dtype=np.int64) - first[chunk]
+    kk, rr, pp = k[chunk], r[chunk], p[chunk]
+    items = np.empty((ITEM_COLS, total), dtype=np.int64)
+    items[0] = chunk
+    items[1] = j * rr // kk
+    items[2] = (j + 1) * rr // kk
+    items[3] = j * pp // kk
+    items[4] = (j + 1) * pp // kk
+    items[5] = first[chunk]
+    items[6] = j
+    items[7] = kk
+    return items
+
+
 def row_descriptors(table: np.ndarray, bytes_per_position: int) -> tuple[np.ndarray, np.ndarray]:
     """(rowdesc int64 [6, R], row record index of each chunk) for the DECRYPT row records.
 
@@ -478,11 +555,15 @@ def check_bounds(table: np.ndarray, layout, k: torch.Tensor, v: torch.Tensor, ar
             raise ValueError(f"chunk row out of range of {name} (batch {t.shape[0]})")
         if (io_start + pos_count).max() > t.shape[2]:
             raise ValueError(f"chunk positions out of range of {name} (seq {t.shape[2]})")
+    # envelope v1 stores the K length of a chunk in a 32-bit AAD field; GCM allows 2^32 - 2 blocks
+    half = pos_count.max() * (layout.bytes_per_position // 2)
+    if half > 0xFFFFFFFF:
+        raise ValueError(f"a chunk of {int(pos_count.max())} positions has {int(half)} bytes of K, more than the "
+                         "32-bit key_len field of the envelope AAD holds: use smaller chunks")
     nbytes = pos_count * layout.bytes_per_position
+    check_gcm_length(int(nbytes.max()))
     if (offset + nbytes + TAG_SIZE).max() > arena.numel():
         raise ValueError("chunk ciphertext out of range of the arena")
-    if nbytes.max() >= 2**32:
-        raise ValueError("a chunk may hold at most 4 GiB of plaintext")
 
 
 def _check_arena(arena: torch.Tensor) -> None:
@@ -492,13 +573,37 @@ def _check_arena(arena: torch.Tensor) -> None:
         raise ValueError("arena must be a contiguous CPU tensor")
 
 
+def _items_for(table: np.ndarray, layout, lanes: int, rounds_per_item: int | None):
+    """(items or None, partials, counters) of a shim call: None (item i = chunk i) unless a cut is asked for."""
+    if rounds_per_item is None:
+        return None, None, None
+    rounds = chunk_rounds(table[3] * layout.bytes_per_position, lanes)
+    items = work_items(rounds, table[3], rounds_per_item=rounds_per_item)
+    partials = np.zeros((items.shape[1], PARTIAL_SIZE), dtype=np.uint8)
+    counters = np.zeros(table.shape[1], dtype=np.uint32)
+    return items, partials, counters
+
+
+def _order(order: int) -> int:
+    if order not in (0, 1, 2):
+        raise ValueError(f"order must be 0 (ascending), 1 (descending) or 2 (interleaved), got {order!r}")
+    return order
+
+
 def encrypt_chunks(keys: Sequence, layout, chunks, k_src: torch.Tensor, v_src: torch.Tensor,
                    arena: torch.Tensor, *, tenant_idx=None, session_idx=None,
-                   record_first_no: int = 0, lanes: int = LANES) -> np.ndarray:
+                   record_first_no: int = 0, lanes: int = LANES, rounds_per_item: int | None = None,
+                   order: int = 0) -> np.ndarray:
     """The encrypt kernel's work on CPU tensors: seals chunk i of ``chunks`` (a ChunkTable)
-    into ``arena`` and returns its ENCRYPT records (uint8 [sum(pos_count), 64])."""
+    into ``arena`` and returns its ENCRYPT records (uint8 [sum(pos_count), 64]).
+
+    ``rounds_per_item``: cut chunks into work items of at most that many rounds (``work_items``)
+    as the CUDA backend does to fill the GPU; ``order``: the order the items run in (0
+    ascending, 1 descending, 2 interleaved), standing in for the GPU's arbitrary order.
+    """
     lib = load()
     _check_arena(arena)
+    order = _order(order)
     sched = prepare_keys([ks.key for ks in keys], lanes=lanes)
     meta = slot_meta_array(keys, tenant_idx, session_idx)
     first = encrypt_record_index(_col(chunks, "pos_count"))
@@ -506,26 +611,33 @@ def encrypt_chunks(keys: Sequence, layout, chunks, k_src: torch.Tensor, v_src: t
     check_bounds(table, layout, k_src, v_src, arena, len(keys))
     kp = _kv_args("k_src", k_src, layout)
     vp = _kv_args("v_src", v_src, layout)
+    items, partials, counters = _items_for(table, layout, lanes, rounds_per_item)
+    n_items = table.shape[1] if items is None else items.shape[1]
     records = np.zeros((first[1], RECORD_SIZE), dtype=np.uint8)
-    rc = lib.pqc_host_encrypt_chunks(_ptr(sched), _ptr(meta), _ptr(table), table.shape[1], layout.layer_idx,
+    rc = lib.pqc_host_encrypt_chunks(_ptr(sched), _ptr(meta), _ptr(table), table.shape[1],
+                                     None if items is None else _ptr(items), n_items, layout.layer_idx,
                                      layout.num_heads, layout.head_dim, layout.itemsize, dtype_code(layout.dtype),
                                      *kp, *vp, arena.data_ptr(), _ptr(records) if first[1] else None,
-                                     record_first_no)
+                                     record_first_no, 0, None if partials is None else _ptr(partials),
+                                     None if counters is None else _ptr(counters), order)
     _check_rc(rc, "encrypt_chunks")
     return records
 
 
 def decrypt_chunks(keys: Sequence, layout, chunks, arena: torch.Tensor, k_out: torch.Tensor,
                    v_out: torch.Tensor, *, tenant_idx=None, session_idx=None, record_first_no: int = 0,
-                   failure_capacity: int = 1024, call_tag: int = 0,
-                   lanes: int = LANES) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The decrypt kernels' work on CPU tensors.
+                   failure_capacity: int = 1024, call_tag: int = 0, lanes: int = LANES,
+                   rounds_per_item: int | None = None,
+                   order: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The decrypt kernels' work on CPU tensors (row records, then the chunks; ``rounds_per_item``
+    and ``order`` as for :func:`encrypt_chunks`).
 
     Returns (status uint8 [n], row DECRYPT records [R, 64], failure records [min(f, cap), 64],
     f = number of failing chunks).
     """
     lib = load()
     _check_arena(arena)
+    order = _order(order)
     sched = prepare_keys([ks.key for ks in keys], lanes=lanes)
     meta = slot_meta_array(keys, tenant_idx, session_idx)
     table = chunk_table_array(chunks)
@@ -534,17 +646,46 @@ def decrypt_chunks(keys: Sequence, layout, chunks, arena: torch.Tensor, k_out: t
     check_bounds(table, layout, k_out, v_out, arena, len(keys))
     kp = _kv_args("k_out", k_out, layout)
     vp = _kv_args("v_out", v_out, layout)
+    items, partials, counters = _items_for(table, layout, lanes, rounds_per_item)
     n = table.shape[1]
+    n_items = n if items is None else items.shape[1]
     status = np.zeros(n, dtype=np.uint8)
     records = np.zeros((desc.shape[1], RECORD_SIZE), dtype=np.uint8)
     fq = np.zeros((max(failure_capacity, 0), RECORD_SIZE), dtype=np.uint8)
     count = np.zeros(1, dtype=np.uint32)
-    rc = lib.pqc_host_decrypt_chunks(_ptr(sched), _ptr(meta), _ptr(table), n, layout.layer_idx, layout.num_heads,
-                                     layout.head_dim, layout.itemsize, dtype_code(layout.dtype), arena.data_ptr(),
+    common = (layout.layer_idx, layout.num_heads, layout.head_dim, layout.itemsize, dtype_code(layout.dtype))
+    if desc.shape[1]:
+        _check_rc(lib.pqc_host_decrypt_row_records(_ptr(meta), _ptr(desc), desc.shape[1], *common, _ptr(records),
+                                                   record_first_no), "decrypt_chunks (row records)")
+    rc = lib.pqc_host_decrypt_chunks(_ptr(sched), _ptr(meta), _ptr(table), n,
+                                     None if items is None else _ptr(items), n_items, *common, arena.data_ptr(),
                                      *kp, *vp, _ptr(status), _ptr(records) if desc.shape[1] else None,
-                                     record_first_no, _ptr(desc), desc.shape[1],
                                      _ptr(fq) if failure_capacity > 0 else None, _ptr(count),
-                                     max(failure_capacity, 0), call_tag)
+                                     max(failure_capacity, 0), call_tag,
+                                     None if partials is None else _ptr(partials),
+                                     None if counters is None else _ptr(counters), order)
     _check_rc(rc, "decrypt_chunks")
     f = int(count[0])
     return status, records, fq[:min(f, failure_capacity)].copy(), f
+
+
+def item_multiplier(key: bytes, e: int, *, lanes: int = LANES) -> bytes:
+    """(H^lanes)^e for the hash key H of ``key``, as a split chunk's work item multiplies its partial
+    GHASH (the key schedule's window table, multiplied in the kernels' tree order)."""
+    key = _bytes("key", key, 32)
+    lanes = _lanes(lanes)
+    if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < 2**32:
+        raise ValueError(f"e must be an int in [0, 2^32), got {e!r}")
+    out = ctypes.create_string_buffer(16)
+    _check_rc(load().pqc_host_item_multiplier(key, lanes, e, out), "item_multiplier")
+    return out.raw
+
+
+def kv_block_offset(*, row_bytes: int, pos_count: int, num_heads: int, strides: tuple[int, int, int], row: int,
+                    io_start: int, block: int) -> tuple[int, bool]:
+    """(byte offset from the K or V base, is V) of 16-byte block ``block`` of a chunk, by the
+    kernels' own (64-bit) address computation; strides are the batch, head, seq byte strides."""
+    is_v = ctypes.c_int(0)
+    off = load().pqc_host_kv_block_offset(row_bytes, pos_count, num_heads, *strides, row, io_start, block,
+                                          ctypes.byref(is_v))
+    return int(off), bool(is_v.value)
