@@ -8,7 +8,7 @@ caller remembers to log it.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .encryptor import CacheDecryptor, CacheEncryptor
 from .envelope import EncryptedEntry, KVCacheEntry
@@ -22,6 +22,9 @@ from .errors import (
 from .rotation import KeyRotationPolicy, RotationTrigger
 from .session import DEFAULT_TTL_SECONDS, TenantIdentity, TenantSession, establish_tenant_session
 
+if TYPE_CHECKING:   # annotations only
+    from .audit.log import KVAuditLog
+
 __all__ = ["TenantIsolationManager"]
 
 
@@ -32,9 +35,9 @@ class TenantIsolationManager:
     KeyRotationPolicy applied before each encryption (rotations are recorded).
     """
 
-    def __init__(self, audit=None, policy: KeyRotationPolicy | None = None,
+    def __init__(self, audit: KVAuditLog | None = None, policy: KeyRotationPolicy | None = None,
                  clock: Callable[[], float] | None = None):
-        self.audit = audit
+        self.audit: KVAuditLog | None = audit
         self.policy = policy
         self.clock = clock
         self._lock = threading.RLock()

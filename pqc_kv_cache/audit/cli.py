@@ -34,6 +34,8 @@ EXIT_INTEGRITY = 1
 EXIT_UNREADABLE = 2
 EXIT_UNCLOSED = 3
 
+_OP_NAME: dict[int, str] = {int(op): name for op, name in OP_NAMES.items()}
+
 
 def _iso(ns) -> str:
     return _dt.datetime.fromtimestamp(int(ns) / 1e9, tz=_dt.timezone.utc).isoformat()
@@ -238,7 +240,7 @@ def _row(r, rep) -> dict:
     return {
         "record_number": no,
         "timestamp": _iso(r["host_ts_ns"]),
-        "operation": OP_NAMES.get(int(r["op"]), str(int(r["op"]))),
+        "operation": _OP_NAME.get(int(r["op"]), str(int(r["op"]))),
         "status": status,
         "tenant_id": rep.tenants.get(t, f"#{t}"),
         "session_id": rep.sessions.get(s, (0, f"#{s}"))[1],
