@@ -156,3 +156,14 @@ def test_keygen_writes_an_owner_only_key_and_never_overwrites_it(tmp_path, capsy
         log.log_encrypt("alice", "s1")
     assert verify_log(log_path, pub).ok
     assert load_public_key(pub).public_bytes_raw() == load_signing_key_file(key).public_key().public_bytes_raw()
+
+
+def test_keygen_that_cannot_write_the_public_key_keeps_no_private_key(tmp_path, capsys):
+    key = tmp_path / "audit.key"
+    assert main(["audit", "keygen", str(key), "--public-key", str(tmp_path / "no-such-dir" / "a.pub")]) == 2
+    assert "no key was kept" in capsys.readouterr().err
+    assert not key.exists()
+    existing = tmp_path / "taken.pub"
+    existing.write_bytes(b"x")
+    assert main(["audit", "keygen", str(key), "--public-key", str(existing)]) == 2
+    assert not key.exists() and existing.read_bytes() == b"x"

@@ -124,19 +124,26 @@ def _missing_log(command: str, path: str) -> bool:
 
 
 def _keygen(args) -> int:
+    pub_file = os.path.expanduser(args.public_key) if args.public_key else None
+    if pub_file is not None and os.path.exists(pub_file):
+        print(f"audit keygen: {pub_file} exists already; it is never overwritten", file=sys.stderr)
+        return EXIT_UNREADABLE
     try:
         key = generate_signing_key_file(args.file)
-        if args.public_key:
-            pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-            with open(os.path.expanduser(args.public_key), "xb") as f:
-                f.write(pem)
     except KVCacheError as e:
         print(f"audit keygen: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
-    except OSError as e:
-        print(f"audit keygen: cannot write public key {args.public_key!r}: {e.strerror}", file=sys.stderr)
-        return EXIT_UNREADABLE
+    if pub_file is not None:
+        pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        try:
+            with open(pub_file, "xb") as f:
+                f.write(pem)
+        except OSError as e:
+            os.unlink(os.path.expanduser(args.file))   # all or nothing: no key without its requested public file
+            print(f"audit keygen: cannot write public key {pub_file}: {e.strerror}; no key was kept",
+                  file=sys.stderr)
+            return EXIT_UNREADABLE
     print(f"signing key written to {os.path.expanduser(args.file)} (mode 0600); "
           f"public key fingerprint (SHA-256) {public_key_fingerprint_hex(key)}")
     return EXIT_OK
