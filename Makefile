@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # that the project's `torch>=2.4` is already satisfied and no CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test bench clean gpu-wheels
+.PHONY: install demo test typecheck bench clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# mypy over the public surface (configured in pyproject.toml, [tool.mypy])
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks/bench_audit.py benchmarks/bench_cache.py --benchmark-only --benchmark-group-by=group

@@ -1,13 +1,20 @@
 """EncryptedCache against DynamicCache, measured in the same run: decode tokens/s, audit on vs off, host backend bytes/s.
 
-Config (issue 4): random-weight Llama, 4 layers, hidden 256, 4 KV heads (8 query heads, head dim 32),
-batch 4, 512-token prompt, 128 new tokens, greedy, fp32, CPU. Decode tokens/s = batch × new tokens
-/ (time of the whole generate − time of a 1-token generate), i.e. prefill excluded. Each figure is
-the median of ``--repeats`` runs, the runs of the variants interleaved.
+Config: random-weight Llama, 4 layers, hidden 256, 4 KV heads (8 query heads, head dim 32), batch 4,
+512-token prompt, 128 new tokens, greedy, fp32, CPU. Decode tokens/s = batch × new tokens / (time
+of the whole generate − time of a 1-token generate), i.e. prefill excluded.
+
+Every ratio is computed per repeat from runs made side by side (the variants of one repeat run one
+after the other, in an order that rotates from repeat to repeat, so no variant always runs first),
+and reported as min / median / max over ``--repeats``. When (max − min) / median exceeds
+``--max-spread``, or there are fewer than 3 repeats, the report says the ratio is not conclusive:
+on a shared machine the spread, not the median, is the news. torch's thread count is pinned for
+the whole run (``--threads``, default: what torch chose at start) and printed; progress goes to
+stderr.
 
 Prints a markdown table and writes JSON (``--json`` / ``--out``, default bench-results/cache_report.json).
 
-    python benchmarks/cache_report.py [--repeats 3] [--new-tokens 128] [--quick] [--json PATH]
+    python benchmarks/cache_report.py [--repeats 5] [--new-tokens 128] [--threads N] [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -45,6 +51,30 @@ def build_model():
     return LlamaForCausalLM(cfg).eval()
 
 
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """One line on stderr with the time since the start: the run takes minutes."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def spread(values: list[float], max_spread: float) -> dict:
+    """min / median / max of per-repeat ratios, and whether they agree well enough to conclude."""
+    med = statistics.median(values)
+    lo, hi = min(values), max(values)
+    rel = (hi - lo) / med if med else float("inf")
+    if len(values) < 3:
+        verdict = f"not conclusive: {len(values)} repeat(s), at least 3 are needed to see the spread"
+    elif rel > max_spread:
+        verdict = (f"not conclusive: spread {rel:.0%} of the median exceeds {max_spread:.0%} "
+                   "(a busy machine?); rerun with more --repeats on a quieter one")
+    else:
+        verdict = f"spread {rel:.0%} of the median"
+    return {"min": lo, "median": med, "max": hi, "values": values, "relative_spread": rel,
+            "conclusive": len(values) >= 3 and rel <= max_spread, "verdict": verdict}
+
+
 def generate_time(model, ids, new_tokens, make_cache) -> tuple[float, torch.Tensor]:
     cache = make_cache()
     kw = {} if cache is None else {"past_key_values": cache}
@@ -55,45 +85,54 @@ def generate_time(model, ids, new_tokens, make_cache) -> tuple[float, torch.Tens
     return time.perf_counter() - t, out
 
 
-def decode_rates(model, ids, new_tokens, variants: dict, repeats: int) -> tuple[dict, dict]:
-    times = {k: [] for k in variants}
+def decode_times(model, ids, new_tokens, variants: dict, repeats: int) -> tuple[dict, dict]:
+    """Decode seconds of every variant in every repeat; the variants' order rotates per repeat."""
+    names = list(variants)
+    times: dict[str, list[float]] = {k: [] for k in names}
     outs = {}
-    for _ in range(repeats):
-        for name, make in variants.items():
-            t_all, out = generate_time(model, ids, new_tokens, make)
-            t_one, _ = generate_time(model, ids, 1, make)
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t_all, out = generate_time(model, ids, new_tokens, variants[name])
+            t_one, _ = generate_time(model, ids, 1, variants[name])
             times[name].append(max(t_all - t_one, 1e-9))
             outs[name] = out
-    rates = {k: BATCH * (new_tokens - 1) / statistics.median(v) for k, v in times.items()}
-    return rates, outs
+            progress(f"repeat {r + 1}/{repeats}: {name} decoded {new_tokens - 1} tokens x {BATCH} rows "
+                     f"in {times[name][-1]:.2f} s")
+    return times, outs
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, called in turn (one of each per repeat) after one warm-up call each."""
+    for fn in fns.values():
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t)
+    return ts
 
 
-def _bulk_rate(nbytes: int, repeats: int) -> float:
+def _bulk_decrypt(nbytes: int):
     aes = AESGCM(AESGCM.generate_key(256))
     nonce, aad = os.urandom(12), os.urandom(80)
     ct = aes.encrypt(nonce, os.urandom(nbytes), aad)
     out = np.empty(nbytes, np.uint8)
-    return nbytes / _best(lambda: aes.decrypt_into(nonce, ct, aad, out), repeats)
+    return lambda: aes.decrypt_into(nonce, ct, aad, out)
 
 
-def backend_throughput(sessions, repeats: int = 30) -> dict:
+def backend_throughput(sessions, repeats: int, max_spread: float) -> dict:
     """Bytes/s of HostBackend.decrypt_chunks reading one layer against one bulk AESGCM decrypt of as many bytes.
 
     ``cache_layout``: the chunk table EncryptedCache itself builds after the prompt and 128 decode steps
     (merged segments, decrypted into its head-major scratch). ``one_chunk_per_token``: the worst case of
-    one chunk per decoded position (merging off), into the same scratch."""
-    out = {}
+    one chunk per decoded position (merging off), into the same scratch. The two calls alternate; the
+    ratio is taken per pair."""
+    out: dict = {}
     for name, merge in (("cache_layout", True), ("one_chunk_per_token", False)):
+        progress(f"host backend throughput, {name}")
         cache = EncryptedCache(LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=8,
                                            num_key_value_heads=KV_HEADS), sessions=sessions,
                                merge_segments=merge)
@@ -119,72 +158,106 @@ def backend_throughput(sessions, repeats: int = 30) -> dict:
             del be.decrypt_chunks
         keys, layout, table, arena, k_out, v_out = seen["args"][:6]
         nbytes = int(np.asarray(table.pos_count).sum()) * layout.bytes_per_position
-        t = _best(lambda: be.decrypt_chunks(keys, layout, table, arena, k_out, v_out), repeats)
-        bulk = _bulk_rate(nbytes, repeats)
-        out[name] = {"bytes": nbytes, "chunks": len(table), "backend_bytes_per_s": nbytes / t,
-                     "bulk_aesgcm_bytes_per_s": bulk, "ratio": nbytes / t / bulk}
+        ts = _interleaved({"backend": lambda: be.decrypt_chunks(keys, layout, table, arena, k_out, v_out),
+                           "bulk": _bulk_decrypt(nbytes)}, repeats)
+        out[name] = {"bytes": nbytes, "chunks": len(table),
+                     "backend_bytes_per_s": nbytes / statistics.median(ts["backend"]),
+                     "bulk_aesgcm_bytes_per_s": nbytes / statistics.median(ts["bulk"]),
+                     "ratio": spread([b / a for a, b in zip(ts["backend"], ts["bulk"])], max_spread)}
     out["backend_threads"] = HostBackend.instance().threads
     return out
 
 
+def _row(label: str, r: dict) -> str:
+    return f"| {label} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['verdict']} |"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every variant (default 5)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the whole run (default: what torch chose at start)")
+    ap.add_argument("--max-spread", type=float, default=0.10,
+                    help="largest (max - min) / median of a ratio that still allows a conclusion (default 0.10)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 32 new tokens (a smoke run, not for figures)")
-    ap.add_argument("--json", "--out", dest="json",
-                    default=os.path.join("bench-results", "cache_report.json"))
+    ap.add_argument("--json", "--out", dest="json", default=os.path.join("bench-results", "cache_report.json"),
+                    help="where to write the JSON results")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.new_tokens = 1, 32
     if args.repeats < 1 or args.new_tokens < 2:
         ap.error("--repeats must be >= 1 and --new-tokens >= 2")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    if not args.max_spread > 0:
+        ap.error("--max-spread must be > 0")
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)       # pinned: a count that changes between variants changes the ratios
+    print(f"torch threads: {threads} (pinned for the run); {os.cpu_count()} CPUs", flush=True)
     if os.path.dirname(args.json):
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
 
+    progress("building the model and sessions")
     model = build_model()
     torch.manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, PROMPT))
     sessions = [establish_tenant_session(TenantIdentity(f"tenant-{i}"), ttl_seconds=3600) for i in range(BATCH)]
-    tmp = tempfile.mkdtemp(prefix="pqc-kv-bench-")
     audit = KVAuditLog(max_entries=200_000)
     variants = {
         "dynamic": lambda: None,
         "encrypted_audit_off": lambda: EncryptedCache(model.config, sessions=sessions, audit=None),
         "encrypted_audit_on": lambda: EncryptedCache(model.config, sessions=sessions, audit=audit),
     }
-    rates, outs = decode_rates(model, ids, args.new_tokens, variants, args.repeats)
+    times, outs = decode_times(model, ids, args.new_tokens, variants, args.repeats)
     audit.flush()
     identical = all(torch.equal(outs["dynamic"], o) for o in outs.values())
-    thr = backend_throughput(sessions)
+    thr = backend_throughput(sessions, repeats=max(30, args.repeats), max_spread=args.max_spread)
+    assert torch.get_num_threads() == threads, "the thread count changed during the run"
+    tokens = BATCH * (args.new_tokens - 1)
+    rates = {k: tokens / statistics.median(v) for k, v in times.items()}
+
+    def ratio(num: str, den: str) -> dict:   # rate(num) / rate(den), per repeat
+        return spread([d / n for n, d in zip(times[num], times[den])], args.max_spread)
+
+    ratios = {
+        "encrypted_vs_dynamic": ratio("encrypted_audit_off", "dynamic"),
+        "encrypted_audit_on_vs_dynamic": ratio("encrypted_audit_on", "dynamic"),
+        "audit_on_vs_off": ratio("encrypted_audit_on", "encrypted_audit_off"),
+    }
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()},
+                    "torch_threads": threads, "gpu": torch.cuda.is_available()},
         "config": {"layers": LAYERS, "hidden": HIDDEN, "kv_heads": KV_HEADS, "batch": BATCH, "prompt": PROMPT,
-                   "new_tokens": args.new_tokens, "dtype": "float32", "repeats": args.repeats},
+                   "new_tokens": args.new_tokens, "dtype": "float32", "repeats": args.repeats,
+                   "max_spread": args.max_spread},
         "decode_tokens_per_s": rates,
-        "ratio_encrypted_vs_dynamic": rates["encrypted_audit_off"] / rates["dynamic"],
-        "ratio_encrypted_audit_on_vs_dynamic": rates["encrypted_audit_on"] / rates["dynamic"],
-        "ratio_audit_on_vs_off": rates["encrypted_audit_on"] / rates["encrypted_audit_off"],
+        "decode_tokens_per_s_per_repeat": {k: [tokens / t for t in v] for k, v in times.items()},
+        "ratios": ratios,
+        # medians, under the names earlier reports used
+        "ratio_encrypted_vs_dynamic": ratios["encrypted_vs_dynamic"]["median"],
+        "ratio_encrypted_audit_on_vs_dynamic": ratios["encrypted_audit_on_vs_dynamic"]["median"],
+        "ratio_audit_on_vs_off": ratios["audit_on_vs_off"]["median"],
         "outputs_identical": identical,
         "audit_stats": audit.stats(),
         "host_backend": thr,
     }
     audit.close()
-    print("| measure | value |\n|---|---|")
-    for k, v in rates.items():
-        print(f"| decode tokens/s, {k} | {v:.1f} |")
-    print(f"| EncryptedCache / DynamicCache (audit off) | {result['ratio_encrypted_vs_dynamic']:.2f} |")
-    print(f"| EncryptedCache / DynamicCache (audit on) | {result['ratio_encrypted_audit_on_vs_dynamic']:.2f} |")
-    print(f"| audit on / audit off | {result['ratio_audit_on_vs_off']:.2f} |")
+    print(f"\n{args.repeats} interleaved repeats, torch threads {threads}\n")
+    print("| decode tokens/s | median | min | max |\n|---|---:|---:|---:|")
+    for k, v in result["decode_tokens_per_s_per_repeat"].items():
+        print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} |")
+    print("\n| ratio (per repeat) | median | min | max | |\n|---|---:|---:|---:|---|")
+    print(_row("EncryptedCache / DynamicCache (audit off)", ratios["encrypted_vs_dynamic"]))
+    print(_row("EncryptedCache / DynamicCache (audit on)", ratios["encrypted_audit_on_vs_dynamic"]))
+    print(_row("audit on / audit off", ratios["audit_on_vs_off"]))
     for name in ("cache_layout", "one_chunk_per_token"):
         r = thr[name]
-        print(f"| host backend decrypt of one layer, {name} ({r['chunks']} chunks, "
-              f"{r['bytes'] / 2**20:.2f} MiB), GB/s | {r['backend_bytes_per_s'] / 1e9:.2f} |")
-        print(f"| one bulk AESGCM decrypt of as many bytes, GB/s | {r['bulk_aesgcm_bytes_per_s'] / 1e9:.2f} |")
-        print(f"| host backend / bulk, {name} | {r['ratio']:.2f} |")
-    print(f"| outputs token-identical | {identical} |")
+        print(_row(f"host backend / one bulk AESGCM decrypt, {name} ({r['chunks']} chunks, "
+                   f"{r['bytes'] / 2**20:.2f} MiB; {r['backend_bytes_per_s'] / 1e9:.2f} vs "
+                   f"{r['bulk_aesgcm_bytes_per_s'] / 1e9:.2f} GB/s)", r["ratio"]))
+    print(f"\noutputs token-identical: {identical}")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"\nJSON: {args.json}")

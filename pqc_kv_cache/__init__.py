@@ -18,6 +18,8 @@ imported on first use, so importing the package does not import transformers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .encryptor import CacheDecryptor, CacheEncryptor
 from .envelope import EncryptedEntry, EntryMetadata, KVCacheEntry
 from .errors import (
@@ -40,6 +42,10 @@ from .rotation import KeyRotationPolicy, RotationTrigger
 from .session import TenantIdentity, TenantKeyPair, TenantSession, establish_tenant_session
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:   # the lazily imported names, for type checkers
+    from .audit import KVAuditEntry, KVAuditLog
+    from .cache import EncryptedCache, EncryptedLayer
 
 _LAZY = {
     "KVAuditLog": "pqc_kv_cache.audit",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pqc_kv_cache {demo,audit,bench}``."""
+"""Command line: ``python -m pqc_kv_cache {demo,audit,bench}`` (or the ``pqc-kv-cache`` script)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import argparse
 import os
 import sys
 
+from . import __version__
+from .errors import KVCacheError
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    return run_demo(audit_path=args.audit_path, with_cache=not args.no_cache)
+    return run_demo(audit_path=args.audit_path, with_cache=not args.no_cache, signing_key=args.signing_key)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -17,17 +20,39 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(quick=args.quick, out=args.out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pqc_kv_cache",
-                                     description="Encrypted, tenant-isolated, audited KV cache.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="two tenants: sessions, entries, a refused access, rotation, the cache, the audit log")
-    demo.add_argument("--audit-path", default=None, help="where to write the demo's audit log (default: a temporary directory)")
+def _prog() -> str:
+    """The name the user typed: ``pqc-kv-cache`` for the script, ``python -m pqc_kv_cache`` for the module."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not name or name in ("__main__.py", "-c") or name.startswith("python"):
+        return "python -m pqc_kv_cache"
+    return name
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or _prog()
+    parser = argparse.ArgumentParser(prog=prog, description="Encrypted, tenant-isolated, audited KV cache.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,audit,bench}")
+    demo = sub.add_parser("demo", help="two tenants: sessions, entries, a refused access, rotation, the cache, "
+                                       "the audit log",
+                          description="The library end to end on a CPU: two tenants, sealed entries, a refused "
+                                      "cross-tenant read, a rotation, an EncryptedCache generation and the "
+                                      "signed audit log. With --audit-path the log is kept and can be "
+                                      "continued by running the demo again.")
+    demo.add_argument("--audit-path", metavar="PATH", default=None,
+                      help="write the demo's audit log to PATH and keep it; running again continues it "
+                           "(default: a temporary directory, removed at the end)")
+    demo.add_argument("--signing-key", metavar="FILE", default=None,
+                      help="the log's signing key file, created (mode 0600) if missing; only with --audit-path "
+                           "(default: a per-user key file outside PATH's folder, see `audit keygen`)")
     demo.add_argument("--no-cache", action="store_true", help="skip the transformers part of the demo")
     demo.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="measure host crypto and audit emission against their baselines")
+    bench = sub.add_parser("bench", help="measure host crypto and audit emission against their baselines",
+                           description="Run the benchmark reports of a source checkout (benchmarks/); each "
+                                       "measures its baseline in the same run.")
     bench.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
-    bench.add_argument("--out", default=None, help="write the results as JSON to this file")
+    bench.add_argument("--out", metavar="FILE", default=None, help="write the results as JSON to this file")
     bench.set_defaults(func=_bench)
     from .audit.cli import register
     register(sub)
@@ -35,9 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo" and args.signing_key is not None and args.audit_path is None:
+        parser.error("--signing-key needs --audit-path (the temporary demo log is not kept)")
     try:
         return int(args.func(args) or 0)
+    except KVCacheError as e:
+        # a failure the library names (a missing file, a key that does not fit): one line, no traceback
+        print(f"{parser.prog} {args.command}: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # the reader went away (`audit show ... | head`): stop quietly, as other command-line tools do
         devnull = os.open(os.devnull, os.O_WRONLY)

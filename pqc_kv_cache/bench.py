@@ -22,8 +22,9 @@ REPORTS = ("audit_report.py", "cache_report.py")
 def benchmarks_dir() -> Path:
     here = Path(__file__).resolve().parent.parent / "benchmarks"
     if not (here / REPORTS[0]).is_file():
-        raise KVCacheError(f"benchmark scripts not found in {here}: `bench` runs from a source checkout "
-                           "(git clone, then make bench or python -m pqc_kv_cache bench)")
+        raise KVCacheError(f"the benchmark scripts are not installed with the package (looked in {here}): "
+                           "run `bench` from a source checkout of pqc_kv_cache (make bench, or "
+                           "python -m pqc_kv_cache bench in the checkout)")
     return here
 
 

@@ -32,7 +32,7 @@ arena until its next compaction are ciphertext under keys that are now erased).
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from .envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce, sessi
 from .errors import DecryptionError, KVCacheError, TenantIsolationError
 from .rotation import KeyRotationPolicy, RotationTrigger
 from .session import TenantSession
+
+if TYPE_CHECKING:   # for annotations only: the cache does not import the audit pipeline's log
+    from .audit.log import KVAuditLog
 
 __all__ = ["EncryptedLayer", "EncryptedCache"]
 
@@ -620,7 +623,7 @@ class EncryptedCache(Cache):
     tensors' device).
     """
 
-    def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit=None,
+    def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit: KVAuditLog | None = None,
                  policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None,
                  merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8):
         if not hasattr(config, "get_text_config"):
@@ -678,7 +681,7 @@ class EncryptedCache(Cache):
                 self._sessions.append(s)
         self._prompt_sess = np.array(prompt, dtype=np.int64)
         self._row_sess: np.ndarray | None = None
-        self.audit = audit
+        self.audit: KVAuditLog | None = audit
         self.policy = policy
         self._backend = backend
         self._keyslots: dict[tuple[int, int], KeySlot] = {}

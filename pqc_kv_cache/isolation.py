@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import types
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .encryptor import CacheDecryptor, CacheEncryptor
 from .envelope import EncryptedEntry, KVCacheEntry
@@ -23,6 +23,9 @@ from .errors import (
 from .rotation import KeyRotationPolicy, RotationTrigger
 from .session import DEFAULT_TTL_SECONDS, TenantIdentity, TenantSession, establish_tenant_session
 
+if TYPE_CHECKING:   # annotations only
+    from .audit.log import KVAuditLog
+
 __all__ = ["TenantIsolationManager"]
 
 
@@ -34,9 +37,9 @@ class TenantIsolationManager:
     ``sessions`` is a read-only view tenant_id -> session.
     """
 
-    def __init__(self, audit=None, policy: KeyRotationPolicy | None = None,
+    def __init__(self, audit: KVAuditLog | None = None, policy: KeyRotationPolicy | None = None,
                  clock: Callable[[], float] | None = None):
-        self.audit = audit
+        self.audit: KVAuditLog | None = audit
         self.policy = policy
         self.clock = clock
         self._lock = threading.RLock()

@@ -1,4 +1,4 @@
-"""``audit verify`` and ``audit show``: the command line of the persisted audit log.
+"""``audit verify``, ``audit show`` and ``audit keygen``: the command line of the persisted audit log.
 
 ``register(subparsers)`` adds the ``audit`` command to an argparse
 subparsers object; each leaf sets ``func(args) -> int`` (the exit code).
@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 
 from ..errors import KVCacheError
+from .keys import generate_signing_key_file, public_key_fingerprint_hex
 from .records import NONE16, OP_NAMES, Status, op_from_name
 from .verify import verify_log
 
@@ -31,36 +34,124 @@ EXIT_INTEGRITY = 1
 EXIT_UNREADABLE = 2
 EXIT_UNCLOSED = 3
 
+_OP_NAME: dict[int, str] = {int(op): name for op, name in OP_NAMES.items()}
+
 
 def _iso(ns) -> str:
     return _dt.datetime.fromtimestamp(int(ns) / 1e9, tz=_dt.timezone.utc).isoformat()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
+def _layer(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -1 <= n < NONE16:
+        raise argparse.ArgumentTypeError(f"a layer is 0..{NONE16 - 1}, or -1 for records without one; got {n}")
+    return n
+
+
+def _position(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= n <= 0xFFFF_FFFF:
+        raise argparse.ArgumentTypeError(f"a position is 0..{0xFFFF_FFFF}, got {n}")
+    return n
+
+
+_PUBLIC_KEY_HELP = ("the log's ML-DSA-65 public key, PEM or 1952 raw bytes (default: PATH.pub); pass a key "
+                    "obtained independently to detect a log rewritten and signed again with another key")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``audit {verify,show}`` to ``subparsers``; returns the ``audit`` parser."""
-    audit = subparsers.add_parser("audit", help="verify or show a persisted audit log")
-    sub = audit.add_subparsers(dest="audit_command", metavar="{verify,show}")
+    """Add ``audit {verify,show,keygen}`` to ``subparsers``; returns the ``audit`` parser."""
+    audit = subparsers.add_parser("audit", help="verify or show a persisted audit log, or create a signing key",
+                                  description="The persisted, signed audit log.")
+    sub = audit.add_subparsers(dest="audit_command", metavar="{verify,show,keygen}")
     sub.required = True
 
-    v = sub.add_parser("verify", help="check the hash chain, signatures and seal of an audit log")
-    v.add_argument("path")
-    v.add_argument("--public-key", metavar="FILE", help="ML-DSA-65 public key (PEM or raw); default PATH.pub")
+    v = sub.add_parser("verify", help="check the hash chain, signatures and seal of an audit log",
+                       description="Check the hash chain, signatures and seal of an audit log. Exit 0: intact, "
+                                   "closed and signed; 1: integrity failure (the first bad record is named); "
+                                   "2: the log or key cannot be read; 3: not closed (the writer crashed).")
+    v.add_argument("path", help="the audit log file")
+    v.add_argument("--public-key", metavar="FILE", help=_PUBLIC_KEY_HELP)
     v.set_defaults(func=_verify)
 
-    s = sub.add_parser("show", help="print records of an audit log")
-    s.add_argument("path")
-    s.add_argument("--public-key", metavar="FILE", help="ML-DSA-65 public key (PEM or raw); default PATH.pub")
-    s.add_argument("--tenant", metavar="T")
-    s.add_argument("--layer", metavar="L", type=int)
-    s.add_argument("--position", metavar="P", type=int)
-    s.add_argument("--operation", metavar="OP", help="one of " + ", ".join(OP_NAMES.values()))
-    s.add_argument("--limit", type=int, default=None, help="print at most this many (the newest)")
+    s = sub.add_parser("show", help="print records of an audit log",
+                       description="Verify an audit log and print its matching records, oldest first.")
+    s.add_argument("path", help="the audit log file")
+    s.add_argument("--public-key", metavar="FILE", help=_PUBLIC_KEY_HELP)
+    s.add_argument("--tenant", metavar="T", help="only records of this tenant id")
+    s.add_argument("--layer", metavar="L", type=_layer, help="only records of this layer (-1: records without one)")
+    s.add_argument("--position", metavar="P", type=_position,
+                   help="only records whose position range contains P")
+    s.add_argument("--operation", metavar="OP", help="only this operation: one of " + ", ".join(OP_NAMES.values()))
+    s.add_argument("--limit", metavar="N", type=_positive_int, default=None,
+                   help="print at most N records (the newest)")
     s.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     s.set_defaults(func=_show)
+
+    k = sub.add_parser("keygen", help="create a signing key file for audit logs",
+                       description="Create a new ML-DSA-65 signing key in FILE (PKCS#8 PEM, mode 0600; an "
+                                   "existing file is never overwritten), for KVAuditLog(path, signing_key=FILE). "
+                                   "Keep it outside the folder of the logs it signs.")
+    k.add_argument("file", help="where to write the private key (~ is expanded)")
+    k.add_argument("--public-key", metavar="FILE",
+                   help="also write the public key (PEM) here, to verify logs with independently of PATH.pub")
+    k.set_defaults(func=_keygen)
     return audit
 
 
+def _missing_log(command: str, path: str) -> bool:
+    """Say so, rather than let the first file looked at (the public key) name itself as missing."""
+    if os.path.exists(path):
+        return False
+    print(f"audit {command}: no audit log at {path}", file=sys.stderr)
+    return True
+
+
+def _keygen(args) -> int:
+    pub_file = os.path.expanduser(args.public_key) if args.public_key else None
+    if pub_file is not None and os.path.exists(pub_file):
+        print(f"audit keygen: {pub_file} exists already; it is never overwritten", file=sys.stderr)
+        return EXIT_UNREADABLE
+    try:
+        key = generate_signing_key_file(args.file)
+    except KVCacheError as e:
+        print(f"audit keygen: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    if pub_file is not None:
+        pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        try:
+            with open(pub_file, "xb") as f:
+                f.write(pem)
+        except OSError as e:
+            os.unlink(os.path.expanduser(args.file))   # all or nothing: no key without its requested public file
+            print(f"audit keygen: cannot write public key {pub_file}: {e.strerror}; no key was kept",
+                  file=sys.stderr)
+            return EXIT_UNREADABLE
+    print(f"signing key written to {os.path.expanduser(args.file)} (mode 0600); "
+          f"public key fingerprint (SHA-256) {public_key_fingerprint_hex(key)}")
+    return EXIT_OK
+
+
 def _verify(args) -> int:
+    if _missing_log("verify", args.path):
+        return EXIT_UNREADABLE
     try:
         rep = verify_log(args.path, args.public_key)
     except KVCacheError as e:
@@ -92,6 +183,8 @@ def _show(args) -> int:
     except ValueError as e:
         print(f"audit show: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
+    if _missing_log("show", args.path):
+        return EXIT_UNREADABLE
 
     def select(recs, rep):
         """Filter each frame's records as they are verified, so only matches are kept in memory."""
@@ -102,8 +195,6 @@ def _show(args) -> int:
         if args.layer is not None:
             mask &= recs["layer"] == (NONE16 if args.layer == -1 else args.layer)
         if args.position is not None:
-            if not 0 <= args.position <= 0xFFFF_FFFF:
-                return np.zeros(len(recs), dtype=bool)
             p = np.uint32(args.position)
             mask &= (recs["pos_start"] <= p) & ((p - recs["pos_start"]) < recs["pos_count"])
         if op is not None:
@@ -119,7 +210,9 @@ def _show(args) -> int:
     if args.limit is not None:
         sel = sel[max(0, len(sel) - args.limit):]
     out = sys.stdout
-    if not args.json:
+    if len(sel) == 0:
+        print("audit show: no matching records", file=sys.stderr)
+    elif not args.json:
         out.write(f"{'record':>10} {'time (UTC)':32} {'operation':19} {'status':11} {'tenant':16} "
                   f"{'session':12} {'layer':>5} {'row':>5} {'positions':>13} {'nonce':>10} {'epoch':>5} "
                   f"{'bytes':>8}  details\n")
@@ -154,7 +247,7 @@ def _row(r, rep) -> dict:
     return {
         "record_number": no,
         "timestamp": _iso(r["host_ts_ns"]),
-        "operation": OP_NAMES.get(int(r["op"]), str(int(r["op"]))),
+        "operation": _OP_NAME.get(int(r["op"]), str(int(r["op"]))),
         "status": status,
         "tenant_id": rep.tenants.get(t, f"#{t}"),
         "session_id": rep.sessions.get(s, (0, f"#{s}"))[1],

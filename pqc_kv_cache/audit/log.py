@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import AuditError, DecryptionError, KVCacheError
 from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status, op_from_name
 from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing
+from .keys import SigningKey
 from .sink import AuditSink
 from .store import ColumnarStore
 
@@ -146,7 +147,10 @@ class KVAuditLog:
     ``max_entries``: records kept in memory (older ones stay in the file); an int
     given as the only positional argument is taken as ``max_entries``.
     ``ring_records``: host ring capacity; a full ring makes emitters wait.
-    ``signing_key``: ML-DSA-65 private key or 32-byte seed; generated when None.
+    ``signing_key``: ML-DSA-65 private key, its 32-byte seed, or the path of a
+    key file (created, mode 0600, when the log is new and the file missing;
+    see ``pqc_kv_cache.audit.keys``); when None a key is generated and not kept,
+    so the log cannot be continued later.
     Keyword-only extras: ``clock`` (ns since the epoch, injectable for tests),
     ``checkpoint_records`` and ``frame_records`` (file layout),
     ``fsync`` (fsync at flush/close), ``drain_interval`` (seconds the idle drain
@@ -154,7 +158,7 @@ class KVAuditLog:
     """
 
     def __init__(self, path=None, max_entries: int = 1_000_000, ring_records: int = 65536,
-                 signing_key=None, logger="pqc_kv_cache.audit", *, clock=time.time_ns,
+                 signing_key: SigningKey | None = None, logger="pqc_kv_cache.audit", *, clock=time.time_ns,
                  checkpoint_records: int = 65536, frame_records: int = 16384, fsync: bool = True,
                  drain_interval: float = 0.05):
         if isinstance(path, numbers.Integral) and not isinstance(path, (bool, np.bool_)):

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from ..errors import AuditError, AuditIntegrityError, PQCUnavailableError
 from .records import RECORD_SIZE
+from .keys import resolve_signing_key
 
 __all__ = [
     "AuditSink", "MAGIC", "VERSION", "HEADER", "FRAME_HEAD", "RECS_HEAD", "CKPT_HEAD", "SEAL_HEAD",
@@ -195,8 +196,10 @@ class AuditSink:
         self.sessions: dict[int, tuple[int, str]] = {}
         exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
         if exists and signing_key is None:
-            raise AuditError(f"{self.path} exists: re-opening it needs the signing key it was written with")
-        self.key = coerce_signing_key(signing_key)
+            raise AuditError(f"{self.path} exists: re-opening it needs the signing key it was written with "
+                             "(keep one with signing_key='<key file>', see pqc_kv_cache.audit.keys)")
+        # a key file is created only for a new log; an existing log needs the key it was written with
+        self.key = resolve_signing_key(signing_key, create=not exists)
         self.pub = self.key.public_key()
         try:
             if exists:

@@ -31,10 +31,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:   # annotations only: a backend writes records, it does not import the log
+    from ..audit.log import KVAuditLog
+
+#: One column of a ChunkTable: int64 values, numpy on the host, a tensor on a device.
+IndexArray = Union[np.ndarray, torch.Tensor]
 
 __all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "CryptoBackend", "select_backend"]
 
@@ -81,13 +87,13 @@ class ChunkTable:
     offset     byte offset of the ciphertext in the arena (the tag follows it)
     """
 
-    slot: Any
-    row: Any
-    pos_start: Any
-    pos_count: Any
-    io_start: Any
-    counter: Any
-    offset: Any
+    slot: IndexArray
+    row: IndexArray
+    pos_start: IndexArray
+    pos_count: IndexArray
+    io_start: IndexArray
+    counter: IndexArray
+    offset: IndexArray
 
     def __len__(self) -> int:
         return int(self.slot.shape[0])
@@ -113,7 +119,7 @@ class AuditContext:
     """Where a backend writes the audit records of a call: the log and the log's
     tenant / session indices of each key slot (numpy uint32 arrays, one per slot)."""
 
-    log: Any
+    log: KVAuditLog
     tenant_idx: np.ndarray
     session_idx: np.ndarray
 
