@@ -50,7 +50,7 @@ from .records import RECORD_SIZE
 
 __all__ = [
     "AuditSink", "MAGIC", "VERSION", "HEADER", "FRAME_HEAD", "RECS_HEAD", "CKPT_HEAD", "SEAL_HEAD",
-    "REOP_HEAD", "FRAME_TYPES", "record_locators", "checkpoint_message", "reopen_message", "seal_message",
+    "REOP_HEAD", "OPEN_SEAL_MAGIC", "FRAME_TYPES", "record_locators", "checkpoint_message", "reopen_message", "seal_message",
     "load_public_key",
     "coerce_signing_key", "public_key_fingerprint", "pub_path", "seal_path",
 ]
@@ -70,12 +70,14 @@ DETL_ENTRY = struct.Struct("<QI")          # record number, text length
 RCVR_BODY = struct.Struct("<QQQ")          # torn bytes dropped, unsigned records kept, wall ns
 REOP_HEAD = struct.Struct("<QQQQ32sH")    # closed length, next record number, frame index, wall ns, head, sig len
 SEAL_MAGIC = b"PQCSEAL1"
+OPEN_SEAL_MAGIC = b"PQCSEALR"    # the seal a re-open writes: the log goes on past its REOP frame
 SEAL_HEAD = struct.Struct("<8s16sQQQ32sH")  # magic, file id, file length, records, frames, head, sig len
 FRAME_TYPES = (b"RECS", b"TABL", b"DETL", b"CKPT", b"CLOS", b"RCVR", b"REOP")
 LOCATOR_SIZE = 8
 
 _CKPT_DOMAIN = b"PQCAUDIT-CKPT-v1"
 _SEAL_DOMAIN = b"PQCAUDIT-SEAL-v1"
+_OPEN_SEAL_DOMAIN = b"PQCAUDIT-SEAL-REOPEN-v1"
 _REOP_DOMAIN = b"PQCAUDIT-REOP-v1"
 _MIX_PRIME = np.uint64(0x9E3779B97F4A7C15)
 # word j of a record is weighted by the odd constant (2j+1) * 0x9E3779B97F4A7C15 mod 2^64
@@ -117,8 +119,10 @@ def reopen_message(file_id: bytes, closed_len: int, next_no: int, frame_index: i
     return _REOP_DOMAIN + file_id + struct.pack("<QQQQ", closed_len, next_no, frame_index, wall_ns) + head
 
 
-def seal_message(file_id: bytes, file_len: int, next_no: int, frames: int, head: bytes) -> bytes:
-    return _SEAL_DOMAIN + file_id + struct.pack("<QQQ", file_len, next_no, frames) + head
+def seal_message(file_id: bytes, file_len: int, next_no: int, frames: int, head: bytes, *,
+                 reopen: bool = False) -> bytes:
+    """What a seal signs: a close seal the end of the log, a re-open seal the end of its REOP frame."""
+    return (_OPEN_SEAL_DOMAIN if reopen else _SEAL_DOMAIN) + file_id + struct.pack("<QQQ", file_len, next_no, frames) + head
 
 
 def public_key_fingerprint(pub: mldsa.MLDSA65PublicKey) -> bytes:
@@ -191,6 +195,7 @@ class AuditSink:
         self.fsync = fsync
         self.clock = clock
         self.bytes_written = 0
+        self.closed = False
         self.tenants: dict[int, str] = {}
         self.sessions: dict[int, tuple[int, str]] = {}
         exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
@@ -322,6 +327,10 @@ class AuditSink:
         sig = self.key.sign(msg)
         self._frame(b"REOP", REOP_HEAD.pack(closed_len, self.next_no, self.frame_index, wall, self.head,
                                             len(sig)), sig)
+        # The close seal said the log ended at closed_len; replace it now, not at the next close, with a
+        # seal saying it goes on past this REOP, so that a log cut back to that close no longer verifies.
+        self.flush(checkpoint=False)
+        self._write_seal(reopen=True)
 
     def flush(self, checkpoint: bool = True) -> None:
         """Sign what is new (if anything) and push it to the disk."""
@@ -342,13 +351,19 @@ class AuditSink:
             return
         self.checkpoint(b"CLOS")
         self.flush(checkpoint=False)
+        try:
+            self._write_seal(reopen=False)
+        finally:
+            self.f.close()
+            self.closed = True
+
+    def _write_seal(self, reopen: bool) -> None:
+        """Sign the current end of the file (length, records, frames, chain head) into ``PATH.seal``."""
         file_len = self.f.tell()
-        self.f.close()
-        self.closed = True
-        body = seal_message(self.file_id, file_len, self.next_no, self.frame_index, self.head)
+        body = seal_message(self.file_id, file_len, self.next_no, self.frame_index, self.head, reopen=reopen)
         sig = self.key.sign(body)
-        seal = SEAL_HEAD.pack(SEAL_MAGIC, self.file_id, file_len, self.next_no, self.frame_index,
-                              self.head, len(sig)) + sig
+        seal = SEAL_HEAD.pack(OPEN_SEAL_MAGIC if reopen else SEAL_MAGIC, self.file_id, file_len, self.next_no,
+                              self.frame_index, self.head, len(sig)) + sig
         try:
             _atomic_write(seal_path(self.path), seal)
         except OSError as e:

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from ..errors import AuditError
 from .records import RECORD_DTYPE, RECORD_SIZE
 from .sink import (CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC, RCVR_BODY,
-                   RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSION, checkpoint_message,
+                   OPEN_SEAL_MAGIC, RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSION, checkpoint_message,
                    load_public_key, pub_path, public_key_fingerprint, record_locators, reopen_message,
                    seal_message, seal_path)
 
@@ -55,6 +55,9 @@ class VerifyReport:
     sealed_records: int | None = None  # record count recorded in that seal
     reopens: int = 0                 # REOP frames: cleanly closed runs that were continued
     reopened_after_seal: bool = False  # a signed REOP starts at the sealed length
+    unsealed_close: bool = False     # ends with a signed CLOS, but no seal vouches that the log ends there
+    reopen_sealed: bool = False      # the seal is a re-open seal: the log was re-opened and not closed since
+    unsigned_frames: int = 0         # frames after the last signed frame (CKPT, CLOS or REOP)
     last_frame: bytes = b""          # type of the last complete frame
     first_ts_ns: int | None = None
     last_ts_ns: int | None = None
@@ -137,6 +140,9 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
     ts_min = ts_max = None
     ends: dict[int, tuple[bytes, int, int]] = {}   # end offset of CLOS frames -> (head, records, frames)
     reopened: set[int] = set()                     # offsets of valid REOP frames (= end of the CLOS before)
+    reop_ends: dict[int, tuple[bytes, int, int]] = {}  # end offset of REOP frames -> (head, records, frames)
+    signed_frames = 0                              # frames up to and including the last signed one
+    tables = _Tables(rep)
     prev_type = b""
     n = len(data)
     while off < n:
@@ -188,6 +194,7 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
             if computed != stored:
                 return rep.fail(f"hash chain broken in the frame of records {first}..{first + count - 1}; "
                                 f"first bad record {first}", first)
+            tables.note_references(recs, first)
             if count:
                 ts = recs["host_ts_ns"]
                 lo, hi = int(ts.min()), int(ts.max())
@@ -204,13 +211,15 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                 return rep.fail(f"hash chain broken at the {ftype.decode()} frame at byte {off}; "
                                 f"first bad record {expected}", expected)
             if ftype == b"TABL":
-                err = _read_table(bytes(payload), rep)
+                err, bad = tables.read_table(bytes(payload), rep, off)
                 if err:
-                    return rep.fail(f"{err} at byte {off}; first bad record {expected}", expected)
+                    bad = expected if bad is None else bad
+                    return rep.fail(f"{err} at byte {off}; first bad record {bad}", bad)
             elif ftype == b"DETL":
-                err = _read_details(bytes(payload), rep)
+                err, bad = _read_details(bytes(payload), rep, expected)
                 if err:
-                    return rep.fail(f"{err} at byte {off}; first bad record {expected}", expected)
+                    bad = expected if bad is None else bad
+                    return rep.fail(f"{err} at byte {off}; first bad record {bad}", bad)
             elif ftype in (b"CKPT", b"CLOS"):
                 if length < CKPT_HEAD.size:
                     return rep.fail(f"checkpoint at byte {off} too short", rep.signed_records)
@@ -226,6 +235,8 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                     return rep.fail(f"signature of the checkpoint at byte {off} does not verify (wrong key "
                                     f"or forged); first bad record {rep.signed_records}", rep.signed_records)
                 rep.signed_records = expected
+                signed_frames = frame_index + 1
+                tables.signed()
                 closed = ftype == b"CLOS"
                 if closed:
                     ends[end] = (computed, expected, frame_index + 1)
@@ -246,13 +257,18 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                     return rep.fail(f"signature of the REOP frame at byte {off} does not verify (wrong key "
                                     f"or forged); first bad record {expected}", expected)
                 reopened.add(off)
+                reop_ends[end] = (computed, expected, frame_index + 1)
                 rep.reopens += 1
                 rep.signed_records = expected
+                signed_frames = frame_index + 1
+                tables.signed()
+                _drop_orphan_details(rep, expected)
                 closed = False
             elif ftype == b"RCVR":
                 if length != RCVR_BODY.size:
                     return rep.fail(f"recovery frame at byte {off} malformed", expected)
                 rep.recovered_crashes += 1
+                _drop_orphan_details(rep, expected)
                 closed = False
         h = computed
         frame_index += 1
@@ -267,73 +283,166 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
     rep.first_ts_ns, rep.last_ts_ns = ts_min, ts_max
     rep.closed = closed and rep.torn_bytes == 0
     rep.crash_tail = not rep.closed
+    rep.unsigned_frames = frame_index - signed_frames
+    err = tables.unsigned_redefinitions(rep)
+    if err:
+        return rep.fail(*err)
 
-    sp = seal_path(path)
-    if os.path.exists(sp):
-        try:
-            with open(sp, "rb") as f:
-                seal = f.read()
-        except OSError as e:
-            raise AuditError(f"cannot read seal {sp!r}: {e.strerror}") from None
-        if len(seal) < SEAL_HEAD.size:
-            return rep.fail(f"seal {sp!r} is malformed", rep.records)
-        smagic, sfid, slen_file, snext, sframes, shead, siglen = SEAL_HEAD.unpack_from(seal, 0)
-        sig = seal[SEAL_HEAD.size:]
-        if smagic != SEAL_MAGIC or len(sig) != siglen:
-            return rep.fail(f"seal {sp!r} is malformed", rep.records)
-        try:
-            pub.verify(sig, seal_message(sfid, slen_file, snext, sframes, shead))
-        except InvalidSignature:
-            return rep.fail(f"signature of the seal {sp!r} does not verify (wrong key or forged)", 0)
-        if sfid != file_id:
-            return rep.fail(f"seal {sp!r} belongs to another log", 0)
-        if ends.get(slen_file) != (shead, snext, sframes):
-            if rep.records < snext or n < slen_file:
-                return rep.fail(f"log truncated after a clean close: the seal records {snext} records and "
-                                f"{slen_file} bytes, the file holds {rep.records} records and {n} bytes; "
-                                f"first missing record {rep.records}", rep.records)
-            return rep.fail(f"log does not match its seal (closed with {snext} records at byte {slen_file}); "
-                            f"first bad record {min(snext, rep.records)}", min(snext, rep.records))
-        rep.sealed_length, rep.sealed_records = slen_file, snext
-        if n > slen_file and slen_file not in reopened:
-            # e.g. a torn frame after the close: the seal says the log ended there
-            return rep.fail(f"{n - slen_file} bytes after the sealed end of the log (byte {slen_file}) that "
-                            f"are not a signed REOP continuation (appended after the log was closed); "
-                            f"first bad record {snext}", snext)
-        rep.reopened_after_seal = slen_file in reopened
-        rep.sealed = True
+    err = _check_seal(rep, pub, file_id, n, ends, reop_ends, reopened)
+    if err:
+        return rep.fail(*err)
+    if rep.closed and not (rep.sealed and rep.sealed_length == n):
+        # a signed CLOS proves what came before it, not that nothing came after: only the seal says where
+        # the log ended (without this, a log cut back to an earlier close with the seal removed looks whole)
+        rep.unsealed_close = True
+        rep.crash_tail = True
     return rep
 
 
-def _read_table(payload: bytes, rep: VerifyReport) -> str | None:
-    off = 0
+def _check_seal(rep: VerifyReport, pub, file_id: bytes, n: int, ends: dict, reop_ends: dict,
+                reopened: set) -> tuple[str, int] | None:
+    """Check ``PATH.seal`` (absent is allowed); (error, first bad record) when it contradicts the log."""
+    sp = seal_path(rep.path)
+    if not os.path.exists(sp):
+        return None
     try:
-        while off < len(payload):
-            kind, idx, tidx, ln = TABL_ENTRY.unpack_from(payload, off)
-            off += TABL_ENTRY.size
-            text = payload[off:off + ln].decode("utf-8")
-            if off + ln > len(payload) or kind not in (1, 2):
-                return "malformed table frame"
-            off += ln
-            if kind == 1:
-                rep.tenants[idx] = text
-            else:
-                rep.sessions[idx] = (tidx, text)
-    except (struct.error, UnicodeDecodeError):
-        return "malformed table frame"
+        with open(sp, "rb") as f:
+            seal = f.read()
+    except OSError as e:
+        raise AuditError(f"cannot read seal {sp!r}: {e.strerror}") from None
+    if len(seal) < SEAL_HEAD.size:
+        return f"seal {sp!r} is malformed", rep.records
+    smagic, sfid, slen_file, snext, sframes, shead, siglen = SEAL_HEAD.unpack_from(seal, 0)
+    sig = seal[SEAL_HEAD.size:]
+    if smagic not in (SEAL_MAGIC, OPEN_SEAL_MAGIC) or len(sig) != siglen:
+        return f"seal {sp!r} is malformed", rep.records
+    reopen = smagic == OPEN_SEAL_MAGIC
+    try:
+        pub.verify(sig, seal_message(sfid, slen_file, snext, sframes, shead, reopen=reopen))
+    except InvalidSignature:
+        return f"signature of the seal {sp!r} does not verify (wrong key or forged)", 0
+    if sfid != file_id:
+        return f"seal {sp!r} belongs to another log", 0
+    if reopen:
+        # written when the log was re-opened: the log goes on past that REOP frame, so it cannot end
+        # at (or before) the close the REOP continued
+        if reop_ends.get(slen_file) != (shead, snext, sframes):
+            if rep.records < snext or n < slen_file:
+                return (f"log truncated after it was re-opened: the seal records a re-open at byte {slen_file} "
+                        f"with {snext} records, the file holds {rep.records} records and {n} bytes; first "
+                        f"missing record {min(snext, rep.records)}", min(snext, rep.records))
+            return (f"log does not match its seal (re-opened with {snext} records at byte {slen_file}); "
+                    f"first bad record {min(snext, rep.records)}", min(snext, rep.records))
+        rep.reopen_sealed = True
+        return None
+    if ends.get(slen_file) != (shead, snext, sframes):
+        if rep.records < snext or n < slen_file:
+            return (f"log truncated after a clean close: the seal records {snext} records and "
+                    f"{slen_file} bytes, the file holds {rep.records} records and {n} bytes; "
+                    f"first missing record {rep.records}", rep.records)
+        return (f"log does not match its seal (closed with {snext} records at byte {slen_file}); "
+                f"first bad record {min(snext, rep.records)}", min(snext, rep.records))
+    rep.sealed_length, rep.sealed_records = slen_file, snext
+    if n > slen_file and slen_file not in reopened:
+        # e.g. a torn frame after the close: the seal says the log ended there
+        return (f"{n - slen_file} bytes after the sealed end of the log (byte {slen_file}) that "
+                f"are not a signed REOP continuation (appended after the log was closed); "
+                f"first bad record {snext}", snext)
+    rep.reopened_after_seal = slen_file in reopened
+    rep.sealed = True
     return None
 
 
-def _read_details(payload: bytes, rep: VerifyReport) -> str | None:
+class _Tables:
+    """Tenant / session table entries as the walk reads them, refusing any that would change what a record
+    already read says.
+
+    The writer registers an index once, before the records that use it, and never renames one.  A table
+    entry that renames an index is always an integrity failure.  An entry that names an index earlier
+    records used while it had no name is accepted only if a signed checkpoint follows it: an unsigned one
+    would change what signed records say.
+    """
+
+    def __init__(self, rep: VerifyReport):
+        self.tables = (rep.tenants, rep.sessions)
+        self.top = [-1, -1]           # highest tenant / session index named so far
+        self.refs = ({}, {})          # tenant / session index without a name -> first record using it
+        self.pending = []             # (kind, index, first record using it, byte offset): unsigned namings
+
+    def note_references(self, recs: np.ndarray, first: int) -> None:
+        if not len(recs):
+            return
+        for k, name in enumerate(("tenant_idx", "session_idx")):
+            col, known, refs = recs[name], self.tables[k], self.refs[k]
+            if int(col.max()) < len(known) and self.top[k] + 1 == len(known):
+                continue              # dense table naming every index used: one max() per frame
+            for u in np.unique(col).tolist():
+                if u not in known and u not in refs:
+                    refs[u] = first + int(np.argmax(col == u))
+
+    def read_table(self, payload: bytes, rep: VerifyReport, frame_off: int) -> tuple[str | None, int | None]:
+        off = 0
+        try:
+            while off < len(payload):
+                kind, idx, tidx, ln = TABL_ENTRY.unpack_from(payload, off)
+                off += TABL_ENTRY.size
+                if off + ln > len(payload) or kind not in (1, 2):
+                    return "malformed table frame", None
+                text = payload[off:off + ln].decode("utf-8")
+                off += ln
+                table = rep.tenants if kind == 1 else rep.sessions
+                value = text if kind == 1 else (tidx, text)
+                what = "tenant" if kind == 1 else "session"
+                if idx in table:
+                    if table[idx] != value:
+                        return (f"table frame renames {what} index {idx} from {table[idx]!r} to {value!r}", None)
+                    continue
+                ref = self.refs[kind - 1].pop(idx, None)
+                if ref is not None:
+                    self.pending.append((kind, idx, ref, frame_off))
+                table[idx] = value
+                self.top[kind - 1] = max(self.top[kind - 1], idx)
+        except (struct.error, UnicodeDecodeError):
+            return "malformed table frame", None
+        return None, None
+
+    def signed(self) -> None:
+        self.pending.clear()
+
+    def unsigned_redefinitions(self, rep: VerifyReport) -> tuple[str, int] | None:
+        bad = [p for p in self.pending if p[2] < rep.signed_records]
+        if not bad:
+            return None
+        for kind, idx, _, _ in bad:   # never show the unsigned names
+            (rep.tenants if kind == 1 else rep.sessions).pop(idx, None)
+        kind, idx, ref, off = min(bad, key=lambda p: p[2])
+        return (f"unsigned table frame at byte {off} names {'tenant' if kind == 1 else 'session'} index {idx}, "
+                f"which signed record {ref} used without a name; first bad record {ref}", ref)
+
+
+def _drop_orphan_details(rep: VerifyReport, next_no: int) -> None:
+    """Details written for records a crashed run never wrote: the next run numbers its records from here."""
+    for no in [k for k in rep.details if k >= next_no]:
+        del rep.details[no]
+
+
+def _read_details(payload: bytes, rep: VerifyReport, expected: int) -> tuple[str | None, int | None]:
+    """The writer writes a record's details once, before the record: anything else rewrites what a written
+    (possibly signed) record says."""
     off = 0
     try:
         while off < len(payload):
             no, ln = DETL_ENTRY.unpack_from(payload, off)
             off += DETL_ENTRY.size
             if off + ln > len(payload):
-                return "malformed details frame"
-            rep.details[no] = payload[off:off + ln].decode("utf-8")
+                return "malformed details frame", None
+            text = payload[off:off + ln].decode("utf-8")
             off += ln
+            if no < expected:
+                return f"details frame gives details to record {no}, which was written before it", no
+            if no in rep.details:
+                return f"details frame gives record {no} details a second time", no
+            rep.details[no] = text
     except (struct.error, UnicodeDecodeError):
-        return "malformed details frame"
-    return None
+        return "malformed details frame", None
+    return None, None
