@@ -136,28 +136,60 @@ def test_changed_record_with_forged_locator_breaks_the_chain_at_its_frame(logfil
     assert not rep.ok and rep.bad_record == first and "hash chain broken" in rep.error
 
 
-def test_forged_chain_recomputed_to_the_end_fails_the_signed_checkpoint(logfile):
-    data = bytearray(open(logfile, "rb").read())
-    off = record_offset(logfile, 3)
-    data[off + 56] ^= 1
-    rec_frames = frames(logfile)
-    # recompute the locator and every chain hash after the header, as a forger without the key would
+def forge_record(path, k, byte=56):
+    """Change one byte of record k, then recompute its locator and every chain hash after the header, as a
+    forger without the key would; the signatures stay as they were."""
+    from pqc_kv_cache.audit import RECORD_DTYPE
+    data = bytearray(open(path, "rb").read())
+    data[record_offset(path, k) + byte] ^= 1
     h = hashlib.sha256(bytes(data[:HEADER.size])).digest()
-    for foff, ftype, ln in rec_frames:
+    for foff, ftype, ln in frames(path):
         payload = bytes(data[foff + 8: foff + 8 + ln])
         if ftype == b"RECS":
             first, count, _ = RECS_HEAD.unpack_from(payload, 0)
-            from pqc_kv_cache.audit import RECORD_DTYPE
             recs = np.frombuffer(payload, dtype=RECORD_DTYPE, count=count, offset=RECS_HEAD.size)
-            locs = record_locators(recs).tobytes()
             start = foff + 8 + RECS_HEAD.size + count * 64
-            data[start:start + 8 * count] = locs
+            data[start:start + 8 * count] = record_locators(recs).tobytes()
             payload = bytes(data[foff + 8: foff + 8 + ln])
         h = hashlib.sha256(h + bytes(data[foff:foff + 8]) + payload).digest()
         data[foff + 8 + ln: foff + 8 + ln + 32] = h
-    open(logfile, "wb").write(bytes(data))
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("k", [3, 5, 42, N - 1])
+def test_forged_chain_recomputed_to_the_end_names_the_changed_record(logfile, capsys, k):
+    forge_record(logfile, k)
     rep = verify_log(logfile)
-    assert not rep.ok and rep.bad_record == 0 and "checkpoint" in rep.error
+    assert not rep.ok and rep.bad_record == k and "changed after it was signed" in rep.error
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1 and f"first bad record: {k}" in out.out
+
+
+def test_swapped_record_frames_are_reported_as_reordered_not_deleted(logfile):
+    (o1, f1, c1), (o2, f2, c2) = record_frame(logfile, 30), record_frame(logfile, 40)
+    data = open(logfile, "rb").read()
+    a = data[o1:o1 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o1)[1] + 32]
+    b = data[o2:o2 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o2)[1] + 32]
+    assert o1 + len(a) == o2
+    open(logfile, "wb").write(data[:o1] + b + a + data[o2 + len(b):])
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == f1 and "swapped or reordered" in rep.error
+
+
+def test_a_version_1_log_still_verifies_and_is_continued_in_version_1(tmp_path, monkeypatch, capsys):
+    import pqc_kv_cache.audit.sink as sink
+    p = str(tmp_path / "v1.log")
+    with monkeypatch.context() as m:
+        m.setattr(sink, "VERSION", 1)                    # a log written before checkpoints signed locators
+        write_log(p)
+    assert verify_log(p).version == 1
+    with KVAuditLog(path=p, signing_key=KEY, clock=Clock(), fsync=False) as lg:
+        lg.log_encrypt("bob", "b1", 0, 0)
+    rep = verify_log(p)
+    assert rep.ok and rep.sealed and rep.version == 1 and rep.records == N + 1
+    forge_record(p, 5)
+    rep = verify_log(p)
+    assert not rep.ok and rep.bad_record == 0        # version 1 signs the chain head only
 
 
 def test_changed_byte_in_tenant_table_is_detected(logfile):

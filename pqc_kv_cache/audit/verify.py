@@ -28,10 +28,10 @@ from cryptography.exceptions import InvalidSignature
 
 from ..errors import AuditError
 from .records import RECORD_DTYPE, RECORD_SIZE
-from .sink import (CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC, RCVR_BODY,
-                   OPEN_SEAL_MAGIC, RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSION, checkpoint_message,
-                   load_public_key, pub_path, public_key_fingerprint, record_locators, reopen_message,
-                   seal_message, seal_path)
+from .sink import (CKPT2_HEAD, CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC,
+                   OPEN_SEAL_MAGIC, RCVR_BODY, RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSIONS,
+                   checkpoint_message, checkpoint_message_v2, load_public_key, pub_path, public_key_fingerprint,
+                   record_locators, reopen_message, seal_message, seal_path)
 
 __all__ = ["VerifyReport", "verify_log"]
 
@@ -58,6 +58,9 @@ class VerifyReport:
     unsealed_close: bool = False     # ends with a signed CLOS, but no seal vouches that the log ends there
     reopen_sealed: bool = False      # the seal is a re-open seal: the log was re-opened and not closed since
     unsigned_frames: int = 0         # frames after the last signed frame (CKPT, CLOS or REOP)
+    version: int = 0                 # file format version of the header
+    unsigned_hashes: list = dataclasses.field(default_factory=list)     # chain hashes of those frames
+    unsigned_locators: list = dataclasses.field(default_factory=list)   # locator arrays of their records
     last_frame: bytes = b""          # type of the last complete frame
     first_ts_ns: int | None = None
     last_ts_ns: int | None = None
@@ -126,9 +129,10 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
     magic, version, rsize, halg, salg, _, file_id, fpr = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         return rep.fail("not an audit log: bad magic", 0)
-    if version != VERSION or rsize != RECORD_SIZE or halg != 1 or salg != 1:
+    if version not in VERSIONS or rsize != RECORD_SIZE or halg != 1 or salg != 1:
         return rep.fail(f"unsupported log: version {version}, record size {rsize}, algorithms {halg}/{salg}", 0)
     rep.file_id = file_id
+    rep.version = version
     if fpr != public_key_fingerprint(pub):
         return rep.fail("wrong key: the log was signed with a different ML-DSA-65 key", 0)
 
@@ -143,6 +147,8 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
     reop_ends: dict[int, tuple[bytes, int, int]] = {}  # end offset of REOP frames -> (head, records, frames)
     signed_frames = 0                              # frames up to and including the last signed one
     tables = _Tables(rep)
+    since: list[tuple] = []      # frames since the last signed one: (chain hash, type, offset, first record,
+    #                              count, locators)
     prev_type = b""
     n = len(data)
     while off < n:
@@ -175,7 +181,11 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                 return rep.fail(f"record frame at byte {off} has a wrong length for {count} records; "
                                 f"first bad record {expected}", expected)
             if first != expected:
-                what = "missing (deleted)" if first > expected else "out of order (reordered or inserted)"
+                later = _find_record_frame(data, end, expected) if first > expected else None
+                if later is not None:
+                    what = f"out of order (frames swapped or reordered: it is in the frame at byte {later})"
+                else:
+                    what = "missing (deleted)" if first > expected else "out of order (reordered or inserted)"
                 return rep.fail(f"record {expected} {what}: frame at byte {off} starts with record {first}",
                                 expected)
             body = RECS_HEAD.size + count * RECORD_SIZE
@@ -220,6 +230,16 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                 if err:
                     bad = expected if bad is None else bad
                     return rep.fail(f"{err} at byte {off}; first bad record {bad}", bad)
+            elif ftype in (b"CKPT", b"CLOS") and version >= 2:
+                err = _check_checkpoint_v2(payload, ftype, off, file_id, pub, rep, expected, frame_index, h, since)
+                if err:
+                    return rep.fail(*err)
+                rep.signed_records = expected
+                signed_frames = frame_index + 1
+                tables.signed()
+                closed = ftype == b"CLOS"
+                if closed:
+                    ends[end] = (computed, expected, frame_index + 1)
             elif ftype in (b"CKPT", b"CLOS"):
                 if length < CKPT_HEAD.size:
                     return rep.fail(f"checkpoint at byte {off} too short", rep.signed_records)
@@ -270,11 +290,19 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                 rep.recovered_crashes += 1
                 _drop_orphan_details(rep, expected)
                 closed = False
+        if ftype in (b"CKPT", b"CLOS", b"REOP"):
+            since = []
+        elif ftype == b"RECS":
+            since.append((computed, ftype, off, first, count, locs.copy()))
+        else:
+            since.append((computed, ftype, off, expected, 0, None))
         h = computed
         frame_index += 1
         prev_type = ftype
         off = end
 
+    rep.unsigned_hashes = [f[0] for f in since]
+    rep.unsigned_locators = [f[5] for f in since if f[5] is not None]
     rep.records = expected
     rep.frames = frame_index
     rep.head = h
@@ -297,6 +325,70 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
         rep.unsealed_close = True
         rep.crash_tail = True
     return rep
+
+
+def _find_record_frame(data: memoryview, off: int, record: int) -> int | None:
+    """Offset of a later RECS frame that starts with ``record`` (frame headers only; None if there is none)."""
+    n = len(data)
+    while n - off >= FRAME_HEAD.size + RECS_HEAD.size:
+        ftype, length = FRAME_HEAD.unpack_from(data, off)
+        if ftype not in FRAME_TYPES:
+            return None
+        if ftype == b"RECS" and length >= RECS_HEAD.size \
+                and RECS_HEAD.unpack_from(data, off + FRAME_HEAD.size)[0] == record:
+            return off
+        off += FRAME_HEAD.size + length + 32
+    return None
+
+
+def _check_checkpoint_v2(payload, ftype: bytes, off: int, file_id: bytes, pub, rep: VerifyReport, expected: int,
+                         frame_index: int, h: bytes, since: list) -> tuple[str, int] | None:
+    """A version-2 checkpoint: its signature first (it stands on its own), then the log against what it signs.
+
+    When the log differs from what was signed, the chain hashes it signs name the first frame that
+    changed, and the locators it signs the first record in that frame: the right record even if the
+    chain (and the locators in the file) were recomputed after the change.
+    """
+    signed = rep.signed_records
+    what = "checkpoint" if ftype == b"CKPT" else "closing checkpoint"
+    if len(payload) < CKPT2_HEAD.size:
+        return f"{what} at byte {off} too short; first bad record {signed}", signed
+    next_no, findex, wall, head, slen, nframes, nrecs = CKPT2_HEAD.unpack_from(payload, 0)
+    o = CKPT2_HEAD.size
+    if len(payload) != o + slen + 32 * nframes + LOCATOR_SIZE * nrecs:
+        return f"{what} at byte {off} has a wrong length; first bad record {signed}", signed
+    sig = bytes(payload[o:o + slen])
+    hashes = bytes(payload[o + slen:o + slen + 32 * nframes])
+    locs = bytes(payload[o + slen + 32 * nframes:])
+    try:
+        pub.verify(sig, checkpoint_message_v2(file_id, ftype, next_no, findex, wall, head, hashes, locs))
+    except InvalidSignature:
+        return (f"signature of the {what} at byte {off} does not verify (wrong key or forged); "
+                f"first bad record {signed}", signed)
+    if next_no == expected and findex == frame_index and head == h and nframes == len(since) \
+            and nrecs == expected - signed and hashes == b"".join(f[0] for f in since):
+        return None
+    # the log before this checkpoint is not what was signed: find the first frame that differs
+    j = 0
+    while j < min(nframes, len(since)) and since[j][0] == hashes[32 * j:32 * j + 32]:
+        j += 1
+    if j == len(since):
+        bad = expected
+        where = "frames the checkpoint signs are missing before it"
+    else:
+        _, t, foff, first, count, flocs = since[j]
+        bad = first
+        if t == b"RECS":
+            signed_locs = np.frombuffer(locs, dtype="<u8")[first - signed:first - signed + count] \
+                if 0 <= first - signed <= nrecs else np.zeros(0, dtype="<u8")
+            k = min(len(signed_locs), count)
+            diff = np.flatnonzero(flocs[:k] != signed_locs[:k])
+            bad = first + (int(diff[0]) if len(diff) else k if k < count else 0)
+            where = f"the frame at byte {foff} differs from what was signed"
+        else:
+            where = f"the {t.decode()} frame at byte {foff} differs from what was signed"
+    return (f"record {bad} changed after it was signed: {where} (checkpoint at byte {off}; the chain was "
+            f"recomputed by someone without the key); first bad record {bad}", bad)
 
 
 def _check_seal(rep: VerifyReport, pub, file_id: bytes, n: int, ends: dict, reop_ends: dict,
