@@ -6,7 +6,8 @@ subparsers object; each leaf sets ``func(args) -> int`` (the exit code).
 Exit codes of ``verify``: 0 intact and cleanly closed; 1 integrity failure
 (the first bad record is named; this includes anything appended after a
 clean close without the writer's signed REOP frame); 2 the log or key cannot be read;
-3 intact so far but not closed (the writer crashed: unclosed tail).
+3 intact so far but not closed (the writer crashed: unclosed tail), or ending with a signed close that
+no seal records as the end (the seal was deleted, or the writer died before writing it).
 ``show`` exits 0, or 1 when the log fails verification (after printing the
 records read before the failure, with the error on stderr), or 2.
 """
