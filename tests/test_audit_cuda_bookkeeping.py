@@ -6,6 +6,7 @@ which it replaces with host tensors and copies the test completes.  The real
 device path is tested by tests/test_audit_cuda.py on a GPU host.
 """
 
+import contextlib
 import threading
 
 import numpy as np
@@ -51,6 +52,16 @@ class HostTensorRing(CudaAuditRing):
                     c.done = True
         with self._log._lock:
             self._log._work.notify()
+
+
+@contextlib.contextmanager
+def bounded_log(**kw):
+    """A log whose close gives up after 5 s: a reservation left open fails the test instead of hanging it."""
+    log = KVAuditLog(**kw)
+    try:
+        yield log
+    finally:
+        log.close(timeout=5)
 
 
 def attach(log, capacity=64, immediate=False):
@@ -154,7 +165,7 @@ def test_commit_must_match_a_reservation():
         with pytest.raises(ValueError):
             ring.reserve(0)
         with pytest.raises(ValueError):
-            ring.reserve(65)
+            ring.reserve(True)
         with pytest.raises(TypeError):
             ring.emit_torch(Op.ENCRYPT, tenant_idx=torch.tensor([1.5]), session_idx=0)
         ring.commit(4)
@@ -182,3 +193,88 @@ def test_a_request_larger_than_the_space_before_the_end_fits_an_empty_ring():
             assert not th.is_alive(), f"reserve({n}) did not return"
             assert log.flush(timeout=5)
         assert len(log) == 10 + 60 + 37 + 64 + 3 + 50
+
+
+def test_emit_torch_refuses_out_of_range_or_bool_scalars_before_reserving():
+    with bounded_log() as log:
+        ring = attach(log, immediate=True)
+        for kw in (dict(pos_start=2 ** 32), dict(layer=-1), dict(row=True), dict(nonce_counter=2 ** 64)):
+            with pytest.raises((ValueError, TypeError)):
+                ring.emit_torch(Op.ENCRYPT, **dict(dict(tenant_idx=0, session_idx=0), **kw))
+        assert ring._head == 0 and log._next_no == 0       # nothing reserved, no record number taken
+        assert log.flush(timeout=5) is True and len(log) == 0
+
+
+def test_an_exception_between_reserve_and_commit_abandons_the_reservation_as_error_records(monkeypatch):
+    with bounded_log() as log:
+        ring = attach(log, immediate=True)
+        t = log.tenant_index("alice")
+
+        def oom(*a, **k):
+            raise RuntimeError("CUDA out of memory")
+
+        with monkeypatch.context() as m:
+            m.setattr(torch, "arange", oom)              # raises after the slots were reserved
+            with pytest.raises(RuntimeError, match="out of memory"):
+                ring.emit_torch(Op.DECRYPT, tenant_idx=t, session_idx=0, layer=5)
+        with pytest.raises(RuntimeError, match="launch"):
+            with ring.reservation(3, op=Op.ENCRYPT, tenant_idx=t, session_idx=0, layer=2) as (view, first):
+                raise RuntimeError("launch failed")
+        ring.emit_torch(Op.ENCRYPT, tenant_idx=t, session_idx=0, layer=7)
+        assert log.flush(timeout=5) is True
+        es = list(reversed(log.entries(limit=None)))
+    assert [(e.record_number, e.operation, e.success, e.layer_idx, e.tenant_id) for e in es] == [
+        (0, "decrypt", False, 5, "alice")] + [(i, "encrypt", False, 2, "alice") for i in (1, 2, 3)] + [
+        (4, "encrypt", True, 7, "alice")]
+    assert all(e.status == 3 for e in es[:4])
+
+
+def test_a_commit_whose_copy_cannot_be_enqueued_is_abandoned_and_raises():
+    with bounded_log() as log:
+        ring = attach(log, immediate=True)
+        view, first = ring.reserve(4, op=Op.ENCRYPT)
+        view[:, 60] = int(Op.ENCRYPT)
+
+        def broken(slot, n):
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+        ring._enqueue_copy = broken
+        with pytest.raises(RuntimeError, match="illegal"):
+            ring.commit(4, first)
+        assert log.flush(timeout=5) is True
+        assert [e.success for e in log.entries(limit=None)] == [False] * 4
+
+
+def test_more_records_than_the_ring_holds_go_through_it_in_pieces():
+    """A prefill longer than the device ring: back-pressure, never a refusal for size."""
+    with bounded_log() as log:
+        ring = attach(log, capacity=64, immediate=True)
+        first = ring.emit_torch(Op.ENCRYPT, tenant_idx=0, session_idx=0, pos_start=torch.arange(1000),
+                                pos_count=1)
+        view, big = ring.reserve(150, op=Op.ENCRYPT)     # as a kernel would: one view, dense record numbers
+        host = log.emit(Op.DECRYPT, tenant_idx=1, session_idx=0)   # numbered after the reservation
+        view.zero_()
+        view[:, 60] = int(Op.ENCRYPT)
+        view[:, 32:36] = torch.arange(150, dtype=torch.int32).view(torch.uint8).reshape(150, 4)
+        view[:, 36] = 1                                   # pos_count
+        ring.commit(150, big)
+        assert log.flush(timeout=5) is True
+        es = list(reversed(log.entries(limit=None)))
+        st = log.stats()
+    assert (first, big, host) == (0, 1000, 1150)
+    assert [e.record_number for e in es] == list(range(1151))
+    assert [e.position for e in es[:1000]] == list(range(1000))
+    assert [e.position for e in es[1000:1150]] == list(range(150)) and es[1150].operation == "decrypt"
+    assert st["stalls"] > 0 and st["emitted"] == st["drained"] == 1151
+
+
+def test_an_abandoned_reservation_larger_than_the_ring_leaves_the_log_dense():
+    with bounded_log() as log:
+        ring = attach(log, capacity=16, immediate=True)
+        view, first = ring.reserve(40, op=Op.ENCRYPT, tenant_idx=3, layer=1)
+        ring.abandon(40, first)
+        ring.emit_torch(Op.CLOSE, tenant_idx=0, session_idx=0)
+        assert log.flush(timeout=5) is True
+        es = list(reversed(log.entries(limit=None)))
+    assert [e.record_number for e in es] == list(range(41))
+    assert all(not e.success and e.layer_idx == 1 and e.tenant_id == "#3" for e in es[:40])

@@ -419,3 +419,62 @@ def test_entries_rejects_non_integer_position_layer_and_non_bool_success(log):
             log.entries(**bad)
     assert len(log.entries(position=np.int64(7), success=True, layer_idx=3)) == 1
     assert log.entries(success=False) == []
+
+
+@pytest.mark.parametrize("bad", [
+    dict(tenant_id="al\ud800ice"), dict(tenant_id="t" * 70_000), dict(session_id="s\udfff"),
+    dict(details="why\ud800"), dict(tenant_id=b"alice")])
+def test_a_string_the_file_cannot_hold_is_refused_at_the_call_and_the_log_goes_on(tmp_path, bad):
+    from pqc_kv_cache.audit import verify_log
+    p = tmp_path / "a.log"
+    lg = KVAuditLog(path=p, clock=Clock(), fsync=False)
+    lg.log_encrypt("alice", "s1", 0, 0)
+    kw = dict(dict(tenant_id="bob", session_id="b1", details=None), **bad)
+    with pytest.raises((ValueError, TypeError)):
+        lg.log_encrypt(kw["tenant_id"], kw["session_id"], 0, 1, details=kw["details"])
+    lg.log_encrypt("carol", "c1", 0, 2)
+    lg.flush()
+    lg.close()
+    rep = verify_log(p)
+    assert rep.ok and rep.closed and rep.records == 2
+    assert sorted(rep.tenants.values()) == ["alice", "carol"]
+
+
+def test_emit_per_position_of_a_huge_range_uses_memory_bounded_by_the_ring():
+    import tracemalloc
+    with KVAuditLog(clock=Clock(), ring_records=1024, max_entries=1024) as lg:
+        lg.emit(Op.ENCRYPT, tenant_idx=0, session_idx=0)          # warm up: ring and store blocks exist
+        lg.flush()
+        tracemalloc.start()
+        try:
+            first = lg.emit_per_position(Op.ENCRYPT, tenant_idx=0, session_idx=0, pos_start=7,
+                                         pos_count=3_000_000, nbytes=3_000_001)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        lg.flush()
+        es = lg.entries(limit=2)
+        assert first == 1 and lg.stats()["drained"] == 3_000_001
+    assert peak < 4_000_000, peak                 # expanding at once takes 4 bytes x 3 M positions, and more
+    assert [(e.position, e.nbytes) for e in es] == [(3_000_006, 1), (3_000_005, 1)]
+
+
+def test_since_beyond_any_timestamp_matches_nothing_and_nan_is_refused(log):
+    log.log_encrypt("a", "s", 0, 0)
+    for since in (float("inf"), 2 ** 70, dt.datetime.max, dt.datetime.max.replace(tzinfo=dt.timezone.utc)):
+        assert log.entries(since=since) == []
+    assert len(log.entries(since=float("-inf"))) == 1 and len(log.entries(since=-(2 ** 70))) == 1
+    with pytest.raises(ValueError):
+        log.entries(since=float("nan"))
+
+
+def test_integer_fields_take_numpy_integers_and_refuse_bools(log):
+    t = log.tenant_index("a")
+    assert log.emit(Op.ENCRYPT, tenant_idx=np.uint32(t), session_idx=np.int64(0), layer=np.int16(3)) == 0
+    assert log.log_encrypt("a", "s", layer_idx=np.int64(0), position=np.uint32(5)) == 1
+    for kw in (dict(layer=True), dict(pos_start=False), dict(tenant_idx=np.bool_(True))):
+        with pytest.raises(TypeError):
+            log.emit(Op.ENCRYPT, **dict(dict(tenant_idx=t, session_idx=0), **kw))
+    with pytest.raises(TypeError):
+        log.log_encrypt("a", "s", layer_idx=True)
+    assert len(log) == 2

@@ -136,28 +136,60 @@ def test_changed_record_with_forged_locator_breaks_the_chain_at_its_frame(logfil
     assert not rep.ok and rep.bad_record == first and "hash chain broken" in rep.error
 
 
-def test_forged_chain_recomputed_to_the_end_fails_the_signed_checkpoint(logfile):
-    data = bytearray(open(logfile, "rb").read())
-    off = record_offset(logfile, 3)
-    data[off + 56] ^= 1
-    rec_frames = frames(logfile)
-    # recompute the locator and every chain hash after the header, as a forger without the key would
+def forge_record(path, k, byte=56):
+    """Change one byte of record k, then recompute its locator and every chain hash after the header, as a
+    forger without the key would; the signatures stay as they were."""
+    from pqc_kv_cache.audit import RECORD_DTYPE
+    data = bytearray(open(path, "rb").read())
+    data[record_offset(path, k) + byte] ^= 1
     h = hashlib.sha256(bytes(data[:HEADER.size])).digest()
-    for foff, ftype, ln in rec_frames:
+    for foff, ftype, ln in frames(path):
         payload = bytes(data[foff + 8: foff + 8 + ln])
         if ftype == b"RECS":
             first, count, _ = RECS_HEAD.unpack_from(payload, 0)
-            from pqc_kv_cache.audit import RECORD_DTYPE
             recs = np.frombuffer(payload, dtype=RECORD_DTYPE, count=count, offset=RECS_HEAD.size)
-            locs = record_locators(recs).tobytes()
             start = foff + 8 + RECS_HEAD.size + count * 64
-            data[start:start + 8 * count] = locs
+            data[start:start + 8 * count] = record_locators(recs).tobytes()
             payload = bytes(data[foff + 8: foff + 8 + ln])
         h = hashlib.sha256(h + bytes(data[foff:foff + 8]) + payload).digest()
         data[foff + 8 + ln: foff + 8 + ln + 32] = h
-    open(logfile, "wb").write(bytes(data))
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("k", [3, 5, 42, N - 1])
+def test_forged_chain_recomputed_to_the_end_names_the_changed_record(logfile, capsys, k):
+    forge_record(logfile, k)
     rep = verify_log(logfile)
-    assert not rep.ok and rep.bad_record == 0 and "checkpoint" in rep.error
+    assert not rep.ok and rep.bad_record == k and "changed after it was signed" in rep.error
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1 and f"first bad record: {k}" in out.out
+
+
+def test_swapped_record_frames_are_reported_as_reordered_not_deleted(logfile):
+    (o1, f1, c1), (o2, f2, c2) = record_frame(logfile, 30), record_frame(logfile, 40)
+    data = open(logfile, "rb").read()
+    a = data[o1:o1 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o1)[1] + 32]
+    b = data[o2:o2 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o2)[1] + 32]
+    assert o1 + len(a) == o2
+    open(logfile, "wb").write(data[:o1] + b + a + data[o2 + len(b):])
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == f1 and "swapped or reordered" in rep.error
+
+
+def test_a_version_1_log_still_verifies_and_is_continued_in_version_1(tmp_path, monkeypatch, capsys):
+    import pqc_kv_cache.audit.sink as sink
+    p = str(tmp_path / "v1.log")
+    with monkeypatch.context() as m:
+        m.setattr(sink, "VERSION", 1)                    # a log written before checkpoints signed locators
+        write_log(p)
+    assert verify_log(p).version == 1
+    with KVAuditLog(path=p, signing_key=KEY, clock=Clock(), fsync=False) as lg:
+        lg.log_encrypt("bob", "b1", 0, 0)
+    rep = verify_log(p)
+    assert rep.ok and rep.sealed and rep.version == 1 and rep.records == N + 1
+    forge_record(p, 5)
+    rep = verify_log(p)
+    assert not rep.ok and rep.bad_record == 0        # version 1 signs the chain head only
 
 
 def test_changed_byte_in_tenant_table_is_detected(logfile):
@@ -475,3 +507,133 @@ def test_reopen_of_a_closed_unsealed_log_with_a_torn_tail_writes_reop(logfile, c
         lg.log_encrypt("bob", "b1", 0, 0)
     rep = verify_log(logfile)
     assert rep.ok and rep.sealed and rep.reopens == 1 and rep.records == N + 1
+
+
+# -- unsigned frames may not change what signed records say --------------------------------------------
+
+def append_frame(path, ftype: bytes, payload: bytes):
+    """Append one frame whose chain hash continues the log, as anyone could (the chain is unkeyed)."""
+    rep = verify_log(path)
+    assert rep.ok, rep.error
+    head = FRAME_HEAD.pack(ftype, len(payload))
+    h = hashlib.sha256(rep.head)
+    h.update(head)
+    h.update(payload)
+    with open(path, "ab") as f:
+        f.write(head + payload + h.digest())
+
+
+def crashed_log(path, **kw):
+    """A log whose writer died after its last checkpoint (its records signed, no CLOS)."""
+    lg = write_log(path, close=False, **kw)
+    lg._sink.abandon()
+    lg._sink = None
+    lg.close()
+    rep = verify_log(path)
+    assert rep.ok and rep.crash_tail and rep.signed_records == N
+    return rep
+
+
+def test_unsigned_table_frame_renaming_a_tenant_fails_and_show_keeps_the_signed_name(tmp_path, capsys):
+    from pqc_kv_cache.audit.sink import TABL_ENTRY
+    p = str(tmp_path / "a.log")
+    rep = crashed_log(p)
+    mallory = next(i for i, t in rep.tenants.items() if t == "mallory")
+    append_frame(p, b"TABL", TABL_ENTRY.pack(1, mallory, 0, 5) + b"alice")
+    rep = verify_log(p)
+    assert not rep.ok and "renames tenant index" in rep.error and rep.bad_record == N
+    rc, out = run_cli("show", p, "--json", capsys=capsys)
+    first = json.loads(out.out.splitlines()[0])
+    assert rc == 1 and first["record_number"] == 0 and first["tenant_id"] == "mallory"
+    with pytest.raises(AuditIntegrityError):
+        KVAuditLog(path=p, signing_key=KEY, fsync=False)       # never adopted and signed
+
+
+def test_unsigned_details_frame_rewriting_a_signed_record_fails(tmp_path, capsys):
+    from pqc_kv_cache.audit.sink import DETL_ENTRY
+    p = str(tmp_path / "a.log")
+    crashed_log(p)
+    append_frame(p, b"DETL", DETL_ENTRY.pack(0, 7) + b"nothing")     # record 0 was signed as "probe"
+    rep = verify_log(p)
+    assert not rep.ok and rep.bad_record == 0 and "record 0" in rep.error
+    rc, out = run_cli("verify", p, capsys=capsys)
+    assert rc == 1 and "first bad record: 0" in out.out
+    with pytest.raises(AuditIntegrityError) as ei:
+        KVAuditLog(path=p, signing_key=KEY, fsync=False)
+    assert ei.value.record_number == 0
+
+
+def test_unsigned_table_frame_naming_an_index_signed_records_used_unnamed_fails(tmp_path):
+    from pqc_kv_cache.audit.sink import TABL_ENTRY
+    p = str(tmp_path / "a.log")
+    lg = KVAuditLog(path=p, signing_key=KEY, clock=Clock(), fsync=False)
+    lg.log_encrypt("alice", "s1", 0, 0)
+    lg.emit(Op.DECRYPT, tenant_idx=7, session_idx=0, pos_start=np.arange(3, dtype=np.uint32), pos_count=1)
+    lg.flush()
+    lg._sink.abandon()
+    lg._sink = None
+    lg.close()
+    assert verify_log(p).ok
+    append_frame(p, b"TABL", TABL_ENTRY.pack(1, 7, 0, 3) + b"bob")
+    rep = verify_log(p)
+    assert not rep.ok and rep.bad_record == 1 and "tenant index 7" in rep.error and 7 not in rep.tenants
+
+
+def test_verify_counts_the_unsigned_frames_of_a_crashed_log(tmp_path, capsys):
+    p = str(tmp_path / "a.log")
+    crashed_log(p)
+    append_forged_record(p)
+    append_forged_record(p)
+    rep = verify_log(p)
+    assert rep.ok and rep.crash_tail and rep.unsigned_frames == 2 and rep.signed_records == N
+    rc, out = run_cli("verify", p, capsys=capsys)
+    assert rc == 3 and "(2 unsigned frame(s))" in out.out
+
+
+# -- a re-opened log cannot be cut back to an earlier close ---------------------------------------------
+
+def reopened_twice_closed(logfile):
+    first_close = os.path.getsize(logfile)
+    lg = KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False)
+    seal_during_reopen = open(logfile + ".seal", "rb").read()
+    for i in range(25):
+        lg.log_isolation_violation("mallory", "m", f"probe {i}")
+    lg.close()
+    assert verify_log(logfile).ok and verify_log(logfile).records == N + 25
+    return first_close, seal_during_reopen
+
+
+def test_log_cut_back_to_an_earlier_close_with_its_seal_deleted_is_not_reported_intact(logfile, capsys):
+    first_close, _ = reopened_twice_closed(logfile)
+    with open(logfile, "r+b") as f:
+        f.truncate(first_close)
+    os.remove(logfile + ".seal")
+    rep = verify_log(logfile)
+    assert rep.unsealed_close and rep.crash_tail
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 3 and "may have been cut off" in out.out
+
+
+def test_log_cut_back_to_an_earlier_close_under_the_seal_of_the_reopen_names_the_first_cut_record(logfile, capsys):
+    first_close, seal_during_reopen = reopened_twice_closed(logfile)
+    with open(logfile, "r+b") as f:
+        f.truncate(first_close)
+    with open(logfile + ".seal", "wb") as f:
+        f.write(seal_during_reopen)                       # any seal on disk after the re-open began
+    rep = verify_log(logfile)
+    assert not rep.ok and rep.bad_record == N and "re-open" in rep.error
+    rc, out = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 1 and f"first bad record: {N}" in out.out
+
+
+def test_reopened_log_whose_writer_died_before_its_close_is_unclosed(logfile, capsys):
+    lg = KVAuditLog(path=logfile, signing_key=KEY, clock=Clock(), fsync=False)
+    lg.log_encrypt("bob", "b1", 0, 0)
+    lg.flush()
+    lg._sink.abandon()
+    lg._sink = None
+    lg.close()
+    rep = verify_log(logfile)
+    assert rep.ok and rep.reopen_sealed and rep.crash_tail and rep.records == N + 1
+    rc, _ = run_cli("verify", logfile, capsys=capsys)
+    assert rc == 3

@@ -6,7 +6,8 @@ subparsers object; each leaf sets ``func(args) -> int`` (the exit code).
 Exit codes of ``verify``: 0 intact and cleanly closed; 1 integrity failure
 (the first bad record is named; this includes anything appended after a
 clean close without the writer's signed REOP frame); 2 the log or key cannot be read;
-3 intact so far but not closed (the writer crashed: unclosed tail).
+3 intact so far but not closed (the writer crashed: unclosed tail), or ending with a signed close that
+no seal records as the end (the seal was deleted, or the writer died before writing it).
 ``show`` exits 0, or 1 when the log fails verification (after printing the
 records read before the failure, with the error on stderr), or 2.
 """
@@ -163,11 +164,18 @@ def _verify(args) -> int:
         return EXIT_INTEGRITY
     span = ("no records" if rep.first_ts_ns is None
             else f"from {_iso(rep.first_ts_ns)} to {_iso(rep.last_ts_ns)}")
+    if rep.unsealed_close:
+        print(f"UNCLOSED {args.path}: {rep.records} records {span}; the log ends with a signed close, but no "
+              f"seal says it ended there ({'the seal is one of an earlier re-open' if rep.reopen_sealed else 'no seal'}"
+              f"): records written after this close may have been cut off (or the writer crashed before "
+              f"sealing)")
+        return EXIT_UNCLOSED
     if rep.crash_tail:
         torn = f", and a torn final frame of {rep.torn_bytes} bytes" if rep.torn_bytes else ""
         print(f"UNCLOSED {args.path}: {rep.records} records {span}; the log was not closed (crash): "
               f"{rep.signed_records} records are covered by a signed checkpoint, "
-              f"{rep.records - rep.signed_records} after it are only hash-chained{torn}")
+              f"{rep.records - rep.signed_records} after it are only hash-chained "
+              f"({rep.unsigned_frames} unsigned frame(s)){torn}")
         return EXIT_UNCLOSED
     recovered = f"; {rep.recovered_crashes} earlier crash(es) recovered" if rep.recovered_crashes else ""
     if rep.reopens:
@@ -230,9 +238,12 @@ def _show(args) -> int:
     if not rep.ok:
         print(f"audit show: log FAILED verification: {rep.error}", file=sys.stderr)
         return EXIT_INTEGRITY
-    if rep.crash_tail:
-        print("audit show: the log was not closed (crash); records after the last checkpoint are unsigned",
+    if rep.unsealed_close:
+        print("audit show: the log is not sealed at its end; records after its last close may have been cut off",
               file=sys.stderr)
+    elif rep.crash_tail:
+        print(f"audit show: the log was not closed (crash); records after the last checkpoint "
+              f"({rep.unsigned_frames} unsigned frame(s)) are unsigned", file=sys.stderr)
     return EXIT_OK
 
 

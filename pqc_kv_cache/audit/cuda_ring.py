@@ -25,22 +25,25 @@ freed with it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 
 import numpy as np
 
 from ..errors import AuditError, BackendUnavailableError
-from .records import NONE16, RECORD_DTYPE, RECORD_SIZE, Op
+from .records import NONE16, RECORD_DTYPE, RECORD_SIZE, Op, Status
+from .ring import field_int
 
 __all__ = ["CudaAuditRing"]
 
 _VALID_OPS = frozenset(int(o) for o in Op)
+_FAILED = object()    # the event of an abandoned reservation: nothing to wait for
 
 
 class _Reservation:
-    __slots__ = ("first_no", "n", "slot", "span", "thread", "event", "taken")
+    __slots__ = ("first_no", "n", "slot", "span", "thread", "event", "taken", "template", "failed")
 
-    def __init__(self, first_no, n, slot, span, thread):
+    def __init__(self, first_no, n, slot, span, thread, template=None):
         self.first_no = first_no
         self.n = n
         self.slot = slot
@@ -48,6 +51,29 @@ class _Reservation:
         self.thread = thread
         self.event = None         # completion event of the staging copy, set by commit
         self.taken = False        # the drain thread has handed its records on
+        self.template = template  # the ERROR record written in its place if it is abandoned
+        self.failed = False       # abandoned: the drain writes ERROR records from the template
+
+
+class _Oversize:
+    """A reservation of more records than the ring holds: a scratch buffer, copied in by commit in pieces."""
+    __slots__ = ("first_no", "n", "buf", "thread", "template", "claimed")
+
+    def __init__(self, first_no, n, buf, thread, template):
+        self.first_no, self.n, self.buf, self.thread, self.template = first_no, n, buf, thread, template
+        self.claimed = False
+
+
+def _template(op, tenant_idx, session_idx, layer) -> np.ndarray:
+    """One record with the fields of an ERROR record standing in for records that were never written."""
+    t = np.zeros(1, dtype=RECORD_DTYPE)
+    t["op"] = op
+    t["status"] = int(Status.ERROR)
+    t["tenant_idx"] = tenant_idx
+    t["session_idx"] = session_idx
+    t["layer"] = layer
+    t["row"] = NONE16
+    return t
 
 
 def _as_i32(v: int) -> int:
@@ -81,6 +107,8 @@ class CudaAuditRing:
         self._head = 0            # slot counter reserved so far (incl. skipped tails); only grows
         self._tail = 0            # slot counter freed so far
         self._res: collections.deque[_Reservation] = collections.deque()
+        self._oversize: list[_Oversize] = []
+        self._stand_ins: list[tuple[int, np.ndarray]] = []   # ERROR records of abandoned oversize reservations
 
     # -- device work: the only CUDA calls of the ring --------------------------------------
     def _allocate(self) -> None:
@@ -104,71 +132,213 @@ class CudaAuditRing:
             copied.record(self._side)
         return copied
 
+    def _scratch(self, n: int):
+        """A [n, 64] buffer on the ring's device for a reservation larger than the ring (stream-ordered)."""
+        return self._torch.empty((n, RECORD_SIZE), dtype=self._torch.uint8, device=self.buf.device)
+
+    def _copy_in(self, slot: int, src) -> None:
+        """Copy records written into a scratch buffer into ring slots, on the current stream."""
+        self.buf[slot:slot + src.shape[0]].copy_(src, non_blocking=True)
+
     @staticmethod
     def _copy_done(event) -> bool:
         """Non-blocking: has the copy behind ``event`` completed?"""
         return event.query()
 
     # -- compute side (host work only, no device synchronisation) -----------------------
-    def reserve(self, n: int):
-        """``n`` slots as a [n, 64] uint8 device view, and the record number of its first slot."""
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.capacity:
-            raise ValueError(f"reserve needs 1..{self.capacity} records, got {n!r}")
+    def _check_open(self) -> None:
         log = self._log
+        if log._closed:
+            raise AuditError("the audit log is closed")
+        if log._error is not None:
+            raise AuditError(f"the audit pipeline failed: {log._error}") from log._error
+
+    def _take_slots(self, n: int, first_no: int | None, template) -> _Reservation:
+        """Wait for ``n`` contiguous slots (the drain frees them) and take them; the caller holds the lock.
+
+        New record numbers are allocated unless ``first_no`` is given (a piece of an oversize reservation).
+        """
+        log = self._log
+        stalled = False
+        while True:
+            self._check_open()
+            s = self._head % self.capacity
+            skip = self.capacity - s if s + n > self.capacity else 0
+            if skip and self._head == self._tail:
+                # empty ring: restart at slot 0 instead of counting the unused tail as taken (else a
+                # request larger than the space before the end could never fit, even in an empty ring)
+                self._head += skip
+                self._tail += skip
+                skip = 0
+            if self._head + skip + n - self._tail <= self.capacity:
+                break
+            if not stalled:
+                log._stalls += 1
+                stalled = True
+            log._work.notify()
+            self._space.wait(0.1)     # re-checks closed / failed while waiting for the drain
+        slot = (self._head + skip) % self.capacity
+        self._head += skip + n
+        if first_no is None:
+            first_no = log._next_no
+            log._next_no += n
+        res = _Reservation(first_no, n, slot, skip + n, threading.get_ident(), template)
+        self._res.append(res)
+        return res
+
+    def reserve(self, n: int, *, op: int = 0, tenant_idx: int = 0, session_idx: int = 0, layer: int = NONE16):
+        """``n`` slots as a [n, 64] uint8 device view, and the record number of its first slot.
+
+        ``op``, ``tenant_idx``, ``session_idx`` and ``layer`` describe the ERROR records that stand in
+        for the reservation if it is abandoned (see ``abandon``).  More records than the ring holds are
+        reserved in a scratch buffer of their own; ``commit`` copies them through the ring in pieces,
+        waiting for the drain between pieces (back-pressure, never a refusal for size).
+        """
+        if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 1:
+            raise ValueError(f"reserve needs a positive number of records, got {n!r}")
+        n = int(n)
+        template = _template(int(op), field_int("tenant_idx", tenant_idx), field_int("session_idx", session_idx),
+                             field_int("layer", layer))
+        log = self._log
+        if n <= self.capacity:
+            with log._lock:
+                res = self._take_slots(n, None, template)
+            return self.buf[res.slot:res.slot + n], res.first_no
+        buf = self._scratch(n)
         with log._lock:
-            stalled = False
-            while True:
-                if log._closed:
-                    raise AuditError("the audit log is closed")
-                if log._error is not None:
-                    raise AuditError(f"the audit pipeline failed: {log._error}") from log._error
-                s = self._head % self.capacity
-                skip = self.capacity - s if s + n > self.capacity else 0
-                if skip and self._head == self._tail:
-                    # empty ring: restart at slot 0 instead of counting the unused tail as taken (else a
-                    # request larger than the space before the end could never fit, even in an empty ring)
-                    self._head += skip
-                    self._tail += skip
-                    skip = 0
-                if self._head + skip + n - self._tail <= self.capacity:
-                    break
-                if not stalled:
-                    log._stalls += 1
-                    stalled = True
-                log._work.notify()
-                self._space.wait(0.1)     # re-checks closed / failed while waiting for the drain
-            slot = (self._head + skip) % self.capacity
-            self._head += skip + n
+            self._check_open()
             first = log._next_no
             log._next_no += n
-            self._res.append(_Reservation(first, n, slot, skip + n, threading.get_ident()))
-        return self.buf[slot:slot + n], first
+            self._oversize.append(_Oversize(first, n, buf, threading.get_ident(), template))
+        return buf, first
+
+    def _claim(self, n: int, first_no: int | None, what: str):
+        """The caller's reservation (by first record number, or the thread's oldest open one), claimed."""
+        me = threading.get_ident()
+        for r in self._res:
+            if r.event is None and not r.failed and (r.first_no == first_no if first_no is not None
+                                                     else r.thread == me):
+                break
+        else:
+            for r in self._oversize:
+                if not r.claimed and (r.first_no == first_no if first_no is not None else r.thread == me):
+                    break
+            else:
+                raise ValueError(f"{what} without a matching reservation"
+                                 + ("" if first_no is None else f" starting at record {first_no}"))
+        if r.n != n:
+            raise ValueError(f"{what} of {n} records, but the reservation holds {r.n}")
+        if isinstance(r, _Oversize):
+            r.claimed = True
+        else:
+            r.event = False       # claimed: a concurrent commit cannot take it
+        return r
 
     def commit(self, n: int, first_no: int | None = None) -> None:
         """Hand ``n`` written records to the drain: event on the current stream, async copy on the side stream.
 
         Without ``first_no`` the calling thread's oldest uncommitted
-        reservation is committed; its size must be ``n``.
+        reservation is committed; its size must be ``n``.  If the copy
+        cannot be enqueued, the records are abandoned (ERROR records stand
+        in for them) and the error is raised: the log never waits on them.
         """
         log = self._log
-        me = threading.get_ident()
         with log._lock:
-            res = None
-            for r in self._res:
-                if r.event is None and (r.first_no == first_no if first_no is not None else r.thread == me):
-                    res = r
-                    break
-            if res is None:
-                raise ValueError("commit without a matching reservation"
-                                 + ("" if first_no is None else f" starting at record {first_no}"))
-            if res.n != n:
-                raise ValueError(f"commit of {n} records, but the reservation holds {res.n}")
-            res.event = False     # claimed: a concurrent commit cannot take it
-        copied = self._enqueue_copy(res.slot, n)
+            res = self._claim(n, first_no, "commit")
+        if isinstance(res, _Oversize):
+            self._commit_oversize(res)
+            return
+        try:
+            copied = self._enqueue_copy(res.slot, n)
+        except BaseException:
+            self._fail(res)
+            raise
         with log._lock:
             res.event = copied
             log._emitted += n
             log._work.notify()
+
+    def _commit_oversize(self, big: _Oversize) -> None:
+        """Copy an oversize reservation through the ring in pieces; what cannot be copied is abandoned."""
+        log = self._log
+        done = 0
+        try:
+            while done < big.n:
+                k = min(self.capacity, big.n - done)
+                with log._lock:
+                    res = self._take_slots(k, big.first_no + done, big.template)
+                    res.event = False
+                try:
+                    self._copy_in(res.slot, big.buf[done:done + k])
+                    copied = self._enqueue_copy(res.slot, k)
+                except BaseException:
+                    self._fail(res)
+                    raise
+                with log._lock:
+                    res.event = copied
+                    log._emitted += k
+                    log._work.notify()
+                done += k
+        except BaseException:
+            self._fail_range(big, done)
+            raise
+        finally:
+            with log._lock:
+                self._oversize.remove(big)
+                log._work.notify()
+
+    def abandon(self, n: int, first_no: int | None = None) -> None:
+        """Give up a reservation whose records will not be written (the launch that was to write them raised).
+
+        Host work only, no device call (it must work after a CUDA error):
+        the drain hands on ERROR records, with the fields given to
+        ``reserve``, for its record numbers, so the log stays dense and
+        nothing waits for them.
+        """
+        log = self._log
+        with log._lock:
+            res = self._claim(n, first_no, "abandon")
+        if isinstance(res, _Oversize):
+            self._fail_range(res, 0)
+            with log._lock:
+                self._oversize.remove(res)
+        else:
+            self._fail(res)
+
+    def _fail(self, res: _Reservation) -> None:
+        with self._log._lock:
+            res.failed = True
+            res.event = _FAILED
+            self._log._emitted += res.n
+            self._log._work.notify()
+
+    def _fail_range(self, big: _Oversize, done: int) -> None:
+        """ERROR records for records ``done ..`` of an oversize reservation, handed to the drain directly."""
+        if done >= big.n:
+            return
+        recs = np.repeat(big.template, big.n - done)
+        recs["record_no"] = np.arange(big.first_no + done, big.first_no + big.n, dtype=np.uint64)
+        with self._log._lock:
+            self._stand_ins.append((big.first_no + done, recs))
+            self._log._emitted += big.n - done
+            self._log._work.notify()
+
+    @contextlib.contextmanager
+    def reservation(self, n: int, *, op: int = 0, tenant_idx: int = 0, session_idx: int = 0,
+                    layer: int = NONE16):
+        """``with ring.reservation(n, op=...) as (view, first_no):`` launch the kernel that writes the records.
+
+        Commits on leaving the block; if anything in it raises, the
+        reservation is abandoned (ERROR records with these fields) and the
+        exception goes on.  The one safe way to span reserve -> commit.
+        """
+        view, first = self.reserve(n, op=op, tenant_idx=tenant_idx, session_idx=session_idx, layer=layer)
+        try:
+            yield view, first
+        except BaseException:
+            self.abandon(n, first)
+            raise
+        self.commit(n, first)
 
     def emit_torch(self, op, *, tenant_idx, session_idx, layer=NONE16, row=NONE16, pos_start=0, pos_count=0,
                    nonce_counter=0, epoch=0, nbytes=0, status=0, device_ts_ns=0) -> int:
@@ -177,33 +347,44 @@ class CudaAuditRing:
         One record per element; returns the first record number.  Tensors
         must be integer tensors on this ring's device; their values are
         written with the bits of the field's width (no range check: that
-        would need a device read-back).
+        would need a device read-back).  Scalars are range-checked, and
+        everything is checked before a slot is reserved; if writing the
+        records raises, the reservation is abandoned (ERROR records).
         """
         torch = self._torch
+        if isinstance(op, (bool, np.bool_)) or not isinstance(op, (int, np.integer)) or int(op) not in _VALID_OPS:
+            raise ValueError(f"unknown audit operation code {op!r}")
         op = int(op)
-        if op not in _VALID_OPS:
-            raise ValueError(f"unknown audit operation code {op}")
         fields = dict(tenant_idx=tenant_idx, session_idx=session_idx, layer=layer, row=row, pos_start=pos_start,
                       pos_count=pos_count, nonce_counter=nonce_counter, epoch=epoch, nbytes=nbytes, status=status,
                       device_ts_ns=device_ts_ns)
         n = None
         for name, v in fields.items():
             if isinstance(v, torch.Tensor):
-                if v.dim() != 1 or v.device != self.device or v.dtype.is_floating_point or v.dtype == torch.bool:
+                if v.dim() != 1 or v.device != self.device or v.dtype.is_floating_point or v.dtype.is_complex \
+                        or v.dtype == torch.bool:
                     raise TypeError(f"{name} must be a 1-D integer tensor on {self.device}, "
                                     f"got {v.dim()}-D {v.dtype} on {v.device}")
                 if n is None:
                     n = v.shape[0]
                 elif v.shape[0] != n:
                     raise ValueError(f"{name} has {v.shape[0]} elements, other fields {n}")
-            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-                fields[name] = int(v)
+            elif isinstance(v, (int, np.integer, bool, np.bool_)):
+                fields[name] = field_int(name, v)
             else:
                 raise TypeError(f"{name} must be an int or a 1-D integer tensor, got {type(v).__name__}")
         n = 1 if n is None else n
         if n == 0:
             return self._log._next_no
-        view, first = self.reserve(n)
+        scalar = {k: (v if isinstance(v, int) else 0) for k, v in fields.items()}
+        with self.reservation(n, op=op, tenant_idx=scalar["tenant_idx"], session_idx=scalar["session_idx"],
+                              layer=scalar["layer"] if isinstance(fields["layer"], int) else NONE16) as (view, first):
+            self._fill(view, first, n, op, fields)
+        return first
+
+    def _fill(self, view, first: int, n: int, op: int, fields: dict) -> None:
+        """Write ``n`` records into ``view`` with torch ops on the current stream."""
+        torch = self._torch
         w64 = view.view(torch.int64)    # [n, 8]
         w32 = view.view(torch.int32)    # [n, 16]
         w16 = view.view(torch.int16)    # [n, 32]
@@ -214,7 +395,7 @@ class CudaAuditRing:
             else:
                 col.copy_(v)
 
-        w64[:, 0] = torch.arange(first, first + n, dtype=torch.int64, device=self.device)
+        w64[:, 0] = torch.arange(first, first + n, dtype=torch.int64, device=view.device)
         w64[:, 1].fill_(0)
         put(w64[:, 2], fields["device_ts_ns"], _as_i64)
         put(w64[:, 3], fields["nonce_counter"], _as_i64)
@@ -229,8 +410,6 @@ class CudaAuditRing:
         w16[:, 31].fill_(0)
         view[:, 60].fill_(op)
         put(view[:, 61], fields["status"], int)
-        self.commit(n, first)
-        return first
 
     # -- drain side ---------------------------------------------------------------
     def collect(self):
@@ -242,17 +421,24 @@ class CudaAuditRing:
         log = self._log
         with log._lock:
             ready = [r for r in self._res if r.event is not None and r.event is not False and not r.taken]
+            stand_ins, self._stand_ins = self._stand_ins, []
         out = []
         waiting = False
         for r in ready:
-            if not self._copy_done(r.event):
+            if r.failed:
+                recs = np.repeat(r.template, r.n)
+            elif not self._copy_done(r.event):
                 waiting = True
                 continue
-            recs = self._staging_np[r.slot:r.slot + r.n].copy()
+            else:
+                recs = self._staging_np[r.slot:r.slot + r.n].copy()
             recs["record_no"] = np.arange(r.first_no, r.first_no + r.n, dtype=np.uint64)
             recs["host_ts_ns"] = log._clock()
             out.append((r.first_no, recs))
             r.taken = True
+        for first, recs in stand_ins:
+            recs["host_ts_ns"] = log._clock()
+            out.append((first, recs))
         with log._lock:
             freed = False
             while self._res and self._res[0].taken:

@@ -26,8 +26,8 @@ import numpy as np
 
 from ..errors import AuditError, DecryptionError, KVCacheError
 from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status, op_from_name
-from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing
 from .keys import SigningKey
+from .ring import FIELD_LIMITS, VALUE_FIELDS, HostRing, field_int
 from .sink import AuditSink
 from .store import ColumnarStore
 
@@ -39,6 +39,8 @@ _I_POS_START = VALUE_FIELDS.index("pos_start")
 _I_POS_COUNT = VALUE_FIELDS.index("pos_count")
 _I_NBYTES = VALUE_FIELDS.index("nbytes")
 _I_STATUS = VALUE_FIELDS.index("status")
+# emit_per_position expands up to this many records at once; more are expanded piece by piece
+_EXPAND_AT_ONCE = 1 << 20
 _VALID_OPS = frozenset(int(o) for o in Op)
 # (array dtype, field index) -> whether its values need a range check (signed, or wider than the field)
 _RANGE_CHECK: dict = {}
@@ -120,12 +122,35 @@ def _one_seq(seq, sequence_number) -> int:
     return sequence_number
 
 
+# What the file format can hold: ids have a u16 length, details a u32 one (bounded far lower here).
+_ID_MAX_BYTES = 0xFFFF
+_DETAILS_MAX_BYTES = 1 << 20
+
+
+def _check_text(name: str, text, max_bytes: int) -> None:
+    """Refuse, at the call, a string the persisted log could not hold (it would fail the log for everyone)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    if len(text) > max_bytes:
+        raise ValueError(f"{name} is {len(text)} characters long; at most {max_bytes} UTF-8 bytes are allowed")
+    try:
+        n = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text ({e.reason} at index {e.start})") from None
+    if n > max_bytes:
+        raise ValueError(f"{name} is {n} UTF-8 bytes long; at most {max_bytes} are allowed")
+
+
 def _since_ns(since) -> int:
     if isinstance(since, bool):
         raise TypeError("since must be a datetime, an ISO-8601 string or nanoseconds since the epoch")
     if isinstance(since, int):
         return since
     if isinstance(since, float):
+        if since != since:
+            raise ValueError("since=nan is not a time")
+        if since in (float("inf"), float("-inf")):
+            return 0 if since < 0 else 1 << 64      # before / after every record
         return int(since * 1e9)
     if isinstance(since, str):
         try:
@@ -254,8 +279,7 @@ class KVAuditLog:
         i = self._tenant_idx.get(tenant_id)
         if i is not None:
             return i
-        if not isinstance(tenant_id, str):
-            raise TypeError(f"tenant_id must be a str, got {type(tenant_id).__name__}")
+        _check_text("tenant_id", tenant_id, _ID_MAX_BYTES)
         with self._lock:
             i = self._tenant_idx.get(tenant_id)
             if i is None:
@@ -268,13 +292,14 @@ class KVAuditLog:
 
     def session_index(self, session_id: str, tenant_id: str) -> int:
         """Index of (tenant, session) in the session table (registered on first use)."""
+        if not (isinstance(session_id, str) and len(session_id) < 64 and session_id.isascii()):
+            _check_text("session_id", session_id, _ID_MAX_BYTES)    # before the tenant is registered
         t = self.tenant_index(tenant_id)
         key = (t, session_id)
         i = self._session_idx.get(key)
         if i is not None:
             return i
-        if not isinstance(session_id, str):
-            raise TypeError(f"session_id must be a str, got {type(session_id).__name__}")
+        _check_text("session_id", session_id, _ID_MAX_BYTES)
         with self._lock:
             i = self._session_idx.get(key)
             if i is None:
@@ -302,11 +327,8 @@ class KVAuditLog:
                 ints[k] = v
                 continue
             if type(v) is not np.ndarray:
-                if isinstance(v, (int, np.integer)):
-                    v = int(v)
-                    if v < 0 or v > _LIMITS[k]:
-                        raise ValueError(f"{VALUE_FIELDS[k]}={v} is out of range 0..{_LIMITS[k]}")
-                    ints[k] = v
+                if isinstance(v, (int, np.integer, bool)):
+                    ints[k] = field_int(VALUE_FIELDS[k], v)
                     continue
                 try:
                     v = np.asarray(v)
@@ -336,9 +358,15 @@ class KVAuditLog:
             arrays.append((k, v))
         return (1 if n is None else n), ints, arrays
 
-    def _write(self, op: int, n: int, ints, arrays, details: str | None = None) -> int:
-        """Number ``n`` records and write them into the host ring, waiting for room if full."""
+    def _write(self, op: int, n: int, ints, arrays, details: str | None = None, make=None) -> int:
+        """Number ``n`` records and write them into the host ring, waiting for room if full.
+
+        With ``make``, the per-record arrays of records ``done .. done+k`` are ``make(done, k)``, built
+        piece by piece as the ring has room (memory bounded by the ring, whatever ``n`` is).
+        """
         ring = self._ring
+        if details is not None:
+            _check_text("details", details, _DETAILS_MAX_BYTES)
         pack_args = ring.pack_args(op, ints, self._clock())
         with self._lock:
             if self._closed:
@@ -366,7 +394,7 @@ class KVAuditLog:
                         self._space.wait(0.5)
                     continue
                 k = room if room < n - done else n - done
-                ring.write(first, done, k, pack_args, arrays)
+                ring.write(first, done, k, pack_args, arrays if make is None else make(done, k))
                 done += k
                 if self._drain_idle and ring.written - ring.read >= self._wake_at:
                     self._work.notify()
@@ -417,6 +445,8 @@ class KVAuditLog:
         if total == 0:
             with self._lock:
                 return self._next_no
+        if total > _EXPAND_AT_ONCE:
+            return self._write(op, total, *self._expansion(d, values, ints, starts, counts))
         if d == 1:
             # one descriptor (a whole prefill of one row): positions are a range, the rest stays scalar
             out_ints = list(values)
@@ -450,6 +480,29 @@ class KVAuditLog:
                 out_arrays.append((k, np.repeat(v, counts)))
         return self._write(op, total, out_ints, out_arrays)
 
+    @staticmethod
+    def _expansion(d: int, values: list, ints: list, starts, counts) -> tuple:
+        """(ints, arrays, details, make) expanding ``d`` descriptors piece by piece: no array of the total."""
+        ends = np.cumsum(counts)
+        out_ints = list(ints)
+        out_ints[_I_POS_START] = out_ints[_I_NBYTES] = 0
+        out_ints[_I_POS_COUNT] = 1
+        nb = np.broadcast_to(np.asarray(values[_I_NBYTES], dtype=np.int64), (d,))
+        per = [(k, v) for k, v in enumerate(values) if type(v) is np.ndarray
+               and k not in (_I_POS_START, _I_POS_COUNT, _I_NBYTES)]
+
+        def make(done: int, k: int) -> list:
+            idx = np.arange(done, done + k, dtype=np.int64)
+            di = np.searchsorted(ends, idx, side="right")
+            c = counts[di]
+            rank = idx - (ends[di] - c)
+            out = [(_I_POS_START, (starts[di] + rank).astype(np.uint32)),
+                   (_I_NBYTES, (nb[di] // c + (rank < nb[di] % c)).astype(np.uint32))]
+            out.extend((f, v[di]) for f, v in per)
+            return out
+
+        return out_ints, [], None, make
+
     def cuda_ring(self, device, capacity: int | None = None):
         """The CUDA ring of ``device`` (created on first use); see cuda_ring.CudaAuditRing."""
         from .cuda_ring import CudaAuditRing
@@ -471,6 +524,8 @@ class KVAuditLog:
                   sequence_number, epoch, nbytes, status: int, details) -> int:
         if details is not None and not isinstance(details, str):
             details = str(details)
+        if details is not None:
+            _check_text("details", details, _DETAILS_MAX_BYTES)      # before any table entry is made
         if layer_idx is None or layer_idx == -1:
             layer_idx = NONE16
         if row is None or row == -1:
@@ -479,8 +534,8 @@ class KVAuditLog:
             position, position_count = 0, 0
         elif position_count == 0:
             position_count = 1
+        s = self.session_index(session_id, tenant_id)     # checks both ids before registering either
         t = self.tenant_index(tenant_id)
-        s = self.session_index(session_id, tenant_id)
         _, ints, arrays = self._prepare((t, s, layer_idx, row, position, position_count, sequence_number,
                                          epoch, nbytes, status, 0))
         return self._write(int(op), 1, ints, arrays, details)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .records import RECORD_DTYPE
 
-__all__ = ["HostRing", "FIELD_LIMITS"]
+__all__ = ["HostRing", "FIELD_LIMITS", "field_int"]
 
 # Upper bound (inclusive) of each writable field, for input checks at the door.
 FIELD_LIMITS = {
@@ -37,6 +37,18 @@ FIELD_LIMITS = {
     "status": 0xFF,
     "device_ts_ns": 0xFFFF_FFFF_FFFF_FFFF,
 }
+
+
+
+def field_int(name: str, v) -> int:
+    """A scalar audit field as a Python int within its range: ints and numpy integers, never a bool."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if not 0 <= v <= FIELD_LIMITS[name]:
+        raise ValueError(f"{name}={v} is out of range 0..{FIELD_LIMITS[name]}")
+    return v
+
 
 # Order of the value tuple the emitters pass to ``HostRing.write``.
 VALUE_FIELDS = ("tenant_idx", "session_idx", "layer", "row", "pos_start", "pos_count",

@@ -18,8 +18,10 @@ and ``h_i`` is stored after the frame.  Frame types:
   a frame whose hash fails).
 - ``TABL`` tenant / session table entries, ``DETL`` per-record details text.
 - ``CKPT`` / ``CLOS`` checkpoints: the chain head before the frame, the record
-  count, the frame index and the wall time, signed with ML-DSA-65.  ``CLOS`` is
-  written by ``close()``.
+  count, the frame index and the wall time, signed with ML-DSA-65; in version 2
+  also the chain hash of every frame and the locator of every record since the
+  previous signed frame, so that ``verify`` names a changed record even when
+  the chain was recomputed after it.  ``CLOS`` is written by ``close()``.
 - ``RCVR`` written when a log whose last run crashed is re-opened.
 - ``REOP`` written first when a cleanly closed log is re-opened: it binds the
   closing frame it follows (its end offset, record count, frame count and
@@ -50,14 +52,17 @@ from .records import RECORD_SIZE
 from .keys import resolve_signing_key
 
 __all__ = [
-    "AuditSink", "MAGIC", "VERSION", "HEADER", "FRAME_HEAD", "RECS_HEAD", "CKPT_HEAD", "SEAL_HEAD",
-    "REOP_HEAD", "FRAME_TYPES", "record_locators", "checkpoint_message", "reopen_message", "seal_message",
+    "AuditSink", "MAGIC", "VERSION", "VERSIONS", "HEADER", "FRAME_HEAD", "RECS_HEAD", "CKPT_HEAD", "CKPT2_HEAD",
+    "SEAL_HEAD",
+    "REOP_HEAD", "OPEN_SEAL_MAGIC", "FRAME_TYPES", "record_locators", "checkpoint_message",
+    "checkpoint_message_v2", "reopen_message", "seal_message",
     "load_public_key",
     "coerce_signing_key", "public_key_fingerprint", "pub_path", "seal_path",
 ]
 
 MAGIC = b"PQCAUDIT"
-VERSION = 1
+VERSION = 2           # version 1: checkpoints sign the chain head only (still read and continued)
+VERSIONS = (1, 2)
 HASH_SHA256 = 1
 SIG_MLDSA65 = 1
 # magic, version, record size, hash alg, signature alg, reserved, file id, key fingerprint
@@ -66,17 +71,22 @@ assert HEADER.size == 64
 FRAME_HEAD = struct.Struct("<4sI")
 RECS_HEAD = struct.Struct("<QII")          # first record number, count, reserved
 CKPT_HEAD = struct.Struct("<QQQ32sH")      # next record number, frame index, wall ns, head, sig length
+# version 2 adds: frames and records since the previous signed frame (their chain hashes and locators follow)
+CKPT2_HEAD = struct.Struct("<QQQ32sHII")
 TABL_ENTRY = struct.Struct("<BIIH")        # kind (1 tenant, 2 session), index, tenant index, text length
 DETL_ENTRY = struct.Struct("<QI")          # record number, text length
 RCVR_BODY = struct.Struct("<QQQ")          # torn bytes dropped, unsigned records kept, wall ns
 REOP_HEAD = struct.Struct("<QQQQ32sH")    # closed length, next record number, frame index, wall ns, head, sig len
 SEAL_MAGIC = b"PQCSEAL1"
+OPEN_SEAL_MAGIC = b"PQCSEALR"    # the seal a re-open writes: the log goes on past its REOP frame
 SEAL_HEAD = struct.Struct("<8s16sQQQ32sH")  # magic, file id, file length, records, frames, head, sig len
 FRAME_TYPES = (b"RECS", b"TABL", b"DETL", b"CKPT", b"CLOS", b"RCVR", b"REOP")
 LOCATOR_SIZE = 8
 
 _CKPT_DOMAIN = b"PQCAUDIT-CKPT-v1"
+_CKPT2_DOMAIN = b"PQCAUDIT-CKPT-v2"
 _SEAL_DOMAIN = b"PQCAUDIT-SEAL-v1"
+_OPEN_SEAL_DOMAIN = b"PQCAUDIT-SEAL-REOPEN-v1"
 _REOP_DOMAIN = b"PQCAUDIT-REOP-v1"
 _MIX_PRIME = np.uint64(0x9E3779B97F4A7C15)
 # word j of a record is weighted by the odd constant (2j+1) * 0x9E3779B97F4A7C15 mod 2^64
@@ -112,14 +122,28 @@ def checkpoint_message(file_id: bytes, ftype: bytes, next_no: int, frame_index: 
     return _CKPT_DOMAIN + file_id + ftype + struct.pack("<QQQ", next_no, frame_index, wall_ns) + head
 
 
+def checkpoint_message_v2(file_id: bytes, ftype: bytes, next_no: int, frame_index: int, wall_ns: int,
+                          head: bytes, hashes: bytes, locators: bytes) -> bytes:
+    """What a version-2 checkpoint signs: as version 1, plus the chain hash of every frame and the locator
+    of every record since the previous signed frame, so that ``verify`` can name the record a forger
+    changed even when the chain was recomputed after it."""
+    body = hashlib.sha256(struct.pack("<II", len(hashes) // 32, len(locators) // LOCATOR_SIZE))
+    body.update(hashes)
+    body.update(locators)
+    return (_CKPT2_DOMAIN + file_id + ftype + struct.pack("<QQQ", next_no, frame_index, wall_ns) + head
+            + body.digest())
+
+
 def reopen_message(file_id: bytes, closed_len: int, next_no: int, frame_index: int, wall_ns: int,
                    head: bytes) -> bytes:
     """What a REOP frame signs: the CLOS frame it continues (end offset, records, frames, chain head)."""
     return _REOP_DOMAIN + file_id + struct.pack("<QQQQ", closed_len, next_no, frame_index, wall_ns) + head
 
 
-def seal_message(file_id: bytes, file_len: int, next_no: int, frames: int, head: bytes) -> bytes:
-    return _SEAL_DOMAIN + file_id + struct.pack("<QQQ", file_len, next_no, frames) + head
+def seal_message(file_id: bytes, file_len: int, next_no: int, frames: int, head: bytes, *,
+                 reopen: bool = False) -> bytes:
+    """What a seal signs: a close seal the end of the log, a re-open seal the end of its REOP frame."""
+    return (_OPEN_SEAL_DOMAIN if reopen else _SEAL_DOMAIN) + file_id + struct.pack("<QQQ", file_len, next_no, frames) + head
 
 
 def public_key_fingerprint(pub: mldsa.MLDSA65PublicKey) -> bytes:
@@ -192,6 +216,9 @@ class AuditSink:
         self.fsync = fsync
         self.clock = clock
         self.bytes_written = 0
+        self.closed = False
+        self._since_hashes: list[bytes] = []          # chain hashes of the frames since the last signed one
+        self._since_locs: list[np.ndarray] = []       # locators of the records since the last signed frame
         self.tenants: dict[int, str] = {}
         self.sessions: dict[int, tuple[int, str]] = {}
         exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
@@ -214,6 +241,9 @@ class AuditSink:
                         f"cannot continue {self.path}: frames after its sealed close (byte "
                         f"{rep.sealed_length}) are not a signed continuation", record_number=rep.sealed_records)
                 self.file_id = rep.file_id
+                self.version = rep.version
+                self._since_hashes = list(rep.unsigned_hashes)
+                self._since_locs = list(rep.unsigned_locators)
                 self.head = rep.head
                 self.frame_index = rep.frames
                 self.next_no = rep.records
@@ -229,6 +259,7 @@ class AuditSink:
                                                         self.clock()))
             else:
                 self.file_id = os.urandom(16)
+                self.version = VERSION
                 header = HEADER.pack(MAGIC, VERSION, RECORD_SIZE, HASH_SHA256, SIG_MLDSA65, 0,
                                      self.file_id, public_key_fingerprint(self.pub))
                 self.f = open(self.path, "wb")
@@ -263,6 +294,7 @@ class AuditSink:
         except OSError as e:
             raise AuditError(f"cannot write audit log {self.path}: {e.strerror}") from None
         self.head = digest
+        self._since_hashes.append(digest)
         self.frame_index += 1
         self.bytes_written += FRAME_HEAD.size + length + 32
         self.dirty = True
@@ -301,8 +333,9 @@ class AuditSink:
             first = int(part["record_no"][0])
             if first != self.next_no:
                 raise AuditError(f"internal: record {first} handed to the sink, expected {self.next_no}")
-            self._frame(b"RECS", RECS_HEAD.pack(first, k, 0), part.data.cast("B"),
-                        record_locators(part).data.cast("B"))
+            locs = record_locators(part)
+            self._frame(b"RECS", RECS_HEAD.pack(first, k, 0), part.data.cast("B"), locs.data.cast("B"))
+            self._since_locs.append(locs)
             self.next_no += k
             self.since_checkpoint += k
             done += k
@@ -312,9 +345,20 @@ class AuditSink:
     def checkpoint(self, ftype: bytes = b"CKPT") -> None:
         """Sign the chain head: ``ftype`` is CKPT, or CLOS at close."""
         wall = self.clock()
-        msg = checkpoint_message(self.file_id, ftype, self.next_no, self.frame_index, wall, self.head)
-        sig = self.key.sign(msg)
-        self._frame(ftype, CKPT_HEAD.pack(self.next_no, self.frame_index, wall, self.head, len(sig)), sig)
+        if self.version == 1:
+            msg = checkpoint_message(self.file_id, ftype, self.next_no, self.frame_index, wall, self.head)
+            sig = self.key.sign(msg)
+            self._frame(ftype, CKPT_HEAD.pack(self.next_no, self.frame_index, wall, self.head, len(sig)), sig)
+        else:
+            hashes = b"".join(self._since_hashes)
+            locs = np.concatenate(self._since_locs).astype("<u8").tobytes() if self._since_locs else b""
+            msg = checkpoint_message_v2(self.file_id, ftype, self.next_no, self.frame_index, wall, self.head,
+                                        hashes, locs)
+            sig = self.key.sign(msg)
+            self._frame(ftype, CKPT2_HEAD.pack(self.next_no, self.frame_index, wall, self.head, len(sig),
+                                               len(self._since_hashes), len(locs) // LOCATOR_SIZE), sig, hashes, locs)
+        self._since_hashes = []
+        self._since_locs = []
         self.since_checkpoint = 0
         self.dirty = False
 
@@ -325,6 +369,12 @@ class AuditSink:
         sig = self.key.sign(msg)
         self._frame(b"REOP", REOP_HEAD.pack(closed_len, self.next_no, self.frame_index, wall, self.head,
                                             len(sig)), sig)
+        self._since_hashes = []
+        self._since_locs = []
+        # The close seal said the log ended at closed_len; replace it now, not at the next close, with a
+        # seal saying it goes on past this REOP, so that a log cut back to that close no longer verifies.
+        self.flush(checkpoint=False)
+        self._write_seal(reopen=True)
 
     def flush(self, checkpoint: bool = True) -> None:
         """Sign what is new (if anything) and push it to the disk."""
@@ -345,13 +395,19 @@ class AuditSink:
             return
         self.checkpoint(b"CLOS")
         self.flush(checkpoint=False)
+        try:
+            self._write_seal(reopen=False)
+        finally:
+            self.f.close()
+            self.closed = True
+
+    def _write_seal(self, reopen: bool) -> None:
+        """Sign the current end of the file (length, records, frames, chain head) into ``PATH.seal``."""
         file_len = self.f.tell()
-        self.f.close()
-        self.closed = True
-        body = seal_message(self.file_id, file_len, self.next_no, self.frame_index, self.head)
+        body = seal_message(self.file_id, file_len, self.next_no, self.frame_index, self.head, reopen=reopen)
         sig = self.key.sign(body)
-        seal = SEAL_HEAD.pack(SEAL_MAGIC, self.file_id, file_len, self.next_no, self.frame_index,
-                              self.head, len(sig)) + sig
+        seal = SEAL_HEAD.pack(OPEN_SEAL_MAGIC if reopen else SEAL_MAGIC, self.file_id, file_len, self.next_no,
+                              self.frame_index, self.head, len(sig)) + sig
         try:
             _atomic_write(seal_path(self.path), seal)
         except OSError as e:

@@ -131,6 +131,8 @@ class ColumnarStore:
             if success is not None:
                 narrow((lambda s: c["status"][s] == 0) if success else (lambda s: c["status"][s] != 0))
             if since_ns is not None:
+                if since_ns > 0xFFFF_FFFF_FFFF_FFFF:
+                    return []         # later than any u64 timestamp
                 t = np.uint64(max(0, since_ns))
                 narrow(lambda s: c["host_ts_ns"][s] >= t)
             if idx is None:
