@@ -611,9 +611,13 @@ class EncryptedLayer(CacheLayerMixin):
 class EncryptedCache(Cache):
     """A transformers ``Cache`` whose layers hold only AES-256-GCM ciphertext, one session per batch row.
 
-    ``sessions``: one TenantSession for every row, or one per prompt (row i of the
-    prompts belongs to ``sessions[i]``; rows that generation expands — beams,
-    ``num_return_sequences`` — inherit their prompt's session). ``audit``: a
+    ``sessions``: one TenantSession for every row, or one per batch row (row i
+    belongs to ``sessions[i]``). Where generation expands each prompt into
+    several consecutive rows before the first update (transformers repeats each
+    prompt ``max(num_beams, num_return_sequences)`` times), ``rows_per_session``
+    says how many: row i belongs to ``sessions[i // rows_per_session]``. A batch
+    that matches neither is refused (ValueError); a row's tenant is never
+    guessed. ``audit``: a
     KVAuditLog, or None for no audit. ``policy``: a KeyRotationPolicy checked
     before each update (a firing policy re-seals that session's chunks under
     the new epoch). ``backend``: a CryptoBackend (default: chosen by the
@@ -622,7 +626,8 @@ class EncryptedCache(Cache):
 
     def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit=None,
                  policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None,
-                 merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8):
+                 merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8,
+                 rows_per_session: int | None = None):
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
         if getattr(config, "is_encoder_decoder", False):
@@ -649,9 +654,13 @@ class EncryptedCache(Cache):
         if isinstance(merge_min_segments, bool) or not isinstance(merge_min_segments, int) \
                 or merge_min_segments < 2:
             raise ValueError(f"merge_min_segments must be an int >= 2, got {merge_min_segments!r}")
+        if rows_per_session is not None and (isinstance(rows_per_session, bool)
+                                             or not isinstance(rows_per_session, int) or rows_per_session < 1):
+            raise ValueError(f"rows_per_session must be a positive int or None, got {rows_per_session!r}")
         self.merge_segments = merge_segments
         self.merge_min_segments = merge_min_segments
         self.max_merged_positions = max_merged_positions
+        self.rows_per_session = rows_per_session
 
         decoder_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder_config)
@@ -701,14 +710,21 @@ class EncryptedCache(Cache):
             if self._row_sess.size != batch:
                 raise ValueError(f"layers of this cache hold {self._row_sess.size} rows; got a batch of {batch}")
             return self._row_sess.copy()
-        p = self._prompt_sess
-        if p.size == 1:
+        p, per = self._prompt_sess, self.rows_per_session
+        if per is not None:
+            if batch != p.size * per:
+                raise ValueError(f"{p.size} session(s) × rows_per_session={per} is {p.size * per} rows, "
+                                 f"but the batch has {batch}")
+            rows = np.repeat(p, per)
+        elif p.size == 1:
             rows = np.zeros(batch, dtype=np.int64)
-        elif batch % p.size == 0:
-            rows = np.repeat(p, batch // p.size)
+        elif batch == p.size:
+            rows = p.copy()
         else:
-            raise ValueError(f"{p.size} sessions were given (one per prompt) but the batch has {batch} rows, "
-                             "not a multiple of it")
+            raise ValueError(f"{p.size} sessions were given for a batch of {batch} rows: pass one session per "
+                             "row, or rows_per_session= when generation expands each prompt into several rows "
+                             "(beam search, num_return_sequences: max(num_beams, num_return_sequences)); "
+                             "a row's tenant is never guessed")
         self._row_sess = rows
         return rows.copy()
 

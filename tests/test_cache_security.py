@@ -196,7 +196,7 @@ def test_closing_a_session_shreds_its_rows_and_is_recorded(two):
 def test_rows_and_sessions_must_agree():
     model = tiny_model("llama")
     cache = EncryptedCache(model.config, sessions=sessions("a", "b", "c"))
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="3 sessions"):
         cache.update(*kv(2, 3), 0)
 
 
@@ -539,3 +539,30 @@ def test_a_merge_that_cannot_seal_is_skipped_and_the_update_stands():
     assert torch.equal(k_out[:, :, -1:], k)
     layer = cache.layers[0]
     assert layer.get_seq_length() == 5 and layer.num_segments == 2   # the merge did not happen
+
+
+# ------------------------------------------------------------------ rows -> sessions are never guessed
+
+def test_fewer_sessions_than_rows_are_refused_instead_of_guessed(two):
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two)
+    with pytest.raises(ValueError, match="rows_per_session"):
+        cache.update(*kv(4, 3), 0)             # four prompts, two sessions: whose rows are 1 and 2?
+    assert not cache.layers[0].is_initialized
+
+
+def test_rows_per_session_maps_expanded_rows_explicitly(two):
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two, rows_per_session=3)
+    cache.update(*kv(6, 3), 0)
+    assert [s.tenant_id for s in cache.layers[0].row_sessions] == ["alice"] * 3 + ["bob"] * 3
+    wrong = EncryptedCache(tiny_model("llama").config, sessions=two, rows_per_session=3)
+    with pytest.raises(ValueError, match="rows_per_session"):
+        wrong.update(*kv(4, 3), 0)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises((TypeError, ValueError)):
+            EncryptedCache(tiny_model("llama").config, sessions=two, rows_per_session=bad)
+
+
+def test_one_session_covers_any_batch():
+    cache = EncryptedCache(tiny_model("llama").config, sessions=sessions("solo"))
+    cache.update(*kv(5, 2), 0)
+    assert {s.tenant_id for s in cache.layers[0].row_sessions} == {"solo"}
