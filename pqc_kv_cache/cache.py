@@ -60,6 +60,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _zero_scratch(box: list) -> None:
+    """Zero and drop a cache's plaintext scratch (at ``close()``, and when the cache is garbage-collected)."""
+    s, box[0] = box[0], None
+    if s is not None:
+        s.zero_()
+
+
 class EncryptedLayer(CacheLayerMixin):
     """One attention layer's cache as ciphertext chunks; plaintext only in the cache's scratch.
 
@@ -692,7 +699,11 @@ class EncryptedCache(Cache):
         self._backend = backend
         self._keyslots: dict[tuple[int, int], KeySlot] = {}
         self._audit_ids: dict[int, tuple[int, int]] = {}
-        self._scratch: torch.Tensor | None = None
+        # the plaintext scratch lives in a box shared with a finalizer that zeroes it when this cache is
+        # collected (the finalizer holds no reference to the cache, so it cannot keep it alive)
+        self._scratch_box: list = [None]
+        self._scratch_guard = weakref.finalize(self, _zero_scratch, self._scratch_box)
+        self._is_closed = False
         self._closed: set[int] = set()
         me = weakref.ref(self)
         for s in self._sessions:
@@ -769,6 +780,8 @@ class EncryptedCache(Cache):
             f"(tenant {a.tenant_id!r}): rows of different sessions are never mixed")
 
     def _before_update(self) -> None:
+        if self._is_closed:
+            raise ValueError("this EncryptedCache is closed")
         if self.policy is None:
             return
         used = range(len(self._sessions)) if self._row_sess is None else np.unique(self._row_sess).tolist()
@@ -814,6 +827,10 @@ class EncryptedCache(Cache):
                 self.audit.emit(Op.CLOSE, tenant_idx=t, session_idx=sx, status=Status.OK)
 
     # ---- scratch --------------------------------------------------------------------------------
+    @property
+    def _scratch(self) -> torch.Tensor | None:
+        return self._scratch_box[0]
+
     def _scratch_views(self, batch, seq, heads, dim, dtype, device):
         itemsize = _itemsize(dtype)
         need = batch * seq * 2 * heads * dim * itemsize
@@ -822,7 +839,9 @@ class EncryptedCache(Cache):
             if s is not None:
                 s.zero_()
             cap = max(need, 2 * s.numel() if s is not None and s.device == torch.device(device) else 0, 1 << 16)
-            s = self._scratch = torch.empty(cap, dtype=torch.uint8, device=device)
+            s = self._scratch_box[0] = torch.empty(cap, dtype=torch.uint8, device=device)
+            if not self._scratch_guard.alive:      # a copy of a cache needs a finalizer of its own
+                self._scratch_guard = weakref.finalize(self, _zero_scratch, self._scratch_box)
         x = s[:need].view(dtype).view(batch, 2, heads, seq, dim)
         return x[:, 0], x[:, 1]
 
@@ -830,6 +849,16 @@ class EncryptedCache(Cache):
         """Zero the plaintext scratch (the K/V views last returned become zeros)."""
         if self._scratch is not None:
             self._scratch.zero_()
+
+    def close(self) -> None:
+        """Zero and release the plaintext scratch and every layer's ciphertext; the cache cannot be used
+        afterwards (ValueError). The sessions stay open: closing them is their owner's call. A cache that is
+        dropped without ``close()`` has its scratch zeroed when it is garbage-collected."""
+        self._is_closed = True
+        _zero_scratch(self._scratch_box)
+        for layer in self.layers:
+            layer.reset()
+        self._row_sess = None
 
     def _check_status(self, layer: EncryptedLayer, status, table: ChunkTable, sess: np.ndarray, outs) -> None:
         """Raise DecryptionError for failed chunks when the backend answered on the host (numpy status).

@@ -541,6 +541,29 @@ def test_a_merge_that_cannot_seal_is_skipped_and_the_update_stands():
     assert layer.get_seq_length() == 5 and layer.num_segments == 2   # the merge did not happen
 
 
+# ------------------------------------------------------------------ no plaintext left behind in freed memory
+
+def test_a_dropped_cache_zeroes_its_scratch_without_waiting_for_a_collection(two):
+    import weakref
+    cache, _, _ = filled(two)
+    scratch = cache._scratch
+    assert scratch.any()
+    gone = weakref.ref(cache)
+    del cache
+    assert gone() is None, "a reference cycle keeps the cache (and its plaintext) alive"
+    assert not scratch.any()
+
+
+def test_closing_a_cache_zeroes_its_plaintext_and_ciphertext(two):
+    cache, _, _ = filled(two)
+    scratch, arenas = cache._scratch, [layer._arena for layer in cache.layers]
+    cache.close()
+    assert not scratch.any() and not any(a.any() for a in arenas)
+    cache.close()                              # closing twice is harmless
+    with pytest.raises(ValueError, match="closed"):
+        cache.update(*kv(2, 1), 0)
+
+
 # ------------------------------------------------------------------ rows -> sessions are never guessed
 
 def test_fewer_sessions_than_rows_are_refused_instead_of_guessed(two):
