@@ -415,8 +415,7 @@ class EncryptedLayer(CacheLayerMixin):
                 k, v, base, status = self._read_from(view_start)
                 if n and cache.merge_segments:
                     try:
-                        with self._atomic():
-                            self._merge_tail(k, v, base, status)
+                        self._merge_tail(k, v, base, status)
                     except KVCacheError:
                         # merging is an optimisation: a merge that cannot seal (epoch cap reached, session
                         # expiring between the write and the merge) leaves the segments as they are
@@ -458,7 +457,8 @@ class EncryptedLayer(CacheLayerMixin):
             failed = _deferred(status)
             if failed is not None:  # per row: did any merged source chunk fail? (the read's last segments)
                 failed = failed.view(-1, self._batch)[-(self.num_segments - j):].amax(0)
-            self._merge_range(k_all, v_all, base, j, failed)
+            with self._atomic():
+                self._merge_range(k_all, v_all, base, j, failed)
 
     def _merge_range(self, k_all, v_all, base: int, j: int, failed=None) -> None:
         """Replace segments j.. by one segment re-sealed from the scratch (which starts at ``base``)."""
