@@ -1121,9 +1121,9 @@ class EncryptedCache(Cache):
         with self._atomic():
             super().reorder_cache(beam_idx)
 
-    def crop(self, max_length: int) -> None:
+    def crop(self, tokens_to_remove: int) -> None:
         with self._atomic():
-            super().crop(max_length)
+            super().crop(tokens_to_remove)
 
     def reset(self) -> None:
         super().reset()
