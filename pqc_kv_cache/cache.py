@@ -19,7 +19,13 @@ layer's update; the scratch is the only place plaintext lives, and it belongs to
 the cache, not to a layer. ``cache.wipe_scratch()`` zeroes it.
 
 Crop and any rewrite re-seal under fresh nonce counters (``session.reserve``);
-a (key, nonce) pair is never used twice. Beam reordering permutes the row
+a (key, nonce) pair is never used twice. Every operation of several steps
+(update with its merge, crop, rotation, reorder, row selection) completes or
+leaves the layers exactly as they were, and a read refuses positions that no
+chunk covers. A re-seal from a read whose tag results are still on the device
+stores a chunk built from a failed one as zeros (it never authenticates), so
+tampering is never laundered into a valid chunk. Expired and closed sessions
+are refused (and the refusal recorded) even where a key slot is cached. Beam reordering permutes the row
 columns of the metadata without re-encryption (the AAD binds layer and
 position, not the physical row) and refuses to move a row into a row of
 another session. Rotation re-seals a session's live chunks under its new epoch
@@ -31,6 +37,7 @@ arena until its next compaction are ciphertext under keys that are now erased).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -41,7 +48,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from .audit.records import NONE16, Op, Status
 from .backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot, select_backend
 from .envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce, session_tag, tenant_tag
-from .errors import DecryptionError, KVCacheError, TenantIsolationError
+from .errors import DecryptionError, KVCacheError, SessionExpiredError, TenantIsolationError
 from .rotation import KeyRotationPolicy, RotationTrigger
 from .session import TenantSession
 
@@ -61,6 +68,19 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _deferred(status):
+    """The per-chunk status of a decrypt when it is still on the device (None when the host knows it:
+    then every failure has already been raised)."""
+    return None if status is None or isinstance(status, np.ndarray) else status
+
+
+def _zero_scratch(box: list) -> None:
+    """Zero and drop a cache's plaintext scratch (at ``close()``, and when the cache is garbage-collected)."""
+    s, box[0] = box[0], None
+    if s is not None:
+        s.zero_()
 
 
 class EncryptedLayer(CacheLayerMixin):
@@ -210,13 +230,39 @@ class EncryptedLayer(CacheLayerMixin):
         self._arena = new
         self._used = used
 
+    # ---- atomic operations ---------------------------------------------------------------------
+    def _snapshot(self) -> tuple:
+        """Everything an operation may change (arrays copied: some are updated in place). The arena is kept
+        by reference: bytes below ``_used`` are never rewritten in place, and compaction builds a new one."""
+        return (self._batch, self._seg_start.copy(), self._seg_count.copy(),
+                {f: a.copy() for f, a in self._meta.items()}, self._row_sess.copy(), self._arena, self._used,
+                self._end, self._start)
+
+    def _restore(self, snap: tuple) -> None:
+        (self._batch, self._seg_start, self._seg_count, self._meta, self._row_sess, self._arena, self._used,
+         self._end, self._start) = snap
+
+    @contextlib.contextmanager
+    def _atomic(self):
+        """The block completes, or the layer is left exactly as it was (chunk table, bytes, positions)."""
+        snap = self._snapshot()
+        try:
+            yield
+        except BaseException:
+            self._restore(snap)
+            raise
+
     # ---- key slots -------------------------------------------------------------------------
     def _slots(self, sess: np.ndarray, epoch: np.ndarray, audited: bool):
-        """Key slots for chunks with these (session, epoch): (keys, slot per chunk, AuditContext or None)."""
+        """Key slots for chunks with these (session, epoch): (keys, slot per chunk, AuditContext or None).
+
+        Every session is checked first: a cached key slot is no licence to use an expired or closed session."""
         cache = self._cache
         comb = sess.astype(np.int64) << 32 | epoch.astype(np.int64)
         uniq, inv = np.unique(comb, return_inverse=True)
         pairs = [(int(u) >> 32, int(u) & 0xFFFFFFFF) for u in uniq.tolist()]
+        for si in dict.fromkeys(si for si, _ in pairs):
+            cache._sessions[si].check_valid()
         keys = [cache._keyslot(si, e) for si, e in pairs]
         ctx = None
         if audited and cache.audit is not None:
@@ -241,26 +287,49 @@ class EncryptedLayer(CacheLayerMixin):
             epoch[where] = e
         return counter, epoch
 
-    def _seal(self, k_src, v_src, src_row, dst_row, pos_start, pos_count, io_start, audited: bool):
+    def _seal(self, k_src, v_src, src_row, dst_row, pos_start, pos_count, io_start, audited: bool, failed=None):
         """Encrypt chunks (src_row, io_start..+pos_count of k_src/v_src) for layer rows ``dst_row``
-        under fresh counters; returns (counter, epoch, sess, offset) per chunk."""
+        under fresh counters; returns (counter, epoch, sess, offset) per chunk.
+
+        ``failed``: for a re-seal of plaintext from a read whose status is still on the device, that
+        status per new chunk (non-zero: a source tag failed). Such a chunk is stored as zeros, which never
+        authenticate, so a failed chunk is never laundered into a valid one and no host sync is needed."""
         sess = self._row_sess[dst_row]
         counter, epoch = self._reserve(sess)
         sizes = pos_count * self._bpp + TAG_SIZE
-        base = self._alloc(int(sizes.sum()))
+        total = int(sizes.sum())
+        base = self._alloc(total)
         offset = base + np.cumsum(sizes) - sizes
         keys, slot, ctx = self._slots(sess, epoch, audited)
-        table = ChunkTable(slot, np.asarray(src_row, dtype=np.int64), pos_start, pos_count,
-                           io_start, counter, offset)
-        self._backend.encrypt_chunks(keys, self._layout, table, k_src, v_src, self._arena, ctx)
+        if failed is None:
+            table = ChunkTable(slot, np.asarray(src_row, dtype=np.int64), pos_start, pos_count,
+                               io_start, counter, offset)
+            self._backend.encrypt_chunks(keys, self._layout, table, k_src, v_src, self._arena, ctx)
+            return counter, epoch, sess, offset
+        # sealed aside first: a valid tag over a failed source never reaches the arena
+        aside = torch.empty(total, dtype=torch.uint8, device=self._arena.device)
+        try:
+            table = ChunkTable(slot, np.asarray(src_row, dtype=np.int64), pos_start, pos_count,
+                               io_start, counter, offset - base)
+            self._backend.encrypt_chunks(keys, self._layout, table, k_src, v_src, aside, ctx)
+            bad = failed.to(device=aside.device).bool()
+            edges = np.concatenate([[0], np.flatnonzero(np.diff(sizes)) + 1, [sizes.size]]).tolist()
+            for a, b in zip(edges[:-1], edges[1:]):       # runs of chunks of one size
+                lo, size = int(offset[a] - base), int(sizes[a])
+                src = aside[lo:lo + (b - a) * size].view(b - a, size)
+                dst = self._arena[base + lo:base + lo + (b - a) * size].view(b - a, size)
+                dst.copy_(torch.where(bad[a:b, None], 0, src))
+        finally:
+            aside.zero_()
         return counter, epoch, sess, offset
 
     # ---- reading -----------------------------------------------------------------------------
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):
         """Decrypt segments ``segs`` × rows ``rows`` into k_out/v_out (positions from ``base``);
-        DecryptionError (destination wiped) if any tag fails."""
+        DecryptionError (destination wiped) if any tag fails. Returns the backend's status per chunk
+        (segment-major, rows inner), or None when there was nothing to open."""
         if segs.size == 0 or rows.size == 0:
-            return
+            return None
         ns, nr = segs.size, rows.size
         if rows.size == self._batch and segs[-1] - segs[0] + 1 == ns and (rows == np.arange(nr)).all():
             sub = {f: self._meta[f][int(segs[0]):int(segs[-1]) + 1].reshape(-1) for f in _META}
@@ -278,18 +347,47 @@ class EncryptedLayer(CacheLayerMixin):
             v_out.zero_()
             raise
         self._cache._check_status(self, status, table, sub["sess"], (k_out, v_out))
+        return status
 
     def _read_from(self, view_start: int):
         """Decrypt every segment that reaches past ``view_start`` into the scratch.
 
-        Returns the scratch views from the first decrypted position (``base``) and base."""
+        Returns the scratch views from the first decrypted position (``base``), base, and the status."""
         seg_end = self._seg_start + self._seg_count
         i0 = int(np.searchsorted(seg_end, view_start, side="right"))
+        self._check_covered(i0, view_start)
         base = int(self._seg_start[i0]) if i0 < self.num_segments else self._end
         k_out, v_out = self._cache._scratch_views(self._batch, self._end - base, self.num_heads,
                                                   self.head_dim, self.dtype, self.device)
-        self._open(np.arange(i0, self.num_segments), np.arange(self._batch), k_out, v_out, base)
-        return k_out, v_out, base
+        status = self._open(np.arange(i0, self.num_segments), np.arange(self._batch), k_out, v_out, base)
+        return k_out, v_out, base, status
+
+    def _check_covered(self, i0: int, view_start: int) -> None:
+        """Refuse a read whose positions ``view_start``.. ``_end`` are not all covered by chunks, in order:
+        the scratch there would hold whatever an earlier read left (another layer's or tenant's K/V)."""
+        starts, counts = self._seg_start[i0:], self._seg_count[i0:]
+        ends = starts + counts
+        gap = None
+        if starts.size == 0:
+            if view_start < self._end:
+                gap = (view_start, self._end)
+        elif int(starts[0]) > view_start:
+            gap = (view_start, int(starts[0]))
+        elif (starts[1:] != ends[:-1]).any():
+            k = int(np.flatnonzero(starts[1:] != ends[:-1])[0])
+            gap = (int(min(ends[k], starts[k + 1])), int(max(ends[k], starts[k + 1])))
+        elif int(ends[-1]) != self._end:
+            gap = (int(min(ends[-1], self._end)), int(max(ends[-1], self._end)))
+        if gap is None:
+            return
+        cache = self._cache
+        if cache.audit is not None and self._batch:
+            tidx, sidx = cache._audit_arrays(self._row_sess)
+            cache.audit.emit(Op.DECRYPT, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
+                             row=np.arange(self._batch, dtype=np.uint16), pos_start=gap[0],
+                             pos_count=gap[1] - gap[0], status=Status.REFUSED)
+        raise DecryptionError(f"no chunk covers positions {gap[0]}..{gap[1] - 1} of layer {self.layer_idx}; "
+                              "nothing is returned", layer_idx=self.layer_idx, positions=range(*gap))
 
     # ---- the Cache API -------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -301,31 +399,33 @@ class EncryptedLayer(CacheLayerMixin):
         cache = self._cache
         cache._before_update()
         n = key_states.shape[-2]
-        if n:
-            rows = np.arange(self._batch, dtype=np.int64)
-            c, e, s, o = self._seal(key_states, value_states, rows, rows,
-                                    np.full(self._batch, self._end, dtype=np.int64),
-                                    np.full(self._batch, n, dtype=np.int64),
-                                    np.zeros(self._batch, dtype=np.int64), audited=True)
-            self._append_segment(self._end, n, c, e, s, o)
-            self._end += n
+        end = self._end
         view_start = self._start
         if self.is_sliding and self.record_past:
-            view_start = max(self._start, self._end - (self.sliding_window - 1 + n))
+            view_start = max(self._start, end - (self.sliding_window - 1))
+        refused = (Op.ENCRYPT, end, n) if n else (Op.DECRYPT, view_start, end - view_start)
         try:
-            k, v, base = self._read_from(view_start)
-        except BaseException:
-            if n:   # the failed update leaves the layer as it was
-                self._keep_segments(np.arange(self.num_segments - 1))
-                self._end -= n
+            with self._atomic():    # a failed update leaves the layer as it was
+                if n:
+                    rows = np.arange(self._batch, dtype=np.int64)
+                    c, e, s, o = self._seal(key_states, value_states, rows, rows,
+                                            np.full(self._batch, end, dtype=np.int64),
+                                            np.full(self._batch, n, dtype=np.int64),
+                                            np.zeros(self._batch, dtype=np.int64), audited=True)
+                    self._append_segment(end, n, c, e, s, o)
+                    self._end += n
+                    refused = (Op.DECRYPT, view_start, self._end - view_start)
+                k, v, base, status = self._read_from(view_start)
+                if n and cache.merge_segments:
+                    try:
+                        self._merge_tail(k, v, base, status)
+                    except KVCacheError:
+                        # merging is an optimisation: a merge that cannot seal (epoch cap reached, session
+                        # expiring between the write and the merge) leaves the segments as they are
+                        pass
+        except SessionExpiredError:
+            cache._refuse(self, *refused)
             raise
-        if n and cache.merge_segments:
-            try:
-                self._merge_tail(k, v, base)
-            except KVCacheError:
-                # merging is an optimisation: a merge that cannot seal (epoch cap reached, session expiring
-                # between the write and the merge) leaves the segments as they are; nothing was replaced
-                pass
         if self.is_sliding and not self.record_past:
             self._set_start(self._end - (self.sliding_window - 1))
         skip = view_start - base
@@ -338,7 +438,7 @@ class EncryptedLayer(CacheLayerMixin):
             return max(1, self.sliding_window // 4)
         return self._cache.max_merged_positions
 
-    def _merge_tail(self, k_all: torch.Tensor, v_all: torch.Tensor, base: int) -> None:
+    def _merge_tail(self, k_all: torch.Tensor, v_all: torch.Tensor, base: int, status=None) -> None:
         """Merge trailing segments, binary-counter style, in batches.
 
         Walking back from the last segment, a segment joins the run while it is no larger than the
@@ -346,7 +446,7 @@ class EncryptedLayer(CacheLayerMixin):
         least ``cache.merge_min_segments`` segments: it becomes one segment, re-sealed as one chunk per
         row under fresh counters. Chunks per row stay O(log positions + merge_min_segments) instead of
         one per decoded token; each position is re-sealed O(log positions) times. The plaintext comes
-        from the scratch just verified by this update's read."""
+        from the scratch just read by this update (``status``: that read's status per chunk)."""
         cap = self._merge_cap
         j = self.num_segments - 1
         total = int(self._seg_count[j])
@@ -357,16 +457,20 @@ class EncryptedLayer(CacheLayerMixin):
             total += prev
             j -= 1
         if self.num_segments - j >= max(2, self._cache.merge_min_segments):
-            self._merge_range(k_all, v_all, base, j)
+            failed = _deferred(status)
+            if failed is not None:  # per row: did any merged source chunk fail? (the read's last segments)
+                failed = failed.view(-1, self._batch)[-(self.num_segments - j):].amax(0)
+            with self._atomic():
+                self._merge_range(k_all, v_all, base, j, failed)
 
-    def _merge_range(self, k_all, v_all, base: int, j: int) -> None:
+    def _merge_range(self, k_all, v_all, base: int, j: int, failed=None) -> None:
         """Replace segments j.. by one segment re-sealed from the scratch (which starts at ``base``)."""
         start = int(self._seg_start[j])
         total = self._end - start
         rows = np.arange(self._batch, dtype=np.int64)
         c, e, s, o = self._seal(k_all, v_all, rows, rows, np.full(self._batch, start, dtype=np.int64),
                                 np.full(self._batch, total, dtype=np.int64),
-                                np.full(self._batch, start - base, dtype=np.int64), audited=False)
+                                np.full(self._batch, start - base, dtype=np.int64), audited=False, failed=failed)
         self._keep_segments(np.arange(j + 1))
         self._seg_count[j] = total
         for f, a in zip(_META, (c, e, s, o)):
@@ -374,7 +478,7 @@ class EncryptedLayer(CacheLayerMixin):
         cache = self._cache
         if cache.audit is not None:
             tidx, sidx = cache._audit_arrays(self._row_sess)
-            cache.audit.emit(Op.RESEAL, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
+            cache._emit(Op.RESEAL, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
                              row=rows.astype(np.uint16), pos_start=start, pos_count=total,
                              nonce_counter=c.astype(np.uint64), epoch=e.astype(np.uint32),
                              nbytes=total * self._bpp, status=Status.OK)
@@ -446,20 +550,24 @@ class EncryptedLayer(CacheLayerMixin):
         removed = self._end - new_end
         if removed <= 0:
             return
-        keep = self._seg_start < new_end
-        self._keep_segments(keep)
-        new_counter = np.zeros(self._batch, dtype=np.int64)
-        if self.num_segments and int(self._seg_start[-1] + self._seg_count[-1]) > new_end:
-            new_counter = self._reseal_last(new_end - int(self._seg_start[-1]))
-        self._end = new_end
-        self._start = min(self._start, new_end)
         cache = self._cache
-        if cache.audit is not None:
-            tidx, sidx = cache._audit_arrays(self._row_sess)
-            cache.audit.emit(Op.CROP, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
-                             row=np.arange(self._batch, dtype=np.uint16), pos_start=new_end,
-                             pos_count=removed, nonce_counter=new_counter.astype(np.uint64),
-                             status=Status.OK)
+        try:
+            with self._atomic():    # a crop that cannot re-seal drops nothing
+                self._keep_segments(self._seg_start < new_end)
+                new_counter = np.zeros(self._batch, dtype=np.int64)
+                if self.num_segments and int(self._seg_start[-1] + self._seg_count[-1]) > new_end:
+                    new_counter = self._reseal_last(new_end - int(self._seg_start[-1]))
+                self._end = new_end
+                self._start = min(self._start, new_end)
+                if cache.audit is not None:
+                    tidx, sidx = cache._audit_arrays(self._row_sess)
+                    cache._emit(Op.CROP, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
+                                row=np.arange(self._batch, dtype=np.uint16), pos_start=new_end,
+                                pos_count=removed, nonce_counter=new_counter.astype(np.uint64),
+                                status=Status.OK)
+        except SessionExpiredError:
+            cache._refuse(self, Op.CROP, new_end, removed)
+            raise
 
     def _temp(self, rows: int, seq: int):
         buf = torch.empty((rows, seq, 2, self.num_heads, self.head_dim), dtype=self.dtype, device=self.device)
@@ -472,10 +580,11 @@ class EncryptedLayer(CacheLayerMixin):
         rows = np.arange(self._batch, dtype=np.int64)
         buf, k_tmp, v_tmp = self._temp(self._batch, count)
         try:
-            self._open(np.array([i]), rows, k_tmp, v_tmp, start)
+            status = self._open(np.array([i]), rows, k_tmp, v_tmp, start)
             c, e, s, o = self._seal(k_tmp, v_tmp, rows, rows, np.full(self._batch, start, dtype=np.int64),
                                     np.full(self._batch, keep, dtype=np.int64),
-                                    np.zeros(self._batch, dtype=np.int64), audited=False)
+                                    np.zeros(self._batch, dtype=np.int64), audited=False,
+                                    failed=_deferred(status))
         finally:
             buf.zero_()
         self._seg_count[i] = keep
@@ -489,24 +598,26 @@ class EncryptedLayer(CacheLayerMixin):
             return np.zeros(rows.size, dtype=np.int64)
         base = int(self._seg_start[0])
         ns, nr = self.num_segments, rows.size
-        buf, k_tmp, v_tmp = self._temp(nr, self._end - base)
+        # a buffer of the whole batch, so each row opens into its own index and its DECRYPT record names it
+        buf, k_tmp, v_tmp = self._temp(self._batch, self._end - base)
         try:
-            self._open(np.arange(ns), rows, k_tmp, v_tmp, base, out_rows=np.arange(nr))
+            status = self._open(np.arange(ns), rows, k_tmp, v_tmp, base)
             pos_start = np.repeat(self._seg_start, nr)
-            c, e, s, o = self._seal(k_tmp, v_tmp, np.tile(np.arange(nr), ns), np.tile(rows, ns), pos_start,
-                                    np.repeat(self._seg_count, nr), pos_start - base, audited=False)
+            c, e, s, o = self._seal(k_tmp, v_tmp, np.tile(rows, ns), np.tile(rows, ns), pos_start,
+                                    np.repeat(self._seg_count, nr), pos_start - base, audited=False,
+                                    failed=_deferred(status))
         finally:
             buf.zero_()
         for f, a in zip(_META, (c, e, s, o)):
             self._meta[f][:, rows] = a.reshape(ns, nr)
         return c.reshape(ns, nr)[0]
 
-    def _moved_rows(self, src: np.ndarray, op_rows: np.ndarray) -> None:
+    def _moved_rows(self, src: np.ndarray, op_rows: np.ndarray, row_sess: np.ndarray) -> None:
         cache = self._cache
         if cache.audit is None or op_rows.size == 0:
             return
-        tidx, sidx = cache._audit_arrays(self._row_sess[op_rows])
-        cache.audit.emit(Op.REORDER, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
+        tidx, sidx = cache._audit_arrays(row_sess[op_rows])
+        cache._emit(Op.REORDER, tenant_idx=tidx, session_idx=sidx, layer=self.layer_idx,
                          row=op_rows.astype(np.uint16), pos_start=self._start,
                          pos_count=self._end - self._start, nonce_counter=src[op_rows].astype(np.uint64),
                          status=Status.OK)
@@ -539,16 +650,16 @@ class EncryptedLayer(CacheLayerMixin):
         moved = np.flatnonzero(idx != np.arange(self._batch))
         if moved.size == 0:
             return
-        for f in _META:
-            self._meta[f] = self._meta[f][:, idx]
-        self._moved_rows(idx, moved)
+        meta = {f: self._meta[f][:, idx] for f in _META}
+        self._moved_rows(idx, moved, self._row_sess)
+        self._meta = meta
 
     def _select_rows(self, idx: np.ndarray) -> None:
-        for f in _META:
-            self._meta[f] = self._meta[f][:, idx]
-        self._row_sess = self._row_sess[idx]
-        self._batch = int(idx.size)
-        self._moved_rows(idx, np.flatnonzero(idx != np.arange(self._batch)))
+        """Row r becomes old row idx[r]: the new state is built, recorded, then put in place in one step."""
+        meta = {f: self._meta[f][:, idx] for f in _META}
+        row_sess = self._row_sess[idx]
+        self._moved_rows(idx, np.flatnonzero(idx != np.arange(idx.size)), row_sess)
+        self._meta, self._row_sess, self._batch = meta, row_sess, int(idx.size)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Row i becomes rows i*repeats .. i*repeats+repeats-1, each keeping row i's session and chunks."""
@@ -614,9 +725,13 @@ class EncryptedLayer(CacheLayerMixin):
 class EncryptedCache(Cache):
     """A transformers ``Cache`` whose layers hold only AES-256-GCM ciphertext, one session per batch row.
 
-    ``sessions``: one TenantSession for every row, or one per prompt (row i of the
-    prompts belongs to ``sessions[i]``; rows that generation expands — beams,
-    ``num_return_sequences`` — inherit their prompt's session). ``audit``: a
+    ``sessions``: one TenantSession for every row, or one per batch row (row i
+    belongs to ``sessions[i]``). Where generation expands each prompt into
+    several consecutive rows before the first update (transformers repeats each
+    prompt ``max(num_beams, num_return_sequences)`` times), ``rows_per_session``
+    says how many: row i belongs to ``sessions[i // rows_per_session]``. A batch
+    that matches neither is refused (ValueError); a row's tenant is never
+    guessed. ``audit``: a
     KVAuditLog, or None for no audit. ``policy``: a KeyRotationPolicy checked
     before each update (a firing policy re-seals that session's chunks under
     the new epoch). ``backend``: a CryptoBackend (default: chosen by the
@@ -625,7 +740,8 @@ class EncryptedCache(Cache):
 
     def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit: KVAuditLog | None = None,
                  policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None,
-                 merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8):
+                 merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8,
+                 rows_per_session: int | None = None):
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
         if getattr(config, "is_encoder_decoder", False):
@@ -652,9 +768,13 @@ class EncryptedCache(Cache):
         if isinstance(merge_min_segments, bool) or not isinstance(merge_min_segments, int) \
                 or merge_min_segments < 2:
             raise ValueError(f"merge_min_segments must be an int >= 2, got {merge_min_segments!r}")
+        if rows_per_session is not None and (isinstance(rows_per_session, bool)
+                                             or not isinstance(rows_per_session, int) or rows_per_session < 1):
+            raise ValueError(f"rows_per_session must be a positive int or None, got {rows_per_session!r}")
         self.merge_segments = merge_segments
         self.merge_min_segments = merge_min_segments
         self.max_merged_positions = max_merged_positions
+        self.rows_per_session = rows_per_session
 
         decoder_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder_config)
@@ -686,7 +806,12 @@ class EncryptedCache(Cache):
         self._backend = backend
         self._keyslots: dict[tuple[int, int], KeySlot] = {}
         self._audit_ids: dict[int, tuple[int, int]] = {}
-        self._scratch: torch.Tensor | None = None
+        # the plaintext scratch lives in a box shared with a finalizer that zeroes it when this cache is
+        # collected (the finalizer holds no reference to the cache, so it cannot keep it alive)
+        self._scratch_box: list = [None]
+        self._scratch_guard = weakref.finalize(self, _zero_scratch, self._scratch_box)
+        self._txn: list | None = None
+        self._is_closed = False
         self._closed: set[int] = set()
         me = weakref.ref(self)
         for s in self._sessions:
@@ -704,14 +829,21 @@ class EncryptedCache(Cache):
             if self._row_sess.size != batch:
                 raise ValueError(f"layers of this cache hold {self._row_sess.size} rows; got a batch of {batch}")
             return self._row_sess.copy()
-        p = self._prompt_sess
-        if p.size == 1:
+        p, per = self._prompt_sess, self.rows_per_session
+        if per is not None:
+            if batch != p.size * per:
+                raise ValueError(f"{p.size} session(s) × rows_per_session={per} is {p.size * per} rows, "
+                                 f"but the batch has {batch}")
+            rows = np.repeat(p, per)
+        elif p.size == 1:
             rows = np.zeros(batch, dtype=np.int64)
-        elif batch % p.size == 0:
-            rows = np.repeat(p, batch // p.size)
+        elif batch == p.size:
+            rows = p.copy()
         else:
-            raise ValueError(f"{p.size} sessions were given (one per prompt) but the batch has {batch} rows, "
-                             "not a multiple of it")
+            raise ValueError(f"{p.size} sessions were given for a batch of {batch} rows: pass one session per "
+                             "row, or rows_per_session= when generation expands each prompt into several rows "
+                             "(beam search, num_return_sequences: max(num_beams, num_return_sequences)); "
+                             "a row's tenant is never guessed")
         self._row_sess = rows
         return rows.copy()
 
@@ -756,12 +888,14 @@ class EncryptedCache(Cache):
             f"(tenant {a.tenant_id!r}): rows of different sessions are never mixed")
 
     def _before_update(self) -> None:
+        if self._is_closed:
+            raise ValueError("this EncryptedCache is closed")
         if self.policy is None:
             return
         used = range(len(self._sessions)) if self._row_sess is None else np.unique(self._row_sess).tolist()
         for si in used:
             s = self._sessions[si]
-            if si in self._closed:
+            if not s.is_valid():    # nothing to rotate: the update itself is refused (and recorded)
                 continue
             fire, trigger = self.policy.should_rotate(s)
             if fire:
@@ -800,7 +934,57 @@ class EncryptedCache(Cache):
                 t, sx = self._audit_idx(si)
                 self.audit.emit(Op.CLOSE, tenant_idx=t, session_idx=sx, status=Status.OK)
 
+    # ---- atomic operations and their records ---------------------------------------------------------
+    @contextlib.contextmanager
+    def _atomic(self):
+        """An operation over all layers: it completes, or every layer and the row map are left exactly as
+        they were. Its records (``_emit``) are written only once it has completed; refusals and isolation
+        violations are written at once, whatever follows."""
+        if self._txn is not None:       # nested: the outermost one commits or restores
+            yield
+            return
+        saved = [(layer, layer._snapshot()) for layer in self.layers if layer.is_initialized]
+        rows = None if self._row_sess is None else self._row_sess.copy()
+        self._txn = []
+        try:
+            yield
+            records, self._txn = self._txn, None
+            for op, fields in records:
+                self.audit.emit(op, **fields)
+        except BaseException:
+            self._txn = None
+            for layer, snap in saved:
+                layer._restore(snap)
+            self._row_sess = rows
+            raise
+
+    def _emit(self, op: Op, **fields) -> None:
+        """The record of a completed step: held back while an operation over all layers is under way."""
+        if self._txn is not None:
+            self._txn.append((op, fields))
+        else:
+            self.audit.emit(op, **fields)
+
+    def _refuse(self, layer: EncryptedLayer, op: Op, pos_start: int, pos_count: int, only: int | None = None) -> None:
+        """Record the refusal of ``op`` on the rows of ``layer`` whose session is closed or expired (status
+        REFUSED, one record per row), and wipe the scratch, which may hold those rows from an earlier read."""
+        self.wipe_scratch()
+        if self.audit is None or not layer.is_initialized or layer._row_sess.size == 0:
+            return
+        dead = [si for si in np.unique(layer._row_sess).tolist()
+                if (only is None or si == only) and not self._sessions[si].is_valid()]
+        rows = np.flatnonzero(np.isin(layer._row_sess, dead))
+        if rows.size == 0:
+            return
+        tidx, sidx = self._audit_arrays(layer._row_sess[rows])
+        self.audit.emit(op, tenant_idx=tidx, session_idx=sidx, layer=layer.layer_idx, row=rows.astype(np.uint16),
+                        pos_start=max(int(pos_start), 0), pos_count=max(int(pos_count), 0), status=Status.REFUSED)
+
     # ---- scratch --------------------------------------------------------------------------------
+    @property
+    def _scratch(self) -> torch.Tensor | None:
+        return self._scratch_box[0]
+
     def _scratch_views(self, batch, seq, heads, dim, dtype, device):
         itemsize = _itemsize(dtype)
         need = batch * seq * 2 * heads * dim * itemsize
@@ -809,7 +993,9 @@ class EncryptedCache(Cache):
             if s is not None:
                 s.zero_()
             cap = max(need, 2 * s.numel() if s is not None and s.device == torch.device(device) else 0, 1 << 16)
-            s = self._scratch = torch.empty(cap, dtype=torch.uint8, device=device)
+            s = self._scratch_box[0] = torch.empty(cap, dtype=torch.uint8, device=device)
+            if not self._scratch_guard.alive:      # a copy of a cache needs a finalizer of its own
+                self._scratch_guard = weakref.finalize(self, _zero_scratch, self._scratch_box)
         x = s[:need].view(dtype).view(batch, 2, heads, seq, dim)
         return x[:, 0], x[:, 1]
 
@@ -817,6 +1003,16 @@ class EncryptedCache(Cache):
         """Zero the plaintext scratch (the K/V views last returned become zeros)."""
         if self._scratch is not None:
             self._scratch.zero_()
+
+    def close(self) -> None:
+        """Zero and release the plaintext scratch and every layer's ciphertext; the cache cannot be used
+        afterwards (ValueError). The sessions stay open: closing them is their owner's call. A cache that is
+        dropped without ``close()`` has its scratch zeroed when it is garbage-collected."""
+        self._is_closed = True
+        _zero_scratch(self._scratch_box)
+        for layer in self.layers:
+            layer.reset()
+        self._row_sess = None
 
     def _check_status(self, layer: EncryptedLayer, status, table: ChunkTable, sess: np.ndarray, outs) -> None:
         """Raise DecryptionError for failed chunks when the backend answered on the host (numpy status).
@@ -871,21 +1067,28 @@ class EncryptedCache(Cache):
 
     def _rotate(self, si: int, trigger: RotationTrigger) -> int:
         s = self._sessions[si]
-        new = s.rotate_key()
-        for layer in self.layers:
-            if not layer.is_initialized:
-                continue
-            rows = np.flatnonzero(layer._row_sess == si)
-            first = layer._reseal_rows(rows)
-            if self.audit is not None and rows.size:
-                tidx, sidx = self._audit_arrays(layer._row_sess[rows])
-                self.audit.emit(Op.ROTATE, tenant_idx=tidx, session_idx=sidx, layer=layer.layer_idx,
-                                row=rows.astype(np.uint16), pos_start=layer._start,
-                                pos_count=layer._end - layer._start, nonce_counter=first.astype(np.uint64),
-                                epoch=new, status=Status.OK)
-        if self.audit is not None:
-            t, sx = self._audit_idx(si)
-            self.audit.emit(Op.ROTATE, tenant_idx=t, session_idx=sx, epoch=new, status=Status.OK)
+        try:
+            new = s.rotate_key()
+            # all layers re-sealed, or none: until the old epochs are retired below, they still open
+            with self._atomic():
+                for layer in self.layers:
+                    if not layer.is_initialized:
+                        continue
+                    rows = np.flatnonzero(layer._row_sess == si)
+                    first = layer._reseal_rows(rows)
+                    if self.audit is not None and rows.size:
+                        tidx, sidx = self._audit_arrays(layer._row_sess[rows])
+                        self._emit(Op.ROTATE, tenant_idx=tidx, session_idx=sidx, layer=layer.layer_idx,
+                                   row=rows.astype(np.uint16), pos_start=layer._start,
+                                   pos_count=layer._end - layer._start, nonce_counter=first.astype(np.uint64),
+                                   epoch=new, status=Status.OK)
+                if self.audit is not None:
+                    t, sx = self._audit_idx(si)
+                    self._emit(Op.ROTATE, tenant_idx=t, session_idx=sx, epoch=new, status=Status.OK)
+        except SessionExpiredError:
+            for layer in self.layers:
+                self._refuse(layer, Op.ROTATE, layer._start, layer._end - layer._start, only=si)
+            raise
         for e in s.live_epochs:
             if e != new:
                 s.retire_epoch(e)     # the retire hook drops this cache's key copy and the backend's schedules
@@ -902,18 +1105,28 @@ class EncryptedCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
             raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-        if self._row_sess is not None:
-            self._row_sess = np.repeat(self._row_sess, int(repeats))
-        super().batch_repeat_interleave(repeats)
+        with self._atomic():
+            if self._row_sess is not None:
+                self._row_sess = np.repeat(self._row_sess, int(repeats))
+            super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for layer in self.layers:
-            if layer.is_initialized:
-                idx = layer._index(indices, "indices")
-                if self._row_sess is not None:
-                    self._row_sess = self._row_sess[idx]
-                break
-        super().batch_select_indices(indices)
+        with self._atomic():
+            for layer in self.layers:
+                if layer.is_initialized:
+                    idx = layer._index(indices, "indices")
+                    if self._row_sess is not None:
+                        self._row_sess = self._row_sess[idx]
+                    break
+            super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        with self._atomic():
+            super().reorder_cache(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        with self._atomic():
+            super().crop(tokens_to_remove)
 
     def reset(self) -> None:
         super().reset()

@@ -58,10 +58,11 @@ def test_beam_search_with_return_sequences_matches(kind, alice_bob):
     kw = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, do_sample=False)
     ref = generate(model, ids, **kw)
     audit = KVAuditLog()
-    cache = EncryptedCache(model.config, sessions=alice_bob, audit=audit)
+    # generate() repeats each prompt max(num_beams, num_return_sequences) times before the first forward
+    cache = EncryptedCache(model.config, sessions=alice_bob, audit=audit, rows_per_session=3)
     out = generate(model, ids, cache, **kw)
     assert torch.equal(ref, out)
-    # expanded rows inherit their prompt's session: rows 0-2 alice, 3-5 bob
+    # the expanded rows are mapped explicitly: rows 0-2 alice, 3-5 bob
     assert [s.tenant_id for s in cache.layers[0].row_sessions] == ["alice"] * 3 + ["bob"] * 3
     assert audit.entries(limit=1, operation="reorder")
     audit.close()

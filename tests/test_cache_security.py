@@ -196,7 +196,7 @@ def test_closing_a_session_shreds_its_rows_and_is_recorded(two):
 def test_rows_and_sessions_must_agree():
     model = tiny_model("llama")
     cache = EncryptedCache(model.config, sessions=sessions("a", "b", "c"))
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="3 sessions"):
         cache.update(*kv(2, 3), 0)
 
 
@@ -539,3 +539,132 @@ def test_a_merge_that_cannot_seal_is_skipped_and_the_update_stands():
     assert torch.equal(k_out[:, :, -1:], k)
     layer = cache.layers[0]
     assert layer.get_seq_length() == 5 and layer.num_segments == 2   # the merge did not happen
+
+
+# ------------------------------------------------------------------ expired and closed rows are refused, and recorded
+
+def _tenants_with_clock(clock, bob_ttl=10):
+    from pqc_kv_cache.session import TenantIdentity, establish_tenant_session
+    return [establish_tenant_session(TenantIdentity("alice"), ttl_seconds=3600, clock=clock),
+            establish_tenant_session(TenantIdentity("bob"), ttl_seconds=bob_ttl, clock=clock)]
+
+
+def test_an_expired_sessions_rows_are_not_decrypted_from_cached_keys(clock):
+    from pqc_kv_cache.errors import SessionExpiredError
+    cache = EncryptedCache(tiny_model("llama").config, sessions=_tenants_with_clock(clock))
+    cache.update(*kv(2, 4), 0)
+    cache.update(*kv(2, 0), 0)                 # the key slots are cached now
+    clock.advance(11)
+    with pytest.raises(SessionExpiredError, match="bob"):
+        cache.update(*kv(2, 0), 0)             # no new positions: only the read could leak
+    assert not cache._scratch[:2 * 2 * H * 4 * D * 4].view(torch.float32).view(2, 2, H, 4, D)[1].any()
+
+
+def _refused(audit, op, tenant="bob"):
+    from pqc_kv_cache.audit import Status
+    audit.flush()
+    return [e for e in audit.entries(limit=None, operation=op, tenant_id=tenant) if e.status == Status.REFUSED]
+
+
+@pytest.mark.parametrize("how", ["expired", "closed"])
+def test_refused_reads_and_writes_of_a_dead_session_are_recorded(clock, how):
+    from pqc_kv_cache.errors import SessionExpiredError
+    alice, bob = _tenants_with_clock(clock)
+    audit = KVAuditLog()
+    cache = EncryptedCache(tiny_model("llama").config, sessions=[alice, bob], audit=audit, merge_segments=False)
+    cache.update(*kv(2, 4), 0)
+    cache.update(*kv(2, 2), 0)
+    if how == "expired":
+        clock.advance(11)
+    else:
+        bob.close()
+    with pytest.raises(SessionExpiredError):
+        cache.update(*kv(2, 0), 0)             # read refused
+    with pytest.raises(SessionExpiredError):
+        cache.update(*kv(2, 1), 0)             # write refused
+    with pytest.raises(SessionExpiredError):
+        cache.crop(-1)                         # cutting 4..5 needs bob's key
+    reads, writes, crops = (_refused(audit, op) for op in ("decrypt", "encrypt", "crop"))
+    assert [(e.layer_idx, e.row, e.position, e.position_count) for e in reads] == [(0, 1, 0, 6)]
+    assert [(e.layer_idx, e.row, e.position, e.position_count) for e in writes] == [(0, 1, 6, 1)]
+    assert [(e.layer_idx, e.row, e.position, e.position_count) for e in crops] == [(0, 1, 5, 1)]
+    assert all(not e.success for e in reads + writes + crops)
+    assert not _refused(audit, "decrypt", "alice") and not _refused(audit, "encrypt", "alice")
+    audit.close()
+
+
+def test_a_refused_rotation_is_recorded(clock):
+    from pqc_kv_cache.errors import SessionExpiredError
+    alice, bob = _tenants_with_clock(clock)
+    audit = KVAuditLog()
+    cache = EncryptedCache(tiny_model("llama").config, sessions=[alice, bob], audit=audit)
+    cache.update(*kv(2, 3), 0)
+    clock.advance(11)
+    with pytest.raises(SessionExpiredError):
+        cache.rotate("bob")
+    assert [(e.layer_idx, e.row, e.position, e.position_count) for e in _refused(audit, "rotate")] == [(0, 1, 0, 3)]
+    audit.close()
+
+
+def test_rotation_decrypt_records_name_the_batch_row(two):
+    audit = KVAuditLog()
+    cache = EncryptedCache(tiny_model("llama").config, sessions=[two[0], two[1], two[1]], audit=audit)
+    cache.update(*kv(3, 4), 0)
+    audit.flush()
+    seen = len(audit.entries(limit=None, operation="decrypt"))
+    cache.rotate("bob")
+    audit.flush()
+    rotation_reads = audit.entries(limit=None, operation="decrypt")[:-seen or None]
+    assert rotation_reads and {e.tenant_id for e in rotation_reads} == {"bob"}
+    assert sorted(e.row for e in rotation_reads) == [1, 2]
+    audit.close()
+
+
+# ------------------------------------------------------------------ no plaintext left behind in freed memory
+
+def test_a_dropped_cache_zeroes_its_scratch_without_waiting_for_a_collection(two):
+    import weakref
+    cache, _, _ = filled(two)
+    scratch = cache._scratch
+    assert scratch.any()
+    gone = weakref.ref(cache)
+    del cache
+    assert gone() is None, "a reference cycle keeps the cache (and its plaintext) alive"
+    assert not scratch.any()
+
+
+def test_closing_a_cache_zeroes_its_plaintext_and_ciphertext(two):
+    cache, _, _ = filled(two)
+    scratch, arenas = cache._scratch, [layer._arena for layer in cache.layers]
+    cache.close()
+    assert not scratch.any() and not any(a.any() for a in arenas)
+    cache.close()                              # closing twice is harmless
+    with pytest.raises(ValueError, match="closed"):
+        cache.update(*kv(2, 1), 0)
+
+
+# ------------------------------------------------------------------ rows -> sessions are never guessed
+
+def test_fewer_sessions_than_rows_are_refused_instead_of_guessed(two):
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two)
+    with pytest.raises(ValueError, match="rows_per_session"):
+        cache.update(*kv(4, 3), 0)             # four prompts, two sessions: whose rows are 1 and 2?
+    assert not cache.layers[0].is_initialized
+
+
+def test_rows_per_session_maps_expanded_rows_explicitly(two):
+    cache = EncryptedCache(tiny_model("llama").config, sessions=two, rows_per_session=3)
+    cache.update(*kv(6, 3), 0)
+    assert [s.tenant_id for s in cache.layers[0].row_sessions] == ["alice"] * 3 + ["bob"] * 3
+    wrong = EncryptedCache(tiny_model("llama").config, sessions=two, rows_per_session=3)
+    with pytest.raises(ValueError, match="rows_per_session"):
+        wrong.update(*kv(4, 3), 0)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises((TypeError, ValueError)):
+            EncryptedCache(tiny_model("llama").config, sessions=two, rows_per_session=bad)
+
+
+def test_one_session_covers_any_batch():
+    cache = EncryptedCache(tiny_model("llama").config, sessions=sessions("solo"))
+    cache.update(*kv(5, 2), 0)
+    assert {s.tenant_id for s in cache.layers[0].row_sessions} == {"solo"}

@@ -490,7 +490,8 @@ def test_encrypted_cache_over_the_cuda_backend_logic_matches_dynamic_cache(mode)
         kw.update(num_beams=3, num_return_sequences=2)
     ref = generate(model, ids, **kw)
     be = CpuTwinBackend()
-    cache = EncryptedCache(model.config, sessions=sessions("alice", "bob"), backend=be)
+    cache = EncryptedCache(model.config, sessions=sessions("alice", "bob"), backend=be,
+                           rows_per_session=3 if mode == "beams" else None)
     with torch.no_grad():   # past_key_values=: the keyword every transformers 5.x generate() accepts
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kw)
     cache.check()
