@@ -67,7 +67,7 @@ def run_cache_demo(print_fn=print, audit_path: str | None = None) -> int:
         with torch.no_grad():
             plain = model.generate(ids, **kw)
             cache = EncryptedCache(model.config, sessions=[alice, bob], audit=audit)
-            enc = model.generate(ids, cache=cache, **kw)
+            enc = model.generate(ids, past_key_values=cache, **kw)
         same = torch.equal(plain, enc)
         ok &= same
         p(f"  row 0 -> alice, row 1 -> bob; {enc.shape[1] - ids.shape[1]} new tokens each")
@@ -99,7 +99,7 @@ def run_cache_demo(print_fn=print, audit_path: str | None = None) -> int:
         follow = torch.cat([enc, torch.randint(2, 256, (2, 1), generator=g)], dim=1)
         try:
             with torch.no_grad():
-                model.generate(follow, cache=cache, attention_mask=torch.cat(
+                model.generate(follow, past_key_values=cache, attention_mask=torch.cat(
                     [mask, torch.ones(2, follow.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1),
                     max_new_tokens=2, do_sample=False)
             p("  NOT caught: generation went on with a changed chunk")
