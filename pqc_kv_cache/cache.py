@@ -32,6 +32,7 @@ arena until its next compaction are ciphertext under keys that are now erased).
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from typing import Iterable, Sequence
 
@@ -80,6 +81,20 @@ def _attention_windows(config) -> list[int | None]:
             raise ValueError(f"layer {i} is {kind!r}: EncryptedCache supports full, sliding-window and chunked "
                              "attention layers only")
     return windows
+
+
+@functools.cache
+def _recording_returns_window() -> bool:
+    """Whether this transformers' DynamicSlidingWindowLayer, while recording the past, returns only the
+    states its mask sizes announce (5.18 on) or every state kept since the last crop (5.16, 5.17).
+    EncryptedLayer returns what the installed release's layer returns; the answer comes from running it."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+    layer = DynamicSlidingWindowLayer(sliding_window=2)
+    layer.activate_past_recording()
+    x = torch.zeros(1, 1, 3, 1)
+    layer.update(x, x)
+    k, _ = layer.update(x[:, :, :1], x[:, :, :1])
+    return k.shape[-2] < 4
 
 
 def _crop_count(tokens_to_remove) -> int:
@@ -351,7 +366,7 @@ class EncryptedLayer(CacheLayerMixin):
             self._append_segment(self._end, n, c, e, s, o)
             self._end += n
         view_start = self._start
-        if self.is_sliding and self.record_past:
+        if self.is_sliding and self.record_past and _recording_returns_window():
             view_start = max(self._start, self._end - (self.sliding_window - 1 + n))
         try:
             k, v, base = self._read_from(view_start)
