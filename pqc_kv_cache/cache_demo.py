@@ -30,6 +30,14 @@ def _tiny_llama():
     return model
 
 
+def _cache_kw(cache) -> dict:
+    """generate's keyword for a cache: ``cache=`` from transformers 5.24 (which deprecates
+    ``past_key_values=``), ``past_key_values=`` before it (5.19 to 5.23 refuse ``cache=``)."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"cache" if (major, minor) >= (5, 24) else "past_key_values": cache}
+
+
 def run_cache_demo(print_fn=print, audit_path: str | None = None) -> int:
     """Run the demo; returns 0 when every check holds, 1 otherwise.
 
@@ -67,7 +75,7 @@ def run_cache_demo(print_fn=print, audit_path: str | None = None) -> int:
         with torch.no_grad():
             plain = model.generate(ids, **kw)
             cache = EncryptedCache(model.config, sessions=[alice, bob], audit=audit)
-            enc = model.generate(ids, past_key_values=cache, **kw)
+            enc = model.generate(ids, **_cache_kw(cache), **kw)
         same = torch.equal(plain, enc)
         ok &= same
         p(f"  row 0 -> alice, row 1 -> bob; {enc.shape[1] - ids.shape[1]} new tokens each")
@@ -99,7 +107,7 @@ def run_cache_demo(print_fn=print, audit_path: str | None = None) -> int:
         follow = torch.cat([enc, torch.randint(2, 256, (2, 1), generator=g)], dim=1)
         try:
             with torch.no_grad():
-                model.generate(follow, past_key_values=cache, attention_mask=torch.cat(
+                model.generate(follow, **_cache_kw(cache), attention_mask=torch.cat(
                     [mask, torch.ones(2, follow.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1),
                     max_new_tokens=2, do_sample=False)
             p("  NOT caught: generation went on with a changed chunk")
