@@ -6,14 +6,25 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on this disk; installed before the project so
 # that the project's `torch>=2.4` is already satisfied and no CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
+# The lowest transformers release the project supports (pyproject.toml), tested in a second venv;
+# .venv takes the newest the declared range allows.
+VENV_LOWEST ?= .venv-lowest
+TRANSFORMERS_LOWEST ?= transformers==5.16.0
+STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
-.PHONY: install demo test typecheck bench clean gpu-wheels
+.PHONY: install demo test test-lowest typecheck bench clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+$(STAMP_LOWEST): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_LOWEST)
+	$(VENV_LOWEST)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(VENV_LOWEST)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' '$(TRANSFORMERS_LOWEST)'
+	touch $(STAMP_LOWEST)
 
 install: $(STAMP)
 
@@ -22,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the cache tests (everything that touches transformers) on the lowest supported release
+test-lowest: $(STAMP_LOWEST)
+	$(VENV_LOWEST)/bin/python -m pytest -q tests/test_cache_*.py
 
 # mypy over the public surface (configured in pyproject.toml, [tool.mypy])
 typecheck: $(STAMP)
@@ -41,4 +56,4 @@ gpu-wheels:
 	ls .whl
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VENV_LOWEST) build *.egg-info .pytest_cache .benchmarks

@@ -38,6 +38,8 @@ arena until its next compaction are ciphertext under keys that are now erased).
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import weakref
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -60,6 +62,63 @@ __all__ = ["EncryptedLayer", "EncryptedCache"]
 _FULL = ("full_attention",)
 _SLIDING = ("sliding_attention", "chunked_attention")
 _META = ("counter", "epoch", "sess", "offset")
+
+
+def _attention_windows(config) -> list[int | None]:
+    """The sliding window of each cached layer of ``config`` (None: full attention).
+
+    transformers' ``get_layer_types_and_kwargs`` gives the layer types and their init kwargs: one dict
+    shared by all layers up to 5.18, one dict per layer from 5.19. Any layer type other than full,
+    sliding-window or chunked attention (linear attention, compressed, shared or dummy layers) is refused
+    here, before any layer exists."""
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    layer_types = list(layer_types)
+    if isinstance(layer_kwargs, dict):
+        layer_kwargs = [layer_kwargs] * len(layer_types)
+    if len(layer_kwargs) != len(layer_types) or not layer_types:
+        raise ValueError(f"this config describes {len(layer_types)} cached layer(s) with {len(layer_kwargs)} "
+                         "set(s) of layer arguments; EncryptedCache cannot lay out its layers")
+    windows: list[int | None] = []
+    for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
+        if kind in _FULL:
+            windows.append(None)
+        elif kind in _SLIDING:
+            w = kw.get("sliding_window")
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                raise ValueError(f"layer {i} is {kind!r} with sliding window {w!r}; a positive int is needed")
+            windows.append(w)
+        else:
+            raise ValueError(f"layer {i} is {kind!r}: EncryptedCache supports full, sliding-window and chunked "
+                             "attention layers only")
+    return windows
+
+
+@functools.cache
+def _recording_returns_window() -> bool:
+    """Whether this transformers' DynamicSlidingWindowLayer, while recording the past, returns only the
+    states its mask sizes announce (5.18 on) or every state kept since the last crop (5.16, 5.17).
+    EncryptedLayer returns what the installed release's layer returns; the answer comes from running it."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+    layer = DynamicSlidingWindowLayer(sliding_window=2)
+    layer.activate_past_recording()
+    x = torch.zeros(1, 1, 3, 1)
+    layer.update(x, x)
+    k, _ = layer.update(x[:, :, :1], x[:, :, :1])
+    return k.shape[-2] < 4
+
+
+def _crop_count(tokens_to_remove) -> int:
+    """``crop``'s argument as an int: an int, or a one-element integer tensor or array (assisted and
+    prompt-lookup decoding pass a 0-d tensor on transformers up to 5.18)."""
+    t = tokens_to_remove
+    if isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim == 0 and t.dtype not in (torch.bool, np.bool_):
+        if (t.is_floating_point() or t.is_complex()) if isinstance(t, torch.Tensor) else t.dtype.kind not in "iu":
+            raise TypeError(f"tokens_to_remove must be an integer, got a tensor of {t.dtype}")
+        return int(t.item())
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+        raise TypeError(f"tokens_to_remove must be an int, got {type(t).__name__}"
+                        + (f" of shape {list(t.shape)}" if isinstance(t, (torch.Tensor, np.ndarray)) else ""))
+    return int(t)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -401,7 +460,7 @@ class EncryptedLayer(CacheLayerMixin):
         n = key_states.shape[-2]
         end = self._end
         view_start = self._start
-        if self.is_sliding and self.record_past:
+        if self.is_sliding and self.record_past and _recording_returns_window():
             view_start = max(self._start, end - (self.sliding_window - 1))
         refused = (Op.ENCRYPT, end, n) if n else (Op.DECRYPT, view_start, end - view_start)
         try:
@@ -525,9 +584,7 @@ class EncryptedLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` positions (negative counts, as DynamicLayer); a chunk cut in
         two is re-sealed under a fresh counter. Sliding layers also shrink back to their window."""
-        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, (int, np.integer)):
-            raise TypeError(f"tokens_to_remove must be an int, got {type(tokens_to_remove).__name__}")
-        t = int(tokens_to_remove)
+        t = _crop_count(tokens_to_remove)
         if self.is_sliding and self.is_initialized and self._end >= self.sliding_window:
             if not self.record_past:
                 raise ValueError("crop was called on a sliding-window layer past its window without past "
@@ -716,6 +773,26 @@ class EncryptedLayer(CacheLayerMixin):
                                       self.head_dim))
         return out
 
+    def _copy_for(self, cache: "EncryptedCache") -> "EncryptedLayer":
+        """This layer's state as a layer of ``cache``: its own arena (the ciphertext bytes copied as they
+        are) and metadata; the backend and layout are shared."""
+        new = type(self).__new__(type(self))
+        keep = {"_cache_ref": weakref.ref(cache), "_arena": None if self._arena is None else self._arena.clone()}
+        for name, value in self.__dict__.items():
+            if name in keep:
+                new.__dict__[name] = keep[name]
+            elif name in ("_backend", "_layout", "device", "dtype"):
+                new.__dict__[name] = value
+            else:
+                new.__dict__[name] = copy.deepcopy(value)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "EncryptedLayer":
+        cache = memo.get(id(self._cache))
+        if cache is None:
+            raise TypeError("an EncryptedLayer is copied with its cache: copy.deepcopy(cache), not one of its layers")
+        return self._copy_for(cache)
+
     def __repr__(self) -> str:
         kind = f"sliding_window={self.sliding_window}" if self.is_sliding else "full"
         return (f"EncryptedLayer(layer={self.layer_idx}, {kind}, rows={self._batch}, "
@@ -776,17 +853,7 @@ class EncryptedCache(Cache):
         self.max_merged_positions = max_merged_positions
         self.rows_per_session = rows_per_session
 
-        decoder_config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder_config)
-        layers = []
-        for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-            if kind in _FULL:
-                layers.append(EncryptedLayer(self, i))
-            elif kind in _SLIDING:
-                layers.append(EncryptedLayer(self, i, int(kw["sliding_window"])))
-            else:
-                raise ValueError(f"layer {i} is {kind!r}: EncryptedCache supports full and sliding-window "
-                                 "attention layers only")
+        layers = [EncryptedLayer(self, i, window) for i, window in enumerate(_attention_windows(config))]
         super().__init__(layers=layers)
 
         self._sessions: list[TenantSession] = []
@@ -813,10 +880,44 @@ class EncryptedCache(Cache):
         self._txn: list | None = None
         self._is_closed = False
         self._closed: set[int] = set()
+        self._copies: weakref.WeakSet[EncryptedCache] = weakref.WeakSet([self])   # this cache and its deep copies
+        self._watch_sessions()
+
+    def _watch_sessions(self) -> None:
+        """Have every session tell this cache when it closes or erases an epoch's key (held weakly)."""
         me = weakref.ref(self)
         for s in self._sessions:
             s.on_close(lambda sess, me=me: me() is not None and me()._on_session_closed(sess))
             s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
+
+    def __deepcopy__(self, memo: dict) -> "EncryptedCache":
+        """``copy.deepcopy(cache)``: a cache that continues on its own from the same state (reusing a
+        prompt's cache for several requests).
+
+        The copy shares the session objects, so each session keeps one nonce counter for both caches
+        and no (key, nonce) pair is sealed twice; it also shares the audit log, the rotation policy and
+        the backend. It holds its own ciphertext (a copy of each layer's arena: no re-encryption, no
+        plaintext) and its own scratch, and it is told of session closes and key retirements like the
+        original (closing a session shreds its rows in both; rotating a session, here or in the
+        original, re-seals its chunks in both before the old key is erased)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        shared = {"_sessions": list(self._sessions), "audit": self.audit, "policy": self.policy,
+                  "_backend": self._backend, "_keyslots": dict(self._keyslots),
+                  "_audit_ids": dict(self._audit_ids), "_copies": self._copies, "_txn": None}
+        for name, value in self.__dict__.items():
+            if name in shared:
+                new.__dict__[name] = shared[name]
+            elif name not in ("layers", "_scratch_box", "_scratch_guard"):
+                new.__dict__[name] = copy.deepcopy(value, memo)
+        # a scratch of its own (the original's plaintext is not copied), zeroed when the copy is dropped
+        new._scratch_box = [None]
+        new._scratch_guard = weakref.finalize(new, _zero_scratch, new._scratch_box)
+        new.layers = [layer._copy_for(new) for layer in self.layers]
+        self._copies.add(new)
+        new._watch_sessions()
+        return new
 
     # ---- rows and sessions -------------------------------------------------------------------------
     @property
@@ -1069,19 +1170,16 @@ class EncryptedCache(Cache):
         s = self._sessions[si]
         try:
             new = s.rotate_key()
-            # all layers re-sealed, or none: until the old epochs are retired below, they still open
-            with self._atomic():
-                for layer in self.layers:
-                    if not layer.is_initialized:
-                        continue
-                    rows = np.flatnonzero(layer._row_sess == si)
-                    first = layer._reseal_rows(rows)
-                    if self.audit is not None and rows.size:
-                        tidx, sidx = self._audit_arrays(layer._row_sess[rows])
-                        self._emit(Op.ROTATE, tenant_idx=tidx, session_idx=sidx, layer=layer.layer_idx,
-                                   row=rows.astype(np.uint16), pos_start=layer._start,
-                                   pos_count=layer._end - layer._start, nonce_counter=first.astype(np.uint64),
-                                   epoch=new, status=Status.OK)
+            # all layers of every copy re-sealed, or none: until the old epochs are retired below, they
+            # still open. Copies made by deepcopy share the session: their chunks move to the new epoch
+            # too, before the old keys are retired, so a rotation in one copy leaves the others readable.
+            with contextlib.ExitStack() as stack:
+                for cache in [self, *(c for c in list(self._copies) if c is not self)]:
+                    stack.enter_context(cache._atomic())
+                for cache in [self, *(c for c in list(self._copies) if c is not self)]:
+                    for sj, other in enumerate(cache._sessions):
+                        if other is s and sj not in cache._closed:
+                            cache._reseal_session(sj, new)
                 if self.audit is not None:
                     t, sx = self._audit_idx(si)
                     self._emit(Op.ROTATE, tenant_idx=t, session_idx=sx, epoch=new, status=Status.OK)
@@ -1093,6 +1191,20 @@ class EncryptedCache(Cache):
             if e != new:
                 s.retire_epoch(e)     # the retire hook drops this cache's key copy and the backend's schedules
         return new
+
+    def _reseal_session(self, si: int, new: int) -> None:
+        """Re-seal every live chunk of session slot ``si`` under its current epoch ``new`` (recorded per layer)."""
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            rows = np.flatnonzero(layer._row_sess == si)
+            first = layer._reseal_rows(rows)
+            if self.audit is not None and rows.size:
+                tidx, sidx = self._audit_arrays(layer._row_sess[rows])
+                self._emit(Op.ROTATE, tenant_idx=tidx, session_idx=sidx, layer=layer.layer_idx,
+                                row=rows.astype(np.uint16), pos_start=layer._start,
+                                pos_count=layer._end - layer._start, nonce_counter=first.astype(np.uint64),
+                                epoch=new, status=Status.OK)
 
     def _forget_backend_keys(self) -> None:
         """Let a backend that caches key schedules (the CUDA backend keeps them on the device) drop them,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -110,6 +112,28 @@ def test_second_generate_reuses_the_cache(kind, alice_bob):
     out2 = generate(model, follow, cache, max_new_tokens=5, do_sample=False)
     assert torch.equal(ref2, out2)
     assert cache.get_seq_length() == ref_cache.get_seq_length()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deep_copied_prompt_cache_continues_like_a_deep_copied_dynamic_cache(kind, alice_bob):
+    """transformers' prompt-reuse recipe: fill a cache with a shared prefix, deepcopy it per request."""
+    import copy
+    from transformers import DynamicCache
+    model = tiny_model(kind)
+    prefix = prompts(2, 11, seed=14)
+    ref_cache = DynamicCache(config=model.config)
+    cache = EncryptedCache(model.config, sessions=alice_bob)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+        model(input_ids=prefix, past_key_values=ref_cache, use_cache=True)
+        model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    copies = [(copy.deepcopy(ref_cache), copy.deepcopy(cache)) for _ in range(2)] + [(ref_cache, cache)]
+    for n, (ref_c, enc_c) in enumerate(copies):
+        follow = torch.cat([prefix, prompts(2, 2 + n, seed=15 + n)], dim=1)
+        ref = generate(model, follow, ref_c, max_new_tokens=6, do_sample=False)
+        out = generate(model, follow, enc_c, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ref, out)
+        assert enc_c.get_seq_length() == ref_c.get_seq_length()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -6,6 +6,7 @@ No tests here; the test_cache_* modules import these helpers.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from transformers import (
@@ -56,6 +57,9 @@ def generate(model, ids, cache=None, attention_mask=None, seed: int | None = Non
         attention_mask = torch.ones_like(ids)
     if seed is not None:
         torch.manual_seed(seed)
-    extra = {} if cache is None else {"cache": cache}
-    with torch.no_grad():
+    # past_key_values= is the keyword every supported transformers accepts (5.19-5.23 refuse cache=);
+    # 5.24+ call it deprecated in favour of cache=, which test_cache_transformers_compat checks where it exists
+    extra = {} if cache is None else {"past_key_values": cache}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
         return model.generate(ids, attention_mask=attention_mask, **extra, **kw)
