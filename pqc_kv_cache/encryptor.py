@@ -13,7 +13,7 @@ import threading
 from cryptography.exceptions import InvalidTag
 
 from ._checks import check_int
-from .envelope import NONCE_SIZE, EncryptedEntry, EntryMetadata, KVCacheEntry, make_nonce
+from .envelope import NONCE_SIZE, EncryptedEntry, EntryMetadata, KVCacheEntry, dtype_code, make_nonce
 from .errors import (
     DecryptionError,
     MalformedEntryError,
@@ -65,10 +65,18 @@ class CacheEncryptor:
         if not isinstance(entry.key_tensor_bytes, (bytes, bytearray, memoryview)) or \
                 not isinstance(entry.value_tensor_bytes, (bytes, bytearray, memoryview)):
             raise TypeError("key_tensor_bytes and value_tensor_bytes must be bytes")
+        if not isinstance(entry.metadata, EntryMetadata):
+            raise TypeError(f"entry.metadata must be an EntryMetadata, got {type(entry.metadata).__name__}")
+        # everything the AAD binds is checked before a counter is taken: a refused call changes nothing
+        dtype_code(dtype)
+        num_heads = check_int("num_heads", num_heads, 0, 0xFFFFFFFF)
+        head_dim = check_int("head_dim", head_dim, 0, 0xFFFFFFFF)
+        k = bytes(entry.key_tensor_bytes)
+        if len(k) > 0xFFFFFFFF:
+            raise ValueError(f"key_tensor_bytes holds {len(k)} bytes; the AAD's K length is 32 bits")
         s = self.session
         _check_owner(s, entry.metadata, "encrypt")
         epoch, counter = s.reserve(1)
-        k = bytes(entry.key_tensor_bytes)
         out = EncryptedEntry(entry.metadata, make_nonce(epoch, counter), b"", len(k), counter,
                              epoch, dtype, num_heads, head_dim)
         out.ciphertext = s.cipher(epoch).encrypt(out.nonce, k + bytes(entry.value_tensor_bytes), out.aad())

@@ -76,6 +76,10 @@ class TenantIsolationManager:
 
     def __init__(self, audit=None, policy: KeyRotationPolicy | None = None,
                  clock: Callable[[], float] | None = None):
+        if policy is not None and not isinstance(policy, KeyRotationPolicy):
+            raise TypeError(f"policy must be a KeyRotationPolicy, got {type(policy).__name__}")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be callable, got {type(clock).__name__}")
         self.audit = audit
         self.policy = policy
         self.clock = clock

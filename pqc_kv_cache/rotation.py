@@ -36,6 +36,11 @@ class RotationTrigger(str, enum.Enum):
         return None
 
 
+def _check_session(session: object) -> None:
+    if not isinstance(session, TenantSession):
+        raise TypeError(f"session must be a TenantSession, got {type(session).__name__}")
+
+
 class KeyRotationPolicy:
     """Rotate after ``max_entries`` encryptions or ``max_age_seconds`` in one epoch.
 
@@ -62,6 +67,7 @@ class KeyRotationPolicy:
 
     def apply(self, session: TenantSession) -> None:
         """Set the session's hard per-epoch cap."""
+        _check_session(session)
         session.max_entries_per_epoch = self.hard_max_entries
 
     def _now(self, session: TenantSession) -> float:
@@ -70,6 +76,7 @@ class KeyRotationPolicy:
     def should_rotate(self, session: TenantSession) -> tuple[bool, RotationTrigger | None]:
         """``(True, ENTRY_COUNT)`` once the current epoch sealed ``max_entries`` entries,
         ``(True, TIME_ELAPSED)`` once its key is ``max_age_seconds`` old, else ``(False, None)``."""
+        _check_session(session)
         if session.entries_encrypted >= self.max_entries:
             return True, RotationTrigger.ENTRY_COUNT
         if self._now(session) - session.epoch_started_at >= self.max_age_seconds:
@@ -82,6 +89,7 @@ class KeyRotationPolicy:
         The caller that wants the epoch number reads ``session.epoch`` or calls
         ``session.rotate_key()`` directly.
         """
+        _check_session(session)
         return session.key_for_epoch(session.rotate_key())
 
     def __repr__(self) -> str:

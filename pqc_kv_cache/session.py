@@ -273,6 +273,7 @@ class TenantKeyPair:
         tenant_id = tenant_id or self.tenant_id
         if tenant_id is None:
             raise ValueError("tenant_id is required (none was bound at generate())")
+        _check_tenant_id(tenant_id)
         if not isinstance(kem_ciphertext, (bytes, bytearray)) or len(kem_ciphertext) != KEM_CIPHERTEXT_SIZE:
             raise ValueError(f"kem_ciphertext must be {KEM_CIPHERTEXT_SIZE} bytes")
         epoch = check_int("epoch", epoch, 0, MAX_EPOCH)
@@ -323,6 +324,8 @@ class TenantSession:
             raise ValueError(f"tenant must be the TenantIdentity of {tenant_id!r}, got {tenant!r}")
         _check_session_id(session_id)
         ttl_seconds = check_seconds("ttl_seconds", ttl_seconds, hi=MAX_TTL_SECONDS)
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be callable, got {type(clock).__name__}")
         self.tenant = tenant
         self.session_id = session_id
         self.kem_ciphertext = bytes(kem_ciphertext)

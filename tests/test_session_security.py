@@ -448,3 +448,24 @@ def test_retire_epoch_checks_its_argument(alice):
         alice.retire_epoch(-1)
     alice.retire_epoch(np.int64(0))
     assert alice.live_epochs == [1]
+
+
+@pytest.mark.parametrize("kwargs", [{"num_heads": -1}, {"head_dim": 2 ** 32}, {"dtype": "int4"},
+                                    {"num_heads": True}])
+def test_refused_encrypt_arguments_take_no_counter(alice, kwargs):
+    enc = CacheEncryptor(alice)
+    with pytest.raises((ValueError, TypeError)):
+        enc.encrypt_entry(_entry(alice), **kwargs)
+    assert (alice.next_sequence, alice.entries_encrypted) == (1, 0)
+    assert enc.encrypt_entry(_entry(alice), num_heads=np.int64(2)).sequence_number == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: establish_tenant_session(TenantIdentity("alice"), clock=5),
+    lambda: TenantIsolationManager(clock="now"),
+    lambda: TenantIsolationManager(policy=300),
+    lambda: KeyRotationPolicy().should_rotate("alice"),
+])
+def test_wrong_kinds_of_arguments_are_type_errors(make):
+    with pytest.raises(TypeError):
+        make()
