@@ -116,11 +116,7 @@ def session_tag(session_id: str) -> bytes:
 
 def make_nonce(epoch: int, counter: int) -> bytes:
     """96-bit nonce: epoch (32 bits) then counter (64 bits), big-endian."""
-    if not 0 <= epoch <= MAX_EPOCH:
-        raise ValueError(f"epoch must fit in 32 bits, got {epoch}")
-    if not 0 <= counter <= MAX_COUNTER:
-        raise ValueError(f"counter must fit in 64 bits, got {counter}")
-    return _NONCE.pack(epoch, counter)
+    return _NONCE.pack(check_int("epoch", epoch, 0, MAX_EPOCH), check_int("counter", counter, 0, MAX_COUNTER))
 
 
 def split_nonce(nonce: bytes) -> tuple[int, int]:
@@ -134,6 +130,14 @@ def build_aad(*, tenant_id: str, session_id: str, epoch: int, layer_idx: int,
               position: int, position_count: int, key_len: int, kv_role: str = "both",
               dtype: str = "", num_heads: int = 0, head_dim: int = 0, token_id: int = -1) -> bytes:
     """The 80-byte AAD v1 of one chunk (see the module docstring for the layout)."""
+    ints = [check_int(name, value, lo, hi) for name, value, lo, hi in (
+        ("epoch", epoch, 0, MAX_EPOCH), ("layer_idx", layer_idx, 0, 0xFFFFFFFF),
+        ("position", position, 0, MAX_COUNTER), ("position_count", position_count, 0, 0xFFFFFFFF),
+        ("key_len", key_len, 0, 0xFFFFFFFF), ("num_heads", num_heads, 0, 0xFFFFFFFF),
+        ("head_dim", head_dim, 0, 0xFFFFFFFF), ("token_id", token_id, -(1 << 63), (1 << 63) - 1))]
+    epoch, layer_idx, position, position_count, key_len, num_heads, head_dim, token_id = ints
+    if not isinstance(tenant_id, str) or not isinstance(session_id, str):
+        raise TypeError("tenant_id and session_id must be str")
     try:
         return _AAD.pack(AAD_MAGIC, FORMAT_VERSION, KV_ROLES[kv_role], dtype_code(dtype),
                          tenant_tag(tenant_id), session_tag(session_id), epoch, layer_idx,

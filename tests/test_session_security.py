@@ -469,3 +469,18 @@ def test_refused_encrypt_arguments_take_no_counter(alice, kwargs):
 def test_wrong_kinds_of_arguments_are_type_errors(make):
     with pytest.raises(TypeError):
         make()
+
+
+def test_nonce_and_aad_builders_take_integers_by_one_rule():
+    from pqc_kv_cache.envelope import build_aad
+    assert make_nonce(np.uint32(1), np.int64(2)) == make_nonce(1, 2)
+    with pytest.raises(TypeError, match="epoch"):
+        make_nonce(True, 1)
+    with pytest.raises(ValueError, match="counter"):
+        make_nonce(0, 2 ** 64)
+    fields = dict(tenant_id="alice", session_id="sid", epoch=0, layer_idx=3, position=0, position_count=1, key_len=8)
+    assert build_aad(**{**fields, "layer_idx": np.int64(3)}) == build_aad(**fields)
+    with pytest.raises(TypeError, match="layer_idx"):
+        build_aad(**{**fields, "layer_idx": True})
+    with pytest.raises(ValueError, match="lone surrogates"):
+        build_aad(**{**fields, "tenant_id": "a\ud800"})
