@@ -12,7 +12,8 @@ import threading
 
 from cryptography.exceptions import InvalidTag
 
-from .envelope import NONCE_SIZE, EncryptedEntry, EntryMetadata, KVCacheEntry, make_nonce
+from ._checks import check_int
+from .envelope import NONCE_SIZE, EncryptedEntry, EntryMetadata, KVCacheEntry, dtype_code, make_nonce
 from .errors import (
     DecryptionError,
     MalformedEntryError,
@@ -21,7 +22,14 @@ from .errors import (
 )
 from .session import TenantSession
 
-__all__ = ["CacheEncryptor", "CacheDecryptor", "ReplayWindow", "NONCE_SIZE"]
+__all__ = ["CacheEncryptor", "CacheDecryptor", "ReplayWindow", "NONCE_SIZE",
+           "MIN_REPLAY_WINDOW", "MAX_REPLAY_WINDOW", "DEFAULT_MAX_EPOCH_WINDOWS"]
+
+MIN_REPLAY_WINDOW = 64
+# A window is a bitmap of ``size`` bits: 2^20 counters is 128 KiB per epoch.
+MAX_REPLAY_WINDOW = 1 << 20
+# Replay windows a decryptor keeps (one per epoch it opened entries of); see CacheDecryptor.
+DEFAULT_MAX_EPOCH_WINDOWS = 256
 
 
 def _check_owner(session: TenantSession, meta: EntryMetadata, verb: str) -> None:
@@ -57,10 +65,18 @@ class CacheEncryptor:
         if not isinstance(entry.key_tensor_bytes, (bytes, bytearray, memoryview)) or \
                 not isinstance(entry.value_tensor_bytes, (bytes, bytearray, memoryview)):
             raise TypeError("key_tensor_bytes and value_tensor_bytes must be bytes")
+        if not isinstance(entry.metadata, EntryMetadata):
+            raise TypeError(f"entry.metadata must be an EntryMetadata, got {type(entry.metadata).__name__}")
+        # everything the AAD binds is checked before a counter is taken: a refused call changes nothing
+        dtype_code(dtype)
+        num_heads = check_int("num_heads", num_heads, 0, 0xFFFFFFFF)
+        head_dim = check_int("head_dim", head_dim, 0, 0xFFFFFFFF)
+        k = bytes(entry.key_tensor_bytes)
+        if len(k) > 0xFFFFFFFF:
+            raise ValueError(f"key_tensor_bytes holds {len(k)} bytes; the AAD's K length is 32 bits")
         s = self.session
         _check_owner(s, entry.metadata, "encrypt")
         epoch, counter = s.reserve(1)
-        k = bytes(entry.key_tensor_bytes)
         out = EncryptedEntry(entry.metadata, make_nonce(epoch, counter), b"", len(k), counter,
                              epoch, dtype, num_heads, head_dim)
         out.ciphertext = s.cipher(epoch).encrypt(out.nonce, k + bytes(entry.value_tensor_bytes), out.aad())
@@ -78,9 +94,8 @@ class ReplayWindow:
     """
 
     def __init__(self, size: int = 1 << 16):
-        if size < 64:
-            raise ValueError("replay window must cover at least 64 counters")
-        self.size = size
+        self.size = check_int("replay window size", size, MIN_REPLAY_WINDOW, MAX_REPLAY_WINDOW)
+        self._mask = (1 << self.size) - 1
         self.top = -1          # highest counter accepted
         self.bits = 0          # bit i set: counter (top - i) seen
 
@@ -97,7 +112,7 @@ class ReplayWindow:
     def mark(self, counter: int) -> None:
         if counter > self.top:
             shift = counter - self.top
-            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self.bits = ((self.bits << shift) | 1) & self._mask if shift < self.size else 1
             self.top = counter
         else:
             self.bits |= 1 << (self.top - counter)
@@ -107,21 +122,52 @@ class CacheDecryptor:
     """Open EncryptedEntry objects of one session, refusing replays and other tenants' entries.
 
     * An entry of another tenant or session: TenantIsolationError.
-    * A (epoch, counter) already opened by this decryptor: NonceReplayError
-      (bounded memory: one ReplayWindow per epoch).
+    * A (epoch, counter) already opened by this decryptor: NonceReplayError.
+      Memory is bounded: one ReplayWindow of ``replay_window`` counters
+      (64 ... 2^20) per epoch, created only once an entry of that epoch has
+      authenticated (an entry naming an epoch the session has no key for never
+      creates one), and at most ``max_epochs`` of them. Windows of retired
+      epochs are dropped first; beyond that the oldest epoch's window is
+      dropped and entries of that epoch and older are refused from then on
+      (NonceReplayError), as a window refuses counters older than itself.
     * Any tag failure — changed byte, chunk moved to another layer, position or
       tenant, changed key_len or sequence number, retired epoch key:
       DecryptionError naming tenant, layer and positions.
     * An expired or closed session: SessionExpiredError (SessionClosedError).
     """
 
-    def __init__(self, session: TenantSession, replay_window: int = 1 << 16):
+    def __init__(self, session: TenantSession, replay_window: int = 1 << 16, *,
+                 max_epochs: int = DEFAULT_MAX_EPOCH_WINDOWS):
         if not isinstance(session, TenantSession):
             raise TypeError(f"session must be a TenantSession, got {type(session).__name__}")
         self.session = session
-        self._window_size = replay_window
+        self._window_size = check_int("replay_window", replay_window, MIN_REPLAY_WINDOW, MAX_REPLAY_WINDOW)
+        self._max_epochs = check_int("max_epochs", max_epochs, 1, None)
         self._windows: dict[int, ReplayWindow] = {}
+        self._floor = 0        # entries of epochs below it are refused (their windows were dropped)
         self._lock = threading.Lock()
+
+    @property
+    def window_count(self) -> int:
+        """Replay windows held (one per epoch whose entries this decryptor opened, at most ``max_epochs``)."""
+        return len(self._windows)
+
+    def _admit_epoch(self, epoch: int) -> ReplayWindow:
+        """A new window for ``epoch`` (called with the lock held, after its entry authenticated)."""
+        if len(self._windows) >= self._max_epochs:
+            live = set(self.session.live_epochs) if self.session.is_valid() else set()
+            for e in [e for e in self._windows if e not in live]:
+                del self._windows[e]            # retired: nothing of that epoch can be opened any more
+        if len(self._windows) >= self._max_epochs:
+            oldest = min(self._windows)
+            if epoch < oldest:
+                raise NonceReplayError(
+                    f"epoch {epoch} is older than the {self._max_epochs} epochs whose replay windows "
+                    f"this decryptor keeps; refused")
+            del self._windows[oldest]
+            self._floor = oldest + 1
+        window = self._windows[epoch] = ReplayWindow(self._window_size)
+        return window
 
     def decrypt_entry(self, entry: EncryptedEntry) -> KVCacheEntry:
         """Open one entry (see the class docstring for the errors)."""
@@ -143,13 +189,19 @@ class CacheDecryptor:
                 f"for tenant {m.tenant_id!r}, layer {m.layer_idx}, positions {m.positions.start}..{m.positions.stop - 1}",
                 tenant_id=m.tenant_id, layer_idx=m.layer_idx, positions=m.positions)
         with self._lock:
-            window = self._windows.setdefault(entry.epoch, ReplayWindow(self._window_size))
-            window.check(entry.sequence_number)
+            # the key first: an epoch the session has no key for never gets a replay window
             try:
                 cipher = s.cipher(entry.epoch)
             except DecryptionError as exc:
                 raise DecryptionError(f"{exc}; layer {m.layer_idx}, positions {m.positions.start}..{m.positions.stop - 1}",
                                       tenant_id=m.tenant_id, layer_idx=m.layer_idx, positions=m.positions) from None
+            if entry.epoch < self._floor:
+                raise NonceReplayError(
+                    f"epoch {entry.epoch} is older than the {self._max_epochs} epochs whose replay windows "
+                    f"this decryptor keeps; refused")
+            window = self._windows.get(entry.epoch)
+            if window is not None:
+                window.check(entry.sequence_number)
             try:
                 plain = cipher.decrypt(bytes(entry.nonce), bytes(entry.ciphertext), entry.aad())
             except InvalidTag:
@@ -157,6 +209,8 @@ class CacheDecryptor:
                     f"authentication failed for tenant {m.tenant_id!r}, layer {m.layer_idx}, "
                     f"positions {m.positions.start}..{m.positions.stop - 1}",
                     tenant_id=m.tenant_id, layer_idx=m.layer_idx, positions=m.positions) from None
+            if window is None:
+                window = self._admit_epoch(entry.epoch)
             window.mark(entry.sequence_number)
         return KVCacheEntry(m, plain[:entry.key_len], plain[entry.key_len:])
 

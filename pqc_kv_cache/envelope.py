@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from ._checks import check_int
 from .errors import MalformedEntryError
 
 __all__ = [
@@ -115,11 +116,7 @@ def session_tag(session_id: str) -> bytes:
 
 def make_nonce(epoch: int, counter: int) -> bytes:
     """96-bit nonce: epoch (32 bits) then counter (64 bits), big-endian."""
-    if not 0 <= epoch <= MAX_EPOCH:
-        raise ValueError(f"epoch must fit in 32 bits, got {epoch}")
-    if not 0 <= counter <= MAX_COUNTER:
-        raise ValueError(f"counter must fit in 64 bits, got {counter}")
-    return _NONCE.pack(epoch, counter)
+    return _NONCE.pack(check_int("epoch", epoch, 0, MAX_EPOCH), check_int("counter", counter, 0, MAX_COUNTER))
 
 
 def split_nonce(nonce: bytes) -> tuple[int, int]:
@@ -133,20 +130,34 @@ def build_aad(*, tenant_id: str, session_id: str, epoch: int, layer_idx: int,
               position: int, position_count: int, key_len: int, kv_role: str = "both",
               dtype: str = "", num_heads: int = 0, head_dim: int = 0, token_id: int = -1) -> bytes:
     """The 80-byte AAD v1 of one chunk (see the module docstring for the layout)."""
+    ints = [check_int(name, value, lo, hi) for name, value, lo, hi in (
+        ("epoch", epoch, 0, MAX_EPOCH), ("layer_idx", layer_idx, 0, 0xFFFFFFFF),
+        ("position", position, 0, MAX_COUNTER), ("position_count", position_count, 0, 0xFFFFFFFF),
+        ("key_len", key_len, 0, 0xFFFFFFFF), ("num_heads", num_heads, 0, 0xFFFFFFFF),
+        ("head_dim", head_dim, 0, 0xFFFFFFFF), ("token_id", token_id, -(1 << 63), (1 << 63) - 1))]
+    epoch, layer_idx, position, position_count, key_len, num_heads, head_dim, token_id = ints
+    if not isinstance(tenant_id, str) or not isinstance(session_id, str):
+        raise TypeError("tenant_id and session_id must be str")
     try:
         return _AAD.pack(AAD_MAGIC, FORMAT_VERSION, KV_ROLES[kv_role], dtype_code(dtype),
                          tenant_tag(tenant_id), session_tag(session_id), epoch, layer_idx,
                          position, position_count, key_len, num_heads, head_dim, token_id)
+    except UnicodeEncodeError:
+        raise ValueError("tenant_id and session_id must be valid Unicode text (no lone surrogates)") from None
     except (struct.error, KeyError) as exc:
         raise ValueError(f"AAD field out of range: {exc}") from None
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
+def _check_id(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty str")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} must be valid Unicode text (no lone surrogates), got {value!r}") from None
+
+
+_ENTRY_INT_FIELDS = ("key_len", "sequence_number", "epoch", "num_heads", "head_dim", "format_version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +179,12 @@ class EntryMetadata:
     position_count: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.tenant_id, str) or not self.tenant_id:
-            raise ValueError("tenant_id must be a non-empty str")
-        if not isinstance(self.session_id, str) or not self.session_id:
-            raise ValueError("session_id must be a non-empty str")
-        _check_int("layer_idx", self.layer_idx, 0, 0xFFFFFFFF)
-        _check_int("position", self.position, 0, 0xFFFFFFFFFFFFFFFF)
-        _check_int("token_id", self.token_id, -(1 << 63), (1 << 63) - 1)
-        _check_int("position_count", self.position_count, 1, 0xFFFFFFFF)
+        _check_id("tenant_id", self.tenant_id)
+        _check_id("session_id", self.session_id)
+        # integer fields are stored as plain ints (numpy and torch integer scalars are converted)
+        for name, lo, hi in (("layer_idx", 0, 0xFFFFFFFF), ("position", 0, 0xFFFFFFFFFFFFFFFF),
+                             ("token_id", -(1 << 63), (1 << 63) - 1), ("position_count", 1, 0xFFFFFFFF)):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), lo, hi))
         if self.kv_role not in KV_ROLES:
             raise ValueError(f"kv_role must be one of {sorted(KV_ROLES)}, got {self.kv_role!r}")
 
@@ -231,6 +240,13 @@ class EncryptedEntry:
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self):
+        for name in _ENTRY_INT_FIELDS:   # numpy / torch integer scalars become ints; anything else is left to validate()
+            v = getattr(self, name)
+            if type(v) is not int:
+                try:
+                    setattr(self, name, check_int(name, v))
+                except TypeError:
+                    pass
         for name in ("nonce", "ciphertext"):
             v = getattr(self, name)
             if isinstance(v, str):
@@ -268,13 +284,18 @@ class EncryptedEntry:
         """
         if not isinstance(self.metadata, EntryMetadata):
             raise MalformedEntryError(f"metadata must be an EntryMetadata, got {type(self.metadata).__name__}")
-        for name in ("key_len", "sequence_number", "epoch", "num_heads", "head_dim", "format_version"):
+        for name in _ENTRY_INT_FIELDS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise MalformedEntryError(f"{name} must be an int, got {type(v).__name__}")
         if not isinstance(self.dtype, str):
             raise MalformedEntryError("dtype must be a str")
-        if len(self.metadata.tenant_id.encode("utf-8")) > 0xFFFF or len(self.metadata.session_id.encode("utf-8")) > 0xFFFF:
+        try:
+            too_long = (len(self.metadata.tenant_id.encode("utf-8")) > 0xFFFF
+                        or len(self.metadata.session_id.encode("utf-8")) > 0xFFFF)
+        except UnicodeEncodeError:
+            raise MalformedEntryError("tenant_id and session_id must be valid Unicode text (no lone surrogates)") from None
+        if too_long:
             raise MalformedEntryError("tenant_id and session_id must each fit in 65535 UTF-8 bytes")
         if self.format_version != FORMAT_VERSION:
             raise MalformedEntryError(f"unsupported envelope version {self.format_version}")

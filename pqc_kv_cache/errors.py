@@ -12,6 +12,7 @@ __all__ = [
     "TenantIsolationError",
     "SessionExpiredError",
     "SessionClosedError",
+    "SessionForkedError",
     "DecryptionError",
     "NonceReplayError",
     "KeyRotationRequiredError",
@@ -38,6 +39,12 @@ class SessionExpiredError(KVCacheError):
 
 class SessionClosedError(SessionExpiredError):
     """The session was closed and its key material erased; it can never be used again."""
+
+
+class SessionForkedError(KVCacheError):
+    """The session was inherited through ``fork()``: the parent seals with the same keys and nonce
+    counters, so this process may open entries with it but never seal or rotate; establish a new
+    session here."""
 
 
 class DecryptionError(KVCacheError):

@@ -3,19 +3,29 @@
 The manager writes its own audit records (encrypt, decrypt, rotate,
 isolation-violation, close): a refused access is on record whether or not the
 caller remembers to log it.
+
+An entry may name a layer or position that the audit record cannot hold (the
+AAD takes 32-bit layers and 64-bit positions; the record 16-bit layers, with
+0xFFFF meaning "none", and 32-bit positions). Such a value is clamped to the
+record's largest value and the record's details say so, e.g.
+``clamped: layer_idx=70000 recorded as 65534``: the access is on record all the
+same, and the caller gets the error the access deserves.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
 import types
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from .encryptor import CacheDecryptor, CacheEncryptor
-from .envelope import EncryptedEntry, KVCacheEntry
+from .envelope import EncryptedEntry, EntryMetadata, KVCacheEntry
 from .errors import (
     DecryptionError,
     KeyRotationRequiredError,
+    KVCacheError,
+    MalformedEntryError,
     SessionExpiredError,
     TenantIsolationError,
     UnknownTenantError,
@@ -28,6 +38,36 @@ if TYPE_CHECKING:   # annotations only
 
 __all__ = ["TenantIsolationManager"]
 
+# Largest value of each audit-record field the manager writes (0xFFFF is "no layer").
+_RECORD_MAX = {"layer_idx": 0xFFFE, "position": 0xFFFF_FFFF, "position_count": 0xFFFF_FFFF,
+               "sequence_number": 0xFFFF_FFFF_FFFF_FFFF, "epoch": 0xFFFF_FFFF, "nbytes": 0xFFFF_FFFF}
+
+
+def _recordable(**fields) -> tuple[dict, str | None]:
+    """Each field clamped into the audit record's range, and a note naming every value that was clamped."""
+    out, notes = {}, []
+    for name, value in fields.items():
+        hi = _RECORD_MAX[name]
+        try:
+            v = operator.index(value) if not isinstance(value, bool) else None
+        except TypeError:
+            v = None
+        if v is None:
+            out[name] = 0
+            notes.append(f"{name}={type(value).__name__} recorded as 0")
+        elif v < 0 or v > hi:
+            out[name] = min(max(v, 0), hi)
+            notes.append(f"{name}={v} recorded as {out[name]}")
+        else:
+            out[name] = v
+    return out, ("clamped: " + ", ".join(notes) if notes else None)
+
+
+def _with_note(details: str | None, note: str | None) -> str | None:
+    if note is None:
+        return details
+    return note if not details else f"{details}; {note}"
+
 
 class TenantIsolationManager:
     """Thread-safe registry of tenant sessions that seals and opens entries on their behalf.
@@ -39,6 +79,10 @@ class TenantIsolationManager:
 
     def __init__(self, audit: KVAuditLog | None = None, policy: KeyRotationPolicy | None = None,
                  clock: Callable[[], float] | None = None):
+        if policy is not None and not isinstance(policy, KeyRotationPolicy):
+            raise TypeError(f"policy must be a KeyRotationPolicy, got {type(policy).__name__}")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be callable, got {type(clock).__name__}")
         self.audit: KVAuditLog | None = audit
         self.policy = policy
         self.clock = clock
@@ -54,15 +98,17 @@ class TenantIsolationManager:
         return types.MappingProxyType(self._sessions)
 
     def create_session(self, tenant: TenantIdentity, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> TenantSession:
-        """The tenant's live session, establishing a new one (ML-KEM-768) if it has none or it expired."""
+        """The tenant's live session, establishing a new one (ML-KEM-768) if it has none, it expired,
+        or it was inherited through fork()."""
         if not isinstance(tenant, TenantIdentity):
             raise TypeError(f"tenant must be a TenantIdentity, got {type(tenant).__name__}")
         with self._lock:
             live = self._sessions.get(tenant.tenant_id)
-            if live is not None and live.is_valid():
+            if live is not None and live.is_valid() and not live.forked:
                 return live
             if live is not None:
-                self._drop(tenant.tenant_id, live, reason="expired")
+                # a session inherited through fork() opens but never seals here: replace it
+                self._drop(tenant.tenant_id, live, reason="forked" if live.forked and live.is_valid() else "expired")
             session = establish_tenant_session(tenant, ttl_seconds=ttl_seconds, clock=self.clock)
             if self.policy is not None:
                 self.policy.apply(session)
@@ -132,6 +178,8 @@ class TenantIsolationManager:
         if not isinstance(entry, KVCacheEntry):
             raise TypeError(f"entry must be a KVCacheEntry, got {type(entry).__name__}")
         m = entry.metadata
+        if not isinstance(m, EntryMetadata):
+            raise MalformedEntryError(f"entry metadata must be an EntryMetadata, got {type(m).__name__}")
         with self._lock:
             session = self.get_session(tenant_id)
             if m.tenant_id != tenant_id:
@@ -145,6 +193,10 @@ class TenantIsolationManager:
             self._log("log_encrypt", session, m.layer_idx, m.position, 0, False, "rotation required",
                       m.position_count, session.epoch, entry.plaintext_size())
             raise
+        except KVCacheError as exc:  # expired, closed or forked session: a failure on record too
+            self._log("log_encrypt", session, m.layer_idx, m.position, 0, False,
+                      f"{type(exc).__name__}: {exc}", m.position_count, session.epoch, entry.plaintext_size())
+            raise
         self._log("log_encrypt", session, m.layer_idx, m.position, out.sequence_number, True, None,
                   m.position_count, out.epoch, entry.plaintext_size())
         return out
@@ -154,6 +206,8 @@ class TenantIsolationManager:
         if not isinstance(entry, EncryptedEntry):
             raise TypeError(f"entry must be an EncryptedEntry, got {type(entry).__name__}")
         m = entry.metadata
+        if not isinstance(m, EntryMetadata):
+            raise MalformedEntryError(f"entry metadata must be an EntryMetadata, got {type(m).__name__}")
         with self._lock:
             session = self.get_session(tenant_id)
             if m.tenant_id != tenant_id or m.session_id != session.session_id:
@@ -179,14 +233,19 @@ class TenantIsolationManager:
              details: str | None, count: int, epoch: int, nbytes: int) -> None:
         if self.audit is None:
             return
-        getattr(self.audit, method)(session.tenant_id, session.session_id, layer, position, seq, ok, details,
-                                    position_count=count, epoch=epoch, nbytes=nbytes)
+        f, note = _recordable(layer_idx=layer, position=position, sequence_number=seq, position_count=count,
+                              epoch=epoch, nbytes=nbytes)
+        getattr(self.audit, method)(session.tenant_id, session.session_id, f["layer_idx"], f["position"],
+                                    f["sequence_number"], ok, _with_note(details, note),
+                                    position_count=f["position_count"], epoch=f["epoch"], nbytes=f["nbytes"])
 
     def _violation(self, tenant_id: str, session: TenantSession, target: str, layer: int, position: int,
                    count: int, what: str):
         if self.audit is not None:
-            self.audit.log_isolation_violation(tenant_id, target, what, session_id=session.session_id,
-                                               layer_idx=layer, position=position, position_count=count)
+            f, note = _recordable(layer_idx=layer, position=position, position_count=count)
+            self.audit.log_isolation_violation(tenant_id, target, _with_note(what, note), session_id=session.session_id,
+                                               layer_idx=f["layer_idx"], position=f["position"],
+                                               position_count=f["position_count"])
         raise TenantIsolationError(f"tenant {tenant_id!r} refused: {what} (layer {layer}, position {position})")
 
     def __enter__(self) -> "TenantIsolationManager":

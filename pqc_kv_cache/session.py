@@ -23,6 +23,17 @@ Nonce counters are per epoch: each epoch's counter starts at 1, and the nonce
 holds the epoch (``envelope.make_nonce``), so a (key, nonce) pair is never
 used twice even when ``rotate_key`` is handed a key used before.
 
+Fork and copies: a (key, nonce) pair must never be used twice, and a
+session's counters live in this process's memory. After ``os.fork()`` the
+child holds the same keys and counters as the parent, so every session the
+child inherits is marked forked (``os.register_at_fork``): in the child it
+still opens entries, but sealing (``reserve``, ``consume_sequence``) and
+rotation raise SessionForkedError — rotation too, since the child would derive
+the same next-epoch key as the parent. The child establishes its own session.
+A session cannot be copied, deep-copied or pickled (TypeError): a copy would
+share keys but not the counter. Containers that deep-copy sessions share them
+instead (pass the session in ``memo``).
+
 Keys live in ``bytearray`` buffers that ``close()`` and ``retire_epoch()``
 overwrite with zeros. ``bytes`` returned to callers (``symmetric_key``,
 ``key_for_epoch``) are copies the library cannot erase; AES-GCM contexts cached
@@ -34,19 +45,23 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import os
 import secrets
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
+from ._checks import check_int, check_seconds
 from .errors import (
+    DecryptionError,
     KeyRotationRequiredError,
     PQCUnavailableError,
     SessionClosedError,
     SessionExpiredError,
-    DecryptionError,
+    SessionForkedError,
 )
 
 __all__ = [
@@ -64,13 +79,18 @@ __all__ = [
 
 SESSION_TTL_SECONDS = 900
 DEFAULT_TTL_SECONDS = float(SESSION_TTL_SECONDS)
+# Longest accepted time to live (ten years): expires_at must stay a printable date.
+MAX_TTL_SECONDS = 10 * 366 * 86400.0
 SESSION_ID_PREFIX = "urn:pqc-kv-sess:"
 # Hard cap of encryptions under one (session, epoch) key. NIST SP 800-38D bounds
 # invocations of one key at 2^32; rotation policies fire far earlier.
 DEFAULT_MAX_ENTRIES_PER_EPOCH = 1 << 32
+MAX_COUNTER = 0xFFFF_FFFF_FFFF_FFFF
+MAX_EPOCH = 0xFFFF_FFFF
 KEM_CIPHERTEXT_SIZE = 1088
 KEM_PUBLIC_KEY_SIZE = 1184
 MAX_TENANT_ID_LEN = 128
+MAX_SESSION_ID_BYTES = 0xFFFF
 
 Clock = Callable[[], float]
 
@@ -94,6 +114,15 @@ def _check_algorithm(algorithm: object) -> KEMAlgorithm:
 
 def _iso(wall: float) -> str:
     return _dt.datetime.fromtimestamp(wall, tz=_dt.timezone.utc).isoformat()
+
+
+def _printable_wall(wall: float, what: str) -> float:
+    """``wall`` if it is a time ``_iso`` can print, else ValueError."""
+    try:
+        _iso(wall)
+    except (OverflowError, ValueError, OSError):
+        raise ValueError(f"{what} is out of the representable date range") from None
+    return wall
 
 
 def _wall_of(when: object) -> float:
@@ -152,6 +181,31 @@ def _wipe(buf: bytearray | None) -> None:
             buf[i] = 0
 
 
+def _check_session_id(session_id: object) -> str:
+    if not isinstance(session_id, str) or not session_id:
+        raise ValueError("session_id must be a non-empty str")
+    try:
+        n = len(session_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"session_id must be valid Unicode text (no lone surrogates), got {session_id!r}") from None
+    if n > MAX_SESSION_ID_BYTES:
+        raise ValueError(f"session_id must fit in {MAX_SESSION_ID_BYTES} UTF-8 bytes, got {n}")
+    return session_id
+
+
+# Every live session of this process, so that a forked child can mark them all (see the module docstring).
+_LIVE_SESSIONS: "weakref.WeakSet[TenantSession]" = weakref.WeakSet()
+
+
+def _mark_sessions_forked() -> None:
+    for session in list(_LIVE_SESSIONS):
+        session._forked_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_sessions_forked)
+
+
 def _check_tenant_id(tenant_id: object) -> str:
     if not isinstance(tenant_id, str):
         raise TypeError(f"tenant_id must be a str, got {type(tenant_id).__name__}")
@@ -194,6 +248,9 @@ class TenantKeyPair:
         self._sk = private_key
         self.tenant_id = _check_tenant_id(tenant_id) if tenant_id is not None else None
 
+    def __repr__(self) -> str:
+        return f"TenantKeyPair(tenant_id={self.tenant_id!r}, algorithm='ML-KEM-768', private key not shown)"
+
     @classmethod
     def generate(cls, tenant_id: str | None = None) -> "TenantKeyPair":
         return cls(_mlkem().MLKEM768PrivateKey.generate(), tenant_id)
@@ -216,10 +273,11 @@ class TenantKeyPair:
         tenant_id = tenant_id or self.tenant_id
         if tenant_id is None:
             raise ValueError("tenant_id is required (none was bound at generate())")
+        _check_tenant_id(tenant_id)
         if not isinstance(kem_ciphertext, (bytes, bytearray)) or len(kem_ciphertext) != KEM_CIPHERTEXT_SIZE:
             raise ValueError(f"kem_ciphertext must be {KEM_CIPHERTEXT_SIZE} bytes")
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError("epoch must be a non-negative int")
+        epoch = check_int("epoch", epoch, 0, MAX_EPOCH)
+        _check_session_id(session_id)
         try:
             ss = self._sk.decapsulate(bytes(kem_ciphertext))
         except ValueError as exc:
@@ -264,16 +322,17 @@ class TenantSession:
             tenant = TenantIdentity(tenant_id)
         elif not isinstance(tenant, TenantIdentity) or tenant.tenant_id != tenant_id:
             raise ValueError(f"tenant must be the TenantIdentity of {tenant_id!r}, got {tenant!r}")
-        if not isinstance(session_id, str) or not session_id:
-            raise ValueError("session_id must be a non-empty str")
-        if not (isinstance(ttl_seconds, (int, float)) and ttl_seconds > 0):
-            raise ValueError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+        _check_session_id(session_id)
+        ttl_seconds = check_seconds("ttl_seconds", ttl_seconds, hi=MAX_TTL_SECONDS)
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be callable, got {type(clock).__name__}")
         self.tenant = tenant
         self.session_id = session_id
         self.kem_ciphertext = bytes(kem_ciphertext)
-        self.ttl_seconds = float(ttl_seconds)
+        self.ttl_seconds = ttl_seconds
         self.clock: Clock = clock or time.monotonic
-        self.max_entries_per_epoch = int(max_entries_per_epoch)
+        self.max_entries_per_epoch = max_entries_per_epoch
+        self._forked = False
         self._lock = threading.RLock()
         self._ctx = _ctx(tenant_id, session_id)
         self._chain: bytearray = _chain0(shared_secret, self._ctx)
@@ -290,6 +349,44 @@ class TenantSession:
         self.closed = False
         self._close_hooks: list[Callable[["TenantSession"], None]] = []
         self._retire_hooks: list[Callable[["TenantSession", int], None]] = []
+        _LIVE_SESSIONS.add(self)
+
+    # ---- fork and copies (see the module docstring) ----------------------------------
+    def _forked_in_child(self) -> None:
+        # runs in the child right after fork(): no other thread exists, so a lock held by a
+        # parent thread at the fork is replaced rather than waited for
+        self._lock = threading.RLock()
+        self._forked = True
+
+    @property
+    def forked(self) -> bool:
+        """True in a process that inherited this session through fork(): it may open, never seal."""
+        return self._forked
+
+    def _check_can_seal(self) -> None:
+        if self._forked:
+            raise SessionForkedError(
+                f"session {self.session_id} of tenant {self.tenant_id!r} was inherited through fork(); "
+                f"the parent seals with the same keys and counters: establish a new session in this process")
+
+    def __copy__(self):
+        raise TypeError("a TenantSession cannot be copied: the copy would reuse its nonce counters; share the object")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a TenantSession cannot be deep-copied: the copy would reuse its nonce counters; "
+                        "share the object (put it in the deepcopy memo)")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a TenantSession cannot be pickled: its keys and nonce counters belong to this process")
+
+    @property
+    def max_entries_per_epoch(self) -> int:
+        """Hard cap of entries sealed under one epoch (KeyRotationRequiredError beyond it)."""
+        return self._max_entries_per_epoch
+
+    @max_entries_per_epoch.setter
+    def max_entries_per_epoch(self, value) -> None:
+        self._max_entries_per_epoch = check_int("max_entries_per_epoch", value, 1, MAX_COUNTER)
 
     # ---- validity ------------------------------------------------------------
     @property
@@ -304,7 +401,7 @@ class TenantSession:
 
     @expires_at.setter
     def expires_at(self, when) -> None:
-        wall = _wall_of(when)
+        wall = _printable_wall(_wall_of(when), "expires_at")
         with self._lock:
             self._deadline = self._created + (wall - self.created_at_wall)
 
@@ -378,15 +475,14 @@ class TenantSession:
         """Allocate ``n`` consecutive nonce counters under the current epoch: returns (epoch, first).
 
         Epoch and counters are taken under one lock, so a rotation in another
-        thread never pairs a counter with the wrong epoch.
+        thread never pairs a counter with the wrong epoch. SessionForkedError in
+        a child process that inherited the session through fork().
         KeyRotationRequiredError when the epoch's hard cap would be passed (nothing is allocated).
         """
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"n must be an int, got {type(n).__name__}")
-        if n < 0:
-            raise ValueError("n must be >= 0")
+        n = check_int("n", n, 0, MAX_COUNTER)
         with self._lock:
             self.check_valid()
+            self._check_can_seal()
             if self.entries_encrypted + n > self.max_entries_per_epoch:
                 raise KeyRotationRequiredError(
                     f"epoch {self.epoch} of session {self.session_id} has sealed {self.entries_encrypted} "
@@ -408,11 +504,13 @@ class TenantSession:
 
         The counters restart (``next_sequence`` 1, ``entries_encrypted`` 0) under
         the new epoch. Keys of earlier epochs stay available until ``retire_epoch``.
+        SessionForkedError in a process that inherited the session through fork().
         """
         if new_key is not None and (not isinstance(new_key, (bytes, bytearray)) or len(new_key) != 32):
             raise ValueError("new_key must be 32 bytes (AES-256)")
         with self._lock:
             self.check_valid()
+            self._check_can_seal()
             e = self.epoch + 1
             if e > 0xFFFFFFFF:
                 raise KeyRotationRequiredError("epoch counter exhausted: establish a new session")
@@ -428,6 +526,7 @@ class TenantSession:
 
     def retire_epoch(self, epoch: int) -> None:
         """Erase the key of an older epoch: its entries can no longer be opened."""
+        epoch = check_int("epoch", epoch, 0, MAX_EPOCH)
         with self._lock:
             if epoch == self.epoch:
                 raise ValueError(f"epoch {epoch} is the current epoch; rotate before retiring it")
@@ -484,10 +583,13 @@ class TenantSession:
             "total_entries_encrypted": self.total_entries_encrypted,
             "kem": self.algorithm,
             "kem_ciphertext": self.kem_ciphertext.hex(),
+            "forked": self.forked,
         }
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("valid" if self.is_valid() else "expired")
+        if self._forked:
+            state += ", forked"
         return f"TenantSession(tenant_id={self.tenant_id!r}, session_id={self.session_id!r}, epoch={self.epoch}, {state})"
 
 

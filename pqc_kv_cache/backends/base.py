@@ -30,7 +30,7 @@ failing chunk with its exact positions.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
@@ -47,9 +47,9 @@ __all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "CryptoBacken
 
 @dataclass(frozen=True)
 class KeySlot:
-    """One AES-256 key of a (session, epoch), and the AAD tags that go with it."""
+    """One AES-256 key of a (session, epoch), and the AAD tags that go with it (its repr omits the key)."""
 
-    key: bytes            # 32 bytes
+    key: bytes = field(repr=False)   # 32 bytes
     tenant_tag: bytes     # 16 bytes, envelope.tenant_tag(tenant_id)
     session_tag: bytes    # 16 bytes, envelope.session_tag(session_id)
     epoch: int
