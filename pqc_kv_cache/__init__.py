@@ -34,6 +34,7 @@ from .errors import (
     PQCUnavailableError,
     SessionClosedError,
     SessionExpiredError,
+    SessionForkedError,
     TenantIsolationError,
     UnknownTenantError,
 )
@@ -59,7 +60,7 @@ __all__ = [
     "EntryMetadata", "KVCacheEntry", "EncryptedEntry", "CacheEncryptor", "CacheDecryptor",
     "KeyRotationPolicy", "RotationTrigger", "TenantIsolationManager",
     "KVAuditLog", "KVAuditEntry", "EncryptedCache", "EncryptedLayer",
-    "KVCacheError", "TenantIsolationError", "SessionExpiredError", "SessionClosedError",
+    "KVCacheError", "TenantIsolationError", "SessionExpiredError", "SessionClosedError", "SessionForkedError",
     "DecryptionError", "NonceReplayError", "KeyRotationRequiredError", "UnknownTenantError",
     "MalformedEntryError", "PQCUnavailableError", "AuditError", "AuditIntegrityError",
     "BackendUnavailableError",
