@@ -56,7 +56,7 @@ class CacheAuditor:
 
     def arrays(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint32 tenant and session indices of each entry of ``slots``."""
-        ids = np.array([self.ids(si) for si in range(len(self._sessions))], dtype=np.uint32)
+        ids = np.array([self.ids(slot) for slot in range(len(self._sessions))], dtype=np.uint32)
         return ids[slots, 0], ids[slots, 1]
 
     # ---- records ---------------------------------------------------------------------------------------

@@ -245,19 +245,19 @@ class EncryptedCache(Cache):
             return
         row_slots = self._ctx.row_slots
         used = range(len(self._sessions)) if row_slots is None else np.unique(row_slots).tolist()
-        for si in used:
-            s = self._sessions[si]
+        for slot in used:
+            s = self._sessions[slot]
             if not s.is_valid():    # nothing to rotate: the update itself is refused (and recorded)
                 continue
             fire, _ = self.policy.should_rotate(s)
             if fire:
-                self._rotate(si)
+                self._rotate(slot)
 
     def _on_epoch_retired(self, session: TenantSession, epoch: int) -> None:
         """The session erased an epoch's key: drop this cache's copy too, so chunks of that epoch stop opening."""
         dropped = False
-        for si, s in enumerate(self._sessions):
-            if s is session and self._ctx.drop_keys(si, epoch):
+        for slot, s in enumerate(self._sessions):
+            if s is session and self._ctx.drop_keys(slot, epoch):
                 dropped = True
         if dropped:
             self._ctx.forget_backend_keys()
@@ -266,22 +266,22 @@ class EncryptedCache(Cache):
         # the last layer read may be this session's rows in the clear: the scratch goes first
         self.wipe_scratch()
         auditor = self._ctx.auditor
-        for si, s in enumerate(self._sessions):
+        for slot, s in enumerate(self._sessions):
             if s is not session:
                 continue
-            self._closed.add(si)
-            self._ctx.drop_keys(si)
+            self._closed.add(slot)
+            self._ctx.drop_keys(slot)
             self._ctx.forget_backend_keys()
             for layer in self.layers:
                 if not layer.is_initialized:
                     continue
-                rows = layer.rows_of(si)
+                rows = layer.rows_of(slot)
                 layer.shred_rows(rows)
-                auditor.rows(Op.CLOSE, layer.layer_idx, np.full(rows.size, si), rows, now=True,
+                auditor.rows(Op.CLOSE, layer.layer_idx, np.full(rows.size, slot), rows, now=True,
                              pos_start=layer.first_position,
                              pos_count=layer.cumulative_length - layer.first_position)
             if not any(layer.is_initialized for layer in self.layers):
-                auditor.session(Op.CLOSE, si, now=True)
+                auditor.session(Op.CLOSE, slot, now=True)
 
     # ---- atomic operations -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -343,10 +343,10 @@ class EncryptedCache(Cache):
         if not hits:
             raise TenantIsolationError(f"tenant {tenant if isinstance(tenant, str) else tenant.tenant_id!r} "
                                        "has no session in this cache")
-        return [self._rotate(si) for si in hits]
+        return [self._rotate(slot) for slot in hits]
 
-    def _rotate(self, si: int) -> int:
-        s = self._sessions[si]
+    def _rotate(self, slot: int) -> int:
+        s = self._sessions[slot]
         try:
             new = s.rotate_key()
             # all layers of every copy re-sealed, or none: until the old epochs are retired below, they
@@ -357,28 +357,28 @@ class EncryptedCache(Cache):
                 for cache in caches:
                     stack.enter_context(cache._atomic())
                 for cache in caches:
-                    for sj, other in enumerate(cache._sessions):
-                        if other is s and sj not in cache._closed:
-                            cache._reseal_session(sj, new)
-                self._ctx.auditor.session(Op.ROTATE, si, epoch=new)
+                    for other_slot, other in enumerate(cache._sessions):
+                        if other is s and other_slot not in cache._closed:
+                            cache._reseal_session(other_slot, new)
+                self._ctx.auditor.session(Op.ROTATE, slot, epoch=new)
         except SessionExpiredError:
             for layer in self.layers:
                 self._ctx.refuse(layer.layer_idx, layer.row_session_slots, Op.ROTATE, layer.first_position,
-                                 layer.cumulative_length - layer.first_position, only=si)
+                                 layer.cumulative_length - layer.first_position, only=slot)
             raise
         for e in s.live_epochs:
             if e != new:
                 s.retire_epoch(e)     # the retire hook drops this cache's key copy and the backend's schedules
         return new
 
-    def _reseal_session(self, si: int, new: int) -> None:
-        """Re-seal every live chunk of session slot ``si`` under its current epoch ``new`` (recorded per layer)."""
+    def _reseal_session(self, slot: int, new: int) -> None:
+        """Re-seal every live chunk of session slot ``slot`` under its current epoch ``new`` (recorded per layer)."""
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            rows = layer.rows_of(si)
+            rows = layer.rows_of(slot)
             first = layer.reseal_rows(rows)
-            self._ctx.auditor.rows(Op.ROTATE, layer.layer_idx, np.full(rows.size, si), rows,
+            self._ctx.auditor.rows(Op.ROTATE, layer.layer_idx, np.full(rows.size, slot), rows,
                                    pos_start=layer.first_position,
                                    pos_count=layer.cumulative_length - layer.first_position,
                                    nonce_counter=first.astype(np.uint64), epoch=new)

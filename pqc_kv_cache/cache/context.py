@@ -179,8 +179,8 @@ class LayerContext:
         self.scratch.wipe()
         if not self.auditor.enabled or row_slots.size == 0:
             return
-        dead = [si for si in np.unique(row_slots).tolist()
-                if (only is None or si == only) and not self.sessions[si].is_valid()]
+        dead = [slot for slot in np.unique(row_slots).tolist()
+                if (only is None or slot == only) and not self.sessions[slot].is_valid()]
         rows = np.flatnonzero(np.isin(row_slots, dead))
         self.auditor.rows(op, layer_idx, row_slots[rows], rows, status=Status.REFUSED, now=True,
                           pos_start=max(int(pos_start), 0), pos_count=max(int(pos_count), 0))
@@ -230,12 +230,12 @@ class LayerContext:
         comb = slots.astype(np.int64) << 32 | epoch.astype(np.int64)
         uniq, inv = np.unique(comb, return_inverse=True)
         pairs = [(int(u) >> 32, int(u) & 0xFFFFFFFF) for u in uniq.tolist()]
-        for si in dict.fromkeys(si for si, _ in pairs):
-            self.sessions[si].check_valid()
-        keys = [self.key_slot(si, e) for si, e in pairs]
+        for slot in dict.fromkeys(slot for slot, _ in pairs):
+            self.sessions[slot].check_valid()
+        keys = [self.key_slot(slot, e) for slot, e in pairs]
         ctx = None
         if audited and self.auditor.enabled:
-            idx = [self.auditor.ids(si) for si, _ in pairs]
+            idx = [self.auditor.ids(slot) for slot, _ in pairs]
             ctx = AuditContext(self.auditor.log, np.array([t for t, _ in idx], dtype=np.uint32),
                                np.array([s for _, s in idx], dtype=np.uint32))
         return keys, inv.reshape(-1).astype(np.int64), ctx
