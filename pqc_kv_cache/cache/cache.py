@@ -28,18 +28,18 @@ import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from ..audit.records import Op
-from ..backends.base import CryptoBackend
 from ..envelope import EncryptedEntry
 from ..errors import DecryptionError, SessionExpiredError, TenantIsolationError
 from ..rotation import KeyRotationPolicy
 from ..session import TenantSession
 from .audit import CacheAuditor
-from .context import LayerContext, MergeSettings, Scratch
+from .context import LayerContext, MergeSettings, Scratch, check_backend_argument
 from .layer import EncryptedLayer
 from .sliding import SlidingEncryptedLayer
 
 if TYPE_CHECKING:   # for annotations only: the cache does not import the audit pipeline's log
     from ..audit.log import KVAuditLog
+    from ..backends.base import CryptoBackend
 
 __all__ = ["EncryptedCache", "LAYER_TYPE_CLASSES"]
 
@@ -121,8 +121,7 @@ class EncryptedCache(Cache):
             s.check_valid()
         if policy is not None and not isinstance(policy, KeyRotationPolicy):
             raise TypeError(f"policy must be a KeyRotationPolicy, got {type(policy).__name__}")
-        if backend is not None and not isinstance(backend, CryptoBackend):
-            raise TypeError(f"backend must be a CryptoBackend, got {type(backend).__name__}")
+        check_backend_argument(backend)
         if audit is not None and not (hasattr(audit, "emit") and hasattr(audit, "emit_per_position")):
             raise TypeError("audit must be a KVAuditLog (or None)")
         if not isinstance(merge_segments, bool):

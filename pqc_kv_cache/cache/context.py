@@ -23,7 +23,13 @@ from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
 from .audit import CacheAuditor
 
-__all__ = ["LayerContext", "MergeSettings", "Scratch", "deferred_status"]
+__all__ = ["LayerContext", "MergeSettings", "Scratch", "check_backend_argument", "deferred_status"]
+
+
+def check_backend_argument(backend) -> None:
+    """TypeError unless ``backend`` is a CryptoBackend or None."""
+    if backend is not None and not isinstance(backend, CryptoBackend):
+        raise TypeError(f"backend must be a CryptoBackend, got {type(backend).__name__}")
 
 
 def deferred_status(status):

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from pqc_kv_cache.audit import KVAuditLog, Op
+from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.errors import TenantIsolationError
 from support.cache_models import generate, prompts, sessions, tiny_model

@@ -344,7 +344,7 @@ def test_layer_states_match_dynamic_cache_under_any_op_sequence(kind, ops, recor
                 break
         try:
             want = _apply(ref, op, arg, step, 3)
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError):
             with pytest.raises(ValueError):
                 _apply(enc, op, arg, step, 3)
             continue

@@ -14,7 +14,7 @@ import transformers
 from packaging.version import Version
 
 import pqc_kv_cache.cache.cache as cache_module
-from pqc_kv_cache.audit import KVAuditLog, Op
+from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.backends.host import HostBackend
 from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.errors import SessionClosedError
