@@ -36,7 +36,7 @@ test: $(STAMP)
 
 # the cache tests (everything that touches transformers) on the lowest supported release
 test-lowest: $(STAMP_LOWEST)
-	$(VENV_LOWEST)/bin/python -m pytest -q tests/test_cache_*.py
+	$(VENV_LOWEST)/bin/python -m pytest -q tests/cache
 
 # mypy over the public surface (configured in pyproject.toml, [tool.mypy])
 typecheck: $(STAMP)

@@ -134,7 +134,7 @@ def _run(audit, print_fn) -> bool:
     ok &= got == want
 
     p("\n== A flipped ciphertext byte ==")
-    off = int(layer._meta["offset"][0, 1])          # bob's prefill chunk in layer 0
+    off = int(layer.table.offset[0, 1])          # bob's prefill chunk in layer 0
     layer.ciphertext[off + 5] ^= 0x01
     follow = torch.cat([enc, torch.randint(2, 256, (2, 1), generator=g)], dim=1)
     try:

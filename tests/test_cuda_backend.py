@@ -479,7 +479,7 @@ def test_encrypted_cache_on_cuda_selects_this_backend():
 def test_encrypted_cache_over_the_cuda_backend_logic_matches_dynamic_cache(mode):
     if not kh.available():
         pytest.skip("no C++ compiler for the host shim")
-    from test_cache_support import generate, prompts, sessions, tiny_model
+    from support.cache_models import generate, prompts, sessions, tiny_model
 
     from pqc_kv_cache.cache import EncryptedCache
 
@@ -503,7 +503,7 @@ def test_encrypted_cache_over_the_cuda_backend_logic_matches_dynamic_cache(mode)
 @pytest.mark.gpu
 @needs_gpu
 def test_prefill_and_decode_on_cuda_make_no_host_sync_and_audit_gets_device_timestamps():
-    from test_cache_support import prompts, sessions, tiny_model
+    from support.cache_models import prompts, sessions, tiny_model
 
     from pqc_kv_cache.audit import KVAuditLog
     from pqc_kv_cache.cache import EncryptedCache

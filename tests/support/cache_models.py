@@ -1,6 +1,6 @@
 """Shared helpers of the EncryptedCache tests: tiny random-weight models built from configs, sessions.
 
-No tests here; the test_cache_* modules import these helpers.
+No tests here; the cache tests (tests/cache/) and the CUDA backend tests import these helpers.
 """
 
 from __future__ import annotations

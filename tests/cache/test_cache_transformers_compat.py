@@ -13,12 +13,12 @@ import torch
 import transformers
 from packaging.version import Version
 
-import pqc_kv_cache.cache as cache_module
-from pqc_kv_cache.audit import KVAuditLog, Op
+import pqc_kv_cache.cache.cache as cache_module
+from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.backends.host import HostBackend
 from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.errors import SessionClosedError
-from test_cache_support import VOCAB, generate, prompts, sessions, tiny_model
+from support.cache_models import VOCAB, generate, prompts, sessions, tiny_model
 
 TF = Version(transformers.__version__)
 
@@ -129,10 +129,10 @@ def test_deepcopy_shares_sessions_and_copies_ciphertext_and_scratch():
     forward(model, prompts(2, 6), cache)
     dup = copy.deepcopy(cache)
     assert dup.sessions[0] is alice and dup.sessions[1] is bob
-    assert dup.audit is audit and dup._backend is cache._backend
+    assert dup.audit is audit and dup.backend is cache.backend
     for a, b in zip(cache.layers, dup.layers):
-        assert b._cache is dup and a._cache is cache
-        assert b._arena.data_ptr() != a._arena.data_ptr() and torch.equal(a.ciphertext, b.ciphertext)
+        assert b._ctx is dup._ctx and a._ctx is cache._ctx and a._ctx is not b._ctx
+        assert b.arena.buffer.data_ptr() != a.arena.buffer.data_ptr() and torch.equal(a.ciphertext, b.ciphertext)
         assert b.keys is None and b.values is None
     assert dup._scratch is None and cache._scratch is not None
     with pytest.raises(TypeError, match="copied with its cache"):
@@ -187,8 +187,8 @@ def test_closing_a_session_shreds_its_rows_in_the_copy_too():
         assert not c._scratch.any()
         for layer in c.layers:
             for seg in range(layer.num_segments):
-                off, n = int(layer._meta["offset"][seg, 1]), int(layer._chunk_sizes()[seg])
-                assert not layer._arena[off:off + n].any()
+                off, n = int(layer.table.offset[seg, 1]), int(layer.chunk_sizes()[seg])
+                assert not layer.arena.buffer[off:off + n].any()
         with pytest.raises(SessionClosedError):
             forward(model, prompts(2, 1, seed=27), c)
 
@@ -208,7 +208,7 @@ def test_a_rotation_in_a_copy_reseals_the_original_too():
     assert dup.rotate("alice") == [1]
     assert alice.live_epochs == [1]
     for c in (cache, dup):
-        assert {int(e) for layer in c.layers for e in layer._meta["epoch"].reshape(-1)} == {1}
+        assert {int(e) for layer in c.layers for e in layer.table.epoch.reshape(-1)} == {1}
     for c, r, n in ((dup, ref_dup, 2), (cache, ref, 3)):
         follow = torch.cat([ids, prompts(1, n, seed=29)], 1)
         assert torch.equal(generate(model, follow, r, max_new_tokens=5, do_sample=False),

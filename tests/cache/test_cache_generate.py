@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from pqc_kv_cache.audit import KVAuditLog, Op
+from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.errors import TenantIsolationError
-from test_cache_support import generate, prompts, sessions, tiny_model
+from support.cache_models import generate, prompts, sessions, tiny_model
 
 KINDS = ["llama", "mistral", "neox"]
 
@@ -40,7 +40,7 @@ def test_mistral_layers_are_sliding_and_window_is_exceeded(alice_bob):
     assert layer.get_seq_length() == 17 and layer.get_max_length() == 8
     assert layer.get_mask_sizes(1) == (8, 10)
     # segments wholly outside the window were dropped
-    assert int(layer._seg_start[0] + layer._seg_count[0]) > 17 - 8
+    assert int(layer.table.start[0] + layer.table.count[0]) > 17 - 8
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -207,7 +207,7 @@ def test_rotation_mid_generation_is_token_identical_and_retires_old_keys(alice_b
     out = generate(model, ids, cache, max_new_tokens=10, do_sample=False)
     assert torch.equal(ref, out)
     assert a.epoch >= 2 and a.live_epochs == [a.epoch]
-    epochs = {int(e) for layer in cache.layers for e in layer._meta["epoch"][:, 0]}
+    epochs = {int(e) for layer in cache.layers for e in layer.table.epoch[:, 0]}
     assert epochs == {a.epoch}
     assert audit.entries(limit=None, operation="rotate", tenant_id="alice")
     audit.close()

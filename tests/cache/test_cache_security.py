@@ -13,7 +13,7 @@ from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.encryptor import CacheDecryptor
 from pqc_kv_cache.errors import DecryptionError, KVCacheError, SessionClosedError, TenantIsolationError
-from test_cache_support import sessions, tiny_model
+from support.cache_models import sessions, tiny_model
 
 H, D = 2, 16   # tiny llama: 2 KV heads, head_dim 64 / 4
 
@@ -59,7 +59,7 @@ def test_flipped_ciphertext_byte_raises_and_records_failure(two):
     audit = KVAuditLog()
     cache, _, _ = filled(two, audit)
     layer = cache.layers[1]
-    off = int(layer._meta["offset"][2, 1])          # bob's chunk at position 7
+    off = int(layer.table.offset[2, 1])          # bob's chunk at position 7
     layer.ciphertext[off + 3] ^= 0x40
     with pytest.raises(DecryptionError) as exc:
         read(cache, 1)
@@ -85,11 +85,11 @@ def test_swapped_chunks_fail_authentication(two, what):
     cache, _, _ = filled(two, audit)
     l0, l1 = cache.layers
     size = 2 * H * D * 4 + 16          # one-position chunk
-    off = l0._meta["offset"]
+    off = l0.table.offset
     if what == "positions":            # alice's positions 6 and 7 of layer 0
         _swap(l0.ciphertext, int(off[1, 0]), l0.ciphertext, int(off[2, 0]), size)
     elif what == "layers":             # alice's position 6: layer 0 <-> layer 1
-        _swap(l0.ciphertext, int(off[1, 0]), l1.ciphertext, int(l1._meta["offset"][1, 0]), size)
+        _swap(l0.ciphertext, int(off[1, 0]), l1.ciphertext, int(l1.table.offset[1, 0]), size)
     else:                              # position 6: alice's row <-> bob's row
         _swap(l0.ciphertext, int(off[1, 0]), l0.ciphertext, int(off[1, 1]), size)
     with pytest.raises(DecryptionError):
@@ -101,7 +101,7 @@ def test_swapped_chunks_fail_authentication(two, what):
 def test_metadata_pointing_at_another_tenants_chunk_fails(two):
     cache, _, _ = filled(two)
     layer = cache.layers[0]
-    layer._meta["offset"][1, 1] = layer._meta["offset"][1, 0]   # bob's row reads alice's chunk
+    layer.table.offset[1, 1] = layer.table.offset[1, 0]   # bob's row reads alice's chunk
     with pytest.raises(DecryptionError) as exc:
         read(cache, 0)
     assert exc.value.tenant_id == "bob"
@@ -136,10 +136,10 @@ def test_no_plaintext_in_any_layer_attribute_after_update(two):
 def test_reorder_across_tenants_is_refused_and_recorded(two):
     audit = KVAuditLog()
     cache, _, _ = filled(two, audit)
-    before = {f: a.copy() for f, a in cache.layers[0]._meta.items()}
+    before = {f: a.copy() for f, a in cache.layers[0].table.columns.items()}
     with pytest.raises(TenantIsolationError):
         cache.reorder_cache(torch.tensor([1, 1]))
-    assert all(np.array_equal(before[f], cache.layers[0]._meta[f]) for f in before)
+    assert all(np.array_equal(before[f], cache.layers[0].table.columns[f]) for f in before)
     viol = audit.entries(limit=None, operation="isolation-violation")
     assert viol and not viol[0].success
     audit.close()
@@ -148,9 +148,9 @@ def test_reorder_across_tenants_is_refused_and_recorded(two):
 def test_reorder_within_a_session_needs_no_reencryption():
     (s,) = sessions("solo")
     cache, k, v = filled([s])
-    counters = cache.layers[0]._meta["counter"].copy()
+    counters = cache.layers[0].table.counter.copy()
     cache.reorder_cache(torch.tensor([1, 1]))
-    assert np.array_equal(cache.layers[0]._meta["counter"], counters[:, [1, 1]])
+    assert np.array_equal(cache.layers[0].table.counter, counters[:, [1, 1]])
     k_out, _ = read(cache, 0)
     assert torch.equal(k_out[0, :, :9], k[1]) and torch.equal(k_out[1, :, :9], k[1])
 
@@ -178,7 +178,7 @@ def test_closing_a_session_shreds_its_rows_and_is_recorded(two):
     alice, bob = two
     audit = KVAuditLog()
     cache, _, _ = filled(two, audit)
-    bob_offsets = cache.layers[0]._meta["offset"][:, 1]
+    bob_offsets = cache.layers[0].table.offset[:, 1]
     bob.close()
     layer = cache.layers[0]
     assert not any(layer.ciphertext[int(o):int(o) + 16].any() for o in bob_offsets)
@@ -344,7 +344,7 @@ def test_layer_states_match_dynamic_cache_under_any_op_sequence(kind, ops, recor
                 break
         try:
             want = _apply(ref, op, arg, step, 3)
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError):
             with pytest.raises(ValueError):
                 _apply(enc, op, arg, step, 3)
             continue
@@ -405,7 +405,7 @@ def test_arena_reclaims_dead_bytes(two):
         cache.update(*kv(2, 4, seed=i), 0)
         cache.layers[0].crop(-4)
     # every update is cropped away again: the arena must not grow with the number of updates
-    assert layer._arena.numel() <= 1 << 16
+    assert layer.arena.capacity <= 1 << 16
     assert layer.get_seq_length() == 0
 
 
@@ -422,7 +422,7 @@ def test_merging_keeps_chunks_logarithmic_and_states_exact(two, batch):
         assert torch.equal(k_out, torch.cat(ks, 2)) and torch.equal(v_out, torch.cat(vs, 2))
     layer = cache.layers[0]
     assert layer.num_segments <= 1 + 6 + cache.merge_min_segments   # prefill, O(log2 39) runs, one batch
-    assert list(layer._seg_start[1:]) == sorted(layer._seg_start[1:])
+    assert list(layer.table.start[1:]) == sorted(layer.table.start[1:])
     # merges re-seal already written positions: recorded as RESEAL, never as ENCRYPT
     assert len(audit.entries(limit=None, operation="encrypt")) == 2 * 44
     assert not audit.entries(limit=None, operation="reorder")
@@ -440,7 +440,7 @@ def test_sliding_layer_merges_stay_within_a_quarter_window(two):
         k_out, _ = cache.update(k, v, 0)
         ks.append(k)
         assert torch.equal(k_out, torch.cat(ks, 2)[:, :, -8:])
-    assert int(cache.layers[0]._seg_count.max()) <= 2
+    assert int(cache.layers[0].table.count.max()) <= 2
 
 
 class _DeferringBackend:
@@ -473,7 +473,7 @@ def test_deferred_backend_failures_surface_at_check_and_wipe_the_scratch(two):
     cache.update(*kv(2, 4), 0)
     cache.check()
     layer = cache.layers[0]
-    layer.ciphertext[int(layer._meta["offset"][0, 1]) + 2] ^= 1
+    layer.ciphertext[int(layer.table.offset[0, 1]) + 2] ^= 1
     k_out, _ = read(cache, 0)                 # no host-side status: the step returns (zeroed row)
     assert not k_out[1, :, :4].any()
     with pytest.raises(DecryptionError):
@@ -521,11 +521,11 @@ def test_retired_epoch_stops_opening_in_the_cache(two):
 
 def test_bad_repeats_leave_the_cache_unchanged(two):
     cache, _, _ = filled(two)
-    before = cache._row_sess.copy()
+    before = cache.row_session_slots
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError):
             cache.batch_repeat_interleave(bad)
-    assert np.array_equal(cache._row_sess, before)
+    assert np.array_equal(cache.row_session_slots, before)
     cache.update(*kv(2, 1, seed=5), 0)
 
 
@@ -635,7 +635,7 @@ def test_a_dropped_cache_zeroes_its_scratch_without_waiting_for_a_collection(two
 
 def test_closing_a_cache_zeroes_its_plaintext_and_ciphertext(two):
     cache, _, _ = filled(two)
-    scratch, arenas = cache._scratch, [layer._arena for layer in cache.layers]
+    scratch, arenas = cache._scratch, [layer.arena.buffer for layer in cache.layers]
     cache.close()
     assert not scratch.any() and not any(a.any() for a in arenas)
     cache.close()                              # closing twice is harmless

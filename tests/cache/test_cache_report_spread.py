@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "cache_report.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "cache_report.py"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.errors import (AuditError, DecryptionError, KeyRotationRequiredError, KVCacheError,
                                  SessionExpiredError)
 from pqc_kv_cache.session import TenantIdentity, establish_tenant_session
-from test_cache_support import sessions, tiny_model
+from support.cache_models import sessions, tiny_model
 
 H, D = 2, 16   # tiny llama: 2 KV heads, head_dim 64 / 4
 
@@ -79,11 +79,11 @@ def test_failed_crop_leaves_no_uncovered_positions_for_another_tenant_to_read(cl
             cache.update(k, v, layer)
             shadow.update(layer, k, v)
     clock.advance(11)                              # bob expires
-    tables = [(layer._seg_start.copy(), layer._seg_count.copy(), layer.cumulative_length) for layer in cache.layers]
+    tables = [(layer.table.start.copy(), layer.table.count.copy(), layer.cumulative_length) for layer in cache.layers]
     with pytest.raises(SessionExpiredError):
         cache.crop(-3)                              # would cut 6..8 in two: bob's row cannot be re-sealed
     for layer, (start, count, end) in zip(cache.layers, tables):
-        assert np.array_equal(layer._seg_start, start) and np.array_equal(layer._seg_count, count)
+        assert np.array_equal(layer.table.start, start) and np.array_equal(layer.table.count, count)
         assert layer.cumulative_length == end
     cache.batch_select_indices(torch.tensor([0]))  # bob's row leaves; alice carries on
     shadow.rows([0])
@@ -98,7 +98,7 @@ def test_a_read_refuses_positions_that_no_chunk_covers(two_sessions):
     for step, n in enumerate([4, 2]):
         cache.update(*kv(2, n, seed=step), 0)
     layer = cache.layers[0]
-    layer._keep_segments(np.arange(1))             # the chunk table loses positions 4..5 (the end stays at 6)
+    layer.table.keep(np.arange(1))                 # the chunk table loses positions 4..5 (the end stays at 6)
     with pytest.raises(DecryptionError, match="no chunk") as exc:
         cache.update(*kv(2, 1, seed=5), 0)
     assert exc.value.positions == range(4, 6)
@@ -179,10 +179,10 @@ def _state(cache):
         if not layer.is_initialized:
             out.append(None)
             continue
-        meta = {f: a.copy() for f, a in layer._meta.items()}
-        out.append((layer._seg_start.copy(), layer._seg_count.copy(), meta, layer._row_sess.copy(),
+        meta = {f: a.copy() for f, a in layer.table.columns.items()}
+        out.append((layer.table.start.copy(), layer.table.count.copy(), meta, layer.row_session_slots,
                     layer.cumulative_length, layer.get_seq_length(), layer.ciphertext.clone()))
-    return out, cache._row_sess.copy()
+    return out, cache.row_session_slots
 
 
 def _assert_same_state(before, after):
@@ -211,7 +211,7 @@ def _setup(faults, tight: bool):
             shadow.update(layer, k, v)
     if tight:   # an arena with no spare room: the operation's first allocation moves every chunk
         for layer in cache.layers:
-            layer._compact(layer._live_bytes())
+            layer.compact()
     return cache, shadow
 
 
@@ -268,7 +268,7 @@ def test_an_operation_failing_at_any_step_leaves_the_cache_as_it_was(op, tight):
         if failed:
             _assert_same_state(before, _state(cache))
             shadow = shadow_before
-        batch = len(cache.layers[0]._row_sess)
+        batch = len(cache.layers[0].row_session_slots)
         assert_reads_match(cache, shadow, batch)
         if faults.step < k:                           # the operation ran to the end without meeting the fault
             assert not failed
@@ -324,7 +324,7 @@ def _twin_cache(merge_min_segments=2):
 
 
 def _tamper(layer, seg, row):
-    layer.ciphertext[int(layer._meta["offset"][seg, row]) + 1] ^= 0x20
+    layer.ciphertext[int(layer.table.offset[seg, row]) + 1] ^= 0x20
 
 
 def _assert_failure_stays(cache, what):

@@ -1,0 +1,100 @@
+"""The cache's audit record sites: one helper that names rows by their session slots.
+
+Every record the cache writes itself (the backends write ENCRYPT and DECRYPT)
+goes through ``CacheAuditor``: it turns session slots into the log's tenant and
+session indices, and holds back the records of an operation over several
+layers until that operation has completed (``begin`` / ``commit`` /
+``abandon``). Refusals and isolation violations are written at once, whatever
+follows (``now=True``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from ..audit.records import Op, Status
+
+if TYPE_CHECKING:   # annotations only: the cache writes records, it does not import the log
+    from ..audit.log import KVAuditLog
+    from ..session import TenantSession
+
+__all__ = ["CacheAuditor"]
+
+
+class CacheAuditor:
+    """Writes the cache's records into ``log`` (None: no audit; every call is then a no-op)."""
+
+    __slots__ = ("log", "_sessions", "_ids", "_held")
+
+    def __init__(self, log: KVAuditLog | None, sessions: Sequence[TenantSession]):
+        self.log = log
+        self._sessions = sessions          # the cache's session slots (the list is shared, not copied)
+        self._ids: dict[int, tuple[int, int]] = {}
+        self._held: list | None = None
+
+    def copy_for(self, sessions: Sequence[TenantSession]) -> "CacheAuditor":
+        """An auditor for a copy of the cache: the same log and known indices, no held records."""
+        new = CacheAuditor(self.log, sessions)
+        new._ids = dict(self._ids)
+        return new
+
+    @property
+    def enabled(self) -> bool:
+        return self.log is not None
+
+    # ---- session slots -> the log's indices ---------------------------------------------------------
+    def ids(self, slot: int) -> tuple[int, int]:
+        """The log's (tenant index, session index) of session slot ``slot``."""
+        ids = self._ids.get(slot)
+        if ids is None:
+            s = self._sessions[slot]
+            ids = (self.log.tenant_index(s.tenant_id), self.log.session_index(s.session_id, s.tenant_id))
+            self._ids[slot] = ids
+        return ids
+
+    def arrays(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint32 tenant and session indices of each entry of ``slots``."""
+        ids = np.array([self.ids(slot) for slot in range(len(self._sessions))], dtype=np.uint32)
+        return ids[slots, 0], ids[slots, 1]
+
+    # ---- records ---------------------------------------------------------------------------------------
+    def rows(self, op: Op, layer: int, slots: np.ndarray, rows: np.ndarray, *, status: Status = Status.OK,
+             now: bool = False, **fields) -> None:
+        """One record per batch row ``rows`` of ``layer`` (``slots``: each row's session slot)."""
+        if self.log is None or rows.size == 0:
+            return
+        tidx, sidx = self.arrays(slots)
+        self._write(now, op, tenant_idx=tidx, session_idx=sidx, layer=layer, row=rows.astype(np.uint16),
+                    status=status, **fields)
+
+    def session(self, op: Op, slot: int, *, now: bool = False, **fields) -> None:
+        """One record of session slot ``slot`` as a whole (no layer, no row)."""
+        if self.log is None:
+            return
+        t, s = self.ids(slot)
+        self._write(now, op, tenant_idx=t, session_idx=s, status=Status.OK, **fields)
+
+    def _write(self, now: bool, op: Op, **fields) -> None:
+        if self._held is not None and not now:
+            self._held.append((op, fields))
+        else:
+            self.log.emit(op, **fields)
+
+    # ---- operations over several layers ----------------------------------------------------------------
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def begin(self) -> None:
+        """Hold back the records of completed steps until ``commit`` (or drop them at ``abandon``)."""
+        self._held = []
+
+    def commit(self) -> None:
+        held, self._held = self._held, None
+        for op, fields in held:
+            self.log.emit(op, **fields)
+
+    def abandon(self) -> None:
+        self._held = None

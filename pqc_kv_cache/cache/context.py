@@ -1,0 +1,304 @@
+"""What a layer may use of its cache: session slots, key slots and the backend, the scratch, the auditor.
+
+A layer is handed one ``LayerContext``; it holds no reference to the cache and
+reads none of its members. The cache keeps the context's state (its sessions,
+its row map, its key slots) and reaches its layers only through their public
+methods. This module is also the one place where the cache speaks the backend
+contract (``backends.base``): key slots, chunk tables, audit contexts, backend
+selection, per-chunk status, ``check`` and key forgetting.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..audit.records import Op, Status
+from ..backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot, select_backend
+from ..envelope import session_tag, tenant_tag
+from ..errors import DecryptionError, TenantIsolationError
+from ..session import TenantSession
+from .audit import CacheAuditor
+
+__all__ = ["LayerContext", "MergeSettings", "Scratch", "check_backend_argument", "deferred_status"]
+
+
+def check_backend_argument(backend) -> None:
+    """TypeError unless ``backend`` is a CryptoBackend or None."""
+    if backend is not None and not isinstance(backend, CryptoBackend):
+        raise TypeError(f"backend must be a CryptoBackend, got {type(backend).__name__}")
+
+
+def deferred_status(status):
+    """The per-chunk status of a decrypt when it is still on the device (None when the host knows it:
+    then every failure has already been raised)."""
+    return None if status is None or isinstance(status, np.ndarray) else status
+
+
+def _zero_scratch(box: list) -> None:
+    """Zero and drop a plaintext scratch (at ``close()``, and when its cache is garbage-collected)."""
+    s, box[0] = box[0], None
+    if s is not None:
+        s.zero_()
+
+
+class Scratch:
+    """The one plaintext buffer of a cache, shared by all its layers, laid out ``[batch, 2, heads, seq, dim]``.
+
+    The buffer lives in a box shared with a finalizer that zeroes it when the owning cache is collected
+    (the finalizer holds no reference to the cache, so it cannot keep it alive)."""
+
+    __slots__ = ("_box", "_guard", "_owner")
+
+    def __init__(self, owner: object):
+        self._box: list = [None]
+        self._owner = weakref.ref(owner)
+        self._guard = weakref.finalize(owner, _zero_scratch, self._box)
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        return self._box[0]
+
+    def views(self, batch: int, seq: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device):
+        """K and V views ``[batch, heads, seq, dim]`` of the scratch (grown, zeroing the old one, if needed)."""
+        need = batch * seq * 2 * heads * dim * dtype.itemsize
+        s = self._box[0]
+        if s is None or s.numel() < need or s.device != torch.device(device):
+            if s is not None:
+                s.zero_()
+            cap = max(need, 2 * s.numel() if s is not None and s.device == torch.device(device) else 0, 1 << 16)
+            s = self._box[0] = torch.empty(cap, dtype=torch.uint8, device=device)
+            owner = self._owner()
+            if not self._guard.alive and owner is not None:
+                self._guard = weakref.finalize(owner, _zero_scratch, self._box)
+        x = s[:need].view(dtype).view(batch, 2, heads, seq, dim)
+        return x[:, 0], x[:, 1]
+
+    def wipe(self) -> None:
+        """Zero the scratch (the K/V views last returned become zeros)."""
+        if self._box[0] is not None:
+            self._box[0].zero_()
+
+    def release(self) -> None:
+        """Zero and drop the scratch."""
+        _zero_scratch(self._box)
+
+
+class MergeSettings:
+    """How a cache's layers merge decoded segments (see ``EncryptedLayer``)."""
+
+    __slots__ = ("enabled", "max_positions", "min_segments")
+
+    def __init__(self, enabled: bool, max_positions: int, min_segments: int):
+        self.enabled, self.max_positions, self.min_segments = enabled, max_positions, min_segments
+
+
+class LayerContext:
+    """Everything a layer of one cache may use.
+
+    ``sessions``: the cache's distinct sessions; a *session slot* is an index into it. ``row_slots``: the
+    session slot of each batch row, fixed by the first update (None before). ``auditor``: the cache's
+    record sites. ``scratch``: the plaintext scratch. ``rotation_policy``: called before each update
+    (it may re-seal a session's chunks under a new epoch), set by the cache."""
+
+    def __init__(self, sessions: Sequence[TenantSession], prompt_slots: np.ndarray, rows_per_session: int | None,
+                 merge: MergeSettings, auditor: CacheAuditor, scratch: Scratch, backend: CryptoBackend | None):
+        self.sessions = sessions
+        self.prompt_slots = prompt_slots
+        self.rows_per_session = rows_per_session
+        self.row_slots: np.ndarray | None = None
+        self.merge = merge
+        self.auditor = auditor
+        self.scratch = scratch
+        self.backend = backend
+        self.key_slots: dict[tuple[int, int], KeySlot] = {}
+        self.closed = False
+        self.rotation_policy: Callable[[], None] = lambda: None
+
+    # ---- rows and session slots ---------------------------------------------------------------------
+    def rows_for_batch(self, batch: int) -> np.ndarray:
+        """The session slot of each of ``batch`` rows (fixed by the first layer that asks)."""
+        if self.row_slots is not None:
+            if self.row_slots.size != batch:
+                raise ValueError(f"layers of this cache hold {self.row_slots.size} rows; got a batch of {batch}")
+            return self.row_slots.copy()
+        p, per = self.prompt_slots, self.rows_per_session
+        if per is not None:
+            if batch != p.size * per:
+                raise ValueError(f"{p.size} session(s) × rows_per_session={per} is {p.size * per} rows, "
+                                 f"but the batch has {batch}")
+            rows = np.repeat(p, per)
+        elif p.size == 1:
+            rows = np.zeros(batch, dtype=np.int64)
+        elif batch == p.size:
+            rows = p.copy()
+        else:
+            raise ValueError(f"{p.size} sessions were given for a batch of {batch} rows: pass one session per "
+                             "row, or rows_per_session= when generation expands each prompt into several rows "
+                             "(beam search, num_return_sequences: max(num_beams, num_return_sequences)); "
+                             "a row's tenant is never guessed")
+        self.row_slots = rows
+        return rows.copy()
+
+    def before_update(self) -> None:
+        """Refuse a closed cache, then run the rotation policy."""
+        if self.closed:
+            raise ValueError("this EncryptedCache is closed")
+        self.rotation_policy()
+
+    def reserve(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh nonce counters for chunks sealed by session slots ``slots``: (counter, epoch) per chunk."""
+        counter = np.empty(slots.shape[0], dtype=np.int64)
+        epoch = np.empty(slots.shape[0], dtype=np.int64)
+        if slots.size == 0:
+            return counter, epoch
+        order = np.argsort(slots, kind="stable")
+        bounds = np.flatnonzero(np.diff(slots[order])) + 1
+        for where in np.split(order, bounds):
+            e, first = self.sessions[int(slots[where[0]])].reserve(int(where.size))
+            counter[where] = first + np.arange(where.size, dtype=np.int64)
+            epoch[where] = e
+        return counter, epoch
+
+    def check_same_session(self, layer_idx: int, src: np.ndarray, dst: np.ndarray, idx: np.ndarray) -> None:
+        """TenantIsolationError (and an ISOLATION_VIOLATION record) if row r (slot ``dst[r]``) would take row
+        ``idx[r]`` of slot ``src[r]`` of another session."""
+        bad = np.flatnonzero(src != dst)
+        if bad.size == 0:
+            return
+        r = int(bad[0])
+        a, b = self.sessions[int(dst[r])], self.sessions[int(src[r])]
+        self.auditor.rows(Op.ISOLATION_VIOLATION, layer_idx, dst[bad], bad, status=Status.REFUSED, now=True,
+                          nonce_counter=idx[bad].astype(np.uint64))
+        raise TenantIsolationError(
+            f"reorder would move row {int(idx[r])} (tenant {b.tenant_id!r}) into row {r} "
+            f"(tenant {a.tenant_id!r}): rows of different sessions are never mixed")
+
+    def refuse(self, layer_idx: int, row_slots: np.ndarray, op: Op, pos_start: int, pos_count: int,
+               only: int | None = None) -> None:
+        """Record the refusal of ``op`` on the rows (``row_slots``: each row's slot) whose session is closed or
+        expired (status REFUSED, one record per row; ``only``: that slot's rows only), and wipe the scratch,
+        which may hold those rows from an earlier read."""
+        self.scratch.wipe()
+        if not self.auditor.enabled or row_slots.size == 0:
+            return
+        dead = [slot for slot in np.unique(row_slots).tolist()
+                if (only is None or slot == only) and not self.sessions[slot].is_valid()]
+        rows = np.flatnonzero(np.isin(row_slots, dead))
+        self.auditor.rows(op, layer_idx, row_slots[rows], rows, status=Status.REFUSED, now=True,
+                          pos_start=max(int(pos_start), 0), pos_count=max(int(pos_count), 0))
+
+    # ---- keys and the backend contract --------------------------------------------------------------------
+    @staticmethod
+    def layout(layer_idx: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> ChunkLayout:
+        return ChunkLayout(layer_idx, num_heads, head_dim, dtype)
+
+    def backend_for(self, device: torch.device) -> CryptoBackend:
+        if self.backend is None:
+            self.backend = select_backend(device)
+        return self.backend
+
+    def key_slot(self, slot: int, epoch: int) -> KeySlot:
+        ks = self.key_slots.get((slot, epoch))
+        if ks is None:
+            s = self.sessions[slot]
+            ks = KeySlot(s.key_for_epoch(epoch), tenant_tag(s.tenant_id), session_tag(s.session_id), epoch)
+            self.key_slots[(slot, epoch)] = ks
+        return ks
+
+    def drop_keys(self, slot: int, epoch: int | None = None) -> bool:
+        """Forget the key slots of ``slot`` (of one ``epoch``, or all); True if any was held."""
+        gone = [k for k in self.key_slots if k[0] == slot and (epoch is None or k[1] == epoch)]
+        for k in gone:
+            del self.key_slots[k]
+        return bool(gone)
+
+    def forget_backend_keys(self) -> None:
+        """Let a backend that caches key schedules (the CUDA backend keeps them on the device) drop them,
+        so retired or closed keys do not outlive their session's erasure."""
+        clear = getattr(self.backend, "clear_key_cache", None)
+        if callable(clear):
+            clear()
+
+    def check_backend(self) -> None:
+        """Raise a failure a device backend recorded since the last check."""
+        chk = getattr(self.backend, "check", None)
+        if callable(chk):
+            chk()
+
+    def _keys(self, slots: np.ndarray, epoch: np.ndarray, audited: bool):
+        """Key slots for chunks with these (session slot, epoch): (keys, key index per chunk, AuditContext or
+        None). Every session is checked first: a cached key slot is no licence to use an expired or closed
+        session."""
+        comb = slots.astype(np.int64) << 32 | epoch.astype(np.int64)
+        uniq, inv = np.unique(comb, return_inverse=True)
+        pairs = [(int(u) >> 32, int(u) & 0xFFFFFFFF) for u in uniq.tolist()]
+        for slot in dict.fromkeys(slot for slot, _ in pairs):
+            self.sessions[slot].check_valid()
+        keys = [self.key_slot(slot, e) for slot, e in pairs]
+        ctx = None
+        if audited and self.auditor.enabled:
+            idx = [self.auditor.ids(slot) for slot, _ in pairs]
+            ctx = AuditContext(self.auditor.log, np.array([t for t, _ in idx], dtype=np.uint32),
+                               np.array([s for _, s in idx], dtype=np.uint32))
+        return keys, inv.reshape(-1).astype(np.int64), ctx
+
+    def encrypt(self, backend: CryptoBackend, layout: ChunkLayout, slots, epoch, src_row, pos_start, pos_count,
+                io_start, counter, offset, k_src, v_src, arena: torch.Tensor, audited: bool) -> None:
+        """Seal chunks (``src_row``, ``io_start``.. of ``k_src``/``v_src``) under the keys of (``slots``,
+        ``epoch``) and nonce ``counter`` into ``arena`` at ``offset``."""
+        keys, key_idx, ctx = self._keys(slots, epoch, audited)
+        table = ChunkTable(key_idx, np.asarray(src_row, dtype=np.int64), pos_start, pos_count, io_start,
+                           counter, offset)
+        backend.encrypt_chunks(keys, layout, table, k_src, v_src, arena, ctx)
+
+    def decrypt(self, backend: CryptoBackend, layout: ChunkLayout, columns: dict, dst_row, pos_start, pos_count,
+                io_start, arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor):
+        """Open chunks (``columns``: their table columns) into ``k_out``/``v_out``; audited. DecryptionError
+        (destinations and scratch wiped) when the backend answers on the host that a tag failed. Returns the
+        backend's per-chunk status."""
+        keys, key_idx, ctx = self._keys(columns["session_slot"], columns["epoch"], audited=True)
+        table = ChunkTable(key_idx, dst_row, pos_start, pos_count, io_start, columns["counter"],
+                           columns["offset"])
+        try:
+            status = backend.decrypt_chunks(keys, layout, table, arena, k_out, v_out, ctx)
+        except BaseException:
+            k_out.zero_()       # whatever was opened before the failure is not left behind
+            v_out.zero_()
+            raise
+        # a device status is not read here (that would synchronise the hot path): the device backend
+        # keeps its failures, zeroes their destinations itself, and raises them from ``check()``
+        if isinstance(status, np.ndarray):
+            self._raise_failed(layout.layer_idx, status, pos_start, pos_count, columns["session_slot"],
+                               (k_out, v_out))
+        return status
+
+    def _raise_failed(self, layer_idx: int, status: np.ndarray, pos_start, pos_count, slots, outs) -> None:
+        bad = np.flatnonzero(np.asarray(status))
+        if bad.size == 0:
+            return
+        for t in outs:
+            t.zero_()
+        self.scratch.wipe()
+        i = int(bad[0])
+        s = self.sessions[int(slots[i])]
+        start, count = int(np.asarray(pos_start)[i]), int(np.asarray(pos_count)[i])
+        raise DecryptionError(
+            f"authentication failed for tenant {s.tenant_id!r}, layer {layer_idx}, positions "
+            f"{start}..{start + count - 1} ({bad.size} chunk(s) failed); no plaintext returned",
+            tenant_id=s.tenant_id, layer_idx=layer_idx, positions=range(start, start + count))
+
+    # ---- copies ---------------------------------------------------------------------------------------
+    def copy_for(self, sessions: list[TenantSession], scratch: Scratch) -> "LayerContext":
+        """The context of a deep copy of the cache: the same sessions (a new list), backend and known key
+        slots; its own scratch, auditor (no held records) and row map."""
+        new = LayerContext(sessions, self.prompt_slots.copy(), self.rows_per_session,
+                           MergeSettings(self.merge.enabled, self.merge.max_positions, self.merge.min_segments),
+                           self.auditor.copy_for(sessions), scratch, self.backend)
+        new.row_slots = None if self.row_slots is None else self.row_slots.copy()
+        new.key_slots = dict(self.key_slots)
+        new.closed = self.closed
+        return new

@@ -1,0 +1,566 @@
+"""EncryptedLayer: one full-attention layer's cache as ciphertext chunks.
+
+What a layer stores: ciphertext chunks (envelope v1) in one growing byte arena
+(``arena.py``) and their chunk table (``segments.py``): a *segment* is a
+position range written by one ``update`` (a prefill, one decoded token, a block
+of draft tokens) or a merge of such ranges, and holds one chunk per batch row.
+
+What a layer never stores: plaintext. ``layer.keys`` and ``layer.values`` stay
+None. ``update`` encrypts the new positions, then decrypts every live chunk of
+the layer into the cache's plaintext scratch and returns views of it.
+Everything else a layer uses of its cache (session slots, keys and the
+backend, the scratch, the audit record sites) comes through its
+``LayerContext``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..audit.records import Op, Status
+from ..envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce
+from ..errors import DecryptionError, KVCacheError, SessionExpiredError
+from ..session import TenantSession
+from .arena import ByteArena
+from .context import LayerContext, deferred_status
+from .segments import SealedChunks, SegmentTable
+
+if TYPE_CHECKING:
+    from .context import ChunkLayout
+
+__all__ = ["EncryptedLayer", "crop_count"]
+
+
+def crop_count(tokens_to_remove) -> int:
+    """``crop``'s argument as an int: an int, or a one-element integer tensor or array (assisted and
+    prompt-lookup decoding pass a 0-d tensor on transformers up to 5.18)."""
+    t = tokens_to_remove
+    if isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim == 0 and t.dtype not in (torch.bool, np.bool_):
+        if (t.is_floating_point() or t.is_complex()) if isinstance(t, torch.Tensor) else t.dtype.kind not in "iu":
+            raise TypeError(f"tokens_to_remove must be an integer, got a tensor of {t.dtype}")
+        return int(t.item())
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+        raise TypeError(f"tokens_to_remove must be an int, got {type(t).__name__}"
+                        + (f" of shape {list(t.shape)}" if isinstance(t, (torch.Tensor, np.ndarray)) else ""))
+    return int(t)
+
+
+class EncryptedLayer(CacheLayerMixin):
+    """One full-attention layer's cache as ciphertext chunks; plaintext only in the cache's scratch.
+
+    The same visible states and mask sizes as transformers' ``DynamicLayer``. ``SlidingEncryptedLayer``
+    (sliding.py) overrides what differs for sliding-window attention.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    sliding_window: int | None = None
+
+    def __init__(self, context: LayerContext, layer_idx: int):
+        super().__init__()
+        self._ctx = context
+        self.layer_idx = layer_idx
+        self.record_past = False
+        self._clear()
+
+    # ---- storage -------------------------------------------------------------------------
+    def _clear(self) -> None:
+        self.keys = None
+        self.values = None
+        self.is_initialized = False
+        self._batch = 0
+        self.table = SegmentTable()
+        self._row_slots = np.zeros(0, dtype=np.int64)
+        self.arena: ByteArena | None = None
+        self._end = 0       # absolute position after the last stored one
+        self._start = 0     # first visible position (0 for full attention)
+
+    @property
+    def cumulative_length(self) -> int:
+        """Positions written so far (what ``DynamicSlidingWindowLayer.cumulative_length`` counts)."""
+        return self._end
+
+    @property
+    def first_position(self) -> int:
+        """The first position still kept (0 unless a sliding window has moved past it)."""
+        return self._start
+
+    @property
+    def ciphertext(self) -> torch.Tensor:
+        """The layer's stored bytes (ciphertext and tags, including not yet reclaimed ones) as a uint8 view."""
+        if self.arena is None:
+            return torch.zeros(0, dtype=torch.uint8)
+        return self.arena.view()
+
+    @property
+    def num_segments(self) -> int:
+        return self.table.num_segments
+
+    @property
+    def row_session_slots(self) -> np.ndarray:
+        """The session slot of each batch row (a copy)."""
+        return self._row_slots.copy()
+
+    @property
+    def row_sessions(self) -> list[TenantSession]:
+        """The session of each batch row."""
+        return [self._ctx.sessions[i] for i in self._row_slots.tolist()]
+
+    def rows_of(self, slot: int) -> np.ndarray:
+        """The batch rows of session slot ``slot``."""
+        return np.flatnonzero(self._row_slots == slot)
+
+    def chunk_sizes(self) -> np.ndarray:
+        """Stored bytes (ciphertext and tag) of each segment's chunks."""
+        return self.table.chunk_sizes(self._bytes_per_position, TAG_SIZE)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._check_states(key_states, value_states)
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self._batch, self.num_heads, _, self.head_dim = key_states.shape
+        self._layout: ChunkLayout = self._ctx.layout(self.layer_idx, self.num_heads, self.head_dim, self.dtype)
+        self._bytes_per_position = self._layout.bytes_per_position
+        self._row_slots = self._ctx.rows_for_batch(self._batch)
+        self.table = SegmentTable(self._batch)
+        self._backend = self._ctx.backend_for(self.device)
+        self.arena = ByteArena(self.device)
+        self.is_initialized = True
+
+    @staticmethod
+    def _check_states(k, v) -> None:
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError("key_states and value_states must be tensors")
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"EncryptedLayer needs key and value states of one shape [batch, heads, seq, dim]; "
+                             f"got {list(k.shape)} and {list(v.shape)}")
+        if k.dtype != v.dtype or k.device != v.device:
+            raise ValueError("key and value states must share dtype and device")
+
+    def _check_update(self, k, v) -> None:
+        self._check_states(k, v)
+        b, h, _, d = k.shape
+        if (b, h, d) != (self._batch, self.num_heads, self.head_dim):
+            raise ValueError(f"layer {self.layer_idx} holds [batch={self._batch}, heads={self.num_heads}, "
+                             f"dim={self.head_dim}]; got states {list(k.shape)}")
+        if k.dtype != self.dtype or k.device != self.device:
+            raise ValueError(f"layer {self.layer_idx} holds {self.dtype} on {self.device}; "
+                             f"got {k.dtype} on {k.device}")
+
+    def _alloc(self, nbytes: int) -> int:
+        """Room for ``nbytes`` in the arena (live chunks may move: the table follows). Returns the offset."""
+        off, moved = self.arena.alloc(nbytes, self.table.offset, self.chunk_sizes())
+        self.table.columns["offset"] = moved
+        return off
+
+    def compact(self, capacity: int | None = None) -> None:
+        """Reclaim dead bytes now: the live chunks move into a new arena of ``capacity`` bytes (default:
+        exactly their size)."""
+        if not self.is_initialized:
+            return
+        sizes = self.chunk_sizes()
+        if capacity is None:
+            capacity = self.arena.live_bytes(self.table.offset, sizes)
+        self.table.columns["offset"] = self.arena.compact(self.table.offset, sizes, capacity)
+
+    # ---- atomic operations ---------------------------------------------------------------------
+    def snapshot(self) -> tuple:
+        """Everything an operation may change (the table copied: it is updated in place; the arena's bytes
+        are kept by reference)."""
+        return (self._batch, self.table.copy(), self._row_slots.copy(),
+                None if self.arena is None else self.arena.state(), self._end, self._start)
+
+    def restore(self, snap: tuple) -> None:
+        self._batch, self.table, self._row_slots, arena, self._end, self._start = snap
+        if arena is not None:
+            self.arena.restore(arena)
+
+    @contextlib.contextmanager
+    def _atomic(self):
+        """The block completes, or the layer is left exactly as it was (chunk table, bytes, positions)."""
+        snap = self.snapshot()
+        try:
+            yield
+        except BaseException:
+            self.restore(snap)
+            raise
+
+    # ---- sealing and opening ---------------------------------------------------------------------
+    def _seal(self, k_src, v_src, src_row, dst_row, pos_start, pos_count, io_start, audited: bool,
+              failed=None) -> SealedChunks:
+        """Encrypt chunks (src_row, io_start..+pos_count of k_src/v_src) for layer rows ``dst_row``
+        under fresh counters.
+
+        ``failed``: for a re-seal of plaintext from a read whose status is still on the device, that
+        status per new chunk (non-zero: a source tag failed). Such a chunk is stored as zeros, which never
+        authenticate, so a failed chunk is never laundered into a valid one and no host sync is needed."""
+        ctx = self._ctx
+        slots = self._row_slots[dst_row]
+        counter, epoch = ctx.reserve(slots)
+        sizes = pos_count * self._bytes_per_position + TAG_SIZE
+        total = int(sizes.sum())
+        base = self._alloc(total)
+        offset = base + np.cumsum(sizes) - sizes
+        sealed = SealedChunks(counter, epoch, slots, offset)
+        if failed is None:
+            ctx.encrypt(self._backend, self._layout, slots, epoch, src_row, pos_start, pos_count, io_start,
+                        counter, offset, k_src, v_src, self.arena.buffer, audited)
+            return sealed
+        # sealed aside first: a valid tag over a failed source never reaches the arena
+        arena = self.arena.buffer
+        aside = torch.empty(total, dtype=torch.uint8, device=arena.device)
+        try:
+            ctx.encrypt(self._backend, self._layout, slots, epoch, src_row, pos_start, pos_count, io_start,
+                        counter, offset - base, k_src, v_src, aside, audited)
+            bad = failed.to(device=aside.device).bool()
+            edges = np.concatenate([[0], np.flatnonzero(np.diff(sizes)) + 1, [sizes.size]]).tolist()
+            for a, b in zip(edges[:-1], edges[1:]):       # runs of chunks of one size
+                lo, size = int(offset[a] - base), int(sizes[a])
+                src = aside[lo:lo + (b - a) * size].view(b - a, size)
+                dst = arena[base + lo:base + lo + (b - a) * size].view(b - a, size)
+                dst.copy_(torch.where(bad[a:b, None], 0, src))
+        finally:
+            aside.zero_()
+        return sealed
+
+    def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):
+        """Decrypt segments ``segs`` × rows ``rows`` into k_out/v_out (positions from ``base``);
+        DecryptionError (destination wiped) if any tag fails. Returns the backend's status per chunk
+        (segment-major, rows inner), or None when there was nothing to open."""
+        if segs.size == 0 or rows.size == 0:
+            return None
+        nr = rows.size
+        columns = self.table.select(segs, rows)
+        dst = np.tile(rows if out_rows is None else out_rows, segs.size)
+        pos_start = np.repeat(self.table.start[segs], nr)
+        pos_count = np.repeat(self.table.count[segs], nr)
+        return self._ctx.decrypt(self._backend, self._layout, columns, dst, pos_start, pos_count,
+                                 pos_start - base, self.arena.buffer, k_out, v_out)
+
+    def _read_from(self, view_start: int):
+        """Decrypt every segment that reaches past ``view_start`` into the scratch.
+
+        Returns the scratch views from the first decrypted position (``base``), base, and the status."""
+        i0 = self.table.first_reaching(view_start)
+        self._check_covered(i0, view_start)
+        base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
+        k_out, v_out = self._ctx.scratch.views(self._batch, self._end - base, self.num_heads, self.head_dim,
+                                               self.dtype, self.device)
+        status = self._open(np.arange(i0, self.num_segments), np.arange(self._batch), k_out, v_out, base)
+        return k_out, v_out, base, status
+
+    def _check_covered(self, i0: int, view_start: int) -> None:
+        """Refuse a read whose positions ``view_start``.. ``_end`` are not all covered by chunks, in order:
+        the scratch there would hold whatever an earlier read left (another layer's or tenant's K/V)."""
+        gap = self.table.gap(i0, view_start, self._end)
+        if gap is None:
+            return
+        self._ctx.auditor.rows(Op.DECRYPT, self.layer_idx, self._row_slots, np.arange(self._batch),
+                               status=Status.REFUSED, now=True, pos_start=gap[0], pos_count=gap[1] - gap[0])
+        raise DecryptionError(f"no chunk covers positions {gap[0]}..{gap[1] - 1} of layer {self.layer_idx}; "
+                              "nothing is returned", layer_idx=self.layer_idx, positions=range(*gap))
+
+    # ---- the Cache API -------------------------------------------------------------------------
+    def _view_start(self) -> int:
+        """The first position ``update`` returns."""
+        return self._start
+
+    def _after_update(self) -> None:
+        """What follows a completed update (sliding layers move their window)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encrypt the new positions, decrypt the layer into the scratch, return the visible K and V views."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_update(key_states, value_states)
+        ctx = self._ctx
+        ctx.before_update()
+        n = key_states.shape[-2]
+        end = self._end
+        view_start = self._view_start()
+        refused = (Op.ENCRYPT, end, n) if n else (Op.DECRYPT, view_start, end - view_start)
+        try:
+            with self._atomic():    # a failed update leaves the layer as it was
+                if n:
+                    rows = np.arange(self._batch, dtype=np.int64)
+                    sealed = self._seal(key_states, value_states, rows, rows,
+                                        np.full(self._batch, end, dtype=np.int64),
+                                        np.full(self._batch, n, dtype=np.int64),
+                                        np.zeros(self._batch, dtype=np.int64), audited=True)
+                    self.table.append(end, n, sealed)
+                    self._end += n
+                    refused = (Op.DECRYPT, view_start, self._end - view_start)
+                k, v, base, status = self._read_from(view_start)
+                if n and ctx.merge.enabled:
+                    try:
+                        self._merge_tail(k, v, base, status)
+                    except KVCacheError:
+                        # merging is an optimisation: a merge that cannot seal (epoch cap reached, session
+                        # expiring between the write and the merge) leaves the segments as they are
+                        pass
+        except SessionExpiredError:
+            ctx.refuse(self.layer_idx, self._row_slots, *refused)
+            raise
+        self._after_update()
+        skip = view_start - base
+        return k[:, :, skip:, :], v[:, :, skip:, :]
+
+    @property
+    def _merge_cap(self) -> int:
+        """Largest segment a merge may build."""
+        return self._ctx.merge.max_positions
+
+    def _merge_tail(self, k_all: torch.Tensor, v_all: torch.Tensor, base: int, status=None) -> None:
+        """Merge trailing segments, binary-counter style, in batches.
+
+        Walking back from the last segment, a segment joins the run while it is no larger than the
+        run's total so far (so merged runs roughly double). The run is merged only once it holds at
+        least ``merge_min_segments`` segments: it becomes one segment, re-sealed as one chunk per
+        row under fresh counters. Chunks per row stay O(log positions + merge_min_segments) instead of
+        one per decoded token; each position is re-sealed O(log positions) times. The plaintext comes
+        from the scratch just read by this update (``status``: that read's status per chunk)."""
+        j = self.table.merge_start(self._merge_cap, base)
+        if self.num_segments - j >= max(2, self._ctx.merge.min_segments):
+            failed = deferred_status(status)
+            if failed is not None:  # per row: did any merged source chunk fail? (the read's last segments)
+                failed = failed.view(-1, self._batch)[-(self.num_segments - j):].amax(0)
+            with self._atomic():
+                self._merge_range(k_all, v_all, base, j, failed)
+
+    def _merge_range(self, k_all, v_all, base: int, j: int, failed=None) -> None:
+        """Replace segments j.. by one segment re-sealed from the scratch (which starts at ``base``)."""
+        start = int(self.table.start[j])
+        total = self._end - start
+        rows = np.arange(self._batch, dtype=np.int64)
+        sealed = self._seal(k_all, v_all, rows, rows, np.full(self._batch, start, dtype=np.int64),
+                            np.full(self._batch, total, dtype=np.int64),
+                            np.full(self._batch, start - base, dtype=np.int64), audited=False, failed=failed)
+        self.table.keep(np.arange(j + 1))
+        self.table.set_segment(j, total, sealed)
+        self._ctx.auditor.rows(Op.RESEAL, self.layer_idx, self._row_slots, rows, pos_start=start,
+                               pos_count=total, nonce_counter=sealed.counter.astype(np.uint64),
+                               epoch=sealed.epoch.astype(np.uint32), nbytes=total * self._bytes_per_position)
+
+    def _set_start(self, start: int) -> None:
+        """Advance the first visible position and drop segments wholly before it."""
+        self._start = max(self._start, start, 0)
+        self.table.keep(self.table.ends() > self._start)
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self._end - self._start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def activate_past_recording(self, **kwargs) -> None:
+        # newer transformers pass keywords meant for recurrent layers (recurrent_states_to_keep); none apply here
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` positions (negative counts, as DynamicLayer); a chunk cut in
+        two is re-sealed under a fresh counter."""
+        t = crop_count(tokens_to_remove)
+        if t > 0:
+            raise ValueError(f"crop with a positive value ({t}) is not supported; pass a negative number of "
+                             "tokens to remove")
+        if t == 0 or not self.is_initialized:
+            return
+        self._truncate(max(self._start, self._end + t))
+
+    def _truncate(self, new_end: int) -> None:
+        new_end = max(new_end, 0)
+        removed = self._end - new_end
+        if removed <= 0:
+            return
+        try:
+            with self._atomic():    # a crop that cannot re-seal drops nothing
+                self.table.keep(self.table.start < new_end)
+                new_counter = np.zeros(self._batch, dtype=np.int64)
+                if self.num_segments and int(self.table.ends()[-1]) > new_end:
+                    new_counter = self._reseal_last(new_end - int(self.table.start[-1]))
+                self._end = new_end
+                self._start = min(self._start, new_end)
+                self._ctx.auditor.rows(Op.CROP, self.layer_idx, self._row_slots, np.arange(self._batch),
+                                       pos_start=new_end, pos_count=removed,
+                                       nonce_counter=new_counter.astype(np.uint64))
+        except SessionExpiredError:
+            self._ctx.refuse(self.layer_idx, self._row_slots, Op.CROP, new_end, removed)
+            raise
+
+    def _plaintext_buffer(self, rows: int, seq: int):
+        """A private plaintext buffer for a re-seal (zeroed by the caller when done), with its K and V views."""
+        buf = torch.empty((rows, seq, 2, self.num_heads, self.head_dim), dtype=self.dtype, device=self.device)
+        return buf, buf[:, :, 0].permute(0, 2, 1, 3), buf[:, :, 1].permute(0, 2, 1, 3)
+
+    def _reseal_last(self, keep: int) -> np.ndarray:
+        """Shorten the last segment to its first ``keep`` positions, re-sealed under fresh counters."""
+        i = self.num_segments - 1
+        start, count = int(self.table.start[i]), int(self.table.count[i])
+        rows = np.arange(self._batch, dtype=np.int64)
+        buf, k_tmp, v_tmp = self._plaintext_buffer(self._batch, count)
+        try:
+            status = self._open(np.array([i]), rows, k_tmp, v_tmp, start)
+            sealed = self._seal(k_tmp, v_tmp, rows, rows, np.full(self._batch, start, dtype=np.int64),
+                                np.full(self._batch, keep, dtype=np.int64),
+                                np.zeros(self._batch, dtype=np.int64), audited=False,
+                                failed=deferred_status(status))
+        finally:
+            buf.zero_()
+        self.table.set_segment(i, keep, sealed)
+        return sealed.counter
+
+    def reseal_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Re-seal every live chunk of ``rows`` under fresh counters (current epoch); first new counter per row."""
+        if not self.num_segments or rows.size == 0:
+            return np.zeros(rows.size, dtype=np.int64)
+        t = self.table
+        base = int(t.start[0])
+        ns, nr = self.num_segments, rows.size
+        # a buffer of the whole batch, so each row opens into its own index and its DECRYPT record names it
+        buf, k_tmp, v_tmp = self._plaintext_buffer(self._batch, self._end - base)
+        try:
+            status = self._open(np.arange(ns), rows, k_tmp, v_tmp, base)
+            pos_start = np.repeat(t.start, nr)
+            sealed = self._seal(k_tmp, v_tmp, np.tile(rows, ns), np.tile(rows, ns), pos_start,
+                                np.repeat(t.count, nr), pos_start - base, audited=False,
+                                failed=deferred_status(status))
+        finally:
+            buf.zero_()
+        t.set_rows(rows, sealed)
+        return sealed.counter.reshape(ns, nr)[0]
+
+    def _record_reorder(self, src: np.ndarray, moved: np.ndarray, row_slots: np.ndarray) -> None:
+        """The REORDER record of rows ``moved`` (row r now holds old row ``src[r]``)."""
+        self._ctx.auditor.rows(Op.REORDER, self.layer_idx, row_slots[moved], moved, pos_start=self._start,
+                               pos_count=self._end - self._start, nonce_counter=src[moved].astype(np.uint64))
+
+    def row_index(self, idx, what: str) -> np.ndarray:
+        """``idx`` (integer indices, negative allowed, or a boolean mask over the batch) as row indices."""
+        if isinstance(idx, torch.Tensor):
+            idx = idx.detach().cpu().numpy()
+        idx = np.asarray(idx)
+        if idx.dtype == np.bool_:
+            if idx.shape != (self._batch,):
+                raise ValueError(f"{what}: a boolean mask must have {self._batch} entries")
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise TypeError(f"{what} must be a 1-D integer index")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < -self._batch or idx.max() >= self._batch):
+            raise IndexError(f"{what}: row index out of range for batch {self._batch}")
+        return idx % max(self._batch, 1)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam reorder: row r takes the chunks of row beam_idx[r], without re-encryption.
+
+        TenantIsolationError (and an ISOLATION_VIOLATION record) if a row would take a row of another session."""
+        if not self.is_initialized:
+            return
+        idx = self.row_index(beam_idx, "beam_idx")
+        if idx.size != self._batch:
+            raise ValueError(f"beam_idx has {idx.size} entries, the batch {self._batch}")
+        self._ctx.check_same_session(self.layer_idx, self._row_slots[idx], self._row_slots, idx)
+        moved = np.flatnonzero(idx != np.arange(self._batch))
+        if moved.size == 0:
+            return
+        columns = self.table.take_rows(idx)
+        self._record_reorder(idx, moved, self._row_slots)
+        self.table.columns = columns
+
+    def _select_rows(self, idx: np.ndarray) -> None:
+        """Row r becomes old row idx[r]: the new state is built, recorded, then put in place in one step."""
+        columns = self.table.take_rows(idx)
+        row_slots = self._row_slots[idx]
+        self._record_reorder(idx, np.flatnonzero(idx != np.arange(idx.size)), row_slots)
+        self.table.columns, self._row_slots, self._batch = columns, row_slots, int(idx.size)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Row i becomes rows i*repeats .. i*repeats+repeats-1, each keeping row i's session and chunks."""
+        if not isinstance(repeats, (int, np.integer)) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        if self.is_initialized:
+            self._select_rows(np.repeat(np.arange(self._batch), int(repeats)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._select_rows(self.row_index(indices, "indices"))
+
+    def reset(self) -> None:
+        """Forget everything (the arena is zeroed first); the layer initializes again on its next update."""
+        if self.arena is not None:
+            self.arena.zero()
+        self._clear()
+
+    def offload(self) -> None:
+        if self.is_initialized and self.arena.device.type != "cpu":
+            self.arena.to("cpu")
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.arena.device != self.device:
+            self.arena.to(self.device)
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def shred_rows(self, rows: np.ndarray) -> None:
+        """Zero the ciphertext of ``rows`` (their keys are already erased)."""
+        if not self.is_initialized or rows.size == 0 or not self.num_segments:
+            return
+        self.arena.shred(self.table.offset[:, rows], self.chunk_sizes())
+
+    def export_entries(self, row: int) -> list[EncryptedEntry]:
+        if not self.is_initialized:
+            return []
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < self._batch:
+            raise IndexError(f"row must be in [0, {self._batch}), got {row!r}")
+        session = self._ctx.sessions[int(self._row_slots[row])]
+        arena = self.arena.buffer.cpu()
+        t = self.table
+        out = []
+        for i in range(self.num_segments):
+            start, count = int(t.start[i]), int(t.count[i])
+            counter, epoch, off = int(t.counter[i, row]), int(t.epoch[i, row]), int(t.offset[i, row])
+            nb = count * self._bytes_per_position
+            meta = EntryMetadata(session.tenant_id, session.session_id, self.layer_idx, start,
+                                 position_count=count)
+            out.append(EncryptedEntry(meta, make_nonce(epoch, counter), arena[off:off + nb + TAG_SIZE].numpy().tobytes(),
+                                      nb // 2, counter, epoch, str(self.dtype).removeprefix("torch."),
+                                      self.num_heads, self.head_dim))
+        return out
+
+    def copy_for(self, context: LayerContext) -> "EncryptedLayer":
+        """This layer's state as a layer of the cache whose context is ``context``: its own arena (the
+        ciphertext bytes copied as they are) and chunk table; the backend and layout are shared."""
+        new = type(self).__new__(type(self))
+        for name, value in self.__dict__.items():
+            if name == "_ctx":
+                new.__dict__[name] = context
+            elif name == "arena":
+                new.__dict__[name] = None if value is None else value.clone()
+            elif name in ("_backend", "_layout", "device", "dtype"):
+                new.__dict__[name] = value
+            else:
+                new.__dict__[name] = copy.deepcopy(value)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "EncryptedLayer":
+        raise TypeError("an EncryptedLayer is copied with its cache: copy.deepcopy(cache), not one of its layers")
+
+    def _kind(self) -> str:
+        return "full"
+
+    def __repr__(self) -> str:
+        return (f"EncryptedLayer(layer={self.layer_idx}, {self._kind()}, rows={self._batch}, "
+                f"positions={self.get_seq_length()}, segments={self.num_segments})")
+
