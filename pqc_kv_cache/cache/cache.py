@@ -417,7 +417,7 @@ class EncryptedCache(Cache):
     def export_entries(self, layer_idx: int, row: int) -> list[EncryptedEntry]:
         """The chunks of one row of one layer as EncryptedEntry objects (envelope v1), in position order."""
         if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
-            raise IndexError(f"layer_idx must be in [0, {len(self.layers)}), got {layer_idx!r}")
+            raise ValueError(f"layer_idx must be in [0, {len(self.layers)}), got {layer_idx!r}")
         return self.layers[layer_idx].export_entries(row)
 
     def __repr__(self) -> str:

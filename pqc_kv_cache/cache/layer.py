@@ -460,7 +460,7 @@ class EncryptedLayer(CacheLayerMixin):
             raise TypeError(f"{what} must be a 1-D integer index")
         idx = idx.astype(np.int64)
         if idx.size and (idx.min() < -self._batch or idx.max() >= self._batch):
-            raise IndexError(f"{what}: row index out of range for batch {self._batch}")
+            raise ValueError(f"{what}: row index out of range for batch {self._batch}")
         return idx % max(self._batch, 1)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -523,7 +523,7 @@ class EncryptedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return []
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < self._batch:
-            raise IndexError(f"row must be in [0, {self._batch}), got {row!r}")
+            raise ValueError(f"row must be in [0, {self._batch}), got {row!r}")
         session = self._ctx.sessions[int(self._row_slots[row])]
         arena = self.arena.buffer.cpu()
         t = self.table

@@ -170,8 +170,19 @@ def test_export_entries_open_with_the_right_session_only(two):
         plain = AESGCM(alice.key_for_epoch(e.epoch)).decrypt(e.nonce, e.ciphertext, e.aad())
         assert len(plain) == e.plaintext_size
     assert cache.export_entries(1, 1)[0].metadata.tenant_id == "bob"
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError):
         cache.export_entries(1, 2)
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.export_entries(0, 2), lambda c: c.export_entries(0, -1), lambda c: c.export_entries(9, 0),
+    lambda c: c.export_entries(-1, 0), lambda c: c.reorder_cache(torch.tensor([0, 7])),
+    lambda c: c.reorder_cache(torch.tensor([0, -5])), lambda c: c.batch_select_indices(torch.tensor([3])),
+], ids=["row-high", "row-negative", "layer-high", "layer-negative", "reorder-high", "reorder-negative", "select-high"])
+def test_out_of_range_rows_and_layers_are_value_errors(two, call):
+    cache, _, _ = filled(two, None)
+    with pytest.raises(ValueError, match="range|must be in"):
+        call(cache)
 
 
 def test_closing_a_session_shreds_its_rows_and_is_recorded(two):
