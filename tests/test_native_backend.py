@@ -474,3 +474,22 @@ def test_a_missing_compiler_makes_the_native_backend_unavailable(monkeypatch, tm
     monkeypatch.setenv("PQC_KV_CACHE_DIR", str(tmp_path))
     with pytest.raises(BackendUnavailableError, match="no C compiler"):
         native._build()
+
+
+def test_info_names_the_active_host_path(monkeypatch, capsys):
+    from pqc_kv_cache.__main__ import main
+
+    monkeypatch.setenv(native.BACKEND_ENV, "host")
+    assert main(["info"]) == 0
+    assert "host path: host (forced by PQC_KV_CACHE_BACKEND=host)" in capsys.readouterr().out
+    monkeypatch.setenv(native.BACKEND_ENV, "nonsense")
+    assert main(["info"]) == 2
+    assert "must be 'host', 'native' or 'auto'" in capsys.readouterr().out
+    monkeypatch.delenv(native.BACKEND_ENV)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    if _UNAVAILABLE:
+        assert "host path: host (native backend unavailable" in out
+    else:
+        assert "host path: native (native backend available)" in out
+        assert "ipsec-mb" in out and "CPU features ipsec-mb reports:" in out
