@@ -60,6 +60,7 @@ _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
 _ABI = 1
 _RING_SLOTS = 256          # key schedules kept at once; a full ring is wiped and refilled
+_FIELDS = ChunkTable.fields()
 _SLOT_IN = struct.Struct("<16s16sqq")   # tenant tag, session tag, epoch, schedule index (pqc_native.c)
 _TENS_COLS = 10
 _ROWSUM_COLS = 5
@@ -232,23 +233,27 @@ def select_host_backend() -> CryptoBackend:
     return HostBackend.instance()
 
 
-def _col(name: str, a: Any, n: int | None) -> np.ndarray:
-    """A chunk table column as a contiguous 1-D int64 numpy array (no copy when it already is one)."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    a = np.asarray(a)
-    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise TypeError(f"chunk field {name} must be a 1-D integer array, got {a.ndim}-D {a.dtype}")
-    if n is not None and a.shape[0] != n:
-        raise ValueError(f"chunk fields differ in length: {name} has {a.shape[0]}, slot has {n}")
-    return np.ascontiguousarray(a, dtype=np.int64)
-
-
 def _tensor_desc(t: torch.Tensor) -> list[int]:
     """data pointer, bytes from it to the end of the storage, sizes, strides (pqc_native.c's layout)."""
     ptr = t.data_ptr()
     extent = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size() if ptr else 0
     return [ptr, extent, *t.shape, *t.stride()]
+
+
+class _Scratch:
+    """One thread's call buffers and their addresses (taken once: numpy's .ctypes costs ~1 us a call)."""
+
+    def __init__(self, cap: int, rcap: int):
+        self.cap, self.rcap = cap, rcap
+        self.table = np.zeros((len(_FIELDS), cap), dtype=np.int64)
+        base = self.table.ctypes.data
+        self.cols = [base + i * cap * 8 for i in range(len(_FIELDS))]
+        self.status = np.zeros(cap, dtype=np.uint8)
+        self.status_ptr = self.status.ctypes.data
+        self.rowsum = np.zeros((rcap, _ROWSUM_COLS), dtype=np.int64)
+        self.rowsum_ptr = self.rowsum.ctypes.data
+        self.err = np.zeros(2, dtype=np.int64)
+        self.err_ptr = self.err.ctypes.data
 
 
 class _RingGuard:
@@ -280,11 +285,12 @@ class NativeBackend(CryptoBackend):
         self._cap = ring_slots
         self._salt = secrets.token_bytes(32)
         self._index: dict[bytes, int] = {}      # salted key digest -> schedule index
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._calls = 0                         # calls in flight (they read schedules)
         self._wiping = False                    # a wipe waits for the calls in flight
         self._closed = False
-        self._prefix: dict[int, bytes] = {}     # dtype code -> the first 8 AAD bytes
+        self._prefix: dict[torch.dtype, bytes] = {}   # dtype -> the first 8 AAD bytes
+        self._local = threading.local()
 
     @classmethod
     def instance(cls) -> "NativeBackend":
@@ -343,7 +349,8 @@ class NativeBackend(CryptoBackend):
     def _leave(self) -> None:
         with self._cond:
             self._calls -= 1
-            self._cond.notify_all()
+            if self._wiping and self._calls == 0:
+                self._cond.notify_all()
 
     def clear_key_cache(self) -> None:
         """Erase every key schedule this backend keeps (waits for calls in flight to finish)."""
@@ -378,12 +385,12 @@ class NativeBackend(CryptoBackend):
             raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
         if not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 or arena.dim() != 1:
             raise TypeError("arena must be a 1-D uint8 tensor")
-        if arena.device.type != "cpu" or not arena.is_contiguous():
+        if not arena.is_cpu or not arena.is_contiguous():
             raise ValueError("the native backend needs a contiguous CPU arena")
         for t, what in ((k, "k"), (v, "v")):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{what}_{name} must be a tensor, got {type(t).__name__}")
-            if t.device.type != "cpu":
+            if not t.is_cpu:
                 raise ValueError(f"the native backend handles CPU tensors only; {what}_{name} is on {t.device}")
             if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
                 raise ValueError(f"{what}_{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
@@ -395,16 +402,8 @@ class NativeBackend(CryptoBackend):
         if not isinstance(chunks, ChunkTable):
             raise TypeError(f"chunks must be a ChunkTable, got {type(chunks).__name__}")
 
-    def _prefix8(self, layout: ChunkLayout) -> bytes:
-        code = dtype_code(layout.dtype)
-        p = self._prefix.get(code)
-        if p is None:
-            p = self._prefix[code] = AAD_MAGIC + bytes((FORMAT_VERSION, KV_ROLES["both"], code, 0))
-        return p
-
     @staticmethod
-    def _raise(rc: int, err: np.ndarray, keys, layout: ChunkLayout, name: str, k: torch.Tensor,
-               cols: dict[str, np.ndarray]) -> None:
+    def _raise(rc: int, err: np.ndarray, keys, layout: ChunkLayout, name: str, k: torch.Tensor) -> None:
         i, x = int(err[0]), int(err[1])
         if rc == _E_LAYOUT:
             raise ValueError(f"bad chunk layout {layout}")
@@ -432,45 +431,75 @@ class NativeBackend(CryptoBackend):
             raise MemoryError("the native backend could not allocate a call's AAD templates")
         raise BackendUnavailableError(f"the native backend refused a call (code {rc})")
 
+    def _scratch(self, n: int, rows: int) -> "_Scratch":
+        """This thread's reusable call buffers (table, status, row sums, error), grown on demand."""
+        sc = getattr(self._local, "scratch", None)
+        if sc is None or sc.cap < n or sc.rcap < rows:
+            sc = self._local.scratch = _Scratch(max(n, 2 * sc.cap if sc else 64), max(rows, sc.rcap if sc else 8))
+        return sc
+
+    def _load_table(self, chunks: ChunkTable, batch: int) -> tuple[int, "_Scratch"]:
+        """Copy the chunk table's columns into this thread's int64 scratch (any integer dtype; a value
+        that does not fit int64 turns negative, which the C side refuses)."""
+        sc: _Scratch | None = None
+        n = 0
+        for i, f in enumerate(_FIELDS):
+            a = getattr(chunks, f)
+            if isinstance(a, torch.Tensor):
+                a = a.detach().cpu().numpy()
+            elif type(a) is not np.ndarray:
+                a = np.asarray(a)
+            if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+                raise TypeError(f"chunk field {f} must be a 1-D integer array, got {a.ndim}-D {a.dtype}")
+            if sc is None:
+                n = a.shape[0]
+                sc = self._scratch(n, batch)
+            elif a.shape[0] != n:
+                raise ValueError(f"chunk fields differ in length: {f} has {a.shape[0]}, slot has {n}")
+            sc.table[i, :n] = a
+        assert sc is not None
+        return n, sc
+
     def _call(self, seal: bool, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
-              arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor, want_rows: bool):
+              arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor, audit_on: bool):
+        """One C call; returns (the chunk table's int64 columns, status of each chunk, sums of each row),
+        the columns and row sums only when the call is audited, the status only when opening."""
         self._check_types(layout, arena, name, k, v, chunks)
-        slot = _col("slot", chunks.slot, None)
-        n = slot.shape[0]
-        cols = {"slot": slot}
-        for f in ChunkTable.fields()[1:]:
-            cols[f] = _col(f, getattr(chunks, f), n)
-        for big, what in ((layout.layer_idx, "layer"), (layout.num_heads, "heads"), (layout.head_dim, "dim")):
-            if not isinstance(big, (int, np.integer)):
+        n, sc = self._load_table(chunks, k.shape[0])
+        for x in (layout.layer_idx, layout.num_heads, layout.head_dim):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
                 raise ValueError(f"bad chunk layout {layout}")
         geom = struct.pack("<4q", *(max(-1, min(int(x), 1 << 62)) for x in
                                     (layout.layer_idx, layout.num_heads, layout.head_dim)), k.element_size())
         tens = struct.pack(f"<{2 * _TENS_COLS}q", *_tensor_desc(k), *_tensor_desc(v))
-        err = np.full(2, -1, dtype=np.int64)
-        status = np.zeros(n, dtype=np.uint8)
-        rowsum = np.empty((k.shape[0], _ROWSUM_COLS), dtype=np.int64) if want_rows else None
+        prefix = self._prefix.get(layout.dtype)
+        if prefix is None:
+            prefix = self._prefix[layout.dtype] = AAD_MAGIC + bytes((FORMAT_VERSION, KV_ROLES["both"],
+                                                                     dtype_code(layout.dtype), 0))
         packed = self._enter(keys)
         try:
-            ptrs = [cols[f].ctypes.data for f in ChunkTable.fields()]
-            common = (self._ring.ptr, self._prefix8(layout), packed, len(keys), geom, tens,
-                      arena.data_ptr() or None, arena.numel(), n, *ptrs)
+            common = (self._ring.ptr, prefix, packed, len(keys), geom, tens, arena.data_ptr() or None,
+                      arena.numel(), n, *sc.cols)
             if seal:
-                rc = self._lib.pqc_native_seal(*common, err.ctypes.data)
+                rc = self._lib.pqc_native_seal(*common, sc.err_ptr)
             else:
-                rc = self._lib.pqc_native_open(*common, status.ctypes.data,
-                                               rowsum.ctypes.data if rowsum is not None else None, err.ctypes.data)
+                rc = self._lib.pqc_native_open(*common, sc.status_ptr, sc.rowsum_ptr if audit_on else None,
+                                               sc.err_ptr)
         finally:
             self._leave()
         if rc != 0:
-            self._raise(rc, err, keys, layout, name, k, cols)
+            self._raise(rc, sc.err, keys, layout, name, k)
+        cols = dict(zip(_FIELDS, sc.table[:, :n].copy())) if audit_on else None
+        status = None if seal else sc.status[:n].copy()
+        rowsum = sc.rowsum[:k.shape[0]].copy() if audit_on and not seal else None
         return cols, status, rowsum
 
     # ---- the contract ------------------------------------------------------------------
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
                        audit: AuditContext | None = None) -> None:
-        t, _, _ = self._call(True, keys, layout, chunks, arena, "src", k_src, v_src, False)
-        if audit is None or not t["slot"].size:
+        t, _, _ = self._call(True, keys, layout, chunks, arena, "src", k_src, v_src, audit is not None)
+        if t is None or not t["slot"].size:
             return
         slot = t["slot"]
         nbytes = t["pos_count"] * layout.bytes_per_position
@@ -485,7 +514,7 @@ class NativeBackend(CryptoBackend):
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                        audit: AuditContext | None = None) -> np.ndarray:
         t, status, rowsum = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out, audit is not None)
-        if audit is not None and status.size:
+        if audit is not None and t is not None and status.size:
             self._emit_decrypt(audit, keys, layout, t, status, rowsum)
         return status
 
