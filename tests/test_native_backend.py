@@ -493,3 +493,28 @@ def test_info_names_the_active_host_path(monkeypatch, capsys):
     else:
         assert "host path: native (native backend available)" in out
         assert "ipsec-mb" in out and "CPU features ipsec-mb reports:" in out
+
+
+def test_a_remembered_build_failure_keeps_no_caller_alive(monkeypatch):
+    import weakref
+
+    def fail():
+        raise BackendUnavailableError("no ipsec-mb here")
+    monkeypatch.setattr(native, "_build", fail)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_load_error", None)
+
+    class Holder:   # stands for a cache whose first update selects the backend
+        pass
+
+    def select(holder):
+        with pytest.raises(BackendUnavailableError, match="no ipsec-mb here"):
+            native.load()
+
+    refs = []
+    for _ in range(2):                 # the build attempt, then the remembered failure
+        h = Holder()
+        refs.append(weakref.ref(h))
+        select(h)
+        del h
+    assert [r() for r in refs] == [None, None], "a stored exception's traceback keeps its callers alive"

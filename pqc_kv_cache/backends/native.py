@@ -78,7 +78,8 @@ _ARCHS = ("none", "no-aesni", "sse", "avx", "avx2", "avx512")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_path: Path | None = None
-_load_error: BackendUnavailableError | None = None
+_load_error: str | None = None   # a failure, remembered as text: an exception would keep its traceback's
+                                 # frames (and whatever they hold, e.g. a cache) alive
 
 
 def _cache_dir() -> Path:
@@ -114,7 +115,8 @@ def _build() -> Path:
         proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], capture_output=True, text=True)
         if proc.returncode != 0:
             hint = " (is libipsec-mb-dev installed?)" if "ipsec" in proc.stderr.lower() else ""
-            raise BackendUnavailableError(f"building the native backend failed{hint}:\n{proc.stderr[-2000:]}")
+            raise BackendUnavailableError(f"building the native backend with {cc} failed (exit {proc.returncode})"
+                                          f"{hint}\n{proc.stderr[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -165,7 +167,7 @@ def load() -> ctypes.CDLL:
         if _lib is not None:
             return _lib
         if _load_error is not None:
-            raise _load_error
+            raise BackendUnavailableError(_load_error)
         try:
             path = _build()
             try:
@@ -178,7 +180,7 @@ def load() -> ctypes.CDLL:
             if not lib.pqc_native_ready():
                 raise BackendUnavailableError("ipsec-mb could not set up an AES-GCM manager on this CPU")
         except BackendUnavailableError as exc:
-            _load_error = exc
+            _load_error = str(exc)
             raise
         _lib, _lib_path = lib, path
         return lib
