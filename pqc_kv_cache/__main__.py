@@ -1,4 +1,4 @@
-"""Command line: ``python -m pqc_kv_cache {demo,audit,bench}`` (or the ``pqc-kv-cache`` script)."""
+"""Command line: ``python -m pqc_kv_cache {demo,audit,bench,info}`` (or the ``pqc-kv-cache`` script)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,41 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(quick=args.quick, out=args.out)
 
 
+def _info(args: argparse.Namespace) -> int:
+    """Which host crypto path CPU tensors get, and why; what the native path runs on."""
+    import platform
+
+    import cryptography
+
+    from .backends.native import host_backend_choice, library_info
+
+    print(f"pqc_kv_cache {__version__}, Python {platform.python_version()}, {platform.machine()}")
+    try:
+        name, why = host_backend_choice()
+    except (ValueError, KVCacheError) as exc:
+        print(f"host path: none ({exc})")
+        return 2
+    print(f"host path: {name} ({why})")
+    role = "fallback" if name == "native" else "in use"
+    print(f"  host ({role}): cryptography {cryptography.__version__} AESGCM ({_openssl_version()})")
+    if name == "native":
+        info = library_info()
+        print(f"  native: Intel ipsec-mb {info['ipsec_mb_version']} (built against {info['ipsec_mb_header_version']}), "
+              f"{info['arch']} code path")
+        print(f"    library: {info['ipsec_mb_library']}")
+        print(f"    module:  {info['native_module']}")
+        print(f"    CPU features ipsec-mb reports: {' '.join(info['cpu_features']) or 'none'}")
+    return 0
+
+
+def _openssl_version() -> str:
+    try:
+        from cryptography.hazmat.backends.openssl.backend import backend
+        return str(backend.openssl_version_text())
+    except Exception:   # an informational line only: any cryptography layout change must not break `info`
+        return "OpenSSL version unknown"
+
+
 def _prog() -> str:
     """The name the user typed: ``pqc-kv-cache`` for the script, ``python -m pqc_kv_cache`` for the module."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
@@ -33,7 +68,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Encrypted, tenant-isolated, audited KV cache.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,audit,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,audit,bench,info}")
     demo = sub.add_parser("demo", help="two tenants: sessions, entries, a refused access, rotation, the cache, "
                                        "the audit log",
                           description="The library end to end on a CPU: two tenants, sealed entries, a refused "
@@ -54,6 +89,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
     bench.add_argument("--out", metavar="FILE", default=None, help="write the results as JSON to this file")
     bench.set_defaults(func=_bench)
+    info = sub.add_parser("info", help="which host crypto path is active and why",
+                          description="Print the crypto path CPU tensors get (native ipsec-mb or host "
+                                      "cryptography), why, and what the native path runs on (versions, "
+                                      "library file, CPU features). PQC_KV_CACHE_BACKEND=host|native forces one.")
+    info.set_defaults(func=_info)
     from .audit.cli import register
     register(sub)
     return parser

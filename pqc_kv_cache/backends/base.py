@@ -149,10 +149,11 @@ class CryptoBackend(abc.ABC):
 
 
 def select_backend(device: torch.device | str) -> CryptoBackend:
-    """The backend for tensors on ``device``: cuda tensors get the CUDA backend, all else the host."""
+    """The backend for tensors on ``device``: cuda tensors get the CUDA backend, all else the native host
+    backend when it is available, else the host backend (``PQC_KV_CACHE_BACKEND=host|native`` forces one)."""
     device = torch.device(device)
     if device.type == "cuda":
         from .cuda import CudaBackend
         return CudaBackend.for_device(device)
-    from .host import HostBackend
-    return HostBackend.instance()
+    from .native import select_host_backend
+    return select_host_backend()

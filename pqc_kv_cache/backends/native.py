@@ -1,0 +1,544 @@
+"""Native host backend: the backend contract on CPU tensors in one C call per contract call.
+
+``pqc_kv_cache/native/pqc_native.c`` seals or opens a whole layer's chunks per
+call with Intel's ipsec-mb AES-256-GCM (its run-time dispatch picks SSE, AVX2,
+AVX-512 or VAES code for the CPU). The C side checks every chunk (fields, key
+slots, rows, positions, arena and tensor-storage bounds, strides) before any
+byte moves, builds each chunk's nonce and AAD v1 from a per-slot template, and
+streams every (K/V, head) run straight between the strided tensors and the
+arena (no staging copy); a chunk whose tag fails (constant-time compare) has
+its destination zeroed. The ciphertext is byte for byte what the host backend
+(`cryptography`) writes, so either opens the other's chunks.
+
+Build: on first use, with the system C compiler (``$CC``, else ``cc`` / ``gcc``),
+linked with ``-lIPSec_MB``, into the per-user cache directory
+(``$PQC_KV_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqc_kv_cache``, else
+``~/.cache/pqc_kv_cache``) under a name hashed from the source and flags. No
+compiler, no ipsec-mb (Debian/Ubuntu: ``apt-get install libipsec-mb-dev``), or a
+failed build: :class:`BackendUnavailableError`, and CPU tensors get the host
+backend instead.
+
+Selection for CPU tensors (:func:`select_host_backend`): native when it builds
+and loads, else host. ``PQC_KV_CACHE_BACKEND=host`` or ``=native`` forces one
+(``native`` raises when it is unavailable rather than falling back).
+
+Key schedules are kept per key (looked up by a salted digest, never by the key
+bytes) in memory the C side owns, and erased with ``explicit_bzero`` by
+:meth:`NativeBackend.clear_key_cache`, :meth:`NativeBackend.close` and when the
+backend is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import secrets
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..audit.records import Op, Status
+from ..envelope import AAD_MAGIC, FORMAT_VERSION, KV_ROLES, TAG_SIZE, dtype_code
+from ..errors import BackendUnavailableError
+from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
+
+__all__ = ["NativeBackend", "BACKEND_ENV", "load", "available", "library_info", "select_host_backend",
+           "host_backend_choice"]
+
+BACKEND_ENV = "PQC_KV_CACHE_BACKEND"
+_SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
+_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
+_LIBS = ("-lIPSec_MB",)
+_ABI = 1
+_RING_SLOTS = 256          # key schedules kept at once; a full ring is wiped and refilled
+_FIELDS = ChunkTable.fields()
+_SLOT_IN = struct.Struct("<16s16sqq")   # tenant tag, session tag, epoch, schedule index (pqc_native.c)
+_TENS_COLS = 10
+_ROWSUM_COLS = 5
+
+# error codes of pqc_native.c
+_E_INIT, _E_LAYOUT, _E_TENSOR, _E_EPOCH, _E_SCHED, _E_FIELD, _E_NOKEY, _E_ROW, _E_SEQ, _E_KEYLEN, \
+    _E_ARENA, _E_STORAGE, _E_ARG, _E_NOMEM = range(-1, -15, -1)
+
+# ipsec-mb's IMB_FEATURE_* bits (intel-ipsec-mb.h) and IMB_ARCH values, for `info`
+_FEATURES = ("SHANI", "AESNI", "PCLMULQDQ", "CMOV", "SSE4_2", "AVX", "AVX2", "AVX512F", "AVX512DQ",
+             "AVX512CD", "AVX512BW", "AVX512VL", "VAES", "VPCLMULQDQ", "SAFE_DATA", "SAFE_PARAM", "GFNI",
+             "AVX512_IFMA", "BMI2", "AESNI_EMU", "SELF_TEST", "SELF_TEST_PASS")
+_ARCHS = ("none", "no-aesni", "sse", "avx", "avx2", "avx512")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_path: Path | None = None
+_load_error: str | None = None   # a failure, remembered as text: an exception would keep its traceback's
+                                 # frames (and whatever they hold, e.g. a cache) alive
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("PQC_KV_CACHE_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pqc_kv_cache"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _build() -> Path:
+    if not _SOURCE.is_file():
+        raise BackendUnavailableError(f"native backend source not found: {_SOURCE}")
+    cc = _compiler()
+    if not cc:
+        raise BackendUnavailableError("no C compiler ($CC, cc or gcc) to build the native backend")
+    h = hashlib.sha256(_SOURCE.read_bytes() + b"\0" + " ".join((cc,) + _FLAGS + _LIBS).encode())
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"pqc_native-{h.hexdigest()[:20]}.so"
+    if lib.is_file():
+        return lib
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], capture_output=True, text=True)
+        if proc.returncode != 0:
+            hint = " (is libipsec-mb-dev installed?)" if "ipsec" in proc.stderr.lower() else ""
+            raise BackendUnavailableError(f"building the native backend with {cc} failed (exit {proc.returncode})"
+                                          f"{hint}\n{proc.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    cols = [_P] * 7   # slot, row, pos_start, pos_count, io_start, counter, offset
+    sig: dict[str, tuple[list[Any], Any]] = {
+        "pqc_native_abi": ([], ctypes.c_int),
+        "pqc_native_ready": ([], ctypes.c_int),
+        "pqc_native_lib_version": ([], ctypes.c_char_p),
+        "pqc_native_header_version": ([], ctypes.c_char_p),
+        "pqc_native_lib_path": ([], ctypes.c_char_p),
+        "pqc_native_features": ([], ctypes.c_uint64),
+        "pqc_native_arch": ([], ctypes.c_int),
+        "pqc_native_sched_size": ([], _I64),
+        # (cap) -> ring
+        "pqc_native_ring_new": ([_I64], _P),
+        # (ring, idx, key32)
+        "pqc_native_ring_set": ([_P, _I64, ctypes.c_char_p], ctypes.c_int),
+        # (ring, idx or -1 for all)
+        "pqc_native_ring_wipe": ([_P, _I64], None),
+        "pqc_native_ring_nonzero": ([_P], _I64),
+        "pqc_native_ring_free": ([_P], None),
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, *cols, err)
+        "pqc_native_seal": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
+                             _P, _I64, _I64, *cols, _P], ctypes.c_int),
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, *cols, status, rowsum, err)
+        "pqc_native_open": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
+                             _P, _I64, _I64, *cols, _P, _P, _P], ctypes.c_int),
+    }
+    for name, (args, res) in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+
+
+def load() -> ctypes.CDLL:
+    """The native library (built on first use); a failure is remembered and raised again."""
+    global _lib, _lib_path, _load_error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _load_error is not None:
+            raise BackendUnavailableError(_load_error)
+        try:
+            path = _build()
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as exc:
+                raise BackendUnavailableError(f"cannot load the native backend {path}: {exc}") from None
+            _declare(lib)
+            if lib.pqc_native_abi() != _ABI:
+                raise BackendUnavailableError("native backend ABI mismatch")
+            if not lib.pqc_native_ready():
+                raise BackendUnavailableError("ipsec-mb could not set up an AES-GCM manager on this CPU")
+        except BackendUnavailableError as exc:
+            _load_error = str(exc)
+            raise
+        _lib, _lib_path = lib, path
+        return lib
+
+
+def available() -> bool:
+    """True if the native backend builds and loads here."""
+    try:
+        load()
+        return True
+    except BackendUnavailableError:
+        return False
+
+
+def library_info() -> dict[str, Any]:
+    """What the native path runs on: versions, library files, the CPU features ipsec-mb reports."""
+    lib = load()
+    feats = int(lib.pqc_native_features())
+    arch = int(lib.pqc_native_arch())
+    return {
+        "ipsec_mb_version": lib.pqc_native_lib_version().decode(),
+        "ipsec_mb_header_version": lib.pqc_native_header_version().decode(),
+        "ipsec_mb_library": lib.pqc_native_lib_path().decode(),
+        "native_module": str(_lib_path),
+        "arch": _ARCHS[arch] if 0 <= arch < len(_ARCHS) else str(arch),
+        "cpu_features": [n for i, n in enumerate(_FEATURES) if feats >> i & 1],
+    }
+
+
+def host_backend_choice() -> tuple[str, str]:
+    """(backend name, why) for CPU tensors, honouring ``PQC_KV_CACHE_BACKEND``."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced not in ("", "auto", "host", "native"):
+        raise ValueError(f"{BACKEND_ENV} must be 'host', 'native' or 'auto', got {forced!r}")
+    if forced == "host":
+        return "host", f"forced by {BACKEND_ENV}=host"
+    try:
+        load()
+    except BackendUnavailableError as exc:
+        if forced == "native":
+            raise
+        return "host", f"native backend unavailable: {str(exc).splitlines()[0]}"
+    return "native", f"forced by {BACKEND_ENV}=native" if forced == "native" else "native backend available"
+
+
+def select_host_backend() -> CryptoBackend:
+    """The process-wide backend for CPU tensors: native when available (or forced), else host."""
+    name, _ = host_backend_choice()
+    if name == "native":
+        return NativeBackend.instance()
+    from .host import HostBackend
+    return HostBackend.instance()
+
+
+def _tensor_desc(t: torch.Tensor) -> list[int]:
+    """data pointer, bytes from it to the end of the storage, sizes, strides (pqc_native.c's layout)."""
+    ptr = t.data_ptr()
+    extent = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size() if ptr else 0
+    return [ptr, extent, *t.shape, *t.stride()]
+
+
+class _Scratch:
+    """One thread's call buffers and their addresses (taken once: numpy's .ctypes costs ~1 us a call)."""
+
+    def __init__(self, cap: int, rcap: int):
+        self.cap, self.rcap = cap, rcap
+        self.table = np.zeros((len(_FIELDS), cap), dtype=np.int64)
+        base = self.table.ctypes.data
+        self.cols = [base + i * cap * 8 for i in range(len(_FIELDS))]
+        self.status = np.zeros(cap, dtype=np.uint8)
+        self.status_ptr = self.status.ctypes.data
+        self.rowsum = np.zeros((rcap, _ROWSUM_COLS), dtype=np.int64)
+        self.rowsum_ptr = self.rowsum.ctypes.data
+        self.err = np.zeros(2, dtype=np.int64)
+        self.err_ptr = self.err.ctypes.data
+
+
+class _RingGuard:
+    """The C key-schedule ring: freed (wiped first) by close() or when the backend is collected."""
+
+    def __init__(self, lib: ctypes.CDLL, cap: int):
+        self.lib = lib
+        self.ptr = lib.pqc_native_ring_new(cap)
+        if not self.ptr:
+            raise BackendUnavailableError("the native backend could not allocate its key schedules")
+        self._fin = weakref.finalize(self, lib.pqc_native_ring_free, self.ptr)
+
+    def free(self) -> None:
+        self._fin()
+
+
+class NativeBackend(CryptoBackend):
+    """The backend contract for CPU tensors, one ipsec-mb call per contract call."""
+
+    name = "native"
+    _instance: "NativeBackend | None" = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, ring_slots: int = _RING_SLOTS):
+        self._lib = load()
+        if not isinstance(ring_slots, int) or not 1 <= ring_slots <= 1 << 16:
+            raise ValueError(f"ring_slots must be an int in [1, 65536], got {ring_slots!r}")
+        self._ring = _RingGuard(self._lib, ring_slots)
+        self._cap = ring_slots
+        self._salt = secrets.token_bytes(32)
+        self._index: dict[bytes, int] = {}      # salted key digest -> schedule index
+        self._cond = threading.Condition(threading.Lock())
+        self._calls = 0                         # calls in flight (they read schedules)
+        self._wiping = False                    # a wipe waits for the calls in flight
+        self._closed = False
+        self._prefix: dict[torch.dtype, bytes] = {}   # dtype -> the first 8 AAD bytes
+        self._local = threading.local()
+
+    @classmethod
+    def instance(cls) -> "NativeBackend":
+        """The process-wide native backend (raises BackendUnavailableError when it cannot run here)."""
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._closed:
+                cls._instance = cls()
+            return cls._instance
+
+    # ---- key schedules -----------------------------------------------------------------
+    def _wipe_locked(self) -> None:
+        """Erase every schedule; the caller holds the condition and no call is in flight."""
+        self._lib.pqc_native_ring_wipe(self._ring.ptr, -1)
+        self._index.clear()
+
+    def _wait_idle_locked(self) -> None:
+        self._wiping = True
+        try:
+            self._cond.wait_for(lambda: self._calls == 0)
+        finally:
+            self._wiping = False
+            self._cond.notify_all()
+
+    def _enter(self, keys: Sequence[KeySlot]) -> bytes:
+        """Make sure every key has a schedule, count the call in, and return the packed slot array."""
+        for k in keys:
+            if not isinstance(k, KeySlot):
+                raise TypeError(f"keys must be KeySlot objects, got {type(k).__name__}")
+            if not isinstance(k.key, (bytes, bytearray)) or len(k.key) != 32:
+                raise ValueError("a KeySlot key must be 32 bytes (AES-256)")
+            if len(k.tenant_tag) != 16 or len(k.session_tag) != 16 or not isinstance(k.epoch, int):
+                raise ValueError("a KeySlot needs a 32-bit epoch and 16-byte tenant and session tags")
+        digests = [hashlib.blake2b(bytes(k.key), key=self._salt, digest_size=16).digest() for k in keys]
+        with self._cond:
+            if self._closed:
+                raise BackendUnavailableError("this native backend was closed")
+            self._cond.wait_for(lambda: not self._wiping)
+            missing = [d for d in dict.fromkeys(digests) if d not in self._index]
+            if len(self._index) + len(missing) > self._cap:
+                if len(missing) > self._cap:
+                    raise ValueError(f"a call may use at most {self._cap} distinct keys, got {len(missing)}")
+                self._wait_idle_locked()
+                self._wipe_locked()
+                missing = list(dict.fromkeys(digests))
+            for d in missing:
+                idx = len(self._index)
+                key = bytes(keys[digests.index(d)].key)
+                if self._lib.pqc_native_ring_set(self._ring.ptr, idx, key) != 0:
+                    raise BackendUnavailableError("the native backend could not expand a key")
+                self._index[d] = idx
+            packed = b"".join(_SLOT_IN.pack(k.tenant_tag, k.session_tag, max(-1, min(k.epoch, 1 << 62)),
+                                            self._index[d]) for k, d in zip(keys, digests))
+            self._calls += 1
+        return packed
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._calls -= 1
+            if self._wiping and self._calls == 0:
+                self._cond.notify_all()
+
+    def clear_key_cache(self) -> None:
+        """Erase every key schedule this backend keeps (waits for calls in flight to finish)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._wait_idle_locked()
+            self._wipe_locked()
+
+    def close(self) -> None:
+        """Erase the key schedules and free them; the backend cannot be used afterwards."""
+        with self._cond:
+            if self._closed:
+                return
+            self._wait_idle_locked()
+            self._index.clear()
+            self._ring.free()
+            self._closed = True
+
+    def schedule_bytes_left(self) -> int:
+        """Non-zero bytes left in the key-schedule memory (0 after clear_key_cache); for tests."""
+        with self._cond:
+            if self._closed:
+                return 0
+            return int(self._lib.pqc_native_ring_nonzero(self._ring.ptr))
+
+    # ---- checks at the door (types here; every range in C) -----------------------------
+    @staticmethod
+    def _check_types(layout: ChunkLayout, arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor,
+                     chunks: ChunkTable) -> None:
+        if not isinstance(layout, ChunkLayout):
+            raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
+        if not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 or arena.dim() != 1:
+            raise TypeError("arena must be a 1-D uint8 tensor")
+        if not arena.is_cpu or not arena.is_contiguous():
+            raise ValueError("the native backend needs a contiguous CPU arena")
+        for t, what in ((k, "k"), (v, "v")):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}_{name} must be a tensor, got {type(t).__name__}")
+            if not t.is_cpu:
+                raise ValueError(f"the native backend handles CPU tensors only; {what}_{name} is on {t.device}")
+            if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
+                raise ValueError(f"{what}_{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
+                                 f"got {list(t.shape)}")
+            if t.dtype != layout.dtype:
+                raise TypeError(f"{what}_{name} has dtype {t.dtype}, the layout says {layout.dtype}")
+        if k.shape != v.shape:
+            raise ValueError(f"k_{name} {list(k.shape)} and v_{name} {list(v.shape)} differ in shape")
+        if not isinstance(chunks, ChunkTable):
+            raise TypeError(f"chunks must be a ChunkTable, got {type(chunks).__name__}")
+
+    @staticmethod
+    def _raise(rc: int, err: np.ndarray, keys, layout: ChunkLayout, name: str, k: torch.Tensor) -> None:
+        i, x = int(err[0]), int(err[1])
+        if rc == _E_LAYOUT:
+            raise ValueError(f"bad chunk layout {layout}")
+        if rc == _E_TENSOR:
+            raise ValueError(f"{'kv'[i] if i in (0, 1) else 'k'}_{name} has sizes or strides the native "
+                             "backend cannot use")
+        if rc == _E_EPOCH:
+            raise ValueError("a KeySlot needs a 32-bit epoch and 16-byte tenant and session tags")
+        if rc == _E_FIELD:
+            f = ChunkTable.fields()[x]
+            raise ValueError(f"chunk field {f} must be >= {1 if f == 'pos_count' else 0}")
+        if rc == _E_NOKEY:
+            raise ValueError(f"chunk slot {x} has no key (only {len(keys)} given)")
+        if rc == _E_ROW:
+            raise ValueError(f"chunk row {x} outside the batch of {k.shape[0]}")
+        if rc == _E_SEQ:
+            raise ValueError(f"a chunk reaches past the {k.shape[2]} positions of the tensors")
+        if rc == _E_KEYLEN:
+            raise ValueError("a chunk's K length does not fit the 32-bit AAD field: use smaller chunks")
+        if rc == _E_ARENA:
+            raise ValueError("a chunk reaches past the end of the arena")
+        if rc == _E_STORAGE:
+            raise ValueError(f"chunk {i} reaches outside the storage of {'kv'[x]}_{name}")
+        if rc == _E_NOMEM:
+            raise MemoryError("the native backend could not allocate a call's AAD templates")
+        raise BackendUnavailableError(f"the native backend refused a call (code {rc})")
+
+    def _scratch(self, n: int, rows: int) -> "_Scratch":
+        """This thread's reusable call buffers (table, status, row sums, error), grown on demand."""
+        sc = getattr(self._local, "scratch", None)
+        if sc is None or sc.cap < n or sc.rcap < rows:
+            sc = self._local.scratch = _Scratch(max(n, 2 * sc.cap if sc else 64), max(rows, sc.rcap if sc else 8))
+        return sc
+
+    def _load_table(self, chunks: ChunkTable, batch: int) -> tuple[int, "_Scratch"]:
+        """Copy the chunk table's columns into this thread's int64 scratch (any integer dtype; a value
+        that does not fit int64 turns negative, which the C side refuses)."""
+        sc: _Scratch | None = None
+        n = 0
+        for i, f in enumerate(_FIELDS):
+            a = getattr(chunks, f)
+            if isinstance(a, torch.Tensor):
+                a = a.detach().cpu().numpy()
+            elif type(a) is not np.ndarray:
+                a = np.asarray(a)
+            if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+                raise TypeError(f"chunk field {f} must be a 1-D integer array, got {a.ndim}-D {a.dtype}")
+            if sc is None:
+                n = a.shape[0]
+                sc = self._scratch(n, batch)
+            elif a.shape[0] != n:
+                raise ValueError(f"chunk fields differ in length: {f} has {a.shape[0]}, slot has {n}")
+            sc.table[i, :n] = a
+        assert sc is not None
+        return n, sc
+
+    def _call(self, seal: bool, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
+              arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor, audit_on: bool):
+        """One C call; returns (the chunk table's int64 columns, status of each chunk, sums of each row),
+        the columns and row sums only when the call is audited, the status only when opening."""
+        self._check_types(layout, arena, name, k, v, chunks)
+        n, sc = self._load_table(chunks, k.shape[0])
+        for x in (layout.layer_idx, layout.num_heads, layout.head_dim):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+                raise ValueError(f"bad chunk layout {layout}")
+        geom = struct.pack("<4q", *(max(-1, min(int(x), 1 << 62)) for x in
+                                    (layout.layer_idx, layout.num_heads, layout.head_dim)), k.element_size())
+        tens = struct.pack(f"<{2 * _TENS_COLS}q", *_tensor_desc(k), *_tensor_desc(v))
+        prefix = self._prefix.get(layout.dtype)
+        if prefix is None:
+            prefix = self._prefix[layout.dtype] = AAD_MAGIC + bytes((FORMAT_VERSION, KV_ROLES["both"],
+                                                                     dtype_code(layout.dtype), 0))
+        packed = self._enter(keys)
+        try:
+            common = (self._ring.ptr, prefix, packed, len(keys), geom, tens, arena.data_ptr() or None,
+                      arena.numel(), n, *sc.cols)
+            if seal:
+                rc = self._lib.pqc_native_seal(*common, sc.err_ptr)
+            else:
+                rc = self._lib.pqc_native_open(*common, sc.status_ptr, sc.rowsum_ptr if audit_on else None,
+                                               sc.err_ptr)
+        finally:
+            self._leave()
+        if rc != 0:
+            self._raise(rc, sc.err, keys, layout, name, k)
+        cols = dict(zip(_FIELDS, sc.table[:, :n].copy())) if audit_on else None
+        status = None if seal else sc.status[:n].copy()
+        rowsum = sc.rowsum[:k.shape[0]].copy() if audit_on and not seal else None
+        return cols, status, rowsum
+
+    # ---- the contract ------------------------------------------------------------------
+    def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
+                       k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
+                       audit: AuditContext | None = None) -> None:
+        t, _, _ = self._call(True, keys, layout, chunks, arena, "src", k_src, v_src, audit is not None)
+        if t is None or not t["slot"].size:
+            return
+        slot = t["slot"]
+        nbytes = t["pos_count"] * layout.bytes_per_position
+        emit = audit.log.emit if bool((t["pos_count"] == 1).all()) else audit.log.emit_per_position
+        emit(Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
+             layer=layout.layer_idx, row=t["row"].astype(np.uint16), pos_start=t["pos_start"].astype(np.uint32),
+             pos_count=t["pos_count"].astype(np.uint32), nonce_counter=t["counter"].astype(np.uint64),
+             epoch=np.array([k.epoch for k in keys], dtype=np.uint32)[slot],
+             nbytes=nbytes.astype(np.uint32), status=Status.OK)
+
+    def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
+                       arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+                       audit: AuditContext | None = None) -> np.ndarray:
+        t, status, rowsum = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out, audit is not None)
+        if audit is not None and t is not None and status.size:
+            self._emit_decrypt(audit, keys, layout, t, status, rowsum)
+        return status
+
+    @staticmethod
+    def _emit_decrypt(audit: AuditContext, keys, layout: ChunkLayout, t, status, rowsum) -> None:
+        """One DECRYPT record per row read (its positions, from the C side's row sums), one AUTH_FAILED
+        record per failing chunk."""
+        rows = np.flatnonzero(rowsum[:, 4] >= 0)
+        rs = rowsum[rows]
+        slot = t["slot"][rs[:, 4]]                      # the row's first chunk
+        epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
+        audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
+                       layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=rs[:, 0].astype(np.uint32),
+                       pos_count=(rs[:, 1] - rs[:, 0]).astype(np.uint32), nonce_counter=0, epoch=epochs[slot],
+                       nbytes=np.minimum(rs[:, 2], 0xFFFFFFFF).astype(np.uint32), status=rs[:, 3].astype(np.uint8))
+        failed = np.flatnonzero(status)
+        if failed.size:
+            fs = t["slot"][failed]
+            audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[fs], session_idx=audit.session_idx[fs],
+                           layer=layout.layer_idx, row=t["row"][failed].astype(np.uint16),
+                           pos_start=t["pos_start"][failed].astype(np.uint32),
+                           pos_count=t["pos_count"][failed].astype(np.uint32),
+                           nonce_counter=t["counter"][failed].astype(np.uint64), epoch=epochs[fs],
+                           nbytes=(t["pos_count"][failed] * layout.bytes_per_position).astype(np.uint32),
+                           status=Status.AUTH_FAILED)
