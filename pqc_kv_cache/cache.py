@@ -48,7 +48,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .audit.records import NONE16, Op, Status
-from .backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot, select_backend
+from .backends import select_backend
+from .backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
 from .envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce, session_tag, tenant_tag
 from .errors import DecryptionError, KVCacheError, SessionExpiredError, TenantIsolationError
 from .rotation import KeyRotationPolicy, RotationTrigger
@@ -132,7 +133,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _deferred(status):
     """The per-chunk status of a decrypt when it is still on the device (None when the host knows it:
     then every failure has already been raised)."""
-    return None if status is None or isinstance(status, np.ndarray) else status
+    return None if status is None or not status.deferred else status.device
 
 
 def _zero_scratch(box: list) -> None:
@@ -400,7 +401,8 @@ class EncryptedLayer(CacheLayerMixin):
         pos_count = np.repeat(self._seg_count[segs], nr)
         table = ChunkTable(slot, dst, pos_start, pos_count, pos_start - base, sub["counter"], sub["offset"])
         try:
-            status = self._backend.decrypt_chunks(keys, self._layout, table, self._arena, k_out, v_out, ctx)
+            status = self._backend.decrypt_chunks(keys, self._layout, table, self._arena, k_out, v_out, ctx,
+                                                  owner=self._cache)
         except BaseException:
             k_out.zero_()       # whatever was opened before the failure is not left behind
             v_out.zero_()
@@ -1116,12 +1118,12 @@ class EncryptedCache(Cache):
         self._row_sess = None
 
     def _check_status(self, layer: EncryptedLayer, status, table: ChunkTable, sess: np.ndarray, outs) -> None:
-        """Raise DecryptionError for failed chunks when the backend answered on the host (numpy status).
+        """Raise DecryptionError for failed chunks when the backend answered on the host.
 
         A device status is not read here (that would synchronise the hot path): the device backend
         keeps its failures, zeroes their destinations itself, and raises them from ``check()``."""
-        if isinstance(status, np.ndarray):
-            self._raise_failed(layer, status, table, sess, outs)
+        if not status.deferred:
+            self._raise_failed(layer, status.host, table, sess, outs)
 
     def _raise_failed(self, layer, status, table, sess, outs) -> None:
         bad = np.flatnonzero(np.asarray(status))
@@ -1142,11 +1144,10 @@ class EncryptedCache(Cache):
     def check(self) -> None:
         """Synchronisation point: raise a failure a device backend recorded since the last check
         (the scratch is wiped first). The host backend raises inside ``update`` already."""
-        chk = getattr(self._backend, "check", None)
-        if not callable(chk):
+        if self._backend is None:
             return
         try:
-            chk()
+            self._backend.check(owner=self)
         except DecryptionError:
             self.wipe_scratch()
             raise
@@ -1209,9 +1210,8 @@ class EncryptedCache(Cache):
     def _forget_backend_keys(self) -> None:
         """Let a backend that caches key schedules (the CUDA backend keeps them on the device) drop them,
         so retired or closed keys do not outlive their session's erasure."""
-        clear = getattr(self._backend, "clear_key_cache", None)
-        if callable(clear):
-            clear()
+        if self._backend is not None:
+            self._backend.forget_keys()
 
     # ---- Cache API over all layers ------------------------------------------------------------------
     def batch_repeat_interleave(self, repeats: int) -> None:

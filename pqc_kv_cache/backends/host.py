@@ -20,7 +20,6 @@ a shared 2-core machine.
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from functools import lru_cache
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..audit.records import Op, Status
 from ..envelope import AAD_SIZE, FORMAT_VERSION, KV_ROLES, NONCE_SIZE, TAG_SIZE, dtype_code
-from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
+from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, decrypt_row_summary
 
 __all__ = ["HostBackend", "chunk_aads", "chunk_nonces"]
 
@@ -136,11 +135,6 @@ def chunk_nonces(keys: Sequence[KeySlot], slot, counter) -> np.ndarray:
     return rec.view(np.uint8).reshape(-1, NONCE_SIZE)
 
 
-def _u8_numpy(t: torch.Tensor) -> np.ndarray:
-    """A writable uint8 numpy view of a contiguous CPU tensor's bytes."""
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
 _RAW = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
         8: (torch.int64, np.int64)}
 
@@ -156,7 +150,6 @@ def _raw_numpy(t: torch.Tensor) -> np.ndarray:
 class HostBackend(CryptoBackend):
     """The backend contract for CPU tensors, on `cryptography`'s AES-256-GCM."""
 
-    name = "host"
     _instance: "HostBackend | None" = None
     _instance_lock = threading.Lock()
 
@@ -347,13 +340,14 @@ class HostBackend(CryptoBackend):
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
-                       audit: AuditContext | None = None) -> np.ndarray:
+                       audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
+        """See :meth:`CryptoBackend.decrypt_chunks`; the status is on the host (failures known at return)."""
         t, nbytes, bpp = self._checked_call(keys, layout, chunks, arena, "out", k_out, v_out)
         n = t["slot"].shape[0]
         itemsize = k_out.element_size()
         status = np.zeros(n, dtype=np.uint8)
         if n == 0:
-            return status
+            return DecryptStatus(host=status)
         aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"], bpp).tobytes()
         nonces = chunk_nonces(keys, t["slot"], t["counter"]).tobytes()
         ciphers = [AESGCM(k.key) for k in keys]
@@ -405,25 +399,19 @@ class HostBackend(CryptoBackend):
         self._run(work, nbytes)
         if audit is not None:
             self._emit_decrypt(audit, keys, layout, t, nbytes, status)
-        return status
+        return DecryptStatus(host=status)
 
     @staticmethod
     def _emit_decrypt(audit: AuditContext, keys, layout, t, nbytes, status) -> None:
-        """One DECRYPT record per row read (covering its positions), one AUTH_FAILED record per failing chunk."""
-        order = np.argsort(t["row"], kind="stable")
-        srow = t["row"][order]
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(srow)) + 1))
-        rows = srow[starts]
-        lo = np.minimum.reduceat(t["pos_start"][order], starts)
-        hi = np.maximum.reduceat((t["pos_start"] + t["pos_count"])[order], starts)
-        nb = np.add.reduceat(nbytes[order], starts)
-        bad = np.maximum.reduceat(status[order], starts)
-        slot = t["slot"][order[starts]]                    # the row's first chunk
+        """One DECRYPT record per row read (``decrypt_row_summary``), one AUTH_FAILED record per failing chunk."""
+        rs = decrypt_row_summary(t["row"], t["pos_start"], t["pos_count"], t["counter"], t["slot"], nbytes)
+        bad = np.zeros(rs.row.shape[0], dtype=np.uint8)
+        np.maximum.at(bad, rs.row_of_chunk, status)
         epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
-        audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
-                       layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=lo.astype(np.uint32),
-                       pos_count=(hi - lo).astype(np.uint32), nonce_counter=0, epoch=epochs[slot],
-                       nbytes=np.minimum(nb, 0xFFFFFFFF).astype(np.uint32), status=bad)
+        audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[rs.slot], session_idx=audit.session_idx[rs.slot],
+                       layer=layout.layer_idx, row=rs.row.astype(np.uint16), pos_start=rs.pos_start.astype(np.uint32),
+                       pos_count=rs.pos_count.astype(np.uint32), nonce_counter=rs.nonce_counter.astype(np.uint64),
+                       epoch=epochs[rs.slot], nbytes=np.minimum(rs.nbytes, 0xFFFFFFFF).astype(np.uint32), status=bad)
         failed = np.flatnonzero(status)
         if failed.size:
             fs = t["slot"][failed]

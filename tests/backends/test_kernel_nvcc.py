@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pqc_kv_cache.backends.kernel_host import kernel_sources_dir
+from pqc_kv_cache.backends.kernel_abi import kernel_sources_dir
 
 NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
 KERNELS = ("pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_row_records", "pqc_decrypt_chunks")
