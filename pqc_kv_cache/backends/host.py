@@ -20,9 +20,7 @@ a shared 2-core machine.
 
 from __future__ import annotations
 
-import struct
 import threading
-from functools import lru_cache
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -32,20 +30,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..audit.records import Op, Status
-from ..envelope import AAD_SIZE, FORMAT_VERSION, KV_ROLES, NONCE_SIZE, TAG_SIZE, dtype_code
+from ..envelope import AAD_MAGIC, AAD_SIZE, AAD_V1_DTYPE, FORMAT_VERSION, KV_ROLES, NONCE_SIZE, TAG_SIZE, dtype_code
 from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, decrypt_row_summary
 
 __all__ = ["HostBackend", "chunk_aads", "chunk_nonces"]
 
-# The AAD v1 layout of envelope.py as a numpy record (big-endian), so the AADs of
-# a whole batch are built in one vectorised pass.
-_AAD_DTYPE = np.dtype([
-    ("magic", "S4"), ("version", "u1"), ("role", "u1"), ("dtype", "u1"), ("reserved", "u1"),
-    ("tenant_tag", "V16"), ("session_tag", "V16"), ("epoch", ">u4"), ("layer", ">u4"),
-    ("pos_start", ">u8"), ("pos_count", ">u4"), ("key_len", ">u4"), ("num_heads", ">u4"),
-    ("head_dim", ">u4"), ("token_id", ">i8"),
-])
-assert _AAD_DTYPE.itemsize == AAD_SIZE
 _NONCE_DTYPE = np.dtype([("epoch", ">u4"), ("counter", ">u8")])
 assert _NONCE_DTYPE.itemsize == NONCE_SIZE
 
@@ -94,35 +83,32 @@ def _check_keys(keys: Sequence[KeySlot], slot: np.ndarray) -> None:
         raise ValueError(f"chunk slot {int(slot.max())} has no key (only {len(keys)} given)")
 
 
-_AAD_STRUCT = struct.Struct(">4sBBBx16s16sIIQIIIIq")
-
-
-@lru_cache(maxsize=4096)
-def _aad_template(tenant_tag_: bytes, session_tag_: bytes, epoch: int, layer: int, heads: int, dim: int,
-                  dcode: int) -> bytes:
-    """The AAD of a (key, layer, shape) with position start, count and K length still 0."""
-    return _AAD_STRUCT.pack(b"PKVA", FORMAT_VERSION, KV_ROLES["both"], dcode, tenant_tag_, session_tag_,
-                            epoch, layer, 0, 0, 0, heads, dim, -1)
-
-
 def chunk_aads(keys: Sequence[KeySlot], layout: ChunkLayout, slot, pos_start, pos_count,
                bytes_per_position: int | None = None) -> np.ndarray:
     """The AAD v1 of every chunk, as an ``(n, 80)`` uint8 array (vectorised ``envelope.build_aad``)."""
     slot = np.asarray(slot, dtype=np.int64)
     bpp = layout.bytes_per_position if bytes_per_position is None else bytes_per_position
-    dcode = dtype_code(layout.dtype)
-    tmpl = np.frombuffer(b"".join(_aad_template(k.tenant_tag, k.session_tag, k.epoch, layout.layer_idx,
-                                                layout.num_heads, layout.head_dim, dcode) for k in keys),
-                         dtype=np.uint8).reshape(len(keys), AAD_SIZE)
-    raw = tmpl[slot]
-    rec = raw.view(_AAD_DTYPE).reshape(-1)
+    tmpl = np.zeros(len(keys), dtype=AAD_V1_DTYPE)      # per key slot; position fields filled per chunk
+    tmpl["magic"] = AAD_MAGIC
+    tmpl["version"] = FORMAT_VERSION
+    tmpl["role"] = KV_ROLES["both"]
+    tmpl["dtype"] = dtype_code(layout.dtype)
+    if len(keys):
+        tmpl["tenant_tag"] = np.frombuffer(b"".join(bytes(k.tenant_tag) for k in keys), dtype="V16")
+        tmpl["session_tag"] = np.frombuffer(b"".join(bytes(k.session_tag) for k in keys), dtype="V16")
+        tmpl["epoch"] = [k.epoch for k in keys]
+    tmpl["layer"] = layout.layer_idx
+    tmpl["num_heads"] = layout.num_heads
+    tmpl["head_dim"] = layout.head_dim
+    tmpl["token_id"] = -1
+    rec = tmpl[slot]
     pc = np.asarray(pos_count, dtype=np.int64)
     if pc.size and int(pc.max()) * (bpp // 2) > 0xFFFFFFFF:
         raise ValueError("a chunk's K length does not fit the 32-bit AAD field: use smaller chunks")
     rec["pos_start"] = np.asarray(pos_start, dtype=np.int64)
     rec["pos_count"] = pc
     rec["key_len"] = pc * (bpp // 2)
-    return raw
+    return rec.view(np.uint8).reshape(-1, AAD_SIZE)
 
 
 def chunk_nonces(keys: Sequence[KeySlot], slot, counter) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -35,4 +34,4 @@ def test_kernels_compile_for_sm90_and_sm80_without_warnings(tmp_path):
 def test_kernel_source_declares_the_kernels_the_backend_launches():
     text = (kernel_sources_dir() / "pqc_kernels.cu").read_text()
     for name in KERNELS:
-        assert f'extern "C" __global__' in text and f" {name}(" in text, name
+        assert 'extern "C" __global__' in text and f" {name}(" in text, name

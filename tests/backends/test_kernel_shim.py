@@ -209,11 +209,11 @@ def test_cavp_gcm_decrypt_256_96bit_iv_including_fail_cases():
         pts, status = kh.gcm_open_many([v["Key"] for v in group], [v["IV"] for v in group],
                                        [v["AAD"] for v in group], [v["CT"] + v["Tag"] for v in group],
                                        tag_len=tl // 8)
-        for v, p, st in zip(group, pts, status):
+        for v, p, stat in zip(group, pts, status):
             if v.get("FAIL"):
-                assert st == 1 and p == bytes(len(v["CT"]))
+                assert stat == 1 and p == bytes(len(v["CT"]))
             else:
-                assert st == 0 and p == v["PT"]
+                assert stat == 0 and p == v["PT"]
 
 
 # ------------------------------------------------------------------ batched chunk entry points
