@@ -1116,6 +1116,7 @@ class EncryptedCache(Cache):
         for layer in self.layers:
             layer.reset()
         self._row_sess = None
+        self._forget_backend_keys()     # device key schedules and key staging are erased too
 
     def _check_status(self, layer: EncryptedLayer, status, table: ChunkTable, sess: np.ndarray, outs) -> None:
         """Raise DecryptionError for failed chunks when the backend answered on the host.

@@ -132,4 +132,6 @@ class TwinLog(KVAuditLog):
         with self._twin_ring_lock:
             if self._twin_ring is None:
                 self._twin_ring = HostRing(self, torch.device("cpu"), capacity or self._twin_ring_capacity)
+                with self._lock:       # where the log's drain thread finds its CUDA rings
+                    self._cuda_rings["twin"] = self._twin_ring
             return self._twin_ring
