@@ -29,6 +29,7 @@ from pqc_kv_cache.backends import kernel_shim as kh
 from pqc_kv_cache.backends import select_backend
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
 from pqc_kv_cache.backends.cuda import CudaBackend, kernel_source
+from pqc_kv_cache.backends.kernel_abi import CHUNK_PARAMS_DTYPE
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
 
@@ -634,3 +635,138 @@ def test_a_chunk_with_more_positions_than_the_ring_holds_is_sealed_and_fully_rec
     assert r["pos_start"].tolist() == list(range(3, 3 + pc)) and (r["nonce_counter"] == 77).all()
     assert len(log.ring.committed) >= 7 and all(n <= 16 for _, n in log.ring.committed)
     assert sum(n for _, n in log.ring.committed) == pc
+
+
+# ------------------------------------------------------------------ reservations, failure ownership, key erasure (CPU twin)
+
+needs_shim = pytest.mark.skipif(not kh.available(), reason="no C++ compiler for the host shim")
+
+
+@needs_shim
+@pytest.mark.parametrize("direction", ["encrypt", "decrypt"])
+@pytest.mark.parametrize("fail_in", ["_launch", "_upload"])
+def test_an_exception_inside_a_reservation_leaves_error_records_and_flush_returns(direction, fail_in):
+    """Through the real audit ring: whatever raises between the reservation and the launch (the launch, an
+    upload that runs out of memory), the reserved records become ERROR records and the log drains."""
+    from support.twin import TwinLog
+
+    class Failing(CpuTwinBackend):
+        armed = False
+
+        def _launch(self, kernel, grid, block, args):
+            if self.armed and fail_in == "_launch" and kernel in ("pqc_encrypt_chunks", "pqc_decrypt_chunks"):
+                raise RuntimeError("launch failed")
+            super()._launch(kernel, grid, block, args)
+
+        def _upload(self, arr):
+            if self.armed and fail_in == "_upload" and arr.dtype == np.uint8 and arr.nbytes == CHUNK_PARAMS_DTYPE.itemsize:
+                raise torch.cuda.OutOfMemoryError("out of memory uploading the kernel parameters")
+            return super()._upload(arr)
+
+    be = Failing()
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    log = TwinLog(ring_capacity=64)
+    try:
+        ctx = AuditContext(log, np.array([log.tenant_index("tenant-0"), log.tenant_index("tenant-1")], np.uint32),
+                           np.array([log.session_index("s-0", "tenant-0"), log.session_index("s-1", "tenant-1")],
+                                    np.uint32))
+        if direction == "decrypt":
+            be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+        be.armed = True
+        with pytest.raises((RuntimeError, torch.cuda.OutOfMemoryError)):
+            if direction == "encrypt":
+                be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+            else:
+                be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), ctx)
+        assert log.flush(timeout=10)
+        recs = log.entries(limit=None)
+        assert recs and all(not e.success and e.status == 3 and e.operation == direction for e in recs)
+    finally:
+        log.close(timeout=10)
+
+
+class _Owner:
+    pass
+
+
+@needs_shim
+@pytest.mark.parametrize("first_tag", [1, (1 << 16) - 1])
+def test_failures_belong_to_the_owner_of_the_call_that_found_them(first_tag):
+    """Two callers on one device backend: B's tampered chunk is raised by B's check only, also when
+    their call tags are 65,536 apart (a 16-bit tag would make them collide)."""
+    import itertools
+
+    be = CpuTwinBackend()
+    be._tags = itertools.count(first_tag)
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    bad = arena.clone()
+    bad[int(chunks.offset[2]) + 1000] ^= 1
+    a, b = _Owner(), _Owner()
+    be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), owner=a)
+    if first_tag != 1:
+        for _ in range(3):   # other callers in between
+            be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), owner=_Owner())
+    be.decrypt_chunks(keys, LAYOUT, chunks, bad, torch.empty_like(k), torch.empty_like(v), owner=b)
+    be.check(a)                                   # A's calls found nothing
+    with pytest.raises(DecryptionError) as ei:
+        be.check(b)
+    assert ei.value.positions == range(10, 74)
+    be.check(b)                                   # reported once
+    be.check()                                    # and to no one else
+
+
+@needs_shim
+def test_two_caches_on_one_device_backend_each_check_only_their_own_failures():
+    from test_cache_support import sessions, tiny_model
+
+    from pqc_kv_cache.cache import EncryptedCache
+
+    be = CpuTwinBackend()
+    cfg = tiny_model("llama").config
+    heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    caches = [EncryptedCache(cfg, sessions=sessions(name), backend=be) for name in ("alice", "bob")]
+    g = torch.Generator().manual_seed(0)
+    for c in caches:
+        for layer in range(cfg.num_hidden_layers):
+            c.update(torch.randn(1, heads, 4, dim, generator=g), torch.randn(1, heads, 4, dim, generator=g), layer)
+    caches[1].layers[0]._arena[5] ^= 1              # bob's ciphertext, layer 0
+    for c in caches:
+        c.update(torch.randn(1, heads, 1, dim, generator=g), torch.randn(1, heads, 1, dim, generator=g), 0)
+    caches[0].check()                               # alice's reads were fine
+    with pytest.raises(DecryptionError):
+        caches[1].check()
+
+
+@needs_shim
+def test_device_key_material_is_zeroed_on_eviction_and_forget_keys(monkeypatch):
+    """Crypto-shredding on the device: key schedules (evicted or forgotten), the uploaded raw keys and
+    their pinned staging are zeroed, not just freed."""
+    import pqc_kv_cache.backends.cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "KEY_CACHE_ENTRIES", 1)
+    be = CpuTwinBackend()
+    keys = _slots()
+    raw = b"".join(ks.key for ks in keys)
+
+    def holds_a_key(t):
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        return any(ks.key in data for ks in keys)
+
+    first = be._schedules(keys)
+    assert first.any()
+    uploads = [t for t in be.uploads if t.numel() == len(raw)]
+    assert len(uploads) == 2                             # pinned staging and device copy of the raw keys
+    assert not holds_a_key(uploads[1])                   # the device copy: zeroed after the preparation
+    second = be._schedules(keys[:1])                     # another key set: evicts the first (cache of 1)
+    assert not first.any()                               # evicted schedules are zeroed
+    assert not any(holds_a_key(t) for t in uploads)      # the staging was zeroed once its copy completed
+    be.forget_keys()
+    assert not second.any()
+    assert not any(holds_a_key(t) for t in be.uploads)
