@@ -148,9 +148,9 @@ def backend_throughput(sessions, repeats: int, max_spread: float) -> dict:
         seen = {}
         real = be.decrypt_chunks
 
-        def spy(*args):
+        def spy(*args, **kwargs):
             seen["args"] = args
-            return real(*args)
+            return real(*args, **kwargs)
         be.decrypt_chunks = spy
         try:
             layer._read_from(0)

@@ -110,16 +110,16 @@ def spread(values) -> dict:
 
 def device_backend(device):
     """The backend under test: CudaBackend on a GPU; on a CPU its twin (the CUDA backend's host code with
-    each launch run by the host shim), taken from the CUDA backend's tests so that both stay one class."""
+    each launch run by the host shim), the one the tests use (tests/support/twin.py)."""
     if device.type == "cuda":
         from pqc_kv_cache.backends.cuda import CudaBackend
         return CudaBackend.for_device(device)
-    from pqc_kv_cache.backends import kernel_host
+    from pqc_kv_cache.backends import kernel_shim
 
-    if not kernel_host.available():
+    if not kernel_shim.available():
         raise SuiteError("no C++ compiler for the host shim: the CPU twin of the CUDA backend cannot be built")
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_cuda_backend import CpuTwinBackend
+    from support.twin import CpuTwinBackend
     return CpuTwinBackend()
 
 
@@ -254,7 +254,7 @@ def correctness(device, state, shapes: Shapes) -> dict:
                                               sealed[off:off + nb].numpy().tobytes(), aad)
             aesgcm_ok &= got == _plain(k, v, r, n)
         k_h, v_h = torch.empty_like(k, device="cpu"), torch.empty_like(v, device="cpu")
-        st = np.asarray(host_be.decrypt_chunks(keys, layout, table, sealed, k_h, v_h))
+        st = host_be.decrypt_chunks(keys, layout, table, sealed, k_h, v_h).host
         host_opens = bool(not st.any() and torch.equal(k_h, k.cpu()) and torch.equal(v_h, v.cpu()))
         # the host seals the same table: GCM is deterministic, so the bytes must be the device's
         ref = torch.zeros(size, dtype=torch.uint8)
@@ -265,7 +265,7 @@ def correctness(device, state, shapes: Shapes) -> dict:
         ref2 = torch.zeros(size, dtype=torch.uint8)
         host_be.encrypt_chunks(keys, layout, table2, k.cpu(), v.cpu(), ref2)
         k_d, v_d = torch.full_like(k, 3.0), torch.full_like(v, 3.0)
-        st2 = dev_be.decrypt_chunks(keys, layout, table2, ref2.to(device), k_d, v_d)
+        st2 = dev_be.decrypt_chunks(keys, layout, table2, ref2.to(device), k_d, v_d).device
         dev_be.check()
         device_opens = bool(not torch.as_tensor(st2).cpu().any() and torch.equal(k_d, k) and torch.equal(v_d, v))
         row = {"positions": n, "chunk_bytes": n * bpp, "device_sealed_open_with_aesgcm": bool(aesgcm_ok),

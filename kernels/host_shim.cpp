@@ -1,5 +1,5 @@
-// pqc_kv_cache host shim: the primitives of pqc_gcm.cuh compiled for the CPU
-// (g++ -O2 -shared -fPIC), loaded by pqc_kv_cache.backends.kernel_host with
+// pqc_kv_cache host shim: the primitives of the kernel headers compiled for the CPU
+// (g++ -O2 -shared -fPIC), loaded by pqc_kv_cache.backends.kernel_shim with
 // ctypes. The chunk entry points take the kernels' own parameters and walk
 // work items, chunks and lanes exactly as the CUDA kernels do (pqc_item_get,
 // pqc_chunk_setup, pqc_gcm_lane over `lanes` lanes for the item's rounds, the
@@ -14,10 +14,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "pqc_audit_record.h"
-#include "pqc_gcm.cuh"
+#include "pqc_chunk.cuh"
 
-#define PQC_HOST_ABI 2
+#define PQC_HOST_ABI 3
 #define PQC_HOST_EARG (-1)
 
 namespace {
@@ -111,6 +110,7 @@ int pqc_host_abi_version(void) { return PQC_HOST_ABI; }
 int64_t pqc_host_sched_size(void) { return (int64_t)sizeof(pqc_key_sched); }
 int64_t pqc_host_slot_meta_size(void) { return (int64_t)sizeof(pqc_slot_meta); }
 int64_t pqc_host_record_size(void) { return (int64_t)sizeof(pqc_audit_record); }
+int64_t pqc_host_chunk_params_size(void) { return (int64_t)sizeof(pqc_chunk_params); }
 
 int pqc_host_sbox(uint32_t x) { return (int)pqc_sbox(x & 0xFFu); }
 
@@ -240,49 +240,44 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
 }
 
 // The encrypt kernel's work on the CPU, with its parameters (kernels/pqc_kernels.cu,
-// pqc_encrypt_chunks): work item i of `items` (int64 [PQC_ITEM_COLS, n_items], or
-// nullptr: item i = chunk i of `table`) seals its rounds of its chunk from the K/V
-// tensors (byte strides, dim contiguous) into arena + offset; the item completing a
-// chunk writes its tag; ENCRYPT records of positions [p0, p1) at
-// records[(aux + p - rec_lo) * 64] when records != 0, numbered first_no + aux + p.
-int pqc_host_encrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* meta, const int64_t* table,
-                            int64_t n, const int64_t* items, int64_t n_items, uint32_t layer, uint32_t num_heads,
-                            uint32_t head_dim, uint32_t itemsize, uint32_t dtype_code, uint8_t* k, int64_t k_sb,
-                            int64_t k_sh, int64_t k_ss, uint8_t* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
-                            uint8_t* arena, uint8_t* records, uint64_t first_no, int64_t rec_lo,
-                            pqc_u128* partials, uint32_t* counters, uint32_t order) {
-    if (n < 0 || n_items < 0 || ((head_dim * itemsize) & 15u) != 0u || order > 2u ||
-        !items_ok(items, n_items, n, partials, counters))
+// pqc_encrypt_chunks; pqc_chunk_params in pqc_chunk_abi.h): work item i of p->items
+// (or chunk i of p->table without items) seals its rounds of its chunk from the K/V
+// tensors into arena + offset; the item completing a chunk writes its tag; ENCRYPT
+// records of positions [p0, p1) at records[(aux + pos - rec_lo) * 64] when records
+// is set, numbered first_no + aux + pos.
+int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
+    if (p == nullptr || p->n < 0 || p->n_items < 0 || ((p->head_dim * p->itemsize) & 15u) != 0u || order > 2u ||
+        !items_ok(p->items, p->n_items, p->n, p->partials, p->counters))
         return PQC_HOST_EARG;
-    pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
-    pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
+    const pqc_layout_args L = {p->layer, p->num_heads, p->head_dim, p->itemsize, p->dtype_code};
+    const pqc_kv_tensor kt = {p->k, p->k_sb, p->k_sh, p->k_ss}, vt = {p->v, p->v_sb, p->v_sh, p->v_ss};
     pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
     int64_t gtab_slot = -1;
-    for (int64_t q = 0; q < n_items; ++q) {
+    for (int64_t q = 0; q < p->n_items; ++q) {
         pqc_item it;
-        pqc_item_get(items, n_items, item_at(q, n_items, order), &it);
+        pqc_item_get(p->items, p->n_items, item_at(q, p->n_items, order), &it);
         pqc_chunk c;
-        pqc_chunk_setup(table, n, it.chunk, meta, L, kt, vt, &c);
-        const pqc_key_sched* ks = sched + c.slot;
+        pqc_chunk_setup(p->table, p->n, it.chunk, p->meta, L, kt, vt, &c);
+        const pqc_key_sched* ks = p->sched + c.slot;
         const uint64_t rounds = pqc_item_resolve(&it, c, ks->lanes);
         if (it.r1 > rounds) return PQC_HOST_EARG;
         if (c.slot != gtab_slot) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
-        pqc_io_kv_to_arena io = {c.kv, arena + c.offset, false};
+        pqc_io_kv_to_arena io = {c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
             g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, true, t, ks->lanes,
                                              it.r0, it.r1));
         pqc_u128 ghash;
-        if (combine_item(g, it, rounds, ks, partials, counters, &ghash))
-            pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, arena + c.offset + c.nbytes);
-        if (records) {
-            for (int64_t p = it.p0; p < it.p1; ++p) {
+        if (combine_item(g, it, rounds, ks, p->partials, p->counters, &ghash))
+            pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, p->arena + c.offset + c.nbytes);
+        if (p->records) {
+            for (int64_t pos = it.p0; pos < it.p1; ++pos) {
                 uint32_t w[16];
-                pqc_encrypt_record(c, meta, L, first_no + (uint64_t)(c.aux + p), 0ull, (uint32_t)p, w);
-                write_record(records + 64 * (c.aux + p - rec_lo), w);
+                pqc_encrypt_record(c, p->meta, L, p->first_no + (uint64_t)(c.aux + pos), 0ull, (uint32_t)pos, w);
+                write_record(p->records + PQC_RECORD_SIZE * (c.aux + pos - p->rec_lo), w);
             }
         }
     }
@@ -299,62 +294,58 @@ int pqc_host_decrypt_row_records(const pqc_slot_meta* meta, const int64_t* rowde
     for (int64_t r = 0; r < nrows; ++r) {
         uint32_t w[16];
         pqc_row_record(rowdesc, nrows, r, meta, L, first_no + (uint64_t)r, 0ull, w);
-        write_record(records + 64 * r, w);
+        write_record(records + PQC_RECORD_SIZE * r, w);
     }
     return 0;
 }
 
-// The decrypt kernel's work on the CPU, with its parameters (pqc_decrypt_chunks):
-// work items as for pqc_host_encrypt_chunks; the item completing a chunk verifies
-// its tag, zeroes the chunk's whole destination on failure, sets status[chunk],
-// ORs AUTH_FAILED into the chunk's row record (records + aux * 64; aux -1: none)
-// and appends a failure record to fq (capacity fq_cap; *fq_count counts all
-// failures, also those past the capacity). Row records: pqc_host_decrypt_row_records.
-int pqc_host_decrypt_chunks(const pqc_key_sched* sched, const pqc_slot_meta* meta, const int64_t* table,
-                            int64_t n, const int64_t* items, int64_t n_items, uint32_t layer, uint32_t num_heads,
-                            uint32_t head_dim, uint32_t itemsize, uint32_t dtype_code, const uint8_t* arena,
-                            uint8_t* k, int64_t k_sb, int64_t k_sh, int64_t k_ss, uint8_t* v, int64_t v_sb,
-                            int64_t v_sh, int64_t v_ss, uint8_t* status, uint8_t* records, uint8_t* fq,
-                            uint32_t* fq_count, uint32_t fq_cap, uint32_t call_tag, pqc_u128* partials,
-                            uint32_t* counters, uint32_t order) {
-    if (n < 0 || n_items < 0 || ((head_dim * itemsize) & 15u) != 0u || order > 2u || fq_count == nullptr ||
-        !items_ok(items, n_items, n, partials, counters))
+// The decrypt kernel's work on the CPU, with its parameters (pqc_decrypt_chunks): work
+// items as for pqc_host_encrypt_chunks; the item completing a chunk verifies its tag,
+// zeroes the chunk's whole destination on failure, sets status[chunk], ORs AUTH_FAILED
+// into the chunk's row record (records + aux * 64; aux -1: none) and appends a failure
+// record to fq (capacity fq_cap; *fq_count counts all failures, also those past the
+// capacity). Row records: pqc_host_decrypt_row_records.
+int pqc_host_decrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
+    if (p == nullptr || p->n < 0 || p->n_items < 0 || ((p->head_dim * p->itemsize) & 15u) != 0u || order > 2u ||
+        p->fq_count == nullptr || p->status == nullptr ||
+        !items_ok(p->items, p->n_items, p->n, p->partials, p->counters))
         return PQC_HOST_EARG;
-    pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
-    pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
+    const pqc_layout_args L = {p->layer, p->num_heads, p->head_dim, p->itemsize, p->dtype_code};
+    const pqc_kv_tensor kt = {p->k, p->k_sb, p->k_sh, p->k_ss}, vt = {p->v, p->v_sb, p->v_sh, p->v_ss};
     pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
     int64_t gtab_slot = -1;
-    for (int64_t q = 0; q < n_items; ++q) {
+    for (int64_t q = 0; q < p->n_items; ++q) {
         pqc_item it;
-        pqc_item_get(items, n_items, item_at(q, n_items, order), &it);
+        pqc_item_get(p->items, p->n_items, item_at(q, p->n_items, order), &it);
         pqc_chunk c;
-        pqc_chunk_setup(table, n, it.chunk, meta, L, kt, vt, &c);
-        const pqc_key_sched* ks = sched + c.slot;
+        pqc_chunk_setup(p->table, p->n, it.chunk, p->meta, L, kt, vt, &c);
+        const pqc_key_sched* ks = p->sched + c.slot;
         const uint64_t rounds = pqc_item_resolve(&it, c, ks->lanes);
         if (it.r1 > rounds) return PQC_HOST_EARG;
         if (c.slot != gtab_slot) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
-        pqc_io_arena_to_kv io = {c.kv, arena + c.offset, false};
+        pqc_io_arena_to_kv io = {c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
             g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, false, t, ks->lanes,
                                              it.r0, it.r1));
         pqc_u128 ghash;
-        if (!combine_item(g, it, rounds, ks, partials, counters, &ghash)) continue;
+        if (!combine_item(g, it, rounds, ks, p->partials, p->counters, &ghash)) continue;
         uint8_t tag[16];
         pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, tag);
-        const int ok = pqc_ct_equal(tag, arena + c.offset + c.nbytes, 16);
-        status[it.chunk] = (uint8_t)(ok ? 0 : 1);
+        const int ok = pqc_ct_equal(tag, p->arena + c.offset + c.nbytes, 16);
+        p->status[it.chunk] = (uint8_t)(ok ? 0 : 1);
         if (!ok) {
             for (uint64_t j = 0; j < c.nbytes / 16u; ++j) io.zero(j);
-            if (records && c.aux >= 0) records[64 * c.aux + 4 * PQC_RECORD_STATUS_WORD + 1] |= 1u;
-            const uint32_t idx = (*fq_count)++;
-            if (fq && idx < fq_cap) {
+            if (p->records && c.aux >= 0)
+                p->records[PQC_RECORD_SIZE * c.aux + PQC_RECORD_STATUS_OFFSET] |= (uint8_t)PQC_STATUS_AUTH_FAILED;
+            const uint32_t idx = (*p->fq_count)++;
+            if (p->fq && idx < p->fq_cap) {
                 uint32_t w[16];
-                pqc_failure_record(c, meta, L, 0ull, call_tag, w);
-                write_record(fq + 64ull * idx, w);
+                pqc_failure_record(c, p->meta, L, 0ull, p->call_tag, w);
+                write_record(p->fq + (uint64_t)PQC_RECORD_SIZE * idx, w);
             }
         }
     }

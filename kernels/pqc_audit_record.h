@@ -7,7 +7,7 @@
 #ifndef PQC_AUDIT_RECORD_H
 #define PQC_AUDIT_RECORD_H
 
-#include <stdint.h>
+#include "pqc_types.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -52,11 +52,21 @@ typedef struct pqc_audit_record {
 } pqc_audit_record;
 #pragma pack(pop)
 
+// Sizes and offsets the kernels and the host shim use directly (checked against the struct below).
+#define PQC_RECORD_SIZE 64
+#define PQC_RECORD_STATUS_OFFSET 61
+
 #ifdef __cplusplus
 }  // extern "C"
-static_assert(sizeof(pqc_audit_record) == 64, "pqc_audit_record must be 64 bytes");
+#define PQC_RECORD_STATIC_ASSERT static_assert
 #else
-_Static_assert(sizeof(pqc_audit_record) == 64, "pqc_audit_record must be 64 bytes");
+#define PQC_RECORD_STATIC_ASSERT _Static_assert
 #endif
+PQC_RECORD_STATIC_ASSERT(sizeof(pqc_audit_record) == PQC_RECORD_SIZE, "pqc_audit_record must be 64 bytes");
+#if !defined(__CUDACC_RTC__)   // NVRTC has no offsetof; g++ (the shim), gcc and nvcc check it
+PQC_RECORD_STATIC_ASSERT(__builtin_offsetof(pqc_audit_record, status) == PQC_RECORD_STATUS_OFFSET,
+                         "PQC_RECORD_STATUS_OFFSET must be the offset of pqc_audit_record.status");
+#endif
+#undef PQC_RECORD_STATIC_ASSERT
 
 #endif  // PQC_AUDIT_RECORD_H

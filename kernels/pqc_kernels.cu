@@ -1,4 +1,5 @@
-// pqc_kv_cache CUDA kernels: thin launchers over the primitives of pqc_gcm.cuh.
+// pqc_kv_cache CUDA kernels: thin launchers over the primitives of the kernel headers
+// (pqc_chunk.cuh and what it includes).
 //
 // Launch shape (computed in one place, CudaBackend.launch_slots in
 // pqc_kv_cache/backends/cuda.py, from the device's SM count and an occupancy
@@ -13,7 +14,7 @@
 //
 // Work items. A chunk's GHASH sequence is walked in R rounds of 256 blocks (see
 // pqc_gcm.cuh). A work item is a range of rounds [r0, r1) of one chunk; the host
-// (kernel_host.work_items) cuts chunks into items of at most B rounds, B chosen
+// (kernel_abi.work_items) cuts chunks into items of at most B rounds, B chosen
 // per launch so the items fill every SM, while a chunk of at most B rounds stays
 // one item. Without an item table (items == nullptr) item i is all of chunk i.
 // Within an item the CTA's 256 threads are the 256 GHASH lanes of pqc_gcm_lane
@@ -53,8 +54,7 @@
 // its exact positions to the backend's device failure queue (atomic counter;
 // read by the host only at a synchronisation point the caller owns,
 // CudaBackend.check()).
-#include "pqc_audit_record.h"
-#include "pqc_gcm.cuh"
+#include "pqc_chunk.cuh"
 
 #define PQC_LANES 256
 #define PQC_WARPS (PQC_LANES / 32)
@@ -188,50 +188,45 @@ extern "C" __global__ void __launch_bounds__(256) pqc_prepare_keys(const uint8_t
 // per-call scratch (nullptr when no chunk is split); records: this launch's ring view, whose
 // first slot holds record index rec_lo (nullptr: no records).
 extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encrypt_chunks(
-    const pqc_key_sched* sched, const pqc_slot_meta* meta, const long long* table, long long n,
-    const long long* items, long long n_items,
-    unsigned layer, unsigned num_heads, unsigned head_dim, unsigned itemsize, unsigned dtype_code,
-    uint8_t* k, long long k_sb, long long k_sh, long long k_ss,
-    uint8_t* v, long long v_sb, long long v_sh, long long v_ss,
-    uint8_t* arena, uint8_t* records, unsigned long long first_no, long long rec_lo,
-    pqc_u128* partials, unsigned* counters) {
+    const pqc_chunk_params* __restrict__ params) {
+    const pqc_chunk_params& P = *params;
     __shared__ uint32_t te_s[256 * 32];
     __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int last_s;
     pqc_fill_te_lanes(te_s);
-    const pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
-    const pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
+    const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
+    const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
     const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
-    const int64_t* tab = reinterpret_cast<const int64_t*>(table);
-    const int64_t* itab = reinterpret_cast<const int64_t*>(items);
+    const int64_t* tab = P.table;
+    const int64_t* itab = P.items;
     long long cur_slot = -1;
-    for (long long i = blockIdx.x; i < n_items; i += gridDim.x) {
+    for (long long i = blockIdx.x; i < P.n_items; i += gridDim.x) {
         pqc_item it;
-        pqc_item_get(itab, n_items, i, &it);
+        pqc_item_get(itab, P.n_items, i, &it);
         pqc_chunk c;
-        pqc_chunk_setup(tab, n, it.chunk, meta, L, kt, vt, &c);
+        pqc_chunk_setup(tab, P.n, it.chunk, P.meta, L, kt, vt, &c);
         const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
         if (c.slot != cur_slot) {  // uniform across the CTA
-            pqc_load_slot(sched + c.slot, rk_s, gtab_s);
+            pqc_load_slot(P.sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
-        uint8_t* ct = arena + c.offset;
+        uint8_t* ct = P.arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
         pqc_io_kv_to_arena io = {c.kv, ct, ct_aligned};
-        const pqc_key_sched* ks = sched + c.slot;
+        const pqc_key_sched* ks = P.sched + c.slot;
         pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, true, threadIdx.x, PQC_LANES,
                                   it.r0, it.r1);
         pqc_u128 ghash;
-        if (pqc_item_combine(g, it, rounds, ks, partials, counters, red_s, &last_s, &ghash) && threadIdx.x == 0)
+        if (pqc_item_combine(g, it, rounds, ks, P.partials, P.counters, red_s, &last_s, &ghash) && threadIdx.x == 0)
             pqc_gcm_tag(te, rk_s, c.msg.nonce_w, ghash, ct + c.nbytes);
-        if (records != nullptr) {
+        if (P.records != nullptr) {
             const uint64_t ts = pqc_globaltimer();
             for (int64_t p = it.p0 + threadIdx.x; p < it.p1; p += PQC_LANES) {
                 uint32_t w[16];
-                pqc_encrypt_record(c, meta, L, first_no + (uint64_t)(c.aux + p), ts, (uint32_t)p, w);
-                pqc_store_record(records + 64ll * (c.aux + p - rec_lo), w);
+                pqc_encrypt_record(c, P.meta, L, P.first_no + (uint64_t)(c.aux + p), ts, (uint32_t)p, w);
+                pqc_store_record(P.records + 64ll * (c.aux + p - P.rec_lo), w);
             }
         }
         __syncthreads();  // red_s and last_s are reused by the next item
@@ -255,14 +250,8 @@ extern "C" __global__ void __launch_bounds__(128) pqc_decrypt_row_records(
 
 // items / partials / counters as for pqc_encrypt_chunks; status[chunk]: 0 OK, 1 AUTH_FAILED.
 extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decrypt_chunks(
-    const pqc_key_sched* sched, const pqc_slot_meta* meta, const long long* table, long long n,
-    const long long* items, long long n_items,
-    unsigned layer, unsigned num_heads, unsigned head_dim, unsigned itemsize, unsigned dtype_code,
-    const uint8_t* arena,
-    uint8_t* k, long long k_sb, long long k_sh, long long k_ss,
-    uint8_t* v, long long v_sb, long long v_sh, long long v_ss,
-    uint8_t* status, uint8_t* records, uint8_t* fq, unsigned* fq_count, unsigned fq_cap, unsigned call_tag,
-    pqc_u128* partials, unsigned* counters) {
+    const pqc_chunk_params* __restrict__ params) {
+    const pqc_chunk_params& P = *params;
     __shared__ uint32_t te_s[256 * 32];
     __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
@@ -270,30 +259,30 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
     __shared__ int last_s;
     __shared__ int ok_s;
     pqc_fill_te_lanes(te_s);
-    const pqc_layout_args L = {layer, num_heads, head_dim, itemsize, dtype_code};
-    const pqc_kv_tensor kt = {k, k_sb, k_sh, k_ss}, vt = {v, v_sb, v_sh, v_ss};
+    const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
+    const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
     const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
-    const int64_t* tab = reinterpret_cast<const int64_t*>(table);
-    const int64_t* itab = reinterpret_cast<const int64_t*>(items);
+    const int64_t* tab = P.table;
+    const int64_t* itab = P.items;
     long long cur_slot = -1;
-    for (long long i = blockIdx.x; i < n_items; i += gridDim.x) {
+    for (long long i = blockIdx.x; i < P.n_items; i += gridDim.x) {
         pqc_item it;
-        pqc_item_get(itab, n_items, i, &it);
+        pqc_item_get(itab, P.n_items, i, &it);
         pqc_chunk c;
-        pqc_chunk_setup(tab, n, it.chunk, meta, L, kt, vt, &c);
+        pqc_chunk_setup(tab, P.n, it.chunk, P.meta, L, kt, vt, &c);
         const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
         if (c.slot != cur_slot) {
-            pqc_load_slot(sched + c.slot, rk_s, gtab_s);
+            pqc_load_slot(P.sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
-        const uint8_t* ct = arena + c.offset;
+        const uint8_t* ct = P.arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
         pqc_io_arena_to_kv io = {c.kv, ct, ct_aligned};
-        const pqc_key_sched* ks = sched + c.slot;
+        const pqc_key_sched* ks = P.sched + c.slot;
         pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, false, threadIdx.x, PQC_LANES,
                                   it.r0, it.r1);
         pqc_u128 ghash;
-        if (pqc_item_combine(g, it, rounds, ks, partials, counters, red_s, &last_s, &ghash)) {
+        if (pqc_item_combine(g, it, rounds, ks, P.partials, P.counters, red_s, &last_s, &ghash)) {
             if (threadIdx.x == 0) {
                 uint8_t tag[16];
                 pqc_gcm_tag(te, rk_s, c.msg.nonce_w, ghash, tag);
@@ -306,17 +295,17 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
                 for (uint64_t j = threadIdx.x; j < nblocks; j += PQC_LANES) io.zero(j);
             }
             if (threadIdx.x == 0) {
-                status[it.chunk] = (uint8_t)(ok ? 0 : 1);
+                P.status[it.chunk] = (uint8_t)(ok ? 0 : 1);
                 if (!ok) {
-                    if (records != nullptr && c.aux >= 0) {
-                        unsigned* word = reinterpret_cast<unsigned*>(records + 64ll * c.aux) + PQC_RECORD_STATUS_WORD;
+                    if (P.records != nullptr && c.aux >= 0) {
+                        unsigned* word = reinterpret_cast<unsigned*>(P.records + (int64_t)PQC_RECORD_SIZE * c.aux) + PQC_RECORD_STATUS_WORD;
                         atomicOr(word, (unsigned)PQC_STATUS_AUTH_FAILED << PQC_RECORD_STATUS_SHIFT);
                     }
-                    const unsigned idx = atomicAdd(fq_count, 1u);
-                    if (idx < fq_cap) {
+                    const unsigned idx = atomicAdd(P.fq_count, 1u);
+                    if (idx < P.fq_cap) {
                         uint32_t w[16];
-                        pqc_failure_record(c, meta, L, pqc_globaltimer(), call_tag, w);
-                        pqc_store_record(fq + 64ull * idx, w);
+                        pqc_failure_record(c, P.meta, L, pqc_globaltimer(), P.call_tag, w);
+                        pqc_store_record(P.fq + 64ull * idx, w);
                     }
                 }
             }

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from ._checks import check_int
 from .errors import MalformedEntryError
 
@@ -85,9 +87,18 @@ DTYPE_CODES = {
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
 
-_AAD = struct.Struct(">4sBBBx16s16sIIQIIIIq")
+# AAD v1, the one definition: (field, struct code, numpy code), in order, big-endian. The struct packs one
+# AAD (build_aad), the numpy dtype a batch (the host backend); kernels/pqc_aad.cuh builds the same bytes
+# on the device (a test compares the two).
+AAD_V1_FIELDS = (("magic", "4s", "S4"), ("version", "B", ">u1"), ("role", "B", ">u1"), ("dtype", "B", ">u1"),
+                 ("reserved", "x", "V1"), ("tenant_tag", "16s", "V16"), ("session_tag", "16s", "V16"),
+                 ("epoch", "I", ">u4"), ("layer", "I", ">u4"), ("pos_start", "Q", ">u8"), ("pos_count", "I", ">u4"),
+                 ("key_len", "I", ">u4"), ("num_heads", "I", ">u4"), ("head_dim", "I", ">u4"),
+                 ("token_id", "q", ">i8"))
+_AAD = struct.Struct(">" + "".join(f[1] for f in AAD_V1_FIELDS))
+AAD_V1_DTYPE = np.dtype([(f[0], f[2]) for f in AAD_V1_FIELDS])
 AAD_SIZE = _AAD.size
-assert AAD_SIZE == 80
+assert AAD_SIZE == AAD_V1_DTYPE.itemsize == 80
 _NONCE = struct.Struct(">IQ")
 
 

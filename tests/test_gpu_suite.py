@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pqc_kv_cache.backends import kernel_host
+from pqc_kv_cache.backends import kernel_shim
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_suite  # noqa: E402
 
 
-@pytest.mark.skipif(not kernel_host.available(), reason="no C++ compiler for the host shim (the CPU twin)")
+@pytest.mark.skipif(not kernel_shim.available(), reason="no C++ compiler for the host shim (the CPU twin)")
 def test_smoke_run_reports_every_section_ok(tmp_path):
     out = tmp_path / "r" / "suite.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],

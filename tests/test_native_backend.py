@@ -411,7 +411,7 @@ def test_every_out_of_range_input_is_refused_before_a_byte_moves(op, monkeypatch
 def test_forget_erases_the_key_schedules_and_close_frees_them():
     be, layout, ks, t, k, v, arena = sealed("native", torch.float32)
     assert be.schedule_bytes_left() > 0
-    be.clear_key_cache()
+    be.forget_keys()
     assert be.schedule_bytes_left() == 0
     k_out, v_out = torch.empty_like(k), torch.empty_like(v)
     assert not be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).any()   # re-expanded on demand

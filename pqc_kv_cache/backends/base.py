@@ -22,19 +22,27 @@ AAD of chunk ``i`` (see ``pqc_kv_cache.envelope``): kv_role "both",
 
 Audit (when ``audit`` is given): ``encrypt_chunks`` emits one ENCRYPT record
 per (row, position) written, with the chunk's nonce counter and epoch;
-``decrypt_chunks`` emits one DECRYPT record per row read, covering the
-positions read, status OK or AUTH_FAILED, and one AUTH_FAILED record per
-failing chunk with its exact positions.
+``decrypt_chunks`` emits one DECRYPT record per row read (its fields:
+:func:`decrypt_row_summary`, the one definition every backend uses), status OK
+or AUTH_FAILED, and one AUTH_FAILED record per failing chunk with its exact
+positions and nonce counter.
+
+Failures: ``decrypt_chunks`` answers a :class:`DecryptStatus`. A backend that
+knows the tags' outcome when it returns (host) answers it on the host; a device
+backend answers a device tensor and raises the failures of an ``owner``'s calls
+from ``check(owner)``, at a synchronisation point the caller owns.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
+
+from ..audit.records import Op, Status
 
 if TYPE_CHECKING:   # annotations only: a backend writes records, it does not import the log
     from ..audit.log import KVAuditLog
@@ -42,7 +50,8 @@ if TYPE_CHECKING:   # annotations only: a backend writes records, it does not im
 #: One column of a ChunkTable: int64 values, numpy on the host, a tensor on a device.
 IndexArray = Union[np.ndarray, torch.Tensor]
 
-__all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "CryptoBackend", "select_backend"]
+__all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "DecryptStatus", "CryptoBackend",
+           "RowSummary", "decrypt_row_summary"]
 
 
 @dataclass(frozen=True)
@@ -102,17 +111,6 @@ class ChunkTable:
     def fields() -> tuple[str, ...]:
         return ("slot", "row", "pos_start", "pos_count", "io_start", "counter", "offset")
 
-    def to(self, device: torch.device) -> "ChunkTable":
-        """The same table as int64 tensors on ``device`` (non-blocking from pinned memory where possible)."""
-        def conv(a):
-            if isinstance(a, torch.Tensor):
-                return a.to(device=device, dtype=torch.int64, non_blocking=True)
-            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-            if device.type == "cuda":
-                t = t.pin_memory()
-            return t.to(device, non_blocking=True)
-        return ChunkTable(*(conv(getattr(self, f)) for f in self.fields()))
-
 
 @dataclass(frozen=True)
 class AuditContext:
@@ -124,10 +122,111 @@ class AuditContext:
     session_idx: np.ndarray
 
 
+class RowSummary(NamedTuple):
+    """What the DECRYPT record of each row read says (arrays, one entry per row, ascending rows)."""
+
+    row: np.ndarray            # batch row
+    pos_start: np.ndarray      # lowest position read in the row
+    pos_count: np.ndarray      # highest end minus lowest start
+    nonce_counter: np.ndarray  # the lowest nonce counter of the row's chunks
+    slot: np.ndarray           # key slot of the row's first chunk (in table order): tenant, session, epoch
+    nbytes: np.ndarray         # plaintext bytes read (a record saturates it at 2^32 - 1)
+    row_of_chunk: np.ndarray   # for each chunk, the index of its row's entry
+
+
+def decrypt_row_summary(row, pos_start, pos_count, counter, slot, nbytes) -> RowSummary:
+    """The fields of the DECRYPT row records of one decrypt call, from its chunks' columns: the one
+    definition of that record, whichever backend writes it (host: emitted; CUDA: row descriptors
+    for the row-record kernel)."""
+    row = np.asarray(row, dtype=np.int64).reshape(-1)
+    n = row.shape[0]
+    uniq, inv = np.unique(row, return_inverse=True)
+    inv = inv.astype(np.int64).reshape(-1)
+    r = uniq.shape[0]
+    start = np.full(r, np.iinfo(np.int64).max, dtype=np.int64)
+    end = np.zeros(r, dtype=np.int64)
+    ctr = np.full(r, np.iinfo(np.int64).max, dtype=np.int64)
+    first = np.full(r, n, dtype=np.int64)
+    nb = np.zeros(r, dtype=np.int64)
+    if n:
+        ps = np.asarray(pos_start, dtype=np.int64).reshape(-1)
+        np.minimum.at(start, inv, ps)
+        np.maximum.at(end, inv, ps + np.asarray(pos_count, dtype=np.int64).reshape(-1))
+        np.minimum.at(ctr, inv, np.asarray(counter, dtype=np.int64).reshape(-1))
+        np.minimum.at(first, inv, np.arange(n, dtype=np.int64))
+        np.add.at(nb, inv, np.asarray(nbytes, dtype=np.int64).reshape(-1))
+    first_slot = np.asarray(slot, dtype=np.int64).reshape(-1)[first] if n else first
+    return RowSummary(uniq.astype(np.int64), start, end - start, ctr, first_slot, nb, inv)
+
+
+def emit_encrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: ChunkLayout, row, pos_start,
+                         pos_count, counter, slot, nbytes) -> None:
+    """The ENCRYPT records of one encrypt call (one per row and position), whichever host backend sealed."""
+    slot = np.asarray(slot, dtype=np.int64)
+    pos_count = np.asarray(pos_count)
+    # one-position chunks (every decode step) are already one record each: plain emit, no expansion
+    emit = audit.log.emit if bool((pos_count == 1).all()) else audit.log.emit_per_position
+    emit(Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
+         layer=layout.layer_idx, row=np.asarray(row).astype(np.uint16), pos_start=np.asarray(pos_start).astype(np.uint32),
+         pos_count=pos_count.astype(np.uint32), nonce_counter=np.asarray(counter).astype(np.uint64),
+         epoch=np.array([k.epoch for k in keys], dtype=np.uint32)[slot],
+         nbytes=np.asarray(nbytes).astype(np.uint32), status=Status.OK)
+
+
+def emit_decrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: ChunkLayout, row, pos_start,
+                         pos_count, counter, slot, nbytes, status) -> None:
+    """The DECRYPT records of one decrypt call whose statuses are known on the host: one per row read
+    (``decrypt_row_summary``, AUTH_FAILED if any of its chunks failed) and one AUTH_FAILED record per
+    failing chunk with its exact positions."""
+    rs = decrypt_row_summary(row, pos_start, pos_count, counter, slot, nbytes)
+    status = np.asarray(status, dtype=np.uint8)
+    bad = np.zeros(rs.row.shape[0], dtype=np.uint8)
+    np.maximum.at(bad, rs.row_of_chunk, status)
+    epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
+    audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[rs.slot], session_idx=audit.session_idx[rs.slot],
+                   layer=layout.layer_idx, row=rs.row.astype(np.uint16), pos_start=rs.pos_start.astype(np.uint32),
+                   pos_count=rs.pos_count.astype(np.uint32), nonce_counter=rs.nonce_counter.astype(np.uint64),
+                   epoch=epochs[rs.slot], nbytes=np.minimum(rs.nbytes, 0xFFFFFFFF).astype(np.uint32), status=bad)
+    failed = np.flatnonzero(status)
+    if failed.size:
+        fs = np.asarray(slot, dtype=np.int64)[failed]
+        audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[fs], session_idx=audit.session_idx[fs],
+                       layer=layout.layer_idx, row=np.asarray(row)[failed].astype(np.uint16),
+                       pos_start=np.asarray(pos_start)[failed].astype(np.uint32),
+                       pos_count=np.asarray(pos_count)[failed].astype(np.uint32),
+                       nonce_counter=np.asarray(counter)[failed].astype(np.uint64), epoch=epochs[fs],
+                       nbytes=np.minimum(np.asarray(nbytes)[failed], 0xFFFFFFFF).astype(np.uint32),
+                       status=Status.AUTH_FAILED)
+
+
+@dataclass(frozen=True)
+class DecryptStatus:
+    """The per-chunk status of a ``decrypt_chunks`` call (uint8, 0 OK, 1 AUTH_FAILED), in one of two places:
+
+    ``host``: a numpy array, known when the call returns (every failure can be acted on now);
+    ``device``: a device tensor, still being written on the device's stream. Reading it would
+    synchronise; the backend raises its failures from ``check(owner)`` instead, and a caller that
+    re-seals plaintext it read uses the tensor on the device (e.g. to zero what failed).
+    """
+
+    host: np.ndarray | None = None
+    device: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.host is None) == (self.device is None):
+            raise ValueError("a DecryptStatus is either on the host or on the device")
+
+    def __len__(self) -> int:
+        return int((self.host if self.host is not None else self.device).shape[0])
+
+    @property
+    def deferred(self) -> bool:
+        """True when the status is still on the device (failures come from the backend's ``check``)."""
+        return self.device is not None
+
+
 class CryptoBackend(abc.ABC):
     """Seal and open batches of chunks; the same contract on every device."""
-
-    name: str = "abstract"
 
     @abc.abstractmethod
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
@@ -139,21 +238,18 @@ class CryptoBackend(abc.ABC):
     @abc.abstractmethod
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
-                       audit: AuditContext | None = None) -> Any:
+                       audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
         """Verify and decrypt chunk i into ``k_out[row, :, io_start:io_start+pos_count, :]`` and the
         same of ``v_out``. A chunk whose tag fails has its destination zeroed, never left readable.
 
-        Returns the per-chunk status (uint8, 0 = OK, 1 = AUTH_FAILED): a numpy array on the host
-        backend, a device tensor on cuda (read it only at a synchronisation point the caller owns).
+        Returns the per-chunk status (see :class:`DecryptStatus`). ``owner`` (any weak-referenceable
+        object, e.g. the cache making the call) is whose ``check`` raises the call's deferred failures.
         """
 
+    def check(self, owner: object = None) -> None:
+        """Raise DecryptionError for the deferred failures of ``owner``'s decrypt calls since its last
+        check (a synchronisation point). A backend that answers every status on the host has none."""
 
-def select_backend(device: torch.device | str) -> CryptoBackend:
-    """The backend for tensors on ``device``: cuda tensors get the CUDA backend, all else the native host
-    backend when it is available, else the host backend (``PQC_KV_CACHE_BACKEND=host|native`` forces one)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        from .cuda import CudaBackend
-        return CudaBackend.for_device(device)
-    from .native import select_host_backend
-    return select_host_backend()
+    def forget_keys(self) -> None:
+        """Erase whatever key material the backend keeps between calls (e.g. device key schedules), so
+        retired or closed keys do not outlive their session's erasure. Nothing to do by default."""

@@ -3,46 +3,56 @@
 The kernel sources ship in the wheel as package data ``pqc_kv_cache.kernels``
 (a source checkout falls back to the repository's ``kernels/``). They are
 compiled once per process and device with CuPy's ``RawModule`` (NVRTC) as one
-translation unit: a fixed-width-types preamble, ``pqc_audit_record.h``,
-``pqc_gcm.cuh`` and ``pqc_kernels.cu`` inlined in that order, so NVRTC needs
-no libc headers.
+translation unit: ``pqc_kernels.cu`` with its local headers inlined
+(``kernel_abi.kernel_source``), so NVRTC needs no libc headers. What the host
+hands the kernels (tables, slot metadata, the ``pqc_chunk_params`` struct) is
+built by ``kernel_abi``, the numpy mirror of ``kernels/pqc_chunk_abi.h``.
 
 Hot path (``encrypt_chunks`` / ``decrypt_chunks``):
 
 - kernels run on torch's current stream (its handle passed to each launch), on
   the tensors' memory by pointer (``data_ptr``), never through the host;
 - every SM is busy whatever the chunk sizes: chunks are cut into work items
-  (ranges of GCM counter blocks, ``kernel_host.work_items``) so a launch has at
+  (ranges of GCM counter blocks, ``kernel_abi.work_items``) so a launch has at
   least as many items as the device holds resident CTAs (SM count times the
   kernel's occupancy, both queried from the device once, in ``launch_slots``),
   and the items' partial GHASH values are combined on the device;
 - the chunk table arrives as numpy arrays (nonce counters from the host's bulk
   allocation) and goes to the device with one pinned, non-blocking copy; key
-  schedules are prepared on the device once per key set and cached;
+  schedules are prepared on the device once per key set and cached; the raw
+  keys' upload buffers (device and pinned host) are zeroed once the schedules
+  are built, and a schedule is zeroed on the stream when it is evicted or
+  ``forget_keys()`` is called;
 - no ``.item()``, no ``.cpu()``, no blocking copy, no event wait; the
   per-chunk status stays on the device: ``decrypt_chunks`` returns it as a
   uint8 device tensor.
 
 Failures are read at a synchronisation point the caller owns:
 
-- ``CudaBackend.pending_failures()`` waits for the device, reads the failure
-  queue (one record per failing chunk, exact positions, written by the decrypt
-  kernel with an atomic counter), emits those records as DECRYPT / AUTH_FAILED
-  into the audit log of the call that found them, empties the queue and
-  returns them as dicts;
-- ``CudaBackend.check()`` does the same and raises :class:`DecryptionError`
-  naming the first failure (tenant, layer, positions) if there was any.
+- ``CudaBackend.pending_failures(owner)`` waits for the device, reads the
+  failure queue (one record per failing chunk, exact positions, the 64-bit tag
+  of the call that found it, written by the decrypt kernel with an atomic
+  counter), emits every record as DECRYPT / AUTH_FAILED into the audit log of
+  the call that found it, empties the queue, keeps each failure for the owner
+  of its call and returns (and forgets) those of ``owner``;
+- ``CudaBackend.check(owner)`` does the same and raises
+  :class:`DecryptionError` naming the first failure (tenant, layer, positions)
+  of ``owner``'s calls, if there was any. Failures of other owners' calls
+  wait for their owners' checks.
 
-``EncryptedCache.check()`` calls ``check()``. A failing chunk's destination
+``EncryptedCache.check()`` calls ``check(owner=cache)``. A failing chunk's destination
 is zeroed by the kernel itself, on the stream, before anything later on the
 stream can read it; its row's DECRYPT record (in the audit ring, written by
 the kernel) already says AUTH_FAILED without any host involvement.
 
 Audit records: ENCRYPT records (one per row and position) and DECRYPT row
 records are written by the kernels into slots reserved with
-``log.cuda_ring(device).reserve(n)`` and committed after the launch; a call
-whose records exceed a quarter of the ring is split into several launches
-(also inside one chunk: its work items share out its records).
+``log.cuda_ring(device).reservation(n, ...)``, which commits after the launch
+and, if anything between the reservation and the launch raises (an upload, an
+out-of-memory, the launch itself), abandons the slots as ERROR records, so the
+log never waits on them; a call whose records exceed a quarter of the ring is
+split into several launches (also inside one chunk: its work items share out
+its records).
 A chunk table that is already a device tensor costs one host read of
 ``pos_count`` (to size the reservation) when audit is on: pass numpy tables.
 """
@@ -50,55 +60,31 @@ A chunk table that is already a device tensor costs one host read of
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import itertools
 import threading
-from pathlib import Path
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..audit.records import RECORD_DTYPE, Op, Status
-from ..envelope import TAG_SIZE, dtype_code
+from ..envelope import dtype_code
 from ..errors import BackendUnavailableError, DecryptionError
-from . import kernel_host as _kh
-from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
+from . import kernel_abi as _abi
+from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot
+from .kernel_abi import kernel_source
 
 __all__ = ["CudaBackend", "kernel_source"]
 
-LANES = _kh.LANES                 # threads per CTA of the chunk kernels (PQC_LANES)
+LANES = _abi.LANES                # threads per CTA of the chunk kernels (PQC_LANES)
 DYNAMIC_SMEM = 0                  # the chunk kernels use static shared memory only
 ROW_RECORD_THREADS = 128
 KERNELS = ("pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_row_records", "pqc_decrypt_chunks")
 FAILURE_QUEUE_CAPACITY = 4096
 KEY_CACHE_ENTRIES = 256
-
-_PREAMBLE = """// NVRTC translation unit assembled by pqc_kv_cache/backends/cuda.py
-#if defined(__CUDACC_RTC__)
-typedef unsigned char uint8_t;
-typedef unsigned short uint16_t;
-typedef unsigned int uint32_t;
-typedef unsigned long long uint64_t;
-typedef long long int64_t;
-#else
-#include <stdint.h>
-#endif
-"""
-
-
-def kernel_source(src_dir: Path | None = None) -> str:
-    """The kernels as one self-contained translation unit (what NVRTC compiles)."""
-    src = Path(src_dir) if src_dir is not None else _kh.kernel_sources_dir()
-    rec = (src / "pqc_audit_record.h").read_text()
-    gcm = (src / "pqc_gcm.cuh").read_text()
-    ker = (src / "pqc_kernels.cu").read_text()
-    rec = rec.replace("#include <stdint.h>", "// <stdint.h>: types from the preamble")
-    ker = ker.replace('#include "pqc_audit_record.h"', "// pqc_audit_record.h: inlined above")
-    ker = ker.replace('#include "pqc_gcm.cuh"', "// pqc_gcm.cuh: inlined above")
-    if "#include" in ker:
-        raise BackendUnavailableError("pqc_kernels.cu includes a header the NVRTC assembly does not inline")
-    return "\n".join((_PREAMBLE, rec, gcm, ker))
-
 
 def _import_cupy():
     try:
@@ -136,19 +122,22 @@ class DeviceProps:
 
 
 class _Call:
-    """What check() needs to emit a failure record found by a decrypt call."""
+    """What check() needs of a decrypt call whose failures it reads: the log to emit them into, and
+    whose they are (a weak reference to the owner; None: the call had none)."""
 
-    __slots__ = ("log", "layer_idx")
+    __slots__ = ("log", "owner")
 
-    def __init__(self, log, layer_idx):
+    def __init__(self, log, owner):
         self.log = log
-        self.layer_idx = layer_idx
+        self.owner = owner
+
+
+_NO_OWNER = object()   # the pending-failure key of calls made without an owner
 
 
 class CudaBackend(CryptoBackend):
     """AES-256-GCM over KV chunks on one CUDA device (see the module docstring)."""
 
-    name = "cuda"
     _instances: dict[int, "CudaBackend"] = {}
     _instances_lock = threading.Lock()
 
@@ -190,15 +179,19 @@ class CudaBackend(CryptoBackend):
         self._init_state(DeviceProps(sms, occupancy))
 
     def _init_state(self, props: DeviceProps) -> None:
-        """Per-device state: device properties, failure queue, call tags, key-schedule cache."""
+        """Per-device state: device properties, failure queue, call tags, pending failures per owner,
+        key-schedule cache, pinned key staging still to be wiped."""
         self._props = props
         self._slots: dict[str, int] = {}
-        self._sched_size = _kh.SCHED_SIZE
-        self._fq = torch.zeros((FAILURE_QUEUE_CAPACITY, 64), dtype=torch.uint8, device=self.device)
+        self._sched_size = _abi.SCHED_SIZE
+        self._fq = torch.zeros((FAILURE_QUEUE_CAPACITY, _abi.RECORD_SIZE), dtype=torch.uint8, device=self.device)
         self._fq_count = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._calls: dict[int, _Call] = {}
-        self._call_no = 0
+        self._tags = itertools.count(1)     # 64-bit call tags: never wrap in a process's life
+        self._pending: dict[Any, list[dict[str, Any]]] = {}
         self._key_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._staged_keys: list[tuple[Any, torch.Tensor]] = []
+        self._call_keys: dict[tuple[int, int], int] = {}
 
     # ---------------------------------------------------------------- plumbing
     def launch_slots(self, kernel: str) -> int:
@@ -225,13 +218,45 @@ class CudaBackend(CryptoBackend):
         The counters are zeroed on the stream (the kernels count each chunk's finished items)."""
         if not bool((items[7] > 1).any()):
             return None, None
-        partials = torch.empty((items.shape[1], _kh.PARTIAL_SIZE), dtype=torch.uint8, device=self.device)
+        partials = torch.empty((items.shape[1], _abi.PARTIAL_SIZE), dtype=torch.uint8, device=self.device)
         counters = torch.zeros(nchunks, dtype=torch.int32, device=self.device)
         return partials, counters
 
+    def _pin(self, arr: np.ndarray) -> torch.Tensor:
+        """A pinned host copy of ``arr`` (the staging of a non-blocking upload)."""
+        return torch.from_numpy(np.ascontiguousarray(arr)).pin_memory()
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, non_blocking=True)
+
+    def _copied_event(self):
+        """An event on the current stream, recorded after the uploads enqueued so far."""
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
     def _upload(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return self._to_device(self._pin(arr))
+
+    def _params(self, **fields) -> torch.Tensor:
+        """A pqc_chunk_params on the device (the chunk kernels' one argument)."""
+        return self._upload(_abi.chunk_params(**fields).view(np.uint8))
+
+    def _wipe_staged_keys(self, wait: bool = False) -> None:
+        """Zero the pinned staging of raw keys whose upload has completed (all of them with ``wait``)."""
+        with self._lock:
+            staged, self._staged_keys = self._staged_keys, []
+        keep = []
+        for ev, host in staged:
+            if wait:
+                ev.synchronize()
+            if wait or ev.query():
+                host.zero_()
+            else:
+                keep.append((ev, host))
+        if keep:
+            with self._lock:
+                self._staged_keys.extend(keep)
 
     def _schedules(self, keys: Sequence[KeySlot]) -> torch.Tensor:
         """Device key schedules (uint8 [n, sched_size]) of the call's key slots; prepared once per key set."""
@@ -242,15 +267,33 @@ class CudaBackend(CryptoBackend):
             if hit is not None:
                 self._key_cache.move_to_end(ident)
                 return hit
+        self._wipe_staged_keys()
         raw = np.frombuffer(b"".join(bytes(k.key) for k in keys), dtype=np.uint8).reshape(len(keys), 32).copy()
-        dev_keys = self._upload(raw)
-        sched = torch.empty((len(keys), self._sched_size), dtype=torch.uint8, device=self.device)
-        self._launch("pqc_prepare_keys", len(keys), 256,
-                     (_u64(dev_keys.data_ptr()), np.int64(len(keys)), _u64(sched.data_ptr())))
+        try:
+            host = self._pin(raw)
+        finally:
+            raw.fill(0)
+        try:
+            dev_keys = self._to_device(host)
+            copied = self._copied_event()
+        except BaseException:
+            host.zero_()
+            raise
+        with self._lock:   # zeroed once the copy has read it (never blocking the stream here)
+            self._staged_keys.append((copied, host))
+        try:
+            sched = torch.empty((len(keys), self._sched_size), dtype=torch.uint8, device=self.device)
+            self._launch("pqc_prepare_keys", len(keys), 256,
+                         (_u64(dev_keys.data_ptr()), np.int64(len(keys)), _u64(sched.data_ptr())))
+        finally:
+            dev_keys.zero_()      # on the stream, after the preparation read the keys
+        evicted = []
         with self._lock:
             self._key_cache[ident] = sched
             while len(self._key_cache) > KEY_CACHE_ENTRIES:
-                self._key_cache.popitem(last=False)
+                evicted.append(self._key_cache.popitem(last=False)[1])
+        for old in evicted:
+            old.zero_()           # on the stream: after every launch enqueued so far that reads it
         return sched
 
     def _check_tensor(self, name: str, t: torch.Tensor, layout: ChunkLayout) -> tuple[int, int, int, int]:
@@ -282,26 +325,13 @@ class CudaBackend(CryptoBackend):
         for i, k in enumerate(keys):
             if not isinstance(k, KeySlot) or len(k.key) != 32:
                 raise ValueError(f"keys[{i}] must be a KeySlot with a 32-byte key")
-        cols = []
-        for f in ChunkTable.fields():
-            a = getattr(chunks, f)
-            if isinstance(a, torch.Tensor):
-                a = a.detach().to("cpu").numpy()   # device-resident table: one host read (see docstring)
-            cols.append(np.asarray(a, dtype=np.int64).reshape(-1))
-        n = cols[0].shape[0]
-        if any(c.shape[0] != n for c in cols):
-            raise ValueError("chunk table columns must all have the same length")
-        table = np.empty((_kh.TABLE_COLS, n), dtype=np.int64)
-        for i, c in enumerate(cols):
-            table[i] = c
-        table[7] = -1
-        return table
+        return _abi.chunk_table_array(chunks)   # a device-resident table costs one host read
 
     def _meta(self, keys, audit: AuditContext | None) -> torch.Tensor:
         if audit is None:
-            meta = _kh.slot_meta_array(keys)
+            meta = _abi.slot_meta_array(keys)
         else:
-            meta = _kh.slot_meta_array(keys, audit.tenant_idx, audit.session_idx)
+            meta = _abi.slot_meta_array(keys, audit.tenant_idx, audit.session_idx)
         return self._upload(meta)
 
     @staticmethod
@@ -322,6 +352,25 @@ class CudaBackend(CryptoBackend):
         out.append((a, n))
         return out
 
+    def _reservation(self, ring, n: int, op: Op, layout: ChunkLayout, audit: AuditContext | None):
+        """The ring reservation of ``n`` records spanning a launch (ERROR records with these fields stand
+        in for them if anything inside raises), or ``(None, 0)`` when the call is not audited."""
+        if ring is None or n == 0:
+            return contextlib.nullcontext((None, 0))
+        return ring.reservation(n, op=int(op), tenant_idx=int(audit.tenant_idx[0]) if len(audit.tenant_idx) else 0,
+                                session_idx=int(audit.session_idx[0]) if len(audit.session_idx) else 0,
+                                layer=min(int(layout.layer_idx), 0xFFFF))
+
+    @staticmethod
+    def _kv_fields(prefix: str, t) -> dict[str, int]:
+        ptr, sb, sh, ss = t
+        return {prefix: ptr, f"{prefix}_sb": sb, f"{prefix}_sh": sh, f"{prefix}_ss": ss}
+
+    @staticmethod
+    def _layout_fields(layout: ChunkLayout) -> dict[str, int]:
+        return {"layer": layout.layer_idx, "num_heads": layout.num_heads, "head_dim": layout.head_dim,
+                "itemsize": layout.itemsize, "dtype_code": dtype_code(layout.dtype)}
+
     # ---------------------------------------------------------------- contract
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
@@ -329,7 +378,7 @@ class CudaBackend(CryptoBackend):
         table = self._check_common(keys, layout, chunks, arena)
         kp = self._check_tensor("k_src", k_src, layout)
         vp = self._check_tensor("v_src", v_src, layout)
-        _kh.check_bounds(table, layout, k_src, v_src, arena, len(keys))
+        _abi.check_bounds(table, layout, k_src, v_src, arena, len(keys))
         n = table.shape[1]
         if n == 0:
             return
@@ -337,9 +386,9 @@ class CudaBackend(CryptoBackend):
         meta = self._meta(keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
         limit = max(1, ring.capacity // 4) if ring is not None else None
-        table[7], _ = _kh.encrypt_record_index(table[3])
-        items = _kh.work_items(_kh.chunk_rounds(table[3] * layout.bytes_per_position), table[3],
-                               slots=self.launch_slots("pqc_encrypt_chunks"), record_limit=limit)
+        table[7], _ = _abi.encrypt_record_index(table[3])
+        items = _abi.work_items(_abi.chunk_rounds(table[3] * layout.bytes_per_position), table[3],
+                                slots=self.launch_slots("pqc_encrypt_chunks"), record_limit=limit)
         n_items = items.shape[1]
         counts = items[4] - items[3]
         groups = self._groups(counts, limit) if ring is not None else [(0, n_items)]
@@ -347,52 +396,47 @@ class CudaBackend(CryptoBackend):
         dev_table = self._upload(table)
         fast = partials is None and len(groups) == 1     # item i = chunk i: no item table
         slots = self.launch_slots("pqc_encrypt_chunks")
+        fixed = dict(sched=sched.data_ptr(), meta=meta.data_ptr(), table=dev_table.data_ptr(), n=n,
+                     arena=arena.data_ptr(), partials=0 if partials is None else partials.data_ptr(),
+                     counters=0 if counters is None else counters.data_ptr(),
+                     **self._kv_fields("k", kp), **self._kv_fields("v", vp), **self._layout_fields(layout))
         for a, b in groups:
-            dev_items = None if fast else self._upload(items[:, a:b])
             total = int(counts[a:b].sum())
             rec_lo = int(table[7][items[0][a]] + items[3][a])
-            view, first_no = ring.reserve(total) if ring is not None and total else (None, 0)
-            args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()), np.int64(n),
-                    _u64(0 if dev_items is None else dev_items.data_ptr()), np.int64(b - a),
-                    np.uint32(layout.layer_idx), np.uint32(layout.num_heads), np.uint32(layout.head_dim),
-                    np.uint32(layout.itemsize), np.uint32(dtype_code(layout.dtype)),
-                    _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
-                    _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
-                    _u64(arena.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
-                    # record index aux + p is numbered first_no + (aux + p - rec_lo), modulo 2^64 on the device
-                    np.uint64((first_no - rec_lo) % (1 << 64)), np.int64(rec_lo),
-                    _u64(0 if partials is None else partials.data_ptr()),
-                    _u64(0 if counters is None else counters.data_ptr()))
-            try:
-                self._launch("pqc_encrypt_chunks", min(b - a, slots), LANES, args)
-            except BaseException:
-                if view is not None:
-                    self._abandon(ring, view, first_no, total, Op.ENCRYPT, layout, audit)
-                raise
-            if view is not None:
-                ring.commit(total, first_no)
+            with self._reservation(ring, total, Op.ENCRYPT, layout, audit) as (view, first_no):
+                dev_items = None if fast else self._upload(items[:, a:b])
+                # record index aux + p is numbered first_no + (aux + p - rec_lo), modulo 2^64 on the device
+                params = self._params(items=0 if dev_items is None else dev_items.data_ptr(), n_items=b - a,
+                                      records=0 if view is None else view.data_ptr(),
+                                      first_no=(first_no - rec_lo) % (1 << 64), rec_lo=rec_lo, **fixed)
+                self._launch("pqc_encrypt_chunks", min(b - a, slots), LANES, (_u64(params.data_ptr()),))
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
-                       audit: AuditContext | None = None) -> torch.Tensor:
+                       audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
+        """See :meth:`CryptoBackend.decrypt_chunks`: the status stays on the device; failures are raised by
+        ``check(owner)``."""
         table = self._check_common(keys, layout, chunks, arena)
         kp = self._check_tensor("k_out", k_out, layout)
         vp = self._check_tensor("v_out", v_out, layout)
-        _kh.check_bounds(table, layout, k_out, v_out, arena, len(keys))
+        _abi.check_bounds(table, layout, k_out, v_out, arena, len(keys))
+        owner_ref = None
+        if owner is not None:
+            try:
+                owner_ref = weakref.ref(owner)
+            except TypeError:
+                raise TypeError(f"owner must be weak-referenceable, got {type(owner).__name__}") from None
         n = table.shape[1]
         status = torch.zeros(n, dtype=torch.uint8, device=self.device)
         if n == 0:
-            return status
+            return DecryptStatus(device=status)
         sched = self._schedules(keys)
         meta = self._meta(keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
-        with self._lock:
-            self._call_no = (self._call_no + 1) & 0xFFFF
-            tag = self._call_no
-            self._calls[tag] = _Call(audit.log if audit is not None else None, layout.layer_idx)
+        tag = self._call_tag(audit.log if audit is not None else None, owner, owner_ref)
         # one launch per group of rows small enough for the ring (rows never straddle a group)
         order = np.argsort(table[1], kind="stable")
-        desc_all, row_of_chunk = _kh.row_descriptors(table, layout.bytes_per_position)
+        desc_all, row_of_chunk = _abi.row_descriptors(table, layout.bytes_per_position)
         nrows = desc_all.shape[1]
         limit = max(1, ring.capacity // 4) if ring is not None else nrows
         for r0 in range(0, nrows, limit):
@@ -402,91 +446,87 @@ class CudaBackend(CryptoBackend):
             sub = np.ascontiguousarray(table[:, sel])
             desc = np.ascontiguousarray(desc_all[:, r0:r1])
             sub[7] = row_of_chunk[sel] - r0
-            dev_table = self._upload(sub)
-            items = _kh.work_items(_kh.chunk_rounds(sub[3] * layout.bytes_per_position), sub[3],
-                                   slots=self.launch_slots("pqc_decrypt_chunks"))
-            view, first_no = ring.reserve(r1 - r0) if ring is not None else (None, 0)
-            common = (np.uint32(layout.layer_idx), np.uint32(layout.num_heads), np.uint32(layout.head_dim),
-                      np.uint32(layout.itemsize), np.uint32(dtype_code(layout.dtype)))
-            sub_status = status if sel.shape[0] == n else torch.zeros(sel.shape[0], dtype=torch.uint8,
-                                                                      device=self.device)
-            try:
-                self._decrypt_group(view, first_no, desc, r1 - r0, meta, common, sched, dev_table, items, sel,
-                                    arena, kp, vp, sub_status, tag)
-            except BaseException:
-                if ring is not None:
-                    self._abandon(ring, view, first_no, r1 - r0, Op.DECRYPT, layout, audit)
-                raise
+            items = _abi.work_items(_abi.chunk_rounds(sub[3] * layout.bytes_per_position), sub[3],
+                                    slots=self.launch_slots("pqc_decrypt_chunks"))
+            with self._reservation(ring, r1 - r0, Op.DECRYPT, layout, audit) as (view, first_no):
+                dev_table = self._upload(sub)
+                sub_status = status if sel.shape[0] == n else torch.zeros(sel.shape[0], dtype=torch.uint8,
+                                                                          device=self.device)
+                self._decrypt_group(view, first_no, desc, meta, layout, sched, dev_table, items, sel, arena, kp,
+                                    vp, sub_status, tag)
             if sub_status is not status:
                 status[self._upload(sel.astype(np.int64))] = sub_status
-            if ring is not None:
-                ring.commit(r1 - r0, first_no)
-        return status
+        return DecryptStatus(device=status)
 
-    def _decrypt_group(self, view, first_no, desc, nrows, meta, common, sched, dev_table, items, sel, arena, kp,
-                       vp, sub_status, tag) -> None:
+    def _decrypt_group(self, view, first_no, desc, meta, layout, sched, dev_table, items, sel, arena, kp, vp,
+                       sub_status, tag) -> None:
         """The launches of one row group of decrypt_chunks: row records (when audited), then the work items."""
+        nrows = desc.shape[1]
         if view is not None:
             dev_desc = self._upload(desc)
+            lf = self._layout_fields(layout)
             self._launch("pqc_decrypt_row_records", (nrows + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,
-                         ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()),
-                                              np.int64(nrows), *common, _u64(view.data_ptr()),
-                                              np.uint64(first_no)))
+                         ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()), np.int64(nrows),
+                                              *(np.uint32(lf[f]) for f in ("layer", "num_heads", "head_dim",
+                                                                            "itemsize", "dtype_code")),
+                                              _u64(view.data_ptr()), np.uint64(first_no)))
         partials, counters = self._scratch(items, sel.shape[0])
         dev_items = None if partials is None else self._upload(items)   # unsplit: item i = chunk i
         n_items = items.shape[1]
-        args = (_u64(sched.data_ptr()), _u64(meta.data_ptr()), _u64(dev_table.data_ptr()),
-                np.int64(sel.shape[0]), _u64(0 if dev_items is None else dev_items.data_ptr()), np.int64(n_items),
-                *common, _u64(arena.data_ptr()),
-                _u64(kp[0]), np.int64(kp[1]), np.int64(kp[2]), np.int64(kp[3]),
-                _u64(vp[0]), np.int64(vp[1]), np.int64(vp[2]), np.int64(vp[3]),
-                _u64(sub_status.data_ptr()), _u64(view.data_ptr() if view is not None else 0),
-                _u64(self._fq.data_ptr()), _u64(self._fq_count.data_ptr()),
-                np.uint32(FAILURE_QUEUE_CAPACITY), np.uint32(tag),
-                _u64(0 if partials is None else partials.data_ptr()),
-                _u64(0 if counters is None else counters.data_ptr()))
-        self._launch("pqc_decrypt_chunks", min(n_items, self.launch_slots("pqc_decrypt_chunks")), LANES, args)
+        params = self._params(sched=sched.data_ptr(), meta=meta.data_ptr(), table=dev_table.data_ptr(),
+                              n=sel.shape[0], items=0 if dev_items is None else dev_items.data_ptr(),
+                              n_items=n_items, arena=arena.data_ptr(), **self._kv_fields("k", kp),
+                              **self._kv_fields("v", vp), status=sub_status.data_ptr(),
+                              records=0 if view is None else view.data_ptr(), fq=self._fq.data_ptr(),
+                              fq_count=self._fq_count.data_ptr(), fq_cap=FAILURE_QUEUE_CAPACITY, call_tag=tag,
+                              partials=0 if partials is None else partials.data_ptr(),
+                              counters=0 if counters is None else counters.data_ptr(),
+                              **self._layout_fields(layout))
+        self._launch("pqc_decrypt_chunks", min(n_items, self.launch_slots("pqc_decrypt_chunks")), LANES,
+                     (_u64(params.data_ptr()),))
 
-    @staticmethod
-    def _abandon(ring, view, first_no: int, n: int, op: Op, layout: ChunkLayout, audit: AuditContext) -> None:
-        """A launch failed after its audit slots were reserved: fill them with ERROR records and commit, so
-        the log stays dense and its drain is not left waiting on a reservation that never completes."""
-        recs = np.zeros(n, dtype=RECORD_DTYPE)
-        recs["record_no"] = first_no + np.arange(n, dtype=np.uint64)
-        recs["op"] = int(op)
-        recs["status"] = int(Status.ERROR)
-        recs["layer"] = layout.layer_idx if layout.layer_idx < 0xFFFF else 0xFFFF
-        recs["row"] = 0xFFFF
-        recs["tenant_idx"] = int(audit.tenant_idx[0]) if len(audit.tenant_idx) else 0
-        recs["session_idx"] = int(audit.session_idx[0]) if len(audit.session_idx) else 0
-        view.copy_(torch.from_numpy(recs.view(np.uint8).reshape(n, RECORD_DTYPE.itemsize)))
-        ring.commit(n, first_no)
-
-    def clear_key_cache(self) -> None:
-        """Drop the cached device key schedules (e.g. after retiring epochs)."""
+    def forget_keys(self) -> None:
+        """Zero and drop the cached device key schedules (on the stream, after every launch enqueued so far
+        that reads them) and the pinned staging of uploaded keys (e.g. after retiring epochs, at close)."""
         with self._lock:
+            scheds = list(self._key_cache.values())
             self._key_cache.clear()
+        for sched in scheds:
+            sched.zero_()
+        self._wipe_staged_keys(wait=True)
 
-    # ---------------------------------------------------------------- sync point
-    def pending_failures(self) -> list[dict[str, Any]]:
-        """Wait for the device, read the failure queue, emit its records into the audit logs,
-        empty it, and return one dict per failing chunk (caller-owned synchronisation point)."""
+    # ---------------------------------------------------------------- failures (sync point)
+    def _call_tag(self, log, owner, owner_ref) -> int:
+        """The 64-bit tag the decrypt kernel writes into the failure records of a call: one per (log, owner)
+        between two reads of the failure queue, so the table of tags stays as small as the set of callers."""
+        key = (id(log), id(owner))
+        with self._lock:
+            tag = self._call_keys.get(key)
+            call = self._calls.get(tag) if tag is not None else None
+            if call is None or (owner is not None and call.owner() is not owner):   # ids are reused
+                tag = next(self._tags)
+                self._call_keys[key] = tag
+                self._calls[tag] = _Call(log, owner_ref)
+            return tag
+
+    def _drain(self) -> None:
+        """Wait for the device, read and empty the failure queue: emit each failure into the log of the call
+        that found it and keep it for that call's owner."""
         # every stream, not only the current one: a decrypt launched on another stream may still be adding
         # failures, and zeroing the count below would lose them
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         with self._lock:
             count = int(self._fq_count.item())
-            if count == 0:
-                self._calls.clear()
-                return []
             kept = min(count, FAILURE_QUEUE_CAPACITY)
-            recs = self._fq[:kept].cpu().numpy().copy().view(RECORD_DTYPE).reshape(kept)
-            self._fq_count.zero_()
+            recs = self._fq[:kept].cpu().numpy().copy().view(RECORD_DTYPE).reshape(kept) if kept else None
+            if count:
+                self._fq_count.zero_()
             calls, self._calls = self._calls, {}
-        out = []
-        for r in recs:
-            call = calls.get(int(r["flags"]))
+            self._call_keys = {}
+        found: list[tuple[Any, dict[str, Any]]] = []
+        for r in recs if recs is not None else ():
+            call = calls.get(int(r["record_no"]))
             log = call.log if call is not None else None
             if log is not None:
                 log.emit(Op.DECRYPT, tenant_idx=int(r["tenant_idx"]), session_idx=int(r["session_idx"]),
@@ -498,23 +538,54 @@ class CudaBackend(CryptoBackend):
             names = getattr(log, "_tenant_ids", None) if log is not None else None
             if names is not None and int(r["tenant_idx"]) < len(names):
                 tenant_id = names[int(r["tenant_idx"])]
-            out.append({"tenant_idx": int(r["tenant_idx"]), "tenant_id": tenant_id,
-                        "session_idx": int(r["session_idx"]), "layer_idx": int(r["layer"]),
-                        "row": int(r["row"]),
-                        "positions": range(int(r["pos_start"]), int(r["pos_start"]) + int(r["pos_count"])),
-                        "nonce_counter": int(r["nonce_counter"]), "epoch": int(r["epoch"])})
-        if count > kept:
-            out.append({"tenant_idx": None, "tenant_id": None, "session_idx": None, "layer_idx": None,
-                        "row": None, "positions": None, "nonce_counter": None, "epoch": None,
-                        "overflow": count - kept})
+            found.append((call, {"tenant_idx": int(r["tenant_idx"]), "tenant_id": tenant_id,
+                                 "session_idx": int(r["session_idx"]), "layer_idx": int(r["layer"]),
+                                 "row": int(r["row"]),
+                                 "positions": range(int(r["pos_start"]), int(r["pos_start"]) + int(r["pos_count"])),
+                                 "nonce_counter": int(r["nonce_counter"]), "epoch": int(r["epoch"])}))
+        if count > kept:   # whose the lost ones were is unknown: every caller of the period hears of them
+            lost = {"tenant_idx": None, "tenant_id": None, "session_idx": None, "layer_idx": None, "row": None,
+                    "positions": None, "nonce_counter": None, "epoch": None, "overflow": count - kept}
+            found.extend((c, dict(lost)) for c in calls.values())
+        with self._lock:
+            for call, fail in found:
+                # a failure whose call is unknown is no one's in particular: the next check raises it
+                ref = call.owner if call is not None else None
+                obj = ref() if ref is not None else None
+                if ref is not None and obj is None:
+                    continue                # its owner is gone: the record is in its log, no one to raise to
+                key = None if call is None else _NO_OWNER if ref is None else id(obj)
+                entry = self._pending.setdefault(key, (ref, []))
+                entry[1].append(fail)
+            for key in [k for k, (ref, _) in self._pending.items() if ref is not None and ref() is None]:
+                del self._pending[key]      # its owner is gone
+
+    def pending_failures(self, owner: object = None) -> list[dict[str, Any]]:
+        """Wait for the device, read the failure queue (emitting every failure into the audit log of its call),
+        and return and forget the failures of ``owner``'s decrypt calls (None: of calls made without an
+        owner), one dict per failing chunk, plus any whose call is unknown (caller-owned synchronisation point)."""
+        self._drain()
+        with self._lock:
+            out = []
+            unknown = self._pending.pop(None, None)
+            key = _NO_OWNER if owner is None else id(owner)
+            entry = self._pending.get(key)
+            if entry is not None and (owner is None or entry[0]() is owner):
+                out.extend(self._pending.pop(key)[1])
+            if unknown is not None:
+                out.extend(unknown[1])
         return out
 
-    def check(self) -> None:
-        """Raise DecryptionError if any chunk failed since the last check (see pending_failures)."""
-        fails = self.pending_failures()
+    def check(self, owner: object = None) -> None:
+        """Raise DecryptionError if any of ``owner``'s decrypt calls failed since its last check (see
+        pending_failures)."""
+        fails = self.pending_failures(owner)
         if not fails:
             return
-        f = fails[0]
+        f = next((x for x in fails if x["positions"] is not None), fails[0])
+        if f["positions"] is None:
+            raise DecryptionError(f"{f['overflow']} chunk(s) failed authentication on {self.device}, more than "
+                                  "the failure queue holds; their plaintext was zeroed")
         who = f["tenant_id"] if f["tenant_id"] is not None else f"#{f['tenant_idx']}"
         pos = f["positions"]
         raise DecryptionError(

@@ -20,10 +20,7 @@ a shared 2-core machine.
 
 from __future__ import annotations
 
-import os
-import struct
 import threading
-from functools import lru_cache
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -32,21 +29,13 @@ import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..audit.records import Op, Status
-from ..envelope import AAD_SIZE, FORMAT_VERSION, KV_ROLES, NONCE_SIZE, TAG_SIZE, dtype_code
-from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
+from ..audit.records import Status
+from ..envelope import AAD_MAGIC, AAD_SIZE, AAD_V1_DTYPE, FORMAT_VERSION, KV_ROLES, NONCE_SIZE, TAG_SIZE, dtype_code
+from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, emit_decrypt_records,
+                   emit_encrypt_records)
 
 __all__ = ["HostBackend", "chunk_aads", "chunk_nonces"]
 
-# The AAD v1 layout of envelope.py as a numpy record (big-endian), so the AADs of
-# a whole batch are built in one vectorised pass.
-_AAD_DTYPE = np.dtype([
-    ("magic", "S4"), ("version", "u1"), ("role", "u1"), ("dtype", "u1"), ("reserved", "u1"),
-    ("tenant_tag", "V16"), ("session_tag", "V16"), ("epoch", ">u4"), ("layer", ">u4"),
-    ("pos_start", ">u8"), ("pos_count", ">u4"), ("key_len", ">u4"), ("num_heads", ">u4"),
-    ("head_dim", ">u4"), ("token_id", ">i8"),
-])
-assert _AAD_DTYPE.itemsize == AAD_SIZE
 _NONCE_DTYPE = np.dtype([("epoch", ">u4"), ("counter", ">u8")])
 assert _NONCE_DTYPE.itemsize == NONCE_SIZE
 
@@ -95,35 +84,32 @@ def _check_keys(keys: Sequence[KeySlot], slot: np.ndarray) -> None:
         raise ValueError(f"chunk slot {int(slot.max())} has no key (only {len(keys)} given)")
 
 
-_AAD_STRUCT = struct.Struct(">4sBBBx16s16sIIQIIIIq")
-
-
-@lru_cache(maxsize=4096)
-def _aad_template(tenant_tag_: bytes, session_tag_: bytes, epoch: int, layer: int, heads: int, dim: int,
-                  dcode: int) -> bytes:
-    """The AAD of a (key, layer, shape) with position start, count and K length still 0."""
-    return _AAD_STRUCT.pack(b"PKVA", FORMAT_VERSION, KV_ROLES["both"], dcode, tenant_tag_, session_tag_,
-                            epoch, layer, 0, 0, 0, heads, dim, -1)
-
-
 def chunk_aads(keys: Sequence[KeySlot], layout: ChunkLayout, slot, pos_start, pos_count,
                bytes_per_position: int | None = None) -> np.ndarray:
     """The AAD v1 of every chunk, as an ``(n, 80)`` uint8 array (vectorised ``envelope.build_aad``)."""
     slot = np.asarray(slot, dtype=np.int64)
     bpp = layout.bytes_per_position if bytes_per_position is None else bytes_per_position
-    dcode = dtype_code(layout.dtype)
-    tmpl = np.frombuffer(b"".join(_aad_template(k.tenant_tag, k.session_tag, k.epoch, layout.layer_idx,
-                                                layout.num_heads, layout.head_dim, dcode) for k in keys),
-                         dtype=np.uint8).reshape(len(keys), AAD_SIZE)
-    raw = tmpl[slot]
-    rec = raw.view(_AAD_DTYPE).reshape(-1)
+    tmpl = np.zeros(len(keys), dtype=AAD_V1_DTYPE)      # per key slot; position fields filled per chunk
+    tmpl["magic"] = AAD_MAGIC
+    tmpl["version"] = FORMAT_VERSION
+    tmpl["role"] = KV_ROLES["both"]
+    tmpl["dtype"] = dtype_code(layout.dtype)
+    if len(keys):
+        tmpl["tenant_tag"] = np.frombuffer(b"".join(bytes(k.tenant_tag) for k in keys), dtype="V16")
+        tmpl["session_tag"] = np.frombuffer(b"".join(bytes(k.session_tag) for k in keys), dtype="V16")
+        tmpl["epoch"] = [k.epoch for k in keys]
+    tmpl["layer"] = layout.layer_idx
+    tmpl["num_heads"] = layout.num_heads
+    tmpl["head_dim"] = layout.head_dim
+    tmpl["token_id"] = -1
+    rec = tmpl[slot]
     pc = np.asarray(pos_count, dtype=np.int64)
     if pc.size and int(pc.max()) * (bpp // 2) > 0xFFFFFFFF:
         raise ValueError("a chunk's K length does not fit the 32-bit AAD field: use smaller chunks")
     rec["pos_start"] = np.asarray(pos_start, dtype=np.int64)
     rec["pos_count"] = pc
     rec["key_len"] = pc * (bpp // 2)
-    return raw
+    return rec.view(np.uint8).reshape(-1, AAD_SIZE)
 
 
 def chunk_nonces(keys: Sequence[KeySlot], slot, counter) -> np.ndarray:
@@ -134,11 +120,6 @@ def chunk_nonces(keys: Sequence[KeySlot], slot, counter) -> np.ndarray:
     rec["epoch"] = epochs[slot] if slot.size else 0
     rec["counter"] = np.asarray(counter, dtype=np.int64)
     return rec.view(np.uint8).reshape(-1, NONCE_SIZE)
-
-
-def _u8_numpy(t: torch.Tensor) -> np.ndarray:
-    """A writable uint8 numpy view of a contiguous CPU tensor's bytes."""
-    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 _RAW = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
@@ -156,7 +137,6 @@ def _raw_numpy(t: torch.Tensor) -> np.ndarray:
 class HostBackend(CryptoBackend):
     """The backend contract for CPU tensors, on `cryptography`'s AES-256-GCM."""
 
-    name = "host"
     _instance: "HostBackend | None" = None
     _instance_lock = threading.Lock()
 
@@ -319,15 +299,8 @@ class HostBackend(CryptoBackend):
             if plain is not None:
                 plain.fill(0)
         if audit is not None:
-            slot = t["slot"]
-            # one-position chunks (every decode step) are already one record each: plain emit, no expansion
-            emit = audit.log.emit if bool((t["pos_count"] == 1).all()) else audit.log.emit_per_position
-            emit(
-                Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
-                layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=t["pos_start"].astype(np.uint32),
-                pos_count=t["pos_count"].astype(np.uint32), nonce_counter=t["counter"].astype(np.uint64),
-                epoch=np.array([k.epoch for k in keys], dtype=np.uint32)[slot],
-                nbytes=nbytes.astype(np.uint32), status=Status.OK)
+            emit_encrypt_records(audit, keys, layout, rows, t["pos_start"], t["pos_count"], t["counter"], t["slot"],
+                                 nbytes)
 
     # ---- decrypt ---------------------------------------------------------------------
     @staticmethod
@@ -347,13 +320,14 @@ class HostBackend(CryptoBackend):
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
-                       audit: AuditContext | None = None) -> np.ndarray:
+                       audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
+        """See :meth:`CryptoBackend.decrypt_chunks`; the status is on the host (failures known at return)."""
         t, nbytes, bpp = self._checked_call(keys, layout, chunks, arena, "out", k_out, v_out)
         n = t["slot"].shape[0]
         itemsize = k_out.element_size()
         status = np.zeros(n, dtype=np.uint8)
         if n == 0:
-            return status
+            return DecryptStatus(host=status)
         aads = chunk_aads(keys, layout, t["slot"], t["pos_start"], t["pos_count"], bpp).tobytes()
         nonces = chunk_nonces(keys, t["slot"], t["counter"]).tobytes()
         ciphers = [AESGCM(k.key) for k in keys]
@@ -404,32 +378,6 @@ class HostBackend(CryptoBackend):
 
         self._run(work, nbytes)
         if audit is not None:
-            self._emit_decrypt(audit, keys, layout, t, nbytes, status)
-        return status
-
-    @staticmethod
-    def _emit_decrypt(audit: AuditContext, keys, layout, t, nbytes, status) -> None:
-        """One DECRYPT record per row read (covering its positions), one AUTH_FAILED record per failing chunk."""
-        order = np.argsort(t["row"], kind="stable")
-        srow = t["row"][order]
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(srow)) + 1))
-        rows = srow[starts]
-        lo = np.minimum.reduceat(t["pos_start"][order], starts)
-        hi = np.maximum.reduceat((t["pos_start"] + t["pos_count"])[order], starts)
-        nb = np.add.reduceat(nbytes[order], starts)
-        bad = np.maximum.reduceat(status[order], starts)
-        slot = t["slot"][order[starts]]                    # the row's first chunk
-        epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
-        audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
-                       layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=lo.astype(np.uint32),
-                       pos_count=(hi - lo).astype(np.uint32), nonce_counter=0, epoch=epochs[slot],
-                       nbytes=np.minimum(nb, 0xFFFFFFFF).astype(np.uint32), status=bad)
-        failed = np.flatnonzero(status)
-        if failed.size:
-            fs = t["slot"][failed]
-            audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[fs], session_idx=audit.session_idx[fs],
-                           layer=layout.layer_idx, row=t["row"][failed].astype(np.uint16),
-                           pos_start=t["pos_start"][failed].astype(np.uint32),
-                           pos_count=t["pos_count"][failed].astype(np.uint32),
-                           nonce_counter=t["counter"][failed].astype(np.uint64), epoch=epochs[fs],
-                           nbytes=nbytes[failed].astype(np.uint32), status=Status.AUTH_FAILED)
+            emit_decrypt_records(audit, keys, layout, t["row"], t["pos_start"], t["pos_count"], t["counter"],
+                                 t["slot"], nbytes, status)
+        return DecryptStatus(host=status)

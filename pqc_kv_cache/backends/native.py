@@ -24,7 +24,7 @@ and loads, else host. ``PQC_KV_CACHE_BACKEND=host`` or ``=native`` forces one
 
 Key schedules are kept per key (looked up by a salted digest, never by the key
 bytes) in memory the C side owns, and erased with ``explicit_bzero`` by
-:meth:`NativeBackend.clear_key_cache`, :meth:`NativeBackend.close` and when the
+:meth:`NativeBackend.forget_keys`, :meth:`NativeBackend.close` and when the
 backend is garbage-collected.
 """
 
@@ -46,10 +46,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..audit.records import Op, Status
-from ..envelope import AAD_MAGIC, FORMAT_VERSION, KV_ROLES, TAG_SIZE, dtype_code
+from ..envelope import AAD_MAGIC, FORMAT_VERSION, KV_ROLES, dtype_code
 from ..errors import BackendUnavailableError
-from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
+from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, emit_decrypt_records,
+                   emit_encrypt_records)
 
 __all__ = ["NativeBackend", "BACKEND_ENV", "load", "available", "library_info", "select_host_backend",
            "host_backend_choice"]
@@ -354,7 +354,7 @@ class NativeBackend(CryptoBackend):
             if self._wiping and self._calls == 0:
                 self._cond.notify_all()
 
-    def clear_key_cache(self) -> None:
+    def forget_keys(self) -> None:
         """Erase every key schedule this backend keeps (waits for calls in flight to finish)."""
         with self._cond:
             if self._closed:
@@ -373,7 +373,7 @@ class NativeBackend(CryptoBackend):
             self._closed = True
 
     def schedule_bytes_left(self) -> int:
-        """Non-zero bytes left in the key-schedule memory (0 after clear_key_cache); for tests."""
+        """Non-zero bytes left in the key-schedule memory (0 after forget_keys); for tests."""
         with self._cond:
             if self._closed:
                 return 0
@@ -503,42 +503,15 @@ class NativeBackend(CryptoBackend):
         t, _, _ = self._call(True, keys, layout, chunks, arena, "src", k_src, v_src, audit is not None)
         if t is None or not t["slot"].size:
             return
-        slot = t["slot"]
-        nbytes = t["pos_count"] * layout.bytes_per_position
-        emit = audit.log.emit if bool((t["pos_count"] == 1).all()) else audit.log.emit_per_position
-        emit(Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
-             layer=layout.layer_idx, row=t["row"].astype(np.uint16), pos_start=t["pos_start"].astype(np.uint32),
-             pos_count=t["pos_count"].astype(np.uint32), nonce_counter=t["counter"].astype(np.uint64),
-             epoch=np.array([k.epoch for k in keys], dtype=np.uint32)[slot],
-             nbytes=nbytes.astype(np.uint32), status=Status.OK)
+        emit_encrypt_records(audit, keys, layout, t["row"], t["pos_start"], t["pos_count"], t["counter"], t["slot"],
+                             t["pos_count"] * layout.bytes_per_position)
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
-                       audit: AuditContext | None = None) -> np.ndarray:
-        t, status, rowsum = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out, audit is not None)
+                       audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
+        """See :meth:`CryptoBackend.decrypt_chunks`; the status is on the host (failures known at return)."""
+        t, status, _ = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out, audit is not None)
         if audit is not None and t is not None and status.size:
-            self._emit_decrypt(audit, keys, layout, t, status, rowsum)
-        return status
-
-    @staticmethod
-    def _emit_decrypt(audit: AuditContext, keys, layout: ChunkLayout, t, status, rowsum) -> None:
-        """One DECRYPT record per row read (its positions, from the C side's row sums), one AUTH_FAILED
-        record per failing chunk."""
-        rows = np.flatnonzero(rowsum[:, 4] >= 0)
-        rs = rowsum[rows]
-        slot = t["slot"][rs[:, 4]]                      # the row's first chunk
-        epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
-        audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
-                       layer=layout.layer_idx, row=rows.astype(np.uint16), pos_start=rs[:, 0].astype(np.uint32),
-                       pos_count=(rs[:, 1] - rs[:, 0]).astype(np.uint32), nonce_counter=0, epoch=epochs[slot],
-                       nbytes=np.minimum(rs[:, 2], 0xFFFFFFFF).astype(np.uint32), status=rs[:, 3].astype(np.uint8))
-        failed = np.flatnonzero(status)
-        if failed.size:
-            fs = t["slot"][failed]
-            audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[fs], session_idx=audit.session_idx[fs],
-                           layer=layout.layer_idx, row=t["row"][failed].astype(np.uint16),
-                           pos_start=t["pos_start"][failed].astype(np.uint32),
-                           pos_count=t["pos_count"][failed].astype(np.uint32),
-                           nonce_counter=t["counter"][failed].astype(np.uint64), epoch=epochs[fs],
-                           nbytes=(t["pos_count"][failed] * layout.bytes_per_position).astype(np.uint32),
-                           status=Status.AUTH_FAILED)
+            emit_decrypt_records(audit, keys, layout, t["row"], t["pos_start"], t["pos_count"], t["counter"],
+                                 t["slot"], t["pos_count"] * layout.bytes_per_position, status)
+        return DecryptStatus(host=status)

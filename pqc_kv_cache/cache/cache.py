@@ -319,6 +319,7 @@ class EncryptedCache(Cache):
         for layer in self.layers:
             layer.reset()
         self._ctx.row_slots = None
+        self._ctx.forget_backend_keys()     # key schedules the backend keeps (on a GPU: device memory)
 
     def check(self) -> None:
         """Synchronisation point: raise a failure a device backend recorded since the last check

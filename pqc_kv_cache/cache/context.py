@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..audit.records import Op, Status
-from ..backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot, select_backend
+from ..backends import select_backend
+from ..backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot
 from ..envelope import session_tag, tenant_tag
 from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
@@ -35,7 +36,7 @@ def check_backend_argument(backend) -> None:
 def deferred_status(status):
     """The per-chunk status of a decrypt when it is still on the device (None when the host knows it:
     then every failure has already been raised)."""
-    return None if status is None or isinstance(status, np.ndarray) else status
+    return None if status is None or not status.deferred else status.device
 
 
 def _zero_scratch(box: list) -> None:
@@ -219,15 +220,14 @@ class LayerContext:
     def forget_backend_keys(self) -> None:
         """Let a backend that caches key schedules (the CUDA backend keeps them on the device) drop them,
         so retired or closed keys do not outlive their session's erasure."""
-        clear = getattr(self.backend, "clear_key_cache", None)
-        if callable(clear):
-            clear()
+        if self.backend is not None:
+            self.backend.forget_keys()
 
     def check_backend(self) -> None:
-        """Raise a failure a device backend recorded since the last check."""
-        chk = getattr(self.backend, "check", None)
-        if callable(chk):
-            chk()
+        """Raise a failure a device backend recorded since the last check for this cache's calls (the
+        context is the owner its decrypt calls name; a deep copy has a context of its own)."""
+        if self.backend is not None:
+            self.backend.check(owner=self)
 
     def _keys(self, slots: np.ndarray, epoch: np.ndarray, audited: bool):
         """Key slots for chunks with these (session slot, epoch): (keys, key index per chunk, AuditContext or
@@ -256,7 +256,7 @@ class LayerContext:
         backend.encrypt_chunks(keys, layout, table, k_src, v_src, arena, ctx)
 
     def decrypt(self, backend: CryptoBackend, layout: ChunkLayout, columns: dict, dst_row, pos_start, pos_count,
-                io_start, arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor):
+                io_start, arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> DecryptStatus:
         """Open chunks (``columns``: their table columns) into ``k_out``/``v_out``; audited. DecryptionError
         (destinations and scratch wiped) when the backend answers on the host that a tag failed. Returns the
         backend's per-chunk status."""
@@ -264,15 +264,15 @@ class LayerContext:
         table = ChunkTable(key_idx, dst_row, pos_start, pos_count, io_start, columns["counter"],
                            columns["offset"])
         try:
-            status = backend.decrypt_chunks(keys, layout, table, arena, k_out, v_out, ctx)
+            status = backend.decrypt_chunks(keys, layout, table, arena, k_out, v_out, ctx, owner=self)
         except BaseException:
             k_out.zero_()       # whatever was opened before the failure is not left behind
             v_out.zero_()
             raise
         # a device status is not read here (that would synchronise the hot path): the device backend
         # keeps its failures, zeroes their destinations itself, and raises them from ``check()``
-        if isinstance(status, np.ndarray):
-            self._raise_failed(layout.layer_idx, status, pos_start, pos_count, columns["session_slot"],
+        if not status.deferred:
+            self._raise_failed(layout.layer_idx, status.host, pos_start, pos_count, columns["session_slot"],
                                (k_out, v_out))
         return status
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pqc_kv_cache.audit import KVAuditLog
-from pqc_kv_cache.backends import kernel_host as kh
+from pqc_kv_cache.backends import kernel_shim as kh
 from pqc_kv_cache.backends.host import HostBackend
 from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.errors import (AuditError, DecryptionError, KeyRotationRequiredError, KVCacheError,
@@ -312,7 +312,7 @@ needs_shim = pytest.mark.skipif(not kh.available(), reason="no C++ compiler for 
 
 
 def _twin():
-    from test_cuda_backend import CpuTwinBackend
+    from support.twin import CpuTwinBackend
     return CpuTwinBackend()
 
 

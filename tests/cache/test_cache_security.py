@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pqc_kv_cache.audit import KVAuditLog
+from pqc_kv_cache.backends.base import DecryptStatus
 from pqc_kv_cache.cache import EncryptedCache
 from pqc_kv_cache.encryptor import CacheDecryptor
 from pqc_kv_cache.errors import DecryptionError, KVCacheError, SessionClosedError, TenantIsolationError
@@ -464,12 +465,15 @@ class _DeferringBackend:
     def encrypt_chunks(self, *args):
         return self.inner.encrypt_chunks(*args)
 
-    def decrypt_chunks(self, *args):
-        status = self.inner.decrypt_chunks(*args)
+    def decrypt_chunks(self, *args, owner=None):
+        status = self.inner.decrypt_chunks(*args).host
         self.failed.extend(np.flatnonzero(status).tolist())
-        return torch.from_numpy(status)
+        return DecryptStatus(device=torch.from_numpy(status))
 
-    def check(self):
+    def forget_keys(self):
+        pass
+
+    def check(self, owner=None):
         if self.failed:
             self.failed.clear()
             raise DecryptionError("deferred failure", tenant_id="bob", layer_idx=0, positions=range(0, 1))
@@ -500,7 +504,7 @@ def test_rotation_and_close_make_a_caching_backend_forget_keys(two):
     class Caching(_DeferringBackend):
         cleared = 0
 
-        def clear_key_cache(self):
+        def forget_keys(self):
             Caching.cleared += 1
 
     CryptoBackend.register(Caching)

@@ -29,7 +29,8 @@ from pqc_kv_cache import (
 )
 from pqc_kv_cache.audit import Op, VerifyReport, verify_log
 from pqc_kv_cache.audit.keys import default_key_path, generate_signing_key_file, load_signing_key_file
-from pqc_kv_cache.backends.base import AuditContext, ChunkTable
+from pqc_kv_cache.backends import select_backend
+from pqc_kv_cache.backends.base import AuditContext, ChunkTable, CryptoBackend, DecryptStatus
 
 
 def sessions_and_entries() -> bytes:
@@ -68,8 +69,11 @@ def backend_contract(log: KVAuditLog) -> int:
     first: int = ctx.log.emit(Op.DECRYPT, tenant_idx=0, session_idx=0)
     AuditContext("not a log", np.zeros(1, np.uint32), np.zeros(1, np.uint32))  # type: ignore[arg-type]
     table = ChunkTable(*(np.zeros(1, np.int64) for _ in ChunkTable.fields()))
-    on_device: ChunkTable = table.to(torch.device("cpu"))
-    return first + len(on_device)
+    status = DecryptStatus(host=np.zeros(len(table), np.uint8))
+    backend: CryptoBackend = select_backend(torch.device("cpu"))
+    backend.check(owner=status)
+    backend.forget_keys()
+    return first + len(table) + len(status)
 
 
 VERSION: str = pqc_kv_cache.__version__

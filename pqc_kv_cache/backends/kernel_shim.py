@@ -1,10 +1,12 @@
 """The CUDA kernels' arithmetic on the CPU: kernels/host_shim.cpp built with g++, loaded with ctypes.
 
 The shim compiles the same ``__host__ __device__`` primitives as the CUDA
-kernels (``kernels/pqc_gcm.cuh``) and walks chunks and GHASH lanes with the
-kernels' own indexing, so this module is how the kernel math is tested on a
-machine without a GPU. It is not the host backend (that one uses OpenSSL
-through ``cryptography``); it is a test and reference path.
+kernels (the headers in ``kernels/``) and walks chunks and GHASH lanes with
+the kernels' own indexing and parameters (``pqc_chunk_params``, built by
+``kernel_abi``), so this module is how the kernel math is tested on a machine
+without a GPU. It is not the host backend (that one uses OpenSSL through
+``cryptography``) and production code never imports it: it is a test and
+reference path.
 
 Build: ``g++ -O2 -shared -fPIC`` (``$CXX`` if set) into a per-user cache
 directory (``$PQC_KV_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqc_kv_cache``, else
@@ -23,18 +25,15 @@ Public API (bytes in, bytes out; a bad tag raises :class:`DecryptionError`):
   ``sbox(x)``, ``build_aad_v1(...)``: the single primitives
 - ``prepare_keys(keys, *, lanes=256)``: the per-key schedules the chunk entry points take
 - ``encrypt_chunks(...)`` / ``decrypt_chunks(...)``: the kernels' batched chunk work (see
-  their docstrings); ``chunk_table_array``, ``encrypt_record_index``, ``row_descriptors``,
-  ``slot_meta_array``, ``chunk_rounds``, ``work_items``: the device-table builders the CUDA
-  backend shares (``work_items`` is the one place chunks are cut into work items).
-- ``kernel_sources_dir()``: where the kernel sources are (the installed package data
-  ``pqc_kv_cache.kernels``, else the repository's ``kernels/``).
+  their docstrings), over the tables ``kernel_abi`` builds for the CUDA backend too.
+- ``run_chunk_kernel(kernel, params_ptr, order)``: one chunk-kernel launch carried out on the
+  CPU, given a ``pqc_chunk_params`` in host memory (what the CPU twin of the CUDA backend does).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.resources
 import os
 import shutil
 import subprocess
@@ -48,51 +47,21 @@ import torch
 
 from ..envelope import AAD_SIZE, NONCE_SIZE, TAG_SIZE, dtype_code
 from ..errors import BackendUnavailableError, DecryptionError
+from .kernel_abi import (CHUNK_PARAMS_DTYPE, LANES, PARTIAL_SIZE, RECORD_SIZE, SCHED_SIZE, SLOT_META_SIZE,
+                         check_bounds, check_gcm_length, chunk_params, chunk_rounds, chunk_table_array,
+                         encrypt_record_index, kernel_sources_dir, row_descriptors, slot_meta_array, work_items)
 
 __all__ = [
-    "LANES", "RECORD_SIZE", "kernel_sources_dir", "load", "available",
-    "gcm_encrypt", "gcm_decrypt", "gcm_seal_many", "gcm_open_many",
-    "aes256_encrypt_block", "gf_mul", "ct_equal", "sbox", "build_aad_v1",
-    "prepare_keys", "slot_meta_array", "chunk_table_array", "encrypt_record_index",
-    "row_descriptors", "chunk_rounds", "work_items", "check_gcm_length", "item_multiplier",
-    "kv_block_offset", "encrypt_chunks", "decrypt_chunks",
+    "load", "available", "gcm_encrypt", "gcm_decrypt", "gcm_seal_many", "gcm_open_many",
+    "aes256_encrypt_block", "gf_mul", "ct_equal", "sbox", "build_aad_v1", "prepare_keys", "item_multiplier",
+    "kv_block_offset", "encrypt_chunks", "decrypt_chunks", "run_chunk_kernel",
 ]
 
-LANES = 256            # threads per CTA of the chunk kernels = GHASH lanes
-RECORD_SIZE = 64
-SLOT_META_SIZE = 48
-SCHED_SIZE = 73984     # sizeof(pqc_key_sched): round keys, 256 H powers, 128 H^L x^k, 256 lane tables,
-                       # 8 x 16 item-multiplier windows
-TABLE_COLS = 8         # slot,row,pos_start,pos_count,io_start,counter,offset,aux
-ROWDESC_COLS = 6       # row,pos_start,pos_count,counter,slot,nbytes
-ITEM_COLS = 8          # chunk,r0,r1,p0,p1,first,j,count (PQC_ITEM_* in pqc_gcm.cuh)
-PARTIAL_SIZE = 16      # one GF(2^128) partial hash per work item of a split chunk
-MIN_ITEM_ROUNDS = 4    # no work item is cut shorter than this many rounds (16 KiB at 256 lanes)
-GCM_MAX_BLOCKS = 2**32 - 2   # data blocks of one GCM message with a 96-bit nonce (SP 800-38D 5.2.1.1)
-AAD_BLOCKS = (AAD_SIZE + 15) // 16
-_SOURCES = ("host_shim.cpp", "pqc_gcm.cuh", "pqc_audit_record.h")
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
-_ABI = 2
+_ABI = 3
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
-
-
-def kernel_sources_dir() -> Path:
-    """Directory holding pqc_gcm.cuh, pqc_kernels.cu, host_shim.cpp and pqc_audit_record.h."""
-    try:
-        # a namespace package (kernels/ has no __init__.py): files() may be a MultiplexedPath,
-        # whose joined file entries are plain paths
-        header = importlib.resources.files("pqc_kv_cache.kernels").joinpath("pqc_gcm.cuh")
-        if isinstance(header, Path) and header.is_file():
-            return header.parent
-    except (ModuleNotFoundError, TypeError):
-        pass
-    cand = Path(__file__).resolve().parents[2] / "kernels"
-    if (cand / "pqc_gcm.cuh").is_file():
-        return cand
-    raise BackendUnavailableError("kernel sources not found (neither package data pqc_kv_cache.kernels "
-                                  f"nor {cand})")
 
 
 def _cache_dir() -> Path:
@@ -109,7 +78,8 @@ def _build() -> Path:
     if not cxx or not shutil.which(cxx):
         raise BackendUnavailableError("no C++ compiler (g++ / $CXX) to build the kernel host shim")
     h = hashlib.sha256()
-    for name in _SOURCES:
+    sources = sorted(p.name for p in src.iterdir() if p.suffix in (".h", ".cuh") or p.name == "host_shim.cpp")
+    for name in sources:
         h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
     h.update(" ".join((cxx,) + _FLAGS).encode())
     out_dir = _cache_dir()
@@ -144,6 +114,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_host_sched_size": ([], _I64),
         "pqc_host_slot_meta_size": ([], _I64),
         "pqc_host_record_size": ([], _I64),
+        "pqc_host_chunk_params_size": ([], _I64),
         "pqc_host_sbox": ([_U32], _INT),
         "pqc_host_aes256_encrypt_block": ([_P, _P, _P], _INT),
         "pqc_host_gf_mul": ([_P, _P, _P, _INT], _INT),
@@ -152,14 +123,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_host_prepare_keys": ([_P, _I64, _U32, _P], _INT),
         "pqc_host_gcm_seal_many": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _U32], _INT),
         "pqc_host_gcm_open_many": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT, _P, _U32], _INT),
-        # the kernels' parameters (kernels/pqc_kernels.cu), then the item order
-        "pqc_host_encrypt_chunks": ([_P, _P, _P, _I64, _P, _I64, _U32, _U32, _U32, _U32, _U32,
-                                     _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _U64, _I64,
-                                     _P, _P, _U32], _INT),
+        # the kernels' parameters (a pqc_chunk_params), then the item order
+        "pqc_host_encrypt_chunks": ([_P, _U32], _INT),
         "pqc_host_decrypt_row_records": ([_P, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P, _U64], _INT),
-        "pqc_host_decrypt_chunks": ([_P, _P, _P, _I64, _P, _I64, _U32, _U32, _U32, _U32, _U32, _P,
-                                     _P, _I64, _I64, _I64, _P, _I64, _I64, _I64,
-                                     _P, _P, _P, _P, _U32, _U32, _P, _P, _U32], _INT),
+        "pqc_host_decrypt_chunks": ([_P, _U32], _INT),
         "pqc_host_item_multiplier": ([_P, _U32, _U32, _P], _INT),
         "pqc_host_kv_block_offset": ([_U32, _U64, _U32, _I64, _I64, _I64, _I64, _I64, _U64,
                                       ctypes.POINTER(_INT)], _I64),
@@ -182,7 +149,8 @@ def load() -> ctypes.CDLL:
                 raise BackendUnavailableError(f"cannot load the kernel host shim {path}: {exc}") from None
             _declare(lib)
             if lib.pqc_host_abi_version() != _ABI or lib.pqc_host_record_size() != RECORD_SIZE \
-                    or lib.pqc_host_slot_meta_size() != SLOT_META_SIZE or lib.pqc_host_sched_size() != SCHED_SIZE:
+                    or lib.pqc_host_slot_meta_size() != SLOT_META_SIZE or lib.pqc_host_sched_size() != SCHED_SIZE \
+                    or lib.pqc_host_chunk_params_size() != CHUNK_PARAMS_DTYPE.itemsize:
                 raise BackendUnavailableError("kernel host shim ABI mismatch")
             _lib = lib
         return _lib
@@ -302,13 +270,6 @@ def _keys_and_nonces(keys: Sequence[bytes], nonces: Sequence[bytes], n: int, wha
     return kb, nb
 
 
-def check_gcm_length(nbytes: int) -> None:
-    """Refuse a GCM message (96-bit nonce) longer than its counter space: 2^32 - 2 blocks of 16 bytes."""
-    if nbytes > 16 * GCM_MAX_BLOCKS:
-        raise ValueError(f"a GCM message holds at most {16 * GCM_MAX_BLOCKS} bytes (2^32 - 2 blocks), "
-                         f"got {nbytes}")
-
-
 def gcm_seal_many(keys: Sequence[bytes], nonces: Sequence[bytes], aads: Sequence[bytes],
                   plaintexts: Sequence[bytes], *, lanes: int = LANES) -> list[bytes]:
     """Seal message i under keys[i], nonces[i] (12 bytes), aads[i]; returns ciphertext || tag each."""
@@ -385,144 +346,6 @@ def prepare_keys(keys: Sequence[bytes], *, lanes: int = LANES) -> np.ndarray:
     return out
 
 
-def slot_meta_array(keys: Sequence, tenant_idx=None, session_idx=None) -> np.ndarray:
-    """pqc_slot_meta rows (uint8 [n, 48]) of KeySlots: tags, epoch, audit indices (0 when not given)."""
-    n = len(keys)
-    meta = np.zeros((n, SLOT_META_SIZE), dtype=np.uint8)
-    ti = np.zeros(n, np.uint32) if tenant_idx is None else np.asarray(tenant_idx, dtype=np.uint32)
-    si = np.zeros(n, np.uint32) if session_idx is None else np.asarray(session_idx, dtype=np.uint32)
-    if ti.shape != (n,) or si.shape != (n,):
-        raise ValueError(f"tenant_idx and session_idx must have one entry per key slot ({n})")
-    for i, ks in enumerate(keys):
-        meta[i, 0:16] = np.frombuffer(_bytes("tenant_tag", ks.tenant_tag, 16), np.uint8)
-        meta[i, 16:32] = np.frombuffer(_bytes("session_tag", ks.session_tag, 16), np.uint8)
-        if isinstance(ks.epoch, bool) or not isinstance(ks.epoch, int) or not 0 <= ks.epoch < 2**32:
-            raise ValueError(f"key slot {i}: epoch out of range: {ks.epoch!r}")
-    words = meta[:, 32:48].view(np.uint32)  # little-endian (x86-64 / GPU native)
-    words[:, 0] = np.fromiter((ks.epoch for ks in keys), dtype=np.uint32, count=n)
-    words[:, 1] = ti
-    words[:, 2] = si
-    return meta
-
-
-def _col(chunks, name: str) -> np.ndarray:
-    a = getattr(chunks, name)
-    if isinstance(a, torch.Tensor):
-        if a.device.type != "cpu":
-            raise ValueError(f"chunk table column {name} must be on the host here")
-        a = a.numpy()
-    return np.asarray(a, dtype=np.int64).reshape(-1)
-
-
-def chunk_table_array(chunks, aux: np.ndarray | None = None) -> np.ndarray:
-    """The kernels' chunk table: int64 [8, n] of the ChunkTable's columns plus ``aux``."""
-    cols = [_col(chunks, f) for f in ("slot", "row", "pos_start", "pos_count", "io_start", "counter", "offset")]
-    n = cols[0].shape[0]
-    if any(c.shape[0] != n for c in cols):
-        raise ValueError("chunk table columns must all have the same length")
-    table = np.empty((TABLE_COLS, n), dtype=np.int64)
-    for i, c in enumerate(cols):
-        table[i] = c
-    table[7] = -1 if aux is None else np.asarray(aux, dtype=np.int64)
-    return table
-
-
-def encrypt_record_index(pos_count: np.ndarray) -> tuple[np.ndarray, int]:
-    """(first ENCRYPT record index of each chunk, total records): one record per position."""
-    pc = np.asarray(pos_count, dtype=np.int64)
-    first = np.zeros(pc.shape[0], dtype=np.int64)
-    if pc.shape[0]:
-        first[1:] = np.cumsum(pc)[:-1]
-    return first, int(pc.sum())
-
-
-def chunk_rounds(nbytes: np.ndarray, lanes: int = LANES) -> np.ndarray:
-    """Rounds of each chunk's lane walk: its GHASH blocks (AAD, data, length) over ``lanes``, rounded up."""
-    nb = np.asarray(nbytes, dtype=np.int64)
-    return (AAD_BLOCKS + (nb + 15) // 16 + 1 + lanes - 1) // lanes
-
-
-def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None = None,
-               rounds_per_item: int | None = None, record_limit: int | None = None,
-               min_rounds: int = MIN_ITEM_ROUNDS) -> np.ndarray:
-    """Cut chunks into work items (int64 [ITEM_COLS, n_items]; see PQC_ITEM_* in pqc_gcm.cuh).
-
-    Items hold at most B rounds each, B = ``rounds_per_item`` if given, else
-    max(``min_rounds``, total rounds // ``slots``) (no cut without ``slots``), so a
-    launch of items fills ``slots`` resident CTAs: with B <= total / slots there are
-    at least ``slots`` items. A chunk of at most B rounds is one item. A chunk is
-    cut into k = ceil(R / B) items of near-equal round counts (item j: rounds
-    [j R // k, (j + 1) R // k)), and into at least ceil(P / ``record_limit``) items so
-    that no item writes more ENCRYPT records than one launch may hold; its records
-    are shared out the same way (positions [j P // k, (j + 1) P // k)).
-    """
-    r = np.asarray(rounds, dtype=np.int64).reshape(-1)
-    p = np.asarray(pos_count, dtype=np.int64).reshape(-1)
-    n = r.shape[0]
-    if p.shape[0] != n:
-        raise ValueError("rounds and pos_count must have one entry per chunk")
-    if rounds_per_item is not None:
-        if isinstance(rounds_per_item, bool) or not isinstance(rounds_per_item, int) or rounds_per_item < 1:
-            raise ValueError(f"rounds_per_item must be a positive int, got {rounds_per_item!r}")
-        b = rounds_per_item
-    elif slots is not None and n:
-        b = max(int(min_rounds), int(r.sum()) // max(1, int(slots)))
-    else:
-        b = max(1, int(r.max())) if n else 1
-    k = np.maximum(1, -(-r // b))
-    if record_limit is not None:
-        k = np.maximum(k, -(-p // max(1, int(record_limit))))
-    total = int(k.sum())
-    first = np.zeros(n, dtype=np.int64)
-    if n:
-        first[1:] = np.cumsum(k)[:-1]
-    chunk = np.repeat(np.arange(n, dtype=np.int64), k)
-    j = np.arange(total, dtype=np.int64) - first[chunk]
-    kk, rr, pp = k[chunk], r[chunk], p[chunk]
-    items = np.empty((ITEM_COLS, total), dtype=np.int64)
-    items[0] = chunk
-    items[1] = j * rr // kk
-    items[2] = (j + 1) * rr // kk
-    items[3] = j * pp // kk
-    items[4] = (j + 1) * pp // kk
-    items[5] = first[chunk]
-    items[6] = j
-    items[7] = kk
-    return items
-
-
-def row_descriptors(table: np.ndarray, bytes_per_position: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rowdesc int64 [6, R], row record index of each chunk) for the DECRYPT row records.
-
-    One descriptor per batch row read, in ascending row order: positions from the
-    row's lowest pos_start to its highest end, the lowest nonce counter of its
-    chunks, the key slot of its first chunk, and the plaintext bytes read.
-    """
-    rows = table[1]
-    n = rows.shape[0]
-    uniq, inv = np.unique(rows, return_inverse=True)
-    r = uniq.shape[0]
-    desc = np.zeros((ROWDESC_COLS, r), dtype=np.int64)
-    desc[0] = uniq
-    if n:
-        start = np.full(r, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(start, inv, table[2])
-        end = np.zeros(r, dtype=np.int64)
-        np.maximum.at(end, inv, table[2] + table[3])
-        ctr = np.full(r, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(ctr, inv, table[5])
-        first_chunk = np.full(r, n, dtype=np.int64)
-        np.minimum.at(first_chunk, inv, np.arange(n, dtype=np.int64))
-        nbytes = np.zeros(r, dtype=np.int64)
-        np.add.at(nbytes, inv, table[3] * bytes_per_position)
-        desc[1] = start
-        desc[2] = end - start
-        desc[3] = ctr
-        desc[4] = table[0][first_chunk]
-        desc[5] = nbytes
-    return desc, inv.astype(np.int64).reshape(-1)
-
-
 def _kv_args(name: str, t: torch.Tensor, layout) -> tuple[int, int, int, int]:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -536,34 +359,6 @@ def _kv_args(name: str, t: torch.Tensor, layout) -> tuple[int, int, int, int]:
         raise ValueError(f"{name}: the head_dim axis must be contiguous")
     it = t.element_size()
     return t.data_ptr(), t.stride(0) * it, t.stride(1) * it, t.stride(2) * it
-
-
-def check_bounds(table: np.ndarray, layout, k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor,
-                 nkeys: int) -> None:
-    """Refuse a chunk table the kernels would index out of range (shared by the shim and the CUDA backend)."""
-    slot, row, pos_start, pos_count, io_start, counter, offset = table[:7]
-    if table.shape[1] == 0:
-        return
-    if (layout.head_dim * layout.itemsize) % 16:
-        raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the chunk kernels")
-    if slot.min() < 0 or slot.max() >= nkeys:
-        raise ValueError("chunk slot out of range of keys")
-    if pos_count.min() < 1 or pos_start.min() < 0 or counter.min() < 0 or offset.min() < 0 or io_start.min() < 0:
-        raise ValueError("chunk table has negative or empty entries")
-    for name, t in (("k", k), ("v", v)):
-        if row.min() < 0 or row.max() >= t.shape[0]:
-            raise ValueError(f"chunk row out of range of {name} (batch {t.shape[0]})")
-        if (io_start + pos_count).max() > t.shape[2]:
-            raise ValueError(f"chunk positions out of range of {name} (seq {t.shape[2]})")
-    # envelope v1 stores the K length of a chunk in a 32-bit AAD field; GCM allows 2^32 - 2 blocks
-    half = pos_count.max() * (layout.bytes_per_position // 2)
-    if half > 0xFFFFFFFF:
-        raise ValueError(f"a chunk of {int(pos_count.max())} positions has {int(half)} bytes of K, more than the "
-                         "32-bit key_len field of the envelope AAD holds: use smaller chunks")
-    nbytes = pos_count * layout.bytes_per_position
-    check_gcm_length(int(nbytes.max()))
-    if (offset + nbytes + TAG_SIZE).max() > arena.numel():
-        raise ValueError("chunk ciphertext out of range of the arena")
 
 
 def _check_arena(arena: torch.Tensor) -> None:
@@ -590,6 +385,23 @@ def _order(order: int) -> int:
     return order
 
 
+def _kernel_fields(layout, kp, vp) -> dict[str, int]:
+    return {"layer": layout.layer_idx, "num_heads": layout.num_heads, "head_dim": layout.head_dim,
+            "itemsize": layout.itemsize, "dtype_code": dtype_code(layout.dtype),
+            "k": kp[0], "k_sb": kp[1], "k_sh": kp[2], "k_ss": kp[3],
+            "v": vp[0], "v_sb": vp[1], "v_sh": vp[2], "v_ss": vp[3]}
+
+
+def run_chunk_kernel(kernel: str, params_ptr: int, order: int = 0) -> None:
+    """Carry out one launch of ``kernel`` ("pqc_encrypt_chunks" or "pqc_decrypt_chunks") on the CPU:
+    ``params_ptr`` is the host address of a pqc_chunk_params whose pointers are host addresses."""
+    lib = load()
+    fn = {"pqc_encrypt_chunks": lib.pqc_host_encrypt_chunks, "pqc_decrypt_chunks": lib.pqc_host_decrypt_chunks}
+    if kernel not in fn:
+        raise ValueError(f"not a chunk kernel: {kernel!r}")
+    _check_rc(fn[kernel](params_ptr, _order(order)), kernel)
+
+
 def encrypt_chunks(keys: Sequence, layout, chunks, k_src: torch.Tensor, v_src: torch.Tensor,
                    arena: torch.Tensor, *, tenant_idx=None, session_idx=None,
                    record_first_no: int = 0, lanes: int = LANES, rounds_per_item: int | None = None,
@@ -601,26 +413,25 @@ def encrypt_chunks(keys: Sequence, layout, chunks, k_src: torch.Tensor, v_src: t
     as the CUDA backend does to fill the GPU; ``order``: the order the items run in (0
     ascending, 1 descending, 2 interleaved), standing in for the GPU's arbitrary order.
     """
-    lib = load()
     _check_arena(arena)
     order = _order(order)
     sched = prepare_keys([ks.key for ks in keys], lanes=lanes)
     meta = slot_meta_array(keys, tenant_idx, session_idx)
-    first = encrypt_record_index(_col(chunks, "pos_count"))
-    table = chunk_table_array(chunks, first[0])
+    table = chunk_table_array(chunks)
+    first = encrypt_record_index(table[3])
+    table[7] = first[0]
     check_bounds(table, layout, k_src, v_src, arena, len(keys))
     kp = _kv_args("k_src", k_src, layout)
     vp = _kv_args("v_src", v_src, layout)
     items, partials, counters = _items_for(table, layout, lanes, rounds_per_item)
     n_items = table.shape[1] if items is None else items.shape[1]
     records = np.zeros((first[1], RECORD_SIZE), dtype=np.uint8)
-    rc = lib.pqc_host_encrypt_chunks(_ptr(sched), _ptr(meta), _ptr(table), table.shape[1],
-                                     None if items is None else _ptr(items), n_items, layout.layer_idx,
-                                     layout.num_heads, layout.head_dim, layout.itemsize, dtype_code(layout.dtype),
-                                     *kp, *vp, arena.data_ptr(), _ptr(records) if first[1] else None,
-                                     record_first_no, 0, None if partials is None else _ptr(partials),
-                                     None if counters is None else _ptr(counters), order)
-    _check_rc(rc, "encrypt_chunks")
+    params = chunk_params(sched=_ptr(sched), meta=_ptr(meta), table=_ptr(table), n=table.shape[1],
+                          items=None if items is None else _ptr(items), n_items=n_items, arena=arena.data_ptr(),
+                          records=_ptr(records) if first[1] else None, first_no=record_first_no, rec_lo=0,
+                          partials=None if partials is None else _ptr(partials),
+                          counters=None if counters is None else _ptr(counters), **_kernel_fields(layout, kp, vp))
+    run_chunk_kernel("pqc_encrypt_chunks", _ptr(params), order)
     return records
 
 
@@ -657,14 +468,14 @@ def decrypt_chunks(keys: Sequence, layout, chunks, arena: torch.Tensor, k_out: t
     if desc.shape[1]:
         _check_rc(lib.pqc_host_decrypt_row_records(_ptr(meta), _ptr(desc), desc.shape[1], *common, _ptr(records),
                                                    record_first_no), "decrypt_chunks (row records)")
-    rc = lib.pqc_host_decrypt_chunks(_ptr(sched), _ptr(meta), _ptr(table), n,
-                                     None if items is None else _ptr(items), n_items, *common, arena.data_ptr(),
-                                     *kp, *vp, _ptr(status), _ptr(records) if desc.shape[1] else None,
-                                     _ptr(fq) if failure_capacity > 0 else None, _ptr(count),
-                                     max(failure_capacity, 0), call_tag,
-                                     None if partials is None else _ptr(partials),
-                                     None if counters is None else _ptr(counters), order)
-    _check_rc(rc, "decrypt_chunks")
+    params = chunk_params(sched=_ptr(sched), meta=_ptr(meta), table=_ptr(table), n=n,
+                          items=None if items is None else _ptr(items), n_items=n_items, arena=arena.data_ptr(),
+                          status=_ptr(status), records=_ptr(records) if desc.shape[1] else None,
+                          fq=_ptr(fq) if failure_capacity > 0 else None, fq_count=_ptr(count),
+                          fq_cap=max(failure_capacity, 0), call_tag=call_tag,
+                          partials=None if partials is None else _ptr(partials),
+                          counters=None if counters is None else _ptr(counters), **_kernel_fields(layout, kp, vp))
+    run_chunk_kernel("pqc_decrypt_chunks", _ptr(params), order)
     f = int(count[0])
     return status, records, fq[:min(f, failure_capacity)].copy(), f
 

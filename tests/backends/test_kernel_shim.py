@@ -20,7 +20,9 @@ from pqc_kv_cache.backends.base import ChunkLayout, ChunkTable, KeySlot
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import DecryptionError
 
-kh = pytest.importorskip("pqc_kv_cache.backends.kernel_host")
+from pqc_kv_cache.backends import kernel_abi as abi  # noqa: E402
+
+kh = pytest.importorskip("pqc_kv_cache.backends.kernel_shim")
 if not kh.available():  # pragma: no cover - machines without a C++ compiler
     pytest.skip("no C++ compiler for the kernel host shim", allow_module_level=True)
 
@@ -207,11 +209,11 @@ def test_cavp_gcm_decrypt_256_96bit_iv_including_fail_cases():
         pts, status = kh.gcm_open_many([v["Key"] for v in group], [v["IV"] for v in group],
                                        [v["AAD"] for v in group], [v["CT"] + v["Tag"] for v in group],
                                        tag_len=tl // 8)
-        for v, p, st in zip(group, pts, status):
+        for v, p, stat in zip(group, pts, status):
             if v.get("FAIL"):
-                assert st == 1 and p == bytes(len(v["CT"]))
+                assert stat == 1 and p == bytes(len(v["CT"]))
             else:
-                assert st == 0 and p == v["PT"]
+                assert stat == 0 and p == v["PT"]
 
 
 # ------------------------------------------------------------------ batched chunk entry points
@@ -341,7 +343,8 @@ def test_tampered_chunk_is_zeroed_and_reported_with_exact_positions():
     arena[int(chunks.offset[1]) + 5] ^= 0x40   # chunk 1: row 0, positions 101..103
     k_out = torch.full((3, 2, 10, 8), 7.0, dtype=torch.bfloat16)
     v_out = torch.full((3, 2, 10, 8), 7.0, dtype=torch.bfloat16)
-    status, rows, fails, nfail = kh.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, call_tag=9)
+    tag = (1 << 40) + 9    # the call's 64-bit tag: beyond 16 bits, so tags never wrap
+    status, rows, fails, nfail = kh.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, call_tag=tag)
     assert status.tolist() == [0, 1, 0, 0, 0]
     assert not k_out[0, :, 1:4].any() and not v_out[0, :, 1:4].any()
     assert torch.equal(k_out[0, :, 0:1], k[0, :, 0:1]) and torch.equal(k_out[0, :, 4:10], k[0, :, 4:10])
@@ -350,7 +353,7 @@ def test_tampered_chunk_is_zeroed_and_reported_with_exact_positions():
     assert nfail == 1
     f = fails.view(RECORD_DTYPE).reshape(-1)
     assert (f["op"][0], f["status"][0], f["row"][0], f["pos_start"][0], f["pos_count"][0]) == (2, 1, 0, 101, 3)
-    assert f["nonce_counter"][0] == 8 and f["flags"][0] == 9 and f["layer"][0] == 5
+    assert f["nonce_counter"][0] == 8 and f["record_no"][0] == tag and f["flags"][0] == 0 and f["layer"][0] == 5
 
 
 def test_chunk_moved_to_other_layer_fails_tag():
@@ -414,12 +417,12 @@ def test_kernel_sources_are_found_as_package_data_of_an_installed_layout(tmp_pat
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     shutil.copytree(repo / "pqc_kv_cache", tmp_path / "pqc_kv_cache",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(repo / "kernels", tmp_path / "pqc_kv_cache" / "kernels",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("from pqc_kv_cache.backends.kernel_host import kernel_sources_dir; "
+    code = ("from pqc_kv_cache.backends.kernel_abi import kernel_sources_dir; "
             "from pqc_kv_cache.backends.cuda import kernel_source; "
             "print(kernel_sources_dir()); kernel_source()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -471,7 +474,7 @@ def _one_chunk(pc: int, layout=BIG, seed=0):
     return k, v, chunks, nb, aad, plain
 
 
-def _split_round_trip(pc: int, rounds_per_item: int, order: int, lanes: int = kh.LANES, layout=BIG):
+def _split_round_trip(pc: int, rounds_per_item: int, order: int, lanes: int = abi.LANES, layout=BIG):
     keys = _slots()[:1]
     k, v, chunks, nb, aad, plain = _one_chunk(pc, layout)
     ref = AESGCM(keys[0].key).encrypt(make_nonce(3, 1 << 35), plain, aad)
@@ -489,7 +492,7 @@ def _split_round_trip(pc: int, rounds_per_item: int, order: int, lanes: int = kh
 @pytest.mark.parametrize("pc", [1, 2, 63, 64])
 def test_split_chunks_seal_to_aesgcm_bytes_and_open_aesgcm_chunks_at_every_cut(pc):
     """Every item size from one round to the whole chunk: cuts at every round boundary."""
-    rounds = int(kh.chunk_rounds(np.array([pc * BIG.bytes_per_position]))[0])
+    rounds = int(abi.chunk_rounds(np.array([pc * BIG.bytes_per_position]))[0])
     assert rounds == pc + 1   # 4096 B per position: 256 blocks a position, plus 6 AAD/length blocks
     for b in range(1, rounds + 1):
         _split_round_trip(pc, b, order=b % 3)
@@ -513,8 +516,8 @@ def test_work_items_cover_each_chunk_once_and_share_out_its_records():
     rounds = np.array([2, 4097, 65, 1, 300], dtype=np.int64)
     pos = np.array([1, 4096, 64, 1, 299], dtype=np.int64)
     for slots in (1, 4, 132 * 4, 10**6):
-        it = kh.work_items(rounds, pos, slots=slots, record_limit=100)
-        b = max(kh.MIN_ITEM_ROUNDS, int(rounds.sum()) // slots)
+        it = abi.work_items(rounds, pos, slots=slots, record_limit=100)
+        b = max(abi.MIN_ITEM_ROUNDS, int(rounds.sum()) // slots)
         for c in range(len(rounds)):
             mine = it[:, it[0] == c]
             k = mine.shape[1]
@@ -527,7 +530,7 @@ def test_work_items_cover_each_chunk_once_and_share_out_its_records():
                 assert k == 1          # a small chunk stays one item
         assert it[5].tolist() == [int(np.flatnonzero(it[0] == c)[0]) for c in it[0]]
     # B <= total / slots gives at least `slots` items
-    it = kh.work_items(np.full(8, 4097), np.full(8, 4096), slots=528)
+    it = abi.work_items(np.full(8, 4097), np.full(8, 4096), slots=528)
     assert it.shape[1] >= 528
 
 
@@ -558,7 +561,7 @@ def test_tampered_byte_anywhere_in_a_split_chunk_zeroes_that_chunk_only():
             assert rr["status"].tolist() == [0, 1, 0]
             f = fails.view(RECORD_DTYPE).reshape(-1)
             assert nfail == 1 and (f["row"][0], f["pos_start"][0], f["pos_count"][0], f["status"][0]) == (1, 0, 40, 1)
-            assert f["nonce_counter"][0] == 6 and f["flags"][0] == 4
+            assert f["nonce_counter"][0] == 6 and f["record_no"][0] == 4 and f["flags"][0] == 0
 
 
 def test_item_multiplier_is_the_power_of_h_to_the_lanes():
@@ -599,15 +602,15 @@ def test_chunk_addresses_are_64_bit():
 
 
 def test_chunk_size_limits_are_the_aad_field_and_the_gcm_counter_space():
-    kh.check_gcm_length(16 * (2**32 - 2))
+    abi.check_gcm_length(16 * (2**32 - 2))
     with pytest.raises(ValueError, match="2\\^32 - 2 blocks"):
-        kh.check_gcm_length(16 * (2**32 - 2) + 1)
+        abi.check_gcm_length(16 * (2**32 - 2) + 1)
     # K length 2^32 - 1 bytes is the most the AAD's key_len field holds
     lay = ChunkLayout(layer_idx=0, num_heads=1, head_dim=8, dtype=torch.float32)   # 32 B of K per position
     n_ok, n_bad = (2**32 - 1) // 32, (2**32 - 1) // 32 + 1
     k = torch.zeros(1, 1, 1, 8).expand(1, 1, n_bad, 8)
     for pc, ok in ((n_ok, True), (n_bad, False)):
-        table = kh.chunk_table_array(ChunkTable(*(np.array([x], dtype=np.int64) for x in (0, 0, 0, pc, 0, 0, 0))))
+        table = abi.chunk_table_array(ChunkTable(*(np.array([x], dtype=np.int64) for x in (0, 0, 0, pc, 0, 0, 0))))
         arena = torch.empty(0, dtype=torch.uint8)
         with pytest.raises(ValueError, match="arena" if ok else "key_len"):
-            kh.check_bounds(table, lay, k, k, arena, 1)
+            abi.check_bounds(table, lay, k, k, arena, 1)

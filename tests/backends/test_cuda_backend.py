@@ -9,23 +9,27 @@ tests check the NVRTC translation unit and the errors on a machine without CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from support.twin import CpuTwinBackend, fake_device
+
 from pqc_kv_cache.audit.records import RECORD_DTYPE
-from pqc_kv_cache.backends import kernel_host as kh
-from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot, select_backend
-from pqc_kv_cache.backends.cuda import CudaBackend, DeviceProps, kernel_source
+from pqc_kv_cache.backends import kernel_shim as kh
+from pqc_kv_cache.backends import select_backend
+from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
+from pqc_kv_cache.backends.cuda import CudaBackend, kernel_source
+from pqc_kv_cache.backends.kernel_abi import CHUNK_PARAMS_DTYPE
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
 
@@ -132,54 +136,6 @@ def test_launch_groups_respect_the_record_limit():
 LAYOUT = ChunkLayout(layer_idx=3, num_heads=8, head_dim=128, dtype=torch.bfloat16)
 
 
-def fake_device(sms: int, ctas_per_sm: int) -> DeviceProps:
-    """Device properties of a fake GPU: ``sms`` SMs, ``ctas_per_sm`` resident CTAs of a chunk kernel."""
-    def occupancy(kernel, block, dynamic_smem):
-        assert block == kh.LANES and dynamic_smem == 0
-        return ctas_per_sm if kernel in ("pqc_encrypt_chunks", "pqc_decrypt_chunks") else 8
-    return DeviceProps(sms, occupancy)
-
-
-class CpuTwinBackend(CudaBackend):
-    """CudaBackend with its kernel launches carried out by the host shim on CPU tensors, on a fake
-    device (by default 2 SMs x 2 CTAs: 4 slots, so the scenario tests cut chunks into work items).
-    ``order``: the order the shim runs a launch's work items in (the GPU's is arbitrary);
-    ``execute=False`` records the launches without running them."""
-
-    def __init__(self, props: DeviceProps | None = None, order: int = 0, execute: bool = True):
-        import threading
-
-        self.device = torch.device("cpu")
-        self._lock = threading.Lock()
-        self._init_state(props or fake_device(2, 2))
-        self.order = order
-        self.execute = execute
-        self.launches: list[tuple[str, int, int]] = []
-        self.launch_args: list[tuple[str, list[int]]] = []
-
-    def _upload(self, arr):
-        return torch.from_numpy(np.ascontiguousarray(arr)).clone()
-
-    def _launch(self, kernel, grid, block, args):
-        lib = kh.load()
-        a = [int(x) for x in args]
-        self.launches.append((kernel, int(grid), int(block)))
-        self.launch_args.append((kernel, a))
-        if not self.execute and kernel != "pqc_prepare_keys":
-            return
-        if kernel == "pqc_prepare_keys":
-            rc = lib.pqc_host_prepare_keys(a[0], a[1], kh.LANES, a[2])
-        elif kernel == "pqc_encrypt_chunks":
-            rc = lib.pqc_host_encrypt_chunks(*a, self.order)      # the kernel's parameters, then the order
-        elif kernel == "pqc_decrypt_row_records":
-            rc = lib.pqc_host_decrypt_row_records(*a)
-        elif kernel == "pqc_decrypt_chunks":
-            rc = lib.pqc_host_decrypt_chunks(*a, self.order)
-        else:
-            raise AssertionError(kernel)
-        assert rc == 0, (kernel, rc)
-
-
 def _cuda_device():
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -216,6 +172,22 @@ class FakeRing:
 
     def commit(self, n, first_no=None):
         self.committed.append((first_no, n))
+
+    @contextlib.contextmanager
+    def reservation(self, n, *, op=0, tenant_idx=0, session_idx=0, layer=0xFFFF):
+        """What the real ring's reservation does, on this fake: commit on exit, ERROR records if the block raises."""
+        view, first = self.reserve(n)
+        try:
+            yield view, first
+        except BaseException:
+            recs = np.zeros(n, dtype=RECORD_DTYPE)
+            recs["record_no"] = first + np.arange(n, dtype=np.uint64)
+            recs["op"], recs["status"], recs["layer"], recs["row"] = op, 3, layer, 0xFFFF
+            recs["tenant_idx"], recs["session_idx"] = tenant_idx, session_idx
+            view.copy_(torch.from_numpy(recs.view(np.uint8).reshape(n, 64)))
+            self.commit(n, first)
+            raise
+        self.commit(n, first)
 
     def records(self):
         return torch.cat(self.views).cpu().numpy().view(RECORD_DTYPE).reshape(-1)
@@ -338,7 +310,7 @@ def test_host_sealed_chunks_open_into_a_position_major_scratch(env, ring_capacit
     k_out, v_out = scratch[:, :, 0].permute(0, 2, 1, 3), scratch[:, :, 1].permute(0, 2, 1, 3)
     log = FakeLog(dev, ring_capacity)
     ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
-    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx).device
     assert isinstance(status, torch.Tensor) and status.device == dev and status.shape == (len(ENTRIES),)
     be.check()
     assert not status.cpu().any()
@@ -367,7 +339,7 @@ def test_tampered_chunk_is_zeroed_failed_and_raised_at_check(env):
     v_out = torch.full_like(v, 5.0)
     log = FakeLog(dev)
     ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
-    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx).device
     with pytest.raises(DecryptionError) as ei:
         be.check()
     assert ei.value.layer_idx == 3 and ei.value.positions == range(10, 74) and ei.value.tenant_id == "tenant-1"
@@ -391,7 +363,7 @@ def test_failure_without_audit_is_still_raised(env):
     chunks, size = _table()
     arena = torch.zeros(size, dtype=torch.uint8, device=dev)      # nothing sealed: every tag fails
     k_out, v_out = torch.ones_like(k), torch.ones_like(v)
-    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out)
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out).device
     fails = be.pending_failures()
     assert len(fails) == len(ENTRIES) and status.cpu().all()
     assert sorted((f["row"], f["positions"].start, f["positions"].stop) for f in fails) == sorted(
@@ -408,7 +380,7 @@ def test_key_schedules_are_prepared_once_per_key_set(env):
     k, v = _kv(dev)
     chunks, size = _table()
     arena = torch.zeros(size, dtype=torch.uint8, device=dev)
-    be.clear_key_cache()
+    be.forget_keys()
     be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
     first = be._schedules(keys)
     be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
@@ -592,8 +564,8 @@ def test_a_4k_batch_8_layer_is_launched_as_at_least_one_item_per_resident_cta(ct
     launched = {name: (grid, a) for (name, grid, _), (_, a) in zip(be.launches, be.launch_args)}
     for name in ("pqc_encrypt_chunks", "pqc_decrypt_chunks"):
         grid, a = launched[name]
-        n_items = a[5]
-        assert a[4] != 0 and n_items >= slots, (name, n_items, slots)      # an item table, >= one item per slot
+        n_items = a["n_items"]
+        assert a["items"] != 0 and n_items >= slots, (name, n_items, slots)      # an item table, >= one item per slot
         assert grid == slots
 
 
@@ -608,7 +580,7 @@ def test_small_chunks_take_one_item_each_and_no_item_table():
     arena = torch.empty(n * (LAYOUT.bytes_per_position + 16), dtype=torch.uint8)
     be.encrypt_chunks(_slots()[:1], LAYOUT, chunks, k, v, arena)
     name, a = be.launch_args[-1]
-    assert name == "pqc_encrypt_chunks" and a[4] == 0 and a[5] == n      # item i = chunk i
+    assert name == "pqc_encrypt_chunks" and a["items"] == 0 and a["n_items"] == n      # item i = chunk i
     assert be.launches[-1][1] == n
 
 
@@ -624,7 +596,7 @@ def test_split_chunks_through_the_backend_in_any_item_order(order):
     chunks, size = _table()
     arena = torch.zeros(size, dtype=torch.uint8)
     be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
-    assert any(a[4] != 0 for name, a in be.launch_args if name == "pqc_encrypt_chunks")   # chunks were cut
+    assert any(a["items"] != 0 for name, a in be.launch_args if name == "pqc_encrypt_chunks")   # chunks were cut
     for i, (slot, row, ps, pc, io, ctr) in enumerate(ENTRIES):
         off = int(chunks.offset[i])
         ct = arena[off:off + pc * LAYOUT.bytes_per_position + 16].numpy().tobytes()
@@ -634,7 +606,7 @@ def test_split_chunks_through_the_backend_in_any_item_order(order):
     k_out, v_out = torch.full_like(k, 5.0), torch.full_like(v, 5.0)
     log = FakeLog(torch.device("cpu"))
     ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
-    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx)
+    status = be.decrypt_chunks(keys, LAYOUT, chunks, arena, k_out, v_out, ctx).device
     with pytest.raises(DecryptionError) as ei:
         be.check()
     assert ei.value.positions == range(10, 74) and status.tolist() == [0, 0, 1, 0, 0]
@@ -663,3 +635,138 @@ def test_a_chunk_with_more_positions_than_the_ring_holds_is_sealed_and_fully_rec
     assert r["pos_start"].tolist() == list(range(3, 3 + pc)) and (r["nonce_counter"] == 77).all()
     assert len(log.ring.committed) >= 7 and all(n <= 16 for _, n in log.ring.committed)
     assert sum(n for _, n in log.ring.committed) == pc
+
+
+# ------------------------------------------------------------------ reservations, failure ownership, key erasure (CPU twin)
+
+needs_shim = pytest.mark.skipif(not kh.available(), reason="no C++ compiler for the host shim")
+
+
+@needs_shim
+@pytest.mark.parametrize("direction", ["encrypt", "decrypt"])
+@pytest.mark.parametrize("fail_in", ["_launch", "_upload"])
+def test_an_exception_inside_a_reservation_leaves_error_records_and_flush_returns(direction, fail_in):
+    """Through the real audit ring: whatever raises between the reservation and the launch (the launch, an
+    upload that runs out of memory), the reserved records become ERROR records and the log drains."""
+    from support.twin import TwinLog
+
+    class Failing(CpuTwinBackend):
+        armed = False
+
+        def _launch(self, kernel, grid, block, args):
+            if self.armed and fail_in == "_launch" and kernel in ("pqc_encrypt_chunks", "pqc_decrypt_chunks"):
+                raise RuntimeError("launch failed")
+            super()._launch(kernel, grid, block, args)
+
+        def _upload(self, arr):
+            if self.armed and fail_in == "_upload" and arr.dtype == np.uint8 and arr.nbytes == CHUNK_PARAMS_DTYPE.itemsize:
+                raise torch.cuda.OutOfMemoryError("out of memory uploading the kernel parameters")
+            return super()._upload(arr)
+
+    be = Failing()
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    log = TwinLog(ring_capacity=64)
+    try:
+        ctx = AuditContext(log, np.array([log.tenant_index("tenant-0"), log.tenant_index("tenant-1")], np.uint32),
+                           np.array([log.session_index("s-0", "tenant-0"), log.session_index("s-1", "tenant-1")],
+                                    np.uint32))
+        if direction == "decrypt":
+            be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+        be.armed = True
+        with pytest.raises((RuntimeError, torch.cuda.OutOfMemoryError)):
+            if direction == "encrypt":
+                be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+            else:
+                be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), ctx)
+        assert log.flush(timeout=10)
+        recs = log.entries(limit=None)
+        assert recs and all(not e.success and e.status == 3 and e.operation == direction for e in recs)
+    finally:
+        log.close(timeout=10)
+
+
+class _Owner:
+    pass
+
+
+@needs_shim
+@pytest.mark.parametrize("first_tag", [1, (1 << 16) - 1])
+def test_failures_belong_to_the_owner_of_the_call_that_found_them(first_tag):
+    """Two callers on one device backend: B's tampered chunk is raised by B's check only, also when
+    their call tags are 65,536 apart (a 16-bit tag would make them collide)."""
+    import itertools
+
+    be = CpuTwinBackend()
+    be._tags = itertools.count(first_tag)
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    bad = arena.clone()
+    bad[int(chunks.offset[2]) + 1000] ^= 1
+    a, b = _Owner(), _Owner()
+    be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), owner=a)
+    if first_tag != 1:
+        for _ in range(3):   # other callers in between
+            be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), owner=_Owner())
+    be.decrypt_chunks(keys, LAYOUT, chunks, bad, torch.empty_like(k), torch.empty_like(v), owner=b)
+    be.check(a)                                   # A's calls found nothing
+    with pytest.raises(DecryptionError) as ei:
+        be.check(b)
+    assert ei.value.positions == range(10, 74)
+    be.check(b)                                   # reported once
+    be.check()                                    # and to no one else
+
+
+@needs_shim
+def test_two_caches_on_one_device_backend_each_check_only_their_own_failures():
+    from test_cache_support import sessions, tiny_model
+
+    from pqc_kv_cache.cache import EncryptedCache
+
+    be = CpuTwinBackend()
+    cfg = tiny_model("llama").config
+    heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    caches = [EncryptedCache(cfg, sessions=sessions(name), backend=be) for name in ("alice", "bob")]
+    g = torch.Generator().manual_seed(0)
+    for c in caches:
+        for layer in range(cfg.num_hidden_layers):
+            c.update(torch.randn(1, heads, 4, dim, generator=g), torch.randn(1, heads, 4, dim, generator=g), layer)
+    caches[1].layers[0]._arena[5] ^= 1              # bob's ciphertext, layer 0
+    for c in caches:
+        c.update(torch.randn(1, heads, 1, dim, generator=g), torch.randn(1, heads, 1, dim, generator=g), 0)
+    caches[0].check()                               # alice's reads were fine
+    with pytest.raises(DecryptionError):
+        caches[1].check()
+
+
+@needs_shim
+def test_device_key_material_is_zeroed_on_eviction_and_forget_keys(monkeypatch):
+    """Crypto-shredding on the device: key schedules (evicted or forgotten), the uploaded raw keys and
+    their pinned staging are zeroed, not just freed."""
+    import pqc_kv_cache.backends.cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "KEY_CACHE_ENTRIES", 1)
+    be = CpuTwinBackend()
+    keys = _slots()
+    raw = b"".join(ks.key for ks in keys)
+
+    def holds_a_key(t):
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        return any(ks.key in data for ks in keys)
+
+    first = be._schedules(keys)
+    assert first.any()
+    uploads = [t for t in be.uploads if t.numel() == len(raw)]
+    assert len(uploads) == 2                             # pinned staging and device copy of the raw keys
+    assert not holds_a_key(uploads[1])                   # the device copy: zeroed after the preparation
+    second = be._schedules(keys[:1])                     # another key set: evicts the first (cache of 1)
+    assert not first.any()                               # evicted schedules are zeroed
+    assert not any(holds_a_key(t) for t in uploads)      # the staging was zeroed once its copy completed
+    be.forget_keys()
+    assert not second.any()
+    assert not any(holds_a_key(t) for t in be.uploads)

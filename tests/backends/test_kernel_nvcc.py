@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from pqc_kv_cache.backends.kernel_host import kernel_sources_dir
+from pqc_kv_cache.backends.kernel_abi import kernel_sources_dir
 
 NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
 KERNELS = ("pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_row_records", "pqc_decrypt_chunks")
@@ -35,4 +34,4 @@ def test_kernels_compile_for_sm90_and_sm80_without_warnings(tmp_path):
 def test_kernel_source_declares_the_kernels_the_backend_launches():
     text = (kernel_sources_dir() / "pqc_kernels.cu").read_text()
     for name in KERNELS:
-        assert f'extern "C" __global__' in text and f" {name}(" in text, name
+        assert 'extern "C" __global__' in text and f" {name}(" in text, name

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pqc_kv_cache.audit import KVAuditLog
-from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot, select_backend
+from pqc_kv_cache.backends import select_backend
+from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
 from pqc_kv_cache.backends.host import HostBackend, chunk_aads, chunk_nonces
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 
@@ -72,7 +73,7 @@ def test_decrypt_round_trips_into_both_output_layouts(dtype, layout_kind):
     else:
         k_out, v_out = torch.full_like(k, 7.0), torch.full_like(v, 7.0)
         assert be._direct_target(k_out, v_out, layout) is None
-    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out)
+    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host
     assert status.tolist() == [0] * 5
     assert torch.equal(k_out, k) and torch.equal(v_out, v)
 
@@ -86,7 +87,7 @@ def test_tampered_chunk_fails_and_its_destination_is_zeroed(victim):
     audit = KVAuditLog()
     ctx = AuditContext(audit, np.array([audit.tenant_index("t")], np.uint32),
                        np.array([audit.session_index("s", "t")], np.uint32))
-    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out, ctx)
+    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out, ctx).host
     assert status.tolist() == [int(i == victim) for i in range(5)]
     s, c = int(t.pos_start[victim]), int(t.pos_count[victim])
     assert not k_out[0, :, s:s + c].any() and not v_out[0, :, s:s + c].any()
@@ -103,10 +104,10 @@ def test_wrong_key_epoch_or_layer_fails_every_chunk():
     be, layout, ks, t, k, v, arena = sealed(torch.float32)
     k_out, v_out = torch.empty_like(k), torch.empty_like(v)
     other_epoch = [KeySlot(ks[0].key, ks[0].tenant_tag, ks[0].session_tag, 1)]
-    assert be.decrypt_chunks(other_epoch, layout, t, arena, k_out, v_out).all()
+    assert be.decrypt_chunks(other_epoch, layout, t, arena, k_out, v_out).host.all()
     other_layer = ChunkLayout(4, H, D, torch.float32)
-    assert be.decrypt_chunks(ks, other_layer, t, arena, k_out, v_out).all()
-    assert be.decrypt_chunks([keyslot()], layout, t, arena, k_out, v_out).all()
+    assert be.decrypt_chunks(ks, other_layer, t, arena, k_out, v_out).host.all()
+    assert be.decrypt_chunks([keyslot()], layout, t, arena, k_out, v_out).host.all()
     assert not k_out.any() and not v_out.any()
 
 

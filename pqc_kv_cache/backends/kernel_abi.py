@@ -1,0 +1,280 @@
+"""The chunk kernels' interface, in numpy: what the host builds for a launch and how it is laid out.
+
+One Python definition of each thing the kernels read (``kernels/pqc_chunk_abi.h``),
+tested against the header by compiling it (tests/backends/test_kernel_abi.py):
+
+- the chunk table (int64 ``[TABLE_COLS, n]``, columns ``COL_*``), the work-item
+  table (``[ITEM_COLS, n_items]``) and the DECRYPT row descriptors
+  (``[ROWDESC_COLS, rows]``), with their builders ``chunk_table_array``,
+  ``work_items`` and ``row_descriptors``;
+- ``SLOT_META_DTYPE`` (``pqc_slot_meta``) and ``CHUNK_PARAMS_DTYPE``
+  (``pqc_chunk_params``, the parameters of the encrypt and decrypt kernels);
+- the sizes of the device buffers (``SCHED_SIZE``, ``PARTIAL_SIZE``) and
+  ``check_bounds``, which refuses a table the kernels would index out of range;
+- ``kernel_sources_dir`` and ``kernel_source``: the kernel sources and the one
+  self-contained translation unit NVRTC compiles.
+
+Used by the CUDA backend (production) and by the host shim (``kernel_shim``,
+tests and references); it imports neither.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..audit.records import RECORD_DTYPE
+from ..envelope import AAD_SIZE, TAG_SIZE
+from ..errors import BackendUnavailableError
+from .base import decrypt_row_summary
+
+__all__ = [
+    "LANES", "RECORD_SIZE", "SLOT_META_SIZE", "SCHED_SIZE", "TABLE_COLS", "ROWDESC_COLS", "ITEM_COLS",
+    "PARTIAL_SIZE", "MIN_ITEM_ROUNDS", "GCM_MAX_BLOCKS", "AAD_BLOCKS", "COLS", "ITEM_FIELDS", "ROWDESC_FIELDS",
+    "SLOT_META_DTYPE", "CHUNK_PARAMS_DTYPE", "kernel_sources_dir", "kernel_source", "slot_meta_array",
+    "chunk_table_array", "encrypt_record_index", "chunk_rounds", "work_items", "row_descriptors",
+    "check_bounds", "check_gcm_length", "chunk_params",
+]
+
+LANES = 256            # threads per CTA of the chunk kernels = GHASH lanes (PQC_LANES)
+RECORD_SIZE = RECORD_DTYPE.itemsize
+SCHED_SIZE = 73984     # sizeof(pqc_key_sched): round keys, 256 H powers, 128 H^L x^k, 256 lane tables,
+                       # 8 x 16 item-multiplier windows (a static_assert in pqc_key_sched.cuh holds it)
+PARTIAL_SIZE = 16      # one GF(2^128) partial hash per work item of a split chunk
+MIN_ITEM_ROUNDS = 4    # no work item is cut shorter than this many rounds (16 KiB at 256 lanes)
+GCM_MAX_BLOCKS = 2**32 - 2   # data blocks of one GCM message with a 96-bit nonce (SP 800-38D 5.2.1.1)
+AAD_BLOCKS = (AAD_SIZE + 15) // 16
+
+#: chunk table columns, in order (PQC_COL_*): the ChunkTable's fields, then aux (encrypt: first record
+#: index of the chunk; decrypt: index of its row's DECRYPT record, -1: none)
+COLS = ("slot", "row", "pos_start", "pos_count", "io_start", "counter", "offset", "aux")
+TABLE_COLS = len(COLS)
+#: work item columns (PQC_ITEM_*)
+ITEM_FIELDS = ("chunk", "r0", "r1", "p0", "p1", "first", "j", "count")
+ITEM_COLS = len(ITEM_FIELDS)
+#: DECRYPT row descriptor columns (PQC_RD_*)
+ROWDESC_FIELDS = ("row", "pos_start", "pos_count", "counter", "slot", "nbytes")
+ROWDESC_COLS = len(ROWDESC_FIELDS)
+
+#: struct pqc_slot_meta (little-endian, as on x86-64 and the GPU)
+SLOT_META_DTYPE = np.dtype([("tenant_tag", "V16"), ("session_tag", "V16"), ("epoch", "<u4"),
+                            ("tenant_idx", "<u4"), ("session_idx", "<u4"), ("pad_", "<u4")])
+SLOT_META_SIZE = SLOT_META_DTYPE.itemsize
+
+_PTR, _I64, _U64, _U32 = "<u8", "<i8", "<u8", "<u4"
+#: struct pqc_chunk_params: pointers as uint64 device (or host) addresses
+CHUNK_PARAMS_DTYPE = np.dtype([
+    ("sched", _PTR), ("meta", _PTR), ("table", _PTR), ("n", _I64), ("items", _PTR), ("n_items", _I64),
+    ("k", _PTR), ("k_sb", _I64), ("k_sh", _I64), ("k_ss", _I64),
+    ("v", _PTR), ("v_sb", _I64), ("v_sh", _I64), ("v_ss", _I64),
+    ("arena", _PTR), ("records", _PTR), ("partials", _PTR), ("counters", _PTR),
+    ("first_no", _U64), ("rec_lo", _I64),
+    ("status", _PTR), ("fq", _PTR), ("fq_count", _PTR), ("call_tag", _U64),
+    ("layer", _U32), ("num_heads", _U32), ("head_dim", _U32), ("itemsize", _U32), ("dtype_code", _U32),
+    ("fq_cap", _U32),
+])
+
+
+def kernel_sources_dir() -> Path:
+    """Directory holding the kernel sources (pqc_kernels.cu, the headers, host_shim.cpp)."""
+    try:
+        # a namespace package (kernels/ has no __init__.py): files() may be a MultiplexedPath,
+        # whose joined file entries are plain paths
+        header = importlib.resources.files("pqc_kv_cache.kernels").joinpath("pqc_gcm.cuh")
+        if isinstance(header, Path) and header.is_file():
+            return header.parent
+    except (ModuleNotFoundError, TypeError):
+        pass
+    cand = Path(__file__).resolve().parents[2] / "kernels"
+    if (cand / "pqc_gcm.cuh").is_file():
+        return cand
+    raise BackendUnavailableError("kernel sources not found (neither package data pqc_kv_cache.kernels "
+                                  f"nor {cand})")
+
+
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
+
+
+def kernel_source(src_dir: Path | None = None, root: str = "pqc_kernels.cu") -> str:
+    """``root`` with its local includes inlined, each header once, in include order: the one
+    self-contained translation unit NVRTC compiles (the fixed-width types come from pqc_types.h,
+    which needs no libc header under NVRTC)."""
+    src = Path(src_dir) if src_dir is not None else kernel_sources_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        path = src / name
+        if not path.is_file():
+            raise BackendUnavailableError(f"kernel source {name} not found in {src}")
+        seen.add(name)
+
+        def inline(m: re.Match) -> str:
+            inc = m.group(1)
+            if inc in seen:
+                return f"// {inc}: inlined above"
+            return f"// ---- {inc}\n{expand(inc)}// ---- end of {inc}"
+        return _LOCAL_INCLUDE.sub(inline, path.read_text())
+
+    return expand(root)
+
+
+def check_gcm_length(nbytes: int) -> None:
+    """Refuse a GCM message (96-bit nonce) longer than its counter space: 2^32 - 2 blocks of 16 bytes."""
+    if nbytes > 16 * GCM_MAX_BLOCKS:
+        raise ValueError(f"a GCM message holds at most {16 * GCM_MAX_BLOCKS} bytes (2^32 - 2 blocks), "
+                         f"got {nbytes}")
+
+
+def slot_meta_array(keys, tenant_idx=None, session_idx=None) -> np.ndarray:
+    """pqc_slot_meta rows (uint8 [n, 48]) of KeySlots: tags, epoch, audit indices (0 when not given)."""
+    n = len(keys)
+    ti = np.zeros(n, np.uint32) if tenant_idx is None else np.asarray(tenant_idx, dtype=np.uint32)
+    si = np.zeros(n, np.uint32) if session_idx is None else np.asarray(session_idx, dtype=np.uint32)
+    if ti.shape != (n,) or si.shape != (n,):
+        raise ValueError(f"tenant_idx and session_idx must have one entry per key slot ({n})")
+    meta = np.zeros(n, dtype=SLOT_META_DTYPE)
+    for i, ks in enumerate(keys):
+        for name in ("tenant_tag", "session_tag"):
+            tag = getattr(ks, name)
+            if not isinstance(tag, (bytes, bytearray, memoryview)) or len(tag) != 16:
+                raise ValueError(f"key slot {i}: {name} must be 16 bytes")
+            meta[name][i] = bytes(tag)
+        if isinstance(ks.epoch, bool) or not isinstance(ks.epoch, int) or not 0 <= ks.epoch < 2**32:
+            raise ValueError(f"key slot {i}: epoch out of range: {ks.epoch!r}")
+        meta["epoch"][i] = ks.epoch
+    meta["tenant_idx"] = ti
+    meta["session_idx"] = si
+    return meta.view(np.uint8).reshape(n, SLOT_META_SIZE)
+
+
+def _column(chunks, name: str) -> np.ndarray:
+    a = getattr(chunks, name)
+    if hasattr(a, "detach"):        # a torch tensor: one host read where it lives on a device
+        a = a.detach().to("cpu").numpy()
+    return np.asarray(a, dtype=np.int64).reshape(-1)
+
+
+def chunk_table_array(chunks, aux: np.ndarray | None = None) -> np.ndarray:
+    """The kernels' chunk table: int64 [TABLE_COLS, n] of a ChunkTable's columns plus ``aux`` (-1 if None)."""
+    cols = [_column(chunks, f) for f in COLS[:-1]]
+    n = cols[0].shape[0]
+    if any(c.shape[0] != n for c in cols):
+        raise ValueError("chunk table columns must all have the same length")
+    table = np.empty((TABLE_COLS, n), dtype=np.int64)
+    for i, c in enumerate(cols):
+        table[i] = c
+    table[COLS.index("aux")] = -1 if aux is None else np.asarray(aux, dtype=np.int64)
+    return table
+
+
+def encrypt_record_index(pos_count: np.ndarray) -> tuple[np.ndarray, int]:
+    """(first ENCRYPT record index of each chunk, total records): one record per position."""
+    pc = np.asarray(pos_count, dtype=np.int64)
+    first = np.zeros(pc.shape[0], dtype=np.int64)
+    if pc.shape[0]:
+        first[1:] = np.cumsum(pc)[:-1]
+    return first, int(pc.sum())
+
+
+def chunk_rounds(nbytes: np.ndarray, lanes: int = LANES) -> np.ndarray:
+    """Rounds of each chunk's lane walk: its GHASH blocks (AAD, data, length) over ``lanes``, rounded up."""
+    nb = np.asarray(nbytes, dtype=np.int64)
+    return (AAD_BLOCKS + (nb + 15) // 16 + 1 + lanes - 1) // lanes
+
+
+def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None = None,
+               rounds_per_item: int | None = None, record_limit: int | None = None,
+               min_rounds: int = MIN_ITEM_ROUNDS) -> np.ndarray:
+    """Cut chunks into work items (int64 [ITEM_COLS, n_items]; see PQC_ITEM_* in pqc_chunk_abi.h).
+
+    Items hold at most B rounds each, B = ``rounds_per_item`` if given, else
+    max(``min_rounds``, total rounds // ``slots``) (no cut without ``slots``), so a
+    launch of items fills ``slots`` resident CTAs: with B <= total / slots there are
+    at least ``slots`` items. A chunk of at most B rounds is one item. A chunk is
+    cut into k = ceil(R / B) items of near-equal round counts (item j: rounds
+    [j R // k, (j + 1) R // k)), and into at least ceil(P / ``record_limit``) items so
+    that no item writes more ENCRYPT records than one launch may hold; its records
+    are shared out the same way (positions [j P // k, (j + 1) P // k)).
+    """
+    r = np.asarray(rounds, dtype=np.int64).reshape(-1)
+    p = np.asarray(pos_count, dtype=np.int64).reshape(-1)
+    n = r.shape[0]
+    if p.shape[0] != n:
+        raise ValueError("rounds and pos_count must have one entry per chunk")
+    if rounds_per_item is not None:
+        if isinstance(rounds_per_item, bool) or not isinstance(rounds_per_item, int) or rounds_per_item < 1:
+            raise ValueError(f"rounds_per_item must be a positive int, got {rounds_per_item!r}")
+        b = rounds_per_item
+    elif slots is not None and n:
+        b = max(int(min_rounds), int(r.sum()) // max(1, int(slots)))
+    else:
+        b = max(1, int(r.max())) if n else 1
+    k = np.maximum(1, -(-r // b))
+    if record_limit is not None:
+        k = np.maximum(k, -(-p // max(1, int(record_limit))))
+    total = int(k.sum())
+    first = np.zeros(n, dtype=np.int64)
+    if n:
+        first[1:] = np.cumsum(k)[:-1]
+    chunk = np.repeat(np.arange(n, dtype=np.int64), k)
+    j = np.arange(total, dtype=np.int64) - first[chunk]
+    kk, rr, pp = k[chunk], r[chunk], p[chunk]
+    items = np.empty((ITEM_COLS, total), dtype=np.int64)
+    items[0] = chunk
+    items[1] = j * rr // kk
+    items[2] = (j + 1) * rr // kk
+    items[3] = j * pp // kk
+    items[4] = (j + 1) * pp // kk
+    items[5] = first[chunk]
+    items[6] = j
+    items[7] = kk
+    return items
+
+
+def row_descriptors(table: np.ndarray, bytes_per_position: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rowdesc int64 [ROWDESC_COLS, R], row record index of each chunk) for the DECRYPT row records:
+    one descriptor per batch row read, in ascending row order, as ``base.decrypt_row_summary`` defines it."""
+    s = decrypt_row_summary(table[1], table[2], table[3], table[5], table[0], table[3] * bytes_per_position)
+    desc = np.stack([s.row, s.pos_start, s.pos_count, s.nonce_counter, s.slot, s.nbytes]).astype(np.int64)
+    return desc.reshape(ROWDESC_COLS, -1), s.row_of_chunk
+
+
+def check_bounds(table: np.ndarray, layout, k, v, arena, nkeys: int) -> None:
+    """Refuse a chunk table the kernels would index out of range (the shim and the CUDA backend)."""
+    slot, row, pos_start, pos_count, io_start, counter, offset = table[:7]
+    if table.shape[1] == 0:
+        return
+    if (layout.head_dim * layout.itemsize) % 16:
+        raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the chunk kernels")
+    if slot.min() < 0 or slot.max() >= nkeys:
+        raise ValueError("chunk slot out of range of keys")
+    if pos_count.min() < 1 or pos_start.min() < 0 or counter.min() < 0 or offset.min() < 0 or io_start.min() < 0:
+        raise ValueError("chunk table has negative or empty entries")
+    for name, t in (("k", k), ("v", v)):
+        if row.min() < 0 or row.max() >= t.shape[0]:
+            raise ValueError(f"chunk row out of range of {name} (batch {t.shape[0]})")
+        if (io_start + pos_count).max() > t.shape[2]:
+            raise ValueError(f"chunk positions out of range of {name} (seq {t.shape[2]})")
+    # envelope v1 stores the K length of a chunk in a 32-bit AAD field; GCM allows 2^32 - 2 blocks
+    half = pos_count.max() * (layout.bytes_per_position // 2)
+    if half > 0xFFFFFFFF:
+        raise ValueError(f"a chunk of {int(pos_count.max())} positions has {int(half)} bytes of K, more than the "
+                         "32-bit key_len field of the envelope AAD holds: use smaller chunks")
+    nbytes = pos_count * layout.bytes_per_position
+    check_gcm_length(int(nbytes.max()))
+    if (offset + nbytes + TAG_SIZE).max() > arena.numel():
+        raise ValueError("chunk ciphertext out of range of the arena")
+
+
+def chunk_params(**fields) -> np.ndarray:
+    """One pqc_chunk_params (a 1-element CHUNK_PARAMS_DTYPE array); fields not given are 0 / null.
+    Pointers are integers (a tensor's ``data_ptr()``, a numpy array's ``ctypes.data``)."""
+    p = np.zeros(1, dtype=CHUNK_PARAMS_DTYPE)
+    for name, value in fields.items():
+        if name not in CHUNK_PARAMS_DTYPE.names:
+            raise TypeError(f"pqc_chunk_params has no field {name!r}")
+        p[name] = 0 if value is None else value
+    return p

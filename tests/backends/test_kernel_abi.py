@@ -1,0 +1,97 @@
+"""kernel_abi against the kernels' headers: every struct, size, offset and table column the host hands
+the kernels, compiled from kernels/pqc_chunk_abi.h with g++ and compared with the numpy mirror."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pqc_kv_cache.backends import kernel_abi as abi
+from pqc_kv_cache.backends.base import ChunkLayout, ChunkTable, decrypt_row_summary
+
+CXX = shutil.which("g++")
+
+
+def _probe(tmp_path, lines: list[str]) -> dict[str, int]:
+    """Compile and run a C++ program printing ``name value`` for each (name, expression) line."""
+    body = "\n".join(f'    printf("%s %lld\\n", "{name}", (long long)({expr}));' for name, expr in lines)
+    src = tmp_path / "probe.cpp"
+    src.write_text('#include <stdio.h>\n#include <stddef.h>\n#include "pqc_chunk.cuh"\n'
+                   f"int main() {{\n{body}\n    return 0;\n}}\n")
+    exe = tmp_path / "probe"
+    subprocess.run([CXX, "-std=c++17", "-Wall", "-Werror", f"-I{abi.kernel_sources_dir()}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
+@pytest.mark.parametrize("struct, dtype", [("pqc_chunk_params", abi.CHUNK_PARAMS_DTYPE),
+                                           ("pqc_slot_meta", abi.SLOT_META_DTYPE)])
+def test_struct_mirrors_match_the_header_field_by_field(tmp_path, struct, dtype):
+    lines = [("sizeof", f"sizeof({struct})")]
+    for name in dtype.names:
+        lines += [(f"off.{name}", f"offsetof({struct}, {name})"), (f"size.{name}", f"sizeof((({struct}*)0)->{name})")]
+    got = _probe(tmp_path, lines)
+    assert got["sizeof"] == dtype.itemsize
+    for name in dtype.names:
+        assert (got[f"off.{name}"], got[f"size.{name}"]) == (dtype.fields[name][1], dtype.fields[name][0].itemsize), name
+
+
+@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
+def test_sizes_and_table_columns_match_the_header(tmp_path):
+    lines = [("sched", "sizeof(pqc_key_sched)"), ("record", "sizeof(pqc_audit_record)"),
+             ("status_off", "offsetof(pqc_audit_record, status)"), ("PQC_RECORD_SIZE", "PQC_RECORD_SIZE"),
+             ("PQC_TABLE_COLS", "PQC_TABLE_COLS"), ("PQC_ITEM_COLS", "PQC_ITEM_COLS"),
+             ("PQC_ROWDESC_COLS", "PQC_ROWDESC_COLS"), ("PQC_AAD_V1_SIZE", "PQC_AAD_V1_SIZE"),
+             ("PQC_MAX_LANES", "PQC_MAX_LANES")]
+    lines += [(f"COL_{c}", f"PQC_COL_{c.upper()}") for c in abi.COLS]
+    lines += [(f"ITEM_{c}", f"PQC_ITEM_{c.upper()}") for c in abi.ITEM_FIELDS]
+    rd = {"row": "ROW", "pos_start": "POS_START", "pos_count": "POS_COUNT", "counter": "COUNTER", "slot": "SLOT",
+          "nbytes": "NBYTES"}
+    lines += [(f"RD_{c}", f"PQC_RD_{rd[c]}") for c in abi.ROWDESC_FIELDS]
+    got = _probe(tmp_path, lines)
+    assert got["sched"] == abi.SCHED_SIZE
+    assert got["record"] == got["PQC_RECORD_SIZE"] == abi.RECORD_SIZE
+    assert got["PQC_TABLE_COLS"] == abi.TABLE_COLS and got["PQC_ITEM_COLS"] == abi.ITEM_COLS
+    assert got["PQC_ROWDESC_COLS"] == abi.ROWDESC_COLS and got["PQC_MAX_LANES"] == abi.LANES
+    assert got["PQC_AAD_V1_SIZE"] == abi.AAD_BLOCKS * 16
+    assert [got[f"COL_{c}"] for c in abi.COLS] == list(range(abi.TABLE_COLS))
+    assert [got[f"ITEM_{c}"] for c in abi.ITEM_FIELDS] == list(range(abi.ITEM_COLS))
+    assert [got[f"RD_{c}"] for c in abi.ROWDESC_FIELDS] == list(range(abi.ROWDESC_COLS))
+
+
+def test_translation_unit_inlines_every_header_once():
+    src = abi.kernel_source()
+    assert '#include "' not in src
+    headers = sorted(p.name for p in abi.kernel_sources_dir().iterdir() if p.suffix in (".h", ".cuh"))
+    for h in headers:
+        assert src.count(f"// ---- {h}\n") == 1, h
+    assert src.count("typedef unsigned int uint32_t;") == 1        # the NVRTC type preamble exists once
+
+
+def test_chunk_params_refuses_unknown_fields_and_zeroes_the_rest():
+    p = abi.chunk_params(n=3, call_tag=(1 << 63) + 1, first_no=(1 << 64) - 1, rec_lo=-2)
+    assert p["n"][0] == 3 and p["call_tag"][0] == (1 << 63) + 1 and p["first_no"][0] == (1 << 64) - 1
+    assert p["rec_lo"][0] == -2 and p["items"][0] == 0 and p["fq_cap"][0] == 0
+    with pytest.raises(TypeError):
+        abi.chunk_params(nn=1)
+
+
+def test_row_descriptors_are_the_contract_row_summary():
+    """The CUDA row records and the host's emitted ones come from one definition."""
+    table = abi.chunk_table_array(ChunkTable(*(np.array(c, dtype=np.int64) for c in (
+        [1, 0, 1, 0], [2, 0, 2, 5], [10, 0, 3, 7], [4, 3, 7, 2], [0, 0, 0, 0], [50, 9, 40, 3], [0, 0, 0, 0]))))
+    layout = ChunkLayout(layer_idx=0, num_heads=1, head_dim=8, dtype=torch.float16)
+    desc, row_of_chunk = abi.row_descriptors(table, layout.bytes_per_position)
+    s = decrypt_row_summary(table[1], table[2], table[3], table[5], table[0], table[3] * layout.bytes_per_position)
+    assert desc[0].tolist() == [0, 2, 5] == s.row.tolist()
+    assert desc[1].tolist() == [0, 3, 7] and desc[2].tolist() == [3, 11, 2]      # row 2: positions 3..13
+    assert desc[3].tolist() == [9, 40, 3]                                       # the lowest counter of the row
+    assert desc[4].tolist() == [0, 1, 0]                                        # slot of the row's first chunk
+    assert desc[5].tolist() == [3 * 32, 11 * 32, 2 * 32]
+    assert row_of_chunk.tolist() == [1, 0, 1, 2]
