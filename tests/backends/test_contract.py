@@ -1,4 +1,5 @@
-"""The backend contract, on every backend available: the host backend, the CPU twin of the CUDA backend
+"""The backend contract, on every backend available: the host backend (cryptography), the native host
+backend (ipsec-mb, where the library is installed), the CPU twin of the CUDA backend
 (its host code, each launch carried out by the host shim) and the CUDA backend on a GPU (marked ``gpu``).
 
 Every test computes what the contract requires from the chunk table alone, so a backend that differs
@@ -30,12 +31,19 @@ def _has_cuda() -> bool:
     return True
 
 
-@pytest.fixture(params=["host", "twin", pytest.param("cuda", marks=[
+@pytest.fixture(params=["host", "native", "twin", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device and CuPy")])])
 def backend(request):
     """(backend, device) of the backend under test."""
     if request.param == "host":
         return HostBackend(threads=1), torch.device("cpu")
+    if request.param == "native":
+        from pqc_kv_cache.backends.native import NativeBackend
+        from pqc_kv_cache.errors import BackendUnavailableError
+        try:
+            return NativeBackend.instance(), torch.device("cpu")
+        except BackendUnavailableError as e:
+            pytest.skip(f"native host backend unavailable: {e}")
     if request.param == "twin":
         if not kernel_shim.available():
             pytest.skip("no C++ compiler for the host shim")

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.backends import native
-from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot, select_backend
+from pqc_kv_cache.backends import select_backend
+from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
 from pqc_kv_cache.backends.host import HostBackend
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError
@@ -118,7 +119,7 @@ def test_decrypt_round_trips_into_every_output_layout(kind, dtype, out_kind):
     else:   # head_dim not the innermost stride: [batch, heads, dim, seq] storage seen as [b, h, seq, dim]
         k_out = torch.full((2, H, D, 7), 7.0, dtype=dtype).transpose(2, 3)
         v_out = torch.full((2, H, D, 7), 7.0, dtype=dtype).transpose(2, 3)
-    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out)
+    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host
     assert status.tolist() == [0] * 5
     assert torch.equal(k_out, k) and torch.equal(v_out, v)
 
@@ -129,7 +130,7 @@ def test_tampered_chunk_fails_and_its_destination_is_zeroed(kind, victim):
     arena[int(t.offset[victim]) + 1] ^= 1
     k_out, v_out = position_major(2, 7, torch.float32)
     audit = KVAuditLog()
-    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out, audit_ctx(audit))
+    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out, audit_ctx(audit)).host
     assert status.tolist() == [int(i == victim) for i in range(5)]
     s, c = int(t.pos_start[victim]), int(t.pos_count[victim])
     assert not k_out[0, :, s:s + c].any() and not v_out[0, :, s:s + c].any()
@@ -149,12 +150,12 @@ def test_wrong_key_epoch_or_layer_fails_every_chunk(kind):
     be, layout, ks, t, k, v, arena = sealed(kind, torch.float32)
     k_out, v_out = torch.empty_like(k), torch.empty_like(v)
     other_epoch = [KeySlot(ks[0].key, ks[0].tenant_tag, ks[0].session_tag, 1)]
-    assert be.decrypt_chunks(other_epoch, layout, t, arena, k_out, v_out).all()
+    assert be.decrypt_chunks(other_epoch, layout, t, arena, k_out, v_out).host.all()
     other_tenant = [KeySlot(ks[0].key, tenant_tag("u"), ks[0].session_tag, 0)]
-    assert be.decrypt_chunks(other_tenant, layout, t, arena, k_out, v_out).all()
+    assert be.decrypt_chunks(other_tenant, layout, t, arena, k_out, v_out).host.all()
     other_layer = ChunkLayout(4, H, D, torch.float32)
-    assert be.decrypt_chunks(ks, other_layer, t, arena, k_out, v_out).all()
-    assert be.decrypt_chunks([keyslot()], layout, t, arena, k_out, v_out).all()
+    assert be.decrypt_chunks(ks, other_layer, t, arena, k_out, v_out).host.all()
+    assert be.decrypt_chunks([keyslot()], layout, t, arena, k_out, v_out).host.all()
     assert not k_out.any() and not v_out.any()
 
 
@@ -283,7 +284,7 @@ def test_native_bytes_equal_the_host_backend_for_any_shape_stride_and_dtype(case
     for r, s, c in chunks:
         k_want[r, :, s:s + c] = k[r, :, s:s + c]
         v_want[r, :, s:s + c] = v[r, :, s:s + c]
-    status = be.decrypt_chunks(ks, layout, t, ref, k_out, v_out)
+    status = be.decrypt_chunks(ks, layout, t, ref, k_out, v_out).host
     assert not status.any()
     assert torch.equal(k_out, k_want) and torch.equal(v_out, v_want)
 
@@ -309,7 +310,7 @@ def test_chunks_sealed_by_plain_aesgcm_open(dtype):
                    np.array([100 + c[1] for c in chunks]), np.array([c[2] for c in chunks]),
                    np.array([c[1] for c in chunks]), 1000 + np.arange(4), np.array(offs))
     k_out, v_out = torch.zeros_like(k), torch.zeros_like(v)
-    status = be.decrypt_chunks(ks, layout, t, torch.frombuffer(arena, dtype=torch.uint8), k_out, v_out)
+    status = be.decrypt_chunks(ks, layout, t, torch.frombuffer(arena, dtype=torch.uint8), k_out, v_out).host
     assert status.tolist() == [0, 0, 0, 0]
     for r, s, c, _ in chunks:
         assert torch.equal(k_out[r, :, s:s + c], k[r, :, s:s + c])
@@ -326,7 +327,7 @@ def test_a_flipped_byte_anywhere_fails_only_its_chunk(byte, bit):
     offs = np.asarray(t.offset)
     victim = int(np.searchsorted(offs, i, side="right") - 1)
     k_out, v_out = torch.full_like(k, 7.0), torch.full_like(v, 7.0)
-    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out)
+    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host
     assert status.tolist() == [int(j == victim) for j in range(5)]
     for j in range(5):
         r, s, c = int(t.row[j]), int(t.pos_start[j]), int(t.pos_count[j])
@@ -414,7 +415,7 @@ def test_forget_erases_the_key_schedules_and_close_frees_them():
     be.forget_keys()
     assert be.schedule_bytes_left() == 0
     k_out, v_out = torch.empty_like(k), torch.empty_like(v)
-    assert not be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).any()   # re-expanded on demand
+    assert not be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host.any()   # re-expanded on demand
     assert torch.equal(k_out, k)
     assert be.schedule_bytes_left() > 0
     be.close()
@@ -434,7 +435,7 @@ def test_a_full_ring_is_wiped_and_refilled():
         arena = torch.zeros(nbytes, dtype=torch.uint8)
         be.encrypt_chunks(ks, layout, t, k, v, arena)
         k_out, v_out = torch.empty_like(k), torch.empty_like(v)
-        assert not be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).any()
+        assert not be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host.any()
         assert torch.equal(k_out, k)
     with pytest.raises(ValueError, match="distinct keys"):
         be.encrypt_chunks([keyslot(), keyslot(), keyslot()], layout, t, k, v, torch.zeros(nbytes, dtype=torch.uint8))
