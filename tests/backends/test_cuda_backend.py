@@ -724,7 +724,7 @@ def test_failures_belong_to_the_owner_of_the_call_that_found_them(first_tag):
 
 @needs_shim
 def test_two_caches_on_one_device_backend_each_check_only_their_own_failures():
-    from test_cache_support import sessions, tiny_model
+    from support.cache_models import sessions, tiny_model
 
     from pqc_kv_cache.cache import EncryptedCache
 
@@ -736,7 +736,7 @@ def test_two_caches_on_one_device_backend_each_check_only_their_own_failures():
     for c in caches:
         for layer in range(cfg.num_hidden_layers):
             c.update(torch.randn(1, heads, 4, dim, generator=g), torch.randn(1, heads, 4, dim, generator=g), layer)
-    caches[1].layers[0]._arena[5] ^= 1              # bob's ciphertext, layer 0
+    caches[1].layers[0].ciphertext[5] ^= 1             # bob's ciphertext, layer 0
     for c in caches:
         c.update(torch.randn(1, heads, 1, dim, generator=g), torch.randn(1, heads, 1, dim, generator=g), 0)
     caches[0].check()                               # alice's reads were fine
