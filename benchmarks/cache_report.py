@@ -12,7 +12,7 @@ on a shared machine the spread, not the median, is the news. torch's thread coun
 the whole run (``--threads``, default: what torch chose at start) and printed; progress goes to
 stderr.
 
-Prints a markdown table and writes JSON (``--json`` / ``--out``, default bench-results/cache_report.json).
+Both residency modes are measured (``--modes``). Prints a markdown table and writes JSON (``--json`` / ``--out``, default bench-results/cache_report.json).
 
     python benchmarks/cache_report.py [--repeats 5] [--new-tokens 128] [--threads N] [--quick] [--out PATH]
 """
@@ -180,6 +180,8 @@ def main(argv=None) -> int:
                     help="torch threads for the whole run (default: what torch chose at start)")
     ap.add_argument("--max-spread", type=float, default=0.10,
                     help="largest (max - min) / median of a ratio that still allows a conclusion (default 0.10)")
+    ap.add_argument("--modes", default="sealed,working_set",
+                    help="EncryptedCache residency modes to measure, comma-separated (default: both)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 32 new tokens (a smoke run, not for figures)")
     ap.add_argument("--json", "--out", dest="json", default=os.path.join("bench-results", "cache_report.json"),
                     help="where to write the JSON results")
@@ -204,11 +206,18 @@ def main(argv=None) -> int:
     ids = torch.randint(0, model.config.vocab_size, (BATCH, PROMPT))
     sessions = [establish_tenant_session(TenantIdentity(f"tenant-{i}"), ttl_seconds=3600) for i in range(BATCH)]
     audit = KVAuditLog(max_entries=200_000)
-    variants = {
-        "dynamic": lambda: None,
-        "encrypted_audit_off": lambda: EncryptedCache(model.config, sessions=sessions, audit=None),
-        "encrypted_audit_on": lambda: EncryptedCache(model.config, sessions=sessions, audit=audit),
-    }
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in ("sealed", "working_set") for m in modes):
+        ap.error("--modes takes sealed and/or working_set")
+    variants = {"dynamic": lambda: None}
+    if "sealed" in modes:
+        variants["encrypted_audit_off"] = lambda: EncryptedCache(model.config, sessions=sessions, audit=None)
+        variants["encrypted_audit_on"] = lambda: EncryptedCache(model.config, sessions=sessions, audit=audit)
+    if "working_set" in modes:
+        variants["working_set_audit_off"] = lambda: EncryptedCache(model.config, sessions=sessions, audit=None,
+                                                                   mode="working_set")
+        variants["working_set_audit_on"] = lambda: EncryptedCache(model.config, sessions=sessions, audit=audit,
+                                                                  mode="working_set")
     times, outs = decode_times(model, ids, args.new_tokens, variants, args.repeats)
     audit.flush()
     identical = all(torch.equal(outs["dynamic"], o) for o in outs.values())
@@ -220,11 +229,15 @@ def main(argv=None) -> int:
     def ratio(num: str, den: str) -> dict:   # rate(num) / rate(den), per repeat
         return spread([d / n for n, d in zip(times[num], times[den])], args.max_spread)
 
-    ratios = {
-        "encrypted_vs_dynamic": ratio("encrypted_audit_off", "dynamic"),
-        "encrypted_audit_on_vs_dynamic": ratio("encrypted_audit_on", "dynamic"),
-        "audit_on_vs_off": ratio("encrypted_audit_on", "encrypted_audit_off"),
-    }
+    ratios = {}
+    if "sealed" in modes:
+        ratios["encrypted_vs_dynamic"] = ratio("encrypted_audit_off", "dynamic")
+        ratios["encrypted_audit_on_vs_dynamic"] = ratio("encrypted_audit_on", "dynamic")
+        ratios["audit_on_vs_off"] = ratio("encrypted_audit_on", "encrypted_audit_off")
+    if "working_set" in modes:
+        ratios["working_set_vs_dynamic"] = ratio("working_set_audit_off", "dynamic")
+        ratios["working_set_audit_on_vs_dynamic"] = ratio("working_set_audit_on", "dynamic")
+        ratios["working_set_audit_on_vs_off"] = ratio("working_set_audit_on", "working_set_audit_off")
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
@@ -236,9 +249,7 @@ def main(argv=None) -> int:
         "decode_tokens_per_s_per_repeat": {k: [tokens / t for t in v] for k, v in times.items()},
         "ratios": ratios,
         # medians, under the names earlier reports used
-        "ratio_encrypted_vs_dynamic": ratios["encrypted_vs_dynamic"]["median"],
-        "ratio_encrypted_audit_on_vs_dynamic": ratios["encrypted_audit_on_vs_dynamic"]["median"],
-        "ratio_audit_on_vs_off": ratios["audit_on_vs_off"]["median"],
+        **{f"ratio_{k}": v["median"] for k, v in ratios.items()},
         "outputs_identical": identical,
         "audit_stats": audit.stats(),
         "host_backend": thr,
@@ -249,9 +260,14 @@ def main(argv=None) -> int:
     for k, v in result["decode_tokens_per_s_per_repeat"].items():
         print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} |")
     print("\n| ratio (per repeat) | median | min | max | |\n|---|---:|---:|---:|---|")
-    print(_row("EncryptedCache / DynamicCache (audit off)", ratios["encrypted_vs_dynamic"]))
-    print(_row("EncryptedCache / DynamicCache (audit on)", ratios["encrypted_audit_on_vs_dynamic"]))
-    print(_row("audit on / audit off", ratios["audit_on_vs_off"]))
+    labels = {"encrypted_vs_dynamic": "EncryptedCache sealed / DynamicCache (audit off)",
+              "encrypted_audit_on_vs_dynamic": "EncryptedCache sealed / DynamicCache (audit on)",
+              "audit_on_vs_off": "sealed: audit on / audit off",
+              "working_set_vs_dynamic": "EncryptedCache working set / DynamicCache (audit off)",
+              "working_set_audit_on_vs_dynamic": "EncryptedCache working set / DynamicCache (audit on)",
+              "working_set_audit_on_vs_off": "working set: audit on / audit off"}
+    for k, r in ratios.items():
+        print(_row(labels[k], r))
     for name in ("cache_layout", "one_chunk_per_token"):
         r = thr[name]
         print(_row(f"host backend / one bulk AESGCM decrypt, {name} ({r['chunks']} chunks, "

@@ -22,6 +22,8 @@ extern "C" {
 #define PQC_OP_REORDER 6
 #define PQC_OP_CLOSE 7
 #define PQC_OP_RESEAL 8   // positions already written, re-sealed under a fresh counter (segment merge)
+#define PQC_OP_READ 9     // working-set read: plaintext held on the device handed to attention, no decryption
+#define PQC_OP_RELEASE 10 // working-set plaintext zeroed and dropped; only ciphertext remains
 
 // status codes
 #define PQC_STATUS_OK 0

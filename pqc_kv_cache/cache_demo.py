@@ -3,6 +3,7 @@
 Generates with a two-tenant batch on a tiny random-weight Llama (built from a
 config: no download), shows the output is token-identical to transformers'
 DynamicCache, prints the audit summary (records per tenant, operation, layer),
+runs the working-set mode with the "release when the request ends" pattern,
 verifies the persisted audit file, and shows a flipped ciphertext byte being
 caught.
 """
@@ -133,6 +134,8 @@ def _run(audit, print_fn) -> bool:
     p(f"  encrypt records = layers x rows x positions written: {got} = 2 x 2 x {written}: {got == want}")
     ok &= got == want
 
+    ok &= _run_working_set(model, ids, mask, plain, [alice, bob], audit, mine, p)
+
     p("\n== A flipped ciphertext byte ==")
     off = int(layer.table.offset[0, 1])          # bob's prefill chunk in layer 0
     layer.ciphertext[off + 5] ^= 0x01
@@ -151,3 +154,27 @@ def _run(audit, print_fn) -> bool:
     ok &= bool(failed)
     mgr.close()
     return ok
+
+
+def _run_working_set(model, ids, mask, plain, sessions, audit, mine, print_fn) -> bool:
+    """The working-set mode: plaintext on the device while generating, released when the request ends."""
+    from .cache import EncryptedCache
+
+    p = print_fn
+    p("\n== Working-set mode: release when the request ends ==")
+    cache = EncryptedCache(model.config, sessions=sessions, audit=audit, mode="working_set")
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    with torch.no_grad(), cache.generating():       # the plaintext is released when the block ends
+        out = model.generate(ids, **_cache_kw(cache), **kw)
+        held = cache.layers[0].keys is not None
+    same = torch.equal(plain, out)
+    p(f"  output identical to DynamicCache: {same}; plaintext held while generating: {held}")
+    p(f"  after the block: released={cache.released}, layer.keys is {cache.layers[0].keys}")
+    audit.flush()
+    ops = collections.Counter(e.operation for e in audit.entries(limit=None)
+                              if e.session_id in mine and e.operation in ("read", "release"))
+    p(f"  working-set reads recorded: {ops.get('read', 0)}, releases recorded: {ops.get('release', 0)}")
+    cache.restore()                                  # the next turn opens the ciphertext once, verified
+    p(f"  restore(): every tag verified, plaintext back: {cache.layers[0].keys is not None}")
+    cache.close()
+    return bool(same and held and ops.get("read") and ops.get("release"))

@@ -44,6 +44,8 @@ class Op(enum.IntEnum):
     REORDER = 6
     CLOSE = 7
     RESEAL = 8      # positions already written, re-sealed as one chunk under a fresh counter
+    READ = 9        # working-set read: plaintext held on the device handed to attention, no decryption
+    RELEASE = 10    # plaintext (working set, scratch) zeroed and dropped; only ciphertext remains
 
 
 class Status(enum.IntEnum):
@@ -64,6 +66,8 @@ OP_NAMES = {
     Op.REORDER: "reorder",
     Op.CLOSE: "close",
     Op.RESEAL: "reseal",
+    Op.READ: "read",
+    Op.RELEASE: "release",
 }
 _OPS_BY_NAME = {v: k for k, v in OP_NAMES.items()}
 _OPS_BY_NAME["isolation_violation"] = Op.ISOLATION_VIOLATION

@@ -115,6 +115,14 @@ class ByteArena:
         return new
 
     def to(self, device: torch.device | str) -> None:
-        """Move the bytes to ``device`` (non-blocking where the copy allows)."""
-        if self.buffer.device != torch.device(device):
+        """Move the bytes to ``device`` (non-blocking where the copy allows; into pinned host memory when
+        leaving a GPU, so the copy back is asynchronous too)."""
+        device = torch.device(device)
+        if self.buffer.device == device:
+            return
+        if device.type == "cpu" and self.buffer.device.type == "cuda":
+            host = torch.empty(self.buffer.numel(), dtype=torch.uint8, pin_memory=True)
+            host.copy_(self.buffer, non_blocking=True)
+            self.buffer = host
+        else:
             self.buffer = self.buffer.to(device, non_blocking=True)

@@ -10,10 +10,18 @@ session's chunks under the new epoch. Every operation over several layers
 the row map exactly as they were; its records are written once it has
 completed.
 
-The plaintext scratch (``[batch, 2, heads, seq, dim]``, shared by all layers)
-is the only place plaintext lives; the K/V views an update returns are valid
-until the next layer's update. ``wipe_scratch()`` zeroes it; closing a session
-wipes it; a collected cache zeroes it.
+Two residency modes, one API (``mode=``):
+
+- ``"sealed"`` (the default): the layers hold only ciphertext; every update
+  decrypts the layer into the plaintext scratch (``[batch, 2, heads, seq, dim]``,
+  shared by all layers), the only place plaintext lives; the K/V views an
+  update returns are valid until the next layer's update. ``wipe_scratch()``
+  zeroes it; closing a session wipes it; a collected cache zeroes it.
+- ``"working_set"``: every position is still sealed as it is written, and the
+  layers also keep their rows' plaintext K/V on the compute device while the
+  sequence is generated, as ``DynamicCache`` would (no per-step decryption;
+  reads are recorded as READ). ``release()`` zeroes and drops that plaintext;
+  the next update or ``restore()`` opens the ciphertext once, verified.
 """
 
 from __future__ import annotations
@@ -36,12 +44,13 @@ from .audit import CacheAuditor
 from .context import LayerContext, MergeSettings, Scratch, check_backend_argument
 from .layer import EncryptedLayer
 from .sliding import SlidingEncryptedLayer
+from .workingset import SlidingWorkingSetLayer, WorkingSetLayer
 
 if TYPE_CHECKING:   # for annotations only: the cache does not import the audit pipeline's log
     from ..audit.log import KVAuditLog
     from ..backends.base import CryptoBackend
 
-__all__ = ["EncryptedCache", "LAYER_TYPE_CLASSES"]
+__all__ = ["EncryptedCache", "LAYER_TYPE_CLASSES", "MODES"]
 
 #: A config's layer type -> the layer class that caches it (the sliding ones take the layer's window).
 LAYER_TYPE_CLASSES: dict[str, type[EncryptedLayer]] = {
@@ -50,8 +59,22 @@ LAYER_TYPE_CLASSES: dict[str, type[EncryptedLayer]] = {
     "chunked_attention": SlidingEncryptedLayer,
 }
 
+#: The same table for the working-set mode: the same layers over a plaintext store (workingset.py).
+WORKING_SET_LAYER_TYPE_CLASSES: dict[str, type[EncryptedLayer]] = {
+    "full_attention": WorkingSetLayer,
+    "sliding_attention": SlidingWorkingSetLayer,
+    "chunked_attention": SlidingWorkingSetLayer,
+}
 
-def _layer_plan(config) -> list[tuple[type[EncryptedLayer], dict]]:
+#: Residency mode -> its layer-type table.
+MODES: dict[str, dict[str, type[EncryptedLayer]]] = {
+    "sealed": LAYER_TYPE_CLASSES,
+    "working_set": WORKING_SET_LAYER_TYPE_CLASSES,
+}
+
+
+def _layer_plan(config, classes: dict[str, type[EncryptedLayer]] = LAYER_TYPE_CLASSES
+                ) -> list[tuple[type[EncryptedLayer], dict]]:
     """The class and init arguments of each cached layer of ``config``.
 
     transformers' ``get_layer_types_and_kwargs`` gives the layer types and their init kwargs: one dict
@@ -67,7 +90,7 @@ def _layer_plan(config) -> list[tuple[type[EncryptedLayer], dict]]:
                          "set(s) of layer arguments; EncryptedCache cannot lay out its layers")
     plan: list[tuple[type[EncryptedLayer], dict]] = []
     for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-        cls = LAYER_TYPE_CLASSES.get(kind)
+        cls = classes.get(kind)
         if cls is None:
             raise ValueError(f"layer {i} is {kind!r}: EncryptedCache supports full, sliding-window and chunked "
                              "attention layers only")
@@ -100,13 +123,16 @@ class EncryptedCache(Cache):
     KVAuditLog, or None for no audit. ``policy``: a KeyRotationPolicy checked
     before each update (a firing policy re-seals that session's chunks under
     the new epoch). ``backend``: a CryptoBackend (default: chosen by the
-    tensors' device).
+    tensors' device). ``mode``: ``"sealed"`` (default: only ciphertext is
+    stored, every update decrypts the layer) or ``"working_set"`` (plaintext
+    kept on the device while generating, sealed as written; ``release()`` /
+    ``generating()`` drop it).
     """
 
     def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit: KVAuditLog | None = None,
                  policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None,
                  merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8,
-                 rows_per_session: int | None = None):
+                 rows_per_session: int | None = None, mode: str = "sealed"):
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
         if getattr(config, "is_encoder_decoder", False):
@@ -131,7 +157,10 @@ class EncryptedCache(Cache):
         if rows_per_session is not None and (isinstance(rows_per_session, bool)
                                              or not isinstance(rows_per_session, int) or rows_per_session < 1):
             raise ValueError(f"rows_per_session must be a positive int or None, got {rows_per_session!r}")
-        plan = _layer_plan(config)
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+        plan = _layer_plan(config, MODES[mode])
+        self.mode = mode
 
         # session slots: the distinct sessions, in order of first appearance
         self._sessions: list[TenantSession] = []
@@ -305,6 +334,62 @@ class EncryptedCache(Cache):
             self._ctx.row_slots = rows
             raise
 
+    # ---- release and restore ----------------------------------------------------------------------
+    def _slots_of(self, session: TenantSession | None) -> list[int] | None:
+        if session is None:
+            return None
+        if not isinstance(session, TenantSession):
+            raise TypeError(f"session must be a TenantSession or None, got {type(session).__name__}")
+        slots = [i for i, s in enumerate(self._sessions) if s is session]
+        if not slots:
+            raise TenantIsolationError(f"tenant {session.tenant_id!r} has no session in this cache")
+        return slots
+
+    def release(self, session: TenantSession | None = None) -> None:
+        """Zero and drop the plaintext of every row (or of ``session``'s rows): only ciphertext remains.
+        One RELEASE record per layer and row. The working-set mode opens it again, verified, at the next
+        update or ``restore()``; in the sealed mode the plaintext scratch is wiped."""
+        slots = self._slots_of(session)
+        if self._ctx.closed:
+            return
+        self.wipe_scratch()
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            rows = (np.arange(layer.row_session_slots.size) if slots is None
+                    else np.flatnonzero(np.isin(layer.row_session_slots, slots)))
+            layer.release_rows(rows)
+
+    @property
+    def released(self) -> bool:
+        """Whether some row's plaintext is released (working-set mode; the sealed mode holds none)."""
+        return any(getattr(layer, "released", False) for layer in self.layers)
+
+    def restore(self) -> None:
+        """Open the released rows of every layer once (working-set mode): every tag is verified before
+        any plaintext is kept (DECRYPT records). A failure raises DecryptionError, and every layer is left
+        released; nothing is returned. A device backend's deferred failures are checked here."""
+        if self._ctx.closed:
+            raise ValueError("this EncryptedCache is closed")
+        try:
+            with self._atomic():
+                for layer in self.layers:
+                    layer.open_released()
+            self._ctx.check_backend()
+        except BaseException:
+            self.release()
+            raise
+
+    @contextlib.contextmanager
+    def generating(self, session: TenantSession | None = None):
+        """``with cache.generating(): model.generate(..., past_key_values=cache)``: the plaintext of every
+        row (or of ``session``'s rows) is released when the block ends, however it ends."""
+        self._slots_of(session)
+        try:
+            yield self
+        finally:
+            self.release(session)
+
     # ---- scratch --------------------------------------------------------------------------------
     def wipe_scratch(self) -> None:
         """Zero the plaintext scratch (the K/V views last returned become zeros)."""
@@ -327,7 +412,7 @@ class EncryptedCache(Cache):
         try:
             self._ctx.check_backend()
         except DecryptionError:
-            self.wipe_scratch()
+            self.release()      # wipes the scratch; a working set that may hold a failed chunk is dropped
             raise
 
     # ---- rotation ---------------------------------------------------------------------------------
@@ -422,4 +507,4 @@ class EncryptedCache(Cache):
         return self.layers[layer_idx].export_entries(row)
 
     def __repr__(self) -> str:
-        return f"EncryptedCache(sessions={len(self._sessions)}, layers={self.layers})"
+        return f"EncryptedCache(mode={self.mode!r}, sessions={len(self._sessions)}, layers={self.layers})"

@@ -175,12 +175,14 @@ class EncryptedLayer(CacheLayerMixin):
         """Everything an operation may change (the table copied: it is updated in place; the arena's bytes
         are kept by reference)."""
         return (self._batch, self.table.copy(), self._row_slots.copy(),
-                None if self.arena is None else self.arena.state(), self._end, self._start)
+                None if self.arena is None else self.arena.state(), self._end, self._start,
+                self._storage_state())
 
     def restore(self, snap: tuple) -> None:
-        self._batch, self.table, self._row_slots, arena, self._end, self._start = snap
+        self._batch, self.table, self._row_slots, arena, self._end, self._start, storage = snap
         if arena is not None:
             self.arena.restore(arena)
+        self._storage_restore(storage)
 
     @contextlib.contextmanager
     def _atomic(self):
@@ -191,6 +193,45 @@ class EncryptedLayer(CacheLayerMixin):
         except BaseException:
             self.restore(snap)
             raise
+
+    # ---- storage hooks (the working-set variant overrides them; the sealed layer holds no plaintext) ----
+    def _storage_state(self):
+        """What the plaintext storage may change in an operation (kept by reference)."""
+        return None
+
+    def _storage_restore(self, state) -> None:
+        pass
+
+    def _open_released(self) -> None:
+        """Before an update writes: open what a release dropped."""
+
+    def _kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The positions just sealed, in the clear (sealed: not kept)."""
+
+    def _visible(self, view_start: int):
+        """The layer's plaintext from the first segment reaching ``view_start``: (K, V, its first position,
+        per-chunk status or None). Sealed: every such chunk decrypted into the scratch."""
+        return self._read_from(view_start)
+
+    def _truncated(self, new_end: int) -> None:
+        """Positions from ``new_end`` on were cropped."""
+
+    def _rows_taken(self, idx: np.ndarray) -> None:
+        """Row r now holds old row ``idx[r]``."""
+
+    def _drop_plaintext(self, rows: np.ndarray) -> None:
+        """Zero and drop the plaintext held for ``rows`` (sealed: none; the cache wipes its scratch)."""
+
+    def release_rows(self, rows: np.ndarray) -> None:
+        """Zero and drop the plaintext of ``rows``, leaving only ciphertext; one RELEASE record per row."""
+        if not self.is_initialized or rows.size == 0:
+            return
+        self._drop_plaintext(rows)
+        self._ctx.auditor.rows(Op.RELEASE, self.layer_idx, self._row_slots[rows], rows, now=True,
+                               pos_start=self._start, pos_count=self._end - self._start)
+
+    def open_released(self) -> None:
+        """Open what a release dropped (sealed: nothing; every update opens the layer)."""
 
     # ---- sealing and opening ---------------------------------------------------------------------
     def _seal(self, k_src, v_src, src_row, dst_row, pos_start, pos_count, io_start, audited: bool,
@@ -289,6 +330,7 @@ class EncryptedLayer(CacheLayerMixin):
         refused = (Op.ENCRYPT, end, n) if n else (Op.DECRYPT, view_start, end - view_start)
         try:
             with self._atomic():    # a failed update leaves the layer as it was
+                self._open_released()
                 if n:
                     rows = np.arange(self._batch, dtype=np.int64)
                     sealed = self._seal(key_states, value_states, rows, rows,
@@ -297,8 +339,9 @@ class EncryptedLayer(CacheLayerMixin):
                                         np.zeros(self._batch, dtype=np.int64), audited=True)
                     self.table.append(end, n, sealed)
                     self._end += n
+                    self._kept(key_states, value_states)
                     refused = (Op.DECRYPT, view_start, self._end - view_start)
-                k, v, base, status = self._read_from(view_start)
+                k, v, base, status = self._visible(view_start)
                 if n and ctx.merge.enabled:
                     try:
                         self._merge_tail(k, v, base, status)
@@ -393,6 +436,7 @@ class EncryptedLayer(CacheLayerMixin):
                     new_counter = self._reseal_last(new_end - int(self.table.start[-1]))
                 self._end = new_end
                 self._start = min(self._start, new_end)
+                self._truncated(new_end)
                 self._ctx.auditor.rows(Op.CROP, self.layer_idx, self._row_slots, np.arange(self._batch),
                                        pos_start=new_end, pos_count=removed,
                                        nonce_counter=new_counter.astype(np.uint64))
@@ -479,6 +523,7 @@ class EncryptedLayer(CacheLayerMixin):
         columns = self.table.take_rows(idx)
         self._record_reorder(idx, moved, self._row_slots)
         self.table.columns = columns
+        self._rows_taken(idx)
 
     def _select_rows(self, idx: np.ndarray) -> None:
         """Row r becomes old row idx[r]: the new state is built, recorded, then put in place in one step."""
@@ -486,6 +531,7 @@ class EncryptedLayer(CacheLayerMixin):
         row_slots = self._row_slots[idx]
         self._record_reorder(idx, np.flatnonzero(idx != np.arange(idx.size)), row_slots)
         self.table.columns, self._row_slots, self._batch = columns, row_slots, int(idx.size)
+        self._rows_taken(idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Row i becomes rows i*repeats .. i*repeats+repeats-1, each keeping row i's session and chunks."""
@@ -561,6 +607,6 @@ class EncryptedLayer(CacheLayerMixin):
         return "full"
 
     def __repr__(self) -> str:
-        return (f"EncryptedLayer(layer={self.layer_idx}, {self._kind()}, rows={self._batch}, "
+        return (f"{type(self).__name__}(layer={self.layer_idx}, {self._kind()}, rows={self._batch}, "
                 f"positions={self.get_seq_length()}, segments={self.num_segments})")
 

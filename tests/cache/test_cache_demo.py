@@ -11,6 +11,8 @@ def test_cache_demo_passes_on_its_own_temporary_log():
     assert run_cache_demo(print_fn=lines.append) == 0
     text = "\n".join(lines)
     assert "output identical to DynamicCache: True" in text
+    assert "output identical to DynamicCache: True; plaintext held while generating: True" in text
+    assert "after the block: released=True, layer.keys is None" in text
     assert "caught: authentication failed for tenant 'bob'" in text
     assert "closed=True" in text and "all checks passed" in text
 

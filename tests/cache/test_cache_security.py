@@ -29,11 +29,11 @@ def kv(batch, n, seed=0, dtype=torch.float32):
     return torch.randn(batch, H, n, D, generator=g).to(dtype), torch.randn(batch, H, n, D, generator=g).to(dtype)
 
 
-def filled(two, audit=None, prefill=6, steps=3, kind="llama", merge=False):
+def filled(two, audit=None, prefill=6, steps=3, kind="llama", merge=False, mode="sealed"):
     """A cache with a prefill and ``steps`` one-position updates in both layers; returns (cache, all K, all V).
 
     Without merging, segment i >= 1 is position prefill + i - 1 (the layout the tamper tests rely on)."""
-    cache = EncryptedCache(tiny_model(kind).config, sessions=two, audit=audit, merge_segments=merge)
+    cache = EncryptedCache(tiny_model(kind).config, sessions=two, audit=audit, merge_segments=merge, mode=mode)
     ks, vs = [], []
     for i, n in enumerate([prefill] + [1] * steps):
         k, v = kv(2, n, seed=i)
@@ -186,14 +186,17 @@ def test_out_of_range_rows_and_layers_are_value_errors(two, call):
         call(cache)
 
 
-def test_closing_a_session_shreds_its_rows_and_is_recorded(two):
+def test_closing_a_session_shreds_its_rows_and_is_recorded(two, mode):
     alice, bob = two
     audit = KVAuditLog()
-    cache, _, _ = filled(two, audit)
+    cache, k, _ = filled(two, audit, mode=mode)
     bob_offsets = cache.layers[0].table.offset[:, 1]
     bob.close()
     layer = cache.layers[0]
     assert not any(layer.ciphertext[int(o):int(o) + 16].any() for o in bob_offsets)
+    if mode == "working_set":      # bob's plaintext is zeroed; alice's stays
+        for lay in cache.layers:
+            assert lay.released and not lay._ws.k[1].any() and torch.equal(lay._ws.k[0, :, :9], k[0])
     with pytest.raises(SessionClosedError):
         read(cache, 0)
     closes = audit.entries(limit=None, operation="close", tenant_id="bob")
@@ -262,10 +265,20 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("reorder"), st.integers(0, 1)),
 ), min_size=3, max_size=10)
 
+OPS_WITH_RELEASE = st.lists(st.one_of(
+    st.tuples(st.just("update"), st.integers(1, 4)),
+    st.tuples(st.just("crop"), st.integers(1, 3)),
+    st.tuples(st.just("rotate"), st.sampled_from(["alice", "bob"])),
+    st.tuples(st.just("reorder"), st.integers(0, 1)),
+    st.tuples(st.just("release"), st.sampled_from(["all", "alice", "bob"])),
+    st.tuples(st.just("restore"), st.just(0)),
+), min_size=3, max_size=10)
 
+
+@pytest.mark.parametrize("mode", ["sealed", "working_set"])
 @settings(max_examples=25, deadline=None)
-@given(ops=OPS)
-def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(ops):
+@given(ops=OPS_WITH_RELEASE)
+def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(mode, ops):
     two = sessions("alice", "bob")
     model_cfg = tiny_model("llama").config
     from pqc_kv_cache.backends.host import HostBackend
@@ -284,7 +297,7 @@ def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(ops):
             return host.encrypt_chunks(keys, layout, chunks, *args, **kwargs)
 
     cache = EncryptedCache(model_cfg, sessions=[two[0], two[0], two[1], two[1]],    # rows 0,1 alice; 2,3 bob
-                           merge_min_segments=2, backend=Recording(threads=1))
+                           merge_min_segments=2, backend=Recording(threads=1), mode=mode)
     seen: dict[tuple, tuple] = {}
     step = 0
 
@@ -309,6 +322,10 @@ def test_key_nonce_pair_never_reused_across_crop_rewrite_and_rotation(ops):
             cache.crop(-arg)
         elif op == "rotate":
             cache.rotate(arg)
+        elif op == "release":
+            cache.release(None if arg == "all" else two[arg == "bob"])
+        elif op == "restore":
+            cache.restore()
         else:
             cache.reorder_cache(torch.tensor([arg, arg, 2 + arg, 2 + arg]))
         record()
@@ -325,6 +342,8 @@ def _apply(cache, op, arg, step, batch):
         cache.crop(0)
     elif op == "reorder":
         cache.reorder_cache(torch.tensor(arg))
+    elif op == "release" and isinstance(cache, EncryptedCache):
+        cache.release()
     return None
 
 
@@ -333,17 +352,19 @@ LAYER_OPS = st.lists(st.one_of(
     st.tuples(st.just("crop"), st.integers(1, 4)),
     st.tuples(st.just("crop0"), st.just(0)),
     st.tuples(st.just("reorder"), st.lists(st.integers(0, 2), min_size=3, max_size=3)),
+    st.tuples(st.just("release"), st.just(0)),
 ), min_size=2, max_size=12)
 
 
+@pytest.mark.parametrize("mode", ["sealed", "working_set"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 @settings(max_examples=30, deadline=None)
 @given(ops=LAYER_OPS, record_past=st.booleans())
-def test_layer_states_match_dynamic_cache_under_any_op_sequence(kind, ops, record_past):
+def test_layer_states_match_dynamic_cache_under_any_op_sequence(kind, mode, ops, record_past):
     from transformers import DynamicCache
     (s,) = sessions("solo")
     cfg = tiny_model(kind).config
-    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=s, merge_min_segments=2)
+    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=s, merge_min_segments=2, mode=mode)
     if record_past:
         ref.activate_past_recording()
         enc.activate_past_recording()
@@ -376,10 +397,10 @@ def test_sliding_crop_past_window_without_recording_is_refused(two):
         cache.layers[0].crop(-1)
 
 
-def test_batch_repeat_interleave_and_select_follow_dynamic_cache(two):
+def test_batch_repeat_interleave_and_select_follow_dynamic_cache(two, mode):
     from transformers import DynamicCache
     cfg = tiny_model("llama").config
-    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=two)
+    ref, enc = DynamicCache(config=cfg), EncryptedCache(cfg, sessions=two, mode=mode)
     for c in (ref, enc):
         c.update(*kv(2, 4), 0)
         c.batch_repeat_interleave(2)
@@ -401,8 +422,8 @@ def test_reset_forgets_everything_and_starts_again(two):
     assert torch.equal(k_out, k) and torch.equal(v_out, v)
 
 
-def test_offload_and_prefetch_keep_the_layer_readable(two):
-    cache, k, _ = filled(two)
+def test_offload_and_prefetch_keep_the_layer_readable(two, mode):
+    cache, k, _ = filled(two, mode=mode)
     layer = cache.layers[0]
     layer.offload()
     layer.prefetch()

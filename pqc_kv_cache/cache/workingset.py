@@ -1,0 +1,329 @@
+"""The working-set storage variant of the cache's layers.
+
+A working-set layer stores what a sealed layer stores (every position sealed as
+it is written, the ciphertext copy always complete) and, while its sequence is
+being generated, the plaintext K/V of its rows on the compute device, as
+transformers' ``DynamicLayer`` would hold them. Reads hand that plaintext to
+attention without decrypting (a READ record per layer × row, one emit per
+layer per step). ``release_rows`` zeroes and drops the plaintext of rows; the
+next update (or ``open_released``) opens their ciphertext once, every tag
+verified before any of it is kept.
+
+The variant differs from the sealed layer only through the layer's storage
+hooks (``_open_released``, ``_kept``, ``_visible``, ``_truncated``,
+``_rows_taken`` and the snapshot pair), in the way transformers' quantized
+layers differ from ``DynamicLayer`` through ``_quantize`` / ``_dequantize``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from ..audit.records import Op
+from .layer import EncryptedLayer
+from .sliding import SlidingEncryptedLayer
+
+__all__ = ["PlaintextStore", "WorkingSetLayer", "SlidingWorkingSetLayer"]
+
+#: Fewest positions a plaintext buffer holds.
+MIN_POSITIONS = 16
+
+
+def _zero_box(box: list) -> None:
+    """Zero every tensor of a store's box (its live buffers and the replaced ones not yet zeroed)."""
+    for t in box[0] + box[1]:
+        t.zero_()
+    box[0], box[1] = [], []
+
+
+class PlaintextStore:
+    """K and V of positions ``[base, end)`` of every row, ``[batch, heads, capacity, dim]`` each, written in place.
+
+    A buffer replaced by growth or row selection is *retired*, not zeroed at once: an operation that fails
+    later puts it back (the layer's snapshot holds it by reference). ``sweep`` zeroes the retired buffers
+    once no snapshot can need them; ``release`` and the collection of the store zero everything."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.base = 0
+        self.end = 0
+        self._box: list = [[], []]        # [live buffers, retired buffers]
+        self._guard = weakref.finalize(self, _zero_box, self._box)
+
+    @property
+    def held(self) -> bool:
+        return self.k is not None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else int(self.k.shape[2])
+
+    def _install(self, k: torch.Tensor, v: torch.Tensor, base: int, end: int) -> None:
+        if self.k is not None and self.k is not k:
+            self._box[1] += [self.k, self.v]
+        self.k, self.v, self.base, self.end = k, v, base, end
+        self._box[0] = [k, v]
+
+    @staticmethod
+    def buffers(batch: int, heads: int, positions: int, dim: int, dtype, device):
+        """Zeroed K and V buffers for ``positions`` positions (with room to grow)."""
+        cap = max(2 * positions, MIN_POSITIONS)
+        return (torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device),
+                torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device))
+
+    def adopt(self, k: torch.Tensor, v: torch.Tensor, base: int, end: int) -> None:
+        """Hold buffers ``k``/``v`` whose index 0 is position ``base``, positions up to ``end`` written."""
+        self._install(k, v, base, end)
+
+    def write(self, k_new: torch.Tensor, v_new: torch.Tensor, keep_from: int) -> None:
+        """Append the positions ``end..end+n`` of ``k_new``/``v_new``; growing moves positions ``keep_from..``
+        (``keep_from`` <= end: the first position any later read may need) into a buffer twice their size."""
+        n = k_new.shape[-2]
+        if self.k is None or self.end + n > self.base + self.capacity:
+            keep_from = min(max(keep_from, self.base if self.k is not None else keep_from), self.end)
+            b, h, _, d = k_new.shape
+            k, v = self.buffers(b, h, self.end + n - keep_from, d, k_new.dtype, k_new.device)
+            if self.k is not None and self.end > keep_from:
+                k[:, :, :self.end - keep_from].copy_(self.k[:, :, keep_from - self.base:self.end - self.base])
+                v[:, :, :self.end - keep_from].copy_(self.v[:, :, keep_from - self.base:self.end - self.base])
+            self._install(k, v, keep_from, self.end)
+        at = self.end - self.base
+        self.k[:, :, at:at + n].copy_(k_new)
+        self.v[:, :, at:at + n].copy_(v_new)
+        self.end += n
+
+    def view(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views ``[batch, heads, end - start, dim]`` of positions ``start..end``."""
+        a, b = start - self.base, end - self.base
+        return self.k[:, :, a:b], self.v[:, :, a:b]
+
+    def truncate(self, end: int) -> None:
+        """Forget positions from ``end`` on; their bytes stay in the buffer (as ``DynamicLayer.crop`` leaves
+        them in its tensor's storage) until overwritten, or zeroed by ``release``."""
+        if end < self.base:
+            self.base = end
+        self.end = min(self.end, end)
+
+    def take_rows(self, idx: np.ndarray) -> None:
+        """Row r becomes old row ``idx[r]`` (new buffers; the old ones are retired)."""
+        if self.k is None:
+            return
+        t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(self.k.device, non_blocking=True)
+        self._install(self.k.index_select(0, t), self.v.index_select(0, t), self.base, self.end)
+
+    def copy_rows(self, rows: np.ndarray, k_src: torch.Tensor, v_src: torch.Tensor, start: int) -> None:
+        """Rows ``rows`` of positions ``start..end`` take those of ``k_src``/``v_src`` (which start at ``start``)."""
+        t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.k.device, non_blocking=True)
+        k, v = self.view(start, self.end)
+        n = self.end - start
+        k.index_copy_(0, t, k_src[:, :, :n].index_select(0, t))
+        v.index_copy_(0, t, v_src[:, :, :n].index_select(0, t))
+
+    def zero_rows(self, rows: np.ndarray) -> None:
+        if self.k is None or rows.size == 0:
+            return
+        t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.k.device, non_blocking=True)
+        self.k.index_fill_(0, t, 0)
+        self.v.index_fill_(0, t, 0)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Zero the retired buffers (those no live state refers to)."""
+        live = self._box[0]
+        for t in self._box[1]:
+            if not any(t is x for x in live):
+                t.zero_()
+        self._box[1] = []
+
+    def release(self) -> None:
+        """Zero and drop every buffer."""
+        _zero_box(self._box)
+        self.k = self.v = None
+        self.base = self.end = 0
+
+    def state(self) -> tuple:
+        return self.k, self.v, self.base, self.end
+
+    def restore(self, state: tuple) -> None:
+        """Put back a state from ``state()``; live buffers made since are zeroed at once (no snapshot taken
+        before them can hold them)."""
+        k, v, base, end = state
+        if self.k is not None and self.k is not k:
+            self.k.zero_()
+            self.v.zero_()
+            self._box[0] = []
+            self.k = self.v = None
+        if k is None:
+            if self.k is not None:
+                self._box[1] += [self.k, self.v]
+            self.k = self.v = None
+            self._box[0] = []
+            self.base, self.end = base, end
+        else:
+            self._install(k, v, base, end)
+
+    def clone(self) -> "PlaintextStore":
+        new = PlaintextStore()
+        if self.k is not None:
+            new.adopt(self.k.clone(), self.v.clone(), self.base, self.end)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "PlaintextStore":
+        return self.clone()
+
+    def __repr__(self) -> str:
+        return f"PlaintextStore(positions={self.base}..{self.end}, held={self.held})"
+
+
+class WorkingSetStorage:
+    """The working-set hooks over ``EncryptedLayer``'s storage (mixed in before it)."""
+
+    residency = "working_set"
+
+    def _clear(self) -> None:
+        super()._clear()
+        self._ws = PlaintextStore()
+        self._released = np.zeros(0, dtype=np.bool_)
+
+    # keys / values: views of the plaintext held (None while released), what a DynamicLayer would hold
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._held_view(0)
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("a working-set layer's keys are its plaintext store; they cannot be set")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._held_view(1)
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("a working-set layer's values are its plaintext store; they cannot be set")
+
+    def _held_view(self, which: int):
+        ws = self.__dict__.get("_ws")
+        if ws is None or not ws.held or self._released.any():
+            return None
+        return ws.view(max(self._start, ws.base), self._end)[which]
+
+    @property
+    def released(self) -> bool:
+        """Whether some row's plaintext is not held (the next update or ``open_released`` opens it)."""
+        return bool(self.is_initialized and self._released.any())
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._released = np.zeros(self._batch, dtype=np.bool_)
+
+    # ---- hooks --------------------------------------------------------------------------------------------
+    def _storage_state(self):
+        return self._ws.state(), self._released.copy()
+
+    def _storage_restore(self, state) -> None:
+        ws, released = state
+        self._ws.restore(ws)
+        self._released = released
+
+    def _open_released(self) -> None:
+        """Open the ciphertext of the released rows into the plaintext store: all tags verified (DECRYPT
+        records) before the store takes any of it; a failure leaves the rows released and raises."""
+        self._ws.sweep()
+        rows = np.flatnonzero(self._released)
+        if rows.size == 0:
+            return
+        first = int(self.table.start[0]) if self.num_segments else self._end
+        self._check_covered(0, first)
+        k, v = PlaintextStore.buffers(self._batch, self.num_heads, self._end - first, self.head_dim,
+                                      self.dtype, self.device)
+        try:
+            self._open(np.arange(self.num_segments), rows, k, v, first)
+            if not self._ws.held:
+                self._ws.adopt(k, v, first, self._end)
+                k = v = None
+            else:
+                self._ws.copy_rows(rows, k, v, first)
+        finally:
+            if k is not None:
+                k.zero_()
+                v.zero_()
+        self._released[rows] = False
+
+    def _kept(self, key_states, value_states) -> None:
+        first = int(self.table.start[0]) if self.num_segments else self._end
+        self._ws.write(key_states, value_states, keep_from=first)
+
+    def _visible(self, view_start: int):
+        i0 = self.table.first_reaching(view_start)
+        self._check_covered(i0, view_start)
+        base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
+        k, v = self._ws.view(base, self._end)
+        auditor = self._ctx.auditor
+        if auditor.enabled:
+            count = self._end - view_start
+            auditor.rows(Op.READ, self.layer_idx, self._row_slots, self._all_rows(), pos_start=view_start,
+                         pos_count=count, nbytes=count * self._bytes_per_position)
+        return k, v, base, None
+
+    def _all_rows(self) -> np.ndarray:
+        rows = self.__dict__.get("_rows_cache")
+        if rows is None or rows.size != self._batch:
+            rows = self._rows_cache = np.arange(self._batch, dtype=np.int64)
+        return rows
+
+    def _truncated(self, new_end: int) -> None:
+        self._ws.truncate(new_end)
+
+    def _rows_taken(self, idx: np.ndarray) -> None:
+        self._ws.take_rows(idx)
+        self._released = self._released[idx]
+
+    # ---- release, offload, sessions -----------------------------------------------------------------------
+    def _drop_plaintext(self, rows: np.ndarray) -> None:
+        """Zero and drop the plaintext of ``rows`` (all rows: the whole store); only ciphertext remains."""
+        if not self.is_initialized or rows.size == 0:
+            return
+        self._released[rows] = True
+        if self._released.all():
+            self._ws.release()
+        else:
+            self._ws.zero_rows(rows)
+
+    def open_released(self) -> None:
+        if self.is_initialized:
+            with self._atomic():
+                self._open_released()
+
+    def offload(self) -> None:
+        """Drop the device plaintext (zeroed) and move only the ciphertext to host memory."""
+        if self.is_initialized:
+            self.release_rows(np.arange(self._batch))
+        super().offload()
+
+    def prefetch(self) -> None:
+        """Bring the ciphertext back to the compute device and open it (every tag verified)."""
+        super().prefetch()
+        self.open_released()
+
+    def shred_rows(self, rows: np.ndarray) -> None:
+        super().shred_rows(rows)
+        self._drop_plaintext(rows)
+
+    def reset(self) -> None:
+        self._ws.release()
+        super().reset()
+
+
+class WorkingSetLayer(WorkingSetStorage, EncryptedLayer):
+    """A full-attention layer in the working-set mode."""
+
+
+class SlidingWorkingSetLayer(WorkingSetStorage, SlidingEncryptedLayer):
+    """A sliding-window (or chunked) attention layer in the working-set mode."""
