@@ -22,12 +22,12 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pqc_kv_cache.audit.records import RECORD_DTYPE
 from pqc_kv_cache.backends import kernel_host as kh
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot, select_backend
 from pqc_kv_cache.backends.cuda import CudaBackend, DeviceProps, kernel_source
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
+from support.audit_fakes import FakeLog
 
 
 def _has_cuda() -> bool:
@@ -193,45 +193,6 @@ def env(request):
     if not kh.available():
         pytest.skip("no C++ compiler for the host shim")
     return CpuTwinBackend(), torch.device("cpu")
-
-
-class FakeRing:
-    """Test double of the CUDA audit ring: slots reserved as fresh device tensors, record numbers
-    dense, reserve / commit bookkeeping."""
-
-    def __init__(self, device, capacity=1 << 14):
-        self.device = device
-        self.capacity = capacity
-        self.views = []
-        self.next_no = 500
-        self.committed = []
-
-    def reserve(self, n):
-        assert 1 <= n <= self.capacity
-        view = torch.zeros((n, 64), dtype=torch.uint8, device=self.device)
-        self.views.append(view)
-        first = self.next_no
-        self.next_no += n
-        return view, first
-
-    def commit(self, n, first_no=None):
-        self.committed.append((first_no, n))
-
-    def records(self):
-        return torch.cat(self.views).cpu().numpy().view(RECORD_DTYPE).reshape(-1)
-
-
-class FakeLog:
-    def __init__(self, device, capacity=1 << 14):
-        self.ring = FakeRing(device, capacity)
-        self.emitted = []
-        self._tenant_ids = ["tenant-0", "tenant-1"]
-
-    def cuda_ring(self, device):
-        return self.ring
-
-    def emit(self, op, **fields):
-        self.emitted.append((int(op), fields))
 
 
 def _slots():

@@ -10,7 +10,7 @@ import pytest
 from pqc_kv_cache.audit import NONE16, RECORD_DTYPE, RECORD_SIZE, Op, Status
 from pqc_kv_cache.audit.records import OP_NAMES, op_from_name
 
-HEADER_DIR = os.path.join(os.path.dirname(__file__), "..", "kernels")
+HEADER_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "kernels")
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
