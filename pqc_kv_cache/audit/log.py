@@ -249,8 +249,9 @@ class KVAuditLog:
             position, position_count = 0, 0
         elif position_count == 0:
             position_count = 1
-        s = self.session_index(session_id, tenant_id)     # checks both ids before registering either
-        t = self.tenant_index(tenant_id)
+        names = self._names
+        s = names.session_index(session_id, tenant_id)     # checks both ids before registering either
+        t = names.tenant_index(tenant_id)
         _, ints, arrays = prepare((t, s, layer_idx, row, position, position_count, sequence_number,
                                    epoch, nbytes, status, 0))
         return self._write(int(op), 1, ints, arrays, details)

@@ -117,7 +117,8 @@ class DetailTexts:
         check_text("details", text, DETAILS_MAX_BYTES)
 
     def add(self, record_no: int, text: str) -> None:
-        """Attach ``text`` to ``record_no`` (the caller holds the lock that numbers records)."""
+        """Attach ``text`` to ``record_no`` (the caller holds the lock that numbers records, so texts are
+        added in record-number order)."""
         self._texts[record_no] = text
         if self._persist:
             self._pending[record_no] = text

@@ -167,7 +167,7 @@ def test_forged_chain_recomputed_to_the_end_names_the_changed_record(logfile, ca
 
 
 def test_swapped_record_frames_are_reported_as_reordered_not_deleted(logfile):
-    (o1, f1, c1), (o2, f2, c2) = record_frame(logfile, 30), record_frame(logfile, 40)
+    (o1, f1, _), (o2, _, _) = record_frame(logfile, 30), record_frame(logfile, 40)
     data = open(logfile, "rb").read()
     a = data[o1:o1 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o1)[1] + 32]
     b = data[o2:o2 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o2)[1] + 32]
