@@ -234,7 +234,7 @@ class KVAuditLog:
             ring = self._alloc.attach(dev, CudaAuditRing(self._alloc, dev, capacity or self._ring.capacity))
         return ring
 
-    # -- earlier-library API ------------------------------------------------------------
+    # -- the API of PQC KV Cache Encryption 0.1.0 ------------------------------------------------------------
     def _emit_one(self, op: Op, tenant_id, session_id, layer_idx, position, position_count, row,
                   sequence_number, epoch, nbytes, status: int, details) -> int:
         if details is not None and not isinstance(details, str):

@@ -65,7 +65,7 @@ class Status(enum.IntEnum):
     ERROR = 3
 
 
-# The strings of the earlier library ("encrypt", "decrypt", "rotate", "isolation-violation")
+# The strings of PQC KV Cache Encryption 0.1.0 ("encrypt", "decrypt", "rotate", "isolation-violation")
 # and the new operations.
 OP_NAMES = {
     Op.ENCRYPT: "encrypt",
@@ -82,7 +82,7 @@ _OPS_BY_NAME["isolation_violation"] = Op.ISOLATION_VIOLATION
 
 
 def op_from_name(name: "str | Op") -> Op:
-    """Op of an operation name (earlier-library strings accepted); ValueError if unknown."""
+    """Op of an operation name (the 0.1.0 strings accepted); ValueError if unknown."""
     if isinstance(name, Op):
         return name
     try:
