@@ -190,15 +190,15 @@ class TenantIsolationManager:
         try:
             out = encryptor.encrypt(entry)
         except KeyRotationRequiredError:
-            self._log("log_encrypt", session, m.layer_idx, m.position, 0, False, "rotation required",
-                      m.position_count, session.epoch, entry.plaintext_size())
+            self._log_encrypt(session, m.layer_idx, m.position, 0, False, "rotation required",
+                              m.position_count, session.epoch, entry.plaintext_size())
             raise
         except KVCacheError as exc:  # expired, closed or forked session: a failure on record too
-            self._log("log_encrypt", session, m.layer_idx, m.position, 0, False,
-                      f"{type(exc).__name__}: {exc}", m.position_count, session.epoch, entry.plaintext_size())
+            self._log_encrypt(session, m.layer_idx, m.position, 0, False,
+                              f"{type(exc).__name__}: {exc}", m.position_count, session.epoch, entry.plaintext_size())
             raise
-        self._log("log_encrypt", session, m.layer_idx, m.position, out.sequence_number, True, None,
-                  m.position_count, out.epoch, entry.plaintext_size())
+        self._log_encrypt(session, m.layer_idx, m.position, out.sequence_number, True, None,
+                          m.position_count, out.epoch, entry.plaintext_size())
         return out
 
     def decrypt(self, tenant_id: str, entry: EncryptedEntry) -> KVCacheEntry:
@@ -217,27 +217,37 @@ class TenantIsolationManager:
         try:
             out = decryptor.decrypt(entry)
         except (DecryptionError, SessionExpiredError) as exc:
-            self._log("log_decrypt", session, m.layer_idx, m.position, entry.sequence_number, False, str(exc),
-                      m.position_count, entry.epoch, entry.plaintext_size)
+            self._log_decrypt(session, m.layer_idx, m.position, entry.sequence_number, False, str(exc),
+                              m.position_count, entry.epoch, entry.plaintext_size)
             raise
         except Exception as exc:  # replay and malformed entries are failures on record too
-            self._log("log_decrypt", session, m.layer_idx, m.position, entry.sequence_number, False,
-                      f"{type(exc).__name__}: {exc}", m.position_count, entry.epoch, entry.plaintext_size)
+            self._log_decrypt(session, m.layer_idx, m.position, entry.sequence_number, False,
+                              f"{type(exc).__name__}: {exc}", m.position_count, entry.epoch, entry.plaintext_size)
             raise
-        self._log("log_decrypt", session, m.layer_idx, m.position, entry.sequence_number, True, None,
-                  m.position_count, entry.epoch, entry.plaintext_size)
+        self._log_decrypt(session, m.layer_idx, m.position, entry.sequence_number, True, None,
+                          m.position_count, entry.epoch, entry.plaintext_size)
         return out
 
     # ---- audit helpers ------------------------------------------------------------
-    def _log(self, method: str, session: TenantSession, layer: int, position: int, seq: int, ok: bool,
-             details: str | None, count: int, epoch: int, nbytes: int) -> None:
-        if self.audit is None:
-            return
+    def _log_encrypt(self, session: TenantSession, layer: int, position: int, seq: int, ok: bool,
+                     details: str | None, count: int, epoch: int, nbytes: int) -> None:
+        if self.audit is not None:
+            self._record(self.audit.log_encrypt, session, layer, position, seq, ok, details, count, epoch, nbytes)
+
+    def _log_decrypt(self, session: TenantSession, layer: int, position: int, seq: int, ok: bool,
+                     details: str | None, count: int, epoch: int, nbytes: int) -> None:
+        if self.audit is not None:
+            self._record(self.audit.log_decrypt, session, layer, position, seq, ok, details, count, epoch, nbytes)
+
+    @staticmethod
+    def _record(log_call, session: TenantSession, layer: int, position: int, seq: int, ok: bool,
+                details: str | None, count: int, epoch: int, nbytes: int) -> None:
+        """One record through ``log_call``, its fields clamped into the record's ranges (noted in details)."""
         f, note = _recordable(layer_idx=layer, position=position, sequence_number=seq, position_count=count,
                               epoch=epoch, nbytes=nbytes)
-        getattr(self.audit, method)(session.tenant_id, session.session_id, f["layer_idx"], f["position"],
-                                    f["sequence_number"], ok, _with_note(details, note),
-                                    position_count=f["position_count"], epoch=f["epoch"], nbytes=f["nbytes"])
+        log_call(session.tenant_id, session.session_id, f["layer_idx"], f["position"], f["sequence_number"], ok,
+                 _with_note(details, note), position_count=f["position_count"], epoch=f["epoch"],
+                 nbytes=f["nbytes"])
 
     def _violation(self, tenant_id: str, session: TenantSession, target: str, layer: int, position: int,
                    count: int, what: str):

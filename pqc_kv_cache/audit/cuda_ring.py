@@ -30,9 +30,9 @@ import threading
 
 import numpy as np
 
-from ..errors import AuditError, BackendUnavailableError
-from .records import NONE16, RECORD_DTYPE, RECORD_SIZE, Op, Status
-from .ring import field_int
+from ..errors import BackendUnavailableError
+from .fields import check_int, field_int
+from .records import NONE16, RECORD_DTYPE, RECORD_SIZE, RECORD_WORDS, Op, Status
 
 __all__ = ["CudaAuditRing"]
 
@@ -76,32 +76,30 @@ def _template(op, tenant_idx, session_idx, layer) -> np.ndarray:
     return t
 
 
-def _as_i32(v: int) -> int:
-    """A u32 field value as the int32 with the same bits (torch has no uint32 arithmetic)."""
-    return v - (1 << 32) if v >= (1 << 31) else v
-
-
-def _as_i16(v: int) -> int:
-    return v - (1 << 16) if v >= (1 << 15) else v
-
-
-def _as_i64(v: int) -> int:
-    return v - (1 << 64) if v >= (1 << 63) else v
+def _signed(v: int, width: int) -> int:
+    """A field value as the signed integer of ``width`` bytes with the same bits (torch has no wide unsigned
+    arithmetic); single bytes are written through the uint8 view as they are."""
+    if width == 1:
+        return v
+    bits = 8 * width
+    return v - (1 << bits) if v >= (1 << (bits - 1)) else v
 
 
 class CudaAuditRing:
-    """Device ring of one CUDA device, owned by a KVAuditLog (``log.cuda_ring(device)``)."""
+    """Device ring of one CUDA device, fed into a KVAuditLog (``log.cuda_ring(device)``).
 
-    def __init__(self, log, device, capacity: int):
+    ``allocator``: the log's RecordAllocator (``log.allocator``): record
+    numbers, the log's lock, its failure state and the drain's wake-ups.
+    """
+
+    def __init__(self, allocator, device, capacity: int):
         import torch
 
         self._torch = torch
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"ring capacity must be a positive int, got {capacity!r}")
+        self.capacity = capacity = check_int("ring capacity", capacity, 1)
         self.device = torch.device(device)
-        self.capacity = capacity
-        self._log = log
-        self._space = threading.Condition(log._lock)
+        self._alloc = allocator
+        self._space = allocator.space_condition()
         self._allocate()
         self._staging_np = self.staging.numpy().view(RECORD_DTYPE).reshape(capacity)
         self._head = 0            # slot counter reserved so far (incl. skipped tails); only grows
@@ -146,22 +144,15 @@ class CudaAuditRing:
         return event.query()
 
     # -- compute side (host work only, no device synchronisation) -----------------------
-    def _check_open(self) -> None:
-        log = self._log
-        if log._closed:
-            raise AuditError("the audit log is closed")
-        if log._error is not None:
-            raise AuditError(f"the audit pipeline failed: {log._error}") from log._error
-
     def _take_slots(self, n: int, first_no: int | None, template) -> _Reservation:
         """Wait for ``n`` contiguous slots (the drain frees them) and take them; the caller holds the lock.
 
         New record numbers are allocated unless ``first_no`` is given (a piece of an oversize reservation).
         """
-        log = self._log
+        alloc = self._alloc
         stalled = False
         while True:
-            self._check_open()
+            alloc.check_open()
             s = self._head % self.capacity
             skip = self.capacity - s if s + n > self.capacity else 0
             if skip and self._head == self._tail:
@@ -173,15 +164,14 @@ class CudaAuditRing:
             if self._head + skip + n - self._tail <= self.capacity:
                 break
             if not stalled:
-                log._stalls += 1
+                alloc.stalls += 1
                 stalled = True
-            log._work.notify()
+            alloc.work.notify()
             self._space.wait(0.1)     # re-checks closed / failed while waiting for the drain
         slot = (self._head + skip) % self.capacity
         self._head += skip + n
         if first_no is None:
-            first_no = log._next_no
-            log._next_no += n
+            first_no = alloc.take(n)
         res = _Reservation(first_no, n, slot, skip + n, threading.get_ident(), template)
         self._res.append(res)
         return res
@@ -194,21 +184,21 @@ class CudaAuditRing:
         reserved in a scratch buffer of their own; ``commit`` copies them through the ring in pieces,
         waiting for the drain between pieces (back-pressure, never a refusal for size).
         """
-        if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 1:
-            raise ValueError(f"reserve needs a positive number of records, got {n!r}")
-        n = int(n)
+        try:
+            n = check_int("reserve: the number of records", n, 1)
+        except TypeError as e:   # a count that is no int is a bad value here, as it always was
+            raise ValueError(str(e)) from None
         template = _template(int(op), field_int("tenant_idx", tenant_idx), field_int("session_idx", session_idx),
                              field_int("layer", layer))
-        log = self._log
+        alloc = self._alloc
         if n <= self.capacity:
-            with log._lock:
+            with alloc.lock:
                 res = self._take_slots(n, None, template)
             return self.buf[res.slot:res.slot + n], res.first_no
         buf = self._scratch(n)
-        with log._lock:
-            self._check_open()
-            first = log._next_no
-            log._next_no += n
+        with alloc.lock:
+            alloc.check_open()
+            first = alloc.take(n)
             self._oversize.append(_Oversize(first, n, buf, threading.get_ident(), template))
         return buf, first
 
@@ -242,8 +232,8 @@ class CudaAuditRing:
         cannot be enqueued, the records are abandoned (ERROR records stand
         in for them) and the error is raised: the log never waits on them.
         """
-        log = self._log
-        with log._lock:
+        alloc = self._alloc
+        with alloc.lock:
             res = self._claim(n, first_no, "commit")
         if isinstance(res, _Oversize):
             self._commit_oversize(res)
@@ -253,19 +243,18 @@ class CudaAuditRing:
         except BaseException:
             self._fail(res)
             raise
-        with log._lock:
+        with alloc.lock:
             res.event = copied
-            log._emitted += n
-            log._work.notify()
+            alloc.committed(n)
 
     def _commit_oversize(self, big: _Oversize) -> None:
         """Copy an oversize reservation through the ring in pieces; what cannot be copied is abandoned."""
-        log = self._log
+        alloc = self._alloc
         done = 0
         try:
             while done < big.n:
                 k = min(self.capacity, big.n - done)
-                with log._lock:
+                with alloc.lock:
                     res = self._take_slots(k, big.first_no + done, big.template)
                     res.event = False
                 try:
@@ -274,18 +263,17 @@ class CudaAuditRing:
                 except BaseException:
                     self._fail(res)
                     raise
-                with log._lock:
+                with alloc.lock:
                     res.event = copied
-                    log._emitted += k
-                    log._work.notify()
+                    alloc.committed(k)
                 done += k
         except BaseException:
             self._fail_range(big, done)
             raise
         finally:
-            with log._lock:
+            with alloc.lock:
                 self._oversize.remove(big)
-                log._work.notify()
+                alloc.work.notify()
 
     def abandon(self, n: int, first_no: int | None = None) -> None:
         """Give up a reservation whose records will not be written (the launch that was to write them raised).
@@ -295,22 +283,21 @@ class CudaAuditRing:
         ``reserve``, for its record numbers, so the log stays dense and
         nothing waits for them.
         """
-        log = self._log
-        with log._lock:
+        alloc = self._alloc
+        with alloc.lock:
             res = self._claim(n, first_no, "abandon")
         if isinstance(res, _Oversize):
             self._fail_range(res, 0)
-            with log._lock:
+            with alloc.lock:
                 self._oversize.remove(res)
         else:
             self._fail(res)
 
     def _fail(self, res: _Reservation) -> None:
-        with self._log._lock:
+        with self._alloc.lock:
             res.failed = True
             res.event = _FAILED
-            self._log._emitted += res.n
-            self._log._work.notify()
+            self._alloc.committed(res.n)
 
     def _fail_range(self, big: _Oversize, done: int) -> None:
         """ERROR records for records ``done ..`` of an oversize reservation, handed to the drain directly."""
@@ -318,10 +305,9 @@ class CudaAuditRing:
             return
         recs = np.repeat(big.template, big.n - done)
         recs["record_no"] = np.arange(big.first_no + done, big.first_no + big.n, dtype=np.uint64)
-        with self._log._lock:
+        with self._alloc.lock:
             self._stand_ins.append((big.first_no + done, recs))
-            self._log._emitted += big.n - done
-            self._log._work.notify()
+            self._alloc.committed(big.n - done)
 
     @contextlib.contextmanager
     def reservation(self, n: int, *, op: int = 0, tenant_idx: int = 0, session_idx: int = 0,
@@ -375,7 +361,8 @@ class CudaAuditRing:
                 raise TypeError(f"{name} must be an int or a 1-D integer tensor, got {type(v).__name__}")
         n = 1 if n is None else n
         if n == 0:
-            return self._log._next_no
+            with self._alloc.lock:
+                return self._alloc.next_no
         scalar = {k: (v if isinstance(v, int) else 0) for k, v in fields.items()}
         with self.reservation(n, op=op, tenant_idx=scalar["tenant_idx"], session_idx=scalar["session_idx"],
                               layer=scalar["layer"] if isinstance(fields["layer"], int) else NONE16) as (view, first):
@@ -383,33 +370,23 @@ class CudaAuditRing:
         return first
 
     def _fill(self, view, first: int, n: int, op: int, fields: dict) -> None:
-        """Write ``n`` records into ``view`` with torch ops on the current stream."""
+        """Write ``n`` records into ``view`` with torch ops on the current stream (layout: RECORD_WORDS)."""
         torch = self._torch
-        w64 = view.view(torch.int64)    # [n, 8]
-        w32 = view.view(torch.int32)    # [n, 16]
-        w16 = view.view(torch.int16)    # [n, 32]
+        words = {8: view.view(torch.int64), 4: view.view(torch.int32), 2: view.view(torch.int16), 1: view}
 
-        def put(col, v, conv):
+        def col(name):
+            width, index = RECORD_WORDS[name]
+            return words[width][:, index]
+
+        col("record_no").copy_(torch.arange(first, first + n, dtype=torch.int64, device=view.device))
+        col("host_ts_ns").fill_(0)      # set by the drain
+        col("flags").fill_(0)
+        col("op").fill_(op)
+        for name, v in fields.items():
             if isinstance(v, int):
-                col.fill_(conv(v))
+                col(name).fill_(_signed(v, RECORD_WORDS[name][0]))
             else:
-                col.copy_(v)
-
-        w64[:, 0] = torch.arange(first, first + n, dtype=torch.int64, device=view.device)
-        w64[:, 1].fill_(0)
-        put(w64[:, 2], fields["device_ts_ns"], _as_i64)
-        put(w64[:, 3], fields["nonce_counter"], _as_i64)
-        put(w32[:, 8], fields["pos_start"], _as_i32)
-        put(w32[:, 9], fields["pos_count"], _as_i32)
-        put(w32[:, 10], fields["tenant_idx"], _as_i32)
-        put(w32[:, 11], fields["session_idx"], _as_i32)
-        put(w32[:, 12], fields["epoch"], _as_i32)
-        put(w32[:, 13], fields["nbytes"], _as_i32)
-        put(w16[:, 28], fields["layer"], _as_i16)
-        put(w16[:, 29], fields["row"], _as_i16)
-        w16[:, 31].fill_(0)
-        view[:, 60].fill_(op)
-        put(view[:, 61], fields["status"], int)
+                col(name).copy_(v)
 
     # -- drain side ---------------------------------------------------------------
     def collect(self):
@@ -418,8 +395,8 @@ class CudaAuditRing:
         Returns (chunks, still_waiting) where still_waiting says that some
         committed copy has not completed yet.  Called by the drain thread only.
         """
-        log = self._log
-        with log._lock:
+        alloc = self._alloc
+        with alloc.lock:
             ready = [r for r in self._res if r.event is not None and r.event is not False and not r.taken]
             stand_ins, self._stand_ins = self._stand_ins, []
         out = []
@@ -433,13 +410,13 @@ class CudaAuditRing:
             else:
                 recs = self._staging_np[r.slot:r.slot + r.n].copy()
             recs["record_no"] = np.arange(r.first_no, r.first_no + r.n, dtype=np.uint64)
-            recs["host_ts_ns"] = log._clock()
+            recs["host_ts_ns"] = alloc.clock()
             out.append((r.first_no, recs))
             r.taken = True
         for first, recs in stand_ins:
-            recs["host_ts_ns"] = log._clock()
+            recs["host_ts_ns"] = alloc.clock()
             out.append((first, recs))
-        with log._lock:
+        with alloc.lock:
             freed = False
             while self._res and self._res[0].taken:
                 self._tail += self._res.popleft().span

@@ -7,10 +7,12 @@ Python object is built per record on the hot path.
 from __future__ import annotations
 
 import enum
+import struct
 
 import numpy as np
 
-__all__ = ["RECORD_DTYPE", "RECORD_SIZE", "Op", "Status", "NONE16", "OP_NAMES", "op_from_name"]
+__all__ = ["RECORD_DTYPE", "RECORD_SIZE", "RECORD_STRUCT", "RECORD_WORDS", "Op", "Status", "NONE16", "OP_NAMES",
+           "op_from_name"]
 
 RECORD_DTYPE = np.dtype([
     ("record_no", "<u8"),
@@ -31,6 +33,16 @@ RECORD_DTYPE = np.dtype([
 ])
 RECORD_SIZE = RECORD_DTYPE.itemsize
 assert RECORD_SIZE == 64
+
+# The same layout as a struct (fields in RECORD_DTYPE order, no padding), for packing one record in one call.
+RECORD_STRUCT = struct.Struct("<" + "".join({1: "B", 2: "H", 4: "I", 8: "Q"}[RECORD_DTYPE[name].itemsize]
+                                            for name in RECORD_DTYPE.names))
+assert RECORD_STRUCT.size == RECORD_SIZE
+# Each field as (width in bytes, index) in the record viewed as an array of words of its width: the
+# layout of code that writes records through integer views (torch has no structured tensors).
+RECORD_WORDS = {name: (RECORD_DTYPE[name].itemsize, RECORD_DTYPE.fields[name][1] // RECORD_DTYPE[name].itemsize)
+                for name in RECORD_DTYPE.names}
+assert all(RECORD_DTYPE.fields[name][1] == w * i for name, (w, i) in RECORD_WORDS.items())
 
 NONE16 = 0xFFFF
 
@@ -55,7 +67,7 @@ class Status(enum.IntEnum):
     ERROR = 3
 
 
-# The strings of the earlier library ("encrypt", "decrypt", "rotate", "isolation-violation")
+# The strings of PQC KV Cache Encryption 0.1.0 ("encrypt", "decrypt", "rotate", "isolation-violation")
 # and the new operations.
 OP_NAMES = {
     Op.ENCRYPT: "encrypt",
@@ -74,7 +86,7 @@ _OPS_BY_NAME["isolation_violation"] = Op.ISOLATION_VIOLATION
 
 
 def op_from_name(name: "str | Op") -> Op:
-    """Op of an operation name (earlier-library strings accepted); ValueError if unknown."""
+    """Op of an operation name (the 0.1.0 strings accepted); ValueError if unknown."""
     if isinstance(name, Op):
         return name
     try:

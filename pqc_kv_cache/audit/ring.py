@@ -15,50 +15,22 @@ segment is a contiguous run of record numbers.
 
 from __future__ import annotations
 
-import struct
+import operator
 
 import numpy as np
 
-from .records import RECORD_DTYPE
+from .fields import VALUE_FIELDS, check_int
+from .records import RECORD_DTYPE, RECORD_STRUCT
 
-__all__ = ["HostRing", "FIELD_LIMITS", "field_int"]
+__all__ = ["HostRing"]
 
-# Upper bound (inclusive) of each writable field, for input checks at the door.
-FIELD_LIMITS = {
-    "tenant_idx": 0xFFFF_FFFF,
-    "session_idx": 0xFFFF_FFFF,
-    "layer": 0xFFFF,
-    "row": 0xFFFF,
-    "pos_start": 0xFFFF_FFFF,
-    "pos_count": 0xFFFF_FFFF,
-    "nonce_counter": 0xFFFF_FFFF_FFFF_FFFF,
-    "epoch": 0xFFFF_FFFF,
-    "nbytes": 0xFFFF_FFFF,
-    "status": 0xFF,
-    "device_ts_ns": 0xFFFF_FFFF_FFFF_FFFF,
-}
-
-
-
-def field_int(name: str, v) -> int:
-    """A scalar audit field as a Python int within its range: ints and numpy integers, never a bool."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if not 0 <= v <= FIELD_LIMITS[name]:
-        raise ValueError(f"{name}={v} is out of range 0..{FIELD_LIMITS[name]}")
-    return v
-
-
-# Order of the value tuple the emitters pass to ``HostRing.write``.
-VALUE_FIELDS = ("tenant_idx", "session_idx", "layer", "row", "pos_start", "pos_count",
-                "nonce_counter", "epoch", "nbytes", "status", "device_ts_ns")
-
-# The record in field order (kernels/pqc_audit_record.h), for packing a template in one call.
-_PACK = struct.Struct("<QQQQIIIIIIHHBBH")
-assert _PACK.size == RECORD_DTYPE.itemsize
+_PACK = RECORD_STRUCT
 _SLOT = np.dtype(f"V{_PACK.size}")
-
+# The packing order after record_no, as positions in (*scalar values in VALUE_FIELDS order, op, host_ts_ns, flags)
+_EXTRA = ("op", "host_ts_ns", "flags")
+_PICK = operator.itemgetter(*((VALUE_FIELDS + _EXTRA).index(name) for name in RECORD_DTYPE.names[1:]))
+assert RECORD_DTYPE.names[0] == "record_no"
+assert sorted(RECORD_DTYPE.names[1:]) == sorted(VALUE_FIELDS + _EXTRA)
 
 
 class HostRing:
@@ -70,9 +42,7 @@ class HostRing:
     """
 
     def __init__(self, capacity: int):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"ring capacity must be a positive int, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = capacity = check_int("ring capacity", capacity, 1)
         self.buf = np.zeros(capacity, dtype=RECORD_DTYPE)
         # One view per field, made once: slicing a view is much cheaper than
         # indexing the structured array by name on every write.
@@ -92,8 +62,7 @@ class HostRing:
     def pack_args(self, op: int, ints, host_ts: int) -> tuple:
         """Arguments of ``_PACK`` after record_no for a batch whose scalar fields are ``ints``
         (VALUE_FIELDS order, 0 where the field is array-valued)."""
-        v = ints
-        return (host_ts, v[10], v[6], v[4], v[5], v[0], v[1], v[7], v[8], v[2], v[3], op, v[9], 0)
+        return _PICK((*ints, op, host_ts, 0))
 
     def write(self, first_no: int, done: int, k: int, pack_args: tuple, arrays: list) -> None:
         """Write records ``done .. done+k`` of a batch (``k <= contiguous_room()``) into the next slots.

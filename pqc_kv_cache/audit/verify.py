@@ -1,4 +1,4 @@
-"""Verification and reading of a persisted audit log (format v1, see sink.py and docs/audit.md).
+"""Verification and reading of a persisted audit log (format v1, see fileformat.py, sink.py and docs/audit.md).
 
 ``verify_log`` walks every frame, recomputes the hash chain, checks record
 numbering, record locators, checkpoint signatures and the seal, and returns a
@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 
 from ..errors import AuditError
 from .records import RECORD_DTYPE, RECORD_SIZE
-from .sink import (CKPT2_HEAD, CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC,
+from .fileformat import (CKPT2_HEAD, CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC,
                    OPEN_SEAL_MAGIC, RCVR_BODY, RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSIONS,
                    checkpoint_message, checkpoint_message_v2, load_public_key, pub_path, public_key_fingerprint,
                    record_locators, reopen_message, seal_message, seal_path)
@@ -123,7 +123,6 @@ def verify_log(path, public_key=None, *, collect=False) -> VerifyReport:
 
 
 def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
-    path = rep.path
     if len(data) < HEADER.size:
         return rep.fail(f"not an audit log: {len(data)} bytes, shorter than the header", 0)
     magic, version, rsize, halg, salg, _, file_id, fpr = HEADER.unpack_from(data, 0)

@@ -534,10 +534,7 @@ class CudaBackend(CryptoBackend):
                          pos_count=int(r["pos_count"]), nonce_counter=int(r["nonce_counter"]),
                          epoch=int(r["epoch"]), nbytes=int(r["nbytes"]), status=Status.AUTH_FAILED,
                          device_ts_ns=int(r["device_ts_ns"]))
-            tenant_id = None
-            names = getattr(log, "_tenant_ids", None) if log is not None else None
-            if names is not None and int(r["tenant_idx"]) < len(names):
-                tenant_id = names[int(r["tenant_idx"])]
+            tenant_id = log.tenant_id_of(int(r["tenant_idx"])) if log is not None else None
             found.append((call, {"tenant_idx": int(r["tenant_idx"]), "tenant_id": tenant_id,
                                  "session_idx": int(r["session_idx"]), "layer_idx": int(r["layer"]),
                                  "row": int(r["row"]),

@@ -9,7 +9,6 @@ tests check the NVRTC translation unit and the errors on a machine without CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import glob
 import os
@@ -22,9 +21,9 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from support.audit_fakes import FakeLog
 from support.twin import CpuTwinBackend, fake_device
 
-from pqc_kv_cache.audit.records import RECORD_DTYPE
 from pqc_kv_cache.backends import kernel_shim as kh
 from pqc_kv_cache.backends import select_backend
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
@@ -149,61 +148,6 @@ def env(request):
     if not kh.available():
         pytest.skip("no C++ compiler for the host shim")
     return CpuTwinBackend(), torch.device("cpu")
-
-
-class FakeRing:
-    """Test double of the CUDA audit ring: slots reserved as fresh device tensors, record numbers
-    dense, reserve / commit bookkeeping."""
-
-    def __init__(self, device, capacity=1 << 14):
-        self.device = device
-        self.capacity = capacity
-        self.views = []
-        self.next_no = 500
-        self.committed = []
-
-    def reserve(self, n):
-        assert 1 <= n <= self.capacity
-        view = torch.zeros((n, 64), dtype=torch.uint8, device=self.device)
-        self.views.append(view)
-        first = self.next_no
-        self.next_no += n
-        return view, first
-
-    def commit(self, n, first_no=None):
-        self.committed.append((first_no, n))
-
-    @contextlib.contextmanager
-    def reservation(self, n, *, op=0, tenant_idx=0, session_idx=0, layer=0xFFFF):
-        """What the real ring's reservation does, on this fake: commit on exit, ERROR records if the block raises."""
-        view, first = self.reserve(n)
-        try:
-            yield view, first
-        except BaseException:
-            recs = np.zeros(n, dtype=RECORD_DTYPE)
-            recs["record_no"] = first + np.arange(n, dtype=np.uint64)
-            recs["op"], recs["status"], recs["layer"], recs["row"] = op, 3, layer, 0xFFFF
-            recs["tenant_idx"], recs["session_idx"] = tenant_idx, session_idx
-            view.copy_(torch.from_numpy(recs.view(np.uint8).reshape(n, 64)))
-            self.commit(n, first)
-            raise
-        self.commit(n, first)
-
-    def records(self):
-        return torch.cat(self.views).cpu().numpy().view(RECORD_DTYPE).reshape(-1)
-
-
-class FakeLog:
-    def __init__(self, device, capacity=1 << 14):
-        self.ring = FakeRing(device, capacity)
-        self.emitted = []
-        self._tenant_ids = ["tenant-0", "tenant-1"]
-
-    def cuda_ring(self, device):
-        return self.ring
-
-    def emit(self, op, **fields):
-        self.emitted.append((int(op), fields))
 
 
 def _slots():

@@ -2,15 +2,16 @@
 
 import os
 import shutil
+import struct
 import subprocess
 
 import numpy as np
 import pytest
 
 from pqc_kv_cache.audit import NONE16, RECORD_DTYPE, RECORD_SIZE, Op, Status
-from pqc_kv_cache.audit.records import OP_NAMES, op_from_name
+from pqc_kv_cache.audit.records import OP_NAMES, RECORD_STRUCT, RECORD_WORDS, op_from_name
 
-HEADER_DIR = os.path.join(os.path.dirname(__file__), "..", "kernels")
+HEADER_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "kernels")
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
@@ -42,6 +43,14 @@ def test_c_header_size_and_every_offset_match_numpy_dtype(tmp_path):
     for name in RECORD_DTYPE.names:
         dt, off = RECORD_DTYPE.fields[name][:2]
         assert got[name] == (off, dt.itemsize), name
+    # the layouts derived from the dtype: the struct the host ring packs with, the word views the CUDA ring
+    # writes through
+    fmt = RECORD_STRUCT.format
+    assert RECORD_STRUCT.size == 64 and len(fmt) - 1 == len(RECORD_DTYPE.names)
+    for i, name in enumerate(RECORD_DTYPE.names):
+        assert (struct.calcsize(fmt[:i + 1]), struct.calcsize("<" + fmt[i + 1])) == got[name], name
+        width, index = RECORD_WORDS[name]
+        assert (width * index, width) == got[name], name
     for o in Op:
         assert consts[f"PQC_OP_{o.name}"] == int(o)
     for s in Status:
@@ -65,3 +74,20 @@ def test_earlier_operation_names_are_accepted():
     assert op_from_name("isolation_violation") is Op.ISOLATION_VIOLATION
     with pytest.raises(ValueError):
         op_from_name("delete")
+
+
+def test_host_ring_packs_every_field_where_the_dtype_reads_it():
+    from pqc_kv_cache.audit.fields import VALUE_FIELDS
+    from pqc_kv_cache.audit.ring import HostRing
+
+    ring = HostRing(4)
+    values = [0x0101_0101 * (k + 1) & (0xFF if name == "status" else 0xFFFF if name in ("layer", "row")
+                                         else 0xFFFF_FFFF) for k, name in enumerate(VALUE_FIELDS)]
+    args = ring.pack_args(int(Op.RESEAL), values, 0x1234_5678_9ABC)
+    ring.write(77, 0, 1, args, [])                 # one record: struct.pack_into straight into the slot
+    ring.write(78, 0, 2, args, [])                 # a batch: the packed template copied into each slot
+    for rec, no in zip(ring.buf[:3], (77, 78, 79)):
+        assert int(rec["record_no"]) == no and int(rec["op"]) == Op.RESEAL and int(rec["flags"]) == 0
+        assert int(rec["host_ts_ns"]) == 0x1234_5678_9ABC
+        for name, v in zip(VALUE_FIELDS, values):
+            assert int(rec[name]) == v, name

@@ -1,9 +1,9 @@
 """The CUDA ring's host-side bookkeeping and its torch record layout, run on host tensors.
 
-``HostTensorRing`` keeps every method of CudaAuditRing except the three
+``HostTensorRing`` (tests/support/audit_fakes.py) keeps every method of CudaAuditRing except the three
 device calls (allocation, the event-ordered copy, the completion query),
 which it replaces with host tensors and copies the test completes.  The real
-device path is tested by tests/test_audit_cuda.py on a GPU host.
+device path is tested by tests/audit/test_audit_cuda.py on a GPU host.
 """
 
 import contextlib
@@ -14,44 +14,7 @@ import pytest
 import torch
 
 from pqc_kv_cache.audit import NONE16, KVAuditLog, Op, verify_log
-from pqc_kv_cache.audit.cuda_ring import CudaAuditRing
-
-
-class _Copy:
-    def __init__(self, slot, n):
-        self.slot, self.n, self.done = slot, n, False
-
-
-class HostTensorRing(CudaAuditRing):
-    """CudaAuditRing over host tensors; copies complete at ``complete()`` (or at once)."""
-
-    immediate = False
-
-    def _allocate(self):
-        self.buf = torch.zeros((self.capacity, 64), dtype=torch.uint8)
-        self.staging = torch.zeros((self.capacity, 64), dtype=torch.uint8)
-        self.copies = []
-        self.copies_lock = threading.Lock()
-
-    def _enqueue_copy(self, slot, n):
-        c = _Copy(slot, n)
-        with self.copies_lock:
-            self.copies.append(c)
-        if self.immediate:
-            self.complete()
-        return c
-
-    def _copy_done(self, c):
-        return c.done
-
-    def complete(self):
-        with self.copies_lock:
-            for c in self.copies:
-                if not c.done:
-                    self.staging[c.slot:c.slot + c.n].copy_(self.buf[c.slot:c.slot + c.n])
-                    c.done = True
-        with self._log._lock:
-            self._log._work.notify()
+from support.audit_fakes import attach
 
 
 @contextlib.contextmanager
@@ -62,13 +25,6 @@ def bounded_log(**kw):
         yield log
     finally:
         log.close(timeout=5)
-
-
-def attach(log, capacity=64, immediate=False):
-    ring = HostTensorRing(log, torch.device("cpu"), capacity)
-    ring.immediate = immediate
-    log._cuda_rings["host-tensors"] = ring
-    return ring
 
 
 def test_emit_torch_writes_every_field_at_the_offsets_of_the_record_layout():
@@ -201,7 +157,7 @@ def test_emit_torch_refuses_out_of_range_or_bool_scalars_before_reserving():
         for kw in (dict(pos_start=2 ** 32), dict(layer=-1), dict(row=True), dict(nonce_counter=2 ** 64)):
             with pytest.raises((ValueError, TypeError)):
                 ring.emit_torch(Op.ENCRYPT, **dict(dict(tenant_idx=0, session_idx=0), **kw))
-        assert ring._head == 0 and log._next_no == 0       # nothing reserved, no record number taken
+        assert ring._head == 0 and log.allocator.next_no == 0       # nothing reserved, no record number taken
         assert log.flush(timeout=5) is True and len(log) == 0
 
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from pqc_kv_cache.audit import KVAuditLog, Op, verify_log
 from pqc_kv_cache.audit import cli
-from pqc_kv_cache.audit.sink import FRAME_HEAD, HEADER, RECS_HEAD, AuditSink, record_locators
+from pqc_kv_cache.audit.fileformat import FRAME_HEAD, HEADER, RECS_HEAD, record_locators
+from pqc_kv_cache.audit.sink import AuditSink
 from pqc_kv_cache.errors import AuditError, AuditIntegrityError
 
 N = 100
@@ -166,7 +167,7 @@ def test_forged_chain_recomputed_to_the_end_names_the_changed_record(logfile, ca
 
 
 def test_swapped_record_frames_are_reported_as_reordered_not_deleted(logfile):
-    (o1, f1, c1), (o2, f2, c2) = record_frame(logfile, 30), record_frame(logfile, 40)
+    (o1, f1, _), (o2, _, _) = record_frame(logfile, 30), record_frame(logfile, 40)
     data = open(logfile, "rb").read()
     a = data[o1:o1 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o1)[1] + 32]
     b = data[o2:o2 + FRAME_HEAD.size + FRAME_HEAD.unpack_from(data, o2)[1] + 32]
@@ -342,12 +343,12 @@ def test_verify_of_a_missing_file_exits_2(tmp_path, capsys):
 
 def test_cli_runs_as_python_dash_m(logfile):
     r = subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", "verify", logfile], capture_output=True,
-                       text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+                       text=True, cwd=os.path.join(os.path.dirname(__file__), "..", ".."))
     assert r.returncode == 0, r.stderr
     assert f"{N} records" in r.stdout
     patch(logfile, record_offset(logfile, 9) + 8, b"\xff")
     r = subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", "verify", logfile], capture_output=True,
-                       text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+                       text=True, cwd=os.path.join(os.path.dirname(__file__), "..", ".."))
     assert r.returncode == 1 and "first bad record: 9" in r.stdout
 
 
@@ -535,7 +536,7 @@ def crashed_log(path, **kw):
 
 
 def test_unsigned_table_frame_renaming_a_tenant_fails_and_show_keeps_the_signed_name(tmp_path, capsys):
-    from pqc_kv_cache.audit.sink import TABL_ENTRY
+    from pqc_kv_cache.audit.fileformat import TABL_ENTRY
     p = str(tmp_path / "a.log")
     rep = crashed_log(p)
     mallory = next(i for i, t in rep.tenants.items() if t == "mallory")
@@ -550,7 +551,7 @@ def test_unsigned_table_frame_renaming_a_tenant_fails_and_show_keeps_the_signed_
 
 
 def test_unsigned_details_frame_rewriting_a_signed_record_fails(tmp_path, capsys):
-    from pqc_kv_cache.audit.sink import DETL_ENTRY
+    from pqc_kv_cache.audit.fileformat import DETL_ENTRY
     p = str(tmp_path / "a.log")
     crashed_log(p)
     append_frame(p, b"DETL", DETL_ENTRY.pack(0, 7) + b"nothing")     # record 0 was signed as "probe"
@@ -564,7 +565,7 @@ def test_unsigned_details_frame_rewriting_a_signed_record_fails(tmp_path, capsys
 
 
 def test_unsigned_table_frame_naming_an_index_signed_records_used_unnamed_fails(tmp_path):
-    from pqc_kv_cache.audit.sink import TABL_ENTRY
+    from pqc_kv_cache.audit.fileformat import TABL_ENTRY
     p = str(tmp_path / "a.log")
     lg = KVAuditLog(path=p, signing_key=KEY, clock=Clock(), fsync=False)
     lg.log_encrypt("alice", "s1", 0, 0)

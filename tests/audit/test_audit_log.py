@@ -343,7 +343,7 @@ def test_emitters_on_a_full_ring_fail_instead_of_hanging_when_the_drain_dies():
     finished, exc = _run_bounded(lambda: [lg.log_encrypt("a", "s", 0, i) for i in range(10)])
     assert finished, "emitter hung after the drain thread died"
     assert isinstance(exc, AuditError) and "drain thread died" in str(exc) and "ring take exploded" in str(exc)
-    assert not lg._thread.is_alive()
+    assert not lg._drain.alive()
     with pytest.raises(AuditError, match="ring take exploded"):   # every later emit names the cause
         lg.log_encrypt("a", "s", 0, 0)
 

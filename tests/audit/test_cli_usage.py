@@ -16,9 +16,9 @@ import pqc_kv_cache
 from pqc_kv_cache.__main__ import build_parser, main
 from pqc_kv_cache.audit import KVAuditLog, verify_log
 from pqc_kv_cache.audit.keys import load_signing_key_file
-from pqc_kv_cache.audit.sink import load_public_key
+from pqc_kv_cache.audit.fileformat import load_public_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

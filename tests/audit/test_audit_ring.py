@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from pqc_kv_cache.audit import KVAuditLog, Op, verify_log
+from pqc_kv_cache.audit import RECORD_DTYPE, KVAuditLog, Op, verify_log
 
 
 class Clock:
@@ -92,29 +92,26 @@ class DeferredRing:
     """Stands in for a device ring: numbers are reserved now, records complete later."""
 
     def __init__(self, log):
-        self.log = log
+        self.alloc = log.allocator
         self.ready = []
 
     def reserve(self, n):
-        with self.log._lock:
-            first = self.log._next_no
-            self.log._next_no += n
-            return first
+        with self.alloc.lock:
+            return self.alloc.take(n)
 
     def complete(self, first, n, tenant_idx):
-        recs = np.zeros(n, dtype=self.log._ring.buf.dtype)
+        recs = np.zeros(n, dtype=RECORD_DTYPE)
         recs["record_no"] = np.arange(first, first + n)
         recs["op"] = Op.ENCRYPT
         recs["tenant_idx"] = tenant_idx
         recs["pos_start"] = np.arange(n)
         recs["pos_count"] = 1
-        with self.log._lock:
+        with self.alloc.lock:
             self.ready.append((first, recs))
-            self.log._emitted += n
-            self.log._work.notify()
+            self.alloc.committed(n)
 
     def collect(self):
-        with self.log._lock:
+        with self.alloc.lock:
             out, self.ready = self.ready, []
         return out, False
 
@@ -122,7 +119,7 @@ class DeferredRing:
 def test_records_reserved_early_and_completed_late_are_delivered_in_record_number_order(tmp_path):
     log = KVAuditLog(path=tmp_path / "a.log", clock=Clock(), fsync=False)
     dev = DeferredRing(log)
-    log._cuda_rings["deferred"] = dev
+    log.attach_ring("deferred", dev)
     a = log.tenant_index("a")
     b = log.tenant_index("b")
     s = log.session_index("s", "b")
@@ -152,7 +149,7 @@ def test_close_with_a_never_committed_reservation_times_out_and_leaves_the_log_u
 
     log = KVAuditLog(path=tmp_path / "a.log", clock=Clock(), fsync=False)
     dev = DeferredRing(log)
-    log._cuda_rings["deferred"] = dev
+    log.attach_ring("deferred", dev)
     t = log.tenant_index("a")
     s = log.session_index("s", "a")
     log.emit(Op.ENCRYPT, tenant_idx=t, session_idx=s)

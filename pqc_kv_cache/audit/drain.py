@@ -1,0 +1,290 @@
+"""The drain thread of a KVAuditLog: rings -> record-number order -> in-memory store and signed file.
+
+One ``Drain`` per log.  Each pass takes what the host ring holds and what
+the CUDA rings have copied back, delivers it in record-number order (records
+that arrive ahead of their turn wait in a reorder heap), writes new table
+entries, details and records to the sink, and reports failures and isolation
+violations to Python ``logging``.  Flush and queries wait on ``done`` for
+``persisted`` / ``delivered`` to pass their target.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+import weakref
+
+import numpy as np
+
+from ..errors import AuditError, KVCacheError
+from .records import NONE16, OP_NAMES, Op, Status
+
+__all__ = ["Drain"]
+
+# failures and violations itemised in the log per delivered batch; device tag failures kept for flush()
+_ITEMISE = 1000
+
+
+def _drain_main(ref) -> None:
+    drain = None
+    try:
+        while True:
+            drain = ref()
+            if drain is None or not drain.run_once():
+                return
+            drain = None
+    except BaseException as e:   # a bug outside run_once's guarded part: fail the log, never hang it
+        drain = ref()
+        if drain is not None:
+            drain.died(e)
+    finally:
+        drain = ref()
+        if drain is not None:
+            drain.wake_all()
+        drain = None
+
+
+class Drain:
+    """Moves records from the rings of one log into its store and sink, on a thread of its own.
+
+    ``alloc``: the log's RecordAllocator; ``ring``: its HostRing; ``space``:
+    the condition its host emitters wait on; ``store`` and ``store_lock``: the
+    columnar store and the lock queries read it under; ``names`` and
+    ``details``: the NameTable and DetailTexts; ``sink``: the AuditSink or None.
+    """
+
+    def __init__(self, alloc, ring, space, store, store_lock, names, details, sink, logger, *,
+                 interval: float, wake_at: int, first_no: int = 0):
+        self.alloc = alloc
+        self.ring = ring
+        self.space = space
+        self.done = threading.Condition(alloc.lock)   # flush and queries wait here
+        self.store = store
+        self.store_lock = store_lock
+        self.names = names
+        self.details = details
+        self.sink = sink
+        self.logger = logger
+        self.interval = interval
+        self.wake_at = wake_at
+        self.delivered = first_no     # every record below this number is in the store (and sink)
+        self.persisted = first_no     # ... and flushed to disk
+        self.flush_target = first_no
+        self.reorder: list = []       # heap of (first_no, id, records) that arrived ahead of their turn
+        self.cuda_waiting = False
+        self.stopping = False
+        self.abandon = False
+        self.idle = False
+        self.busy_ns = 0
+        self.drained = 0
+        self.failures = 0             # drained records with status != OK
+        self.violations = 0           # drained isolation-violation records
+        # device-written DECRYPT records that failed authentication and that no flush() has raised yet:
+        # on a GPU the hot path cannot raise, so flush() is one of the sync points that does
+        self.device_auth_failures: list[np.void] = []
+        self.device_fail_lock = threading.Lock()
+        self.thread = threading.Thread(target=_drain_main, args=(weakref.ref(self),),
+                                       name="pqc-kv-audit-drain", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    # -- the thread -------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """One pass; False when the log is closed and empty."""
+        alloc = self.alloc
+        ring = self.ring
+        with alloc.lock:
+            pending = ring.written - ring.read
+            urgent = (pending >= self.wake_at or self.stopping
+                      or (self.flush_target > self.persisted
+                          and (pending > 0 or self.delivered >= self.flush_target)))
+            if not urgent:
+                self.idle = True
+                alloc.work.wait(0.0005 if self.cuda_waiting else self.interval)
+                self.idle = False
+            segs, upto = ring.take()
+            tables = self.names.take_pending()
+            details = self.details.take_pending()
+            flush_target = self.flush_target
+            stopping = self.stopping
+            cuda_rings = alloc.rings()
+        sink = self.sink
+        t0 = time.perf_counter_ns()
+        waiting = False
+        flushed = None
+        try:
+            if sink is not None:
+                self._sink_ok(sink.write_tables, tables)
+                self._sink_ok(sink.write_details, details)
+            self._take_segments(segs)
+            for cr in cuda_rings:
+                chunks, still = cr.collect()
+                waiting |= still
+                for first, recs in chunks:
+                    self._arrive(first, recs, owned=True)
+            if self.delivered >= flush_target and sink is not None and self._sink_ok(sink.flush):
+                flushed = self.delivered
+        except BaseException as e:   # a bug or a failing CUDA runtime: report it, never hang emitters
+            with alloc.lock:
+                alloc.fail(e)
+            self.logger.error("audit drain failed: %r", e)
+        self.busy_ns += time.perf_counter_ns() - t0
+        with alloc.lock:
+            ring.release(upto)
+            self.cuda_waiting = waiting
+            if sink is None:
+                self.persisted = self.delivered
+            elif flushed is not None:
+                self.persisted = max(self.persisted, flushed)
+            self.details.forget_before(self.store.first_kept)
+            self.space.notify_all()
+            self.done.notify_all()
+            if stopping and (alloc.error is not None or self.abandon
+                             or (ring.written == ring.read and self.delivered >= alloc.next_no)):
+                return False
+        return True
+
+    def died(self, e: BaseException) -> None:
+        """The thread raised outside its guarded part: keep the cause for emitters and flush."""
+        err = AuditError(f"the audit drain thread died: {e!r}")
+        err.__cause__ = e
+        with self.alloc.lock:
+            self.alloc.fail(err)
+        try:
+            self.logger.error("audit drain thread died: %r", e)
+        except Exception:
+            pass
+
+    def wake_all(self) -> None:
+        """Wake every thread waiting on the drain (emitters, flush, queries, CUDA rings)."""
+        self.alloc.wake_all()
+        with self.alloc.lock:
+            self.done.notify_all()
+
+    def _sink_ok(self, call, *args) -> bool:
+        """Call the sink unless the pipeline failed; on failure keep the error (emitters and flush raise it)."""
+        if self.alloc.error is not None:
+            return False
+        try:
+            call(*args)
+            return True
+        except Exception as e:
+            with self.alloc.lock:
+                self.alloc.fail(e if isinstance(e, KVCacheError) else AuditError(f"audit sink: {e!r}"))
+            self.logger.error("audit log file failed: %s", e)
+            return False
+
+    def _take_segments(self, segs) -> None:
+        """Deliver ring segments (slot order) in record-number order; park those that are early."""
+        buf = self.ring.buf
+        i = 0
+        while i < len(segs):
+            s, first, k = segs[i]
+            # merge following segments that continue both the slots and the numbering
+            while i + 1 < len(segs) and segs[i + 1][0] == s + k and segs[i + 1][1] == first + k:
+                k += segs[i + 1][2]
+                i += 1
+            self._arrive(first, buf[s:s + k], owned=False)
+            i += 1
+
+    def _arrive(self, first: int, recs: np.ndarray, owned: bool) -> None:
+        if first != self.delivered:
+            heapq.heappush(self.reorder, (first, id(recs), recs if owned else recs.copy()))
+            return
+        self._deliver(recs)
+        while self.reorder and self.reorder[0][0] == self.delivered:
+            self._deliver(heapq.heappop(self.reorder)[2])
+
+    def _deliver(self, recs: np.ndarray) -> None:
+        with self.store_lock:
+            self.store.append(recs)
+        self.delivered += len(recs)
+        self.drained += len(recs)
+        if self.sink is not None:
+            self._sink_ok(self.sink.write_records, recs)
+        failed = recs["status"] != 0
+        violation = recs["op"] == Op.ISOLATION_VIOLATION
+        bad = np.flatnonzero(failed | violation)
+        if not len(bad):
+            return
+        self.failures += int(np.count_nonzero(failed))
+        self.violations += int(np.count_nonzero(violation))
+        dev = np.flatnonzero(failed & (recs["device_ts_ns"] != 0) & (recs["op"] == Op.DECRYPT)
+                             & (recs["status"] == Status.AUTH_FAILED))
+        if len(dev):
+            with self.device_fail_lock:
+                if len(self.device_auth_failures) < _ITEMISE:
+                    self.device_auth_failures.extend(recs[dev[:_ITEMISE]].copy())
+        for i in bad[:_ITEMISE]:
+            self._warn(recs[int(i)])
+        if len(bad) > _ITEMISE:
+            self.logger.warning("audit: %d more failures or violations in records %d..%d not itemised",
+                                len(bad) - _ITEMISE, int(recs["record_no"][0]), int(recs["record_no"][-1]))
+
+    def _warn(self, r) -> None:
+        op = OP_NAMES.get(int(r["op"]), str(int(r["op"])))
+        layer = int(r["layer"])
+        ps, pc = int(r["pos_start"]), int(r["pos_count"])
+        try:
+            status = Status(int(r["status"])).name
+        except ValueError:
+            status = str(int(r["status"]))
+        self.logger.warning(
+            "audit %s %s: tenant=%r session=%r layer=%s positions=%s row=%s record=%d details=%s",
+            op, status, self.names.tenant_label(int(r["tenant_idx"])),
+            self.names.session_label(int(r["session_idx"])), "-" if layer == NONE16 else layer,
+            f"{ps}..{ps + pc - 1}" if pc else "-", "-" if int(r["row"]) == NONE16 else int(r["row"]),
+            int(r["record_no"]), self.details.get(int(r["record_no"])))
+
+    # -- callers' side ------------------------------------------------------------------
+    def take_device_failures(self) -> list:
+        with self.device_fail_lock:
+            failures, self.device_auth_failures = self.device_auth_failures, []
+        return failures
+
+    def wait_persisted(self, timeout: float | None) -> bool:
+        """Wait until every record numbered so far is queryable and persisted (AuditError if the pipeline
+        failed); False on timeout."""
+        alloc = self.alloc
+        with alloc.lock:
+            target = alloc.next_no
+            if target > self.flush_target:
+                self.flush_target = target
+            alloc.work.notify()
+            ok = self.done.wait_for(lambda: self.persisted >= target or alloc.error is not None
+                                    or not self.thread.is_alive(), timeout)
+            if alloc.error is not None:
+                raise AuditError(f"the audit pipeline failed: {alloc.error}") from alloc.error
+            if ok and self.persisted < target:
+                raise AuditError("the audit drain thread stopped before the flush completed")
+            return bool(ok)
+
+    def wait_delivered(self) -> None:
+        """Wait until every record numbered so far is in the in-memory store (not necessarily on disk)."""
+        alloc = self.alloc
+        with alloc.lock:
+            target = alloc.next_no
+            if self.delivered >= target:
+                return
+            alloc.work.notify()
+            self.done.wait_for(lambda: self.delivered >= target or alloc.error is not None
+                               or not self.thread.is_alive())
+            if self.delivered < target:
+                raise AuditError(f"the audit pipeline failed: {alloc.error}") from alloc.error
+
+    def stop(self, abandon: bool) -> None:
+        """Make the thread finish (after draining everything, unless ``abandon``) and wait for it."""
+        with self.alloc.lock:
+            self.alloc.closed = True
+            self.stopping = True
+            self.abandon = abandon
+            self.alloc.work.notify()
+        self.thread.join()
+
+    def reorder_pending(self) -> int:
+        return sum(len(r[2]) for r in self.reorder)
