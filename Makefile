@@ -12,7 +12,7 @@ VENV_LOWEST ?= .venv-lowest
 TRANSFORMERS_LOWEST ?= transformers==5.16.0
 STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
-.PHONY: install demo test test-lowest typecheck bench clean gpu-wheels
+.PHONY: install demo test lint test-lowest typecheck bench clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pqc_kv_cache demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# pyflakes-class errors (unused imports and names, undefined names, shadowing) anywhere in the tree
+lint: $(STAMP)
+	$(PY) -m ruff check --select F pqc_kv_cache tests benchmarks
 
 # the cache tests (everything that touches transformers) on the lowest supported release
 test-lowest: $(STAMP_LOWEST)

@@ -10,7 +10,6 @@ by the session itself (KeyRotationRequiredError), whatever the policy.
 from __future__ import annotations
 
 import enum
-import time
 from typing import Callable
 
 from ._checks import check_int, check_seconds

@@ -89,7 +89,7 @@ needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @needs_fork
 def test_forked_child_never_seals_with_the_parents_counters(alice):
     enc = CacheEncryptor(alice)
-    before = enc.encrypt_entry(_entry(alice))        # counter 1, sealed before the fork
+    enc.encrypt_entry(_entry(alice))                 # counter 1, sealed before the fork
 
     def child():
         nonces = []

@@ -130,8 +130,7 @@ class TwinLog(KVAuditLog):
 
     def cuda_ring(self, device, capacity: int | None = None):
         with self._twin_ring_lock:
-            if self._twin_ring is None:
-                self._twin_ring = HostRing(self, torch.device("cpu"), capacity or self._twin_ring_capacity)
-                with self._lock:       # where the log's drain thread finds its CUDA rings
-                    self._cuda_rings["twin"] = self._twin_ring
+            if self._twin_ring is None:   # attached where the log's drain thread finds its rings
+                self._twin_ring = self.attach_ring(
+                    "twin", HostRing(self.allocator, torch.device("cpu"), capacity or self._twin_ring_capacity))
             return self._twin_ring
