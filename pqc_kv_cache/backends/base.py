@@ -159,6 +159,23 @@ def decrypt_row_summary(row, pos_start, pos_count, counter, slot, nbytes) -> Row
     return RowSummary(uniq.astype(np.int64), start, end - start, ctr, first_slot, nb, inv)
 
 
+def check_cpu_kv(name: str, k, v, layout: ChunkLayout, backend: str) -> None:
+    """The K/V tensors a host backend reads or writes: CPU tensors ``[batch, heads, seq, head_dim]`` of the
+    layout's dtype and the same shape (TypeError / ValueError naming the tensor otherwise)."""
+    for t, what in ((k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}_{name} must be a tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"the {backend} backend handles CPU tensors only; {what}_{name} is on {t.device}")
+        if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
+            raise ValueError(f"{what}_{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
+                             f"got {list(t.shape)}")
+        if t.dtype != layout.dtype:
+            raise TypeError(f"{what}_{name} has dtype {t.dtype}, the layout says {layout.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k_{name} {list(k.shape)} and v_{name} {list(v.shape)} differ in shape")
+
+
 def emit_encrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: ChunkLayout, row, pos_start,
                          pos_count, counter, slot, nbytes) -> None:
     """The ENCRYPT records of one encrypt call (one per row and position), whichever host backend sealed."""

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..audit.records import Status
 from ..envelope import AAD_MAGIC, AAD_SIZE, AAD_V1_DTYPE, FORMAT_VERSION, KV_ROLES, NONCE_SIZE, TAG_SIZE, dtype_code
-from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, emit_decrypt_records,
-                   emit_encrypt_records)
+from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, check_cpu_kv,
+                   emit_decrypt_records, emit_encrypt_records)
 
 __all__ = ["HostBackend", "chunk_aads", "chunk_nonces"]
 
@@ -182,18 +182,7 @@ class HostBackend(CryptoBackend):
 
     @staticmethod
     def _check_kv(name: str, k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout) -> None:
-        for t, what in ((k, "k"), (v, "v")):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{what}_{name} must be a tensor, got {type(t).__name__}")
-            if t.device.type != "cpu":
-                raise ValueError(f"the host backend handles CPU tensors only; {what}_{name} is on {t.device}")
-            if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
-                raise ValueError(f"{what}_{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
-                                 f"got {list(t.shape)}")
-            if t.dtype != layout.dtype:
-                raise TypeError(f"{what}_{name} has dtype {t.dtype}, the layout says {layout.dtype}")
-        if k.shape != v.shape:
-            raise ValueError(f"k_{name} {list(k.shape)} and v_{name} {list(v.shape)} differ in shape")
+        check_cpu_kv(name, k, v, layout, "host")
 
     @staticmethod
     def _check_ranges(t: dict, batch: int, seq: int, arena_len: int, chunk_bytes: np.ndarray) -> None:

@@ -33,11 +33,8 @@ Public API (bytes in, bytes out; a bad tag raises :class:`DecryptionError`):
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +43,7 @@ import numpy as np
 import torch
 
 from ..envelope import AAD_SIZE, NONCE_SIZE, TAG_SIZE, dtype_code
+from ._build import compile_cached
 from ..errors import BackendUnavailableError, DecryptionError
 from .kernel_abi import (CHUNK_PARAMS_DTYPE, LANES, PARTIAL_SIZE, RECORD_SIZE, SCHED_SIZE, SLOT_META_SIZE,
                          check_bounds, check_gcm_length, chunk_params, chunk_rounds, chunk_table_array,
@@ -64,41 +62,16 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("PQC_KV_CACHE_DIR")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "pqc_kv_cache"
-
-
 def _build() -> Path:
     src = kernel_sources_dir()
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx or not shutil.which(cxx):
         raise BackendUnavailableError("no C++ compiler (g++ / $CXX) to build the kernel host shim")
-    h = hashlib.sha256()
-    sources = sorted(p.name for p in src.iterdir() if p.suffix in (".h", ".cuh") or p.name == "host_shim.cpp")
-    for name in sources:
-        h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
-    h.update(" ".join((cxx,) + _FLAGS).encode())
-    out_dir = _cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"pqc_host_shim-{h.hexdigest()[:20]}.so"
-    if lib.is_file():
-        return lib
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *_FLAGS, f"-I{src}", str(src / "host_shim.cpp"), "-o", tmp],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BackendUnavailableError(f"building the kernel host shim failed:\n{proc.stderr[-4000:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    names = sorted(p.name for p in src.iterdir() if p.suffix in (".h", ".cuh") or p.name == "host_shim.cpp")
+    sources = b"".join(name.encode() + b"\0" + (src / name).read_bytes() + b"\0" for name in names)
+    return compile_cached("pqc_host_shim", sources,
+                          lambda out: [cxx, *_FLAGS, f"-I{src}", str(src / "host_shim.cpp"), "-o", out],
+                          "the kernel host shim")
 
 
 _P = ctypes.c_void_p

@@ -36,8 +36,6 @@ import os
 import secrets
 import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -48,8 +46,9 @@ import torch
 
 from ..envelope import AAD_MAGIC, FORMAT_VERSION, KV_ROLES, dtype_code
 from ..errors import BackendUnavailableError
-from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, emit_decrypt_records,
-                   emit_encrypt_records)
+from ._build import compile_cached
+from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, check_cpu_kv,
+                   emit_decrypt_records, emit_encrypt_records)
 
 __all__ = ["NativeBackend", "BACKEND_ENV", "load", "available", "library_info", "select_host_backend",
            "host_backend_choice"]
@@ -82,14 +81,6 @@ _load_error: str | None = None   # a failure, remembered as text: an exception w
                                  # frames (and whatever they hold, e.g. a cache) alive
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("PQC_KV_CACHE_DIR")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "pqc_kv_cache"
-
-
 def _compiler() -> str | None:
     cc = os.environ.get("CC")
     if cc:
@@ -103,25 +94,10 @@ def _build() -> Path:
     cc = _compiler()
     if not cc:
         raise BackendUnavailableError("no C compiler ($CC, cc or gcc) to build the native backend")
-    h = hashlib.sha256(_SOURCE.read_bytes() + b"\0" + " ".join((cc,) + _FLAGS + _LIBS).encode())
-    out_dir = _cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"pqc_native-{h.hexdigest()[:20]}.so"
-    if lib.is_file():
-        return lib
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], capture_output=True, text=True)
-        if proc.returncode != 0:
-            hint = " (is libipsec-mb-dev installed?)" if "ipsec" in proc.stderr.lower() else ""
-            raise BackendUnavailableError(f"building the native backend with {cc} failed (exit {proc.returncode})"
-                                          f"{hint}\n{proc.stderr[-2000:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    return compile_cached(
+        "pqc_native", _SOURCE.read_bytes(), lambda out: [cc, *_FLAGS, str(_SOURCE), "-o", out, *_LIBS],
+        f"the native backend with {cc}",
+        hint=lambda err: " (is libipsec-mb-dev installed?)" if "ipsec" in err.lower() else "")
 
 
 _P = ctypes.c_void_p
@@ -389,18 +365,7 @@ class NativeBackend(CryptoBackend):
             raise TypeError("arena must be a 1-D uint8 tensor")
         if not arena.is_cpu or not arena.is_contiguous():
             raise ValueError("the native backend needs a contiguous CPU arena")
-        for t, what in ((k, "k"), (v, "v")):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{what}_{name} must be a tensor, got {type(t).__name__}")
-            if not t.is_cpu:
-                raise ValueError(f"the native backend handles CPU tensors only; {what}_{name} is on {t.device}")
-            if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
-                raise ValueError(f"{what}_{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
-                                 f"got {list(t.shape)}")
-            if t.dtype != layout.dtype:
-                raise TypeError(f"{what}_{name} has dtype {t.dtype}, the layout says {layout.dtype}")
-        if k.shape != v.shape:
-            raise ValueError(f"k_{name} {list(k.shape)} and v_{name} {list(v.shape)} differ in shape")
+        check_cpu_kv(name, k, v, layout, "native")
         if not isinstance(chunks, ChunkTable):
             raise TypeError(f"chunks must be a ChunkTable, got {type(chunks).__name__}")
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from support.devices import has_cuda
 from support.twin import CpuTwinBackend, TwinLog
 
 from pqc_kv_cache.backends import kernel_shim
@@ -21,18 +22,8 @@ from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import DecryptionError
 
 
-def _has_cuda() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(params=["host", "native", "twin", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device and CuPy")])])
+    pytest.mark.gpu, pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device and CuPy")])])
 def backend(request):
     """(backend, device) of the backend under test."""
     if request.param == "host":

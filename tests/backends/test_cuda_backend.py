@@ -22,6 +22,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from support.audit_fakes import FakeLog
+from support.devices import has_cuda
 from support.twin import CpuTwinBackend, fake_device
 
 from pqc_kv_cache.backends import kernel_shim as kh
@@ -33,18 +34,8 @@ from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
 
 
-def _has_cuda() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # every GPU test carries the ``gpu`` marker (selected by ``pytest -m gpu``) and this skip condition
-needs_gpu = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device and CuPy")
+needs_gpu = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device and CuPy")
 
 # ------------------------------------------------------------------ any machine
 
