@@ -312,6 +312,15 @@ class WorkingSetStorage:
         super().prefetch()
         self.open_released()
 
+    def _after_load(self) -> None:
+        """A loaded layer holds only ciphertext: every row is released until it is opened."""
+        self._ws.release()
+        self._released = np.ones(self._batch, dtype=np.bool_)
+
+    def verify_chunks(self) -> None:
+        """Open every row once, every tag verified, into the working set (a load in this mode)."""
+        self.open_released()
+
     def shred_rows(self, rows: np.ndarray) -> None:
         super().shred_rows(rows)
         self._drop_plaintext(rows)
