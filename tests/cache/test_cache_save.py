@@ -376,3 +376,17 @@ def test_no_key_nonce_pair_reused_across_save_and_load(tmp_path, mode, reestabli
     assert len(sealed) > n_before
     loaded.rotate("alice")
     loaded.update(*kv(2, 1, seed=70), 0)
+
+
+def test_rows_sharing_chunks_round_trip(tmp_path, mode, two):
+    """After a batch expansion rows share chunks; the file holds each once and the loaded rows share them too."""
+    cache, k, v = filled(two, mode=mode)
+    cache.batch_repeat_interleave(2)
+    cache.save(tmp_path / "c.pkvf")
+    m = parse(tmp_path / "c.pkvf")["manifest"]
+    assert len(m["layers"][0]["refs"]) == 2 * len(set(m["layers"][0]["refs"]))
+    loaded = EncryptedCache.load(tmp_path / "c.pkvf", tiny_model("llama").config, two)
+    assert loaded.row_session_slots.tolist() == [0, 0, 1, 1]
+    kn, vn = kv(4, 1, seed=7)
+    k_out, _ = loaded.update(kn, vn, 1)
+    assert torch.equal(k_out, torch.cat([k.repeat_interleave(2, 0), kn], 2))
