@@ -36,6 +36,7 @@ file never verifies in another, and no AES-GCM nonce is spent on it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -130,27 +131,18 @@ def write_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession], m
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_os():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return file_id
 
 
-class _suppress_os:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, OSError)
-
-
 def _int_list(value, what: str) -> np.ndarray:
     if not isinstance(value, list) or not all(type(x) is int for x in value):
         raise SaveFileError(f"save file manifest: {what} must be a list of integers")
-    arr = np.array(value, dtype=np.int64) if value else np.zeros(0, dtype=np.int64)
-    if arr.size and (arr.min() < 0 or max(value) >= 1 << 63):
+    if value and (min(value) < 0 or max(value) >= 1 << 63):
         raise SaveFileError(f"save file manifest: {what} holds a negative or too large value")
-    return arr
+    return np.array(value, dtype=np.int64) if value else np.zeros(0, dtype=np.int64)
 
 
 def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) -> SaveFileContents:
