@@ -558,9 +558,12 @@ class EncryptedCache(Cache):
             if layer.is_initialized and not np.array_equal(layer.row_session_slots, self._ctx.row_slots):
                 raise SaveFileError(f"save file: layer {layer.layer_idx} maps its rows to other sessions")
         try:
-            for layer in self.layers:
-                layer.verify_chunks()
-            self._ctx.check_backend()
+            try:
+                for layer in self.layers:
+                    layer.verify_chunks()
+                self._ctx.check_backend()
+            finally:
+                self.wipe_scratch()     # the sealed mode opened each layer into the scratch
         except DecryptionError as exc:
             self._record_file(Op.LOAD, Status.AUTH_FAILED)
             raise SaveFileError(f"save file chunk failed authentication ({exc}); nothing is loaded") from exc

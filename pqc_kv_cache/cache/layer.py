@@ -639,11 +639,7 @@ class EncryptedLayer(CacheLayerMixin):
         self._row_slots = slot_map[row_slots]
         self.table = table
         self._backend = self._ctx.backend_for(self.device)
-        self.arena = ByteArena(self.device)
-        at, _ = self.arena.alloc(int(data.size), np.zeros((0, batch), dtype=np.int64), np.zeros(0, dtype=np.int64))
-        if data.size:
-            self.arena.buffer[at:at + data.size].copy_(torch.from_numpy(data.copy()))
-        table.columns["offset"] += at
+        self.arena = ByteArena.holding(torch.from_numpy(data), self.device)
         self._end, self._start = end, start
         self.is_initialized = True
         self._after_load()
@@ -652,18 +648,11 @@ class EncryptedLayer(CacheLayerMixin):
         """A save file's state was just taken (the working-set variant marks every row released)."""
 
     def verify_chunks(self) -> None:
-        """Open every live chunk once, every tag verified (DECRYPT records), and keep nothing (the sealed layer
-        opens them again at each update; the working-set variant keeps them as its working set).
+        """Open every live chunk once, every tag verified (DECRYPT records), into the cache's scratch, as an
+        update would (the caller wipes the scratch; the working-set variant keeps them as its working set).
         DecryptionError if a tag fails."""
-        if not self.is_initialized or not self.num_segments:
-            return
-        first = int(self.table.start[0])
-        self._check_covered(0, first)
-        buf, k_tmp, v_tmp = self._plaintext_buffer(self._batch, self._end - first)
-        try:
-            self._open(np.arange(self.num_segments), np.arange(self._batch), k_tmp, v_tmp, first)
-        finally:
-            buf.zero_()
+        if self.is_initialized and self.num_segments:
+            self._read_from(int(self.table.start[0]))
 
     # ---- sessions ------------------------------------------------------------------------------
     def shred_rows(self, rows: np.ndarray) -> None:

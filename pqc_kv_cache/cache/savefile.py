@@ -154,7 +154,9 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
     listed twice, sizes that do not add up). The chunk bytes are not opened here."""
     try:
         with open(path, "rb") as f:
-            blob = f.read()
+            blob = bytearray(os.fstat(f.fileno()).st_size)  # writable: the chunk bytes handed out are views of it
+            got = f.readinto(blob)
+        del blob[got:]
     except OSError as exc:
         raise SaveFileError(f"cannot read save file {os.fspath(path)!r}: {exc.strerror or exc}") from None
     if len(blob) < PREFIX_SIZE:
@@ -166,7 +168,7 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
         raise SaveFileError(f"save file format version {version} is not supported (this library reads {VERSION})")
     if n_sessions == 0 or m_len > MAX_MANIFEST or PREFIX_SIZE + m_len + MAC_SIZE * n_sessions > len(blob):
         raise SaveFileError("save file is truncated or its header is damaged (manifest or tags cut off)")
-    body = blob[PREFIX_SIZE:PREFIX_SIZE + m_len]
+    body = bytes(blob[PREFIX_SIZE:PREFIX_SIZE + m_len])
     tags_at = PREFIX_SIZE + m_len
     try:
         manifest = json.loads(body.decode("ascii"))
@@ -189,9 +191,9 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
             raise SaveFileError(f"save file belongs to tenant {e['tenant_id']!r}, session {e['session_id']!r}: "
                                 "no such session was given; refused")
         slot_sessions.append(match[0])
-    digest = hashlib.sha256(blob[:PREFIX_SIZE] + body).digest()
+    digest = hashlib.sha256(bytes(blob[:PREFIX_SIZE]) + body).digest()
     for slot, (e, s) in enumerate(zip(entries, slot_sessions)):
-        got = blob[tags_at + MAC_SIZE * slot:tags_at + MAC_SIZE * (slot + 1)]
+        got = bytes(blob[tags_at + MAC_SIZE * slot:tags_at + MAC_SIZE * (slot + 1)])
         try:
             want = manifest_tag(s, slot, e["epoch"], file_id, len(layers), digest)
         except KVCacheError as exc:   # the session is closed or expired, or no longer holds that epoch's key
