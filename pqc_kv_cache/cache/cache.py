@@ -532,9 +532,9 @@ class EncryptedCache(Cache):
         cache = cls(config, contents.sessions, audit=audit, mode=manifest.get("mode") if mode is None else mode,
                     **kwargs)
         descs = manifest["layers"]
-        if len(descs) != len(cache.layers):
-            raise ValueError(f"the save file holds {len(descs)} layers, this config {len(cache.layers)}")
         try:
+            if len(descs) != len(cache.layers):
+                raise ValueError(f"the save file holds {len(descs)} layers, this config {len(cache.layers)}")
             cache._take_saved(descs, contents.layer_data, torch.device(device))
         except BaseException:
             cache.close()
