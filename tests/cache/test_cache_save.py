@@ -390,3 +390,14 @@ def test_rows_sharing_chunks_round_trip(tmp_path, mode, two):
     kn, vn = kv(4, 1, seed=7)
     k_out, _ = loaded.update(kn, vn, 1)
     assert torch.equal(k_out, torch.cat([k.repeat_interleave(2, 0), kn], 2))
+
+
+def test_a_row_pointed_at_another_sessions_chunk_is_refused(tmp_path, saved, two):
+    """Even a manifest re-tagged by a holder of both sessions' keys cannot hand bob's row alice's chunk."""
+    parts = parse(saved)
+    m = json.loads(json.dumps(parts["manifest"]))
+    layer = m["layers"][0]
+    assert layer["row_slots"] == [0, 1]
+    layer["refs"][1] = layer["refs"][0]      # segment 0: row 1 (bob) takes row 0's (alice's) chunk
+    write(tmp_path / "a", parts, manifest=m, retag_with=two)
+    assert "another session" in str(refused(tmp_path / "a", two))
