@@ -24,6 +24,8 @@ extern "C" {
 #define PQC_OP_RESEAL 8   // positions already written, re-sealed under a fresh counter (segment merge)
 #define PQC_OP_READ 9     // working-set read: plaintext held on the device handed to attention, no decryption
 #define PQC_OP_RELEASE 10 // working-set plaintext zeroed and dropped; only ciphertext remains
+#define PQC_OP_SAVE 11    // a row's chunks written to a save file (ciphertext only)
+#define PQC_OP_LOAD 12    // a row's chunks read back from a save file, every tag verified
 
 // status codes
 #define PQC_STATUS_OK 0

@@ -32,6 +32,7 @@ from .errors import (
     MalformedEntryError,
     NonceReplayError,
     PQCUnavailableError,
+    SaveFileError,
     SessionClosedError,
     SessionExpiredError,
     SessionForkedError,
@@ -63,7 +64,7 @@ __all__ = [
     "KVCacheError", "TenantIsolationError", "SessionExpiredError", "SessionClosedError", "SessionForkedError",
     "DecryptionError", "NonceReplayError", "KeyRotationRequiredError", "UnknownTenantError",
     "MalformedEntryError", "PQCUnavailableError", "AuditError", "AuditIntegrityError",
-    "BackendUnavailableError",
+    "BackendUnavailableError", "SaveFileError",
 ]
 
 

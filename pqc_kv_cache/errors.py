@@ -22,6 +22,7 @@ __all__ = [
     "AuditError",
     "AuditIntegrityError",
     "BackendUnavailableError",
+    "SaveFileError",
 ]
 
 
@@ -96,3 +97,9 @@ class AuditIntegrityError(AuditError):
 
 class BackendUnavailableError(KVCacheError):
     """The requested crypto backend cannot run here (no CUDA device, no CuPy, no compiler)."""
+
+
+class SaveFileError(KVCacheError):
+    """A cache save file was refused: truncated or changed bytes, a manifest that does not verify under the
+    given sessions' keys (another tenant's or session's file), or a chunk list that was edited (a chunk
+    dropped, reordered, replaced or duplicated, or taken from another file). Nothing is loaded."""

@@ -58,6 +58,8 @@ class Op(enum.IntEnum):
     RESEAL = 8      # positions already written, re-sealed as one chunk under a fresh counter
     READ = 9        # working-set read: plaintext held on the device handed to attention, no decryption
     RELEASE = 10    # plaintext (working set, scratch) zeroed and dropped; only ciphertext remains
+    SAVE = 11       # a row's chunks written to a save file (ciphertext only)
+    LOAD = 12       # a row's chunks read back from a save file, every tag verified
 
 
 class Status(enum.IntEnum):
@@ -80,6 +82,8 @@ OP_NAMES = {
     Op.RESEAL: "reseal",
     Op.READ: "read",
     Op.RELEASE: "release",
+    Op.SAVE: "save",
+    Op.LOAD: "load",
 }
 _OPS_BY_NAME = {v: k for k, v in OP_NAMES.items()}
 _OPS_BY_NAME["isolation_violation"] = Op.ISOLATION_VIOLATION

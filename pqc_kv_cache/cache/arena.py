@@ -100,6 +100,15 @@ class ByteArena:
     def zero(self) -> None:
         self.buffer.zero_()
 
+    @classmethod
+    def holding(cls, data: torch.Tensor, device: torch.device | str) -> "ByteArena":
+        """An arena whose chunks are the bytes ``data`` (uint8, 1-D), taken as they are on ``device``
+        (no copy when they are already there)."""
+        new = cls.__new__(cls)
+        new.buffer = data.to(device=device, dtype=torch.uint8).reshape(-1)
+        new.used = new.buffer.numel()
+        return new
+
     def state(self) -> tuple[torch.Tensor, int]:
         """What an operation may change, kept by reference: bytes below ``used`` are never rewritten in
         place, and compaction builds a new buffer."""

@@ -69,12 +69,12 @@ class CacheAuditor:
         self._write(now, op, tenant_idx=tidx, session_idx=sidx, layer=layer, row=rows.astype(np.uint16),
                     status=status, **fields)
 
-    def session(self, op: Op, slot: int, *, now: bool = False, **fields) -> None:
+    def session(self, op: Op, slot: int, *, status: Status = Status.OK, now: bool = False, **fields) -> None:
         """One record of session slot ``slot`` as a whole (no layer, no row)."""
         if self.log is None:
             return
         t, s = self.ids(slot)
-        self._write(now, op, tenant_idx=t, session_idx=s, status=Status.OK, **fields)
+        self._write(now, op, tenant_idx=t, session_idx=s, status=status, **fields)
 
     def _write(self, now: bool, op: Op, **fields) -> None:
         if self._held is not None and not now:

@@ -558,6 +558,102 @@ class EncryptedLayer(CacheLayerMixin):
         if self.is_initialized and self.arena.device != self.device:
             self.arena.to(self.device)
 
+    # ---- save files ----------------------------------------------------------------------------
+    def saved(self) -> tuple[dict, np.ndarray]:
+        """This layer's part of a save file: its description (JSON-able: layout, positions, row slots, the
+        segments, each (segment, row)'s index into ``chunks``, and ``chunks``: each distinct live chunk's
+        counter, epoch, session slot and size) and the bytes of those chunks, in that order, in host memory.
+        Only ciphertext: the plaintext a working-set layer holds is not part of it."""
+        empty = {f: [] for f in ("counter", "epoch", "slot", "nbytes")}
+        if not self.is_initialized:
+            return {"initialized": False, "kind": self._kind(), "chunks": empty}, np.zeros(0, dtype=np.uint8)
+        t = self.table
+        sizes = np.repeat(self.chunk_sizes(), self._batch)
+        uniq, first, refs = np.unique(t.offset.reshape(-1), return_index=True, return_inverse=True)
+        nbytes = sizes[first]
+        host = self.arena.view().cpu().numpy()
+        data = (np.concatenate([host[o:o + n] for o, n in zip(uniq.tolist(), nbytes.tolist())]) if uniq.size
+                else np.zeros(0, dtype=np.uint8))
+        desc = {
+            "initialized": True, "kind": self._kind(), "dtype": str(self.dtype).removeprefix("torch."),
+            "heads": int(self.num_heads), "head_dim": int(self.head_dim), "batch": int(self._batch),
+            "start": int(self._start), "end": int(self._end), "row_slots": self._row_slots.tolist(),
+            "seg_start": t.start.tolist(), "seg_count": t.count.tolist(), "refs": refs.reshape(-1).tolist(),
+            "chunks": {"counter": t.counter.reshape(-1)[first].tolist(), "epoch": t.epoch.reshape(-1)[first].tolist(),
+                       "slot": t.session_slot.reshape(-1)[first].tolist(), "nbytes": nbytes.tolist()},
+        }
+        return desc, data
+
+    def load_saved(self, desc: dict, data: np.ndarray, slot_map: np.ndarray, device: torch.device) -> None:
+        """Take the state a save file describes (``desc`` from ``saved``, verified by its manifest tags;
+        ``data``: its chunk bytes; ``slot_map``: the file's session slot -> this cache's). The chunks are
+        not opened here: ``verify_chunks`` does that. ValueError when the layer does not match the file's
+        (another config); SaveFileError when the description is inconsistent."""
+        from ..errors import SaveFileError
+
+        def bad(what: str):
+            return SaveFileError(f"save file: layer {self.layer_idx} {what}")
+
+        if desc.get("kind") != self._kind():
+            raise ValueError(f"layer {self.layer_idx} is {self._kind()}, the save file's is {desc.get('kind')!r}: "
+                             "load it with the config of the model that saved it")
+        if not desc.get("initialized"):
+            return
+        dtype = getattr(torch, str(desc.get("dtype")), None)
+        ints = [desc.get(k) for k in ("heads", "head_dim", "batch", "start", "end")]
+        if not isinstance(dtype, torch.dtype) or not all(type(x) is int and x >= 0 for x in ints):
+            raise bad("has an unknown dtype or a malformed shape")
+        heads, head_dim, batch, start, end = ints
+        try:
+            row_slots = np.array(desc["row_slots"], dtype=np.int64)
+            seg_start = np.array(desc["seg_start"], dtype=np.int64)
+            seg_count = np.array(desc["seg_count"], dtype=np.int64)
+            refs = np.array(desc["refs"], dtype=np.int64)
+            chunks = {k: np.array(v, dtype=np.int64) for k, v in desc["chunks"].items()}
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise bad("description is malformed") from None
+        ns, n_chunks = seg_start.size, chunks["counter"].size
+        if (heads < 1 or head_dim < 1 or batch < 1 or not start <= end or row_slots.shape != (batch,)
+                or seg_count.shape != (ns,) or refs.shape != (ns * batch,)
+                or (refs.size and (refs.min() < 0 or refs.max() >= n_chunks))
+                or row_slots.min() < 0 or row_slots.max() >= slot_map.size):
+            raise bad("description is inconsistent (rows, segments or chunk references)")
+        if ns and (seg_count.min() < 1 or seg_start.min() < 0 or (seg_start + seg_count).max() > end):
+            raise bad("has a segment outside its positions")
+        layout = self._ctx.layout(self.layer_idx, heads, head_dim, dtype)
+        bpp = layout.bytes_per_position
+        ref_grid = refs.reshape(ns, batch)
+        # a row refers only to chunks of its own session, of its segment's size
+        if ((chunks["slot"][ref_grid] != row_slots[None, :]).any()
+                or (chunks["nbytes"][ref_grid] != (seg_count * bpp + TAG_SIZE)[:, None]).any()):
+            raise bad("refers a row to a chunk of another session or of another size; refused")
+        offsets = np.cumsum(chunks["nbytes"]) - chunks["nbytes"]
+        table = SegmentTable(batch)
+        table.start, table.count = seg_start, seg_count
+        table.columns = {"counter": chunks["counter"][ref_grid], "epoch": chunks["epoch"][ref_grid],
+                         "session_slot": slot_map[chunks["slot"]][ref_grid], "offset": offsets[ref_grid]}
+        self._ctx.rows_for_batch(batch)     # the cache's row map (set from the file) must hold this batch
+        self.device, self.dtype = torch.device(device), dtype
+        self._batch, self.num_heads, self.head_dim = batch, heads, head_dim
+        self._layout, self._bytes_per_position = layout, bpp
+        self._row_slots = slot_map[row_slots]
+        self.table = table
+        self._backend = self._ctx.backend_for(self.device)
+        self.arena = ByteArena.holding(torch.from_numpy(data), self.device)
+        self._end, self._start = end, start
+        self.is_initialized = True
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """A save file's state was just taken (the working-set variant marks every row released)."""
+
+    def verify_chunks(self) -> None:
+        """Open every live chunk once, every tag verified (DECRYPT records), into the cache's scratch, as an
+        update would (the caller wipes the scratch; the working-set variant keeps them as its working set).
+        DecryptionError if a tag fails."""
+        if self.is_initialized and self.num_segments:
+            self._read_from(int(self.table.start[0]))
+
     # ---- sessions ------------------------------------------------------------------------------
     def shred_rows(self, rows: np.ndarray) -> None:
         """Zero the ciphertext of ``rows`` (their keys are already erased)."""

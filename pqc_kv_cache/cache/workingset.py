@@ -69,11 +69,19 @@ class PlaintextStore:
         self._box[0] = [k, v]
 
     @staticmethod
-    def buffers(batch: int, heads: int, positions: int, dim: int, dtype, device):
-        """Zeroed K and V buffers for ``positions`` positions (with room to grow)."""
+    def buffers(batch: int, heads: int, positions: int, dim: int, dtype, device, zero_head: bool = True):
+        """Zeroed K and V buffers for ``positions`` positions (with room to grow). ``zero_head=False``: the
+        caller overwrites positions ``0..positions`` of every row at once (or zeroes them), so only the room
+        after them is zeroed here (fresh memory may hold bytes this process freed earlier)."""
         cap = max(2 * positions, MIN_POSITIONS)
-        return (torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device),
-                torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device))
+        if zero_head:
+            return (torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device),
+                    torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device))
+        k = torch.empty((batch, heads, cap, dim), dtype=dtype, device=device)
+        v = torch.empty((batch, heads, cap, dim), dtype=dtype, device=device)
+        k[:, :, positions:].zero_()
+        v[:, :, positions:].zero_()
+        return k, v
 
     def adopt(self, k: torch.Tensor, v: torch.Tensor, base: int, end: int) -> None:
         """Hold buffers ``k``/``v`` whose index 0 is position ``base``, positions up to ``end`` written."""
@@ -241,8 +249,10 @@ class WorkingSetStorage:
             return
         first = int(self.table.start[0]) if self.num_segments else self._end
         self._check_covered(0, first)
+        # positions first.._end of the opened rows are written by the decrypt; the buffers are zeroed below
+        # unless the store adopts them, which it does only when every row was opened
         k, v = PlaintextStore.buffers(self._batch, self.num_heads, self._end - first, self.head_dim,
-                                      self.dtype, self.device)
+                                      self.dtype, self.device, zero_head=rows.size < self._batch)
         try:
             self._open(np.arange(self.num_segments), rows, k, v, first)
             if not self._ws.held:
@@ -310,6 +320,15 @@ class WorkingSetStorage:
     def prefetch(self) -> None:
         """Bring the ciphertext back to the compute device and open it (every tag verified)."""
         super().prefetch()
+        self.open_released()
+
+    def _after_load(self) -> None:
+        """A loaded layer holds only ciphertext: every row is released until it is opened."""
+        self._ws.release()
+        self._released = np.ones(self._batch, dtype=np.bool_)
+
+    def verify_chunks(self) -> None:
+        """Open every row once, every tag verified, into the working set (a load in this mode)."""
         self.open_released()
 
     def shred_rows(self, rows: np.ndarray) -> None:
