@@ -1,6 +1,6 @@
 """Audit pipeline against the earlier per-record log, measured in the same run.
 
-Baseline: the earlier library's KVAuditLog, written as it was — one dataclass
+Baseline: the KVAuditLog of PQC KV Cache Encryption 0.1.0, written as it was — one dataclass
 object per record with an ISO-8601 timestamp, appended to a list that drops
 its oldest entry with ``pop(0)`` beyond 100,000 entries.
 
@@ -48,7 +48,7 @@ from pqc_kv_cache.audit import KVAuditLog, Op  # noqa: E402
 LAYERS, ROWS, PREFILL = 32, 16, 2048
 
 
-# -- the earlier library's audit log, as it was written ---------------------------------
+# -- the audit log of PQC KV Cache Encryption 0.1.0, as it was written ---------------------------------
 @dataclasses.dataclass
 class SeedAuditEntry:
     timestamp: str

@@ -1,6 +1,6 @@
 """pytest-benchmark suite of the audit pipeline, each case beside its baseline.
 
-Baseline: the earlier library's per-record log (benchmarks/audit_report.py,
+Baseline: the per-record log of PQC KV Cache Encryption 0.1.0 (benchmarks/audit_report.py,
 SeedAuditLog): one object per record with an ISO timestamp, a list bounded by
 ``pop(0)`` at 100,000 entries.  Compare the groups' means:
 

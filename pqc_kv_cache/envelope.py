@@ -385,7 +385,7 @@ class EncryptedEntry:
         return cls(meta, nonce, ct, key_len, counter, epoch, _DTYPE_NAMES[dcode],
                    num_heads, head_dim, version).validate()
 
-    # ---- hex JSON form (field names of the earlier library) -------------------
+    # ---- hex JSON form (field names of PQC KV Cache Encryption 0.1.0) -------------------
     def to_dict(self) -> dict:
         self.validate()
         return {"metadata": self.metadata.to_dict(), "nonce": bytes(self.nonce).hex(),
