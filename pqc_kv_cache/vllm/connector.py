@@ -288,7 +288,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         assert isinstance(meta, PQCConnectorMetadata)
         assert self._audit is not None
         for r in meta.refusals:
-            self._audit.log_isolation_violation(r.tenant_id, r.tenant_id, r.reason, session_id=r.session_id)
+            # the salt is a hash: whose tenant (if any) it belongs to is not known here
+            self._audit.log_isolation_violation(r.tenant_id, "unknown", r.reason, session_id=r.session_id)
         for req in meta.loads:
             self._load(req)
 
