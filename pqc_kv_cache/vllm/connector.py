@@ -251,6 +251,12 @@ class PQCKVConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        for name, t in kv_caches.items():
+            # vLLM's CPU attention layout; other backends (CUDA: K and V apart, other block layouts) are not
+            # supported yet, and refused here at start-up rather than sealed wrongly
+            if t.device.type != "cpu" or t.dim() != 4 or t.shape[2] != self._block_size or t.shape[3] % 2:
+                raise ValueError(f"PQCKVConnector supports vLLM's CPU KV layout [num_blocks, kv_heads, "
+                                 f"block_size, 2*head_dim] only; layer {name} has {tuple(t.shape)} on {t.device}")
         self._kv_caches = dict(kv_caches)
 
     def _layers(self) -> list[tuple[str, int, torch.Tensor]]:
