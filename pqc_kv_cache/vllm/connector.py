@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import struct
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -161,7 +160,7 @@ class PQCKVConnector(KVConnectorBase_V1):
         self._reservations: dict[tuple[str, str], list] = {}
         self._open_keys: dict[tuple[str, str, int], AESGCM] = {}
         self._saved_layers: dict[str, set[int]] = {}
-        self._lock = threading.Lock()
+        self._failed_saves: set[str] = set()
         if role == KVConnectorRole.WORKER:
             socket_path = cfg.get_from_extra_config("key_service", None)
             audit_path = cfg.get_from_extra_config("audit_log", None)
@@ -366,13 +365,24 @@ class PQCKVConnector(KVConnectorBase_V1):
         heads, hd = kv_layer.shape[1], kv_layer.shape[3] // 2
         k_len = heads * bs * hd * kv_layer.element_size()
         for req in meta.stores:
-            epoch, first, key = self._nonces(req.tenant_id, req.session_id, len(req.block_ids))
+            if req.req_id in self._failed_saves:
+                continue
+            try:
+                epoch, first, key = self._nonces(req.tenant_id, req.session_id, len(req.block_ids))
+            except KVCacheError as e:
+                # no key (closed or expired session, no key service): this prefix is not stored, and vLLM
+                # goes on computing; the refusal is on record
+                self._failed_saves.add(req.req_id)
+                self._audit.log_encrypt(req.tenant_id, req.session_id, layer, 0, position_count=req.num_tokens,
+                                        success=False, details=f"save refused: {e}")
+                continue
             aes = AESGCM(key)
             parts, chunks, off = [], [], 0
             for i, block_id in enumerate(req.block_ids):
                 pos = i * bs
                 k, v = self._split(kv_layer[block_id])
-                plain = k.contiguous().numpy().tobytes() + v.contiguous().numpy().tobytes()
+                plain = (k.contiguous().view(torch.uint8).numpy().tobytes()
+                         + v.contiguous().view(torch.uint8).numpy().tobytes())
                 counter = first + i
                 ct = aes.encrypt(make_nonce(epoch, counter), plain,
                                  self._aad(req, epoch, layer, pos, bs, k_len, heads, hd, kv_layer.dtype))
@@ -400,6 +410,9 @@ class PQCKVConnector(KVConnectorBase_V1):
         want = {idx for _, idx, _ in self._layers()}
         for req in meta.stores:
             done = self._saved_layers.pop(req.req_id, set())
+            if req.req_id in self._failed_saves:
+                self._failed_saves.discard(req.req_id)
+                continue
             if done != want:
                 continue        # some layer was not saved: no index, so no hit on a partial prefix
             tmp = os.path.join(req.directory, "." + _INDEX + ".tmp")

@@ -30,6 +30,7 @@ PROMPT = [5 + (i * 7) % 300 for i in range(80)]           # 2 whole blocks store
 PROMPT_TAMPERED = [9 + (i * 11) % 300 for i in range(80)]
 PROMPT_NO_TENANT = [3 + (i * 13) % 300 for i in range(80)]
 PROMPT_BAD_SALT = [4 + (i * 17) % 300 for i in range(80)]
+PROMPT_NO_KEY = [6 + (i * 19) % 300 for i in range(80)]
 MAX_TOKENS = 8
 
 
@@ -86,6 +87,8 @@ def world(tmp_path_factory):
         w["dirs_after_tenant_saves"] = _stored_dirs(store)
         w["no_tenant"] = _run(llm, PROMPT_NO_TENANT)
         w["bad_salt"] = _run(llm, PROMPT_BAD_SALT, fa, salt=fb["cache_salt"])
+        # a tenant the key service has no session for: its KV cannot be sealed, so it is not stored
+        w["no_key"] = _run(llm, PROMPT_NO_KEY, request_fields("tenant-c", "urn:pqc-kv-sess:none"))
         w["dirs_after_save"] = _stored_dirs(store)
         _shutdown(llm)
         # flip one ciphertext byte of layer 1 of the second prompt
@@ -155,6 +158,16 @@ def test_requests_without_tenant_or_with_a_foreign_salt_are_not_stored(world):
     rc, out, err = _audit(world["audit_save"], "show", "--json", "--operation", "ISOLATION_VIOLATION")
     recs = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert rc == 0 and len(recs) == 1 and "cache_salt" in json.dumps(recs[0])
+
+
+def test_a_tenant_without_a_key_is_computed_but_not_stored_and_the_refusal_is_on_record(world):
+    assert len(world["no_key"][0]) == MAX_TOKENS
+    assert len(world["dirs_after_save"]) == 2                   # only tenant A's two prompts
+    rc, out, err = _audit(world["audit_save"], "show", "--json", "--tenant", "tenant-c")
+    recs = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert rc == 0 and len(recs) == 1, out + err                # one per refused request
+    assert all(r["operation"] == "encrypt" and r["status"] != "OK" and "UnknownTenantError" in r["details"]
+               for r in recs)
 
 
 def test_a_flipped_ciphertext_byte_is_recomputed_and_on_record(world):
