@@ -2,7 +2,7 @@
 
 An integer argument is a Python int or any integer type that implements
 ``__index__`` (numpy and torch integer scalars), converted to a plain int;
-``bool`` (and numpy's bool) is refused although it is an int to Python, since
+``bool`` (and numpy's bool, and a bool tensor) is refused although it is an int to Python, since
 ``True`` as a layer index or a count is always a mistake. A duration is a
 real number of seconds, finite unless the caller allows infinity, never NaN.
 Failures are TypeError (wrong kind) or ValueError (out of range), each naming
@@ -21,7 +21,10 @@ def _is_bool(value: object) -> bool:
     if isinstance(value, bool):
         return True
     t = type(value)
-    return t.__module__ == "numpy" and t.__name__ in ("bool", "bool_")
+    if t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"):
+        return True
+    # a 0-d bool tensor or array has __index__ as well (torch.tensor(True) would pass as 1)
+    return str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
 
 
 def check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:

@@ -296,9 +296,10 @@ class EncryptedEntry:
         if not isinstance(self.metadata, EntryMetadata):
             raise MalformedEntryError(f"metadata must be an EntryMetadata, got {type(self.metadata).__name__}")
         for name in _ENTRY_INT_FIELDS:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise MalformedEntryError(f"{name} must be an int, got {type(v).__name__}")
+            try:
+                setattr(self, name, check_int(name, getattr(self, name)))
+            except TypeError as e:
+                raise MalformedEntryError(str(e)) from None
         if not isinstance(self.dtype, str):
             raise MalformedEntryError("dtype must be a str")
         try:

@@ -14,11 +14,11 @@ same, and the caller gets the error the access deserves.
 
 from __future__ import annotations
 
-import operator
 import threading
 import types
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from ._checks import check_int
 from .encryptor import CacheDecryptor, CacheEncryptor
 from .envelope import EncryptedEntry, EntryMetadata, KVCacheEntry
 from .errors import (
@@ -49,7 +49,7 @@ def _recordable(**fields) -> tuple[dict, str | None]:
     for name, value in fields.items():
         hi = _RECORD_MAX[name]
         try:
-            v = operator.index(value) if not isinstance(value, bool) else None
+            v = check_int(name, value)
         except TypeError:
             v = None
         if v is None:

@@ -7,10 +7,9 @@ is what ``HostRing.write`` takes.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
+from .. import _checks
 from .records import RECORD_DTYPE
 
 __all__ = ["FIELD_LIMITS", "VALUE_FIELDS", "ID_MAX_BYTES", "DETAILS_MAX_BYTES", "check_int", "field_int",
@@ -52,19 +51,22 @@ _RANGE_CHECK: dict = {}
 
 
 def check_int(name: str, v, lo: int | None = 0, hi: int | None = None) -> int:
-    """``v`` as a Python int within ``lo .. hi`` (None: unbounded): ints and numpy integers, never a bool.
+    """``v`` as a Python int within ``lo .. hi`` (None: unbounded), by the package's one integer rule.
 
-    TypeError for anything else, ValueError out of range.  The one integer check of the audit package.
+    What is accepted is ``pqc_kv_cache._checks.check_int``'s rule (ints and integer scalars with
+    ``__index__``, never a bool); only the wording is the audit package's.  TypeError for anything
+    else, ValueError out of range.
     """
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+    try:
+        n = _checks.check_int(name, v)
+    except TypeError:
         raise TypeError(f"{name} must be {'a positive' if lo == 1 and hi is None else 'an'} int, "
-                        f"got {type(v).__name__}")
-    v = int(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
+                        f"got {type(v).__name__}") from None
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
         if lo == 1 and hi is None:
-            raise ValueError(f"{name} must be a positive int, got {v}")
-        raise ValueError(f"{name}={v} is out of range {lo}..{'' if hi is None else hi}")
-    return v
+            raise ValueError(f"{name} must be a positive int, got {n}")
+        raise ValueError(f"{name}={n} is out of range {lo}..{'' if hi is None else hi}")
+    return n
 
 
 def field_int(name: str, v) -> int:

@@ -107,8 +107,7 @@ def entry(rec: dict, names, details) -> KVAuditEntry:
 def query(store, store_lock, names, details, *, limit, newest_first, tenant_id=None, operation=None,
           layer_idx=None, position=None, success=None, since=None) -> list[KVAuditEntry]:
     """Matching records of ``store`` as entries.  ``position`` matches records whose range contains it."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
-        raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
+    limit = _optional_int("limit", limit)
     t = None
     if tenant_id is not None:
         t = names.find_tenant(tenant_id)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import check_int
 from ..audit.records import RECORD_DTYPE
 from ..envelope import AAD_SIZE, TAG_SIZE
 from ..errors import BackendUnavailableError
@@ -142,9 +143,7 @@ def slot_meta_array(keys, tenant_idx=None, session_idx=None) -> np.ndarray:
             if not isinstance(tag, (bytes, bytearray, memoryview)) or len(tag) != 16:
                 raise ValueError(f"key slot {i}: {name} must be 16 bytes")
             meta[name][i] = bytes(tag)
-        if isinstance(ks.epoch, bool) or not isinstance(ks.epoch, int) or not 0 <= ks.epoch < 2**32:
-            raise ValueError(f"key slot {i}: epoch out of range: {ks.epoch!r}")
-        meta["epoch"][i] = ks.epoch
+        meta["epoch"][i] = check_int(f"key slot {i}: epoch", ks.epoch, 0, 2**32 - 1)
     meta["tenant_idx"] = ti
     meta["session_idx"] = si
     return meta.view(np.uint8).reshape(n, SLOT_META_SIZE)
@@ -205,9 +204,7 @@ def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None =
     if p.shape[0] != n:
         raise ValueError("rounds and pos_count must have one entry per chunk")
     if rounds_per_item is not None:
-        if isinstance(rounds_per_item, bool) or not isinstance(rounds_per_item, int) or rounds_per_item < 1:
-            raise ValueError(f"rounds_per_item must be a positive int, got {rounds_per_item!r}")
-        b = rounds_per_item
+        b = check_int("rounds_per_item", rounds_per_item, 1)
     elif slots is not None and n:
         b = max(int(min_rounds), int(r.sum()) // max(1, int(slots)))
     else:

@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._checks import check_int
 from ..envelope import AAD_SIZE, NONCE_SIZE, TAG_SIZE, dtype_code
 from ._build import compile_cached
 from ..errors import BackendUnavailableError, DecryptionError
@@ -159,9 +160,7 @@ def _check_rc(rc: int, what: str) -> None:
 
 
 def _lanes(lanes: int) -> int:
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= LANES:
-        raise ValueError(f"lanes must be an int in [1, {LANES}], got {lanes!r}")
-    return lanes
+    return check_int("lanes", lanes, 1, LANES)
 
 
 def _concat(name: str, items: Sequence, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -221,11 +220,10 @@ def build_aad_v1(*, tenant_tag: bytes, session_tag: bytes, epoch: int, layer: in
                  head_dim: int = 0) -> bytes:
     """The AAD v1 bytes as the kernels build them (kv_role "both", token id -1)."""
     tt, st = _bytes("tenant_tag", tenant_tag, 16), _bytes("session_tag", session_tag, 16)
-    for name, v, hi in (("epoch", epoch, 2**32 - 1), ("layer", layer, 2**32 - 1), ("pos_start", pos_start, 2**64 - 1),
-                        ("pos_count", pos_count, 2**32 - 1), ("key_len", key_len, 2**32 - 1),
-                        ("num_heads", num_heads, 2**32 - 1), ("head_dim", head_dim, 2**32 - 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
-            raise ValueError(f"{name} out of range: {v!r}")
+    epoch, layer, pos_start, pos_count, key_len, num_heads, head_dim = (check_int(name, v, 0, hi) for name, v, hi in (
+        ("epoch", epoch, 2**32 - 1), ("layer", layer, 2**32 - 1), ("pos_start", pos_start, 2**64 - 1),
+        ("pos_count", pos_count, 2**32 - 1), ("key_len", key_len, 2**32 - 1),
+        ("num_heads", num_heads, 2**32 - 1), ("head_dim", head_dim, 2**32 - 1)))
     out = ctypes.create_string_buffer(AAD_SIZE)
     _check_rc(load().pqc_host_build_aad_v1(out, tt, st, epoch, layer, pos_start, pos_count, key_len,
                                            dtype_code(dtype), num_heads, head_dim), "build_aad_v1")
@@ -272,8 +270,7 @@ def gcm_open_many(keys: Sequence[bytes], nonces: Sequence[bytes], aads: Sequence
     (a failed message's plaintext is all zeros). Raises nothing for a bad tag."""
     n = len(ciphertexts)
     lanes = _lanes(lanes)
-    if isinstance(tag_len, bool) or not isinstance(tag_len, int) or not 4 <= tag_len <= 16:
-        raise ValueError(f"tag_len must be in [4, 16], got {tag_len!r}")
+    tag_len = check_int("tag_len", tag_len, 4, 16)
     kb, nb = _keys_and_nonces(keys, nonces, n, "ciphertexts")
     abuf, aoff, alen = _concat("aads", aads, n)
     cbuf, coff, clen = _concat("ciphertexts", ciphertexts, n)
@@ -458,8 +455,7 @@ def item_multiplier(key: bytes, e: int, *, lanes: int = LANES) -> bytes:
     GHASH (the key schedule's window table, multiplied in the kernels' tree order)."""
     key = _bytes("key", key, 32)
     lanes = _lanes(lanes)
-    if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < 2**32:
-        raise ValueError(f"e must be an int in [0, 2^32), got {e!r}")
+    e = check_int("e", e, 0, 2**32 - 1)
     out = ctypes.create_string_buffer(16)
     _check_rc(load().pqc_host_item_multiplier(key, lanes, e, out), "item_multiplier")
     return out.raw

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .._checks import check_int
 from ..envelope import AAD_MAGIC, FORMAT_VERSION, KV_ROLES, dtype_code
 from ..errors import BackendUnavailableError
 from ._build import compile_cached
@@ -433,11 +434,11 @@ class NativeBackend(CryptoBackend):
         the columns and row sums only when the call is audited, the status only when opening."""
         self._check_types(layout, arena, name, k, v, chunks)
         n, sc = self._load_table(chunks, k.shape[0])
-        for x in (layout.layer_idx, layout.num_heads, layout.head_dim):
-            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-                raise ValueError(f"bad chunk layout {layout}")
-        geom = struct.pack("<4q", *(max(-1, min(int(x), 1 << 62)) for x in
-                                    (layout.layer_idx, layout.num_heads, layout.head_dim)), k.element_size())
+        try:
+            ints = [check_int(f"layout.{f}", getattr(layout, f)) for f in ("layer_idx", "num_heads", "head_dim")]
+        except TypeError:
+            raise ValueError(f"bad chunk layout {layout}") from None
+        geom = struct.pack("<4q", *(max(-1, min(x, 1 << 62)) for x in ints), k.element_size())
         tens = struct.pack(f"<{2 * _TENS_COLS}q", *_tensor_desc(k), *_tensor_desc(v))
         prefix = self._prefix.get(layout.dtype)
         if prefix is None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
+from .._checks import check_int
 from ..audit.records import Op, Status
 from ..envelope import EncryptedEntry
 from ..errors import DecryptionError, SaveFileError, SessionExpiredError, TenantIsolationError
@@ -97,18 +98,15 @@ def _layer_plan(config, classes: dict[str, type[EncryptedLayer]] = LAYER_TYPE_CL
                              "attention layers only")
         if cls.is_sliding:
             w = kw.get("sliding_window")
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ValueError(f"layer {i} is {kind!r} with sliding window {w!r}; a positive int is needed")
+            try:
+                w = check_int("sliding window", w, 1)
+            except (TypeError, ValueError):     # a model config's value, not a caller's argument: ValueError
+                raise ValueError(f"layer {i} is {kind!r} with sliding window {w!r}; a positive int is needed") \
+                    from None
             plan.append((cls, {"sliding_window": w}))
         else:
             plan.append((cls, {}))
     return plan
-
-
-def _positive_int(value, name: str, least: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be {'a positive int' if least == 1 else f'an int >= {least}'}, "
-                         f"got {value!r}")
 
 
 class EncryptedCache(Cache):
@@ -153,11 +151,10 @@ class EncryptedCache(Cache):
             raise TypeError("audit must be a KVAuditLog (or None)")
         if not isinstance(merge_segments, bool):
             raise TypeError("merge_segments must be a bool")
-        _positive_int(max_merged_positions, "max_merged_positions")
-        _positive_int(merge_min_segments, "merge_min_segments", least=2)
-        if rows_per_session is not None and (isinstance(rows_per_session, bool)
-                                             or not isinstance(rows_per_session, int) or rows_per_session < 1):
-            raise ValueError(f"rows_per_session must be a positive int or None, got {rows_per_session!r}")
+        max_merged_positions = check_int("max_merged_positions", max_merged_positions, 1)
+        merge_min_segments = check_int("merge_min_segments", merge_min_segments, 2)
+        if rows_per_session is not None:
+            rows_per_session = check_int("rows_per_session", rows_per_session, 1)
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         plan = _layer_plan(config, MODES[mode])
@@ -585,8 +582,7 @@ class EncryptedCache(Cache):
 
     # ---- Cache API over all layers ------------------------------------------------------------------
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
-            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        repeats = check_int("repeats", repeats, 1)
         with self._atomic():
             if self._ctx.row_slots is not None:
                 self._ctx.row_slots = np.repeat(self._ctx.row_slots, int(repeats))
@@ -617,8 +613,7 @@ class EncryptedCache(Cache):
 
     def export_entries(self, layer_idx: int, row: int) -> list[EncryptedEntry]:
         """The chunks of one row of one layer as EncryptedEntry objects (envelope v1), in position order."""
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
-            raise ValueError(f"layer_idx must be in [0, {len(self.layers)}), got {layer_idx!r}")
+        layer_idx = check_int("layer_idx", layer_idx, 0, len(self.layers) - 1)
         return self.layers[layer_idx].export_entries(row)
 
     def __repr__(self) -> str:

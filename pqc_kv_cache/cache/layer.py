@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .._checks import check_int
 from ..audit.records import Op, Status
 from ..envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce
 from ..errors import DecryptionError, KVCacheError, SessionExpiredError
@@ -45,10 +46,9 @@ def crop_count(tokens_to_remove) -> int:
         if (t.is_floating_point() or t.is_complex()) if isinstance(t, torch.Tensor) else t.dtype.kind not in "iu":
             raise TypeError(f"tokens_to_remove must be an integer, got a tensor of {t.dtype}")
         return int(t.item())
-    if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-        raise TypeError(f"tokens_to_remove must be an int, got {type(t).__name__}"
-                        + (f" of shape {list(t.shape)}" if isinstance(t, (torch.Tensor, np.ndarray)) else ""))
-    return int(t)
+    if isinstance(t, (torch.Tensor, np.ndarray)):     # a one-element tensor of shape [1] has __index__ too
+        raise TypeError(f"tokens_to_remove must be an integer, got {type(t).__name__} of shape {list(t.shape)}")
+    return check_int("tokens_to_remove", t)
 
 
 class EncryptedLayer(CacheLayerMixin):
@@ -664,8 +664,7 @@ class EncryptedLayer(CacheLayerMixin):
     def export_entries(self, row: int) -> list[EncryptedEntry]:
         if not self.is_initialized:
             return []
-        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < self._batch:
-            raise ValueError(f"row must be in [0, {self._batch}), got {row!r}")
+        row = check_int("row", row, 0, self._batch - 1)
         session = self._ctx.sessions[int(self._row_slots[row])]
         arena = self.arena.buffer.cpu()
         t = self.table

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from .._checks import check_int
 from .context import LayerContext
 from .layer import EncryptedLayer, crop_count
 
@@ -36,9 +37,7 @@ class SlidingEncryptedLayer(EncryptedLayer):
     is_sliding = True
 
     def __init__(self, context: LayerContext, layer_idx: int, sliding_window: int):
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
-        self.sliding_window = sliding_window
+        self.sliding_window = check_int("sliding_window", sliding_window, 1)
         super().__init__(context, layer_idx)
 
     def _view_start(self) -> int:

@@ -558,8 +558,8 @@ def test_retired_epoch_stops_opening_in_the_cache(two):
 def test_bad_repeats_leave_the_cache_unchanged(two):
     cache, _, _ = filled(two)
     before = cache.row_session_slots
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="repeats"):
             cache.batch_repeat_interleave(bad)
     assert np.array_equal(cache.row_session_slots, before)
     cache.update(*kv(2, 1, seed=5), 0)
