@@ -44,7 +44,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from ..audit import KVAuditLog
 from ..envelope import build_aad, make_nonce, tenant_tag
 from ..errors import KVCacheError
-from .keyservice import KeyClient, KeyServiceError
+from .keyservice import KeyClient
 from .tenancy import PARAMS_KEY, tenant_cache_salt
 
 if TYPE_CHECKING:
