@@ -103,11 +103,11 @@ def bench(workload, key: KeySlot, repeats: int, min_seconds: float) -> dict:
     out = bytearray(nbytes)
 
     def run_native():
-        if nat.decrypt_chunks([key], layout, t, arena, k_out, v_out).any():
+        if nat.decrypt_chunks([key], layout, t, arena, k_out, v_out).host.any():
             raise AssertionError("native open failed")
 
     def run_host():
-        if host.decrypt_chunks([key], layout, t, arena, k_out, v_out).any():
+        if host.decrypt_chunks([key], layout, t, arena, k_out, v_out).host.any():
             raise AssertionError("host open failed")
 
     def run_bulk():

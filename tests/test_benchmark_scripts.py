@@ -1,0 +1,35 @@
+"""The benchmark scripts still run against the library as it is (a smoke run each; figures are not checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_native_report_runs():
+    from pqc_kv_cache.backends.native import NativeBackend
+    from pqc_kv_cache.errors import BackendUnavailableError
+    try:
+        NativeBackend.instance()
+    except BackendUnavailableError as e:
+        pytest.skip(f"native host backend unavailable: {e}")
+    out = _run("benchmarks/native_report.py", "--repeats", "1", "--min-seconds", "0.01")
+    assert "native/bulk" in out
+
+
+def test_restore_report_runs(tmp_path):
+    out = _run("benchmarks/restore_report.py", "--repeats", "1", "--out", str(tmp_path / "restore.json"))
+    assert "ratio to bulk" in out
