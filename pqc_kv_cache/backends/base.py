@@ -134,12 +134,35 @@ class RowSummary(NamedTuple):
     row_of_chunk: np.ndarray   # for each chunk, the index of its row's entry
 
 
+def _tiled_rows(row: np.ndarray) -> int:
+    """k when ``row`` is its first k entries, strictly ascending, repeated n/k times; else 0."""
+    n = row.shape[0]
+    if n == 0:
+        return 0
+    down = np.flatnonzero(np.diff(row) <= 0)
+    k = int(down[0]) + 1 if down.size else n
+    if n % k or not (row.reshape(-1, k) == row[:k]).all():
+        return 0
+    return k
+
+
 def decrypt_row_summary(row, pos_start, pos_count, counter, slot, nbytes) -> RowSummary:
     """The fields of the DECRYPT row records of one decrypt call, from its chunks' columns: the one
     definition of that record, whichever backend writes it (host: emitted; CUDA: row descriptors
     for the row-record kernel)."""
     row = np.asarray(row, dtype=np.int64).reshape(-1)
     n = row.shape[0]
+    k = _tiled_rows(row)
+    if k:       # every chunk run lists the same ascending rows (a layer read): reduce its grid, no grouping
+        shape = (n // k, k)
+        ps = np.asarray(pos_start, dtype=np.int64).reshape(shape)
+        end = (ps + np.asarray(pos_count, dtype=np.int64).reshape(shape)).max(0)
+        start = ps.min(0)
+        return RowSummary(row[:k].copy(), start, end - start,
+                          np.asarray(counter, dtype=np.int64).reshape(shape).min(0),
+                          np.asarray(slot, dtype=np.int64).reshape(-1)[:k].copy(),
+                          np.asarray(nbytes, dtype=np.int64).reshape(shape).sum(0),
+                          np.tile(np.arange(k, dtype=np.int64), n // k))
     uniq, inv = np.unique(row, return_inverse=True)
     inv = inv.astype(np.int64).reshape(-1)
     r = uniq.shape[0]
@@ -198,7 +221,8 @@ def emit_decrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: C
     rs = decrypt_row_summary(row, pos_start, pos_count, counter, slot, nbytes)
     status = np.asarray(status, dtype=np.uint8)
     bad = np.zeros(rs.row.shape[0], dtype=np.uint8)
-    np.maximum.at(bad, rs.row_of_chunk, status)
+    if status.any():
+        np.maximum.at(bad, rs.row_of_chunk, status)
     epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
     audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[rs.slot], session_idx=audit.session_idx[rs.slot],
                    layer=layout.layer_idx, row=rs.row.astype(np.uint16), pos_start=rs.pos_start.astype(np.uint32),

@@ -26,6 +26,8 @@ from .audit import CacheAuditor
 
 __all__ = ["LayerContext", "MergeSettings", "Scratch", "check_backend_argument", "deferred_status"]
 
+_MEMO_CAP = 256     # remembered slot groupings per context (cleared when full)
+
 
 def check_backend_argument(backend) -> None:
     """TypeError unless ``backend`` is a CryptoBackend or None."""
@@ -116,6 +118,8 @@ class LayerContext:
         self.scratch = scratch
         self.backend = backend
         self.key_slots: dict[tuple[int, int], KeySlot] = {}
+        self._group_memo: dict[bytes, list] = {}     # see _groups
+        self._keys_memo: dict[bytes, tuple] = {}     # see _keys
         self.closed = False
         self.rotation_policy: Callable[[], None] = lambda: None
 
@@ -156,13 +160,25 @@ class LayerContext:
         epoch = np.empty(slots.shape[0], dtype=np.int64)
         if slots.size == 0:
             return counter, epoch
-        order = np.argsort(slots, kind="stable")
-        bounds = np.flatnonzero(np.diff(slots[order])) + 1
-        for where in np.split(order, bounds):
-            e, first = self.sessions[int(slots[where[0]])].reserve(int(where.size))
-            counter[where] = first + np.arange(where.size, dtype=np.int64)
+        for slot, where, steps in self._groups(slots):
+            e, first = self.sessions[slot].reserve(where.size)
+            counter[where] = first + steps
             epoch[where] = e
         return counter, epoch
+
+    def _groups(self, slots: np.ndarray) -> list:
+        """(session slot, positions of ``slots`` holding it, 0..count-1) per distinct slot, ascending.
+        A layer seals the same row slots step after step: the grouping is computed once per slot array."""
+        key = slots.astype(np.int64, copy=False).tobytes()
+        groups = self._group_memo.get(key)
+        if groups is None:
+            order = np.argsort(slots, kind="stable")
+            bounds = np.flatnonzero(np.diff(slots[order])) + 1
+            groups = [(int(slots[w[0]]), w, np.arange(w.size, dtype=np.int64)) for w in np.split(order, bounds)]
+            if len(self._group_memo) >= _MEMO_CAP:
+                self._group_memo.clear()
+            self._group_memo[key] = groups
+        return groups
 
     def check_same_session(self, layer_idx: int, src: np.ndarray, dst: np.ndarray, idx: np.ndarray) -> None:
         """TenantIsolationError (and an ISOLATION_VIOLATION record) if row r (slot ``dst[r]``) would take row
@@ -234,9 +250,20 @@ class LayerContext:
         None). Every session is checked first: a cached key slot is no licence to use an expired or closed
         session."""
         comb = slots.astype(np.int64) << 32 | epoch.astype(np.int64)
-        uniq, inv = np.unique(comb, return_inverse=True)
-        pairs = [(int(u) >> 32, int(u) & 0xFFFFFFFF) for u in uniq.tolist()]
-        for slot in dict.fromkeys(slot for slot, _ in pairs):
+        # the same (slot, epoch) columns come back step after step: their grouping is remembered (handed
+        # out as a copy), while the session checks and key look-ups are done on every call
+        memo_key = comb.tobytes()
+        memo = self._keys_memo.get(memo_key)
+        if memo is None:
+            uniq, inv = np.unique(comb, return_inverse=True)
+            pairs = [(int(u) >> 32, int(u) & 0xFFFFFFFF) for u in uniq.tolist()]
+            inv = inv.reshape(-1).astype(np.int64)
+            memo = (pairs, list(dict.fromkeys(slot for slot, _ in pairs)), inv)
+            if len(self._keys_memo) >= _MEMO_CAP:
+                self._keys_memo.clear()
+            self._keys_memo[memo_key] = memo
+        pairs, distinct, inv = memo
+        for slot in distinct:
             self.sessions[slot].check_valid()
         keys = [self.key_slot(slot, e) for slot, e in pairs]
         ctx = None
@@ -244,7 +271,7 @@ class LayerContext:
             idx = [self.auditor.ids(slot) for slot, _ in pairs]
             ctx = AuditContext(self.auditor.log, np.array([t for t, _ in idx], dtype=np.uint32),
                                np.array([s for _, s in idx], dtype=np.uint32))
-        return keys, inv.reshape(-1).astype(np.int64), ctx
+        return keys, inv.copy(), ctx
 
     def encrypt(self, backend: CryptoBackend, layout: ChunkLayout, slots, epoch, src_row, pos_start, pos_count,
                 io_start, counter, offset, k_src, v_src, arena: torch.Tensor, audited: bool) -> None:
