@@ -14,12 +14,21 @@ stderr.
 
 Both residency modes are measured (``--modes``). Prints a markdown table and writes JSON (``--json`` / ``--out``, default bench-results/cache_report.json).
 
+``--contexts 128,512,1024,2048`` measures every variant at each prompt length (interleaved repeats per
+length) and adds a per-context table (decode tokens/s, median with min and max, and the per-repeat
+ratio to DynamicCache) to the output and the JSON; the headline tables stay those of the 512-token
+prompt when it is among them (else of the first length given). ``--plot PATH.png`` draws decode tokens/s
+against context length, one line per variant with min-max error bars; it needs matplotlib
+(``pip install 'pqc_kv_cache[bench]'``), imported only then.
+
     python benchmarks/cache_report.py [--repeats 5] [--new-tokens 128] [--threads N] [--quick] [--out PATH]
+                                      [--contexts 128,512,1024,2048] [--plot decode_vs_context.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -43,12 +52,89 @@ from pqc_kv_cache.session import TenantIdentity, establish_tenant_session  # noq
 BATCH, PROMPT, LAYERS, HIDDEN, KV_HEADS = 4, 512, 4, 256, 4
 
 
-def build_model():
+def build_model(max_positions: int = 2048):
+    # max_position_embeddings only sizes the rotary table's nominal range; the weights do not depend on it
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                       num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=KV_HEADS,
-                      max_position_embeddings=2048)
+                      max_position_embeddings=max(2048, max_positions))
     return LlamaForCausalLM(cfg).eval()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_contexts(text: str) -> list[int]:
+    """'128,512' -> [128, 512]; ValueError naming what is wrong otherwise."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError("--contexts needs at least one prompt length")
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise ValueError(f"--contexts takes comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"--contexts: every prompt length must be >= 1, got {text!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--contexts: a prompt length is listed twice in {text!r}")
+    return values
+
+
+def load_pyplot_figure():
+    """matplotlib's Figure class, imported only for --plot; a clear error when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib, which is not installed: "
+                           "pip install 'pqc_kv_cache[bench]' (or pip install 'matplotlib>=3.7')") from e
+    return Figure
+
+
+VARIANT_LABELS = {"dynamic": "DynamicCache",
+                  "encrypted_audit_off": "EncryptedCache sealed, audit off",
+                  "encrypted_audit_on": "EncryptedCache sealed, audit on",
+                  "working_set_audit_off": "EncryptedCache working set, audit off",
+                  "working_set_audit_on": "EncryptedCache working set, audit on"}
+
+
+def plot_contexts(path: str, per_context: dict, title: str, subtitle: str) -> None:
+    """Decode tokens/s against context length (log x), one line per variant, min-max error bars."""
+    Figure = load_pyplot_figure()
+    contexts = sorted(per_context, key=int)
+    xs = [int(c) for c in contexts]
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.add_subplot()
+    styles = {"dynamic": ("black", "-", "o"), "encrypted_audit_off": ("tab:red", "-", "s"),
+              "encrypted_audit_on": ("tab:red", "--", "s"), "working_set_audit_off": ("tab:blue", "-", "^"),
+              "working_set_audit_on": ("tab:blue", "--", "^")}
+    for name in per_context[contexts[0]]["decode_tokens_per_s"]:
+        rows = [per_context[c]["decode_tokens_per_s"][name] for c in contexts]
+        med = [r["median"] for r in rows]
+        err = [[m - r["min"] for m, r in zip(med, rows)], [r["max"] - m for m, r in zip(med, rows)]]
+        color, ls, marker = styles.get(name, (None, "-", "o"))
+        ax.errorbar(xs, med, yerr=err, label=VARIANT_LABELS.get(name, name), color=color, linestyle=ls,
+                    marker=marker, capsize=3, markersize=5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("context length (prompt tokens)")
+    ax.set_ylabel("decode tokens/s (median, bars: min-max)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    ax.set_title(subtitle, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 _T0 = time.perf_counter()
@@ -85,7 +171,7 @@ def generate_time(model, ids, new_tokens, make_cache) -> tuple[float, torch.Tens
     return time.perf_counter() - t, out
 
 
-def decode_times(model, ids, new_tokens, variants: dict, repeats: int) -> tuple[dict, dict]:
+def decode_times(model, ids, new_tokens, variants: dict, repeats: int, label: str = "") -> tuple[dict, dict]:
     """Decode seconds of every variant in every repeat; the variants' order rotates per repeat."""
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}
@@ -97,7 +183,7 @@ def decode_times(model, ids, new_tokens, variants: dict, repeats: int) -> tuple[
             t_one, _ = generate_time(model, ids, 1, variants[name])
             times[name].append(max(t_all - t_one, 1e-9))
             outs[name] = out
-            progress(f"repeat {r + 1}/{repeats}: {name} decoded {new_tokens - 1} tokens x {BATCH} rows "
+            progress(f"{label}repeat {r + 1}/{repeats}: {name} decoded {new_tokens - 1} tokens x {BATCH} rows "
                      f"in {times[name][-1]:.2f} s")
     return times, outs
 
@@ -183,6 +269,10 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="sealed,working_set",
                     help="EncryptedCache residency modes to measure, comma-separated (default: both)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 32 new tokens (a smoke run, not for figures)")
+    ap.add_argument("--contexts", default=str(PROMPT),
+                    help=f"prompt lengths to measure, comma-separated, e.g. 128,512,1024,2048 (default {PROMPT})")
+    ap.add_argument("--plot", default=None, metavar="PATH.png",
+                    help="draw decode tokens/s against context length into this PNG (needs matplotlib)")
     ap.add_argument("--json", "--out", dest="json", default=os.path.join("bench-results", "cache_report.json"),
                     help="where to write the JSON results")
     args = ap.parse_args(argv)
@@ -194,16 +284,28 @@ def main(argv=None) -> int:
         ap.error("--threads must be >= 1")
     if not args.max_spread > 0:
         ap.error("--max-spread must be > 0")
+    try:
+        contexts = parse_contexts(args.contexts)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.plot is not None:
+        try:                                  # before minutes of measuring, not after
+            load_pyplot_figure()
+        except RuntimeError as e:
+            ap.error(str(e))
+        if not args.plot.lower().endswith(".png"):
+            ap.error(f"--plot writes a PNG; give a path ending in .png, not {args.plot!r}")
+    # the headline tables: the README's 512-token prompt when measured, else the first length given
+    headline = PROMPT if PROMPT in contexts else contexts[0]
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)       # pinned: a count that changes between variants changes the ratios
     print(f"torch threads: {threads} (pinned for the run); {os.cpu_count()} CPUs", flush=True)
     if os.path.dirname(args.json):
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
 
+    load_start = os.getloadavg()
     progress("building the model and sessions")
-    model = build_model()
-    torch.manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (BATCH, PROMPT))
+    model = build_model(max(contexts) + args.new_tokens)
     sessions = [establish_tenant_session(TenantIdentity(f"tenant-{i}"), ttl_seconds=3600) for i in range(BATCH)]
     audit = KVAuditLog(max_entries=200_000)
     modes = [m for m in args.modes.split(",") if m]
@@ -218,9 +320,26 @@ def main(argv=None) -> int:
                                                                    mode="working_set")
         variants["working_set_audit_on"] = lambda: EncryptedCache(model.config, sessions=sessions, audit=audit,
                                                                   mode="working_set")
-    times, outs = decode_times(model, ids, args.new_tokens, variants, args.repeats)
+    per_context: dict = {}
+    times_at: dict = {}
+    for i, ctx in enumerate(contexts):
+        torch.manual_seed(1)              # the same prompt as before for the 512-token default
+        ids = torch.randint(0, model.config.vocab_size, (BATCH, ctx))
+        label = f"context {ctx} ({i + 1}/{len(contexts)}), " if len(contexts) > 1 else ""
+        t_ctx, outs = decode_times(model, ids, args.new_tokens, variants, args.repeats, label)
+        times_at[ctx] = t_ctx
+        n_tok = BATCH * (args.new_tokens - 1)
+        per_context[str(ctx)] = {
+            "decode_tokens_per_s": {k: {"median": statistics.median(n_tok / t for t in v),
+                                        "min": n_tok / max(v), "max": n_tok / min(v),
+                                        "values": [n_tok / t for t in v]} for k, v in t_ctx.items()},
+            "ratio_to_dynamic": {k: spread([d / n for n, d in zip(v, t_ctx["dynamic"])], args.max_spread)
+                                 for k, v in t_ctx.items() if k != "dynamic"},
+            "outputs_identical": all(torch.equal(outs["dynamic"], o) for o in outs.values()),
+        }
     audit.flush()
-    identical = all(torch.equal(outs["dynamic"], o) for o in outs.values())
+    times = times_at[headline]
+    identical = all(r["outputs_identical"] for r in per_context.values())
     thr = backend_throughput(sessions, repeats=max(30, args.repeats), max_spread=args.max_spread)
     assert torch.get_num_threads() == threads, "the thread count changed during the run"
     tokens = BATCH * (args.new_tokens - 1)
@@ -238,13 +357,17 @@ def main(argv=None) -> int:
         ratios["working_set_vs_dynamic"] = ratio("working_set_audit_off", "dynamic")
         ratios["working_set_audit_on_vs_dynamic"] = ratio("working_set_audit_on", "dynamic")
         ratios["working_set_audit_on_vs_off"] = ratio("working_set_audit_on", "working_set_audit_off")
+    load_end = os.getloadavg()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": threads, "gpu": torch.cuda.is_available()},
-        "config": {"layers": LAYERS, "hidden": HIDDEN, "kv_heads": KV_HEADS, "batch": BATCH, "prompt": PROMPT,
+                    "torch_threads": threads, "gpu": torch.cuda.is_available(),
+                    "load_average_start": load_start, "load_average_end": load_end},
+        "date": date,
+        "config": {"layers": LAYERS, "hidden": HIDDEN, "kv_heads": KV_HEADS, "batch": BATCH, "prompt": headline,
                    "new_tokens": args.new_tokens, "dtype": "float32", "repeats": args.repeats,
-                   "max_spread": args.max_spread},
+                   "max_spread": args.max_spread, "contexts": contexts},
         "decode_tokens_per_s": rates,
         "decode_tokens_per_s_per_repeat": {k: [tokens / t for t in v] for k, v in times.items()},
         "ratios": ratios,
@@ -253,6 +376,8 @@ def main(argv=None) -> int:
         "outputs_identical": identical,
         "audit_stats": audit.stats(),
         "host_backend": thr,
+        # every prompt length measured (keys are the lengths as strings); the tables above are of config.prompt
+        "contexts": per_context,
     }
     audit.close()
     print(f"\n{args.repeats} interleaved repeats, torch threads {threads}\n")
@@ -274,6 +399,33 @@ def main(argv=None) -> int:
                    f"{r['bytes'] / 2**20:.2f} MiB; {r['backend_bytes_per_s'] / 1e9:.2f} vs "
                    f"{r['bulk_aesgcm_bytes_per_s'] / 1e9:.2f} GB/s)", r["ratio"]))
     print(f"\noutputs token-identical: {identical}")
+    if len(contexts) > 1:
+        names = list(variants)
+        print(f"\ndecode tokens/s against context length: median [min-max] over {args.repeats} interleaved "
+              "repeats; (x) the per-repeat ratio to DynamicCache, median\n")
+        print("| context | " + " | ".join(VARIANT_LABELS[k] for k in names) + " |")
+        print("|---:|" + "---:|" * len(names))
+        for ctx in contexts:
+            row = per_context[str(ctx)]
+            cells = []
+            for k in names:
+                r = row["decode_tokens_per_s"][k]
+                cell = f"{r['median']:.1f} [{r['min']:.1f}-{r['max']:.1f}]"
+                if k != "dynamic":
+                    cell += f" ({row['ratio_to_dynamic'][k]['median']:.2f}x)"
+                cells.append(cell)
+            print(f"| {ctx} | " + " | ".join(cells) + " |")
+    print(f"\nload average: {' '.join(f'{x:.2f}' for x in load_start)} at the start, "
+          f"{' '.join(f'{x:.2f}' for x in load_end)} at the end")
+    if args.plot is not None:
+        if os.path.dirname(args.plot):
+            os.makedirs(os.path.dirname(args.plot), exist_ok=True)
+        plot_contexts(args.plot, per_context,
+                      f"Decode tokens/s against context length: {result['machine']['cpu']}, "
+                      f"torch threads {threads}, {date}",
+                      f"random-weight Llama, {LAYERS} layers, hidden {HIDDEN}, {KV_HEADS} KV heads, batch {BATCH}, "
+                      f"{args.new_tokens} new tokens, fp32; {args.repeats} interleaved repeats")
+        print(f"plot: {args.plot}")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"\nJSON: {args.json}")
