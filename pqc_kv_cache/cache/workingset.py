@@ -48,7 +48,7 @@ def _zero(t: torch.Tensor) -> None:
 def _zero_box(box: list) -> None:
     """Zero every tensor of a store's box (its live buffers and the replaced ones not yet zeroed)."""
     for t in box[0] + box[1]:
-        t.zero_()
+        _zero(t)
     box[0], box[1] = [], []
 
 
@@ -169,7 +169,7 @@ class PlaintextStore:
         live = self._box[0]
         for t in self._box[1]:
             if not any(t is x for x in live):
-                t.zero_()
+                _zero(t)
         self._box[1] = []
 
     def release(self) -> None:
@@ -186,8 +186,8 @@ class PlaintextStore:
         before them can hold them)."""
         k, v, base, end = state
         if self.k is not None and self.k is not k:
-            self.k.zero_()
-            self.v.zero_()
+            _zero(self.k)
+            _zero(self.v)
             self._box[0] = []
             self.k = self.v = None
         if k is None:
@@ -288,8 +288,8 @@ class WorkingSetStorage:
                 self._ws.copy_rows(rows, k, v, first)
         finally:
             if k is not None:
-                k.zero_()
-                v.zero_()
+                _zero(k)
+                _zero(v)
         self._released[rows] = False
 
     def _kept(self, key_states, value_states) -> None:
