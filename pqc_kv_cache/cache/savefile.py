@@ -154,9 +154,11 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
     listed twice, sizes that do not add up). The chunk bytes are not opened here."""
     try:
         with open(path, "rb") as f:
-            blob = bytearray(os.fstat(f.fileno()).st_size)  # writable: the chunk bytes handed out are views of it
-            got = f.readinto(blob)
-        del blob[got:]
+            # writable (the chunk bytes handed out are views of it) and not cleared first: the read overwrites
+            # every byte kept, and clearing would touch each page once more
+            buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
+            got = f.readinto(memoryview(buf))
+        blob = memoryview(buf[:got])
     except OSError as exc:
         raise SaveFileError(f"cannot read save file {os.fspath(path)!r}: {exc.strerror or exc}") from None
     if len(blob) < PREFIX_SIZE:
@@ -208,7 +210,7 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
     if type(data_bytes) is not int or data_at + data_bytes != len(blob):
         raise SaveFileError(f"save file holds {len(blob) - data_at} chunk bytes, its manifest lists {data_bytes}: "
                             "truncated or extended")
-    data = np.frombuffer(blob, dtype=np.uint8, offset=data_at)
+    data = buf[data_at:len(blob)]
     out, at, seen = [], 0, set()
     for i, layer in enumerate(layers):
         chunks = layer.get("chunks") if isinstance(layer, dict) else None

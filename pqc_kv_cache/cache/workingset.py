@@ -32,10 +32,23 @@ __all__ = ["PlaintextStore", "WorkingSetLayer", "SlidingWorkingSetLayer"]
 MIN_POSITIONS = 16
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _zero(t: torch.Tensor) -> None:
+    """Zero ``t`` (any strides). In host memory the bytes are cleared through numpy, on the calling thread:
+    for the few MiB a layer holds, waking torch's intra-op threads costs more than the memset (on a CPU
+    shared with other work, far more)."""
+    if t.device.type == "cpu" and t.element_size() in _SAME_SIZE_INT:
+        t.view(_SAME_SIZE_INT[t.element_size()]).numpy()[...] = 0
+    else:
+        t.zero_()
+
+
 def _zero_box(box: list) -> None:
     """Zero every tensor of a store's box (its live buffers and the replaced ones not yet zeroed)."""
     for t in box[0] + box[1]:
-        t.zero_()
+        _zero(t)
     box[0], box[1] = [], []
 
 
@@ -69,19 +82,28 @@ class PlaintextStore:
         self._box[0] = [k, v]
 
     @staticmethod
-    def buffers(batch: int, heads: int, positions: int, dim: int, dtype, device, zero_head: bool = True):
-        """Zeroed K and V buffers for ``positions`` positions (with room to grow). ``zero_head=False``: the
-        caller overwrites positions ``0..positions`` of every row at once (or zeroes them), so only the room
-        after them is zeroed here (fresh memory may hold bytes this process freed earlier)."""
-        cap = max(2 * positions, MIN_POSITIONS)
-        if zero_head:
-            return (torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device),
-                    torch.zeros((batch, heads, cap, dim), dtype=dtype, device=device))
+    def buffers(batch: int, heads: int, positions: int, dim: int, dtype, device, zero_head: bool = True,
+                room: int | None = None):
+        """K and V buffers for ``positions`` positions and ``room`` more to grow into (default: as many again,
+        the amortised doubling of appends), zeroed. ``zero_head=False``: the caller overwrites positions
+        ``0..positions`` of every row at once (or zeroes them), so only the room after them is zeroed here
+        (fresh memory may hold bytes this process freed earlier); zeroing only that room also spares the
+        first touch of the head's pages, which the caller's writes pay once instead of twice."""
+        cap = max(positions + (positions if room is None else room), MIN_POSITIONS)
         k = torch.empty((batch, heads, cap, dim), dtype=dtype, device=device)
         v = torch.empty((batch, heads, cap, dim), dtype=dtype, device=device)
-        k[:, :, positions:].zero_()
-        v[:, :, positions:].zero_()
+        first = 0 if zero_head else positions
+        if cap > first:
+            _zero(k[:, :, first:])
+            _zero(v[:, :, first:])
         return k, v
+
+    @staticmethod
+    def restore_room(positions: int) -> int:
+        """Spare positions a buffer opened from ciphertext gets: a modest margin (an eighth), not a doubling.
+        Every spare position is zeroed up front, and a restored sequence may never grow; one that does grows
+        into a doubled buffer at its first overflow, as appends always do."""
+        return max(positions // 8, MIN_POSITIONS)
 
     def adopt(self, k: torch.Tensor, v: torch.Tensor, base: int, end: int) -> None:
         """Hold buffers ``k``/``v`` whose index 0 is position ``base``, positions up to ``end`` written."""
@@ -94,7 +116,10 @@ class PlaintextStore:
         if self.k is None or self.end + n > self.base + self.capacity:
             keep_from = min(max(keep_from, self.base if self.k is not None else keep_from), self.end)
             b, h, _, d = k_new.shape
-            k, v = self.buffers(b, h, self.end + n - keep_from, d, k_new.dtype, k_new.device)
+            # positions keep_from..end are copied below (when held) and end..end+n written after: then only
+            # the room is zeroed
+            k, v = self.buffers(b, h, self.end + n - keep_from, d, k_new.dtype, k_new.device,
+                                zero_head=self.k is None and self.end > keep_from)
             if self.k is not None and self.end > keep_from:
                 k[:, :, :self.end - keep_from].copy_(self.k[:, :, keep_from - self.base:self.end - self.base])
                 v[:, :, :self.end - keep_from].copy_(self.v[:, :, keep_from - self.base:self.end - self.base])
@@ -144,7 +169,7 @@ class PlaintextStore:
         live = self._box[0]
         for t in self._box[1]:
             if not any(t is x for x in live):
-                t.zero_()
+                _zero(t)
         self._box[1] = []
 
     def release(self) -> None:
@@ -161,8 +186,8 @@ class PlaintextStore:
         before them can hold them)."""
         k, v, base, end = state
         if self.k is not None and self.k is not k:
-            self.k.zero_()
-            self.v.zero_()
+            _zero(self.k)
+            _zero(self.v)
             self._box[0] = []
             self.k = self.v = None
         if k is None:
@@ -251,8 +276,9 @@ class WorkingSetStorage:
         self._check_covered(0, first)
         # positions first.._end of the opened rows are written by the decrypt; the buffers are zeroed below
         # unless the store adopts them, which it does only when every row was opened
-        k, v = PlaintextStore.buffers(self._batch, self.num_heads, self._end - first, self.head_dim,
-                                      self.dtype, self.device, zero_head=rows.size < self._batch)
+        n = self._end - first
+        k, v = PlaintextStore.buffers(self._batch, self.num_heads, n, self.head_dim, self.dtype, self.device,
+                                      zero_head=rows.size < self._batch, room=PlaintextStore.restore_room(n))
         try:
             self._open(np.arange(self.num_segments), rows, k, v, first)
             if not self._ws.held:
@@ -262,8 +288,8 @@ class WorkingSetStorage:
                 self._ws.copy_rows(rows, k, v, first)
         finally:
             if k is not None:
-                k.zero_()
-                v.zero_()
+                _zero(k)
+                _zero(v)
         self._released[rows] = False
 
     def _kept(self, key_states, value_states) -> None:
