@@ -13,7 +13,7 @@ from .. import _checks
 from .records import RECORD_DTYPE
 
 __all__ = ["FIELD_LIMITS", "VALUE_FIELDS", "ID_MAX_BYTES", "DETAILS_MAX_BYTES", "check_int", "field_int",
-           "check_text", "prepare", "expand_per_position"]
+           "check_text", "prepare", "expand_per_position", "build_records", "RecordTemplates", "set_field"]
 
 # Upper bound (inclusive) of each writable field, for input checks at the door.
 FIELD_LIMITS = {
@@ -220,3 +220,63 @@ def _piecewise(d: int, values: list, ints: list, starts, counts) -> tuple:
         return out
 
     return out_ints, make
+
+
+def build_records(op: int, values: tuple) -> np.ndarray:
+    """Records of operation ``op`` as a ``RECORD_DTYPE`` array ready for ``KVAuditLog.emit_records``: the
+    field values (VALUE_FIELDS order, scalars broadcast) checked exactly as ``prepare`` checks them;
+    ``record_no``, ``host_ts_ns`` and ``flags`` left 0 (the log sets them)."""
+    n, ints, arrays = prepare(values)
+    out = np.zeros(n, dtype=RECORD_DTYPE)
+    out["op"] = op
+    for k, v in enumerate(ints):
+        if v:
+            out[VALUE_FIELDS[k]] = v
+    for k, v in arrays:
+        out[VALUE_FIELDS[k]] = v
+    return out
+
+
+class RecordTemplates:
+    """Record batches kept between emits, keyed by what stays the same from one emit to the next.
+
+    An emitter that writes the same kind of batch again and again (one record per row of a layer, every
+    decode step) builds it once with ``build_records`` and afterwards sets only the fields that change
+    (``set_field`` checks the values it is given) before ``KVAuditLog.emit_records``, which
+    copies the batch. At most ``cap`` batches are kept; the oldest half is dropped when full.
+    """
+
+    __slots__ = ("_memo", "_cap")
+
+    def __init__(self, cap: int = 64):
+        self._memo: dict = {}
+        self._cap = cap
+
+    def get(self, key, build) -> np.ndarray:
+        """The batch kept under ``key``; ``build()`` makes (and keeps) it when there is none."""
+        batch = self._memo.get(key)
+        if batch is None:
+            if len(self._memo) >= self._cap:
+                for old in list(self._memo)[: self._cap // 2]:
+                    del self._memo[old]
+            batch = self._memo[key] = build()
+        return batch
+
+
+def set_field(batch: np.ndarray, name: str, value) -> None:
+    """Set field ``name`` of every record of ``batch`` to ``value`` (an int or an integer array of the batch's
+    length), refused (ValueError) when a value does not fit the field: a record never holds a truncated value."""
+    hi = FIELD_LIMITS[name]
+    if type(value) is int:
+        if value < 0 or value > hi:
+            raise ValueError(f"{name}={value} is out of range 0..{hi}")
+    else:
+        value = np.asarray(value)
+        if value.dtype.kind not in "iu" or value.shape != batch.shape:
+            raise TypeError(f"{name} must be an int or an integer array of {batch.shape[0]} values, got "
+                            f"{value.dtype} of shape {value.shape}")
+        if value.size and (value.dtype.kind == "i" or value.dtype.itemsize > RECORD_DTYPE[name].itemsize):
+            lo, top = int(value.min()), int(value.max())
+            if lo < 0 or top > hi:
+                raise ValueError(f"{name} holds {lo if lo < 0 else top}, out of range 0..{hi}")
+    batch[name] = value

@@ -28,7 +28,7 @@ from .fields import check_int, expand_per_position, prepare
 from .keys import SigningKey
 from .names import DetailTexts, NameTable
 from .query import KVAuditEntry, query
-from .records import NONE16, Op, Status, op_from_name
+from .records import NONE16, RECORD_DTYPE, Op, Status, op_from_name
 from .ring import HostRing
 from .sink import AuditSink
 from .store import ColumnarStore
@@ -36,6 +36,8 @@ from .store import ColumnarStore
 __all__ = ["KVAuditLog", "KVAuditEntry"]
 
 _VALID_OPS = frozenset(int(o) for o in Op)
+_VALID_OP_TABLE = np.zeros(256, dtype=np.bool_)
+_VALID_OP_TABLE[list(_VALID_OPS)] = True
 
 _OPEN_LOGS: "weakref.WeakSet[KVAuditLog]" = weakref.WeakSet()
 
@@ -139,16 +141,22 @@ class KVAuditLog:
         return self._names.tenant_id(tenant_idx)
 
     # -- hot path -----------------------------------------------------------------
-    def _write(self, op: int, n: int, ints, arrays, details: str | None = None, make=None) -> int:
+    def _write(self, op: int, n: int, ints, arrays, details: str | None = None, make=None,
+               records: np.ndarray | None = None) -> int:
         """Number ``n`` records and write them into the host ring, waiting for room if full.
 
         With ``make``, the per-record arrays of records ``done .. done+k`` are ``make(done, k)``, built
-        piece by piece as the ring has room (memory bounded by the ring, whatever ``n`` is).
+        piece by piece as the ring has room (memory bounded by the ring, whatever ``n`` is). With
+        ``records`` (a checked RECORD_DTYPE array of ``n`` records), those records are copied as they are
+        (``op``, ``ints`` and ``arrays`` unused).
         """
         ring = self._ring
         if details is not None:
             self._details.check(details)
-        pack_args = ring.pack_args(op, ints, self._clock())
+        if records is None:
+            pack_args = ring.pack_args(op, ints, self._clock())
+        else:
+            host_ts = self._clock()
         alloc = self._alloc
         drain = self._drain
         with alloc.lock:
@@ -172,7 +180,10 @@ class KVAuditLog:
                         self._space.wait(0.5)
                     continue
                 k = room if room < n - done else n - done
-                ring.write(first, done, k, pack_args, arrays if make is None else make(done, k))
+                if records is None:
+                    ring.write(first, done, k, pack_args, arrays if make is None else make(done, k))
+                else:
+                    ring.write_records(first, done, k, records, host_ts)
                 done += k
                 if drain.idle and ring.written - ring.read >= drain.wake_at:
                     alloc.work.notify()
@@ -192,6 +203,32 @@ class KVAuditLog:
         n, ints, arrays = prepare((tenant_idx, session_idx, layer, row, pos_start, pos_count,
                                    nonce_counter, epoch, nbytes, status, device_ts_ns))
         return self._write(op, n, ints, arrays)
+
+    def emit_records(self, records: np.ndarray) -> int:
+        """Emit prepared records: a 1-D array of ``RECORD_DTYPE`` (``pqc_kv_cache.audit.records``) whose
+        fields the caller set, each record with its own ``op``. The log numbers them and stamps the host
+        time; ``record_no``, ``host_ts_ns`` and ``flags`` as given are ignored. Returns the first record
+        number (the next number, with nothing written, for an empty array).
+
+        For emitters that write the same kind of batch again and again (one record per row of a layer,
+        every decode step): the constant fields are set once in an array kept by the caller, and only the
+        fields that change are set before each call. The array is copied; the caller may reuse it at once.
+        Every field already has its exact width, so only the operation codes are checked.
+        """
+        if type(records) is not np.ndarray:
+            raise TypeError(f"emit_records takes a numpy array of RECORD_DTYPE, got {type(records).__name__}")
+        if records.dtype != RECORD_DTYPE or records.ndim != 1:
+            raise TypeError(f"emit_records takes a 1-D array of RECORD_DTYPE, got a {records.ndim}-D array "
+                            f"of {records.dtype}")
+        n = records.shape[0]
+        if n == 0:
+            with self._lock:
+                return self._alloc.next_no
+        ops = records["op"]
+        if not _VALID_OP_TABLE[ops].all():
+            bad = int(ops[~_VALID_OP_TABLE[ops]][0])
+            raise ValueError(f"unknown audit operation code {bad}")
+        return self._write(0, n, None, None, records=records)
 
     def emit_per_position(self, op, *, tenant_idx, session_idx, layer=NONE16, row=NONE16, pos_start=0,
                           pos_count=0, nonce_counter=0, epoch=0, nbytes=0, status=0, device_ts_ns=0) -> int:

@@ -49,6 +49,8 @@ class HostRing:
         self._f = {name: self.buf[name] for name in RECORD_DTYPE.names}
         self._f_value = tuple(self._f[name] for name in VALUE_FIELDS)
         self._f_recno = self._f["record_no"]
+        self._f_ts = self._f["host_ts_ns"]
+        self._f_flags = self._f["flags"]
         self._slots = self.buf.view(_SLOT)             # whole records as opaque 64-byte items
         self._mv = memoryview(self.buf.view(np.uint8))
         self.written = 0
@@ -83,6 +85,19 @@ class HostRing:
             for i, v in arrays:
                 f_value[i][s:e] = v if k == len(v) else v[done:done + k]
             self._f_recno[s:e] = np.arange(first_no + done, first_no + done + k, dtype=np.uint64)
+        self.segments.append((s, first_no + done, k))
+        self.written += k
+
+    def write_records(self, first_no: int, done: int, k: int, records: np.ndarray, host_ts: int) -> None:
+        """Write records ``done .. done+k`` of a prepared batch (a RECORD_DTYPE array whose fields the emitter
+        set) into the next slots (``k <= contiguous_room()``): one copy of the whole records, then the fields
+        only the log sets (record numbers, the host time stamp, no flags)."""
+        s = self.written % self.capacity
+        e = s + k
+        self._slots[s:e] = records.view(_SLOT)[done:done + k]     # whole records: no per-field copy
+        self._f_ts[s:e] = host_ts
+        self._f_flags[s:e] = 0
+        self._f_recno[s:e] = np.arange(first_no + done, first_no + done + k, dtype=np.uint64)
         self.segments.append((s, first_no + done, k))
         self.written += k
 

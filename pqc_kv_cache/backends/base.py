@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence, Union
 import numpy as np
 import torch
 
+from ..audit.fields import RecordTemplates, build_records, set_field
 from ..audit.records import Op, Status
 
 if TYPE_CHECKING:   # annotations only: a backend writes records, it does not import the log
@@ -115,11 +116,15 @@ class ChunkTable:
 @dataclass(frozen=True)
 class AuditContext:
     """Where a backend writes the audit records of a call: the log and the log's
-    tenant / session indices of each key slot (numpy uint32 arrays, one per slot)."""
+    tenant / session indices of each key slot (numpy uint32 arrays, one per slot).
+
+    ``templates``: record batches a backend may keep between calls made with this context (a caller that
+    reuses one context for the same key slots step after step lets the constant fields be set once)."""
 
     log: KVAuditLog
     tenant_idx: np.ndarray
     session_idx: np.ndarray
+    templates: RecordTemplates = field(default_factory=RecordTemplates, compare=False, repr=False)
 
 
 class RowSummary(NamedTuple):
@@ -204,9 +209,26 @@ def emit_encrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: C
     """The ENCRYPT records of one encrypt call (one per row and position), whichever host backend sealed."""
     slot = np.asarray(slot, dtype=np.int64)
     pos_count = np.asarray(pos_count)
-    # one-position chunks (every decode step) are already one record each: plain emit, no expansion
-    emit = audit.log.emit if bool((pos_count == 1).all()) else audit.log.emit_per_position
-    emit(Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
+    nbytes = np.asarray(nbytes)
+    if pos_count.size and bool((pos_count == 1).all()) and bool((nbytes == nbytes[0]).all()):
+        # one-position chunks (every decode step) are one record each, and the same rows of the same layer
+        # come back step after step: a kept batch with only positions and counters set per call
+        row = np.asarray(row)
+        epochs = tuple(k.epoch for k in keys)
+        nb = int(nbytes[0])
+
+        def build() -> np.ndarray:
+            return build_records(int(Op.ENCRYPT), (
+                audit.tenant_idx[slot], audit.session_idx[slot], layout.layer_idx, row, 0, 1, 0,
+                np.array(epochs, dtype=np.int64)[slot], nb, int(Status.OK), 0))
+
+        batch = audit.templates.get((int(Op.ENCRYPT), layout.layer_idx, slot.tobytes(), row.tobytes(), epochs, nb),
+                                    build)
+        set_field(batch, "pos_start", np.asarray(pos_start))
+        set_field(batch, "nonce_counter", np.asarray(counter))
+        audit.log.emit_records(batch)
+        return
+    audit.log.emit_per_position(Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
          layer=layout.layer_idx, row=np.asarray(row).astype(np.uint16), pos_start=np.asarray(pos_start).astype(np.uint32),
          pos_count=pos_count.astype(np.uint32), nonce_counter=np.asarray(counter).astype(np.uint64),
          epoch=np.array([k.epoch for k in keys], dtype=np.uint32)[slot],

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..audit.records import Op, Status
+from ..audit.fields import VALUE_FIELDS, RecordTemplates, build_records, set_field
+from ..audit.records import NONE16, Op, Status
 
 if TYPE_CHECKING:   # annotations only: the cache writes records, it does not import the log
     from ..audit.log import KVAuditLog
@@ -26,13 +27,15 @@ __all__ = ["CacheAuditor"]
 class CacheAuditor:
     """Writes the cache's records into ``log`` (None: no audit; every call is then a no-op)."""
 
-    __slots__ = ("log", "_sessions", "_ids", "_held")
+    __slots__ = ("log", "_sessions", "_ids", "_held", "_batches")
 
     def __init__(self, log: KVAuditLog | None, sessions: Sequence[TenantSession]):
         self.log = log
         self._sessions = sessions          # the cache's session slots (the list is shared, not copied)
         self._ids: dict[int, tuple[int, int]] = {}
         self._held: list | None = None
+        # a layer writes the same rows' records step after step: their constant fields are set once
+        self._batches = RecordTemplates()
 
     def copy_for(self, sessions: Sequence[TenantSession]) -> "CacheAuditor":
         """An auditor for a copy of the cache: the same log and known indices, no held records."""
@@ -65,9 +68,21 @@ class CacheAuditor:
         """One record per batch row ``rows`` of ``layer`` (``slots``: each row's session slot)."""
         if self.log is None or rows.size == 0:
             return
-        tidx, sidx = self.arrays(slots)
-        self._write(now, op, tenant_idx=tidx, session_idx=sidx, layer=layer, row=rows.astype(np.uint16),
-                    status=status, **fields)
+        key = (int(op), layer, int(status), slots.tobytes(), rows.tobytes(), tuple(fields))
+
+        def build() -> np.ndarray:
+            tidx, sidx = self.arrays(slots)
+            values = dict(zip(VALUE_FIELDS, (tidx, sidx, NONE16, NONE16, 0, 0, 0, 0, 0, 0, 0)))
+            values.update(layer=layer, row=rows, status=int(status), **fields)
+            return build_records(int(op), tuple(values[f] for f in VALUE_FIELDS))
+
+        batch = self._batches.get(key, build)
+        for name, value in fields.items():
+            set_field(batch, name, value)
+        if self._held is not None and not now:
+            self._held.append((None, batch.copy()))
+        else:
+            self.log.emit_records(batch)
 
     def session(self, op: Op, slot: int, *, status: Status = Status.OK, now: bool = False, **fields) -> None:
         """One record of session slot ``slot`` as a whole (no layer, no row)."""
@@ -94,7 +109,10 @@ class CacheAuditor:
     def commit(self) -> None:
         held, self._held = self._held, None
         for op, fields in held:
-            self.log.emit(op, **fields)
+            if op is None:
+                self.log.emit_records(fields)      # a prepared batch (``rows``)
+            else:
+                self.log.emit(op, **fields)
 
     def abandon(self) -> None:
         self._held = None

@@ -119,7 +119,7 @@ class LayerContext:
         self.backend = backend
         self.key_slots: dict[tuple[int, int], KeySlot] = {}
         self._group_memo: dict[bytes, list] = {}     # see _groups
-        self._keys_memo: dict[bytes, tuple] = {}     # see _keys
+        self._keys_memo: dict[bytes, list] = {}      # see _keys
         self.closed = False
         self.rotation_policy: Callable[[], None] = lambda: None
 
@@ -258,19 +258,21 @@ class LayerContext:
             uniq, inv = np.unique(comb, return_inverse=True)
             pairs = [(int(u) >> 32, int(u) & 0xFFFFFFFF) for u in uniq.tolist()]
             inv = inv.reshape(-1).astype(np.int64)
-            memo = (pairs, list(dict.fromkeys(slot for slot, _ in pairs)), inv)
+            memo = [pairs, list(dict.fromkeys(slot for slot, _ in pairs)), inv, None]
             if len(self._keys_memo) >= _MEMO_CAP:
                 self._keys_memo.clear()
             self._keys_memo[memo_key] = memo
-        pairs, distinct, inv = memo
+        pairs, distinct, inv, ctx = memo
         for slot in distinct:
             self.sessions[slot].check_valid()
         keys = [self.key_slot(slot, e) for slot, e in pairs]
-        ctx = None
-        if audited and self.auditor.enabled:
+        if not (audited and self.auditor.enabled):
+            return keys, inv.copy(), None
+        if ctx is None:
+            # kept with the grouping: the backend keeps its record batches for these key slots in it
             idx = [self.auditor.ids(slot) for slot, _ in pairs]
-            ctx = AuditContext(self.auditor.log, np.array([t for t, _ in idx], dtype=np.uint32),
-                               np.array([s for _, s in idx], dtype=np.uint32))
+            ctx = memo[3] = AuditContext(self.auditor.log, np.array([t for t, _ in idx], dtype=np.uint32),
+                                         np.array([s for _, s in idx], dtype=np.uint32))
         return keys, inv.copy(), ctx
 
     def encrypt(self, backend: CryptoBackend, layout: ChunkLayout, slots, epoch, src_row, pos_start, pos_count,

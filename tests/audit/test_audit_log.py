@@ -478,3 +478,57 @@ def test_integer_fields_take_numpy_integers_and_refuse_bools(log):
     with pytest.raises(TypeError):
         log.log_encrypt("a", "s", layer_idx=True)
     assert len(log) == 2
+
+
+def test_emit_records_writes_prepared_batches_with_their_own_ops_and_numbers_them(log):
+    from pqc_kv_cache.audit.fields import VALUE_FIELDS, build_records
+    t = log.tenant_index("a")
+    s = log.session_index("s", "a")
+    values = dict(zip(VALUE_FIELDS, (t, s, 3, np.arange(4), 10, 1, np.arange(50, 54), 2, 64, 0, 0)))
+    batch = build_records(int(Op.ENCRYPT), tuple(values[f] for f in VALUE_FIELDS))
+    batch["op"][2] = int(Op.READ)
+    batch["record_no"] = 999         # ignored: the log numbers records itself
+    batch["flags"] = 7                # ignored
+    assert log.emit(Op.CROP, tenant_idx=t, session_idx=s) == 0
+    assert log.emit_records(batch) == 1
+    batch["pos_start"] = 11           # the log copied the batch: reusing it changes nothing emitted
+    assert log.emit_records(batch[:0]) == 5
+    assert log.emit_records(batch) == 5
+    es = list(reversed(log.entries(limit=None)))
+    assert [e.operation for e in es[1:5]] == ["encrypt", "encrypt", "read", "encrypt"]
+    assert [e.row for e in es[1:5]] == [0, 1, 2, 3]
+    assert [e.sequence_number for e in es[1:5]] == [50, 51, 52, 53]
+    assert {e.position for e in es[1:5]} == {10} and {e.position for e in es[5:9]} == {11}
+    assert {e.layer_idx for e in es[1:]} == {3} and {e.epoch for e in es[1:]} == {2}
+
+
+def test_emit_records_refuses_other_arrays_and_unknown_ops(log):
+    from pqc_kv_cache.audit.records import RECORD_DTYPE
+    with pytest.raises(TypeError, match="RECORD_DTYPE"):
+        log.emit_records([1, 2, 3])
+    with pytest.raises(TypeError, match="RECORD_DTYPE"):
+        log.emit_records(np.zeros(3, dtype=np.uint64))
+    with pytest.raises(TypeError, match="1-D"):
+        log.emit_records(np.zeros((2, 2), dtype=RECORD_DTYPE))
+    bad = np.zeros(3, dtype=RECORD_DTYPE)
+    bad["op"] = [1, 200, 2]
+    with pytest.raises(ValueError, match="unknown audit operation code 200"):
+        log.emit_records(bad)
+    assert log.emit(Op.CROP, tenant_idx=0, session_idx=0) == 0     # nothing was numbered for the refused batches
+
+
+def test_set_field_refuses_values_a_record_cannot_hold_instead_of_truncating():
+    from pqc_kv_cache.audit.fields import set_field
+    from pqc_kv_cache.audit.records import RECORD_DTYPE
+    batch = np.zeros(2, dtype=RECORD_DTYPE)
+    set_field(batch, "pos_start", np.array([5, (1 << 32) - 1], dtype=np.int64))
+    with pytest.raises(ValueError, match="pos_start holds 4294967296"):
+        set_field(batch, "pos_start", np.array([5, 1 << 32], dtype=np.int64))
+    with pytest.raises(ValueError, match="row holds -1"):
+        set_field(batch, "row", np.array([-1, 0]))
+    with pytest.raises(ValueError, match="layer=65536"):
+        set_field(batch, "layer", 65536)
+    with pytest.raises(TypeError, match="2 values"):
+        set_field(batch, "nonce_counter", np.arange(3))
+    set_field(batch, "nonce_counter", np.array([1 << 63, 2], dtype=np.uint64))
+    assert batch["nonce_counter"].tolist() == [1 << 63, 2]
