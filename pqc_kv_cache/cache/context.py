@@ -23,6 +23,7 @@ from ..envelope import session_tag, tenant_tag
 from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
 from .audit import CacheAuditor
+from .clearing import zero
 
 __all__ = ["LayerContext", "MergeSettings", "Scratch", "check_backend_argument", "deferred_status"]
 
@@ -45,7 +46,7 @@ def _zero_scratch(box: list) -> None:
     """Zero and drop a plaintext scratch (at ``close()``, and when its cache is garbage-collected)."""
     s, box[0] = box[0], None
     if s is not None:
-        s.zero_()
+        zero(s)
 
 
 class Scratch:
@@ -71,7 +72,7 @@ class Scratch:
         s = self._box[0]
         if s is None or s.numel() < need or s.device != torch.device(device):
             if s is not None:
-                s.zero_()
+                zero(s)
             cap = max(need, 2 * s.numel() if s is not None and s.device == torch.device(device) else 0, 1 << 16)
             s = self._box[0] = torch.empty(cap, dtype=torch.uint8, device=device)
             owner = self._owner()
@@ -83,7 +84,7 @@ class Scratch:
     def wipe(self) -> None:
         """Zero the scratch (the K/V views last returned become zeros)."""
         if self._box[0] is not None:
-            self._box[0].zero_()
+            zero(self._box[0])
 
     def release(self) -> None:
         """Zero and drop the scratch."""
@@ -295,8 +296,8 @@ class LayerContext:
         try:
             status = backend.decrypt_chunks(keys, layout, table, arena, k_out, v_out, ctx, owner=self)
         except BaseException:
-            k_out.zero_()       # whatever was opened before the failure is not left behind
-            v_out.zero_()
+            zero(k_out)         # whatever was opened before the failure is not left behind
+            zero(v_out)
             raise
         # a device status is not read here (that would synchronise the hot path): the device backend
         # keeps its failures, zeroes their destinations itself, and raises them from ``check()``

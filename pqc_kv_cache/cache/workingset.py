@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..audit.records import Op
+from .clearing import zero
 from .layer import EncryptedLayer
 from .sliding import SlidingEncryptedLayer
 
@@ -32,23 +33,10 @@ __all__ = ["PlaintextStore", "WorkingSetLayer", "SlidingWorkingSetLayer"]
 MIN_POSITIONS = 16
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _zero(t: torch.Tensor) -> None:
-    """Zero ``t`` (any strides). In host memory the bytes are cleared through numpy, on the calling thread:
-    for the few MiB a layer holds, waking torch's intra-op threads costs more than the memset (on a CPU
-    shared with other work, far more)."""
-    if t.device.type == "cpu" and t.element_size() in _SAME_SIZE_INT:
-        t.view(_SAME_SIZE_INT[t.element_size()]).numpy()[...] = 0
-    else:
-        t.zero_()
-
-
 def _zero_box(box: list) -> None:
     """Zero every tensor of a store's box (its live buffers and the replaced ones not yet zeroed)."""
     for t in box[0] + box[1]:
-        _zero(t)
+        zero(t)
     box[0], box[1] = [], []
 
 
@@ -94,8 +82,8 @@ class PlaintextStore:
         v = torch.empty((batch, heads, cap, dim), dtype=dtype, device=device)
         first = 0 if zero_head else positions
         if cap > first:
-            _zero(k[:, :, first:])
-            _zero(v[:, :, first:])
+            zero(k[:, :, first:])
+            zero(v[:, :, first:])
         return k, v
 
     @staticmethod
@@ -169,7 +157,7 @@ class PlaintextStore:
         live = self._box[0]
         for t in self._box[1]:
             if not any(t is x for x in live):
-                _zero(t)
+                zero(t)
         self._box[1] = []
 
     def release(self) -> None:
@@ -186,8 +174,8 @@ class PlaintextStore:
         before them can hold them)."""
         k, v, base, end = state
         if self.k is not None and self.k is not k:
-            _zero(self.k)
-            _zero(self.v)
+            zero(self.k)
+            zero(self.v)
             self._box[0] = []
             self.k = self.v = None
         if k is None:
@@ -288,8 +276,8 @@ class WorkingSetStorage:
                 self._ws.copy_rows(rows, k, v, first)
         finally:
             if k is not None:
-                _zero(k)
-                _zero(v)
+                zero(k)
+                zero(v)
         self._released[rows] = False
 
     def _kept(self, key_states, value_states) -> None:
