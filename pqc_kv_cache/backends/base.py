@@ -65,6 +65,9 @@ class KeySlot:
     epoch: int
 
 
+_ITEMSIZE: dict = {}     # dtype -> bytes per element (asked on every call; a tensor to ask costs microseconds)
+
+
 @dataclass(frozen=True)
 class ChunkLayout:
     """What every chunk of one call shares: the layer and the tensors' shape and dtype."""
@@ -76,7 +79,10 @@ class ChunkLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        size = _ITEMSIZE.get(self.dtype)
+        if size is None:
+            size = _ITEMSIZE[self.dtype] = torch.empty((), dtype=self.dtype).element_size()
+        return size
 
     @property
     def bytes_per_position(self) -> int:

@@ -47,15 +47,16 @@ import torch
 from .._checks import check_int
 from ..envelope import AAD_MAGIC, FORMAT_VERSION, KV_ROLES, dtype_code
 from ..errors import BackendUnavailableError
+from ..audit.records import RECORD_DTYPE
 from ._build import compile_cached
-from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, check_cpu_kv,
-                   emit_decrypt_records, emit_encrypt_records)
+from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, check_cpu_kv
 
 __all__ = ["NativeBackend", "BACKEND_ENV", "load", "available", "library_info", "select_host_backend",
            "host_backend_choice"]
 
 BACKEND_ENV = "PQC_KV_CACHE_BACKEND"
 _SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
+_RECORDS_SOURCE = _SOURCE.with_name("pqc_records.c")     # the audit records of a call, written in C
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
 _ABI = 1
@@ -63,6 +64,9 @@ _RING_SLOTS = 256          # key schedules kept at once; a full ring is wiped an
 _FIELDS = ChunkTable.fields()
 _SLOT_IN = struct.Struct("<16s16sqq")   # tenant tag, session tag, epoch, schedule index (pqc_native.c)
 _TENS_COLS = 10
+_RSLOT = struct.Struct("<IIq")     # per key slot for the record writer: tenant index, session index, epoch
+_R_ARG, _R_CAP, _R_RANGE = -1, -2, -3   # pqc_records.c
+_RECORD_FIELDS = ("layer", "row", "position", "position count", "epoch", "key slot", "nonce counter", "byte count")
 _ROWSUM_COLS = 5
 
 # error codes of pqc_native.c
@@ -90,13 +94,15 @@ def _compiler() -> str | None:
 
 
 def _build() -> Path:
-    if not _SOURCE.is_file():
-        raise BackendUnavailableError(f"native backend source not found: {_SOURCE}")
+    for src in (_SOURCE, _RECORDS_SOURCE):
+        if not src.is_file():
+            raise BackendUnavailableError(f"native backend source not found: {src}")
     cc = _compiler()
     if not cc:
         raise BackendUnavailableError("no C compiler ($CC, cc or gcc) to build the native backend")
     return compile_cached(
-        "pqc_native", _SOURCE.read_bytes(), lambda out: [cc, *_FLAGS, str(_SOURCE), "-o", out, *_LIBS],
+        "pqc_native", _SOURCE.read_bytes() + b"\0" + _RECORDS_SOURCE.read_bytes(),
+        lambda out: [cc, *_FLAGS, str(_SOURCE), str(_RECORDS_SOURCE), "-o", out, *_LIBS],
         f"the native backend with {cc}",
         hint=lambda err: " (is libipsec-mb-dev installed?)" if "ipsec" in err.lower() else "")
 
@@ -131,6 +137,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_native_open": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
                              _P, _I64, _I64, *cols, _P, _P, _P], ctypes.c_int),
     }
+    # (seal, slots, nslots, layer, bpp, batch, n, slot, row, pos_start, pos_count, counter, status, out, cap,
+    #  work, err) -> records written or a negative code
+    sig["pqc_native_records"] = ([ctypes.c_int, ctypes.c_char_p, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P,
+                                  _P, _P, _I64, _P, _P], _I64)
+    sig["pqc_native_record_layout"] = ([_P, _I64], _I64)
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
         fn.argtypes = args
@@ -233,6 +244,15 @@ class _Scratch:
         self.rowsum_ptr = self.rowsum.ctypes.data
         self.err = np.zeros(2, dtype=np.int64)
         self.err_ptr = self.err.ctypes.data
+        self.work = np.zeros(rcap * 6, dtype=np.int64)        # the record writer's per-row scratch
+        self.work_ptr = self.work.ctypes.data
+        self.records = np.zeros(0, dtype=RECORD_DTYPE)          # grown by records()
+        self.records_ptr = 0
+
+    def record_room(self, n: int) -> None:
+        if self.records.shape[0] < n:
+            self.records = np.zeros(max(n, 2 * self.records.shape[0], 256), dtype=RECORD_DTYPE)
+            self.records_ptr = self.records.ctypes.data
 
 
 class _RingGuard:
@@ -466,18 +486,43 @@ class NativeBackend(CryptoBackend):
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
                        audit: AuditContext | None = None) -> None:
-        t, _, _ = self._call(True, keys, layout, chunks, arena, "src", k_src, v_src, audit is not None)
-        if t is None or not t["slot"].size:
-            return
-        emit_encrypt_records(audit, keys, layout, t["row"], t["pos_start"], t["pos_count"], t["counter"], t["slot"],
-                             t["pos_count"] * layout.bytes_per_position)
+        self._call(True, keys, layout, chunks, arena, "src", k_src, v_src, False)
+        if audit is not None:
+            self._emit_records(True, keys, layout, audit, len(chunks), k_src.shape[0])
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                        audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
         """See :meth:`CryptoBackend.decrypt_chunks`; the status is on the host (failures known at return)."""
-        t, status, _ = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out, audit is not None)
-        if audit is not None and t is not None and status.size:
-            emit_decrypt_records(audit, keys, layout, t["row"], t["pos_start"], t["pos_count"], t["counter"],
-                                 t["slot"], t["pos_count"] * layout.bytes_per_position, status)
+        _, status, _ = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out, False)
+        if audit is not None and status.size:
+            self._emit_records(False, keys, layout, audit, len(chunks), k_out.shape[0])
         return DecryptStatus(host=status)
+
+    def _emit_records(self, seal: bool, keys: Sequence[KeySlot], layout: ChunkLayout, audit: AuditContext,
+                      m: int, batch: int) -> None:
+        """The ENCRYPT (``seal``) or DECRYPT records of the call just made on this thread, written by C from
+        the call's table (``m`` chunks) and statuses still in this thread's scratch, emitted in one piece."""
+        sc: _Scratch = self._local.scratch
+        n = len(keys)
+        if audit.tenant_idx.shape[0] < n or audit.session_idx.shape[0] < n:
+            raise ValueError(f"the audit context names {audit.tenant_idx.shape[0]} key slots; the call has {n}")
+        epochs = tuple(k.epoch for k in keys)
+        slots = audit.templates.get(("native slots", epochs), lambda: b"".join(
+            _RSLOT.pack(int(t), int(s), max(-1, min(e, 1 << 62)))
+            for t, s, e in zip(audit.tenant_idx[:n].tolist(), audit.session_idx[:n].tolist(), epochs)))
+        cols = sc.cols
+        while True:
+            w = self._lib.pqc_native_records(int(seal), slots, n, layout.layer_idx, layout.bytes_per_position,
+                                            batch, m, cols[0], cols[1], cols[2], cols[3], cols[5],
+                                            None if seal else sc.status_ptr, sc.records_ptr or None,
+                                            sc.records.shape[0], sc.work_ptr, sc.err_ptr)
+            if w != _R_CAP:
+                break
+            sc.record_room(int(sc.err[0]))
+        if w < 0:
+            i, f = int(sc.err[0]), int(sc.err[1])
+            if w == _R_RANGE:
+                raise ValueError(f"chunk {i}'s {_RECORD_FIELDS[f]} does not fit its audit record field")
+            raise BackendUnavailableError(f"the native backend could not write the audit records (code {w})")
+        audit.log.emit_records(sc.records[:w])
