@@ -156,8 +156,10 @@ class EncryptedLayer(CacheLayerMixin):
 
     def _alloc(self, nbytes: int) -> int:
         """Room for ``nbytes`` in the arena (live chunks may move: the table follows). Returns the offset."""
-        off, moved = self.arena.alloc(nbytes, self.table.offset, self.chunk_sizes())
-        self.table.columns["offset"] = moved
+        offsets = self.table.offset
+        off, moved = self.arena.alloc(nbytes, offsets, self.chunk_sizes())
+        if moved is not offsets:
+            self.table.set_column("offset", moved)
         return off
 
     def compact(self, capacity: int | None = None) -> None:
@@ -168,18 +170,19 @@ class EncryptedLayer(CacheLayerMixin):
         sizes = self.chunk_sizes()
         if capacity is None:
             capacity = self.arena.live_bytes(self.table.offset, sizes)
-        self.table.columns["offset"] = self.arena.compact(self.table.offset, sizes, capacity)
+        self.table.set_column("offset", self.arena.compact(self.table.offset, sizes, capacity))
 
     # ---- atomic operations ---------------------------------------------------------------------
     def snapshot(self) -> tuple:
-        """Everything an operation may change (the table copied: it is updated in place; the arena's bytes
-        are kept by reference)."""
-        return (self._batch, self.table.copy(), self._row_slots.copy(),
+        """Everything an operation may change (the table's state, kept without a copy: the table copies on
+        write; the arena's bytes are kept by reference)."""
+        return (self._batch, self.table.state(), self._row_slots.copy(),
                 None if self.arena is None else self.arena.state(), self._end, self._start,
                 self._storage_state())
 
     def restore(self, snap: tuple) -> None:
-        self._batch, self.table, self._row_slots, arena, self._end, self._start, storage = snap
+        self._batch, table, self._row_slots, arena, self._end, self._start, storage = snap
+        self.table.restore(table)
         if arena is not None:
             self.arena.restore(arena)
         self._storage_restore(storage)
@@ -628,10 +631,9 @@ class EncryptedLayer(CacheLayerMixin):
                 or (chunks["nbytes"][ref_grid] != (seg_count * bpp + TAG_SIZE)[:, None]).any()):
             raise bad("refers a row to a chunk of another session or of another size; refused")
         offsets = np.cumsum(chunks["nbytes"]) - chunks["nbytes"]
-        table = SegmentTable(batch)
-        table.start, table.count = seg_start, seg_count
-        table.columns = {"counter": chunks["counter"][ref_grid], "epoch": chunks["epoch"][ref_grid],
-                         "session_slot": slot_map[chunks["slot"]][ref_grid], "offset": offsets[ref_grid]}
+        table = SegmentTable.from_arrays(seg_start, seg_count, {
+            "counter": chunks["counter"][ref_grid], "epoch": chunks["epoch"][ref_grid],
+            "session_slot": slot_map[chunks["slot"]][ref_grid], "offset": offsets[ref_grid]})
         self._ctx.rows_for_batch(batch)     # the cache's row map (set from the file) must hold this batch
         self.device, self.dtype = torch.device(device), dtype
         self._batch, self.num_heads, self.head_dim = batch, heads, head_dim

@@ -17,6 +17,9 @@ __all__ = ["COLUMNS", "SealedChunks", "SegmentTable"]
 
 COLUMNS = ("counter", "epoch", "session_slot", "offset")
 
+#: Segments a new table has room for before its buffers grow (they double).
+_MIN_ROOM = 16
+
 
 class SealedChunks(NamedTuple):
     """What sealing N chunks produced, one int64 entry per chunk (the table's columns, in order)."""
@@ -28,35 +31,114 @@ class SealedChunks(NamedTuple):
 
 
 class SegmentTable:
-    """Segment starts and counts ``[segments]``, and the ``[segments, rows]`` chunk columns."""
+    """Segment starts and counts ``[segments]``, and the ``[segments, rows]`` chunk columns.
 
-    __slots__ = ("start", "count", "columns")
+    The arrays live in buffers with room to grow, so a decode step's ``append`` writes one row instead of
+    building new arrays; ``start``, ``count``, ``columns`` and the named columns are views of the live
+    part. ``state()`` / ``restore()`` keep and put back what an operation may change without copying: an
+    append writes past the state's end, and every change of a live entry (``set_segment``, ``set_rows``,
+    ``set_column``) first copies the buffers once a state has been taken (copy on write). Setting
+    ``start``, ``count`` or ``columns`` adopts new arrays (copied into buffers of their own)."""
+
+    __slots__ = ("_n", "_start", "_count", "_cols", "_shared")
 
     def __init__(self, rows: int = 0):
-        self.start = np.zeros(0, dtype=np.int64)
-        self.count = np.zeros(0, dtype=np.int64)
-        self.columns = {f: np.zeros((0, rows), dtype=np.int64) for f in COLUMNS}
+        self._n = 0
+        self._start = np.zeros(_MIN_ROOM, dtype=np.int64)
+        self._count = np.zeros(_MIN_ROOM, dtype=np.int64)
+        self._cols = {f: np.zeros((_MIN_ROOM, rows), dtype=np.int64) for f in COLUMNS}
+        self._shared = False      # a state() may still hold these buffers
+
+    # ---- the live part ------------------------------------------------------------------------------
+    @property
+    def start(self) -> np.ndarray:
+        return self._start[:self._n]
+
+    @property
+    def count(self) -> np.ndarray:
+        return self._count[:self._n]
+
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        n = self._n
+        return {f: a[:n] for f, a in self._cols.items()}
+
+    @columns.setter
+    def columns(self, value: dict) -> None:
+        """Every column at once (``[segments, rows]`` each; the number of rows may change)."""
+        if set(value) != set(COLUMNS):
+            raise ValueError(f"columns must be exactly {COLUMNS}, got {sorted(value)}")
+        arrays = {f: np.asarray(value[f], dtype=np.int64) for f in COLUMNS}
+        shapes = {a.shape for a in arrays.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != self._n:
+            raise ValueError(f"columns must share one [segments={self._n}, rows] shape, got {sorted(shapes)}")
+        cap = self._start.shape[0]
+        self._cols = {f: _with_room(a, cap) for f, a in arrays.items()}
+
+    def set_column(self, name: str, value: np.ndarray) -> None:
+        """Column ``name`` now holds ``value`` (``[segments, rows]``)."""
+        value = np.asarray(value, dtype=np.int64)
+        if value.shape != (self._n, self.rows):
+            raise ValueError(f"column {name} must be [{self._n}, {self.rows}], got {list(value.shape)}")
+        self._own()
+        self._cols[name][:self._n] = value
+
+    @property
+    def rows(self) -> int:
+        return int(self._cols["counter"].shape[1])
+
+    @classmethod
+    def from_arrays(cls, start, count, columns: dict) -> "SegmentTable":
+        """A table holding ``start`` / ``count`` (``[segments]``) and ``columns`` (``[segments, rows]`` each),
+        copied into buffers of its own."""
+        start = np.asarray(start, dtype=np.int64).reshape(-1)
+        count = np.asarray(count, dtype=np.int64).reshape(-1)
+        if count.shape != start.shape:
+            raise ValueError(f"start has {start.shape[0]} entries, count {count.shape[0]}")
+        new = cls(0)
+        cap = max(_MIN_ROOM, 2 * start.shape[0])
+        new._n = int(start.shape[0])
+        new._start, new._count = _with_room(start, cap), _with_room(count, cap)
+        new.columns = columns
+        return new
+
+    def _own(self) -> None:
+        """Copy the buffers if a state may still hold them (before a live entry changes)."""
+        if self._shared:
+            self._start, self._count = self._start.copy(), self._count.copy()
+            self._cols = {f: a.copy() for f, a in self._cols.items()}
+            self._shared = False
+
+    def state(self) -> tuple:
+        """What an operation may change, kept without a copy (see the class docstring)."""
+        self._shared = True
+        return self._n, self._start, self._count, dict(self._cols)
+
+    def restore(self, state: tuple) -> None:
+        self._n, self._start, self._count, cols = state
+        self._cols = dict(cols)
+        self._shared = True
 
     # ---- reading ------------------------------------------------------------------------------------
     @property
     def num_segments(self) -> int:
-        return int(self.start.shape[0])
+        return self._n
 
     @property
     def counter(self) -> np.ndarray:
-        return self.columns["counter"]
+        return self._cols["counter"][:self._n]
 
     @property
     def epoch(self) -> np.ndarray:
-        return self.columns["epoch"]
+        return self._cols["epoch"][:self._n]
 
     @property
     def session_slot(self) -> np.ndarray:
-        return self.columns["session_slot"]
+        return self._cols["session_slot"][:self._n]
 
     @property
     def offset(self) -> np.ndarray:
-        return self.columns["offset"]
+        return self._cols["offset"][:self._n]
 
     def ends(self) -> np.ndarray:
         return self.start + self.count
@@ -89,12 +171,12 @@ class SegmentTable:
     def select(self, segs: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The columns of chunks (segments ``segs`` × ``rows``, both non-empty), flattened segment-major
         (a run of consecutive segments of every row in order is sliced, not gathered)."""
-        nrows = self.columns["counter"].shape[1]
+        nrows = self.rows
         if rows.size == nrows and segs[-1] - segs[0] + 1 == segs.size and (rows == np.arange(nrows)).all():
             lo, hi = int(segs[0]), int(segs[-1]) + 1
-            return {f: a[lo:hi].reshape(-1) for f, a in self.columns.items()}
+            return {f: a[lo:hi].reshape(-1) for f, a in self._cols.items()}
         ix = np.ix_(segs, rows)
-        return {f: a[ix].reshape(-1) for f, a in self.columns.items()}
+        return {f: a[:self._n][ix].reshape(-1) for f, a in self._cols.items()}
 
     def merge_start(self, cap: int, floor: int) -> int:
         """Where a binary-counter merge of the trailing segments starts.
@@ -102,11 +184,12 @@ class SegmentTable:
         Walking back from the last segment, a segment joins the run while it is no larger than the run's
         total so far, the total stays within ``cap`` positions and the segment starts at or after ``floor``.
         Returns the first segment of the run (the last segment itself when nothing joins)."""
-        j = self.num_segments - 1
-        total = int(self.count[j])
+        j = self._n - 1
+        count, start = self._count, self._start
+        total = int(count[j])
         while j >= 1:
-            prev = int(self.count[j - 1])
-            if prev > total or prev + total > cap or int(self.start[j - 1]) < floor:
+            prev = int(count[j - 1])
+            if prev > total or prev + total > cap or int(start[j - 1]) < floor:
                 break
             total += prev
             j -= 1
@@ -114,36 +197,66 @@ class SegmentTable:
 
     # ---- changing -----------------------------------------------------------------------------------
     def append(self, start: int, count: int, sealed: SealedChunks) -> None:
-        """A new last segment holding one chunk per row."""
-        self.start = np.append(self.start, start)
-        self.count = np.append(self.count, count)
-        for f, a in zip(COLUMNS, sealed):
-            self.columns[f] = np.concatenate([self.columns[f], np.asarray(a, dtype=np.int64)[None, :]])
+        """A new last segment holding one chunk per row (written past the live part: no copy, even when a
+        state is held)."""
+        n = self._n
+        if n == self._start.shape[0]:
+            cap = 2 * n
+            self._start = _with_room(self._start[:n], cap)
+            self._count = _with_room(self._count[:n], cap)
+            self._cols = {f: _with_room(a[:n], cap) for f, a in self._cols.items()}
+            self._shared = False
+        self._start[n] = start
+        self._count[n] = count
+        cols = self._cols
+        cols["counter"][n] = sealed.counter
+        cols["epoch"][n] = sealed.epoch
+        cols["session_slot"][n] = sealed.session_slot
+        cols["offset"][n] = sealed.offset
+        self._n = n + 1
 
     def keep(self, which: np.ndarray) -> None:
         """Keep the segments ``which`` selects (a boolean mask or indices, in order)."""
-        self.start = self.start[which]
-        self.count = self.count[which]
-        for f in COLUMNS:
-            self.columns[f] = self.columns[f][which]
+        n = self._n
+        start = self._start[:n][which]
+        cap = max(_MIN_ROOM, 2 * start.shape[0])
+        self._count = _with_room(self._count[:n][which], cap)
+        self._cols = {f: _with_room(a[:n][which], cap) for f, a in self._cols.items()}
+        self._start = _with_room(start, cap)
+        self._n = int(start.shape[0])
+        self._shared = False
 
     def set_segment(self, i: int, count: int, sealed: SealedChunks) -> None:
         """Segment ``i`` now holds ``count`` positions in the chunks ``sealed`` (one per row)."""
-        self.count[i] = count
+        self._own()
+        self._count[i] = count
         for f, a in zip(COLUMNS, sealed):
-            self.columns[f][i] = a
+            self._cols[f][i] = a
 
     def set_rows(self, rows: np.ndarray, sealed: SealedChunks) -> None:
         """Every segment's chunk of ``rows`` is now in ``sealed`` (segment-major, ``rows`` inner)."""
+        self._own()
+        n = self._n
         for f, a in zip(COLUMNS, sealed):
-            self.columns[f][:, rows] = a.reshape(self.num_segments, rows.size)
+            self._cols[f][:n, rows] = a.reshape(n, rows.size)
 
     def take_rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The columns with row r holding old row ``idx[r]`` (new arrays; the table is unchanged)."""
-        return {f: a[:, idx] for f, a in self.columns.items()}
+        n = self._n
+        return {f: a[:n, idx] for f, a in self._cols.items()}
 
     def copy(self) -> "SegmentTable":
+        """A table of its own (its own buffers) with the same segments and chunks."""
         new = SegmentTable.__new__(SegmentTable)
-        new.start, new.count = self.start.copy(), self.count.copy()
-        new.columns = {f: a.copy() for f, a in self.columns.items()}
+        new._n = self._n
+        new._start, new._count = self._start.copy(), self._count.copy()
+        new._cols = {f: a.copy() for f, a in self._cols.items()}
+        new._shared = False
         return new
+
+
+def _with_room(a: np.ndarray, cap: int) -> np.ndarray:
+    """``a`` (int64, first axis the live entries) copied into a buffer of ``max(cap, len(a))`` entries."""
+    out = np.zeros((max(cap, a.shape[0]),) + a.shape[1:], dtype=np.int64)
+    out[:a.shape[0]] = a
+    return out

@@ -115,3 +115,66 @@ def test_a_copy_is_independent_of_the_original():
     t.offset[0, 0] = -1
     t.append(6, 1, sealed(3, 5))
     assert c.count.tolist() == [5, 1] and c.offset[0, 0] == 0 and c.num_segments == 2
+
+
+def _dump(t: SegmentTable):
+    return (t.start.tolist(), t.count.tolist(), {f: a.tolist() for f, a in t.columns.items()})
+
+
+@pytest.mark.parametrize("change", ["append", "append past the room", "keep", "set_segment", "set_rows",
+                                    "set_column", "columns"])
+def test_restore_puts_back_the_state_whatever_changed_since(change):
+    """A state is kept without a copy: appends write past it, every other change copies first."""
+    t = table([5, 1, 2])
+    before = _dump(t)
+    state = t.state()
+    if change == "append":
+        t.append(8, 1, sealed(3, 4))
+    elif change == "append past the room":
+        for i in range(40):
+            t.append(8 + i, 1, sealed(3, 4 + i))
+    elif change == "keep":
+        t.keep(np.array([0]))
+        t.append(5, 3, sealed(3, 4))
+    elif change == "set_segment":
+        t.set_segment(2, 1, sealed(3, 9))
+    elif change == "set_rows":
+        t.set_rows(np.array([1]), SealedChunks(*(np.full(3, 77, dtype=np.int64) for _ in range(4))))
+    elif change == "set_column":
+        t.set_column("offset", np.full((3, 3), 5))
+    else:
+        t.columns = {f: np.zeros((3, 2), dtype=np.int64) for f in COLUMNS}
+    assert _dump(t) != before
+    t.restore(state)
+    assert _dump(t) == before
+    t.append(8, 1, sealed(3, 4))          # and it goes on from there
+    assert t.num_segments == 4 and t.counter[3].tolist() == [4, 5, 6]
+
+
+def test_nested_states_restore_in_order():
+    t = table([5, 1])
+    outer = t.state()
+    t.append(6, 1, sealed(3, 2))
+    inner = t.state()
+    t.set_segment(2, 2, sealed(3, 9))
+    t.restore(inner)
+    assert t.count.tolist() == [5, 1, 1] and t.counter[2].tolist() == [2, 3, 4]
+    t.restore(outer)
+    assert t.count.tolist() == [5, 1] and t.num_segments == 2
+
+
+def test_from_arrays_holds_copies_and_refuses_mismatched_shapes():
+    start, count = np.array([0, 4]), np.array([4, 2])
+    cols = {f: np.arange(6).reshape(2, 3) + k for k, f in enumerate(COLUMNS)}
+    t = SegmentTable.from_arrays(start, count, cols)
+    start[0] = 99
+    cols["counter"][0, 0] = 99
+    assert t.start.tolist() == [0, 4] and t.counter[0].tolist() == [0, 1, 2] and t.rows == 3
+    t.append(6, 1, sealed(3, 1))
+    assert t.num_segments == 3
+    with pytest.raises(ValueError, match="count"):
+        SegmentTable.from_arrays(start, np.array([1]), cols)
+    with pytest.raises(ValueError, match="shape"):
+        SegmentTable.from_arrays(start, count, {f: np.zeros((3, 3), dtype=np.int64) for f in COLUMNS})
+    with pytest.raises(ValueError, match="exactly"):
+        SegmentTable.from_arrays(start, count, {"counter": cols["counter"]})
