@@ -9,7 +9,8 @@ the layer's arena. Segments are kept in position order.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -59,9 +60,11 @@ class SegmentTable:
         return self._count[:self._n]
 
     @property
-    def columns(self) -> dict[str, np.ndarray]:
+    def columns(self) -> Mapping[str, np.ndarray]:
+        """The live columns (views), read-only as a mapping: a column is replaced with ``set_column``, all of
+        them by assigning ``columns``."""
         n = self._n
-        return {f: a[:n] for f, a in self._cols.items()}
+        return MappingProxyType({f: a[:n] for f, a in self._cols.items()})
 
     @columns.setter
     def columns(self, value: dict) -> None:

@@ -178,3 +178,13 @@ def test_from_arrays_holds_copies_and_refuses_mismatched_shapes():
         SegmentTable.from_arrays(start, count, {f: np.zeros((3, 3), dtype=np.int64) for f in COLUMNS})
     with pytest.raises(ValueError, match="exactly"):
         SegmentTable.from_arrays(start, count, {"counter": cols["counter"]})
+
+
+def test_a_column_is_replaced_through_set_column_not_through_the_columns_view():
+    t = table([5, 1])
+    with pytest.raises(TypeError):
+        t.columns["offset"] = np.zeros((2, 3), dtype=np.int64)
+    t.set_column("offset", np.full((2, 3), 4))
+    assert t.offset.tolist() == [[4, 4, 4], [4, 4, 4]]
+    with pytest.raises(ValueError, match="must be"):
+        t.set_column("offset", np.zeros((3, 3), dtype=np.int64))
