@@ -12,11 +12,13 @@ The policy keeps the arena within a constant factor of its live chunks:
 
 - an allocation that does not fit compacts into an arena of ``GROWTH`` × (live + new) bytes;
 - after its owner dropped or replaced chunks (``reclaim``), the arena compacts into ``GROWTH`` × live
-  bytes once dead bytes pass ``DEAD_FRACTION`` × live.
+  bytes once dead bytes pass ``DEAD_FRACTION`` × live, or its capacity ``MAX_CAPACITY`` × live.
 
-So after every operation ``used`` ≤ (1 + DEAD_FRACTION) × live, and ``capacity`` ≤ GROWTH ×
-(1 + DEAD_FRACTION) × live. An allocation that fits only moves ``used``: the live bytes are counted
-only when the arena is full or chunks were dropped.
+So after every operation ``used`` ≤ (1 + DEAD_FRACTION) × live and ``capacity`` ≤ MAX_CAPACITY × live
+(appends only add live bytes). An allocation that fits only moves ``used``: the live bytes are counted
+only when the arena is full or chunks were dropped. Each compaction copies every live byte (into a new
+buffer: see ``compact``); merges, which replace about three times the live bytes per doubling of the
+positions, make a compaction every ~DEAD_FRACTION × live of re-sealed bytes.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["DEAD_FRACTION", "GROWTH", "ArenaStats", "ByteArena"]
+__all__ = ["DEAD_FRACTION", "GROWTH", "MAX_CAPACITY", "ArenaStats", "ByteArena"]
 
 #: Capacity a compaction gives, as a multiple of the bytes it must hold (< 2: the arena never doubles).
 GROWTH = 1.5
 #: Dead bytes tolerated, as a fraction of live ones, before ``reclaim`` compacts.
 DEAD_FRACTION = 0.25
+#: Capacity tolerated, as a multiple of live bytes, after chunks were dropped (a crop, a row selection).
+MAX_CAPACITY = 1.8
 
 
 @dataclass(frozen=True)
@@ -120,10 +124,11 @@ class ByteArena:
 
     def reclaim(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
         """After the owner dropped or replaced chunks (the live ones are now ``offsets`` / ``sizes``): once
-        dead bytes pass ``DEAD_FRACTION`` × live, compact into an arena of ``GROWTH`` × live bytes.
+        dead bytes pass ``DEAD_FRACTION`` × live or capacity ``MAX_CAPACITY`` × live, compact into an arena
+        of ``GROWTH`` × live bytes.
         Returns the live chunks' new offsets, or None when nothing moved."""
         live = self.live_bytes(offsets, sizes)
-        if self.used - live <= DEAD_FRACTION * live:
+        if self.used - live <= DEAD_FRACTION * live and self.buffer.numel() <= MAX_CAPACITY * live:
             return None
         return self.compact(offsets, sizes, _sized(live))
 

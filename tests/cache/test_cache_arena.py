@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from pqc_kv_cache.cache.arena import DEAD_FRACTION, GROWTH, ArenaStats, ByteArena
+from pqc_kv_cache.cache.arena import DEAD_FRACTION, GROWTH, MAX_CAPACITY, ArenaStats, ByteArena
 
 
 def filled(sizes, rows_per_chunk=1):
@@ -90,6 +90,15 @@ def test_reclaim_waits_for_dead_bytes_to_pass_their_fraction_of_live_ones():
     moved = a.reclaim(offsets[[2]], sizes[[2]])
     assert moved.tolist() == [[0]] and a.used == 60 and a.capacity == int(GROWTH * 60) + 1
     assert (a.buffer[:60] == 3).all()
+
+
+def test_reclaim_shrinks_an_arena_whose_live_bytes_fell_far_below_its_capacity():
+    a, offsets, sizes = filled([100] * 5)
+    a.compact(offsets, sizes, 800)
+    # one chunk of five dropped: 100 dead bytes against 400 live is within DEAD_FRACTION, 800 > 1.8 x 400 is not
+    assert 100 <= DEAD_FRACTION * 400 and 800 > MAX_CAPACITY * 400
+    moved = a.reclaim(offsets[:4], sizes[:4])
+    assert moved[:, 0].tolist() == [0, 100, 200, 300] and a.capacity == int(GROWTH * 400) + 1
 
 
 def test_stats_report_used_capacity_and_live_bytes():
