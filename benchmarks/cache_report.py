@@ -14,6 +14,11 @@ stderr.
 
 Both residency modes are measured (``--modes``). Prints a markdown table and writes JSON (``--json`` / ``--out``, default bench-results/cache_report.json).
 
+Memory: one more, untimed, run of every EncryptedCache variant at the headline prompt length reads every
+layer's arena after every generate step (``layer.arena_stats()``) and reports the largest ``used / live``
+(bytes written, live and dead, over the live chunks) and ``capacity / DynamicCache K/V`` (the arena's
+allocation over batch × KV heads × positions × head dim × itemsize × 2, what DynamicCache holds).
+
 ``--contexts 128,512,1024,2048`` measures every variant at each prompt length (interleaved repeats per
 length) and adds a per-context table (decode tokens/s, median with min and max, and the per-repeat
 ratio to DynamicCache) to the output and the JSON; the headline tables stay those of the 512-token
@@ -42,7 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 from pqc_kv_cache.audit import KVAuditLog  # noqa: E402
 from pqc_kv_cache.backends.host import HostBackend  # noqa: E402
@@ -186,6 +191,46 @@ def decode_times(model, ids, new_tokens, variants: dict, repeats: int, label: st
             progress(f"{label}repeat {r + 1}/{repeats}: {name} decoded {new_tokens - 1} tokens x {BATCH} rows "
                      f"in {times[name][-1]:.2f} s")
     return times, outs
+
+
+class ArenaSampler(StoppingCriteria):
+    """Reads every layer's arena after each generate step (it never stops the run): the largest
+    used / live bytes and capacity / DynamicCache K/V bytes seen."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.used_per_live = self.capacity_per_dynamic = 0.0
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps += 1
+        for layer in self.cache.layers:
+            s = layer.arena_stats()
+            dynamic = (2 * len(layer.row_session_slots) * layer.num_heads * layer.get_seq_length()
+                       * layer.head_dim * layer.dtype.itemsize)
+            if s.live and dynamic:
+                self.used_per_live = max(self.used_per_live, s.used / s.live)
+                self.capacity_per_dynamic = max(self.capacity_per_dynamic, s.capacity / dynamic)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def arena_memory(model, ids, new_tokens, variants: dict) -> dict:
+    """Per EncryptedCache variant, one untimed generate sampled after every step (see ``ArenaSampler``)."""
+    out = {}
+    for name, make_cache in variants.items():
+        cache = make_cache()
+        if cache is None:
+            continue
+        sampler = ArenaSampler(cache)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+                           stopping_criteria=StoppingCriteriaList([sampler]))
+        out[name] = {"max_used_per_live": sampler.used_per_live,
+                     "max_capacity_per_dynamic_kv": sampler.capacity_per_dynamic, "steps": sampler.steps}
+        progress(f"memory: {name} max used/live {sampler.used_per_live:.3f}, "
+                 f"max capacity/DynamicCache K/V {sampler.capacity_per_dynamic:.3f}")
+    return out
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -338,6 +383,10 @@ def main(argv=None) -> int:
             "outputs_identical": all(torch.equal(outs["dynamic"], o) for o in outs.values()),
         }
     audit.flush()
+    audit_stats = audit.stats()           # of the timed runs only
+    torch.manual_seed(1)                  # the headline prompt again, for the untimed memory runs
+    memory = arena_memory(model, torch.randint(0, model.config.vocab_size, (BATCH, headline)), args.new_tokens,
+                          variants)
     times = times_at[headline]
     identical = all(r["outputs_identical"] for r in per_context.values())
     thr = backend_throughput(sessions, repeats=max(30, args.repeats), max_spread=args.max_spread)
@@ -374,8 +423,10 @@ def main(argv=None) -> int:
         # medians, under the names earlier reports used
         **{f"ratio_{k}": v["median"] for k, v in ratios.items()},
         "outputs_identical": identical,
-        "audit_stats": audit.stats(),
+        "audit_stats": audit_stats,
         "host_backend": thr,
+        # max over an untimed run at config.prompt, sampled after every step, per EncryptedCache variant
+        "arena_memory": memory,
         # every prompt length measured (keys are the lengths as strings); the tables above are of config.prompt
         "contexts": per_context,
     }
@@ -399,6 +450,11 @@ def main(argv=None) -> int:
                    f"{r['bytes'] / 2**20:.2f} MiB; {r['backend_bytes_per_s'] / 1e9:.2f} vs "
                    f"{r['bulk_aesgcm_bytes_per_s'] / 1e9:.2f} GB/s)", r["ratio"]))
     print(f"\noutputs token-identical: {identical}")
+    print(f"\narena memory at a {headline}-token prompt, {args.new_tokens} new tokens: max over every layer and "
+          "step of an untimed run\n")
+    print("| variant | used / live | capacity / DynamicCache K/V |\n|---|---:|---:|")
+    for k, m in memory.items():
+        print(f"| {VARIANT_LABELS[k]} | {m['max_used_per_live']:.3f} | {m['max_capacity_per_dynamic_kv']:.3f} |")
     if len(contexts) > 1:
         names = list(variants)
         print(f"\ndecode tokens/s against context length: median [min-max] over {args.repeats} interleaved "

@@ -62,6 +62,16 @@ def test_every_context_gets_every_variant_with_median_min_max(quick_run):
     assert len(result["machine"]["load_average_start"]) == 3 and result["machine"]["cpu"]
 
 
+def test_arena_memory_is_reported_for_every_encrypted_variant_within_its_bounds(quick_run):
+    _, result, _ = quick_run
+    memory = result["arena_memory"]
+    assert set(memory) == _VARIANTS - {"dynamic"}
+    for m in memory.values():
+        assert m["steps"] == result["config"]["new_tokens"]
+        assert 1.0 <= m["max_used_per_live"] <= 1.5
+        assert 0.0 < m["max_capacity_per_dynamic_kv"] <= 2.0
+
+
 @pytest.mark.skipif(not _have_matplotlib(), reason="matplotlib is not installed (pip install 'pqc_kv_cache[bench]')")
 def test_plot_is_a_png_of_tokens_per_s_against_context(quick_run):
     _, _, out = quick_run

@@ -28,7 +28,7 @@ from ..audit.records import Op, Status
 from ..envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce
 from ..errors import DecryptionError, KVCacheError, SessionExpiredError
 from ..session import TenantSession
-from .arena import ByteArena
+from .arena import ArenaStats, ByteArena
 from .context import LayerContext, deferred_status
 from .segments import SealedChunks, SegmentTable
 
@@ -156,11 +156,20 @@ class EncryptedLayer(CacheLayerMixin):
 
     def _alloc(self, nbytes: int) -> int:
         """Room for ``nbytes`` in the arena (live chunks may move: the table follows). Returns the offset."""
+        arena = self.arena
+        if arena.fits(nbytes):      # every decode step: no table read
+            return arena.take(nbytes)
         offsets = self.table.offset
-        off, moved = self.arena.alloc(nbytes, offsets, self.chunk_sizes())
+        off, moved = arena.alloc(nbytes, offsets, self.chunk_sizes())
         if moved is not offsets:
             self.table.set_column("offset", moved)
         return off
+
+    def _reclaim(self) -> None:
+        """Chunks were just dropped or replaced: compact once their dead bytes pass the arena's bound."""
+        moved = self.arena.reclaim(self.table.offset, self.chunk_sizes())
+        if moved is not None:
+            self.table.set_column("offset", moved)
 
     def compact(self, capacity: int | None = None) -> None:
         """Reclaim dead bytes now: the live chunks move into a new arena of ``capacity`` bytes (default:
@@ -171,6 +180,13 @@ class EncryptedLayer(CacheLayerMixin):
         if capacity is None:
             capacity = self.arena.live_bytes(self.table.offset, sizes)
         self.table.set_column("offset", self.arena.compact(self.table.offset, sizes, capacity))
+
+    def arena_stats(self) -> ArenaStats:
+        """The arena's used, capacity and live bytes (all zero before the first update). Reads the chunk
+        table: for measuring, not for every step."""
+        if not self.is_initialized:
+            return ArenaStats(0, 0, 0)
+        return self.arena.stats(self.table.offset, self.chunk_sizes())
 
     # ---- atomic operations ---------------------------------------------------------------------
     def snapshot(self) -> tuple:
@@ -391,6 +407,7 @@ class EncryptedLayer(CacheLayerMixin):
                             np.full(self._batch, start - base, dtype=np.int64), audited=False, failed=failed)
         self.table.keep(np.arange(j + 1))
         self.table.set_segment(j, total, sealed)
+        self._reclaim()
         self._ctx.auditor.rows(Op.RESEAL, self.layer_idx, self._row_slots, rows, pos_start=start,
                                pos_count=total, nonce_counter=sealed.counter.astype(np.uint64),
                                epoch=sealed.epoch.astype(np.uint32), nbytes=total * self._bytes_per_position)
@@ -398,7 +415,10 @@ class EncryptedLayer(CacheLayerMixin):
     def _set_start(self, start: int) -> None:
         """Advance the first visible position and drop segments wholly before it."""
         self._start = max(self._start, start, 0)
+        before = self.num_segments
         self.table.keep(self.table.ends() > self._start)
+        if self.num_segments < before:
+            self._reclaim()
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -440,6 +460,7 @@ class EncryptedLayer(CacheLayerMixin):
                 self._end = new_end
                 self._start = min(self._start, new_end)
                 self._truncated(new_end)
+                self._reclaim()
                 self._ctx.auditor.rows(Op.CROP, self.layer_idx, self._row_slots, np.arange(self._batch),
                                        pos_start=new_end, pos_count=removed,
                                        nonce_counter=new_counter.astype(np.uint64))
@@ -487,6 +508,7 @@ class EncryptedLayer(CacheLayerMixin):
         finally:
             buf.zero_()
         t.set_rows(rows, sealed)
+        self._reclaim()
         return sealed.counter.reshape(ns, nr)[0]
 
     def _record_reorder(self, src: np.ndarray, moved: np.ndarray, row_slots: np.ndarray) -> None:
@@ -527,6 +549,7 @@ class EncryptedLayer(CacheLayerMixin):
         self._record_reorder(idx, moved, self._row_slots)
         self.table.columns = columns
         self._rows_taken(idx)
+        self._reclaim()     # rows that took another row's chunks left theirs dead
 
     def _select_rows(self, idx: np.ndarray) -> None:
         """Row r becomes old row idx[r]: the new state is built, recorded, then put in place in one step."""
@@ -535,6 +558,7 @@ class EncryptedLayer(CacheLayerMixin):
         self._record_reorder(idx, np.flatnonzero(idx != np.arange(idx.size)), row_slots)
         self.table.columns, self._row_slots, self._batch = columns, row_slots, int(idx.size)
         self._rows_taken(idx)
+        self._reclaim()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Row i becomes rows i*repeats .. i*repeats+repeats-1, each keeping row i's session and chunks."""

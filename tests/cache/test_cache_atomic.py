@@ -19,6 +19,7 @@ from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.backends import kernel_shim as kh
 from pqc_kv_cache.backends.host import HostBackend
 from pqc_kv_cache.cache import EncryptedCache
+from pqc_kv_cache.cache.arena import ByteArena
 from pqc_kv_cache.errors import (AuditError, DecryptionError, KeyRotationRequiredError, KVCacheError,
                                  SessionExpiredError)
 from pqc_kv_cache.session import TenantIdentity, establish_tenant_session
@@ -155,6 +156,10 @@ class FaultyAudit:
         self.faults.tick(AuditError("injected: audit emit failed"))
         return self.log.emit_per_position(*args, **kwargs)
 
+    def emit_records(self, *args, **kwargs):
+        self.faults.tick(AuditError("injected: audit emit failed"))
+        return self.log.emit_records(*args, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self.log, name)
 
@@ -275,6 +280,41 @@ def test_an_operation_failing_at_any_step_leaves_the_cache_as_it_was(op, tight):
             break
         k += 1
     assert k > 1, "the operation should have had a step to fail at"
+
+
+@pytest.mark.parametrize("op", ["crop", "rotate", "select"])
+def test_an_operation_failing_after_it_compacted_an_arena_leaves_the_old_arena_in_place(op, monkeypatch):
+    compactions = []
+    real = ByteArena.compact
+
+    def counting(self, *args, **kwargs):
+        compactions.append(self)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(ByteArena, "compact", counting)
+    k, after_compaction = 1, 0
+    while True:
+        faults = Faults()
+        cache, shadow = _setup(faults, tight=False)
+        before, buffers = _state(cache), [layer.arena.buffer for layer in cache.layers]
+        compactions.clear()
+        faults.step, faults.fail_at = 0, k
+        try:
+            OPS[op](cache, shadow)
+        except (KVCacheError, RuntimeError):
+            failed = True
+        else:
+            failed = False
+        faults.fail_at = 0
+        if failed and compactions:     # the dropped chunks were reclaimed into a new arena, then a step failed
+            after_compaction += 1
+            _assert_same_state(before, _state(cache))
+            assert all(layer.arena.buffer is b for layer, b in zip(cache.layers, buffers)), "the old arena is back"
+            assert_reads_match(cache, shadow, 3)
+        if faults.step < k:
+            assert compactions, "the operation drops enough chunks to compact"
+            break
+        k += 1
+    assert after_compaction >= 1
 
 
 def test_a_merge_failing_at_any_step_is_skipped_and_the_update_stands():
