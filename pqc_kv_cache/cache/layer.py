@@ -327,6 +327,22 @@ class EncryptedLayer(CacheLayerMixin):
         raise DecryptionError(f"no chunk covers positions {gap[0]}..{gap[1] - 1} of layer {self.layer_idx}; "
                               "nothing is returned", layer_idx=self.layer_idx, positions=range(*gap))
 
+    def _all_rows(self) -> np.ndarray:
+        """0 .. batch-1 (int64, read-only: made once per batch size, asked every step)."""
+        rows = self.__dict__.get("_rows_cache")
+        if rows is None or rows.size != self._batch:
+            rows = self._rows_cache = np.arange(self._batch, dtype=np.int64)
+            rows.flags.writeable = False
+        return rows
+
+    def _all_zeros(self) -> np.ndarray:
+        """``batch`` zeros (int64, read-only, made once per batch size)."""
+        zeros = self.__dict__.get("_zeros_cache")
+        if zeros is None or zeros.size != self._batch:
+            zeros = self._zeros_cache = np.zeros(self._batch, dtype=np.int64)
+            zeros.flags.writeable = False
+        return zeros
+
     # ---- the Cache API -------------------------------------------------------------------------
     def _view_start(self) -> int:
         """The first position ``update`` returns."""
@@ -351,11 +367,11 @@ class EncryptedLayer(CacheLayerMixin):
             with self._atomic():    # a failed update leaves the layer as it was
                 self._open_released()
                 if n:
-                    rows = np.arange(self._batch, dtype=np.int64)
+                    rows = self._all_rows()
                     sealed = self._seal(key_states, value_states, rows, rows,
                                         np.full(self._batch, end, dtype=np.int64),
                                         np.full(self._batch, n, dtype=np.int64),
-                                        np.zeros(self._batch, dtype=np.int64), audited=True)
+                                        self._all_zeros(), audited=True)
                     self.table.append(end, n, sealed)
                     self._end += n
                     self._kept(key_states, value_states)

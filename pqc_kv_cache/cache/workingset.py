@@ -296,12 +296,6 @@ class WorkingSetStorage:
                          pos_count=count, nbytes=count * self._bytes_per_position)
         return k, v, base, None
 
-    def _all_rows(self) -> np.ndarray:
-        rows = self.__dict__.get("_rows_cache")
-        if rows is None or rows.size != self._batch:
-            rows = self._rows_cache = np.arange(self._batch, dtype=np.int64)
-        return rows
-
     def _truncated(self, new_end: int) -> None:
         self._ws.truncate(new_end)
 
