@@ -113,17 +113,15 @@ class PQCKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         cfg = self._kv_transfer_config
-        self._block_size = vllm_config.cache_config.block_size
-        self._storage = cfg.get_from_extra_config("storage_path", None)
-        if not isinstance(self._storage, str) or not self._storage:
+        par = vllm_config.parallel_config
+        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+            # every worker would write its own heads or layers into the same files and index
+            raise ValueError("PQCKVConnector runs with one worker per engine (tensor_parallel_size and "
+                             "pipeline_parallel_size 1)")
+        storage = cfg.get_from_extra_config("storage_path", None)
+        if not isinstance(storage, str) or not storage:
             raise ValueError("PQCKVConnector needs kv_connector_extra_config['storage_path']")
-        # scheduler side
-        self._hits: dict[str, list[tuple[int, int]]] = {}      # req -> parts of the stored prefix it hit
-        self._pending_loads: dict[str, LoadRequest] = {}
-        self._pending_refusals: list[_Refusal] = []
-        self._refused: set[str] = set()
-        self._storing: dict[str, _Storing] = {}
-        self._storing_dirs: set[str] = set()
+        self._init_scheduler_state(vllm_config.cache_config.block_size, storage)
         # worker side
         self._layers: list[tuple[int, torch.Tensor]] = []
         self._store: KVBlockStore | None = None
@@ -139,6 +137,17 @@ class PQCKVConnector(KVConnectorBase_V1):
             self._audit = KVAuditLog(audit_path)
 
     # ------------------------------------------------------------------ scheduler side
+    def _init_scheduler_state(self, block_size: int, storage: str) -> None:
+        """What the scheduler side keeps between steps (also how its tests build one without an engine)."""
+        self._block_size = block_size
+        self._storage = storage
+        self._hits: dict[str, list[tuple[int, int]]] = {}      # req -> parts of the stored prefix it hit
+        self._pending_loads: dict[str, LoadRequest] = {}
+        self._pending_refusals: list[_Refusal] = []
+        self._refused: set[str] = set()
+        self._storing: dict[str, _Storing] = {}
+        self._storing_dirs: set[str] = set()                   # one request saves a prefix at a time
+
     def _check_request(self, request: "Request") -> tuple[str, str] | None:
         """(tenant, session) of a request the connector serves; None to pass it through (refusals queued)."""
         ts = _tenant_of(request)
