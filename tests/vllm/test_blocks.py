@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from support.devices import has_cuda
 from support.twin import CpuTwinBackend, TwinLog
 
 from pqc_kv_cache.audit import KVAuditLog
@@ -304,5 +305,57 @@ def test_the_twin_seals_and_opens_through_the_cuda_backend_launches_with_deferre
         assert all(o.status.deferred for o in store._opened)            # read at load_errors, not before
         assert store.load_errors() == set()
         assert len([x for x in be.launches if x[0] == "pqc_decrypt_chunks"]) == len(LAYERS)
+    finally:
+        log.close(timeout=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device and CuPy")
+@pytest.mark.parametrize("layout", ["kv_last", "kv_first"])
+def test_on_cuda_save_and_load_make_no_host_sync_and_a_flipped_byte_is_found_at_load_errors(keys, tmp_path, layout):
+    from pqc_kv_cache.backends import select_backend
+    from pqc_kv_cache.backends.cuda import CudaBackend
+
+    _, sa, client = keys
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = select_backend(dev)
+    assert isinstance(be, CudaBackend)
+    log = KVAuditLog(str(tmp_path / "audit.log"))
+    try:
+        store = _store(be, log, client, layout)
+        src = {layer: _cache(layout, torch.bfloat16, seed=layer).to(dev) for layer in LAYERS}
+        warm = prefix_dir(str(tmp_path / "store"), "tenant-a", [0] * BS, BS)
+        _save(store, src, warm, sa, [[(0, [1])]])                 # kernels compiled, key schedules prepared
+        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(2 * BS)), BS)
+        sp = [SavePart("r1", "tenant-a", sa.session_id, directory, [7, 2], 0, 2 * BS, [(0, 2)])]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for layer in LAYERS:
+                store.save_layer(layer, src[layer], sp)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert store.finish_saves(sp, LAYERS) == [directory]     # waits for the copies (vLLM's wait_for_save)
+        victim = layer_file(directory, 1, 0)
+        data = bytearray(open(victim, "rb").read())
+        data[-40] ^= 1                                            # block 2's chunk in layer 1
+        open(victim, "wb").write(bytes(data))
+        dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
+        req = LoadRequest("r2", "tenant-a", sa.session_id, directory, [4, 6], 0, 2 * BS, [(0, 2)])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            store.load([req], [(layer, dst[layer]) for layer in LAYERS])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert store.load_errors() == {6}                         # the caller's synchronisation point
+        ks, vs = kv_block_views(src[0], layout)
+        kd, vd = kv_block_views(dst[0], layout)
+        assert torch.equal(kd[4], ks[7]) and torch.equal(vd[6], vs[2])
+        k1, v1 = kv_block_views(dst[1], layout)
+        assert not k1[6].any() and not v1[6].any() and torch.equal(k1[4], kv_block_views(src[1], layout)[0][7])
+        assert log.flush(timeout=10)
+        failed = [r for r in log.entries(limit=None) if r.operation == "decrypt" and not r.success]
+        assert failed and all(r.layer_idx == 1 and r.position == BS for r in failed)
     finally:
         log.close(timeout=10)
