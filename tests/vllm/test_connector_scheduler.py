@@ -93,3 +93,32 @@ def test_a_load_is_handed_over_for_a_resumed_request_too(tmp_path):
     assert [(x.req_id, x.block_ids, x.first_block, x.parts) for x in meta.loads] == \
         [("r", [8], 1, [(0, 1), (1, 1)])]
     assert meta.stores == []
+
+
+def _worker_config(backend_name):
+    layer = NS(attn_backend=NS(get_name=lambda: backend_name))
+    return NS(compilation_config=NS(static_forward_context={"model.layers.0.self_attn.attn": layer}),
+              model_config=NS(get_head_size=lambda: 16))
+
+
+@pytest.mark.parametrize("backend,shape,layout", [
+    ("CPU_ATTN", (6, 2, BS, 32), "cpu"),
+    ("FLASH_ATTN", (6, 2, BS, 32), "kv_last"),
+    ("TRITON_ATTN", (6, 2, BS, 32), "kv_last"),
+    ("FLASH_ATTN", (2, 6, BS, 2, 16), "kv_first"),
+])
+def test_the_block_layout_comes_from_the_layers_attention_backend(tmp_path, backend, shape, layout):
+    import torch
+    c = _connector(tmp_path)
+    c._vllm_config = _worker_config(backend)
+    assert c._layout_of("model.layers.0.self_attn.attn", torch.empty(shape)) == layout
+
+
+@pytest.mark.parametrize("backend,shape", [("FLASHINFER", (6, 2, BS, 32)), ("FLASH_ATTN", (6, 2, BS, 48)),
+                                           ("CPU_ATTN", (6, 2, 16, 32))])
+def test_an_unknown_attention_backend_or_shape_is_refused_at_start_up(tmp_path, backend, shape):
+    import torch
+    c = _connector(tmp_path)
+    c._vllm_config = _worker_config(backend)
+    with pytest.raises(ValueError, match="PQCKVConnector"):
+        c._layout_of("model.layers.0.self_attn.attn", torch.empty(shape))
