@@ -5,7 +5,8 @@
 #                        stops if ML-KEM / ML-DSA still do not import
 #   2. preflight (60 s)  versions, nvidia-smi, cupy.show_config(), a trivial RawKernel; retried with
 #                        CUDA_PATH at the pip-installed CUDA; stops if no kernel can run
-#   3. tests    (100 s)  tests/backends/test_cuda_backend.py, tests/backends/test_contract.py and tests/audit/test_audit_cuda.py (every `gpu`-marked
+#   3. tests    (100 s)  tests/backends/test_cuda_backend.py, tests/backends/test_contract.py, tests/vllm/test_blocks.py and
+#                        tests/audit/test_audit_cuda.py (every `gpu`-marked
 #                        test, and the CPU-twin tests) with PQC_REQUIRE_GPU=1: a skipped GPU test fails
 #   4. suite    (200 s)  benchmarks/gpu_suite.py: JSON and markdown rewritten after every section
 #
@@ -49,6 +50,7 @@ fi
 
 step "tests"
 timeout 100 python3 -m pytest -q -p no:cacheprovider -rfEs tests/backends/test_cuda_backend.py tests/backends/test_contract.py \
+    tests/vllm/test_blocks.py \
     tests/audit/test_audit_cuda.py \
     2>&1 | tee "$out/gpu_tests.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU tests: FAILED"; status=1; }

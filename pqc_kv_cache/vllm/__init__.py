@@ -1,7 +1,8 @@
 """vLLM integration: an encrypting, tenant-binding, auditing KV connector (see docs/vllm.md).
 
-``pqc_kv_cache.vllm.connector`` needs vLLM (``pip install 'pqc_kv_cache[vllm]'``); the key service and the
-request-field helpers here do not.
+``pqc_kv_cache.vllm.connector`` needs vLLM (``pip install 'pqc_kv_cache[vllm]'``); the key service, the
+request-field helpers here and ``pqc_kv_cache.vllm.blocks`` (the worker side's sealing and opening of vLLM's
+block tensors, and the stored files) do not.
 """
 
 from .keyservice import KeyClient, KeyService, KeyServiceError, Reservation

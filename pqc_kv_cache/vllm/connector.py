@@ -7,32 +7,23 @@ Loaded by vLLM from ``kv_transfer_config`` (see docs/vllm.md)::
      "kv_connector_extra_config": {"storage_path": DIR, "key_service": SOCKET, "audit_log": FILE}}
 
 Scheduler side (no keys, no audit): reads the tenant of each request from ``kv_transfer_params``, checks
-that its ``cache_salt`` is the tenant's, and answers hits only from that tenant's directory and session.
-Worker side: per attention layer and block, seals K then V (AES-256-GCM, envelope v1 AAD binding tenant,
-session, epoch, layer, positions, shape) with a key and nonce counters from the key service, writes
-ciphertext files, and on load opens every chunk of a request (all layers) before writing any byte into
-vLLM's blocks. Every seal and open (and every refusal) is a record of the ``KVAuditLog``.
-
-Storage layout: ``<storage_path>/<tenant tag hex>/<prefix hash>/L<layer>.pkvb`` and ``index.json``
-(written last, after every layer of the prefix is on disk). A ``.pkvb`` file is a 4-byte big-endian
-header length, a JSON header (session, epoch, layer, shape, dtype, per chunk: position start and count,
-nonce counter, byte length) and the chunks' ciphertexts (each with its 16-byte tag) back to back.
-Each chunk opens with plain ``AESGCM(key).decrypt(make_nonce(epoch, counter), ct, build_aad(...))``.
+that its ``cache_salt`` is the tenant's, answers hits only from that tenant's directory and session, and
+decides per step which of a request's prompt blocks are saved (the blocks that became whole in the step,
+so a prompt prefilled over several steps is saved in parts) and which are loaded.
+Worker side: :class:`~pqc_kv_cache.vllm.blocks.KVBlockStore` over ``select_backend(device)`` of the KV
+caches (the host backend on CPU, the CUDA backend on a GPU): one ``encrypt_chunks`` per layer and step for
+every block saved, one ``decrypt_chunks`` per layer and step for every block loaded, the ENCRYPT / DECRYPT
+records written by the backend into the worker's ``KVAuditLog`` (on CUDA into its device ring). Keys and
+nonce counters come from the key service. Storage layout and file format: ``pqc_kv_cache.vllm.blocks``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -42,8 +33,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..audit import KVAuditLog
-from ..envelope import build_aad, make_nonce, tenant_tag
-from ..errors import KVCacheError
+from ..backends import select_backend
+from .blocks import (INDEX, KVBlockStore, LoadRequest, MalformedStoreError, SavePart, prefix_dir, read_index,
+                     read_stored_layer)
 from .keyservice import KeyClient
 from .tenancy import PARAMS_KEY, tenant_cache_salt
 
@@ -55,52 +47,17 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["PQCKVConnector", "PQCConnectorMetadata", "read_stored_layer", "prefix_dir"]
+__all__ = ["PQCKVConnector", "PQCConnectorMetadata", "read_stored_layer", "prefix_dir", "MalformedStoreError",
+           "ATTENTION_LAYOUTS"]
 
-_HDR = struct.Struct(">I")
-_RESERVE_BATCH = 4096
-_INDEX = "index.json"
+#: vLLM attention backend name -> the block layout its KV cache tensors have (pqc_kv_cache.vllm.blocks.LAYOUTS)
+ATTENTION_LAYOUTS = {"CPU_ATTN": "cpu", "FLASH_ATTN": "kv_last", "TRITON_ATTN": "kv_last",
+                     "FLEX_ATTENTION": "kv_last"}
 
 
 def _aligned(num_prompt_tokens: int, block_size: int) -> int:
     """Tokens of the prompt that are stored: whole blocks, leaving at least the last token to compute."""
     return max(num_prompt_tokens - 1, 0) // block_size * block_size
-
-
-def prefix_dir(storage_path: str, tenant_id: str, token_ids, block_size: int) -> str:
-    """The directory of a tenant's stored prefix ``token_ids`` (already block-aligned)."""
-    h = hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes())
-    h.update(b"bs=%d" % block_size)
-    return os.path.join(storage_path, tenant_tag(tenant_id).hex(), h.hexdigest())
-
-
-def read_stored_layer(path: str) -> tuple[dict, bytes]:
-    """(header, ciphertext bytes) of one stored layer file; MalformedStoreError if it is not one."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        (n,) = _HDR.unpack_from(data, 0)
-        header = json.loads(data[_HDR.size:_HDR.size + n])
-    except (OSError, struct.error, ValueError) as e:
-        raise MalformedStoreError(f"{path}: not a stored KV layer ({e})") from None
-    if not isinstance(header, dict) or not isinstance(header.get("chunks"), list):
-        raise MalformedStoreError(f"{path}: header without chunks")
-    return header, data[_HDR.size + n:]
-
-
-class MalformedStoreError(KVCacheError):
-    """A stored KV file is missing, truncated or not in the connector's format."""
-
-
-@dataclass
-class _Req:
-    req_id: str
-    tenant_id: str
-    session_id: str
-    directory: str
-    block_ids: list[int]        # blocks holding positions [first_block*bs, num_tokens)
-    first_block: int            # index (in the request) of block_ids[0]
-    num_tokens: int             # stored prefix length (a multiple of the block size)
 
 
 @dataclass
@@ -112,9 +69,22 @@ class _Refusal:
 
 
 @dataclass
+class _Storing:
+    """A request whose prompt prefix is being saved, on the scheduler side."""
+
+    tenant_id: str
+    session_id: str
+    directory: str
+    num_tokens: int                                       # the prefix to store (whole blocks)
+    block_ids: list[int]                                  # the request's blocks as vLLM last told them
+    saved: int = 0                                        # blocks [0, saved) are handed to the worker
+    parts: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
 class PQCConnectorMetadata(KVConnectorMetadata):
-    loads: list[_Req] = field(default_factory=list)
-    stores: list[_Req] = field(default_factory=list)
+    loads: list[LoadRequest] = field(default_factory=list)
+    stores: list[SavePart] = field(default_factory=list)
     refusals: list[_Refusal] = field(default_factory=list)
 
 
@@ -143,24 +113,20 @@ class PQCKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         cfg = self._kv_transfer_config
-        self._block_size = vllm_config.cache_config.block_size
-        self._storage = cfg.get_from_extra_config("storage_path", None)
-        if not isinstance(self._storage, str) or not self._storage:
+        par = vllm_config.parallel_config
+        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+            # every worker would write its own heads or layers into the same files and index
+            raise ValueError("PQCKVConnector runs with one worker per engine (tensor_parallel_size and "
+                             "pipeline_parallel_size 1)")
+        storage = cfg.get_from_extra_config("storage_path", None)
+        if not isinstance(storage, str) or not storage:
             raise ValueError("PQCKVConnector needs kv_connector_extra_config['storage_path']")
-        # scheduler side
-        self._pending_loads: dict[str, _Req] = {}
-        self._pending_refusals: list[_Refusal] = []
-        self._refused: set[str] = set()
-        self._stored_or_loading: set[str] = set()
+        self._init_scheduler_state(vllm_config.cache_config.block_size, storage)
         # worker side
-        self._kv_caches: dict[str, torch.Tensor] = {}
-        self._load_errors: set[int] = set()
+        self._layers: list[tuple[int, torch.Tensor]] = []
+        self._store: KVBlockStore | None = None
         self._audit: KVAuditLog | None = None
         self._keys: KeyClient | None = None
-        self._reservations: dict[tuple[str, str], list] = {}
-        self._open_keys: dict[tuple[str, str, int], AESGCM] = {}
-        self._saved_layers: dict[str, set[int]] = {}
-        self._failed_saves: set[str] = set()
         if role == KVConnectorRole.WORKER:
             socket_path = cfg.get_from_extra_config("key_service", None)
             audit_path = cfg.get_from_extra_config("audit_log", None)
@@ -171,6 +137,17 @@ class PQCKVConnector(KVConnectorBase_V1):
             self._audit = KVAuditLog(audit_path)
 
     # ------------------------------------------------------------------ scheduler side
+    def _init_scheduler_state(self, block_size: int, storage: str) -> None:
+        """What the scheduler side keeps between steps (also how its tests build one without an engine)."""
+        self._block_size = block_size
+        self._storage = storage
+        self._hits: dict[str, list[tuple[int, int]]] = {}      # req -> parts of the stored prefix it hit
+        self._pending_loads: dict[str, LoadRequest] = {}
+        self._pending_refusals: list[_Refusal] = []
+        self._refused: set[str] = set()
+        self._storing: dict[str, _Storing] = {}
+        self._storing_dirs: set[str] = set()                   # one request saves a prefix at a time
+
     def _check_request(self, request: "Request") -> tuple[str, str] | None:
         """(tenant, session) of a request the connector serves; None to pass it through (refusals queued)."""
         ts = _tenant_of(request)
@@ -193,14 +170,11 @@ class PQCKVConnector(KVConnectorBase_V1):
         n = _aligned(len(tokens), self._block_size)
         if n == 0 or n <= num_computed_tokens:
             return 0, False
-        directory = prefix_dir(self._storage, ts[0], tokens[:n], self._block_size)
-        try:
-            with open(os.path.join(directory, _INDEX)) as f:
-                index = json.load(f)
-        except (OSError, ValueError):
-            return 0, False
-        if index.get("session_id") != ts[1] or index.get("num_tokens") != n:
-            return 0, False          # stored under another session of the tenant: its key may be gone
+        index = read_index(prefix_dir(self._storage, ts[0], tokens[:n], self._block_size))
+        if index is None or index.get("session_id") != ts[1] or index.get("num_tokens") != n \
+                or index.get("block_size") != self._block_size:
+            return 0, False          # none, or stored under another session of the tenant: its key may be gone
+        self._hits[request.request_id] = [(int(a), int(b)) for a, b in index["parts"]]
         return n - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
@@ -212,222 +186,152 @@ class PQCKVConnector(KVConnectorBase_V1):
         n = _aligned(len(tokens), self._block_size)
         block_ids = list(blocks.get_block_ids()[0])
         first = (n - num_external_tokens) // self._block_size
-        self._pending_loads[request.request_id] = _Req(
+        self._pending_loads[request.request_id] = LoadRequest(
             request.request_id, ts[0], ts[1], prefix_dir(self._storage, ts[0], tokens[:n], self._block_size),
-            block_ids[first:n // self._block_size], first, n)
+            block_ids[first:n // self._block_size], first, n, self._hits.pop(request.request_id))
+
+    def _start_storing(self, req_id: str, params: Any, tokens: list[int], block_ids: list[int]) -> None:
+        """Begin saving a new request's prompt prefix, unless it is stored already or being stored."""
+        p = params.get(PARAMS_KEY) if isinstance(params, dict) else None
+        if not isinstance(p, dict) or req_id in self._refused:
+            return
+        n = _aligned(len(tokens), self._block_size)
+        if n == 0:
+            return
+        directory = prefix_dir(self._storage, p["tenant_id"], tokens[:n], self._block_size)
+        if directory in self._storing_dirs or os.path.exists(os.path.join(directory, INDEX)):
+            return
+        self._storing_dirs.add(directory)
+        self._storing[req_id] = _Storing(p["tenant_id"], p["session_id"], directory, n, list(block_ids))
+
+    def _advance(self, meta: PQCConnectorMetadata, req_id: str, computed: int) -> None:
+        """Hand the worker the blocks of ``req_id``'s prefix that are whole once this step has computed
+        ``computed`` tokens; the part that completes the prefix names every part (the worker then writes
+        the index)."""
+        st = self._storing[req_id]
+        whole = min(computed, st.num_tokens) // self._block_size
+        if whole <= st.saved:
+            return
+        part = SavePart(req_id, st.tenant_id, st.session_id, st.directory, st.block_ids[st.saved:whole],
+                        st.saved, st.num_tokens)
+        st.parts.append((st.saved, whole - st.saved))
+        st.saved = whole
+        if whole * self._block_size == st.num_tokens:
+            part.parts = list(st.parts)
+            self._stop_storing(req_id)
+        meta.stores.append(part)
+
+    def _stop_storing(self, req_id: str) -> None:
+        st = self._storing.pop(req_id, None)
+        if st is not None:
+            self._storing_dirs.discard(st.directory)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = PQCConnectorMetadata(refusals=self._pending_refusals)
-        self._pending_refusals = []
+        # every pending load is of a request scheduled in this step (new or resumed after preemption)
+        meta = PQCConnectorMetadata(loads=list(self._pending_loads.values()), refusals=self._pending_refusals)
+        self._pending_loads, self._pending_refusals = {}, []
+        loading = {r.req_id for r in meta.loads}
+        scheduled = scheduler_output.num_scheduled_tokens
         for new_req in scheduler_output.scheduled_new_reqs:
-            load = self._pending_loads.pop(new_req.req_id, None)
-            if load is not None:
-                meta.loads.append(load)
+            if new_req.req_id not in loading and new_req.sampling_params is not None:
+                self._start_storing(new_req.req_id, (new_req.sampling_params.extra_args or {}).get(
+                    "kv_transfer_params"), list(new_req.prompt_token_ids or []), list(new_req.block_ids[0]))
+            if new_req.req_id in self._storing:
+                self._advance(meta, new_req.req_id, new_req.num_computed_tokens + scheduled.get(new_req.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._storing.get(req_id)
+            if st is None:
                 continue
-            if new_req.req_id in self._refused or new_req.sampling_params is None:
-                continue
-            params = (new_req.sampling_params.extra_args or {}).get("kv_transfer_params")
-            p = params.get(PARAMS_KEY) if isinstance(params, dict) else None
-            if not isinstance(p, dict):
-                continue
-            tokens = list(new_req.prompt_token_ids or [])
-            n = _aligned(len(tokens), self._block_size)
-            # store only a prompt computed whole in this step (a chunked prefill is not stored)
-            if n == 0 or scheduler_output.num_scheduled_tokens.get(new_req.req_id, 0) + \
-                    new_req.num_computed_tokens < len(tokens):
-                continue
-            directory = prefix_dir(self._storage, p["tenant_id"], tokens[:n], self._block_size)
-            if os.path.exists(os.path.join(directory, _INDEX)):
-                continue
-            meta.stores.append(_Req(new_req.req_id, p["tenant_id"], p["session_id"], directory,
-                                    list(new_req.block_ids[0][:n // self._block_size]), 0, n))
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # resumed after preemption: these are all its blocks; what was saved before stays saved and is
+                # not saved again, what is recomputed now is saved once whole
+                st.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            self._advance(meta, req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # a request that ends before its prefix is whole leaves parts without an index: never a hit
         self._refused.discard(request.request_id)
         self._pending_loads.pop(request.request_id, None)
+        self._hits.pop(request.request_id, None)
+        self._stop_storing(request.request_id)
         return False, None
 
     # ------------------------------------------------------------------ worker side
+    def _layout_of(self, name: str, t: torch.Tensor) -> str:
+        """The block layout of layer ``name``'s tensor, from the attention backend vLLM chose for it."""
+        layer = self._vllm_config.compilation_config.static_forward_context.get(name)
+        backend = getattr(layer, "attn_backend", None)
+        attn = backend.get_name() if backend is not None else ("CPU_ATTN" if t.device.type == "cpu" else None)
+        layout = ATTENTION_LAYOUTS.get(attn)
+        if layout is None:
+            raise ValueError(f"PQCKVConnector supports the attention backends {sorted(ATTENTION_LAYOUTS)}; layer "
+                             f"{name} uses {attn}")
+        if layout == "kv_last" and t.dim() == 5:
+            layout = "kv_first"
+        head = self._vllm_config.model_config.get_head_size()
+        ok = (t.dim() == 4 and t.shape[2] == self._block_size and t.shape[3] == 2 * head) if layout != "kv_first" \
+            else (t.dim() == 5 and t.shape[0] == 2 and t.shape[2] == self._block_size and t.shape[4] == head)
+        if not ok:
+            raise ValueError(f"PQCKVConnector: layer {name} ({attn}) has a KV tensor {tuple(t.shape)} that is not "
+                             f"the {layout} layout with blocks of {self._block_size} and head size {head}")
+        return layout
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        for name, t in kv_caches.items():
-            # vLLM's CPU attention layout; other backends (CUDA: K and V apart, other block layouts) are not
-            # supported yet, and refused here at start-up rather than sealed wrongly
-            if t.device.type != "cpu" or t.dim() != 4 or t.shape[2] != self._block_size or t.shape[3] % 2:
-                raise ValueError(f"PQCKVConnector supports vLLM's CPU KV layout [num_blocks, kv_heads, "
-                                 f"block_size, 2*head_dim] only; layer {name} has {tuple(t.shape)} on {t.device}")
-        self._kv_caches = dict(kv_caches)
-
-    def _layers(self) -> list[tuple[str, int, torch.Tensor]]:
-        return sorted(((name, extract_layer_index(name), t) for name, t in self._kv_caches.items()),
-                      key=lambda x: x[1])
-
-    @staticmethod
-    def _split(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one block of vLLM's CPU layout ``[kv_heads, block_size, 2*head_dim]`` (per head: the
-        block's K rows then its V rows)."""
-        h, bs, two_d = block.shape
-        v = block.reshape(h, 2, bs, two_d // 2)
-        return v[:, 0], v[:, 1]
-
-    def _nonces(self, tenant: str, session: str, n: int) -> tuple[int, int, bytes]:
-        """(epoch, first counter, key) for ``n`` chunks, from the current reservation or a new one."""
-        r = self._reservations.get((tenant, session))
-        if r is None or r[2] - r[1] < n:
-            assert self._keys is not None
-            res = self._keys.reserve(tenant, session, max(n, _RESERVE_BATCH))
-            r = [res.epoch, res.first, res.first + res.count, res.key]
-            self._reservations[(tenant, session)] = r
-        first = r[1]
-        r[1] += n
-        return r[0], first, r[3]
-
-    def _aad(self, req: _Req, epoch: int, layer: int, pos: int, count: int, key_len: int, heads: int, hd: int,
-             dtype) -> bytes:
-        return build_aad(tenant_id=req.tenant_id, session_id=req.session_id, epoch=epoch, layer_idx=layer,
-                         position=pos, position_count=count, key_len=key_len, dtype=str(dtype),
-                         num_heads=heads, head_dim=hd)
+        layouts = {self._layout_of(name, t) for name, t in kv_caches.items()}
+        devices = {t.device for t in kv_caches.values()}
+        if len(layouts) != 1 or len(devices) != 1:
+            raise ValueError(f"PQCKVConnector needs one KV layout and device for all layers, got {layouts} on "
+                             f"{devices}")
+        assert self._audit is not None and self._keys is not None
+        self._layers = sorted(((extract_layer_index(name), t) for name, t in kv_caches.items()), key=lambda x: x[0])
+        self._store = KVBlockStore(select_backend(devices.pop()), self._audit, self._keys, self._block_size,
+                                   layouts.pop())
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, PQCConnectorMetadata)
-        assert self._audit is not None
+        assert self._audit is not None and self._store is not None
         for r in meta.refusals:
             # the salt is a hash: whose tenant (if any) it belongs to is not known here
             self._audit.log_isolation_violation(r.tenant_id, "unknown", r.reason, session_id=r.session_id)
-        for req in meta.loads:
-            self._load(req)
-
-    def _load(self, req: _Req) -> None:
-        """Open every chunk of every layer of ``req``; write them into vLLM's blocks only if all verified."""
-        assert self._audit is not None and self._keys is not None
-        bs = self._block_size
-        opened: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        failed = False
-        for name, layer, cache in self._layers():
-            path = os.path.join(req.directory, f"L{layer}.pkvb")
-            try:
-                header, body = read_stored_layer(path)
-                if header.get("session_id") != req.session_id:
-                    raise MalformedStoreError(f"{path}: stored under another session")
-                epoch = int(header["epoch"])
-                ck = (req.tenant_id, req.session_id, epoch)
-                if ck not in self._open_keys:
-                    self._open_keys[ck] = AESGCM(self._keys.key(req.tenant_id, req.session_id, epoch))
-                aes = self._open_keys[ck]
-                chunks = {int(c["pos_start"]): c for c in header["chunks"]}
-            except (KVCacheError, KeyError, TypeError, ValueError) as e:
-                self._audit.log_decrypt(req.tenant_id, req.session_id, layer, 0, position_count=req.num_tokens,
-                                        success=False, details=f"load refused: {e}")
-                failed = True
-                continue
-            heads, hd = cache.shape[1], cache.shape[3] // 2
-            k_len = heads * bs * hd * cache.element_size()
-            for i, block_id in enumerate(req.block_ids):
-                pos = (req.first_block + i) * bs
-                c = chunks.get(pos)
-                try:
-                    if c is None:
-                        raise MalformedStoreError(f"{path}: no chunk for positions {pos}..{pos + bs - 1}")
-                    off, ln, counter = int(c["offset"]), int(c["length"]), int(c["counter"])
-                    if int(c["pos_count"]) != bs or ln != 2 * k_len + 16 or off + ln > len(body):
-                        raise MalformedStoreError(f"{path}: chunk at {pos} has the wrong size")
-                    plain = aes.decrypt(make_nonce(epoch, counter), body[off:off + ln],
-                                        self._aad(req, epoch, layer, pos, bs, k_len, heads, hd, cache.dtype))
-                except (InvalidTag, KVCacheError, KeyError, TypeError, ValueError) as e:
-                    why = "authentication failed" if isinstance(e, InvalidTag) else str(e)
-                    self._audit.log_decrypt(req.tenant_id, req.session_id, layer, pos, position_count=bs,
-                                            success=False, details=f"load refused: {why}")
-                    failed = True
-                    continue
-                kv = torch.frombuffer(bytearray(plain), dtype=cache.dtype).reshape(2, heads, bs, hd)
-                opened.append((cache, block_id, torch.cat([kv[0], kv[1]], dim=1)))
-                self._audit.log_decrypt(req.tenant_id, req.session_id, layer, pos, position_count=bs,
-                                        sequence_number=counter, epoch=epoch, nbytes=ln - 16)
-        if failed:
-            # nothing of this request is written: vLLM recomputes (or fails) these blocks per its policy
-            self._load_errors.update(req.block_ids)
-            return
-        for cache, block_id, value in opened:
-            cache[block_id].view(value.shape[0], -1, value.shape[2]).copy_(value)
+        # every layer's blocks of every load of the step, enqueued before the forward reads them; a failed
+        # chunk's block is zeroed and reported by get_block_ids_with_load_errors
+        self._store.load(meta.loads, self._layers)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        # all layers were enqueued in start_load_kv, on the stream the forward runs on; waiting here (inside the
+        # forward) for their tags would stall it, so failures are read in get_block_ids_with_load_errors
         return
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, PQCConnectorMetadata)
-        if not meta.stores:
-            return
-        assert self._audit is not None
-        layer = extract_layer_index(layer_name)
-        bs = self._block_size
-        heads, hd = kv_layer.shape[1], kv_layer.shape[3] // 2
-        k_len = heads * bs * hd * kv_layer.element_size()
-        for req in meta.stores:
-            if req.req_id in self._failed_saves:
-                continue
-            try:
-                epoch, first, key = self._nonces(req.tenant_id, req.session_id, len(req.block_ids))
-            except KVCacheError as e:
-                # no key (closed or expired session, no key service): this prefix is not stored, and vLLM
-                # goes on computing; the refusal is on record
-                self._failed_saves.add(req.req_id)
-                self._audit.log_encrypt(req.tenant_id, req.session_id, layer, 0, position_count=req.num_tokens,
-                                        success=False, details=f"save refused: {e}")
-                continue
-            aes = AESGCM(key)
-            parts, chunks, off = [], [], 0
-            for i, block_id in enumerate(req.block_ids):
-                pos = i * bs
-                k, v = self._split(kv_layer[block_id])
-                plain = (k.contiguous().view(torch.uint8).numpy().tobytes()
-                         + v.contiguous().view(torch.uint8).numpy().tobytes())
-                counter = first + i
-                ct = aes.encrypt(make_nonce(epoch, counter), plain,
-                                 self._aad(req, epoch, layer, pos, bs, k_len, heads, hd, kv_layer.dtype))
-                parts.append(ct)
-                chunks.append({"pos_start": pos, "pos_count": bs, "counter": counter, "offset": off,
-                               "length": len(ct)})
-                off += len(ct)
-                self._audit.log_encrypt(req.tenant_id, req.session_id, layer, pos, position_count=bs,
-                                        sequence_number=counter, epoch=epoch, nbytes=len(plain))
-            header = json.dumps({"format": "pqc_kv_cache/vllm-layer-1", "session_id": req.session_id,
-                                 "epoch": epoch, "layer": layer, "block_size": bs, "num_heads": heads,
-                                 "head_dim": hd, "dtype": str(kv_layer.dtype).removeprefix("torch."),
-                                 "chunks": chunks}).encode()
-            os.makedirs(req.directory, mode=0o700, exist_ok=True)
-            tmp = os.path.join(req.directory, f".L{layer}.pkvb.tmp")
-            with open(tmp, "wb") as f:
-                f.write(_HDR.pack(len(header)) + header + b"".join(parts))
-            os.replace(tmp, os.path.join(req.directory, f"L{layer}.pkvb"))
-            self._saved_layers.setdefault(req.req_id, set()).add(layer)
+        if meta.stores:
+            assert self._store is not None
+            self._store.save_layer(extract_layer_index(layer_name), kv_layer, meta.stores)
 
     def wait_for_save(self):
         meta = self._get_connector_metadata()
-        if not isinstance(meta, PQCConnectorMetadata):
-            return
-        want = {idx for _, idx, _ in self._layers()}
-        for req in meta.stores:
-            done = self._saved_layers.pop(req.req_id, set())
-            if req.req_id in self._failed_saves:
-                self._failed_saves.discard(req.req_id)
-                continue
-            if done != want:
-                continue        # some layer was not saved: no index, so no hit on a partial prefix
-            tmp = os.path.join(req.directory, "." + _INDEX + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"session_id": req.session_id, "num_tokens": req.num_tokens,
-                           "layers": sorted(want)}, f)
-            os.replace(tmp, os.path.join(req.directory, _INDEX))
+        if isinstance(meta, PQCConnectorMetadata) and self._store is not None:
+            self._store.finish_saves(meta.stores, [idx for idx, _ in self._layers])
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._store is not None:
+            self._store.forget(finished_req_ids)
+        return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self._store.load_errors() if self._store is not None else set()
 
     def shutdown(self):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         if self._audit is not None:
             self._audit.close()
             self._audit = None
-        self._open_keys.clear()
-        self._reservations.clear()

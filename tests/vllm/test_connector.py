@@ -93,8 +93,8 @@ def world(tmp_path_factory):
         w["dirs_after_save"] = _stored_dirs(store)
         _shutdown(llm)
         # flip one ciphertext byte of layer 1 of the second prompt
-        from pqc_kv_cache.vllm.connector import prefix_dir
-        victim = os.path.join(prefix_dir(store, "tenant-a", PROMPT_TAMPERED[:64], BS), "L1.pkvb")
+        from pqc_kv_cache.vllm.blocks import layer_file, prefix_dir
+        victim = layer_file(prefix_dir(store, "tenant-a", PROMPT_TAMPERED[:64], BS), 1, 0)
         data = bytearray(open(victim, "rb").read())
         data[-40] ^= 0x01
         open(victim, "wb").write(bytes(data))
@@ -115,13 +115,14 @@ def test_load_in_a_fresh_engine_gives_the_computed_tokens(world):
 
 
 def test_stored_files_hold_ciphertext_that_plain_aesgcm_opens_and_no_plaintext(world):
+    from pqc_kv_cache.vllm.blocks import layer_file
     from pqc_kv_cache.vllm.connector import prefix_dir, read_stored_layer
     sa = world["sa"]
     directory = prefix_dir(world["store"], "tenant-a", PROMPT[:64], BS)
     blobs = [open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))]
     rows = []
     for layer in (0, 1):
-        header, body = read_stored_layer(os.path.join(directory, f"L{layer}.pkvb"))
+        header, body = read_stored_layer(layer_file(directory, layer, 0))
         assert header["session_id"] == sa.session_id and len(header["chunks"]) == 2
         heads, hd = header["num_heads"], header["head_dim"]
         for c in header["chunks"]:
@@ -178,10 +179,11 @@ def test_a_flipped_ciphertext_byte_is_recomputed_and_on_record(world):
     rc, out, err = _audit(world["audit_load"], "show", "--json", "--tenant", "tenant-a", "--operation", "DECRYPT")
     recs = [json.loads(line) for line in out.splitlines() if line.strip()]
     failed = [r for r in recs if r["status"] != "OK"]
-    assert rc == 0 and len(failed) == 1, out
-    assert failed[0]["layer_idx"] == 1 and failed[0]["position"] == 32 and failed[0]["position_count"] == BS
-    assert "authentication failed" in failed[0]["details"]
-    assert len(recs) == 4 + 4                             # the first load, then every chunk of the tampered one
+    # the block's DECRYPT record says AUTH_FAILED, and the failing chunk has its own AUTH_FAILED record
+    assert rc == 0 and len(failed) == 2, out
+    assert all(r["layer_idx"] == 1 and r["position"] == 32 and r["position_count"] == BS and
+               r["status"] == "AUTH_FAILED" for r in failed)
+    assert len(recs) == 4 + 4 + 1                         # the first load, then every block of the tampered one
 
 
 def test_audit_logs_verify_and_show_saves_and_loads_by_tenant_layer_and_position(world):
@@ -190,13 +192,16 @@ def test_audit_logs_verify_and_show_saves_and_loads_by_tenant_layer_and_position
         assert rc == 0 and out.startswith("OK"), out + err
     rc, out, err = _audit(world["audit_save"], "show", "--json", "--tenant", "tenant-a", "--operation", "ENCRYPT")
     enc = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert rc == 0 and len(enc) == 2 * 2 * 2             # 2 prompts x 2 layers x 2 blocks
+    assert rc == 0 and len(enc) == 2 * 2 * 64            # 2 prompts x 2 layers x 64 positions, one record each
     rc, out, err = _audit(world["audit_load"], "show", "--json", "--tenant", "tenant-a", "--operation", "DECRYPT")
     dec = [json.loads(line) for line in out.splitlines() if line.strip()]
     sa = world["sa"]
     for recs in (enc, dec):
         assert all(r["tenant_id"] == "tenant-a" and r["session_id"] == sa.session_id for r in recs)
-        assert sorted({(r["layer_idx"], r["position"], r["position_count"]) for r in recs}) == \
-            [(0, 0, BS), (0, BS, BS), (1, 0, BS), (1, BS, BS)]
-    assert all(r["nbytes"] == 2 * 4 * BS * 32 * 4 for r in enc)          # K and V: 4 heads x 32 x head_dim 32
-    assert len({r["sequence_number"] for r in enc}) == len(enc)          # one nonce counter per chunk
+    assert sorted({(r["layer_idx"], r["position"], r["position_count"]) for r in dec}) == \
+        [(0, 0, BS), (0, BS, BS), (1, 0, BS), (1, BS, BS)]                # one per layer and block
+    assert sorted({(r["layer_idx"], r["position"]) for r in enc}) == \
+        [(layer, p) for layer in (0, 1) for p in range(64)]
+    assert all(r["position_count"] == 1 and r["nbytes"] == 2 * 4 * 32 * 4 for r in enc)   # K and V of 4 heads x 32
+    # one nonce counter per chunk (layer x block): the records of a block's positions share it
+    assert len({r["sequence_number"] for r in enc}) == 2 * 2 * 2
