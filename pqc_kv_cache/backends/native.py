@@ -22,6 +22,17 @@ Selection for CPU tensors (:func:`select_host_backend`): native when it builds
 and loads, else host. ``PQC_KV_CACHE_BACKEND=host`` or ``=native`` forces one
 (``native`` raises when it is unavailable rather than falling back).
 
+Threads: a call with at least :attr:`NativeBackend.parallel_min_bytes` of plaintext
+(256 KiB) in two chunks or more is split by bytes over a pool of C worker threads
+(pthreads, made on first need and kept; a forked child makes its own), the calling
+thread working as one of them and returning when all are done; every check still
+runs first, on the calling thread, and a call whose chunks could write the same
+bytes stays on one thread. ``NativeBackend(threads=n)`` sets the number of threads
+(the caller's included); the default is the CPUs this process may run on, at most
+4, or ``PQC_KV_CACHE_NATIVE_THREADS`` (an integer in [1, 64], read when the library
+loads; 1 keeps every call on the calling thread; any other value is refused with a
+ValueError).
+
 Key schedules are kept per key (looked up by a salted digest, never by the key
 bytes) in memory the C side owns, and erased with ``explicit_bzero`` by
 :meth:`NativeBackend.forget_keys`, :meth:`NativeBackend.close` and when the
@@ -51,14 +62,18 @@ from ._build import compile_cached
 from .base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, check_cpu_kv,
                    emit_decrypt_records, emit_encrypt_records)
 
-__all__ = ["NativeBackend", "BACKEND_ENV", "load", "available", "library_info", "select_host_backend",
+__all__ = ["NativeBackend", "BACKEND_ENV", "THREADS_ENV", "load", "available", "library_info", "select_host_backend",
            "host_backend_choice"]
 
 BACKEND_ENV = "PQC_KV_CACHE_BACKEND"
+THREADS_ENV = "PQC_KV_CACHE_NATIVE_THREADS"
+_MAX_THREADS = 64          # pqc_native.c's MAX_THREADS
+_DEFAULT_THREADS_CAP = 4
+_PARALLEL_MIN_BYTES = 256 << 10   # below it a split costs more than it saves (benchmarks/native_report.py)
 _SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
-_ABI = 1
+_ABI = 2
 _RING_SLOTS = 256          # key schedules kept at once; a full ring is wiped and refilled
 _FIELDS = ChunkTable.fields()
 _SLOT_IN = struct.Struct("<16s16sqq")   # tenant tag, session tag, epoch, schedule index (pqc_native.c)
@@ -80,6 +95,7 @@ _lib: ctypes.CDLL | None = None
 _lib_path: Path | None = None
 _load_error: str | None = None   # a failure, remembered as text: an exception would keep its traceback's
                                  # frames (and whatever they hold, e.g. a cache) alive
+_threads: int | None = None      # the default thread count, read from the environment at load
 
 
 def _compiler() -> str | None:
@@ -124,12 +140,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_native_ring_wipe": ([_P, _I64], None),
         "pqc_native_ring_nonzero": ([_P], _I64),
         "pqc_native_ring_free": ([_P], None),
-        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, *cols, err)
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, *cols, err)
         "pqc_native_seal": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
-                             _P, _I64, _I64, *cols, _P], ctypes.c_int),
-        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, *cols, status, rowsum, err)
+                             _P, _I64, ctypes.c_char_p, _I64, *cols, _P], ctypes.c_int),
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, *cols, status, rowsum, err)
         "pqc_native_open": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
-                             _P, _I64, _I64, *cols, _P, _P, _P], ctypes.c_int),
+                             _P, _I64, ctypes.c_char_p, _I64, *cols, _P, _P, _P], ctypes.c_int),
+        "pqc_native_pool_workers": ([], ctypes.c_int),
+        "pqc_native_split_calls": ([], _I64),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -137,14 +155,42 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = res
 
 
+def threads_from_env(environ=None) -> int:
+    """The default number of threads of a native call: ``PQC_KV_CACHE_NATIVE_THREADS`` when set (an
+    integer in [1, 64], else ValueError), otherwise the CPUs this process may run on, at most 4."""
+    raw = (os.environ if environ is None else environ).get(THREADS_ENV, "").strip()
+    if raw:
+        try:
+            n = int(raw, 10)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= _MAX_THREADS:
+            raise ValueError(f"{THREADS_ENV} must be an integer in [1, {_MAX_THREADS}], got {raw!r}")
+        return n
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _DEFAULT_THREADS_CAP))
+
+
+def default_threads() -> int:
+    """The thread count a NativeBackend gets without ``threads=`` (read from the environment at load)."""
+    load()
+    assert _threads is not None
+    return _threads
+
+
 def load() -> ctypes.CDLL:
-    """The native library (built on first use); a failure is remembered and raised again."""
-    global _lib, _lib_path, _load_error
+    """The native library (built on first use); a failure is remembered and raised again. A bad
+    ``PQC_KV_CACHE_NATIVE_THREADS`` raises ValueError (not remembered: the library is not loaded)."""
+    global _lib, _lib_path, _load_error, _threads
     with _lock:
         if _lib is not None:
             return _lib
         if _load_error is not None:
             raise BackendUnavailableError(_load_error)
+        threads = threads_from_env()
         try:
             path = _build()
             try:
@@ -159,7 +205,7 @@ def load() -> ctypes.CDLL:
         except BackendUnavailableError as exc:
             _load_error = str(exc)
             raise
-        _lib, _lib_path = lib, path
+        _lib, _lib_path, _threads = lib, path, threads
         return lib
 
 
@@ -184,6 +230,8 @@ def library_info() -> dict[str, Any]:
         "native_module": str(_lib_path),
         "arch": _ARCHS[arch] if 0 <= arch < len(_ARCHS) else str(arch),
         "cpu_features": [n for i, n in enumerate(_FEATURES) if feats >> i & 1],
+        "threads": default_threads(),
+        "threads_from": THREADS_ENV if os.environ.get(THREADS_ENV, "").strip() else "CPUs",
     }
 
 
@@ -256,10 +304,17 @@ class NativeBackend(CryptoBackend):
     _instance: "NativeBackend | None" = None
     _instance_lock = threading.Lock()
 
-    def __init__(self, ring_slots: int = _RING_SLOTS):
+    def __init__(self, ring_slots: int = _RING_SLOTS, threads: int | None = None):
         self._lib = load()
         if not isinstance(ring_slots, int) or not 1 <= ring_slots <= 1 << 16:
             raise ValueError(f"ring_slots must be an int in [1, 65536], got {ring_slots!r}")
+        if threads is None:
+            threads = default_threads()
+        if type(threads) is not int or not 1 <= threads <= _MAX_THREADS:
+            raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}], got {threads!r}")
+        self.threads = threads
+        #: the fewest plaintext bytes a call needs to be split over the threads
+        self.parallel_min_bytes = _PARALLEL_MIN_BYTES
         self._ring = _RingGuard(self._lib, ring_slots)
         self._cap = ring_slots
         self._salt = secrets.token_bytes(32)
@@ -446,8 +501,9 @@ class NativeBackend(CryptoBackend):
                                                                      dtype_code(layout.dtype), 0))
         packed = self._enter(keys)
         try:
+            par = struct.pack("<2q", self.threads, max(0, min(int(self.parallel_min_bytes), 1 << 62)))
             common = (self._ring.ptr, prefix, packed, len(keys), geom, tens, arena.data_ptr() or None,
-                      arena.numel(), n, *sc.cols)
+                      arena.numel(), par, n, *sc.cols)
             if seal:
                 rc = self._lib.pqc_native_seal(*common, sc.err_ptr)
             else:
