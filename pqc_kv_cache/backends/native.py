@@ -73,7 +73,7 @@ _PARALLEL_MIN_BYTES = 256 << 10   # below it a split costs more than it saves (b
 _SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
-_ABI = 2
+_ABI = 3
 _RING_SLOTS = 256          # key schedules kept at once; a full ring is wiped and refilled
 _FIELDS = ChunkTable.fields()
 _SLOT_IN = struct.Struct("<16s16sqq")   # tenant tag, session tag, epoch, schedule index (pqc_native.c)
@@ -122,7 +122,6 @@ _I64 = ctypes.c_int64
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    cols = [_P] * 7   # slot, row, pos_start, pos_count, io_start, counter, offset
     sig: dict[str, tuple[list[Any], Any]] = {
         "pqc_native_abi": ([], ctypes.c_int),
         "pqc_native_ready": ([], ctypes.c_int),
@@ -140,12 +139,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_native_ring_wipe": ([_P, _I64], None),
         "pqc_native_ring_nonzero": ([_P], _I64),
         "pqc_native_ring_free": ([_P], None),
-        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, *cols, err)
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols[7][n], err)
         "pqc_native_seal": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
-                             _P, _I64, ctypes.c_char_p, _I64, *cols, _P], ctypes.c_int),
-        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, *cols, status, rowsum, err)
+                             _P, _I64, ctypes.c_char_p, _I64, _P, _P], ctypes.c_int),
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols[7][n], status, rowsum, err)
         "pqc_native_open": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
-                             _P, _I64, ctypes.c_char_p, _I64, *cols, _P, _P, _P], ctypes.c_int),
+                             _P, _I64, ctypes.c_char_p, _I64, _P, _P, _P, _P], ctypes.c_int),
         "pqc_native_pool_workers": ([], ctypes.c_int),
         "pqc_native_split_calls": ([], _I64),
     }
@@ -268,13 +267,13 @@ def _tensor_desc(t: torch.Tensor) -> list[int]:
 
 
 class _Scratch:
-    """One thread's call buffers and their addresses (taken once: numpy's .ctypes costs ~1 us a call)."""
+    """One thread's call buffers and their addresses (taken once: numpy's .ctypes costs ~1 us a call).
+    The chunk table of a call of n chunks is ``table[:7 * n]``, its columns one after the other."""
 
     def __init__(self, cap: int, rcap: int):
         self.cap, self.rcap = cap, rcap
-        self.table = np.zeros((len(_FIELDS), cap), dtype=np.int64)
-        base = self.table.ctypes.data
-        self.cols = [base + i * cap * 8 for i in range(len(_FIELDS))]
+        self.table = np.zeros(len(_FIELDS) * cap, dtype=np.int64)
+        self.table_ptr = self.table.ctypes.data
         self.status = np.zeros(cap, dtype=np.uint8)
         self.status_ptr = self.status.ctypes.data
         self.rowsum = np.zeros((rcap, _ROWSUM_COLS), dtype=np.int64)
@@ -308,23 +307,45 @@ class NativeBackend(CryptoBackend):
         self._lib = load()
         if not isinstance(ring_slots, int) or not 1 <= ring_slots <= 1 << 16:
             raise ValueError(f"ring_slots must be an int in [1, 65536], got {ring_slots!r}")
-        if threads is None:
-            threads = default_threads()
-        if type(threads) is not int or not 1 <= threads <= _MAX_THREADS:
-            raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}], got {threads!r}")
-        self.threads = threads
-        #: the fewest plaintext bytes a call needs to be split over the threads
-        self.parallel_min_bytes = _PARALLEL_MIN_BYTES
+        self._threads, self._min_bytes = 1, _PARALLEL_MIN_BYTES
+        self.threads = default_threads() if threads is None else threads
         self._ring = _RingGuard(self._lib, ring_slots)
         self._cap = ring_slots
         self._salt = secrets.token_bytes(32)
         self._index: dict[bytes, int] = {}      # salted key digest -> schedule index
+        # id(KeySlot) -> (weakref to it, ids of its key and tags, its epoch, its packed slot record): a key
+        # seen before costs no digest. Holds no key bytes; cleared with the schedules.
+        self._known: dict[int, tuple] = {}
+        self._geom: dict[ChunkLayout, tuple[bytes, bytes]] = {}   # layout -> (geometry, first 8 AAD bytes)
         self._cond = threading.Condition(threading.Lock())
         self._calls = 0                         # calls in flight (they read schedules)
         self._wiping = False                    # a wipe waits for the calls in flight
         self._closed = False
-        self._prefix: dict[torch.dtype, bytes] = {}   # dtype -> the first 8 AAD bytes
         self._local = threading.local()
+
+    @property
+    def threads(self) -> int:
+        """Threads of a large call, the caller's included (1: every call on the calling thread)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        if type(n) is not int or not 1 <= n <= _MAX_THREADS:
+            raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}], got {n!r}")
+        self._threads = n
+        self._par = struct.pack("<2q", n, self._min_bytes)
+
+    @property
+    def parallel_min_bytes(self) -> int:
+        """The fewest plaintext bytes a call needs to be split over the threads."""
+        return self._min_bytes
+
+    @parallel_min_bytes.setter
+    def parallel_min_bytes(self, n: int) -> None:
+        if type(n) is not int or not 0 <= n < 1 << 62:
+            raise ValueError(f"parallel_min_bytes must be an int in [0, 2**62), got {n!r}")
+        self._min_bytes = n
+        self._par = struct.pack("<2q", self._threads, n)
 
     @classmethod
     def instance(cls) -> "NativeBackend":
@@ -339,6 +360,7 @@ class NativeBackend(CryptoBackend):
         """Erase every schedule; the caller holds the condition and no call is in flight."""
         self._lib.pqc_native_ring_wipe(self._ring.ptr, -1)
         self._index.clear()
+        self._known.clear()
 
     def _wait_idle_locked(self) -> None:
         self._wiping = True
@@ -350,6 +372,26 @@ class NativeBackend(CryptoBackend):
 
     def _enter(self, keys: Sequence[KeySlot]) -> bytes:
         """Make sure every key has a schedule, count the call in, and return the packed slot array."""
+        known = self._known
+        with self._cond:
+            while self._wiping:
+                self._cond.wait()
+            if not self._closed:
+                recs = []
+                for k in keys:
+                    e = known.get(id(k))
+                    # the same KeySlot object, still holding the same (immutable) key, tags and epoch
+                    if (e is None or e[0]() is not k or e[1] != id(k.key) or e[2] != id(k.tenant_tag)
+                            or e[3] != id(k.session_tag) or e[4] is not k.epoch):
+                        break
+                    recs.append(e[5])
+                else:
+                    self._calls += 1
+                    return recs[0] if len(recs) == 1 else b"".join(recs)
+        return self._enter_slow(keys)
+
+    def _enter_slow(self, keys: Sequence[KeySlot]) -> bytes:
+        """_enter for keys not all known: check them, expand the missing schedules, remember the keys."""
         for k in keys:
             if not isinstance(k, KeySlot):
                 raise TypeError(f"keys must be KeySlot objects, got {type(k).__name__}")
@@ -361,7 +403,8 @@ class NativeBackend(CryptoBackend):
         with self._cond:
             if self._closed:
                 raise BackendUnavailableError("this native backend was closed")
-            self._cond.wait_for(lambda: not self._wiping)
+            while self._wiping:
+                self._cond.wait()
             missing = [d for d in dict.fromkeys(digests) if d not in self._index]
             if len(self._index) + len(missing) > self._cap:
                 if len(missing) > self._cap:
@@ -375,10 +418,21 @@ class NativeBackend(CryptoBackend):
                 if self._lib.pqc_native_ring_set(self._ring.ptr, idx, key) != 0:
                     raise BackendUnavailableError("the native backend could not expand a key")
                 self._index[d] = idx
-            packed = b"".join(_SLOT_IN.pack(k.tenant_tag, k.session_tag, max(-1, min(k.epoch, 1 << 62)),
-                                            self._index[d]) for k, d in zip(keys, digests))
+            recs = [_SLOT_IN.pack(k.tenant_tag, k.session_tag, max(-1, min(k.epoch, 1 << 62)), self._index[d])
+                    for k, d in zip(keys, digests)]
+            if len(self._known) > 4 * self._cap:    # stale entries (their KeySlots gone) dropped now and then
+                self._known.clear()
+            for k, rec in zip(keys, recs):
+                # only immutable fields: a bytearray key could change under a remembered schedule
+                if (type(k.key) is bytes and type(k.tenant_tag) is bytes and type(k.session_tag) is bytes
+                        and type(k.epoch) is int):
+                    try:
+                        ref = weakref.ref(k)
+                    except TypeError:
+                        continue
+                    self._known[id(k)] = (ref, id(k.key), id(k.tenant_tag), id(k.session_tag), k.epoch, rec)
             self._calls += 1
-        return packed
+        return b"".join(recs)
 
     def _leave(self) -> None:
         with self._cond:
@@ -401,6 +455,7 @@ class NativeBackend(CryptoBackend):
                 return
             self._wait_idle_locked()
             self._index.clear()
+            self._known.clear()
             self._ring.free()
             self._closed = True
 
@@ -464,46 +519,71 @@ class NativeBackend(CryptoBackend):
     def _load_table(self, chunks: ChunkTable, batch: int) -> tuple[int, "_Scratch"]:
         """Copy the chunk table's columns into this thread's int64 scratch (any integer dtype; a value
         that does not fit int64 turns negative, which the C side refuses)."""
-        sc: _Scratch | None = None
-        n = 0
-        for i, f in enumerate(_FIELDS):
-            a = getattr(chunks, f)
+        cols = [chunks.slot, chunks.row, chunks.pos_start, chunks.pos_count, chunks.io_start, chunks.counter,
+                chunks.offset]
+        a = cols[0]
+        n = a.shape[0] if type(a) is np.ndarray else -1
+        for a in cols:   # the usual table: numpy integer columns of one length, copied in one go
+            if type(a) is not np.ndarray or a.ndim != 1 or a.shape[0] != n or a.dtype.kind not in "iu":
+                return self._load_table_checked(cols, batch)
+        sc = self._scratch(n, batch)
+        np.concatenate(cols, out=sc.table[:len(_FIELDS) * n], casting="unsafe")
+        return n, sc
+
+    def _load_table_checked(self, cols: list, batch: int) -> tuple[int, "_Scratch"]:
+        """_load_table for columns of any kind: each converted and checked, with the error naming it."""
+        arrays = []
+        for f, a in zip(_FIELDS, cols):
             if isinstance(a, torch.Tensor):
                 a = a.detach().cpu().numpy()
             elif type(a) is not np.ndarray:
                 a = np.asarray(a)
             if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
                 raise TypeError(f"chunk field {f} must be a 1-D integer array, got {a.ndim}-D {a.dtype}")
-            if sc is None:
-                n = a.shape[0]
-                sc = self._scratch(n, batch)
-            elif a.shape[0] != n:
-                raise ValueError(f"chunk fields differ in length: {f} has {a.shape[0]}, slot has {n}")
-            sc.table[i, :n] = a
-        assert sc is not None
+            if arrays and a.shape[0] != arrays[0].shape[0]:
+                raise ValueError(f"chunk fields differ in length: {f} has {a.shape[0]}, slot has "
+                                 f"{arrays[0].shape[0]}")
+            arrays.append(a)
+        n = arrays[0].shape[0]
+        sc = self._scratch(n, batch)
+        for i, a in enumerate(arrays):
+            sc.table[i * n:(i + 1) * n] = a
         return n, sc
+
+    def _geometry(self, layout: ChunkLayout, itemsize: int) -> tuple[bytes, bytes]:
+        """(layer, heads, head_dim, itemsize as int64[4], the first 8 AAD bytes) of a layout, kept per layout."""
+        if type(layout.layer_idx) is int and type(layout.num_heads) is int and type(layout.head_dim) is int:
+            got = self._geom.get(layout)
+            if got is not None:
+                return got
+            cache = True
+        else:   # numpy or torch integers: checked each time (a bool is refused), not kept
+            cache = False
+        try:
+            ints = [check_int(f"layout.{f}", getattr(layout, f)) for f in ("layer_idx", "num_heads", "head_dim")]
+        except TypeError:
+            raise ValueError(f"bad chunk layout {layout}") from None
+        geom = struct.pack("<4q", *(max(-1, min(x, 1 << 62)) for x in ints), itemsize)
+        prefix = AAD_MAGIC + bytes((FORMAT_VERSION, KV_ROLES["both"], dtype_code(layout.dtype), 0))
+        if cache:
+            if len(self._geom) >= 1024:
+                self._geom.clear()
+            self._geom[layout] = (geom, prefix)
+        return geom, prefix
 
     def _call(self, seal: bool, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
               arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor, audit_on: bool):
         """One C call; returns (the chunk table's int64 columns, status of each chunk, sums of each row),
         the columns and row sums only when the call is audited, the status only when opening."""
         self._check_types(layout, arena, name, k, v, chunks)
-        n, sc = self._load_table(chunks, k.shape[0])
-        try:
-            ints = [check_int(f"layout.{f}", getattr(layout, f)) for f in ("layer_idx", "num_heads", "head_dim")]
-        except TypeError:
-            raise ValueError(f"bad chunk layout {layout}") from None
-        geom = struct.pack("<4q", *(max(-1, min(x, 1 << 62)) for x in ints), k.element_size())
+        batch = k.shape[0]
+        n, sc = self._load_table(chunks, batch)
+        geom, prefix = self._geometry(layout, k.element_size())
         tens = struct.pack(f"<{2 * _TENS_COLS}q", *_tensor_desc(k), *_tensor_desc(v))
-        prefix = self._prefix.get(layout.dtype)
-        if prefix is None:
-            prefix = self._prefix[layout.dtype] = AAD_MAGIC + bytes((FORMAT_VERSION, KV_ROLES["both"],
-                                                                     dtype_code(layout.dtype), 0))
         packed = self._enter(keys)
         try:
-            par = struct.pack("<2q", self.threads, max(0, min(int(self.parallel_min_bytes), 1 << 62)))
             common = (self._ring.ptr, prefix, packed, len(keys), geom, tens, arena.data_ptr() or None,
-                      arena.numel(), par, n, *sc.cols)
+                      arena.numel(), self._par, n, sc.table_ptr)
             if seal:
                 rc = self._lib.pqc_native_seal(*common, sc.err_ptr)
             else:
@@ -513,9 +593,9 @@ class NativeBackend(CryptoBackend):
             self._leave()
         if rc != 0:
             self._raise(rc, sc.err, keys, layout, name, k)
-        cols = dict(zip(_FIELDS, sc.table[:, :n].copy())) if audit_on else None
+        cols = dict(zip(_FIELDS, sc.table[:len(_FIELDS) * n].reshape(len(_FIELDS), n).copy())) if audit_on else None
         status = None if seal else sc.status[:n].copy()
-        rowsum = sc.rowsum[:k.shape[0]].copy() if audit_on and not seal else None
+        rowsum = sc.rowsum[:batch].copy() if audit_on and not seal else None
         return cols, status, rowsum
 
     # ---- the contract ------------------------------------------------------------------

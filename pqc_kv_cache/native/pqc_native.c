@@ -35,7 +35,7 @@
 
 #include <intel-ipsec-mb.h>
 
-#define PQC_NATIVE_ABI 2
+#define PQC_NATIVE_ABI 3
 #define AAD_LEN 80
 #define NONCE_LEN 12
 #define TAG_LEN 16
@@ -628,16 +628,15 @@ static int split_safe(int seal, const geometry *geo, const tens *k, const tens *
  *   arena     ciphertext bytes (arena_len of them)
  *   par       int64[2]: threads (the caller's included; 1 = this thread only), the fewest plaintext
  *             bytes a call must have to be split
- *   n, slot, row, pos_start, pos_count, io_start, counter, offset   the chunk table (int64 columns)
+ *   n, cols  the chunk table: int64[7][n], the columns slot, row, pos_start, pos_count, io_start,
+ *             counter, offset one after the other
  *   status    (open) n bytes: 0 OK, 1 AUTH_FAILED
  *   rowsum    (open, may be NULL) batch x 5 int64: per row lo, hi, nbytes, worst status, first chunk
  *   err       int64[2]: what failed (see the error codes)
  */
 static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
                     const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
-                    const int64_t *par, int64_t n,
-                    const int64_t *slot, const int64_t *row, const int64_t *pos_start, const int64_t *pos_count,
-                    const int64_t *io_start, const int64_t *counter, const int64_t *offset,
+                    const int64_t *par, int64_t n, const int64_t *cols,
                     uint8_t *status, int64_t *rowsum, int64_t *err) {
     IMB_MGR *m = mgr();
     if (!m)
@@ -646,9 +645,11 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
         return PQC_E_ARG;
     err[0] = err[1] = -1;
     if (!ring || !prefix8 || !geom || !tensors || !par || n < 0 || nslots < 0 || (nslots && !slots) || arena_len < 0
-        || (arena_len && !arena) || (n && (!slot || !row || !pos_start || !pos_count || !io_start || !counter || !offset))
-        || (!seal && n && !status) || par[0] < 1 || par[0] > MAX_THREADS || par[1] < 0)
+        || (arena_len && !arena) || (n && !cols) || (!seal && n && !status) || par[0] < 1 || par[0] > MAX_THREADS
+        || par[1] < 0)
         return PQC_E_ARG;
+    const int64_t *slot = cols, *row = cols + n, *pos_start = cols + 2 * n, *pos_count = cols + 3 * n,
+                  *io_start = cols + 4 * n, *counter = cols + 5 * n, *offset = cols + 6 * n;
     geometry geo;
     tens k, v;
     table t = {slot, row, pos_start, pos_count, io_start, counter, offset};
@@ -740,19 +741,14 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
 
 int pqc_native_seal(const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
                     const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
-                    const int64_t *par, int64_t n,
-                    const int64_t *slot, const int64_t *row, const int64_t *pos_start, const int64_t *pos_count,
-                    const int64_t *io_start, const int64_t *counter, const int64_t *offset, int64_t *err) {
-    return run_call(1, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, slot, row,
-                    pos_start, pos_count, io_start, counter, offset, NULL, NULL, err);
+                    const int64_t *par, int64_t n, const int64_t *cols, int64_t *err) {
+    return run_call(1, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, NULL, NULL, err);
 }
 
 int pqc_native_open(const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
                     const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
-                    const int64_t *par, int64_t n,
-                    const int64_t *slot, const int64_t *row, const int64_t *pos_start, const int64_t *pos_count,
-                    const int64_t *io_start, const int64_t *counter, const int64_t *offset,
-                    uint8_t *status, int64_t *rowsum, int64_t *err) {
-    return run_call(0, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, slot, row,
-                    pos_start, pos_count, io_start, counter, offset, status, rowsum, err);
+                    const int64_t *par, int64_t n, const int64_t *cols, uint8_t *status, int64_t *rowsum,
+                    int64_t *err) {
+    return run_call(0, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, status, rowsum,
+                    err);
 }

@@ -438,6 +438,29 @@ def test_forget_erases_the_key_schedules_and_close_frees_them():
 
 
 @needs_native
+def test_a_known_key_slot_skips_the_digest_but_never_outlives_a_wipe_or_a_changed_key():
+    be, layout, ks, t, k, v, arena = sealed("native", torch.float32)
+    assert id(ks[0]) in be._known and len(be._index) == 1
+    same = KeySlot(ks[0].key, ks[0].tenant_tag, ks[0].session_tag, 0)    # another object, the same key
+    out = torch.empty_like(k), torch.empty_like(v)
+    assert not be.decrypt_chunks([same], layout, t, arena, *out).host.any() and len(be._index) == 1
+    be.forget_keys()
+    assert not be._known and not be._index and be.schedule_bytes_left() == 0
+    # a bytearray key is never remembered by identity: changed in place, the call uses the new key
+    raw = bytearray(AESGCM.generate_key(256))
+    mutable = KeySlot(raw, ks[0].tenant_tag, ks[0].session_tag, 0)
+    first = torch.zeros_like(arena)
+    be.encrypt_chunks([mutable], layout, t, k, v, first)
+    raw[:] = ks[0].key
+    again = torch.zeros_like(arena)
+    be.encrypt_chunks([mutable], layout, t, k, v, again)
+    assert torch.equal(again, arena) and not torch.equal(first, arena)
+    assert id(mutable) not in be._known
+    be.close()
+    assert not be._known and not be._index
+
+
+@needs_native
 def test_a_full_ring_is_wiped_and_refilled():
     be = native.NativeBackend(ring_slots=2)
     layout = ChunkLayout(0, H, D, torch.float32)
@@ -712,3 +735,10 @@ def test_a_bad_thread_count_is_refused():
     for bad in (0, 65, 2.0, True, "2"):
         with pytest.raises(ValueError, match="threads"):
             native.NativeBackend(threads=bad)
+    be = native.NativeBackend(threads=2)
+    with pytest.raises(ValueError, match="threads"):
+        be.threads = 0
+    with pytest.raises(ValueError, match="parallel_min_bytes"):
+        be.parallel_min_bytes = -1
+    assert (be.threads, be.parallel_min_bytes) == (2, 256 << 10)
+    be.close()
