@@ -389,6 +389,7 @@ typedef struct {
     const int64_t *bounds;       /* unit u is chunks [bounds[u], bounds[u + 1]) */
     int64_t nunits;
     atomic_int_fast64_t next;    /* the next unit to take */
+    int seats;                   /* workers that may still join: the call's threads less the caller (pool mutex) */
     int refs;                    /* pool workers inside this call (pool mutex) */
 } job;
 
@@ -440,9 +441,10 @@ static void do_units(job *j) {
 
 /*
  * One pool per process. A call posts its job (cur, a new gen) and works on it itself; a worker that
- * wakes while the job is posted joins it (refs++), takes units until none is left and leaves. The
- * caller withdraws the job once every unit is taken, then waits only for the workers inside it, so
- * a worker that wakes late never touches a finished call and a busy core never holds a call up.
+ * wakes while the job is posted joins it (refs++) while it has seats left (its thread count less the
+ * caller), takes units until none is left and leaves. The caller withdraws the job once every unit
+ * is taken, then waits only for the workers inside it, so a worker that wakes late never touches a
+ * finished call and a core busy elsewhere holds a call up only while its worker is inside it.
  * One call uses the pool at a time (busy); a call that finds it taken runs on its own thread.
  */
 static struct {
@@ -465,6 +467,9 @@ static void *worker_main(void *arg) {
             pthread_cond_wait(&g_pool.wake, &g_pool.mu);
         seen = g_pool.gen;
         job *j = g_pool.cur;
+        if (j->seats == 0)           /* a pool larger than this call's thread count: sit it out */
+            continue;
+        j->seats--;
         j->refs++;
         pthread_mutex_unlock(&g_pool.mu);
         do_units(j);
@@ -696,6 +701,7 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
             bounds[++nu] = n;
             j.bounds = bounds;
             j.nunits = nu;
+            j.seats = (int)par[0] - 1;
             atomic_init(&j.next, 0);
             pthread_mutex_lock(&g_pool.mu);
             g_pool.cur = &j;
