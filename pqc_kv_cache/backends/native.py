@@ -532,7 +532,7 @@ class NativeBackend(CryptoBackend):
 
     def _load_table_checked(self, cols: list, batch: int) -> tuple[int, "_Scratch"]:
         """_load_table for columns of any kind: each converted and checked, with the error naming it."""
-        arrays = []
+        arrays: list[np.ndarray] = []
         for f, a in zip(_FIELDS, cols):
             if isinstance(a, torch.Tensor):
                 a = a.detach().cpu().numpy()
