@@ -96,6 +96,7 @@ _lib_path: Path | None = None
 _load_error: str | None = None   # a failure, remembered as text: an exception would keep its traceback's
                                  # frames (and whatever they hold, e.g. a cache) alive
 _threads: int | None = None      # the default thread count, read from the environment at load
+_threads_from = ""               # where it came from: the variable's name or "CPUs"
 
 
 def _compiler() -> str | None:
@@ -183,13 +184,14 @@ def default_threads() -> int:
 def load() -> ctypes.CDLL:
     """The native library (built on first use); a failure is remembered and raised again. A bad
     ``PQC_KV_CACHE_NATIVE_THREADS`` raises ValueError (not remembered: the library is not loaded)."""
-    global _lib, _lib_path, _load_error, _threads
+    global _lib, _lib_path, _load_error, _threads, _threads_from
     with _lock:
         if _lib is not None:
             return _lib
         if _load_error is not None:
             raise BackendUnavailableError(_load_error)
         threads = threads_from_env()
+        source = THREADS_ENV if os.environ.get(THREADS_ENV, "").strip() else "CPUs"
         try:
             path = _build()
             try:
@@ -204,7 +206,7 @@ def load() -> ctypes.CDLL:
         except BackendUnavailableError as exc:
             _load_error = str(exc)
             raise
-        _lib, _lib_path, _threads = lib, path, threads
+        _lib, _lib_path, _threads, _threads_from = lib, path, threads, source
         return lib
 
 
@@ -230,7 +232,7 @@ def library_info() -> dict[str, Any]:
         "arch": _ARCHS[arch] if 0 <= arch < len(_ARCHS) else str(arch),
         "cpu_features": [n for i, n in enumerate(_FEATURES) if feats >> i & 1],
         "threads": default_threads(),
-        "threads_from": THREADS_ENV if os.environ.get(THREADS_ENV, "").strip() else "CPUs",
+        "threads_from": _threads_from,
     }
 
 

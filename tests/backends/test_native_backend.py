@@ -530,6 +530,7 @@ def test_info_names_the_active_host_path(monkeypatch, capsys):
     else:
         assert "host path: native (native backend available)" in out
         assert "ipsec-mb" in out and "CPU features ipsec-mb reports:" in out
+        assert f"threads: {native.default_threads()} per large call" in out
 
 
 def test_a_remembered_build_failure_keeps_no_caller_alive(monkeypatch):
