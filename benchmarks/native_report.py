@@ -2,13 +2,17 @@
 
 For each workload, every repeat times, interleaved and in rotating order:
 
-- ``native``: NativeBackend.decrypt_chunks of the layer (ipsec-mb, one C call),
+- ``native``: NativeBackend.decrypt_chunks of the layer (ipsec-mb, one C call) with the default
+  thread pool (the CPUs this process may use, at most 4, or ``PQC_KV_CACHE_NATIVE_THREADS``),
+- ``native1``: the same call with ``threads=1`` (every chunk on the calling thread),
 - ``host``: HostBackend.decrypt_chunks of the same layer (`cryptography`, the fallback path),
 - ``bulk``: one ``AESGCM.decrypt_into`` of as many bytes as one message (80-byte AAD) -- the
   speed of the same library call with no chunking, no strides and no Python per chunk;
 
 and reports GB/s (plaintext bytes opened per second) as the median with min / max over the
-repeats, and the ratios native / bulk and native / host computed per repeat (median, min, max).
+repeats, and the ratios native / bulk, native1 / bulk and native / host computed per repeat
+(median, min, max). A call below the pool's threshold (256 KiB, e.g. the 64 KiB message) runs on
+the calling thread either way.
 
 Workloads: the README's cache configuration (batch 4, 4 KV heads x head dim 32, fp32) with
 layers of 639, 1151 and 2047 positions per row, each row in 8 chunks as the cache keeps it
@@ -94,7 +98,7 @@ def _sealed(layout, key, seq, rows, starts, counts, batch):
 
 def bench(workload, key: KeySlot, repeats: int, min_seconds: float) -> dict:
     layout, t, arena, k, v, nbytes = workload
-    nat, host = native.NativeBackend(), HostBackend(threads=1)
+    nat, nat1, host = native.NativeBackend(), native.NativeBackend(threads=1), HostBackend(threads=1)
     k_out, v_out = torch.empty_like(k), torch.empty_like(v)
     aes = AESGCM(key.key)
     nonce, aad = b"\0" * 12, b"\1" * 80
@@ -106,6 +110,10 @@ def bench(workload, key: KeySlot, repeats: int, min_seconds: float) -> dict:
         if nat.decrypt_chunks([key], layout, t, arena, k_out, v_out).host.any():
             raise AssertionError("native open failed")
 
+    def run_native1():
+        if nat1.decrypt_chunks([key], layout, t, arena, k_out, v_out).host.any():
+            raise AssertionError("native open (1 thread) failed")
+
     def run_host():
         if host.decrypt_chunks([key], layout, t, arena, k_out, v_out).host.any():
             raise AssertionError("host open failed")
@@ -113,12 +121,15 @@ def bench(workload, key: KeySlot, repeats: int, min_seconds: float) -> dict:
     def run_bulk():
         aes.decrypt_into(nonce, sealed_bulk, aad, out)
 
-    fns = {"native": run_native, "host": run_host, "bulk": run_bulk}
+    fns = {"native": run_native, "native1": run_native1, "host": run_host, "bulk": run_bulk}
     for fn in fns.values():        # warm up (and the native build)
         fn()
-    run_native()
-    if not (torch.equal(k_out, k) and torch.equal(v_out, v)):
-        raise AssertionError("native open gave other bytes")
+    for fn in (run_native, run_native1):
+        k_out.zero_()
+        v_out.zero_()
+        fn()
+        if not (torch.equal(k_out, k) and torch.equal(v_out, v)):
+            raise AssertionError("native open gave other bytes")
     # iterations per timing so that one timing lasts about min_seconds for the slowest path
     t0 = time.perf_counter()
     run_host()
@@ -126,7 +137,7 @@ def bench(workload, key: KeySlot, repeats: int, min_seconds: float) -> dict:
     gbps: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for rep in range(repeats):
-        order = names[rep % 3:] + names[:rep % 3]
+        order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             fn = fns[name]
             t0 = time.perf_counter()
@@ -134,13 +145,14 @@ def bench(workload, key: KeySlot, repeats: int, min_seconds: float) -> dict:
                 fn()
             dt = time.perf_counter() - t0
             gbps[name].append(nbytes * inner / dt / 1e9)
-    res: dict = {"bytes": nbytes, "chunks": len(t), "inner": inner}
+    res: dict = {"bytes": nbytes, "chunks": len(t), "inner": inner, "threads": nat.threads}
     for name, xs in gbps.items():
         res[name] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-    for a, b in (("native", "bulk"), ("native", "host")):
+    for a, b in (("native", "bulk"), ("native1", "bulk"), ("native", "host")):
         r = [x / y for x, y in zip(gbps[a], gbps[b])]
         res[f"{a}/{b}"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
     nat.close()
+    nat1.close()
     return res
 
 
@@ -161,19 +173,21 @@ def main(argv=None) -> int:
     results = {"machine": machine(), "ipsec_mb": lib, "workloads": {}}
     print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores, load "
           f"{' '.join(f'{x:.2f}' for x in results['machine']['loadavg_1_5_15'])}; ipsec-mb {lib['ipsec_mb_version']} "
-          f"({lib['arch']}); {args.repeats} repeats, interleaved")
+          f"({lib['arch']}); {args.repeats} repeats, interleaved; native: the default pool of {lib['threads']} "
+          f"threads (from {lib['threads_from']}), native1: 1 thread")
     work = {f"layer {p} positions": layer_workload(p, key) for p in (639, 1151, 2047)}
     work["64 KiB message"] = message_workload(key)
-    print(f"{'workload':<22}{'MiB':>7}{'chunks':>7}  {'native GB/s':>20}  {'host GB/s':>20}  {'bulk GB/s':>20}"
-          f"  {'native/bulk':>18}  {'native/host':>18}")
+    print(f"{'workload':<22}{'MiB':>7}{'chunks':>7}  {'native GB/s':>20}  {'native1 GB/s':>20}  {'host GB/s':>20}"
+          f"  {'bulk GB/s':>20}  {'native/bulk':>18}  {'native1/bulk':>18}  {'native/host':>18}")
     for name, w in work.items():
         r = bench(w, key, args.repeats, args.min_seconds)
         results["workloads"][name] = r
 
         def f(d):
             return f"{d['median']:6.2f} [{d['min']:5.2f}-{d['max']:5.2f}]"
-        print(f"{name:<22}{r['bytes'] / 2**20:7.2f}{r['chunks']:7d}  {f(r['native']):>20}  {f(r['host']):>20}  "
-              f"{f(r['bulk']):>20}  {f(r['native/bulk']):>18}  {f(r['native/host']):>18}")
+        print(f"{name:<22}{r['bytes'] / 2**20:7.2f}{r['chunks']:7d}  {f(r['native']):>20}  {f(r['native1']):>20}  "
+              f"{f(r['host']):>20}  {f(r['bulk']):>20}  {f(r['native/bulk']):>18}  {f(r['native1/bulk']):>18}  "
+              f"{f(r['native/host']):>18}")
     results["machine"]["loadavg_after"] = list(os.getloadavg())
     print(f"load after: {' '.join(f'{x:.2f}' for x in results['machine']['loadavg_after'])}")
     if args.out:

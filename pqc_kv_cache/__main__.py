@@ -44,6 +44,9 @@ def _info(args: argparse.Namespace) -> int:
         print(f"    library: {info['ipsec_mb_library']}")
         print(f"    module:  {info['native_module']}")
         print(f"    CPU features ipsec-mb reports: {' '.join(info['cpu_features']) or 'none'}")
+        src = (f"from {info['threads_from']}" if info['threads_from'] != "default"
+               else "the default; PQC_KV_CACHE_NATIVE_THREADS sets it")
+        print(f"    threads: {info['threads']} per large call ({src})")
     return 0
 
 
@@ -92,7 +95,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="which host crypto path is active and why",
                           description="Print the crypto path CPU tensors get (native ipsec-mb or host "
                                       "cryptography), why, and what the native path runs on (versions, "
-                                      "library file, CPU features). PQC_KV_CACHE_BACKEND=host|native forces one.")
+                                      "library file, CPU features, threads). PQC_KV_CACHE_BACKEND=host|native forces one.")
     info.set_defaults(func=_info)
     from .audit.cli import register
     register(sub)

@@ -65,7 +65,14 @@ class KeySlot:
     epoch: int
 
 
-_ITEMSIZE: dict = {}     # dtype -> bytes per element (asked on every call; a tensor to ask costs microseconds)
+_ITEMSIZES: dict[torch.dtype, int] = {}   # dtype -> bytes per element (ChunkLayout is frozen: no per-object cache)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    n = _ITEMSIZES.get(dtype)
+    if n is None:
+        n = _ITEMSIZES[dtype] = torch.empty((), dtype=dtype).element_size()
+    return n
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,7 @@ class ChunkLayout:
 
     @property
     def itemsize(self) -> int:
-        size = _ITEMSIZE.get(self.dtype)
-        if size is None:
-            size = _ITEMSIZE[self.dtype] = torch.empty((), dtype=self.dtype).element_size()
-        return size
+        return _itemsize(self.dtype)
 
     @property
     def bytes_per_position(self) -> int:
@@ -196,16 +200,17 @@ def decrypt_row_summary(row, pos_start, pos_count, counter, slot, nbytes) -> Row
 def check_cpu_kv(name: str, k, v, layout: ChunkLayout, backend: str) -> None:
     """The K/V tensors a host backend reads or writes: CPU tensors ``[batch, heads, seq, head_dim]`` of the
     layout's dtype and the same shape (TypeError / ValueError naming the tensor otherwise)."""
+    heads, dim, dtype = layout.num_heads, layout.head_dim, layout.dtype
     for t, what in ((k, "k"), (v, "v")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}_{name} must be a tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             raise ValueError(f"the {backend} backend handles CPU tensors only; {what}_{name} is on {t.device}")
-        if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
-            raise ValueError(f"{what}_{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
-                             f"got {list(t.shape)}")
-        if t.dtype != layout.dtype:
-            raise TypeError(f"{what}_{name} has dtype {t.dtype}, the layout says {layout.dtype}")
+        shape = t.shape
+        if len(shape) != 4 or shape[1] != heads or shape[3] != dim:
+            raise ValueError(f"{what}_{name} must be [batch, {heads}, seq, {dim}], got {list(shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{what}_{name} has dtype {t.dtype}, the layout says {dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k_{name} {list(k.shape)} and v_{name} {list(v.shape)} differ in shape")
 

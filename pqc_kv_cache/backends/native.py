@@ -22,6 +22,17 @@ Selection for CPU tensors (:func:`select_host_backend`): native when it builds
 and loads, else host. ``PQC_KV_CACHE_BACKEND=host`` or ``=native`` forces one
 (``native`` raises when it is unavailable rather than falling back).
 
+Threads: a call with at least :attr:`NativeBackend.parallel_min_bytes` of plaintext
+(256 KiB) in two chunks or more is split by bytes over a pool of C worker threads
+(pthreads, made on first need and kept; a forked child makes its own), the calling
+thread working as one of them and returning when all are done; every check still
+runs first, on the calling thread, and a call whose chunks could write the same
+bytes stays on one thread. ``NativeBackend(threads=n)`` sets the number of threads
+(the caller's included); the default is 1 (every call on the calling thread), or
+``PQC_KV_CACHE_NATIVE_THREADS`` (an integer in [1, 64], read when the library loads;
+any other value is refused with a ValueError). One is the default because on the only
+machine measured (2 vCPUs that together decrypt no faster than one) two threads were slower.
+
 Key schedules are kept per key (looked up by a salted digest, never by the key
 bytes) in memory the C side owns, and erased with ``explicit_bzero`` by
 :meth:`NativeBackend.forget_keys`, :meth:`NativeBackend.close` and when the
@@ -51,15 +62,23 @@ from ..audit.records import RECORD_DTYPE
 from ._build import compile_cached
 from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, check_cpu_kv
 
-__all__ = ["NativeBackend", "BACKEND_ENV", "load", "available", "library_info", "select_host_backend",
+__all__ = ["NativeBackend", "BACKEND_ENV", "THREADS_ENV", "load", "available", "library_info", "select_host_backend",
            "host_backend_choice"]
 
 BACKEND_ENV = "PQC_KV_CACHE_BACKEND"
+THREADS_ENV = "PQC_KV_CACHE_NATIVE_THREADS"
+_MAX_THREADS = 64          # pqc_native.c's MAX_THREADS
+# One thread unless asked for more: on the only machine measured so far (a 2-vCPU AMD EPYC VM, where two
+# processes decrypting at once got half the AES-GCM rate each) a layer split over 2 threads was 5-10 %
+# slower than on one.
+# Hosts with independent cores may gain; set PQC_KV_CACHE_NATIVE_THREADS (or threads=) there and measure.
+_DEFAULT_THREADS = 1
+_PARALLEL_MIN_BYTES = 256 << 10   # below it a split costs more than it saves (benchmarks/native_report.py)
 _SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
 _RECORDS_SOURCE = _SOURCE.with_name("pqc_records.c")     # the audit records of a call, written in C
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
-_ABI = 1
+_ABI = 3
 _RING_SLOTS = 256          # key schedules kept at once; a full ring is wiped and refilled
 _FIELDS = ChunkTable.fields()
 _SLOT_IN = struct.Struct("<16s16sqq")   # tenant tag, session tag, epoch, schedule index (pqc_native.c)
@@ -84,6 +103,8 @@ _lib: ctypes.CDLL | None = None
 _lib_path: Path | None = None
 _load_error: str | None = None   # a failure, remembered as text: an exception would keep its traceback's
                                  # frames (and whatever they hold, e.g. a cache) alive
+_threads: int | None = None      # the default thread count, read from the environment at load
+_threads_from = ""               # where it came from: the variable's name or "default"
 
 
 def _compiler() -> str | None:
@@ -112,7 +133,6 @@ _I64 = ctypes.c_int64
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    cols = [_P] * 7   # slot, row, pos_start, pos_count, io_start, counter, offset
     sig: dict[str, tuple[list[Any], Any]] = {
         "pqc_native_abi": ([], ctypes.c_int),
         "pqc_native_ready": ([], ctypes.c_int),
@@ -130,12 +150,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pqc_native_ring_wipe": ([_P, _I64], None),
         "pqc_native_ring_nonzero": ([_P], _I64),
         "pqc_native_ring_free": ([_P], None),
-        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, *cols, err)
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols[7][n], err)
         "pqc_native_seal": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
-                             _P, _I64, _I64, *cols, _P], ctypes.c_int),
-        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, *cols, status, rowsum, err)
+                             _P, _I64, ctypes.c_char_p, _I64, _P, _P], ctypes.c_int),
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols[7][n], status, rowsum, err)
         "pqc_native_open": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
-                             _P, _I64, _I64, *cols, _P, _P, _P], ctypes.c_int),
+                             _P, _I64, ctypes.c_char_p, _I64, _P, _P, _P, _P], ctypes.c_int),
+        "pqc_native_pool_workers": ([], ctypes.c_int),
+        "pqc_native_split_calls": ([], _I64),
     }
     # (seal, slots, nslots, layer, bpp, batch, n, slot, row, pos_start, pos_count, counter, status, out, cap,
     #  work, err) -> records written or a negative code
@@ -148,14 +170,39 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = res
 
 
+def threads_from_env(environ=None) -> int:
+    """The default number of threads of a native call: ``PQC_KV_CACHE_NATIVE_THREADS`` when set (an
+    integer in [1, 64], else ValueError), otherwise 1 (see ``_DEFAULT_THREADS``)."""
+    raw = (os.environ if environ is None else environ).get(THREADS_ENV, "").strip()
+    if raw:
+        try:
+            n = int(raw, 10)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= _MAX_THREADS:
+            raise ValueError(f"{THREADS_ENV} must be an integer in [1, {_MAX_THREADS}], got {raw!r}")
+        return n
+    return _DEFAULT_THREADS
+
+
+def default_threads() -> int:
+    """The thread count a NativeBackend gets without ``threads=`` (read from the environment at load)."""
+    load()
+    assert _threads is not None
+    return _threads
+
+
 def load() -> ctypes.CDLL:
-    """The native library (built on first use); a failure is remembered and raised again."""
-    global _lib, _lib_path, _load_error
+    """The native library (built on first use); a failure is remembered and raised again. A bad
+    ``PQC_KV_CACHE_NATIVE_THREADS`` raises ValueError (not remembered: the library is not loaded)."""
+    global _lib, _lib_path, _load_error, _threads, _threads_from
     with _lock:
         if _lib is not None:
             return _lib
         if _load_error is not None:
             raise BackendUnavailableError(_load_error)
+        threads = threads_from_env()
+        source = THREADS_ENV if os.environ.get(THREADS_ENV, "").strip() else "default"
         try:
             path = _build()
             try:
@@ -170,7 +217,7 @@ def load() -> ctypes.CDLL:
         except BackendUnavailableError as exc:
             _load_error = str(exc)
             raise
-        _lib, _lib_path = lib, path
+        _lib, _lib_path, _threads, _threads_from = lib, path, threads, source
         return lib
 
 
@@ -195,6 +242,8 @@ def library_info() -> dict[str, Any]:
         "native_module": str(_lib_path),
         "arch": _ARCHS[arch] if 0 <= arch < len(_ARCHS) else str(arch),
         "cpu_features": [n for i, n in enumerate(_FEATURES) if feats >> i & 1],
+        "threads": default_threads(),
+        "threads_from": _threads_from,
     }
 
 
@@ -231,13 +280,13 @@ def _tensor_desc(t: torch.Tensor) -> list[int]:
 
 
 class _Scratch:
-    """One thread's call buffers and their addresses (taken once: numpy's .ctypes costs ~1 us a call)."""
+    """One thread's call buffers and their addresses (taken once: numpy's .ctypes costs ~1 us a call).
+    The chunk table of a call of n chunks is ``table[:7 * n]``, its columns one after the other."""
 
     def __init__(self, cap: int, rcap: int):
         self.cap, self.rcap = cap, rcap
-        self.table = np.zeros((len(_FIELDS), cap), dtype=np.int64)
-        base = self.table.ctypes.data
-        self.cols = [base + i * cap * 8 for i in range(len(_FIELDS))]
+        self.table = np.zeros(len(_FIELDS) * cap, dtype=np.int64)
+        self.table_ptr = self.table.ctypes.data
         self.status = np.zeros(cap, dtype=np.uint8)
         self.status_ptr = self.status.ctypes.data
         self.rowsum = np.zeros((rcap, _ROWSUM_COLS), dtype=np.int64)
@@ -276,20 +325,49 @@ class NativeBackend(CryptoBackend):
     _instance: "NativeBackend | None" = None
     _instance_lock = threading.Lock()
 
-    def __init__(self, ring_slots: int = _RING_SLOTS):
+    def __init__(self, ring_slots: int = _RING_SLOTS, threads: int | None = None):
         self._lib = load()
         if not isinstance(ring_slots, int) or not 1 <= ring_slots <= 1 << 16:
             raise ValueError(f"ring_slots must be an int in [1, 65536], got {ring_slots!r}")
+        self._threads, self._min_bytes = 1, _PARALLEL_MIN_BYTES
+        self.threads = default_threads() if threads is None else threads
         self._ring = _RingGuard(self._lib, ring_slots)
         self._cap = ring_slots
         self._salt = secrets.token_bytes(32)
         self._index: dict[bytes, int] = {}      # salted key digest -> schedule index
+        # id(KeySlot) -> (weakref to it, ids of its key and tags, its epoch, its packed slot record): a key
+        # seen before costs no digest. Holds no key bytes; cleared with the schedules.
+        self._known: dict[int, tuple] = {}
+        self._geom: dict[ChunkLayout, tuple[bytes, bytes]] = {}   # layout -> (geometry, first 8 AAD bytes)
         self._cond = threading.Condition(threading.Lock())
         self._calls = 0                         # calls in flight (they read schedules)
         self._wiping = False                    # a wipe waits for the calls in flight
         self._closed = False
-        self._prefix: dict[torch.dtype, bytes] = {}   # dtype -> the first 8 AAD bytes
         self._local = threading.local()
+
+    @property
+    def threads(self) -> int:
+        """Threads of a large call, the caller's included (1: every call on the calling thread)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        if type(n) is not int or not 1 <= n <= _MAX_THREADS:
+            raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}], got {n!r}")
+        self._threads = n
+        self._par = struct.pack("<2q", n, self._min_bytes)
+
+    @property
+    def parallel_min_bytes(self) -> int:
+        """The fewest plaintext bytes a call needs to be split over the threads."""
+        return self._min_bytes
+
+    @parallel_min_bytes.setter
+    def parallel_min_bytes(self, n: int) -> None:
+        if type(n) is not int or not 0 <= n < 1 << 62:
+            raise ValueError(f"parallel_min_bytes must be an int in [0, 2**62), got {n!r}")
+        self._min_bytes = n
+        self._par = struct.pack("<2q", self._threads, n)
 
     @classmethod
     def instance(cls) -> "NativeBackend":
@@ -304,6 +382,7 @@ class NativeBackend(CryptoBackend):
         """Erase every schedule; the caller holds the condition and no call is in flight."""
         self._lib.pqc_native_ring_wipe(self._ring.ptr, -1)
         self._index.clear()
+        self._known.clear()
 
     def _wait_idle_locked(self) -> None:
         self._wiping = True
@@ -315,6 +394,26 @@ class NativeBackend(CryptoBackend):
 
     def _enter(self, keys: Sequence[KeySlot]) -> bytes:
         """Make sure every key has a schedule, count the call in, and return the packed slot array."""
+        known = self._known
+        with self._cond:
+            while self._wiping:
+                self._cond.wait()
+            if not self._closed:
+                recs = []
+                for k in keys:
+                    e = known.get(id(k))
+                    # the same KeySlot object, still holding the same (immutable) key, tags and epoch
+                    if (e is None or e[0]() is not k or e[1] != id(k.key) or e[2] != id(k.tenant_tag)
+                            or e[3] != id(k.session_tag) or e[4] is not k.epoch):
+                        break
+                    recs.append(e[5])
+                else:
+                    self._calls += 1
+                    return recs[0] if len(recs) == 1 else b"".join(recs)
+        return self._enter_slow(keys)
+
+    def _enter_slow(self, keys: Sequence[KeySlot]) -> bytes:
+        """_enter for keys not all known: check them, expand the missing schedules, remember the keys."""
         for k in keys:
             if not isinstance(k, KeySlot):
                 raise TypeError(f"keys must be KeySlot objects, got {type(k).__name__}")
@@ -326,7 +425,8 @@ class NativeBackend(CryptoBackend):
         with self._cond:
             if self._closed:
                 raise BackendUnavailableError("this native backend was closed")
-            self._cond.wait_for(lambda: not self._wiping)
+            while self._wiping:
+                self._cond.wait()
             missing = [d for d in dict.fromkeys(digests) if d not in self._index]
             if len(self._index) + len(missing) > self._cap:
                 if len(missing) > self._cap:
@@ -340,10 +440,21 @@ class NativeBackend(CryptoBackend):
                 if self._lib.pqc_native_ring_set(self._ring.ptr, idx, key) != 0:
                     raise BackendUnavailableError("the native backend could not expand a key")
                 self._index[d] = idx
-            packed = b"".join(_SLOT_IN.pack(k.tenant_tag, k.session_tag, max(-1, min(k.epoch, 1 << 62)),
-                                            self._index[d]) for k, d in zip(keys, digests))
+            recs = [_SLOT_IN.pack(k.tenant_tag, k.session_tag, max(-1, min(k.epoch, 1 << 62)), self._index[d])
+                    for k, d in zip(keys, digests)]
+            if len(self._known) > 4 * self._cap:    # stale entries (their KeySlots gone) dropped now and then
+                self._known.clear()
+            for k, rec in zip(keys, recs):
+                # only immutable fields: a bytearray key could change under a remembered schedule
+                if (type(k.key) is bytes and type(k.tenant_tag) is bytes and type(k.session_tag) is bytes
+                        and type(k.epoch) is int):
+                    try:
+                        ref = weakref.ref(k)
+                    except TypeError:
+                        continue
+                    self._known[id(k)] = (ref, id(k.key), id(k.tenant_tag), id(k.session_tag), k.epoch, rec)
             self._calls += 1
-        return packed
+        return b"".join(recs)
 
     def _leave(self) -> None:
         with self._cond:
@@ -366,6 +477,7 @@ class NativeBackend(CryptoBackend):
                 return
             self._wait_idle_locked()
             self._index.clear()
+            self._known.clear()
             self._ring.free()
             self._closed = True
 
@@ -429,45 +541,71 @@ class NativeBackend(CryptoBackend):
     def _load_table(self, chunks: ChunkTable, batch: int) -> tuple[int, "_Scratch"]:
         """Copy the chunk table's columns into this thread's int64 scratch (any integer dtype; a value
         that does not fit int64 turns negative, which the C side refuses)."""
-        sc: _Scratch | None = None
-        n = 0
-        for i, f in enumerate(_FIELDS):
-            a = getattr(chunks, f)
+        cols = [chunks.slot, chunks.row, chunks.pos_start, chunks.pos_count, chunks.io_start, chunks.counter,
+                chunks.offset]
+        a = cols[0]
+        n = a.shape[0] if type(a) is np.ndarray else -1
+        for a in cols:   # the usual table: numpy integer columns of one length, copied in one go
+            if type(a) is not np.ndarray or a.ndim != 1 or a.shape[0] != n or a.dtype.kind not in "iu":
+                return self._load_table_checked(cols, batch)
+        sc = self._scratch(n, batch)
+        np.concatenate(cols, out=sc.table[:len(_FIELDS) * n], casting="unsafe")
+        return n, sc
+
+    def _load_table_checked(self, cols: list, batch: int) -> tuple[int, "_Scratch"]:
+        """_load_table for columns of any kind: each converted and checked, with the error naming it."""
+        arrays: list[np.ndarray] = []
+        for f, a in zip(_FIELDS, cols):
             if isinstance(a, torch.Tensor):
                 a = a.detach().cpu().numpy()
             elif type(a) is not np.ndarray:
                 a = np.asarray(a)
             if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
                 raise TypeError(f"chunk field {f} must be a 1-D integer array, got {a.ndim}-D {a.dtype}")
-            if sc is None:
-                n = a.shape[0]
-                sc = self._scratch(n, batch)
-            elif a.shape[0] != n:
-                raise ValueError(f"chunk fields differ in length: {f} has {a.shape[0]}, slot has {n}")
-            sc.table[i, :n] = a
-        assert sc is not None
+            if arrays and a.shape[0] != arrays[0].shape[0]:
+                raise ValueError(f"chunk fields differ in length: {f} has {a.shape[0]}, slot has "
+                                 f"{arrays[0].shape[0]}")
+            arrays.append(a)
+        n = arrays[0].shape[0]
+        sc = self._scratch(n, batch)
+        for i, a in enumerate(arrays):
+            sc.table[i * n:(i + 1) * n] = a
         return n, sc
+
+    def _geometry(self, layout: ChunkLayout, itemsize: int) -> tuple[bytes, bytes]:
+        """(layer, heads, head_dim, itemsize as int64[4], the first 8 AAD bytes) of a layout, kept per layout."""
+        if type(layout.layer_idx) is int and type(layout.num_heads) is int and type(layout.head_dim) is int:
+            got = self._geom.get(layout)
+            if got is not None:
+                return got
+            cache = True
+        else:   # numpy or torch integers: checked each time (a bool is refused), not kept
+            cache = False
+        try:
+            ints = [check_int(f"layout.{f}", getattr(layout, f)) for f in ("layer_idx", "num_heads", "head_dim")]
+        except TypeError:
+            raise ValueError(f"bad chunk layout {layout}") from None
+        geom = struct.pack("<4q", *(max(-1, min(x, 1 << 62)) for x in ints), itemsize)
+        prefix = AAD_MAGIC + bytes((FORMAT_VERSION, KV_ROLES["both"], dtype_code(layout.dtype), 0))
+        if cache:
+            if len(self._geom) >= 1024:
+                self._geom.clear()
+            self._geom[layout] = (geom, prefix)
+        return geom, prefix
 
     def _call(self, seal: bool, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
               arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor, audit_on: bool):
         """One C call; returns (the chunk table's int64 columns, status of each chunk, sums of each row),
         the columns and row sums only when the call is audited, the status only when opening."""
         self._check_types(layout, arena, name, k, v, chunks)
-        n, sc = self._load_table(chunks, k.shape[0])
-        try:
-            ints = [check_int(f"layout.{f}", getattr(layout, f)) for f in ("layer_idx", "num_heads", "head_dim")]
-        except TypeError:
-            raise ValueError(f"bad chunk layout {layout}") from None
-        geom = struct.pack("<4q", *(max(-1, min(x, 1 << 62)) for x in ints), k.element_size())
+        batch = k.shape[0]
+        n, sc = self._load_table(chunks, batch)
+        geom, prefix = self._geometry(layout, k.element_size())
         tens = struct.pack(f"<{2 * _TENS_COLS}q", *_tensor_desc(k), *_tensor_desc(v))
-        prefix = self._prefix.get(layout.dtype)
-        if prefix is None:
-            prefix = self._prefix[layout.dtype] = AAD_MAGIC + bytes((FORMAT_VERSION, KV_ROLES["both"],
-                                                                     dtype_code(layout.dtype), 0))
         packed = self._enter(keys)
         try:
             common = (self._ring.ptr, prefix, packed, len(keys), geom, tens, arena.data_ptr() or None,
-                      arena.numel(), n, *sc.cols)
+                      arena.numel(), self._par, n, sc.table_ptr)
             if seal:
                 rc = self._lib.pqc_native_seal(*common, sc.err_ptr)
             else:
@@ -477,9 +615,9 @@ class NativeBackend(CryptoBackend):
             self._leave()
         if rc != 0:
             self._raise(rc, sc.err, keys, layout, name, k)
-        cols = dict(zip(_FIELDS, sc.table[:, :n].copy())) if audit_on else None
+        cols = dict(zip(_FIELDS, sc.table[:len(_FIELDS) * n].reshape(len(_FIELDS), n).copy())) if audit_on else None
         status = None if seal else sc.status[:n].copy()
-        rowsum = sc.rowsum[:k.shape[0]].copy() if audit_on and not seal else None
+        rowsum = sc.rowsum[:batch].copy() if audit_on and not seal else None
         return cols, status, rowsum
 
     # ---- the contract ------------------------------------------------------------------
@@ -511,7 +649,7 @@ class NativeBackend(CryptoBackend):
         slots = audit.templates.get(("native slots", epochs), lambda: b"".join(
             _RSLOT.pack(int(t), int(s), max(-1, min(e, 1 << 62)))
             for t, s, e in zip(audit.tenant_idx[:n].tolist(), audit.session_idx[:n].tolist(), epochs)))
-        cols = sc.cols
+        cols = [sc.table_ptr + 8 * i * m for i in range(len(_FIELDS))]     # table[:7 * m], column after column
         while True:
             w = self._lib.pqc_native_records(int(seal), slots, n, layout.layer_idx, layout.bytes_per_position,
                                             batch, m, cols[0], cols[1], cols[2], cols[3], cols[5],

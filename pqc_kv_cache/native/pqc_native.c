@@ -14,24 +14,36 @@
  * Key schedules live in a ring the caller owns (pqc_native_ring_*), erased with
  * explicit_bzero when a slot is dropped, the ring is wiped, or freed.
  *
+ * A large call (at least min_bytes of plaintext, two chunks or more) is split by bytes over a
+ * small pool of worker threads (pthreads, created on first need, kept, recreated in a forked
+ * child) when its chunks' destinations provably do not overlap; the calling thread runs the
+ * checks first, works as one of the threads, and returns only once every worker has left the
+ * call. ipsec-mb's manager is only read there for its direct-API function pointers (each thread
+ * passes its own gcm_context_data; the key schedule is read-only), which several threads may
+ * call at once.
+ *
  * Built by pqc_kv_cache/backends/native.py with the system C compiler, linked -lIPSec_MB.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <intel-ipsec-mb.h>
 
-#define PQC_NATIVE_ABI 1
+#define PQC_NATIVE_ABI 3
 #define AAD_LEN 80
 #define NONCE_LEN 12
 #define TAG_LEN 16
 #define SLOT_IN_SIZE 48   /* tenant tag 16, session tag 16, int64 epoch, int64 schedule index */
 #define TENS_COLS 10      /* data pointer, bytes from data to the end of storage, sizes[4], strides[4] */
 #define ROWSUM_COLS 5     /* lo, hi, nbytes, worst status, first chunk (-1: row not read) */
+#define MAX_THREADS 64    /* threads of one call, the caller's included */
+#define UNITS_PER_THREAD 4   /* a split call's byte-balanced pieces per thread, taken in turn */
 
 /* error codes (negative); the Python side turns each into the host backend's exception */
 enum {
@@ -362,6 +374,253 @@ static int tag_equal(const uint8_t *a, const uint8_t *b) {
     return d == 0;
 }
 
+/* ---------------------------------------------------------------- one call's chunks, on any thread */
+
+typedef struct {
+    int seal;
+    IMB_MGR *m;                  /* read only: its direct-API function pointers */
+    const pqc_ring *ring;
+    const uint8_t *slots, *tmpl;
+    const geometry *geo;
+    const tens *k, *v;
+    uint8_t *arena;
+    const table *t;
+    uint8_t *status;
+    const int64_t *bounds;       /* unit u is chunks [bounds[u], bounds[u + 1]) */
+    int64_t nunits;
+    atomic_int_fast64_t next;    /* the next unit to take */
+    int seats;                   /* workers that may still join: the call's threads less the caller (pool mutex) */
+    int refs;                    /* pool workers inside this call (pool mutex) */
+} job;
+
+/* seal or open chunks [lo, hi): the per-chunk work, with this thread's own GCM context */
+static void do_chunks(const job *j, int64_t lo, int64_t hi) {
+    IMB_MGR *m = j->m;
+    const table *t = j->t;
+    const geometry *geo = j->geo;
+    struct gcm_context_data gctx;
+    uint8_t aad[AAD_LEN], nonce[NONCE_LEN], tag[TAG_LEN];
+    for (int64_t i = lo; i < hi; i++) {
+        const int64_t s = t->slot[i], row = t->row[i], io = t->io_start[i], cnt = t->pos_count[i];
+        int64_t sched;
+        memcpy(&sched, j->slots + s * SLOT_IN_SIZE + 40, 8);
+        const struct gcm_key_data *key = &j->ring->sched[sched];
+        chunk_aad_nonce(aad, nonce, j->tmpl + s * AAD_LEN, j->slots + s * SLOT_IN_SIZE, geo, t, i);
+        const int64_t nb = cnt * geo->bpp;
+        uint8_t *ct = j->arena + t->offset[i];
+        IMB_AES256_GCM_INIT_VAR_IV(m, key, &gctx, nonce, NONCE_LEN, aad, AAD_LEN);
+        stream st = {m, key, &gctx, ct};
+        for_runs(j->k, geo, row, io, cnt, j->seal ? seal_run : open_run, &st);
+        for_runs(j->v, geo, row, io, cnt, j->seal ? seal_run : open_run, &st);
+        if (j->seal) {
+            IMB_AES256_GCM_ENC_FINALIZE(m, key, &gctx, ct + nb, TAG_LEN);
+            continue;
+        }
+        IMB_AES256_GCM_DEC_FINALIZE(m, key, &gctx, tag, TAG_LEN);
+        const int ok = tag_equal(tag, ct + nb);
+        j->status[i] = ok ? 0 : 1;
+        if (!ok) {
+            for_runs(j->k, geo, row, io, cnt, zero_run, NULL);
+            for_runs(j->v, geo, row, io, cnt, zero_run, NULL);
+        }
+    }
+    explicit_bzero(&gctx, sizeof gctx);
+    explicit_bzero(tag, sizeof tag);
+}
+
+static void do_units(job *j) {
+    for (;;) {
+        const int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->nunits)
+            return;
+        do_chunks(j, j->bounds[u], j->bounds[u + 1]);
+    }
+}
+
+/* ---------------------------------------------------------------- the worker pool */
+
+/*
+ * One pool per process. A call posts its job (cur, a new gen) and works on it itself; a worker that
+ * wakes while the job is posted joins it (refs++) while it has seats left (its thread count less the
+ * caller), takes units until none is left and leaves. The caller withdraws the job once every unit
+ * is taken, then waits only for the workers inside it, so a worker that wakes late never touches a
+ * finished call and a core busy elsewhere holds a call up only while its worker is inside it.
+ * One call uses the pool at a time (busy); a call that finds it taken runs on its own thread.
+ */
+static struct {
+    pthread_mutex_t busy;        /* held by the call using the pool */
+    pthread_mutex_t mu;          /* guards the fields below */
+    pthread_cond_t wake, left;
+    job *cur;
+    uint64_t gen;
+    int nworkers;
+} g_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+            PTHREAD_COND_INITIALIZER, NULL, 0, 0};
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+static atomic_int_fast64_t g_split_calls;   /* calls split over the pool so far (tests read it) */
+
+static void *worker_main(void *arg) {
+    uint64_t seen = (uint64_t)(uintptr_t)arg;
+    pthread_mutex_lock(&g_pool.mu);
+    for (;;) {
+        while (!g_pool.cur || g_pool.gen == seen)
+            pthread_cond_wait(&g_pool.wake, &g_pool.mu);
+        seen = g_pool.gen;
+        job *j = g_pool.cur;
+        if (j->seats == 0)           /* a pool larger than this call's thread count: sit it out */
+            continue;
+        j->seats--;
+        j->refs++;
+        pthread_mutex_unlock(&g_pool.mu);
+        do_units(j);
+        pthread_mutex_lock(&g_pool.mu);
+        if (--j->refs == 0)
+            pthread_cond_broadcast(&g_pool.left);
+    }
+    return NULL;
+}
+
+/* fork: the parent's workers do not exist in the child. The fork waits for a call using the pool
+ * to end (prepare takes both locks); the child starts with no workers and makes its own on need. */
+static void atfork_prepare(void) { pthread_mutex_lock(&g_pool.busy); pthread_mutex_lock(&g_pool.mu); }
+static void atfork_parent(void) { pthread_mutex_unlock(&g_pool.mu); pthread_mutex_unlock(&g_pool.busy); }
+static void atfork_child(void) {
+    g_pool.cur = NULL;
+    g_pool.nworkers = 0;
+    pthread_cond_init(&g_pool.wake, NULL);
+    pthread_cond_init(&g_pool.left, NULL);
+    pthread_mutex_unlock(&g_pool.mu);
+    pthread_mutex_unlock(&g_pool.busy);
+}
+static void register_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+/* make up to want workers exist (caller holds busy); returns how many there are */
+static int pool_workers(int want) {
+    pthread_once(&g_atfork_once, register_atfork);
+    pthread_mutex_lock(&g_pool.mu);
+    if (g_pool.nworkers < want) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);   /* workers inherit it: signals go to Python's threads */
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 256 << 10);
+        while (g_pool.nworkers < want) {
+            pthread_t th;
+            if (pthread_create(&th, &attr, worker_main, (void *)(uintptr_t)g_pool.gen) != 0)
+                break;   /* fewer workers: the call still completes, on the threads there are */
+            g_pool.nworkers++;
+        }
+        pthread_attr_destroy(&attr);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    const int n = g_pool.nworkers;
+    pthread_mutex_unlock(&g_pool.mu);
+    return n;
+}
+
+int64_t pqc_native_split_calls(void) { return atomic_load(&g_split_calls); }
+
+int pqc_native_pool_workers(void) {
+    pthread_mutex_lock(&g_pool.mu);
+    const int n = g_pool.nworkers;
+    pthread_mutex_unlock(&g_pool.mu);
+    return n;
+}
+
+/* ---------------------------------------------------------------- may a call be split? */
+
+/* true when distinct indices of x (sizes, strides; plus an optional 5th dim) name distinct elements:
+ * dims of size > 1 sorted by stride, each stride beyond the span of the smaller ones */
+static int injective(const int64_t *size, const int64_t *stride, int nd) {
+    int64_t sz[5], st[5];
+    int m = 0;
+    for (int a = 0; a < nd; a++)
+        if (size[a] > 1) { sz[m] = size[a]; st[m] = stride[a]; m++; }
+    for (int a = 1; a < m; a++)        /* insertion sort by stride */
+        for (int b = a; b > 0 && st[b] < st[b - 1]; b--) {
+            int64_t x = st[b]; st[b] = st[b - 1]; st[b - 1] = x;
+            x = sz[b]; sz[b] = sz[b - 1]; sz[b - 1] = x;
+        }
+    int64_t span = 0, p;
+    for (int a = 0; a < m; a++) {
+        if (st[a] <= span)
+            return 0;
+        if (!mul_ok(st[a], sz[a] - 1, &p) || !add_ok(span, p, &span))
+            return 0;
+    }
+    return 1;
+}
+
+/* the destination tensors: no element of k or v reachable twice (k and v may be one tensor, or
+ * k and v views of one buffer at a fixed distance, e.g. a position-major [b, s, 2, h, d]) */
+static int kv_disjoint(const tens *k, const tens *v, int64_t itemsize) {
+    if (!injective(k->size, k->stride, 4) || !injective(v->size, v->stride, 4))
+        return 0;
+    if (k->data == v->data && !memcmp(k->stride, v->stride, sizeof k->stride))
+        return 1;
+    const uint8_t *lo = k->data < v->data ? k->data : v->data;
+    const uint8_t *hi = k->data < v->data ? v->data : k->data;
+    const tens *first = k->data < v->data ? k : v;
+    if (lo + first->extent <= hi)      /* the lower one's storage ends before the other begins */
+        return 1;
+    const int64_t delta = (int64_t)(hi - lo);
+    if (memcmp(k->stride, v->stride, sizeof k->stride) || delta % itemsize)
+        return 0;
+    int64_t size5[5] = {k->size[0], k->size[1], k->size[2], k->size[3], 2};
+    int64_t stride5[5] = {k->stride[0], k->stride[1], k->stride[2], k->stride[3], delta / itemsize};
+    return injective(size5, stride5, 5);
+}
+
+static int cmp_pair(const void *a, const void *b) {
+    const int64_t *x = a, *y = b;
+    if (x[0] != y[0]) return x[0] < y[0] ? -1 : 1;
+    return x[1] < y[1] ? -1 : x[1] > y[1];
+}
+
+/* the n intervals [start, start + count * mult + add) overlap nowhere within equal group (group NULL: one
+ * group); check_all has bounded every end. 0 also when there is no memory to sort them. */
+static int intervals_disjoint(const int64_t *group, const int64_t *start, const int64_t *count, int64_t mult,
+                              int64_t add, int64_t n) {
+    int sorted = 1;   /* the cache's tables come in order: no sort */
+    for (int64_t i = 1; i < n && sorted; i++) {
+        const int64_t a = group ? group[i - 1] : 0, b = group ? group[i] : 0;
+        sorted = a < b || (a == b && start[i - 1] + count[i - 1] * mult + add <= start[i]);
+    }
+    if (sorted)
+        return 1;
+    int64_t *p = malloc((size_t)n * 3 * sizeof *p);   /* group, start, end */
+    if (!p)
+        return 0;
+    for (int64_t i = 0; i < n; i++) {
+        p[3 * i] = group ? group[i] : 0;
+        p[3 * i + 1] = start[i];
+        p[3 * i + 2] = start[i] + count[i] * mult + add;
+    }
+    qsort(p, (size_t)n, 3 * sizeof *p, cmp_pair);
+    int ok = 1;
+    for (int64_t i = 1; i < n && ok; i++)
+        ok = p[3 * i] != p[3 * (i - 1)] || p[3 * (i - 1) + 2] <= p[3 * i + 1];
+    free(p);
+    return ok;
+}
+
+/* a split gives the bytes one thread would: no two chunks write the same byte and nothing a chunk
+ * writes is read by another (tensors and arena apart); anything else runs on one thread */
+static int split_safe(int seal, const geometry *geo, const tens *k, const tens *v, const uint8_t *arena,
+                      int64_t arena_len, int64_t n, const table *t) {
+    const uint8_t *alo = arena, *ahi = arena + arena_len;
+    const tens *ts[2] = {k, v};
+    for (int a = 0; a < 2; a++)
+        if (ts[a]->data < ahi && alo < ts[a]->data + ts[a]->extent)
+            return 0;
+    if (seal)          /* it writes each chunk's ciphertext and tag */
+        return intervals_disjoint(NULL, t->offset, t->pos_count, geo->bpp, TAG_LEN, n);
+    /* it writes each chunk's (row, positions) of k and v */
+    return kv_disjoint(k, v, geo->itemsize) && intervals_disjoint(t->row, t->io_start, t->pos_count, 1, 0, n);
+}
+
 /* ---------------------------------------------------------------- entry points */
 
 /*
@@ -372,15 +631,17 @@ static int tag_equal(const uint8_t *a, const uint8_t *b) {
  *   geom      int64[4]: layer, heads, head_dim, itemsize
  *   tensors   int64[2][10]: k then v, each data pointer, bytes to the end of storage, sizes, strides
  *   arena     ciphertext bytes (arena_len of them)
- *   n, slot, row, pos_start, pos_count, io_start, counter, offset   the chunk table (int64 columns)
+ *   par       int64[2]: threads (the caller's included; 1 = this thread only), the fewest plaintext
+ *             bytes a call must have to be split
+ *   n, cols  the chunk table: int64[7][n], the columns slot, row, pos_start, pos_count, io_start,
+ *             counter, offset one after the other
  *   status    (open) n bytes: 0 OK, 1 AUTH_FAILED
  *   rowsum    (open, may be NULL) batch x 5 int64: per row lo, hi, nbytes, worst status, first chunk
  *   err       int64[2]: what failed (see the error codes)
  */
 static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
-                    const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len, int64_t n,
-                    const int64_t *slot, const int64_t *row, const int64_t *pos_start, const int64_t *pos_count,
-                    const int64_t *io_start, const int64_t *counter, const int64_t *offset,
+                    const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
+                    const int64_t *par, int64_t n, const int64_t *cols,
                     uint8_t *status, int64_t *rowsum, int64_t *err) {
     IMB_MGR *m = mgr();
     if (!m)
@@ -388,10 +649,12 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
     if (!err)
         return PQC_E_ARG;
     err[0] = err[1] = -1;
-    if (!ring || !prefix8 || !geom || !tensors || n < 0 || nslots < 0 || (nslots && !slots) || arena_len < 0
-        || (arena_len && !arena) || (n && (!slot || !row || !pos_start || !pos_count || !io_start || !counter || !offset))
-        || (!seal && n && !status))
+    if (!ring || !prefix8 || !geom || !tensors || !par || n < 0 || nslots < 0 || (nslots && !slots) || arena_len < 0
+        || (arena_len && !arena) || (n && !cols) || (!seal && n && !status) || par[0] < 1 || par[0] > MAX_THREADS
+        || par[1] < 0)
         return PQC_E_ARG;
+    const int64_t *slot = cols, *row = cols + n, *pos_start = cols + 2 * n, *pos_count = cols + 3 * n,
+                  *io_start = cols + 4 * n, *counter = cols + 5 * n, *offset = cols + 6 * n;
     geometry geo;
     tens k, v;
     table t = {slot, row, pos_start, pos_count, io_start, counter, offset};
@@ -403,13 +666,6 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
     if (rc) return rc;
     err[0] = err[1] = -1;
 
-    const int64_t batch = k.size[0];
-    if (rowsum) {
-        for (int64_t r = 0; r < batch; r++) {
-            int64_t *rs = rowsum + r * ROWSUM_COLS;
-            rs[0] = INT64_MAX; rs[1] = 0; rs[2] = 0; rs[3] = 0; rs[4] = -1;
-        }
-    }
     uint8_t *tmpl = NULL;
     if (nslots) {
         tmpl = malloc((size_t)nslots * AAD_LEN);
@@ -418,32 +674,61 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
         for (int64_t s = 0; s < nslots; s++)
             aad_template(tmpl + s * AAD_LEN, prefix8, slots + s * SLOT_IN_SIZE, &geo);
     }
-    struct gcm_context_data gctx;
-    uint8_t aad[AAD_LEN], nonce[NONCE_LEN], tag[TAG_LEN];
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t s = slot[i];
-        int64_t sched;
-        memcpy(&sched, slots + s * SLOT_IN_SIZE + 40, 8);
-        const struct gcm_key_data *key = &ring->sched[sched];
-        chunk_aad_nonce(aad, nonce, tmpl + s * AAD_LEN, slots + s * SLOT_IN_SIZE, &geo, &t, i);
-        const int64_t nb = pos_count[i] * geo.bpp;
-        uint8_t *ct = arena + offset[i];
-        IMB_AES256_GCM_INIT_VAR_IV(m, key, &gctx, nonce, NONCE_LEN, aad, AAD_LEN);
-        stream st = {m, key, &gctx, ct};
-        for_runs(&k, &geo, row[i], io_start[i], pos_count[i], seal ? seal_run : open_run, &st);
-        for_runs(&v, &geo, row[i], io_start[i], pos_count[i], seal ? seal_run : open_run, &st);
-        if (seal) {
-            IMB_AES256_GCM_ENC_FINALIZE(m, key, &gctx, ct + nb, TAG_LEN);
-            continue;
+    job j = {.seal = seal, .m = m, .ring = ring, .slots = slots, .tmpl = tmpl, .geo = &geo, .k = &k, .v = &v,
+             .arena = arena, .t = &t, .status = status};
+    /* plaintext bytes (each chunk's fits the arena; the sum saturates) */
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (!add_ok(total, pos_count[i] * geo.bpp, &total))
+            total = INT64_MAX;
+    int split = 0;
+    if (par[0] > 1 && n > 1 && total >= par[1] && split_safe(seal, &geo, &k, &v, arena, arena_len, n, &t)
+        && pthread_mutex_trylock(&g_pool.busy) == 0) {
+        const int workers = pool_workers((int)par[0] - 1);
+        if (workers > 0) {
+            /* units of about equal bytes, cut at chunk boundaries, taken in turn by whoever is free */
+            int64_t bounds[UNITS_PER_THREAD * MAX_THREADS + 1];
+            const int64_t want = UNITS_PER_THREAD * (int64_t)(workers < par[0] - 1 ? workers + 1 : par[0]);
+            int64_t nu = 0;
+            unsigned __int128 acc = 0;
+            bounds[0] = 0;
+            for (int64_t i = 0; i < n; i++) {
+                acc += (unsigned __int128)(pos_count[i] * geo.bpp);
+                /* cut after chunk i once the bytes so far reach the (nu + 1)-th share */
+                if (i + 1 < n && nu + 1 < want && acc * want >= (unsigned __int128)(nu + 1) * total)
+                    bounds[++nu] = i + 1;
+            }
+            bounds[++nu] = n;
+            j.bounds = bounds;
+            j.nunits = nu;
+            j.seats = (int)par[0] - 1;
+            atomic_init(&j.next, 0);
+            pthread_mutex_lock(&g_pool.mu);
+            g_pool.cur = &j;
+            g_pool.gen++;
+            pthread_cond_broadcast(&g_pool.wake);
+            pthread_mutex_unlock(&g_pool.mu);
+            do_units(&j);
+            pthread_mutex_lock(&g_pool.mu);
+            g_pool.cur = NULL;                 /* every unit is taken: no worker joins now */
+            while (j.refs > 0)
+                pthread_cond_wait(&g_pool.left, &g_pool.mu);
+            pthread_mutex_unlock(&g_pool.mu);
+            split = 1;
+            atomic_fetch_add(&g_split_calls, 1);
         }
-        IMB_AES256_GCM_DEC_FINALIZE(m, key, &gctx, tag, TAG_LEN);
-        const int ok = tag_equal(tag, ct + nb);
-        status[i] = ok ? 0 : 1;
-        if (!ok) {
-            for_runs(&k, &geo, row[i], io_start[i], pos_count[i], zero_run, NULL);
-            for_runs(&v, &geo, row[i], io_start[i], pos_count[i], zero_run, NULL);
+        pthread_mutex_unlock(&g_pool.busy);
+    }
+    if (!split)
+        do_chunks(&j, 0, n);
+
+    if (rowsum) {   /* after every chunk, in table order: the same sums however the call was split */
+        const int64_t batch = k.size[0];
+        for (int64_t r = 0; r < batch; r++) {
+            int64_t *rs = rowsum + r * ROWSUM_COLS;
+            rs[0] = INT64_MAX; rs[1] = 0; rs[2] = 0; rs[3] = 0; rs[4] = -1;
         }
-        if (rowsum) {
+        for (int64_t i = 0; i < n; i++) {
             int64_t *rs = rowsum + row[i] * ROWSUM_COLS;
             const int64_t lo = pos_start[i];
             /* pos_start + pos_count may pass INT64_MAX only for absurd tables; saturate */
@@ -451,30 +736,25 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
             if (!add_ok(lo, pos_count[i], &hi)) hi = INT64_MAX;
             if (lo < rs[0]) rs[0] = lo;
             if (hi > rs[1]) rs[1] = hi;
-            rs[2] += nb;
-            if (!ok) rs[3] = 1;
+            rs[2] += pos_count[i] * geo.bpp;
+            if (status[i]) rs[3] = 1;
             if (rs[4] < 0) rs[4] = i;
         }
     }
-    explicit_bzero(&gctx, sizeof gctx);
-    explicit_bzero(tag, sizeof tag);
     free(tmpl);
     return PQC_OK;
 }
 
 int pqc_native_seal(const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
-                    const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len, int64_t n,
-                    const int64_t *slot, const int64_t *row, const int64_t *pos_start, const int64_t *pos_count,
-                    const int64_t *io_start, const int64_t *counter, const int64_t *offset, int64_t *err) {
-    return run_call(1, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, slot, row, pos_start,
-                    pos_count, io_start, counter, offset, NULL, NULL, err);
+                    const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
+                    const int64_t *par, int64_t n, const int64_t *cols, int64_t *err) {
+    return run_call(1, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, NULL, NULL, err);
 }
 
 int pqc_native_open(const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
-                    const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len, int64_t n,
-                    const int64_t *slot, const int64_t *row, const int64_t *pos_start, const int64_t *pos_count,
-                    const int64_t *io_start, const int64_t *counter, const int64_t *offset,
-                    uint8_t *status, int64_t *rowsum, int64_t *err) {
-    return run_call(0, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, n, slot, row, pos_start,
-                    pos_count, io_start, counter, offset, status, rowsum, err);
+                    const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
+                    const int64_t *par, int64_t n, const int64_t *cols, uint8_t *status, int64_t *rowsum,
+                    int64_t *err) {
+    return run_call(0, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, status, rowsum,
+                    err);
 }

@@ -8,6 +8,11 @@ backend cannot be built (no C compiler or no ipsec-mb: ``apt-get install libipse
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +73,13 @@ def table(rows, starts, counts, io=None, counters=None, bpp=None, slots=None, ga
     sizes = counts * bpp + 16 + gap
     offs = np.cumsum(sizes) - sizes
     return ChunkTable(slots, rows, starts, counts, io, counters, offs), int(sizes.sum())
+
+
+def split_backend(threads=3):
+    """A native backend that splits every call of two chunks or more over ``threads`` threads."""
+    be = make_backend("native")
+    be.threads, be.parallel_min_bytes = threads, 0
+    return be
 
 
 def sealed(kind, dtype, batch=2, seq=7, layer=3):
@@ -274,19 +286,20 @@ def test_native_bytes_equal_the_host_backend_for_any_shape_stride_and_dtype(case
     t, nbytes = table(rows, io + start0, counts, io=io, counters=np.arange(len(chunks)) * 3 + seed,
                       bpp=layout.bytes_per_position, slots=slots, gap=5)
     ref = torch.full((nbytes,), 0xA5, dtype=torch.uint8)
-    got = ref.clone()
     HostBackend(threads=1).encrypt_chunks(ks, layout, t, k, v, ref)
-    be = native.NativeBackend()
-    be.encrypt_chunks(ks, layout, t, k, v, got)
-    assert torch.equal(got, ref)                       # gaps between chunks untouched too
     k_out, v_out = _tensors(kind, batch, heads, seq, dim, dtype, gen)
     k_want, v_want = k_out.clone(), v_out.clone()
     for r, s, c in chunks:
         k_want[r, :, s:s + c] = k[r, :, s:s + c]
         v_want[r, :, s:s + c] = v[r, :, s:s + c]
-    status = be.decrypt_chunks(ks, layout, t, ref, k_out, v_out).host
-    assert not status.any()
-    assert torch.equal(k_out, k_want) and torch.equal(v_out, v_want)
+    for be in (native.NativeBackend(threads=1), split_backend()):   # one thread, and every call split
+        got = torch.full((nbytes,), 0xA5, dtype=torch.uint8)
+        be.encrypt_chunks(ks, layout, t, k, v, got)
+        assert torch.equal(got, ref)                       # gaps between chunks untouched too
+        ko, vo = k_out.clone(), v_out.clone()
+        status = be.decrypt_chunks(ks, layout, t, ref, ko, vo).host
+        assert not status.any()
+        assert torch.equal(ko, k_want) and torch.equal(vo, v_want)
 
 
 @needs_native
@@ -425,6 +438,29 @@ def test_forget_erases_the_key_schedules_and_close_frees_them():
 
 
 @needs_native
+def test_a_known_key_slot_skips_the_digest_but_never_outlives_a_wipe_or_a_changed_key():
+    be, layout, ks, t, k, v, arena = sealed("native", torch.float32)
+    assert id(ks[0]) in be._known and len(be._index) == 1
+    same = KeySlot(ks[0].key, ks[0].tenant_tag, ks[0].session_tag, 0)    # another object, the same key
+    out = torch.empty_like(k), torch.empty_like(v)
+    assert not be.decrypt_chunks([same], layout, t, arena, *out).host.any() and len(be._index) == 1
+    be.forget_keys()
+    assert not be._known and not be._index and be.schedule_bytes_left() == 0
+    # a bytearray key is never remembered by identity: changed in place, the call uses the new key
+    raw = bytearray(AESGCM.generate_key(256))
+    mutable = KeySlot(raw, ks[0].tenant_tag, ks[0].session_tag, 0)
+    first = torch.zeros_like(arena)
+    be.encrypt_chunks([mutable], layout, t, k, v, first)
+    raw[:] = ks[0].key
+    again = torch.zeros_like(arena)
+    be.encrypt_chunks([mutable], layout, t, k, v, again)
+    assert torch.equal(again, arena) and not torch.equal(first, arena)
+    assert id(mutable) not in be._known
+    be.close()
+    assert not be._known and not be._index
+
+
+@needs_native
 def test_a_full_ring_is_wiped_and_refilled():
     be = native.NativeBackend(ring_slots=2)
     layout = ChunkLayout(0, H, D, torch.float32)
@@ -494,6 +530,7 @@ def test_info_names_the_active_host_path(monkeypatch, capsys):
     else:
         assert "host path: native (native backend available)" in out
         assert "ipsec-mb" in out and "CPU features ipsec-mb reports:" in out
+        assert f"threads: {native.default_threads()} per large call" in out
 
 
 def test_a_remembered_build_failure_keeps_no_caller_alive(monkeypatch):
@@ -519,3 +556,189 @@ def test_a_remembered_build_failure_keeps_no_caller_alive(monkeypatch):
         select(h)
         del h
     assert [r() for r in refs] == [None, None], "a stored exception's traceback keeps its callers alive"
+
+
+# ---------------------------------------------------------------- native only: a call split over threads
+
+def _layer(batch=4, seq=512, heads=3, dim=8, dtype=torch.float32):
+    """A layer as the cache keeps it (per row a long chunk, then 64, 32, ..., 1 positions), over 256 KiB."""
+    layout = ChunkLayout(5, heads, dim, dtype)
+    tail = [64, 32, 16, 8, 4, 2, 1]
+    rows, starts, counts = [], [], []
+    for r in range(batch):
+        s = 0
+        for c in [seq - sum(tail)] + tail:
+            rows.append(r)
+            starts.append(s)
+            counts.append(c)
+            s += c
+    t, nbytes = table(rows, starts, counts, bpp=layout.bytes_per_position)
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(batch, heads, seq, dim, generator=gen).to(dtype) for _ in range(2))
+    return layout, [keyslot()], t, nbytes, k, v
+
+
+def _split_calls() -> int:
+    return int(native.load().pqc_native_split_calls())
+
+
+def _open(be, ks, layout, t, arena, out):
+    audit = KVAuditLog()
+    status = be.decrypt_chunks(ks, layout, t, arena, *out, audit_ctx(audit)).host
+    rows = [(e.operation, e.row, e.position, e.position_count, e.success, e.sequence_number, e.nbytes, e.status)
+            for e in audit.entries(limit=None)]
+    audit.close()
+    return status, rows
+
+
+@needs_native
+@pytest.mark.parametrize("out_kind", ["head_major", "position_major"])
+def test_a_layer_split_over_threads_gives_the_bytes_statuses_and_records_of_one_thread(out_kind):
+    layout, ks, t, nbytes, k, v = _layer()
+    one, many = native.NativeBackend(threads=1), native.NativeBackend(threads=4)
+    assert nbytes > many.parallel_min_bytes        # the default threshold splits this layer
+    arenas = []
+    for be in (one, many):
+        arenas.append(torch.zeros(nbytes, dtype=torch.uint8))
+        before = _split_calls()
+        be.encrypt_chunks(ks, layout, t, k, v, arenas[-1])
+        assert _split_calls() - before == (be is many)
+    assert torch.equal(arenas[0], arenas[1])
+    arena = arenas[0]
+    middle = len(t) // 2 + 1                        # a chunk of a middle row, inside one thread's share
+    arena[int(t.offset[middle]) + 5] ^= 0x10
+
+    def out():
+        if out_kind == "position_major":
+            return position_major(4, 512, torch.float32)
+        return torch.full_like(k, 7.0), torch.full_like(v, 7.0)
+    results = []
+    for be in (one, many):
+        o = out()
+        before = _split_calls()
+        status, records = _open(be, ks, layout, t, arena, o)
+        assert _split_calls() - before == (be is many)
+        results.append((o, status, records))
+    (o1, s1, r1), (o2, s2, r2) = results
+    assert s1.tolist() == s2.tolist() == [int(i == middle) for i in range(len(t))]
+    assert r1 == r2 and sum(not r[4] for r in r1) == 2     # the row's DECRYPT record and the chunk's failure
+    assert torch.equal(o1[0], o2[0]) and torch.equal(o1[1], o2[1])
+    r, s, c = int(t.row[middle]), int(t.pos_start[middle]), int(t.pos_count[middle])
+    assert not o2[0][r, :, s:s + c].any() and not o2[1][r, :, s:s + c].any()
+    k_want, v_want = k.clone(), v.clone()
+    k_want[r, :, s:s + c] = 0
+    v_want[r, :, s:s + c] = 0
+    assert torch.equal(o2[0], k_want) and torch.equal(o2[1], v_want)
+    one.close()
+    many.close()
+
+
+@needs_native
+def test_a_call_whose_chunks_could_write_the_same_bytes_stays_on_one_thread():
+    layout, ks, t, nbytes, k, v = _layer(batch=2, seq=160)
+    be = split_backend()
+    arena = torch.zeros(nbytes, dtype=torch.uint8)
+    be.encrypt_chunks(ks, layout, t, k, v, arena)
+    # every chunk opened into row 0: the rows' chunks overlap there, the last one's bytes win
+    same_row = ChunkTable(*(np.zeros(len(t), np.int64) if f == "row" else np.asarray(getattr(t, f))
+                            for f in ChunkTable.fields()))
+    arena[int(t.offset[3]) + 1] ^= 1               # row 0's 4th chunk fails; row 1's intact one wins
+    outs = []
+    for b in (native.NativeBackend(threads=1), be):
+        o = (torch.full_like(k, 7.0), torch.full_like(v, 7.0))
+        before = _split_calls()
+        status = b.decrypt_chunks(ks, layout, same_row, arena, *o).host
+        assert _split_calls() == before
+        outs.append((status.tolist(), o))
+    assert outs[0][0] == outs[1][0] == [int(i == 3) for i in range(len(t))]
+    assert torch.equal(outs[0][1][0], outs[1][1][0]) and torch.equal(outs[0][1][1], outs[1][1][1])
+    assert torch.equal(outs[1][1][0][0], k[1]) and torch.equal(outs[1][1][1][0], v[1])
+    # a broadcast output (one element seen at every position) and an arena ciphertext range used twice
+    o = (torch.zeros(2, 3, 1, 8).expand(2, 3, 160, 8), torch.zeros(2, 3, 160, 8))
+    before = _split_calls()
+    be.decrypt_chunks(ks, layout, t, arena, *o)
+    twice = ChunkTable(*(np.full(len(t), int(t.offset[0])) if f == "offset" else
+                         np.full(len(t), int(t.pos_count[0])) if f == "pos_count" else
+                         np.zeros(len(t), np.int64) if f == "io_start" else np.asarray(getattr(t, f))
+                         for f in ChunkTable.fields()))
+    be.encrypt_chunks(ks, layout, twice, k, v, torch.zeros(nbytes, dtype=torch.uint8))
+    assert _split_calls() == before
+
+
+@needs_native
+def test_calls_from_several_python_threads_at_once_each_get_their_own_bytes():
+    import threading
+
+    layout, ks, t, nbytes, k, v = _layer(batch=2, seq=256)
+    be = split_backend()
+    arena = torch.zeros(nbytes, dtype=torch.uint8)
+    be.encrypt_chunks(ks, layout, t, k, v, arena)
+    outs = [(torch.zeros_like(k), torch.zeros_like(v)) for _ in range(4)]
+    bad = []
+
+    def run(o):
+        for _ in range(25):   # the pool taken by one call at a time; the others run on their own thread
+            if be.decrypt_chunks(ks, layout, t, arena, *o).host.any() or not torch.equal(o[0], k):
+                bad.append(1)
+            o[0].zero_()
+    threads = [threading.Thread(target=run, args=(o,)) for o in outs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not bad
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs os.fork (Linux)")
+def test_a_forked_child_opens_a_split_layer_with_a_pool_of_its_own():
+    layout, ks, t, nbytes, k, v = _layer()
+    be = native.NativeBackend(threads=2)
+    arena = torch.zeros(nbytes, dtype=torch.uint8)
+    be.encrypt_chunks(ks, layout, t, k, v, arena)   # the parent's pool exists now
+    assert native.load().pqc_native_pool_workers() >= 1
+    # the child's buffers made here: torch's OpenMP pool does not survive a fork either
+    k_out, v_out = torch.zeros_like(k), torch.zeros_like(v)
+    with warnings.catch_warnings():                 # Python 3.12+ warns about forking with threads running
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:                                    # the child: report through the exit code only
+        code = 1
+        try:
+            signal.alarm(60)                        # a hang ends the child, and the test fails
+            before = _split_calls()
+            ok = not be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host.any()
+            same = bytes(k_out.numpy().data) == bytes(k.numpy().data) and bytes(v_out.numpy().data) == bytes(v.numpy().data)
+            split = _split_calls() == before + 1 and native.load().pqc_native_pool_workers() == 1
+            code = 0 if ok and same and split else 2 + ok + 2 * same + 4 * split
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    k_out, v_out = torch.zeros_like(k), torch.zeros_like(v)
+    assert not be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host.any()   # the parent's pool still works
+    assert torch.equal(k_out, k)
+
+
+def test_the_thread_count_comes_from_the_environment_else_one():
+    env = native.THREADS_ENV
+    assert native.threads_from_env({env: "3"}) == 3
+    assert native.threads_from_env({env: " 1 "}) == 1
+    assert native.threads_from_env({}) == 1
+    for bad in ("0", "65", "-2", "two", "1.5", "4x"):
+        with pytest.raises(ValueError, match=env):
+            native.threads_from_env({env: bad})
+
+
+@needs_native
+def test_a_bad_thread_count_is_refused():
+    for bad in (0, 65, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="threads"):
+            native.NativeBackend(threads=bad)
+    be = native.NativeBackend(threads=2)
+    with pytest.raises(ValueError, match="threads"):
+        be.threads = 0
+    with pytest.raises(ValueError, match="parallel_min_bytes"):
+        be.parallel_min_bytes = -1
+    assert (be.threads, be.parallel_min_bytes) == (2, 256 << 10)
+    be.close()
