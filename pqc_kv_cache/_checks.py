@@ -29,6 +29,16 @@ def _is_bool(value: object) -> bool:
 
 def check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
     """``value`` as a plain int in ``[lo, hi]`` (either bound may be None)."""
+    if type(value) is not int:      # a plain int (never a bool: its type is bool) needs no conversion
+        value = _as_int(name, value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        lo_s = "-inf" if lo is None else str(lo)
+        hi_s = "inf" if hi is None else str(hi)
+        raise ValueError(f"{name} must be in [{lo_s}, {hi_s}], got {value}")
+    return value
+
+
+def _as_int(name: str, value: object) -> int:
     if _is_bool(value):
         raise TypeError(f"{name} must be an integer, got a bool ({value!r})")
     if type(value) is not int:
@@ -36,10 +46,6 @@ def check_int(name: str, value: object, lo: int | None = None, hi: int | None = 
             value = operator.index(value)
         except TypeError:
             raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        lo_s = "-inf" if lo is None else str(lo)
-        hi_s = "inf" if hi is None else str(hi)
-        raise ValueError(f"{name} must be in [{lo_s}, {hi_s}], got {value}")
     return value
 
 

@@ -161,21 +161,27 @@ class LayerContext:
         epoch = np.empty(slots.shape[0], dtype=np.int64)
         if slots.size == 0:
             return counter, epoch
-        for slot, where, steps in self._groups(slots):
-            e, first = self.sessions[slot].reserve(where.size)
-            counter[where] = first + steps
+        sessions = self.sessions
+        for slot, where, steps, n in self._groups(slots):
+            e, first = sessions[slot].reserve(n)
+            if n == 1:                      # a row of its own session (every decode step): no array maths
+                counter[where] = first
+            else:
+                counter[where] = first + steps
             epoch[where] = e
         return counter, epoch
 
     def _groups(self, slots: np.ndarray) -> list:
-        """(session slot, positions of ``slots`` holding it, 0..count-1) per distinct slot, ascending.
+        """(session slot, positions of ``slots`` holding it (an int when one), 0..count-1, count) per distinct
+        slot, ascending.
         A layer seals the same row slots step after step: the grouping is computed once per slot array."""
         key = slots.astype(np.int64, copy=False).tobytes()
         groups = self._group_memo.get(key)
         if groups is None:
             order = np.argsort(slots, kind="stable")
             bounds = np.flatnonzero(np.diff(slots[order])) + 1
-            groups = [(int(slots[w[0]]), w, np.arange(w.size, dtype=np.int64)) for w in np.split(order, bounds)]
+            groups = [(int(slots[w[0]]), int(w[0]) if w.size == 1 else w, np.arange(w.size, dtype=np.int64),
+                       int(w.size)) for w in np.split(order, bounds)]
             if len(self._group_memo) >= _MEMO_CAP:
                 self._group_memo.clear()
             self._group_memo[key] = groups
