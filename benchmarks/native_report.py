@@ -2,8 +2,8 @@
 
 For each workload, every repeat times, interleaved and in rotating order:
 
-- ``native``: NativeBackend.decrypt_chunks of the layer (ipsec-mb, one C call) with the default
-  thread pool (the CPUs this process may use, at most 4, or ``PQC_KV_CACHE_NATIVE_THREADS``),
+- ``native``: NativeBackend.decrypt_chunks of the layer (ipsec-mb, one C call) split over a pool of
+  ``--pool-threads`` threads (default: the CPUs this process may use, at most 4),
 - ``native1``: the same call with ``threads=1`` (every chunk on the calling thread),
 - ``host``: HostBackend.decrypt_chunks of the same layer (`cryptography`, the fallback path),
 - ``bulk``: one ``AESGCM.decrypt_into`` of as many bytes as one message (80-byte AAD) -- the
@@ -96,9 +96,9 @@ def _sealed(layout, key, seq, rows, starts, counts, batch):
     return layout, t, arena, k, v, int((counts * bpp).sum())
 
 
-def bench(workload, key: KeySlot, repeats: int, min_seconds: float) -> dict:
+def bench(workload, key: KeySlot, repeats: int, min_seconds: float, pool: int) -> dict:
     layout, t, arena, k, v, nbytes = workload
-    nat, nat1, host = native.NativeBackend(), native.NativeBackend(threads=1), HostBackend(threads=1)
+    nat, nat1, host = native.NativeBackend(threads=pool), native.NativeBackend(threads=1), HostBackend(threads=1)
     k_out, v_out = torch.empty_like(k), torch.empty_like(v)
     aes = AESGCM(key.key)
     nonce, aad = b"\0" * 12, b"\1" * 80
@@ -161,8 +161,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--min-seconds", type=float, default=0.02, help="length of one timing of the host path")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the backends use one either way)")
+    ap.add_argument("--pool-threads", type=int, default=None,
+                    help="threads of the 'native' column (default: the CPUs this process may use, at most 4)")
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = ap.parse_args(argv)
+    if args.pool_threads is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.pool_threads = max(1, min(cpus, 4))
+    if not 1 <= args.pool_threads <= 64:
+        ap.error("--pool-threads must be in [1, 64]")
     torch.set_num_threads(args.threads)
     try:
         lib = native.library_info()
@@ -173,14 +180,14 @@ def main(argv=None) -> int:
     results = {"machine": machine(), "ipsec_mb": lib, "workloads": {}}
     print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores, load "
           f"{' '.join(f'{x:.2f}' for x in results['machine']['loadavg_1_5_15'])}; ipsec-mb {lib['ipsec_mb_version']} "
-          f"({lib['arch']}); {args.repeats} repeats, interleaved; native: the default pool of {lib['threads']} "
-          f"threads (from {lib['threads_from']}), native1: 1 thread")
+          f"({lib['arch']}); {args.repeats} repeats, interleaved; native: a pool of {args.pool_threads} "
+          f"threads, native1: 1 thread (the default: {lib['threads']}, from {lib['threads_from']})")
     work = {f"layer {p} positions": layer_workload(p, key) for p in (639, 1151, 2047)}
     work["64 KiB message"] = message_workload(key)
     print(f"{'workload':<22}{'MiB':>7}{'chunks':>7}  {'native GB/s':>20}  {'native1 GB/s':>20}  {'host GB/s':>20}"
           f"  {'bulk GB/s':>20}  {'native/bulk':>18}  {'native1/bulk':>18}  {'native/host':>18}")
     for name, w in work.items():
-        r = bench(w, key, args.repeats, args.min_seconds)
+        r = bench(w, key, args.repeats, args.min_seconds, args.pool_threads)
         results["workloads"][name] = r
 
         def f(d):

@@ -30,8 +30,8 @@ runs first, on the calling thread, and a call whose chunks could write the same
 bytes stays on one thread. ``NativeBackend(threads=n)`` sets the number of threads
 (the caller's included); the default is 1 (every call on the calling thread), or
 ``PQC_KV_CACHE_NATIVE_THREADS`` (an integer in [1, 64], read when the library loads;
-any other value is refused with a ValueError). One is the default because on the only
-machine measured (2 vCPUs that together decrypt no faster than one) two threads were slower.
+any other value is refused with a ValueError). One is the default: on the only machine
+measured (2 vCPUs) two threads gained only while the other vCPU was idle.
 
 Key schedules are kept per key (looked up by a salted digest, never by the key
 bytes) in memory the C side owns, and erased with ``explicit_bzero`` by
@@ -68,9 +68,9 @@ __all__ = ["NativeBackend", "BACKEND_ENV", "THREADS_ENV", "load", "available", "
 BACKEND_ENV = "PQC_KV_CACHE_BACKEND"
 THREADS_ENV = "PQC_KV_CACHE_NATIVE_THREADS"
 _MAX_THREADS = 64          # pqc_native.c's MAX_THREADS
-# One thread unless asked for more: on the only machine measured so far (a 2-vCPU AMD EPYC VM, where two
-# processes decrypting at once got half the AES-GCM rate each) a layer split over 2 threads was 5-10 %
-# slower than on one.
+# One thread unless asked for more: on the only machine measured so far (a 2-vCPU AMD EPYC VM) a layer
+# split over 2 threads opened 1.2-1.35x faster while the other vCPU was idle but 5-10 % slower while it
+# was busy, and the cache's decode showed no conclusive gain.
 # Hosts with independent cores may gain; set PQC_KV_CACHE_NATIVE_THREADS (or threads=) there and measure.
 _DEFAULT_THREADS = 1
 _PARALLEL_MIN_BYTES = 256 << 10   # below it a split costs more than it saves (benchmarks/native_report.py)
