@@ -70,7 +70,8 @@ class Scratch:
         """K and V views ``[batch, heads, seq, dim]`` of the scratch (grown, zeroing the old one, if needed)."""
         need = batch * seq * 2 * heads * dim * dtype.itemsize
         s = self._box[0]
-        if s is None or s.numel() < need or s.device != torch.device(device):
+        if s is None or s.numel() < need or s.device != (device if type(device) is torch.device
+                                                         else torch.device(device)):
             if s is not None:
                 zero(s)
             cap = max(need, 2 * s.numel() if s is not None and s.device == torch.device(device) else 0, 1 << 16)
@@ -313,9 +314,10 @@ class LayerContext:
         return status
 
     def _raise_failed(self, layer_idx: int, status: np.ndarray, pos_start, pos_count, slots, outs) -> None:
-        bad = np.flatnonzero(np.asarray(status))
-        if bad.size == 0:
+        status = np.asarray(status)
+        if not status.any():
             return
+        bad = np.flatnonzero(status)
         for t in outs:
             t.zero_()
         self.scratch.wipe()

@@ -298,7 +298,10 @@ class EncryptedLayer(CacheLayerMixin):
             return None
         nr = rows.size
         columns = self.table.select(segs, rows)
-        dst = np.tile(rows if out_rows is None else out_rows, segs.size)
+        if out_rows is None and nr == self._batch and segs.size <= 64 and rows is self._all_rows():
+            dst = self._tiled_rows(segs.size)      # a whole-layer read: the same tiling step after step
+        else:
+            dst = np.tile(rows if out_rows is None else out_rows, segs.size)
         pos_start = np.repeat(self.table.start[segs], nr)
         pos_count = np.repeat(self.table.count[segs], nr)
         return self._ctx.decrypt(self._backend, self._layout, columns, dst, pos_start, pos_count,
@@ -313,7 +316,7 @@ class EncryptedLayer(CacheLayerMixin):
         base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
         k_out, v_out = self._ctx.scratch.views(self._batch, self._end - base, self.num_heads, self.head_dim,
                                                self.dtype, self.device)
-        status = self._open(np.arange(i0, self.num_segments), np.arange(self._batch), k_out, v_out, base)
+        status = self._open(np.arange(i0, self.num_segments), self._all_rows(), k_out, v_out, base)
         return k_out, v_out, base, status
 
     def _check_covered(self, i0: int, view_start: int) -> None:
@@ -334,6 +337,17 @@ class EncryptedLayer(CacheLayerMixin):
             rows = self._rows_cache = np.arange(self._batch, dtype=np.int64)
             rows.flags.writeable = False
         return rows
+
+    def _tiled_rows(self, times: int) -> np.ndarray:
+        """0 .. batch-1 repeated ``times`` times (int64, read-only, kept per count for this batch size)."""
+        memo = self.__dict__.get("_tiled_memo")
+        if memo is None or memo[0] != self._batch:
+            memo = self._tiled_memo = (self._batch, {})
+        got = memo[1].get(times)
+        if got is None:
+            got = memo[1][times] = np.tile(self._all_rows(), times)
+            got.flags.writeable = False
+        return got
 
     def _all_zeros(self) -> np.ndarray:
         """``batch`` zeros (int64, read-only, made once per batch size)."""
