@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .clearing import zero
+
 __all__ = ["DEAD_FRACTION", "GROWTH", "MAX_CAPACITY", "ArenaStats", "ByteArena"]
 
 #: Capacity a compaction gives, as a multiple of the bytes it must hold (< 2: the arena never doubles).
@@ -137,8 +139,9 @@ class ByteArena:
         buffer of ``capacity`` bytes, in offset order. Returns their new offsets (same shape as ``offsets``).
 
         A new buffer, never the old one rewritten: a snapshot (``state``) keeps the old one as it was."""
-        # zeroed, not empty: fresh memory may hold bytes this process freed earlier (plaintext included)
-        new = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
+        # the live chunks are packed from offset 0 and the rest is zeroed below: fresh memory may hold bytes
+        # this process freed earlier (plaintext included); zeroing only the tail spares a pass over the head
+        new = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         used = 0
         new_offsets = offsets
         if offsets.size:
@@ -156,6 +159,8 @@ class ByteArena:
                                    (dest[ends - 1] + usz[ends - 1] - dest[starts]).tolist()):
                 new[dst:dst + n].copy_(self.buffer[src:src + n])
             new_offsets = dest[inv].reshape(offsets.shape).astype(np.int64)
+        if capacity > used:
+            zero(new[used:])
         self.buffer = new
         self.used = used
         return new_offsets
