@@ -7,9 +7,11 @@ its oldest entry with ``pop(0)`` beyond 100,000 entries.
 Rows:
 - decode step (32 layers x 16 rows = 512 ENCRYPT records): one ``emit`` per
   step, one ``emit`` per layer (16 records per call, as a cache layer's
-  update), and one ``emit_per_position`` per layer with every field an array
-  (as the host backend calls it), against 512 baseline calls (below and at
-  its 100,000 bound);
+  update), one ``emit_per_position`` per layer with every field an array
+  (the host backend's former shape), and one ``emit_records`` per layer of a
+  kept batch with positions and counters set each time (as the cache and the
+  native backend emit now), against 512 baseline calls (below and at its
+  100,000 bound);
 - prefill of 2048 positions (batch 1, 32 layers): one ``emit_per_position``
   per layer (2048 records), against baseline calls per position;
 - drain throughput into the queryable log (drain-thread busy time), without
@@ -44,6 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pqc_kv_cache.audit import KVAuditLog, Op  # noqa: E402
+from pqc_kv_cache.audit.fields import build_records, set_field  # noqa: E402
 
 LAYERS, ROWS, PREFILL = 32, 16, 2048
 
@@ -134,6 +137,19 @@ class Emitters:
                                        pos_count=self.row_ones, nonce_counter=self.nonce[:ROWS],
                                        epoch=self.row_zeros, nbytes=self.row_nbytes, status=0)
 
+    def decode_step_prepared(self, step: int) -> None:
+        """As the cache and the native backend emit: per layer, a kept RECORD_DTYPE batch of its rows with
+        only positions and counters set, copied into the ring by emit_records."""
+        batches = self.__dict__.get("_batches")
+        if batches is None:
+            batches = self._batches = [build_records(int(Op.ENCRYPT), (
+                self.row_tenants, self.row_sessions, layer, self.rows, 0, 1, 0, 0, 4096, 0, 0))
+                for layer in range(LAYERS)]
+        for batch in batches:
+            set_field(batch, "pos_start", step)
+            set_field(batch, "nonce_counter", self.nonce[:ROWS])
+            self.log.emit_records(batch)
+
     def prefill_layer(self, layer: int) -> None:
         self.log.emit_per_position(Op.ENCRYPT, tenant_idx=self.t, session_idx=self.s, layer=layer, row=0,
                                    pos_start=0, pos_count=PREFILL, nonce_counter=layer, nbytes=PREFILL * 4096)
@@ -189,6 +205,7 @@ def main(argv=None) -> int:
                 step=per_record(em.decode_step, 512, steps, repeats, between=log.flush),
                 layer=per_record(em.decode_step_per_layer, 512, steps, repeats, between=log.flush),
                 backend=per_record(em.decode_step_backend_shape, 512, steps, repeats, between=log.flush),
+                prepared=per_record(em.decode_step_prepared, 512, steps, repeats, between=log.flush),
                 prefill=per_record(lambda i: em.prefill_layer(i % LAYERS), PREFILL, layers, repeats,
                                    between=log.flush))
     b_prefill = per_record(lambda i: seed_prefill_positions(seed_at_bound, i % LAYERS, 2048), 2048, 2, repeats)
@@ -202,6 +219,8 @@ def main(argv=None) -> int:
             ("layer", "decode step, 512 records: one emit per layer (16 records)", ((b_fresh, below), (b_bound, at))),
             ("backend", "decode step, 512 records: one emit_per_position per layer, all fields arrays "
                         "(the host backend's shape)", ((b_fresh, below), (b_bound, at))),
+            ("prepared", "decode step, 512 records: one emit_records per layer of a kept batch (16 records; "
+                         "the cache's and the native backend's shape)", ((b_fresh, below), (b_bound, at))),
             ("prefill", "prefill 2048 positions x 32 layers: one emit_per_position per layer", ((b_prefill_fresh, below), (b_prefill, at)))):
         for b, label in baselines:
             rows.append(dict(name=name, ours_idle_ns=ours["idle"][key] * 1e9,
