@@ -1,4 +1,6 @@
-"""HostBackend: the backend contract on CPU, checked against plain `cryptography` AESGCM and envelope.build_aad."""
+"""HostBackend: what only the `cryptography` host path has (its threads, its vectorised AAD and nonce
+builders, CPU selection). The contract tests it shares with the native backend run on both in
+test_native_backend.py and test_contract.py."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.backends import select_backend
-from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
+from pqc_kv_cache.backends.base import ChunkLayout, ChunkTable, KeySlot
 from pqc_kv_cache.backends.host import HostBackend, chunk_aads, chunk_nonces
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 
@@ -49,84 +50,6 @@ def sealed(dtype, batch=2, seq=7, layout_layer=3, threads=1):
     return be, layout, ks, t, k, v, arena
 
 
-def test_every_chunk_opens_with_plain_aesgcm_and_build_aad(dtype):
-    be, layout, ks, t, k, v, arena = sealed(dtype)
-    for i in range(len(t)):
-        r, s, c = int(t.row[i]), int(t.pos_start[i]), int(t.pos_count[i])
-        nb = c * layout.bytes_per_position
-        aad = build_aad(tenant_id="t", session_id="s", epoch=0, layer_idx=3, position=s, position_count=c,
-                        key_len=nb // 2, dtype=str(dtype)[6:], num_heads=H, head_dim=D)
-        off = int(t.offset[i])
-        plain = AESGCM(ks[0].key).decrypt(make_nonce(0, int(t.counter[i])),
-                                          arena[off:off + nb + 16].numpy().tobytes(), aad)
-        want = torch.stack((k[r, :, s:s + c], v[r, :, s:s + c])).contiguous().view(-1).view(torch.uint8)
-        assert plain == want.numpy().tobytes()
-
-
-@pytest.mark.parametrize("layout_kind", ["position_major", "contiguous"])
-def test_decrypt_round_trips_into_both_output_layouts(dtype, layout_kind):
-    be, layout, ks, t, k, v, arena = sealed(dtype)
-    if layout_kind == "position_major":
-        buf = torch.full((2, 7, 2, H, D), 7.0, dtype=dtype)
-        k_out, v_out = buf[:, :, 0].permute(0, 2, 1, 3), buf[:, :, 1].permute(0, 2, 1, 3)
-        assert be._direct_target(k_out, v_out, layout) is not None
-    else:
-        k_out, v_out = torch.full_like(k, 7.0), torch.full_like(v, 7.0)
-        assert be._direct_target(k_out, v_out, layout) is None
-    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out).host
-    assert status.tolist() == [0] * 5
-    assert torch.equal(k_out, k) and torch.equal(v_out, v)
-
-
-@pytest.mark.parametrize("victim", [0, 2])   # a staged multi-position chunk, a direct one-position chunk
-def test_tampered_chunk_fails_and_its_destination_is_zeroed(victim):
-    be, layout, ks, t, k, v, arena = sealed(torch.float32)
-    arena[int(t.offset[victim]) + 1] ^= 1
-    buf = torch.full((2, 7, 2, H, D), 7.0)
-    k_out, v_out = buf[:, :, 0].permute(0, 2, 1, 3), buf[:, :, 1].permute(0, 2, 1, 3)
-    audit = KVAuditLog()
-    ctx = AuditContext(audit, np.array([audit.tenant_index("t")], np.uint32),
-                       np.array([audit.session_index("s", "t")], np.uint32))
-    status = be.decrypt_chunks(ks, layout, t, arena, k_out, v_out, ctx).host
-    assert status.tolist() == [int(i == victim) for i in range(5)]
-    s, c = int(t.pos_start[victim]), int(t.pos_count[victim])
-    assert not k_out[0, :, s:s + c].any() and not v_out[0, :, s:s + c].any()
-    assert torch.equal(k_out[1], k[1])
-    failed = audit.entries(limit=None, operation="decrypt", success=False)
-    # the row summary and the failing chunk's own record
-    assert {(e.row, e.position, e.position_count) for e in failed} == {(0, 0, 7), (0, s, c)}
-    ok = audit.entries(limit=None, operation="decrypt", success=True)
-    assert [(e.row, e.position, e.position_count) for e in ok] == [(1, 0, 7)]
-    audit.close()
-
-
-def test_wrong_key_epoch_or_layer_fails_every_chunk():
-    be, layout, ks, t, k, v, arena = sealed(torch.float32)
-    k_out, v_out = torch.empty_like(k), torch.empty_like(v)
-    other_epoch = [KeySlot(ks[0].key, ks[0].tenant_tag, ks[0].session_tag, 1)]
-    assert be.decrypt_chunks(other_epoch, layout, t, arena, k_out, v_out).host.all()
-    other_layer = ChunkLayout(4, H, D, torch.float32)
-    assert be.decrypt_chunks(ks, other_layer, t, arena, k_out, v_out).host.all()
-    assert be.decrypt_chunks([keyslot()], layout, t, arena, k_out, v_out).host.all()
-    assert not k_out.any() and not v_out.any()
-
-
-def test_encrypt_emits_one_record_per_row_and_position():
-    be = HostBackend(threads=1)
-    layout = ChunkLayout(1, H, D, torch.float32)
-    audit = KVAuditLog()
-    ctx = AuditContext(audit, np.array([audit.tenant_index("t")], np.uint32),
-                       np.array([audit.session_index("s", "t")], np.uint32))
-    t, nbytes = table([0, 1], [10, 10], [3, 3], io=[0, 0], counters=[5, 6], bpp=layout.bytes_per_position)
-    be.encrypt_chunks([keyslot()], layout, t, torch.randn(2, H, 3, D), torch.randn(2, H, 3, D),
-                      torch.zeros(nbytes, dtype=torch.uint8), ctx)
-    recs = audit.entries(limit=None, operation="encrypt")
-    assert sorted((e.row, e.position, e.sequence_number) for e in recs) == \
-        [(0, 10, 5), (0, 11, 5), (0, 12, 5), (1, 10, 6), (1, 11, 6), (1, 12, 6)]
-    assert all(e.layer_idx == 1 and e.tenant_id == "t" for e in recs)
-    audit.close()
-
-
 def test_threaded_backend_gives_the_same_result():
     be, layout, ks, t, k, v, arena = sealed(torch.float32, seq=7, threads=2)
     be.parallel_min_bytes = 0
@@ -136,28 +59,6 @@ def test_threaded_backend_gives_the_same_result():
     single.decrypt_chunks(ks, layout, t, arena, k1, v1)
     be.decrypt_chunks(ks, layout, t, arena, k2, v2)
     assert torch.equal(k1, k) and torch.equal(k2, k) and torch.equal(v2, v)
-
-
-def test_bad_inputs_raise_clear_errors():
-    be, layout, ks, t, k, v, arena = sealed(torch.float32)
-    k_out, v_out = torch.empty_like(k), torch.empty_like(v)
-    with pytest.raises(TypeError):
-        be.decrypt_chunks(ks, layout, t, arena.float(), k_out, v_out)
-    with pytest.raises(TypeError):
-        be.decrypt_chunks(ks, layout, t, arena, k_out.double(), v_out.double())
-    with pytest.raises(ValueError):
-        be.decrypt_chunks(ks, layout, t, arena, k_out[:, :2], v_out[:, :2])
-    with pytest.raises(ValueError, match="no key"):
-        be.decrypt_chunks([], layout, t, arena, k_out, v_out)
-    with pytest.raises(ValueError, match="arena"):
-        be.decrypt_chunks(ks, layout, t, arena[:-1], k_out, v_out)
-    short = ChunkTable(t.slot, t.row, t.pos_start, t.pos_count, t.io_start + 5, t.counter, t.offset)
-    with pytest.raises(ValueError, match="past"):
-        be.decrypt_chunks(ks, layout, short, arena, k_out, v_out)
-    with pytest.raises(ValueError, match="32 bytes"):
-        be.decrypt_chunks([KeySlot(b"x" * 16, b"t" * 16, b"s" * 16, 0)], layout, t, arena, k_out, v_out)
-    with pytest.raises(TypeError):
-        be.encrypt_chunks(ks, layout, "chunks", k, v, arena)
 
 
 def test_select_backend_gives_the_host_backend_on_cpu(monkeypatch):
