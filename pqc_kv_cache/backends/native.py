@@ -78,7 +78,7 @@ _SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
 _RECORDS_SOURCE = _SOURCE.with_name("pqc_records.c")     # the audit records of a call, written in C
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
-_ABI = 3
+_ABI = 4
 _RING_SLOTS = 256          # key schedules kept at once; a full ring is wiped and refilled
 _FIELDS = ChunkTable.fields()
 _SLOT_IN = struct.Struct("<16s16sqq")   # tenant tag, session tag, epoch, schedule index (pqc_native.c)
@@ -86,7 +86,6 @@ _TENS_COLS = 10
 _RSLOT = struct.Struct("<IIq")     # per key slot for the record writer: tenant index, session index, epoch
 _R_ARG, _R_CAP, _R_RANGE = -1, -2, -3   # pqc_records.c
 _RECORD_FIELDS = ("layer", "row", "position", "position count", "epoch", "key slot", "nonce counter", "byte count")
-_ROWSUM_COLS = 5
 
 # error codes of pqc_native.c
 _E_INIT, _E_LAYOUT, _E_TENSOR, _E_EPOCH, _E_SCHED, _E_FIELD, _E_NOKEY, _E_ROW, _E_SEQ, _E_KEYLEN, \
@@ -153,9 +152,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols[7][n], err)
         "pqc_native_seal": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
                              _P, _I64, ctypes.c_char_p, _I64, _P, _P], ctypes.c_int),
-        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols[7][n], status, rowsum, err)
+        # (ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols[7][n], status, err)
         "pqc_native_open": ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
-                             _P, _I64, ctypes.c_char_p, _I64, _P, _P, _P, _P], ctypes.c_int),
+                             _P, _I64, ctypes.c_char_p, _I64, _P, _P, _P], ctypes.c_int),
         "pqc_native_pool_workers": ([], ctypes.c_int),
         "pqc_native_split_calls": ([], _I64),
     }
@@ -289,8 +288,6 @@ class _Scratch:
         self.table_ptr = self.table.ctypes.data
         self.status = np.zeros(cap, dtype=np.uint8)
         self.status_ptr = self.status.ctypes.data
-        self.rowsum = np.zeros((rcap, _ROWSUM_COLS), dtype=np.int64)
-        self.rowsum_ptr = self.rowsum.ctypes.data
         self.err = np.zeros(2, dtype=np.int64)
         self.err_ptr = self.err.ctypes.data
         self.work = np.zeros(rcap * 6, dtype=np.int64)        # the record writer's per-row scratch
@@ -532,7 +529,7 @@ class NativeBackend(CryptoBackend):
         raise BackendUnavailableError(f"the native backend refused a call (code {rc})")
 
     def _scratch(self, n: int, rows: int) -> "_Scratch":
-        """This thread's reusable call buffers (table, status, row sums, error), grown on demand."""
+        """This thread's reusable call buffers (table, status, error, record-writer scratch), grown on demand."""
         sc = getattr(self._local, "scratch", None)
         if sc is None or sc.cap < n or sc.rcap < rows:
             sc = self._local.scratch = _Scratch(max(n, 2 * sc.cap if sc else 64), max(rows, sc.rcap if sc else 8))
@@ -594,9 +591,9 @@ class NativeBackend(CryptoBackend):
         return geom, prefix
 
     def _call(self, seal: bool, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
-              arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor, audit_on: bool):
-        """One C call; returns (the chunk table's int64 columns, status of each chunk, sums of each row),
-        the columns and row sums only when the call is audited, the status only when opening."""
+              arena: torch.Tensor, name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[int, np.ndarray | None]:
+        """One C call; returns the number of chunks (their table stays in this thread's scratch for
+        ``_emit_records``) and, when opening, the status of each chunk."""
         self._check_types(layout, arena, name, k, v, chunks)
         batch = k.shape[0]
         n, sc = self._load_table(chunks, batch)
@@ -609,32 +606,28 @@ class NativeBackend(CryptoBackend):
             if seal:
                 rc = self._lib.pqc_native_seal(*common, sc.err_ptr)
             else:
-                rc = self._lib.pqc_native_open(*common, sc.status_ptr, sc.rowsum_ptr if audit_on else None,
-                                               sc.err_ptr)
+                rc = self._lib.pqc_native_open(*common, sc.status_ptr, sc.err_ptr)
         finally:
             self._leave()
         if rc != 0:
             self._raise(rc, sc.err, keys, layout, name, k)
-        cols = dict(zip(_FIELDS, sc.table[:len(_FIELDS) * n].reshape(len(_FIELDS), n).copy())) if audit_on else None
-        status = None if seal else sc.status[:n].copy()
-        rowsum = sc.rowsum[:batch].copy() if audit_on and not seal else None
-        return cols, status, rowsum
+        return n, (None if seal else sc.status[:n].copy())
 
     # ---- the contract ------------------------------------------------------------------
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
                        audit: AuditContext | None = None) -> None:
-        self._call(True, keys, layout, chunks, arena, "src", k_src, v_src, False)
+        n, _ = self._call(True, keys, layout, chunks, arena, "src", k_src, v_src)
         if audit is not None:
-            self._emit_records(True, keys, layout, audit, len(chunks), k_src.shape[0])
+            self._emit_records(True, keys, layout, audit, n, k_src.shape[0])
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                        audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
         """See :meth:`CryptoBackend.decrypt_chunks`; the status is on the host (failures known at return)."""
-        _, status, _ = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out, False)
-        if audit is not None and status.size:
-            self._emit_records(False, keys, layout, audit, len(chunks), k_out.shape[0])
+        n, status = self._call(False, keys, layout, chunks, arena, "out", k_out, v_out)
+        if audit is not None and n:
+            self._emit_records(False, keys, layout, audit, n, k_out.shape[0])
         return DecryptStatus(host=status)
 
     def _emit_records(self, seal: bool, keys: Sequence[KeySlot], layout: ChunkLayout, audit: AuditContext,

@@ -35,13 +35,12 @@
 
 #include <intel-ipsec-mb.h>
 
-#define PQC_NATIVE_ABI 3
+#define PQC_NATIVE_ABI 4
 #define AAD_LEN 80
 #define NONCE_LEN 12
 #define TAG_LEN 16
 #define SLOT_IN_SIZE 48   /* tenant tag 16, session tag 16, int64 epoch, int64 schedule index */
 #define TENS_COLS 10      /* data pointer, bytes from data to the end of storage, sizes[4], strides[4] */
-#define ROWSUM_COLS 5     /* lo, hi, nbytes, worst status, first chunk (-1: row not read) */
 #define MAX_THREADS 64    /* threads of one call, the caller's included */
 #define UNITS_PER_THREAD 4   /* a split call's byte-balanced pieces per thread, taken in turn */
 
@@ -636,13 +635,12 @@ static int split_safe(int seal, const geometry *geo, const tens *k, const tens *
  *   n, cols  the chunk table: int64[7][n], the columns slot, row, pos_start, pos_count, io_start,
  *             counter, offset one after the other
  *   status    (open) n bytes: 0 OK, 1 AUTH_FAILED
- *   rowsum    (open, may be NULL) batch x 5 int64: per row lo, hi, nbytes, worst status, first chunk
  *   err       int64[2]: what failed (see the error codes)
  */
 static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
                     const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
                     const int64_t *par, int64_t n, const int64_t *cols,
-                    uint8_t *status, int64_t *rowsum, int64_t *err) {
+                    uint8_t *status, int64_t *err) {
     IMB_MGR *m = mgr();
     if (!m)
         return PQC_E_INIT;
@@ -722,25 +720,6 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
     if (!split)
         do_chunks(&j, 0, n);
 
-    if (rowsum) {   /* after every chunk, in table order: the same sums however the call was split */
-        const int64_t batch = k.size[0];
-        for (int64_t r = 0; r < batch; r++) {
-            int64_t *rs = rowsum + r * ROWSUM_COLS;
-            rs[0] = INT64_MAX; rs[1] = 0; rs[2] = 0; rs[3] = 0; rs[4] = -1;
-        }
-        for (int64_t i = 0; i < n; i++) {
-            int64_t *rs = rowsum + row[i] * ROWSUM_COLS;
-            const int64_t lo = pos_start[i];
-            /* pos_start + pos_count may pass INT64_MAX only for absurd tables; saturate */
-            int64_t hi;
-            if (!add_ok(lo, pos_count[i], &hi)) hi = INT64_MAX;
-            if (lo < rs[0]) rs[0] = lo;
-            if (hi > rs[1]) rs[1] = hi;
-            rs[2] += pos_count[i] * geo.bpp;
-            if (status[i]) rs[3] = 1;
-            if (rs[4] < 0) rs[4] = i;
-        }
-    }
     free(tmpl);
     return PQC_OK;
 }
@@ -748,13 +727,11 @@ static int run_call(int seal, const pqc_ring *ring, const uint8_t *prefix8, cons
 int pqc_native_seal(const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
                     const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
                     const int64_t *par, int64_t n, const int64_t *cols, int64_t *err) {
-    return run_call(1, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, NULL, NULL, err);
+    return run_call(1, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, NULL, err);
 }
 
 int pqc_native_open(const pqc_ring *ring, const uint8_t *prefix8, const uint8_t *slots, int64_t nslots,
                     const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
-                    const int64_t *par, int64_t n, const int64_t *cols, uint8_t *status, int64_t *rowsum,
-                    int64_t *err) {
-    return run_call(0, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, status, rowsum,
-                    err);
+                    const int64_t *par, int64_t n, const int64_t *cols, uint8_t *status, int64_t *err) {
+    return run_call(0, ring, prefix8, slots, nslots, geom, tensors, arena, arena_len, par, n, cols, status, err);
 }
