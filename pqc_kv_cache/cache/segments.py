@@ -39,7 +39,7 @@ class SegmentTable:
     part. ``state()`` / ``restore()`` keep and put back what an operation may change without copying: an
     append writes past the state's end, and every change of a live entry (``set_segment``, ``set_rows``,
     ``set_column``) first copies the buffers once a state has been taken (copy on write). Setting
-    ``start``, ``count`` or ``columns`` adopts new arrays (copied into buffers of their own)."""
+    ``columns`` adopts new arrays (copied into buffers of their own)."""
 
     __slots__ = ("_n", "_start", "_count", "_cols", "_shared")
 
@@ -99,11 +99,18 @@ class SegmentTable:
         if count.shape != start.shape:
             raise ValueError(f"start has {start.shape[0]} entries, count {count.shape[0]}")
         new = cls(0)
-        cap = max(_MIN_ROOM, 2 * start.shape[0])
-        new._n = int(start.shape[0])
-        new._start, new._count = _with_room(start, cap), _with_room(count, cap)
+        new._adopt(start, count, {f: new._cols[f][:0] for f in COLUMNS})
         new.columns = columns
         return new
+
+    def _adopt(self, start: np.ndarray, count: np.ndarray, cols: dict) -> None:
+        """Hold copies of ``start``, ``count`` and ``cols`` (live entries only) in new buffers with room for
+        as many again (at least ``_MIN_ROOM``)."""
+        cap = max(_MIN_ROOM, 2 * start.shape[0])
+        self._n = int(start.shape[0])
+        self._start, self._count = _with_room(start, cap), _with_room(count, cap)
+        self._cols = {f: _with_room(a, cap) for f, a in cols.items()}
+        self._shared = False
 
     def _own(self) -> None:
         """Copy the buffers if a state may still hold them (before a live entry changes)."""
@@ -204,11 +211,7 @@ class SegmentTable:
         state is held)."""
         n = self._n
         if n == self._start.shape[0]:
-            cap = 2 * n
-            self._start = _with_room(self._start[:n], cap)
-            self._count = _with_room(self._count[:n], cap)
-            self._cols = {f: _with_room(a[:n], cap) for f, a in self._cols.items()}
-            self._shared = False
+            self._adopt(self._start, self._count, self._cols)     # full: twice the room
         self._start[n] = start
         self._count[n] = count
         cols = self._cols
@@ -221,13 +224,8 @@ class SegmentTable:
     def keep(self, which: np.ndarray) -> None:
         """Keep the segments ``which`` selects (a boolean mask or indices, in order)."""
         n = self._n
-        start = self._start[:n][which]
-        cap = max(_MIN_ROOM, 2 * start.shape[0])
-        self._count = _with_room(self._count[:n][which], cap)
-        self._cols = {f: _with_room(a[:n][which], cap) for f, a in self._cols.items()}
-        self._start = _with_room(start, cap)
-        self._n = int(start.shape[0])
-        self._shared = False
+        self._adopt(self._start[:n][which], self._count[:n][which],
+                    {f: a[:n][which] for f, a in self._cols.items()})
 
     def set_segment(self, i: int, count: int, sealed: SealedChunks) -> None:
         """Segment ``i`` now holds ``count`` positions in the chunks ``sealed`` (one per row)."""
