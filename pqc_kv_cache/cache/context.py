@@ -70,11 +70,12 @@ class Scratch:
         """K and V views ``[batch, heads, seq, dim]`` of the scratch (grown, zeroing the old one, if needed)."""
         need = batch * seq * 2 * heads * dim * dtype.itemsize
         s = self._box[0]
-        if s is None or s.numel() < need or s.device != (device if type(device) is torch.device
-                                                         else torch.device(device)):
+        if type(device) is not torch.device:
+            device = torch.device(device)
+        if s is None or s.numel() < need or s.device != device:
             if s is not None:
                 zero(s)
-            cap = max(need, 2 * s.numel() if s is not None and s.device == torch.device(device) else 0, 1 << 16)
+            cap = max(need, 2 * s.numel() if s is not None and s.device == device else 0, 1 << 16)
             s = self._box[0] = torch.empty(cap, dtype=torch.uint8, device=device)
             owner = self._owner()
             if not self._guard.alive and owner is not None:
@@ -319,7 +320,7 @@ class LayerContext:
             return
         bad = np.flatnonzero(status)
         for t in outs:
-            t.zero_()
+            zero(t)
         self.scratch.wipe()
         i = int(bad[0])
         s = self.sessions[int(slots[i])]

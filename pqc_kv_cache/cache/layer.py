@@ -29,6 +29,7 @@ from ..envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce
 from ..errors import DecryptionError, KVCacheError, SessionExpiredError
 from ..session import TenantSession
 from .arena import ArenaStats, ByteArena
+from .clearing import zero
 from .context import LayerContext, deferred_status
 from .segments import SealedChunks, SegmentTable
 
@@ -298,10 +299,7 @@ class EncryptedLayer(CacheLayerMixin):
             return None
         nr = rows.size
         columns = self.table.select(segs, rows)
-        if out_rows is None and nr == self._batch and segs.size <= 64 and rows is self._all_rows():
-            dst = self._tiled_rows(segs.size)      # a whole-layer read: the same tiling step after step
-        else:
-            dst = np.tile(rows if out_rows is None else out_rows, segs.size)
+        dst = np.tile(rows if out_rows is None else out_rows, segs.size)
         pos_start = np.repeat(self.table.start[segs], nr)
         pos_count = np.repeat(self.table.count[segs], nr)
         return self._ctx.decrypt(self._backend, self._layout, columns, dst, pos_start, pos_count,
@@ -330,32 +328,25 @@ class EncryptedLayer(CacheLayerMixin):
         raise DecryptionError(f"no chunk covers positions {gap[0]}..{gap[1] - 1} of layer {self.layer_idx}; "
                               "nothing is returned", layer_idx=self.layer_idx, positions=range(*gap))
 
-    def _all_rows(self) -> np.ndarray:
-        """0 .. batch-1 (int64, read-only: made once per batch size, asked every step)."""
-        rows = self.__dict__.get("_rows_cache")
-        if rows is None or rows.size != self._batch:
-            rows = self._rows_cache = np.arange(self._batch, dtype=np.int64)
-            rows.flags.writeable = False
-        return rows
-
-    def _tiled_rows(self, times: int) -> np.ndarray:
-        """0 .. batch-1 repeated ``times`` times (int64, read-only, kept per count for this batch size)."""
-        memo = self.__dict__.get("_tiled_memo")
+    def _per_batch(self, name: str, make) -> np.ndarray:
+        """``make(batch)`` (an int64 array, kept read-only until the batch size changes): what every step asks
+        for anew."""
+        memo = self.__dict__.get("_batch_memo")
         if memo is None or memo[0] != self._batch:
-            memo = self._tiled_memo = (self._batch, {})
-        got = memo[1].get(times)
+            memo = self._batch_memo = (self._batch, {})
+        got = memo[1].get(name)
         if got is None:
-            got = memo[1][times] = np.tile(self._all_rows(), times)
+            got = memo[1][name] = make(self._batch)
             got.flags.writeable = False
         return got
 
+    def _all_rows(self) -> np.ndarray:
+        """0 .. batch-1."""
+        return self._per_batch("rows", lambda b: np.arange(b, dtype=np.int64))
+
     def _all_zeros(self) -> np.ndarray:
-        """``batch`` zeros (int64, read-only, made once per batch size)."""
-        zeros = self.__dict__.get("_zeros_cache")
-        if zeros is None or zeros.size != self._batch:
-            zeros = self._zeros_cache = np.zeros(self._batch, dtype=np.int64)
-            zeros.flags.writeable = False
-        return zeros
+        """``batch`` zeros."""
+        return self._per_batch("zeros", lambda b: np.zeros(b, dtype=np.int64))
 
     # ---- the Cache API -------------------------------------------------------------------------
     def _view_start(self) -> int:
@@ -516,7 +507,7 @@ class EncryptedLayer(CacheLayerMixin):
                                 np.zeros(self._batch, dtype=np.int64), audited=False,
                                 failed=deferred_status(status))
         finally:
-            buf.zero_()
+            zero(buf)
         self.table.set_segment(i, keep, sealed)
         return sealed.counter
 
@@ -536,7 +527,7 @@ class EncryptedLayer(CacheLayerMixin):
                                 np.repeat(t.count, nr), pos_start - base, audited=False,
                                 failed=deferred_status(status))
         finally:
-            buf.zero_()
+            zero(buf)
         t.set_rows(rows, sealed)
         self._reclaim()
         return sealed.counter.reshape(ns, nr)[0]
