@@ -239,11 +239,13 @@ def emit_encrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: C
         set_field(batch, "nonce_counter", np.asarray(counter))
         audit.log.emit_records(batch)
         return
+    # the fields go in as they are (integer arrays): the log range-checks them, so a value a record cannot
+    # hold is refused rather than truncated into another row's or position's record
     audit.log.emit_per_position(Op.ENCRYPT, tenant_idx=audit.tenant_idx[slot], session_idx=audit.session_idx[slot],
-         layer=layout.layer_idx, row=np.asarray(row).astype(np.uint16), pos_start=np.asarray(pos_start).astype(np.uint32),
-         pos_count=pos_count.astype(np.uint32), nonce_counter=np.asarray(counter).astype(np.uint64),
-         epoch=np.array([k.epoch for k in keys], dtype=np.uint32)[slot],
-         nbytes=np.asarray(nbytes).astype(np.uint32), status=Status.OK)
+                                layer=layout.layer_idx, row=np.asarray(row), pos_start=np.asarray(pos_start),
+                                pos_count=pos_count, nonce_counter=np.asarray(counter),
+                                epoch=np.array([k.epoch for k in keys], dtype=np.int64)[slot], nbytes=nbytes,
+                                status=Status.OK)
 
 
 def emit_decrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: ChunkLayout, row, pos_start,
@@ -256,20 +258,19 @@ def emit_decrypt_records(audit: AuditContext, keys: Sequence[KeySlot], layout: C
     bad = np.zeros(rs.row.shape[0], dtype=np.uint8)
     if status.any():
         np.maximum.at(bad, rs.row_of_chunk, status)
-    epochs = np.array([k.epoch for k in keys], dtype=np.uint32)
+    epochs = np.array([k.epoch for k in keys], dtype=np.int64)
+    # as in emit_encrypt_records, the log range-checks every field (only the byte count saturates)
     audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[rs.slot], session_idx=audit.session_idx[rs.slot],
-                   layer=layout.layer_idx, row=rs.row.astype(np.uint16), pos_start=rs.pos_start.astype(np.uint32),
-                   pos_count=rs.pos_count.astype(np.uint32), nonce_counter=rs.nonce_counter.astype(np.uint64),
-                   epoch=epochs[rs.slot], nbytes=np.minimum(rs.nbytes, 0xFFFFFFFF).astype(np.uint32), status=bad)
+                   layer=layout.layer_idx, row=rs.row, pos_start=rs.pos_start, pos_count=rs.pos_count,
+                   nonce_counter=rs.nonce_counter, epoch=epochs[rs.slot], nbytes=np.minimum(rs.nbytes, 0xFFFFFFFF),
+                   status=bad)
     failed = np.flatnonzero(status)
     if failed.size:
         fs = np.asarray(slot, dtype=np.int64)[failed]
         audit.log.emit(Op.DECRYPT, tenant_idx=audit.tenant_idx[fs], session_idx=audit.session_idx[fs],
-                       layer=layout.layer_idx, row=np.asarray(row)[failed].astype(np.uint16),
-                       pos_start=np.asarray(pos_start)[failed].astype(np.uint32),
-                       pos_count=np.asarray(pos_count)[failed].astype(np.uint32),
-                       nonce_counter=np.asarray(counter)[failed].astype(np.uint64), epoch=epochs[fs],
-                       nbytes=np.minimum(np.asarray(nbytes)[failed], 0xFFFFFFFF).astype(np.uint32),
+                       layer=layout.layer_idx, row=np.asarray(row)[failed], pos_start=np.asarray(pos_start)[failed],
+                       pos_count=np.asarray(pos_count)[failed], nonce_counter=np.asarray(counter)[failed],
+                       epoch=epochs[fs], nbytes=np.minimum(np.asarray(nbytes)[failed], 0xFFFFFFFF),
                        status=Status.AUTH_FAILED)
 
 

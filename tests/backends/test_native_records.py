@@ -57,3 +57,25 @@ def test_a_position_a_record_cannot_hold_is_refused_when_audited_and_sealed_when
         assert _call(backend, log, 1 << 40, False).any()            # unaudited: the envelope holds 64 bits
         log.flush()
         assert [e.position for e in reversed(log.entries(limit=None))] == [(1 << 32) - 2, (1 << 32) - 1]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_the_host_backend_refuses_a_position_a_record_cannot_hold_too(count):
+    """The `cryptography` path used to cast record fields with astype, so position 2^32 + 5 was recorded as 5:
+    a record of positions that were never sealed. Its records are range-checked like the native ones."""
+    from pqc_kv_cache.backends.host import HostBackend
+    with KVAuditLog() as log:
+        key = KeySlot(bytes(range(32)), tenant_tag("t"), session_tag("s"), 0)
+        chunks = ChunkTable(*(np.array([x], dtype=np.int64) for x in (0, 0, (1 << 32) + 5, count, 0, 5, 0)))
+        k = torch.ones(1, 1, 2, 4)
+        arena = torch.zeros(2 * LAYOUT.bytes_per_position + 16, dtype=torch.uint8)
+        ctx = AuditContext(log, np.array([log.tenant_index("t")], np.uint32),
+                           np.array([log.session_index("s", "t")], np.uint32))
+        be = HostBackend(threads=1)
+        with pytest.raises(ValueError, match="pos_start"):
+            be.encrypt_chunks([key], LAYOUT, chunks, k, k.clone(), arena, ctx)
+        be.encrypt_chunks([key], LAYOUT, chunks, k, k.clone(), arena)          # unaudited: sealed
+        with pytest.raises(ValueError, match="pos_start"):                     # and its DECRYPT record refused
+            be.decrypt_chunks([key], LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(k), ctx)
+        log.flush()
+        assert log.entries(limit=None) == []
