@@ -12,7 +12,7 @@ VENV_LOWEST ?= .venv-lowest
 TRANSFORMERS_LOWEST ?= transformers==5.16.0
 STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
-.PHONY: install demo test lint test-lowest test-vllm typecheck bench clean gpu-wheels
+.PHONY: install demo test lint test-lowest test-vllm typecheck bench clean gpu-wheels wheel-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(STAMP) lint
 # pyflakes-class errors (unused imports and names, undefined names, shadowing) anywhere in the tree
 lint: $(STAMP)
 	$(PY) -m ruff check --select F pqc_kv_cache tests benchmarks
+
+# the package as users install it: sdist, wheel from the sdist, a non-editable install in a fresh venv,
+# checked from an empty folder outside the checkout (.ci/wheel_check)
+wheel-check: $(STAMP)
+	bash .ci/wheel_check $(abspath $(PY))
 
 # the cache tests (everything that touches transformers) on the lowest supported release
 test-lowest: $(STAMP_LOWEST)

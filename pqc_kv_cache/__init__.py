@@ -43,7 +43,7 @@ from .isolation import TenantIsolationManager
 from .rotation import KeyRotationPolicy, RotationTrigger
 from .session import TenantIdentity, TenantKeyPair, TenantSession, establish_tenant_session
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:   # the lazily imported names, for type checkers
     from .audit import KVAuditEntry, KVAuditLog

@@ -1,4 +1,5 @@
-"""Command line: ``python -m pqc_kv_cache {demo,audit,bench,info}`` (or the ``pqc-kv-cache`` script)."""
+"""Command line: ``python -m pqc_kv_cache {demo,audit,info}`` (or the ``pqc-kv-cache`` script); ``bench``
+too when run from a source checkout, whose ``benchmarks/`` it runs."""
 
 from __future__ import annotations
 
@@ -66,12 +67,18 @@ def _prog() -> str:
     return name
 
 
+def _offers_bench() -> bool:
+    from .bench import checkout_benchmarks
+    return checkout_benchmarks() is not None
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or _prog()
     parser = argparse.ArgumentParser(prog=prog, description="Encrypted, tenant-isolated, audited KV cache.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,audit,bench,info}")
+    commands = "{demo,audit,bench,info}" if _offers_bench() else "{demo,audit,info}"
+    sub = parser.add_subparsers(dest="command", required=True, metavar=commands)
     demo = sub.add_parser("demo", help="two tenants: sessions, entries, a refused access, rotation, the cache, "
                                        "the audit log",
                           description="The library end to end on a CPU: two tenants, sealed entries, a refused "
@@ -86,12 +93,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "(default: a per-user key file outside PATH's folder, see `audit keygen`)")
     demo.add_argument("--no-cache", action="store_true", help="skip the transformers part of the demo")
     demo.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="measure host crypto and audit emission against their baselines",
-                           description="Run the benchmark reports of a source checkout (benchmarks/); each "
-                                       "measures its baseline in the same run.")
-    bench.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
-    bench.add_argument("--out", metavar="FILE", default=None, help="write the results as JSON to this file")
-    bench.set_defaults(func=_bench)
+    if _offers_bench():
+        # the benchmark scripts are not in the wheel: only a source checkout's command line offers them
+        bench = sub.add_parser("bench", help="measure host crypto and audit emission against their baselines",
+                               description="Run the benchmark reports of a source checkout (benchmarks/); each "
+                                           "measures its baseline in the same run.")
+        bench.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
+        bench.add_argument("--out", metavar="FILE", default=None, help="write the results as JSON to this file")
+        bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="which host crypto path is active and why",
                           description="Print the crypto path CPU tensors get (native ipsec-mb or host "
                                       "cryptography), why, and what the native path runs on (versions, "

@@ -1,8 +1,9 @@
 """``python -m pqc_kv_cache bench``: run the benchmark reports of a source checkout.
 
 The reports live in ``benchmarks/`` beside the package (they are not part of
-the wheel); each measures its baseline in the same run and prints a markdown
-table with ratios.
+the wheel, so an installed package's command line does not offer ``bench``);
+each measures its baseline in the same run and prints a markdown table with
+ratios.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from .errors import KVCacheError
 REPORTS = ("audit_report.py", "cache_report.py")
 
 
-def benchmarks_dir() -> Path:
+def checkout_benchmarks() -> Path | None:
+    """The source checkout's ``benchmarks/`` folder this package runs from, or None (an installed wheel)."""
     here = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not (here / REPORTS[0]).is_file():
-        raise KVCacheError(f"the benchmark scripts are not installed with the package (looked in {here}): "
+    return here if all((here / name).is_file() for name in REPORTS) else None
+
+
+def benchmarks_dir() -> Path:
+    here = checkout_benchmarks()
+    if here is None:
+        raise KVCacheError(f"the benchmark scripts are not installed with the package (looked in "
+                           f"{Path(__file__).resolve().parent.parent / 'benchmarks'}): "
                            "run `bench` from a source checkout of pqc_kv_cache (make bench, or "
                            "python -m pqc_kv_cache bench in the checkout)")
     return here

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import pqc_kv_cache
+from pqc_kv_cache.errors import KVCacheError
 from pqc_kv_cache.__main__ import build_parser, main
 from pqc_kv_cache.audit import KVAuditLog, verify_log
 from pqc_kv_cache.audit.keys import load_signing_key_file
@@ -128,16 +129,24 @@ def test_the_module_names_itself_in_usage():
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m pqc_kv_cache")
 
 
-def test_bench_without_the_benchmark_scripts_says_so_without_a_traceback(tmp_path):
+def test_an_installed_package_does_not_offer_bench(tmp_path):
     # an installed wheel holds the package but not benchmarks/: copy the package alone
     shutil.copytree(ROOT / "pqc_kv_cache", tmp_path / "pqc_kv_cache",
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = _run_module("--help", cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "{demo,audit,info}" in proc.stdout and "bench" not in proc.stdout
     proc = _run_module("bench", "--quick", cwd=tmp_path, env=env)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "benchmark scripts are not installed with the package" in proc.stderr
-    assert "source checkout" in proc.stderr
+    assert "invalid choice: 'bench'" in proc.stderr
+
+
+def test_run_bench_outside_a_checkout_names_the_missing_scripts(monkeypatch):
+    from pqc_kv_cache import bench
+    monkeypatch.setattr(bench, "checkout_benchmarks", lambda: None)
+    with pytest.raises(KVCacheError, match="source checkout"):
+        bench.run_bench(quick=True)
 
 
 def test_keygen_writes_an_owner_only_key_and_never_overwrites_it(tmp_path, capsys):
