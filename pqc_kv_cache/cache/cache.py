@@ -43,6 +43,7 @@ from ..rotation import KeyRotationPolicy
 from ..session import TenantSession
 from .audit import CacheAuditor
 from .context import LayerContext, MergeSettings, Scratch, check_backend_argument
+from .guards import guard_continuous_batching
 from .layer import EncryptedLayer
 from .savefile import read_savefile, write_savefile
 from .sliding import SlidingEncryptedLayer
@@ -581,6 +582,11 @@ class EncryptedCache(Cache):
                 s.reserve(top - s.next_sequence + 1)
 
     # ---- Cache API over all layers ------------------------------------------------------------------
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # an opaque region under torch.compile: the chunk table, nonces and records are host state
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         repeats = check_int("repeats", repeats, 1)
         with self._atomic():
@@ -618,3 +624,6 @@ class EncryptedCache(Cache):
 
     def __repr__(self) -> str:
         return f"EncryptedCache(mode={self.mode!r}, sessions={len(self._sessions)}, layers={self.layers})"
+
+
+guard_continuous_batching(EncryptedCache)

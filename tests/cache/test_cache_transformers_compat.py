@@ -256,3 +256,61 @@ def test_text_generation_pipeline_with_an_encrypted_cache_matches_the_default(ki
     audit.flush()
     assert len(audit.entries(limit=None, operation="encrypt", tenant_id="alice")) == 2 * (10 + 7)
     audit.close()
+
+
+# ---- paths that would bypass the cache ------------------------------------------------------------
+HAS_CB = hasattr(transformers.GenerationMixin, "generate_batch")
+
+
+@pytest.mark.skipif(not HAS_CB, reason="this transformers has no continuous batching")
+@pytest.mark.parametrize("keyword", ["past_key_values", "cache"])
+def test_continuous_batching_refuses_an_encrypted_cache_instead_of_keeping_plaintext(keyword):
+    from pqc_kv_cache.cache.guards import ContinuousBatchingRefused
+    model = tiny_model("llama")
+    audit = KVAuditLog()
+    cache = EncryptedCache(model.config, sessions=sessions("alice")[0], audit=audit)
+    ids = prompts(1, 7, seed=31)
+    with pytest.raises(ContinuousBatchingRefused, match="continuous batching.*vLLM"):
+        model.generate_batch([ids[0].tolist()], max_new_tokens=3, **{keyword: cache})
+    with pytest.raises(ContinuousBatchingRefused, match="paged"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.generate(ids, cache_implementation="paged", max_new_tokens=3, **{keyword: cache})
+    assert cache.get_seq_length() == 0
+    audit.flush()
+    assert len(audit) == 0
+    audit.close()
+
+
+@pytest.mark.skipif(not HAS_CB, reason="this transformers has no continuous batching")
+def test_the_continuous_batching_guard_is_installed_once_and_keeps_the_signature():
+    import inspect
+
+    from transformers.generation.continuous_batching import ContinuousMixin
+
+    from pqc_kv_cache.cache.guards import guard_continuous_batching
+    before = ContinuousMixin.generate_batch
+    assert guard_continuous_batching(EncryptedCache) is True
+    assert ContinuousMixin.generate_batch is before
+    assert "inputs" in inspect.signature(before).parameters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_a_compiled_forward_generates_the_same_tokens_with_an_encrypted_cache(kind, mode):
+    model = tiny_model(kind)
+    ids = prompts(2, 9, seed=32)
+    want = generate(model, ids, max_new_tokens=6, do_sample=False)
+    audit = KVAuditLog()
+    plain_cache = EncryptedCache(model.config, sessions=sessions("alice", "bob"), audit=audit, mode=mode)
+    generate(model, ids, plain_cache, max_new_tokens=6, do_sample=False)
+    audit.flush()
+    eager_records = len(audit)
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward)
+    cache = EncryptedCache(model.config, sessions=sessions("alice", "bob"), audit=audit, mode=mode)
+    got = generate(compiled, ids, cache, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    audit.flush()
+    # the compiled run wrote the same records as the eager one: every update ran and was audited
+    assert len(audit) == 2 * eager_records
+    audit.close()
