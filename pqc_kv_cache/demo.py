@@ -101,8 +101,8 @@ def _core(audit, print_fn) -> bool:
             v = f"{name}-V{pos}".encode() * 4
             sealed[(name, pos)] = mgr.encrypt(name, KVCacheEntry(meta, k, v))
         e = sealed[(name, 0)]
-        p(f"  {name}: 3 entries, first nonce {e.nonce.hex()} (epoch ‖ counter), "
-          f"{e.plaintext_size} bytes -> {len(e.ciphertext)} with tag")
+        p(f"  {name}: 3 entries, first nonce {e.nonce} (epoch ‖ counter), "
+          f"{e.plaintext_size} bytes -> {len(e.ciphertext_bytes)} with tag")
     back = mgr.decrypt("alice", sealed[("alice", 1)])
     p(f"  alice opens her entry at position 1: {back.key_tensor_bytes[:8]!r}…")
 

@@ -79,7 +79,7 @@ class CacheEncryptor:
         epoch, counter = s.reserve(1)
         out = EncryptedEntry(entry.metadata, make_nonce(epoch, counter), b"", len(k), counter,
                              epoch, dtype, num_heads, head_dim)
-        out.ciphertext = s.cipher(epoch).encrypt(out.nonce, k + bytes(entry.value_tensor_bytes), out.aad())
+        out.ciphertext = s.cipher(epoch).encrypt(out.nonce_bytes, k + bytes(entry.value_tensor_bytes), out.aad())
         return out
 
     encrypt = encrypt_entry
@@ -203,7 +203,7 @@ class CacheDecryptor:
             if window is not None:
                 window.check(entry.sequence_number)
             try:
-                plain = cipher.decrypt(bytes(entry.nonce), bytes(entry.ciphertext), entry.aad())
+                plain = cipher.decrypt(entry.nonce_bytes, entry.ciphertext_bytes, entry.aad())
             except InvalidTag:
                 raise DecryptionError(
                     f"authentication failed for tenant {m.tenant_id!r}, layer {m.layer_idx}, "

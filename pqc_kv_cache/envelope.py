@@ -227,21 +227,23 @@ class KVCacheEntry:
                 f"value_tensor_bytes=<{len(self.value_tensor_bytes)} bytes>)")
 
 
-@dataclass(slots=True)
+@dataclass
 class EncryptedEntry:
     """One encrypted chunk in envelope v1.
 
-    ``ciphertext`` is AES-256-GCM ciphertext followed by the 16-byte tag;
-    ``key_len`` is the length of the K part of the plaintext. ``dtype``,
-    ``num_heads`` and ``head_dim`` describe the tensors where known (bound into
-    the AAD). ``sequence_number`` equals the nonce counter; an entry whose nonce
-    is not (epoch, sequence_number) is well-formed but never opens
-    (DecryptionError). ``nonce`` and ``ciphertext`` may be given as hex strings.
+    ``nonce`` and ``ciphertext`` (AES-256-GCM ciphertext followed by the
+    16-byte tag) are lowercase hex strings, as PQC KV Cache Encryption 0.1.0
+    kept them: given (or assigned) as bytes or hex, they are stored as hex;
+    ``nonce_bytes`` / ``ciphertext_bytes`` are the raw bytes. ``key_len`` is
+    the length of the K part of the plaintext. ``dtype``, ``num_heads`` and
+    ``head_dim`` describe the tensors where known (bound into the AAD).
+    ``sequence_number`` equals the nonce counter; an entry whose nonce is not
+    (epoch, sequence_number) is well-formed but never opens (DecryptionError).
     """
 
     metadata: EntryMetadata
-    nonce: bytes
-    ciphertext: bytes
+    nonce: str
+    ciphertext: str
     key_len: int
     sequence_number: int
     epoch: int = 0
@@ -258,21 +260,29 @@ class EncryptedEntry:
                     setattr(self, name, check_int(name, v))
                 except TypeError:
                     pass
-        for name in ("nonce", "ciphertext"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                try:
-                    setattr(self, name, bytes.fromhex(v))
-                except ValueError:
-                    raise MalformedEntryError(f"{name} is a str but not valid hex") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HEX_FIELDS:   # one stored form, whatever form the caller has
+            value = _as_hex(name, value)
+        object.__setattr__(self, name, value)
+
+    @property
+    def nonce_bytes(self) -> bytes:
+        """The 12-byte nonce (``nonce`` is its hex)."""
+        return _from_hex("nonce", self.nonce)
+
+    @property
+    def ciphertext_bytes(self) -> bytes:
+        """Ciphertext then the 16-byte tag (``ciphertext`` is their hex)."""
+        return _from_hex("ciphertext", self.ciphertext)
 
     @property
     def tag(self) -> bytes:
-        return self.ciphertext[-TAG_SIZE:]
+        return self.ciphertext_bytes[-TAG_SIZE:]
 
     @property
     def plaintext_size(self) -> int:
-        return len(self.ciphertext) - TAG_SIZE
+        return _hex_len(self.ciphertext) - TAG_SIZE
 
     def aad(self) -> bytes:
         """The AAD v1 this entry was sealed with."""
@@ -285,7 +295,7 @@ class EncryptedEntry:
 
     def nonce_matches(self) -> bool:
         """Whether the nonce is the (epoch, sequence_number) this project seals under."""
-        return bytes(self.nonce) == make_nonce(self.epoch, self.sequence_number)
+        return self.nonce_bytes == make_nonce(self.epoch, self.sequence_number)
 
     def validate(self) -> "EncryptedEntry":
         """Check types, lengths and ranges; raise MalformedEntryError naming the fault.
@@ -311,9 +321,9 @@ class EncryptedEntry:
             raise MalformedEntryError("tenant_id and session_id must each fit in 65535 UTF-8 bytes")
         if self.format_version != FORMAT_VERSION:
             raise MalformedEntryError(f"unsupported envelope version {self.format_version}")
-        if not isinstance(self.nonce, (bytes, bytearray)) or len(self.nonce) != NONCE_SIZE:
+        if not isinstance(self.nonce, str) or _hex_len(self.nonce) != NONCE_SIZE:
             raise MalformedEntryError(f"nonce must be {NONCE_SIZE} bytes")
-        if not isinstance(self.ciphertext, (bytes, bytearray)) or len(self.ciphertext) < TAG_SIZE:
+        if not isinstance(self.ciphertext, str) or _hex_len(self.ciphertext) < TAG_SIZE:
             raise MalformedEntryError(f"ciphertext must hold at least the {TAG_SIZE}-byte tag")
         for name, hi in (("epoch", MAX_EPOCH), ("sequence_number", MAX_COUNTER)):
             v = getattr(self, name)
@@ -346,8 +356,8 @@ class EncryptedEntry:
                                DTYPE_CODES[self.dtype], self.epoch, self.sequence_number,
                                m.layer_idx, m.position, m.position_count, m.token_id,
                                self.key_len, self.num_heads, self.head_dim, len(tid), len(sid),
-                               len(self.ciphertext), bytes(self.nonce))
-        return head + tid + sid + bytes(self.ciphertext)
+                               _hex_len(self.ciphertext), self.nonce_bytes)
+        return head + tid + sid + self.ciphertext_bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EncryptedEntry":
@@ -389,8 +399,8 @@ class EncryptedEntry:
     # ---- hex JSON form (field names of PQC KV Cache Encryption 0.1.0) -------------------
     def to_dict(self) -> dict:
         self.validate()
-        return {"metadata": self.metadata.to_dict(), "nonce": bytes(self.nonce).hex(),
-                "ciphertext": bytes(self.ciphertext).hex(), "key_len": self.key_len,
+        return {"metadata": self.metadata.to_dict(), "nonce": self.nonce,
+                "ciphertext": self.ciphertext, "key_len": self.key_len,
                 "sequence_number": self.sequence_number,
                 "position_count": self.metadata.position_count, "epoch": self.epoch,
                 "dtype": self.dtype, "num_heads": self.num_heads, "head_dim": self.head_dim,
@@ -438,6 +448,34 @@ class EncryptedEntry:
         except (ValueError, TypeError, RecursionError) as exc:
             raise MalformedEntryError(f"not JSON: {exc}") from None
         return cls.from_dict(d)
+
+
+_HEX_FIELDS = ("nonce", "ciphertext")
+
+
+def _as_hex(name: str, value: Any) -> Any:
+    """Bytes or a hex str as lowercase hex; any other type is kept for validate() to refuse."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, str):
+        try:
+            return bytes.fromhex(value).hex()   # validated and normalised (lowercase, no spaces)
+        except ValueError:
+            raise MalformedEntryError(f"{name} is a str but not valid hex") from None
+    return value
+
+
+def _from_hex(name: str, value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise MalformedEntryError(f"{name} must be bytes or a hex string, got {type(value).__name__}")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise MalformedEntryError(f"{name} is not valid hex") from None
+
+
+def _hex_len(value: str) -> int:
+    return len(value) // 2
 
 
 def _typed(d: dict, key: str, typ: type, default: Any = ...) -> Any:

@@ -276,11 +276,36 @@ def test_encrypted_entry_from_hex_strings_round_trips_through_dict():
     from pqc_kv_cache.entry import EncryptedEntry, EntryMetadata
     meta = EntryMetadata("tenant-a", "sess-1", 2, 5)
     e = EncryptedEntry(meta, nonce="aa" * 12, ciphertext="bb" * 64, key_len=32, sequence_number=9)
-    assert e.nonce == b"\xaa" * 12 and e.ciphertext == b"\xbb" * 64
+    assert e.nonce == "aa" * 12 and e.ciphertext == "bb" * 64
     back = EncryptedEntry.from_dict(e.to_dict())
     assert back == e
     assert (back.metadata, back.nonce, back.ciphertext, back.key_len, back.sequence_number) == \
-        (meta, b"\xaa" * 12, b"\xbb" * 64, 32, 9)
+        (meta, "aa" * 12, "bb" * 64, 32, 9)
+    assert back.nonce_bytes == b"\xaa" * 12 and back.ciphertext_bytes == b"\xbb" * 64
+
+
+def test_an_encrypted_entrys_nonce_and_ciphertext_are_hex_strings_as_earlier_users_read_them():
+    from pqc_kv_cache.encryptor import CacheDecryptor, CacheEncryptor
+    from pqc_kv_cache.entry import EncryptedEntry, EntryMetadata, KVCacheEntry
+    from pqc_kv_cache.errors import DecryptionError, MalformedEntryError
+    from pqc_kv_cache.session import TenantIdentity, establish_tenant_session
+    # 0.1.0 users do bytes.fromhex(enc.nonce) and build a tampered copy with ciphertext=flipped.hex()
+    s = establish_tenant_session(TenantIdentity("alice"))
+    meta = EntryMetadata("alice", s.session_id, 0, 0)
+    enc = CacheEncryptor(s).encrypt_entry(KVCacheEntry(meta, b"K" * 32, b"V" * 32))
+    assert isinstance(enc.nonce, str) and isinstance(enc.ciphertext, str)
+    assert len(bytes.fromhex(enc.nonce)) == 12 and len(bytes.fromhex(enc.ciphertext)) == 64 + 16
+    flipped = bytearray(bytes.fromhex(enc.ciphertext))
+    flipped[0] ^= 1
+    forged = EncryptedEntry(enc.metadata, enc.nonce, flipped.hex(), enc.key_len, enc.sequence_number)
+    with pytest.raises(DecryptionError):
+        CacheDecryptor(s).decrypt_entry(forged)
+    # bytes given or assigned are stored as hex too
+    forged.ciphertext = bytes(flipped)
+    assert forged.ciphertext == flipped.hex()
+    with pytest.raises(MalformedEntryError, match="not valid hex"):
+        forged.nonce = "not hex"
+    assert CacheDecryptor(s).decrypt_entry(enc).key_tensor_bytes == b"K" * 32
 
 
 def test_encrypted_entry_accepts_bytes_and_its_dict_has_the_0_1_0_keys():
@@ -314,7 +339,7 @@ def test_encrypt_entry_numbers_entries_1_2_3(session):
     out = [enc.encrypt_entry(_entry(session, p)) for p in range(3)]
     assert all(isinstance(e, EncryptedEntry) for e in out)
     assert [e.sequence_number for e in out] == [1, 2, 3]
-    assert len({e.nonce for e in out}) == 3 and all(len(e.nonce) == 12 for e in out)
+    assert len({e.nonce for e in out}) == 3 and all(len(bytes.fromhex(e.nonce)) == 12 for e in out)
     assert session.entries_encrypted == 3 and session.next_sequence == 4
 
 
@@ -376,12 +401,12 @@ def test_decrypt_entry_twice_by_one_decryptor_is_a_replay(session):
 
 
 def _flip_ciphertext(e):
-    e.ciphertext = bytes([e.ciphertext[0] ^ 0x01]) + e.ciphertext[1:]
+    e.ciphertext = bytes([e.ciphertext_bytes[0] ^ 0x01]) + e.ciphertext_bytes[1:]
 
 
 CHANGES = {
     "ciphertext byte": _flip_ciphertext,
-    "tag byte": lambda e: setattr(e, "ciphertext", e.ciphertext[:-1] + bytes([e.ciphertext[-1] ^ 0x80])),
+    "tag byte": lambda e: setattr(e, "ciphertext", e.ciphertext_bytes[:-1] + bytes([e.ciphertext_bytes[-1] ^ 0x80])),
     "layer": lambda e: setattr(e, "metadata", dataclasses.replace(e.metadata, layer_idx=e.metadata.layer_idx + 1)),
     "position": lambda e: setattr(e, "metadata", dataclasses.replace(e.metadata, position=e.metadata.position + 1)),
     "token id": lambda e: setattr(e, "metadata", dataclasses.replace(e.metadata, token_id=7)),

@@ -65,7 +65,7 @@ def test_opening_twice_is_a_replay(alice):
 
 def test_failed_tag_does_not_burn_the_counter(alice):
     e = CacheEncryptor(alice).encrypt(entry(alice))
-    bad = dataclasses.replace(e, ciphertext=bytes([e.ciphertext[0] ^ 1]) + e.ciphertext[1:])
+    bad = dataclasses.replace(e, ciphertext=bytes([e.ciphertext_bytes[0] ^ 1]) + e.ciphertext_bytes[1:])
     dec = CacheDecryptor(alice)
     with pytest.raises(DecryptionError):
         dec.decrypt(bad)
@@ -91,7 +91,7 @@ def test_changed_key_len_or_shape_fails_tag(alice):
 
 def test_error_names_tenant_layer_and_positions(alice):
     e = CacheEncryptor(alice).encrypt(entry(alice, layer=5, position=812, count=3))
-    bad = dataclasses.replace(e, ciphertext=e.ciphertext[:-1] + bytes([e.ciphertext[-1] ^ 0x80]))
+    bad = dataclasses.replace(e, ciphertext=e.ciphertext_bytes[:-1] + bytes([e.ciphertext_bytes[-1] ^ 0x80]))
     with pytest.raises(DecryptionError, match=r"alice.*layer 5.*812\.\.814") as info:
         CacheDecryptor(alice).decrypt(bad)
     assert info.value.positions == range(812, 815) and info.value.layer_idx == 5

@@ -65,9 +65,9 @@ def test_aad_layout_byte_by_byte():
 
 def test_plain_aesgcm_opens_an_entry_with_its_aad():
     e = sealed()
-    plain = AESGCM(SESSION.key_for_epoch(e.epoch)).decrypt(e.nonce, e.ciphertext, e.aad())
+    plain = AESGCM(SESSION.key_for_epoch(e.epoch)).decrypt(e.nonce_bytes, e.ciphertext_bytes, e.aad())
     assert plain == b"K" * 32 + b"V" * 32
-    assert e.key_len == 32 and e.sequence_number == split_nonce(e.nonce)[1]
+    assert e.key_len == 32 and e.sequence_number == split_nonce(e.nonce_bytes)[1]
 
 
 def test_bytes_and_dict_round_trip():
@@ -76,7 +76,7 @@ def test_bytes_and_dict_round_trip():
     assert EncryptedEntry.from_dict(e.to_dict()) == e
     assert EncryptedEntry.from_json(e.to_json()) == e
     d = e.to_dict()
-    assert d["nonce"] == e.nonce.hex() and d["ciphertext"] == e.ciphertext.hex()
+    assert d["nonce"] == e.nonce and d["ciphertext"] == e.ciphertext
     assert d["metadata"]["tenant_id"] == "alice"
 
 

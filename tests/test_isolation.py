@@ -95,7 +95,7 @@ def test_encrypting_under_another_tenants_label_is_refused_and_recorded(mgr, aud
 
 def test_failed_decrypt_is_recorded_as_failure(mgr, audit):
     e = mgr.encrypt("alice", entry(mgr, "alice", 0, 3))
-    e.ciphertext = bytes([e.ciphertext[0] ^ 1]) + e.ciphertext[1:]
+    e.ciphertext = bytes([e.ciphertext_bytes[0] ^ 1]) + e.ciphertext_bytes[1:]
     with pytest.raises(DecryptionError):
         mgr.decrypt("alice", e)
     audit.flush()

@@ -204,7 +204,7 @@ def test_cross_tenant_encrypt_with_out_of_range_fields_is_refused_and_recorded(m
 def test_failed_decrypt_with_out_of_range_fields_is_recorded(managed, layer, position):
     log, mgr, a, b = managed
     sealed = mgr.encrypt("alice", _entry(a, layer, position))
-    sealed.ciphertext = bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
+    sealed.ciphertext = bytes([sealed.ciphertext_bytes[0] ^ 1]) + sealed.ciphertext_bytes[1:]
     with pytest.raises(DecryptionError):
         mgr.decrypt("alice", sealed)
     log.flush()
@@ -249,7 +249,7 @@ def test_session_key_pair_entries_and_errors_print_no_secret():
     errors = []
     for bad in (lambda: dec.decrypt_entry(sealed),                         # replay
                 lambda: CacheDecryptor(s).decrypt_entry(EncryptedEntry(
-                    sealed.metadata, sealed.nonce, b"\0" + sealed.ciphertext[1:], sealed.key_len,
+                    sealed.metadata, sealed.nonce, b"\0" + sealed.ciphertext_bytes[1:], sealed.key_len,
                     sealed.sequence_number)),                              # tag failure
                 lambda: s.rotate_key(b"short")):
         with pytest.raises((KVCacheError, ValueError)) as info:

@@ -168,7 +168,7 @@ def test_export_entries_open_with_the_right_session_only(two):
     with pytest.raises(TenantIsolationError):
         CacheDecryptor(bob).decrypt(entries[1])
     for e in entries:
-        plain = AESGCM(alice.key_for_epoch(e.epoch)).decrypt(e.nonce, e.ciphertext, e.aad())
+        plain = AESGCM(alice.key_for_epoch(e.epoch)).decrypt(e.nonce_bytes, e.ciphertext_bytes, e.aad())
         assert len(plain) == e.plaintext_size
     assert cache.export_entries(1, 1)[0].metadata.tenant_id == "bob"
     with pytest.raises(ValueError):
