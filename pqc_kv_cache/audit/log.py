@@ -15,6 +15,7 @@ import atexit
 import json
 import logging
 import numbers
+import os
 import threading
 import time
 import weakref
@@ -61,13 +62,32 @@ def _one_seq(seq, sequence_number) -> int:
     return sequence_number
 
 
+def _path_and_max_entries(first, path, max_entries):
+    """The first positional is a path, or (as in PQC KV Cache Encryption 0.1.0) ``max_entries``; ``path=`` is a path."""
+    if path is not None:
+        if first is not None:
+            raise TypeError("KVAuditLog got its path twice: positionally and as path=")
+        first = path
+    elif isinstance(first, numbers.Integral) and not isinstance(first, (bool, np.bool_)):
+        if max_entries != 1_000_000:
+            raise TypeError(f"path must be a file path, got the int {first!r}")
+        return None, first                   # KVAuditLog(1000): max_entries as the first positional
+    if first is not None and not isinstance(first, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(first).__name__} {first!r:.80}")
+    if first is not None and not isinstance(os.fspath(first), str):
+        raise TypeError("path must be a str file path, not bytes")
+    return first, max_entries
+
+
 class KVAuditLog:
     """Audit log of KV-cache accesses: host ring -> drain thread -> columnar store (+ signed file).
 
     ``path``: persist every record to this file (format in docs/audit.md); an
     existing file is verified and continued, which needs its ``signing_key``.
     ``max_entries``: records kept in memory (older ones stay in the file); an int
-    given as the only positional argument is taken as ``max_entries``.
+    given as the only positional argument is taken as ``max_entries``. A log file
+    has one writer at a time: a second KVAuditLog on the same path (in this or
+    another process) is refused with AuditError until the first is closed.
     ``ring_records``: host ring capacity; a full ring makes emitters wait.
     ``signing_key``: ML-DSA-65 private key, its 32-byte seed, or the path of a
     key file (created, mode 0600, when the log is new and the file missing;
@@ -79,14 +99,12 @@ class KVAuditLog:
     thread waits before picking up a partly filled ring).
     """
 
-    def __init__(self, path=None, max_entries: int = 1_000_000, ring_records: int = 65536,
-                 signing_key: SigningKey | None = None, logger="pqc_kv_cache.audit", *, clock=time.time_ns,
+    def __init__(self, path_or_max_entries=None, /, max_entries: int = 1_000_000, ring_records: int = 65536,
+                 signing_key: SigningKey | None = None, logger="pqc_kv_cache.audit", *,
+                 path: str | os.PathLike[str] | None = None, clock=time.time_ns,
                  checkpoint_records: int = 65536, frame_records: int = 16384, fsync: bool = True,
                  drain_interval: float = 0.05):
-        if isinstance(path, numbers.Integral) and not isinstance(path, (bool, np.bool_)):
-            if max_entries != 1_000_000:
-                raise TypeError(f"path must be a file path, got the int {path!r}")
-            path, max_entries = None, path     # KVAuditLog(1000): max_entries as the first positional
+        path, max_entries = _path_and_max_entries(path_or_max_entries, path, max_entries)
         max_entries = check_int("max_entries", max_entries, 1)
         ring_records = check_int("ring_records", ring_records, 1)
         checkpoint_records = check_int("checkpoint_records", checkpoint_records, 1)

@@ -53,6 +53,7 @@ from .fileformat import (CKPT2_HEAD, CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, HASH_SHA
 from .keys import resolve_signing_key
 from .records import RECORD_SIZE
 from .verify import verify_log
+from .writelock import WriterLock
 
 __all__ = ["AuditSink"]
 
@@ -83,7 +84,18 @@ class AuditSink:
         self._since_locs: list[np.ndarray] = []       # locators of the records since the last signed frame
         self.tenants: dict[int, str] = {}
         self.sessions: dict[int, tuple[int, str]] = {}
-        exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        if os.path.isdir(self.path):
+            raise AuditError(f"{self.path} is a directory: path= names the log file itself, for example "
+                             f"{os.path.join(self.path, 'audit.kvlog')}")
+        self._writer = WriterLock(self.path)   # before anything is read: one writer per log
+        try:
+            self._open(signing_key)
+        except BaseException:
+            self._writer.release(remove_if_created=True)
+            raise
+
+    def _open(self, signing_key) -> None:
+        exists = os.path.getsize(self.path) > 0
         if exists and signing_key is None:
             raise AuditError(f"{self.path} exists: re-opening it needs the signing key it was written with "
                              "(keep one with signing_key='<key file>', see pqc_kv_cache.audit.keys)")
@@ -262,6 +274,7 @@ class AuditSink:
         finally:
             self.f.close()
             self.closed = True
+            self._writer.release()
 
     def _write_seal(self, reopen: bool) -> None:
         """Sign the current end of the file (length, records, frames, chain head) into ``PATH.seal``."""
@@ -283,6 +296,7 @@ class AuditSink:
             except OSError:
                 pass
             self.closed = True
+            self._writer.release()
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -301,6 +301,7 @@ def test_reopen_after_a_crash_records_the_recovery(tmp_path, capsys):
     p = tmp_path / "a.log"
     lg = write_log(p, close=False)
     lg._sink.f.flush()
+    lg._sink.abandon()                              # the process dies: its file and write lock go
     with open(p, "ab") as f:
         f.write(b"RECS\x05")                        # torn header of a frame
     with KVAuditLog(path=p, signing_key=KEY, clock=Clock(), fsync=False) as lg2:
