@@ -130,15 +130,38 @@ class TenantIsolationManager:
         with self._lock:
             return sorted(t for t, s in self._sessions.items() if s.is_valid())
 
-    def close_session(self, tenant_id: str) -> None:
-        """Erase the tenant's keys (its entries become unreadable) and record the close.
+    def close_session(self, tenant: "str | TenantSession") -> None:
+        """Erase a session's keys (its entries become unreadable) and record the close.
 
-        A tenant without a session is no error: there is nothing to close.
+        ``tenant``: a tenant id (as in PQC KV Cache Encryption 0.1.0), a session
+        id, or the TenantSession itself. A tenant or session id without a live
+        session here is no error: there is nothing to close. A TenantSession
+        this manager does not hold (replaced, or made elsewhere) is closed all
+        the same.
         """
+        if isinstance(tenant, TenantSession):
+            with self._lock:
+                held = self._sessions.get(tenant.tenant_id)
+                if held is tenant:
+                    self._drop(tenant.tenant_id, tenant, reason="closed")
+                elif not tenant.closed:
+                    tenant.close()
+                    if self.audit is not None:
+                        self.audit.log_event("close", tenant.tenant_id, tenant.session_id,
+                                             details="closed (not the tenant's current session here)")
+            return
+        if not isinstance(tenant, str):
+            raise TypeError(f"close_session takes a tenant id, a session id or a TenantSession, "
+                            f"got {type(tenant).__name__}")
         with self._lock:
-            session = self._sessions.get(tenant_id)
+            session = self._sessions.get(tenant)
             if session is not None:
-                self._drop(tenant_id, session, reason="closed")
+                self._drop(tenant, session, reason="closed")
+                return
+            for tenant_id, session in list(self._sessions.items()):
+                if session.session_id == tenant:
+                    self._drop(tenant_id, session, reason="closed")
+                    return
 
     def _drop(self, tenant_id: str, session: TenantSession, reason: str) -> None:
         del self._sessions[tenant_id]

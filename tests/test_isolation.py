@@ -180,3 +180,33 @@ def test_type_errors(mgr):
         mgr.encrypt("alice", b"x")
     with pytest.raises(TypeError):
         mgr.decrypt("alice", b"x")
+
+
+def test_close_session_takes_a_tenant_id_a_session_id_or_the_session():
+    from pqc_kv_cache.audit import KVAuditLog
+    log = KVAuditLog()
+    mgr = TenantIsolationManager(audit=log)
+    a = mgr.create_session(TenantIdentity("alice"))
+    b = mgr.create_session(TenantIdentity("bob"))
+    c = mgr.create_session(TenantIdentity("carol"))
+    mgr.close_session(a)                       # the session itself
+    mgr.close_session(b.session_id)            # its session id
+    mgr.close_session("carol")                 # the tenant id, as in 0.1.0
+    assert a.closed and b.closed and c.closed
+    assert dict(mgr.sessions) == {}
+    mgr.close_session("nobody")                # an unknown tenant stays no error
+    mgr.close_session("urn:pqc-kv-sess:" + "0" * 32)
+    log.flush()
+    assert len(log.entries(operation="close", limit=10)) == 3
+    with pytest.raises(TypeError, match="tenant id, a session id or a TenantSession"):
+        mgr.close_session(42)
+
+
+def test_close_session_of_a_replaced_session_closes_that_one_only():
+    mgr = TenantIsolationManager()
+    old = mgr.create_session(TenantIdentity("alice"))
+    old.expires_at = "2000-01-01T00:00:00+00:00"
+    new = mgr.create_session(TenantIdentity("alice"))
+    assert new is not old
+    mgr.close_session(old)
+    assert old.closed and not new.closed and mgr.sessions["alice"] is new
