@@ -132,3 +132,12 @@ def test_default_key_path_lies_outside_the_logs_folder(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_DIR_ENV)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     assert default_key_path("audit.kvlog").parent == tmp_path / "cfg" / "pqc_kv_cache" / "keys"
+
+
+def test_the_test_suite_keeps_keys_out_of_the_users_home():
+    # tests/conftest.py points HOME and the XDG folders at a temporary folder for the whole run
+    import pwd
+
+    from pqc_kv_cache.audit.keys import default_key_dir
+    real_home = pwd.getpwuid(os.getuid()).pw_dir
+    assert not str(default_key_dir()).startswith(real_home + os.sep)
