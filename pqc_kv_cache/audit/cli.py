@@ -24,6 +24,7 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import KVCacheError
+from .fileformat import MAGIC, pub_path
 from .keys import generate_signing_key_file, public_key_fingerprint_hex
 from .records import NONE16, OP_NAMES, Status, op_from_name
 from .verify import verify_log
@@ -116,12 +117,32 @@ def register(subparsers) -> argparse.ArgumentParser:
     return audit
 
 
-def _missing_log(command: str, path: str) -> bool:
-    """Say so, rather than let the first file looked at (the public key) name itself as missing."""
-    if os.path.exists(path):
+def _missing_log(command: str, path: str, public_key: str | None = None) -> bool:
+    """Say what is wrong with ``path`` itself (missing, a folder, not a log), rather than let the
+    first file looked at (the public key beside it) name itself as missing."""
+    if not os.path.exists(path):
+        problem = "no audit log at " + path
+    elif os.path.isdir(path):
+        logs = sorted(n for n in os.listdir(path) if n.endswith((".kvlog", ".log")))[:3]
+        hint = f" (it holds {', '.join(logs)})" if logs else ""
+        problem = f"{path} is a directory; give the audit log file itself{hint}"
+    elif not os.path.isfile(path):
+        problem = f"{path} is not a regular file"
+    elif public_key is None and not os.path.exists(pub_path(path)) and not _starts_like_a_log(path):
+        problem = (f"{path} is not a pqc_kv_cache audit log (it does not start with the "
+                   f"{MAGIC.decode()} header)")
+    else:
         return False
-    print(f"audit {command}: no audit log at {path}", file=sys.stderr)
+    print(f"audit {command}: {problem}", file=sys.stderr)
     return True
+
+
+def _starts_like_a_log(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return True   # unreadable: verify says why
 
 
 def _keygen(args) -> int:
@@ -151,7 +172,7 @@ def _keygen(args) -> int:
 
 
 def _verify(args) -> int:
-    if _missing_log("verify", args.path):
+    if _missing_log("verify", args.path, args.public_key):
         return EXIT_UNREADABLE
     try:
         rep = verify_log(args.path, args.public_key)
@@ -191,7 +212,7 @@ def _show(args) -> int:
     except ValueError as e:
         print(f"audit show: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
-    if _missing_log("show", args.path):
+    if _missing_log("show", args.path, args.public_key):
         return EXIT_UNREADABLE
 
     def select(recs, rep):

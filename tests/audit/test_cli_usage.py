@@ -176,3 +176,20 @@ def test_keygen_that_cannot_write_the_public_key_keeps_no_private_key(tmp_path, 
     existing.write_bytes(b"x")
     assert main(["audit", "keygen", str(key), "--public-key", str(existing)]) == 2
     assert not key.exists() and existing.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("command", ["verify", "show"])
+def test_verify_and_show_name_what_is_wrong_with_the_path_before_any_public_key(command, tmp_path, capsys):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "audit.kvlog").write_bytes(b"")
+    assert main(["audit", command, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder} is a directory; give the audit log file itself (it holds audit.kvlog)" in err
+    assert ".pub" not in err
+    other = tmp_path / "notes.txt"
+    other.write_text("not a log\n")
+    assert main(["audit", command, str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a pqc_kv_cache audit log (it does not start with the PQCAUDIT header)" in err
+    assert ".pub" not in err
