@@ -119,6 +119,9 @@ def write_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession], m
     digest = hashlib.sha256(prefix + body).digest()
     tags = b"".join(manifest_tag(s, i, int(s.epoch), file_id, len(layers), digest) for i, s in enumerate(sessions))
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SaveFileError(f"cannot save to {path}: the folder {folder} does not exist (create it first)")
     tmp = f"{path}.tmp-{os.getpid()}-{file_id.hex()[:8]}"
     try:
         with open(tmp, "wb") as f:
@@ -130,9 +133,11 @@ def write_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession], m
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):   # named after the file asked for, not the temporary one beside it
+            raise SaveFileError(f"cannot save to {path}: {exc.strerror or exc}") from None
         raise
     return file_id
 

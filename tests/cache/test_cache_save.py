@@ -401,3 +401,21 @@ def test_a_row_pointed_at_another_sessions_chunk_is_refused(tmp_path, saved, two
     layer["refs"][1] = layer["refs"][0]      # segment 0: row 1 (bob) takes row 0's (alice's) chunk
     write(tmp_path / "a", parts, manifest=m, retag_with=two)
     assert "another session" in str(refused(tmp_path / "a", two))
+
+
+def test_saving_into_a_missing_folder_names_the_folder_not_a_temporary_file(tmp_path, two):
+    cache, _, _ = filled(two)
+    target = tmp_path / "no" / "such" / "cache.pkvf"
+    with pytest.raises(SaveFileError, match=r"cannot save to .*cache\.pkvf: the folder .*such does not exist") as ei:
+        cache.save(target)
+    assert ".tmp" not in str(ei.value)
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            return   # root writes anywhere: nothing more to check here
+        with pytest.raises(SaveFileError, match=r"cannot save to .*ro/cache\.pkvf: Permission denied") as ei:
+            cache.save(tmp_path / "ro" / "cache.pkvf")
+        assert ".tmp" not in str(ei.value)
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
