@@ -43,7 +43,7 @@ from ..rotation import KeyRotationPolicy
 from ..session import TenantSession
 from .audit import CacheAuditor
 from .context import LayerContext, MergeSettings, Scratch, check_backend_argument
-from .guards import guard_continuous_batching
+from .guards import guard_continuous_batching, refuse_unsupported
 from .layer import EncryptedLayer
 from .savefile import read_savefile, write_savefile
 from .sliding import SlidingEncryptedLayer
@@ -132,11 +132,8 @@ class EncryptedCache(Cache):
     def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], audit: KVAuditLog | None = None,
                  policy: KeyRotationPolicy | None = None, backend: CryptoBackend | None = None,
                  merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8,
-                 rows_per_session: int | None = None, mode: str = "sealed"):
-        if not hasattr(config, "get_text_config"):
-            raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
-        if getattr(config, "is_encoder_decoder", False):
-            raise ValueError("EncryptedCache supports decoder-only models; this config is encoder-decoder")
+                 rows_per_session: int | None = None, mode: str = "sealed", **unsupported):
+        refuse_unsupported(type(self).__name__, config, unsupported)
         if isinstance(sessions, TenantSession):
             sessions = [sessions]
         if not isinstance(sessions, (list, tuple)) or not sessions:

@@ -1,4 +1,7 @@
-"""transformers paths that would silently bypass an EncryptedCache, refused where the call names one.
+"""transformers paths an EncryptedCache does not take, refused with what to do instead.
+
+``refuse_unsupported``: the cache's own constructor, for configs and keywords of transformers' other
+cache classes (encoder-decoder models, ``offloading=``, ``max_cache_len=``).
 
 Continuous batching (``model.generate_batch`` and ``generate(..., cache_implementation="paged")``)
 keeps every request's K/V in transformers' own paged cache and ignores a ``past_key_values`` /
@@ -30,6 +33,32 @@ def _refuse_encrypted_cache(kwargs: dict, cache_type: type) -> None:
                 f"Use model.generate(..., {name}=cache) without cache_implementation='paged' (batch the "
                 f"requests' rows, one session per row), or serve with vLLM through "
                 f"pqc_kv_cache.vllm (docs/vllm.md)")
+
+
+_INSTEAD = {
+    "offloading": ("transformers' offloading copies plaintext K/V to the CPU. EncryptedCache moves only "
+                   "ciphertext: use mode='working_set' with cache.release() between requests (the plaintext is "
+                   "zeroed, the ciphertext stays), or each layer's offload() / prefetch()"),
+    "max_cache_len": ("EncryptedCache grows with the sequence as DynamicCache does, and takes no max_cache_len "
+                      "(a preallocated, StaticCache-like form is not available yet); drop the argument, and "
+                      "bound the length with generate(max_new_tokens=...)"),
+}
+
+
+def refuse_unsupported(name: str, config, unsupported: dict) -> None:
+    """Refuse a config or keywords the cache cannot honour, each with what to do instead."""
+    if not hasattr(config, "get_text_config"):
+        raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} supports decoder-only models; this {type(config).__name__} is encoder-decoder (transformers "
+            f"keeps two caches there, in an EncoderDecoderCache). Use a decoder-only model (Llama, Mistral, Qwen2, "
+            f"GPT-NeoX, ...) with {name}, or generate without it")
+    for key in unsupported:
+        if key in _INSTEAD:
+            raise TypeError(f"{name}() does not take {key}=: {_INSTEAD[key]}")
+    if unsupported:
+        raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(sorted(unsupported))}")
 
 
 def guard_continuous_batching(cache_type: type) -> bool:

@@ -314,3 +314,20 @@ def test_a_compiled_forward_generates_the_same_tokens_with_an_encrypted_cache(ki
     # the compiled run wrote the same records as the eager one: every update ran and was audited
     assert len(audit) == 2 * eager_records
     audit.close()
+
+
+# ---- refusals say what to do instead ----------------------------------------------------------------
+@pytest.mark.parametrize("keyword,instead", [("offloading", "mode='working_set'.*release\\(\\)"),
+                                             ("max_cache_len", "drop the argument")])
+def test_other_cache_classes_keywords_are_refused_with_what_to_do_instead(keyword, instead):
+    with pytest.raises(TypeError, match=rf"does not take {keyword}=: .*{instead}"):
+        EncryptedCache(tiny_model("llama").config, sessions=sessions("alice")[0], **{keyword: 64})
+    with pytest.raises(TypeError, match="unexpected keyword argument.*colour"):
+        EncryptedCache(tiny_model("llama").config, sessions=sessions("alice")[0], colour=1)
+
+
+@pytest.mark.parametrize("config_name", ["T5Config", "BartConfig"])
+def test_an_encoder_decoder_config_is_refused_naming_what_works(config_name):
+    config = getattr(transformers, config_name)()
+    with pytest.raises(ValueError, match=rf"{config_name} is encoder-decoder.*Use a decoder-only model"):
+        EncryptedCache(config, sessions=sessions("alice")[0])
