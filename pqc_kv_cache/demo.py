@@ -55,6 +55,13 @@ def run_demo(audit_path: str | os.PathLike[str] | None = None, with_cache: bool 
     finally:
         if tmp is not None:
             tmp.cleanup()
+            print_fn(f"\nThe demo's audit log ({audit_path}) was in a temporary folder, removed now; run "
+                     f"`python -m pqc_kv_cache demo --audit-path demo.kvlog` to keep it, then "
+                     f"`python -m pqc_kv_cache audit verify demo.kvlog` or `audit show demo.kvlog`.")
+        else:
+            print_fn(f"\nThe demo's audit log is kept at {audit_path}: `python -m pqc_kv_cache audit verify "
+                     f"{audit_path}` checks it, `audit show {audit_path}` lists it; running the demo again "
+                     f"with the same --audit-path continues it.")
 
 
 def _run(audit_path: str, signing_key, with_cache: bool, print_fn) -> int:

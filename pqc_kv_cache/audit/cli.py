@@ -241,21 +241,12 @@ def _show(args) -> int:
     out = sys.stdout
     if len(sel) == 0:
         print("audit show: no matching records", file=sys.stderr)
-    elif not args.json:
-        out.write(f"{'record':>10} {'time (UTC)':32} {'operation':19} {'status':11} {'tenant':16} "
-                  f"{'session':12} {'layer':>5} {'row':>5} {'positions':>13} {'nonce':>10} {'epoch':>5} "
-                  f"{'bytes':>8}  details\n")
-    for r in sel:
-        d = _row(r, rep)
-        if args.json:
+    rows = [_row(r, rep) for r in sel]
+    if args.json:
+        for d in rows:
             out.write(json.dumps(d) + "\n")
-        else:
-            pos = "-" if d["position_count"] == 0 else \
-                f"{d['position']}..{d['position'] + d['position_count'] - 1}"
-            out.write(f"{d['record_number']:>10} {d['timestamp']:32} {d['operation']:19} {d['status']:11} "
-                      f"{d['tenant_id']:16} {d['session_id']:12} {str(d['layer_idx']):>5} "
-                      f"{'-' if d['row'] is None else d['row']:>5} {pos:>13} {d['sequence_number']:>10} "
-                      f"{d['epoch']:>5} {d['nbytes']:>8}  {d['details'] or ''}\n")
+    elif rows:
+        out.write("\n".join(format_table(rows)) + "\n")
     if not rep.ok:
         print(f"audit show: log FAILED verification: {rep.error}", file=sys.stderr)
         return EXIT_INTEGRITY
@@ -266,6 +257,45 @@ def _show(args) -> int:
         print(f"audit show: the log was not closed (crash); records after the last checkpoint "
               f"({rep.unsigned_frames} unsigned frame(s)) are unsigned", file=sys.stderr)
     return EXIT_OK
+
+
+TABLE_WIDTH = 120
+# the only operation name longer than the column; --operation still takes the full name
+_SHORT_OPS = {"isolation-violation": "violation"}
+
+
+def _fit(text: str, width: int, keep_end: bool = False) -> str:
+    """``text`` cut to ``width`` with an ellipsis (at the start where the end tells entries apart)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if keep_end else text[:width - 1] + "…"
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    """Records as a table of at most TABLE_WIDTH columns, with a legend line (``--json`` has every field)."""
+    days = {d["timestamp"][:10] for d in rows}
+    one_day = len(days) == 1
+    tw = 8 if one_day else 14
+    head = (f"{'record':>7} {'time':<{tw}} {'operation':<12} {'status':<11} {'tenant':<10} {'session':<10} "
+            f"{'layer':>5} {'row':>4} {'positions':>11} {'nonce':>10} {'bytes':>8} ")
+    lines = [f"times UTC{' on ' + days.pop() if one_day else ''}; session: the end of its id; "
+             f"long text is cut (…): --json shows every field whole",
+             "nonce: epoch:counter of the record's first nonce (the 12-byte AES-GCM nonce is epoch u32 ‖ "
+             "counter u64; - for none)",
+             head + "details", "-" * TABLE_WIDTH]
+    room = TABLE_WIDTH - len(head)
+    for d in rows:
+        ts = d["timestamp"]
+        when = ts[11:19] if one_day else ts[5:10] + " " + ts[11:19]
+        pos = "-" if d["position_count"] == 0 else f"{d['position']}..{d['position'] + d['position_count'] - 1}"
+        row = "-" if d["row"] is None else str(d["row"])
+        op = _SHORT_OPS.get(d["operation"], d["operation"])
+        nonce = f"{d['epoch']}:{d['sequence_number']}" if d["sequence_number"] > 0 else "-"   # counters start at 1
+        lines.append(f"{d['record_number']:>7} {when:<{tw}} {_fit(op, 12):<12} {d['status']:<11} "
+                     f"{_fit(d['tenant_id'], 10):<10} {_fit(d['session_id'], 10, True):<10} "
+                     f"{str(d['layer_idx']):>5} {row:>4} {_fit(pos, 11, True):>11} {_fit(nonce, 10, True):>10} "
+                     f"{d['nbytes']:>8} {_fit(d['details'] or '', room)}".rstrip())
+    return lines
 
 
 def _row(r, rep) -> dict:
