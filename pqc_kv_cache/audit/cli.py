@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import os
 import sys
+import textwrap
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -278,8 +279,8 @@ def format_table(rows: list[dict]) -> list[str]:
     tw = 8 if one_day else 14
     head = (f"{'record':>7} {'time':<{tw}} {'operation':<12} {'status':<11} {'tenant':<10} {'session':<10} "
             f"{'layer':>5} {'row':>4} {'positions':>11} {'nonce':>10} {'bytes':>8} ")
-    lines = [f"times UTC{' on ' + days.pop() if one_day else ''}; session: the end of its id; "
-             f"long text is cut (…): --json shows every field whole",
+    lines = [f"times UTC{' on ' + days.pop() if one_day else ''}; session: the end of its id (…); "
+             f"long details on lines of their own; --json: every field whole",
              "nonce: epoch:counter of the record's first nonce (the 12-byte AES-GCM nonce is epoch u32 ‖ "
              "counter u64; - for none)",
              head + "details", "-" * TABLE_WIDTH]
@@ -290,11 +291,15 @@ def format_table(rows: list[dict]) -> list[str]:
         pos = "-" if d["position_count"] == 0 else f"{d['position']}..{d['position'] + d['position_count'] - 1}"
         row = "-" if d["row"] is None else str(d["row"])
         op = _SHORT_OPS.get(d["operation"], d["operation"])
+        details = d["details"] or ""
         nonce = f"{d['epoch']}:{d['sequence_number']}" if d["sequence_number"] > 0 else "-"   # counters start at 1
         lines.append(f"{d['record_number']:>7} {when:<{tw}} {_fit(op, 12):<12} {d['status']:<11} "
                      f"{_fit(d['tenant_id'], 10):<10} {_fit(d['session_id'], 10, True):<10} "
                      f"{str(d['layer_idx']):>5} {row:>4} {_fit(pos, 11, True):>11} {_fit(nonce, 10, True):>10} "
-                     f"{d['nbytes']:>8} {_fit(d['details'] or '', room)}".rstrip())
+                     f"{d['nbytes']:>8} {details if len(details) <= room else ''}".rstrip())
+        if len(details) > room:   # on lines of their own, under the table's columns
+            lines.extend(textwrap.wrap(details, TABLE_WIDTH, initial_indent=" " * 8 + "details: ",
+                                       subsequent_indent=" " * 17))
     return lines
 
 

@@ -331,8 +331,8 @@ def test_show_filters_by_tenant_layer_position_operation(logfile, capsys):
     rows = [json.loads(line) for line in out.out.splitlines()]
     assert rc == 0 and rows and all(r["tenant_id"] == "alice" and r["layer_idx"] == 5 for r in rows)
     rc, out = run_cli("show", logfile, "--position", "2", "--operation", "isolation-violation", capsys=capsys)
-    lines = out.out.splitlines()   # two legend lines, the header, the rule, then the one record
-    assert rc == 0 and len(lines) == 5 and "mallory" in lines[4] and "probe" in lines[4]
+    lines = out.out.splitlines()   # two legend lines, the header, the rule, then the one record and its details
+    assert rc == 0 and len(lines) == 6 and "mallory" in lines[4] and "probe" in lines[5]
     rc, out = run_cli("show", logfile, "--operation", "delete", capsys=capsys)
     assert rc == 2
 
