@@ -18,12 +18,15 @@ CONNECTOR_MODULE = "pqc_kv_cache.vllm.connector"
 
 
 def kv_transfer_config(storage_path: str, key_service: str, audit_log: str, server_secret: str, *,
-                       load_failure_policy: str = "recompute") -> dict:
+                       audit_signing_key: str | None = None, load_failure_policy: str = "recompute") -> dict:
     """The ``kv_transfer_config`` that loads the connector (paths only; no key material): the store, the key
-    service's socket, the worker's audit log and the server secret's key file."""
+    service's socket, the worker's audit log, the server secret's key file, and the audit log's signing key
+    file (default: ``pqc_kv_cache.audit.keys.default_key_path(audit_log)``; created when the log is new)."""
     if load_failure_policy not in ("recompute", "fail"):
         raise ValueError("load_failure_policy must be 'recompute' or 'fail'")
+    extra = {"storage_path": storage_path, "key_service": key_service, "audit_log": audit_log,
+             "server_secret": server_secret}
+    if audit_signing_key is not None:
+        extra["audit_signing_key"] = audit_signing_key
     return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both",
-            "kv_load_failure_policy": load_failure_policy,
-            "kv_connector_extra_config": {"storage_path": storage_path, "key_service": key_service,
-                                          "audit_log": audit_log, "server_secret": server_secret}}
+            "kv_load_failure_policy": load_failure_policy, "kv_connector_extra_config": extra}

@@ -249,7 +249,7 @@ class KVBlockStore:
                 # goes on computing; the refusal is on record
                 self._failed_saves.add(p.req_id)
                 self.log.log_encrypt(p.tenant_id, p.session_id, layer, p.first_block * bs,
-                                     position_count=n * bs, success=False, details=f"save refused: {e}")
+                                     position_count=n * bs, success=False, details=f"save refused (request {p.req_id}): {e}")
                 continue
             # one key slot per block: its AAD's session tag binds the session and the block's token prefix
             cols["slot"].append(np.arange(len(keys), len(keys) + n, dtype=np.int64))
@@ -309,7 +309,7 @@ class KVBlockStore:
                     # a full disk or a planted link: this prefix is not stored, vLLM goes on; on record once
                     self._failed_saves.add(p.req_id)
                     self.log.log_encrypt(p.tenant_id, p.session_id, s.layer, p.first_block * bs,
-                                         position_count=n * bs, success=False, details=f"save failed: {e}")
+                                         position_count=n * bs, success=False, details=f"save failed (request {p.req_id}): {e}")
         want = sorted(set(layers))
         written = []
         for p in parts:
@@ -326,7 +326,7 @@ class KVBlockStore:
                 write_index(p.directory, p.num_tokens, bs, want, p.parts)
             except OSError as e:
                 self.log.log_encrypt(p.tenant_id, p.session_id, want[0], 0, position_count=p.num_tokens,
-                                     success=False, details=f"save failed: index: {e}")
+                                     success=False, details=f"save failed (request {p.req_id}): index: {e}")
                 continue
             written.append(p.directory)
         return written
@@ -399,7 +399,7 @@ class KVBlockStore:
                     why = why or f"load refused: {e}"
                     self.log.log_decrypt(req.tenant_id, req.session_id, layer, req.first_block * bs,
                                          position_count=len(req.block_ids) * bs, success=False,
-                                         details=f"load refused: {e}")
+                                         details=f"load refused (request {req.req_id}): {e}")
             if why is not None:
                 refused.append(req)
             else:

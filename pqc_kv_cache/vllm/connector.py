@@ -22,6 +22,7 @@ nonce counters come from the key service. Storage layout and file format: ``pqc_
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..audit import KVAuditLog
+from ..audit.keys import default_key_path
 from ..backends import select_backend
 from .blocks import KVBlockStore, LoadRequest, SavePart
 from .keyservice import KeyClient
@@ -145,8 +147,12 @@ class PQCKVConnector(KVConnectorBase_V1):
             if not socket_path or not audit_path:
                 raise ValueError("PQCKVConnector (worker) needs kv_connector_extra_config['key_service'] and "
                                  "['audit_log']")
+            # a signing key kept in a file (by default beside the user's other audit keys, outside the log's
+            # folder), so that a restarted worker continues the same log rather than failing to start
+            signing = cfg.get_from_extra_config("audit_signing_key", None) or str(default_key_path(audit_path))
             self._keys = KeyClient(socket_path)
-            self._audit = KVAuditLog(audit_path)
+            self._audit = KVAuditLog(audit_path, signing_key=signing)
+            atexit.register(self._close_audit)      # sealed when the worker exits without a shutdown call
 
     # ------------------------------------------------------------------ scheduler side
     def _init_scheduler_state(self, block_size: int, storage: str, secret: ServerSecret) -> None:
@@ -326,7 +332,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         assert self._audit is not None and self._store is not None
         for r in meta.refusals:
             # the salt is a MAC: whose tenant (if any) it belongs to is not known here
-            self._audit.log_isolation_violation(r.tenant_id, "unknown", r.reason, session_id=r.session_id)
+            self._audit.log_isolation_violation(r.tenant_id, "unknown", f"{r.reason} (request {r.req_id})",
+                                               session_id=r.session_id)
         # every layer's blocks of every load of the step, enqueued before the forward reads them; a failed
         # chunk's block is zeroed and reported by get_block_ids_with_load_errors
         self._store.load(meta.loads, self._layers)
@@ -356,10 +363,14 @@ class PQCKVConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._store.load_errors() if self._store is not None else set()
 
+    def _close_audit(self) -> None:
+        if self._audit is not None:
+            audit, self._audit = self._audit, None
+            audit.close(timeout=30)
+
     def shutdown(self):
         if self._store is not None:
             self._store.close()
             self._store = None
-        if self._audit is not None:
-            self._audit.close()
-            self._audit = None
+        self._close_audit()
+        atexit.unregister(self._close_audit)
