@@ -35,19 +35,21 @@ def main() -> None:
 
     from pqc_kv_cache.isolation import TenantIsolationManager
     from pqc_kv_cache.session import TenantKeyPair
-    from pqc_kv_cache.vllm import KeyService, kv_transfer_config, request_fields
+    from pqc_kv_cache.vllm import KeyService, generate_server_secret_file, kv_transfer_config, request_fields
 
     d = tempfile.mkdtemp(prefix="bench-vllm-")
     model = save_tiny_llama(os.path.join(d, "model"))
     manager = TenantIsolationManager()
     session = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
-    fields = request_fields("tenant-a", session.session_id)
+    secret_path = os.path.join(d, "secret", "server.key")
+    fields = request_fields(generate_server_secret_file(secret_path), "tenant-a", session.session_id)
     stored = (args.tokens - 1) // BS * BS
     with KeyService(manager, os.path.join(d, "keys")) as service:
         common = dict(model=model, dtype="float32", enforce_eager=True, block_size=BS, max_model_len=512, seed=0)
         engines = {
             "pqc": LLM(**common, kv_transfer_config=KVTransferConfig(**kv_transfer_config(
-                os.path.join(d, "pqc"), service.path, os.path.join(d, "audit.log")))),
+                os.path.join(d, "pqc"), service.path, os.path.join(d, "audit.log"), secret_path,
+                audit_signing_key=os.path.join(d, "audit.key")))),
             "example": LLM(**common, kv_transfer_config=KVTransferConfig(
                 kv_connector="ExampleConnector", kv_role="kv_both",
                 kv_connector_extra_config={"shared_storage_path": os.path.join(d, "example")})),

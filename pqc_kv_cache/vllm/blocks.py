@@ -33,19 +33,13 @@ backend's ``pending_failures(owner)`` (which waits for the device and writes eac
 AUTH_FAILED record into the log) and the status tensors. vLLM calls it after the forward, when it reads
 the step's output anyway; ``wait_for_layer_load`` runs inside the forward, where a wait would stall it.
 
-Files: ``<storage>/<tenant tag hex>/<prefix hash>/L<layer>-p<pos>.pkvb``, one per layer and saved part
-(``pos`` = the part's first position); ``index.json`` (format ``pqc_kv_cache/vllm-prefix-2``) names the
-parts and is written last. A ``.pkvb`` file is a 4-byte big-endian header length, a JSON header (format
-``pqc_kv_cache/vllm-layer-1``: session, epoch, layer, shape, dtype, per chunk its position start and
-count, nonce counter, offset and length) and the chunks' ciphertexts, each with its tag, back to back.
+Files, names, the prefix chain hash bound into each chunk's AAD, and the checks on hostile files:
+``pqc_kv_cache.vllm.storefiles``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -54,19 +48,15 @@ import torch
 
 from ..audit import KVAuditLog
 from ..backends import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
-from ..envelope import session_tag, tenant_tag
+from ..envelope import tenant_tag
 from ..errors import DecryptionError, KVCacheError
+from .storefiles import (MalformedStoreError, bound_session_tag, encode_layer, layer_file, make_private_dirs,
+                         read_stored_layer, write_atomic, write_index)
 
-__all__ = ["LAYOUTS", "kv_block_views", "prefix_dir", "read_stored_layer", "read_index", "MalformedStoreError",
-           "SavePart", "LoadRequest", "KVBlockStore", "INDEX", "LAYER_FORMAT", "PREFIX_FORMAT"]
+__all__ = ["LAYOUTS", "kv_block_views", "SavePart", "LoadRequest", "KVBlockStore"]
 
-INDEX = "index.json"
-LAYER_FORMAT = "pqc_kv_cache/vllm-layer-1"
-PREFIX_FORMAT = "pqc_kv_cache/vllm-prefix-2"
 TAG = 16
-RESERVE_BATCH = 4096
 WINDOW = 1 << 15          # blocks per call window: an audit record's row is 16 bits (0xFFFF = none)
-_HDR = struct.Struct(">I")
 
 #: layout name -> what it is (see kv_block_views)
 LAYOUTS = {
@@ -99,58 +89,6 @@ def kv_block_views(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torc
     raise ValueError(f"unknown KV block layout {layout!r}; known: {sorted(LAYOUTS)}")
 
 
-def prefix_dir(storage_path: str, tenant_id: str, token_ids, block_size: int) -> str:
-    """The directory of a tenant's stored prefix ``token_ids`` (already block-aligned)."""
-    h = hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes())
-    h.update(b"bs=%d" % block_size)
-    return os.path.join(storage_path, tenant_tag(tenant_id).hex(), h.hexdigest())
-
-
-class MalformedStoreError(KVCacheError):
-    """A stored KV file is missing, truncated, of another format version or not the connector's."""
-
-
-def layer_file(directory: str, layer: int, pos_start: int) -> str:
-    return os.path.join(directory, f"L{layer}-p{pos_start}.pkvb")
-
-
-def read_stored_layer(path: str) -> tuple[dict, bytes]:
-    """(header, ciphertext bytes) of one stored layer file; MalformedStoreError if it is not one of this
-    format version."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        (n,) = _HDR.unpack_from(data, 0)
-        header = json.loads(data[_HDR.size:_HDR.size + n])
-    except (OSError, struct.error, ValueError) as e:
-        raise MalformedStoreError(f"{path}: not a stored KV layer ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != LAYER_FORMAT:
-        raise MalformedStoreError(f"{path}: not a {LAYER_FORMAT} file (format "
-                                  f"{header.get('format') if isinstance(header, dict) else None!r})")
-    if not isinstance(header.get("chunks"), list):
-        raise MalformedStoreError(f"{path}: header without chunks")
-    return header, data[_HDR.size + n:]
-
-
-def read_index(directory: str) -> dict | None:
-    """The index of a stored prefix, or None if there is none of this format version (no hit)."""
-    try:
-        with open(os.path.join(directory, INDEX)) as f:
-            index = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(index, dict) or index.get("format") != PREFIX_FORMAT:
-        return None
-    return index
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 @dataclass
 class SavePart:
     """Blocks of one request to seal in this step: ``block_ids[i]`` holds positions
@@ -162,6 +100,7 @@ class SavePart:
     session_id: str
     directory: str
     block_ids: list[int]
+    chains: list[bytes]                               # the chain hash of each block (storefiles.chain_hashes)
     first_block: int
     num_tokens: int                                   # the whole stored prefix (a multiple of the block size)
     parts: list[tuple[int, int]] | None = None
@@ -177,6 +116,7 @@ class LoadRequest:
     session_id: str
     directory: str
     block_ids: list[int]
+    chains: list[bytes]                               # the chain hash of each block (storefiles.chain_hashes)
     first_block: int
     num_tokens: int
     parts: list[tuple[int, int]] = field(default_factory=list)
@@ -223,6 +163,7 @@ class KVBlockStore:
         self.block_size, self.layout = block_size, layout
         self._reservations: dict[tuple[str, str], list] = {}
         self._open_keys: dict[tuple[str, str, int], bytes] = {}
+        self._step_need: dict[tuple[str, str], int] = {}
         self._failed_saves: set[str] = set()
         self._saved: dict[str, set[tuple[int, int]]] = {}   # req -> (layer, part's first block) on disk
         self._sealed: list[_Sealed] = []
@@ -238,14 +179,29 @@ class KVBlockStore:
             raise ValueError(f"the KV block tensor has blocks of {k.shape[2]} positions, not {self.block_size}")
 
     def _audit(self, slots: list[tuple[str, str]]) -> AuditContext:
-        return AuditContext(self.log, np.array([self.log.tenant_index(t) for t, _ in slots], np.uint32),
-                            np.array([self.log.session_index(s, t) for t, s in slots], np.uint32))
+        idx: dict[tuple[str, str], tuple[int, int]] = {}
+        for t, s in slots:        # a slot per block: look each (tenant, session) up once
+            if (t, s) not in idx:
+                idx[(t, s)] = (self.log.tenant_index(t), self.log.session_index(s, t))
+        both = np.array([idx[ts] for ts in slots], np.uint32).reshape(-1, 2)
+        return AuditContext(self.log, np.ascontiguousarray(both[:, 0]), np.ascontiguousarray(both[:, 1]))
+
+    def begin_step(self, parts: Sequence[SavePart], num_layers: int) -> None:
+        """Forget every key and nonce reservation of earlier steps, so that a session closed, expired or
+        rotated since is refused or sealed under its new epoch from this step on; the counters this step's
+        ``parts`` need in ``num_layers`` layers are then reserved with one request per session."""
+        self._reservations.clear()
+        self._open_keys.clear()
+        self._step_need = {}
+        for p in parts:
+            key = (p.tenant_id, p.session_id)
+            self._step_need[key] = self._step_need.get(key, 0) + len(p.block_ids) * max(num_layers, 1)
 
     def _nonces(self, tenant: str, session: str, n: int) -> tuple[int, int, bytes]:
-        """(epoch, first counter, key) for ``n`` chunks, from the current reservation or a new one."""
+        """(epoch, first counter, key) for ``n`` chunks, from the step's reservation or a new one."""
         r = self._reservations.get((tenant, session))
         if r is None or r[2] - r[1] < n:
-            res = self.keys.reserve(tenant, session, max(n, RESERVE_BATCH))
+            res = self.keys.reserve(tenant, session, max(n, self._step_need.pop((tenant, session), n)))
             r = [res.epoch, res.first, res.first + res.count, res.key]
             self._reservations[(tenant, session)] = r
         first = r[1]
@@ -275,7 +231,6 @@ class KVBlockStore:
         layout = self._chunk_layout(layer, k)
         bs = self.block_size
         chunk_bytes = bs * layout.bytes_per_position
-        slots: dict[tuple[str, str, int], int] = {}
         keys: list[KeySlot] = []
         who: list[tuple[str, str]] = []
         cols: dict[str, list[np.ndarray]] = {f: [] for f in ChunkTable.fields()}
@@ -285,6 +240,8 @@ class KVBlockStore:
             if p.req_id in self._failed_saves or not p.block_ids:
                 continue
             n = len(p.block_ids)
+            if len(p.chains) != n:
+                raise ValueError(f"part of {p.req_id}: {len(p.chains)} chain hashes for {n} blocks")
             try:
                 epoch, first, key = self._nonces(p.tenant_id, p.session_id, n)
             except KVCacheError as e:
@@ -292,15 +249,15 @@ class KVBlockStore:
                 # goes on computing; the refusal is on record
                 self._failed_saves.add(p.req_id)
                 self.log.log_encrypt(p.tenant_id, p.session_id, layer, p.first_block * bs,
-                                     position_count=n * bs, success=False, details=f"save refused: {e}")
+                                     position_count=n * bs, success=False, details=f"save refused (request {p.req_id}): {e}")
                 continue
-            s = slots.get((p.tenant_id, p.session_id, epoch))
-            if s is None:
-                s = slots[(p.tenant_id, p.session_id, epoch)] = len(keys)
-                keys.append(KeySlot(key, tenant_tag(p.tenant_id), session_tag(p.session_id), epoch))
+            # one key slot per block: its AAD's session tag binds the session and the block's token prefix
+            cols["slot"].append(np.arange(len(keys), len(keys) + n, dtype=np.int64))
+            tt = tenant_tag(p.tenant_id)
+            for chain in p.chains:
+                keys.append(KeySlot(key, tt, bound_session_tag(p.session_id, chain), epoch))
                 who.append((p.tenant_id, p.session_id))
             j = np.arange(n, dtype=np.int64)
-            cols["slot"].append(np.full(n, s, np.int64))
             cols["row"].append(np.asarray(p.block_ids, dtype=np.int64))
             cols["pos_start"].append((p.first_block + j) * bs)
             cols["pos_count"].append(np.full(n, bs, np.int64))
@@ -338,17 +295,21 @@ class KVBlockStore:
             chunk_len = bs * s.layout.bytes_per_position + TAG
             for p, epoch, first, off in s.parts:
                 n = len(p.block_ids)
-                chunks = [{"pos_start": (p.first_block + i) * bs, "pos_count": bs, "counter": first + i,
-                           "offset": i * chunk_len, "length": chunk_len} for i in range(n)]
-                header = json.dumps({"format": LAYER_FORMAT, "session_id": p.session_id, "epoch": epoch,
-                                     "layer": s.layer, "block_size": bs, "num_heads": s.layout.num_heads,
-                                     "head_dim": s.layout.head_dim,
-                                     "dtype": str(s.layout.dtype).removeprefix("torch."),
-                                     "chunks": chunks}).encode()
-                os.makedirs(p.directory, mode=0o700, exist_ok=True)
-                _write_atomic(layer_file(p.directory, s.layer, p.first_block * bs),
-                              _HDR.pack(len(header)) + header + body[off:off + n * chunk_len].tobytes())
-                self._saved.setdefault(p.req_id, set()).add((s.layer, p.first_block))
+                try:
+                    if p.req_id not in self._failed_saves:
+                        store, tenant_dir = os.path.split(os.path.dirname(p.directory))
+                        make_private_dirs(store, tenant_dir, os.path.basename(p.directory))
+                        write_atomic(layer_file(p.directory, s.layer, p.first_block * bs), encode_layer(
+                            epoch=epoch, layer=s.layer, block_size=bs, num_heads=s.layout.num_heads,
+                            head_dim=s.layout.head_dim, dtype=str(s.layout.dtype).removeprefix("torch."),
+                            first=p.first_block, counters=range(first, first + n),
+                            body=body[off:off + n * chunk_len].tobytes()))
+                        self._saved.setdefault(p.req_id, set()).add((s.layer, p.first_block))
+                except (OSError, KVCacheError) as e:
+                    # a full disk or a planted link: this prefix is not stored, vLLM goes on; on record once
+                    self._failed_saves.add(p.req_id)
+                    self.log.log_encrypt(p.tenant_id, p.session_id, s.layer, p.first_block * bs,
+                                         position_count=n * bs, success=False, details=f"save failed (request {p.req_id}): {e}")
         want = sorted(set(layers))
         written = []
         for p in parts:
@@ -361,9 +322,12 @@ class KVBlockStore:
                 continue
             if not all((layer, first) in done for layer in want for first, _ in p.parts):
                 continue        # some layer or part was not saved: no index, so no hit on a partial prefix
-            _write_atomic(os.path.join(p.directory, INDEX), json.dumps(
-                {"format": PREFIX_FORMAT, "session_id": p.session_id, "num_tokens": p.num_tokens,
-                 "block_size": bs, "layers": want, "parts": [list(x) for x in p.parts]}).encode())
+            try:
+                write_index(p.directory, p.num_tokens, bs, want, p.parts)
+            except OSError as e:
+                self.log.log_encrypt(p.tenant_id, p.session_id, want[0], 0, position_count=p.num_tokens,
+                                     success=False, details=f"save failed (request {p.req_id}): index: {e}")
+                continue
             written.append(p.directory)
         return written
 
@@ -374,38 +338,32 @@ class KVBlockStore:
             self._failed_saves.discard(r)
 
     # ------------------------------------------------------------------ load
-    def _read(self, req: LoadRequest, layer: int, chunk_len: int) -> list[tuple[int, int, int, bytes, int]]:
+    def _read(self, req: LoadRequest, layer: int, layout: ChunkLayout, chunk_len: int) -> list[tuple[int, int, int, bytes, int]]:
         """(block id, epoch, counter, ciphertext with tag, pos_start) of each of ``req``'s blocks in ``layer``,
-        read from its files and checked against the request (MalformedStoreError / KVCacheError if not)."""
+        read from its files and checked against the request (MalformedStoreError if not)."""
         bs = self.block_size
-        chunks: dict[int, tuple[int, dict, bytes]] = {}
+        chunks: dict[int, tuple[int, int, bytes]] = {}
+        dtype = str(layout.dtype).removeprefix("torch.")
         for first, count in req.parts:
-            lo, hi = first * bs, (first + count) * bs
-            if hi <= req.first_block * bs:
+            if first + count <= req.first_block:
                 continue                              # a part vLLM already holds (prefix-cache hit)
-            path = layer_file(req.directory, layer, lo)
-            header, body = read_stored_layer(path)
-            if header.get("session_id") != req.session_id:
-                raise MalformedStoreError(f"{path}: stored under another session")
-            if header.get("layer") != layer or header.get("block_size") != bs:
-                raise MalformedStoreError(f"{path}: not layer {layer} in blocks of {bs}")
-            epoch = int(header["epoch"])
-            for c in header["chunks"]:
-                ps = int(c["pos_start"])
-                if lo <= ps < hi:
-                    chunks[ps] = (epoch, c, body)
+            path = layer_file(req.directory, layer, first * bs)
+            h, body = read_stored_layer(path, chunk_len, count)
+            if (h["layer"], h["block_size"], h["first"], len(h["counters"])) != (layer, bs, first, count) or \
+                    (h["num_heads"], h["head_dim"], h["dtype"]) != (layout.num_heads, layout.head_dim, dtype):
+                raise MalformedStoreError(f"{path}: not {count} blocks of {bs} from block {first} of layer {layer} "
+                                          f"in {dtype} [{layout.num_heads} x {layout.head_dim}]")
+            for j, counter in enumerate(h["counters"]):
+                chunks[first + j] = (h["epoch"], counter, body[j * chunk_len:(j + 1) * chunk_len])
         out = []
         for i, block_id in enumerate(req.block_ids):
+            got = chunks.get(req.first_block + i)
             pos = (req.first_block + i) * bs
-            got = chunks.get(pos)
             if got is None:
                 raise MalformedStoreError(f"{req.directory}: layer {layer} has no chunk for positions "
                                           f"{pos}..{pos + bs - 1}")
-            epoch, c, body = got
-            off, ln = int(c["offset"]), int(c["length"])
-            if int(c["pos_count"]) != bs or ln != chunk_len or off < 0 or off + ln > len(body):
-                raise MalformedStoreError(f"{req.directory}: layer {layer}, chunk at {pos} has the wrong size")
-            out.append((int(block_id), epoch, int(c["counter"]), body[off:off + ln], pos))
+            epoch, counter, ct = got
+            out.append((int(block_id), epoch, counter, ct, pos))
         return out
 
     def _key(self, tenant: str, session: str, epoch: int) -> bytes:
@@ -424,28 +382,31 @@ class KVBlockStore:
         for layer, cache in layers:
             k, v = kv_block_views(cache, self.layout)
             self._check_blocks(k)
-            views[layer] = (k, v, bs * self._chunk_layout(layer, k).bytes_per_position + TAG)
+            lay = self._chunk_layout(layer, k)
+            views[layer] = (k, v, lay, bs * lay.bytes_per_position + TAG)
         read: dict[int, list[tuple[LoadRequest, list]]] = {layer: [] for layer, _ in layers}
         refused: list[LoadRequest] = []
         for req in loads:
             per_layer, why = {}, None
             for layer, _ in layers:
                 try:
-                    per_layer[layer] = self._read(req, layer, views[layer][2])
+                    if len(req.chains) != len(req.block_ids):
+                        raise MalformedStoreError(f"{len(req.chains)} chain hashes for {len(req.block_ids)} blocks")
+                    per_layer[layer] = self._read(req, layer, views[layer][2], views[layer][3])
                     for epoch in {x[1] for x in per_layer[layer]}:
                         self._key(req.tenant_id, req.session_id, epoch)
-                except (KVCacheError, KeyError, TypeError, ValueError) as e:
+                except KVCacheError as e:        # a bad or missing file, a refused key: this request only
                     why = why or f"load refused: {e}"
                     self.log.log_decrypt(req.tenant_id, req.session_id, layer, req.first_block * bs,
                                          position_count=len(req.block_ids) * bs, success=False,
-                                         details=f"load refused: {e}")
+                                         details=f"load refused (request {req.req_id}): {e}")
             if why is not None:
                 refused.append(req)
             else:
                 for layer in per_layer:
                     read[layer].append((req, per_layer[layer]))
         for layer, _ in layers:
-            k, v, _ = views[layer]
+            k, v, _, _ = views[layer]
             for req in refused:        # nothing of a refused request is opened; its blocks hold no stale bytes
                 for b in req.block_ids:
                     k[b].zero_()
@@ -457,21 +418,19 @@ class KVBlockStore:
 
     def _open_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, reqs) -> None:
         layout = self._chunk_layout(layer, k)
-        slots: dict[tuple[str, str, int], int] = {}
         keys: list[KeySlot] = []
         who: list[tuple[str, str]] = []
         rows, slot, pos, ctr, offs, parts = [], [], [], [], [], []
         off = 0
         for req, chunks in reqs:
-            for block_id, epoch, counter, ct, ps in chunks:
-                s = slots.get((req.tenant_id, req.session_id, epoch))
-                if s is None:
-                    s = slots[(req.tenant_id, req.session_id, epoch)] = len(keys)
-                    keys.append(KeySlot(self._key(req.tenant_id, req.session_id, epoch), tenant_tag(req.tenant_id),
-                                        session_tag(req.session_id), epoch))
-                    who.append((req.tenant_id, req.session_id))
+            tt = tenant_tag(req.tenant_id)
+            for (block_id, epoch, counter, ct, ps), chain in zip(chunks, req.chains):
+                # the AAD is rebuilt from the request being served: its tenant, session and token prefix
+                slot.append(len(keys))
+                keys.append(KeySlot(self._key(req.tenant_id, req.session_id, epoch), tt,
+                                    bound_session_tag(req.session_id, chain), epoch))
+                who.append((req.tenant_id, req.session_id))
                 rows.append(block_id)
-                slot.append(s)
                 pos.append(ps)
                 ctr.append(counter)
                 offs.append(off)
@@ -512,4 +471,5 @@ class KVBlockStore:
         """Drop every key the store holds (and the backend's cached schedules)."""
         self._reservations.clear()
         self._open_keys.clear()
+        self._step_need.clear()
         self.backend.forget_keys()

@@ -4,10 +4,13 @@ Loaded by vLLM from ``kv_transfer_config`` (see docs/vllm.md)::
 
     {"kv_connector": "PQCKVConnector", "kv_connector_module_path": "pqc_kv_cache.vllm.connector",
      "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-     "kv_connector_extra_config": {"storage_path": DIR, "key_service": SOCKET, "audit_log": FILE}}
+     "kv_connector_extra_config": {"storage_path": DIR, "key_service": SOCKET, "audit_log": FILE,
+                                   "server_secret": FILE}}
 
-Scheduler side (no keys, no audit): reads the tenant of each request from ``kv_transfer_params``, checks
-that its ``cache_salt`` is the tenant's, answers hits only from that tenant's directory and session, and
+Scheduler side (no session keys, no audit): reads the tenant of each request from ``kv_transfer_params``,
+checks that its ``cache_salt`` is the tenant's (a MAC under the server secret), passes requests with
+multimodal inputs or prompt embeddings through unstored, answers hits only from the directory of that
+tenant, session, LoRA adapter and token prefix, and
 decides per step which of a request's prompt blocks are saved (the blocks that became whole in the step,
 so a prompt prefilled over several steps is saved in parts) and which are loaded.
 Worker side: :class:`~pqc_kv_cache.vllm.blocks.KVBlockStore` over ``select_backend(device)`` of the KV
@@ -19,6 +22,7 @@ nonce counters come from the key service. Storage layout and file format: ``pqc_
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,11 +37,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..audit import KVAuditLog
+from ..audit.keys import default_key_path
 from ..backends import select_backend
-from .blocks import (INDEX, KVBlockStore, LoadRequest, MalformedStoreError, SavePart, prefix_dir, read_index,
-                     read_stored_layer)
+from .blocks import KVBlockStore, LoadRequest, SavePart
 from .keyservice import KeyClient
-from .tenancy import PARAMS_KEY, tenant_cache_salt
+from .storefiles import INDEX, chain_hashes, prefix_dir, read_index
+from .tenancy import PARAMS_KEY, ServerSecret, load_server_secret
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -47,8 +52,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["PQCKVConnector", "PQCConnectorMetadata", "read_stored_layer", "prefix_dir", "MalformedStoreError",
-           "ATTENTION_LAYOUTS"]
+__all__ = ["PQCKVConnector", "PQCConnectorMetadata", "ATTENTION_LAYOUTS"]
 
 #: vLLM attention backend name -> the block layout its KV cache tensors have (pqc_kv_cache.vllm.blocks.LAYOUTS)
 ATTENTION_LAYOUTS = {"CPU_ATTN": "cpu", "FLASH_ATTN": "kv_last", "TRITON_ATTN": "kv_last",
@@ -69,13 +73,21 @@ class _Refusal:
 
 
 @dataclass
-class _Storing:
-    """A request whose prompt prefix is being saved, on the scheduler side."""
+class _Plan:
+    """What the scheduler side decided for a request it serves: its stored prefix and where it lives."""
 
     tenant_id: str
     session_id: str
+    num_tokens: int                                       # the prefix to store or load (whole blocks)
+    chains: list[bytes]                                   # chain hash of each of its blocks
     directory: str
-    num_tokens: int                                       # the prefix to store (whole blocks)
+
+
+@dataclass
+class _Storing:
+    """A request whose prompt prefix is being saved, on the scheduler side."""
+
+    plan: _Plan
     block_ids: list[int]                                  # the request's blocks as vLLM last told them
     saved: int = 0                                        # blocks [0, saved) are handed to the worker
     parts: list[tuple[int, int]] = field(default_factory=list)
@@ -119,9 +131,11 @@ class PQCKVConnector(KVConnectorBase_V1):
             raise ValueError("PQCKVConnector runs with one worker per engine (tensor_parallel_size and "
                              "pipeline_parallel_size 1)")
         storage = cfg.get_from_extra_config("storage_path", None)
-        if not isinstance(storage, str) or not storage:
-            raise ValueError("PQCKVConnector needs kv_connector_extra_config['storage_path']")
-        self._init_scheduler_state(vllm_config.cache_config.block_size, storage)
+        secret_path = cfg.get_from_extra_config("server_secret", None)
+        if not isinstance(storage, str) or not storage or not isinstance(secret_path, str) or not secret_path:
+            raise ValueError("PQCKVConnector needs kv_connector_extra_config['storage_path'] and "
+                             "['server_secret'] (the path of the server secret's key file)")
+        self._init_scheduler_state(vllm_config.cache_config.block_size, storage, load_server_secret(secret_path))
         # worker side
         self._layers: list[tuple[int, torch.Tensor]] = []
         self._store: KVBlockStore | None = None
@@ -133,14 +147,20 @@ class PQCKVConnector(KVConnectorBase_V1):
             if not socket_path or not audit_path:
                 raise ValueError("PQCKVConnector (worker) needs kv_connector_extra_config['key_service'] and "
                                  "['audit_log']")
+            # a signing key kept in a file (by default beside the user's other audit keys, outside the log's
+            # folder), so that a restarted worker continues the same log rather than failing to start
+            signing = cfg.get_from_extra_config("audit_signing_key", None) or str(default_key_path(audit_path))
             self._keys = KeyClient(socket_path)
-            self._audit = KVAuditLog(audit_path)
+            self._audit = KVAuditLog(audit_path, signing_key=signing)
+            atexit.register(self._close_audit)      # sealed when the worker exits without a shutdown call
 
     # ------------------------------------------------------------------ scheduler side
-    def _init_scheduler_state(self, block_size: int, storage: str) -> None:
+    def _init_scheduler_state(self, block_size: int, storage: str, secret: ServerSecret) -> None:
         """What the scheduler side keeps between steps (also how its tests build one without an engine)."""
         self._block_size = block_size
         self._storage = storage
+        self._secret = secret
+        self._plans: dict[str, _Plan] = {}                     # requests the connector serves
         self._hits: dict[str, list[tuple[int, int]]] = {}      # req -> parts of the stored prefix it hit
         self._pending_loads: dict[str, LoadRequest] = {}
         self._pending_refusals: list[_Refusal] = []
@@ -148,75 +168,79 @@ class PQCKVConnector(KVConnectorBase_V1):
         self._storing: dict[str, _Storing] = {}
         self._storing_dirs: set[str] = set()                   # one request saves a prefix at a time
 
-    def _check_request(self, request: "Request") -> tuple[str, str] | None:
-        """(tenant, session) of a request the connector serves; None to pass it through (refusals queued)."""
+    def _plan(self, request: "Request") -> _Plan | None:
+        """The plan of a request the connector serves; None to pass it through (a refusal is queued for a
+        request whose salt is not its tenant's)."""
+        if request.request_id in self._plans:
+            return self._plans[request.request_id]
         ts = _tenant_of(request)
-        if ts is None:
+        if ts is None or request.request_id in self._refused:
             return None
-        if request.request_id in self._refused:
-            return None
-        if request.cache_salt != tenant_cache_salt(ts[0]):
+        if not self._secret.salt_matches(ts[0], request.cache_salt):
             self._refused.add(request.request_id)
             self._pending_refusals.append(_Refusal(request.request_id, ts[0], ts[1],
                                                    "cache_salt is not bound to the tenant"))
             return None
-        return ts
-
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        ts = self._check_request(request)
-        if ts is None:
-            return 0, False
+        # vLLM keys its own blocks on multimodal inputs and prompt embeddings too; such requests are computed
+        # as usual and not stored (the LoRA adapter is keyed and bound below)
+        if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None:
+            return None
         tokens = list(request.prompt_token_ids or [])
         n = _aligned(len(tokens), self._block_size)
-        if n == 0 or n <= num_computed_tokens:
+        if n == 0:
+            return None
+        lora = getattr(request, "lora_request", None)
+        chains = chain_hashes(tokens[:n], self._block_size,
+                              None if lora is None else (lora.lora_name, lora.lora_path))
+        plan = _Plan(ts[0], ts[1], n, chains, prefix_dir(self._storage, self._secret, ts[0], ts[1], chains[-1]))
+        self._plans[request.request_id] = plan
+        return plan
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        plan = self._plan(request)
+        if plan is None or plan.num_tokens <= num_computed_tokens:
             return 0, False
-        index = read_index(prefix_dir(self._storage, ts[0], tokens[:n], self._block_size))
-        if index is None or index.get("session_id") != ts[1] or index.get("num_tokens") != n \
-                or index.get("block_size") != self._block_size:
-            return 0, False          # none, or stored under another session of the tenant: its key may be gone
-        self._hits[request.request_id] = [(int(a), int(b)) for a, b in index["parts"]]
-        return n - num_computed_tokens, False
+        index = read_index(plan.directory)
+        if index is None or index["num_tokens"] != plan.num_tokens or index["block_size"] != self._block_size:
+            return 0, False
+        self._hits[request.request_id] = list(index["parts"])
+        return plan.num_tokens - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens <= 0:
             return
-        ts = _tenant_of(request)
-        assert ts is not None
-        tokens = list(request.prompt_token_ids or [])
-        n = _aligned(len(tokens), self._block_size)
+        plan = self._plans[request.request_id]
+        n, bs = plan.num_tokens, self._block_size
         block_ids = list(blocks.get_block_ids()[0])
-        first = (n - num_external_tokens) // self._block_size
+        first = (n - num_external_tokens) // bs
         self._pending_loads[request.request_id] = LoadRequest(
-            request.request_id, ts[0], ts[1], prefix_dir(self._storage, ts[0], tokens[:n], self._block_size),
-            block_ids[first:n // self._block_size], first, n, self._hits.pop(request.request_id))
+            request.request_id, plan.tenant_id, plan.session_id, plan.directory, block_ids[first:n // bs],
+            plan.chains[first:n // bs], first, n, self._hits.pop(request.request_id))
 
-    def _start_storing(self, req_id: str, params: Any, tokens: list[int], block_ids: list[int]) -> None:
+    def _start_storing(self, req_id: str, block_ids: list[int]) -> None:
         """Begin saving a new request's prompt prefix, unless it is stored already or being stored."""
-        p = params.get(PARAMS_KEY) if isinstance(params, dict) else None
-        if not isinstance(p, dict) or req_id in self._refused:
+        plan = self._plans.get(req_id)
+        if plan is None:
             return
-        n = _aligned(len(tokens), self._block_size)
-        if n == 0:
+        if plan.directory in self._storing_dirs or os.path.lexists(os.path.join(plan.directory, INDEX)):
             return
-        directory = prefix_dir(self._storage, p["tenant_id"], tokens[:n], self._block_size)
-        if directory in self._storing_dirs or os.path.exists(os.path.join(directory, INDEX)):
-            return
-        self._storing_dirs.add(directory)
-        self._storing[req_id] = _Storing(p["tenant_id"], p["session_id"], directory, n, list(block_ids))
+        self._storing_dirs.add(plan.directory)
+        self._storing[req_id] = _Storing(plan, list(block_ids))
 
     def _advance(self, meta: PQCConnectorMetadata, req_id: str, computed: int) -> None:
         """Hand the worker the blocks of ``req_id``'s prefix that are whole once this step has computed
         ``computed`` tokens; the part that completes the prefix names every part (the worker then writes
         the index)."""
         st = self._storing[req_id]
-        whole = min(computed, st.num_tokens) // self._block_size
+        p = st.plan
+        whole = min(computed, p.num_tokens) // self._block_size
         if whole <= st.saved:
             return
-        part = SavePart(req_id, st.tenant_id, st.session_id, st.directory, st.block_ids[st.saved:whole],
-                        st.saved, st.num_tokens)
+        part = SavePart(req_id, p.tenant_id, p.session_id, p.directory, st.block_ids[st.saved:whole],
+                        p.chains[st.saved:whole], st.saved, p.num_tokens)
         st.parts.append((st.saved, whole - st.saved))
         st.saved = whole
-        if whole * self._block_size == st.num_tokens:
+        if whole * self._block_size == p.num_tokens:
             part.parts = list(st.parts)
             self._stop_storing(req_id)
         meta.stores.append(part)
@@ -224,7 +248,7 @@ class PQCKVConnector(KVConnectorBase_V1):
     def _stop_storing(self, req_id: str) -> None:
         st = self._storing.pop(req_id, None)
         if st is not None:
-            self._storing_dirs.discard(st.directory)
+            self._storing_dirs.discard(st.plan.directory)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         # every pending load is of a request scheduled in this step (new or resumed after preemption)
@@ -233,9 +257,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         loading = {r.req_id for r in meta.loads}
         scheduled = scheduler_output.num_scheduled_tokens
         for new_req in scheduler_output.scheduled_new_reqs:
-            if new_req.req_id not in loading and new_req.sampling_params is not None:
-                self._start_storing(new_req.req_id, (new_req.sampling_params.extra_args or {}).get(
-                    "kv_transfer_params"), list(new_req.prompt_token_ids or []), list(new_req.block_ids[0]))
+            if new_req.req_id not in loading:
+                self._start_storing(new_req.req_id, list(new_req.block_ids[0]))
             if new_req.req_id in self._storing:
                 self._advance(meta, new_req.req_id, new_req.num_computed_tokens + scheduled.get(new_req.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
@@ -256,6 +279,7 @@ class PQCKVConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # a request that ends before its prefix is whole leaves parts without an index: never a hit
         self._refused.discard(request.request_id)
+        self._plans.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         self._hits.pop(request.request_id, None)
         self._stop_storing(request.request_id)
@@ -292,13 +316,24 @@ class PQCKVConnector(KVConnectorBase_V1):
         self._store = KVBlockStore(select_backend(devices.pop()), self._audit, self._keys, self._block_size,
                                    layouts.pop())
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # at the start of every step (before save_kv_layer and start_load_kv, whichever comes first): keys and
+        # nonce reservations of earlier steps are dropped, so a session's close, expiry or rotation holds now
+        if self._store is not None and isinstance(connector_metadata, PQCConnectorMetadata) and \
+                (connector_metadata.stores or connector_metadata.loads):
+            self._store.begin_step(connector_metadata.stores, len(self._layers))
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, PQCConnectorMetadata)
+        if not meta.loads and not meta.refusals:
+            return                       # nothing to load or record this step
         assert self._audit is not None and self._store is not None
         for r in meta.refusals:
-            # the salt is a hash: whose tenant (if any) it belongs to is not known here
-            self._audit.log_isolation_violation(r.tenant_id, "unknown", r.reason, session_id=r.session_id)
+            # the salt is a MAC: whose tenant (if any) it belongs to is not known here
+            self._audit.log_isolation_violation(r.tenant_id, "unknown", f"{r.reason} (request {r.req_id})",
+                                               session_id=r.session_id)
         # every layer's blocks of every load of the step, enqueued before the forward reads them; a failed
         # chunk's block is zeroed and reported by get_block_ids_with_load_errors
         self._store.load(meta.loads, self._layers)
@@ -328,10 +363,14 @@ class PQCKVConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._store.load_errors() if self._store is not None else set()
 
+    def _close_audit(self) -> None:
+        if self._audit is not None:
+            audit, self._audit = self._audit, None
+            audit.close(timeout=30)
+
     def shutdown(self):
         if self._store is not None:
             self._store.close()
             self._store = None
-        if self._audit is not None:
-            self._audit.close()
-            self._audit = None
+        self._close_audit()
+        atexit.unregister(self._close_audit)

@@ -12,6 +12,10 @@ Who may ask:
 * every connection's peer is checked with ``SO_PEERCRED`` (Linux): its uid must be one of ``allowed_uids``
   (default: the server's own uid) -- a refused peer gets one error reply and the connection is closed.
 
+Connections are served concurrently (up to ``MAX_CONNECTIONS``, each on its own thread, with a
+``CONNECTION_TIMEOUT`` per read), so idle clients do not stall the others; a malformed request gets an error
+reply and the service goes on.
+
 Protocol: one request per connection, a 4-byte big-endian length then a JSON object; the reply likewise.
 
 * ``{"op": "reserve", "tenant": T, "session": S, "count": N}`` reserves N nonce counters of the session's
@@ -41,6 +45,8 @@ SOCKET_NAME = "keys.sock"
 _LEN = struct.Struct(">I")
 _MAX_MESSAGE = 64 * 1024
 _MAX_RESERVE = 1 << 20
+MAX_CONNECTIONS = 64          # served at once, each on its own thread
+CONNECTION_TIMEOUT = 5.0      # seconds a connection may wait between reads
 
 
 class KeyServiceError(KVCacheError):
@@ -77,8 +83,8 @@ def _recv(conn: socket.socket) -> dict:
         raise KeyServiceError(f"key service: message of {n} bytes is over the limit of {_MAX_MESSAGE}")
     try:
         obj = json.loads(_recv_exact(conn, n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KeyServiceError(f"key service: malformed message ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:     # also over-long integers, deep nesting
+        raise KeyServiceError(f"key service: malformed message ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise KeyServiceError("key service: a message must be a JSON object")
     return obj
@@ -117,6 +123,7 @@ class KeyService:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def start(self) -> "KeyService":
         if self._sock is not None:
@@ -158,21 +165,41 @@ class KeyService:
                 continue
             except OSError:
                 return
+            if not self._slots.acquire(blocking=False):
+                conn.close()        # MAX_CONNECTIONS busy: refused at once rather than queued behind them
+                continue
+            threading.Thread(target=self._connection, args=(conn,), name="pqc-kv-key-conn", daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        """One connection, on its own thread: an idle or slow client holds only its own slot, for at most
+        CONNECTION_TIMEOUT seconds per read."""
+        try:
             with conn:
-                conn.settimeout(5)
+                conn.settimeout(CONNECTION_TIMEOUT)
                 try:
                     self._handle(conn)
-                except (OSError, KeyServiceError):
+                except KeyServiceError as e:
+                    try:
+                        _send(conn, {"ok": False, "error": str(e)})
+                    except OSError:
+                        pass
+                except OSError:
                     pass            # a broken client gets nothing; the service keeps serving
+        finally:
+            self._slots.release()
 
     def _handle(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-        req = _recv(conn)       # read first, so that a refused client reads the refusal, not a broken pipe
         if uid not in self.allowed_uids:
             self.refused += 1
+            try:
+                _recv(conn)         # read first, so that a refused client reads the refusal, not a broken pipe
+            except KeyServiceError:
+                pass
             _send(conn, {"ok": False, "error": f"peer uid {uid} is not allowed"})
             return
+        req = _recv(conn)
         try:
             _send(conn, self._answer(req))
         except KVCacheError as e:
@@ -193,8 +220,8 @@ class KeyService:
             return {"ok": True, "epoch": epoch, "first": first, "key": session.key_for_epoch(epoch).hex()}
         if op == "key":
             epoch = req.get("epoch")
-            if not isinstance(epoch, int) or isinstance(epoch, bool):
-                raise KeyServiceError("epoch must be an int")
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= 0xFFFFFFFF:
+                raise KeyServiceError("epoch must be an int in 0..2**32-1")
             return {"ok": True, "epoch": epoch, "key": session.key_for_epoch(epoch).hex()}
         raise KeyServiceError(f"unknown op {op!r}")
 

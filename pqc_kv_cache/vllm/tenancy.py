@@ -1,35 +1,155 @@
-"""The request fields a server sets so that the encrypting connector (and vLLM's prefix cache) knows the tenant.
+"""The server secret, and what is keyed with it: the request fields a server sets (so that the encrypting
+connector and vLLM's prefix cache know the tenant) and the names of the stored files.
 
 Pure Python: importable without vLLM, so a server can build requests without importing the connector.
+
+The server secret is 32 random bytes in a key file (64 hex digits), created with mode 0600 in a directory
+of mode 0700 and never overwritten; loading refuses a file that group or others may access, as for the
+audit log's signing key. The gateway and both sides of the connector read it; vLLM's configuration holds
+only its path. With it:
+
+* ``cache_salt`` of a tenant is a MAC of the tenant id, so nobody without the secret can compute another
+  tenant's salt, and the connector checks a request's salt against its tenant;
+* the store's directory names are MACs (of the tenant id; of the tenant, session and prompt prefix), so
+  listing the store does not confirm a guessed tenant or prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
+import secrets
+import stat
+from pathlib import Path
 from typing import Any
 
-__all__ = ["tenant_cache_salt", "request_fields", "PARAMS_KEY"]
+from ..errors import KVCacheError
+
+__all__ = ["PARAMS_KEY", "SecretFileError", "ServerSecret", "generate_server_secret_file", "load_server_secret",
+           "request_fields"]
 
 PARAMS_KEY = "pqc_kv_cache"
+SECRET_BYTES = 32
+_MAX_FILE = 256
 
 
-def tenant_cache_salt(tenant_id: str) -> str:
-    """The ``cache_salt`` bound to a tenant: vLLM hashes it into its prefix-cache block hashes, so two
-    tenants' identical prompts never share vLLM's blocks. The connector refuses a request of tenant T whose
-    salt is not ``tenant_cache_salt(T)``."""
-    if not isinstance(tenant_id, str) or not tenant_id:
-        raise ValueError("tenant_id must be a non-empty str")
-    return "pqckv-" + hashlib.sha256(b"pqc_kv_cache/vllm-salt\x00" + tenant_id.encode("utf-8")).hexdigest()[:32]
+class SecretFileError(KVCacheError):
+    """The server secret's key file is missing, malformed, or readable by group or others."""
 
 
-def request_fields(tenant_id: str, session_id: str) -> dict[str, Any]:
-    """``cache_salt`` and ``kv_transfer_params`` of a tenant's request (no key material: ids only).
+def _check_id(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty str")
+    return value
+
+
+def _field(value: str) -> bytes:
+    """A length-prefixed UTF-8 field, so that concatenated fields never run into each other."""
+    b = value.encode("utf-8")
+    return len(b).to_bytes(4, "big") + b
+
+
+class ServerSecret:
+    """The server secret (32 bytes) and the MACs keyed with it. Its repr omits the key."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes):
+        if not isinstance(key, (bytes, bytearray)) or len(key) != SECRET_BYTES:
+            raise ValueError(f"the server secret is {SECRET_BYTES} bytes")
+        self._key = bytes(key)
+
+    def __repr__(self) -> str:
+        return "ServerSecret(<hidden>)"
+
+    def _mac(self, label: bytes, *parts: bytes) -> bytes:
+        return hmac.new(self._key, b"pqc_kv_cache/" + label + b"\x00" + b"".join(parts), hashlib.sha256).digest()
+
+    def cache_salt(self, tenant_id: str) -> str:
+        """The ``cache_salt`` of a tenant: vLLM hashes it into its prefix-cache block hashes, so two tenants'
+        identical prompts never share vLLM's blocks; the connector refuses a request of tenant T whose salt
+        is not this one."""
+        return "pqckv-" + self._mac(b"vllm-salt", _field(_check_id("tenant_id", tenant_id))).hex()[:32]
+
+    def salt_matches(self, tenant_id: str, salt: Any) -> bool:
+        """Whether ``salt`` is ``cache_salt(tenant_id)`` (compared in constant time)."""
+        return isinstance(salt, str) and hmac.compare_digest(salt.encode("utf-8", "replace"),
+                                                             self.cache_salt(tenant_id).encode())
+
+    def tenant_name(self, tenant_id: str) -> str:
+        """The store's directory name of a tenant."""
+        return self._mac(b"vllm-tenant-dir", _field(_check_id("tenant_id", tenant_id))).hex()[:32]
+
+    def prefix_name(self, tenant_id: str, session_id: str, chain: bytes) -> str:
+        """The store's directory name of a prefix of a tenant's session (``chain``: its last block's chain
+        hash, which covers every token id of the prefix, the block size and the LoRA adapter)."""
+        return self._mac(b"vllm-prefix-dir", _field(_check_id("tenant_id", tenant_id)),
+                         _field(_check_id("session_id", session_id)), bytes(chain)).hex()
+
+
+def request_fields(secret: ServerSecret, tenant_id: str, session_id: str) -> dict[str, Any]:
+    """``cache_salt`` and ``kv_transfer_params`` of a tenant's request (no key material: ids and the MAC).
 
     Offline: ``llm.generate({"prompt_token_ids": ids, "cache_salt": f["cache_salt"]},
     SamplingParams(extra_args={"kv_transfer_params": f["kv_transfer_params"]}))``; in the OpenAI server the
-    same two fields of the request body.
+    same two fields of the request body, set by the gateway (``pqc_kv_cache.vllm.gateway``).
     """
-    if not isinstance(session_id, str) or not session_id:
-        raise ValueError("session_id must be a non-empty str")
-    return {"cache_salt": tenant_cache_salt(tenant_id),
+    if not isinstance(secret, ServerSecret):
+        raise TypeError(f"secret must be a ServerSecret, got {type(secret).__name__}")
+    _check_id("session_id", session_id)
+    return {"cache_salt": secret.cache_salt(tenant_id),
             "kv_transfer_params": {PARAMS_KEY: {"tenant_id": tenant_id, "session_id": session_id}}}
+
+
+def generate_server_secret_file(path: str | os.PathLike[str]) -> ServerSecret:
+    """Create a new server secret at ``path`` (64 hex digits, mode 0600; missing parents are created with
+    mode 0700). An existing file is never overwritten (``SecretFileError``)."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    key = secrets.token_bytes(SECRET_BYTES)
+    try:
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise SecretFileError(f"server secret file {os.fspath(p)!r} exists already; it is never "
+                              "overwritten") from None
+    except OSError as e:
+        raise SecretFileError(f"cannot create server secret file {os.fspath(p)!r}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        p.unlink(missing_ok=True)
+        raise SecretFileError(f"cannot write server secret file {os.fspath(p)!r}: {e.strerror}") from None
+    return ServerSecret(key)
+
+
+def load_server_secret(path: str | os.PathLike[str]) -> ServerSecret:
+    """The secret of a key file written by ``generate_server_secret_file``. Refuses (``SecretFileError``) a
+    file that does not exist, is not a regular file, that group or others may access, or that does not hold
+    exactly 64 hex digits."""
+    p = os.path.expanduser(os.fspath(path))
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SecretFileError(f"server secret file {p!r} does not exist") from None
+    except OSError as e:
+        raise SecretFileError(f"cannot read server secret file {p!r}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretFileError(f"server secret file {p!r} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretFileError(f"server secret file {p!r} is accessible by group or others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):o}); restrict it with chmod 600")
+        data = f.read(_MAX_FILE + 1)
+    try:
+        text = data.decode("ascii").strip()
+        key = bytes.fromhex(text)
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(data) > _MAX_FILE or len(key) != SECRET_BYTES or len(text) != 2 * SECRET_BYTES:
+        raise SecretFileError(f"server secret file {p!r} does not hold {SECRET_BYTES} bytes as hex")
+    return ServerSecret(key)

@@ -20,11 +20,29 @@ from pqc_kv_cache.envelope import build_aad, make_nonce
 from pqc_kv_cache.isolation import TenantIsolationManager
 from pqc_kv_cache.session import TenantKeyPair
 from pqc_kv_cache.vllm import KeyClient, KeyService
-from pqc_kv_cache.vllm.blocks import (INDEX, KVBlockStore, LoadRequest, SavePart, kv_block_views, layer_file,
-                                      prefix_dir, read_index, read_stored_layer)
+from pqc_kv_cache.vllm.blocks import KVBlockStore, LoadRequest, SavePart, kv_block_views
+from pqc_kv_cache.vllm.storefiles import (INDEX, bound_session_tag, chain_hashes, layer_file, prefix_dir, read_index,
+                                          read_stored_layer)
+from pqc_kv_cache.vllm.tenancy import ServerSecret
 
 BS, HEADS, HD, NB = 4, 2, 16, 12
 LAYERS = (0, 1)
+SECRET = ServerSecret(bytes(range(32)))
+CH = chain_hashes(list(range(8 * BS)), BS)        # block i of the prompt range(k * BS) has chain hash CH[i]
+
+
+def _pdir(tmp_path, session_id, nblocks, tenant="tenant-a"):
+    """The directory of the stored prefix range(nblocks * BS)."""
+    return prefix_dir(str(tmp_path / "store"), SECRET, tenant, session_id, CH[nblocks - 1])
+
+
+def _load(req_id, sa, directory, block_ids, first, ntok, parts, chains=None):
+    return LoadRequest(req_id, "tenant-a", sa.session_id, directory, list(block_ids),
+                       CH[first:first + len(block_ids)] if chains is None else chains, first, ntok, list(parts))
+
+
+def _chunk_len(dtype=torch.float32):
+    return BS * 2 * HEADS * HD * torch.empty((), dtype=dtype).element_size() + 16
 
 
 @pytest.fixture(params=["host", "native", "twin"])
@@ -78,8 +96,8 @@ def _save(store, caches, directory, sa, parts):
     ntok = sum(n for _, n in allparts) * BS
     written = []
     for si, step in enumerate(parts):
-        sp = [SavePart("r1", "tenant-a", sa.session_id, directory, list(ids), first, ntok,
-                       allparts if si == len(parts) - 1 and j == len(step) - 1 else None)
+        sp = [SavePart("r1", "tenant-a", sa.session_id, directory, list(ids), CH[first:first + len(ids)], first,
+                       ntok, allparts if si == len(parts) - 1 and j == len(step) - 1 else None)
               for j, (first, ids) in enumerate(step)]
         for layer in LAYERS:
             store.save_layer(layer, caches[layer], sp)
@@ -97,11 +115,11 @@ def test_blocks_saved_then_loaded_into_other_blocks_give_the_same_kv(backend, ke
     try:
         store = _store(backend, log, client, layout)
         src = {layer: _cache(layout, seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(3 * BS)), BS)
+        directory = _pdir(tmp_path, sa.session_id, 3)
         written, parts, ntok = _save(store, src, directory, sa, [[(0, [7, 2, 9])]])
-        assert written == [directory] and read_index(directory)["parts"] == [[0, 3]]
+        assert written == [directory] and read_index(directory)["parts"] == [(0, 3)]
         dst = {layer: torch.zeros_like(src[layer]) for layer in LAYERS}
-        store.load([LoadRequest("r2", "tenant-a", sa.session_id, directory, [1, 5, 11], 0, ntok, parts)],
+        store.load([_load("r2", sa, directory, [1, 5, 11], 0, ntok, parts)],
                    [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == set()
         for layer in LAYERS:
@@ -130,19 +148,22 @@ def test_stored_chunks_open_with_plain_aesgcm_and_hold_no_plaintext(backend, key
     try:
         store = _store(backend, log, client, "kv_last")
         src = {layer: _cache("kv_last", torch.bfloat16, seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(2 * BS)), BS)
+        directory = _pdir(tmp_path, sa.session_id, 2)
         _save(store, src, directory, sa, [[(0, [3, 4])]])
         for layer in LAYERS:
-            header, body = read_stored_layer(layer_file(directory, layer, 0))
-            assert header["dtype"] == "bfloat16" and len(header["chunks"]) == 2
+            cl = _chunk_len(torch.bfloat16)
+            header, body = read_stored_layer(layer_file(directory, layer, 0), cl, 2)
+            assert header["dtype"] == "bfloat16" and len(header["counters"]) == 2
             k, v = kv_block_views(src[layer], "kv_last")
-            for c, b in zip(header["chunks"], (3, 4)):
+            for i, (counter, b) in enumerate(zip(header["counters"], (3, 4))):
                 k_len = HEADS * BS * HD * 2
                 aad = build_aad(tenant_id="tenant-a", session_id=sa.session_id, epoch=header["epoch"],
-                                layer_idx=layer, position=c["pos_start"], position_count=BS, key_len=k_len,
+                                layer_idx=layer, position=i * BS, position_count=BS, key_len=k_len,
                                 dtype="bfloat16", num_heads=HEADS, head_dim=HD)
+                # the session tag field holds the session tag bound to the block's token prefix
+                aad = aad[:24] + bound_session_tag(sa.session_id, CH[i]) + aad[40:]
                 plain = AESGCM(sa.key_for_epoch(header["epoch"])).decrypt(
-                    make_nonce(header["epoch"], c["counter"]), body[c["offset"]:c["offset"] + c["length"]], aad)
+                    make_nonce(header["epoch"], counter), body[i * cl:(i + 1) * cl], aad)
                 want = b"".join(t[b].contiguous().view(torch.uint8).numpy().tobytes() for t in (k, v))
                 assert plain == want
                 assert want[:64] not in body
@@ -157,14 +178,14 @@ def test_a_flipped_byte_zeroes_its_block_reports_it_and_is_on_record(backend, ke
     try:
         store = _store(backend, log, client, layout)
         src = {layer: _cache(layout, seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(2 * BS)), BS)
+        directory = _pdir(tmp_path, sa.session_id, 2)
         _, parts, ntok = _save(store, src, directory, sa, [[(0, [0, 1])]])
         victim = layer_file(directory, 1, 0)
         data = bytearray(open(victim, "rb").read())
         data[-40] ^= 1                                      # in the second chunk (block 1) of layer 1
         open(victim, "wb").write(bytes(data))
         dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
-        store.load([LoadRequest("r2", "tenant-a", sa.session_id, directory, [4, 6], 0, ntok, parts)],
+        store.load([_load("r2", sa, directory, [4, 6], 0, ntok, parts)],
                    [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == {6}
         k1, v1 = kv_block_views(dst[1], layout)
@@ -183,11 +204,11 @@ def test_a_missing_layer_file_refuses_the_whole_request_and_zeroes_its_blocks(ba
     try:
         store = _store(backend, log, client, "cpu")
         src = {layer: _cache("cpu", seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(2 * BS)), BS)
+        directory = _pdir(tmp_path, sa.session_id, 2)
         _, parts, ntok = _save(store, src, directory, sa, [[(0, [0, 1])]])
         os.remove(layer_file(directory, 0, 0))
         dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
-        store.load([LoadRequest("r2", "tenant-a", sa.session_id, directory, [4, 6], 0, ntok, parts)],
+        store.load([_load("r2", sa, directory, [4, 6], 0, ntok, parts)],
                    [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == {4, 6}
         for layer in LAYERS:
@@ -206,23 +227,23 @@ def test_a_prefix_saved_over_several_steps_gets_its_index_only_when_complete(bac
     try:
         store = _store(backend, log, client, "kv_first")
         src = {layer: _cache("kv_first", seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(4 * BS)), BS)
+        directory = _pdir(tmp_path, sa.session_id, 4)
         allparts = [(0, 1), (1, 3)]
-        step1 = [SavePart("r1", "tenant-a", sa.session_id, directory, [5], 0, 4 * BS)]
+        step1 = [SavePart("r1", "tenant-a", sa.session_id, directory, [5], CH[:1], 0, 4 * BS)]
         for layer in LAYERS:
             store.save_layer(layer, src[layer], step1)
         assert store.finish_saves(step1, LAYERS) == []
         assert not os.path.exists(os.path.join(directory, INDEX))        # a partial prefix is never a hit
-        step2 = [SavePart("r1", "tenant-a", sa.session_id, directory, [8, 2, 10], 1, 4 * BS, allparts)]
+        step2 = [SavePart("r1", "tenant-a", sa.session_id, directory, [8, 2, 10], CH[1:4], 1, 4 * BS, allparts)]
         for layer in LAYERS:
             store.save_layer(layer, src[layer], step2)
         assert store.finish_saves(step2, LAYERS) == [directory]
         index = read_index(directory)
-        assert index["parts"] == [[0, 1], [1, 3]] and index["num_tokens"] == 4 * BS
+        assert index["parts"] == [(0, 1), (1, 3)] and index["num_tokens"] == 4 * BS
         # a load of the blocks past a one-block prefix-cache hit reads only the parts it needs
         dst = {layer: torch.zeros_like(src[layer]) for layer in LAYERS}
-        store.load([LoadRequest("r2", "tenant-a", sa.session_id, directory, [0, 1, 3], 1, 4 * BS,
-                                [tuple(p) for p in index["parts"]])], [(layer, dst[layer]) for layer in LAYERS])
+        store.load([_load("r2", sa, directory, [0, 1, 3], 1, 4 * BS,
+                          index["parts"])], [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == set()
         for layer in LAYERS:
             ks, _ = kv_block_views(src[layer], "kv_first")
@@ -238,8 +259,8 @@ def test_a_refused_key_stores_nothing_and_the_refusal_is_on_record(backend, keys
     try:
         store = _store(backend, log, client, "cpu")
         src = {layer: _cache("cpu", seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-c", list(range(BS)), BS)
-        sp = [SavePart("r1", "tenant-c", "urn:pqc-kv-sess:none", directory, [0], 0, BS, [(0, 1)])]
+        directory = _pdir(tmp_path, "urn:pqc-kv-sess:none", 1, tenant="tenant-c")
+        sp = [SavePart("r1", "tenant-c", "urn:pqc-kv-sess:none", directory, [0], CH[:1], 0, BS, [(0, 1)])]
         for layer in LAYERS:
             store.save_layer(layer, src[layer], sp)
         assert store.finish_saves(sp, LAYERS) == [] and not os.path.exists(directory)
@@ -257,10 +278,10 @@ def test_block_ids_past_the_record_row_range_are_sealed_in_windows(backend, keys
         nb = (1 << 15) + 8
         store = _store(backend, log, client, "cpu")
         src = {layer: _cache("cpu", torch.float16, nb=nb, seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(3 * BS)), BS)
+        directory = _pdir(tmp_path, sa.session_id, 3)
         _, parts, ntok = _save(store, src, directory, sa, [[(0, [3, nb - 1, 5])]])
         dst = {layer: torch.zeros_like(src[layer]) for layer in LAYERS}
-        store.load([LoadRequest("r2", "tenant-a", sa.session_id, directory, [nb - 2, 1, nb - 3], 0, ntok, parts)],
+        store.load([_load("r2", sa, directory, [nb - 2, 1, nb - 3], 0, ntok, parts)],
                    [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == set()
         for layer in LAYERS:
@@ -276,15 +297,18 @@ def test_block_ids_past_the_record_row_range_are_sealed_in_windows(backend, keys
 
 
 def test_an_index_or_layer_file_of_another_format_version_is_refused(tmp_path):
-    from pqc_kv_cache.vllm.blocks import MalformedStoreError
+    from pqc_kv_cache.vllm.storefiles import MalformedStoreError
     d = tmp_path / "p"
     d.mkdir()
     (d / INDEX).write_text(json.dumps({"session_id": "s", "num_tokens": 4, "layers": [0]}))   # the first layout
     assert read_index(str(d)) is None
-    header = json.dumps({"format": "pqc_kv_cache/vllm-layer-9", "chunks": []}).encode()
+    (d / INDEX).write_text(json.dumps({"format": "pqc_kv_cache/vllm-prefix-2", "session_id": "s", "num_tokens": 4,
+                                       "block_size": 4, "layers": [0], "parts": [[0, 1]]}))   # the unbound one
+    assert read_index(str(d)) is None
+    header = json.dumps({"format": "pqc_kv_cache/vllm-layer-1", "chunks": []}).encode()
     (d / "L0-p0.pkvb").write_bytes(len(header).to_bytes(4, "big") + header)
-    with pytest.raises(MalformedStoreError, match="vllm-layer-1"):
-        read_stored_layer(str(d / "L0-p0.pkvb"))
+    with pytest.raises(MalformedStoreError, match="vllm-layer-2"):
+        read_stored_layer(str(d / "L0-p0.pkvb"), 100, 1)
 
 
 def test_the_twin_seals_and_opens_through_the_cuda_backend_launches_with_deferred_status(keys, tmp_path):
@@ -296,11 +320,11 @@ def test_the_twin_seals_and_opens_through_the_cuda_backend_launches_with_deferre
     try:
         store = _store(be, log, client, "kv_last")
         src = {layer: _cache("kv_last", seed=layer) for layer in LAYERS}
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(2 * BS)), BS)
+        directory = _pdir(tmp_path, sa.session_id, 2)
         _, parts, ntok = _save(store, src, directory, sa, [[(0, [2, 3])]])
         enc_launches = [x for x in be.launches if x[0] == "pqc_encrypt_chunks"]
         assert len(enc_launches) == len(LAYERS)                         # one encrypt call per layer
-        store.load([LoadRequest("r2", "tenant-a", sa.session_id, directory, [0, 1], 0, ntok, parts)],
+        store.load([_load("r2", sa, directory, [0, 1], 0, ntok, parts)],
                    [(layer, torch.zeros_like(src[layer])) for layer in LAYERS])
         assert all(o.status.deferred for o in store._opened)            # read at load_errors, not before
         assert store.load_errors() == set()
@@ -324,10 +348,10 @@ def test_on_cuda_save_and_load_make_no_host_sync_and_a_flipped_byte_is_found_at_
     try:
         store = _store(be, log, client, layout)
         src = {layer: _cache(layout, torch.bfloat16, seed=layer).to(dev) for layer in LAYERS}
-        warm = prefix_dir(str(tmp_path / "store"), "tenant-a", [0] * BS, BS)
+        warm = _pdir(tmp_path, sa.session_id, 1)
         _save(store, src, warm, sa, [[(0, [1])]])                 # kernels compiled, key schedules prepared
-        directory = prefix_dir(str(tmp_path / "store"), "tenant-a", list(range(2 * BS)), BS)
-        sp = [SavePart("r1", "tenant-a", sa.session_id, directory, [7, 2], 0, 2 * BS, [(0, 2)])]
+        directory = _pdir(tmp_path, sa.session_id, 2)
+        sp = [SavePart("r1", "tenant-a", sa.session_id, directory, [7, 2], CH[:2], 0, 2 * BS, [(0, 2)])]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -341,7 +365,7 @@ def test_on_cuda_save_and_load_make_no_host_sync_and_a_flipped_byte_is_found_at_
         data[-40] ^= 1                                            # block 2's chunk in layer 1
         open(victim, "wb").write(bytes(data))
         dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
-        req = LoadRequest("r2", "tenant-a", sa.session_id, directory, [4, 6], 0, 2 * BS, [(0, 2)])
+        req = _load("r2", sa, directory, [4, 6], 0, 2 * BS, [(0, 2)])
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

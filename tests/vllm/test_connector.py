@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from pqc_kv_cache.envelope import build_aad, make_nonce  # noqa: E402
 from pqc_kv_cache.isolation import TenantIsolationManager  # noqa: E402
 from pqc_kv_cache.session import TenantKeyPair  # noqa: E402
-from pqc_kv_cache.vllm import KeyService, kv_transfer_config, request_fields  # noqa: E402
+from pqc_kv_cache.vllm import (KeyService, generate_server_secret_file, kv_transfer_config,  # noqa: E402
+                               request_fields)
+from pqc_kv_cache.vllm.storefiles import bound_session_tag, chain_hashes, layer_file, prefix_dir  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import save_tiny_llama  # noqa: E402
@@ -35,11 +37,12 @@ PROMPT_NO_KEY = [6 + (i * 19) % 300 for i in range(80)]
 MAX_TOKENS = 8
 
 
-def _engine(model, store, socket, audit):
+def _engine(model, store, socket, audit, secret):
     from vllm import LLM
     from vllm.config import KVTransferConfig
     return LLM(model=model, dtype="float32", enforce_eager=True, block_size=BS, max_model_len=512, seed=0,
-               kv_transfer_config=KVTransferConfig(**kv_transfer_config(store, socket, audit)))
+               kv_transfer_config=KVTransferConfig(**kv_transfer_config(
+                   store, socket, audit, secret, audit_signing_key=os.path.join(os.path.dirname(secret), "audit.key"))))
 
 
 def _shutdown(llm):
@@ -78,33 +81,39 @@ def world(tmp_path_factory):
     sa = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
     sb = manager.create_session(TenantKeyPair.generate("tenant-b").identity())
     store = str(d / "store")
+    secret_path = str(d / "secret" / "server.key")
+    secret = generate_server_secret_file(secret_path)
     with KeyService(manager, str(d / "keys")) as service:
-        fa, fb = request_fields("tenant-a", sa.session_id), request_fields("tenant-b", sb.session_id)
-        w = {"dir": d, "store": store, "sa": sa, "sb": sb, "fa": fa, "fb": fb,
-             "audit_save": str(d / "audit-save.log"), "audit_load": str(d / "audit-load.log")}
+        fa, fb = request_fields(secret, "tenant-a", sa.session_id), request_fields(secret, "tenant-b", sb.session_id)
+        w = {"dir": d, "store": store, "sa": sa, "sb": sb, "fa": fa, "fb": fb, "secret": secret,
+             # one log for both engines: the second continues what the first sealed, with the same signing key
+             "audit_save": str(d / "audit.log"), "audit_load": str(d / "audit.log")}
         # engine 1: computes and saves
-        llm = _engine(model, store, service.path, w["audit_save"])
+        llm = _engine(model, store, service.path, w["audit_save"], secret_path)
         w["saved"] = {"a": _run(llm, PROMPT, fa), "t": _run(llm, PROMPT_TAMPERED, fa)}
         w["dirs_after_tenant_saves"] = _stored_dirs(store)
         w["no_tenant"] = _run(llm, PROMPT_NO_TENANT)
         w["bad_salt"] = _run(llm, PROMPT_BAD_SALT, fa, salt=fb["cache_salt"])
         # a tenant the key service has no session for: its KV cannot be sealed, so it is not stored
-        w["no_key"] = _run(llm, PROMPT_NO_KEY, request_fields("tenant-c", "urn:pqc-kv-sess:none"))
+        w["no_key"] = _run(llm, PROMPT_NO_KEY, request_fields(secret, "tenant-c", "urn:pqc-kv-sess:none"))
         w["dirs_after_save"] = _stored_dirs(store)
         _shutdown(llm)
         # flip one ciphertext byte of layer 1 of the second prompt
-        from pqc_kv_cache.vllm.blocks import layer_file, prefix_dir
-        victim = layer_file(prefix_dir(store, "tenant-a", PROMPT_TAMPERED[:64], BS), 1, 0)
+        victim = layer_file(_pdir(w, PROMPT_TAMPERED), 1, 0)
         data = bytearray(open(victim, "rb").read())
         data[-40] ^= 0x01
         open(victim, "wb").write(bytes(data))
         # engine 2 (fresh: empty prefix cache): tenant B first, then tenant A
-        llm = _engine(model, store, service.path, w["audit_load"])
+        llm = _engine(model, store, service.path, w["audit_load"], secret_path)
         w["b_asks_a"] = _run(llm, PROMPT, fb)
         w["a_loads"] = _run(llm, PROMPT, fa)
         w["a_tampered"] = _run(llm, PROMPT_TAMPERED, fa)
         _shutdown(llm)
         yield w
+
+
+def _pdir(w, prompt):
+    return prefix_dir(w["store"], w["secret"], "tenant-a", w["sa"].session_id, chain_hashes(prompt[:64], BS)[-1])
 
 
 def test_load_in_a_fresh_engine_gives_the_computed_tokens(world):
@@ -115,31 +124,35 @@ def test_load_in_a_fresh_engine_gives_the_computed_tokens(world):
 
 
 def test_stored_files_hold_ciphertext_that_plain_aesgcm_opens_and_no_plaintext(world):
-    from pqc_kv_cache.vllm.blocks import layer_file
-    from pqc_kv_cache.vllm.connector import prefix_dir, read_stored_layer
+    from pqc_kv_cache.vllm.storefiles import read_stored_layer
     sa = world["sa"]
-    directory = prefix_dir(world["store"], "tenant-a", PROMPT[:64], BS)
+    directory = _pdir(world, PROMPT)
+    chains = chain_hashes(PROMPT[:64], BS)
     blobs = [open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))]
     rows = []
+    heads, hd = 4, 32                                     # the tiny Llama: 4 KV heads of 128 / 4
+    chunk = 2 * heads * BS * hd * 4 + 16
     for layer in (0, 1):
-        header, body = read_stored_layer(layer_file(directory, layer, 0))
-        assert header["session_id"] == sa.session_id and len(header["chunks"]) == 2
-        heads, hd = header["num_heads"], header["head_dim"]
-        for c in header["chunks"]:
+        header, body = read_stored_layer(layer_file(directory, layer, 0), chunk, 2)
+        assert (header["num_heads"], header["head_dim"], len(header["counters"])) == (heads, hd, 2)
+        assert sa.session_id not in json.dumps(header)   # no session id in plaintext
+        for i, counter in enumerate(header["counters"]):
             k_len = heads * BS * hd * 4
-            aad = build_aad(tenant_id="tenant-a", session_id=sa.session_id, epoch=header["epoch"],
-                            layer_idx=layer, position=c["pos_start"], position_count=BS, key_len=k_len,
-                            dtype="float32", num_heads=heads, head_dim=hd)
-            plain = AESGCM(sa.key_for_epoch(header["epoch"])).decrypt(
-                make_nonce(header["epoch"], c["counter"]), body[c["offset"]:c["offset"] + c["length"]], aad)
+            ct = body[i * chunk:(i + 1) * chunk]
+
+            def aad(tenant, i=i):
+                a = build_aad(tenant_id=tenant, session_id=sa.session_id, epoch=header["epoch"], layer_idx=layer,
+                              position=i * BS, position_count=BS, key_len=k_len, dtype="float32", num_heads=heads,
+                              head_dim=hd)
+                return a[:24] + bound_session_tag(sa.session_id, chains[i]) + a[40:]
+
+            plain = AESGCM(sa.key_for_epoch(header["epoch"])).decrypt(make_nonce(header["epoch"], counter), ct,
+                                                                      aad("tenant-a"))
             assert len(plain) == 2 * k_len and any(plain)
-            rows += [plain[i:i + hd * 4] for i in range(0, len(plain), hd * 4)]   # every K and V row
+            rows += [plain[j:j + hd * 4] for j in range(0, len(plain), hd * 4)]   # every K and V row
             with pytest.raises(Exception):                 # the AAD binds the tenant
-                AESGCM(sa.key_for_epoch(header["epoch"])).decrypt(
-                    make_nonce(header["epoch"], c["counter"]), body[c["offset"]:c["offset"] + c["length"]],
-                    build_aad(tenant_id="tenant-b", session_id=sa.session_id, epoch=header["epoch"],
-                              layer_idx=layer, position=c["pos_start"], position_count=BS, key_len=k_len,
-                              dtype="float32", num_heads=heads, head_dim=hd))
+                AESGCM(sa.key_for_epoch(header["epoch"])).decrypt(make_nonce(header["epoch"], counter), ct,
+                                                                  aad("tenant-b"))
     assert len(rows) == 2 * 2 * 2 * 4 * BS
     everything = b"".join(open(os.path.join(r, f), "rb").read()
                           for r, _, fs in os.walk(world["store"]) for f in fs)
@@ -169,7 +182,7 @@ def test_a_tenant_without_a_key_is_computed_but_not_stored_and_the_refusal_is_on
     recs = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert rc == 0 and len(recs) == 1, out + err                # one per refused request
     assert all(r["operation"] == "encrypt" and r["status"] != "OK" and "UnknownTenantError" in r["details"]
-               for r in recs)
+               and "(request " in r["details"] for r in recs)
 
 
 def test_a_flipped_ciphertext_byte_is_recomputed_and_on_record(world):

@@ -13,7 +13,8 @@ pytest.importorskip("vllm.config", reason="vLLM is not installed here: `make tes
 
 from pqc_kv_cache.isolation import TenantIsolationManager  # noqa: E402
 from pqc_kv_cache.session import TenantKeyPair  # noqa: E402
-from pqc_kv_cache.vllm import KeyService, kv_transfer_config, request_fields  # noqa: E402
+from pqc_kv_cache.vllm import (KeyService, generate_server_secret_file, kv_transfer_config,  # noqa: E402
+                               request_fields)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import save_tiny_llama  # noqa: E402
@@ -28,13 +29,13 @@ PROMPTS = [[5 + (i * k) % 300 for i in range(80)] for k in (7, 11, 13)]
 MAX_TOKENS = 100
 
 
-def _engine(model, dtype, store, socket, audit):
+def _engine(model, dtype, store, socket, audit, secret):
     from vllm import LLM
     from vllm.config import KVTransferConfig
     return LLM(model=model, dtype=dtype, enforce_eager=True, block_size=BS, max_model_len=256, seed=0,
                enable_chunked_prefill=True, max_num_batched_tokens=STEP_TOKENS, max_num_seqs=4,
                num_gpu_blocks_override=BLOCKS, disable_log_stats=False,
-               kv_transfer_config=KVTransferConfig(**kv_transfer_config(store, socket, audit)))
+               kv_transfer_config=KVTransferConfig(**kv_transfer_config(store, socket, audit, secret)))
 
 
 def _shutdown(llm):
@@ -66,17 +67,19 @@ def world(request, tmp_path_factory):
     manager = TenantIsolationManager()
     sa = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
     store = str(d / "store")
+    secret_path = str(d / "secret" / "server.key")
+    secret = generate_server_secret_file(secret_path)
     with KeyService(manager, str(d / "keys")) as service:
-        fa = request_fields("tenant-a", sa.session_id)
+        fa = request_fields(secret, "tenant-a", sa.session_id)
         w = {"dtype": dtype, "store": store, "audit": str(d / "audit.log")}
-        llm = _engine(model, dtype, store, service.path, w["audit"])
+        llm = _engine(model, dtype, store, service.path, w["audit"], secret_path)
         # without the connector's involvement (no tenant): one at a time, so nothing is preempted
         w["reference"] = [_generate(llm, [p])[0] for p in PROMPTS]
         before = _preemptions(llm)
         w["saved"] = _generate(llm, PROMPTS, fa)
         w["preempted_while_saving"] = _preemptions(llm) - before
         _shutdown(llm)
-        llm = _engine(model, dtype, store, service.path, str(d / "audit-load.log"))
+        llm = _engine(model, dtype, store, service.path, str(d / "audit-load.log"), secret_path)
         w["loaded"] = _generate(llm, PROMPTS, fa)
         _shutdown(llm)
         yield w
@@ -90,7 +93,7 @@ def test_saved_over_several_steps_under_preemption_then_loaded_gives_the_tokens_
 
 
 def test_each_prefix_is_stored_once_in_parts_and_indexed_whole(world):
-    from pqc_kv_cache.vllm.blocks import read_index, read_stored_layer
+    from pqc_kv_cache.vllm.storefiles import read_index, read_stored_layer
     dirs = sorted({root for root, _, files in os.walk(world["store"]) if any(f.endswith(".pkvb") for f in files)})
     assert len(dirs) == len(PROMPTS)
     for directory in dirs:
@@ -98,8 +101,9 @@ def test_each_prefix_is_stored_once_in_parts_and_indexed_whole(world):
         assert index is not None and index["num_tokens"] == 64
         parts = index["parts"]
         # at most one block becomes whole per 32-token step: the two blocks were saved in two steps
-        assert parts == [[0, 1], [1, 1]]
+        assert parts == [(0, 1), (1, 1)]
         for layer in (0, 1):
             for first, n in parts:
-                header, _ = read_stored_layer(os.path.join(directory, f"L{layer}-p{first * BS}.pkvb"))
-                assert header["dtype"] == world["dtype"] and len(header["chunks"]) == n
+                header, _ = read_stored_layer(os.path.join(directory, f"L{layer}-p{first * BS}.pkvb"),
+                                              2 * 4 * BS * 32 * 2 + 16, n)
+                assert header["dtype"] == world["dtype"] and len(header["counters"]) == n

@@ -9,7 +9,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pqc_kv_cache.errors import KVCacheError
 from pqc_kv_cache.isolation import TenantIsolationManager
 from pqc_kv_cache.session import TenantKeyPair
-from pqc_kv_cache.vllm import KeyClient, KeyService, KeyServiceError, request_fields, tenant_cache_salt
+import socket
+import struct
+
+from pqc_kv_cache.vllm import KeyClient, KeyService, KeyServiceError
 
 
 @pytest.fixture()
@@ -73,18 +76,46 @@ def test_no_service_is_a_key_service_error(tmp_path):
         KeyClient(str(tmp_path / "nothing.sock")).key("t", "s", 0)
 
 
-def test_request_fields_carry_ids_and_the_tenant_salt_only():
-    f = request_fields("tenant-a", "sess-1")
-    assert f["cache_salt"] == tenant_cache_salt("tenant-a") != tenant_cache_salt("tenant-b")
-    assert f["kv_transfer_params"] == {"pqc_kv_cache": {"tenant_id": "tenant-a", "session_id": "sess-1"}}
-    with pytest.raises(ValueError):
-        request_fields("", "s")
-    with pytest.raises(ValueError):
-        request_fields("t", "")
-
-
 def test_a_served_key_opens_what_the_session_sealed(served):
     manager, sa, service = served
     r = KeyClient(service.path).reserve("tenant-a", sa.session_id, 1)
     nonce = bytes(12)
     assert AESGCM(sa.symmetric_key).decrypt(nonce, AESGCM(r.key).encrypt(nonce, b"kv", b"aad"), b"aad") == b"kv"
+
+
+def _raw(path, payload: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(10)
+        c.connect(path)
+        c.sendall(struct.pack(">I", len(payload)) + payload)
+        n = struct.unpack(">I", c.recv(4))[0]
+        buf = b""
+        while len(buf) < n:
+            buf += c.recv(n - len(buf))
+    import json
+    return json.loads(buf)
+
+
+@pytest.mark.parametrize("payload", [b"[" * 60000 + b"]" * 4000, b'{"op": "key", "epoch": ' + b"9" * 5000 + b"}",
+                                     b"\xff\xfe", b"[1, 2]",
+                                     b'{"op": "key", "tenant": "tenant-a", "session": "s", "epoch": 99999999999}'])
+def test_a_malformed_request_gets_an_error_reply_and_the_service_lives_on(served, payload):
+    manager, sa, service = served
+    rep = _raw(service.path, payload)
+    assert rep["ok"] is False and rep["error"]
+    assert KeyClient(service.path).key("tenant-a", sa.session_id, sa.epoch) == sa.symmetric_key
+
+
+def test_idle_connections_do_not_stall_the_others(served):
+    manager, sa, service = served
+    idle = []
+    for _ in range(5):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(service.path)
+        idle.append(c)
+    try:
+        # a client stalled behind the idle ones would time out (3 s) before their 5 s timeouts end
+        assert KeyClient(service.path, timeout=3).key("tenant-a", sa.session_id, sa.epoch) == sa.symmetric_key
+    finally:
+        for c in idle:
+            c.close()
