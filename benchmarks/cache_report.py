@@ -24,7 +24,7 @@ length) and adds a per-context table (decode tokens/s, median with min and max, 
 ratio to DynamicCache) to the output and the JSON; the headline tables stay those of the 512-token
 prompt when it is among them (else of the first length given). ``--plot PATH.png`` draws decode tokens/s
 against context length, one line per variant with min-max error bars; it needs matplotlib
-(``pip install 'pqc_kv_cache[bench]'``), imported only then.
+(``pip install 'pqc-kv-cache-encryption[bench]'``), imported only then.
 
     python benchmarks/cache_report.py [--repeats 5] [--new-tokens 128] [--threads N] [--quick] [--out PATH]
                                       [--contexts 128,512,1024,2048] [--plot decode_vs_context.png]
@@ -100,7 +100,7 @@ def load_pyplot_figure():
         from matplotlib.figure import Figure
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib, which is not installed: "
-                           "pip install 'pqc_kv_cache[bench]' (or pip install 'matplotlib>=3.7')") from e
+                           "pip install 'pqc-kv-cache-encryption[bench]' (or pip install 'matplotlib>=3.7')") from e
     return Figure
 
 

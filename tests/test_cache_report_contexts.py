@@ -72,7 +72,7 @@ def test_arena_memory_is_reported_for_every_encrypted_variant_within_its_bounds(
         assert 0.0 < m["max_capacity_per_dynamic_kv"] <= 2.0
 
 
-@pytest.mark.skipif(not _have_matplotlib(), reason="matplotlib is not installed (pip install 'pqc_kv_cache[bench]')")
+@pytest.mark.skipif(not _have_matplotlib(), reason="matplotlib is not installed (pip install 'pqc-kv-cache-encryption[bench]')")
 def test_plot_is_a_png_of_tokens_per_s_against_context(quick_run):
     _, _, out = quick_run
     data = (out / "plot.png").read_bytes()
@@ -89,7 +89,7 @@ def test_plot_without_matplotlib_fails_up_front_with_a_clear_error(report, monke
                      "--json", str(tmp_path / "r.json")])
     assert e.value.code == 2 and not measured and not (tmp_path / "p.png").exists()
     err = capsys.readouterr().err
-    assert "--plot needs matplotlib" in err and "pqc_kv_cache[bench]" in err
+    assert "--plot needs matplotlib" in err and "pqc-kv-cache-encryption[bench]" in err
 
 
 @pytest.mark.parametrize("text, message", [("", "at least one"), ("128,abc", "integers"),

@@ -1,7 +1,7 @@
 """The wheel users install holds the whole package: every module, the C sources, the CUDA sources.
 
 `make test` runs on an editable install, which finds every file of the tree whatever the
-packaging says, so only a built wheel shows what `pip install pqc_kv_cache` gets.
+packaging says, so only a built wheel shows what `pip install pqc-kv-cache-encryption` gets.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ def test_every_package_folder_of_the_tree_is_listed_in_pyproject():
     assert folders - listed == set(), "package folders missing from [tool.setuptools] packages"
 
 
+def test_the_distribution_is_the_earlier_packages_name_so_an_upgrade_replaces_it():
+    # two distributions owning one import package would overwrite each other's files
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["name"] == "pqc-kv-cache-encryption"
+
+
 def test_the_version_is_above_the_earlier_package():
     # the earlier pure-Python library was 0.1.0: an upgrade must replace it
     parts = tuple(int(x) for x in pqc_kv_cache.__version__.split(".")[:3])
@@ -58,8 +64,8 @@ def test_the_built_wheel_holds_every_file_of_the_package(tmp_path):
                            "--disable-pip-version-check", "-q", "-w", str(tmp_path), str(src)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    (wheel,) = tmp_path.glob("pqc_kv_cache-*.whl")
-    assert wheel.name.startswith(f"pqc_kv_cache-{pqc_kv_cache.__version__}-")
+    (wheel,) = tmp_path.glob("pqc_kv_cache_encryption-*.whl")
+    assert wheel.name.startswith(f"pqc_kv_cache_encryption-{pqc_kv_cache.__version__}-")
     with zipfile.ZipFile(wheel) as z:
         names = {n for n in z.namelist() if n.startswith("pqc_kv_cache/")}
     missing = _tree_files() - names

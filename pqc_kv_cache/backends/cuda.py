@@ -90,7 +90,7 @@ def _import_cupy():
     try:
         import cupy
     except ImportError as exc:
-        raise BackendUnavailableError("the CUDA backend needs CuPy (pip install 'pqc_kv_cache[gpu]')") from exc
+        raise BackendUnavailableError("the CUDA backend needs CuPy (pip install 'pqc-kv-cache-encryption[gpu]')") from exc
     return cupy
 
 
