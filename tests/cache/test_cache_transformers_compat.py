@@ -331,3 +331,18 @@ def test_an_encoder_decoder_config_is_refused_naming_what_works(config_name):
     config = getattr(transformers, config_name)()
     with pytest.raises(ValueError, match=rf"{config_name} is encoder-decoder.*Use a decoder-only model"):
         EncryptedCache(config, sessions=sessions("alice")[0])
+
+
+def test_a_filled_cache_reused_for_another_prompt_continues_after_its_content_as_dynamic_cache_does(mode):
+    # the README's statement: transformers does not refuse the reuse, and the second prompt attends to the first
+    from transformers import DynamicCache
+    model = tiny_model("llama")
+    first, second = prompts(1, 7, seed=41), prompts(1, 5, seed=42)
+    plain, enc = DynamicCache(config=model.config), EncryptedCache(model.config, sessions=sessions("alice")[0],
+                                                                    mode=mode)
+    outs = []
+    for cache in (plain, enc):
+        generate(model, first, cache, max_new_tokens=3, do_sample=False)
+        outs.append(generate(model, second, cache, max_new_tokens=3, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+    assert enc.get_seq_length() == plain.get_seq_length() > first.shape[1] + second.shape[1]
