@@ -1,9 +1,9 @@
-"""EncryptedLayer: one full-attention layer's cache as ciphertext chunks.
+"""EncryptedLayer: one full-attention layer's cache as ciphertext chunks, with transformers' layer API.
 
-What a layer stores: ciphertext chunks (envelope v1) in one growing byte arena
-(``arena.py``) and their chunk table (``segments.py``): a *segment* is a
-position range written by one ``update`` (a prefill, one decoded token, a block
-of draft tokens) or a merge of such ranges, and holds one chunk per batch row.
+What a layer stores: ciphertext chunks (envelope v1), kept, sealed and opened
+by its base ``ChunkStore`` (chunkstore.py: a byte arena and a chunk table of
+segments, one chunk per batch row each). This class is the layer API over it:
+update, crop, reorder and row selection, save-file parts, export, copies.
 
 What a layer never stores: plaintext. ``layer.keys`` and ``layer.values`` stay
 None. ``update`` encrypts the new positions, then decrypts every live chunk of
@@ -15,26 +15,21 @@ backend, the scratch, the audit record sites) comes through its
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .._checks import check_int
-from ..audit.records import Op, Status
+from ..audit.records import Op
 from ..envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce
-from ..errors import DecryptionError, KVCacheError, SessionExpiredError
-from ..session import TenantSession
-from .arena import ArenaStats, ByteArena
+from ..errors import KVCacheError, SessionExpiredError
+from .arena import ByteArena
+from .chunkstore import ChunkStore
 from .clearing import zero
 from .context import LayerContext, deferred_status
-from .segments import SealedChunks, SegmentTable
-
-if TYPE_CHECKING:
-    from .context import ChunkLayout
+from .segments import SegmentTable
 
 __all__ = ["EncryptedLayer", "crop_count"]
 
@@ -52,7 +47,7 @@ def crop_count(tokens_to_remove) -> int:
     return check_int("tokens_to_remove", t)
 
 
-class EncryptedLayer(CacheLayerMixin):
+class EncryptedLayer(ChunkStore, CacheLayerMixin):
     """One full-attention layer's cache as ciphertext chunks; plaintext only in the cache's scratch.
 
     The same visible states and mask sizes as transformers' ``DynamicLayer``. ``SlidingEncryptedLayer``
@@ -70,283 +65,6 @@ class EncryptedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.record_past = False
         self._clear()
-
-    # ---- storage -------------------------------------------------------------------------
-    def _clear(self) -> None:
-        self.keys = None
-        self.values = None
-        self.is_initialized = False
-        self._batch = 0
-        self.table = SegmentTable()
-        self._row_slots = np.zeros(0, dtype=np.int64)
-        self.arena: ByteArena | None = None
-        self._end = 0       # absolute position after the last stored one
-        self._start = 0     # first visible position (0 for full attention)
-
-    @property
-    def cumulative_length(self) -> int:
-        """Positions written so far (what ``DynamicSlidingWindowLayer.cumulative_length`` counts)."""
-        return self._end
-
-    @property
-    def first_position(self) -> int:
-        """The first position still kept (0 unless a sliding window has moved past it)."""
-        return self._start
-
-    @property
-    def ciphertext(self) -> torch.Tensor:
-        """The layer's stored bytes (ciphertext and tags, including not yet reclaimed ones) as a uint8 view."""
-        if self.arena is None:
-            return torch.zeros(0, dtype=torch.uint8)
-        return self.arena.view()
-
-    @property
-    def num_segments(self) -> int:
-        return self.table.num_segments
-
-    @property
-    def row_session_slots(self) -> np.ndarray:
-        """The session slot of each batch row (a copy)."""
-        return self._row_slots.copy()
-
-    @property
-    def row_sessions(self) -> list[TenantSession]:
-        """The session of each batch row."""
-        return [self._ctx.sessions[i] for i in self._row_slots.tolist()]
-
-    def rows_of(self, slot: int) -> np.ndarray:
-        """The batch rows of session slot ``slot``."""
-        return np.flatnonzero(self._row_slots == slot)
-
-    def chunk_sizes(self) -> np.ndarray:
-        """Stored bytes (ciphertext and tag) of each segment's chunks."""
-        return self.table.chunk_sizes(self._bytes_per_position, TAG_SIZE)
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._check_states(key_states, value_states)
-        self.device = key_states.device
-        self.dtype = key_states.dtype
-        self._batch, self.num_heads, _, self.head_dim = key_states.shape
-        self._layout: ChunkLayout = self._ctx.layout(self.layer_idx, self.num_heads, self.head_dim, self.dtype)
-        self._bytes_per_position = self._layout.bytes_per_position
-        self._row_slots = self._ctx.rows_for_batch(self._batch)
-        self.table = SegmentTable(self._batch)
-        self._backend = self._ctx.backend_for(self.device)
-        self.arena = ByteArena(self.device)
-        self.is_initialized = True
-
-    @staticmethod
-    def _check_states(k, v) -> None:
-        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
-            raise TypeError("key_states and value_states must be tensors")
-        if k.dim() != 4 or k.shape != v.shape:
-            raise ValueError(f"EncryptedLayer needs key and value states of one shape [batch, heads, seq, dim]; "
-                             f"got {list(k.shape)} and {list(v.shape)}")
-        if k.dtype != v.dtype or k.device != v.device:
-            raise ValueError("key and value states must share dtype and device")
-
-    def _check_update(self, k, v) -> None:
-        self._check_states(k, v)
-        b, h, _, d = k.shape
-        if (b, h, d) != (self._batch, self.num_heads, self.head_dim):
-            raise ValueError(f"layer {self.layer_idx} holds [batch={self._batch}, heads={self.num_heads}, "
-                             f"dim={self.head_dim}]; got states {list(k.shape)}")
-        if k.dtype != self.dtype or k.device != self.device:
-            raise ValueError(f"layer {self.layer_idx} holds {self.dtype} on {self.device}; "
-                             f"got {k.dtype} on {k.device}")
-
-    def _alloc(self, nbytes: int) -> int:
-        """Room for ``nbytes`` in the arena (live chunks may move: the table follows). Returns the offset."""
-        arena = self.arena
-        if arena.fits(nbytes):      # every decode step: no table read
-            return arena.take(nbytes)
-        offsets = self.table.offset
-        off, moved = arena.alloc(nbytes, offsets, self.chunk_sizes())
-        if moved is not offsets:
-            self.table.set_column("offset", moved)
-        return off
-
-    def _reclaim(self) -> None:
-        """Chunks were just dropped or replaced: compact once their dead bytes pass the arena's bound."""
-        moved = self.arena.reclaim(self.table.offset, self.chunk_sizes())
-        if moved is not None:
-            self.table.set_column("offset", moved)
-
-    def compact(self, capacity: int | None = None) -> None:
-        """Reclaim dead bytes now: the live chunks move into a new arena of ``capacity`` bytes (default:
-        exactly their size)."""
-        if not self.is_initialized:
-            return
-        sizes = self.chunk_sizes()
-        if capacity is None:
-            capacity = self.arena.live_bytes(self.table.offset, sizes)
-        self.table.set_column("offset", self.arena.compact(self.table.offset, sizes, capacity))
-
-    def arena_stats(self) -> ArenaStats:
-        """The arena's used, capacity and live bytes (all zero before the first update). Reads the chunk
-        table: for measuring, not for every step."""
-        if not self.is_initialized:
-            return ArenaStats(0, 0, 0)
-        return self.arena.stats(self.table.offset, self.chunk_sizes())
-
-    # ---- atomic operations ---------------------------------------------------------------------
-    def snapshot(self) -> tuple:
-        """Everything an operation may change (the table's state, kept without a copy: the table copies on
-        write; the arena's bytes are kept by reference)."""
-        return (self._batch, self.table.state(), self._row_slots.copy(),
-                None if self.arena is None else self.arena.state(), self._end, self._start,
-                self._storage_state())
-
-    def restore(self, snap: tuple) -> None:
-        self._batch, table, self._row_slots, arena, self._end, self._start, storage = snap
-        self.table.restore(table)
-        if arena is not None:
-            self.arena.restore(arena)
-        self._storage_restore(storage)
-
-    @contextlib.contextmanager
-    def _atomic(self):
-        """The block completes, or the layer is left exactly as it was (chunk table, bytes, positions)."""
-        snap = self.snapshot()
-        try:
-            yield
-        except BaseException:
-            self.restore(snap)
-            raise
-
-    # ---- storage hooks (the working-set variant overrides them; the sealed layer holds no plaintext) ----
-    def _storage_state(self):
-        """What the plaintext storage may change in an operation (kept by reference)."""
-        return None
-
-    def _storage_restore(self, state) -> None:
-        pass
-
-    def _open_released(self) -> None:
-        """Before an update writes: open what a release dropped."""
-
-    def _kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """The positions just sealed, in the clear (sealed: not kept)."""
-
-    def _visible(self, view_start: int):
-        """The layer's plaintext from the first segment reaching ``view_start``: (K, V, its first position,
-        per-chunk status or None). Sealed: every such chunk decrypted into the scratch."""
-        return self._read_from(view_start)
-
-    def _truncated(self, new_end: int) -> None:
-        """Positions from ``new_end`` on were cropped."""
-
-    def _rows_taken(self, idx: np.ndarray) -> None:
-        """Row r now holds old row ``idx[r]``."""
-
-    def _drop_plaintext(self, rows: np.ndarray) -> None:
-        """Zero and drop the plaintext held for ``rows`` (sealed: none; the cache wipes its scratch)."""
-
-    def release_rows(self, rows: np.ndarray) -> None:
-        """Zero and drop the plaintext of ``rows``, leaving only ciphertext; one RELEASE record per row."""
-        if not self.is_initialized or rows.size == 0:
-            return
-        self._drop_plaintext(rows)
-        self._ctx.auditor.rows(Op.RELEASE, self.layer_idx, self._row_slots[rows], rows, now=True,
-                               pos_start=self._start, pos_count=self._end - self._start)
-
-    def open_released(self) -> None:
-        """Open what a release dropped (sealed: nothing; every update opens the layer)."""
-
-    # ---- sealing and opening ---------------------------------------------------------------------
-    def _seal(self, k_src, v_src, src_row, dst_row, pos_start, pos_count, io_start, audited: bool,
-              failed=None) -> SealedChunks:
-        """Encrypt chunks (src_row, io_start..+pos_count of k_src/v_src) for layer rows ``dst_row``
-        under fresh counters.
-
-        ``failed``: for a re-seal of plaintext from a read whose status is still on the device, that
-        status per new chunk (non-zero: a source tag failed). Such a chunk is stored as zeros, which never
-        authenticate, so a failed chunk is never laundered into a valid one and no host sync is needed."""
-        ctx = self._ctx
-        slots = self._row_slots[dst_row]
-        counter, epoch = ctx.reserve(slots)
-        sizes = pos_count * self._bytes_per_position + TAG_SIZE
-        total = int(sizes.sum())
-        base = self._alloc(total)
-        offset = base + np.cumsum(sizes) - sizes
-        sealed = SealedChunks(counter, epoch, slots, offset)
-        if failed is None:
-            ctx.encrypt(self._backend, self._layout, slots, epoch, src_row, pos_start, pos_count, io_start,
-                        counter, offset, k_src, v_src, self.arena.buffer, audited)
-            return sealed
-        # sealed aside first: a valid tag over a failed source never reaches the arena
-        arena = self.arena.buffer
-        aside = torch.empty(total, dtype=torch.uint8, device=arena.device)
-        try:
-            ctx.encrypt(self._backend, self._layout, slots, epoch, src_row, pos_start, pos_count, io_start,
-                        counter, offset - base, k_src, v_src, aside, audited)
-            bad = failed.to(device=aside.device).bool()
-            edges = np.concatenate([[0], np.flatnonzero(np.diff(sizes)) + 1, [sizes.size]]).tolist()
-            for a, b in zip(edges[:-1], edges[1:]):       # runs of chunks of one size
-                lo, size = int(offset[a] - base), int(sizes[a])
-                src = aside[lo:lo + (b - a) * size].view(b - a, size)
-                dst = arena[base + lo:base + lo + (b - a) * size].view(b - a, size)
-                dst.copy_(torch.where(bad[a:b, None], 0, src))
-        finally:
-            aside.zero_()
-        return sealed
-
-    def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):
-        """Decrypt segments ``segs`` × rows ``rows`` into k_out/v_out (positions from ``base``);
-        DecryptionError (destination wiped) if any tag fails. Returns the backend's status per chunk
-        (segment-major, rows inner), or None when there was nothing to open."""
-        if segs.size == 0 or rows.size == 0:
-            return None
-        nr = rows.size
-        columns = self.table.select(segs, rows)
-        dst = np.tile(rows if out_rows is None else out_rows, segs.size)
-        pos_start = np.repeat(self.table.start[segs], nr)
-        pos_count = np.repeat(self.table.count[segs], nr)
-        return self._ctx.decrypt(self._backend, self._layout, columns, dst, pos_start, pos_count,
-                                 pos_start - base, self.arena.buffer, k_out, v_out)
-
-    def _read_from(self, view_start: int):
-        """Decrypt every segment that reaches past ``view_start`` into the scratch.
-
-        Returns the scratch views from the first decrypted position (``base``), base, and the status."""
-        i0 = self.table.first_reaching(view_start)
-        self._check_covered(i0, view_start)
-        base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
-        k_out, v_out = self._ctx.scratch.views(self._batch, self._end - base, self.num_heads, self.head_dim,
-                                               self.dtype, self.device)
-        status = self._open(np.arange(i0, self.num_segments), self._all_rows(), k_out, v_out, base)
-        return k_out, v_out, base, status
-
-    def _check_covered(self, i0: int, view_start: int) -> None:
-        """Refuse a read whose positions ``view_start``.. ``_end`` are not all covered by chunks, in order:
-        the scratch there would hold whatever an earlier read left (another layer's or tenant's K/V)."""
-        gap = self.table.gap(i0, view_start, self._end)
-        if gap is None:
-            return
-        self._ctx.auditor.rows(Op.DECRYPT, self.layer_idx, self._row_slots, np.arange(self._batch),
-                               status=Status.REFUSED, now=True, pos_start=gap[0], pos_count=gap[1] - gap[0])
-        raise DecryptionError(f"no chunk covers positions {gap[0]}..{gap[1] - 1} of layer {self.layer_idx}; "
-                              "nothing is returned", layer_idx=self.layer_idx, positions=range(*gap))
-
-    def _per_batch(self, name: str, make) -> np.ndarray:
-        """``make(batch)`` (an int64 array, kept read-only until the batch size changes): what every step asks
-        for anew."""
-        memo = self.__dict__.get("_batch_memo")
-        if memo is None or memo[0] != self._batch:
-            memo = self._batch_memo = (self._batch, {})
-        got = memo[1].get(name)
-        if got is None:
-            got = memo[1][name] = make(self._batch)
-            got.flags.writeable = False
-        return got
-
-    def _all_rows(self) -> np.ndarray:
-        """0 .. batch-1."""
-        return self._per_batch("rows", lambda b: np.arange(b, dtype=np.int64))
-
-    def _all_zeros(self) -> np.ndarray:
-        """``batch`` zeros."""
-        return self._per_batch("zeros", lambda b: np.zeros(b, dtype=np.int64))
 
     # ---- the Cache API -------------------------------------------------------------------------
     def _view_start(self) -> int:

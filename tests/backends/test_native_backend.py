@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pqc_kv_cache.audit import KVAuditLog
-from pqc_kv_cache.backends import native
+from pqc_kv_cache.backends import native, native_lib
 from pqc_kv_cache.backends import select_backend
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
 from pqc_kv_cache.backends.host import HostBackend
@@ -497,7 +497,7 @@ def test_cpu_selection_prefers_native_and_the_env_var_forces_either(monkeypatch)
 def test_without_the_native_library_cpu_tensors_get_the_host_backend(monkeypatch):
     def unavailable():
         raise BackendUnavailableError("no ipsec-mb here")
-    monkeypatch.setattr(native, "load", unavailable)
+    monkeypatch.setattr(native_lib, "load", unavailable)
     monkeypatch.delenv(native.BACKEND_ENV, raising=False)
     assert select_backend("cpu") is HostBackend.instance()
     assert native.host_backend_choice() == ("host", "native backend unavailable: no ipsec-mb here")
@@ -510,7 +510,7 @@ def test_a_missing_compiler_makes_the_native_backend_unavailable(monkeypatch, tm
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("PQC_KV_CACHE_DIR", str(tmp_path))
     with pytest.raises(BackendUnavailableError, match="no C compiler"):
-        native._build()
+        native_lib._build()
 
 
 def test_info_names_the_active_host_path(monkeypatch, capsys):
@@ -538,9 +538,9 @@ def test_a_remembered_build_failure_keeps_no_caller_alive(monkeypatch):
 
     def fail():
         raise BackendUnavailableError("no ipsec-mb here")
-    monkeypatch.setattr(native, "_build", fail)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_load_error", None)
+    monkeypatch.setattr(native_lib, "_build", fail)
+    monkeypatch.setattr(native_lib, "_lib", None)
+    monkeypatch.setattr(native_lib, "_load_error", None)
 
     class Holder:   # stands for a cache whose first update selects the backend
         pass
