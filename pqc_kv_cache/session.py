@@ -61,7 +61,7 @@ from .errors import (
 )
 from .keyschedule import MAX_COUNTER as MAX_COUNTER
 from .keyschedule import MAX_EPOCH as MAX_EPOCH
-from .keyschedule import KeyChain, Lineage, context, mlkem, wipe
+from .keyschedule import KeyChain, Lineage, check_branches, context, mlkem, wipe
 from .sessionstate import SessionState
 from .sessionstate import iso_time as _iso
 from .sessionstate import printable_wall as _printable_wall
@@ -508,8 +508,9 @@ class TenantSession:
         if remaining <= 0:
             raise SessionExpiredError(f"session {state.session_id} of tenant {state.tenant_id!r} expired at "
                                       f"{_iso(_printable_wall(state.expires_at_wall, 'expires_at'))}")
-        keychain = KeyChain(context(state.tenant_id, state.session_id), bytearray(state.chain), state.epoch,
-                            {e: bytearray(k) for e, k in state.keys.items()}, dict(state.branches))
+        keychain = KeyChain(context(state.tenant_id, state.session_id), bytearray(state.chain),
+                            check_int("epoch", state.epoch, 0, MAX_EPOCH),
+                            {e: bytearray(k) for e, k in state.keys.items()}, check_branches(state.branches))
         self = cls.__new__(cls)
         self._setup(tenant, state.session_id, bytes(state.kem_ciphertext),
                     check_seconds("ttl_seconds", state.ttl_seconds, hi=MAX_TTL_SECONDS), clock,

@@ -8,13 +8,18 @@ wrong: a crop dropped newer chunks before the save, and an older file is loaded 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pqc_kv_cache.backends.host import HostBackend
 from pqc_kv_cache.cache import EncryptedCache
-from pqc_kv_cache.session import TenantSession
+from pqc_kv_cache.errors import SaveFileError
+from pqc_kv_cache.resumption import export_session, generate_kek_file, import_session, resume_session
+from pqc_kv_cache.session import TenantKeyPair, TenantSession, establish_tenant_session
 from support.cache_models import tiny_model
 
 H, D = 2, 16   # tiny llama: 2 KV heads, head_dim 16
@@ -93,3 +98,103 @@ def test_older_file_loaded_after_newer_reuses_no_nonce(tmp_path, mode):
     older = load(tmp_path / "older.pkvf", reestablished(secrets), sealed, mode)
     for i in range(8):
         step(older, 1, 30 + i)
+
+
+# ---- any sequence -------------------------------------------------------------------------------------
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("update"), st.integers(1, 3)),
+    st.tuples(st.just("crop"), st.integers(1, 3)),
+    st.tuples(st.just("save")),
+    st.tuples(st.just("load"), st.integers(0, 99)),
+    st.tuples(st.just("reestablish"), st.sampled_from(["secret", "export", "keypair"]), st.integers(0, 99)),
+    st.tuples(st.just("switch"), st.integers(0, 99)),
+    st.tuples(st.just("rotate")),
+), min_size=1, max_size=16)
+
+# why a load may be refused in such a sequence: never a reason that could hide a reuse
+ALLOWED_REFUSALS = ("another branch", "retired")
+
+
+class World:
+    """Tenants with key pairs, the session instances built so far (each with the cache it works on), the
+    files saved so far, and one record of every seal."""
+
+    def __init__(self, tmp: Path, mode: str):
+        self.tmp, self.mode, self.sealed = tmp, mode, set()
+        self.pairs = [TenantKeyPair.generate(t) for t in TENANTS]
+        first = [establish_tenant_session(kp.identity()) for kp in self.pairs]
+        self.instances = [[first, None]]
+        self.current = 0
+        self.files: list[Path] = []
+        self.seed = 0
+        self.kek = tmp / "session.kek"
+        generate_kek_file(self.kek)
+
+    @property
+    def sessions(self):
+        return self.instances[self.current][0]
+
+    @property
+    def cache(self):
+        return self.instances[self.current][1]
+
+    def run(self, op) -> None:
+        getattr(self, op[0])(*op[1:])
+
+    def update(self, n: int) -> None:
+        if self.cache is None:
+            self.instances[self.current][1] = new_cache(self.sessions, self.sealed, self.mode)
+        self.seed += 1
+        step(self.cache, n, self.seed)
+
+    def crop(self, n: int) -> None:
+        if self.cache is not None and self.cache.get_seq_length() > n:
+            self.cache.crop(-n)
+
+    def save(self) -> None:
+        if self.cache is not None and self.cache.get_seq_length() > 0:
+            path = self.tmp / f"f{len(self.files)}.pkvf"
+            self.cache.save(path)
+            self.files.append(path)
+
+    def load(self, i: int) -> None:
+        if not self.files:
+            return
+        before = [(s.lineage, s.owns_epoch, s.live_epochs) for s in self.sessions]
+        try:
+            cache = load(self.files[i % len(self.files)], self.sessions, self.sealed, self.mode)
+        except SaveFileError as exc:
+            assert any(why in str(exc) for why in ALLOWED_REFUSALS), exc
+            assert [(s.lineage, s.owns_epoch, s.live_epochs) for s in self.sessions] == before
+            return
+        self.instances[self.current][1] = cache
+
+    def reestablish(self, how: str, i: int) -> None:
+        old = self.sessions
+        if how == "secret":
+            new = []
+            for kp, s in zip(self.pairs, old):
+                ss = kp.shared_secret(s.kem_ciphertext)
+                new.append(TenantSession(s.tenant_id, s.session_id, bytes(ss), s.kem_ciphertext))
+        elif how == "keypair":
+            new = [resume_session(kp, s.tenant_id, s.session_id, s.kem_ciphertext) for kp, s in zip(self.pairs, old)]
+        else:
+            new = [import_session(export_session(s, self.kek), self.kek) for s in old]
+        self.instances.append([new, None])
+        self.current = len(self.instances) - 1
+        self.load(i)
+
+    def switch(self, i: int) -> None:
+        self.current = i % len(self.instances)
+
+    def rotate(self) -> None:
+        if self.cache is not None:
+            self.cache.rotate("alice")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, mode=st.sampled_from(["sealed", "working_set"]))
+def test_no_key_nonce_pair_is_ever_sealed_twice(tmp_path_factory, ops, mode):
+    world = World(tmp_path_factory.mktemp("seq"), mode)
+    for op in ops:
+        world.run(op)       # the recording backend fails at the first reused (key, nonce) pair
