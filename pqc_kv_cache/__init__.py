@@ -35,6 +35,7 @@ from .errors import (
     SaveFileError,
     SessionClosedError,
     SessionExpiredError,
+    SessionExportError,
     SessionForkedError,
     TenantIsolationError,
     UnknownTenantError,
@@ -64,7 +65,7 @@ __all__ = [
     "KVCacheError", "TenantIsolationError", "SessionExpiredError", "SessionClosedError", "SessionForkedError",
     "DecryptionError", "NonceReplayError", "KeyRotationRequiredError", "UnknownTenantError",
     "MalformedEntryError", "PQCUnavailableError", "AuditError", "AuditIntegrityError",
-    "BackendUnavailableError", "SaveFileError",
+    "BackendUnavailableError", "SaveFileError", "SessionExportError",
 ]
 
 

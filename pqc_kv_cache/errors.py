@@ -23,6 +23,7 @@ __all__ = [
     "AuditIntegrityError",
     "BackendUnavailableError",
     "SaveFileError",
+    "SessionExportError",
 ]
 
 
@@ -103,3 +104,8 @@ class SaveFileError(KVCacheError):
     """A cache save file was refused: truncated or changed bytes, a manifest that does not verify under the
     given sessions' keys (another tenant's or session's file), or a chunk list that was edited (a chunk
     dropped, reordered, replaced or duplicated, or taken from another file). Nothing is loaded."""
+
+
+class SessionExportError(KVCacheError):
+    """A sealed session export or its key-encryption key file was refused: truncated or changed bytes,
+    another key, a key file that group or others may read, or a key file that exists already."""

@@ -1,14 +1,9 @@
-"""Tenant sessions: ML-KEM-768 key agreement, HKDF key schedule, epochs, nonce counters.
+"""Tenant sessions: ML-KEM-768 key agreement, epochs, nonce counters, expiry.
 
-Key schedule (documented in the README):
-
-* The server encapsulates to the tenant's ML-KEM-768 public key and keeps the
-  32-byte shared secret ``ss``; the tenant decapsulates the 1088-byte
-  ``kem_ciphertext`` to the same ``ss``.
-* ``ctx = len16(tenant_id) ‖ tenant_id ‖ len16(session_id) ‖ session_id`` (UTF-8).
-* ``chain_0 = HKDF-SHA256(ikm=ss, salt="pqc_kv_cache/v1/chain", info=ctx)``.
-* ``chain_{e+1} = HKDF-SHA256(ikm=chain_e, salt="pqc_kv_cache/v1/ratchet", info=ctx ‖ be32(e+1))``.
-* ``key_e = HKDF-SHA256(ikm=chain_e, salt="pqc_kv_cache/v1/key", info=ctx ‖ be32(e))`` — the AES-256 key of epoch e.
+The key schedule (HKDF chain, ratchet and branch steps, epoch keys) is in
+``keyschedule.py``; the tenant's side (its identity and ML-KEM-768 key pair) in
+``tenant.py``; a session's export, import and resumption in another process in
+``resumption.py``. The names of all three stay importable from here.
 
 Rotation is an HKDF ratchet rather than a fresh encapsulation: the tenant,
 holding only its private key and the one ``kem_ciphertext``, derives every
@@ -19,20 +14,26 @@ process from which that key could be recomputed (forward secrecy across
 epochs within the process). A key supplied to ``rotate_key(new_key)`` is used
 as is for that epoch (the tenant cannot derive it); the chain continues.
 
-Nonce counters are per epoch: each epoch's counter starts at 1, and the nonce
-holds the epoch (``envelope.make_nonce``), so a (key, nonce) pair is never
-used twice even when ``rotate_key`` is handed a key used before.
+Nonces and owning an epoch: the nonce is (epoch, counter) (``envelope.make_nonce``)
+and each epoch's counter starts at 1, so one session object never uses a
+(key, nonce) pair twice. Two session objects with the same key material
+would: a session rebuilt from the shared secret (``TenantSession(...)``
+directly, ``resume_session``) or imported from an export knows nothing of
+what the others sealed. So a session seals only under an epoch it *owns*:
+``establish_tenant_session`` owns epoch 0 (its secret is fresh); any other
+session, and a session whose loaded save file shows that another session
+sealed under its current epoch (``adopt``), owns nothing, and its first seal
+or rotation opens a new epoch by a *branch step* under 16 random bytes
+(``keyschedule.py``). Its keys from then on are unrelated to any other
+session's, whatever epoch numbers they use; epochs after it are its own.
 
-Fork and copies: a (key, nonce) pair must never be used twice, and a
-session's counters live in this process's memory. After ``os.fork()`` the
-child holds the same keys and counters as the parent, so every session the
-child inherits is marked forked (``os.register_at_fork``): in the child it
-still opens entries, but sealing (``reserve``, ``consume_sequence``) and
-rotation raise SessionForkedError — rotation too, since the child would derive
-the same next-epoch key as the parent. The child establishes its own session.
-A session cannot be copied, deep-copied or pickled (TypeError): a copy would
-share keys but not the counter. Containers that deep-copy sessions share them
-instead (pass the session in ``memo``).
+Fork and copies: after ``os.fork()`` the child holds the same keys and counters
+as the parent, so every session the child inherits is marked forked
+(``os.register_at_fork``): in the child it still opens entries, but sealing
+(``reserve``, ``consume_sequence``) and rotation raise SessionForkedError. The
+child establishes its own session. A session cannot be copied, deep-copied or
+pickled (TypeError): a copy would share keys but not the counter. Containers
+that deep-copy sessions share them instead (pass the session in ``memo``).
 
 Keys live in ``bytearray`` buffers that ``close()`` and ``retire_epoch()``
 overwrite with zeros. ``bytes`` returned to callers (``symmetric_key``,
@@ -43,25 +44,39 @@ when they are freed).
 
 from __future__ import annotations
 
-import datetime as _dt
-import enum
 import os
 import secrets
-import struct
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from ._checks import check_int, check_seconds
 from .errors import (
     DecryptionError,
     KeyRotationRequiredError,
-    PQCUnavailableError,
     SessionClosedError,
     SessionExpiredError,
     SessionForkedError,
+)
+from .keyschedule import MAX_COUNTER as MAX_COUNTER
+from .keyschedule import MAX_EPOCH as MAX_EPOCH
+from .keyschedule import KeyChain, Lineage, check_branches, context, mlkem, wipe
+from .sessionstate import SessionState
+from .sessionstate import iso_time as _iso
+from .sessionstate import printable_wall as _printable_wall
+from .sessionstate import wall_of as _wall_of
+from .tenant import MAX_SESSION_ID_BYTES as MAX_SESSION_ID_BYTES
+from .tenant import MAX_TENANT_ID_LEN as MAX_TENANT_ID_LEN
+from .tenant import (
+    KEM_CIPHERTEXT_SIZE,
+    KEM_PUBLIC_KEY_SIZE,
+    KEMAlgorithm,
+    TenantIdentity,
+    TenantKeyPair,
+    check_algorithm,
+    check_session_id,
+    check_tenant_id,
 )
 
 __all__ = [
@@ -69,6 +84,8 @@ __all__ = [
     "TenantKeyPair",
     "TenantSession",
     "KEMAlgorithm",
+    "Lineage",
+    "SessionState",
     "establish_tenant_session",
     "SESSION_TTL_SECONDS",
     "DEFAULT_TTL_SECONDS",
@@ -85,112 +102,8 @@ SESSION_ID_PREFIX = "urn:pqc-kv-sess:"
 # Hard cap of encryptions under one (session, epoch) key. NIST SP 800-38D bounds
 # invocations of one key at 2^32; rotation policies fire far earlier.
 DEFAULT_MAX_ENTRIES_PER_EPOCH = 1 << 32
-MAX_COUNTER = 0xFFFF_FFFF_FFFF_FFFF
-MAX_EPOCH = 0xFFFF_FFFF
-KEM_CIPHERTEXT_SIZE = 1088
-KEM_PUBLIC_KEY_SIZE = 1184
-MAX_TENANT_ID_LEN = 128
-MAX_SESSION_ID_BYTES = 0xFFFF
 
 Clock = Callable[[], float]
-
-
-class KEMAlgorithm(str, enum.Enum):
-    """Key-encapsulation mechanisms a session can be established with (only ML-KEM-768)."""
-
-    ML_KEM_768 = "ML-KEM-768"
-
-
-def _check_algorithm(algorithm: object) -> KEMAlgorithm:
-    value = algorithm.value if isinstance(algorithm, enum.Enum) else algorithm
-    if isinstance(value, str):
-        try:
-            return KEMAlgorithm(value)
-        except ValueError:
-            pass
-    hint = " (the TTL is the third argument: ttl_seconds=...)" if isinstance(algorithm, (int, float)) else ""
-    raise ValueError(f"algorithm must be {KEMAlgorithm.ML_KEM_768.value!r}, got {algorithm!r}{hint}")
-
-
-def _iso(wall: float) -> str:
-    return _dt.datetime.fromtimestamp(wall, tz=_dt.timezone.utc).isoformat()
-
-
-def _printable_wall(wall: float, what: str) -> float:
-    """``wall`` if it is a time ``_iso`` can print, else ValueError."""
-    try:
-        _iso(wall)
-    except (OverflowError, ValueError, OSError):
-        raise ValueError(f"{what} is out of the representable date range") from None
-    return wall
-
-
-def _wall_of(when: object) -> float:
-    """Seconds since the epoch of an ISO-8601 string or a datetime (naive means UTC)."""
-    if isinstance(when, str):
-        try:
-            when = _dt.datetime.fromisoformat(when)
-        except ValueError:
-            raise ValueError(f"{when!r} is not an ISO-8601 timestamp") from None
-    if not isinstance(when, _dt.datetime):
-        raise TypeError(f"expires_at must be an ISO-8601 string or a datetime, got {type(when).__name__}")
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=_dt.timezone.utc)
-    return when.timestamp()
-
-
-def _mlkem():
-    """The ML-KEM module of cryptography, or PQCUnavailableError (never a silent fallback)."""
-    try:
-        from cryptography.hazmat.primitives.asymmetric import mlkem
-        mlkem.MLKEM768PrivateKey  # noqa: B018 - attribute probe
-    except (ImportError, AttributeError) as exc:
-        raise PQCUnavailableError(
-            "ML-KEM-768 is not available: install cryptography>=47 built against an OpenSSL with ML-KEM"
-        ) from exc
-    return mlkem
-
-
-def _hkdf(ikm: bytes | bytearray, salt: bytes, info: bytes) -> bytearray:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    return bytearray(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(bytes(ikm)))
-
-
-def _ctx(tenant_id: str, session_id: str) -> bytes:
-    t = tenant_id.encode("utf-8")
-    s = session_id.encode("utf-8")
-    return struct.pack(">H", len(t)) + t + struct.pack(">H", len(s)) + s
-
-
-def _chain0(ss: bytes, ctx: bytes) -> bytearray:
-    return _hkdf(ss, b"pqc_kv_cache/v1/chain", ctx)
-
-
-def _ratchet(chain: bytearray, ctx: bytes, new_epoch: int) -> bytearray:
-    return _hkdf(chain, b"pqc_kv_cache/v1/ratchet", ctx + struct.pack(">I", new_epoch))
-
-
-def _epoch_key(chain: bytearray, ctx: bytes, epoch: int) -> bytearray:
-    return _hkdf(chain, b"pqc_kv_cache/v1/key", ctx + struct.pack(">I", epoch))
-
-
-def _wipe(buf: bytearray | None) -> None:
-    if buf is not None:
-        for i in range(len(buf)):
-            buf[i] = 0
-
-
-def _check_session_id(session_id: object) -> str:
-    if not isinstance(session_id, str) or not session_id:
-        raise ValueError("session_id must be a non-empty str")
-    try:
-        n = len(session_id.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError(f"session_id must be valid Unicode text (no lone surrogates), got {session_id!r}") from None
-    if n > MAX_SESSION_ID_BYTES:
-        raise ValueError(f"session_id must fit in {MAX_SESSION_ID_BYTES} UTF-8 bytes, got {n}")
-    return session_id
 
 
 # Every live session of this process, so that a forked child can mark them all (see the module docstring).
@@ -206,95 +119,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_mark_sessions_forked)
 
 
-def _check_tenant_id(tenant_id: object) -> str:
-    if not isinstance(tenant_id, str):
-        raise TypeError(f"tenant_id must be a str, got {type(tenant_id).__name__}")
-    if not tenant_id or len(tenant_id) > MAX_TENANT_ID_LEN or not tenant_id.isprintable():
-        raise ValueError(f"tenant_id must be non-empty printable text of at most {MAX_TENANT_ID_LEN} characters, got {tenant_id!r}")
-    return tenant_id
-
-
-@dataclass(frozen=True)
-class TenantIdentity:
-    """Who a tenant is: an id (non-empty printable text, at most 128 characters), a display name,
-    and optionally its ML-KEM-768 public key (1184 bytes) to which sessions are encapsulated."""
-
-    tenant_id: str
-    display_name: str = ""
-    public_key: bytes | None = None
-
-    def __post_init__(self):
-        _check_tenant_id(self.tenant_id)
-        if not isinstance(self.display_name, str):
-            raise TypeError("display_name must be a str")
-        if self.public_key is not None:
-            if not isinstance(self.public_key, (bytes, bytearray)):
-                raise TypeError("public_key must be bytes (a raw ML-KEM-768 public key)")
-            if len(self.public_key) != KEM_PUBLIC_KEY_SIZE:
-                raise ValueError(f"public_key must be a raw ML-KEM-768 public key of {KEM_PUBLIC_KEY_SIZE} bytes, got {len(self.public_key)}")
-
-
-class TenantKeyPair:
-    """The tenant side of the key agreement: an ML-KEM-768 key pair.
-
-    >>> kp = TenantKeyPair.generate()
-    >>> tenant = kp.identity("alice")
-    >>> session = establish_tenant_session(tenant)
-    >>> kp.session_key(session.kem_ciphertext, session.session_id, tenant_id="alice") == session.key_for_epoch(0)
-    True
-    """
-
-    def __init__(self, private_key, tenant_id: str | None = None):
-        self._sk = private_key
-        self.tenant_id = _check_tenant_id(tenant_id) if tenant_id is not None else None
-
-    def __repr__(self) -> str:
-        return f"TenantKeyPair(tenant_id={self.tenant_id!r}, algorithm='ML-KEM-768', private key not shown)"
-
-    @classmethod
-    def generate(cls, tenant_id: str | None = None) -> "TenantKeyPair":
-        return cls(_mlkem().MLKEM768PrivateKey.generate(), tenant_id)
-
-    @property
-    def public_key_bytes(self) -> bytes:
-        return self._sk.public_key().public_bytes_raw()
-
-    def identity(self, tenant_id: str | None = None, display_name: str = "") -> TenantIdentity:
-        """A TenantIdentity carrying this key pair's public key (and binding tenant_id to the pair)."""
-        tenant_id = tenant_id or self.tenant_id
-        if tenant_id is None:
-            raise ValueError("tenant_id is required (none was bound at generate())")
-        self.tenant_id = _check_tenant_id(tenant_id)
-        return TenantIdentity(tenant_id, display_name, self.public_key_bytes)
-
-    def session_key(self, kem_ciphertext: bytes, session_id: str, epoch: int = 0,
-                    *, tenant_id: str | None = None) -> bytes:
-        """The AES-256 key of ``epoch`` that the server holds for this session (ratchet-derived epochs)."""
-        tenant_id = tenant_id or self.tenant_id
-        if tenant_id is None:
-            raise ValueError("tenant_id is required (none was bound at generate())")
-        _check_tenant_id(tenant_id)
-        if not isinstance(kem_ciphertext, (bytes, bytearray)) or len(kem_ciphertext) != KEM_CIPHERTEXT_SIZE:
-            raise ValueError(f"kem_ciphertext must be {KEM_CIPHERTEXT_SIZE} bytes")
-        epoch = check_int("epoch", epoch, 0, MAX_EPOCH)
-        _check_session_id(session_id)
-        try:
-            ss = self._sk.decapsulate(bytes(kem_ciphertext))
-        except ValueError as exc:
-            raise ValueError(f"kem_ciphertext is not a valid ML-KEM-768 ciphertext: {exc}") from None
-        ctx = _ctx(tenant_id, session_id)
-        chain = _chain0(ss, ctx)
-        for e in range(1, epoch + 1):
-            nxt = _ratchet(chain, ctx, e)
-            _wipe(chain)
-            chain = nxt
-        key = _epoch_key(chain, ctx, epoch)
-        _wipe(chain)
-        out = bytes(key)
-        _wipe(key)
-        return out
-
-
 class TenantSession:
     """One tenant's session: current and older epoch keys, per-epoch nonce counters, expiry.
 
@@ -304,6 +128,12 @@ class TenantSession:
     a (key, nonce) pair is never used twice. ``reserve(n)`` allocates n
     counters at once for a batch; ``total_entries_encrypted`` counts every
     epoch.
+
+    Built directly from a ``shared_secret``, a session owns no epoch (another
+    session may have been built from the same secret): its first seal or
+    rotation opens a branch epoch of its own (see the module docstring).
+    ``fresh_secret=True`` says the secret was just encapsulated for this one
+    session (``establish_tenant_session`` passes it): the session owns epoch 0.
 
     ``created_at`` and ``expires_at`` are ISO-8601 UTC strings; ``expires_at``
     may be assigned (an ISO-8601 string or a datetime). Expiry itself is
@@ -316,34 +146,40 @@ class TenantSession:
     def __init__(self, tenant_id: str, session_id: str, shared_secret: bytes, kem_ciphertext: bytes,
                  ttl_seconds: float = DEFAULT_TTL_SECONDS, clock: Clock | None = None,
                  max_entries_per_epoch: int = DEFAULT_MAX_ENTRIES_PER_EPOCH, *,
-                 tenant: TenantIdentity | None = None):
-        self.tenant_id = _check_tenant_id(tenant_id)
+                 tenant: TenantIdentity | None = None, fresh_secret: bool = False):
+        tenant_id = check_tenant_id(tenant_id)
         if tenant is None:
             tenant = TenantIdentity(tenant_id)
         elif not isinstance(tenant, TenantIdentity) or tenant.tenant_id != tenant_id:
             raise ValueError(f"tenant must be the TenantIdentity of {tenant_id!r}, got {tenant!r}")
-        _check_session_id(session_id)
+        check_session_id(session_id)
         ttl_seconds = check_seconds("ttl_seconds", ttl_seconds, hi=MAX_TTL_SECONDS)
+        self._setup(tenant, session_id, bytes(kem_ciphertext), ttl_seconds, clock, max_entries_per_epoch,
+                    KeyChain.root(shared_secret, context(tenant_id, session_id)), bool(fresh_secret))
+
+    def _setup(self, tenant: TenantIdentity, session_id: str, kem_ciphertext: bytes, ttl_seconds: float,
+               clock: Clock | None, max_entries_per_epoch: int, keychain: KeyChain, owns: bool,
+               next_sequence: int = 1) -> None:
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable, got {type(clock).__name__}")
+        self.tenant_id = tenant.tenant_id
         self.tenant = tenant
         self.session_id = session_id
-        self.kem_ciphertext = bytes(kem_ciphertext)
+        self.kem_ciphertext = kem_ciphertext
         self.ttl_seconds = ttl_seconds
         self.clock: Clock = clock or time.monotonic
         self.max_entries_per_epoch = max_entries_per_epoch
         self._forked = False
         self._lock = threading.RLock()
-        self._ctx = _ctx(tenant_id, session_id)
-        self._chain: bytearray = _chain0(shared_secret, self._ctx)
-        self._keys: dict[int, bytearray] = {0: _epoch_key(self._chain, self._ctx, 0)}
+        self._keychain = keychain
+        self._owns = owns
+        self._generation = 0         # moves with every change of epoch, counters or key material
         self._ciphers: dict[int, object] = {}
-        self.epoch = 0
         self._created = self.clock()
         self.created_at_wall = time.time()
         self._deadline = self._created + self.ttl_seconds
         self.epoch_started_at = self._created
-        self.next_sequence = 1
+        self.next_sequence = next_sequence
         self.entries_encrypted = 0
         self.total_entries_encrypted = 0
         self.closed = False
@@ -377,7 +213,8 @@ class TenantSession:
                         "share the object (put it in the deepcopy memo)")
 
     def __reduce_ex__(self, protocol):
-        raise TypeError("a TenantSession cannot be pickled: its keys and nonce counters belong to this process")
+        raise TypeError("a TenantSession cannot be pickled: its keys and nonce counters belong to this process; "
+                        "see resumption.export_session for a sealed export")
 
     @property
     def max_entries_per_epoch(self) -> int:
@@ -433,6 +270,11 @@ class TenantSession:
 
     # ---- keys ----------------------------------------------------------------
     @property
+    def epoch(self) -> int:
+        """The current epoch: the one the next seal uses, unless the session must first open its own."""
+        return self._keychain.epoch
+
+    @property
     def symmetric_key(self) -> bytes:
         """The current epoch's AES-256 key (a copy)."""
         return self.key_for_epoch(self.epoch)
@@ -441,7 +283,7 @@ class TenantSession:
         """The key of ``epoch`` (a copy); DecryptionError if that epoch was retired or never existed."""
         with self._lock:
             self.check_valid()
-            key = self._keys.get(epoch)
+            key = self._keychain.key(epoch)
             if key is None:
                 raise DecryptionError(
                     f"no key for epoch {epoch} of session {self.session_id}: "
@@ -463,7 +305,25 @@ class TenantSession:
     @property
     def live_epochs(self) -> list[int]:
         with self._lock:
-            return sorted(self._keys)
+            return self._keychain.live_epochs
+
+    @property
+    def branches(self) -> dict[int, bytes]:
+        """The session's branch points: epoch -> 16-byte branch id (public; ``TenantKeyPair.session_key``
+        needs them for the epochs after the first)."""
+        with self._lock:
+            return self._keychain.branches
+
+    @property
+    def owns_epoch(self) -> bool:
+        """Whether the next seal may use the current epoch (False: it first opens a branch epoch)."""
+        return self._owns
+
+    @property
+    def lineage(self) -> Lineage:
+        """Epoch, next counter and branch points, read together (what a save file records)."""
+        with self._lock:
+            return Lineage(self.epoch, self.next_sequence, self._keychain.branches)
 
     # ---- counters --------------------------------------------------------------
     @property
@@ -475,14 +335,17 @@ class TenantSession:
         """Allocate ``n`` consecutive nonce counters under the current epoch: returns (epoch, first).
 
         Epoch and counters are taken under one lock, so a rotation in another
-        thread never pairs a counter with the wrong epoch. SessionForkedError in
-        a child process that inherited the session through fork().
+        thread never pairs a counter with the wrong epoch. A session that does
+        not own its epoch opens a branch epoch first (n > 0). SessionForkedError
+        in a child process that inherited the session through fork().
         KeyRotationRequiredError when the epoch's hard cap would be passed (nothing is allocated).
         """
         n = check_int("n", n, 0, MAX_COUNTER)
         with self._lock:
             self.check_valid()
             self._check_can_seal()
+            if n and not self._owns and n <= self.max_entries_per_epoch:
+                self._open_epoch(branch=True)
             if self.entries_encrypted + n > self.max_entries_per_epoch:
                 raise KeyRotationRequiredError(
                     f"epoch {self.epoch} of session {self.session_id} has sealed {self.entries_encrypted} "
@@ -491,6 +354,7 @@ class TenantSession:
             self.next_sequence += n
             self.entries_encrypted += n
             self.total_entries_encrypted += n
+            self._generation += 1
             return self.epoch, first
 
     def consume_sequence(self) -> int:
@@ -504,6 +368,7 @@ class TenantSession:
 
         The counters restart (``next_sequence`` 1, ``entries_encrypted`` 0) under
         the new epoch. Keys of earlier epochs stay available until ``retire_epoch``.
+        A session that does not own its epoch takes a branch step instead of a ratchet step.
         SessionForkedError in a process that inherited the session through fork().
         """
         if new_key is not None and (not isinstance(new_key, (bytes, bytearray)) or len(new_key) != 32):
@@ -511,18 +376,18 @@ class TenantSession:
         with self._lock:
             self.check_valid()
             self._check_can_seal()
-            e = self.epoch + 1
-            if e > 0xFFFFFFFF:
-                raise KeyRotationRequiredError("epoch counter exhausted: establish a new session")
-            nxt = _ratchet(self._chain, self._ctx, e)
-            _wipe(self._chain)
-            self._chain = nxt
-            self._keys[e] = bytearray(new_key) if new_key is not None else _epoch_key(self._chain, self._ctx, e)
-            self.epoch = e
-            self.next_sequence = 1
-            self.entries_encrypted = 0
-            self.epoch_started_at = self.clock()
-            return e
+            return self._open_epoch(branch=not self._owns, key=new_key)
+
+    def _open_epoch(self, *, branch: bool, key: bytes | None = None) -> int:
+        if self.epoch >= MAX_EPOCH:
+            raise KeyRotationRequiredError("epoch counter exhausted: establish a new session")
+        e = self._keychain.advance(branch=branch, key=key)
+        self._owns = True
+        self.next_sequence = 1
+        self.entries_encrypted = 0
+        self.epoch_started_at = self.clock()
+        self._generation += 1
+        return e
 
     def retire_epoch(self, epoch: int) -> None:
         """Erase the key of an older epoch: its entries can no longer be opened."""
@@ -530,10 +395,11 @@ class TenantSession:
         with self._lock:
             if epoch == self.epoch:
                 raise ValueError(f"epoch {epoch} is the current epoch; rotate before retiring it")
-            key = self._keys.pop(epoch, None)
+            held = self._keychain.retire(epoch)
             self._ciphers.pop(epoch, None)
-            _wipe(key)
-            hooks = list(self._retire_hooks) if key is not None else []
+            if held:
+                self._generation += 1
+            hooks = list(self._retire_hooks) if held else []
         for hook in hooks:
             hook(self, epoch)
 
@@ -541,6 +407,116 @@ class TenantSession:
         """Call ``hook(session, epoch)`` when an epoch's key is erased (caches drop their copies of it)."""
         with self._lock:
             self._retire_hooks.append(hook)
+
+    # ---- another session's lineage (a save file's) -----------------------------------------------
+    def keys_along(self, lineage: Lineage, epochs: Iterable[int]) -> dict[int, bytes]:
+        """The keys of ``epochs`` on ``lineage`` (a save file's), changing nothing: this session's own keys up
+        to its epoch, later ones derived along ``lineage``. DecryptionError when the lineage is another
+        branch of this session or an epoch's key is gone (retired); SessionExpiredError when closed or expired."""
+        with self._lock:
+            self.check_valid()
+            self._check_lineage(lineage)
+            try:
+                keys = self._keychain.keys_along(lineage, epochs)
+            except KeyError as exc:
+                raise self._missing(exc.args[0]) from None
+        out = {e: bytes(k) for e, k in keys.items()}
+        for k in keys.values():
+            wipe(k)
+        return out
+
+    def adopt(self, lineage: Lineage, epochs: Iterable[int]) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Take what a verified save file says of this session: hold the keys of ``epochs`` (its chunks'
+        epochs) and stand at least at ``lineage.epoch``. If the file shows that another session sealed under
+        the epoch this session then stands at (its epoch is later than this session's, or its counter
+        high-water mark is above this session's), this session no longer owns that epoch: its next seal
+        opens a branch epoch. Returns (commit, undo): undo puts the session back as it was, unless it has
+        sealed, rotated or retired since. Errors as ``keys_along``."""
+        epochs = set(epochs)
+        with self._lock:
+            self.check_valid()
+            self._check_lineage(lineage)
+            old = self._keychain
+            missing = [e for e in epochs if e <= old.epoch and old.key(e) is None]
+            if missing:
+                raise self._missing(min(missing))
+            before = (old, self.next_sequence, self.entries_encrypted, self._owns, self.epoch_started_at)
+            new = old.followed(lineage, epochs)
+            if lineage.epoch > old.epoch:
+                self._owns = False
+                self.next_sequence, self.entries_encrypted = lineage.next_sequence, 0
+                self.epoch_started_at = self.clock()
+            elif lineage.epoch == old.epoch and lineage.next_sequence > self.next_sequence:
+                self._owns = False
+                self.next_sequence = lineage.next_sequence
+            self._keychain = new
+            self._generation += 1
+            generation = self._generation
+
+        def commit() -> None:
+            with self._lock:
+                old.wipe_chain()
+
+        def undo() -> None:
+            with self._lock:
+                if self._generation != generation or self.closed:
+                    old.wipe_chain()        # the session moved on with what it learnt: keep that
+                    return
+                (self._keychain, self.next_sequence, self.entries_encrypted, self._owns,
+                 self.epoch_started_at) = before
+                for e in set(new.live_epochs) - set(old.live_epochs):
+                    self._ciphers.pop(e, None)
+                new.forget_beyond(old)
+                self._generation += 1
+
+        return commit, undo
+
+    def _check_lineage(self, lineage: Lineage) -> None:
+        if not isinstance(lineage, Lineage):
+            raise TypeError(f"lineage must be a Lineage, got {type(lineage).__name__}")
+        why = self._keychain.conflict(lineage)
+        if why is not None:
+            raise DecryptionError(f"session {self.session_id} of tenant {self.tenant_id!r} cannot follow "
+                                  f"this lineage: {why}", tenant_id=self.tenant_id)
+
+    def _missing(self, epoch: int) -> DecryptionError:
+        return DecryptionError(f"no key for epoch {epoch} of session {self.session_id}: retired",
+                               tenant_id=self.tenant_id)
+
+    # ---- export and import (resumption.py seals the state) ----------------------------------------
+    def export_state(self) -> SessionState:
+        """A copy of this session's state, key material included (wipe it after use)."""
+        with self._lock:
+            self.check_valid()
+            return SessionState(
+                self.tenant_id, self.tenant.display_name, self.tenant.public_key, self.session_id,
+                self.kem_ciphertext, self.epoch, self.next_sequence, bytearray(self._keychain.chain),
+                {e: bytearray(self._keychain.key(e)) for e in self._keychain.live_epochs},
+                self._keychain.branches, self.created_at_wall + (self._deadline - self._created),
+                self.ttl_seconds, self.max_entries_per_epoch)
+
+    @classmethod
+    def from_state(cls, state: SessionState, clock: Clock | None = None) -> "TenantSession":
+        """A session rebuilt from an exported state. It owns no epoch (the exporting session, or another
+        import of the same export, may go on sealing): its first seal opens a branch epoch. It expires when
+        the exported session did (SessionExpiredError if that has passed). The state's buffers are copied."""
+        if not isinstance(state, SessionState):
+            raise TypeError(f"state must be a SessionState, got {type(state).__name__}")
+        tenant = TenantIdentity(state.tenant_id, state.display_name, state.public_key)
+        check_session_id(state.session_id)
+        remaining = state.expires_at_wall - time.time()
+        if remaining <= 0:
+            raise SessionExpiredError(f"session {state.session_id} of tenant {state.tenant_id!r} expired at "
+                                      f"{_iso(_printable_wall(state.expires_at_wall, 'expires_at'))}")
+        keychain = KeyChain(context(state.tenant_id, state.session_id), bytearray(state.chain),
+                            check_int("epoch", state.epoch, 0, MAX_EPOCH),
+                            {e: bytearray(k) for e, k in state.keys.items()}, check_branches(state.branches))
+        self = cls.__new__(cls)
+        self._setup(tenant, state.session_id, bytes(state.kem_ciphertext),
+                    check_seconds("ttl_seconds", state.ttl_seconds, hi=MAX_TTL_SECONDS), clock,
+                    state.max_entries_per_epoch, keychain, False, next_sequence=state.next_sequence)
+        self._deadline = self._created + min(remaining, MAX_TTL_SECONDS)
+        return self
 
     # ---- closing -------------------------------------------------------------------
     def on_close(self, hook: Callable[["TenantSession"], None]) -> None:
@@ -554,11 +530,9 @@ class TenantSession:
             if self.closed:
                 return
             self.closed = True
-            for key in self._keys.values():
-                _wipe(key)
-            self._keys.clear()
+            self._keychain.wipe()
             self._ciphers.clear()
-            _wipe(self._chain)
+            self._generation += 1
             hooks, self._close_hooks = self._close_hooks, []
             self._retire_hooks = []
         for hook in hooks:
@@ -584,6 +558,8 @@ class TenantSession:
             "kem": self.algorithm,
             "kem_ciphertext": self.kem_ciphertext.hex(),
             "forked": self.forked,
+            "branches": {str(e): b.hex() for e, b in self.branches.items()},
+            "owns_epoch": self.owns_epoch,
         }
 
     def __repr__(self) -> str:
@@ -602,20 +578,21 @@ def establish_tenant_session(tenant: TenantIdentity, algorithm: "KEMAlgorithm | 
     value is a ValueError. When the identity carries no public key, a fresh
     tenant key pair is generated and its private key discarded (the session
     then lives only in this process). Session ids read ``urn:pqc-kv-sess:<32 hex>``.
+    The session owns its epoch 0: its secret was encapsulated for it alone.
     """
     if not isinstance(tenant, TenantIdentity):
         raise TypeError(f"tenant must be a TenantIdentity, got {type(tenant).__name__}")
-    _check_algorithm(algorithm)
-    mlkem = _mlkem()
+    check_algorithm(algorithm)
+    kem = mlkem()
     if tenant.public_key is None:
-        public = mlkem.MLKEM768PrivateKey.generate().public_key()
+        public = kem.MLKEM768PrivateKey.generate().public_key()
     else:
         try:
-            public = mlkem.MLKEM768PublicKey.from_public_bytes(bytes(tenant.public_key))
+            public = kem.MLKEM768PublicKey.from_public_bytes(bytes(tenant.public_key))
         except ValueError as exc:
             raise ValueError(f"tenant {tenant.tenant_id!r} public_key is not an ML-KEM-768 public key: {exc}") from None
     shared_secret, kem_ciphertext = public.encapsulate()
     session_id = SESSION_ID_PREFIX + secrets.token_hex(16)
     return TenantSession(tenant.tenant_id, session_id, shared_secret, kem_ciphertext,
                          ttl_seconds=ttl_seconds, clock=clock, max_entries_per_epoch=max_entries_per_epoch,
-                         tenant=tenant)
+                         tenant=tenant, fresh_secret=True)

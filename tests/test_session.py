@@ -126,7 +126,7 @@ def test_rotate_with_given_key_and_retire_erases_old_epoch():
     assert s.rotate_key(b"\x11" * 32) == 1
     assert s.symmetric_key == b"\x11" * 32
     assert s.key_for_epoch(0) == k0
-    old = s._keys[0]
+    old = s._keychain.key(0)
     s.retire_epoch(0)
     assert old == bytearray(32)  # overwritten in place
     with pytest.raises(DecryptionError, match="retired"):
@@ -140,7 +140,7 @@ def test_rotate_with_given_key_and_retire_erases_old_epoch():
 def test_close_overwrites_keys_and_every_later_use_raises():
     s = establish_tenant_session(TenantIdentity("alice"))
     s.rotate_key()
-    buffers = list(s._keys.values()) + [s._chain]
+    buffers = [s._keychain.key(e) for e in s.live_epochs] + [s._keychain.chain]
     hooked = []
     s.on_close(hooked.append)
     s.close()
@@ -196,7 +196,7 @@ def test_no_mlkem_is_a_clear_error(monkeypatch):
     def missing():
         raise PQCUnavailableError("ML-KEM-768 is not available")
 
-    monkeypatch.setattr(session_mod, "_mlkem", missing)
+    monkeypatch.setattr(session_mod, "mlkem", missing)
     with pytest.raises(PQCUnavailableError):
         establish_tenant_session(TenantIdentity("alice"))
     assert issubclass(PQCUnavailableError, KVCacheError)
@@ -204,7 +204,7 @@ def test_no_mlkem_is_a_clear_error(monkeypatch):
 
 def test_mlkem_import_failure_maps_to_pqc_unavailable(monkeypatch):
     import builtins
-    import pqc_kv_cache.session as session_mod
+    import pqc_kv_cache.keyschedule as keyschedule_mod
     from pqc_kv_cache.errors import PQCUnavailableError
     real_import = builtins.__import__
 
@@ -215,7 +215,7 @@ def test_mlkem_import_failure_maps_to_pqc_unavailable(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(PQCUnavailableError, match="ML-KEM-768"):
-        session_mod._mlkem()
+        keyschedule_mod.mlkem()
 
 
 def test_session_constructor_validates():

@@ -36,16 +36,16 @@ import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from .._checks import check_int
-from ..audit.records import Op, Status
+from ..audit.records import Op
 from ..envelope import EncryptedEntry
-from ..errors import DecryptionError, SaveFileError, SessionExpiredError, TenantIsolationError
+from ..errors import DecryptionError, SessionExpiredError, TenantIsolationError
 from ..rotation import KeyRotationPolicy
 from ..session import TenantSession
 from .audit import CacheAuditor
 from .context import LayerContext, MergeSettings, Scratch, check_backend_argument
 from .guards import guard_continuous_batching, refuse_unsupported
 from .layer import EncryptedLayer
-from .savefile import read_savefile, write_savefile
+from .persistence import SaveFiles
 from .sliding import SlidingEncryptedLayer
 from .workingset import SlidingWorkingSetLayer, WorkingSetLayer
 
@@ -110,7 +110,7 @@ def _layer_plan(config, classes: dict[str, type[EncryptedLayer]] = LAYER_TYPE_CL
     return plan
 
 
-class EncryptedCache(Cache):
+class EncryptedCache(SaveFiles, Cache):
     """A transformers ``Cache`` whose layers hold only AES-256-GCM ciphertext, one session per batch row.
 
     ``sessions``: one TenantSession for every row, or one per batch row (row i
@@ -463,120 +463,6 @@ class EncryptedCache(Cache):
                                    pos_start=layer.first_position,
                                    pos_count=layer.cumulative_length - layer.first_position,
                                    nonce_counter=first.astype(np.uint64), epoch=new)
-
-    # ---- save files -------------------------------------------------------------------------------
-    def save(self, path) -> bytes:
-        """Write this cache's ciphertext and metadata to ``path`` (the file appears whole or not at all);
-        returns the file's random id. One SAVE record per layer and row.
-
-        The file holds every layer's live chunks exactly as stored (AES-256-GCM, envelope v1: no plaintext
-        K/V, no keys), their chunk table, layout, dtype, layer kinds, positions and the residency mode, and a
-        manifest listing all of it, tagged under a per-file key derived from each session's current epoch key
-        (see ``savefile.py``). ``EncryptedCache.load`` opens it with the same sessions."""
-        if self._ctx.closed:
-            raise ValueError("this EncryptedCache is closed")
-        for s in self._sessions:
-            s.check_valid()
-        parts = [layer.saved() for layer in self.layers]
-        manifest = {"mode": self.mode, "layers": [desc for desc, _ in parts]}
-        file_id = write_savefile(path, self._sessions, manifest, [data for _, data in parts])
-        self._record_file(Op.SAVE, Status.OK)
-        return file_id
-
-    def _record_file(self, op: Op, status: Status) -> None:
-        """One ``op`` record per layer and row (positions kept, bytes stored per row)."""
-        auditor = self._ctx.auditor
-        for layer in self.layers:
-            if layer.is_initialized:
-                slots = layer.row_session_slots
-                auditor.rows(op, layer.layer_idx, slots, np.arange(slots.size), status=status, now=True,
-                             pos_start=layer.first_position,
-                             pos_count=layer.cumulative_length - layer.first_position,
-                             nbytes=int(layer.chunk_sizes().sum()))
-
-    @classmethod
-    def load(cls, path, config, sessions: TenantSession | Sequence[TenantSession], audit: KVAuditLog | None = None,
-             *, device: "torch.device | str" = "cpu", mode: str | None = None, **kwargs) -> "EncryptedCache":
-        """Open a file written by ``save`` as a new cache on ``device``, in the saved mode (or ``mode``);
-        ``kwargs`` are the constructor's (policy, backend, merge settings). One LOAD record per layer and row.
-
-        What opening needs: for every session of the file, a session in ``sessions`` with the same tenant id
-        and session id that still holds the keys of the file's epochs: the live session that saved it (same
-        process), or one re-established from the tenant's key material (the same KEM ciphertext and session
-        id, ratcheted to the same epochs). The manifest tags are checked first, then every chunk's tag
-        (DECRYPT records); in the working-set mode the opened K/V become the working set, in the sealed mode
-        they are wiped. A session whose nonce counter is not past the file's counters of its current epoch
-        (a re-established one) has its counter moved past them, so later seals never reuse a nonce.
-
-        SaveFileError, with nothing returned, for a truncated or changed file, another tenant's or session's
-        file, an edited chunk list (a chunk dropped, reordered, replaced, duplicated or taken from another
-        file) or a chunk whose tag fails; ValueError when ``config`` does not describe the saved layers."""
-        if isinstance(sessions, TenantSession):
-            sessions = [sessions]
-        if not isinstance(sessions, (list, tuple)) or not all(isinstance(s, TenantSession) for s in sessions):
-            raise TypeError("sessions must be a TenantSession or a list of them")
-        try:
-            contents = read_savefile(path, sessions)
-        except SaveFileError:
-            if audit is not None:
-                refused = CacheAuditor(audit, list(sessions))
-                for slot in range(len(sessions)):
-                    refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)
-            raise
-        manifest = contents.manifest
-        cache = cls(config, contents.sessions, audit=audit, mode=manifest.get("mode") if mode is None else mode,
-                    **kwargs)
-        descs = manifest["layers"]
-        try:
-            if len(descs) != len(cache.layers):
-                raise ValueError(f"the save file holds {len(descs)} layers, this config {len(cache.layers)}")
-            cache._take_saved(descs, contents.layer_data, torch.device(device))
-        except BaseException:
-            cache.close()
-            raise
-        return cache
-
-    def _take_saved(self, descs: list, data: list, device: torch.device) -> None:
-        """Fill the layers from a verified save file, open every chunk, record the load."""
-        slot_map = self._ctx.prompt_slots        # the file's session slot -> this cache's
-        first = next((d for d in descs if d.get("initialized")), None)
-        if first is not None:
-            try:
-                rows = np.array(first["row_slots"], dtype=np.int64)
-                if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= slot_map.size:
-                    raise ValueError
-            except (KeyError, TypeError, ValueError, OverflowError):
-                raise SaveFileError("save file: malformed row slots") from None
-            self._ctx.row_slots = slot_map[rows]
-        for layer, desc, chunk_bytes in zip(self.layers, descs, data):
-            layer.load_saved(desc, chunk_bytes, slot_map, device)
-            if layer.is_initialized and not np.array_equal(layer.row_session_slots, self._ctx.row_slots):
-                raise SaveFileError(f"save file: layer {layer.layer_idx} maps its rows to other sessions")
-        try:
-            try:
-                for layer in self.layers:
-                    layer.verify_chunks()
-                self._ctx.check_backend()
-            finally:
-                self.wipe_scratch()     # the sealed mode opened each layer into the scratch
-        except DecryptionError as exc:
-            self._record_file(Op.LOAD, Status.AUTH_FAILED)
-            raise SaveFileError(f"save file chunk failed authentication ({exc}); nothing is loaded") from exc
-        self._record_file(Op.LOAD, Status.OK)
-        self._advance_counters(descs)
-
-    def _advance_counters(self, descs: list) -> None:
-        """Move each session's nonce counter past the file's counters of its current epoch."""
-        slot_map = self._ctx.prompt_slots
-        for slot, s in enumerate(self._sessions):
-            top = 0
-            for desc in descs:
-                c = desc["chunks"]
-                for file_slot, epoch, counter in zip(c["slot"], c["epoch"], c["counter"]):
-                    if slot_map[file_slot] == slot and epoch == s.epoch:
-                        top = max(top, counter)
-            if s.next_sequence <= top:
-                s.reserve(top - s.next_sequence + 1)
 
     # ---- Cache API over all layers ------------------------------------------------------------------
     @torch.compiler.disable

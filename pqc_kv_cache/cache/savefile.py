@@ -20,8 +20,10 @@ File layout (little-endian)::
     32+m        32·n  manifest tags: HMAC-SHA-256, one per session slot
     32+m+32·n   d     chunk bytes, every layer's chunks in manifest order (d = manifest "data_bytes")
 
-The manifest holds ``mode``, ``sessions`` (``tenant_id``, ``session_id`` and the
-``epoch`` whose key tags the manifest, per slot), ``data_bytes`` and ``layers``:
+The manifest holds ``mode``, ``sessions`` (per slot: ``tenant_id``, ``session_id``,
+the ``epoch`` whose key tags the manifest, ``next_sequence``: the session's
+nonce counter high-water mark in that epoch when it saved, and ``branches``: its
+branch points as ``[epoch, 32 hex digits]`` pairs), ``data_bytes`` and ``layers``:
 one dict per layer whose ``chunks`` entry lists, per distinct chunk in file
 order, its ``counter``, ``epoch``, session ``slot`` and stored ``nbytes``
 (ciphertext and tag); the rest of a layer's dict is the cache's own description.
@@ -49,6 +51,7 @@ import numpy as np
 
 from ..envelope import TAG_SIZE, session_tag, tenant_tag
 from ..errors import KVCacheError, SaveFileError
+from ..keyschedule import BRANCH_ID_SIZE, Lineage
 from ..session import TenantSession
 
 __all__ = ["MAGIC", "VERSION", "SaveFileContents", "write_savefile", "read_savefile", "manifest_tag"]
@@ -68,12 +71,18 @@ CHUNK_FIELDS = ("counter", "epoch", "slot", "nbytes")
 
 def manifest_tag(session: TenantSession, slot: int, epoch: int, file_id: bytes, n_layers: int,
                  digest: bytes) -> bytes:
-    """The manifest tag of session slot ``slot`` (see the module docstring)."""
+    """The manifest tag of session slot ``slot`` (see the module docstring), under the session's own key of
+    ``epoch``."""
+    return _tag(session.key_for_epoch(epoch), session.tenant_id, session.session_id, slot, epoch, file_id,
+                n_layers, digest)
+
+
+def _tag(epoch_key: bytes, tenant_id: str, session_id: str, slot: int, epoch: int, file_id: bytes,
+         n_layers: int, digest: bytes) -> bytes:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    t, s = tenant_tag(session.tenant_id), session_tag(session.session_id)
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id,
-               info=_HKDF_INFO + t + s).derive(session.key_for_epoch(epoch))
+    t, s = tenant_tag(tenant_id), session_tag(session_id)
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id, info=_HKDF_INFO + t + s).derive(epoch_key)
     msg = _MAC_LABEL + struct.pack("<H", slot) + t + s + struct.pack("<II", epoch, n_layers) + digest
     return hmac.new(key, msg, hashlib.sha256).digest()
 
@@ -82,14 +91,45 @@ def _canonical(manifest: dict) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+def _session_entry(session: TenantSession, lineage: Lineage) -> dict:
+    return {"tenant_id": session.tenant_id, "session_id": session.session_id, "epoch": lineage.epoch,
+            "next_sequence": lineage.next_sequence,
+            "branches": [[e, b.hex()] for e, b in sorted(lineage.branches.items())]}
+
+
+def _lineage_of(entry: dict) -> Lineage:
+    """The Lineage a manifest's session entry records, or SaveFileError."""
+    bad = SaveFileError("save file manifest: a session entry's epoch, counter or branch points are malformed")
+    branches = entry.get("branches")
+    if (type(entry.get("epoch")) is not int or type(entry.get("next_sequence")) is not int
+            or not isinstance(branches, list)):
+        raise bad
+    points: dict[int, bytes] = {}
+    for point in branches:
+        if (not isinstance(point, list) or len(point) != 2 or type(point[0]) is not int
+                or not isinstance(point[1], str) or len(point[1]) != 2 * BRANCH_ID_SIZE or point[0] in points):
+            raise bad
+        try:
+            points[point[0]] = bytes.fromhex(point[1])
+        except ValueError:
+            raise bad from None
+    try:
+        return Lineage(entry["epoch"], entry["next_sequence"], points)
+    except (TypeError, ValueError):
+        raise bad from None
+
+
 @dataclass(frozen=True)
 class SaveFileContents:
     """A verified save file: its id, manifest, the given session of each slot, and the chunk bytes of each
-    layer (uint8 arrays, chunks in manifest order)."""
+    layer (uint8 arrays, chunks in manifest order); per slot, the lineage the manifest records and the
+    epochs of its chunks."""
     file_id: bytes
     manifest: dict
     sessions: list
     layer_data: list
+    lineages: list
+    epochs: list
 
 
 def write_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession], manifest: dict,
@@ -111,13 +151,14 @@ def write_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession], m
         total += data.size
     file_id = os.urandom(16)
     m = dict(manifest)
-    m["sessions"] = [{"tenant_id": s.tenant_id, "session_id": s.session_id, "epoch": int(s.epoch)}
-                     for s in sessions]
+    lineages = [s.lineage for s in sessions]     # each read under its session's lock: epoch and counter agree
+    m["sessions"] = [_session_entry(s, lin) for s, lin in zip(sessions, lineages)]
     m["data_bytes"] = total
     body = _canonical(m)
     prefix = _PREFIX.pack(MAGIC, VERSION, len(sessions), len(body), file_id)
     digest = hashlib.sha256(prefix + body).digest()
-    tags = b"".join(manifest_tag(s, i, int(s.epoch), file_id, len(layers), digest) for i, s in enumerate(sessions))
+    tags = b"".join(manifest_tag(s, i, lin.epoch, file_id, len(layers), digest)
+                    for i, (s, lin) in enumerate(zip(sessions, lineages)))
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -179,15 +220,19 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
     tags_at = PREFIX_SIZE + m_len
     try:
         manifest = json.loads(body.decode("ascii"))
+        canonical = isinstance(manifest, dict) and _canonical(manifest) == body
     except (UnicodeDecodeError, ValueError):
         raise SaveFileError("save file manifest is not valid JSON (changed or truncated)") from None
-    if not isinstance(manifest, dict) or _canonical(manifest) != body:
+    except RecursionError:      # nesting deeper than the parser's stack: no manifest this library writes
+        raise SaveFileError("save file manifest is nested too deeply (changed)") from None
+    if not canonical:
         raise SaveFileError("save file manifest is not in canonical form (changed)")
     entries, layers = manifest.get("sessions"), manifest.get("layers")
     if (not isinstance(entries, list) or len(entries) != n_sessions or not isinstance(layers, list)
             or not all(isinstance(e, dict) and isinstance(e.get("tenant_id"), str)
-                       and isinstance(e.get("session_id"), str) and type(e.get("epoch")) is int for e in entries)):
+                       and isinstance(e.get("session_id"), str) for e in entries)):
         raise SaveFileError("save file manifest does not list its sessions and layers")
+    lineages = [_lineage_of(e) for e in entries]
 
     # the sessions first: a file of another tenant or session is refused before anything else is believed
     given = list(sessions)
@@ -199,12 +244,13 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
                                 "no such session was given; refused")
         slot_sessions.append(match[0])
     digest = hashlib.sha256(bytes(blob[:PREFIX_SIZE]) + body).digest()
-    for slot, (e, s) in enumerate(zip(entries, slot_sessions)):
+    for slot, (lineage, s) in enumerate(zip(lineages, slot_sessions)):
         got = bytes(blob[tags_at + MAC_SIZE * slot:tags_at + MAC_SIZE * (slot + 1)])
         try:
-            want = manifest_tag(s, slot, e["epoch"], file_id, len(layers), digest)
-        except KVCacheError as exc:   # the session is closed or expired, or no longer holds that epoch's key
+            key = s.keys_along(lineage, [lineage.epoch])[lineage.epoch]
+        except KVCacheError as exc:   # closed or expired, that epoch's key retired, or another branch's file
             raise SaveFileError(f"session {s.session_id!r} cannot open this save file: {exc}") from exc
+        want = _tag(key, s.tenant_id, s.session_id, slot, lineage.epoch, file_id, len(layers), digest)
         if not hmac.compare_digest(got, want):
             raise SaveFileError(f"save file manifest does not verify under session {s.session_id!r} of tenant "
                                 f"{s.tenant_id!r} (another session's file, or a changed one); refused")
@@ -217,6 +263,7 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
                             "truncated or extended")
     data = buf[data_at:len(blob)]
     out, at, seen = [], 0, set()
+    epochs: list[set] = [set() for _ in entries]
     for i, layer in enumerate(layers):
         chunks = layer.get("chunks") if isinstance(layer, dict) else None
         if not isinstance(chunks, dict):
@@ -232,6 +279,7 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
                 raise SaveFileError(f"save file lists the chunk of nonce (epoch {key[1]}, counter {key[2]}) of "
                                     f"session slot {key[0]} twice; refused")
             seen.add(key)
+            epochs[key[0]].add(key[1])
         size = int(cols["nbytes"].sum())
         if at + size > data.size:
             raise SaveFileError("save file manifest lists more chunk bytes than it holds")
@@ -239,4 +287,4 @@ def read_savefile(path: str | os.PathLike, sessions: Sequence[TenantSession]) ->
         at += size
     if at != data.size:
         raise SaveFileError("save file holds chunk bytes its manifest does not list")
-    return SaveFileContents(file_id, manifest, slot_sessions, out)
+    return SaveFileContents(file_id, manifest, slot_sessions, out, lineages, epochs)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..audit.records import Op
+from ..errors import SessionExpiredError
 from .clearing import zero
 from .layer import EncryptedLayer
 from .sliding import SlidingEncryptedLayer
@@ -315,9 +316,14 @@ class WorkingSetStorage:
             self._ws.zero_rows(rows)
 
     def open_released(self) -> None:
-        if self.is_initialized:
+        if not self.is_initialized:
+            return
+        try:
             with self._atomic():
                 self._open_released()
+        except SessionExpiredError:     # restore() and prefetch() refused: on record, like a refused update
+            self._ctx.refuse(self.layer_idx, self._row_slots, Op.DECRYPT, self._start, self._end - self._start)
+            raise
 
     def offload(self) -> None:
         """Drop the device plaintext (zeroed) and move only the ciphertext to host memory."""
