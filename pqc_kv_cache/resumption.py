@@ -34,12 +34,11 @@ with a zero nonce (the key is used once) and the 44-byte header as AAD.
 from __future__ import annotations
 
 import os
-import stat
 import struct
-from pathlib import Path
 
 from .errors import SessionExportError
 from .keyschedule import wipe
+from .secretfiles import create_secret_file, expand, read_secret_file
 from .session import DEFAULT_MAX_ENTRIES_PER_EPOCH, DEFAULT_TTL_SECONDS, SessionState, TenantSession
 from .tenant import TenantKeyPair, check_tenant_id
 
@@ -64,49 +63,22 @@ def generate_kek_file(path: str | os.PathLike[str]) -> None:
     """Create a new 32-byte session key-encryption key in ``path`` (mode 0600; missing parent directories
     are created with mode 0700). An existing file is never overwritten (SessionExportError): the exports
     sealed under it would be lost."""
-    p = Path(os.path.expanduser(os.fspath(path)))
     key = bytearray(os.urandom(KEK_SIZE))
+    body = bytearray(_KEK_MAGIC) + key
     try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # O_EXCL: never replace a key; the mode applies at creation, so the key is never readable by others
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    except FileExistsError:
-        raise SessionExportError(f"key file {os.fspath(p)!r} exists already; it is never overwritten") from None
-    except OSError as e:
-        raise SessionExportError(f"cannot create key file {os.fspath(p)!r}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_KEK_MAGIC + key)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        p.unlink(missing_ok=True)   # a half-written key file would be refused later: leave nothing
-        raise SessionExportError(f"cannot write key file {os.fspath(p)!r}: {e.strerror}") from None
+        create_secret_file(path, body, "key file", SessionExportError)
     finally:
         wipe(key)
+        wipe(body)
 
 
 def load_kek_file(path: str | os.PathLike[str]) -> bytearray:
     """The key of a file written by ``generate_kek_file`` (wipe it after use). SessionExportError for a
     missing file, one that group or others may access (POSIX), or one that is not such a key file."""
-    p = Path(os.path.expanduser(os.fspath(path)))
+    data = read_secret_file(path, 2 * KEK_FILE_SIZE, "key file", SessionExportError)   # longer: not one
     try:
-        with open(p, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise SessionExportError(f"key file {os.fspath(p)!r} is not a regular file")
-            data = bytearray(KEK_FILE_SIZE + 1)
-            n = f.readinto(data)
-    except FileNotFoundError:
-        raise SessionExportError(f"key file {os.fspath(p)!r} does not exist") from None
-    except OSError as e:
-        raise SessionExportError(f"cannot read key file {os.fspath(p)!r}: {e.strerror}") from None
-    try:
-        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SessionExportError(f"key file {os.fspath(p)!r} is accessible by group or others "
-                                     f"(mode {stat.S_IMODE(mode):o}); restrict it with chmod 600")
-        if n != KEK_FILE_SIZE or bytes(data[:len(_KEK_MAGIC)]) != _KEK_MAGIC:
-            raise SessionExportError(f"{os.fspath(p)!r} is not a session key-encryption key file")
+        if len(data) != KEK_FILE_SIZE or bytes(data[:len(_KEK_MAGIC)]) != _KEK_MAGIC:
+            raise SessionExportError(f"{os.fspath(expand(path))!r} is not a session key-encryption key file")
         return bytearray(data[len(_KEK_MAGIC):KEK_FILE_SIZE])
     finally:
         wipe(data)
