@@ -249,7 +249,7 @@ def test_session_key_pair_entries_and_errors_print_no_secret():
     errors = []
     for bad in (lambda: dec.decrypt_entry(sealed),                         # replay
                 lambda: CacheDecryptor(s).decrypt_entry(EncryptedEntry(
-                    sealed.metadata, sealed.nonce, b"\0" + sealed.ciphertext_bytes[1:], sealed.key_len,
+                    sealed.metadata, sealed.nonce, bytes([sealed.ciphertext_bytes[0] ^ 1]) + sealed.ciphertext_bytes[1:], sealed.key_len,
                     sealed.sequence_number)),                              # tag failure
                 lambda: s.rotate_key(b"short")):
         with pytest.raises((KVCacheError, ValueError)) as info:
