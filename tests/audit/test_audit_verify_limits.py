@@ -20,7 +20,8 @@ import pytest
 
 from pqc_kv_cache.audit import KVAuditLog, verify_log
 from pqc_kv_cache.audit.fileformat import (DETL_ENTRY, FRAME_HEAD, MAX_PUBLIC_KEY_FILE, MAX_SEAL_SIZE, RCVR_BODY,
-                                           RECS_HEAD, load_public_key, pub_path, record_locators, seal_path)
+                                           RECS_HEAD, TABL_ENTRY, load_public_key, pub_path, record_locators,
+                                           seal_path)
 from pqc_kv_cache.audit.keys import MAX_SIGNING_KEY_FILE, load_signing_key_file
 from pqc_kv_cache.audit.records import RECORD_DTYPE, Op
 from pqc_kv_cache.errors import AuditError
@@ -36,9 +37,13 @@ def _limit_memory():
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
 
-def _verify_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", "verify", *map(str, args)],
+def _audit_cli(command, *args):
+    return subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", command, *map(str, args)],
                           capture_output=True, text=True, timeout=GENEROUS_S, preexec_fn=_limit_memory)
+
+
+def _verify_cli(*args):
+    return _audit_cli("verify", *args)
 
 
 def _crashed_log(tmp_path):
@@ -108,6 +113,21 @@ def test_verify_is_linear_in_details_followed_by_many_recovery_frames(tmp_path):
     rep = verify_log(path)
     assert rep.ok and rep.recovered_crashes == r and rep.records == 1 + d
     assert sorted(rep.details) == list(range(first, first + d)), "the orphans' details are dropped, no others"
+
+
+def test_show_of_one_tenant_is_linear_in_many_tenant_names_and_many_frames(tmp_path):
+    path, rep = _crashed_log(tmp_path)
+    names, frames = 500_000, 20_000
+    out = _Appender(path, rep)
+    first = len(rep.tenants)
+    out.frame(b"TABL", b"".join(TABL_ENTRY.pack(1, first + i, 0, len(f"t{i}")) + f"t{i}".encode()
+                                for i in range(names)))
+    for i in range(frames):
+        out.records(1, tenant_idx=first + (i % 3))     # tenants t0, t1, t2 in turn
+    out.close()
+    run = _audit_cli("show", path, "--tenant", "t1", "--json")
+    assert run.returncode == 0, run.stderr
+    assert len(run.stdout.splitlines()) == len(range(1, frames, 3))
 
 
 @pytest.fixture
