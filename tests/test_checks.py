@@ -13,7 +13,7 @@ from pqc_kv_cache.audit.fields import check_int as audit_check_int
 from pqc_kv_cache.backends import kernel_abi as abi
 from pqc_kv_cache.backends.base import KeySlot
 from pqc_kv_cache.cache import EncryptedCache
-from pqc_kv_cache.cache import plan as plan_module
+from pqc_kv_cache.cache import cache as cache_module
 from pqc_kv_cache.cache.sliding import SlidingEncryptedLayer
 from support.cache_models import sessions, tiny_model
 
@@ -65,7 +65,7 @@ def test_cache_arguments_take_integer_scalars_and_refuse_bools_and_strings(name,
 
 
 def test_a_numpy_sliding_window_in_the_config_is_taken_as_an_int(monkeypatch):
-    monkeypatch.setattr(plan_module, "get_layer_types_and_kwargs",
+    monkeypatch.setattr(cache_module, "get_layer_types_and_kwargs",
                         lambda cfg: (["full_attention", "sliding_attention"], [{}, {"sliding_window": np.int64(4)}]))
     cache = EncryptedCache(tiny_model("llama").config, sessions=sessions("alice"))
     assert cache.layers[1].sliding_window == 4 and type(cache.layers[1].sliding_window) is int
