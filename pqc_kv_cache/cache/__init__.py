@@ -1,7 +1,7 @@
 """The encrypted KV cache: ``EncryptedCache`` (cache.py) over ``EncryptedLayer`` (layer.py, full attention)
-and ``SlidingEncryptedLayer`` (sliding.py), chosen per layer of a config by plan.py, each layer a chunk
-table (segments.py) over a byte arena (arena.py), using its cache only through a ``LayerContext``
-(context.py); the cache's own audit records go through one helper (audit.py).
+and ``SlidingEncryptedLayer`` (sliding.py), each layer a chunk table (segments.py) over a byte arena
+(arena.py), using its cache only through a ``LayerContext`` (context.py); the cache's own audit records
+go through one helper (audit.py).
 
 The names are imported on first use, so the numpy/torch-only units (segments, arena) import without
 transformers."""

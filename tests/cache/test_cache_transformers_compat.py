@@ -13,7 +13,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-import pqc_kv_cache.cache.plan as plan_module
+import pqc_kv_cache.cache.cache as cache_module
 from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.backends.host import HostBackend
 from pqc_kv_cache.cache import EncryptedCache
@@ -36,14 +36,14 @@ def test_layer_types_are_read_from_either_kwargs_shape(shape, monkeypatch):
     types = ["sliding_attention", "full_attention", "chunked_attention"]
     per_layer = [{"sliding_window": 6}, {}, {"sliding_window": 6}]
     kwargs = {"sliding_window": 6} if shape.startswith("one") else per_layer
-    monkeypatch.setattr(plan_module, "get_layer_types_and_kwargs", lambda cfg: (types, kwargs))
+    monkeypatch.setattr(cache_module, "get_layer_types_and_kwargs", lambda cfg: (types, kwargs))
     cache = EncryptedCache(tiny_model("llama").config, sessions=sessions("alice"))
     assert [(layer.layer_idx, layer.sliding_window) for layer in cache.layers] == [(0, 6), (1, None), (2, 6)]
 
 
 @pytest.mark.parametrize("kind", ["linear_attention", "dummy", "hybrid_sliding", "compressed_sparse_attention"])
 def test_unsupported_layer_types_are_refused_before_any_layer_exists(kind, monkeypatch):
-    monkeypatch.setattr(plan_module, "get_layer_types_and_kwargs",
+    monkeypatch.setattr(cache_module, "get_layer_types_and_kwargs",
                         lambda cfg: (["full_attention", kind], [{}, {"sliding_window": 4}]))
     with pytest.raises(ValueError, match=f"layer 1 is '{kind}'"):
         EncryptedCache(tiny_model("llama").config, sessions=sessions("alice"))
@@ -51,7 +51,7 @@ def test_unsupported_layer_types_are_refused_before_any_layer_exists(kind, monke
 
 @pytest.mark.parametrize("window", [None, 0, "8"])
 def test_a_sliding_layer_without_a_usable_window_is_refused(window, monkeypatch):
-    monkeypatch.setattr(plan_module, "get_layer_types_and_kwargs",
+    monkeypatch.setattr(cache_module, "get_layer_types_and_kwargs",
                         lambda cfg: (["sliding_attention"], {"sliding_window": window}))
     with pytest.raises(ValueError, match="sliding window"):
         EncryptedCache(tiny_model("llama").config, sessions=sessions("alice"))
