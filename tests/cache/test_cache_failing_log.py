@@ -90,7 +90,8 @@ def _shredded(cache) -> bool:
     for layer_idx, layer in enumerate(cache.layers):
         for row in range(layer.row_session_slots.size):
             for entry in cache.export_entries(layer_idx, row):
-                if any(entry.ciphertext):
+                raw = entry.ciphertext      # bytes, or their hex where entries keep the earlier library's form
+                if any(raw if isinstance(raw, bytes) else bytes.fromhex(raw)):
                     return False
     return not cache._ctx.key_slots
 
