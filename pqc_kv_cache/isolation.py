@@ -19,6 +19,7 @@ import types
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from ._checks import check_int
+from ._cleanup import Cleanup
 from .encryptor import CacheDecryptor, CacheEncryptor
 from .envelope import EncryptedEntry, EntryMetadata, KVCacheEntry
 from .errors import (
@@ -167,15 +168,23 @@ class TenantIsolationManager:
         del self._sessions[tenant_id]
         self._encryptors.pop(tenant_id, None)
         self._decryptors.pop(tenant_id, None)
-        session.close()
+        done = Cleanup()        # the keys are erased first; the close is recorded even if a cache's hook failed
+        with done.step():
+            session.close()
         if self.audit is not None:
-            self.audit.log_event("close", tenant_id, session.session_id, details=reason)
+            with done.step():
+                self.audit.log_event("close", tenant_id, session.session_id, details=reason)
+        done.done()
 
     def close(self) -> None:
-        """Close every session."""
+        """Close every session: each one's keys are erased whatever the audit log raises (a failure of the log
+        is raised once, after the last session)."""
+        done = Cleanup()
         with self._lock:
             for tenant_id, session in list(self._sessions.items()):
-                self._drop(tenant_id, session, reason="closed")
+                with done.step():
+                    self._drop(tenant_id, session, reason="closed")
+        done.done()
 
     # ---- rotation ---------------------------------------------------------------
     def rotate(self, tenant_id: str, trigger: RotationTrigger = RotationTrigger.MANUAL) -> int:

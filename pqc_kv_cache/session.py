@@ -52,6 +52,7 @@ import weakref
 from typing import Callable, Iterable
 
 from ._checks import check_int, check_seconds
+from ._cleanup import Cleanup
 from .errors import (
     DecryptionError,
     KeyRotationRequiredError,
@@ -535,8 +536,11 @@ class TenantSession:
             self._generation += 1
             hooks, self._close_hooks = self._close_hooks, []
             self._retire_hooks = []
+        done = Cleanup()        # every cache shreds its rows, whatever one of them (or its log) raises
         for hook in hooks:
-            hook(self)
+            with done.step():
+                hook(self)
+        done.done()
 
     def to_public_dict(self) -> dict:
         """Session facts safe to log or return to the tenant: never a key."""

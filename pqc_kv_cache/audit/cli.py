@@ -220,8 +220,10 @@ def _show(args) -> int:
         """Filter each frame's records as they are verified, so only matches are kept in memory."""
         mask = np.ones(len(recs), dtype=bool)
         if args.tenant is not None:
-            idx = [i for i, t in rep.tenants.items() if t == args.tenant]
-            mask &= np.isin(recs["tenant_idx"], np.array(idx, dtype=np.uint32))
+            # the frame's own indices looked up by name (not the whole table scanned per frame: quadratic)
+            col = recs["tenant_idx"]
+            idx = [i for i in np.unique(col).tolist() if rep.tenants.get(i) == args.tenant]
+            mask &= np.isin(col, np.array(idx, dtype=np.uint32))
         if args.layer is not None:
             mask &= recs["layer"] == (NONE16 if args.layer == -1 else args.layer)
         if args.position is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "CKPT2_HEAD", "TABL_ENTRY", "DETL_ENTRY", "RCVR_BODY", "REOP_HEAD", "SEAL_MAGIC", "OPEN_SEAL_MAGIC", "SEAL_HEAD",
     "FRAME_TYPES", "LOCATOR_SIZE", "record_locators", "checkpoint_message", "checkpoint_message_v2",
     "reopen_message", "seal_message", "public_key_fingerprint", "load_public_key", "pub_path", "seal_path",
+    "MAX_SEAL_SIZE", "MAX_PUBLIC_KEY_FILE", "read_bounded",
 ]
 
 MAGIC = b"PQCAUDIT"
@@ -45,6 +46,8 @@ SEAL_MAGIC = b"PQCSEAL1"
 OPEN_SEAL_MAGIC = b"PQCSEALR"    # the seal a re-open writes: the log goes on past its REOP frame
 SEAL_HEAD = struct.Struct("<8s16sQQQ32sH")  # magic, file id, file length, records, frames, head, sig len
 FRAME_TYPES = (b"RECS", b"TABL", b"DETL", b"CKPT", b"CLOS", b"RCVR", b"REOP")
+MAX_SEAL_SIZE = SEAL_HEAD.size + 0xFFFF    # the header and the longest signature its u16 length can announce
+MAX_PUBLIC_KEY_FILE = 64 * 1024            # a PEM ML-DSA-65 public key is about 2.7 KB, the raw key 1952 bytes
 LOCATOR_SIZE = 8
 
 _CKPT_DOMAIN = b"PQCAUDIT-CKPT-v1"
@@ -114,16 +117,26 @@ def public_key_fingerprint(pub: mldsa.MLDSA65PublicKey) -> bytes:
     return hashlib.sha256(pub.public_bytes_raw()).digest()
 
 
+def read_bounded(path, limit: int, what: str) -> bytes:
+    """The bytes of the file at ``path``; AuditError when it cannot be read or holds more than ``limit``
+    bytes (only ``limit + 1`` are ever read: a device or a huge file costs no more)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise AuditError(f"cannot read {what} {os.fspath(path)!r}: {e.strerror}") from None
+    if len(data) > limit:
+        raise AuditError(f"{what} {os.fspath(path)!r} holds more than {limit} bytes: not a {what}")
+    return data
+
+
 def load_public_key(source) -> mldsa.MLDSA65PublicKey:
-    """An ML-DSA-65 public key from a key object, PEM bytes, raw bytes, or a file path."""
+    """An ML-DSA-65 public key from a key object, PEM bytes, raw bytes, or a file path (at most
+    ``MAX_PUBLIC_KEY_FILE`` bytes are read)."""
     if isinstance(source, mldsa.MLDSA65PublicKey):
         return source
     if isinstance(source, (str, os.PathLike)):
-        try:
-            with open(source, "rb") as f:
-                source = f.read()
-        except OSError as e:
-            raise AuditError(f"cannot read public key {os.fspath(source)!r}: {e.strerror}") from None
+        source = read_bounded(source, MAX_PUBLIC_KEY_FILE, "public key")
     if not isinstance(source, (bytes, bytearray)):
         raise TypeError(f"public key must be a key, bytes or a path, got {type(source).__name__}")
     data = bytes(source)

@@ -33,6 +33,9 @@ SigningKey = Union[mldsa.MLDSA65PrivateKey, bytes, bytearray, memoryview, str, "
 #: Directory of ``default_key_path`` (default: ``$XDG_CONFIG_HOME/pqc_kv_cache/keys``).
 KEY_DIR_ENV = "PQC_KV_CACHE_KEY_DIR"
 
+#: Most bytes a signing key file is read for (a PEM ML-DSA-65 private key is a few KB).
+MAX_SIGNING_KEY_FILE = 64 * 1024
+
 
 def _expand(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.expanduser(os.fspath(path)))
@@ -82,11 +85,14 @@ def load_signing_key_file(path: str | os.PathLike[str]) -> mldsa.MLDSA65PrivateK
     try:
         with open(p, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
-            data = f.read()
+            data = f.read(MAX_SIGNING_KEY_FILE + 1)     # bounded: a device or a huge file is refused below
     except FileNotFoundError:
         raise AuditError(f"signing key file {os.fspath(p)!r} does not exist") from None
     except OSError as e:
         raise AuditError(f"cannot read signing key file {os.fspath(p)!r}: {e.strerror}") from None
+    if len(data) > MAX_SIGNING_KEY_FILE:
+        raise AuditError(f"signing key file {os.fspath(p)!r} holds more than {MAX_SIGNING_KEY_FILE} bytes: "
+                         "not a PEM private key")
     if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise AuditError(f"signing key file {os.fspath(p)!r} is accessible by group or others "
                          f"(mode {stat.S_IMODE(mode):o}); restrict it with chmod 600")

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import mmap
 import os
+import stat
 import struct
 
 import numpy as np
@@ -29,7 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from ..errors import AuditError
 from .records import RECORD_DTYPE, RECORD_SIZE
 from .fileformat import (CKPT2_HEAD, CKPT_HEAD, DETL_ENTRY, FRAME_HEAD, FRAME_TYPES, HEADER, LOCATOR_SIZE, MAGIC,
-                   OPEN_SEAL_MAGIC, RCVR_BODY, RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC, TABL_ENTRY, VERSIONS,
+                   MAX_SEAL_SIZE, OPEN_SEAL_MAGIC, RCVR_BODY, RECS_HEAD, REOP_HEAD, SEAL_HEAD, SEAL_MAGIC,
+                   TABL_ENTRY, VERSIONS,
                    checkpoint_message, checkpoint_message_v2, load_public_key, pub_path, public_key_fingerprint,
                    record_locators, reopen_message, seal_message, seal_path)
 
@@ -146,6 +148,7 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
     reop_ends: dict[int, tuple[bytes, int, int]] = {}  # end offset of REOP frames -> (head, records, frames)
     signed_frames = 0                              # frames up to and including the last signed one
     tables = _Tables(rep)
+    fresh: list[int] = []        # record numbers given details since the last RCVR / REOP frame
     since: list[tuple] = []      # frames since the last signed one: (chain hash, type, offset, first record,
     #                              count, locators)
     prev_type = b""
@@ -225,7 +228,7 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                     bad = expected if bad is None else bad
                     return rep.fail(f"{err} at byte {off}; first bad record {bad}", bad)
             elif ftype == b"DETL":
-                err, bad = _read_details(bytes(payload), rep, expected)
+                err, bad = _read_details(bytes(payload), rep, expected, fresh)
                 if err:
                     bad = expected if bad is None else bad
                     return rep.fail(f"{err} at byte {off}; first bad record {bad}", bad)
@@ -281,13 +284,13 @@ def _walk(data: memoryview, rep: VerifyReport, pub, collect) -> VerifyReport:
                 rep.signed_records = expected
                 signed_frames = frame_index + 1
                 tables.signed()
-                _drop_orphan_details(rep, expected)
+                _drop_orphan_details(rep, expected, fresh)
                 closed = False
             elif ftype == b"RCVR":
                 if length != RCVR_BODY.size:
                     return rep.fail(f"recovery frame at byte {off} malformed", expected)
                 rep.recovered_crashes += 1
-                _drop_orphan_details(rep, expected)
+                _drop_orphan_details(rep, expected, fresh)
                 closed = False
         if ftype in (b"CKPT", b"CLOS", b"REOP"):
             since = []
@@ -396,11 +399,9 @@ def _check_seal(rep: VerifyReport, pub, file_id: bytes, n: int, ends: dict, reop
     sp = seal_path(rep.path)
     if not os.path.exists(sp):
         return None
-    try:
-        with open(sp, "rb") as f:
-            seal = f.read()
-    except OSError as e:
-        raise AuditError(f"cannot read seal {sp!r}: {e.strerror}") from None
+    seal = _read_seal(sp)
+    if seal is None:
+        return f"seal {sp!r} is malformed (not a regular file of at most {MAX_SEAL_SIZE} bytes)", rep.records
     if len(seal) < SEAL_HEAD.size:
         return f"seal {sp!r} is malformed", rep.records
     smagic, sfid, slen_file, snext, sframes, shead, siglen = SEAL_HEAD.unpack_from(seal, 0)
@@ -444,6 +445,23 @@ def _check_seal(rep: VerifyReport, pub, file_id: bytes, n: int, ends: dict, reop
     return None
 
 
+def _read_seal(sp: str) -> bytes | None:
+    """The bytes of the seal file ``sp``; None when it is not a regular file or is longer than any seal (it
+    is never read past that bound, nor waited on); AuditError when it cannot be opened."""
+    try:
+        fd = os.open(sp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise AuditError(f"cannot read seal {sp!r}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            seal = f.read(MAX_SEAL_SIZE + 1)
+        except OSError as e:
+            raise AuditError(f"cannot read seal {sp!r}: {e.strerror}") from None
+    return seal if len(seal) <= MAX_SEAL_SIZE else None
+
+
 class _Tables:
     """Tenant / session table entries as the walk reads them, refusing any that would change what a record
     already read says.
@@ -467,9 +485,12 @@ class _Tables:
             col, known, refs = recs[name], self.tables[k], self.refs[k]
             if int(col.max()) < len(known) and self.top[k] + 1 == len(known):
                 continue              # dense table naming every index used: one max() per frame
-            for u in np.unique(col).tolist():
+            # each index with the position of its first use, from one sort: linear in the frame however many
+            # distinct unnamed indices it holds (a search per index would be quadratic)
+            uniq, at = np.unique(col, return_index=True)
+            for u, i in zip(uniq.tolist(), at.tolist()):
                 if u not in known and u not in refs:
-                    refs[u] = first + int(np.argmax(col == u))
+                    refs[u] = first + i
 
     def read_table(self, payload: bytes, rep: VerifyReport, frame_off: int) -> tuple[str | None, int | None]:
         off = 0
@@ -511,13 +532,18 @@ class _Tables:
                 f"which signed record {ref} used without a name; first bad record {ref}", ref)
 
 
-def _drop_orphan_details(rep: VerifyReport, next_no: int) -> None:
-    """Details written for records a crashed run never wrote: the next run numbers its records from here."""
-    for no in [k for k in rep.details if k >= next_no]:
-        del rep.details[no]
+def _drop_orphan_details(rep: VerifyReport, next_no: int, fresh: list[int]) -> None:
+    """Details written for records a crashed run never wrote: the next run numbers its records from here.
+    Only details read since the previous RCVR / REOP (``fresh``, emptied here) can be such: the others were
+    for records written before it, so each detail is looked at once, however many such frames follow."""
+    for no in fresh:
+        if no >= next_no:
+            rep.details.pop(no, None)
+    fresh.clear()
 
 
-def _read_details(payload: bytes, rep: VerifyReport, expected: int) -> tuple[str | None, int | None]:
+def _read_details(payload: bytes, rep: VerifyReport, expected: int, fresh: list[int]
+                  ) -> tuple[str | None, int | None]:
     """The writer writes a record's details once, before the record: anything else rewrites what a written
     (possibly signed) record says."""
     off = 0
@@ -534,6 +560,7 @@ def _read_details(payload: bytes, rep: VerifyReport, expected: int) -> tuple[str
             if no in rep.details:
                 return f"details frame gives record {no} details a second time", no
             rep.details[no] = text
+            fresh.append(no)
     except (struct.error, UnicodeDecodeError):
         return "malformed details frame", None
     return None, None

@@ -36,7 +36,8 @@ import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from .._checks import check_int
-from ..audit.records import Op
+from .._cleanup import Cleanup
+from ..audit.records import Op, Status
 from ..envelope import EncryptedEntry
 from ..errors import DecryptionError, SessionExpiredError, TenantIsolationError
 from ..rotation import KeyRotationPolicy
@@ -287,25 +288,29 @@ class EncryptedCache(SaveFiles, Cache):
             self._ctx.forget_backend_keys()
 
     def _on_session_closed(self, session: TenantSession) -> None:
-        # the last layer read may be this session's rows in the clear: the scratch goes first
+        # the last layer read may be this session's rows in the clear: the scratch goes first. Everything is
+        # erased before anything is recorded, whatever the log raises (its failure is raised at the end)
         self.wipe_scratch()
-        auditor = self._ctx.auditor
-        for slot, s in enumerate(self._sessions):
-            if s is not session:
-                continue
+        auditor, done = self._ctx.auditor, Cleanup()
+        slots = [slot for slot, s in enumerate(self._sessions) if s is session]
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        for slot in slots:
             self._closed.add(slot)
             self._ctx.drop_keys(slot)
-            self._ctx.forget_backend_keys()
-            for layer in self.layers:
-                if not layer.is_initialized:
-                    continue
-                rows = layer.rows_of(slot)
-                layer.shred_rows(rows)
+            with done.step():
+                self._ctx.forget_backend_keys()
+            for layer in layers:
+                with done.step():
+                    layer.shred_rows(layer.rows_of(slot))
+        for slot, layer in ((slot, layer) for slot in slots for layer in layers):
+            rows = layer.rows_of(slot)
+            with done.step():
                 auditor.rows(Op.CLOSE, layer.layer_idx, np.full(rows.size, slot), rows, now=True,
-                             pos_start=layer.first_position,
-                             pos_count=layer.cumulative_length - layer.first_position)
-            if not any(layer.is_initialized for layer in self.layers):
+                             pos_start=layer.first_position, pos_count=layer.cumulative_length - layer.first_position)
+        for slot in slots if not layers else ():
+            with done.step():
                 auditor.session(Op.CLOSE, slot, now=True)
+        done.done()
 
     # ---- atomic operations -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -349,12 +354,15 @@ class EncryptedCache(SaveFiles, Cache):
         if self._ctx.closed:
             return
         self.wipe_scratch()
+        done = Cleanup()        # every layer drops its plaintext whatever the log raises (raised at the end)
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
             rows = (np.arange(layer.row_session_slots.size) if slots is None
                     else np.flatnonzero(np.isin(layer.row_session_slots, slots)))
-            layer.release_rows(rows)
+            with done.step():
+                layer.release_rows(rows)
+        done.done()
 
     @property
     def released(self) -> bool:
@@ -373,7 +381,8 @@ class EncryptedCache(SaveFiles, Cache):
                     layer.open_released()
             self._ctx.check_backend()
         except BaseException:
-            self.release()
+            with Cleanup().step():  # the failure raised is this one; a failing log's stays in the log
+                self.release()
             raise
 
     @contextlib.contextmanager
@@ -408,7 +417,8 @@ class EncryptedCache(SaveFiles, Cache):
         try:
             self._ctx.check_backend()
         except DecryptionError:
-            self.release()      # wipes the scratch; a working set that may hold a failed chunk is dropped
+            with Cleanup().step():  # wipes the scratch; a working set that may hold a failed chunk is dropped
+                self.release()
             raise
 
     # ---- rotation ---------------------------------------------------------------------------------

@@ -142,16 +142,23 @@ class PlaintextStore:
         t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.k.device, non_blocking=True)
         k, v = self.view(start, self.end)
         n = self.end - start
-        k.index_copy_(0, t, k_src[:, :, :n].index_select(0, t))
-        v.index_copy_(0, t, v_src[:, :, :n].index_select(0, t))
+        for dst, src in ((k, k_src), (v, v_src)):
+            rows_src = src[:, :, :n].index_select(0, t)
+            dst.index_copy_(0, t, rows_src)
+            zero(rows_src)      # a temporary of plaintext rows: not left in freed memory
 
     def zero_rows(self, rows: np.ndarray) -> None:
+        """Zero every position of ``rows`` in the live buffers, then the retired buffers."""
+        self.clear_rows(rows)
+        self.sweep()
+
+    def clear_rows(self, rows: np.ndarray) -> None:
+        """Zero every position (the whole capacity) of ``rows`` in the live buffers."""
         if self.k is None or rows.size == 0:
             return
         t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.k.device, non_blocking=True)
         self.k.index_fill_(0, t, 0)
         self.v.index_fill_(0, t, 0)
-        self.sweep()
 
     def sweep(self) -> None:
         """Zero the retired buffers (those no live state refers to)."""
@@ -253,6 +260,9 @@ class WorkingSetStorage:
         ws, released = state
         self._ws.restore(ws)
         self._released = released
+        # released rows come back released: what the failed operation opened or wrote into them in place
+        # is zeroed (retired buffers stay as they are: an enclosing operation's snapshot may hold them)
+        self._ws.clear_rows(np.flatnonzero(released))
 
     def _open_released(self) -> None:
         """Open the ciphertext of the released rows into the plaintext store: all tags verified (DECRYPT

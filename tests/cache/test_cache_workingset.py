@@ -7,10 +7,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.cache import EncryptedCache
-from pqc_kv_cache.errors import DecryptionError, TenantIsolationError
+from pqc_kv_cache.errors import DecryptionError, SessionExpiredError, TenantIsolationError
+from pqc_kv_cache.session import TenantIdentity, establish_tenant_session
 from support.cache_models import sessions, tiny_model
 
 H, D = 2, 16   # tiny llama: 2 KV heads, head_dim 16
@@ -197,3 +200,89 @@ def test_a_failed_update_leaves_the_working_set_as_it_was(two, monkeypatch):
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="mode"):
         EncryptedCache(tiny_model("llama").config, sessions=sessions("a"), mode="plain")
+
+
+# ---- released rows stay released; temporaries of plaintext are zeroed --------------------------------------
+
+def _row_needles(k, v, row=0):
+    """Bytes of one row's K/V vectors (every third position): the row's plaintext, to look for in memory."""
+    return [t[row, h, p].numpy().tobytes() for t in (k, v) for h in range(H) for p in range(0, t.shape[2], 3)]
+
+
+@pytest.mark.parametrize("failure", ["other session expired", "read fails"])
+def test_a_failed_update_leaves_released_rows_released_and_zeroed(clock, monkeypatch, failure):
+    alice = establish_tenant_session(TenantIdentity("alice"), ttl_seconds=3600, clock=clock)
+    bob = establish_tenant_session(TenantIdentity("bob"), ttl_seconds=10, clock=clock)
+    cache, k, v = filled([alice, bob])
+    cache.release(alice)
+    needles = _row_needles(k, v, 0)
+    assert _plaintext_found(cache, needles) == []
+    if failure == "other session expired":
+        clock.advance(11)
+        expected = SessionExpiredError
+    else:
+        def boom(*a, **kw):
+            raise RuntimeError("injected")
+        for layer in cache.layers:
+            monkeypatch.setattr(layer, "_visible", boom)
+        expected = RuntimeError
+    for layer_idx, layer in enumerate(cache.layers):
+        with pytest.raises(expected):
+            cache.update(*kv(2, 1, seed=90), layer_idx)     # opens alice's rows first, then fails
+        assert layer.released and layer.get_seq_length() == 18
+    assert _plaintext_found(cache, needles) == [], "a rolled-back update put alice's released plaintext back"
+    assert _plaintext_found(cache, _row_needles(k, v, 1)), "bob's rows were not released"
+    if failure == "read fails":
+        monkeypatch.undo()
+        cache.restore()         # the ciphertext is whole: alice's rows open again, verified
+        assert torch.equal(cache.layers[1].keys, k) and torch.equal(cache.layers[1].values, v)
+
+
+class _Outputs(TorchDispatchMode):
+    """Keeps every tensor any torch operation returns while active (so none is freed before it is checked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tensors += [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _storages_holding(tensors, needles, skip=()) -> int:
+    """How many distinct storages among ``tensors`` (other than those at ``skip``) hold one of ``needles``."""
+    seen, hits = set(skip), 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.device.type != "cpu":
+            continue
+        seen.add(ptr)
+        blob = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()).numpy().tobytes()
+        hits += any(n in blob for n in needles)
+    return hits
+
+
+def test_a_partial_restore_zeroes_every_temporary_that_held_plaintext(two):
+    alice, _ = two
+    cache, k, v = filled(two)
+    cache.release(alice)
+    with _Outputs() as made:
+        cache.restore()     # opens alice's rows only, into the buffers bob's rows live in
+    live = {t.untyped_storage().data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)}
+    assert made.tensors and torch.equal(cache.layers[0].keys, k)
+    assert _storages_holding(made.tensors, _row_needles(k, v, 0), skip=live) == 0
+
+
+def test_a_restore_that_fails_part_way_leaves_no_plaintext_in_its_temporaries(two):
+    alice, _ = two
+    cache, k, v = filled(two)
+    cache.release(alice)
+    layer = cache.layers[1]
+    layer.ciphertext[int(layer.table.offset[0, 0]) + 5] ^= 0x01     # alice's prefill chunk in the last layer
+    with _Outputs() as made:
+        with pytest.raises(DecryptionError):
+            cache.restore()     # layer 0 opens alice's rows, layer 1 fails
+    assert cache.released
+    assert _storages_holding(made.tensors, _row_needles(k, v, 0)) == 0

@@ -4,9 +4,11 @@
   host-side bookkeeping and its torch record layout run without a GPU; ``attach`` feeds one into a log.
 - ``FakeRing`` / ``FakeLog``: what a backend sees of an audit log (``cuda_ring``, ``emit``,
   ``tenant_id_of``), recording what it is given.
+- ``fill_disk``: a persisted log whose file fails as on a full disk; every later emit raises AuditError.
 """
 
 import contextlib
+import errno
 import threading
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from pqc_kv_cache.audit.cuda_ring import CudaAuditRing
 from pqc_kv_cache.audit.records import RECORD_DTYPE
+from pqc_kv_cache.errors import AuditError
 
 
 class _Copy:
@@ -116,3 +119,20 @@ class FakeLog:
 
     def tenant_id_of(self, tenant_idx):
         return self.tenant_ids[tenant_idx] if 0 <= tenant_idx < len(self.tenant_ids) else None
+
+
+def fill_disk(log) -> None:
+    """Make the file of persisted KVAuditLog ``log`` fail as on a full disk (ENOSPC), and let the pipeline
+    find out: from then on every emit raises AuditError (and so does ``close()``)."""
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log._sink.f.write = disk_full
+    log.log_event("crop", "disk-full-probe", "probe")     # one record for the drain to fail on
+    with contextlib.suppress(AuditError):
+        log.flush()
+    try:
+        log.log_event("crop", "disk-full-probe", "probe")
+    except AuditError:
+        return
+    raise AssertionError("the log did not fail: fill_disk no longer matches how the sink writes")
