@@ -53,13 +53,8 @@ from typing import Callable, Iterable
 
 from ._checks import check_int, check_seconds
 from ._cleanup import Cleanup
-from .errors import (
-    DecryptionError,
-    KeyRotationRequiredError,
-    SessionClosedError,
-    SessionExpiredError,
-    SessionForkedError,
-)
+from .errors import (DecryptionError, KeyRotationRequiredError, SessionClosedError, SessionExpiredError,
+                     SessionForkedError)
 from .keyschedule import MAX_COUNTER as MAX_COUNTER
 from .keyschedule import MAX_EPOCH as MAX_EPOCH
 from .keyschedule import KeyChain, Lineage, check_branches, context, mlkem, wipe

@@ -82,3 +82,12 @@ def test_production_code_imports_nothing_that_exists_for_tests():
     graph = _graph()
     offenders = {n: sorted(graph[n] & TEST_ONLY) for n in graph if n not in TEST_ONLY and graph[n] & TEST_ONLY}
     assert offenders == {}
+
+
+MAX_LINES = 600
+
+
+def test_no_module_of_the_package_is_over_600_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}, f"split these by concern: {long}"

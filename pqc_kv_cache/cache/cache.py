@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from .._checks import check_int
 from .._cleanup import Cleanup
-from ..audit.records import Op, Status
+from ..audit.records import Op
 from ..envelope import EncryptedEntry
 from ..errors import DecryptionError, SessionExpiredError, TenantIsolationError
 from ..rotation import KeyRotationPolicy
