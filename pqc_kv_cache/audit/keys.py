@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 from typing import Union
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from ..errors import AuditError, PQCUnavailableError
+from ..secretfiles import create_secret_file, read_secret_file
 
 __all__ = ["SigningKey", "KEY_DIR_ENV", "generate_signing_key_file", "load_signing_key_file",
            "resolve_signing_key", "default_key_dir", "default_key_path", "public_key_fingerprint_hex"]
@@ -48,29 +48,13 @@ def generate_signing_key_file(path: str | os.PathLike[str]) -> mldsa.MLDSA65Priv
     never overwritten (``AuditError``): losing a key makes its logs impossible
     to continue.  ``~`` is expanded.
     """
-    p = _expand(path)
     try:
         key = mldsa.MLDSA65PrivateKey.generate()
     except Exception as e:  # UnsupportedAlgorithm from a backend without ML-DSA
         raise PQCUnavailableError(f"ML-DSA-65 is not available: {e}") from None
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # O_EXCL: never replace a key; the mode applies at creation, so the key is never readable by others
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    except FileExistsError:
-        raise AuditError(f"signing key file {os.fspath(p)!r} exists already; it is never overwritten") from None
-    except OSError as e:
-        raise AuditError(f"cannot create signing key file {os.fspath(p)!r}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        p.unlink(missing_ok=True)   # a half-written key file would be refused later: leave nothing
-        raise AuditError(f"cannot write signing key file {os.fspath(p)!r}: {e.strerror}") from None
+    create_secret_file(path, pem, "signing key file", AuditError)
     return key
 
 
@@ -82,25 +66,15 @@ def load_signing_key_file(path: str | os.PathLike[str]) -> mldsa.MLDSA65PrivateK
     private key.
     """
     p = _expand(path)
+    # bounded: a device or a huge file is refused (a PEM key is a few kB)
+    data = read_secret_file(p, MAX_SIGNING_KEY_FILE, "signing key file", AuditError)
     try:
-        with open(p, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(MAX_SIGNING_KEY_FILE + 1)     # bounded: a device or a huge file is refused below
-    except FileNotFoundError:
-        raise AuditError(f"signing key file {os.fspath(p)!r} does not exist") from None
-    except OSError as e:
-        raise AuditError(f"cannot read signing key file {os.fspath(p)!r}: {e.strerror}") from None
-    if len(data) > MAX_SIGNING_KEY_FILE:
-        raise AuditError(f"signing key file {os.fspath(p)!r} holds more than {MAX_SIGNING_KEY_FILE} bytes: "
-                         "not a PEM private key")
-    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AuditError(f"signing key file {os.fspath(p)!r} is accessible by group or others "
-                         f"(mode {stat.S_IMODE(mode):o}); restrict it with chmod 600")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(bytes(data), password=None)
     except Exception:
         raise AuditError(f"signing key file {os.fspath(p)!r} does not hold an unencrypted "
                          "PKCS#8 PEM private key") from None
+    finally:
+        data[:] = bytes(len(data))   # the PEM copy this library read; the key object keeps its own
     if not isinstance(key, mldsa.MLDSA65PrivateKey):
         raise AuditError(f"signing key file {os.fspath(p)!r} holds a {type(key).__name__}, not ML-DSA-65")
     return key
