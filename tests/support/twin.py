@@ -145,7 +145,7 @@ class HostRing(CudaAuditRing):
         self.buf = torch.zeros((self.capacity, RECORD_SIZE), dtype=torch.uint8)
         self.staging = torch.zeros((self.capacity, RECORD_SIZE), dtype=torch.uint8)
 
-    def _enqueue_copy(self, slot: int, n: int):
+    def _enqueue_copy(self, slot: int, n: int, after=None):
         self.staging[slot:slot + n].copy_(self.buf[slot:slot + n])
         return True
 
