@@ -437,7 +437,7 @@ def test_prefill_and_decode_on_cuda_make_no_host_sync_and_audit_gets_device_time
     finally:
         torch.cuda.set_sync_debug_mode("default")
     cache.check()
-    log.flush()
+    assert log.flush(timeout=60)
     layers = model.config.num_hidden_layers
     enc = log.entries(limit=None, operation="encrypt")
     dec = log.entries(limit=None, operation="decrypt")
