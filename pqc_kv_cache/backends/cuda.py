@@ -232,9 +232,8 @@ class CudaBackend(CryptoBackend):
         plan = self._plans.get(key)
         if plan is None:
             items = _abi.work_items(_abi.chunk_rounds(pos_count * bpp), pos_count, slots=slots, record_limit=limit)
-            first, _ = _abi.encrypt_record_index(pos_count)
+            first = _abi.encrypt_record_index(pos_count)[0] if kernel == "pqc_encrypt_chunks" else None
             items.setflags(write=False)
-            first.setflags(write=False)
             plan = (items, first)
             if len(self._plans) >= _MEMO_ENTRIES:
                 self._plans.clear()
@@ -413,9 +412,11 @@ class CudaBackend(CryptoBackend):
         sched, seen = self._keys.schedules(keys)
         meta = self._meta(seen, keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
-        desc_all, row_of_chunk = _abi.row_descriptors(table, layout.bytes_per_position)
-        nrows = desc_all.shape[1]
-        limit = max(1, ring.capacity // 4) if ring is not None else nrows
+        if ring is not None:
+            desc_all, row_of_chunk = _abi.row_descriptors(table, layout.bytes_per_position)
+            nrows, limit = desc_all.shape[1], max(1, ring.capacity // 4)
+        else:       # no row records: one launch, and no chunk names a row record (aux -1)
+            desc_all, row_of_chunk, nrows, limit = None, None, 1, 1
         tpl = self._template("pqc_decrypt_chunks", (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), kp, vp,
                                                     layout))
         # one launch per group of rows small enough for the ring (rows never straddle a group)
@@ -426,7 +427,8 @@ class CudaBackend(CryptoBackend):
                 r1 = min(nrows, r0 + limit)
                 if order is None:
                     sel, sub, desc = None, table, desc_all
-                    sub[7] = row_of_chunk
+                    if row_of_chunk is not None:
+                        sub[7] = row_of_chunk
                 else:
                     sel = order[(row_of_chunk[order] >= r0) & (row_of_chunk[order] < r1)]
                     sub = np.ascontiguousarray(table[:, sel])
@@ -438,7 +440,7 @@ class CudaBackend(CryptoBackend):
     def _decrypt_group(self, ring, audit, layout, tpl, meta, sub, desc, sel, status, tag) -> None:
         """The launches of one row group of decrypt_chunks, from one packed region: row records (when
         audited), then the work items."""
-        m, nrows = sub.shape[1], desc.shape[1]
+        m, nrows = sub.shape[1], 0 if desc is None else desc.shape[1]
         items = self._plan("pqc_decrypt_chunks", sub[3], layout.bytes_per_position, None)[0]
         n_items = items.shape[1]
         split = n_items != m

@@ -286,8 +286,10 @@ def row_descriptors(table: np.ndarray, bytes_per_position: int) -> tuple[np.ndar
     """(rowdesc int64 [ROWDESC_COLS, R], row record index of each chunk) for the DECRYPT row records:
     one descriptor per batch row read, in ascending row order, as ``base.decrypt_row_summary`` defines it."""
     s = decrypt_row_summary(table[1], table[2], table[3], table[5], table[0], table[3] * bytes_per_position)
-    desc = np.stack([s.row, s.pos_start, s.pos_count, s.nonce_counter, s.slot, s.nbytes]).astype(np.int64)
-    return desc.reshape(ROWDESC_COLS, -1), s.row_of_chunk
+    desc = np.empty((ROWDESC_COLS, s.row.shape[0]), dtype=np.int64)
+    for i, col in enumerate((s.row, s.pos_start, s.pos_count, s.nonce_counter, s.slot, s.nbytes)):
+        desc[i] = col
+    return desc, s.row_of_chunk
 
 
 def check_bounds(table: np.ndarray, layout, k, v, arena, nkeys: int) -> None:
