@@ -8,13 +8,13 @@
 #   2. preflight (90 s)  versions, nvidia-smi, cupy.show_config(), a trivial RawKernel; retried with
 #                        CUDA_PATH at the pip-installed CUDA, every attempt within the step's limit
 #                        (--budget 80, at most 25 s per attempt); stops if no kernel can run
-#   3. tests    (120 s)  the `gpu`-marked tests (-m gpu) of tests/backends/test_cuda_backend.py,
+#   3. tests    (100 s)  the `gpu`-marked tests (-m gpu) of tests/backends/test_cuda_backend.py,
 #                        tests/backends/test_contract.py, tests/vllm/test_blocks.py and
 #                        tests/audit/test_audit_cuda.py, verbose, with PQC_REQUIRE_GPU=1 (a skipped GPU
 #                        test fails) and a faulthandler dump of every thread after 60 s in one test
-#   4. host      (90 s)  benchmarks/host_overhead.py: host and GPU milliseconds per layer update against
+#   4. host      (60 s)  benchmarks/host_overhead.py: host and GPU milliseconds per layer update against
 #                        DynamicCache (4K context, batch 8, 8 KV heads x 128 bf16)
-#   5. suite    (200 s)  benchmarks/gpu_suite.py: JSON and markdown rewritten after every section
+#   5. suite    (180 s)  benchmarks/gpu_suite.py: JSON and markdown rewritten after every section
 #
 # Results go to $OUT (the device tool's folder) or bench-results/. Exit status: 0 only if every step passed.
 set -uo pipefail
@@ -66,19 +66,19 @@ fi
 . "$out/preflight.env"
 
 step "tests"
-timeout 120 python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs -o faulthandler_timeout=60 \
+timeout 100 python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs -o faulthandler_timeout=60 \
     tests/backends/test_cuda_backend.py tests/backends/test_contract.py tests/vllm/test_blocks.py \
     tests/audit/test_audit_cuda.py \
     2>&1 | tee "$out/gpu_tests.txt" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU tests: FAILED"; status=1; }
 
 step "host"
-timeout 90 python3 benchmarks/host_overhead.py --steps 20 --repeats 3 --out "$out/host_overhead.json" \
+timeout 60 python3 benchmarks/host_overhead.py --steps 20 --repeats 3 --out "$out/host_overhead.json" \
     2>&1 | tee "$out/host_overhead.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "host overhead: FAILED"; status=1; }
 
 step "suite"
-timeout 200 python3 benchmarks/gpu_suite.py --budget 170 --out "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.txt"
+timeout 180 python3 benchmarks/gpu_suite.py --budget 150 --out "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU suite: FAILED (sections finished so far are in $out/gpu_suite.json)"; status=1; }
 
 step "done: status $status"
