@@ -73,7 +73,6 @@ A chunk table that is already a device tensor costs one host read of
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import weakref
 from typing import Any, Sequence
@@ -81,12 +80,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..audit.records import RECORD_DTYPE, Op, Status
+from ..audit.records import RECORD_DTYPE, Op
 from ..envelope import dtype_code
-from ..errors import BackendUnavailableError, DecryptionError
+from ..errors import BackendUnavailableError
 from . import kernel_abi as _abi
 from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot
 from .cuda_device import CudaDevice, DeviceProps, stream_capturing
+from .cuda_failures import FailureBook
 from .cuda_keys import KeyStore
 from .cuda_staging import Packed, StagingRing
 from .kernel_abi import kernel_source
@@ -111,20 +111,6 @@ def _import_cupy():
 
 def _u64(x: int) -> np.uint64:
     return np.uint64(x)
-
-
-class _Call:
-    """What check() needs of a decrypt call whose failures it reads: the log to emit them into, and
-    whose they are (a weak reference to the owner; None: the call had none)."""
-
-    __slots__ = ("log", "owner")
-
-    def __init__(self, log, owner):
-        self.log = log
-        self.owner = owner
-
-
-_NO_OWNER = object()   # the pending-failure key of calls made without an owner
 
 
 class CudaBackend(CryptoBackend):
@@ -170,8 +156,8 @@ class CudaBackend(CryptoBackend):
         self._init_state(DeviceProps(sms, occupancy), CudaDevice(self.device, kernels, cupy))
 
     def _init_state(self, props: DeviceProps, dev: CudaDevice) -> None:
-        """Per-device state: device calls and properties, failure queue, call tags, pending failures per
-        owner, key store, staging ring, remembered plans and parameter templates."""
+        """Per-device state: device calls and properties, failure queue and its book (call tags, failures
+        per owner), key store, staging ring, remembered plans and parameter templates."""
         self._props = props
         self._dev = dev
         self._lock = threading.Lock()
@@ -179,10 +165,7 @@ class CudaBackend(CryptoBackend):
         self._slots: dict[str, int] = {}
         self._fq = torch.zeros((FAILURE_QUEUE_CAPACITY, _abi.RECORD_SIZE), dtype=torch.uint8, device=self.device)
         self._fq_count = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._calls: dict[int, _Call] = {}
-        self._tags = itertools.count(1)     # 64-bit call tags: never wrap in a process's life
-        self._pending: dict[Any, list[dict[str, Any]]] = {}
-        self._call_keys: dict[tuple[int, int], int] = {}
+        self._failures = FailureBook()
         self._keys = KeyStore(dev, self._prepare_keys)
         self._staging = StagingRing(dev)
         self._plans: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -481,17 +464,7 @@ class CudaBackend(CryptoBackend):
 
     # ---------------------------------------------------------------- failures (sync point)
     def _call_tag(self, log, owner, owner_ref) -> int:
-        """The 64-bit tag the decrypt kernel writes into the failure records of a call: one per (log, owner)
-        between two reads of the failure queue, so the table of tags stays as small as the set of callers."""
-        key = (id(log), id(owner))
-        with self._lock:
-            tag = self._call_keys.get(key)
-            call = self._calls.get(tag) if tag is not None else None
-            if call is None or (owner is not None and call.owner() is not owner):   # ids are reused
-                tag = next(self._tags)
-                self._call_keys[key] = tag
-                self._calls[tag] = _Call(log, owner_ref)
-            return tag
+        return self._failures.tag(log, owner, owner_ref)
 
     def _read_failures(self) -> tuple[int, np.ndarray | None]:
         """(failures counted, the queue's records as RECORD_DTYPE) of the idle device."""
@@ -515,72 +488,17 @@ class CudaBackend(CryptoBackend):
             count, recs = self._read_failures()
             if count:
                 self._reset_failures()
-            kept = 0 if recs is None else recs.shape[0]
-            with self._lock:
-                calls, self._calls = self._calls, {}
-                self._call_keys = {}
-        found: list[tuple[Any, dict[str, Any]]] = []
-        for r in recs if recs is not None else ():
-            call = calls.get(int(r["record_no"]))
-            log = call.log if call is not None else None
-            if log is not None:
-                log.emit(Op.DECRYPT, tenant_idx=int(r["tenant_idx"]), session_idx=int(r["session_idx"]),
-                         layer=int(r["layer"]), row=int(r["row"]), pos_start=int(r["pos_start"]),
-                         pos_count=int(r["pos_count"]), nonce_counter=int(r["nonce_counter"]),
-                         epoch=int(r["epoch"]), nbytes=int(r["nbytes"]), status=Status.AUTH_FAILED,
-                         device_ts_ns=int(r["device_ts_ns"]))
-            tenant_id = log.tenant_id_of(int(r["tenant_idx"])) if log is not None else None
-            found.append((call, {"tenant_idx": int(r["tenant_idx"]), "tenant_id": tenant_id,
-                                 "session_idx": int(r["session_idx"]), "layer_idx": int(r["layer"]),
-                                 "row": int(r["row"]),
-                                 "positions": range(int(r["pos_start"]), int(r["pos_start"]) + int(r["pos_count"])),
-                                 "nonce_counter": int(r["nonce_counter"]), "epoch": int(r["epoch"])}))
-        if count > kept:   # whose the lost ones were is unknown: every caller of the period hears of them
-            lost = {"tenant_idx": None, "tenant_id": None, "session_idx": None, "layer_idx": None, "row": None,
-                    "positions": None, "nonce_counter": None, "epoch": None, "overflow": count - kept}
-            found.extend((c, dict(lost)) for c in calls.values())
-        with self._lock:
-            for call, fail in found:
-                # a failure whose call is unknown is no one's in particular: the next check raises it
-                ref = call.owner if call is not None else None
-                obj = ref() if ref is not None else None
-                if ref is not None and obj is None:
-                    continue                # its owner is gone: the record is in its log, no one to raise to
-                key = None if call is None else _NO_OWNER if ref is None else id(obj)
-                entry = self._pending.setdefault(key, (ref, []))
-                entry[1].append(fail)
-            for key in [k for k, (ref, _) in self._pending.items() if ref is not None and ref() is None]:
-                del self._pending[key]      # its owner is gone
+            calls = self._failures.take_calls()
+        self._failures.file(count, recs, calls)
 
     def pending_failures(self, owner: object = None) -> list[dict[str, Any]]:
         """Wait for the device, read the failure queue (emitting every failure into the audit log of its call),
         and return and forget the failures of ``owner``'s decrypt calls (None: of calls made without an
         owner), one dict per failing chunk, plus any whose call is unknown (caller-owned synchronisation point)."""
         self._drain()
-        with self._lock:
-            out = []
-            unknown = self._pending.pop(None, None)
-            key = _NO_OWNER if owner is None else id(owner)
-            entry = self._pending.get(key)
-            if entry is not None and (owner is None or entry[0]() is owner):
-                out.extend(self._pending.pop(key)[1])
-            if unknown is not None:
-                out.extend(unknown[1])
-        return out
+        return self._failures.pop(owner)
 
     def check(self, owner: object = None) -> None:
         """Raise DecryptionError if any of ``owner``'s decrypt calls failed since its last check (see
         pending_failures)."""
-        fails = self.pending_failures(owner)
-        if not fails:
-            return
-        f = next((x for x in fails if x["positions"] is not None), fails[0])
-        if f["positions"] is None:
-            raise DecryptionError(f"{f['overflow']} chunk(s) failed authentication on {self.device}, more than "
-                                  "the failure queue holds; their plaintext was zeroed")
-        who = f["tenant_id"] if f["tenant_id"] is not None else f"#{f['tenant_idx']}"
-        pos = f["positions"]
-        raise DecryptionError(
-            f"authentication failed for tenant {who}, layer {f['layer_idx']}, positions "
-            f"{pos.start}..{pos.stop - 1} ({len(fails)} chunk(s) failed on {self.device}); "
-            "their plaintext was zeroed", tenant_id=f["tenant_id"], layer_idx=f["layer_idx"], positions=pos)
+        self._failures.raise_first(self.pending_failures(owner), self.device)

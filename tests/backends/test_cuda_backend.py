@@ -634,7 +634,7 @@ def test_failures_belong_to_the_owner_of_the_call_that_found_them(first_tag):
     import itertools
 
     be = CpuTwinBackend()
-    be._tags = itertools.count(first_tag)
+    be._failures.tags = itertools.count(first_tag)
     keys = _slots()
     k, v = _kv(torch.device("cpu"))
     chunks, size = _table()
