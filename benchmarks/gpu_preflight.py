@@ -28,6 +28,7 @@ import shutil
 import site
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -202,16 +203,23 @@ def _probe_main() -> int:
     return 0
 
 
-def subprocess_probe(timeout: float) -> Probe:
+def subprocess_probe(timeout: float, deadline: float | None = None) -> Probe:
+    """Each probe runs for at most ``timeout`` seconds and never past ``deadline`` (time.monotonic()): the
+    preflight's overall limit bounds its attempts, whatever their number."""
     def probe(extra: dict[str, str]) -> tuple[bool, str]:
         env = dict(os.environ)
         env.update(extra)
+        limit = timeout
+        if deadline is not None:
+            limit = min(timeout, deadline - time.monotonic())
+            if limit <= 1:
+                return False, "not tried: the preflight's overall time limit is spent"
         try:
             p = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe"], env=env,
-                               capture_output=True, text=True, timeout=timeout)
+                               capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired as e:
             out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            return False, out + f"\nprobe timed out after {timeout} s"
+            return False, out + f"\nprobe timed out after {limit:.0f} s"
         out = p.stdout + p.stderr
         return p.returncode == 0, out + ("" if p.returncode == 0 else f"\nprobe exit status {p.returncode}")
     return probe
@@ -239,13 +247,16 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--env-file", help="write the export lines of the environment that worked here")
     ap.add_argument("--probe-timeout", type=float, default=60.0, help="seconds per attempt (default 60)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole preflight: no attempt runs past it (default: no limit)")
     args = ap.parse_args(argv)
+    deadline = None if args.budget is None else time.monotonic() + args.budget
     if args.probe:
         return _probe_main()
     print(nvidia_smi(), flush=True)
     roots = candidate_roots(site_dirs(), sorted(glob.glob("/usr/local/cuda*")))
     try:
-        res = find_working_env(subprocess_probe(args.probe_timeout), roots, dict(os.environ))
+        res = find_working_env(subprocess_probe(args.probe_timeout, deadline), roots, dict(os.environ))
     except PreflightError as e:
         _print_attempts(e.attempts)
         print(f"preflight FAILED: {e}", file=sys.stderr, flush=True)

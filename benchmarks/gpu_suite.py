@@ -475,8 +475,11 @@ def timed_run(model, ids, cache, steps: int, device) -> tuple[list, torch.Tensor
     return times, torch.cat(toks, 1).cpu()
 
 
-def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: float) -> dict:
+def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: float, progress=None) -> dict:
+    """``progress(data)``: called with what is finished after every variant's run, so a section killed by its
+    time limit keeps every variant it finished. Past ``deadline`` no checking pass or timed run starts."""
     model, cfg, dtype = build_model(device, layers, smoke)
+    progress = progress or (lambda data: None)
     mgr = TenantIsolationManager()
     sessions = [mgr.create_session(TenantIdentity(f"bench-tenant-{i}")) for i in range(shapes.batch)]
     log = KVAuditLog()
@@ -506,6 +509,10 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
         per = {}
         ref_tokens = None
         for v in variants:
+            if ref_tokens is not None and time.monotonic() > deadline:
+                per[v.name] = {"not_run": "the suite's budget was spent before its checking pass"}
+                ok = False
+                continue
             c = checking_pass(model, ids, v.make(cfg, sessions, log, backend_for(v)), shapes.check_steps, device)
             if ref_tokens is None:
                 ref_tokens = c["tokens"]
@@ -514,22 +521,25 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
                 error_mode_pass(model, ids, v.make(cfg, sessions, log, backend_for(v)), device)
             per[v.name] = {"backend": None if v is base else type(backend_for(v)).__name__, "tokens_identical": same, "syncs_prefill": c["syncs_prefill"],
                            "syncs_decode": c["syncs_decode"], "error_mode": err_mode, "runs_ms": []}
+            progress({"context": ctx, "variants": per})
+        checked = [v for v in variants if "not_run" not in per[v.name]]
         # timed runs, interleaved: every repeat measures every variant once
         repeats_done = 0
         for _ in range(shapes.repeats):
             if repeats_done and time.monotonic() > deadline:
                 break
-            for v in variants:
+            for v in checked:
                 times, toks = timed_run(model, ids, v.make(cfg, sessions, log, backend_for(v)), shapes.steps, device)
                 per[v.name]["runs_ms"].append(times)
                 n = min(toks.shape[1], ref_tokens.shape[1])
                 per[v.name]["tokens_identical"] &= bool(torch.equal(toks[:, :n], ref_tokens[:, :n]))
+                progress({"context": ctx, "variants": per, "repeats_done": repeats_done})
             repeats_done += 1
         base_runs = [statistics.median(t) for t in per[base.name]["runs_ms"]]
         plain_ms = statistics.median([x for t in per[base.name]["runs_ms"] for x in t])
         kv_bytes = cfg.num_hidden_layers * shapes.batch * (ctx + shapes.steps + 1) * 2 * kv_heads * head_dim * itemsize
         rate = state.get("best_decrypt_GBps")
-        for v in variants:
+        for v in checked:
             p = per[v.name]
             runs = [statistics.median(t) for t in p["runs_ms"]]
             p["step_ms"] = dict(spread([x for t in p["runs_ms"] for x in t]),
@@ -544,8 +554,8 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
                 and p["syncs_decode"] == per[base.name]["syncs_decode"] == 0 and p["error_mode"] == "passed")
             p["ok"] = p["tokens_identical"] and (syncs_ok or v is base)
             ok &= p["ok"]
-        on = [v for v in variants if v.audited and v.sealed]
-        off = [v for v in variants if v.sealed and not v.audited]
+        on = [v for v in checked if v.audited and v.sealed]
+        off = [v for v in checked if v.sealed and not v.audited]
         if on and off:
             a, b = per[on[0].name]["step_ms"]["median"], per[off[0].name]["step_ms"]["median"]
             res.setdefault("audit_on_vs_off", {})[str(ctx)] = a / b
@@ -629,6 +639,9 @@ def markdown(res: dict) -> str:
                   "| host syncs prefill / decode | sync mode \"error\" |", "|---|---|---|---|---|---|---|---|"]
         for ctx, cr in d["contexts"].items():
             for name, p in cr["variants"].items():
+                if "not_run" in p:
+                    lines.append(f"| {ctx} | {name} | not run: {p['not_run']} | | | | | |")
+                    continue
                 if p.get("backend") and res["smoke"]:
                     name = f"{name} ({p['backend']})"
                 s, r = p["step_ms"], p["vs_dynamic"]
@@ -640,7 +653,10 @@ def markdown(res: dict) -> str:
         if d.get("audit_on_vs_off"):
             lines.append("\naudit on / off (sealed, median step): " + ", ".join(
                 f"context {ctx}: {r:.3f}x" for ctx, r in d["audit_on_vs_off"].items()))
-        lines += ["", "Lower bound: 1 + KV bytes / (best measured decrypt rate × DynamicCache step time). Host syncs "
+        lines += ["", "Step ms is host-bound where the host's work per layer, not the GPU's, sets the pace (eager "
+                  "decode of small batches): compare with the host step (`benchmarks/host_overhead.py`) before "
+                  "reading a ratio as the cost of the crypto.",
+                  "", "Lower bound: 1 + KV bytes / (best measured decrypt rate × DynamicCache step time). Host syncs "
                   "are what torch's sync debug mode sees: synchronising torch calls on the calling thread. It does "
                   "not see CuPy calls made outside torch, nor host waits on locks — e.g. an emitter stalled on a "
                   "full audit ring waiting for the drain (counted below as ring stalls)."]
@@ -684,8 +700,14 @@ class Report:
             faulthandler.cancel_dump_traceback_later()
         entry["seconds"] = time.perf_counter() - t0
         self.res["sections"][name] = entry
+        self.res.get("partial", {}).pop(name, None)
         self.write()
         print(f"[gpu_suite] {name}: {entry['status']} ({entry['seconds']:.1f} s)", flush=True)
+
+    def partial(self, name: str, data: dict) -> None:
+        """What a running section has finished so far, written at once (kept if the section is killed)."""
+        self.res.setdefault("partial", {})[name] = data
+        self.write()
 
     def write(self) -> None:
         self.res["markdown"] = markdown(self.res)
@@ -750,7 +772,8 @@ def main(argv=None) -> int:
     if not args.skip_decode:
         deadline = t_start + args.budget * (1 - share["audit"])
         report.run("decode", lambda: (need_backend(), decode(device, state, shapes, args.layers, args.smoke,
-                                                             deadline))[1], budget("decode"))
+                                                             deadline, lambda d: report.partial("decode", d)))[1],
+                   budget("decode"))
         report.run("audit", lambda: audit(device, state), budget("audit"))
         if state.get("audit_log") is not None:   # the audit section failed before closing it
             try:

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks as one command for a GPU host, each step under a time limit (about 6 minutes in all):
+# The GPU checks as one command for a GPU host, each step under a time limit (about 8 minutes in all):
 #
+#   0. commit            the commit id: `git rev-parse HEAD`, or the .commit-id file written into the tree
+#                        before it was copied to the GPU host (a copy without .git); saved as $OUT/commit.txt
 #   1. wheels    (30 s)  cryptography/cffi/pycparser from .whl/ (`make gpu-wheels`) when the host lacks them;
 #                        stops if ML-KEM / ML-DSA still do not import
-#   2. preflight (60 s)  versions, nvidia-smi, cupy.show_config(), a trivial RawKernel; retried with
-#                        CUDA_PATH at the pip-installed CUDA; stops if no kernel can run
-#   3. tests    (100 s)  tests/backends/test_cuda_backend.py, tests/backends/test_contract.py, tests/vllm/test_blocks.py and
-#                        tests/audit/test_audit_cuda.py (every `gpu`-marked
-#                        test, and the CPU-twin tests) with PQC_REQUIRE_GPU=1: a skipped GPU test fails
-#   4. suite    (200 s)  benchmarks/gpu_suite.py: JSON and markdown rewritten after every section
+#   2. preflight (90 s)  versions, nvidia-smi, cupy.show_config(), a trivial RawKernel; retried with
+#                        CUDA_PATH at the pip-installed CUDA, every attempt within the step's limit
+#                        (--budget 80, at most 25 s per attempt); stops if no kernel can run
+#   3. tests    (100 s)  the `gpu`-marked tests (-m gpu) of tests/backends/test_cuda_backend.py,
+#                        tests/backends/test_contract.py, tests/vllm/test_blocks.py and
+#                        tests/audit/test_audit_cuda.py, verbose, with PQC_REQUIRE_GPU=1 (a skipped GPU
+#                        test fails) and a faulthandler dump of every thread after 60 s in one test
+#   4. host      (60 s)  benchmarks/host_overhead.py: host and GPU milliseconds per layer update against
+#                        DynamicCache (4K context, batch 8, 8 KV heads x 128 bf16)
+#   5. suite    (180 s)  benchmarks/gpu_suite.py: JSON and markdown rewritten after every section
 #
 # Results go to $OUT (the device tool's folder) or bench-results/. Exit status: 0 only if every step passed.
 set -uo pipefail
@@ -20,6 +26,17 @@ export PQC_REQUIRE_GPU=1
 wheels="${PQC_WHEELS:-.whl}"      # where `make gpu-wheels` put them
 status=0
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+step "commit"
+if git rev-parse HEAD >/dev/null 2>&1; then
+    git rev-parse HEAD > "$out/commit.txt"
+elif [ -s .commit-id ]; then
+    cp .commit-id "$out/commit.txt"
+else
+    echo "unknown (no .git and no .commit-id: run 'git rev-parse HEAD > .commit-id' before copying the tree)" \
+        > "$out/commit.txt"
+fi
+echo "commit: $(cat "$out/commit.txt")"
 
 step "wheels"
 if ! python3 -c "import cryptography.hazmat.primitives.asymmetric.mlkem" 2>/dev/null; then
@@ -40,7 +57,7 @@ import cryptography; print('cryptography', cryptography.__version__, 'ML-KEM-768
 fi
 
 step "preflight"
-if ! timeout 60 python3 benchmarks/gpu_preflight.py --env-file "$out/preflight.env" --probe-timeout 25 \
+if ! timeout 90 python3 benchmarks/gpu_preflight.py --env-file "$out/preflight.env" --probe-timeout 25 --budget 80 \
         2>&1 | tee "$out/preflight.txt"; then
     echo "FATAL: no CUDA kernel can be compiled and run here (see $out/preflight.txt)"
     exit 4
@@ -49,14 +66,19 @@ fi
 . "$out/preflight.env"
 
 step "tests"
-timeout 100 python3 -m pytest -q -p no:cacheprovider -rfEs tests/backends/test_cuda_backend.py tests/backends/test_contract.py \
-    tests/vllm/test_blocks.py \
+timeout 100 python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs -o faulthandler_timeout=60 \
+    tests/backends/test_cuda_backend.py tests/backends/test_contract.py tests/vllm/test_blocks.py \
     tests/audit/test_audit_cuda.py \
-    2>&1 | tee "$out/gpu_tests.txt" | tail -40
+    2>&1 | tee "$out/gpu_tests.txt" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU tests: FAILED"; status=1; }
 
+step "host"
+timeout 60 python3 benchmarks/host_overhead.py --steps 20 --repeats 3 --out "$out/host_overhead.json" \
+    2>&1 | tee "$out/host_overhead.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "host overhead: FAILED"; status=1; }
+
 step "suite"
-timeout 200 python3 benchmarks/gpu_suite.py --budget 170 --out "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.txt"
+timeout 180 python3 benchmarks/gpu_suite.py --budget 150 --out "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU suite: FAILED (sections finished so far are in $out/gpu_suite.json)"; status=1; }
 
 step "done: status $status"

@@ -33,3 +33,17 @@ def test_native_report_runs():
 def test_restore_report_runs(tmp_path):
     out = _run("benchmarks/restore_report.py", "--repeats", "1", "--out", str(tmp_path / "restore.json"))
     assert "ratio to bulk" in out
+
+
+def test_host_overhead_runs(tmp_path):
+    from pqc_kv_cache.backends import kernel_shim
+    if not kernel_shim.available():
+        pytest.skip("no C++ compiler for the host shim (the CPU twin of the CUDA backend)")
+    out = tmp_path / "host_overhead.json"
+    text = _run("benchmarks/host_overhead.py", "--smoke", "--twin", "--out", str(out))
+    assert "working set, audit on" in text and "DynamicCache" in text
+    import json
+    res = json.loads(out.read_text())
+    assert set(res["host_ms_per_layer_update"]) == {"dynamic", "sealed_audit_off", "sealed_audit_on",
+                                                    "working_set_audit_off", "working_set_audit_on"}
+    assert all(v["n"] == 2 and v["median"] > 0 for v in res["host_ms_per_layer_update"].values())

@@ -119,3 +119,11 @@ def test_the_script_on_a_host_without_cuda_fails_loudly_and_writes_no_env(tmp_pa
     assert "preflight FAILED" in p.stderr and "as given" in p.stderr
     assert "torch sees no CUDA device" in p.stdout or "cupy" in p.stdout.lower()
     assert not env_file.exists()
+
+
+def test_no_probe_runs_past_the_preflights_overall_limit():
+    import time
+
+    probe = pf.subprocess_probe(25.0, deadline=time.monotonic() - 1)
+    ok, out = probe({})
+    assert not ok and "overall time limit" in out

@@ -86,3 +86,34 @@ def test_every_variant_is_one_line_and_a_missing_cache_keyword_only_leaves_its_v
     assert use[0].name == "DynamicCache" and {"sealed, audit off", "sealed, audit on"} <= {v.name for v in use}
     for v in gpu_suite.VARIANTS:
         assert (v.name in skipped) == (v.requires is not None and v not in use)
+
+
+def test_a_running_section_keeps_what_it_finished_and_the_budget_bounds_its_checking_passes(tmp_path):
+    """The decode section writes every finished variant at once (a section killed by its time limit keeps
+    them), and past its deadline starts no further checking pass: those variants say why they did not
+    run, and the section is not reported as passing."""
+    if not kernel_shim.available():
+        pytest.skip("no C++ compiler for the host shim (the CPU twin)")
+    import torch
+
+    rep = gpu_suite.Report(str(tmp_path / "s.json"), smoke=True)
+    state = {"device_backend": gpu_suite.device_backend(torch.device("cpu"))}
+    shapes = gpu_suite.Shapes.smoke(None)
+    seen = []
+
+    def progress(data):
+        rep.partial("decode", data)
+        seen.append(json.loads((tmp_path / "s.json").read_text())["partial"]["decode"])
+
+    try:
+        res = gpu_suite.decode(torch.device("cpu"), state, shapes, 2, True, deadline=0.0, progress=progress)
+    finally:
+        state["audit_log"].close(timeout=10)
+    ctx = next(iter(res["contexts"].values()))["variants"]
+    first = gpu_suite.available_variants()[0][0].name
+    assert "not_run" not in ctx[first] and all("not_run" in p for n, p in ctx.items() if n != first)
+    assert res["ok"] is False
+    assert seen and first in seen[0]["variants"]          # written as soon as its pass was done
+    rep.run("decode", lambda: dict(res), 10)
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert "decode" not in written.get("partial", {}) and "not run: the suite's budget" in written["markdown"]

@@ -10,9 +10,15 @@ which synchronises with the device:
    [n, 64] view.  When the ring is full it waits on a ``threading.Condition``
    for the drain thread to free slots (a stall), never on CUDA.
 2. A kernel or torch ops on ``torch.cuda.current_stream()`` write the records.
-3. ``commit(n)`` records an event on the current stream, makes a side stream
-   wait for it, enqueues the device-to-pinned copy of those slots on the side
-   stream and records a completion event there.
+3. ``commit(n)`` hands the slots to a batch of written reservations (and
+   notes the current stream); nothing is enqueued yet.  The batch is
+   published — one event on each stream its commits came from, a side stream
+   waiting for them, one device-to-pinned copy per contiguous run of slots,
+   one completion event — by the drain thread at its next pass, or by the
+   commit that brings the batch to ``publish_at`` records, or before an
+   emitter waits for room.  So one event and one copy serve the records of
+   many launches (a decode step's layers), and the compute thread usually
+   makes no CUDA call for the audit at all.
 
 The drain thread (never the compute thread) polls the completion events,
 reads finished records from the staging memory, sets their record number
@@ -41,9 +47,10 @@ _FAILED = object()    # the event of an abandoned reservation: nothing to wait f
 
 
 class _Reservation:
-    __slots__ = ("first_no", "n", "slot", "span", "thread", "event", "taken", "template", "failed")
+    __slots__ = ("first_no", "n", "slot", "span", "thread", "event", "taken", "template", "failed", "stream")
 
     def __init__(self, first_no, n, slot, span, thread, template=None):
+        self.stream = None        # the stream whose work wrote the records (set by commit)
         self.first_no = first_no
         self.n = n
         self.slot = slot
@@ -107,6 +114,9 @@ class CudaAuditRing:
         self._res: collections.deque[_Reservation] = collections.deque()
         self._oversize: list[_Oversize] = []
         self._stand_ins: list[tuple[int, np.ndarray]] = []   # ERROR records of abandoned oversize reservations
+        self._batch: list[_Reservation] = []   # committed, copy not yet enqueued (published)
+        self._batch_records = 0
+        self.publish_at = max(1, capacity // 4)   # a commit bringing the batch to this many publishes it
 
     # -- device work: the only CUDA calls of the ring --------------------------------------
     def _allocate(self) -> None:
@@ -118,12 +128,20 @@ class CudaAuditRing:
         self.staging = torch.zeros((self.capacity, RECORD_SIZE), dtype=torch.uint8, pin_memory=True)
         self._side = torch.cuda.Stream(device=self.device)
 
-    def _enqueue_copy(self, slot: int, n: int):
-        """Order the copy of slots ``slot .. slot+n`` after the current stream's work; its completion event."""
+    def _current_stream(self):
+        """The stream whose work writes the records being committed (None where there is no CUDA stream)."""
+        if self.device.type != "cuda":
+            return None
+        return self._torch.cuda.current_stream(self.device)
+
+    def _enqueue_copy(self, slot: int, n: int, after=None):
+        """Order the copy of slots ``slot .. slot+n`` after the work enqueued so far on the streams ``after``
+        (default: the current stream); its completion event."""
         torch = self._torch
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self.device))
-        self._side.wait_event(written)
+        for stream in after or (torch.cuda.current_stream(self.device),):
+            written = torch.cuda.Event()
+            written.record(stream)
+            self._side.wait_event(written)
         with torch.cuda.stream(self._side):
             self.staging[slot:slot + n].copy_(self.buf[slot:slot + n], non_blocking=True)
             copied = torch.cuda.Event()
@@ -239,13 +257,52 @@ class CudaAuditRing:
             self._commit_oversize(res)
             return
         try:
-            copied = self._enqueue_copy(res.slot, n)
+            stream = self._current_stream()
         except BaseException:
             self._fail(res)
             raise
         with alloc.lock:
-            res.event = copied
-            alloc.committed(n)
+            res.stream = stream
+            self._batch.append(res)
+            self._batch_records += n
+            alloc.emitted += n          # handed to the drain, which publishes the batch at its next pass
+            full = self._batch_records >= self.publish_at
+        if full:
+            self.publish()
+
+    def publish(self) -> None:
+        """Enqueue the copies of the committed batch: one event per stream its commits came from, one copy
+        per contiguous run of slots, one completion event. If that raises, the batch's records are
+        abandoned (ERROR records stand in for them) and the error is raised."""
+        alloc = self._alloc
+        with alloc.lock:
+            batch, self._batch, self._batch_records = self._batch, [], 0
+        if not batch:
+            return
+        streams = list({id(r.stream): r.stream for r in batch if r.stream is not None}.values())
+        runs: list[list] = []                   # [slot, n, reservations] of contiguous slots
+        for r in sorted(batch, key=lambda r: r.slot):
+            if runs and runs[-1][0] + runs[-1][1] == r.slot:
+                runs[-1][1] += r.n
+                runs[-1][2].append(r)
+            else:
+                runs.append([r.slot, r.n, [r]])
+        done: list[tuple[object, list]] = []
+        try:
+            for slot, n, members in runs:
+                done.append((self._enqueue_copy(slot, n, streams), members))
+        except BaseException:
+            with alloc.lock:
+                for r in batch:
+                    r.failed = True
+                    r.event = _FAILED
+                alloc.work.notify()
+            raise
+        with alloc.lock:
+            for copied, members in done:
+                for r in members:
+                    r.event = copied
+            alloc.work.notify()
 
     def _commit_oversize(self, big: _Oversize) -> None:
         """Copy an oversize reservation through the ring in pieces; what cannot be copied is abandoned."""
@@ -396,6 +453,10 @@ class CudaAuditRing:
         committed copy has not completed yet.  Called by the drain thread only.
         """
         alloc = self._alloc
+        try:
+            self.publish()
+        except Exception:       # noqa: BLE001 - its records are ERROR records now; the drain goes on
+            pass
         with alloc.lock:
             ready = [r for r in self._res if r.event is not None and r.event is not False and not r.taken]
             stand_ins, self._stand_ins = self._stand_ins, []

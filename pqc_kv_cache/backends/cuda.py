@@ -8,24 +8,33 @@ translation unit: ``pqc_kernels.cu`` with its local headers inlined
 hands the kernels (tables, slot metadata, the ``pqc_chunk_params`` struct) is
 built by ``kernel_abi``, the numpy mirror of ``kernels/pqc_chunk_abi.h``.
 
-Hot path (``encrypt_chunks`` / ``decrypt_chunks``):
+Hot path (``encrypt_chunks`` / ``decrypt_chunks``), per call only what changed:
 
 - kernels run on torch's current stream (its handle passed to each launch), on
   the tensors' memory by pointer (``data_ptr``), never through the host;
-- every SM is busy whatever the chunk sizes: chunks are cut into work items
-  (ranges of GCM counter blocks, ``kernel_abi.work_items``) so a launch has at
-  least as many items as the device holds resident CTAs (SM count times the
-  kernel's occupancy, both queried from the device once, in ``launch_slots``),
-  and the items' partial GHASH values are combined on the device;
-- the chunk table arrives as numpy arrays (nonce counters from the host's bulk
-  allocation) and goes to the device with one pinned, non-blocking copy; key
-  schedules are prepared on the device once per key set and cached; the raw
-  keys' upload buffers (device and pinned host) are zeroed once the schedules
-  are built, and a schedule is zeroed on the stream when it is evicted or
-  ``forget_keys()`` is called;
-- no ``.item()``, no ``.cpu()``, no blocking copy, no event wait; the
-  per-chunk status stays on the device: ``decrypt_chunks`` returns it as a
-  uint8 device tensor.
+- chunks are cut into work items (ranges of GCM counter blocks,
+  ``kernel_abi.work_items``): fewer chunks than the device's resident CTAs (SM
+  count times the kernel's occupancy, both queried once, in ``launch_slots``)
+  share the slots in proportion to their length, and the items' partial GHASH
+  values are combined on the device; a plan is remembered per chunk shape, so a
+  decode step's plan is a look-up;
+- everything the launches read from the host (parameter records, chunk table,
+  work items, row descriptors, zeroed counters) is packed into one region of a
+  persistent pinned staging ring and moved by one asynchronous copy
+  (``cuda_staging``); the parameter record's call-independent fields are set
+  once per (layout, tensors) and patched (``kernel_abi.ParamsTemplate``);
+- key schedules and slot metadata stay on the device per key set
+  (``cuda_keys``): a key set's raw keys are staged in pinned memory only for
+  its preparation and wiped before the call returns, its device copy is zeroed
+  on the stream after ``pqc_prepare_keys``, and a schedule is zeroed on the
+  stream when it is evicted or ``forget_keys()`` is called;
+- no ``.item()``, no ``.cpu()``, no blocking copy, no wait for the compute
+  stream (a key set's first use waits for its own raw-key copy on a side
+  stream); the per-chunk status stays on the device: ``decrypt_chunks`` returns
+  it as a uint8 device tensor;
+- a call made while the current stream is being captured into a CUDA graph is
+  refused (``BackendUnavailableError``): a replay would reuse the staging and
+  seal again under the nonces of the capture.
 
 Failures are read at a synchronisation point the caller owns:
 
@@ -38,7 +47,11 @@ Failures are read at a synchronisation point the caller owns:
 - ``CudaBackend.check(owner)`` does the same and raises
   :class:`DecryptionError` naming the first failure (tenant, layer, positions)
   of ``owner``'s calls, if there was any. Failures of other owners' calls
-  wait for their owners' checks.
+  wait for their owners' checks;
+- the queue is read and emptied with the device idle and under a lock every
+  decrypt call holds from its call tag to its last launch, so a decrypt on
+  another thread can neither add a failure between the read and the reset
+  nor have one erased by it.
 
 ``EncryptedCache.check()`` calls ``check(owner=cache)``. A failing chunk's destination
 is zeroed by the kernel itself, on the stream, before anything later on the
@@ -59,10 +72,7 @@ A chunk table that is already a device tensor costs one host read of
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import hashlib
-import itertools
 import threading
 import weakref
 from typing import Any, Sequence
@@ -70,21 +80,26 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..audit.records import RECORD_DTYPE, Op, Status
+from ..audit.records import RECORD_DTYPE, Op
 from ..envelope import dtype_code
-from ..errors import BackendUnavailableError, DecryptionError
+from ..errors import BackendUnavailableError
 from . import kernel_abi as _abi
 from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot
+from .cuda_device import CudaDevice, DeviceProps, stream_capturing
+from .cuda_failures import FailureBook
+from .cuda_keys import KeyStore
+from .cuda_staging import Packed, StagingRing
 from .kernel_abi import kernel_source
 
-__all__ = ["CudaBackend", "kernel_source"]
+__all__ = ["CudaBackend", "DeviceProps", "kernel_source"]
 
 LANES = _abi.LANES                # threads per CTA of the chunk kernels (PQC_LANES)
 DYNAMIC_SMEM = 0                  # the chunk kernels use static shared memory only
 ROW_RECORD_THREADS = 128
 KERNELS = ("pqc_prepare_keys", "pqc_encrypt_chunks", "pqc_decrypt_row_records", "pqc_decrypt_chunks")
 FAILURE_QUEUE_CAPACITY = 4096
-KEY_CACHE_ENTRIES = 256
+_MEMO_ENTRIES = 256               # plans and parameter templates remembered (then forgotten all at once)
+
 
 def _import_cupy():
     try:
@@ -96,43 +111,6 @@ def _import_cupy():
 
 def _u64(x: int) -> np.uint64:
     return np.uint64(x)
-
-
-class _StreamHandle:
-    """A raw CUDA stream handle for a CuPy launch (``kernel(..., stream=...)`` reads ``.ptr``): torch's
-    stream, used without wrapping it in a CuPy stream object (``ExternalStream`` is deprecated in
-    CuPy 14, and a wrapper must never own, hence destroy, torch's stream)."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-
-class DeviceProps:
-    """What launch geometry needs of a device: its SM count and, per kernel, how many CTAs of a
-    given size fit on one SM (the driver's occupancy calculator)."""
-
-    def __init__(self, multi_processor_count: int, max_active_blocks):
-        self.multi_processor_count = int(multi_processor_count)
-        self._max_active_blocks = max_active_blocks
-
-    def max_active_blocks(self, kernel: str, block: int, dynamic_smem: int) -> int:
-        return int(self._max_active_blocks(kernel, block, dynamic_smem))
-
-
-class _Call:
-    """What check() needs of a decrypt call whose failures it reads: the log to emit them into, and
-    whose they are (a weak reference to the owner; None: the call had none)."""
-
-    __slots__ = ("log", "owner")
-
-    def __init__(self, log, owner):
-        self.log = log
-        self.owner = owner
-
-
-_NO_OWNER = object()   # the pending-failure key of calls made without an owner
 
 
 class CudaBackend(CryptoBackend):
@@ -158,46 +136,46 @@ class CudaBackend(CryptoBackend):
 
     def __init__(self, index: int):
         cupy = _import_cupy()
-        self._cupy = cupy
         self.device = torch.device("cuda", index)
-        self._lock = threading.Lock()
         try:
             with cupy.cuda.Device(index):
-                self._module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",))
-                self._kernels = {name: self._module.get_function(name) for name in KERNELS}
+                module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",))
+                kernels = {name: module.get_function(name) for name in KERNELS}
         except BackendUnavailableError:
             raise
         except Exception as exc:  # CuPy compile / driver errors
             raise BackendUnavailableError(f"cannot build the CUDA kernels on {self.device}: {exc}") from exc
+        self._module = module
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
 
         def occupancy(kernel: str, block: int, dynamic_smem: int) -> int:
             with cupy.cuda.Device(index):
                 return cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-                    self._kernels[kernel].kernel.ptr, block, dynamic_smem)
+                    kernels[kernel].kernel.ptr, block, dynamic_smem)
 
-        self._init_state(DeviceProps(sms, occupancy))
+        self._init_state(DeviceProps(sms, occupancy), CudaDevice(self.device, kernels, cupy))
 
-    def _init_state(self, props: DeviceProps) -> None:
-        """Per-device state: device properties, failure queue, call tags, pending failures per owner,
-        key-schedule cache, pinned key staging still to be wiped."""
+    def _init_state(self, props: DeviceProps, dev: CudaDevice) -> None:
+        """Per-device state: device calls and properties, failure queue and its book (call tags, failures
+        per owner), key store, staging ring, remembered plans and parameter templates."""
         self._props = props
+        self._dev = dev
+        self._lock = threading.Lock()
+        self._fq_lock = threading.Lock()    # decrypt launches (tag to last launch) vs. reading the failure queue
         self._slots: dict[str, int] = {}
-        self._sched_size = _abi.SCHED_SIZE
         self._fq = torch.zeros((FAILURE_QUEUE_CAPACITY, _abi.RECORD_SIZE), dtype=torch.uint8, device=self.device)
         self._fq_count = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._calls: dict[int, _Call] = {}
-        self._tags = itertools.count(1)     # 64-bit call tags: never wrap in a process's life
-        self._pending: dict[Any, list[dict[str, Any]]] = {}
-        self._key_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
-        self._staged_keys: list[tuple[Any, torch.Tensor]] = []
-        self._call_keys: dict[tuple[int, int], int] = {}
+        self._failures = FailureBook()
+        self._keys = KeyStore(dev, self._prepare_keys)
+        self._staging = StagingRing(dev)
+        self._plans: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._templates: dict[tuple, _abi.ParamsTemplate] = {}
 
     # ---------------------------------------------------------------- plumbing
     def launch_slots(self, kernel: str) -> int:
         """Resident CTAs of a chunk kernel on the whole device: SM count x CTAs per SM from the
         occupancy query (256 threads, DYNAMIC_SMEM). The one place launch geometry comes from: a
-        launch has min(work items, slots) CTAs, and work items are cut so there are at least this many."""
+        launch has min(work items, slots) CTAs, and work items are planned for this many slots."""
         slots = self._slots.get(kernel)
         if slots is None:
             per_sm = self._props.max_active_blocks(kernel, LANES, DYNAMIC_SMEM)
@@ -209,92 +187,56 @@ class CudaBackend(CryptoBackend):
 
     def _launch(self, kernel: str, grid: int, block: int, args: tuple) -> None:
         """Launch one of KERNELS on torch's current stream (asynchronous)."""
-        stream = _StreamHandle(torch.cuda.current_stream(self.device).cuda_stream)
-        with self._cupy.cuda.Device(self.device.index):
-            self._kernels[kernel]((int(grid),), (int(block),), args, stream=stream)
+        self._dev.launch(kernel, grid, block, args)
 
-    def _scratch(self, items: np.ndarray, nchunks: int):
-        """(partials, counters) device scratch of a launch whose items split chunks, else (None, None).
-        The counters are zeroed on the stream (the kernels count each chunk's finished items)."""
-        if not bool((items[7] > 1).any()):
-            return None, None
-        partials = torch.empty((items.shape[1], _abi.PARTIAL_SIZE), dtype=torch.uint8, device=self.device)
-        counters = torch.zeros(nchunks, dtype=torch.int32, device=self.device)
-        return partials, counters
+    def _upload_region(self, packed: Packed) -> None:
+        """The one host-to-device copy of a call's (or launch group's) packed region."""
+        self._staging.upload(packed)
 
-    def _pin(self, arr: np.ndarray) -> torch.Tensor:
-        """A pinned host copy of ``arr`` (the staging of a non-blocking upload)."""
-        return torch.from_numpy(np.ascontiguousarray(arr)).pin_memory()
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        return host.to(self.device, non_blocking=True)
-
-    def _copied_event(self):
-        """An event on the current stream, recorded after the uploads enqueued so far."""
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        return ev
-
-    def _upload(self, arr: np.ndarray) -> torch.Tensor:
-        return self._to_device(self._pin(arr))
-
-    def _params(self, **fields) -> torch.Tensor:
-        """A pqc_chunk_params on the device (the chunk kernels' one argument)."""
-        return self._upload(_abi.chunk_params(**fields).view(np.uint8))
-
-    def _wipe_staged_keys(self, wait: bool = False) -> None:
-        """Zero the pinned staging of raw keys whose upload has completed (all of them with ``wait``)."""
-        with self._lock:
-            staged, self._staged_keys = self._staged_keys, []
-        keep = []
-        for ev, host in staged:
-            if wait:
-                ev.synchronize()
-            if wait or ev.query():
-                host.zero_()
-            else:
-                keep.append((ev, host))
-        if keep:
-            with self._lock:
-                self._staged_keys.extend(keep)
+    def _prepare_keys(self, dev_keys: torch.Tensor, n: int, sched: torch.Tensor) -> None:
+        self._launch("pqc_prepare_keys", n, 256, (_u64(dev_keys.data_ptr()), np.int64(n), _u64(sched.data_ptr())))
 
     def _schedules(self, keys: Sequence[KeySlot]) -> torch.Tensor:
         """Device key schedules (uint8 [n, sched_size]) of the call's key slots; prepared once per key set."""
-        # cache key: a hash of each key (the raw keys are not kept as dict keys)
-        ident = tuple(hashlib.sha256(bytes(k.key)).digest() for k in keys)
-        with self._lock:
-            hit = self._key_cache.get(ident)
-            if hit is not None:
-                self._key_cache.move_to_end(ident)
-                return hit
-        self._wipe_staged_keys()
-        raw = np.frombuffer(b"".join(bytes(k.key) for k in keys), dtype=np.uint8).reshape(len(keys), 32).copy()
-        try:
-            host = self._pin(raw)
-        finally:
-            raw.fill(0)
-        try:
-            dev_keys = self._to_device(host)
-            copied = self._copied_event()
-        except BaseException:
-            host.zero_()
-            raise
-        with self._lock:   # zeroed once the copy has read it (never blocking the stream here)
-            self._staged_keys.append((copied, host))
-        try:
-            sched = torch.empty((len(keys), self._sched_size), dtype=torch.uint8, device=self.device)
-            self._launch("pqc_prepare_keys", len(keys), 256,
-                         (_u64(dev_keys.data_ptr()), np.int64(len(keys)), _u64(sched.data_ptr())))
-        finally:
-            dev_keys.zero_()      # on the stream, after the preparation read the keys
-        evicted = []
-        with self._lock:
-            self._key_cache[ident] = sched
-            while len(self._key_cache) > KEY_CACHE_ENTRIES:
-                evicted.append(self._key_cache.popitem(last=False)[1])
-        for old in evicted:
-            old.zero_()           # on the stream: after every launch enqueued so far that reads it
-        return sched
+        return self._keys.schedules(keys)[0]
+
+    def _refuse_capture(self) -> None:
+        if stream_capturing():
+            raise BackendUnavailableError(
+                "the CUDA backend cannot be captured into a CUDA graph: a replay would reuse its staging "
+                "buffers and seal again under the nonces of the capture; run the cache outside "
+                "torch.cuda.graph capture (e.g. torch.compile without mode='reduce-overhead')")
+
+    def _plan(self, kernel: str, pos_count: np.ndarray, bpp: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(work items of a launch over chunks of these position counts, first ENCRYPT record index of each
+        chunk), remembered per chunk shape (read-only arrays)."""
+        slots = self.launch_slots(kernel)
+        key = (kernel, pos_count.tobytes(), bpp, slots, limit)
+        plan = self._plans.get(key)
+        if plan is None:
+            items = _abi.work_items(_abi.chunk_rounds(pos_count * bpp), pos_count, slots=slots, record_limit=limit)
+            first = _abi.encrypt_record_index(pos_count)[0] if kernel == "pqc_encrypt_chunks" else None
+            items.setflags(write=False)
+            plan = (items, first)
+            if len(self._plans) >= _MEMO_ENTRIES:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _template(self, kernel: str, fixed: tuple) -> _abi.ParamsTemplate:
+        """The parameter record of ``kernel`` with its call-independent fields (remembered per value)."""
+        key = (kernel, fixed)
+        tpl = self._templates.get(key)
+        if tpl is None:
+            (sched, meta, arena, kp, vp, layout) = fixed
+            extra = dict(fq=self._fq.data_ptr(), fq_count=self._fq_count.data_ptr(),
+                         fq_cap=FAILURE_QUEUE_CAPACITY) if kernel == "pqc_decrypt_chunks" else {}
+            tpl = _abi.ParamsTemplate(sched=sched, meta=meta, arena=arena, **self._kv_fields("k", kp),
+                                      **self._kv_fields("v", vp), **self._layout_fields(layout), **extra)
+            if len(self._templates) >= _MEMO_ENTRIES:
+                self._templates.clear()
+            self._templates[key] = tpl
+        return tpl
 
     def _check_tensor(self, name: str, t: torch.Tensor, layout: ChunkLayout) -> tuple[int, int, int, int]:
         if not isinstance(t, torch.Tensor):
@@ -327,12 +269,10 @@ class CudaBackend(CryptoBackend):
                 raise ValueError(f"keys[{i}] must be a KeySlot with a 32-byte key")
         return _abi.chunk_table_array(chunks)   # a device-resident table costs one host read
 
-    def _meta(self, keys, audit: AuditContext | None) -> torch.Tensor:
+    def _meta(self, seen, keys, audit: AuditContext | None) -> torch.Tensor:
         if audit is None:
-            meta = _abi.slot_meta_array(keys)
-        else:
-            meta = _abi.slot_meta_array(keys, audit.tenant_idx, audit.session_idx)
-        return self._upload(meta)
+            return self._keys.meta(seen, keys, None, None)
+        return self._keys.meta(seen, keys, audit.tenant_idx, audit.session_idx)
 
     @staticmethod
     def _groups(counts: np.ndarray, limit: int) -> list[tuple[int, int]]:
@@ -371,10 +311,15 @@ class CudaBackend(CryptoBackend):
         return {"layer": layout.layer_idx, "num_heads": layout.num_heads, "head_dim": layout.head_dim,
                 "itemsize": layout.itemsize, "dtype_code": dtype_code(layout.dtype)}
 
+    def _group_region(self, single: bool, outer: Packed, parts: Packed):
+        """A launch group's region: the call's own when the call is one launch, else one of its own."""
+        return contextlib.nullcontext(outer) if single else self._staging.region(parts)
+
     # ---------------------------------------------------------------- contract
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
                        audit: AuditContext | None = None) -> None:
+        self._refuse_capture()
         table = self._check_common(keys, layout, chunks, arena)
         kp = self._check_tensor("k_src", k_src, layout)
         vp = self._check_tensor("v_src", v_src, layout)
@@ -382,40 +327,57 @@ class CudaBackend(CryptoBackend):
         n = table.shape[1]
         if n == 0:
             return
-        sched = self._schedules(keys)
-        meta = self._meta(keys, audit)
+        sched, seen = self._keys.schedules(keys)
+        meta = self._meta(seen, keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
         limit = max(1, ring.capacity // 4) if ring is not None else None
-        table[7], _ = _abi.encrypt_record_index(table[3])
-        items = _abi.work_items(_abi.chunk_rounds(table[3] * layout.bytes_per_position), table[3],
-                                slots=self.launch_slots("pqc_encrypt_chunks"), record_limit=limit)
+        items, table[7] = self._plan("pqc_encrypt_chunks", table[3], layout.bytes_per_position, limit)
         n_items = items.shape[1]
         counts = items[4] - items[3]
         groups = self._groups(counts, limit) if ring is not None else [(0, n_items)]
-        partials, counters = self._scratch(items, n)
-        dev_table = self._upload(table)
-        fast = partials is None and len(groups) == 1     # item i = chunk i: no item table
+        split = n_items != n
+        single = len(groups) == 1
+        tpl = self._template("pqc_encrypt_chunks", (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), kp, vp,
+                                                    layout))
         slots = self.launch_slots("pqc_encrypt_chunks")
-        fixed = dict(sched=sched.data_ptr(), meta=meta.data_ptr(), table=dev_table.data_ptr(), n=n,
-                     arena=arena.data_ptr(), partials=0 if partials is None else partials.data_ptr(),
-                     counters=0 if counters is None else counters.data_ptr(),
-                     **self._kv_fields("k", kp), **self._kv_fields("v", vp), **self._layout_fields(layout))
-        for a, b in groups:
-            total = int(counts[a:b].sum())
-            rec_lo = int(table[7][items[0][a]] + items[3][a])
-            with self._reservation(ring, total, Op.ENCRYPT, layout, audit) as (view, first_no):
-                dev_items = None if fast else self._upload(items[:, a:b])
-                # record index aux + p is numbered first_no + (aux + p - rec_lo), modulo 2^64 on the device
-                params = self._params(items=0 if dev_items is None else dev_items.data_ptr(), n_items=b - a,
-                                      records=0 if view is None else view.data_ptr(),
-                                      first_no=(first_no - rec_lo) % (1 << 64), rec_lo=rec_lo, **fixed)
-                self._launch("pqc_encrypt_chunks", min(b - a, slots), LANES, (_u64(params.data_ptr()),))
+        # the call's region: table, and the split chunks' partials and (zeroed) counters; a one-launch call's
+        # items and parameters too, so it makes one copy
+        outer = Packed()
+        t_off = outer.add(table)
+        p_off = outer.reserve(n_items * _abi.PARTIAL_SIZE) if split else None
+        c_off = outer.reserve(4 * n, zero=True) if split else None
+        if single:
+            i_off = outer.add(items) if split else None     # unsplit: item i = chunk i
+            prm_off = outer.reserve(_abi.ParamsTemplate.size)
+        with self._staging.region(outer) as call:
+            for gi, (a, b) in enumerate(groups):
+                grp = call
+                if not single:
+                    grp = Packed()
+                    i_off = grp.add(np.ascontiguousarray(items[:, a:b]))
+                    prm_off = grp.reserve(_abi.ParamsTemplate.size)
+                total = int(counts[a:b].sum())
+                rec_lo = int(table[7][items[0][a]] + items[3][a])
+                with self._reservation(ring, total, Op.ENCRYPT, layout, audit) as (view, first_no), \
+                        self._group_region(single, call, grp) as g:
+                    # record index aux + p is numbered first_no + (aux + p - rec_lo), modulo 2^64 on the device
+                    tpl.pack_into(g.host, prm_off, table=call.device_ptr(t_off), n=n,
+                                  items=0 if i_off is None else g.device_ptr(i_off), n_items=b - a,
+                                  records=0 if view is None else view.data_ptr(),
+                                  first_no=(first_no - rec_lo) % (1 << 64), rec_lo=rec_lo,
+                                  partials=0 if p_off is None else call.device_ptr(p_off),
+                                  counters=0 if c_off is None else call.device_ptr(c_off))
+                    if gi == 0 and not single:
+                        self._upload_region(call)         # the call's shared part, with the first launch
+                    self._upload_region(g)
+                    self._launch("pqc_encrypt_chunks", min(b - a, slots), LANES, (_u64(g.device_ptr(prm_off)),))
 
     def decrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,
                        arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                        audit: AuditContext | None = None, *, owner: object = None) -> DecryptStatus:
         """See :meth:`CryptoBackend.decrypt_chunks`: the status stays on the device; failures are raised by
         ``check(owner)``."""
+        self._refuse_capture()
         table = self._check_common(keys, layout, chunks, arena)
         kp = self._check_tensor("k_out", k_out, layout)
         vp = self._check_tensor("v_out", v_out, layout)
@@ -427,165 +389,116 @@ class CudaBackend(CryptoBackend):
             except TypeError:
                 raise TypeError(f"owner must be weak-referenceable, got {type(owner).__name__}") from None
         n = table.shape[1]
-        status = torch.zeros(n, dtype=torch.uint8, device=self.device)
+        status = torch.empty(n, dtype=torch.uint8, device=self.device)   # the kernel writes every chunk's
         if n == 0:
             return DecryptStatus(device=status)
-        sched = self._schedules(keys)
-        meta = self._meta(keys, audit)
+        sched, seen = self._keys.schedules(keys)
+        meta = self._meta(seen, keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
-        tag = self._call_tag(audit.log if audit is not None else None, owner, owner_ref)
+        if ring is not None:
+            desc_all, row_of_chunk = _abi.row_descriptors(table, layout.bytes_per_position)
+            nrows, limit = desc_all.shape[1], max(1, ring.capacity // 4)
+        else:       # no row records: one launch, and no chunk names a row record (aux -1)
+            desc_all, row_of_chunk, nrows, limit = None, None, 1, 1
+        tpl = self._template("pqc_decrypt_chunks", (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), kp, vp,
+                                                    layout))
         # one launch per group of rows small enough for the ring (rows never straddle a group)
-        order = np.argsort(table[1], kind="stable")
-        desc_all, row_of_chunk = _abi.row_descriptors(table, layout.bytes_per_position)
-        nrows = desc_all.shape[1]
-        limit = max(1, ring.capacity // 4) if ring is not None else nrows
-        for r0 in range(0, nrows, limit):
-            r1 = min(nrows, r0 + limit)
-            sel = order[(row_of_chunk[order] >= r0) & (row_of_chunk[order] < r1)] if (r0, r1) != (0, nrows) \
-                else np.arange(n)
-            sub = np.ascontiguousarray(table[:, sel])
-            desc = np.ascontiguousarray(desc_all[:, r0:r1])
-            sub[7] = row_of_chunk[sel] - r0
-            items = _abi.work_items(_abi.chunk_rounds(sub[3] * layout.bytes_per_position), sub[3],
-                                    slots=self.launch_slots("pqc_decrypt_chunks"))
-            with self._reservation(ring, r1 - r0, Op.DECRYPT, layout, audit) as (view, first_no):
-                dev_table = self._upload(sub)
-                sub_status = status if sel.shape[0] == n else torch.zeros(sel.shape[0], dtype=torch.uint8,
-                                                                          device=self.device)
-                self._decrypt_group(view, first_no, desc, meta, layout, sched, dev_table, items, sel, arena, kp,
-                                    vp, sub_status, tag)
-            if sub_status is not status:
-                status[self._upload(sel.astype(np.int64))] = sub_status
+        order = np.argsort(table[1], kind="stable") if nrows > limit else None
+        with self._fq_lock:     # the failure queue is not read between this call's tag and its launches
+            tag = self._call_tag(audit.log if audit is not None else None, owner, owner_ref)
+            for r0 in range(0, nrows, limit):
+                r1 = min(nrows, r0 + limit)
+                if order is None:
+                    sel, sub, desc = None, table, desc_all
+                    if row_of_chunk is not None:
+                        sub[7] = row_of_chunk
+                else:
+                    sel = order[(row_of_chunk[order] >= r0) & (row_of_chunk[order] < r1)]
+                    sub = np.ascontiguousarray(table[:, sel])
+                    desc = np.ascontiguousarray(desc_all[:, r0:r1])
+                    sub[7] = row_of_chunk[sel] - r0
+                self._decrypt_group(ring, audit, layout, tpl, meta, sub, desc, sel, status, tag)
         return DecryptStatus(device=status)
 
-    def _decrypt_group(self, view, first_no, desc, meta, layout, sched, dev_table, items, sel, arena, kp, vp,
-                       sub_status, tag) -> None:
-        """The launches of one row group of decrypt_chunks: row records (when audited), then the work items."""
-        nrows = desc.shape[1]
-        if view is not None:
-            dev_desc = self._upload(desc)
-            lf = self._layout_fields(layout)
-            self._launch("pqc_decrypt_row_records", (nrows + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,
-                         ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(dev_desc.data_ptr()), np.int64(nrows),
-                                              *(np.uint32(lf[f]) for f in ("layer", "num_heads", "head_dim",
-                                                                            "itemsize", "dtype_code")),
-                                              _u64(view.data_ptr()), np.uint64(first_no)))
-        partials, counters = self._scratch(items, sel.shape[0])
-        dev_items = None if partials is None else self._upload(items)   # unsplit: item i = chunk i
+    def _decrypt_group(self, ring, audit, layout, tpl, meta, sub, desc, sel, status, tag) -> None:
+        """The launches of one row group of decrypt_chunks, from one packed region: row records (when
+        audited), then the work items."""
+        m, nrows = sub.shape[1], 0 if desc is None else desc.shape[1]
+        items = self._plan("pqc_decrypt_chunks", sub[3], layout.bytes_per_position, None)[0]
         n_items = items.shape[1]
-        params = self._params(sched=sched.data_ptr(), meta=meta.data_ptr(), table=dev_table.data_ptr(),
-                              n=sel.shape[0], items=0 if dev_items is None else dev_items.data_ptr(),
-                              n_items=n_items, arena=arena.data_ptr(), **self._kv_fields("k", kp),
-                              **self._kv_fields("v", vp), status=sub_status.data_ptr(),
-                              records=0 if view is None else view.data_ptr(), fq=self._fq.data_ptr(),
-                              fq_count=self._fq_count.data_ptr(), fq_cap=FAILURE_QUEUE_CAPACITY, call_tag=tag,
-                              partials=0 if partials is None else partials.data_ptr(),
-                              counters=0 if counters is None else counters.data_ptr(),
-                              **self._layout_fields(layout))
-        self._launch("pqc_decrypt_chunks", min(n_items, self.launch_slots("pqc_decrypt_chunks")), LANES,
-                     (_u64(params.data_ptr()),))
+        split = n_items != m
+        pk = Packed()
+        t_off = pk.add(sub)
+        d_off = pk.add(desc) if ring is not None else None
+        i_off = pk.add(items) if split else None            # unsplit: item i = chunk i
+        p_off = pk.reserve(n_items * _abi.PARTIAL_SIZE) if split else None
+        c_off = pk.reserve(4 * m, zero=True) if split else None
+        s_off = pk.add(sel.astype(np.int64)) if sel is not None else None
+        prm_off = pk.reserve(_abi.ParamsTemplate.size)
+        with self._reservation(ring, nrows, Op.DECRYPT, layout, audit) as (view, first_no), \
+                self._staging.region(pk) as g:
+            sub_status = status if sel is None else torch.empty(m, dtype=torch.uint8, device=self.device)
+            tpl.pack_into(g.host, prm_off, table=g.device_ptr(t_off), n=m,
+                          items=0 if i_off is None else g.device_ptr(i_off), n_items=n_items,
+                          status=sub_status.data_ptr(), records=0 if view is None else view.data_ptr(),
+                          call_tag=tag, partials=0 if p_off is None else g.device_ptr(p_off),
+                          counters=0 if c_off is None else g.device_ptr(c_off))
+            self._upload_region(g)
+            if view is not None:
+                lf = self._layout_fields(layout)
+                self._launch("pqc_decrypt_row_records", (nrows + ROW_RECORD_THREADS - 1) // ROW_RECORD_THREADS,
+                             ROW_RECORD_THREADS, (_u64(meta.data_ptr()), _u64(g.device_ptr(d_off)), np.int64(nrows),
+                                                  *(np.uint32(lf[f]) for f in ("layer", "num_heads", "head_dim",
+                                                                                "itemsize", "dtype_code")),
+                                                  _u64(view.data_ptr()), np.uint64(first_no)))
+            self._launch("pqc_decrypt_chunks", min(n_items, self.launch_slots("pqc_decrypt_chunks")), LANES,
+                         (_u64(g.device_ptr(prm_off)),))
+            if sel is not None:
+                idx = self._staging.device_view(g, s_off, 8 * m).view(torch.int64)
+                status[idx] = sub_status
 
     def forget_keys(self) -> None:
         """Zero and drop the cached device key schedules (on the stream, after every launch enqueued so far
-        that reads them) and the pinned staging of uploaded keys (e.g. after retiring epochs, at close)."""
-        with self._lock:
-            scheds = list(self._key_cache.values())
-            self._key_cache.clear()
-        for sched in scheds:
-            sched.zero_()
-        self._wipe_staged_keys(wait=True)
+        that reads them), e.g. after retiring epochs, at close."""
+        self._keys.forget()
 
     # ---------------------------------------------------------------- failures (sync point)
     def _call_tag(self, log, owner, owner_ref) -> int:
-        """The 64-bit tag the decrypt kernel writes into the failure records of a call: one per (log, owner)
-        between two reads of the failure queue, so the table of tags stays as small as the set of callers."""
-        key = (id(log), id(owner))
-        with self._lock:
-            tag = self._call_keys.get(key)
-            call = self._calls.get(tag) if tag is not None else None
-            if call is None or (owner is not None and call.owner() is not owner):   # ids are reused
-                tag = next(self._tags)
-                self._call_keys[key] = tag
-                self._calls[tag] = _Call(log, owner_ref)
-            return tag
+        return self._failures.tag(log, owner, owner_ref)
+
+    def _read_failures(self) -> tuple[int, np.ndarray | None]:
+        """(failures counted, the queue's records as RECORD_DTYPE) of the idle device."""
+        count = int(self._fq_count.item())
+        kept = min(count, FAILURE_QUEUE_CAPACITY)
+        recs = self._fq[:kept].cpu().numpy().copy().view(RECORD_DTYPE).reshape(kept) if kept else None
+        return count, recs
+
+    def _reset_failures(self) -> None:
+        """Empty the queue: the counter is zeroed, and the reset done before any later launch can count."""
+        self._fq_count.zero_()
+        self._dev.synchronize()
 
     def _drain(self) -> None:
         """Wait for the device, read and empty the failure queue: emit each failure into the log of the call
         that found it and keep it for that call's owner."""
-        # every stream, not only the current one: a decrypt launched on another stream may still be adding
-        # failures, and zeroing the count below would lose them
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        with self._lock:
-            count = int(self._fq_count.item())
-            kept = min(count, FAILURE_QUEUE_CAPACITY)
-            recs = self._fq[:kept].cpu().numpy().copy().view(RECORD_DTYPE).reshape(kept) if kept else None
+        # no decrypt call is between its tag and its launches while the queue is read and reset (the lock),
+        # and every stream is idle (a decrypt launched on another stream may still be adding failures)
+        with self._fq_lock:
+            self._dev.synchronize()
+            count, recs = self._read_failures()
             if count:
-                self._fq_count.zero_()
-            calls, self._calls = self._calls, {}
-            self._call_keys = {}
-        found: list[tuple[Any, dict[str, Any]]] = []
-        for r in recs if recs is not None else ():
-            call = calls.get(int(r["record_no"]))
-            log = call.log if call is not None else None
-            if log is not None:
-                log.emit(Op.DECRYPT, tenant_idx=int(r["tenant_idx"]), session_idx=int(r["session_idx"]),
-                         layer=int(r["layer"]), row=int(r["row"]), pos_start=int(r["pos_start"]),
-                         pos_count=int(r["pos_count"]), nonce_counter=int(r["nonce_counter"]),
-                         epoch=int(r["epoch"]), nbytes=int(r["nbytes"]), status=Status.AUTH_FAILED,
-                         device_ts_ns=int(r["device_ts_ns"]))
-            tenant_id = log.tenant_id_of(int(r["tenant_idx"])) if log is not None else None
-            found.append((call, {"tenant_idx": int(r["tenant_idx"]), "tenant_id": tenant_id,
-                                 "session_idx": int(r["session_idx"]), "layer_idx": int(r["layer"]),
-                                 "row": int(r["row"]),
-                                 "positions": range(int(r["pos_start"]), int(r["pos_start"]) + int(r["pos_count"])),
-                                 "nonce_counter": int(r["nonce_counter"]), "epoch": int(r["epoch"])}))
-        if count > kept:   # whose the lost ones were is unknown: every caller of the period hears of them
-            lost = {"tenant_idx": None, "tenant_id": None, "session_idx": None, "layer_idx": None, "row": None,
-                    "positions": None, "nonce_counter": None, "epoch": None, "overflow": count - kept}
-            found.extend((c, dict(lost)) for c in calls.values())
-        with self._lock:
-            for call, fail in found:
-                # a failure whose call is unknown is no one's in particular: the next check raises it
-                ref = call.owner if call is not None else None
-                obj = ref() if ref is not None else None
-                if ref is not None and obj is None:
-                    continue                # its owner is gone: the record is in its log, no one to raise to
-                key = None if call is None else _NO_OWNER if ref is None else id(obj)
-                entry = self._pending.setdefault(key, (ref, []))
-                entry[1].append(fail)
-            for key in [k for k, (ref, _) in self._pending.items() if ref is not None and ref() is None]:
-                del self._pending[key]      # its owner is gone
+                self._reset_failures()
+            calls = self._failures.take_calls()
+        self._failures.file(count, recs, calls)
 
     def pending_failures(self, owner: object = None) -> list[dict[str, Any]]:
         """Wait for the device, read the failure queue (emitting every failure into the audit log of its call),
         and return and forget the failures of ``owner``'s decrypt calls (None: of calls made without an
         owner), one dict per failing chunk, plus any whose call is unknown (caller-owned synchronisation point)."""
         self._drain()
-        with self._lock:
-            out = []
-            unknown = self._pending.pop(None, None)
-            key = _NO_OWNER if owner is None else id(owner)
-            entry = self._pending.get(key)
-            if entry is not None and (owner is None or entry[0]() is owner):
-                out.extend(self._pending.pop(key)[1])
-            if unknown is not None:
-                out.extend(unknown[1])
-        return out
+        return self._failures.pop(owner)
 
     def check(self, owner: object = None) -> None:
         """Raise DecryptionError if any of ``owner``'s decrypt calls failed since its last check (see
         pending_failures)."""
-        fails = self.pending_failures(owner)
-        if not fails:
-            return
-        f = next((x for x in fails if x["positions"] is not None), fails[0])
-        if f["positions"] is None:
-            raise DecryptionError(f"{f['overflow']} chunk(s) failed authentication on {self.device}, more than "
-                                  "the failure queue holds; their plaintext was zeroed")
-        who = f["tenant_id"] if f["tenant_id"] is not None else f"#{f['tenant_idx']}"
-        pos = f["positions"]
-        raise DecryptionError(
-            f"authentication failed for tenant {who}, layer {f['layer_idx']}, positions "
-            f"{pos.start}..{pos.stop - 1} ({len(fails)} chunk(s) failed on {self.device}); "
-            "their plaintext was zeroed", tenant_id=f["tenant_id"], layer_idx=f["layer_idx"], positions=pos)
+        self._failures.raise_first(self.pending_failures(owner), self.device)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ __all__ = [
     "PARTIAL_SIZE", "MIN_ITEM_ROUNDS", "GCM_MAX_BLOCKS", "AAD_BLOCKS", "COLS", "ITEM_FIELDS", "ROWDESC_FIELDS",
     "SLOT_META_DTYPE", "CHUNK_PARAMS_DTYPE", "kernel_sources_dir", "kernel_source", "slot_meta_array",
     "chunk_table_array", "encrypt_record_index", "chunk_rounds", "work_items", "row_descriptors",
-    "check_bounds", "check_gcm_length", "chunk_params",
+    "check_bounds", "check_gcm_length", "chunk_params", "ParamsTemplate", "plan_efficiency",
 ]
 
 LANES = 256            # threads per CTA of the chunk kernels = GHASH lanes (PQC_LANES)
@@ -184,19 +185,45 @@ def chunk_rounds(nbytes: np.ndarray, lanes: int = LANES) -> np.ndarray:
     return (AAD_BLOCKS + (nb + 15) // 16 + 1 + lanes - 1) // lanes
 
 
+def _items_per_chunk(r: np.ndarray, slots: int, min_rounds: int) -> np.ndarray:
+    """How many items each chunk is cut into so that a launch of ``slots`` resident CTAs is filled in
+    one wave where it can be: fewer chunks than slots share the slots in proportion to their rounds
+    (largest remainders first, so the longest item is as short as it can be), at least one item per
+    chunk and none shorter than ``min_rounds``; as many chunks as slots or more are cut only where a
+    chunk is longer than an even share, ceil(total / slots), of the rounds."""
+    n = r.shape[0]
+    total = int(r.sum())
+    if n >= slots:
+        b = max(int(min_rounds), -(-total // slots))
+        return np.maximum(1, -(-r // b))
+    k = np.ones(n, dtype=np.int64)
+    big = r * slots >= total               # a chunk of at least an even share gets items in proportion
+    if big.any():
+        s_big = slots - int((~big).sum())
+        t_big = int(r[big].sum())
+        share = r[big] * s_big / t_big
+        kb = np.maximum(1, np.floor(share).astype(np.int64))
+        left = s_big - int(kb.sum())
+        if left > 0:                       # the rest to the chunks whose items are longest
+            order = np.argsort(-(r[big] / kb), kind="stable")[:left]
+            kb[order] += 1
+        k[big] = kb
+    return np.minimum(k, np.maximum(1, r // max(1, int(min_rounds))))
+
+
 def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None = None,
                rounds_per_item: int | None = None, record_limit: int | None = None,
                min_rounds: int = MIN_ITEM_ROUNDS) -> np.ndarray:
     """Cut chunks into work items (int64 [ITEM_COLS, n_items]; see PQC_ITEM_* in pqc_chunk_abi.h).
 
-    Items hold at most B rounds each, B = ``rounds_per_item`` if given, else
-    max(``min_rounds``, total rounds // ``slots``) (no cut without ``slots``), so a
-    launch of items fills ``slots`` resident CTAs: with B <= total / slots there are
-    at least ``slots`` items. A chunk of at most B rounds is one item. A chunk is
-    cut into k = ceil(R / B) items of near-equal round counts (item j: rounds
-    [j R // k, (j + 1) R // k)), and into at least ceil(P / ``record_limit``) items so
-    that no item writes more ENCRYPT records than one launch may hold; its records
-    are shared out the same way (positions [j P // k, (j + 1) P // k)).
+    With ``rounds_per_item`` B, a chunk of R rounds is cut into ceil(R / B) items. With ``slots`` (the
+    resident CTAs of the launch), fewer chunks than slots are cut into items in proportion to their
+    rounds within the slot count (``_items_per_chunk``): one wave with every slot busy and items of
+    near-equal length; more chunks than slots are cut only where longer than an even share. Without
+    either, no chunk is cut. A chunk is cut into at least ceil(P / ``record_limit``) items so that no
+    item writes more ENCRYPT records than one launch may hold. Chunk c's k items are near-equal (item j:
+    rounds [j R // k, (j + 1) R // k)), and its records are shared out the same way (positions
+    [j P // k, (j + 1) P // k)).
     """
     r = np.asarray(rounds, dtype=np.int64).reshape(-1)
     p = np.asarray(pos_count, dtype=np.int64).reshape(-1)
@@ -205,14 +232,25 @@ def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None =
         raise ValueError("rounds and pos_count must have one entry per chunk")
     if rounds_per_item is not None:
         b = check_int("rounds_per_item", rounds_per_item, 1)
+        k = np.maximum(1, -(-r // b))
     elif slots is not None and n:
-        b = max(int(min_rounds), int(r.sum()) // max(1, int(slots)))
+        k = _items_per_chunk(r, max(1, int(slots)), min_rounds)
     else:
-        b = max(1, int(r.max())) if n else 1
-    k = np.maximum(1, -(-r // b))
+        k = np.ones(n, dtype=np.int64)
     if record_limit is not None:
         k = np.maximum(k, -(-p // max(1, int(record_limit))))
     total = int(k.sum())
+    if total == n:                         # no chunk cut (every decode step): item i = chunk i
+        items = np.empty((ITEM_COLS, n), dtype=np.int64)
+        items[0] = np.arange(n, dtype=np.int64)
+        items[1] = 0
+        items[2] = r
+        items[3] = 0
+        items[4] = p
+        items[5] = items[0]
+        items[6] = 0
+        items[7] = 1
+        return items
     first = np.zeros(n, dtype=np.int64)
     if n:
         first[1:] = np.cumsum(k)[:-1]
@@ -231,38 +269,56 @@ def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None =
     return items
 
 
+def plan_efficiency(items: np.ndarray, slots: int) -> float:
+    """The share of ``slots`` resident CTAs' time a launch of ``items`` keeps busy, counting a round as one
+    unit of work: the launch has G = min(items, slots) CTAs, CTA c runs items c, c + G, ... (the kernels'
+    grid stride), and the launch lasts as long as the busiest CTA. 1.0: every slot busy to the end."""
+    sizes = (items[2] - items[1]).astype(np.int64)
+    if sizes.shape[0] == 0:
+        return 1.0
+    g = min(sizes.shape[0], int(slots))
+    pad = -sizes.shape[0] % g
+    per_cta = np.concatenate([sizes, np.zeros(pad, np.int64)]).reshape(-1, g).sum(0)
+    return float(sizes.sum()) / (int(slots) * int(per_cta.max()))
+
+
 def row_descriptors(table: np.ndarray, bytes_per_position: int) -> tuple[np.ndarray, np.ndarray]:
     """(rowdesc int64 [ROWDESC_COLS, R], row record index of each chunk) for the DECRYPT row records:
     one descriptor per batch row read, in ascending row order, as ``base.decrypt_row_summary`` defines it."""
     s = decrypt_row_summary(table[1], table[2], table[3], table[5], table[0], table[3] * bytes_per_position)
-    desc = np.stack([s.row, s.pos_start, s.pos_count, s.nonce_counter, s.slot, s.nbytes]).astype(np.int64)
-    return desc.reshape(ROWDESC_COLS, -1), s.row_of_chunk
+    desc = np.empty((ROWDESC_COLS, s.row.shape[0]), dtype=np.int64)
+    for i, col in enumerate((s.row, s.pos_start, s.pos_count, s.nonce_counter, s.slot, s.nbytes)):
+        desc[i] = col
+    return desc, s.row_of_chunk
 
 
 def check_bounds(table: np.ndarray, layout, k, v, arena, nkeys: int) -> None:
     """Refuse a chunk table the kernels would index out of range (the shim and the CUDA backend)."""
-    slot, row, pos_start, pos_count, io_start, counter, offset = table[:7]
     if table.shape[1] == 0:
         return
     if (layout.head_dim * layout.itemsize) % 16:
         raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the chunk kernels")
-    if slot.min() < 0 or slot.max() >= nkeys:
+    # one reduction per direction over the columns (slot, row, pos_start, pos_count, io_start, counter, offset)
+    lo = table[:7].min(axis=1).tolist()
+    hi = table[:7].max(axis=1).tolist()
+    if lo[0] < 0 or hi[0] >= nkeys:
         raise ValueError("chunk slot out of range of keys")
-    if pos_count.min() < 1 or pos_start.min() < 0 or counter.min() < 0 or offset.min() < 0 or io_start.min() < 0:
+    if lo[3] < 1 or lo[2] < 0 or lo[5] < 0 or lo[6] < 0 or lo[4] < 0:
         raise ValueError("chunk table has negative or empty entries")
+    pos_count, io_start, offset = table[3], table[4], table[6]
+    io_end = int((io_start + pos_count).max())
     for name, t in (("k", k), ("v", v)):
-        if row.min() < 0 or row.max() >= t.shape[0]:
+        if lo[1] < 0 or hi[1] >= t.shape[0]:
             raise ValueError(f"chunk row out of range of {name} (batch {t.shape[0]})")
-        if (io_start + pos_count).max() > t.shape[2]:
+        if io_end > t.shape[2]:
             raise ValueError(f"chunk positions out of range of {name} (seq {t.shape[2]})")
     # envelope v1 stores the K length of a chunk in a 32-bit AAD field; GCM allows 2^32 - 2 blocks
-    half = pos_count.max() * (layout.bytes_per_position // 2)
+    half = hi[3] * (layout.bytes_per_position // 2)
     if half > 0xFFFFFFFF:
-        raise ValueError(f"a chunk of {int(pos_count.max())} positions has {int(half)} bytes of K, more than the "
+        raise ValueError(f"a chunk of {hi[3]} positions has {half} bytes of K, more than the "
                          "32-bit key_len field of the envelope AAD holds: use smaller chunks")
-    nbytes = pos_count * layout.bytes_per_position
-    check_gcm_length(int(nbytes.max()))
-    if (offset + nbytes + TAG_SIZE).max() > arena.numel():
+    check_gcm_length(hi[3] * layout.bytes_per_position)
+    if int((offset + pos_count * layout.bytes_per_position).max()) + TAG_SIZE > arena.numel():
         raise ValueError("chunk ciphertext out of range of the arena")
 
 
@@ -275,3 +331,38 @@ def chunk_params(**fields) -> np.ndarray:
             raise TypeError(f"pqc_chunk_params has no field {name!r}")
         p[name] = 0 if value is None else value
     return p
+
+
+_STRUCT_CODES = {np.dtype("<u8"): "Q", np.dtype("<i8"): "q", np.dtype("<u4"): "I"}
+_PARAMS_STRUCT = struct.Struct("<" + "".join(_STRUCT_CODES[CHUNK_PARAMS_DTYPE.fields[f][0]]
+                                             for f in CHUNK_PARAMS_DTYPE.names))
+_PARAM_INDEX = {name: i for i, name in enumerate(CHUNK_PARAMS_DTYPE.names)}
+
+
+class ParamsTemplate:
+    """A pqc_chunk_params whose call-independent fields (tensors, layout, key schedules) are set once;
+    ``pack_into(buf, offset, **fields)`` writes the record with the per-call fields patched in, with one
+    ``struct`` call (the bytes ``chunk_params`` gives for the same fields)."""
+
+    __slots__ = ("_values",)
+    size = _PARAMS_STRUCT.size
+
+    def __init__(self, **fields):
+        self._values = [0] * len(_PARAM_INDEX)
+        self._set(self._values, fields)
+
+    @staticmethod
+    def _set(values: list, fields: dict) -> None:
+        for name, value in fields.items():
+            i = _PARAM_INDEX.get(name)
+            if i is None:
+                raise TypeError(f"pqc_chunk_params has no field {name!r}")
+            values[i] = 0 if value is None else int(value)
+
+    def pack_into(self, buf, offset: int, **fields) -> None:
+        values = self._values.copy()
+        self._set(values, fields)
+        try:
+            _PARAMS_STRUCT.pack_into(buf, offset, *values)
+        except struct.error as e:
+            raise OverflowError(f"a pqc_chunk_params field is out of range: {e}") from None

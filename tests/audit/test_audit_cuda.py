@@ -37,7 +37,7 @@ def test_emit_torch_records_arrive_with_their_fields():
                                 pos_count=1, nonce_counter=torch.arange(1000, 1032, device=dev),
                                 epoch=3, nbytes=4096)
         assert first == 0
-        log.flush()
+        assert log.flush(timeout=60)
         es = list(reversed(log.entries(limit=None)))
     assert [e.record_number for e in es] == list(range(32))
     assert [e.layer_idx for e in es] == list(range(32))
@@ -71,7 +71,7 @@ def test_hot_path_emission_performs_no_host_synchronisation():
                 ring.commit(16)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        log.flush()
+        assert log.flush(timeout=60)
         st = log.stats()
     assert st["emitted"] == st["drained"] == 1 + 50 * (512 + 16) and st["dropped"] == 0
 
@@ -93,7 +93,7 @@ def test_cuda_and_host_records_are_delivered_in_record_number_order(tmp_path):
         view[:, 60].fill_(int(Op.ENCRYPT))
         view[:, 56:60].fill_(0xFF)
         ring.commit(8)
-        log.flush()
+        assert log.flush(timeout=60)
         es = list(reversed(log.entries(limit=None)))
     assert [e.record_number for e in es] == list(range(12))
     assert [e.operation for e in es] == ["encrypt"] * 8 + ["decrypt"] * 4
@@ -120,7 +120,7 @@ def test_full_cuda_ring_applies_back_pressure_without_loss():
             th.start()
         for th in ts:
             th.join()
-        log.flush()
+        assert log.flush(timeout=60)
         st = log.stats()
         recs = log._query(limit=None, newest_first=False)
     assert st["emitted"] == st["drained"] == 3 * 200 * 48 >= 100 * 64
@@ -137,7 +137,7 @@ def test_device_record_layout_matches_numpy_dtype():
         ring.emit_torch(Op.ROTATE, tenant_idx=0xFFFFFFF0, session_idx=2, layer=NONE16, row=0xFFFE,
                         pos_start=0x80000001, pos_count=5, nonce_counter=(1 << 63) + 5, epoch=9, nbytes=77,
                         status=3, device_ts_ns=123)
-        log.flush()
+        assert log.flush(timeout=60)
         b = log._store.blocks[0]
         rec = {k: int(v[0]) for k, v in b.cols.items()}
     assert rec["tenant_idx"] == 0xFFFFFFF0 and rec["session_idx"] == 2 and rec["layer"] == 0xFFFF

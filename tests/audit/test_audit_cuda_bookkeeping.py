@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pqc_kv_cache.audit import NONE16, KVAuditLog, Op, verify_log
-from support.audit_fakes import attach
+from support.audit_fakes import HostTensorRing, attach
 
 
 @contextlib.contextmanager
@@ -188,10 +188,11 @@ def test_an_exception_between_reserve_and_commit_abandons_the_reservation_as_err
 def test_a_commit_whose_copy_cannot_be_enqueued_is_abandoned_and_raises():
     with bounded_log() as log:
         ring = attach(log, immediate=True)
+        ring.publish_at = 4                  # this commit fills the batch: it publishes it itself
         view, first = ring.reserve(4, op=Op.ENCRYPT)
         view[:, 60] = int(Op.ENCRYPT)
 
-        def broken(slot, n):
+        def broken(slot, n, after=None):
             raise RuntimeError("CUDA error: an illegal memory access")
 
         ring._enqueue_copy = broken
@@ -201,36 +202,44 @@ def test_a_commit_whose_copy_cannot_be_enqueued_is_abandoned_and_raises():
         assert [e.success for e in log.entries(limit=None)] == [False] * 4
 
 
-def test_more_records_than_the_ring_holds_go_through_it_in_pieces():
-    """A prefill longer than the device ring: back-pressure, never a refusal for size."""
+def test_a_batch_the_drain_cannot_publish_becomes_error_records_and_the_log_goes_on():
     with bounded_log() as log:
-        ring = attach(log, capacity=64, immediate=True)
-        first = ring.emit_torch(Op.ENCRYPT, tenant_idx=0, session_idx=0, pos_start=torch.arange(1000),
-                                pos_count=1)
-        view, big = ring.reserve(150, op=Op.ENCRYPT)     # as a kernel would: one view, dense record numbers
-        host = log.emit(Op.DECRYPT, tenant_idx=1, session_idx=0)   # numbered after the reservation
+        ring = attach(log, immediate=True)
+        view, first = ring.reserve(3, op=Op.ENCRYPT, layer=4)
+        view[:, 60] = int(Op.ENCRYPT)
+        ring.commit(3, first)                # below publish_at: published by the drain
+
+        def broken(slot, n, after=None):
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+        good = ring._enqueue_copy
+        ring._enqueue_copy = broken
+        assert log.flush(timeout=5) is True
+        ring._enqueue_copy = good
+        ring.emit_torch(Op.DECRYPT, tenant_idx=0, session_idx=0, layer=5)
+        assert log.flush(timeout=5) is True
+        es = list(reversed(log.entries(limit=None)))
+    assert [(e.record_number, e.success, e.status, e.layer_idx) for e in es] == [
+        (0, False, 3, 4), (1, False, 3, 4), (2, False, 3, 4), (3, True, 0, 5)]
+
+
+def test_commits_of_adjacent_reservations_share_one_copy():
+    """One event and one copy serve a batch: commits below publish_at enqueue nothing; publishing (the
+    drain's pass) copies the contiguous slots of several reservations at once."""
+    from pqc_kv_cache.audit.alloc import RecordAllocator
+
+    ring = HostTensorRing(RecordAllocator(), torch.device("cpu"), 64)     # no drain: publish by hand
+    for layer in range(5):
+        view, first = ring.reserve(2, op=Op.ENCRYPT, layer=layer)
         view.zero_()
         view[:, 60] = int(Op.ENCRYPT)
-        view[:, 32:36] = torch.arange(150, dtype=torch.int32).view(torch.uint8).reshape(150, 4)
-        view[:, 36] = 1                                   # pos_count
-        ring.commit(150, big)
-        assert log.flush(timeout=5) is True
-        es = list(reversed(log.entries(limit=None)))
-        st = log.stats()
-    assert (first, big, host) == (0, 1000, 1150)
-    assert [e.record_number for e in es] == list(range(1151))
-    assert [e.position for e in es[:1000]] == list(range(1000))
-    assert [e.position for e in es[1000:1150]] == list(range(150)) and es[1150].operation == "decrypt"
-    assert st["stalls"] > 0 and st["emitted"] == st["drained"] == 1151
-
-
-def test_an_abandoned_reservation_larger_than_the_ring_leaves_the_log_dense():
-    with bounded_log() as log:
-        ring = attach(log, capacity=16, immediate=True)
-        view, first = ring.reserve(40, op=Op.ENCRYPT, tenant_idx=3, layer=1)
-        ring.abandon(40, first)
-        ring.emit_torch(Op.CLOSE, tenant_idx=0, session_idx=0)
-        assert log.flush(timeout=5) is True
-        es = list(reversed(log.entries(limit=None)))
-    assert [e.record_number for e in es] == list(range(41))
-    assert all(not e.success and e.layer_idx == 1 and e.tenant_id == "#3" for e in es[:40])
+        view[:, 56] = layer                  # the layer field (uint16 at byte 56)
+        ring.commit(2, first)
+    assert ring.copies == []                 # nothing enqueued by the commits
+    ring.publish()
+    assert [(c.slot, c.n) for c in ring.copies] == [(0, 10)]
+    ring.complete()
+    chunks, waiting = ring.collect()
+    assert not waiting and [first for first, _ in chunks] == [0, 2, 4, 6, 8]
+    recs = np.concatenate([r for _, r in chunks])
+    assert recs["record_no"].tolist() == list(range(10)) and recs["layer"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]

@@ -29,7 +29,6 @@ from pqc_kv_cache.backends import kernel_shim as kh
 from pqc_kv_cache.backends import select_backend
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, ChunkTable, KeySlot
 from pqc_kv_cache.backends.cuda import CudaBackend, kernel_source
-from pqc_kv_cache.backends.kernel_abi import CHUNK_PARAMS_DTYPE
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 from pqc_kv_cache.errors import BackendUnavailableError, DecryptionError
 
@@ -438,7 +437,7 @@ def test_prefill_and_decode_on_cuda_make_no_host_sync_and_audit_gets_device_time
     finally:
         torch.cuda.set_sync_debug_mode("default")
     cache.check()
-    log.flush()
+    assert log.flush(timeout=60)
     layers = model.config.num_hidden_layers
     enc = log.entries(limit=None, operation="encrypt")
     dec = log.entries(limit=None, operation="decrypt")
@@ -593,10 +592,10 @@ def test_an_exception_inside_a_reservation_leaves_error_records_and_flush_return
                 raise RuntimeError("launch failed")
             super()._launch(kernel, grid, block, args)
 
-        def _upload(self, arr):
-            if self.armed and fail_in == "_upload" and arr.dtype == np.uint8 and arr.nbytes == CHUNK_PARAMS_DTYPE.itemsize:
+        def _upload_region(self, packed):
+            if self.armed and fail_in == "_upload":
                 raise torch.cuda.OutOfMemoryError("out of memory uploading the kernel parameters")
-            return super()._upload(arr)
+            return super()._upload_region(packed)
 
     be = Failing()
     keys = _slots()
@@ -635,7 +634,7 @@ def test_failures_belong_to_the_owner_of_the_call_that_found_them(first_tag):
     import itertools
 
     be = CpuTwinBackend()
-    be._tags = itertools.count(first_tag)
+    be._failures.tags = itertools.count(first_tag)
     keys = _slots()
     k, v = _kv(torch.device("cpu"))
     chunks, size = _table()
@@ -683,12 +682,11 @@ def test_two_caches_on_one_device_backend_each_check_only_their_own_failures():
 def test_device_key_material_is_zeroed_on_eviction_and_forget_keys(monkeypatch):
     """Crypto-shredding on the device: key schedules (evicted or forgotten), the uploaded raw keys and
     their pinned staging are zeroed, not just freed."""
-    import pqc_kv_cache.backends.cuda as cuda_mod
+    import pqc_kv_cache.backends.cuda_keys as keys_mod
 
-    monkeypatch.setattr(cuda_mod, "KEY_CACHE_ENTRIES", 1)
+    monkeypatch.setattr(keys_mod, "KEY_CACHE_ENTRIES", 1)
     be = CpuTwinBackend()
     keys = _slots()
-    raw = b"".join(ks.key for ks in keys)
 
     def holds_a_key(t):
         data = t.contiguous().view(torch.uint8).numpy().tobytes()
@@ -696,12 +694,100 @@ def test_device_key_material_is_zeroed_on_eviction_and_forget_keys(monkeypatch):
 
     first = be._schedules(keys)
     assert first.any()
-    uploads = [t for t in be.uploads if t.numel() == len(raw)]
-    assert len(uploads) == 2                             # pinned staging and device copy of the raw keys
-    assert not holds_a_key(uploads[1])                   # the device copy: zeroed after the preparation
+    buffers = be.twin_device.allocations
+    assert not any(holds_a_key(t) for t in buffers)      # staging and device copy of the raw keys: zeroed
     second = be._schedules(keys[:1])                     # another key set: evicts the first (cache of 1)
     assert not first.any()                               # evicted schedules are zeroed
-    assert not any(holds_a_key(t) for t in uploads)      # the staging was zeroed once its copy completed
     be.forget_keys()
     assert not second.any()
-    assert not any(holds_a_key(t) for t in be.uploads)
+    assert not any(holds_a_key(t) for t in be.twin_device.allocations)
+
+
+@needs_shim
+def test_raw_keys_leave_the_pinned_staging_as_soon_as_the_schedules_are_built():
+    """The pinned staging of raw keys is zero when the preparation returns, not at the next key-set miss,
+    and the keys reached the schedules (they open what AESGCM sealed)."""
+    be = CpuTwinBackend()
+    keys = _slots()
+    staged = []
+
+    class Watch(type(be.twin_device)):
+        def upload_keys(self, dst, src):
+            staged.append(bytes(src.numpy()))            # what the copy reads: the raw keys
+            super().upload_keys(dst, src)
+
+    be.twin_device.__class__ = Watch
+    be._schedules(keys)
+    assert staged and staged[0] == b"".join(ks.key for ks in keys)
+    stage = be._keys.staging_bytes()
+    assert stage is not None and not stage.any()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    off, pc = int(chunks.offset[0]), ENTRIES[0][3]
+    ct = arena[off:off + pc * LAYOUT.bytes_per_position + 16].numpy().tobytes()
+    assert AESGCM(keys[0].key).decrypt(make_nonce(keys[0].epoch, ENTRIES[0][5]), ct, _aad(keys, 0, 0, pc)) \
+        == _plain(k, v, 0, 0, pc)
+
+
+@needs_shim
+def test_a_failure_counted_while_the_queue_is_read_is_not_erased():
+    """A decrypt on another thread that finds a failure while check() empties the failure queue (between the
+    read and the reset of its counter) keeps its failure: the next check of its owner raises it."""
+    import threading
+
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    bad = torch.zeros(size, dtype=torch.uint8)           # nothing sealed: every tag fails
+    other = _Owner()
+    done = threading.Event()
+
+    class Racing(CpuTwinBackend):
+        armed = False
+
+        def _reset_failures(self):
+            if self.armed:
+                self.armed = False
+                t = threading.Thread(target=lambda: (self.decrypt_chunks(keys, LAYOUT, chunks, bad, torch.empty_like(k),
+                                                                         torch.empty_like(v), owner=other),
+                                                     done.set()))
+                t.start()
+                t.join(timeout=1.0)      # it runs to the end unless the queue's reader holds it back
+            super()._reset_failures()
+
+    be = Racing()
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena)
+    me = _Owner()
+    be.decrypt_chunks(keys, LAYOUT, chunks, bad, torch.empty_like(k), torch.empty_like(v), owner=me)
+    be.armed = True
+    with pytest.raises(DecryptionError):
+        be.check(me)
+    assert done.wait(10)
+    with pytest.raises(DecryptionError) as ei:
+        be.check(other)
+    assert ei.value.layer_idx == 3
+
+
+@needs_shim
+def test_calls_inside_cuda_graph_capture_are_refused(monkeypatch):
+    """A capture of the cache's calls would replay staging uploads and re-seal under the same nonces: refused
+    with a clear error before anything is launched or reserved."""
+    be = CpuTwinBackend()
+    keys = _slots()
+    k, v = _kv(torch.device("cpu"))
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    log = FakeLog(torch.device("cpu"))
+    ctx = AuditContext(log, np.array([0, 1], np.uint32), np.array([0, 1], np.uint32))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(BackendUnavailableError, match="CUDA graph"):
+        be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+    with pytest.raises(BackendUnavailableError, match="CUDA graph"):
+        be.decrypt_chunks(keys, LAYOUT, chunks, arena, torch.empty_like(k), torch.empty_like(v), ctx)
+    assert be.launches == [] and not arena.any() and not log.ring.views
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
+    assert arena.any()

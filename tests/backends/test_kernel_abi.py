@@ -95,3 +95,45 @@ def test_row_descriptors_are_the_contract_row_summary():
     assert desc[4].tolist() == [0, 1, 0]                                        # slot of the row's first chunk
     assert desc[5].tolist() == [3 * 32, 11 * 32, 2 * 32]
     assert row_of_chunk.tolist() == [1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("pos_count, slots", [
+    ([4096] * 8, 528), ([4096] * 8, 396), ([64] * 512, 528), ([4096] * 8 + [1] * 24, 528),
+    ([4096] * 3 + [100] * 5, 528), ([4096], 528), ([2048] * 16, 132), ([64] * 2000, 528)])
+def test_the_planner_keeps_the_slots_busy(pos_count, slots):
+    """Modelled launch efficiency (rounds as units of work, grid-stride over min(items, slots) CTAs): the
+    planner's items fill the slots, at least as well as cutting every chunk to the even share
+    max(4, total // slots) did, which left a second wave of 8 items at 4K x batch 8 on 528 slots."""
+    pc = np.array(pos_count, dtype=np.int64)
+    r = abi.chunk_rounds(pc * 4096)        # 8 KV heads x 128 bf16: 4 KiB per position
+    plan = abi.work_items(r, pc, slots=slots)
+    even = abi.work_items(r, pc, rounds_per_item=max(abi.MIN_ITEM_ROUNDS, int(r.sum()) // slots))
+    assert abi.plan_efficiency(plan, slots) >= 0.9
+    assert abi.plan_efficiency(plan, slots) >= abi.plan_efficiency(even, slots) - 1e-9
+    if len(pc) < slots:
+        assert plan.shape[1] <= slots
+
+
+def test_plan_efficiency_counts_the_busiest_cta():
+    items = abi.work_items(np.array([8, 8, 8, 8, 8]), np.ones(5, np.int64))     # 5 items of 8 rounds
+    assert abi.plan_efficiency(items, 5) == 1.0
+    assert abi.plan_efficiency(items, 4) == 40 / (4 * 16)                       # CTA 0 runs two
+    assert abi.plan_efficiency(items, 10) == 0.5
+
+
+def test_params_template_packs_the_bytes_of_chunk_params():
+    fields = dict(sched=1 << 40, meta=2, table=3, n=4, items=0, n_items=9, k=5, k_sb=-6, k_sh=7, k_ss=8, v=9,
+                  arena=10, records=11, partials=12, counters=13, first_no=(1 << 64) - 1, rec_lo=-2, status=14,
+                  fq=15, fq_count=16, call_tag=(1 << 63) + 1, layer=3, num_heads=8, head_dim=128, itemsize=2,
+                  dtype_code=5, fq_cap=4096)
+    fixed = {k: fields[k] for k in ("sched", "meta", "k", "k_sb", "layer", "num_heads")}
+    tpl = abi.ParamsTemplate(**fixed)
+    buf = bytearray(abi.ParamsTemplate.size + 8)
+    tpl.pack_into(buf, 8, **{k: v for k, v in fields.items() if k not in fixed})
+    assert bytes(buf[8:]) == abi.chunk_params(**fields).tobytes()
+    tpl.pack_into(buf, 0, n=1)          # the template itself is not changed by a call's fields
+    assert bytes(buf[:abi.ParamsTemplate.size]) == abi.chunk_params(n=1, **fixed).tobytes()
+    with pytest.raises(TypeError):
+        tpl.pack_into(buf, 0, nn=1)
+    with pytest.raises(OverflowError):
+        tpl.pack_into(buf, 0, n_items=1 << 63)

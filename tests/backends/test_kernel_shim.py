@@ -516,22 +516,27 @@ def test_work_items_cover_each_chunk_once_and_share_out_its_records():
     rounds = np.array([2, 4097, 65, 1, 300], dtype=np.int64)
     pos = np.array([1, 4096, 64, 1, 299], dtype=np.int64)
     for slots in (1, 4, 132 * 4, 10**6):
-        it = abi.work_items(rounds, pos, slots=slots, record_limit=100)
-        b = max(abi.MIN_ITEM_ROUNDS, int(rounds.sum()) // slots)
-        for c in range(len(rounds)):
-            mine = it[:, it[0] == c]
-            k = mine.shape[1]
-            assert (mine[7] == k).all() and mine[6].tolist() == list(range(k)) and (mine[5] == mine[5][0]).all()
-            assert mine[1][0] == 0 and mine[2][-1] == rounds[c] and (mine[1][1:] == mine[2][:-1]).all()
-            assert mine[3][0] == 0 and mine[4][-1] == pos[c] and (mine[3][1:] == mine[4][:-1]).all()
-            assert (mine[2] - mine[1]).max() <= max(b, 1) or k == -(-pos[c] // 100)
-            assert (mine[4] - mine[3]).max() <= 100
-            if rounds[c] <= b and pos[c] <= 100:
-                assert k == 1          # a small chunk stays one item
-        assert it[5].tolist() == [int(np.flatnonzero(it[0] == c)[0]) for c in it[0]]
-    # B <= total / slots gives at least `slots` items
+        for limit in (100, None):
+            it = abi.work_items(rounds, pos, slots=slots, record_limit=limit)
+            forced = (lambda c: -(-pos[c] // limit)) if limit else (lambda c: 1)
+            for c in range(len(rounds)):
+                mine = it[:, it[0] == c]
+                k = mine.shape[1]
+                assert (mine[7] == k).all() and mine[6].tolist() == list(range(k)) and (mine[5] == mine[5][0]).all()
+                assert mine[1][0] == 0 and mine[2][-1] == rounds[c] and (mine[1][1:] == mine[2][:-1]).all()
+                assert mine[3][0] == 0 and mine[4][-1] == pos[c] and (mine[3][1:] == mine[4][:-1]).all()
+                if limit:
+                    assert (mine[4] - mine[3]).max() <= limit
+                # no item is cut shorter than MIN_ITEM_ROUNDS unless the record limit asks for the cut
+                assert k == 1 or (mine[2] - mine[1]).min() >= abi.MIN_ITEM_ROUNDS or k == forced(c)
+                if rounds[c] * slots < rounds.sum() and forced(c) == 1:
+                    assert k == 1          # a chunk shorter than an even share stays one item
+            assert it[5].tolist() == [int(np.flatnonzero(it[0] == c)[0]) for c in it[0]]
+            if limit is None and len(rounds) < slots:
+                assert it.shape[1] <= slots    # fewer chunks than slots: one wave
+    # 8 chunks of 4097 rounds on 528 slots: exactly one item per slot (an even cut made 536: a second wave)
     it = abi.work_items(np.full(8, 4097), np.full(8, 4096), slots=528)
-    assert it.shape[1] >= 528
+    assert it.shape[1] == 528
 
 
 def test_tampered_byte_anywhere_in_a_split_chunk_zeroes_that_chunk_only():

@@ -25,7 +25,7 @@ class _Copy:
 
 
 class HostTensorRing(CudaAuditRing):
-    """CudaAuditRing over host tensors; copies complete at ``complete()`` (or at once)."""
+    """CudaAuditRing over host tensors; copies complete at ``complete()`` (or at once when enqueued)."""
 
     immediate = False
 
@@ -35,7 +35,7 @@ class HostTensorRing(CudaAuditRing):
         self.copies = []
         self.copies_lock = threading.Lock()
 
-    def _enqueue_copy(self, slot, n):
+    def _enqueue_copy(self, slot, n, after=None):
         c = _Copy(slot, n)
         with self.copies_lock:
             self.copies.append(c)
@@ -47,6 +47,8 @@ class HostTensorRing(CudaAuditRing):
         return c.done
 
     def complete(self):
+        """Complete every copy: the committed batch is published first (what the drain's next pass does)."""
+        self.publish()
         with self.copies_lock:
             for c in self.copies:
                 if not c.done:

@@ -23,8 +23,9 @@ from pqc_kv_cache.audit.cuda_ring import CudaAuditRing
 from pqc_kv_cache.audit.records import RECORD_SIZE
 from pqc_kv_cache.backends import kernel_abi, kernel_shim
 from pqc_kv_cache.backends.cuda import CudaBackend, DeviceProps
+from pqc_kv_cache.backends.cuda_device import CudaDevice
 
-__all__ = ["CpuTwinBackend", "fake_device", "TwinLog", "HostRing", "CHUNK_KERNELS"]
+__all__ = ["CpuTwinBackend", "TwinDevice", "fake_device", "TwinLog", "HostRing", "CHUNK_KERNELS"]
 
 CHUNK_KERNELS = ("pqc_encrypt_chunks", "pqc_decrypt_chunks")
 
@@ -47,50 +48,84 @@ class _Done:
         pass
 
 
+class TwinDevice(CudaDevice):
+    """CudaDevice over host memory: buffers are CPU tensors, copies complete when they are made, events are
+    always complete, and there is nothing to wait for. ``allocations`` (when ``record``): every buffer made."""
+
+    def __init__(self, record: bool = True):
+        super().__init__(torch.device("cpu"))
+        self.record_allocations = record
+        self.allocations: list[torch.Tensor] = []
+        self.uploads = 0
+
+    def _keep(self, t):
+        if self.record_allocations:
+            self.allocations.append(t)
+        return t
+
+    def pinned(self, nbytes):
+        return self._keep(torch.zeros(nbytes, dtype=torch.uint8))
+
+    def empty(self, nbytes):
+        return self._keep(torch.empty(nbytes, dtype=torch.uint8))
+
+    def upload(self, dst, src):
+        self.uploads += 1
+        dst.copy_(src)
+
+    def record(self):
+        return _Done()
+
+    @staticmethod
+    def done(event) -> bool:
+        return True
+
+    def upload_keys(self, dst, src):
+        dst.copy_(src)
+
+    def synchronize(self) -> None:
+        pass
+
+    def launch(self, kernel, grid, block, args):
+        raise AssertionError("the twin backend runs its launches itself")
+
+
 class CpuTwinBackend(CudaBackend):
     """CudaBackend with its kernel launches carried out by the host shim on CPU tensors, on a fake
     device (by default 2 SMs x 2 CTAs: 4 slots, so the scenario tests cut chunks into work items).
     ``order``: the order the shim runs a launch's work items in (the GPU's is arbitrary);
-    ``execute=False`` records the launches without running them.
+    ``execute=False`` records the launches without running them; ``record=False`` keeps no list of
+    launches and buffers (what a benchmark of the host code runs: nothing grows with the calls made).
 
     ``launches``: (kernel, grid, block) of each launch; ``launch_args``: (kernel, args) where args is
     the pqc_chunk_params record of a chunk kernel, the list of integer arguments of the others;
-    ``uploads``: every (staging, device) tensor pair an upload used."""
+    ``twin_device``: the TwinDevice (its ``allocations`` and count of ``uploads``)."""
 
-    def __init__(self, props: DeviceProps | None = None, order: int = 0, execute: bool = True):
+    def __init__(self, props: DeviceProps | None = None, order: int = 0, execute: bool = True,
+                 record: bool = True):
         self.device = torch.device("cpu")
-        self._lock = threading.Lock()
-        self._init_state(props or fake_device(2, 2))
+        self.twin_device = TwinDevice(record)
+        self._init_state(props or fake_device(2, 2), self.twin_device)
         self.order = order
         self.execute = execute
+        self.record = record
         self.launches: list[tuple[str, int, int]] = []
         self.launch_args: list[tuple[str, object]] = []
-        self.uploads: list[torch.Tensor] = []
-
-    def _pin(self, arr):
-        t = torch.from_numpy(np.ascontiguousarray(arr)).clone()
-        self.uploads.append(t)
-        return t
-
-    def _to_device(self, host):
-        t = host.clone()
-        self.uploads.append(t)
-        return t
-
-    def _copied_event(self):
-        return _Done()
 
     def _launch(self, kernel, grid, block, args):
-        self.launches.append((kernel, int(grid), int(block)))
+        if self.record:
+            self.launches.append((kernel, int(grid), int(block)))
         if kernel in CHUNK_KERNELS:
             ptr = int(args[0])
-            raw = ctypes.string_at(ptr, kernel_abi.CHUNK_PARAMS_DTYPE.itemsize)
-            self.launch_args.append((kernel, np.frombuffer(raw, dtype=kernel_abi.CHUNK_PARAMS_DTYPE)[0].copy()))
+            if self.record:
+                raw = ctypes.string_at(ptr, kernel_abi.CHUNK_PARAMS_DTYPE.itemsize)
+                self.launch_args.append((kernel, np.frombuffer(raw, dtype=kernel_abi.CHUNK_PARAMS_DTYPE)[0].copy()))
             if self.execute:
                 kernel_shim.run_chunk_kernel(kernel, ptr, self.order)
             return
         a = [int(x) for x in args]
-        self.launch_args.append((kernel, a))
+        if self.record:
+            self.launch_args.append((kernel, a))
         lib = kernel_shim.load()
         if kernel == "pqc_prepare_keys":
             rc = lib.pqc_host_prepare_keys(a[0], a[1], kernel_abi.LANES, a[2])
@@ -110,7 +145,7 @@ class HostRing(CudaAuditRing):
         self.buf = torch.zeros((self.capacity, RECORD_SIZE), dtype=torch.uint8)
         self.staging = torch.zeros((self.capacity, RECORD_SIZE), dtype=torch.uint8)
 
-    def _enqueue_copy(self, slot: int, n: int):
+    def _enqueue_copy(self, slot: int, n: int, after=None):
         self.staging[slot:slot + n].copy_(self.buf[slot:slot + n])
         return True
 

@@ -1,0 +1,113 @@
+"""The CUDA backend's device calls, in one place: launches, pinned and device buffers, copies, events.
+
+Everything the CUDA backend asks of the device goes through a ``CudaDevice``, so its host logic
+(``cuda.py``, ``cuda_staging.py``, ``cuda_keys.py``) runs unchanged over another implementation: the
+CPU twin of the tests (``tests/support/twin.py``) subclasses it with host tensors and runs each launch
+through the host shim.
+
+No method here waits for the compute stream; ``upload_keys`` waits on the host for its own copy on a
+side stream (the raw keys' pinned staging is wiped before it returns), ``synchronize`` is called only at
+a synchronisation point the caller owns (reading the failure queue).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CudaDevice", "DeviceProps", "stream_capturing"]
+
+
+class DeviceProps:
+    """What launch geometry needs of a device: its SM count and, per kernel, how many CTAs of a
+    given size fit on one SM (the driver's occupancy calculator)."""
+
+    def __init__(self, multi_processor_count: int, max_active_blocks):
+        self.multi_processor_count = int(multi_processor_count)
+        self._max_active_blocks = max_active_blocks
+
+    def max_active_blocks(self, kernel: str, block: int, dynamic_smem: int) -> int:
+        return int(self._max_active_blocks(kernel, block, dynamic_smem))
+
+
+_TORCH_CAPTURING = torch.cuda.is_current_stream_capturing
+_CUDA_BUILD = torch.backends.cuda.is_built()
+
+
+def stream_capturing() -> bool:
+    """Whether torch's current CUDA stream is being captured into a CUDA graph. A torch built without
+    CUDA cannot capture (its function would raise): asked only where it can, or where the function was
+    replaced."""
+    fn = torch.cuda.is_current_stream_capturing
+    if fn is _TORCH_CAPTURING and not _CUDA_BUILD:
+        return False
+    return bool(fn())
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle for a CuPy launch (``kernel(..., stream=...)`` reads ``.ptr``): torch's
+    stream, used without wrapping it in a CuPy stream object (``ExternalStream`` is deprecated in
+    CuPy 14, and a wrapper must never own, hence destroy, torch's stream)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+class CudaDevice:
+    """The device calls of the CUDA backend on one CUDA device (``kernels``: name -> CuPy function)."""
+
+    def __init__(self, device: torch.device, kernels=None, cupy=None):
+        self.device = device
+        self._kernels = kernels
+        self._cupy = cupy
+        self._key_stream = None
+
+    def launch(self, kernel: str, grid: int, block: int, args: tuple) -> None:
+        """Launch one kernel on torch's current stream (asynchronous)."""
+        stream = _StreamHandle(torch.cuda.current_stream(self.device).cuda_stream)
+        with self._cupy.cuda.Device(self.device.index):
+            self._kernels[kernel]((int(grid),), (int(block),), args, stream=stream)
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        """A page-locked host buffer (uint8) the device copies from without staging."""
+        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        """A device buffer (uint8), stream-ordered by torch's caching allocator."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy a pinned host buffer into a device buffer, on the current stream, without waiting."""
+        dst.copy_(src, non_blocking=True)
+
+    def record(self):
+        """An event recorded on the current stream after the work enqueued so far."""
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    @staticmethod
+    def done(event) -> bool:
+        """Non-blocking: has the work before ``event`` completed?"""
+        return event.query()
+
+    def upload_keys(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy raw keys from pinned staging into ``dst`` on a side stream and wait for that copy alone
+        (not for the compute stream's work), so the caller can wipe the staging at once; the current
+        stream then waits for the copy before anything it enqueues next. ``dst`` is a buffer the side
+        stream may write once the current stream's earlier work is done (it waits for that first)."""
+        if self._key_stream is None:
+            self._key_stream = torch.cuda.Stream(device=self.device)
+        current = torch.cuda.current_stream(self.device)
+        self._key_stream.wait_stream(current)
+        with torch.cuda.stream(self._key_stream):
+            dst.copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._key_stream)
+        copied.synchronize()
+        current.wait_event(copied)
+
+    def synchronize(self) -> None:
+        """Wait for every stream of the device (a synchronisation point the caller owns)."""
+        torch.cuda.synchronize(self.device)
