@@ -5,9 +5,9 @@ Everything the CUDA backend asks of the device goes through a ``CudaDevice``, so
 CPU twin of the tests (``tests/support/twin.py``) subclasses it with host tensors and runs each launch
 through the host shim.
 
-No method here waits for the compute stream; ``upload_keys`` waits on the host for its own copy on a
-side stream (the raw keys' pinned staging is wiped before it returns), ``synchronize`` is called only at
-a synchronisation point the caller owns (reading the failure queue).
+No method here waits for the device: every copy and launch is enqueued on torch's current stream
+(``upload_keys`` has the device itself zero the raw keys' pinned staging right after copying it);
+``synchronize`` is called only at a synchronisation point the caller owns (reading the failure queue).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class CudaDevice:
         self.device = device
         self._kernels = kernels
         self._cupy = cupy
-        self._key_stream = None
+        self._key_zeros: torch.Tensor | None = None   # the device zeros that wipe the raw-key staging
 
     def launch(self, kernel: str, grid: int, block: int, args: tuple) -> None:
         """Launch one kernel on torch's current stream (asynchronous)."""
@@ -93,20 +93,16 @@ class CudaDevice:
         return event.query()
 
     def upload_keys(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy raw keys from pinned staging into ``dst`` on a side stream and wait for that copy alone
-        (not for the compute stream's work), so the caller can wipe the staging at once; the current
-        stream then waits for the copy before anything it enqueues next. ``dst`` is a buffer the side
-        stream may write once the current stream's earlier work is done (it waits for that first)."""
-        if self._key_stream is None:
-            self._key_stream = torch.cuda.Stream(device=self.device)
-        current = torch.cuda.current_stream(self.device)
-        self._key_stream.wait_stream(current)
-        with torch.cuda.stream(self._key_stream):
-            dst.copy_(src, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self._key_stream)
-        copied.synchronize()
-        current.wait_event(copied)
+        """Copy raw keys from a pinned staging buffer into ``dst`` on the current stream, then have the device
+        overwrite the staging with zeros (a stream-ordered copy from a zeroed device buffer), so the staging
+        is wiped as soon as the copy has read it and the host waits for nothing. The caller must not touch
+        ``src`` afterwards: torch's pinned allocator hands its block out again only once both copies are
+        done."""
+        n = src.numel()
+        if self._key_zeros is None or self._key_zeros.numel() < n:
+            self._key_zeros = torch.zeros(max(n, 256), dtype=torch.uint8, device=self.device)
+        dst.copy_(src, non_blocking=True)
+        src.copy_(self._key_zeros[:n], non_blocking=True)
 
     def synchronize(self) -> None:
         """Wait for every stream of the device (a synchronisation point the caller owns)."""

@@ -1,10 +1,10 @@
 """Key material of the CUDA backend: device key schedules and slot metadata per key set.
 
 - A key set (the call's ``keys``, in order) is prepared once: its raw keys are written straight from
-  each ``KeySlot.key`` into a persistent pinned staging buffer (no joined ``bytes`` copy), copied to a
-  device buffer on a side stream, and the staging is zeroed as soon as that copy is done, before the
-  call returns; ``pqc_prepare_keys`` builds the schedules on the current stream and the device copy of
-  the raw keys is zeroed on the stream right after it.
+  each ``KeySlot.key`` into a pinned staging buffer of its own (no joined ``bytes`` copy) and copied to a
+  device buffer on the current stream, and the device overwrites the staging with zeros right after that
+  copy (stream-ordered: the host waits for nothing); ``pqc_prepare_keys`` builds the schedules on the
+  stream and the device copy of the raw keys is zeroed on the stream right after it.
 - Schedules are kept for the ``KEY_CACHE_ENTRIES`` most recently used key sets (identified by a hash of
   each key); an evicted or forgotten schedule is zeroed on the stream after every launch enqueued so far
   that reads it.
@@ -61,7 +61,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._scheds: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self._seen: dict[tuple[int, ...], _Seen] = {}
-        self._stage = None          # pinned raw-key staging (zero outside _prepare_set)
+        self._stage = None          # the last preparation's pinned raw-key staging (zeroed by the device)
         self._dev_keys = None       # device raw-key buffer (zeroed on the stream after each preparation)
 
     # ---- look-up
@@ -118,25 +118,28 @@ class KeyStore:
         return dev
 
     # ---- preparation and erasure
-    def _buffers(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._stage is None or self._stage.numel() < nbytes:
-            size = max(nbytes, 8 * KEY_BYTES)
-            self._stage = self._device.pinned(size)
-            self._dev_keys = self._device.empty(size)
-        return self._stage, self._dev_keys
+    def _device_keys(self, nbytes: int) -> torch.Tensor:
+        if self._dev_keys is None or self._dev_keys.numel() < nbytes:
+            self._dev_keys = self._device.empty(max(nbytes, 8 * KEY_BYTES))
+        return self._dev_keys
 
     def _prepare_set(self, keys: Sequence) -> torch.Tensor:
         n = len(keys)
         nbytes = n * KEY_BYTES
-        with self._lock:      # one preparation at a time: they share the staging
-            stage, dev_keys = self._buffers(nbytes)
-            view = stage.numpy()[:nbytes]
+        with self._lock:      # one preparation at a time: they share the device key buffer
+            dev_keys = self._device_keys(nbytes)
+            # a staging buffer of its own per preparation: the device wipes it after its copy, so the host
+            # never writes into one a copy may still be reading
+            stage = self._device.pinned(nbytes)
+            view = stage.numpy()
             try:
                 for i, k in enumerate(keys):
                     view[i * KEY_BYTES:(i + 1) * KEY_BYTES] = np.frombuffer(k.key, dtype=np.uint8)
-                self._device.upload_keys(dev_keys[:nbytes], stage[:nbytes])
-            finally:
-                view.fill(0)          # the copy is done (or failed): the raw keys leave pinned memory now
+            except BaseException:
+                view.fill(0)          # nothing was enqueued: wipe on the host
+                raise
+            self._stage = stage       # only for staging_bytes(): the device zeroes it right after the copy
+            self._device.upload_keys(dev_keys[:nbytes], stage)
             try:
                 sched = self._device.empty(n * _abi.SCHED_SIZE).view(n, _abi.SCHED_SIZE)
                 self._prepare(dev_keys, n, sched)
@@ -145,7 +148,8 @@ class KeyStore:
         return sched
 
     def staging_bytes(self) -> np.ndarray | None:
-        """The pinned raw-key staging as it is now (zero outside a preparation); None before the first."""
+        """The last preparation's pinned raw-key staging as it is now (zero once the device has passed its
+        copy); None before the first."""
         return None if self._stage is None else self._stage.numpy()
 
     def forget(self) -> None:

@@ -82,6 +82,7 @@ class TwinDevice(CudaDevice):
 
     def upload_keys(self, dst, src):
         dst.copy_(src)
+        src.zero_()          # what the device's stream-ordered copy of zeros does, here at once
 
     def synchronize(self) -> None:
         pass
