@@ -8,10 +8,10 @@ The key schedule (HKDF chain, ratchet and branch steps, epoch keys) is in
 Rotation is an HKDF ratchet rather than a fresh encapsulation: the tenant,
 holding only its private key and the one ``kem_ciphertext``, derives every
 epoch's key without another round trip (``TenantKeyPair.session_key``), and
-the server keeps only the current chain value, so erasing an epoch's key
-(``retire_epoch``) and the chain values before it leaves nothing in this
-process from which that key could be recomputed (forward secrecy across
-epochs within the process). A key supplied to ``rotate_key(new_key)`` is used
+the server keeps only the current chain value, so once an epoch's key is
+erased (``retire_epoch``) the chain cannot derive it again. Copies outside
+these buffers (``bytes`` handed out, cryptography's objects, freed memory)
+are not erased: no defence against reading the process's memory. A key supplied to ``rotate_key(new_key)`` is used
 as is for that epoch (the tenant cannot derive it); the chain continues.
 
 Nonces and owning an epoch: the nonce is (epoch, counter) (``envelope.make_nonce``)
