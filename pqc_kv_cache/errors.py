@@ -23,6 +23,7 @@ __all__ = [
     "AuditIntegrityError",
     "BackendUnavailableError",
     "SaveFileError",
+    "SealFailedError",
 ]
 
 
@@ -103,3 +104,16 @@ class SaveFileError(KVCacheError):
     """A cache save file was refused: truncated or changed bytes, a manifest that does not verify under the
     given sessions' keys (another tenant's or session's file), or a chunk list that was edited (a chunk
     dropped, reordered, replaced or duplicated, or taken from another file). Nothing is loaded."""
+
+
+class SealFailedError(KVCacheError):
+    """A static cache could not seal a position it was given (its session's reserved nonce range ran out,
+    the session was closed or expired, the audit record buffer was full, or the position lies outside the
+    cache): the slot holds zeros, nothing was sealed twice, and the failure is raised at ``check()``."""
+
+    def __init__(self, message: str, *, tenant_id: str | None = None, layer_idx: int | None = None,
+                 positions: range | None = None):
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.layer_idx = layer_idx
+        self.positions = positions
