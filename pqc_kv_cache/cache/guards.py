@@ -1,7 +1,8 @@
 """transformers paths an EncryptedCache does not take, refused with what to do instead.
 
 ``refuse_unsupported``: the cache's own constructor, for configs and keywords of transformers' other
-cache classes (encoder-decoder models, ``offloading=``, ``max_cache_len=``).
+cache classes (encoder-decoder models, ``offloading=``, ``max_cache_len=``, which ``StaticEncryptedCache``
+takes).
 
 Continuous batching (``model.generate_batch`` and ``generate(..., cache_implementation="paged")``)
 keeps every request's K/V in transformers' own paged cache and ignores a ``past_key_values`` /
@@ -39,9 +40,10 @@ _INSTEAD = {
     "offloading": ("transformers' offloading copies plaintext K/V to the CPU. EncryptedCache moves only "
                    "ciphertext: use mode='working_set' with cache.release() between requests (the plaintext is "
                    "zeroed, the ciphertext stays), or each layer's offload() / prefetch()"),
-    "max_cache_len": ("EncryptedCache grows with the sequence as DynamicCache does, and takes no max_cache_len "
-                      "(a preallocated, StaticCache-like form is not available yet); drop the argument, and "
-                      "bound the length with generate(max_new_tokens=...)"),
+    "max_cache_len": ("EncryptedCache grows with the sequence as DynamicCache does, and takes no max_cache_len: "
+                      "drop the argument, and bound the length with generate(max_new_tokens=...); for the "
+                      "preallocated, compile-able form (StaticCache's) use "
+                      "StaticEncryptedCache(config, sessions, max_cache_len=...)"),
 }
 
 

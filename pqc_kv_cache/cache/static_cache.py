@@ -154,9 +154,9 @@ class StaticEncryptedCache(Cache):
 
     # ---- between steps ------------------------------------------------------------------------------------
     def check(self) -> None:
-        """Synchronisation point, outside any compiled region: drain the audit records into the log, raise
-        the first seal or open that failed since the last check (SealFailedError / DecryptionError; a failed
-        open releases the plaintext first), and refill the sessions' nonce ranges."""
+        """Synchronisation point, outside any compiled region: drain the audit records into the log, refill
+        the sessions' nonce ranges, and raise the first seal or open that failed since the last check
+        (SealFailedError / DecryptionError; a failed open releases the plaintext first)."""
         try:
             self._ctx.check()
         except DecryptionError:

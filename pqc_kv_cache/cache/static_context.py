@@ -116,12 +116,12 @@ class StaticContext:
         return self.records.drain(self.auditor.log) if self.started else 0
 
     def check(self) -> None:
-        """Drain the records, raise the first failure since the last check, then refill the nonce ranges."""
+        """Drain the records, refill the nonce ranges, then raise the first failure since the last check."""
         if not self.started:
             return
         self.drain()
-        self.failures.check(self.sessions)
         self.refill()
+        self.failures.check(self.sessions)
 
     def forget_keys(self, slot: int | None = None, epoch: int | None = None) -> None:
         if self.sealer is not None:
