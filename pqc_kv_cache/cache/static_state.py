@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..audit.records import RECORD_DTYPE, RECORD_SIZE
-from ..errors import AuditError, DecryptionError, KeyRotationRequiredError, SealFailedError, SessionExpiredError
+from ..errors import AuditError, DecryptionError, SealFailedError
 
 if TYPE_CHECKING:   # annotations only: the buffer hands records to a log, it does not import the log
     from ..audit.log import KVAuditLog
@@ -156,7 +156,3 @@ class SealFailures:
                                   tenant_id=tenant, layer_idx=layer, positions=range(pos, pos + 1))
         raise SealFailedError(f"could not seal {where}: {_MESSAGES[reason]}; its slot holds zeros{more}",
                               tenant_id=tenant, layer_idx=layer, positions=range(pos, pos + 1))
-
-
-# refill failures a caller sees from check(): the session cannot reserve more counters
-REFILL_ERRORS = (KeyRotationRequiredError, SessionExpiredError)
