@@ -53,7 +53,8 @@ class StaticContext:
         self.nonce_reserve = nonce_reserve
         self.row_slots: np.ndarray | None = None
         self.device: torch.device | None = None
-        self.handle = 0
+        self.handle_no = 0                 # the operators' number of this cache's sealer
+        self.handle: torch.Tensor | None = None   # the same number as the operators take it
         self.sealer: StaticSealer | None = None
         self.nonces: NonceRanges | None = None
         self.records: RecordBuffer | None = None
@@ -99,7 +100,9 @@ class StaticContext:
         for t in (*self.nonces.tensors(), self.records.records, self.records.head, self.failures.tensor):
             torch._dynamo.mark_static_address(t)
         self.sealer = StaticSealer(self.sessions, rows, backend, tenant_idx, session_idx)
-        self.handle = register_handler(self.sealer)
+        self.handle_no = register_handler(self.sealer)
+        self.handle = torch.tensor(self.handle_no, dtype=torch.int64)
+        torch._dynamo.mark_static_address(self.handle)
         self.refill()
 
     # ---- between steps (never inside a compiled region) ---------------------------------------------------
@@ -133,8 +136,8 @@ class StaticContext:
     def stop(self) -> None:
         """Unregister the operators' handler (the cache is closed); a compiled step calling them raises."""
         self.closed = True
-        if self.handle:
-            unregister_handler(self.handle)
+        if self.handle_no:
+            unregister_handler(self.handle_no)
         self.forget_keys()
 
     # ---- the operator arguments every layer passes ---------------------------------------------------------

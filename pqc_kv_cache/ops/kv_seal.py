@@ -5,7 +5,9 @@ operators without a graph break: dynamo sees only their schema (which tensors
 they mutate) and their fake implementation (no outputs), never the crypto.
 
 What an operator does is decided by the object registered under its ``handle``
-(an int, a constant of the traced graph): the operator knows nothing of
+(an int64 scalar tensor holding the number ``register_handler`` gave: a tensor,
+not an int, so that a new cache reuses the graphs compiled for an earlier one
+instead of recompiling them for its number): the operator knows nothing of
 sessions, keys, backends or audit logs, and the handler knows nothing of
 dynamo. A handler answers ``seal(...)`` and ``open(...)`` with the arguments
 of the operators below; the cache registers one handler per cache.
@@ -77,7 +79,7 @@ def _handler(handle: int) -> SealHandler:
 @torch.library.custom_op("pqc_kv_cache::seal_positions",
                          mutates_args=("arena", "meta", "nonce_next", "records", "record_head", "failures"),
                          device_types="cpu")
-def seal_positions(handle: int, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, io_index: torch.Tensor,
+def seal_positions(handle: torch.Tensor, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, io_index: torch.Tensor,
                    positions: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor, nonce_next: torch.Tensor,
                    nonce_end: torch.Tensor, nonce_epoch: torch.Tensor, records: torch.Tensor,
                    record_head: torch.Tensor, failures: torch.Tensor, ring: bool) -> None:
@@ -89,7 +91,7 @@ def seal_positions(handle: int, layer_idx: int, keys: torch.Tensor, values: torc
     one per session slot), never at or past ``nonce_end``, under epoch ``nonce_epoch``; a chunk that gets
     none is not sealed (zeros written, ``failures`` updated). Audit records go to ``records`` (uint8
     [capacity, 64]; capacity 0: no audit) at ``record_head[0]``, numbered from ``record_head[1]``."""
-    _handler(handle).seal(layer_idx, keys, values, io_index, positions, arena, meta, nonce_next, nonce_end,
+    _handler(int(handle)).seal(layer_idx, keys, values, io_index, positions, arena, meta, nonce_next, nonce_end,
                           nonce_epoch, records, record_head, failures, ring)
 
 
@@ -102,14 +104,14 @@ def _seal_positions_fake(handle, layer_idx, keys, values, io_index, positions, a
 @torch.library.custom_op("pqc_kv_cache::open_positions",
                          mutates_args=("keys", "values", "records", "record_head", "failures"),
                          device_types="cpu")
-def open_positions(handle: int, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, end: torch.Tensor,
+def open_positions(handle: torch.Tensor, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, end: torch.Tensor,
                    arena: torch.Tensor, meta: torch.Tensor, records: torch.Tensor, record_head: torch.Tensor,
                    failures: torch.Tensor, ring: bool) -> None:
     """Open every position a layer holds (``end``: int64 scalar, one past the last position written; a
     ``ring`` holds the last ``slots`` of them) from ``arena`` into ``keys`` / ``values``, every tag verified;
     a position whose tag fails, or whose slot does not hold it, is zeroed and recorded in ``failures``.
     DECRYPT records go to ``records`` as for ``seal_positions``."""
-    _handler(handle).open(layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring)
+    _handler(int(handle)).open(layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring)
 
 
 @open_positions.register_fake
