@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import copy
 
+import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -17,7 +18,7 @@ from transformers import StaticCache
 
 from pqc_kv_cache import EncryptedCache, KVAuditLog, StaticEncryptedCache
 from pqc_kv_cache.envelope import split_nonce
-from pqc_kv_cache.errors import DecryptionError, SealFailedError
+from pqc_kv_cache.errors import AuditError, DecryptionError, SealFailedError
 from tests.support.cache_models import generate, prompts, sessions, tiny_model
 
 HEADS, DIM = 2, 16       # the tiny models' KV heads and head dim
@@ -294,3 +295,20 @@ def test_compiled_fullgraph_generates_what_compiled_static_cache_generates(kind,
         assert eager_counts in (None, counts)
         eager_counts = counts
         log.close()
+
+
+def test_the_record_buffer_numbers_every_record_and_refuses_to_drain_a_gap():
+    cfg = tiny_model("llama").config
+    log = KVAuditLog()
+    cache = StaticEncryptedCache(cfg, sessions=sessions("alice", "bob"), max_cache_len=8, audit=log)
+    for layer in range(2):
+        cache.update(*_kv(2, 2, 0), layer)
+    buf = cache._ctx.records
+    assert buf.pending() == 2 * (2 * 2 + 2)
+    numbers = buf.records[:buf.pending()].numpy().view(np.uint64)[:, 0]
+    assert numbers.tolist() == list(range(12))
+    buf.records[5, :8] = torch.tensor([99, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)   # record 5 says 99
+    with pytest.raises(AuditError, match="record 5 carries number 99, expected 5; nothing was drained"):
+        cache.check()
+    assert len(log.entries(limit=None)) == 0 and buf.pending() == 12
+    log.close()
