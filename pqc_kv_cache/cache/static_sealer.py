@@ -47,6 +47,10 @@ class StaticSealer:
         self._session_idx = session_idx
         self._keys: dict[tuple[int, int], KeySlot] = {}
         self._layouts: dict[tuple, ChunkLayout] = {}
+        # a seal's chunks are every row's: the distinct session slots of the rows, and each row's index in them
+        self._row_sessions, self._row_key = np.unique(self._row_slots, return_inverse=True)
+        self._row_key = self._row_key.reshape(-1).astype(np.int64)
+        self._grids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- keys ---------------------------------------------------------------------------------------
     def _key_slot(self, slot: int, epoch: int) -> KeySlot:
@@ -69,6 +73,44 @@ class StaticSealer:
         if lay is None:
             lay = self._layouts[key] = ChunkLayout(layer_idx, heads, dim, dtype)
         return lay
+
+    def _seal_keys(self, nonce_epoch: np.ndarray, rows: np.ndarray, reason: np.ndarray):
+        """The keys of a seal: one per session slot of the rows, under its range's epoch; the chunks of a
+        session that cannot be used, or whose key is gone, get their reason set instead."""
+        keys: list[KeySlot] = []
+        dead = []
+        where = np.zeros(self._row_sessions.size, dtype=np.int64)   # session of the rows -> index in keys
+        for i, slot in enumerate(self._row_sessions.tolist()):
+            if not self._sessions[slot].is_valid():
+                dead.append((i, FailReason.SESSION_INVALID))
+                continue
+            try:
+                ks = self._key_slot(slot, int(nonce_epoch[slot]))
+            except KVCacheError:
+                dead.append((i, FailReason.KEY_UNAVAILABLE))
+                continue
+            where[i] = len(keys)
+            keys.append(ks)
+        session = self._row_key[rows]
+        for i, why in dead:
+            reason[(session == i) & (reason == 0)] = why
+        return keys, where[session]
+
+    def _grid(self, batch: int, n: int) -> tuple:
+        """For ``n`` positions of every row, row-major: the row of each chunk, the index of its position,
+        its rank among the chunks of its session slot, and the number of chunks of each session slot of
+        the rows (``_row_sessions`` order). The same every decode step: computed once per (batch, n)."""
+        g = self._grids.get((batch, n))
+        if g is None:
+            rows = np.repeat(np.arange(batch, dtype=np.int64), n)
+            key = self._row_key[rows]
+            rank = np.zeros(rows.size, dtype=np.int64)
+            for k in range(self._row_sessions.size):
+                w = np.flatnonzero(key == k)
+                rank[w] = np.arange(w.size, dtype=np.int64)
+            counts = np.bincount(key, minlength=self._row_sessions.size).astype(np.int64)
+            g = self._grids[(batch, n)] = (rows, np.tile(np.arange(n, dtype=np.int64), batch), rank, counts)
+        return g
 
     def _keys_for(self, slots: np.ndarray, epochs: np.ndarray, todo: np.ndarray, reason: np.ndarray):
         """Key list and index per chunk for the chunks ``todo`` (session slot, epoch each); a chunk whose
@@ -131,6 +173,20 @@ class StaticSealer:
             f[1:] = (layer, int(rows[i]), int(pos[i]), int(reason[i]), int(slots[i]))
         f[0] += bad.size
 
+    @staticmethod
+    def _take_counters(slots: np.ndarray, reason: np.ndarray, nxt: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """Counters for the chunks with no reason yet, slot by slot in chunk order, as far as each slot's
+        range goes; the rest get NONCES_EXHAUSTED."""
+        counter = np.zeros(slots.size, dtype=np.int64)
+        for slot in np.unique(slots[reason == 0]).tolist():
+            w = np.flatnonzero((slots == slot) & (reason == 0))
+            avail = max(int(end[slot]) - int(nxt[slot]), 0)
+            reason[w[avail:]] = FailReason.NONCES_EXHAUSTED
+            ok = w[:avail]
+            counter[ok] = int(nxt[slot]) + np.arange(ok.size, dtype=np.int64)
+            nxt[slot] += ok.size      # taken before the seal: a counter is never handed out twice
+        return counter
+
     # ---- the operators ---------------------------------------------------------------------------------
     def seal(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, io_index: torch.Tensor,
              positions: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor, nonce_next: torch.Tensor,
@@ -147,8 +203,8 @@ class StaticSealer:
         if n == 0:
             return
         io = io_index.numpy().reshape(-1).astype(np.int64, copy=False)
-        rows = np.repeat(np.arange(batch, dtype=np.int64), n)
-        p, iox = np.tile(pos, batch), np.tile(io, batch)
+        rows, j, rank, counts = self._grid(batch, n)
+        p, iox = pos[j], io[j]
         slots = self._row_slots[rows]
         reason = np.zeros(rows.size, dtype=np.int64)
         reason[(p < 0) | (iox < 0) | (iox >= seq) | ((not ring) & (p >= n_slots))] = FailReason.OUT_OF_RANGE
@@ -157,22 +213,24 @@ class StaticSealer:
             reason[:] = FailReason.RECORDS_FULL
         nxt, end, ep = nonce_next.numpy(), nonce_end.numpy(), nonce_epoch.numpy()
         epoch = ep[slots]
-        key_list, key_index = self._keys_for(slots, epoch, np.flatnonzero(reason == 0), reason)
-        counter = np.zeros(rows.size, dtype=np.int64)
-        for slot in np.unique(slots[reason == 0]).tolist():
-            w = np.flatnonzero((slots == slot) & (reason == 0))
-            avail = max(int(end[slot]) - int(nxt[slot]), 0)
-            reason[w[avail:]] = FailReason.NONCES_EXHAUSTED
-            ok = w[:avail]
-            counter[ok] = int(nxt[slot]) + np.arange(ok.size, dtype=np.int64)
-            nxt[slot] += ok.size      # taken before the seal: a counter is never handed out twice
+        key_list, key_index = self._seal_keys(ep, rows, reason)
+        sess = self._row_sessions
+        if not reason.any() and ((end[sess] - nxt[sess]) >= counts).all():
+            # every chunk gets a counter (each decode step): one vector op, no per-slot loop
+            counter = nxt[slots] + rank
+            nxt[sess] += counts       # taken before the seal: a counter is never handed out twice
+        else:
+            counter = self._take_counters(slots, reason, nxt, end)
         good = reason == 0
         slot_of = np.where((p >= 0) & (reason != FailReason.OUT_OF_RANGE), p % n_slots, -1)
         arena_np, meta_np = arena.numpy(), meta.numpy()
         # the slots written now are emptied first: a seal that fails part-way leaves none claiming a chunk
+        # (the arena bytes of the chunks sealed below are overwritten, or zeroed if the seal raises)
         written = slot_of >= 0
-        arena_np[rows[written], slot_of[written]] = 0
         meta_np[rows[written], slot_of[written]] = 0
+        failed = written & ~good
+        if failed.any():
+            arena_np[rows[failed], slot_of[failed]] = 0
         if good.any():
             g = np.flatnonzero(good)
             table = ChunkTable(key_index[g], rows[g], p[g], np.ones(g.size, dtype=np.int64), iox[g], counter[g],
