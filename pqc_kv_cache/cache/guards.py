@@ -18,15 +18,16 @@ import functools
 
 CACHE_KEYWORDS = ("past_key_values", "cache")
 _MARK = "_pqc_kv_cache_guarded"
+_REFUSED: list[type] = []      # the cache classes continuous batching refuses (one wrapper for all)
 
 
 class ContinuousBatchingRefused(ValueError):
     """An EncryptedCache was handed to transformers' continuous batching, which would bypass it."""
 
 
-def _refuse_encrypted_cache(kwargs: dict, cache_type: type) -> None:
+def _refuse_encrypted_cache(kwargs: dict, cache_types: tuple) -> None:
     for name in CACHE_KEYWORDS:
-        if isinstance(kwargs.get(name), cache_type):
+        if isinstance(kwargs.get(name), cache_types):
             raise ContinuousBatchingRefused(
                 f"transformers' continuous batching (generate_batch, or generate with "
                 f"cache_implementation='paged') keeps K/V in its own plaintext paged cache and ignores "
@@ -64,10 +65,13 @@ def refuse_unsupported(name: str, config, unsupported: dict) -> None:
 
 
 def guard_continuous_batching(cache_type: type) -> bool:
-    """Wrap transformers' ``generate_batch`` so that it refuses a ``cache_type`` argument.
+    """Wrap transformers' ``generate_batch`` so that it refuses a ``cache_type`` argument (and every type
+    guarded before).
 
     Idempotent; returns False where this transformers has no continuous batching to guard.
     """
+    if cache_type not in _REFUSED:
+        _REFUSED.append(cache_type)
     try:
         from transformers.generation.continuous_batching import ContinuousMixin
     except ImportError:   # a transformers without continuous batching: nothing can bypass the cache
@@ -80,7 +84,7 @@ def guard_continuous_batching(cache_type: type) -> bool:
 
     @functools.wraps(original)
     def generate_batch(self, *args, **kwargs):
-        _refuse_encrypted_cache(kwargs, cache_type)
+        _refuse_encrypted_cache(kwargs, tuple(_REFUSED))
         return original(self, *args, **kwargs)
 
     setattr(generate_batch, _MARK, True)

@@ -33,7 +33,7 @@ from ..envelope import EncryptedEntry
 from ..errors import DecryptionError
 from ..session import TenantSession
 from .context import check_backend_argument
-from .guards import refuse_unsupported
+from .guards import guard_continuous_batching, refuse_unsupported
 from .static_context import StaticContext
 from .static_layer import StaticEncryptedLayer, StaticSealing, StaticSlidingEncryptedLayer
 
@@ -280,3 +280,6 @@ class StaticEncryptedCache(Cache):
     def __repr__(self) -> str:
         return f"StaticEncryptedCache(max_cache_len={self.max_cache_len}, sessions={len(self._sessions)}, " \
                f"layers={self.layers})"
+
+
+guard_continuous_batching(StaticEncryptedCache)

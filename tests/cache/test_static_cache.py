@@ -312,3 +312,14 @@ def test_the_record_buffer_numbers_every_record_and_refuses_to_drain_a_gap():
         cache.check()
     assert len(log.entries(limit=None)) == 0 and buf.pending() == 12
     log.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("transformers").GenerationMixin, "generate_batch"),
+                    reason="this transformers has no continuous batching")
+def test_continuous_batching_refuses_a_static_encrypted_cache():
+    from pqc_kv_cache.cache.guards import ContinuousBatchingRefused
+    model, ids = tiny_model("llama"), prompts(1, 7)
+    cache = StaticEncryptedCache(model.config, sessions=sessions("alice"), max_cache_len=16)
+    with pytest.raises(ContinuousBatchingRefused, match="continuous batching"):
+        model.generate_batch([ids[0].tolist()], max_new_tokens=3, past_key_values=cache)
+    assert not any(layer.is_initialized for layer in cache.layers)
