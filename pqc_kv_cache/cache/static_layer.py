@@ -18,6 +18,8 @@ position from the arena with ``pqc_kv_cache::open_positions``, every tag verifie
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
@@ -28,6 +30,11 @@ from .clearing import zero
 from .static_context import StaticContext
 
 __all__ = ["StaticSealing", "StaticEncryptedLayer", "StaticSlidingEncryptedLayer"]
+
+
+def _zero_all(tensors: tuple) -> None:
+    for t in tensors:
+        zero(t)
 
 
 class StaticSealing:
@@ -59,6 +66,8 @@ class StaticSealing:
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.arena)
             torch._dynamo.mark_static_address(self.meta)
+        # a layer dropped without reset() or close() leaves no plaintext behind in freed memory
+        weakref.finalize(self, _zero_all, (self.keys, self.values))
 
     # ---- the operators --------------------------------------------------------------------------------------
     def _seal(self, io_index: torch.Tensor, positions: torch.Tensor) -> None:

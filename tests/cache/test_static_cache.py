@@ -323,3 +323,15 @@ def test_continuous_batching_refuses_a_static_encrypted_cache():
     with pytest.raises(ContinuousBatchingRefused, match="continuous batching"):
         model.generate_batch([ids[0].tolist()], max_new_tokens=3, past_key_values=cache)
     assert not any(layer.is_initialized for layer in cache.layers)
+
+
+def test_a_collected_cache_leaves_no_plaintext_behind():
+    import gc
+    cfg = tiny_model("llama").config
+    cache = StaticEncryptedCache(cfg, sessions=sessions("alice", "bob"), max_cache_len=8)
+    cache.update(*_kv(2, 3, 0), 0)
+    keys, values = cache.layers[0].keys, cache.layers[0].values
+    assert keys.any() and values.any()
+    del cache
+    gc.collect()
+    assert not keys.any() and not values.any()
