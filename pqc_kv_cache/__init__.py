@@ -33,6 +33,7 @@ from .errors import (
     NonceReplayError,
     PQCUnavailableError,
     SaveFileError,
+    SealFailedError,
     SessionClosedError,
     SessionExpiredError,
     SessionExportError,
@@ -48,24 +49,25 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:   # the lazily imported names, for type checkers
     from .audit import KVAuditEntry, KVAuditLog
-    from .cache import EncryptedCache, EncryptedLayer
+    from .cache import EncryptedCache, EncryptedLayer, StaticEncryptedCache
 
 _LAZY = {
     "KVAuditLog": "pqc_kv_cache.audit",
     "KVAuditEntry": "pqc_kv_cache.audit",
     "EncryptedCache": "pqc_kv_cache.cache",
     "EncryptedLayer": "pqc_kv_cache.cache",
+    "StaticEncryptedCache": "pqc_kv_cache.cache",
 }
 
 __all__ = [
     "TenantIdentity", "TenantKeyPair", "TenantSession", "establish_tenant_session",
     "EntryMetadata", "KVCacheEntry", "EncryptedEntry", "CacheEncryptor", "CacheDecryptor",
     "KeyRotationPolicy", "RotationTrigger", "TenantIsolationManager",
-    "KVAuditLog", "KVAuditEntry", "EncryptedCache", "EncryptedLayer",
+    "KVAuditLog", "KVAuditEntry", "EncryptedCache", "EncryptedLayer", "StaticEncryptedCache",
     "KVCacheError", "TenantIsolationError", "SessionExpiredError", "SessionClosedError", "SessionForkedError",
     "DecryptionError", "NonceReplayError", "KeyRotationRequiredError", "UnknownTenantError",
     "MalformedEntryError", "PQCUnavailableError", "AuditError", "AuditIntegrityError",
-    "BackendUnavailableError", "SaveFileError", "SessionExportError",
+    "BackendUnavailableError", "SaveFileError", "SessionExportError", "SealFailedError",
 ]
 
 

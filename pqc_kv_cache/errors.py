@@ -24,6 +24,7 @@ __all__ = [
     "BackendUnavailableError",
     "SaveFileError",
     "SessionExportError",
+    "SealFailedError",
 ]
 
 
@@ -109,3 +110,16 @@ class SaveFileError(KVCacheError):
 class SessionExportError(KVCacheError):
     """A sealed session export or its key-encryption key file was refused: truncated or changed bytes,
     another key, a key file that group or others may read, or a key file that exists already."""
+
+
+class SealFailedError(KVCacheError):
+    """A static cache could not seal a position it was given (its session's reserved nonce range ran out,
+    the session was closed or expired, the audit record buffer was full, or the position lies outside the
+    cache): the slot holds zeros, nothing was sealed twice, and the failure is raised at ``check()``."""
+
+    def __init__(self, message: str, *, tenant_id: str | None = None, layer_idx: int | None = None,
+                 positions: range | None = None):
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.layer_idx = layer_idx
+        self.positions = positions

@@ -25,7 +25,8 @@ from ..session import TenantSession
 from .audit import CacheAuditor
 from .clearing import zero
 
-__all__ = ["LayerContext", "MergeSettings", "Scratch", "check_backend_argument", "deferred_status"]
+__all__ = ["LayerContext", "MergeSettings", "Scratch", "check_backend_argument", "deferred_status",
+           "row_slots_for_batch"]
 
 _MEMO_CAP = 256     # remembered slot groupings per context (cleared when full)
 
@@ -34,6 +35,27 @@ def check_backend_argument(backend) -> None:
     """TypeError unless ``backend`` is a CryptoBackend or None."""
     if backend is not None and not isinstance(backend, CryptoBackend):
         raise TypeError(f"backend must be a CryptoBackend, got {type(backend).__name__}")
+
+
+def row_slots_for_batch(prompt_slots: np.ndarray, rows_per_session: int | None, batch: int) -> np.ndarray:
+    """The session slot of each of ``batch`` rows, from the slots of the sessions as given and
+    ``rows_per_session`` (ValueError for a batch that matches neither: a row's tenant is never guessed)."""
+    p, per = prompt_slots, rows_per_session
+    if per is not None:
+        if batch != p.size * per:
+            raise ValueError(f"{p.size} session(s) × rows_per_session={per} is {p.size * per} rows, "
+                             f"but the batch has {batch}")
+        rows = np.repeat(p, per)
+    elif p.size == 1:
+        rows = np.zeros(batch, dtype=np.int64)
+    elif batch == p.size:
+        rows = p.copy()
+    else:
+        raise ValueError(f"{p.size} sessions were given for a batch of {batch} rows: pass one session per "
+                         "row, or rows_per_session= when generation expands each prompt into several rows "
+                         "(beam search, num_return_sequences: max(num_beams, num_return_sequences)); "
+                         "a row's tenant is never guessed")
+    return rows
 
 
 def deferred_status(status):
@@ -133,21 +155,7 @@ class LayerContext:
             if self.row_slots.size != batch:
                 raise ValueError(f"layers of this cache hold {self.row_slots.size} rows; got a batch of {batch}")
             return self.row_slots.copy()
-        p, per = self.prompt_slots, self.rows_per_session
-        if per is not None:
-            if batch != p.size * per:
-                raise ValueError(f"{p.size} session(s) × rows_per_session={per} is {p.size * per} rows, "
-                                 f"but the batch has {batch}")
-            rows = np.repeat(p, per)
-        elif p.size == 1:
-            rows = np.zeros(batch, dtype=np.int64)
-        elif batch == p.size:
-            rows = p.copy()
-        else:
-            raise ValueError(f"{p.size} sessions were given for a batch of {batch} rows: pass one session per "
-                             "row, or rows_per_session= when generation expands each prompt into several rows "
-                             "(beam search, num_return_sequences: max(num_beams, num_return_sequences)); "
-                             "a row's tenant is never guessed")
+        rows = row_slots_for_batch(self.prompt_slots, self.rows_per_session, batch)
         self.row_slots = rows
         return rows.copy()
 

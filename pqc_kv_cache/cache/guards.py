@@ -1,7 +1,8 @@
 """transformers paths an EncryptedCache does not take, refused with what to do instead.
 
 ``refuse_unsupported``: the cache's own constructor, for configs and keywords of transformers' other
-cache classes (encoder-decoder models, ``offloading=``, ``max_cache_len=``).
+cache classes (encoder-decoder models, ``offloading=``, ``max_cache_len=``, which ``StaticEncryptedCache``
+takes).
 
 Continuous batching (``model.generate_batch`` and ``generate(..., cache_implementation="paged")``)
 keeps every request's K/V in transformers' own paged cache and ignores a ``past_key_values`` /
@@ -17,15 +18,16 @@ import functools
 
 CACHE_KEYWORDS = ("past_key_values", "cache")
 _MARK = "_pqc_kv_cache_guarded"
+_REFUSED: list[type] = []      # the cache classes continuous batching refuses (one wrapper for all)
 
 
 class ContinuousBatchingRefused(ValueError):
     """An EncryptedCache was handed to transformers' continuous batching, which would bypass it."""
 
 
-def _refuse_encrypted_cache(kwargs: dict, cache_type: type) -> None:
+def _refuse_encrypted_cache(kwargs: dict, cache_types: tuple) -> None:
     for name in CACHE_KEYWORDS:
-        if isinstance(kwargs.get(name), cache_type):
+        if isinstance(kwargs.get(name), cache_types):
             raise ContinuousBatchingRefused(
                 f"transformers' continuous batching (generate_batch, or generate with "
                 f"cache_implementation='paged') keeps K/V in its own plaintext paged cache and ignores "
@@ -39,9 +41,10 @@ _INSTEAD = {
     "offloading": ("transformers' offloading copies plaintext K/V to the CPU. EncryptedCache moves only "
                    "ciphertext: use mode='working_set' with cache.release() between requests (the plaintext is "
                    "zeroed, the ciphertext stays), or each layer's offload() / prefetch()"),
-    "max_cache_len": ("EncryptedCache grows with the sequence as DynamicCache does, and takes no max_cache_len "
-                      "(a preallocated, StaticCache-like form is not available yet); drop the argument, and "
-                      "bound the length with generate(max_new_tokens=...)"),
+    "max_cache_len": ("EncryptedCache grows with the sequence as DynamicCache does, and takes no max_cache_len: "
+                      "drop the argument, and bound the length with generate(max_new_tokens=...); for the "
+                      "preallocated, compile-able form (StaticCache's) use "
+                      "StaticEncryptedCache(config, sessions, max_cache_len=...)"),
 }
 
 
@@ -62,10 +65,13 @@ def refuse_unsupported(name: str, config, unsupported: dict) -> None:
 
 
 def guard_continuous_batching(cache_type: type) -> bool:
-    """Wrap transformers' ``generate_batch`` so that it refuses a ``cache_type`` argument.
+    """Wrap transformers' ``generate_batch`` so that it refuses a ``cache_type`` argument (and every type
+    guarded before).
 
     Idempotent; returns False where this transformers has no continuous batching to guard.
     """
+    if cache_type not in _REFUSED:
+        _REFUSED.append(cache_type)
     try:
         from transformers.generation.continuous_batching import ContinuousMixin
     except ImportError:   # a transformers without continuous batching: nothing can bypass the cache
@@ -78,7 +84,7 @@ def guard_continuous_batching(cache_type: type) -> bool:
 
     @functools.wraps(original)
     def generate_batch(self, *args, **kwargs):
-        _refuse_encrypted_cache(kwargs, cache_type)
+        _refuse_encrypted_cache(kwargs, tuple(_REFUSED))
         return original(self, *args, **kwargs)
 
     setattr(generate_batch, _MARK, True)
