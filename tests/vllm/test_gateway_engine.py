@@ -22,7 +22,9 @@ pytest.importorskip("vllm.config", reason="vLLM is not installed here: `make tes
 httpx = pytest.importorskip("httpx")
 
 from pqc_kv_cache.isolation import TenantIsolationManager  # noqa: E402
-from pqc_kv_cache.vllm import KeyService, generate_server_secret_file, kv_transfer_config  # noqa: E402
+from pqc_kv_cache.vllm import request_fields  # noqa: E402
+from pqc_kv_cache.vllm import (ActiveSessions, KeyService, generate_engine_token_file,  # noqa: E402
+                               generate_server_secret_file, kv_transfer_config)
 from pqc_kv_cache.vllm.gateway import APIKeys, add_api_key, build_app  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -45,8 +47,8 @@ def _free_port() -> int:
     return port
 
 
-def _start_vllm(model, port, store, key_socket, audit, secret_path, log):
-    config = kv_transfer_config(store, key_socket, audit, secret_path,
+def _start_vllm(model, port, store, key_socket, token_path, audit, secret_path, log):
+    config = kv_transfer_config(store, key_socket, audit, secret_path, key_service_token=token_path,
                                 audit_signing_key=os.path.join(os.path.dirname(secret_path), "audit.key"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_SERVER_DEV_MODE="1")
     return subprocess.Popen(
@@ -87,14 +89,14 @@ class _Client:
     def __init__(self, app, upstream):
         self.app, self.upstream = app, upstream
 
-    def complete(self, key, body):
+    def complete(self, key, body, choices=1):
         """POST /v1/completions through the gateway: (generated text, cached prompt tokens)."""
         async def go():
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gw",
                                          timeout=300) as c:
                 return await c.post("/v1/completions", json=body, headers={"authorization": f"Bearer {key}"})
         r = asyncio.run(go())
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200 and len(r.json()["choices"]) == choices, r.text
         return _answer(r.json())
 
     def direct(self, body):
@@ -115,7 +117,7 @@ def _answer(doc):
 
 
 def _body(prompt, **extra):
-    return {"model": "m", "prompt": list(prompt), "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    return {"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
 
 
 def _audit(path, *args):
@@ -140,16 +142,19 @@ def served(tmp_path_factory):
     secret_path = str(d / "secret" / "server.key")
     secret = generate_server_secret_file(secret_path)
     keys_path = str(d / "api-keys.json")
-    key = {t: add_api_key(keys_path, t) for t in ("tenant-a", "tenant-b", "tenant-c")}
-    manager = TenantIsolationManager()
+    key = {t: add_api_key(keys_path, t) for t in ("tenant-a", "tenant-b", "tenant-c", "tenant-d")}
+    token_path = str(d / "secret" / "engine.token")
+    token = generate_engine_token_file(token_path)
+    manager, active = TenantIsolationManager(), ActiveSessions()
     port = _free_port()
     upstream = f"http://127.0.0.1:{port}"
-    app = build_app(manager, secret, APIKeys.load(keys_path), upstream)
+    app = build_app(manager, secret, APIKeys.load(keys_path), upstream, active=active)
     audit = str(d / "audit.log")
     log_path = str(d / "vllm.log")
     w = {"audit": audit, "manager": manager, "secret": secret, "key": key, "store": str(d / "store")}
-    with KeyService(manager, str(d / "keys")) as service, open(log_path, "wb") as log:
-        proc = _start_vllm(model, port, w["store"], service.path, audit, secret_path, log)
+    # the key service as the gateway's main runs it: the engine token, keys only for requests in flight
+    with KeyService(manager, str(d / "keys"), token=token, active=active) as service, open(log_path, "wb") as log:
+        proc = _start_vllm(model, port, w["store"], service.path, token_path, audit, secret_path, log)
         try:
             _wait_healthy(proc, upstream, log_path)
             c = _Client(app, upstream)
@@ -168,6 +173,13 @@ def served(tmp_path_factory):
             w["a3"] = c.complete(key["tenant-a"], _body(PROMPT))
             w["c_spoof_cold"] = c.complete(key["tenant-c"], _body(PROMPT, **spoof))
             w["b_own"] = c.complete(key["tenant-b"], _body(PROMPT))
+            # B's own fields, sent around the gateway: the files are found, but B has no request in flight
+            # through the gateway, so the key service refuses B's key and the blocks are recomputed
+            c.reset_prefix_cache()
+            w["b_around"] = c.direct(_body(PROMPT, **request_fields(secret, "tenant-b",
+                                                                     manager.get_session("tenant-b").session_id)))
+            # one request of four identical prompts: the prefix is sealed and written once
+            w["d_batch"] = c.complete(key["tenant-d"], _body([PROMPT] * 4), choices=4)
             # phase 3: A's session closed through the gateway's manager; a request already forwarded under it
             # (sent straight to vLLM here) finds its files but may not open them; A's next request gets a new
             # session, which stores the prompt afresh
@@ -258,3 +270,24 @@ def test_the_worker_log_is_sealed_when_the_server_stops(served):
     assert served["exit_code"] == 0, served["log"][-3000:]
     rc, out, err = _audit(served["audit"], "verify")
     assert rc == 0 and out.startswith("OK"), out + err
+
+
+def test_keys_go_only_to_the_engine_token_and_to_sessions_with_a_request_in_flight(served):
+    # every request through the gateway above was served (the worker showed the engine token, the gateway had
+    # marked the session active); B's request sent around the gateway got no key
+    assert served["b_around"][0] == served["a1"][0]
+    failed = _decrypts(served, "tenant-b", ok=False)
+    assert failed and all("no request in flight" in r["details"] for r in failed)
+    assert len(_decrypts(served, "tenant-b")) == 2 * 2                  # only B's load through the gateway
+
+
+def test_a_batch_of_one_prompt_seals_and_writes_its_prefix_once(served):
+    assert served["d_batch"][0] == served["a1"][0]
+    enc = _records(served["audit"], tenant="tenant-d", operation="ENCRYPT")
+    assert len(enc) == 2 * 64 and all(r["status"] == "OK" for r in enc)
+    tenant_dirs = [e for e in os.listdir(served["store"])
+                   if e == served["secret"].tenant_name("tenant-d")]
+    prefixes = os.listdir(os.path.join(served["store"], tenant_dirs[0]))
+    assert len(prefixes) == 1
+    assert sorted(os.listdir(os.path.join(served["store"], tenant_dirs[0], prefixes[0]))) == \
+        ["L0-p0.pkvb", "L1-p0.pkvb", "index.json"]
