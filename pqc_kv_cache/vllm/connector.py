@@ -58,6 +58,11 @@ __all__ = ["PQCKVConnector", "PQCConnectorMetadata", "ATTENTION_LAYOUTS"]
 ATTENTION_LAYOUTS = {"CPU_ATTN": "cpu", "FLASH_ATTN": "kv_last", "TRITON_ATTN": "kv_last",
                      "FLEX_ATTENTION": "kv_last"}
 
+# Steps for which a prefix whose last part went to the worker counts as stored though its index is not yet on
+# disk: vLLM schedules at most one step ahead of the one running (async scheduling), so the index is written
+# (or its save was refused) two steps later; the margin covers a scheduler that runs further ahead.
+_HANDED_STEPS = 4
+
 
 def _aligned(num_prompt_tokens: int, block_size: int) -> int:
     """Tokens of the prompt that are stored: whole blocks, leaving at least the last token to compute."""
@@ -168,6 +173,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         self._refused: set[str] = set()
         self._storing: dict[str, _Storing] = {}
         self._storing_dirs: set[str] = set()                   # one request saves a prefix at a time
+        self._step = 0
+        self._handed: dict[str, int] = {}                      # prefix -> step its last part went to the worker
 
     def _plan(self, request: "Request") -> _Plan | None:
         """The plan of a request the connector serves; None to pass it through (a refusal is queued for a
@@ -223,7 +230,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         plan = self._plans.get(req_id)
         if plan is None:
             return
-        if plan.directory in self._storing_dirs or os.path.lexists(os.path.join(plan.directory, INDEX)):
+        if plan.directory in self._storing_dirs or plan.directory in self._handed or \
+                os.path.lexists(os.path.join(plan.directory, INDEX)):
             return
         self._storing_dirs.add(plan.directory)
         self._storing[req_id] = _Storing(plan, list(block_ids))
@@ -244,6 +252,7 @@ class PQCKVConnector(KVConnectorBase_V1):
         if whole * self._block_size == p.num_tokens:
             part.parts = list(st.parts)
             self._stop_storing(req_id)
+            self._handed[p.directory] = self._step
         meta.stores.append(part)
 
     def _stop_storing(self, req_id: str) -> None:
@@ -252,6 +261,9 @@ class PQCKVConnector(KVConnectorBase_V1):
             self._storing_dirs.discard(st.plan.directory)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        self._step += 1
+        if self._handed:
+            self._handed = {d: s for d, s in self._handed.items() if self._step - s <= _HANDED_STEPS}
         # every pending load is of a request scheduled in this step (new or resumed after preemption)
         meta = PQCConnectorMetadata(loads=list(self._pending_loads.values()), refusals=self._pending_refusals)
         self._pending_loads, self._pending_refusals = {}, []

@@ -89,6 +89,20 @@ def test_a_request_that_ends_before_its_prefix_is_whole_gets_no_index_and_frees_
     assert _stores(_step(c, new=[_new("r3", [40, 41, 42], c=c)], scheduled={"r3": 80})) == [("r3", [40, 41], 0, [(0, 2)])]
 
 
+def test_a_prefix_handed_to_the_worker_is_not_saved_again_before_its_index_is_on_disk(tmp_path):
+    c = _connector(tmp_path)
+    assert _stores(_step(c, new=[_new("r1", [4, 5, 6], c=c)], scheduled={"r1": 80})) == [("r1", [4, 5], 0, [(0, 2)])]
+    # vLLM schedules the next step before the worker has run this one (async scheduling): no index yet.
+    # r2 has the prompt's blocks from vLLM's prefix cache, r3 (a step later) computes it: neither saves it
+    assert _stores(_step(c, new=[_new("r2", [4, 5, 7], computed=64, c=c)], scheduled={"r2": 16})) == []
+    assert _stores(_step(c, new=[_new("r3", [8, 9, 10], c=c)], scheduled={"r3": 80})) == []
+    # a save that never reached the disk (refused in the worker) is tried again a few steps later
+    for _ in range(4):
+        _step(c)
+    assert _stores(_step(c, new=[_new("r4", [11, 12, 13], c=c)], scheduled={"r4": 80})) == \
+        [("r4", [11, 12], 0, [(0, 2)])]
+
+
 def test_a_load_is_handed_over_for_a_resumed_request_too(tmp_path):
     c = _connector(tmp_path)
     _write_index(tmp_path)

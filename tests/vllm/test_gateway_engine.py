@@ -54,7 +54,7 @@ def _start_vllm(model, port, store, key_socket, token_path, audit, secret_path, 
     return subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
          "--port", str(port), "--block-size", str(BS), "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "512", "--seed", "0", "--served-model-name", "m", "--enable-prompt-tokens-details",
+         "--max-model-len", "512", "--seed", "0", "--served-model-name", "m", "--shutdown-timeout", "60", "--enable-prompt-tokens-details",
          "--kv-transfer-config", json.dumps(config)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -99,6 +99,17 @@ class _Client:
         assert r.status_code == 200 and len(r.json()["choices"]) == choices, r.text
         return _answer(r.json())
 
+    def concurrent(self, key, body, n):
+        """``n`` requests of ``body`` through the gateway at once: their answers."""
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gw",
+                                         timeout=300) as c:
+                return await asyncio.gather(*(c.post("/v1/completions", json=body,
+                                                     headers={"authorization": f"Bearer {key}"}) for _ in range(n)))
+        rs = asyncio.run(go())
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        return [_answer(r.json()) for r in rs]
+
     def direct(self, body):
         """POST /v1/completions to vLLM itself, as a request the gateway forwarded before a session closed."""
         r = httpx.post(self.upstream + "/v1/completions", json=body, timeout=300)
@@ -142,7 +153,7 @@ def served(tmp_path_factory):
     secret_path = str(d / "secret" / "server.key")
     secret = generate_server_secret_file(secret_path)
     keys_path = str(d / "api-keys.json")
-    key = {t: add_api_key(keys_path, t) for t in ("tenant-a", "tenant-b", "tenant-c", "tenant-d")}
+    key = {t: add_api_key(keys_path, t) for t in ("tenant-a", "tenant-b", "tenant-c", "tenant-d", "tenant-e")}
     token_path = str(d / "secret" / "engine.token")
     token = generate_engine_token_file(token_path)
     manager, active = TenantIsolationManager(), ActiveSessions()
@@ -180,6 +191,9 @@ def served(tmp_path_factory):
                                                                      manager.get_session("tenant-b").session_id)))
             # one request of four identical prompts: the prefix is sealed and written once
             w["d_batch"] = c.complete(key["tenant-d"], _body([PROMPT] * 4), choices=4)
+            # six requests of one prompt sent at once: they reach the scheduler over several steps, some while
+            # the first one's save is still being written
+            w["e_concurrent"] = c.concurrent(key["tenant-e"], _body(PROMPT), 6)
             # phase 3: A's session closed through the gateway's manager; a request already forwarded under it
             # (sent straight to vLLM here) finds its files but may not open them; A's next request gets a new
             # session, which stores the prompt afresh
@@ -269,7 +283,8 @@ def test_a_rotated_session_seals_under_its_new_epoch_and_opens_the_earlier_one(s
 def test_the_worker_log_is_sealed_when_the_server_stops(served):
     assert served["exit_code"] == 0, served["log"][-3000:]
     rc, out, err = _audit(served["audit"], "verify")
-    assert rc == 0 and out.startswith("OK"), out + err
+    shutdown = "\n".join(line for line in served["log"].splitlines() if "shutdown" in line.lower())
+    assert rc == 0 and out.startswith("OK"), out + err + shutdown[-3000:]
 
 
 def test_keys_go_only_to_the_engine_token_and_to_sessions_with_a_request_in_flight(served):
@@ -291,3 +306,9 @@ def test_a_batch_of_one_prompt_seals_and_writes_its_prefix_once(served):
     assert len(prefixes) == 1
     assert sorted(os.listdir(os.path.join(served["store"], tenant_dirs[0], prefixes[0]))) == \
         ["L0-p0.pkvb", "L1-p0.pkvb", "index.json"]
+
+
+def test_concurrent_requests_of_one_prompt_seal_and_write_its_prefix_once(served):
+    assert {text for text, _ in served["e_concurrent"]} == {served["a1"][0]}
+    enc = _records(served["audit"], tenant="tenant-e", operation="ENCRYPT")
+    assert len(enc) == 2 * 64, f"the prefix was sealed {len(enc) / (2 * 64)} times"
