@@ -105,6 +105,13 @@ class PQCConnectorMetadata(KVConnectorMetadata):
     refusals: list[_Refusal] = field(default_factory=list)
 
 
+def _resumed(cached: Any) -> set[str]:
+    """The requests of ``scheduled_cached_reqs`` resumed after preemption. vLLM 0.32 and 0.33 name them in
+    ``resumed_req_ids``; 0.34 has no such field and re-sends a resumed request among the new ones, with all
+    its blocks (``build_connector_meta`` handles both)."""
+    return getattr(cached, "resumed_req_ids", None) or set()
+
+
 def _tenant_of(request: "Request") -> tuple[str, str] | None:
     params = request.kv_transfer_params
     if not isinstance(params, dict):
@@ -126,6 +133,12 @@ class PQCKVConnector(KVConnectorBase_V1):
     ``cache_salt`` is not its tenant's is refused the same way, and the refusal is recorded as an
     isolation violation.
     """
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """No (vLLM 0.33+ asks, and refuses sleep mode at start-up): the worker keeps the KV tensors vLLM
+        registered, and reading them after sleep mode remapped them is untested."""
+        return False
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -270,17 +283,22 @@ class PQCKVConnector(KVConnectorBase_V1):
         loading = {r.req_id for r in meta.loads}
         scheduled = scheduler_output.num_scheduled_tokens
         for new_req in scheduler_output.scheduled_new_reqs:
-            if new_req.req_id not in loading:
+            st = self._storing.get(new_req.req_id)
+            if st is not None:
+                # resumed after preemption, re-sent as new (vLLM 0.34): these are all its blocks
+                st.block_ids = list(new_req.block_ids[0])
+            elif new_req.req_id not in loading:
                 self._start_storing(new_req.req_id, list(new_req.block_ids[0]))
             if new_req.req_id in self._storing:
                 self._advance(meta, new_req.req_id, new_req.num_computed_tokens + scheduled.get(new_req.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = _resumed(cached)
         for i, req_id in enumerate(cached.req_ids):
             st = self._storing.get(req_id)
             if st is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
+            if req_id in resumed:
                 # resumed after preemption: these are all its blocks; what was saved before stays saved and is
                 # not saved again, what is recomputed now is saved once whole
                 st.block_ids = list(new_ids[0]) if new_ids is not None else []
