@@ -9,9 +9,9 @@ divided by the stored tokens; both engines run the same prompts in alternating o
 min..max, and the ratio PQC/Example per round (median and spread).
 
 A staggered batch (``--stagger K``) is K requests of one new prompt added one per engine step, as requests
-of a popular prompt reach a server: the later ones arrive while the first one's save is under way. Its
+of a popular prompt reach a server: the later ones find the prompt's prefix saved, or being saved. Its
 time is the whole batch's; for the PQC connector the run also counts how many times each prompt's prefix
-was sealed (ENCRYPT records in the audit log, per layer and stored token).
+was sealed (ENCRYPT records in the audit log, per layer and stored token): once is right.
 """
 
 import argparse
