@@ -32,12 +32,11 @@ import os
 import secrets
 import stat
 import threading
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -135,6 +134,21 @@ def _check_upstream(url: str, uds: str | None) -> None:
                            "socket, so that no request reaches it without the gateway")
 
 
+class _Relayed(StreamingResponse):
+    """A streamed answer relayed from vLLM; ``done`` runs however the relay ends (sent, failed, or the
+    client gone before or during it), which a background task would not."""
+
+    def __init__(self, content: Any, done: Callable[[], Awaitable[None]], **kw: Any):
+        super().__init__(content, **kw)
+        self._done = done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._done()
+
+
 def _live_session(manager: TenantIsolationManager, tenant_id: str, lock: threading.Lock) -> TenantSession:
     """The tenant's live session, a new one when it has none (never started, closed or expired)."""
     with lock:
@@ -219,14 +233,7 @@ def build_app(manager: TenantIsolationManager, secret: ServerSecret, keys: APIKe
 
         keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "cache-control")}
         if body.get("stream") is True:
-            async def relay():
-                try:
-                    async for part in resp.aiter_raw():
-                        yield part
-                finally:
-                    release()          # also when the client goes away mid-stream
-            return StreamingResponse(relay(), status_code=resp.status_code, headers=keep,
-                                     background=BackgroundTask(done))
+            return _Relayed(resp.aiter_raw(), done, status_code=resp.status_code, headers=keep)
         try:
             content = await resp.aread()
         finally:

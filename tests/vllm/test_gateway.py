@@ -218,3 +218,33 @@ def test_a_failed_forward_releases_the_session(tmp_path):
     app = build_app(manager, SECRET, APIKeys.load(path), f"http://127.0.0.1:{port}", active=active)
     assert _post(app, "/v1/completions", {"prompt": "p"}, key)[0] == 502
     assert not active.is_active("t", manager.get_session("t").session_id)
+
+
+def test_a_client_gone_mid_stream_releases_the_session(tmp_path, upstream):
+    url, _ = upstream
+    path = str(tmp_path / "keys.json")
+    ka = add_api_key(path, "tenant-a")
+    manager, active = TenantIsolationManager(), ActiveSessions()
+    app = build_app(manager, SECRET, APIKeys.load(path), url, active=active)
+    body = json.dumps({"prompt": "p", "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"authorization", f"Bearer {ka}".encode()), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("gw", 80)}
+    sent = []
+
+    async def receive(first=[True]):
+        if first[0]:
+            first[0] = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)                       # the client says nothing more
+
+    async def send(message):
+        sent.append(message["type"])
+        if message["type"] == "http.response.body" and message.get("body"):
+            raise OSError("client went away")          # the first event cannot be delivered
+
+    with pytest.raises(OSError):
+        asyncio.run(app(scope, receive, send))
+    assert "http.response.start" in sent
+    assert not active.is_active("tenant-a", manager.get_session("tenant-a").session_id)
