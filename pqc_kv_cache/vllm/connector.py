@@ -40,7 +40,7 @@ from ..audit import KVAuditLog
 from ..audit.keys import default_key_path
 from ..backends import select_backend
 from .blocks import KVBlockStore, LoadRequest, SavePart
-from .keyservice import KeyClient
+from .keyservice import KeyClient, load_engine_token
 from .storefiles import INDEX, chain_hashes, prefix_dir, read_index
 from .tenancy import PARAMS_KEY, ServerSecret, load_server_secret
 
@@ -57,6 +57,11 @@ __all__ = ["PQCKVConnector", "PQCConnectorMetadata", "ATTENTION_LAYOUTS"]
 #: vLLM attention backend name -> the block layout its KV cache tensors have (pqc_kv_cache.vllm.blocks.LAYOUTS)
 ATTENTION_LAYOUTS = {"CPU_ATTN": "cpu", "FLASH_ATTN": "kv_last", "TRITON_ATTN": "kv_last",
                      "FLEX_ATTENTION": "kv_last"}
+
+# Steps for which a prefix whose last part went to the worker counts as stored though its index is not yet on
+# disk: vLLM schedules at most one step ahead of the one running (async scheduling), so the index is written
+# (or its save was refused) two steps later; the margin covers a scheduler that runs further ahead.
+_HANDED_STEPS = 4
 
 
 def _aligned(num_prompt_tokens: int, block_size: int) -> int:
@@ -100,6 +105,13 @@ class PQCConnectorMetadata(KVConnectorMetadata):
     refusals: list[_Refusal] = field(default_factory=list)
 
 
+def _resumed(cached: Any) -> set[str]:
+    """The requests of ``scheduled_cached_reqs`` resumed after preemption. vLLM 0.32 and 0.33 name them in
+    ``resumed_req_ids``; 0.34 has no such field and re-sends a resumed request among the new ones, with all
+    its blocks (``build_connector_meta`` handles both)."""
+    return getattr(cached, "resumed_req_ids", None) or set()
+
+
 def _tenant_of(request: "Request") -> tuple[str, str] | None:
     params = request.kv_transfer_params
     if not isinstance(params, dict):
@@ -121,6 +133,12 @@ class PQCKVConnector(KVConnectorBase_V1):
     ``cache_salt`` is not its tenant's is refused the same way, and the refusal is recorded as an
     isolation violation.
     """
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """No (vLLM 0.33+ asks, and refuses sleep mode at start-up): the worker keeps the KV tensors vLLM
+        registered, and reading them after sleep mode remapped them is untested."""
+        return False
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -150,7 +168,8 @@ class PQCKVConnector(KVConnectorBase_V1):
             # a signing key kept in a file (by default beside the user's other audit keys, outside the log's
             # folder), so that a restarted worker continues the same log rather than failing to start
             signing = cfg.get_from_extra_config("audit_signing_key", None) or str(default_key_path(audit_path))
-            self._keys = KeyClient(socket_path)
+            token_path = cfg.get_from_extra_config("key_service_token", None)
+            self._keys = KeyClient(socket_path, token=load_engine_token(token_path) if token_path else None)
             self._audit = KVAuditLog(audit_path, signing_key=signing)
             atexit.register(self._close_audit)      # sealed when the worker exits without a shutdown call
 
@@ -167,6 +186,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         self._refused: set[str] = set()
         self._storing: dict[str, _Storing] = {}
         self._storing_dirs: set[str] = set()                   # one request saves a prefix at a time
+        self._step = 0
+        self._handed: dict[str, int] = {}                      # prefix -> step its last part went to the worker
 
     def _plan(self, request: "Request") -> _Plan | None:
         """The plan of a request the connector serves; None to pass it through (a refusal is queued for a
@@ -222,7 +243,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         plan = self._plans.get(req_id)
         if plan is None:
             return
-        if plan.directory in self._storing_dirs or os.path.lexists(os.path.join(plan.directory, INDEX)):
+        if plan.directory in self._storing_dirs or plan.directory in self._handed or \
+                os.path.lexists(os.path.join(plan.directory, INDEX)):
             return
         self._storing_dirs.add(plan.directory)
         self._storing[req_id] = _Storing(plan, list(block_ids))
@@ -243,6 +265,7 @@ class PQCKVConnector(KVConnectorBase_V1):
         if whole * self._block_size == p.num_tokens:
             part.parts = list(st.parts)
             self._stop_storing(req_id)
+            self._handed[p.directory] = self._step
         meta.stores.append(part)
 
     def _stop_storing(self, req_id: str) -> None:
@@ -251,23 +274,31 @@ class PQCKVConnector(KVConnectorBase_V1):
             self._storing_dirs.discard(st.plan.directory)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        self._step += 1
+        if self._handed:
+            self._handed = {d: s for d, s in self._handed.items() if self._step - s <= _HANDED_STEPS}
         # every pending load is of a request scheduled in this step (new or resumed after preemption)
         meta = PQCConnectorMetadata(loads=list(self._pending_loads.values()), refusals=self._pending_refusals)
         self._pending_loads, self._pending_refusals = {}, []
         loading = {r.req_id for r in meta.loads}
         scheduled = scheduler_output.num_scheduled_tokens
         for new_req in scheduler_output.scheduled_new_reqs:
-            if new_req.req_id not in loading:
+            st = self._storing.get(new_req.req_id)
+            if st is not None:
+                # resumed after preemption, re-sent as new (vLLM 0.34): these are all its blocks
+                st.block_ids = list(new_req.block_ids[0])
+            elif new_req.req_id not in loading:
                 self._start_storing(new_req.req_id, list(new_req.block_ids[0]))
             if new_req.req_id in self._storing:
                 self._advance(meta, new_req.req_id, new_req.num_computed_tokens + scheduled.get(new_req.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = _resumed(cached)
         for i, req_id in enumerate(cached.req_ids):
             st = self._storing.get(req_id)
             if st is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
+            if req_id in resumed:
                 # resumed after preemption: these are all its blocks; what was saved before stays saved and is
                 # not saved again, what is recomputed now is saved once whole
                 st.block_ids = list(new_ids[0]) if new_ids is not None else []

@@ -11,13 +11,15 @@ An ASGI app (Starlette, on the server stack vLLM already depends on; ``httpx`` f
 * removes whatever the client put in ``cache_salt``, ``kv_transfer_params`` and
   ``vllm_xargs["kv_transfer_params"]``, and sets the server's: the tenant's salt (a MAC under the server
   secret) and its tenant and live session ids;
+* marks the tenant's session active (an :class:`~pqc_kv_cache.vllm.keyservice.ActiveSessions`) while its
+  request is in flight, so that the key service serves that session's keys only then;
 * forwards ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streaming or not) to vLLM, which must
   listen on loopback or a Unix socket only (anything else is refused at construction).
 
 Every other path answers 404. Run::
 
     python -m pqc_kv_cache.vllm.gateway --api-keys keys.json --server-secret server.key \\
-        --key-service-dir /run/pqc-kv --upstream http://127.0.0.1:8001 --port 8000
+        --engine-token engine.token --key-service-dir /run/pqc-kv --upstream http://127.0.0.1:8001 --port 8000
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ import os
 import secrets
 import stat
 import threading
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -43,6 +44,7 @@ from starlette.routing import Route
 from ..errors import KVCacheError
 from ..isolation import TenantIsolationManager
 from ..session import TenantKeyPair, TenantSession
+from .keyservice import ActiveSessions
 from .tenancy import ServerSecret, request_fields
 
 __all__ = ["APIKeys", "GatewayError", "build_app", "add_api_key", "FORWARDED_PATHS", "main"]
@@ -132,6 +134,21 @@ def _check_upstream(url: str, uds: str | None) -> None:
                            "socket, so that no request reaches it without the gateway")
 
 
+class _Relayed(StreamingResponse):
+    """A streamed answer relayed from vLLM; ``done`` runs however the relay ends (sent, failed, or the
+    client gone before or during it), which a background task would not."""
+
+    def __init__(self, content: Any, done: Callable[[], Awaitable[None]], **kw: Any):
+        super().__init__(content, **kw)
+        self._done = done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._done()
+
+
 def _live_session(manager: TenantIsolationManager, tenant_id: str, lock: threading.Lock) -> TenantSession:
     """The tenant's live session, a new one when it has none (never started, closed or expired)."""
     with lock:
@@ -143,15 +160,18 @@ def _live_session(manager: TenantIsolationManager, tenant_id: str, lock: threadi
 
 def build_app(manager: TenantIsolationManager, secret: ServerSecret, keys: APIKeys, upstream: str, *,
               uds: str | None = None, session_for: Callable[[str], TenantSession] | None = None,
-              timeout: float = 600.0) -> Starlette:
+              active: ActiveSessions | None = None, timeout: float = 600.0) -> Starlette:
     """The gateway's ASGI app. ``upstream``: vLLM's base URL (``http://127.0.0.1:8001``; with ``uds``, the
     Unix socket it listens on, the URL's host is only the Host header); ``session_for(tenant)``: the tenant's
-    live session (default: the manager's, a new one when it has none)."""
+    live session (default: the manager's, a new one when it has none); ``active``: the registry of sessions
+    with a request in flight that the key service reads (default: a registry of the app's own,
+    ``app.state.active``)."""
     if not isinstance(manager, TenantIsolationManager) or not isinstance(secret, ServerSecret) or \
             not isinstance(keys, APIKeys):
         raise TypeError("build_app needs a TenantIsolationManager, a ServerSecret and APIKeys")
     _check_upstream(upstream, uds)
     lock = threading.Lock()
+    active = ActiveSessions() if active is None else active
     session_of = session_for or (lambda t: _live_session(manager, t, lock))
     base = upstream.rstrip("/")
 
@@ -185,20 +205,35 @@ def build_app(manager: TenantIsolationManager, secret: ServerSecret, keys: APIKe
         client = new_client()
         up = client.build_request("POST", request.url.path, content=json.dumps(body).encode(),
                                   headers={"content-type": "application/json"})
+        # the session's keys are served while its request is in flight: from before vLLM sees it until its
+        # answer is sent, failed or dropped (released once, whichever path ends it)
+        active.acquire(tenant, session.session_id)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                active.release(tenant, session.session_id)
+
         try:
             resp = await client.send(up, stream=True)
-        except httpx.HTTPError as e:
+        except BaseException as e:
+            release()
             await client.aclose()
-            return JSONResponse({"error": {"message": f"upstream unavailable: {type(e).__name__}"}}, status_code=502)
+            if isinstance(e, httpx.HTTPError):
+                return JSONResponse({"error": {"message": f"upstream unavailable: {type(e).__name__}"}},
+                                    status_code=502)
+            raise
 
         async def done() -> None:
+            release()
             await resp.aclose()
             await client.aclose()
 
         keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "cache-control")}
         if body.get("stream") is True:
-            return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code, headers=keep,
-                                     background=BackgroundTask(done))
+            return _Relayed(resp.aiter_raw(), done, status_code=resp.status_code, headers=keep)
         try:
             content = await resp.aread()
         finally:
@@ -207,6 +242,7 @@ def build_app(manager: TenantIsolationManager, secret: ServerSecret, keys: APIKe
 
     app = Starlette(routes=[Route(p, forward, methods=["POST"]) for p in FORWARDED_PATHS])
     app.state.manager = manager
+    app.state.active = active
     return app
 
 
@@ -214,13 +250,16 @@ def main(argv: list[str] | None = None) -> None:
     """Start the key service and the gateway (uvicorn) in this process."""
     import uvicorn
 
-    from .keyservice import KeyService
+    from .keyservice import KeyService, generate_engine_token_file, load_engine_token
     from .tenancy import load_server_secret
 
     ap = argparse.ArgumentParser(prog="python -m pqc_kv_cache.vllm.gateway", description=__doc__.split("\n")[0])
     ap.add_argument("--api-keys", required=True, help="the file of API key hashes (add_api_key writes it)")
     ap.add_argument("--server-secret", required=True, help="the server secret's key file (mode 0600)")
     ap.add_argument("--key-service-dir", required=True, help="directory of the key service's socket (0700)")
+    ap.add_argument("--engine-token", required=True,
+                    help="the engine token's file (mode 0600; created if missing), which the connector's "
+                         "kv_connector_extra_config['key_service_token'] names")
     ap.add_argument("--upstream", default="http://127.0.0.1:8001", help="vLLM's base URL, on loopback")
     ap.add_argument("--upstream-uds", default=None, help="vLLM's Unix socket, instead of a loopback port")
     ap.add_argument("--add-key", metavar="TENANT", help="add an API key for TENANT to --api-keys, print it, exit")
@@ -231,9 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         print(add_api_key(args.api_keys, args.add_key))
         return
     manager = TenantIsolationManager()
+    active = ActiveSessions()
+    token = load_engine_token(args.engine_token) if os.path.lexists(args.engine_token) else \
+        generate_engine_token_file(args.engine_token)
     app = build_app(manager, load_server_secret(args.server_secret), APIKeys.load(args.api_keys), args.upstream,
-                    uds=args.upstream_uds)
-    with KeyService(manager, args.key_service_dir):
+                    uds=args.upstream_uds, active=active)
+    with KeyService(manager, args.key_service_dir, token=token, active=active):
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

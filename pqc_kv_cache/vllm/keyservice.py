@@ -10,7 +10,12 @@ Who may ask:
 * the socket lives in a directory of mode 0700 owned by the server's user (created so, or refused if it is
   anything else), so no other user can even connect;
 * every connection's peer is checked with ``SO_PEERCRED`` (Linux): its uid must be one of ``allowed_uids``
-  (default: the server's own uid) -- a refused peer gets one error reply and the connection is closed.
+  (default: the server's own uid) -- a refused peer gets one error reply and the connection is closed;
+* with an engine ``token`` (32 bytes, kept in a 0600 file that the connector's configuration names:
+  :func:`generate_engine_token_file`), every request must carry it, so a process of an allowed uid that
+  cannot read that file gets nothing;
+* with ``active`` (an :class:`ActiveSessions` the gateway fills), keys are served only for a session that has
+  a request in flight through the gateway, so a session's keys cannot be fetched while it is idle.
 
 Connections are served concurrently (up to ``MAX_CONNECTIONS``, each on its own thread, with a
 ``CONNECTION_TIMEOUT`` per read), so idle clients do not stall the others; a malformed request gets an error
@@ -18,28 +23,33 @@ reply and the service goes on.
 
 Protocol: one request per connection, a 4-byte big-endian length then a JSON object; the reply likewise.
 
-* ``{"op": "reserve", "tenant": T, "session": S, "count": N}`` reserves N nonce counters of the session's
+* ``{"op": "reserve", "tenant": T, "session": S, "count": N, "token": hex}`` reserves N nonce counters of the session's
   current epoch (``TenantSession.reserve``, so the worker's nonces never collide with the server's) and
   answers ``{"ok": true, "epoch": E, "first": C, "key": hex}``;
-* ``{"op": "key", "tenant": T, "session": S, "epoch": E}`` answers the key of that epoch (to open);
-* an unknown tenant, a session id that is not the tenant's live session, an expired session or a retired
-  epoch answer ``{"ok": false, "error": ...}``, and the client raises :class:`KeyServiceError`.
+* ``{"op": "key", "tenant": T, "session": S, "epoch": E, "token": hex}`` answers the key of that epoch (to open);
+* a missing or wrong token, an unknown tenant, a session id that is not the tenant's live session or has no
+  request in flight, an expired session or a retired epoch answer ``{"ok": false, "error": ...}``, and the
+  client raises :class:`KeyServiceError`.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import socket
 import stat
 import struct
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 from ..errors import KVCacheError
 from ..isolation import TenantIsolationManager
+from .tenancy import read_key_file, write_new_key_file
 
-__all__ = ["KeyService", "KeyClient", "KeyServiceError", "Reservation", "SOCKET_NAME"]
+__all__ = ["ActiveSessions", "KeyService", "KeyClient", "KeyServiceError", "Reservation", "SOCKET_NAME",
+           "generate_engine_token_file", "load_engine_token"]
 
 SOCKET_NAME = "keys.sock"
 _LEN = struct.Struct(">I")
@@ -51,6 +61,45 @@ CONNECTION_TIMEOUT = 5.0      # seconds a connection may wait between reads
 
 class KeyServiceError(KVCacheError):
     """The key service refused or could not answer (unknown tenant or session, refused peer, no service)."""
+
+
+def generate_engine_token_file(path: str) -> bytes:
+    """Create a new engine token (32 random bytes, 64 hex digits in a file of mode 0600, never overwritten);
+    the key service and the connector (``kv_connector_extra_config['key_service_token']``) read it."""
+    return write_new_key_file(path, "engine token")
+
+
+def load_engine_token(path: str) -> bytes:
+    """The engine token in a file written by :func:`generate_engine_token_file` (``SecretFileError`` for a
+    missing, malformed or group/other-accessible file)."""
+    return read_key_file(path, "engine token")
+
+
+class ActiveSessions:
+    """The sessions that have a request in flight through the gateway (counted: several requests of one
+    session may be in flight). The gateway calls :meth:`acquire` before it forwards a request and
+    :meth:`release` once its answer is sent or failed; a key service given this registry serves keys only
+    for the sessions in it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count: Counter[tuple[str, str]] = Counter()
+
+    def acquire(self, tenant_id: str, session_id: str) -> None:
+        with self._lock:
+            self._count[(tenant_id, session_id)] += 1
+
+    def release(self, tenant_id: str, session_id: str) -> None:
+        with self._lock:
+            key = (tenant_id, session_id)
+            if self._count[key] <= 1:
+                del self._count[key]
+            else:
+                self._count[key] -= 1
+
+    def is_active(self, tenant_id: str, session_id: str) -> bool:
+        with self._lock:
+            return self._count.get((tenant_id, session_id), 0) > 0
 
 
 @dataclass(frozen=True)
@@ -112,9 +161,16 @@ class KeyService:
     Use as a context manager, or call :meth:`start` and :meth:`close`.
     """
 
-    def __init__(self, manager: TenantIsolationManager, directory: str, *, allowed_uids: frozenset[int] | None = None):
+    def __init__(self, manager: TenantIsolationManager, directory: str, *, allowed_uids: frozenset[int] | None = None,
+                 token: bytes | None = None, active: ActiveSessions | None = None):
         if not isinstance(manager, TenantIsolationManager):
             raise TypeError(f"manager must be a TenantIsolationManager, got {type(manager).__name__}")
+        if token is not None and (not isinstance(token, bytes) or len(token) != 32):
+            raise ValueError("token must be 32 bytes (load_engine_token)")
+        if active is not None and not isinstance(active, ActiveSessions):
+            raise TypeError(f"active must be an ActiveSessions, got {type(active).__name__}")
+        self._token = None if token is None else token.hex().encode()
+        self._active = active
         self.manager = manager
         self.directory = _private_dir(directory)
         self.path = os.path.join(self.directory, SOCKET_NAME)
@@ -207,11 +263,17 @@ class KeyService:
 
     def _answer(self, req: dict) -> dict:
         op, tenant, session_id = req.get("op"), req.get("tenant"), req.get("session")
+        if self._token is not None:
+            given = req.get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8", "replace"), self._token):
+                raise KeyServiceError("a valid engine token is required")
         if not isinstance(tenant, str) or not isinstance(session_id, str):
             raise KeyServiceError("tenant and session must be strings")
         session = self.manager.get_session(tenant)          # UnknownTenantError / SessionExpiredError
         if session.session_id != session_id:
             raise KeyServiceError(f"session {session_id!r} is not the live session of tenant {tenant!r}")
+        if self._active is not None and not self._active.is_active(tenant, session_id):
+            raise KeyServiceError(f"session {session_id!r} of tenant {tenant!r} has no request in flight")
         if op == "reserve":
             count = req.get("count")
             if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= _MAX_RESERVE:
@@ -227,15 +289,24 @@ class KeyService:
 
 
 class KeyClient:
-    """Asks the key service at ``path`` (a socket path) for keys; one connection per request."""
+    """Asks the key service at ``path`` (a socket path) for keys, with the engine ``token`` when the service
+    has one; one connection per request."""
 
-    def __init__(self, path: str, timeout: float = 10.0):
+    def __init__(self, path: str, timeout: float = 10.0, *, token: bytes | None = None):
         if not isinstance(path, str) or not path:
             raise ValueError("path must be the key service's socket path")
+        if token is not None and (not isinstance(token, bytes) or len(token) != 32):
+            raise ValueError("token must be 32 bytes (load_engine_token)")
         self.path = path
         self.timeout = timeout
+        self._token = None if token is None else token.hex()
+
+    def __repr__(self) -> str:
+        return f"KeyClient({self.path!r}, token={'<hidden>' if self._token else None})"
 
     def _ask(self, req: dict) -> dict:
+        if self._token is not None:
+            req = {**req, "token": self._token}
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(self.timeout)

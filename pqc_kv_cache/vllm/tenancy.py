@@ -102,19 +102,19 @@ def request_fields(secret: ServerSecret, tenant_id: str, session_id: str) -> dic
             "kv_transfer_params": {PARAMS_KEY: {"tenant_id": tenant_id, "session_id": session_id}}}
 
 
-def generate_server_secret_file(path: str | os.PathLike[str]) -> ServerSecret:
-    """Create a new server secret at ``path`` (64 hex digits, mode 0600; missing parents are created with
-    mode 0700). An existing file is never overwritten (``SecretFileError``)."""
+def write_new_key_file(path: str | os.PathLike[str], what: str) -> bytes:
+    """Create a key file of 32 new random bytes at ``path`` (64 hex digits, mode 0600; missing parents are
+    created with mode 0700) and return the bytes. An existing file is never overwritten (``SecretFileError``);
+    ``what`` names the file in messages."""
     p = Path(os.path.expanduser(os.fspath(path)))
     key = secrets.token_bytes(SECRET_BYTES)
     try:
         p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise SecretFileError(f"server secret file {os.fspath(p)!r} exists already; it is never "
-                              "overwritten") from None
+        raise SecretFileError(f"{what} file {os.fspath(p)!r} exists already; it is never overwritten") from None
     except OSError as e:
-        raise SecretFileError(f"cannot create server secret file {os.fspath(p)!r}: {e.strerror}") from None
+        raise SecretFileError(f"cannot create {what} file {os.fspath(p)!r}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(key.hex() + "\n")
@@ -122,27 +122,27 @@ def generate_server_secret_file(path: str | os.PathLike[str]) -> ServerSecret:
             os.fsync(f.fileno())
     except OSError as e:
         p.unlink(missing_ok=True)
-        raise SecretFileError(f"cannot write server secret file {os.fspath(p)!r}: {e.strerror}") from None
-    return ServerSecret(key)
+        raise SecretFileError(f"cannot write {what} file {os.fspath(p)!r}: {e.strerror}") from None
+    return key
 
 
-def load_server_secret(path: str | os.PathLike[str]) -> ServerSecret:
-    """The secret of a key file written by ``generate_server_secret_file``. Refuses (``SecretFileError``) a
-    file that does not exist, is not a regular file, that group or others may access, or that does not hold
-    exactly 64 hex digits."""
+def read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
+    """The 32 bytes of a key file written by ``write_new_key_file``. Refuses (``SecretFileError``) a file that
+    does not exist, is not a regular file, that group or others may access, or that does not hold exactly 64
+    hex digits."""
     p = os.path.expanduser(os.fspath(path))
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise SecretFileError(f"server secret file {p!r} does not exist") from None
+        raise SecretFileError(f"{what} file {p!r} does not exist") from None
     except OSError as e:
-        raise SecretFileError(f"cannot read server secret file {p!r}: {e.strerror}") from None
+        raise SecretFileError(f"cannot read {what} file {p!r}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise SecretFileError(f"server secret file {p!r} is not a regular file")
+            raise SecretFileError(f"{what} file {p!r} is not a regular file")
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SecretFileError(f"server secret file {p!r} is accessible by group or others (mode "
+            raise SecretFileError(f"{what} file {p!r} is accessible by group or others (mode "
                                   f"{stat.S_IMODE(st.st_mode):o}); restrict it with chmod 600")
         data = f.read(_MAX_FILE + 1)
     try:
@@ -151,5 +151,18 @@ def load_server_secret(path: str | os.PathLike[str]) -> ServerSecret:
     except (UnicodeDecodeError, ValueError):
         key = b""
     if len(data) > _MAX_FILE or len(key) != SECRET_BYTES or len(text) != 2 * SECRET_BYTES:
-        raise SecretFileError(f"server secret file {p!r} does not hold {SECRET_BYTES} bytes as hex")
-    return ServerSecret(key)
+        raise SecretFileError(f"{what} file {p!r} does not hold {SECRET_BYTES} bytes as hex")
+    return key
+
+
+def generate_server_secret_file(path: str | os.PathLike[str]) -> ServerSecret:
+    """Create a new server secret at ``path`` (64 hex digits, mode 0600; missing parents are created with
+    mode 0700). An existing file is never overwritten (``SecretFileError``)."""
+    return ServerSecret(write_new_key_file(path, "server secret"))
+
+
+def load_server_secret(path: str | os.PathLike[str]) -> ServerSecret:
+    """The secret of a key file written by ``generate_server_secret_file``. Refuses (``SecretFileError``) a
+    file that does not exist, is not a regular file, that group or others may access, or that does not hold
+    exactly 64 hex digits."""
+    return ServerSecret(read_key_file(path, "server secret"))

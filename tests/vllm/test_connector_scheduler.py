@@ -42,14 +42,15 @@ def _new(req_id, blocks, computed=0, prompt=PROMPT, c=None):
               sampling_params=NS(extra_args={"kv_transfer_params": FIELDS["kv_transfer_params"]}))
 
 
-def _step(c, new=(), cached=(), scheduled=None):
-    """One scheduler step: ``cached`` is (req_id, new block ids or None, num_computed_tokens, resumed)."""
-    out = NS(scheduled_new_reqs=list(new),
-             scheduled_cached_reqs=NS(req_ids=[x[0] for x in cached],
-                                      new_block_ids=[None if x[1] is None else (list(x[1]),) for x in cached],
-                                      num_computed_tokens=[x[2] for x in cached],
-                                      resumed_req_ids={x[0] for x in cached if x[3]}),
-             num_scheduled_tokens=dict(scheduled or {}))
+def _step(c, new=(), cached=(), scheduled=None, vllm034=False):
+    """One scheduler step: ``cached`` is (req_id, new block ids or None, num_computed_tokens, resumed).
+    ``vllm034``: the cached requests as vLLM 0.34 sends them (no ``resumed_req_ids``; a resumed request is
+    among the new ones)."""
+    data = NS(req_ids=[x[0] for x in cached], new_block_ids=[None if x[1] is None else (list(x[1]),) for x in cached],
+              num_computed_tokens=[x[2] for x in cached])
+    if not vllm034:
+        data.resumed_req_ids = {x[0] for x in cached if x[3]}
+    out = NS(scheduled_new_reqs=list(new), scheduled_cached_reqs=data, num_scheduled_tokens=dict(scheduled or {}))
     return c.build_connector_meta(out)
 
 
@@ -80,6 +81,21 @@ def test_a_request_preempted_mid_prefill_resumes_without_saving_a_block_twice(tm
         [("r", [21], 1, [(0, 1), (1, 1)])]                               # the resumed request's block
 
 
+def test_a_request_resumed_as_vllm_034_resends_it_is_saved_from_its_new_blocks(tmp_path):
+    c = _connector(tmp_path)
+    assert _stores(_step(c, new=[_new("r", [10], c=c)], scheduled={"r": 32}, vllm034=True)) == \
+        [("r", [10], 0, None)]
+    assert _stores(_step(c, vllm034=True)) == []                        # preempted: not scheduled
+    # vLLM 0.34 re-sends the resumed request among the new ones, with all its (new) blocks
+    assert _stores(_step(c, new=[_new("r", [20, 21], c=c)], scheduled={"r": 32}, vllm034=True)) == []
+    assert _stores(_step(c, cached=[("r", None, 32, False)], scheduled={"r": 32}, vllm034=True)) == \
+        [("r", [21], 1, [(0, 1), (1, 1)])]                               # its new block, not block 10's id
+
+
+def test_sleep_mode_is_refused():
+    assert PQCKVConnector.supports_sleep_mode(None) is False
+
+
 def test_a_request_that_ends_before_its_prefix_is_whole_gets_no_index_and_frees_the_prefix(tmp_path):
     c = _connector(tmp_path)
     _step(c, new=[_new("r", [10], c=c)], scheduled={"r": 32})
@@ -87,6 +103,20 @@ def test_a_request_that_ends_before_its_prefix_is_whole_gets_no_index_and_frees_
     c.request_finished(NS(request_id="r"), [10])
     assert _stores(_step(c, cached=[("r2", [31], 32, False)], scheduled={"r2": 32})) == []   # r2 never began
     assert _stores(_step(c, new=[_new("r3", [40, 41, 42], c=c)], scheduled={"r3": 80})) == [("r3", [40, 41], 0, [(0, 2)])]
+
+
+def test_a_prefix_handed_to_the_worker_is_not_saved_again_before_its_index_is_on_disk(tmp_path):
+    c = _connector(tmp_path)
+    assert _stores(_step(c, new=[_new("r1", [4, 5, 6], c=c)], scheduled={"r1": 80})) == [("r1", [4, 5], 0, [(0, 2)])]
+    # vLLM schedules the next step before the worker has run this one (async scheduling): no index yet.
+    # r2 has the prompt's blocks from vLLM's prefix cache, r3 (a step later) computes it: neither saves it
+    assert _stores(_step(c, new=[_new("r2", [4, 5, 7], computed=64, c=c)], scheduled={"r2": 16})) == []
+    assert _stores(_step(c, new=[_new("r3", [8, 9, 10], c=c)], scheduled={"r3": 80})) == []
+    # a save that never reached the disk (refused in the worker) is tried again a few steps later
+    for _ in range(4):
+        _step(c)
+    assert _stores(_step(c, new=[_new("r4", [11, 12, 13], c=c)], scheduled={"r4": 80})) == \
+        [("r4", [11, 12], 0, [(0, 2)])]
 
 
 def test_a_load_is_handed_over_for_a_resumed_request_too(tmp_path):

@@ -23,10 +23,13 @@ from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from pqc_kv_cache.isolation import TenantIsolationManager  # noqa: E402
-from pqc_kv_cache.vllm import ServerSecret  # noqa: E402
+from pqc_kv_cache.vllm import ActiveSessions, ServerSecret  # noqa: E402
 from pqc_kv_cache.vllm.gateway import APIKeys, GatewayError, add_api_key, build_app  # noqa: E402
 
 SECRET = ServerSecret(bytes(range(32)))
+
+
+PROBE: dict = {}      # "fn": called with each body vLLM gets (and again before each streamed event)
 
 
 def _fake_vllm(seen: list):
@@ -34,9 +37,13 @@ def _fake_vllm(seen: list):
     async def handle(request):
         body = json.loads(await request.body())
         seen.append((request.url.path, body))
+        if "fn" in PROBE:
+            PROBE["fn"](body)
         if body.get("stream"):
             async def events():
                 for i in range(3):
+                    if "fn" in PROBE:
+                        PROBE["fn"](body)
                     yield f"data: {json.dumps({'i': i})}\n\n".encode()
                 yield b"data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -175,3 +182,69 @@ def test_an_unreachable_vllm_is_a_502(tmp_path):
     s.close()
     app = build_app(TenantIsolationManager(), SECRET, APIKeys.load(path), f"http://127.0.0.1:{port}")
     assert _post(app, "/v1/completions", {"prompt": "p"}, key)[0] == 502
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_session_is_active_for_the_key_service_only_while_its_request_is_in_flight(tmp_path, upstream, stream):
+    url, seen = upstream
+    path = str(tmp_path / "keys.json")
+    ka = add_api_key(path, "tenant-a")
+    manager, active = TenantIsolationManager(), ActiveSessions()
+    app = build_app(manager, SECRET, APIKeys.load(path), url, active=active)
+    assert app.state.active is active
+    during = []
+
+    def probe(body):
+        p = body["kv_transfer_params"]["pqc_kv_cache"]
+        during.append(active.is_active(p["tenant_id"], p["session_id"]))
+    PROBE["fn"] = probe
+    try:
+        assert _post(app, "/v1/completions", {"prompt": "p", "stream": stream}, ka)[0] == 200
+    finally:
+        PROBE.clear()
+    sid = manager.get_session("tenant-a").session_id
+    assert during == [True] * (4 if stream else 1)
+    assert not active.is_active("tenant-a", sid)              # released once the answer is sent
+
+
+def test_a_failed_forward_releases_the_session(tmp_path):
+    path = str(tmp_path / "keys.json")
+    key = add_api_key(path, "t")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    manager, active = TenantIsolationManager(), ActiveSessions()
+    app = build_app(manager, SECRET, APIKeys.load(path), f"http://127.0.0.1:{port}", active=active)
+    assert _post(app, "/v1/completions", {"prompt": "p"}, key)[0] == 502
+    assert not active.is_active("t", manager.get_session("t").session_id)
+
+
+def test_a_client_gone_mid_stream_releases_the_session(tmp_path, upstream):
+    url, _ = upstream
+    path = str(tmp_path / "keys.json")
+    ka = add_api_key(path, "tenant-a")
+    manager, active = TenantIsolationManager(), ActiveSessions()
+    app = build_app(manager, SECRET, APIKeys.load(path), url, active=active)
+    body = json.dumps({"prompt": "p", "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"authorization", f"Bearer {ka}".encode()), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("gw", 80)}
+    sent = []
+
+    async def receive(first=[True]):
+        if first[0]:
+            first[0] = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)                       # the client says nothing more
+
+    async def send(message):
+        sent.append(message["type"])
+        if message["type"] == "http.response.body" and message.get("body"):
+            raise OSError("client went away")          # the first event cannot be delivered
+
+    with pytest.raises(OSError):
+        asyncio.run(app(scope, receive, send))
+    assert "http.response.start" in sent
+    assert not active.is_active("tenant-a", manager.get_session("tenant-a").session_id)

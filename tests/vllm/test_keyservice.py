@@ -12,7 +12,8 @@ from pqc_kv_cache.session import TenantKeyPair
 import socket
 import struct
 
-from pqc_kv_cache.vllm import KeyClient, KeyService, KeyServiceError
+from pqc_kv_cache.vllm import (ActiveSessions, KeyClient, KeyService, KeyServiceError, SecretFileError,
+                               generate_engine_token_file, load_engine_token)
 
 
 @pytest.fixture()
@@ -119,3 +120,56 @@ def test_idle_connections_do_not_stall_the_others(served):
     finally:
         for c in idle:
             c.close()
+
+
+def test_a_service_with_an_engine_token_answers_only_requests_carrying_it(tmp_path):
+    manager = TenantIsolationManager()
+    sa = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
+    token = generate_engine_token_file(str(tmp_path / "tok" / "engine.token"))
+    assert stat.S_IMODE(os.stat(tmp_path / "tok" / "engine.token").st_mode) == 0o600
+    assert load_engine_token(str(tmp_path / "tok" / "engine.token")) == token
+    with KeyService(manager, str(tmp_path / "keys"), token=token) as service:
+        for client in (KeyClient(service.path), KeyClient(service.path, token=bytes(32))):
+            with pytest.raises(KeyServiceError, match="engine token"):
+                client.reserve("tenant-a", sa.session_id, 1)
+            with pytest.raises(KeyServiceError, match="engine token"):
+                client.key("tenant-a", sa.session_id, sa.epoch)
+        assert _raw(service.path, b'{"op": "key", "tenant": "tenant-a", "session": "s", "epoch": 0, '
+                                  b'"token": 7}')["ok"] is False
+        assert KeyClient(service.path, token=token).key("tenant-a", sa.session_id, sa.epoch) == sa.symmetric_key
+    assert "<hidden>" in repr(KeyClient("x", token=token)) and token.hex() not in repr(KeyClient("x", token=token))
+
+
+def test_a_loose_or_malformed_engine_token_file_is_refused(tmp_path):
+    path = tmp_path / "engine.token"
+    generate_engine_token_file(str(path))
+    with pytest.raises(SecretFileError, match="exists already"):
+        generate_engine_token_file(str(path))
+    os.chmod(path, 0o640)
+    with pytest.raises(SecretFileError, match="engine token file .* accessible by group or others"):
+        load_engine_token(str(path))
+    os.chmod(path, 0o600)
+    path.write_text("abc\n")
+    with pytest.raises(SecretFileError, match="engine token file"):
+        load_engine_token(str(path))
+
+
+def test_keys_are_served_only_for_sessions_with_a_request_in_flight(tmp_path):
+    manager = TenantIsolationManager()
+    sa = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
+    active = ActiveSessions()
+    with KeyService(manager, str(tmp_path / "keys"), active=active) as service:
+        client = KeyClient(service.path)
+        with pytest.raises(KeyServiceError, match="no request in flight"):
+            client.key("tenant-a", sa.session_id, sa.epoch)
+        active.acquire("tenant-a", sa.session_id)
+        active.acquire("tenant-a", sa.session_id)                # two requests of the session in flight
+        assert client.reserve("tenant-a", sa.session_id, 1).key == sa.symmetric_key
+        active.release("tenant-a", sa.session_id)
+        assert client.key("tenant-a", sa.session_id, sa.epoch) == sa.symmetric_key
+        active.release("tenant-a", sa.session_id)
+        with pytest.raises(KeyServiceError, match="no request in flight"):
+            client.reserve("tenant-a", sa.session_id, 1)
+        active.acquire("tenant-b", sa.session_id)                # another tenant's request does not count
+        with pytest.raises(KeyServiceError, match="no request in flight"):
+            client.key("tenant-a", sa.session_id, sa.epoch)
