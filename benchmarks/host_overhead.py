@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import DynamicCache, LlamaConfig  # noqa: E402
 
+from benchmarks.cache_report import cpu_model  # noqa: E402
 from pqc_kv_cache.audit import KVAuditLog  # noqa: E402
 from pqc_kv_cache.cache import EncryptedCache  # noqa: E402
 from pqc_kv_cache.session import TenantIdentity, establish_tenant_session  # noqa: E402
@@ -53,17 +53,6 @@ from pqc_kv_cache.session import TenantIdentity, establish_tenant_session  # noq
 VARIANTS = ("dynamic", "sealed_audit_off", "sealed_audit_on", "working_set_audit_off", "working_set_audit_on")
 LABELS = {"dynamic": "DynamicCache", "sealed_audit_off": "sealed, audit off", "sealed_audit_on": "sealed, audit on",
           "working_set_audit_off": "working set, audit off", "working_set_audit_on": "working set, audit on"}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def spread(values) -> dict:

@@ -20,11 +20,10 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
-from pathlib import Path
 from typing import Any
 
 from ..errors import KVCacheError
+from ..secretfiles import create_secret_file, expand, read_secret_file
 
 __all__ = ["PARAMS_KEY", "SecretFileError", "ServerSecret", "generate_server_secret_file", "load_server_secret",
            "request_fields"]
@@ -103,26 +102,11 @@ def request_fields(secret: ServerSecret, tenant_id: str, session_id: str) -> dic
 
 
 def write_new_key_file(path: str | os.PathLike[str], what: str) -> bytes:
-    """Create a key file of 32 new random bytes at ``path`` (64 hex digits, mode 0600; missing parents are
-    created with mode 0700) and return the bytes. An existing file is never overwritten (``SecretFileError``);
-    ``what`` names the file in messages."""
-    p = Path(os.path.expanduser(os.fspath(path)))
+    """Create a key file of 32 new random bytes at ``path`` (64 hex digits; the rules of
+    ``pqc_kv_cache.secretfiles``: mode 0600, parents 0700, never overwritten) and return the bytes;
+    ``what`` names the file in messages (``SecretFileError``)."""
     key = secrets.token_bytes(SECRET_BYTES)
-    try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        raise SecretFileError(f"{what} file {os.fspath(p)!r} exists already; it is never overwritten") from None
-    except OSError as e:
-        raise SecretFileError(f"cannot create {what} file {os.fspath(p)!r}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(key.hex() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        p.unlink(missing_ok=True)
-        raise SecretFileError(f"cannot write {what} file {os.fspath(p)!r}: {e.strerror}") from None
+    create_secret_file(path, (key.hex() + "\n").encode("ascii"), f"{what} file", SecretFileError)
     return key
 
 
@@ -130,28 +114,16 @@ def read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
     """The 32 bytes of a key file written by ``write_new_key_file``. Refuses (``SecretFileError``) a file that
     does not exist, is not a regular file, that group or others may access, or that does not hold exactly 64
     hex digits."""
-    p = os.path.expanduser(os.fspath(path))
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise SecretFileError(f"{what} file {p!r} does not exist") from None
-    except OSError as e:
-        raise SecretFileError(f"cannot read {what} file {p!r}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise SecretFileError(f"{what} file {p!r} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SecretFileError(f"{what} file {p!r} is accessible by group or others (mode "
-                                  f"{stat.S_IMODE(st.st_mode):o}); restrict it with chmod 600")
-        data = f.read(_MAX_FILE + 1)
+    data = read_secret_file(path, _MAX_FILE, f"{what} file", SecretFileError)
     try:
         text = data.decode("ascii").strip()
         key = bytes.fromhex(text)
     except (UnicodeDecodeError, ValueError):
-        key = b""
-    if len(data) > _MAX_FILE or len(key) != SECRET_BYTES or len(text) != 2 * SECRET_BYTES:
-        raise SecretFileError(f"{what} file {p!r} does not hold {SECRET_BYTES} bytes as hex")
+        text, key = "", b""
+    finally:
+        data[:] = bytes(len(data))
+    if len(key) != SECRET_BYTES or len(text) != 2 * SECRET_BYTES:
+        raise SecretFileError(f"{what} file {os.fspath(expand(path))!r} does not hold {SECRET_BYTES} bytes as hex")
     return key
 
 
