@@ -329,6 +329,10 @@ class KVBlockStore:
                                      success=False, details=f"save failed (request {p.req_id}): index: {e}")
                 continue
             written.append(p.directory)
+            # the request's own record: its ENCRYPT records are the ones of its tenant, session and positions
+            self.log.log_event("save", p.tenant_id, p.session_id, position=0, position_count=p.num_tokens,
+                               details=f"request {p.req_id}: a prefix of {p.num_tokens} tokens stored in "
+                                       f"{len(want)} layer(s)")
         return written
 
     def forget(self, req_ids: Iterable[str]) -> None:
@@ -415,6 +419,12 @@ class KVBlockStore:
                 self._open_layer(layer, k, v, read[layer])
         for req in refused:
             self._load_errors.update(int(b) for b in req.block_ids)
+        for req in loads:
+            if req not in refused:   # the request's own record; its DECRYPT records say which tags held
+                self.log.log_event("load", req.tenant_id, req.session_id, position=req.first_block * bs,
+                                   position_count=len(req.block_ids) * bs,
+                                   details=f"request {req.req_id}: {len(req.block_ids)} block(s) opened in "
+                                           f"{len(layers)} layer(s)")
 
     def _open_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, reqs) -> None:
         layout = self._chunk_layout(layer, k)

@@ -138,6 +138,12 @@ def test_blocks_saved_then_loaded_into_other_blocks_give_the_same_kv(backend, ke
         assert sorted((r.layer_idx, r.row, r.position, r.position_count) for r in dec) == \
             sorted((layer, b, i * BS, BS) for layer in LAYERS for i, b in enumerate((1, 5, 11)))
         assert all(r.success and r.tenant_id == "tenant-a" and r.session_id == sa.session_id for r in dec)
+        # each request's save and load has a record of its own naming vLLM's request id
+        [save] = [r for r in recs if r.operation == "save"]
+        [load] = [r for r in recs if r.operation == "load"]
+        assert "request r1" in save.details and (save.position, save.position_count) == (0, ntok)
+        assert "request r2" in load.details and (load.position, load.position_count) == (0, 3 * BS)
+        assert save.session_id == load.session_id == sa.session_id
     finally:
         log.close(timeout=10)
 
