@@ -117,7 +117,7 @@ class StaticEncryptedCache(Cache):
                 hit = len(self._sessions)
                 self._sessions.append(s)
             prompt.append(hit)
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self._ctx = StaticContext(self._sessions, np.array(prompt, dtype=np.int64), rows_per_session, audit,
                                   backend, len(plan), max_cache_len, audit_records, nonce_reserve)
         super().__init__(layers=[cls(self._ctx, i, **kw) for i, (cls, kw) in enumerate(plan)])
@@ -130,6 +130,12 @@ class StaticEncryptedCache(Cache):
             s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
 
     # ---- settings and state ---------------------------------------------------------------------------
+    @property
+    def max_cache_len(self) -> int:
+        """Positions each row holds (transformers up to 5.18 has a read-only, deprecated property of this name
+        on ``Cache``)."""
+        return self._max_cache_len
+
     @property
     def sessions(self) -> list[TenantSession]:
         return list(self._sessions)
@@ -240,6 +246,13 @@ class StaticEncryptedCache(Cache):
                     self._record_rows(Op.CLOSE, layer, np.full(rows.size, slot), rows)
 
     # ---- Cache API -------------------------------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        # transformers' static layers crop (a negative count) in 5.25, not in 5.16, where StaticCache cannot either
+        if not all(hasattr(layer, "crop") for layer in self.layers):
+            raise ValueError("this transformers release's static layers cannot be cropped (StaticCache cannot "
+                             "either); a newer transformers adds StaticLayer.crop")
+        super().crop(tokens_to_remove)
+
     def reset(self) -> None:
         """Zero every layer (plaintext, ciphertext, slots) for a new sequence; records drained, nonce ranges
         refilled, failures since the last check still raised by the next ``check()``."""
