@@ -23,7 +23,7 @@ from ..envelope import session_tag, tenant_tag
 from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
 from .audit import CacheAuditor
-from .clearing import zero
+from .clearing import zero, zero_at_collection
 
 __all__ = ["LayerContext", "MergeSettings", "Scratch", "check_backend_argument", "deferred_status",
            "row_slots_for_batch"]
@@ -68,7 +68,7 @@ def _zero_scratch(box: list) -> None:
     """Zero and drop a plaintext scratch (at ``close()``, and when its cache is garbage-collected)."""
     s, box[0] = box[0], None
     if s is not None:
-        zero(s)
+        zero_at_collection([s])
 
 
 class Scratch:

@@ -26,15 +26,14 @@ from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from ..envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce
 from ..ops import kv_seal  # noqa: F401  (registers the operators)
-from .clearing import zero
+from .clearing import zero, zero_at_collection
 from .static_context import StaticContext
 
 __all__ = ["StaticSealing", "StaticEncryptedLayer", "StaticSlidingEncryptedLayer"]
 
 
 def _zero_all(tensors: tuple) -> None:
-    for t in tensors:
-        zero(t)
+    zero_at_collection(tensors)
 
 
 class StaticSealing:

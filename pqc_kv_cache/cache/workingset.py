@@ -24,7 +24,7 @@ import torch
 
 from ..audit.records import Op
 from ..errors import SessionExpiredError
-from .clearing import zero
+from .clearing import zero, zero_at_collection
 from .layer import EncryptedLayer
 from .sliding import SlidingEncryptedLayer
 
@@ -36,8 +36,7 @@ MIN_POSITIONS = 16
 
 def _zero_box(box: list) -> None:
     """Zero every tensor of a store's box (its live buffers and the replaced ones not yet zeroed)."""
-    for t in box[0] + box[1]:
-        zero(t)
+    zero_at_collection(box[0] + box[1])
     box[0], box[1] = [], []
 
 
