@@ -43,7 +43,8 @@ from ..errors import DecryptionError, SessionExpiredError, TenantIsolationError
 from ..rotation import KeyRotationPolicy
 from ..session import TenantSession
 from .audit import CacheAuditor
-from .context import LayerContext, MergeSettings, Scratch, check_backend_argument
+from .context import (LayerContext, MergeSettings, Scratch, check_backend_argument, session_slots,
+                      watch_sessions)
 from .guards import guard_continuous_batching, refuse_unsupported
 from .layer import EncryptedLayer
 from .persistence import SaveFiles
@@ -135,14 +136,7 @@ class EncryptedCache(SaveFiles, Cache):
                  merge_segments: bool = True, max_merged_positions: int = 4096, merge_min_segments: int = 8,
                  rows_per_session: int | None = None, mode: str = "sealed", **unsupported):
         refuse_unsupported(type(self).__name__, config, unsupported)
-        if isinstance(sessions, TenantSession):
-            sessions = [sessions]
-        if not isinstance(sessions, (list, tuple)) or not sessions:
-            raise TypeError("sessions must be a TenantSession or a non-empty list of them")
-        for s in sessions:
-            if not isinstance(s, TenantSession):
-                raise TypeError(f"sessions must hold TenantSession objects, got {type(s).__name__}")
-            s.check_valid()
+        distinct, prompt = session_slots(sessions)
         if policy is not None and not isinstance(policy, KeyRotationPolicy):
             raise TypeError(f"policy must be a KeyRotationPolicy, got {type(policy).__name__}")
         check_backend_argument(backend)
@@ -159,19 +153,9 @@ class EncryptedCache(SaveFiles, Cache):
         plan = _layer_plan(config, MODES[mode])
         self.mode = mode
 
-        # session slots: the distinct sessions, in order of first appearance
-        self._sessions: list[TenantSession] = []
-        prompt = []
-        for s in sessions:
-            for i, known in enumerate(self._sessions):
-                if known is s:
-                    prompt.append(i)
-                    break
-            else:
-                prompt.append(len(self._sessions))
-                self._sessions.append(s)
+        self._sessions: list[TenantSession] = distinct    # session slots, in order of first appearance
         self.policy = policy
-        self._ctx = LayerContext(self._sessions, np.array(prompt, dtype=np.int64), rows_per_session,
+        self._ctx = LayerContext(self._sessions, prompt, rows_per_session,
                                  MergeSettings(merge_segments, max_merged_positions, merge_min_segments),
                                  CacheAuditor(audit, self._sessions), Scratch(self), backend)
         super().__init__(layers=[cls(self._ctx, i, **kw) for i, (cls, kw) in enumerate(plan)])
@@ -182,10 +166,7 @@ class EncryptedCache(SaveFiles, Cache):
     def _watch_sessions(self) -> None:
         """Have every session tell this cache when it closes or erases an epoch's key (held weakly), and
         have the layers run the rotation policy before each update."""
-        me = weakref.ref(self)
-        for s in self._sessions:
-            s.on_close(lambda sess, me=me: me() is not None and me()._on_session_closed(sess))
-            s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
+        watch_sessions(self, self._sessions)
         run = weakref.WeakMethod(self._run_rotation_policy)
 
         def rotation_policy() -> None:

@@ -37,6 +37,38 @@ def check_backend_argument(backend) -> None:
         raise TypeError(f"backend must be a CryptoBackend, got {type(backend).__name__}")
 
 
+def session_slots(sessions) -> tuple[list[TenantSession], np.ndarray]:
+    """The distinct sessions of a cache's ``sessions`` argument (one session, or a non-empty list; each valid
+    now), in order of first appearance, and the slot of each session as given (TypeError for anything else,
+    SessionExpiredError / SessionClosedError for a session that cannot be used)."""
+    if isinstance(sessions, TenantSession):
+        sessions = [sessions]
+    if not isinstance(sessions, (list, tuple)) or not sessions:
+        raise TypeError("sessions must be a TenantSession or a non-empty list of them")
+    for s in sessions:
+        if not isinstance(s, TenantSession):
+            raise TypeError(f"sessions must hold TenantSession objects, got {type(s).__name__}")
+        s.check_valid()
+    distinct: list[TenantSession] = []
+    prompt = []
+    for s in sessions:
+        hit = next((i for i, known in enumerate(distinct) if known is s), None)
+        if hit is None:
+            hit = len(distinct)
+            distinct.append(s)
+        prompt.append(hit)
+    return distinct, np.array(prompt, dtype=np.int64)
+
+
+def watch_sessions(owner, sessions: Sequence[TenantSession]) -> None:
+    """Have each session call ``owner._on_session_closed(session)`` when it closes and
+    ``owner._on_epoch_retired(session, epoch)`` when it erases an epoch's key, holding ``owner`` weakly."""
+    me = weakref.ref(owner)
+    for s in sessions:
+        s.on_close(lambda sess, me=me: me() is not None and me()._on_session_closed(sess))
+        s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
+
+
 def row_slots_for_batch(prompt_slots: np.ndarray, rows_per_session: int | None, batch: int) -> np.ndarray:
     """The session slot of each of ``batch`` rows, from the slots of the sessions as given and
     ``rows_per_session`` (ValueError for a batch that matches neither: a row's tenant is never guessed)."""

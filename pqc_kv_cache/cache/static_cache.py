@@ -21,7 +21,6 @@ The cache builds one layer per cached layer of the config through a layer-type t
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ from ..audit.records import Op
 from ..envelope import EncryptedEntry
 from ..errors import DecryptionError
 from ..session import TenantSession
-from .context import check_backend_argument
+from .context import check_backend_argument, session_slots, watch_sessions
 from .guards import guard_continuous_batching, refuse_unsupported
 from .static_context import StaticContext
 from .static_layer import StaticEncryptedLayer, StaticSealing, StaticSlidingEncryptedLayer
@@ -90,14 +89,7 @@ class StaticEncryptedCache(Cache):
                  rows_per_session: int | None = None, audit_records: int | None = None,
                  nonce_reserve: int | None = None, **unsupported):
         refuse_unsupported(type(self).__name__, config, unsupported)
-        if isinstance(sessions, TenantSession):
-            sessions = [sessions]
-        if not isinstance(sessions, (list, tuple)) or not sessions:
-            raise TypeError("sessions must be a TenantSession or a non-empty list of them")
-        for s in sessions:
-            if not isinstance(s, TenantSession):
-                raise TypeError(f"sessions must hold TenantSession objects, got {type(s).__name__}")
-            s.check_valid()
+        distinct, prompt = session_slots(sessions)
         check_backend_argument(backend)
         if audit is not None and not hasattr(audit, "emit_records"):
             raise TypeError("audit must be a KVAuditLog (or None)")
@@ -109,25 +101,12 @@ class StaticEncryptedCache(Cache):
         if nonce_reserve is not None:
             nonce_reserve = check_int("nonce_reserve", nonce_reserve, 1)
         plan = _static_plan(config, max_cache_len)
-        self._sessions: list[TenantSession] = []
-        prompt = []
-        for s in sessions:
-            hit = next((i for i, known in enumerate(self._sessions) if known is s), None)
-            if hit is None:
-                hit = len(self._sessions)
-                self._sessions.append(s)
-            prompt.append(hit)
+        self._sessions: list[TenantSession] = distinct
         self._max_cache_len = max_cache_len
-        self._ctx = StaticContext(self._sessions, np.array(prompt, dtype=np.int64), rows_per_session, audit,
+        self._ctx = StaticContext(self._sessions, prompt, rows_per_session, audit,
                                   backend, len(plan), max_cache_len, audit_records, nonce_reserve)
         super().__init__(layers=[cls(self._ctx, i, **kw) for i, (cls, kw) in enumerate(plan)])
-        self._watch_sessions()
-
-    def _watch_sessions(self) -> None:
-        me = weakref.ref(self)
-        for s in self._sessions:
-            s.on_close(lambda sess, me=me: me() is not None and me()._on_session_closed(sess))
-            s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
+        watch_sessions(self, self._sessions)
 
     # ---- settings and state ---------------------------------------------------------------------------
     @property
