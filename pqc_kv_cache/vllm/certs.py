@@ -116,6 +116,9 @@ def make_certificates(directory: str | os.PathLike[str], hosts: list[str] | tupl
         raise ValueError("client names must be distinct and not 'ca' or 'server'")
     for h in hosts:
         _host(h)
+    for c in clients:                    # checked before anything is written, so a bad name leaves no files
+        if not _NAME.fullmatch(c):
+            raise ValueError(f"{c!r} is not a usable client name (letters, digits, '.', '_', '-')")
     ca = new_ca()
     ca_pem, _ = write_pair(directory, "ca", ca)
     server = MutualTLS(ca_pem, *write_pair(directory, "server", issue(ca, hosts[0], hosts=tuple(hosts), days=days)))
