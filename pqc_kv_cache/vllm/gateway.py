@@ -17,7 +17,9 @@ An ASGI app (Starlette, on the server stack vLLM already depends on; ``httpx`` f
   :class:`~pqc_kv_cache.vllm.sessionvault.SessionVault`), keeps every tenant's session sealed on disk and
   resumes them when it starts again, so blocks stored before a restart still load after it;
 * forwards ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streaming or not) to vLLM, which must
-  listen on loopback or a Unix socket only (anything else is refused at construction).
+  listen on loopback or a Unix socket only (anything else is refused at construction), or, on another host,
+  serve HTTPS that requires the gateway's client certificate (``upstream_tls``: the gateway's
+  :class:`~pqc_kv_cache.vllm.tls.MutualTLS` files for that link).
 
 Every other path answers 404. Run::
 
@@ -53,6 +55,7 @@ from ..isolation import TenantIsolationManager
 from ..session import TenantKeyPair, TenantSession
 from .keyservice import ActiveSessions
 from .sessionvault import SessionVault
+from .tls import MutualTLS
 from .tenancy import ServerSecret, request_fields
 
 __all__ = ["APIKeys", "GatewayError", "build_app", "add_api_key", "FORWARDED_PATHS", "main"]
@@ -129,7 +132,11 @@ def add_api_key(path: str, tenant_id: str) -> str:
     return key
 
 
-def _check_upstream(url: str, uds: str | None) -> None:
+def _check_upstream(url: str, uds: str | None, tls: MutualTLS | None) -> None:
+    if tls is not None:
+        if uds is not None or urlsplit(url).scheme != "https":
+            raise GatewayError(f"upstream {url!r}: with upstream TLS, vLLM's address is an https:// URL")
+        return
     if uds is not None:
         return
     host = urlsplit(url).hostname
@@ -139,7 +146,8 @@ def _check_upstream(url: str, uds: str | None) -> None:
         loopback = False
     if not loopback:
         raise GatewayError(f"upstream {url!r} is not on loopback: vLLM must listen on 127.0.0.1, ::1 or a Unix "
-                           "socket, so that no request reaches it without the gateway")
+                           "socket, or on HTTPS requiring the gateway's client certificate (upstream TLS), so "
+                           "that no request reaches it without the gateway")
 
 
 class _Relayed(StreamingResponse):
@@ -169,16 +177,21 @@ def _live_session(manager: TenantIsolationManager, tenant_id: str, lock: threadi
 def build_app(manager: TenantIsolationManager, secret: ServerSecret, keys: APIKeys, upstream: str, *,
               uds: str | None = None, session_for: Callable[[str], TenantSession] | None = None,
               active: ActiveSessions | None = None, vault: SessionVault | None = None,
-              timeout: float = 600.0) -> Starlette:
+              upstream_tls: MutualTLS | None = None, timeout: float = 600.0) -> Starlette:
     """The gateway's ASGI app. ``upstream``: vLLM's base URL (``http://127.0.0.1:8001``; with ``uds``, the
     Unix socket it listens on, the URL's host is only the Host header); ``session_for(tenant)``: the tenant's
     live session (default: the manager's, a new one when it has none); ``active``: the registry of sessions
     with a request in flight that the key service reads (default: a registry of the app's own,
-    ``app.state.active``); ``vault``: where each session the app uses is saved (``SessionVault.keep``)."""
+    ``app.state.active``); ``vault``: where each session the app uses is saved (``SessionVault.keep``);
+    ``upstream_tls``: the gateway's certificate files for a vLLM on another host (``https://HOST:PORT``), which
+    must require a client certificate of that CA (vLLM's ``--ssl-cert-reqs 2 --ssl-ca-certs``)."""
     if not isinstance(manager, TenantIsolationManager) or not isinstance(secret, ServerSecret) or \
             not isinstance(keys, APIKeys):
         raise TypeError("build_app needs a TenantIsolationManager, a ServerSecret and APIKeys")
-    _check_upstream(upstream, uds)
+    if upstream_tls is not None and not isinstance(upstream_tls, MutualTLS):
+        raise TypeError(f"upstream_tls must be a MutualTLS, got {type(upstream_tls).__name__}")
+    _check_upstream(upstream, uds, upstream_tls)
+    verify = True if upstream_tls is None else upstream_tls.client_context()
     lock = threading.Lock()
     active = ActiveSessions() if active is None else active
     live = session_for or (lambda t: _live_session(manager, t, lock))
@@ -188,7 +201,7 @@ def build_app(manager: TenantIsolationManager, secret: ServerSecret, keys: APIKe
     def new_client() -> httpx.AsyncClient:
         # one per request: a client's pool belongs to one event loop, and a loopback connect is cheap
         return httpx.AsyncClient(base_url=base, transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
-                                 timeout=httpx.Timeout(timeout, connect=10.0))
+                                 verify=verify, timeout=httpx.Timeout(timeout, connect=10.0))
 
     async def forward(request: Request) -> Response:
         auth = request.headers.get("authorization", "")
@@ -263,7 +276,6 @@ def main(argv: list[str] | None = None) -> None:
     from ..resumption import generate_kek_file
     from .keyservice import KeyService, generate_engine_token_file, load_engine_token
     from .tenancy import load_server_secret
-    from .tls import MutualTLS
 
     ap = argparse.ArgumentParser(prog="python -m pqc_kv_cache.vllm.gateway", description=__doc__.split("\n")[0])
     ap.add_argument("--api-keys", required=True, help="the file of API key hashes (add_api_key writes it)")
@@ -280,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tls-ca", help="the CA certificate client certificates must be issued by (PEM)")
     ap.add_argument("--tls-cert", help="the key service's certificate (PEM)")
     ap.add_argument("--tls-key", help="its private key (PEM, mode 0600)")
+    ap.add_argument("--upstream-tls", nargs=3, metavar=("CA", "CERT", "KEY"),
+                    help="vLLM on another host: --upstream is https://HOST:PORT; the CA vLLM's certificate is "
+                         "issued by, and the gateway's client certificate and key that vLLM requires")
     ap.add_argument("--session-dir", help="keep tenants' sessions here (0700), sealed, and resume them on start")
     ap.add_argument("--session-kek", help="the key-encryption key file of --session-dir (mode 0600; created if "
                                           "missing; keep it outside --session-dir)")
@@ -307,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     token = load_engine_token(args.engine_token) if os.path.lexists(args.engine_token) else \
         generate_engine_token_file(args.engine_token)
     app = build_app(manager, load_server_secret(args.server_secret), APIKeys.load(args.api_keys), args.upstream,
-                    uds=args.upstream_uds, active=active, vault=vault)
+                    uds=args.upstream_uds, active=active, vault=vault,
+                    upstream_tls=MutualTLS(*args.upstream_tls) if args.upstream_tls else None)
     with KeyService(manager, args.key_service_dir, token=token, active=active, tcp=tcp, tls=tls,
                     keep=None if vault is None else vault.keep):
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
