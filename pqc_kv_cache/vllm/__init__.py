@@ -1,7 +1,8 @@
 """vLLM integration: an encrypting, tenant-binding, auditing KV connector (see docs/vllm.md).
 
 ``pqc_kv_cache.vllm.connector`` needs vLLM (``pip install 'pqc-kv-cache-encryption[vllm]'``); the key service, the
-server secret and request-field helpers here, ``pqc_kv_cache.vllm.blocks`` (the worker side's sealing and
+server secret and request-field helpers here, its mutual TLS (``tls``, ``certs``), the gateway's session vault
+(``sessionvault``), ``pqc_kv_cache.vllm.blocks`` (the worker side's sealing and
 opening of vLLM's block tensors) and ``pqc_kv_cache.vllm.storefiles`` (the stored files) do not.
 """
 

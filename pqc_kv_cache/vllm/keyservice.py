@@ -1,9 +1,10 @@
-"""A local key service: hands a tenant session's key to the vLLM worker that seals and opens its KV.
+"""The key service: hands a tenant session's key to the vLLM worker that seals and opens its KV.
 
 The process that owns the :class:`~pqc_kv_cache.isolation.TenantIsolationManager` (the API server) runs a
-:class:`KeyService`; vLLM's worker-side connector (another process, started by vLLM) asks it with a
-:class:`KeyClient`. Keys never pass through vLLM's configuration or request parameters: the connector only
-learns the socket path (not a secret) from ``kv_connector_extra_config``.
+:class:`KeyService`; vLLM's worker-side connector (another process, started by vLLM, on this host or another)
+asks it with a :class:`KeyClient`. Keys never pass through vLLM's configuration or request parameters: the
+connector only learns the socket path or ``tls://`` address, and file paths (not secrets), from
+``kv_connector_extra_config``.
 
 Who may ask:
 
