@@ -95,11 +95,12 @@ class SessionVault:
             mark = self._mark(session)
             if self._saved.get(session.tenant_id) == mark:
                 return session
-            first = self._saved.get(session.tenant_id, (None,))[0] != session.session_id
+            if self._saved.get(session.tenant_id, (None,))[0] != session.session_id:
+                # watched before its file exists: a close from now on deletes it (a closed session's
+                # export raises instead of being written)
+                session.on_close(self._forget)
             self._write(session)
             self._saved[session.tenant_id] = mark
-        if first:
-            session.on_close(self._forget)
         return session
 
     def _write(self, session: TenantSession) -> None:

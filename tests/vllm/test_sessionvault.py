@@ -136,3 +136,14 @@ def test_a_new_epoch_is_not_served_when_it_cannot_be_saved(tmp_path, kek):
         os.mkdir(vault.path_of("tenant-a"))                    # the save's rename fails
         with pytest.raises(KeyServiceError, match="cannot save the session"):
             client.reserve("tenant-a", s.session_id, 1)
+
+
+def test_a_closed_session_is_never_written(tmp_path, kek):
+    from pqc_kv_cache.errors import KVCacheError
+    vault = SessionVault(str(tmp_path / "vault"), kek)
+    m = TenantIsolationManager()
+    s = _session(m)
+    m.close_session("tenant-a")
+    with pytest.raises(KVCacheError):
+        vault.keep(s)
+    assert not os.path.exists(vault.path_of("tenant-a"))
