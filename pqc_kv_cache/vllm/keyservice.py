@@ -206,6 +206,10 @@ class KeyService:
             raise ValueError("the key service listens on TCP only with mutual TLS: give both tcp and tls")
         if tls is not None and not isinstance(tls, MutualTLS):
             raise TypeError(f"tls must be a MutualTLS, got {type(tls).__name__}")
+        if tcp is not None and not (isinstance(tcp, tuple) and len(tcp) == 2 and isinstance(tcp[0], str) and
+                                    isinstance(tcp[1], int) and not isinstance(tcp[1], bool) and
+                                    0 <= tcp[1] <= 0xFFFF):
+            raise ValueError(f"tcp must be (host, port), got {tcp!r}")
         if keep is not None and not callable(keep):
             raise TypeError("keep must be callable")
         self._tls = None if tls is None else tls.server_context()      # TLSConfigError now, not at the first peer
