@@ -51,6 +51,7 @@ import ssl
 import stat
 import struct
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -272,6 +273,13 @@ class KeyService:
         self._sock = self._tcp_sock = None
         if os.path.lexists(self.path):
             os.unlink(self.path)
+        # connections already accepted finish (each within its read timeout), so that the counters are final
+        deadline = time.monotonic() + 2 * CONNECTION_TIMEOUT
+        held = 0
+        while held < MAX_CONNECTIONS and self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            held += 1
+        for _ in range(held):
+            self._slots.release()
 
     def __enter__(self) -> "KeyService":
         return self.start()

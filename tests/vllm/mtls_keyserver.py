@@ -4,7 +4,7 @@
 
 Resumes the vault's sessions (STATE_DIR/sessions under STATE_DIR/kek), opens a session for each TENANT that
 has none, listens on 127.0.0.1 (a free port) and prints one JSON line: its address and each tenant's session
-id. Then it serves until a line on stdin, answers it with a JSON line of its counters (``refused``,
+id. Then it serves until a line on stdin, closes, answers with a JSON line of its counters (``refused``,
 ``messages``) and exits; killed instead, it leaves what a crash leaves.
 """
 
@@ -36,7 +36,8 @@ def main() -> None:
         print(json.dumps({"address": service.address, "restored": restored,
                           "sessions": {t: manager.get_session(t).session_id for t in tenants}}), flush=True)
         sys.stdin.readline()
-        print(json.dumps({"refused": service.refused, "messages": service.messages}), flush=True)
+    # after close, which lets the connections being served finish: the counters are final
+    print(json.dumps({"refused": service.refused, "messages": service.messages}), flush=True)
 
 
 if __name__ == "__main__":
