@@ -118,6 +118,28 @@ class TenantIsolationManager:
             self._decryptors[tenant.tenant_id] = CacheDecryptor(session)
             return session
 
+    def add_session(self, session: TenantSession) -> TenantSession:
+        """Hold ``session`` (resumed or imported in this process: ``pqc_kv_cache.resumption``) as its tenant's
+        live session. ValueError if the tenant has a valid session here already; SessionExpiredError for a
+        closed or expired one."""
+        if not isinstance(session, TenantSession):
+            raise TypeError(f"session must be a TenantSession, got {type(session).__name__}")
+        with self._lock:
+            session.check_valid()
+            live = self._sessions.get(session.tenant_id)
+            if live is session:
+                return session
+            if live is not None and live.is_valid() and not live.forked:
+                raise ValueError(f"tenant {session.tenant_id!r} has a live session here already")
+            if live is not None:
+                self._drop(session.tenant_id, live, reason="forked" if live.forked and live.is_valid() else "expired")
+            if self.policy is not None:
+                self.policy.apply(session)
+            self._sessions[session.tenant_id] = session
+            self._encryptors[session.tenant_id] = CacheEncryptor(session)
+            self._decryptors[session.tenant_id] = CacheDecryptor(session)
+            return session
+
     def get_session(self, tenant_id: str) -> TenantSession:
         """The tenant's session: UnknownTenantError if none, SessionExpiredError if it expired."""
         with self._lock:

@@ -40,7 +40,7 @@ from ..audit import KVAuditLog
 from ..audit.keys import default_key_path
 from ..backends import select_backend
 from .blocks import KVBlockStore, LoadRequest, SavePart
-from .keyservice import KeyClient, load_engine_token
+from .keyservice import KeyClient
 from .storefiles import INDEX, chain_hashes, prefix_dir, read_index
 from .tenancy import PARAMS_KEY, ServerSecret, load_server_secret
 
@@ -168,8 +168,7 @@ class PQCKVConnector(KVConnectorBase_V1):
             # a signing key kept in a file (by default beside the user's other audit keys, outside the log's
             # folder), so that a restarted worker continues the same log rather than failing to start
             signing = cfg.get_from_extra_config("audit_signing_key", None) or str(default_key_path(audit_path))
-            token_path = cfg.get_from_extra_config("key_service_token", None)
-            self._keys = KeyClient(socket_path, token=load_engine_token(token_path) if token_path else None)
+            self._keys = KeyClient.from_config(cfg.get_from_extra_config)   # socket path or tls://HOST:PORT
             self._audit = KVAuditLog(audit_path, signing_key=signing)
             atexit.register(self._close_audit)      # sealed when the worker exits without a shutdown call
 

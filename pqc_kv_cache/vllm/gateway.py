@@ -13,13 +13,22 @@ An ASGI app (Starlette, on the server stack vLLM already depends on; ``httpx`` f
   secret) and its tenant and live session ids;
 * marks the tenant's session active (an :class:`~pqc_kv_cache.vllm.keyservice.ActiveSessions`) while its
   request is in flight, so that the key service serves that session's keys only then;
+* with a session vault (``--session-dir`` and ``--session-kek``: a
+  :class:`~pqc_kv_cache.vllm.sessionvault.SessionVault`), keeps every tenant's session sealed on disk and
+  resumes them when it starts again, so blocks stored before a restart still load after it;
 * forwards ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streaming or not) to vLLM, which must
-  listen on loopback or a Unix socket only (anything else is refused at construction).
+  listen on loopback or a Unix socket only (anything else is refused at construction), or, on another host,
+  serve HTTPS that requires the gateway's client certificate (``upstream_tls``: the gateway's
+  :class:`~pqc_kv_cache.vllm.tls.MutualTLS` files for that link).
 
 Every other path answers 404. Run::
 
     python -m pqc_kv_cache.vllm.gateway --api-keys keys.json --server-secret server.key \\
         --engine-token engine.token --key-service-dir /run/pqc-kv --upstream http://127.0.0.1:8001 --port 8000
+
+and, for workers on other hosts, add ``--key-service-tcp 0.0.0.0:7443 --tls-ca ca.pem --tls-cert server.pem
+--tls-key server.key`` (``python -m pqc_kv_cache.vllm.certs`` makes them) and ``--session-dir``,
+``--session-kek`` (created if missing) so that sessions survive a restart.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ from ..errors import KVCacheError
 from ..isolation import TenantIsolationManager
 from ..session import TenantKeyPair, TenantSession
 from .keyservice import ActiveSessions
+from .sessionvault import SessionVault
+from .tls import MutualTLS
 from .tenancy import ServerSecret, request_fields
 
 __all__ = ["APIKeys", "GatewayError", "build_app", "add_api_key", "FORWARDED_PATHS", "main"]
@@ -121,7 +132,11 @@ def add_api_key(path: str, tenant_id: str) -> str:
     return key
 
 
-def _check_upstream(url: str, uds: str | None) -> None:
+def _check_upstream(url: str, uds: str | None, tls: MutualTLS | None) -> None:
+    if tls is not None:
+        if uds is not None or urlsplit(url).scheme != "https":
+            raise GatewayError(f"upstream {url!r}: with upstream TLS, vLLM's address is an https:// URL")
+        return
     if uds is not None:
         return
     host = urlsplit(url).hostname
@@ -131,7 +146,8 @@ def _check_upstream(url: str, uds: str | None) -> None:
         loopback = False
     if not loopback:
         raise GatewayError(f"upstream {url!r} is not on loopback: vLLM must listen on 127.0.0.1, ::1 or a Unix "
-                           "socket, so that no request reaches it without the gateway")
+                           "socket, or on HTTPS requiring the gateway's client certificate (upstream TLS), so "
+                           "that no request reaches it without the gateway")
 
 
 class _Relayed(StreamingResponse):
@@ -160,25 +176,32 @@ def _live_session(manager: TenantIsolationManager, tenant_id: str, lock: threadi
 
 def build_app(manager: TenantIsolationManager, secret: ServerSecret, keys: APIKeys, upstream: str, *,
               uds: str | None = None, session_for: Callable[[str], TenantSession] | None = None,
-              active: ActiveSessions | None = None, timeout: float = 600.0) -> Starlette:
+              active: ActiveSessions | None = None, vault: SessionVault | None = None,
+              upstream_tls: MutualTLS | None = None, timeout: float = 600.0) -> Starlette:
     """The gateway's ASGI app. ``upstream``: vLLM's base URL (``http://127.0.0.1:8001``; with ``uds``, the
     Unix socket it listens on, the URL's host is only the Host header); ``session_for(tenant)``: the tenant's
     live session (default: the manager's, a new one when it has none); ``active``: the registry of sessions
     with a request in flight that the key service reads (default: a registry of the app's own,
-    ``app.state.active``)."""
+    ``app.state.active``); ``vault``: where each session the app uses is saved (``SessionVault.keep``);
+    ``upstream_tls``: the gateway's certificate files for a vLLM on another host (``https://HOST:PORT``), which
+    must require a client certificate of that CA (vLLM's ``--ssl-cert-reqs 2 --ssl-ca-certs``)."""
     if not isinstance(manager, TenantIsolationManager) or not isinstance(secret, ServerSecret) or \
             not isinstance(keys, APIKeys):
         raise TypeError("build_app needs a TenantIsolationManager, a ServerSecret and APIKeys")
-    _check_upstream(upstream, uds)
+    if upstream_tls is not None and not isinstance(upstream_tls, MutualTLS):
+        raise TypeError(f"upstream_tls must be a MutualTLS, got {type(upstream_tls).__name__}")
+    _check_upstream(upstream, uds, upstream_tls)
+    verify = True if upstream_tls is None else upstream_tls.client_context()
     lock = threading.Lock()
     active = ActiveSessions() if active is None else active
-    session_of = session_for or (lambda t: _live_session(manager, t, lock))
+    live = session_for or (lambda t: _live_session(manager, t, lock))
+    session_of = live if vault is None else (lambda t: vault.keep(live(t)))
     base = upstream.rstrip("/")
 
     def new_client() -> httpx.AsyncClient:
         # one per request: a client's pool belongs to one event loop, and a loopback connect is cheap
         return httpx.AsyncClient(base_url=base, transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
-                                 timeout=httpx.Timeout(timeout, connect=10.0))
+                                 verify=verify, timeout=httpx.Timeout(timeout, connect=10.0))
 
     async def forward(request: Request) -> Response:
         auth = request.headers.get("authorization", "")
@@ -250,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     """Start the key service and the gateway (uvicorn) in this process."""
     import uvicorn
 
+    from ..resumption import generate_kek_file
     from .keyservice import KeyService, generate_engine_token_file, load_engine_token
     from .tenancy import load_server_secret
 
@@ -263,19 +287,45 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--upstream", default="http://127.0.0.1:8001", help="vLLM's base URL, on loopback")
     ap.add_argument("--upstream-uds", default=None, help="vLLM's Unix socket, instead of a loopback port")
     ap.add_argument("--add-key", metavar="TENANT", help="add an API key for TENANT to --api-keys, print it, exit")
+    ap.add_argument("--key-service-tcp", metavar="HOST:PORT", default=None,
+                    help="also serve keys on TCP with mutual TLS (needs --tls-ca, --tls-cert, --tls-key)")
+    ap.add_argument("--tls-ca", help="the CA certificate client certificates must be issued by (PEM)")
+    ap.add_argument("--tls-cert", help="the key service's certificate (PEM)")
+    ap.add_argument("--tls-key", help="its private key (PEM, mode 0600)")
+    ap.add_argument("--upstream-tls", nargs=3, metavar=("CA", "CERT", "KEY"),
+                    help="vLLM on another host: --upstream is https://HOST:PORT; the CA vLLM's certificate is "
+                         "issued by, and the gateway's client certificate and key that vLLM requires")
+    ap.add_argument("--session-dir", help="keep tenants' sessions here (0700), sealed, and resume them on start")
+    ap.add_argument("--session-kek", help="the key-encryption key file of --session-dir (mode 0600; created if "
+                                          "missing; keep it outside --session-dir)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     args = ap.parse_args(argv)
     if args.add_key:
         print(add_api_key(args.api_keys, args.add_key))
         return
+    tcp = tls = vault = None
+    if args.key_service_tcp or args.tls_ca or args.tls_cert or args.tls_key:
+        host, sep, port = (args.key_service_tcp or "").rpartition(":")
+        if not sep or not host or not port.isdigit() or not (args.tls_ca and args.tls_cert and args.tls_key):
+            ap.error("--key-service-tcp HOST:PORT goes with --tls-ca, --tls-cert and --tls-key")
+        tcp, tls = (host.strip("[]"), int(port)), MutualTLS(args.tls_ca, args.tls_cert, args.tls_key)
+    if bool(args.session_dir) != bool(args.session_kek):
+        ap.error("--session-dir and --session-kek go together")
     manager = TenantIsolationManager()
+    if args.session_dir:
+        if not os.path.lexists(args.session_kek):
+            generate_kek_file(args.session_kek)
+        vault = SessionVault(args.session_dir, args.session_kek)
+        vault.restore(manager)
     active = ActiveSessions()
     token = load_engine_token(args.engine_token) if os.path.lexists(args.engine_token) else \
         generate_engine_token_file(args.engine_token)
     app = build_app(manager, load_server_secret(args.server_secret), APIKeys.load(args.api_keys), args.upstream,
-                    uds=args.upstream_uds, active=active)
-    with KeyService(manager, args.key_service_dir, token=token, active=active):
+                    uds=args.upstream_uds, active=active, vault=vault,
+                    upstream_tls=MutualTLS(*args.upstream_tls) if args.upstream_tls else None)
+    with KeyService(manager, args.key_service_dir, token=token, active=active, tcp=tcp, tls=tls,
+                    keep=None if vault is None else vault.keep):
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

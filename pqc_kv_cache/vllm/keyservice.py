@@ -1,9 +1,10 @@
-"""A local key service: hands a tenant session's key to the vLLM worker that seals and opens its KV.
+"""The key service: hands a tenant session's key to the vLLM worker that seals and opens its KV.
 
 The process that owns the :class:`~pqc_kv_cache.isolation.TenantIsolationManager` (the API server) runs a
-:class:`KeyService`; vLLM's worker-side connector (another process, started by vLLM) asks it with a
-:class:`KeyClient`. Keys never pass through vLLM's configuration or request parameters: the connector only
-learns the socket path (not a secret) from ``kv_connector_extra_config``.
+:class:`KeyService`; vLLM's worker-side connector (another process, started by vLLM, on this host or another)
+asks it with a :class:`KeyClient`. Keys never pass through vLLM's configuration or request parameters: the
+connector only learns the socket path or ``tls://`` address, and file paths (not secrets), from
+``kv_connector_extra_config``.
 
 Who may ask:
 
@@ -16,6 +17,13 @@ Who may ask:
   cannot read that file gets nothing;
 * with ``active`` (an :class:`ActiveSessions` the gateway fills), keys are served only for a session that has
   a request in flight through the gateway, so a session's keys cannot be fetched while it is idle.
+
+On another host, workers reach the service over TCP with mutual TLS (``tcp=(host, port)`` and ``tls``, a
+:class:`~pqc_kv_cache.vllm.tls.MutualTLS`; the client's address is then ``tls://host:port``). The service
+requires a client certificate of its pinned CA; a peer without one, with another CA's, a self-signed or an
+expired one, or one that does not speak TLS 1.3, fails the handshake before anything it sent is read as a
+request: it is counted in ``refused`` and logged at WARNING (logger ``pqc_kv_cache.vllm.keyservice``). The
+engine token and the in-flight check apply on TCP as on the socket; the uid check is the socket's only.
 
 Connections are served concurrently (up to ``MAX_CONNECTIONS``, each on its own thread, with a
 ``CONNECTION_TIMEOUT`` per read), so idle clients do not stall the others; a malformed request gets an error
@@ -36,17 +44,24 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from ..errors import KVCacheError
 from ..isolation import TenantIsolationManager
+from ..session import TenantSession
 from .tenancy import read_key_file, write_new_key_file
+from .tls import MutualTLS
 
 __all__ = ["ActiveSessions", "KeyService", "KeyClient", "KeyServiceError", "Reservation", "SOCKET_NAME",
            "generate_engine_token_file", "load_engine_token"]
@@ -57,6 +72,8 @@ _MAX_MESSAGE = 64 * 1024
 _MAX_RESERVE = 1 << 20
 MAX_CONNECTIONS = 64          # served at once, each on its own thread
 CONNECTION_TIMEOUT = 5.0      # seconds a connection may wait between reads
+TLS_SCHEME = "tls://"
+_log = logging.getLogger("pqc_kv_cache.vllm.keyservice")
 
 
 class KeyServiceError(KVCacheError):
@@ -155,29 +172,63 @@ def _private_dir(path: str) -> str:
     return path
 
 
+def _tls_address(address: str) -> tuple[str, int]:
+    """(host, port) of ``tls://host:port`` (IPv6 hosts in brackets)."""
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None or parts.path not in ("", "/"):
+        raise ValueError(f"{address!r} is not tls://HOST:PORT")
+    return host, port
+
+
 class KeyService:
-    """Serves session keys of ``manager``'s tenants on ``<directory>/keys.sock`` (see the module docstring).
+    """Serves session keys of ``manager``'s tenants on ``<directory>/keys.sock`` and, with ``tcp`` and ``tls``,
+    on TCP with mutual TLS (see the module docstring). ``keep(session)``, when given, runs after each
+    reservation and before its reply (the gateway's :class:`~pqc_kv_cache.vllm.sessionvault.SessionVault`
+    saves a session whose epoch changed, so no worker seals under an epoch a restart would not know).
 
     Use as a context manager, or call :meth:`start` and :meth:`close`.
     """
 
     def __init__(self, manager: TenantIsolationManager, directory: str, *, allowed_uids: frozenset[int] | None = None,
-                 token: bytes | None = None, active: ActiveSessions | None = None):
+                 token: bytes | None = None, active: ActiveSessions | None = None,
+                 tcp: tuple[str, int] | None = None, tls: MutualTLS | None = None,
+                 keep: Callable[[TenantSession], None] | None = None):
         if not isinstance(manager, TenantIsolationManager):
             raise TypeError(f"manager must be a TenantIsolationManager, got {type(manager).__name__}")
         if token is not None and (not isinstance(token, bytes) or len(token) != 32):
             raise ValueError("token must be 32 bytes (load_engine_token)")
         if active is not None and not isinstance(active, ActiveSessions):
             raise TypeError(f"active must be an ActiveSessions, got {type(active).__name__}")
+        if (tcp is None) != (tls is None):
+            raise ValueError("the key service listens on TCP only with mutual TLS: give both tcp and tls")
+        if tls is not None and not isinstance(tls, MutualTLS):
+            raise TypeError(f"tls must be a MutualTLS, got {type(tls).__name__}")
+        if tcp is not None and not (isinstance(tcp, tuple) and len(tcp) == 2 and isinstance(tcp[0], str) and
+                                    isinstance(tcp[1], int) and not isinstance(tcp[1], bool) and
+                                    0 <= tcp[1] <= 0xFFFF):
+            raise ValueError(f"tcp must be (host, port), got {tcp!r}")
+        if keep is not None and not callable(keep):
+            raise TypeError("keep must be callable")
+        self._tls = None if tls is None else tls.server_context()      # TLSConfigError now, not at the first peer
+        self._tcp = tcp
+        self._keep = keep
         self._token = None if token is None else token.hex().encode()
         self._active = active
         self.manager = manager
         self.directory = _private_dir(directory)
         self.path = os.path.join(self.directory, SOCKET_NAME)
         self.allowed_uids = frozenset({os.getuid()}) if allowed_uids is None else frozenset(allowed_uids)
-        self.refused = 0          # connections refused by the peer check
+        self.refused = 0          # connections refused by the peer check or the TLS handshake
+        self.messages = 0         # requests read (a refused handshake reads none)
+        self.address: str | None = None     # tls://host:port once listening on TCP
+        self._count_lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._tcp_sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
@@ -192,19 +243,43 @@ class KeyService:
         sock.listen(16)
         sock.settimeout(0.2)
         self._sock = sock
-        self._thread = threading.Thread(target=self._serve, name="pqc-kv-key-service", daemon=True)
-        self._thread.start()
+        listeners = [(sock, False)]
+        if self._tcp is not None:
+            try:
+                tcp = socket.create_server(self._tcp, family=socket.AF_INET6 if ":" in self._tcp[0] else
+                                           socket.AF_INET, backlog=16)
+            except OSError as e:
+                self.close()
+                raise KeyServiceError(f"key service: cannot listen on {self._tcp}: {e.strerror}") from None
+            tcp.settimeout(0.2)
+            self._tcp_sock = tcp
+            host, port = tcp.getsockname()[:2]
+            self.address = f"{TLS_SCHEME}[{host}]:{port}" if ":" in host else f"{TLS_SCHEME}{host}:{port}"
+            listeners.append((tcp, True))
+        for s, tls in listeners:
+            t = threading.Thread(target=self._serve, args=(s, tls), name="pqc-kv-key-service", daemon=True)
+            t.start()
+            self._threads.append(t)
         return self
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads = []
+        for s in (self._sock, self._tcp_sock):
+            if s is not None:
+                s.close()
+        self._sock = self._tcp_sock = None
         if os.path.lexists(self.path):
             os.unlink(self.path)
+        # connections already accepted finish (each within its read timeout), so that the counters are final
+        deadline = time.monotonic() + 2 * CONNECTION_TIMEOUT
+        held = 0
+        while held < MAX_CONNECTIONS and self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            held += 1
+        for _ in range(held):
+            self._slots.release()
 
     def __enter__(self) -> "KeyService":
         return self.start()
@@ -212,11 +287,10 @@ class KeyService:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _serve(self) -> None:
-        assert self._sock is not None
+    def _serve(self, sock: socket.socket, tls: bool) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except socket.timeout:
                 continue
             except OSError:
@@ -224,16 +298,52 @@ class KeyService:
             if not self._slots.acquire(blocking=False):
                 conn.close()        # MAX_CONNECTIONS busy: refused at once rather than queued behind them
                 continue
-            threading.Thread(target=self._connection, args=(conn,), name="pqc-kv-key-conn", daemon=True).start()
+            threading.Thread(target=self._connection, args=(conn, tls), name="pqc-kv-key-conn",
+                             daemon=True).start()
 
-    def _connection(self, conn: socket.socket) -> None:
+    def _refuse(self, why: str) -> None:
+        with self._count_lock:
+            self.refused += 1
+        _log.warning("key service refused a connection: %s", why)
+
+    def _handshake(self, conn: socket.socket) -> ssl.SSLSocket | None:
+        """The TLS handshake, before anything is read as a request; None (refused and logged) if it fails."""
+        assert self._tls is not None
+        try:
+            peer = "%s:%s" % conn.getpeername()[:2]
+        except OSError:
+            peer = "unknown peer"
+        try:
+            tls = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as e:
+            self._refuse(f"{peer}: {type(e).__name__}")
+            conn.close()
+            return None
+        try:
+            tls.do_handshake()
+        except ssl.SSLError as e:
+            self._refuse(f"TLS handshake with {peer} failed: {e.reason or e}")
+            tls.close()
+            return None
+        except OSError as e:                 # a peer that hung up or stayed silent past the timeout
+            self._refuse(f"TLS handshake with {peer} failed: {type(e).__name__}")
+            tls.close()
+            return None
+        return tls
+
+    def _connection(self, conn: socket.socket, tls: bool) -> None:
         """One connection, on its own thread: an idle or slow client holds only its own slot, for at most
         CONNECTION_TIMEOUT seconds per read."""
         try:
+            conn.settimeout(CONNECTION_TIMEOUT)
+            if tls:
+                wrapped = self._handshake(conn)
+                if wrapped is None:
+                    return
+                conn = wrapped
             with conn:
-                conn.settimeout(CONNECTION_TIMEOUT)
                 try:
-                    self._handle(conn)
+                    self._handle(conn, peer_check=not tls)
                 except KeyServiceError as e:
                     try:
                         _send(conn, {"ok": False, "error": str(e)})
@@ -244,18 +354,24 @@ class KeyService:
         finally:
             self._slots.release()
 
-    def _handle(self, conn: socket.socket) -> None:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid not in self.allowed_uids:
-            self.refused += 1
-            try:
-                _recv(conn)         # read first, so that a refused client reads the refusal, not a broken pipe
-            except KeyServiceError:
-                pass
-            _send(conn, {"ok": False, "error": f"peer uid {uid} is not allowed"})
-            return
-        req = _recv(conn)
+    def _read(self, conn: socket.socket) -> dict:
+        with self._count_lock:
+            self.messages += 1
+        return _recv(conn)
+
+    def _handle(self, conn: socket.socket, *, peer_check: bool) -> None:
+        if peer_check:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid not in self.allowed_uids:
+                self._refuse(f"peer uid {uid} is not allowed")
+                try:
+                    self._read(conn)    # read first, so that a refused client reads the refusal, not a broken pipe
+                except KeyServiceError:
+                    pass
+                _send(conn, {"ok": False, "error": f"peer uid {uid} is not allowed"})
+                return
+        req = self._read(conn)
         try:
             _send(conn, self._answer(req))
         except KVCacheError as e:
@@ -279,6 +395,8 @@ class KeyService:
             if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= _MAX_RESERVE:
                 raise KeyServiceError(f"count must be an int in 1..{_MAX_RESERVE}")
             epoch, first = session.reserve(count)
+            if self._keep is not None:
+                self._keep(session)         # saved before any worker learns the epoch
             return {"ok": True, "epoch": epoch, "first": first, "key": session.key_for_epoch(epoch).hex()}
         if op == "key":
             epoch = req.get("epoch")
@@ -289,32 +407,75 @@ class KeyService:
 
 
 class KeyClient:
-    """Asks the key service at ``path`` (a socket path) for keys, with the engine ``token`` when the service
-    has one; one connection per request."""
+    """Asks the key service at ``address`` for keys, with the engine ``token`` when the service has one; one
+    connection per request. ``address``: the service's socket path, or ``tls://HOST:PORT`` with ``tls`` (this
+    worker's :class:`~pqc_kv_cache.vllm.tls.MutualTLS` files) for a service on another host."""
 
-    def __init__(self, path: str, timeout: float = 10.0, *, token: bytes | None = None):
-        if not isinstance(path, str) or not path:
-            raise ValueError("path must be the key service's socket path")
+    def __init__(self, address: str, timeout: float = 10.0, *, token: bytes | None = None,
+                 tls: MutualTLS | None = None):
+        if not isinstance(address, str) or not address:
+            raise ValueError("address must be the key service's socket path or tls://HOST:PORT")
         if token is not None and (not isinstance(token, bytes) or len(token) != 32):
             raise ValueError("token must be 32 bytes (load_engine_token)")
-        self.path = path
+        if tls is not None and not isinstance(tls, MutualTLS):
+            raise TypeError(f"tls must be a MutualTLS, got {type(tls).__name__}")
+        self._tcp: tuple[str, int] | None = None
+        self._tls: ssl.SSLContext | None = None
+        if address.startswith(TLS_SCHEME):
+            if tls is None:
+                raise ValueError(f"{address!r} is reached over mutual TLS: give tls (the worker's certificate files)")
+            self._tcp = _tls_address(address)
+            self._tls = tls.client_context()
+        elif tls is not None:
+            raise ValueError("tls is for a tls://HOST:PORT address; a socket path is reached without it")
+        self.path = self.address = address
         self.timeout = timeout
         self._token = None if token is None else token.hex()
 
+    @classmethod
+    def from_config(cls, get: Callable[[str, Any], Any]) -> "KeyClient":
+        """The client a connector's ``kv_connector_extra_config`` describes, read with ``get(name, default)``:
+        ``key_service`` (a socket path or ``tls://HOST:PORT``), ``key_service_token`` (the engine token's
+        file, optional) and, for TLS, ``key_service_tls_ca``, ``key_service_tls_cert``, ``key_service_tls_key``."""
+        address = get("key_service", None)
+        if not isinstance(address, str) or not address:
+            raise ValueError("kv_connector_extra_config['key_service'] must be a socket path or tls://HOST:PORT")
+        token_path = get("key_service_token", None)
+        return cls(address, token=load_engine_token(token_path) if token_path else None,
+                   tls=MutualTLS.from_config(get))
+
     def __repr__(self) -> str:
-        return f"KeyClient({self.path!r}, token={'<hidden>' if self._token else None})"
+        return f"KeyClient({self.address!r}, token={'<hidden>' if self._token else None})"
+
+    def _connect(self) -> socket.socket:
+        if self._tcp is None:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.settimeout(self.timeout)
+                conn.connect(self.address)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        assert self._tls is not None
+        raw = socket.create_connection(self._tcp, timeout=self.timeout)
+        try:
+            return self._tls.wrap_socket(raw, server_hostname=self._tcp[0])
+        except BaseException:
+            raw.close()
+            raise
 
     def _ask(self, req: dict) -> dict:
         if self._token is not None:
             req = {**req, "token": self._token}
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(self.timeout)
-                conn.connect(self.path)
+            with self._connect() as conn:
                 _send(conn, req)
                 rep = _recv(conn)
+        except ssl.SSLError as e:
+            raise KeyServiceError(f"key service at {self.address}: TLS: {e.reason or e}") from None
         except OSError as e:
-            raise KeyServiceError(f"key service at {self.path}: {e}") from None
+            raise KeyServiceError(f"key service at {self.address}: {e}") from None
         if rep.get("ok") is not True:
             raise KeyServiceError(f"key service refused: {rep.get('error', 'no reason given')}")
         try:
