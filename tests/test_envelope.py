@@ -18,7 +18,8 @@ from pqc_kv_cache import (
 )
 from pqc_kv_cache.envelope import AAD_SIZE, build_aad, make_nonce, session_tag, split_nonce, tenant_tag
 
-SESSION = establish_tenant_session(TenantIdentity("alice"))
+# made at import: a TTL of a day, so a slow run of the whole suite cannot outlive it (the default is 15 minutes)
+SESSION = establish_tenant_session(TenantIdentity("alice"), ttl_seconds=24 * 3600)
 
 
 def sealed(layer=3, position=7, count=2, k=b"K" * 32, v=b"V" * 32, **kw) -> EncryptedEntry:
