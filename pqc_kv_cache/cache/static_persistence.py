@@ -161,5 +161,5 @@ class StaticSaveFiles:
             self._ctx.failures.check(self._sessions)
         except KVCacheError as exc:     # a tag that failed, or a chunk whose key or session is gone
             self._record_file(Op.LOAD, Status.AUTH_FAILED)
-            raise SaveFileError(f"save file chunk failed authentication ({exc}); nothing is loaded") from exc
+            raise SaveFileError(f"a save file chunk could not be opened ({exc}); nothing is loaded") from exc
         self._record_file(Op.LOAD, Status.OK)

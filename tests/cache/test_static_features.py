@@ -326,7 +326,7 @@ def test_a_changed_or_foreign_file_is_refused_and_the_sessions_stay_as_they_were
     bad = tmp_path / "bad.pkvf"
     bad.write_bytes(bytes(raw))
     before = [s.lineage for s in two]
-    with pytest.raises(SaveFileError, match="failed authentication"):
+    with pytest.raises(SaveFileError, match="could not be opened.*its tag did not verify"):
         StaticEncryptedCache.load(bad, model.config, two, audit=log)
     assert [s.lineage for s in two] == before
     assert {e.success for e in _records(log, "load")} == {False}
@@ -339,6 +339,8 @@ def test_a_changed_or_foreign_file_is_refused_and_the_sessions_stay_as_they_were
         StaticEncryptedCache.load(tmp_path / "d.pkvf", model.config, two)
     with pytest.raises(ValueError, match="sliding"):
         StaticEncryptedCache.load(path, tiny_model("mistral").config, two)
+    with pytest.raises(SaveFileError, match="open it with StaticEncryptedCache.load"):
+        EncryptedCache.load(path, model.config, two)
     log.close()
 
 
