@@ -131,6 +131,7 @@ class StaticSealing:
         would take a row of another session; one REORDER record per row that moved."""
         if not self.is_initialized:
             return
+        self._ctx.drain()      # the operators' records first: the log keeps the order things happened in
         idx = self._ctx.beam_rows(beam_idx, self.layer_idx)
         moved = np.flatnonzero(idx != np.arange(idx.size))
         if moved.size == 0:
@@ -157,6 +158,7 @@ class StaticSealing:
         if self._ring and end > self.max_cache_len:
             raise ValueError(f"layer {self.layer_idx}'s sliding window has moved on (position {end} of a window "
                              f"of {self.max_cache_len}): the positions before it are gone, it cannot be cropped")
+        self._ctx.drain()
         super().crop(-min(-tokens_to_remove, end))      # never below position 0
         new_end = int(self.get_seq_length())
         cut = slice(new_end, end)        # slot = position (a full layer, or a ring that never wrapped)
