@@ -106,6 +106,9 @@ class SaveFiles:
         adopted: list = []
         try:
             contents = read_savefile(path, sessions)
+            if contents.manifest.get("mode") == "static":
+                raise SaveFileError("this save file holds a StaticEncryptedCache: open it with "
+                                    "StaticEncryptedCache.load")
             try:
                 for s, lineage, epochs in zip(contents.sessions, contents.lineages, contents.epochs):
                     adopted.append(s.adopt(lineage, epochs))

@@ -21,6 +21,7 @@ The cache builds one layer per cached layer of the config through a layer-type t
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -35,6 +36,8 @@ from .context import check_backend_argument, session_slots, watch_sessions
 from .guards import guard_continuous_batching, refuse_unsupported
 from .static_context import StaticContext
 from .static_layer import StaticEncryptedLayer, StaticSealing, StaticSlidingEncryptedLayer
+from .static_persistence import StaticSaveFiles
+from .static_rows import StaticRowOps
 
 if TYPE_CHECKING:   # annotations only
     from ..audit.log import KVAuditLog
@@ -75,7 +78,7 @@ def _static_plan(config, max_cache_len: int) -> list[tuple[type[StaticSealing], 
     return plan
 
 
-class StaticEncryptedCache(Cache):
+class StaticEncryptedCache(StaticSaveFiles, StaticRowOps, Cache):
     """A transformers ``Cache`` for ``torch.compile``: ``StaticCache``'s plaintext, every position sealed.
 
     ``sessions``, ``rows_per_session``, ``audit`` and ``backend`` as for ``EncryptedCache``;
@@ -103,9 +106,14 @@ class StaticEncryptedCache(Cache):
         plan = _static_plan(config, max_cache_len)
         self._sessions: list[TenantSession] = distinct
         self._max_cache_len = max_cache_len
+        self._plan = plan
+        self._copies = weakref.WeakSet([self])     # this cache and its deepcopies (a rotation re-seals all)
         self._ctx = StaticContext(self._sessions, prompt, rows_per_session, audit,
                                   backend, len(plan), max_cache_len, audit_records, nonce_reserve)
         super().__init__(layers=[cls(self._ctx, i, **kw) for i, (cls, kw) in enumerate(plan)])
+        self._watch()
+
+    def _watch(self) -> None:
         watch_sessions(self, self._sessions)
 
     # ---- settings and state ---------------------------------------------------------------------------
@@ -225,13 +233,6 @@ class StaticEncryptedCache(Cache):
                     self._record_rows(Op.CLOSE, layer, np.full(rows.size, slot), rows)
 
     # ---- Cache API -------------------------------------------------------------------------------------
-    def crop(self, tokens_to_remove: int) -> None:
-        # transformers' static layers crop (a negative count) in 5.25, not in 5.16, where StaticCache cannot either
-        if not all(hasattr(layer, "crop") for layer in self.layers):
-            raise ValueError("this transformers release's static layers cannot be cropped (StaticCache cannot "
-                             "either); a newer transformers adds StaticLayer.crop")
-        super().crop(tokens_to_remove)
-
     def reset(self) -> None:
         """Zero every layer (plaintext, ciphertext, slots) for a new sequence; records drained, nonce ranges
         refilled, failures since the last check still raised by the next ``check()``."""
@@ -248,10 +249,6 @@ class StaticEncryptedCache(Cache):
         for layer in self.layers:
             layer.reset()
         self._ctx.stop()
-
-    def reorder_cache(self, beam_idx) -> None:
-        raise ValueError("StaticEncryptedCache does not reorder rows (beam search); use EncryptedCache, which "
-                         "checks that no row moves into another tenant's")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise ValueError("StaticEncryptedCache holds a fixed batch; pass rows_per_session= and expand the batch "

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from ..audit.records import Op, Status
 from ..backends import select_backend
 from ..backends.base import CryptoBackend
+from ..errors import TenantIsolationError
 from ..ops import register_handler, unregister_handler
 from ..session import TenantSession
 from .audit import CacheAuditor
@@ -60,13 +62,24 @@ class StaticContext:
         self.records: RecordBuffer | None = None
         self.failures: SealFailures | None = None
         self.closed = False
+        self._settings = (sessions, prompt_slots, rows_per_session, log, backend, layers, max_cache_len,
+                          audit_records, nonce_reserve)
+
+    def fresh(self) -> "StaticContext":
+        """A new, unstarted context with the same sessions, log, backend and settings (a deepcopy's): started,
+        it reserves nonce ranges of its own from the sessions and has its own record buffer."""
+        sessions, prompt, per, log, backend, layers, max_cache_len, records, reserve = self._settings
+        return StaticContext(sessions, prompt, per, log, self.backend if self.backend is not None else backend,
+                             layers, max_cache_len, records, reserve)
 
     @property
     def started(self) -> bool:
         return self.sealer is not None
 
-    def start(self, batch: int, device: torch.device) -> None:
-        """Map ``batch`` rows to session slots and allocate the operators' state on ``device`` (once)."""
+    def start(self, batch: int, device: torch.device, rows: np.ndarray | None = None, reserve: bool = True) -> None:
+        """Map ``batch`` rows to session slots (``rows``: given, as a save file lists them) and allocate the
+        operators' state on ``device`` (once); ``reserve``: reserve the nonce ranges now (a load reserves
+        them only once the sessions have taken what the file says of them)."""
         if self.closed:
             raise ValueError("this StaticEncryptedCache is closed")
         if self.started:
@@ -81,7 +94,8 @@ class StaticContext:
         if device.type != "cpu":
             raise ValueError(f"StaticEncryptedCache seals on the host and holds CPU tensors only (got {device}); "
                              "on a GPU use EncryptedCache(mode='working_set')")
-        rows = row_slots_for_batch(self.prompt_slots, self.rows_per_session, batch)
+        if rows is None:
+            rows = row_slots_for_batch(self.prompt_slots, self.rows_per_session, batch)
         for slot in np.unique(rows).tolist():
             self.sessions[slot].check_valid()
         backend = self.backend if self.backend is not None else select_backend(device)
@@ -103,7 +117,8 @@ class StaticContext:
         self.handle_no = register_handler(self.sealer)
         self.handle = torch.tensor(self.handle_no, dtype=torch.int64)
         torch._dynamo.mark_static_address(self.handle)
-        self.refill()
+        if reserve:
+            self.refill()
 
     # ---- between steps (never inside a compiled region) ---------------------------------------------------
     def want(self) -> np.ndarray:
@@ -129,6 +144,31 @@ class StaticContext:
     def forget_keys(self, slot: int | None = None, epoch: int | None = None) -> None:
         if self.sealer is not None:
             self.sealer.forget_keys(slot, epoch)
+
+    def beam_rows(self, beam_idx, layer_idx: int) -> np.ndarray:
+        """``beam_idx`` (one row index per row) as int64 row indices; ValueError for another length or an
+        index outside the batch, TenantIsolationError (and an ISOLATION_VIOLATION record per offending row)
+        if a row would take a row of another session."""
+        if isinstance(beam_idx, torch.Tensor):
+            beam_idx = beam_idx.detach().cpu().numpy()
+        idx = np.asarray(beam_idx)
+        batch = self.row_slots.size
+        if idx.ndim != 1 or idx.size != batch or idx.dtype.kind not in "iu":
+            raise ValueError(f"beam_idx must hold one integer row index per row ({batch}), got {idx.shape} "
+                             f"{idx.dtype}")
+        if idx.size and (idx.min() < -batch or idx.max() >= batch):
+            raise ValueError(f"beam_idx: row index out of range for a batch of {batch}")
+        idx = idx.astype(np.int64) % batch
+        bad = np.flatnonzero(self.row_slots[idx] != self.row_slots)
+        if bad.size:
+            r = int(bad[0])
+            self.auditor.rows(Op.ISOLATION_VIOLATION, layer_idx, self.row_slots[bad], bad, status=Status.REFUSED,
+                              now=True, nonce_counter=idx[bad].astype(np.uint64))
+            raise TenantIsolationError(
+                f"reorder would move row {int(idx[r])} (tenant {self.sessions[self.row_slots[idx[r]]].tenant_id!r})"
+                f" into row {r} (tenant {self.sessions[self.row_slots[r]].tenant_id!r}): rows of different "
+                "sessions are never mixed")
+        return idx
 
     def rows_of(self, slot: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64) if self.row_slots is None else np.flatnonzero(self.row_slots == slot)

@@ -24,9 +24,12 @@ import numpy as np
 import torch
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
+from ..audit.records import Op
 from ..envelope import TAG_SIZE, EncryptedEntry, EntryMetadata, make_nonce
 from ..ops import kv_seal  # noqa: F401  (registers the operators)
+from ..errors import SaveFileError
 from .clearing import zero, zero_at_collection
+from .savefile import CHUNK_FIELDS as _CHUNK_FIELDS
 from .static_context import StaticContext
 
 __all__ = ["StaticSealing", "StaticEncryptedLayer", "StaticSlidingEncryptedLayer"]
@@ -115,9 +118,186 @@ class StaticSealing:
             zero(self.meta)
         self._released = False
 
+    # ---- row and position operations (outside any compiled region) ------------------------------------------
+    def held_range(self) -> tuple[int, int]:
+        """(first, end): the positions the layer holds (a ring holds the last ``window`` of them)."""
+        end = int(self.get_seq_length()) if self.is_initialized else 0
+        return (max(0, end - self.max_cache_len) if self._ring else 0), end
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise ValueError("StaticEncryptedCache does not reorder rows (beam search); use EncryptedCache, which "
-                         "checks that no row moves into another tenant's")
+        """Beam reorder, in place (the buffers keep their addresses): row r takes old row ``beam_idx[r]``'s
+        plaintext, chunks and slot table, without re-encryption (a chunk's AAD binds layer and position, not
+        its row). TenantIsolationError (and an ISOLATION_VIOLATION record), before anything moves, if a row
+        would take a row of another session; one REORDER record per row that moved."""
+        if not self.is_initialized:
+            return
+        self._ctx.drain()      # the operators' records first: the log keeps the order things happened in
+        idx = self._ctx.beam_rows(beam_idx, self.layer_idx)
+        moved = np.flatnonzero(idx != np.arange(idx.size))
+        if moved.size == 0:
+            return
+        t = torch.from_numpy(idx).to(self.device)
+        for buf in (self.keys, self.values, self.arena, self.meta):
+            taken = buf.index_select(0, t)
+            buf.copy_(taken)
+            zero(taken)
+        first, end = self.held_range()
+        self._ctx.auditor.rows(Op.REORDER, self.layer_idx, self._ctx.row_slots[moved], moved, now=True,
+                               pos_start=first, pos_count=end - first, nonce_counter=idx[moved].astype(np.uint64))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' static crop (a negative count: positions from the end), and the cut positions' slots
+        and plaintext zeroed (a position written again is sealed again, under a fresh counter). One CROP
+        record per row."""
+        if not isinstance(tokens_to_remove, int) or isinstance(tokens_to_remove, bool) or tokens_to_remove > 0:
+            raise ValueError(f"a static layer is cropped by a negative count of positions to remove from the end, "
+                             f"got {tokens_to_remove!r}")
+        first, end = self.held_range()
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        if self._ring and end > self.max_cache_len:
+            raise ValueError(f"layer {self.layer_idx}'s sliding window has moved on (position {end} of a window "
+                             f"of {self.max_cache_len}): the positions before it are gone, it cannot be cropped")
+        self._ctx.drain()
+        super().crop(-min(-tokens_to_remove, end))      # never below position 0
+        new_end = int(self.get_seq_length())
+        cut = slice(new_end, end)        # slot = position (a full layer, or a ring that never wrapped)
+        for buf in (self.keys, self.values):
+            zero(buf[:, :, cut])
+        zero(self.arena[:, cut])
+        zero(self.meta[:, cut])
+        rows = np.arange(self._ctx.row_slots.size)
+        self._ctx.auditor.rows(Op.CROP, self.layer_idx, self._ctx.row_slots, rows, now=True, pos_start=new_end,
+                               pos_count=end - new_end)
+
+    def reseal_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Seal again every chunk ``rows`` hold, from the plaintext (not released), under fresh counters of the
+        rows' nonce ranges (a key rotation); returns each row's first new counter."""
+        first, end = self.held_range()
+        if not self.is_initialized or rows.size == 0 or end <= first:
+            return np.zeros(rows.size, dtype=np.int64)
+        positions = np.arange(first, end, dtype=np.int64)
+        ctx = self._ctx
+        next_, stop, epoch = ctx.nonces.tensors()
+        return ctx.sealer.reseal(self.layer_idx, self.keys, self.values, np.sort(rows), positions,
+                                 positions - first, self.arena, self.meta, next_, stop, epoch, ctx.failures.tensor)
+
+    def offload(self) -> None:
+        """Release this layer's plaintext (zeroed in place; its ciphertext is on the host already), one
+        RELEASE record per row; ``prefetch`` opens it again (DECRYPT records, failures raised at check())."""
+        if self.is_initialized and not self._released:
+            self._ctx.drain()
+            self.release()
+            first, end = self.held_range()
+            rows = np.arange(self._ctx.row_slots.size)
+            self._ctx.auditor.rows(Op.RELEASE, self.layer_idx, self._ctx.row_slots, rows, now=True,
+                                   pos_start=first, pos_count=end - first)
+
+    def prefetch(self) -> None:
+        self.open_released()
+
+    # ---- save files ----------------------------------------------------------------------------------------
+    def saved(self) -> tuple[dict, np.ndarray]:
+        """This layer's description for a save file and its chunk bytes: every held position of every row
+        must have its chunk (SaveFileError naming the first that has none: a seal failed); a chunk that rows
+        share after a beam reorder is listed once, ``refs`` (per row and held position) pointing to it."""
+        kind = "sliding" if self._ring else "full"
+        if not self.is_initialized:
+            return {"initialized": False, "kind": kind, "chunks": {f: [] for f in _CHUNK_FIELDS}}, \
+                np.zeros(0, dtype=np.uint8)
+        first, end = self.held_range()
+        pos = np.arange(first, end, dtype=np.int64)
+        slot_of = pos % self.max_cache_len
+        meta = self.meta.numpy()[:, slot_of]                 # [batch, held, 3]
+        rows = self._ctx.row_slots
+        missing = np.argwhere(meta[:, :, 2] != pos + 1)
+        if missing.size:
+            r, j = (int(x) for x in missing[0])
+            raise SaveFileError(f"layer {self.layer_idx}, row {r} holds no sealed chunk of position {int(pos[j])} "
+                                "(a seal failed): nothing saved")
+        batch, held = meta.shape[:2]
+        ident = np.stack([np.repeat(rows, held), meta[:, :, 1].reshape(-1), meta[:, :, 0].reshape(-1)], axis=1)
+        _, first_at, inverse = np.unique(ident, axis=0, return_index=True, return_inverse=True)
+        order = np.argsort(first_at, kind="stable")          # chunks in the order rows first hold them
+        rank = np.empty(order.size, dtype=np.int64)
+        rank[order] = np.arange(order.size)
+        src = first_at[order]
+        data = self.arena.numpy()[src // max(held, 1), slot_of[src % max(held, 1)]]
+        desc = {"initialized": True, "kind": kind, "dtype": str(self.keys.dtype).removeprefix("torch."),
+                "heads": int(self.keys.shape[1]), "head_dim": int(self.keys.shape[3]), "batch": int(batch),
+                "slots": int(self.max_cache_len), "start": first, "end": end,
+                "length_tensor": int(self.cumulative_length), "row_slots": rows.tolist(),
+                "refs": rank[inverse.reshape(-1)].tolist(),
+                "chunks": {"counter": ident[src, 2].tolist(), "epoch": ident[src, 1].tolist(),
+                           "slot": ident[src, 0].tolist(), "nbytes": [int(data.shape[1])] * int(src.size)}}
+        return desc, data.reshape(-1)
+
+    def load_saved(self, desc: dict, data: np.ndarray, slot_map: np.ndarray, rows: np.ndarray) -> None:
+        """Fill this (new) layer from a verified save file's description and chunk bytes, released: the
+        caller opens it. ``slot_map``: the file's session slot -> the cache's; ``rows``: each row's session
+        slot in the cache. SaveFileError for a description this layer cannot hold or that does not add up;
+        ValueError when it describes another kind of layer."""
+        kind = "sliding" if self._ring else "full"
+        if not isinstance(desc, dict):
+            raise SaveFileError(f"save file: layer {self.layer_idx}'s description is malformed")
+        if desc.get("kind") != kind:
+            raise ValueError(f"layer {self.layer_idx}: the save file holds a {desc.get('kind')!r} layer, this "
+                             f"config a {kind!r} one")
+        if not desc.get("initialized"):
+            return
+        bad = SaveFileError(f"save file: layer {self.layer_idx}'s description is malformed")
+        try:
+            heads, dim, batch, slots, start, end, length = (
+                desc[k] for k in ("heads", "head_dim", "batch", "slots", "start", "end", "length_tensor"))
+            dtype = getattr(torch, desc["dtype"]) if isinstance(desc["dtype"], str) else None
+            refs = np.array(desc["refs"], dtype=np.int64)
+            chunks = desc["chunks"]
+            c_slot = slot_map[np.array(chunks["slot"], dtype=np.int64)]
+            c_counter, c_epoch = (np.array(chunks[k], dtype=np.int64) for k in ("counter", "epoch"))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):
+            raise bad from None
+        ints = (heads, dim, batch, slots, start, end, length)
+        if (not all(type(x) is int for x in ints) or not isinstance(dtype, torch.dtype)
+                or not dtype.is_floating_point or min(heads, dim, batch) < 1 or batch != rows.size):
+            raise bad
+        if slots != self.max_cache_len:
+            raise ValueError(f"layer {self.layer_idx}: the save file's layer holds {slots} positions, this "
+                             f"cache's {self.max_cache_len}")
+        want_start = max(0, end - slots) if self._ring else 0
+        held = end - start
+        stride = 2 * heads * dim * dtype.itemsize + TAG_SIZE
+        if (start != want_start or end < 0 or (not self._ring and end > slots) or refs.shape != (batch * held,)
+                or (refs.size and (refs.min() < 0 or refs.max() >= c_slot.size))
+                or data.size != c_slot.size * stride or length < 0 or (not self._ring and length != end)):
+            raise bad
+        row_of = np.repeat(np.arange(batch), held)
+        if refs.size and not np.array_equal(c_slot[refs], rows[row_of]):
+            raise SaveFileError(f"save file: layer {self.layer_idx} gives a row a chunk of another session")
+        self.lazy_initialization(torch.zeros((batch, heads, 0, dim), dtype=dtype),
+                                 torch.zeros((batch, heads, 0, dim), dtype=dtype))
+        pos = np.tile(np.arange(start, end, dtype=np.int64), batch)
+        arena, meta = self.arena.numpy(), self.meta.numpy()
+        arena[row_of, pos % slots] = data.reshape(-1, stride)[refs]
+        meta[row_of, pos % slots] = np.stack([c_counter[refs], c_epoch[refs], pos + 1], axis=1)
+        self.cumulative_length.fill_(length)
+        if self._ring:
+            self.cumulative_length_int = end
+        self._released = True
+
+    def copy_from(self, other: "StaticSealing") -> None:
+        """Take ``other``'s state (a deepcopy): the same plaintext, chunks, slot table and length, in this
+        layer's own buffers (allocated here); no re-encryption."""
+        if not other.is_initialized:
+            return
+        empty = other.keys[:, :, :0]
+        self.lazy_initialization(empty, other.values[:, :, :0])
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values), (self.arena, other.arena),
+                             (self.meta, other.meta)):
+            mine.copy_(theirs)
+        self.cumulative_length.copy_(other.cumulative_length)
+        if hasattr(other, "cumulative_length_int"):
+            self.cumulative_length_int = other.cumulative_length_int
+        self._released = other.released
 
     # ---- inspection -------------------------------------------------------------------------------------
     def sealed_positions(self, row: int) -> np.ndarray:

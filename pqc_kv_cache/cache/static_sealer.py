@@ -308,3 +308,44 @@ class StaticSealer:
                 self._write_records(records, record_head, Op.DECRYPT, slots[bad], layer_idx, rows[bad], p[bad], 1,
                                     counter[bad], epoch[bad], layout.bytes_per_position, st)
         self._fail(failures, layer_idx, rows, p, reason, slots)
+
+    # ---- re-seal (key rotation, outside any compiled region; not on the step's path) -------------------------
+    def reseal(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, rows: np.ndarray,
+               positions: np.ndarray, io_index: np.ndarray, arena: torch.Tensor, meta: torch.Tensor,
+               nonce_next: torch.Tensor, nonce_end: torch.Tensor, nonce_epoch: torch.Tensor,
+               failures: torch.Tensor) -> np.ndarray:
+        """Seal again, from ``keys`` / ``values`` (index ``io_index[j]`` holds position ``positions[j]``), the
+        chunks that the slots of ``rows`` (ascending) hold of ``positions``, under fresh counters of each
+        row's session range and that range's epoch. No records (the caller records the operation). A chunk
+        that cannot be sealed fails closed as in ``seal``. Returns each row's first new counter (0: none)."""
+        heads, dim = int(keys.shape[1]), int(keys.shape[3])
+        n_slots, stride = int(arena.shape[1]), int(arena.shape[2])
+        layout = self._layout(layer_idx, heads, dim, keys.dtype)
+        r = np.repeat(rows, positions.size)
+        p, iox = np.tile(positions, rows.size), np.tile(io_index, rows.size)
+        arena_np, meta_np = arena.numpy(), meta.numpy()
+        held = meta_np[r, p % n_slots, _SEALED] == p + 1
+        r, p, iox = r[held], p[held], iox[held]
+        slot_of = p % n_slots
+        slots = self._row_slots[r]
+        epoch = nonce_epoch.numpy()[slots]
+        reason = np.zeros(r.size, dtype=np.int64)
+        key_list, key_index = self._keys_for(slots, epoch, np.arange(r.size), reason)
+        counter = self._take_counters(slots, reason, nonce_next.numpy(), nonce_end.numpy())
+        good = reason == 0
+        meta_np[r, slot_of] = 0          # emptied first, as in seal
+        arena_np[r[~good], slot_of[~good]] = 0
+        if good.any():
+            g = np.flatnonzero(good)
+            table = ChunkTable(key_index[g], r[g], p[g], np.ones(g.size, dtype=np.int64), iox[g], counter[g],
+                               (r[g] * n_slots + slot_of[g]) * stride)
+            try:
+                self._backend.encrypt_chunks(key_list, layout, table, keys, values, arena.view(-1), None)
+            except BaseException:
+                arena_np[r[g], slot_of[g]] = 0
+                raise
+            meta_np[r[g], slot_of[g]] = np.stack([counter[g], epoch[g], p[g] + 1], axis=1)
+        self._fail(failures, layer_idx, r, p, reason, slots)
+        first = np.full(rows.size, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first, np.searchsorted(rows, r[good]), counter[good])
+        return np.where(first == np.iinfo(np.int64).max, 0, first)

@@ -237,8 +237,10 @@ def test_refusals():
     with pytest.raises(ValueError, match="2 sessions were given for a batch of 3 rows"):
         cache.update(*_kv(3, 1, 0), 0)
     cache.update(*_kv(2, 1, 0), 0)
-    with pytest.raises(ValueError, match="does not reorder rows"):
-        cache.reorder_cache(torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="out of range for a batch of 2"):
+        cache.reorder_cache(torch.tensor([2, 0]))
+    with pytest.raises(ValueError, match="fixed batch"):
+        cache.batch_select_indices(torch.tensor([0]))
     cache.close()
     with pytest.raises(RuntimeError, match="no seal handler"):
         cache.update(*_kv(2, 1, 0), 0)
