@@ -34,6 +34,22 @@ const pqc_te_flat& te() {
     return acc;
 }
 
+// The kernels' lane-replicated TE table (copy l of entry x at word 32x + l) and lane t's view
+// of it (lane t mod 32 of its warp), so the lane walks below use the kernels' table addressing.
+struct TeLanes {
+    uint32_t t[256 * PQC_TE_COPIES];
+    TeLanes() {
+        for (uint32_t x = 0; x < 256; ++x)
+            for (uint32_t l = 0; l < PQC_TE_COPIES; ++l) t[(x << 5) | l] = pqc_te_entry(x);
+    }
+};
+
+pqc_te_lanes te_lane(uint32_t t) {
+    static const TeLanes table;
+    const pqc_te_lanes acc = {table.t, (t & (PQC_TE_COPIES - 1u)) << 2};
+    return acc;
+}
+
 void build_gtab(const pqc_key_sched* ks, pqc_u128* gtab) {
     for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) gtab[i] = pqc_ghash_tab_entry(ks->vtab, i);
 }
@@ -45,7 +61,7 @@ pqc_u128 run_lanes(const pqc_key_sched* ks, const pqc_u128* gtab, const pqc_gcm_
     const uint64_t rounds = pqc_msg_rounds(msg.aad_len, msg.nbytes, lanes);
     pqc_u128 g = {0ull, 0ull};
     for (uint32_t t = 0; t < lanes; ++t)
-        g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, msg, io, encrypt, t, lanes, 0ull, rounds));
+        g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, msg, io, encrypt, t, lanes, 0ull, rounds));
     return g;
 }
 
@@ -268,11 +284,11 @@ int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
         pqc_io_kv_to_arena io = {c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
-            g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, true, t, ks->lanes,
+            g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, c.msg, io, true, t, ks->lanes,
                                              it.r0, it.r1));
         pqc_u128 ghash;
         if (combine_item(g, it, rounds, ks, p->partials, p->counters, &ghash))
-            pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, p->arena + c.offset + c.nbytes);
+            pqc_gcm_tag(te_lane(0), ks->rk, c.msg.nonce_w, ghash, p->arena + c.offset + c.nbytes);
         if (p->records) {
             for (int64_t pos = it.p0; pos < it.p1; ++pos) {
                 uint32_t w[16];
@@ -329,12 +345,12 @@ int pqc_host_decrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
         pqc_io_arena_to_kv io = {c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
-            g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, false, t, ks->lanes,
+            g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, c.msg, io, false, t, ks->lanes,
                                              it.r0, it.r1));
         pqc_u128 ghash;
         if (!combine_item(g, it, rounds, ks, p->partials, p->counters, &ghash)) continue;
         uint8_t tag[16];
-        pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, tag);
+        pqc_gcm_tag(te_lane(0), ks->rk, c.msg.nonce_w, ghash, tag);
         const int ok = pqc_ct_equal(tag, p->arena + c.offset + c.nbytes, 16);
         p->status[it.chunk] = (uint8_t)(ok ? 0 : 1);
         if (!ok) {

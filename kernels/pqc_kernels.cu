@@ -35,7 +35,8 @@
 // AES tables: TE (1 KiB) is replicated 32 times in shared memory, interleaved so
 // that copy l sits in bank l (entry x of copy l at word 32x + l); lane l of a
 // warp reads only copy l, so the 16 data-dependent lookups per round never
-// conflict. 32 KiB per CTA. The GHASH Horner step uses a 4-bit table of H^256
+// conflict. 32 KiB per CTA. A lookup's address is formed from the state word in
+// two instructions (pqc_te_lanes in pqc_aes.cuh). The GHASH Horner step uses a 4-bit table of H^256
 // (512 x 16 B = 8 KiB, rebuilt when the CTA's key slot changes); each lane's final
 // multiply by H^(256 - t) uses its own 16-entry table from the key schedule.
 //
@@ -63,12 +64,6 @@
 // comes from the occupancy query, not from this number.
 #define PQC_MIN_CTAS 4
 
-// Lane-private view of the 32-way replicated TE table.
-struct pqc_te_lanes {
-    const uint32_t* t;
-    uint32_t lane;
-    __device__ __forceinline__ uint32_t operator()(uint32_t x) const { return t[(x << 5) | lane]; }
-};
 
 __device__ __forceinline__ uint64_t pqc_globaltimer() {
     uint64_t t;
@@ -90,7 +85,7 @@ __device__ __forceinline__ void pqc_store_record(uint8_t* dst, const uint32_t w[
 __device__ __forceinline__ void pqc_fill_te_lanes(uint32_t* te_s) {
     const uint32_t x = threadIdx.x;
     const uint32_t v = pqc_te_entry(x);
-    for (uint32_t l = 0; l < 32; ++l) te_s[(x << 5) | ((l + x) & 31u)] = v;
+    for (uint32_t l = 0; l < PQC_TE_COPIES; ++l) te_s[(x << 5) | ((l + x) & 31u)] = v;
 }
 
 __device__ __forceinline__ pqc_u128 pqc_warp_xor(pqc_u128 v) {
@@ -198,7 +193,7 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
     pqc_fill_te_lanes(te_s);
     const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
     const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
-    const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
+    const pqc_te_lanes te = {te_s, (threadIdx.x & 31u) << 2};
     const int64_t* tab = P.table;
     const int64_t* itab = P.items;
     long long cur_slot = -1;
@@ -261,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
     pqc_fill_te_lanes(te_s);
     const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
     const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
-    const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
+    const pqc_te_lanes te = {te_s, (threadIdx.x & 31u) << 2};
     const int64_t* tab = P.table;
     const int64_t* itab = P.items;
     long long cur_slot = -1;
