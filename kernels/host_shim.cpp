@@ -50,13 +50,13 @@ pqc_te_lanes te_lane(uint32_t t) {
     return acc;
 }
 
-void build_gtab(const pqc_key_sched* ks, pqc_u128* gtab) {
-    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) gtab[i] = pqc_ghash_tab_entry(ks->vtab, i);
+void build_gtab(const pqc_key_sched* ks, uint64_t* gtab) {
+    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) pqc_ghash_tab_set(gtab, i, pqc_ghash_tab_entry(ks->vtab, i));
 }
 
 // Runs every lane of one message and returns the combined GHASH.
 template <class IO>
-pqc_u128 run_lanes(const pqc_key_sched* ks, const pqc_u128* gtab, const pqc_gcm_msg& msg, const IO& io,
+pqc_u128 run_lanes(const pqc_key_sched* ks, const uint64_t* gtab, const pqc_gcm_msg& msg, const IO& io,
                    bool encrypt, uint32_t lanes) {
     const uint64_t rounds = pqc_msg_rounds(msg.aad_len, msg.nbytes, lanes);
     pqc_u128 g = {0ull, 0ull};
@@ -165,12 +165,13 @@ int pqc_host_gf_mul(const uint8_t* a, const uint8_t* b, uint8_t* out, int method
         return 0;
     }
     if (method != 1) return PQC_HOST_EARG;
-    pqc_u128 vtab[128], gtab[PQC_GHASH_TAB_ENTRIES];
+    pqc_u128 vtab[128];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     for (int k = 0; k < 128; ++k) {
         vtab[k] = y;
         y = pqc_gf_mulx(y);
     }
-    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) gtab[i] = pqc_ghash_tab_entry(vtab, i);
+    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) pqc_ghash_tab_set(gtab, i, pqc_ghash_tab_entry(vtab, i));
     store_u128(out, pqc_gf_mul_tab(x, gtab));
     return 0;
 }
@@ -203,7 +204,7 @@ int pqc_host_gcm_seal_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
                            const int64_t* out_off, uint32_t lanes) {
     if (n < 0 || !lanes_ok(lanes)) return PQC_HOST_EARG;
     pqc_key_sched ks;
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     for (int64_t i = 0; i < n; ++i) {
         if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || pt_len[i] < 0 ||
             (uint64_t)pt_len[i] > 16ull * PQC_GCM_MAX_BLOCKS)
@@ -231,7 +232,7 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
                            const int64_t* out_off, int tag_len, uint8_t* status, uint32_t lanes) {
     if (n < 0 || !lanes_ok(lanes) || tag_len < 4 || tag_len > 16) return PQC_HOST_EARG;
     pqc_key_sched ks;
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     for (int64_t i = 0; i < n; ++i) {
         if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || ct_len[i] < tag_len ||
             (uint64_t)(ct_len[i] - tag_len) > 16ull * PQC_GCM_MAX_BLOCKS)
@@ -267,7 +268,7 @@ int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
         return PQC_HOST_EARG;
     const pqc_layout_args L = {p->layer, p->num_heads, p->head_dim, p->itemsize, p->dtype_code};
     const pqc_kv_tensor kt = {p->k, p->k_sb, p->k_sh, p->k_ss}, vt = {p->v, p->v_sb, p->v_sh, p->v_ss};
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     int64_t gtab_slot = -1;
     for (int64_t q = 0; q < p->n_items; ++q) {
         pqc_item it;
@@ -328,7 +329,7 @@ int pqc_host_decrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
         return PQC_HOST_EARG;
     const pqc_layout_args L = {p->layer, p->num_heads, p->head_dim, p->itemsize, p->dtype_code};
     const pqc_kv_tensor kt = {p->k, p->k_sb, p->k_sh, p->k_ss}, vt = {p->v, p->v_sb, p->v_sh, p->v_ss};
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     int64_t gtab_slot = -1;
     for (int64_t q = 0; q < p->n_items; ++q) {
         pqc_item it;

@@ -37,7 +37,8 @@
 // warp reads only copy l, so the 16 data-dependent lookups per round never
 // conflict. 32 KiB per CTA. A lookup's address is formed from the state word in
 // two instructions (pqc_te_lanes in pqc_aes.cuh). The GHASH Horner step uses a 4-bit table of H^256
-// (512 x 16 B = 8 KiB, rebuilt when the CTA's key slot changes); each lane's final
+// (512 x 16 B = 8 KiB as two 64-bit tables of high and low halves, bank-conflict free;
+// rebuilt when the CTA's key slot changes); each lane's final
 // multiply by H^(256 - t) uses its own 16-entry table from the key schedule.
 //
 // Tensor layout: K/V sources (encrypt) and destinations (decrypt) are
@@ -110,9 +111,10 @@ __device__ __forceinline__ pqc_u128 pqc_cta_xor(pqc_u128 v, pqc_u128* red) {
 
 // Loads the per-slot round keys and the Horner table into shared memory (each lane's
 // final-multiply table stays in global memory: 256 B per lane, read 32 times per chunk).
-__device__ __forceinline__ void pqc_load_slot(const pqc_key_sched* ks, uint32_t* rk_s, pqc_u128* gtab_s) {
+__device__ __forceinline__ void pqc_load_slot(const pqc_key_sched* ks, uint32_t* rk_s, uint64_t* gtab_s) {
     __syncthreads();
-    for (int e = threadIdx.x; e < PQC_GHASH_TAB_ENTRIES; e += PQC_LANES) gtab_s[e] = pqc_ghash_tab_entry(ks->vtab, e);
+    for (int e = threadIdx.x; e < PQC_GHASH_TAB_ENTRIES; e += PQC_LANES)
+        pqc_ghash_tab_set(gtab_s, e, pqc_ghash_tab_entry(ks->vtab, e));
     for (int e = threadIdx.x; e < PQC_AES256_ROUND_KEYS; e += PQC_LANES) rk_s[e] = ks->rk[e];
     __syncthreads();
 }
@@ -186,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
     const pqc_chunk_params* __restrict__ params) {
     const pqc_chunk_params& P = *params;
     __shared__ uint32_t te_s[256 * 32];
-    __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
+    __shared__ uint64_t gtab_s[PQC_GHASH_TAB_WORDS];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int last_s;
@@ -248,7 +250,7 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
     const pqc_chunk_params* __restrict__ params) {
     const pqc_chunk_params& P = *params;
     __shared__ uint32_t te_s[256 * 32];
-    __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
+    __shared__ uint64_t gtab_s[PQC_GHASH_TAB_WORDS];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int last_s;
