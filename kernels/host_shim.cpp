@@ -282,7 +282,7 @@ int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
-        pqc_io_kv_to_arena io = {c.kv, p->arena + c.offset, false};
+        pqc_io_kv_to_arena io = {&c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
             g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, c.msg, io, true, t, ks->lanes,
@@ -343,7 +343,7 @@ int pqc_host_decrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
-        pqc_io_arena_to_kv io = {c.kv, p->arena + c.offset, false};
+        pqc_io_arena_to_kv io = {&c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
             g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, c.msg, io, false, t, ks->lanes,

@@ -169,6 +169,26 @@ __device__ __forceinline__ bool pqc_item_combine(pqc_u128 g, const pqc_item& it,
     return true;
 }
 
+// Work item i and its chunk, CTA-uniform, set up by thread 0 in shared memory: the lane walk
+// reads the chunk's geometry (nonce, AAD, tensor view) from there where it needs it, instead
+// of every thread holding some 40 registers of it across the walk.
+struct pqc_item_ctx {
+    pqc_item it;
+    pqc_chunk c;
+    uint64_t rounds;
+};
+
+__device__ __forceinline__ void pqc_item_setup(const pqc_chunk_params& P, long long i, pqc_item_ctx* s) {
+    if (threadIdx.x == 0) {
+        const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
+        const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
+        pqc_item_get(P.items, P.n_items, i, &s->it);
+        pqc_chunk_setup(P.table, P.n, s->it.chunk, P.meta, L, kt, vt, &s->c);
+        s->rounds = pqc_item_resolve(&s->it, s->c, PQC_LANES);
+    }
+    __syncthreads();
+}
+
 // Key schedules for n slots: keys n x 32 bytes -> sched[n] (lanes = PQC_LANES).
 extern "C" __global__ void __launch_bounds__(256) pqc_prepare_keys(const uint8_t* keys, long long n,
                                                                    pqc_key_sched* sched) {
@@ -192,26 +212,22 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int last_s;
+    __shared__ pqc_item_ctx x_s;
     pqc_fill_te_lanes(te_s);
-    const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
-    const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
     const pqc_te_lanes te = {te_s, (threadIdx.x & 31u) << 2};
-    const int64_t* tab = P.table;
-    const int64_t* itab = P.items;
+    const pqc_item& it = x_s.it;
+    const pqc_chunk& c = x_s.c;
     long long cur_slot = -1;
     for (long long i = blockIdx.x; i < P.n_items; i += gridDim.x) {
-        pqc_item it;
-        pqc_item_get(itab, P.n_items, i, &it);
-        pqc_chunk c;
-        pqc_chunk_setup(tab, P.n, it.chunk, P.meta, L, kt, vt, &c);
-        const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
+        pqc_item_setup(P, i, &x_s);
+        const uint64_t rounds = x_s.rounds;
         if (c.slot != cur_slot) {  // uniform across the CTA
             pqc_load_slot(P.sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
         uint8_t* ct = P.arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
-        pqc_io_kv_to_arena io = {c.kv, ct, ct_aligned};
+        pqc_io_kv_to_arena io = {&c.kv, ct, ct_aligned};
         const pqc_key_sched* ks = P.sched + c.slot;
         pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, true, threadIdx.x, PQC_LANES,
                                   it.r0, it.r1);
@@ -222,11 +238,12 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
             const uint64_t ts = pqc_globaltimer();
             for (int64_t p = it.p0 + threadIdx.x; p < it.p1; p += PQC_LANES) {
                 uint32_t w[16];
+                const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
                 pqc_encrypt_record(c, P.meta, L, P.first_no + (uint64_t)(c.aux + p), ts, (uint32_t)p, w);
                 pqc_store_record(P.records + 64ll * (c.aux + p - P.rec_lo), w);
             }
         }
-        __syncthreads();  // red_s and last_s are reused by the next item
+        __syncthreads();  // x_s, red_s and last_s are reused by the next item
     }
 }
 
@@ -255,26 +272,22 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int last_s;
     __shared__ int ok_s;
+    __shared__ pqc_item_ctx x_s;
     pqc_fill_te_lanes(te_s);
-    const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
-    const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
     const pqc_te_lanes te = {te_s, (threadIdx.x & 31u) << 2};
-    const int64_t* tab = P.table;
-    const int64_t* itab = P.items;
+    const pqc_item& it = x_s.it;
+    const pqc_chunk& c = x_s.c;
     long long cur_slot = -1;
     for (long long i = blockIdx.x; i < P.n_items; i += gridDim.x) {
-        pqc_item it;
-        pqc_item_get(itab, P.n_items, i, &it);
-        pqc_chunk c;
-        pqc_chunk_setup(tab, P.n, it.chunk, P.meta, L, kt, vt, &c);
-        const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
-        if (c.slot != cur_slot) {
+        pqc_item_setup(P, i, &x_s);
+        const uint64_t rounds = x_s.rounds;
+        if (c.slot != cur_slot) {  // uniform across the CTA
             pqc_load_slot(P.sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
         const uint8_t* ct = P.arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
-        pqc_io_arena_to_kv io = {c.kv, ct, ct_aligned};
+        pqc_io_arena_to_kv io = {&c.kv, ct, ct_aligned};
         const pqc_key_sched* ks = P.sched + c.slot;
         pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, false, threadIdx.x, PQC_LANES,
                                   it.r0, it.r1);
@@ -301,12 +314,13 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
                     const unsigned idx = atomicAdd(P.fq_count, 1u);
                     if (idx < P.fq_cap) {
                         uint32_t w[16];
+                        const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
                         pqc_failure_record(c, P.meta, L, pqc_globaltimer(), P.call_tag, w);
                         pqc_store_record(P.fq + 64ull * idx, w);
                     }
                 }
             }
         }
-        __syncthreads();  // ok_s, last_s and red_s are reused by the next item
+        __syncthreads();  // x_s, ok_s, last_s and red_s are reused by the next item
     }
 }
