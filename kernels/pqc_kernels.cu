@@ -14,9 +14,12 @@
 //
 // Work items. A chunk's GHASH sequence is walked in R rounds of 256 blocks (see
 // pqc_gcm.cuh). A work item is a range of rounds [r0, r1) of one chunk; the host
-// (kernel_abi.work_items) cuts chunks into items of at most B rounds, B chosen
-// per launch so the items fill every SM, while a chunk of at most B rounds stays
-// one item. Without an item table (items == nullptr) item i is all of chunk i.
+// (kernel_abi.work_items) cuts chunks into items planned for the device's resident
+// CTAs: fewer chunks than slots share them in proportion to their rounds, no item
+// below 4 rounds, so a launch with less work than that leaves SMs idle (a decode
+// step's encrypt: one item per row). Without an item table (items == nullptr) item
+// i is all of chunk i. The item and its chunk are set up by thread 0 in shared
+// memory (pqc_item_ctx).
 // Within an item the CTA's 256 threads are the 256 GHASH lanes of pqc_gcm_lane
 // (lane t CTR-crypts the data blocks of its rounds and keeps a Horner
 // accumulator in H^256); the lanes' partial hashes are XOR-reduced with warp
@@ -24,7 +27,8 @@
 //   * An item that is a whole chunk forms the tag itself (thread 0).
 //   * An item that is part of a chunk multiplies its partial by (H^256)^(R - r1)
 //     (warp 0: eight 4-bit window factors from the key schedule, multiplied in a
-//     shuffle tree), stores it in partials[first + j], fences, and increments the
+//     shuffle tree: 7 bitwise multiplies, 3 on the critical path, then thread 0's
+//     one: 8 per split item, 4 on the critical path), stores it in partials[first + j], fences, and increments the
 //     chunk's counter. The CTA that brings the counter to the chunk's item count
 //     (the last one done) XORs the chunk's partials into the GHASH value and
 //     forms the tag: encrypt writes it; decrypt compares it and, if it fails,
