@@ -21,9 +21,16 @@ and the run goes on:
    and, where the count is 0, the same phases again under ``"error"`` — then
    timed runs interleaved across variants; medians with min / max over the
    repeats, ratios to DynamicCache, and the lower bound
-   ``1 + KV bytes / (decrypt rate x plain step time)`` beside the sealed ratio;
+   ``1 + KV bytes / (decrypt rate x plain step time)`` beside the sealed ratio.
+   Each step's host time (from the call until the host has enqueued its work)
+   is measured beside its GPU time; a figure whose host time is at least
+   ``HOST_BOUND_SHARE`` of its step time is labelled host-bound in the table
+   (the GPU waited for the host, so the ratio measures host work, not crypto);
 5. audit — records drained per second of drain busy time, ring stalls,
-   drops, over the audit-on runs; flush and close under a timeout.
+   drops, over the audit-on runs of section 4; flush and close under a timeout;
+6. decode_32_layers — section 4 at 4K context only, on the same model shape
+   with ``--long-layers`` (32) layers, the depth of the real model: the host
+   cost of an update is paid per layer, so a few layers understate it.
 
 ::
 
@@ -65,8 +72,9 @@ from pqc_kv_cache.audit import KVAuditLog  # noqa: E402
 from pqc_kv_cache.backends.base import ChunkLayout, ChunkTable, KeySlot  # noqa: E402
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag  # noqa: E402
 
-SECTIONS = ("environment", "correctness", "kernels", "decode", "audit")
+SECTIONS = ("environment", "correctness", "kernels", "decode", "audit", "decode_32_layers")
 AUDIT_TIMEOUT_S = 60.0
+HOST_BOUND_SHARE = 0.9   # host time / step time at or above which a step figure is labelled host-bound
 
 
 class SuiteError(RuntimeError):
@@ -79,27 +87,28 @@ def _sync(device):
 
 
 class Timer:
-    """Elapsed milliseconds of a region: CUDA events on a GPU, perf_counter on a CPU."""
+    """Elapsed milliseconds of a region (``ms``: CUDA events on a GPU, perf_counter on a CPU) and the host's
+    part of it (``host_ms``: perf_counter from entry until the region's work is enqueued, before the wait)."""
 
     def __init__(self, device):
         self.device = device
 
     def __enter__(self):
+        self.t = time.perf_counter()
         if self.device.type == "cuda":
             self.a = torch.cuda.Event(enable_timing=True)
             self.b = torch.cuda.Event(enable_timing=True)
             self.a.record()
-        else:
-            self.t = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.b.record()
+            self.host_ms = (time.perf_counter() - self.t) * 1e3
             self.b.synchronize()
             self.ms = self.a.elapsed_time(self.b)
         else:
-            self.ms = (time.perf_counter() - self.t) * 1e3
+            self.ms = self.host_ms = (time.perf_counter() - self.t) * 1e3
 
 
 def spread(values) -> dict:
@@ -144,11 +153,14 @@ class Shapes:
     steps: int
     check_steps: int
     repeats: int
+    layers: int = 2            # decoder layers of the decode section's model
+    long_layers: int = 3       # ... of the decode_32_layers section's (0: section not run)
+    long_contexts: tuple = (16,)
 
     @classmethod
     def full(cls, args) -> "Shapes":
         return cls(8, 128, torch.bfloat16, (1, 64, 4096), (1, 64, 4096), 8, 4096, (1024, 4096), 8,
-                   args.steps, 4, args.repeats)
+                   args.steps, 4, args.repeats, args.layers, args.long_layers, (4096,))
 
     @classmethod
     def smoke(cls, args) -> "Shapes":
@@ -331,7 +343,7 @@ def build_model(device, layers: int, smoke: bool):
 
     torch.manual_seed(0)
     if smoke:
-        cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                           max_position_embeddings=8192)
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -457,9 +469,10 @@ def error_mode_pass(model, ids, cache, device) -> str:
     return "passed"
 
 
-def timed_run(model, ids, cache, steps: int, device) -> tuple[list, torch.Tensor]:
-    """Prefill and one warm-up step untimed, then ``steps`` timed decode steps; (ms per step, tokens)."""
-    toks, times = [], []
+def timed_run(model, ids, cache, steps: int, device) -> tuple[list, list, torch.Tensor]:
+    """Prefill and one warm-up step untimed, then ``steps`` timed decode steps; (ms per step, host ms per step,
+    tokens)."""
+    toks, times, host = [], [], []
     with torch.no_grad():
         nxt = _step(model, ids, cache)
         toks.append(nxt)
@@ -470,14 +483,30 @@ def timed_run(model, ids, cache, steps: int, device) -> tuple[list, torch.Tensor
             with Timer(device) as t:
                 nxt = _step(model, nxt, cache)
             times.append(t.ms)
+            host.append(t.host_ms)
             toks.append(nxt)
     _check_cache(cache)
-    return times, torch.cat(toks, 1).cpu()
+    return times, host, torch.cat(toks, 1).cpu()
 
 
-def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: float, progress=None) -> dict:
+def host_bound(host_ms: float, step_ms: float) -> bool:
+    """True where the host's time to enqueue a step is at least HOST_BOUND_SHARE of the step's time: the GPU
+    finished (nearly) as soon as the host had handed it the work, so the host set the pace."""
+    return step_ms > 0 and host_ms >= HOST_BOUND_SHARE * step_ms
+
+
+def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: float, progress=None,
+           contexts=None) -> dict:
     """``progress(data)``: called with what is finished after every variant's run, so a section killed by its
-    time limit keeps every variant it finished. Past ``deadline`` no checking pass or timed run starts."""
+    time limit keeps every variant it finished. Past ``deadline`` no checking pass or timed run starts.
+    ``contexts``: the context lengths (default ``shapes.contexts``). The section's audit log is left open in
+    ``state["audit_log"]`` for the audit section (whoever runs last closes it)."""
+    prev_log = state.get("audit_log")
+    if prev_log is not None:      # an earlier decode section's log that no audit section closed
+        prev_log.close(timeout=AUDIT_TIMEOUT_S)
+        state["audit_log"] = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     model, cfg, dtype = build_model(device, layers, smoke)
     progress = progress or (lambda data: None)
     mgr = TenantIsolationManager()
@@ -503,7 +532,7 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
     for v in variants:
         checking_pass(model, warm_ids.to(device), v.make(cfg, sessions, log, backend_for(v)), 1, device)
     _sync(device)
-    for ctx in shapes.contexts:
+    for ctx in (contexts or shapes.contexts):
         g = torch.Generator(device="cpu").manual_seed(ctx)
         ids = torch.randint(0, cfg.vocab_size, (shapes.batch, ctx), generator=g).to(device)
         per = {}
@@ -520,8 +549,9 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
             err_mode = "not run (syncs counted)" if (c["syncs_prefill"] or c["syncs_decode"]) else \
                 error_mode_pass(model, ids, v.make(cfg, sessions, log, backend_for(v)), device)
             per[v.name] = {"backend": None if v is base else type(backend_for(v)).__name__, "tokens_identical": same, "syncs_prefill": c["syncs_prefill"],
-                           "syncs_decode": c["syncs_decode"], "error_mode": err_mode, "runs_ms": []}
-            progress({"context": ctx, "variants": per})
+                           "syncs_decode": c["syncs_decode"], "error_mode": err_mode, "runs_ms": [],
+                           "runs_host_ms": []}
+            progress(dict(res, context=ctx, contexts={**res["contexts"], str(ctx): {"variants": per}}))
         checked = [v for v in variants if "not_run" not in per[v.name]]
         # timed runs, interleaved: every repeat measures every variant once
         repeats_done = 0
@@ -529,11 +559,14 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
             if repeats_done and time.monotonic() > deadline:
                 break
             for v in checked:
-                times, toks = timed_run(model, ids, v.make(cfg, sessions, log, backend_for(v)), shapes.steps, device)
+                times, host, toks = timed_run(model, ids, v.make(cfg, sessions, log, backend_for(v)), shapes.steps,
+                                              device)
                 per[v.name]["runs_ms"].append(times)
+                per[v.name]["runs_host_ms"].append(host)
                 n = min(toks.shape[1], ref_tokens.shape[1])
                 per[v.name]["tokens_identical"] &= bool(torch.equal(toks[:, :n], ref_tokens[:, :n]))
-                progress({"context": ctx, "variants": per, "repeats_done": repeats_done})
+                progress(dict(res, context=ctx, contexts={**res["contexts"], str(ctx): {"variants": per}},
+                              repeats_done=repeats_done))
             repeats_done += 1
         base_runs = [statistics.median(t) for t in per[base.name]["runs_ms"]]
         plain_ms = statistics.median([x for t in per[base.name]["runs_ms"] for x in t])
@@ -548,7 +581,10 @@ def decode(device, state, shapes: Shapes, layers: int, smoke: bool, deadline: fl
             p["vs_dynamic"] = {"ratio": p["step_ms"]["median"] / plain_ms, "min": min(ratios), "max": max(ratios)}
             if v.sealed and rate:
                 p["lower_bound_vs_dynamic"] = 1 + kv_bytes / (rate * 1e9 * plain_ms * 1e-3)
-            del p["runs_ms"]
+            p["host_ms"] = statistics.median([x for t in p["runs_host_ms"] for x in t])
+            p["host_share"] = p["host_ms"] / p["step_ms"]["median"] if p["step_ms"]["median"] > 0 else None
+            p["host_bound"] = host_bound(p["host_ms"], p["step_ms"]["median"])
+            del p["runs_ms"], p["runs_host_ms"]
             syncs_ok = device.type != "cuda" or (
                 p["syncs_prefill"] == per[base.name]["syncs_prefill"] == 0
                 and p["syncs_decode"] == per[base.name]["syncs_decode"] == 0 and p["error_mode"] == "passed")
@@ -595,6 +631,50 @@ def _f(x, fmt=".2f"):
     return "—" if x is None else format(x, fmt)
 
 
+def decode_table(d: dict, smoke: bool, partial: bool = False) -> list:
+    """The markdown lines of one decode section (``partial``: what a running section has finished)."""
+    lines = ["", f"Decode step, batch {d['batch']}, {d['layers']} layers of a {d['model']}, {d['dtype']}; "
+             f"ms per step: median [min–max of the per-repeat medians]; ratio to DynamicCache: median "
+             f"[min–max over the interleaved repeats]; host ms: the host's time to enqueue a step (its share "
+             f"of the step)" + (" — **section unfinished: the variants done so far**" if partial else ""), "",
+             "| context | cache | step ms | host ms (share) | vs DynamicCache | lower bound | tokens = DynamicCache "
+             "| host syncs prefill / decode | sync mode \"error\" |", "|---|---|---|---|---|---|---|---|---|"]
+    for ctx, cr in d["contexts"].items():
+        for name, p in cr["variants"].items():
+            if "not_run" in p:
+                lines.append(f"| {ctx} | {name} | not run: {p['not_run']} | | | | | | |")
+                continue
+            if "step_ms" not in p:       # checked, timed runs not finished
+                lines.append(f"| {ctx} | {name} | timed runs not finished | | | | "
+                             f"{'yes' if p['tokens_identical'] else '**NO**'} | {_f(p['syncs_prefill'], 'd')} / "
+                             f"{_f(p['syncs_decode'], 'd')} | {p['error_mode']} |")
+                continue
+            if p.get("backend") and smoke:
+                name = f"{name} ({p['backend']})"
+            s, r = p["step_ms"], p["vs_dynamic"]
+            bound = " **host-bound**" if p.get("host_bound") else ""
+            lines.append(f"| {ctx} | {name} | {s['median']:.3f} [{s['run_median_min']:.3f}–"
+                         f"{s['run_median_max']:.3f}]{bound} | {p['host_ms']:.3f} ({_f(p.get('host_share'))}) "
+                         f"| {r['ratio']:.2f}x [{r['min']:.2f}–{r['max']:.2f}]{bound} "
+                         f"| {_f(p.get('lower_bound_vs_dynamic'))}{'x' if p.get('lower_bound_vs_dynamic') else ''}"
+                         f" | {'yes' if p['tokens_identical'] else '**NO**'} "
+                         f"| {_f(p['syncs_prefill'], 'd')} / {_f(p['syncs_decode'], 'd')} | {p['error_mode']} |")
+    if d.get("audit_on_vs_off"):
+        lines.append("\naudit on / off (sealed, median step): " + ", ".join(
+            f"context {ctx}: {r:.3f}x" for ctx, r in d["audit_on_vs_off"].items()))
+    lines += ["", f"**host-bound**: the host's time to enqueue the step is at least {HOST_BOUND_SHARE:.0%} of the "
+              "step's time, so the GPU waited for the host: such a figure (and its ratio) measures host work per "
+              "layer, not the crypto; compare with the host step (`benchmarks/host_overhead.py`). On a CPU every "
+              "figure is host time.",
+              "", "Lower bound: 1 + KV bytes / (best measured decrypt rate × DynamicCache step time). Host syncs "
+              "are what torch's sync debug mode sees: synchronising torch calls on the calling thread. It does "
+              "not see CuPy calls made outside torch, nor host waits on locks — e.g. an emitter stalled on a "
+              "full audit ring waiting for the drain (counted below as ring stalls)."]
+    if d.get("variants_not_available"):
+        lines.append(f"Variants not available in this build: {', '.join(d['variants_not_available'])}.")
+    return lines
+
+
 def markdown(res: dict) -> str:
     env = res["sections"].get("environment", {})
     lines = [f"## GPU suite — {env.get('device', '?')} — {env.get('date', res.get('started'))}", "",
@@ -630,38 +710,10 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['positions_per_chunk']} | {r['chunks']} | {e['GBps']:.4g} [{e['GBps_min']:.4g}–"
                          f"{e['GBps_max']:.4g}] | {d['GBps']:.4g} [{d['GBps_min']:.4g}–{d['GBps_max']:.4g}] "
                          f"| {'ok' if r['roundtrip_ok'] else '**FAILED**'} |")
-    d = res["sections"].get("decode", {})
-    if d.get("contexts"):
-        lines += ["", f"Decode step, batch {d['batch']}, {d['layers']} layers of a {d['model']}, {d['dtype']}; "
-                  f"ms per step: median [min–max of the per-repeat medians]; ratio to DynamicCache: median "
-                  f"[min–max over the interleaved repeats]", "",
-                  "| context | cache | step ms | vs DynamicCache | lower bound | tokens = DynamicCache "
-                  "| host syncs prefill / decode | sync mode \"error\" |", "|---|---|---|---|---|---|---|---|"]
-        for ctx, cr in d["contexts"].items():
-            for name, p in cr["variants"].items():
-                if "not_run" in p:
-                    lines.append(f"| {ctx} | {name} | not run: {p['not_run']} | | | | | |")
-                    continue
-                if p.get("backend") and res["smoke"]:
-                    name = f"{name} ({p['backend']})"
-                s, r = p["step_ms"], p["vs_dynamic"]
-                lines.append(f"| {ctx} | {name} | {s['median']:.3f} [{s['run_median_min']:.3f}–"
-                             f"{s['run_median_max']:.3f}] | {r['ratio']:.2f}x [{r['min']:.2f}–{r['max']:.2f}] "
-                             f"| {_f(p.get('lower_bound_vs_dynamic'))}{'x' if p.get('lower_bound_vs_dynamic') else ''}"
-                             f" | {'yes' if p['tokens_identical'] else '**NO**'} "
-                             f"| {_f(p['syncs_prefill'], 'd')} / {_f(p['syncs_decode'], 'd')} | {p['error_mode']} |")
-        if d.get("audit_on_vs_off"):
-            lines.append("\naudit on / off (sealed, median step): " + ", ".join(
-                f"context {ctx}: {r:.3f}x" for ctx, r in d["audit_on_vs_off"].items()))
-        lines += ["", "Step ms is host-bound where the host's work per layer, not the GPU's, sets the pace (eager "
-                  "decode of small batches): compare with the host step (`benchmarks/host_overhead.py`) before "
-                  "reading a ratio as the cost of the crypto.",
-                  "", "Lower bound: 1 + KV bytes / (best measured decrypt rate × DynamicCache step time). Host syncs "
-                  "are what torch's sync debug mode sees: synchronising torch calls on the calling thread. It does "
-                  "not see CuPy calls made outside torch, nor host waits on locks — e.g. an emitter stalled on a "
-                  "full audit ring waiting for the drain (counted below as ring stalls)."]
-        if d.get("variants_not_available"):
-            lines.append(f"Variants not available in this build: {', '.join(d['variants_not_available'])}.")
+    for name in ("decode", "decode_32_layers"):
+        d = res["sections"].get(name) or res.get("partial", {}).get(name) or {}
+        if d.get("contexts"):
+            lines += decode_table(d, res["smoke"], partial=name not in res["sections"])
     a = res["sections"].get("audit", {})
     if "drained" in a:
         lines += ["", "| audit (audit-on decode runs) | value |", "|---|---|",
@@ -719,7 +771,9 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(self.res["sections"].get(n, {}).get("status") == "ok" for n in SECTIONS)
+        return all(self.res["sections"].get(n, {}).get("status") == "ok"
+                   or (n == "decode_32_layers" and self.res["sections"].get(n, {}).get("status", "").startswith(
+                       "skipped")) for n in SECTIONS)
 
 
 def main(argv=None) -> int:
@@ -728,6 +782,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_suite.json", help="JSON output path (markdown beside it, .md)")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the random Llama (default 4)")
+    ap.add_argument("--long-layers", type=int, default=32,
+                    help="decoder layers of the decode_32_layers section's model, at 4K context (default 32; "
+                         "0 leaves the section out)")
     ap.add_argument("--steps", type=int, default=10, help="timed decode steps per run (default 10)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--budget", type=float, default=240.0,
@@ -748,7 +805,8 @@ def main(argv=None) -> int:
     report = Report(args.out, args.smoke)
     state: dict = {}
     t_start = time.monotonic()
-    share = {"environment": 0.05, "correctness": 0.1, "kernels": 0.15, "decode": 0.6, "audit": 0.1}
+    share = {"environment": 0.04, "correctness": 0.08, "kernels": 0.13, "decode": 0.3, "audit": 0.05,
+             "decode_32_layers": 0.4}
 
     def budget(name):
         return max(10.0, args.budget * share[name])
@@ -770,11 +828,20 @@ def main(argv=None) -> int:
     k = report.res["sections"]["kernels"]
     state["best_decrypt_GBps"] = k.get("best_decrypt_GBps")
     if not args.skip_decode:
-        deadline = t_start + args.budget * (1 - share["audit"])
-        report.run("decode", lambda: (need_backend(), decode(device, state, shapes, args.layers, args.smoke,
+        # past its deadline a decode section starts no further checking pass or repeat
+        deadline = t_start + args.budget * (1 - share["audit"] - share["decode_32_layers"])
+        report.run("decode", lambda: (need_backend(), decode(device, state, shapes, shapes.layers, args.smoke,
                                                              deadline, lambda d: report.partial("decode", d)))[1],
                    budget("decode"))
         report.run("audit", lambda: audit(device, state), budget("audit"))
+        if shapes.long_layers > 0:
+            report.run("decode_32_layers", lambda: (need_backend(), decode(
+                device, state, shapes, shapes.long_layers, args.smoke, t_start + args.budget,
+                lambda d: report.partial("decode_32_layers", d), contexts=shapes.long_contexts))[1],
+                budget("decode_32_layers"))
+        else:
+            report.res["sections"]["decode_32_layers"] = {"status": "skipped (--long-layers 0)", "seconds": 0.0}
+            report.write()
         if state.get("audit_log") is not None:   # the audit section failed before closing it
             try:
                 state["audit_log"].close(timeout=AUDIT_TIMEOUT_S)

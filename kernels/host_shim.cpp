@@ -34,18 +34,34 @@ const pqc_te_flat& te() {
     return acc;
 }
 
-void build_gtab(const pqc_key_sched* ks, pqc_u128* gtab) {
-    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) gtab[i] = pqc_ghash_tab_entry(ks->vtab, i);
+// The kernels' lane-replicated TE table (copy l of entry x at word 32x + l) and lane t's view
+// of it (lane t mod 32 of its warp), so the lane walks below use the kernels' table addressing.
+struct TeLanes {
+    uint32_t t[256 * PQC_TE_COPIES];
+    TeLanes() {
+        for (uint32_t x = 0; x < 256; ++x)
+            for (uint32_t l = 0; l < PQC_TE_COPIES; ++l) t[(x << 5) | l] = pqc_te_entry(x);
+    }
+};
+
+pqc_te_lanes te_lane(uint32_t t) {
+    static const TeLanes table;
+    const pqc_te_lanes acc = {table.t, (t & (PQC_TE_COPIES - 1u)) << 2};
+    return acc;
+}
+
+void build_gtab(const pqc_key_sched* ks, uint64_t* gtab) {
+    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) pqc_ghash_tab_set(gtab, i, pqc_ghash_tab_entry(ks->vtab, i));
 }
 
 // Runs every lane of one message and returns the combined GHASH.
 template <class IO>
-pqc_u128 run_lanes(const pqc_key_sched* ks, const pqc_u128* gtab, const pqc_gcm_msg& msg, const IO& io,
+pqc_u128 run_lanes(const pqc_key_sched* ks, const uint64_t* gtab, const pqc_gcm_msg& msg, const IO& io,
                    bool encrypt, uint32_t lanes) {
     const uint64_t rounds = pqc_msg_rounds(msg.aad_len, msg.nbytes, lanes);
     pqc_u128 g = {0ull, 0ull};
     for (uint32_t t = 0; t < lanes; ++t)
-        g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, msg, io, encrypt, t, lanes, 0ull, rounds));
+        g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, msg, io, encrypt, t, lanes, 0ull, rounds));
     return g;
 }
 
@@ -149,12 +165,13 @@ int pqc_host_gf_mul(const uint8_t* a, const uint8_t* b, uint8_t* out, int method
         return 0;
     }
     if (method != 1) return PQC_HOST_EARG;
-    pqc_u128 vtab[128], gtab[PQC_GHASH_TAB_ENTRIES];
+    pqc_u128 vtab[128];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     for (int k = 0; k < 128; ++k) {
         vtab[k] = y;
         y = pqc_gf_mulx(y);
     }
-    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) gtab[i] = pqc_ghash_tab_entry(vtab, i);
+    for (int i = 0; i < PQC_GHASH_TAB_ENTRIES; ++i) pqc_ghash_tab_set(gtab, i, pqc_ghash_tab_entry(vtab, i));
     store_u128(out, pqc_gf_mul_tab(x, gtab));
     return 0;
 }
@@ -187,7 +204,7 @@ int pqc_host_gcm_seal_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
                            const int64_t* out_off, uint32_t lanes) {
     if (n < 0 || !lanes_ok(lanes)) return PQC_HOST_EARG;
     pqc_key_sched ks;
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     for (int64_t i = 0; i < n; ++i) {
         if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || pt_len[i] < 0 ||
             (uint64_t)pt_len[i] > 16ull * PQC_GCM_MAX_BLOCKS)
@@ -215,7 +232,7 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
                            const int64_t* out_off, int tag_len, uint8_t* status, uint32_t lanes) {
     if (n < 0 || !lanes_ok(lanes) || tag_len < 4 || tag_len > 16) return PQC_HOST_EARG;
     pqc_key_sched ks;
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     for (int64_t i = 0; i < n; ++i) {
         if (aad_len[i] < 0 || aad_len[i] > 0xFFFFFFFFll || ct_len[i] < tag_len ||
             (uint64_t)(ct_len[i] - tag_len) > 16ull * PQC_GCM_MAX_BLOCKS)
@@ -251,7 +268,7 @@ int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
         return PQC_HOST_EARG;
     const pqc_layout_args L = {p->layer, p->num_heads, p->head_dim, p->itemsize, p->dtype_code};
     const pqc_kv_tensor kt = {p->k, p->k_sb, p->k_sh, p->k_ss}, vt = {p->v, p->v_sb, p->v_sh, p->v_ss};
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     int64_t gtab_slot = -1;
     for (int64_t q = 0; q < p->n_items; ++q) {
         pqc_item it;
@@ -265,14 +282,14 @@ int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
-        pqc_io_kv_to_arena io = {c.kv, p->arena + c.offset, false};
+        pqc_io_kv_to_arena io = {&c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
-            g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, true, t, ks->lanes,
+            g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, c.msg, io, true, t, ks->lanes,
                                              it.r0, it.r1));
         pqc_u128 ghash;
         if (combine_item(g, it, rounds, ks, p->partials, p->counters, &ghash))
-            pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, p->arena + c.offset + c.nbytes);
+            pqc_gcm_tag(te_lane(0), ks->rk, c.msg.nonce_w, ghash, p->arena + c.offset + c.nbytes);
         if (p->records) {
             for (int64_t pos = it.p0; pos < it.p1; ++pos) {
                 uint32_t w[16];
@@ -312,7 +329,7 @@ int pqc_host_decrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
         return PQC_HOST_EARG;
     const pqc_layout_args L = {p->layer, p->num_heads, p->head_dim, p->itemsize, p->dtype_code};
     const pqc_kv_tensor kt = {p->k, p->k_sb, p->k_sh, p->k_ss}, vt = {p->v, p->v_sb, p->v_sh, p->v_ss};
-    pqc_u128 gtab[PQC_GHASH_TAB_ENTRIES];
+    uint64_t gtab[PQC_GHASH_TAB_WORDS];
     int64_t gtab_slot = -1;
     for (int64_t q = 0; q < p->n_items; ++q) {
         pqc_item it;
@@ -326,15 +343,15 @@ int pqc_host_decrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
             build_gtab(ks, gtab);
             gtab_slot = c.slot;
         }
-        pqc_io_arena_to_kv io = {c.kv, p->arena + c.offset, false};
+        pqc_io_arena_to_kv io = {&c.kv, p->arena + c.offset, false};
         pqc_u128 g = {0ull, 0ull};
         for (uint32_t t = 0; t < ks->lanes; ++t)
-            g = pqc_u128_xor(g, pqc_gcm_lane(te(), ks->rk, ks->lane_tab, gtab, c.msg, io, false, t, ks->lanes,
+            g = pqc_u128_xor(g, pqc_gcm_lane(te_lane(t), ks->rk, ks->lane_tab, gtab, c.msg, io, false, t, ks->lanes,
                                              it.r0, it.r1));
         pqc_u128 ghash;
         if (!combine_item(g, it, rounds, ks, p->partials, p->counters, &ghash)) continue;
         uint8_t tag[16];
-        pqc_gcm_tag(te(), ks->rk, c.msg.nonce_w, ghash, tag);
+        pqc_gcm_tag(te_lane(0), ks->rk, c.msg.nonce_w, ghash, tag);
         const int ok = pqc_ct_equal(tag, p->arena + c.offset + c.nbytes, 16);
         p->status[it.chunk] = (uint8_t)(ok ? 0 : 1);
         if (!ok) {

@@ -6,7 +6,10 @@
 // round tables are byte rotations of it, and the S-box is byte 2 of it. How TE
 // is stored (a flat array on the host, 32 lane-private copies in shared memory
 // on the device) is the caller's choice, given as a table accessor object with
-// `uint32_t operator()(uint32_t x) const`.
+// `template <int K> uint32_t byte(uint32_t s) const`: TE[byte K of s] (K = 0: the low
+// byte). Taking the word and the byte position, rather than a byte index, lets the
+// device accessor form the table address straight from the word (one shift and one
+// mask-or, pqc_kernels.cu).
 #ifndef PQC_AES_CUH
 #define PQC_AES_CUH
 
@@ -62,6 +65,27 @@ PQC_HD uint32_t pqc_te_entry(uint32_t x) {
 struct pqc_te_flat {
     const uint32_t* t;
     PQC_HD uint32_t operator()(uint32_t x) const { return t[x]; }
+    template <int K>
+    PQC_HD uint32_t byte(uint32_t s) const { return t[(s >> (8 * K)) & 0xFFu]; }
+};
+
+// Lane-private view of a 32-way replicated TE table (the kernels keep one in shared memory,
+// the host shim one in memory so that this arithmetic is what its tests check): entry x of
+// copy l is the word at byte 128x + 4l, so copy l lies in bank l and the 32 lanes of a warp,
+// each reading its own copy, never conflict. The byte offset of byte K of a state word s is
+// one shift of s (K = 3, 2, 1: right by 8K - 7; K = 0: left by 7) and one mask-or with 4 x lane
+// (a single LOP3 on the GPU); the table's base is added by the load itself: two instructions
+// besides the load, where the byte index, times 32, or lane, times 4, plus base took four.
+#define PQC_TE_COPIES 32
+struct pqc_te_lanes {
+    const uint32_t* t;
+    uint32_t lane4;   // 4 x lane (lane < PQC_TE_COPIES)
+    template <int K>
+    PQC_HD uint32_t byte(uint32_t s) const {
+        const uint32_t sh = K == 0 ? (s << 7) : (s >> (8 * K - 7));
+        const uint32_t off = (sh & 0x7F80u) | lane4;
+        return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(t) + off);
+    }
 };
 
 // ---------------------------------------------------------------- AES-256
@@ -94,26 +118,23 @@ PQC_HD void pqc_aes256_encrypt_words(const TE& te, const uint32_t* rk, const uin
 #endif
     for (int r = 1; r < 14; ++r) {
         const uint32_t* k = rk + 4 * r;
-        uint32_t t0 = te(s0 >> 24) ^ pqc_ror32(te((s1 >> 16) & 0xFFu), 8) ^
-                      pqc_ror32(te((s2 >> 8) & 0xFFu), 16) ^ pqc_ror32(te(s3 & 0xFFu), 24) ^ k[0];
-        uint32_t t1 = te(s1 >> 24) ^ pqc_ror32(te((s2 >> 16) & 0xFFu), 8) ^
-                      pqc_ror32(te((s3 >> 8) & 0xFFu), 16) ^ pqc_ror32(te(s0 & 0xFFu), 24) ^ k[1];
-        uint32_t t2 = te(s2 >> 24) ^ pqc_ror32(te((s3 >> 16) & 0xFFu), 8) ^
-                      pqc_ror32(te((s0 >> 8) & 0xFFu), 16) ^ pqc_ror32(te(s1 & 0xFFu), 24) ^ k[2];
-        uint32_t t3 = te(s3 >> 24) ^ pqc_ror32(te((s0 >> 16) & 0xFFu), 8) ^
-                      pqc_ror32(te((s1 >> 8) & 0xFFu), 16) ^ pqc_ror32(te(s2 & 0xFFu), 24) ^ k[3];
+        uint32_t t0 = te.template byte<3>(s0) ^ pqc_ror32(te.template byte<2>(s1), 8) ^
+                      pqc_ror32(te.template byte<1>(s2), 16) ^ pqc_ror32(te.template byte<0>(s3), 24) ^ k[0];
+        uint32_t t1 = te.template byte<3>(s1) ^ pqc_ror32(te.template byte<2>(s2), 8) ^
+                      pqc_ror32(te.template byte<1>(s3), 16) ^ pqc_ror32(te.template byte<0>(s0), 24) ^ k[1];
+        uint32_t t2 = te.template byte<3>(s2) ^ pqc_ror32(te.template byte<2>(s3), 8) ^
+                      pqc_ror32(te.template byte<1>(s0), 16) ^ pqc_ror32(te.template byte<0>(s1), 24) ^ k[2];
+        uint32_t t3 = te.template byte<3>(s3) ^ pqc_ror32(te.template byte<2>(s0), 8) ^
+                      pqc_ror32(te.template byte<1>(s1), 16) ^ pqc_ror32(te.template byte<0>(s2), 24) ^ k[3];
         s0 = t0; s1 = t1; s2 = t2; s3 = t3;
     }
     const uint32_t* k = rk + 56;
-#define PQC_SB(x) ((te(x) >> 8) & 0xFFu)
-    out[0] = ((PQC_SB(s0 >> 24) << 24) | (PQC_SB((s1 >> 16) & 0xFFu) << 16) |
-              (PQC_SB((s2 >> 8) & 0xFFu) << 8) | PQC_SB(s3 & 0xFFu)) ^ k[0];
-    out[1] = ((PQC_SB(s1 >> 24) << 24) | (PQC_SB((s2 >> 16) & 0xFFu) << 16) |
-              (PQC_SB((s3 >> 8) & 0xFFu) << 8) | PQC_SB(s0 & 0xFFu)) ^ k[1];
-    out[2] = ((PQC_SB(s2 >> 24) << 24) | (PQC_SB((s3 >> 16) & 0xFFu) << 16) |
-              (PQC_SB((s0 >> 8) & 0xFFu) << 8) | PQC_SB(s1 & 0xFFu)) ^ k[2];
-    out[3] = ((PQC_SB(s3 >> 24) << 24) | (PQC_SB((s0 >> 16) & 0xFFu) << 16) |
-              (PQC_SB((s1 >> 8) & 0xFFu) << 8) | PQC_SB(s2 & 0xFFu)) ^ k[3];
+    // last round: S(x) is byte 2 of TE[x]
+#define PQC_SB(K, x) ((te.template byte<K>(x) >> 8) & 0xFFu)
+    out[0] = ((PQC_SB(3, s0) << 24) | (PQC_SB(2, s1) << 16) | (PQC_SB(1, s2) << 8) | PQC_SB(0, s3)) ^ k[0];
+    out[1] = ((PQC_SB(3, s1) << 24) | (PQC_SB(2, s2) << 16) | (PQC_SB(1, s3) << 8) | PQC_SB(0, s0)) ^ k[1];
+    out[2] = ((PQC_SB(3, s2) << 24) | (PQC_SB(2, s3) << 16) | (PQC_SB(1, s0) << 8) | PQC_SB(0, s1)) ^ k[2];
+    out[3] = ((PQC_SB(3, s3) << 24) | (PQC_SB(2, s0) << 16) | (PQC_SB(1, s1) << 8) | PQC_SB(0, s2)) ^ k[3];
 #undef PQC_SB
 }
 

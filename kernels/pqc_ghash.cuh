@@ -7,6 +7,9 @@
 #include "pqc_base.cuh"
 
 #define PQC_GHASH_TAB_ENTRIES 512  // 32 nibble positions x 16 values
+// The 4-bit table is stored as two tables of 64-bit words, the entries' high halves
+// (words [0, 512)) and low halves (words [512, 1024)): PQC_GHASH_TAB_WORDS words, 8 KiB.
+#define PQC_GHASH_TAB_WORDS (2 * PQC_GHASH_TAB_ENTRIES)
 
 // ---------------------------------------------------------------- GF(2^128)
 
@@ -56,17 +59,39 @@ PQC_HD pqc_u128 pqc_ghash_tab_entry(const pqc_u128* vtab, int idx) {
     return r;
 }
 
-// x * Y with the 4-bit table of Y (tab[16*i + nibble_i(x)]): 32 lookups, no reduction step.
-PQC_HD pqc_u128 pqc_gf_mul_tab(pqc_u128 x, const pqc_u128* tab) {
+// 8 x the nibble of w at bits sh..sh+3 (sh a multiple of 4): one shift and one mask.
+PQC_HD uint32_t pqc_nibble_x8(uint64_t w, int sh) {
+    return (uint32_t)(sh >= 3 ? (w >> (sh - 3)) : (w << (3 - sh))) & 0x78u;
+}
+
+// Stores entry idx of the 4-bit table in its split form (high half, low half).
+PQC_HD void pqc_ghash_tab_set(uint64_t* tab, int idx, pqc_u128 v) {
+    tab[idx] = v.hi;
+    tab[PQC_GHASH_TAB_ENTRIES + idx] = v.lo;
+}
+
+// x * Y with the 4-bit table of Y in split form (entry 16*i + nibble_i(x): high half at
+// tab[e], low half at tab[512 + e]): 32 lookups of two 64-bit words, no reduction step.
+// Why split: in shared memory the 16 entries of one nibble position i are then 128
+// contiguous bytes per half, one 8-byte word in each pair of banks, so the 32 lanes of a
+// warp, whatever nibbles they hold, never read two different words of one bank. As 16-byte
+// entries they spanned 256 bytes, entries n and n + 8 sharing banks (a conflict whenever a
+// warp's nibbles held both). Both halves use the same address register, the low half's
+// table offset being an immediate.
+PQC_HD pqc_u128 pqc_gf_mul_tab(pqc_u128 x, const uint64_t* tab) {
     pqc_u128 z = {0ull, 0ull};
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
     for (int i = 0; i < 16; ++i) {
-        pqc_u128 a = tab[16 * i + (int)((x.hi >> (60 - 4 * i)) & 15ull)];
-        pqc_u128 b = tab[16 * (i + 16) + (int)((x.lo >> (60 - 4 * i)) & 15ull)];
-        z.hi ^= a.hi ^ b.hi;
-        z.lo ^= a.lo ^ b.lo;
+        // byte offsets 8 * nibble (a shift and a mask) from row 16i (row 16(i + 16) for x.lo)
+        const uint64_t* ta = tab + 16 * i;
+        const uint64_t* tb = tab + 16 * (i + 16);
+        const uint32_t oa = pqc_nibble_x8(x.hi, 60 - 4 * i), ob = pqc_nibble_x8(x.lo, 60 - 4 * i);
+        const uint64_t* a = reinterpret_cast<const uint64_t*>(reinterpret_cast<const uint8_t*>(ta) + oa);
+        const uint64_t* b = reinterpret_cast<const uint64_t*>(reinterpret_cast<const uint8_t*>(tb) + ob);
+        z.hi ^= a[0] ^ b[0];
+        z.lo ^= a[PQC_GHASH_TAB_ENTRIES] ^ b[PQC_GHASH_TAB_ENTRIES];
     }
     return z;
 }

@@ -87,27 +87,31 @@ struct pqc_kv_view {
     }
 };
 
+// The two chunk views below refer to the chunk's pqc_kv_view rather than copying it: the
+// kernels keep the view in shared memory (one copy per CTA, read where a block's address is
+// formed) instead of holding its 15 fields in every thread's registers across the lane walk.
+
 // Encrypt source: plaintext from the KV tensors, ciphertext into the arena.
 struct pqc_io_kv_to_arena {
-    pqc_kv_view kv;
+    const pqc_kv_view* kv;
     uint8_t* arena;      // chunk's ciphertext start
     bool arena_aligned;
     PQC_HD uint32_t block_len(uint64_t) const { return 16u; }
-    PQC_HD void load(uint64_t j, uint32_t w[4]) const { pqc_load16(kv.addr(j), kv.aligned, w); }
+    PQC_HD void load(uint64_t j, uint32_t w[4]) const { pqc_load16(kv->addr(j), kv->aligned, w); }
     PQC_HD void store(uint64_t j, const uint32_t w[4]) const { pqc_store16(arena + 16ull * j, arena_aligned, w); }
 };
 
 // Decrypt: ciphertext from the arena, plaintext into the KV tensors.
 struct pqc_io_arena_to_kv {
-    pqc_kv_view kv;
+    const pqc_kv_view* kv;
     const uint8_t* arena;
     bool arena_aligned;
     PQC_HD uint32_t block_len(uint64_t) const { return 16u; }
     PQC_HD void load(uint64_t j, uint32_t w[4]) const { pqc_load16(arena + 16ull * j, arena_aligned, w); }
-    PQC_HD void store(uint64_t j, const uint32_t w[4]) const { pqc_store16(kv.addr(j), kv.aligned, w); }
+    PQC_HD void store(uint64_t j, const uint32_t w[4]) const { pqc_store16(kv->addr(j), kv->aligned, w); }
     PQC_HD void zero(uint64_t j) const {
         uint32_t z[4] = {0u, 0u, 0u, 0u};
-        pqc_store16(kv.addr(j), kv.aligned, z);
+        pqc_store16(kv->addr(j), kv->aligned, z);
     }
 };
 

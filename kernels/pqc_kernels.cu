@@ -14,9 +14,12 @@
 //
 // Work items. A chunk's GHASH sequence is walked in R rounds of 256 blocks (see
 // pqc_gcm.cuh). A work item is a range of rounds [r0, r1) of one chunk; the host
-// (kernel_abi.work_items) cuts chunks into items of at most B rounds, B chosen
-// per launch so the items fill every SM, while a chunk of at most B rounds stays
-// one item. Without an item table (items == nullptr) item i is all of chunk i.
+// (kernel_abi.work_items) cuts chunks into items planned for the device's resident
+// CTAs: fewer chunks than slots share them in proportion to their rounds, no item
+// below 4 rounds, so a launch with less work than that leaves SMs idle (a decode
+// step's encrypt: one item per row). Without an item table (items == nullptr) item
+// i is all of chunk i. The item and its chunk are set up by thread 0 in shared
+// memory (pqc_item_ctx).
 // Within an item the CTA's 256 threads are the 256 GHASH lanes of pqc_gcm_lane
 // (lane t CTR-crypts the data blocks of its rounds and keeps a Horner
 // accumulator in H^256); the lanes' partial hashes are XOR-reduced with warp
@@ -24,7 +27,8 @@
 //   * An item that is a whole chunk forms the tag itself (thread 0).
 //   * An item that is part of a chunk multiplies its partial by (H^256)^(R - r1)
 //     (warp 0: eight 4-bit window factors from the key schedule, multiplied in a
-//     shuffle tree), stores it in partials[first + j], fences, and increments the
+//     shuffle tree: 7 bitwise multiplies, 3 on the critical path, then thread 0's
+//     one: 8 per split item, 4 on the critical path), stores it in partials[first + j], fences, and increments the
 //     chunk's counter. The CTA that brings the counter to the chunk's item count
 //     (the last one done) XORs the chunk's partials into the GHASH value and
 //     forms the tag: encrypt writes it; decrypt compares it and, if it fails,
@@ -35,8 +39,10 @@
 // AES tables: TE (1 KiB) is replicated 32 times in shared memory, interleaved so
 // that copy l sits in bank l (entry x of copy l at word 32x + l); lane l of a
 // warp reads only copy l, so the 16 data-dependent lookups per round never
-// conflict. 32 KiB per CTA. The GHASH Horner step uses a 4-bit table of H^256
-// (512 x 16 B = 8 KiB, rebuilt when the CTA's key slot changes); each lane's final
+// conflict. 32 KiB per CTA. A lookup's address is formed from the state word in
+// two instructions (pqc_te_lanes in pqc_aes.cuh). The GHASH Horner step uses a 4-bit table of H^256
+// (512 x 16 B = 8 KiB as two 64-bit tables of high and low halves, bank-conflict free;
+// rebuilt when the CTA's key slot changes); each lane's final
 // multiply by H^(256 - t) uses its own 16-entry table from the key schedule.
 //
 // Tensor layout: K/V sources (encrypt) and destinations (decrypt) are
@@ -63,12 +69,6 @@
 // comes from the occupancy query, not from this number.
 #define PQC_MIN_CTAS 4
 
-// Lane-private view of the 32-way replicated TE table.
-struct pqc_te_lanes {
-    const uint32_t* t;
-    uint32_t lane;
-    __device__ __forceinline__ uint32_t operator()(uint32_t x) const { return t[(x << 5) | lane]; }
-};
 
 __device__ __forceinline__ uint64_t pqc_globaltimer() {
     uint64_t t;
@@ -90,7 +90,7 @@ __device__ __forceinline__ void pqc_store_record(uint8_t* dst, const uint32_t w[
 __device__ __forceinline__ void pqc_fill_te_lanes(uint32_t* te_s) {
     const uint32_t x = threadIdx.x;
     const uint32_t v = pqc_te_entry(x);
-    for (uint32_t l = 0; l < 32; ++l) te_s[(x << 5) | ((l + x) & 31u)] = v;
+    for (uint32_t l = 0; l < PQC_TE_COPIES; ++l) te_s[(x << 5) | ((l + x) & 31u)] = v;
 }
 
 __device__ __forceinline__ pqc_u128 pqc_warp_xor(pqc_u128 v) {
@@ -115,9 +115,10 @@ __device__ __forceinline__ pqc_u128 pqc_cta_xor(pqc_u128 v, pqc_u128* red) {
 
 // Loads the per-slot round keys and the Horner table into shared memory (each lane's
 // final-multiply table stays in global memory: 256 B per lane, read 32 times per chunk).
-__device__ __forceinline__ void pqc_load_slot(const pqc_key_sched* ks, uint32_t* rk_s, pqc_u128* gtab_s) {
+__device__ __forceinline__ void pqc_load_slot(const pqc_key_sched* ks, uint32_t* rk_s, uint64_t* gtab_s) {
     __syncthreads();
-    for (int e = threadIdx.x; e < PQC_GHASH_TAB_ENTRIES; e += PQC_LANES) gtab_s[e] = pqc_ghash_tab_entry(ks->vtab, e);
+    for (int e = threadIdx.x; e < PQC_GHASH_TAB_ENTRIES; e += PQC_LANES)
+        pqc_ghash_tab_set(gtab_s, e, pqc_ghash_tab_entry(ks->vtab, e));
     for (int e = threadIdx.x; e < PQC_AES256_ROUND_KEYS; e += PQC_LANES) rk_s[e] = ks->rk[e];
     __syncthreads();
 }
@@ -172,6 +173,26 @@ __device__ __forceinline__ bool pqc_item_combine(pqc_u128 g, const pqc_item& it,
     return true;
 }
 
+// Work item i and its chunk, CTA-uniform, set up by thread 0 in shared memory: the lane walk
+// reads the chunk's geometry (nonce, AAD, tensor view) from there where it needs it, instead
+// of every thread holding some 40 registers of it across the walk.
+struct pqc_item_ctx {
+    pqc_item it;
+    pqc_chunk c;
+    uint64_t rounds;
+};
+
+__device__ __forceinline__ void pqc_item_setup(const pqc_chunk_params& P, long long i, pqc_item_ctx* s) {
+    if (threadIdx.x == 0) {
+        const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
+        const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
+        pqc_item_get(P.items, P.n_items, i, &s->it);
+        pqc_chunk_setup(P.table, P.n, s->it.chunk, P.meta, L, kt, vt, &s->c);
+        s->rounds = pqc_item_resolve(&s->it, s->c, PQC_LANES);
+    }
+    __syncthreads();
+}
+
 // Key schedules for n slots: keys n x 32 bytes -> sched[n] (lanes = PQC_LANES).
 extern "C" __global__ void __launch_bounds__(256) pqc_prepare_keys(const uint8_t* keys, long long n,
                                                                    pqc_key_sched* sched) {
@@ -191,30 +212,26 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
     const pqc_chunk_params* __restrict__ params) {
     const pqc_chunk_params& P = *params;
     __shared__ uint32_t te_s[256 * 32];
-    __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
+    __shared__ uint64_t gtab_s[PQC_GHASH_TAB_WORDS];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int last_s;
+    __shared__ pqc_item_ctx x_s;
     pqc_fill_te_lanes(te_s);
-    const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
-    const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
-    const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
-    const int64_t* tab = P.table;
-    const int64_t* itab = P.items;
+    const pqc_te_lanes te = {te_s, (threadIdx.x & 31u) << 2};
+    const pqc_item& it = x_s.it;
+    const pqc_chunk& c = x_s.c;
     long long cur_slot = -1;
     for (long long i = blockIdx.x; i < P.n_items; i += gridDim.x) {
-        pqc_item it;
-        pqc_item_get(itab, P.n_items, i, &it);
-        pqc_chunk c;
-        pqc_chunk_setup(tab, P.n, it.chunk, P.meta, L, kt, vt, &c);
-        const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
+        pqc_item_setup(P, i, &x_s);
+        const uint64_t rounds = x_s.rounds;
         if (c.slot != cur_slot) {  // uniform across the CTA
             pqc_load_slot(P.sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
         uint8_t* ct = P.arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
-        pqc_io_kv_to_arena io = {c.kv, ct, ct_aligned};
+        pqc_io_kv_to_arena io = {&c.kv, ct, ct_aligned};
         const pqc_key_sched* ks = P.sched + c.slot;
         pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, true, threadIdx.x, PQC_LANES,
                                   it.r0, it.r1);
@@ -225,11 +242,12 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
             const uint64_t ts = pqc_globaltimer();
             for (int64_t p = it.p0 + threadIdx.x; p < it.p1; p += PQC_LANES) {
                 uint32_t w[16];
+                const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
                 pqc_encrypt_record(c, P.meta, L, P.first_no + (uint64_t)(c.aux + p), ts, (uint32_t)p, w);
                 pqc_store_record(P.records + 64ll * (c.aux + p - P.rec_lo), w);
             }
         }
-        __syncthreads();  // red_s and last_s are reused by the next item
+        __syncthreads();  // x_s, red_s and last_s are reused by the next item
     }
 }
 
@@ -253,31 +271,27 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
     const pqc_chunk_params* __restrict__ params) {
     const pqc_chunk_params& P = *params;
     __shared__ uint32_t te_s[256 * 32];
-    __shared__ pqc_u128 gtab_s[PQC_GHASH_TAB_ENTRIES];
+    __shared__ uint64_t gtab_s[PQC_GHASH_TAB_WORDS];
     __shared__ uint32_t rk_s[PQC_AES256_ROUND_KEYS];
     __shared__ pqc_u128 red_s[PQC_WARPS];
     __shared__ int last_s;
     __shared__ int ok_s;
+    __shared__ pqc_item_ctx x_s;
     pqc_fill_te_lanes(te_s);
-    const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
-    const pqc_kv_tensor kt = {P.k, P.k_sb, P.k_sh, P.k_ss}, vt = {P.v, P.v_sb, P.v_sh, P.v_ss};
-    const pqc_te_lanes te = {te_s, threadIdx.x & 31u};
-    const int64_t* tab = P.table;
-    const int64_t* itab = P.items;
+    const pqc_te_lanes te = {te_s, (threadIdx.x & 31u) << 2};
+    const pqc_item& it = x_s.it;
+    const pqc_chunk& c = x_s.c;
     long long cur_slot = -1;
     for (long long i = blockIdx.x; i < P.n_items; i += gridDim.x) {
-        pqc_item it;
-        pqc_item_get(itab, P.n_items, i, &it);
-        pqc_chunk c;
-        pqc_chunk_setup(tab, P.n, it.chunk, P.meta, L, kt, vt, &c);
-        const uint64_t rounds = pqc_item_resolve(&it, c, PQC_LANES);
-        if (c.slot != cur_slot) {
+        pqc_item_setup(P, i, &x_s);
+        const uint64_t rounds = x_s.rounds;
+        if (c.slot != cur_slot) {  // uniform across the CTA
             pqc_load_slot(P.sched + c.slot, rk_s, gtab_s);
             cur_slot = c.slot;
         }
         const uint8_t* ct = P.arena + c.offset;
         const bool ct_aligned = (reinterpret_cast<unsigned long long>(ct) & 15ull) == 0ull;
-        pqc_io_arena_to_kv io = {c.kv, ct, ct_aligned};
+        pqc_io_arena_to_kv io = {&c.kv, ct, ct_aligned};
         const pqc_key_sched* ks = P.sched + c.slot;
         pqc_u128 g = pqc_gcm_lane(te, rk_s, ks->lane_tab, gtab_s, c.msg, io, false, threadIdx.x, PQC_LANES,
                                   it.r0, it.r1);
@@ -304,12 +318,13 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_decryp
                     const unsigned idx = atomicAdd(P.fq_count, 1u);
                     if (idx < P.fq_cap) {
                         uint32_t w[16];
+                        const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
                         pqc_failure_record(c, P.meta, L, pqc_globaltimer(), P.call_tag, w);
                         pqc_store_record(P.fq + 64ull * idx, w);
                     }
                 }
             }
         }
-        __syncthreads();  // ok_s, last_s and red_s are reused by the next item
+        __syncthreads();  // x_s, ok_s, last_s and red_s are reused by the next item
     }
 }

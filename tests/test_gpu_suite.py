@@ -43,12 +43,19 @@ def test_smoke_run_reports_every_section_ok(tmp_path):
             assert v["step_ms"]["min"] <= v["step_ms"]["median"] <= v["step_ms"]["max"]
         assert ctx["variants"]["sealed, audit off"]["backend"] == "CpuTwinBackend"
         assert ctx["variants"]["sealed, audit off"]["lower_bound_vs_dynamic"] > 1
+        for v in ctx["variants"].values():       # on a CPU the host's time is the step's time
+            assert v["host_ms"] == v["step_ms"]["median"] and v["host_bound"] is True
     audit = res["sections"]["audit"]
     assert audit["drained"] == audit["emitted"] > 0 and audit["records_per_s_of_drain_busy_time"] > 0
+    long = res["sections"]["decode_32_layers"]       # the deep model's section (3 layers in a smoke run)
+    assert long["layers"] == 3 and list(long["contexts"]) == ["16"]
+    assert all(v["tokens_identical"] for v in long["contexts"]["16"]["variants"].values())
+    assert "partial" not in res or not res["partial"]
     md = out.with_suffix(".md").read_text()
     assert md == res["markdown"]
     for text in ("| environment | ok", "| correctness | ok", "| kernels | ok", "| decode | ok", "| audit | ok",
-                 "opens with AESGCM", "lower bound", "ring stalls", "sync debug mode"):
+                 "| decode_32_layers | ok", "3 layers of a tiny Llama", "**host-bound**", "opens with AESGCM",
+                 "lower bound", "ring stalls", "sync debug mode"):
         assert text in md, text
 
 
@@ -113,7 +120,26 @@ def test_a_running_section_keeps_what_it_finished_and_the_budget_bounds_its_chec
     first = gpu_suite.available_variants()[0][0].name
     assert "not_run" not in ctx[first] and all("not_run" in p for n, p in ctx.items() if n != first)
     assert res["ok"] is False
-    assert seen and first in seen[0]["variants"]          # written as soon as its pass was done
+    assert seen and first in seen[0]["contexts"]["8"]["variants"]   # written as soon as its pass was done
+    rep.write()
+    assert "section unfinished" in json.loads((tmp_path / "s.json").read_text())["markdown"]
     rep.run("decode", lambda: dict(res), 10)
     written = json.loads((tmp_path / "s.json").read_text())
     assert "decode" not in written.get("partial", {}) and "not run: the suite's budget" in written["markdown"]
+
+
+def test_a_step_figure_is_labelled_host_bound_only_where_the_host_set_the_pace():
+    assert gpu_suite.host_bound(9.0, 10.0) and gpu_suite.host_bound(10.0, 10.0)
+    assert not gpu_suite.host_bound(8.9, 10.0) and not gpu_suite.host_bound(1.0, 10.0)
+    assert not gpu_suite.host_bound(0.0, 0.0)
+    row = {"backend": None, "tokens_identical": True, "syncs_prefill": 0, "syncs_decode": 0, "error_mode": "passed",
+           "step_ms": {"median": 10.0, "run_median_min": 9.0, "run_median_max": 11.0},
+           "vs_dynamic": {"ratio": 1.5, "min": 1.4, "max": 1.6}}
+    d = {"batch": 8, "layers": 32, "model": "m", "dtype": "bf16", "contexts": {"4096": {"variants": {
+        "gpu-bound": dict(row, host_ms=2.0, host_share=0.2, host_bound=False),
+        "host-bound": dict(row, host_ms=9.5, host_share=0.95, host_bound=True)}}}}
+    lines = gpu_suite.decode_table(d, smoke=False)
+    gpu_row = next(x for x in lines if "| gpu-bound |" in x)
+    host_row = next(x for x in lines if "| host-bound |" in x)
+    assert "**host-bound**" not in gpu_row and host_row.count("**host-bound**") == 2
+    assert "9.500 (0.95)" in host_row

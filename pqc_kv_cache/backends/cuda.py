@@ -17,20 +17,25 @@ Hot path (``encrypt_chunks`` / ``decrypt_chunks``), per call only what changed:
   count times the kernel's occupancy, both queried once, in ``launch_slots``)
   share the slots in proportion to their length, and the items' partial GHASH
   values are combined on the device; a plan is remembered per chunk shape, so a
-  decode step's plan is a look-up;
+  decode step's plan is a look-up. No item is cut below 4 rounds of 256 blocks,
+  so a call with less work than that per slot leaves SMs idle: the encrypt of a
+  decode step (one position per row) runs one CTA per row;
 - everything the launches read from the host (parameter records, chunk table,
   work items, row descriptors, zeroed counters) is packed into one region of a
   persistent pinned staging ring and moved by one asynchronous copy
   (``cuda_staging``); the parameter record's call-independent fields are set
   once per (layout, tensors) and patched (``kernel_abi.ParamsTemplate``);
 - key schedules and slot metadata stay on the device per key set
-  (``cuda_keys``): a key set's raw keys are staged in pinned memory only for
-  its preparation and wiped before the call returns, its device copy is zeroed
-  on the stream after ``pqc_prepare_keys``, and a schedule is zeroed on the
-  stream when it is evicted or ``forget_keys()`` is called;
+  (``cuda_keys``): a key set's raw keys are written into a pinned staging
+  buffer of that preparation's own and copied to the device on the current
+  stream, and the device overwrites the staging with zeros right after that
+  copy (stream-ordered: when the call returns the staging may still hold the
+  keys, until the stream reaches the wipe; the host never waits for it). The
+  device copy of the raw keys is zeroed on the stream after
+  ``pqc_prepare_keys``, and a schedule is zeroed on the stream when it is
+  evicted or ``forget_keys()`` is called;
 - no ``.item()``, no ``.cpu()``, no blocking copy, no wait for the compute
-  stream (a key set's first use waits for its own raw-key copy on a side
-  stream); the per-chunk status stays on the device: ``decrypt_chunks`` returns
+  stream; the per-chunk status stays on the device: ``decrypt_chunks`` returns
   it as a uint8 device tensor;
 - a call made while the current stream is being captured into a CUDA graph is
   refused (``BackendUnavailableError``): a replay would reuse the staging and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -35,3 +36,18 @@ def test_kernel_source_declares_the_kernels_the_backend_launches():
     text = (kernel_sources_dir() / "pqc_kernels.cu").read_text()
     for name in KERNELS:
         assert 'extern "C" __global__' in text and f" {name}(" in text, name
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_chunk_kernels_do_not_spill_at_their_launch_bound(tmp_path, arch):
+    """ptxas at the kernels' own __launch_bounds__(256, 4): no spill and no stack frame in the chunk kernels
+    (a spill is local-memory traffic in the lane walk, per block)."""
+    src = kernel_sources_dir()
+    cmd = [NVCC, "-std=c++17", f"-I{src}", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+           "-o", str(tmp_path / "k.cubin"), str(src / "pqc_kernels.cu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    props = dict(re.findall(r"Function properties for (\w+)\n\s*(.*)", proc.stderr))
+    for name in ("pqc_encrypt_chunks", "pqc_decrypt_chunks"):
+        assert props[name] == "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", (name, props[name])
