@@ -138,8 +138,9 @@ class StagingRing:
                 if arr is _ZERO:
                     host[off:off + nbytes] = 0
                 else:
-                    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-                    host[off:off + flat.shape[0]] = flat
+                    if not arr.flags.c_contiguous:
+                        arr = np.ascontiguousarray(arr)
+                    host[off:off + nbytes] = arr.reshape(-1).view(np.uint8)
             yield packed
         finally:
             try:
