@@ -212,53 +212,61 @@ class CudaBackend(CryptoBackend):
                 "buffers and seal again under the nonces of the capture; run the cache outside "
                 "torch.cuda.graph capture (e.g. torch.compile without mode='reduce-overhead')")
 
-    def _plan(self, kernel: str, pos_count: np.ndarray, bpp: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _plan(self, kernel: str, pos_count: np.ndarray, bpp: int, limit: int | None
+              ) -> tuple[np.ndarray, np.ndarray | None, int]:
         """(work items of a launch over chunks of these position counts, first ENCRYPT record index of each
-        chunk), remembered per chunk shape (read-only arrays)."""
+        chunk (encrypt only), ENCRYPT records of all chunks), remembered per chunk shape (read-only arrays)."""
         slots = self.launch_slots(kernel)
         key = (kernel, pos_count.tobytes(), bpp, slots, limit)
         plan = self._plans.get(key)
         if plan is None:
             items = _abi.work_items(_abi.chunk_rounds(pos_count * bpp), pos_count, slots=slots, record_limit=limit)
-            first = _abi.encrypt_record_index(pos_count)[0] if kernel == "pqc_encrypt_chunks" else None
+            first, records = (_abi.encrypt_record_index(pos_count) if kernel == "pqc_encrypt_chunks"
+                              else (None, int(pos_count.sum())))
             items.setflags(write=False)
-            plan = (items, first)
+            plan = (items, first, records)
             if len(self._plans) >= _MEMO_ENTRIES:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
 
     def _template(self, kernel: str, fixed: tuple) -> _abi.ParamsTemplate:
-        """The parameter record of ``kernel`` with its call-independent fields (remembered per value)."""
+        """The parameter record of ``kernel`` with its call-independent fields (remembered per value): key
+        schedules, slot metadata, arena, the K/V strides and the layout. The K/V pointers are per call (a
+        decode step's new states are new tensors)."""
         key = (kernel, fixed)
         tpl = self._templates.get(key)
         if tpl is None:
-            (sched, meta, arena, kp, vp, layout) = fixed
+            (sched, meta, arena, ks, vs, layout) = fixed
             extra = dict(fq=self._fq.data_ptr(), fq_count=self._fq_count.data_ptr(),
                          fq_cap=FAILURE_QUEUE_CAPACITY) if kernel == "pqc_decrypt_chunks" else {}
-            tpl = _abi.ParamsTemplate(sched=sched, meta=meta, arena=arena, **self._kv_fields("k", kp),
-                                      **self._kv_fields("v", vp), **self._layout_fields(layout), **extra)
+            tpl = _abi.ParamsTemplate(sched=sched, meta=meta, arena=arena, **self._kv_fields("k", (0,) + ks),
+                                      **self._kv_fields("v", (0,) + vs), **self._layout_fields(layout), **extra)
             if len(self._templates) >= _MEMO_ENTRIES:
                 self._templates.clear()
             self._templates[key] = tpl
         return tpl
 
-    def _check_tensor(self, name: str, t: torch.Tensor, layout: ChunkLayout) -> tuple[int, int, int, int]:
+    def _check_tensor(self, name: str, t: torch.Tensor, layout: ChunkLayout) -> tuple[int, tuple[int, int, int]]:
+        """(data pointer, byte strides of the batch, head and sequence axes) of a K/V tensor of ``layout``."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != self.device:
             raise ValueError(f"{name} is on {t.device}, this backend runs on {self.device}")
-        if t.dim() != 4 or t.shape[1] != layout.num_heads or t.shape[3] != layout.head_dim:
+        shape = t.shape
+        if len(shape) != 4 or shape[1] != layout.num_heads or shape[3] != layout.head_dim:
             raise ValueError(f"{name} must be [batch, {layout.num_heads}, seq, {layout.head_dim}], "
-                             f"got {tuple(t.shape)}")
+                             f"got {tuple(shape)}")
         if t.dtype != layout.dtype:
             raise ValueError(f"{name} has dtype {t.dtype}, layout says {layout.dtype}")
-        if t.stride(3) != 1:
+        st = t.stride()
+        if st[3] != 1:
             raise ValueError(f"{name}: the head_dim axis must be contiguous")
         it = t.element_size()
-        return t.data_ptr(), t.stride(0) * it, t.stride(1) * it, t.stride(2) * it
+        return t.data_ptr(), (st[0] * it, st[1] * it, st[2] * it)
 
-    def _check_common(self, keys, layout, chunks, arena) -> np.ndarray:
+    def _check_common(self, keys, layout, chunks, arena):
+        """The call's chunk table (int64 [TABLE_COLS, n]) and its key set's handle (the keys checked)."""
         if not isinstance(layout, ChunkLayout):
             raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
         if not isinstance(chunks, ChunkTable):
@@ -269,10 +277,8 @@ class CudaBackend(CryptoBackend):
             raise ValueError(f"arena must be a contiguous tensor on {self.device}")
         if (layout.head_dim * layout.itemsize) % 16:
             raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the CUDA kernels")
-        for i, k in enumerate(keys):
-            if not isinstance(k, KeySlot) or len(k.key) != 32:
-                raise ValueError(f"keys[{i}] must be a KeySlot with a 32-byte key")
-        return _abi.chunk_table_array(chunks)   # a device-resident table costs one host read
+        seen = self._keys.entry(keys)           # checks each key when the key set is first seen
+        return _abi.chunk_table_array(chunks), seen   # a device-resident table costs one host read
 
     def _meta(self, seen, keys, audit: AuditContext | None) -> torch.Tensor:
         if audit is None:
@@ -325,24 +331,27 @@ class CudaBackend(CryptoBackend):
                        k_src: torch.Tensor, v_src: torch.Tensor, arena: torch.Tensor,
                        audit: AuditContext | None = None) -> None:
         self._refuse_capture()
-        table = self._check_common(keys, layout, chunks, arena)
-        kp = self._check_tensor("k_src", k_src, layout)
-        vp = self._check_tensor("v_src", v_src, layout)
+        table, seen = self._check_common(keys, layout, chunks, arena)
+        kp, ks = self._check_tensor("k_src", k_src, layout)
+        vp, vs = self._check_tensor("v_src", v_src, layout)
         _abi.check_bounds(table, layout, k_src, v_src, arena, len(keys))
         n = table.shape[1]
         if n == 0:
             return
-        sched, seen = self._keys.schedules(keys)
+        sched, seen = self._keys.schedules(keys, seen)
         meta = self._meta(seen, keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
         limit = max(1, ring.capacity // 4) if ring is not None else None
-        items, table[7] = self._plan("pqc_encrypt_chunks", table[3], layout.bytes_per_position, limit)
+        items, table[7], records = self._plan("pqc_encrypt_chunks", table[3], layout.bytes_per_position, limit)
         n_items = items.shape[1]
-        counts = items[4] - items[3]
-        groups = self._groups(counts, limit) if ring is not None else [(0, n_items)]
+        if ring is None or records <= limit:     # one launch (every decode step)
+            groups, counts = ((0, n_items),), None
+        else:
+            counts = items[4] - items[3]
+            groups = self._groups(counts, limit)
         split = n_items != n
         single = len(groups) == 1
-        tpl = self._template("pqc_encrypt_chunks", (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), kp, vp,
+        tpl = self._template("pqc_encrypt_chunks", (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), ks, vs,
                                                     layout))
         slots = self.launch_slots("pqc_encrypt_chunks")
         # the call's region: table, and the split chunks' partials and (zeroed) counters; a one-launch call's
@@ -357,16 +366,18 @@ class CudaBackend(CryptoBackend):
         with self._staging.region(outer) as call:
             for gi, (a, b) in enumerate(groups):
                 grp = call
-                if not single:
+                if single:      # the one group starts at chunk 0's first record
+                    total, rec_lo = records, 0
+                else:
                     grp = Packed()
                     i_off = grp.add(np.ascontiguousarray(items[:, a:b]))
                     prm_off = grp.reserve(_abi.ParamsTemplate.size)
-                total = int(counts[a:b].sum())
-                rec_lo = int(table[7][items[0][a]] + items[3][a])
+                    total = int(counts[a:b].sum())
+                    rec_lo = int(table[7][items[0][a]] + items[3][a])
                 with self._reservation(ring, total, Op.ENCRYPT, layout, audit) as (view, first_no), \
                         self._group_region(single, call, grp) as g:
                     # record index aux + p is numbered first_no + (aux + p - rec_lo), modulo 2^64 on the device
-                    tpl.pack_into(g.host, prm_off, table=call.device_ptr(t_off), n=n,
+                    tpl.pack_into(g.host, prm_off, k=kp, v=vp, table=call.device_ptr(t_off), n=n,
                                   items=0 if i_off is None else g.device_ptr(i_off), n_items=b - a,
                                   records=0 if view is None else view.data_ptr(),
                                   first_no=(first_no - rec_lo) % (1 << 64), rec_lo=rec_lo,
@@ -383,9 +394,9 @@ class CudaBackend(CryptoBackend):
         """See :meth:`CryptoBackend.decrypt_chunks`: the status stays on the device; failures are raised by
         ``check(owner)``."""
         self._refuse_capture()
-        table = self._check_common(keys, layout, chunks, arena)
-        kp = self._check_tensor("k_out", k_out, layout)
-        vp = self._check_tensor("v_out", v_out, layout)
+        table, seen = self._check_common(keys, layout, chunks, arena)
+        kp, ks = self._check_tensor("k_out", k_out, layout)
+        vp, vs = self._check_tensor("v_out", v_out, layout)
         _abi.check_bounds(table, layout, k_out, v_out, arena, len(keys))
         owner_ref = None
         if owner is not None:
@@ -397,7 +408,7 @@ class CudaBackend(CryptoBackend):
         status = torch.empty(n, dtype=torch.uint8, device=self.device)   # the kernel writes every chunk's
         if n == 0:
             return DecryptStatus(device=status)
-        sched, seen = self._keys.schedules(keys)
+        sched, seen = self._keys.schedules(keys, seen)
         meta = self._meta(seen, keys, audit)
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
         if ring is not None:
@@ -405,7 +416,7 @@ class CudaBackend(CryptoBackend):
             nrows, limit = desc_all.shape[1], max(1, ring.capacity // 4)
         else:       # no row records: one launch, and no chunk names a row record (aux -1)
             desc_all, row_of_chunk, nrows, limit = None, None, 1, 1
-        tpl = self._template("pqc_decrypt_chunks", (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), kp, vp,
+        tpl = self._template("pqc_decrypt_chunks", (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), ks, vs,
                                                     layout))
         # one launch per group of rows small enough for the ring (rows never straddle a group)
         order = np.argsort(table[1], kind="stable") if nrows > limit else None
@@ -422,10 +433,10 @@ class CudaBackend(CryptoBackend):
                     sub = np.ascontiguousarray(table[:, sel])
                     desc = np.ascontiguousarray(desc_all[:, r0:r1])
                     sub[7] = row_of_chunk[sel] - r0
-                self._decrypt_group(ring, audit, layout, tpl, meta, sub, desc, sel, status, tag)
+                self._decrypt_group(ring, audit, layout, tpl, meta, sub, desc, sel, status, tag, kp, vp)
         return DecryptStatus(device=status)
 
-    def _decrypt_group(self, ring, audit, layout, tpl, meta, sub, desc, sel, status, tag) -> None:
+    def _decrypt_group(self, ring, audit, layout, tpl, meta, sub, desc, sel, status, tag, kp, vp) -> None:
         """The launches of one row group of decrypt_chunks, from one packed region: row records (when
         audited), then the work items."""
         m, nrows = sub.shape[1], 0 if desc is None else desc.shape[1]
@@ -443,7 +454,7 @@ class CudaBackend(CryptoBackend):
         with self._reservation(ring, nrows, Op.DECRYPT, layout, audit) as (view, first_no), \
                 self._staging.region(pk) as g:
             sub_status = status if sel is None else torch.empty(m, dtype=torch.uint8, device=self.device)
-            tpl.pack_into(g.host, prm_off, table=g.device_ptr(t_off), n=m,
+            tpl.pack_into(g.host, prm_off, k=kp, v=vp, table=g.device_ptr(t_off), n=m,
                           items=0 if i_off is None else g.device_ptr(i_off), n_items=n_items,
                           status=sub_status.data_ptr(), records=0 if view is None else view.data_ptr(),
                           call_tag=tag, partials=0 if p_off is None else g.device_ptr(p_off),

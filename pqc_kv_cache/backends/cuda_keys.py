@@ -25,12 +25,20 @@ import numpy as np
 import torch
 
 from . import kernel_abi as _abi
+from .base import KeySlot
 
-__all__ = ["KeyStore", "KEY_CACHE_ENTRIES"]
+__all__ = ["KeyStore", "KEY_CACHE_ENTRIES", "check_keys"]
 
 KEY_CACHE_ENTRIES = 256          # key sets whose schedules stay on the device
 _SEEN_ENTRIES = 1024             # KeySlot sets remembered for the look-up without hashing
 KEY_BYTES = 32
+
+
+def check_keys(keys: Sequence) -> None:
+    """ValueError unless every entry of ``keys`` is a KeySlot with a 32-byte key."""
+    for i, k in enumerate(keys):
+        if not isinstance(k, KeySlot) or len(k.key) != KEY_BYTES:
+            raise ValueError(f"keys[{i}] must be a KeySlot with a {KEY_BYTES}-byte key")
 
 
 class _Seen:
@@ -65,12 +73,15 @@ class KeyStore:
         self._dev_keys = None       # device raw-key buffer (zeroed on the stream after each preparation)
 
     # ---- look-up
-    def _entry(self, keys: Sequence) -> _Seen:
+    def entry(self, keys: Sequence) -> _Seen:
+        """The handle of the key set ``keys`` (``schedules`` and ``meta`` take it). Each key is checked (a
+        KeySlot with a 32-byte key: ValueError otherwise) when its set is first seen; a set seen before holds
+        the same (frozen) KeySlot objects, checked by identity."""
         ids = tuple(map(id, keys))
-        with self._lock:
-            seen = self._seen.get(ids)
+        seen = self._seen.get(ids)      # a dict read is atomic; a stale hit is caught by matches()
         if seen is not None and seen.matches(keys):
             return seen
+        check_keys(keys)
         # a hash of each key names the key set (the raw keys are not kept as dict keys)
         seen = _Seen(keys, tuple(hashlib.sha256(k.key).digest() for k in keys))
         with self._lock:
@@ -79,10 +90,11 @@ class KeyStore:
             self._seen[ids] = seen
         return seen
 
-    def schedules(self, keys: Sequence) -> tuple[torch.Tensor, _Seen]:
+    def schedules(self, keys: Sequence, seen: _Seen | None = None) -> tuple[torch.Tensor, _Seen]:
         """Device key schedules (uint8 [n, SCHED_SIZE]) of ``keys``, prepared on first use; and the handle
-        ``meta`` takes."""
-        seen = self._entry(keys)
+        ``meta`` takes (``seen``: ``entry(keys)`` when the caller has it)."""
+        if seen is None:
+            seen = self.entry(keys)
         with self._lock:
             sched = self._scheds.get(seen.ident)
             if sched is not None:

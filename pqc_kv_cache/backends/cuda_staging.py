@@ -13,7 +13,6 @@ last region completes). No call here waits for the device.
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 
 import numpy as np
@@ -119,39 +118,25 @@ class StagingRing:
         self._head = start + size
         return region
 
-    @contextlib.contextmanager
-    def region(self, packed: Packed):
+    def region(self, packed: Packed) -> "_Region":
         """Take room for ``packed``, write its parts into the host bytes and copy them to the device in one
         asynchronous copy; the block enqueues the launches that read them. On leaving the block (also by an
         exception) an event on the current stream marks the region free once the device is past it; if that
         event cannot be recorded, the buffers are never handed out again."""
-        with self._lock:
-            region = self._take(packed.size)
-            buf = self._buf
-        start, end = region[0], region[1]
-        packed.base = buf.dev_ptr + start
-        packed.host = buf.host_np[start:end]
-        packed.buffers, packed.start = buf, start
+        return _Region(self, packed)
+
+    def _release(self, region: list, buf: _Buffers) -> None:
+        """Mark ``region`` (of ``buf``) free once the device is past the work enqueued so far."""
         try:
-            host = packed.host
-            for off, arr, nbytes in packed.parts:
-                if arr is _ZERO:
-                    host[off:off + nbytes] = 0
-                else:
-                    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-                    host[off:off + flat.shape[0]] = flat
-            yield packed
-        finally:
-            try:
-                region[2] = self._device.record()
-            except BaseException:
-                # its region never completes: the buffers are retired for good and the next call takes new ones
-                with self._lock:
-                    if buf is self._buf:
-                        self._retired.append(buf)
-                        self._buf = _Buffers(self._device, buf.size)
-                        self._head = 0
-                raise
+            region[2] = self._device.record()
+        except BaseException:
+            # its region never completes: the buffers are retired for good and the next call takes new ones
+            with self._lock:
+                if buf is self._buf:
+                    self._retired.append(buf)
+                    self._buf = _Buffers(self._device, buf.size)
+                    self._head = 0
+            raise
 
     @staticmethod
     def device_view(packed: Packed, offset: int, nbytes: int):
@@ -164,3 +149,39 @@ class StagingRing:
         that was reserved by size)."""
         buf, start = packed.buffers, packed.start
         self._device.upload(buf.dev[start:start + packed.size], buf.host[start:start + packed.size])
+
+
+class _Region:
+    """The block of ``StagingRing.region`` (a class: this is on every call's path)."""
+
+    __slots__ = ("_ring", "_packed", "_region", "_buf")
+
+    def __init__(self, ring: StagingRing, packed: Packed):
+        self._ring, self._packed = ring, packed
+
+    def __enter__(self) -> Packed:
+        ring, packed = self._ring, self._packed
+        with ring._lock:
+            region = ring._take(packed.size)
+            buf = ring._buf
+        self._region, self._buf = region, buf
+        start = region[0]
+        packed.base = buf.dev_ptr + start
+        packed.host = host = buf.host_np[start:region[1]]
+        packed.buffers, packed.start = buf, start
+        try:
+            for off, arr, nbytes in packed.parts:
+                if arr is _ZERO:
+                    host[off:off + nbytes] = 0
+                else:
+                    if not arr.flags.c_contiguous:
+                        arr = np.ascontiguousarray(arr)
+                    host[off:off + nbytes] = arr.reshape(-1).view(np.uint8)
+        except BaseException:
+            ring._release(region, buf)
+            raise
+        return packed
+
+    def __exit__(self, *exc) -> bool:
+        self._ring._release(self._region, self._buf)
+        return False

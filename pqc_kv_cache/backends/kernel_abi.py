@@ -159,6 +159,15 @@ def _column(chunks, name: str) -> np.ndarray:
 
 def chunk_table_array(chunks, aux: np.ndarray | None = None) -> np.ndarray:
     """The kernels' chunk table: int64 [TABLE_COLS, n] of a ChunkTable's columns plus ``aux`` (-1 if None)."""
+    raw = [getattr(chunks, f) for f in COLS[:-1]]
+    if all(type(c) is np.ndarray and c.ndim == 1 for c in raw):    # host columns (every cache call)
+        n = raw[0].shape[0]
+        if all(c.shape[0] == n for c in raw):
+            table = np.empty((TABLE_COLS, n), dtype=np.int64)
+            for i, c in enumerate(raw):
+                table[i] = c
+            table[-1] = -1 if aux is None else np.asarray(aux, dtype=np.int64)
+            return table
     cols = [_column(chunks, f) for f in COLS[:-1]]
     n = cols[0].shape[0]
     if any(c.shape[0] != n for c in cols):
@@ -305,21 +314,28 @@ def check_bounds(table: np.ndarray, layout, k, v, arena, nkeys: int) -> None:
         raise ValueError("chunk slot out of range of keys")
     if lo[3] < 1 or lo[2] < 0 or lo[5] < 0 or lo[6] < 0 or lo[4] < 0:
         raise ValueError("chunk table has negative or empty entries")
-    pos_count, io_start, offset = table[3], table[4], table[6]
-    io_end = int((io_start + pos_count).max())
+    bpp = layout.bytes_per_position
+    # the positions and bytes a chunk reaches, bounded first by the columns' maxima (exact when every chunk
+    # has the same length, as in a decode step); only a table that passes the bound is summed per chunk
+    io_end = hi[4] + hi[3]
+    if io_end > min(k.shape[2], v.shape[2]):
+        io_end = int((table[4] + table[3]).max())
     for name, t in (("k", k), ("v", v)):
         if lo[1] < 0 or hi[1] >= t.shape[0]:
             raise ValueError(f"chunk row out of range of {name} (batch {t.shape[0]})")
         if io_end > t.shape[2]:
             raise ValueError(f"chunk positions out of range of {name} (seq {t.shape[2]})")
     # envelope v1 stores the K length of a chunk in a 32-bit AAD field; GCM allows 2^32 - 2 blocks
-    half = hi[3] * (layout.bytes_per_position // 2)
+    half = hi[3] * (bpp // 2)
     if half > 0xFFFFFFFF:
         raise ValueError(f"a chunk of {hi[3]} positions has {half} bytes of K, more than the "
                          "32-bit key_len field of the envelope AAD holds: use smaller chunks")
-    check_gcm_length(hi[3] * layout.bytes_per_position)
-    if int((offset + pos_count * layout.bytes_per_position).max()) + TAG_SIZE > arena.numel():
-        raise ValueError("chunk ciphertext out of range of the arena")
+    check_gcm_length(hi[3] * bpp)
+    end = hi[6] + hi[3] * bpp + TAG_SIZE
+    if end > arena.numel():
+        end = int((table[6] + table[3] * bpp).max()) + TAG_SIZE
+        if end > arena.numel():
+            raise ValueError("chunk ciphertext out of range of the arena")
 
 
 def chunk_params(**fields) -> np.ndarray:
@@ -341,8 +357,8 @@ _PARAM_INDEX = {name: i for i, name in enumerate(CHUNK_PARAMS_DTYPE.names)}
 
 class ParamsTemplate:
     """A pqc_chunk_params whose call-independent fields (tensors, layout, key schedules) are set once;
-    ``pack_into(buf, offset, **fields)`` writes the record with the per-call fields patched in, with one
-    ``struct`` call (the bytes ``chunk_params`` gives for the same fields)."""
+    ``pack_into(buf, offset, **fields)`` writes the record with the per-call fields (integers) patched in,
+    with one ``struct`` call (the bytes ``chunk_params`` gives for the same fields)."""
 
     __slots__ = ("_values",)
     size = _PARAMS_STRUCT.size
@@ -361,8 +377,15 @@ class ParamsTemplate:
 
     def pack_into(self, buf, offset: int, **fields) -> None:
         values = self._values.copy()
-        self._set(values, fields)
+        index = _PARAM_INDEX
+        try:
+            for name, value in fields.items():
+                values[index[name]] = value
+        except KeyError:
+            raise TypeError(f"pqc_chunk_params has no field {name!r}") from None
         try:
             _PARAMS_STRUCT.pack_into(buf, offset, *values)
         except struct.error as e:
+            if not all(isinstance(v, (int, np.integer)) for v in values):
+                raise TypeError(f"pqc_chunk_params fields are integers: {e}") from None
             raise OverflowError(f"a pqc_chunk_params field is out of range: {e}") from None

@@ -10,7 +10,6 @@ layer API over it. Everything it uses of its cache comes through the ``LayerCont
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -169,15 +168,9 @@ class ChunkStore:
             self.arena.restore(arena)
         self._storage_restore(storage)
 
-    @contextlib.contextmanager
-    def _atomic(self):
+    def _atomic(self) -> "_Atomic":
         """The block completes, or the layer is left exactly as it was (chunk table, bytes, positions)."""
-        snap = self.snapshot()
-        try:
-            yield
-        except BaseException:
-            self.restore(snap)
-            raise
+        return _Atomic(self)
 
     # ---- storage hooks (the working-set variant overrides them; the sealed layer holds no plaintext) ----
     def _storage_state(self):
@@ -256,6 +249,26 @@ class ChunkStore:
             aside.zero_()
         return sealed
 
+    def _seal_new(self, k_src, v_src, start: int, n: int) -> SealedChunks:
+        """Seal positions ``start..start+n`` (index 0.. of ``k_src``/``v_src``) of every row, one chunk per row
+        (audited): ``_seal`` for the shape of every update, its per-row columns taken from per-batch arrays."""
+        batch = self._batch
+        rows = self._all_rows()
+        size = n * self._bytes_per_position + TAG_SIZE
+        ctx = self._ctx
+        slots = self._row_slots
+        counter, epoch = ctx.reserve(slots)
+        base = self._alloc(size * batch)
+        if n == 1:          # a decode step
+            pos_count = self._per_batch("ones", lambda b: np.ones(b, dtype=np.int64))
+            offset = base + self._per_batch(("offsets", size), lambda b: np.arange(b, dtype=np.int64) * size)
+        else:
+            pos_count = np.full(batch, n, dtype=np.int64)
+            offset = base + rows * size
+        ctx.encrypt(self._backend, self._layout, slots, epoch, rows, np.full(batch, start, dtype=np.int64),
+                    pos_count, self._all_zeros(), counter, offset, k_src, v_src, self.arena.buffer, True)
+        return SealedChunks(counter, epoch, slots.copy(), offset)
+
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):
         """Decrypt segments ``segs`` × rows ``rows`` into k_out/v_out (positions from ``base``);
         DecryptionError (destination wiped) if any tag fails. Returns the backend's status per chunk
@@ -312,3 +325,21 @@ class ChunkStore:
     def _all_zeros(self) -> np.ndarray:
         """``batch`` zeros."""
         return self._per_batch("zeros", lambda b: np.zeros(b, dtype=np.int64))
+
+
+class _Atomic:
+    """The block of ``ChunkStore._atomic`` (a class: every update runs in one): a snapshot on entry, put back
+    if the block raises."""
+
+    __slots__ = ("_store", "_snap")
+
+    def __init__(self, store: ChunkStore):
+        self._store = store
+
+    def __enter__(self) -> None:
+        self._snap = self._store.snapshot()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._store.restore(self._snap)
+        return False

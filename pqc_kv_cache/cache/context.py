@@ -199,12 +199,19 @@ class LayerContext:
 
     def reserve(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fresh nonce counters for chunks sealed by session slots ``slots``: (counter, epoch) per chunk."""
-        counter = np.empty(slots.shape[0], dtype=np.int64)
-        epoch = np.empty(slots.shape[0], dtype=np.int64)
-        if slots.size == 0:
-            return counter, epoch
+        n_chunks = slots.shape[0]
+        if n_chunks == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         sessions = self.sessions
-        for slot, where, steps, n in self._groups(slots):
+        groups = self._groups(slots)
+        if len(groups) == n_chunks:         # one chunk per session slot (a decode step, a session per row)
+            counters, epochs = [0] * n_chunks, [0] * n_chunks
+            for slot, where, _, _ in groups:
+                epochs[where], counters[where] = sessions[slot].reserve(1)
+            return np.array(counters, dtype=np.int64), np.array(epochs, dtype=np.int64)
+        counter = np.empty(n_chunks, dtype=np.int64)
+        epoch = np.empty(n_chunks, dtype=np.int64)
+        for slot, where, steps, n in groups:
             e, first = sessions[slot].reserve(n)
             if n == 1:                      # a row of its own session (every decode step): no array maths
                 counter[where] = first
@@ -280,6 +287,8 @@ class LayerContext:
         gone = [k for k in self.key_slots if k[0] == slot and (epoch is None or k[1] == epoch)]
         for k in gone:
             del self.key_slots[k]
+        if gone:
+            self._keys_memo.clear()     # their key lists name forgotten key slots
         return bool(gone)
 
     def forget_backend_keys(self) -> None:
@@ -294,27 +303,36 @@ class LayerContext:
         if self.backend is not None:
             self.backend.check(owner=self)
 
-    def _keys(self, slots: np.ndarray, epoch: np.ndarray, audited: bool):
+    def _keys(self, slots: np.ndarray, epoch: np.ndarray, audited: bool, checked: bool = False):
         """Key slots for chunks with these (session slot, epoch): (keys, key index per chunk, AuditContext or
-        None). Every session is checked first: a cached key slot is no licence to use an expired or closed
-        session."""
-        comb = slots.astype(np.int64) << 32 | epoch.astype(np.int64)
-        # the same (slot, epoch) columns come back step after step: their grouping is remembered (handed
-        # out as a copy), while the session checks and key look-ups are done on every call
-        memo_key = comb.tobytes()
+        None). Every session is checked first (``checked``: the caller has just checked each of them, as
+        ``reserve`` does): a cached key slot is no licence to use an expired or closed session."""
+        if slots.dtype != np.int64:
+            slots = slots.astype(np.int64)
+        if epoch.dtype != np.int64:
+            epoch = epoch.astype(np.int64)
+        # the same (slot, epoch) columns come back step after step: their grouping and key list are
+        # remembered (the grouping handed out as a copy; forgetting a key slot forgets every list), while
+        # the session checks are done on every call
+        memo_key = slots.tobytes() + epoch.tobytes()
         memo = self._keys_memo.get(memo_key)
         if memo is None:
+            comb = slots << 32 | epoch
             uniq, inv = np.unique(comb, return_inverse=True)
             pairs = [(int(u) >> 32, int(u) & 0xFFFFFFFF) for u in uniq.tolist()]
             inv = inv.reshape(-1).astype(np.int64)
-            memo = [pairs, list(dict.fromkeys(slot for slot, _ in pairs)), inv, None]
+            keys = [self.key_slot(slot, e) for slot, e in pairs]
+            memo = [pairs, list(dict.fromkeys(slot for slot, _ in pairs)), inv, None, keys]
             if len(self._keys_memo) >= _MEMO_CAP:
                 self._keys_memo.clear()
             self._keys_memo[memo_key] = memo
-        pairs, distinct, inv, ctx = memo
-        for slot in distinct:
-            self.sessions[slot].check_valid()
-        keys = [self.key_slot(slot, e) for slot, e in pairs]
+        else:
+            keys = memo[4]
+        pairs, distinct, inv, ctx = memo[:4]
+        if not checked:
+            sessions = self.sessions
+            for slot in distinct:
+                sessions[slot].check_valid()
         if not (audited and self.auditor.enabled):
             return keys, inv.copy(), None
         if ctx is None:
@@ -327,8 +345,9 @@ class LayerContext:
     def encrypt(self, backend: CryptoBackend, layout: ChunkLayout, slots, epoch, src_row, pos_start, pos_count,
                 io_start, counter, offset, k_src, v_src, arena: torch.Tensor, audited: bool) -> None:
         """Seal chunks (``src_row``, ``io_start``.. of ``k_src``/``v_src``) under the keys of (``slots``,
-        ``epoch``) and nonce ``counter`` into ``arena`` at ``offset``."""
-        keys, key_idx, ctx = self._keys(slots, epoch, audited)
+        ``epoch``) and nonce ``counter`` into ``arena`` at ``offset``. ``counter`` and ``epoch`` come from
+        ``reserve(slots)``, which has just checked every one of these sessions."""
+        keys, key_idx, ctx = self._keys(slots, epoch, audited, checked=True)
         table = ChunkTable(key_idx, np.asarray(src_row, dtype=np.int64), pos_start, pos_count, io_start,
                            counter, offset)
         backend.encrypt_chunks(keys, layout, table, k_src, v_src, arena, ctx)

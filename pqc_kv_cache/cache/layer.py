@@ -90,11 +90,7 @@ class EncryptedLayer(ChunkStore, CacheLayerMixin):
             with self._atomic():    # a failed update leaves the layer as it was
                 self._open_released()
                 if n:
-                    rows = self._all_rows()
-                    sealed = self._seal(key_states, value_states, rows, rows,
-                                        np.full(self._batch, end, dtype=np.int64),
-                                        np.full(self._batch, n, dtype=np.int64),
-                                        self._all_zeros(), audited=True)
+                    sealed = self._seal_new(key_states, value_states, end, n)
                     self.table.append(end, n, sealed)
                     self._end += n
                     self._kept(key_states, value_states)
@@ -112,6 +108,8 @@ class EncryptedLayer(ChunkStore, CacheLayerMixin):
             raise
         self._after_update()
         skip = view_start - base
+        if skip == 0:       # the views already start at the first visible position
+            return k, v
         return k[:, :, skip:, :], v[:, :, skip:, :]
 
     @property

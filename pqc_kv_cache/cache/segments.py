@@ -41,7 +41,7 @@ class SegmentTable:
     ``set_column``) first copies the buffers once a state has been taken (copy on write). Setting
     ``columns`` adopts new arrays (copied into buffers of their own)."""
 
-    __slots__ = ("_n", "_start", "_count", "_cols", "_shared")
+    __slots__ = ("_n", "_start", "_count", "_cols", "_shared", "_abut")
 
     def __init__(self, rows: int = 0):
         self._n = 0
@@ -49,6 +49,7 @@ class SegmentTable:
         self._count = np.zeros(_MIN_ROOM, dtype=np.int64)
         self._cols = {f: np.zeros((_MIN_ROOM, rows), dtype=np.int64) for f in COLUMNS}
         self._shared = False      # a state() may still hold these buffers
+        self._abut = True         # each segment starts where the one before ends (None: not known)
 
     # ---- the live part ------------------------------------------------------------------------------
     @property
@@ -106,6 +107,8 @@ class SegmentTable:
     def _adopt(self, start: np.ndarray, count: np.ndarray, cols: dict) -> None:
         """Hold copies of ``start``, ``count`` and ``cols`` (live entries only) in new buffers with room for
         as many again (at least ``_MIN_ROOM``)."""
+        if start.shape[0] != self._n or start is not self._start:
+            self._abut = None       # other segments (an append's growth keeps them, and what is known)
         cap = max(_MIN_ROOM, 2 * start.shape[0])
         self._n = int(start.shape[0])
         self._start, self._count = _with_room(start, cap), _with_room(count, cap)
@@ -122,10 +125,10 @@ class SegmentTable:
     def state(self) -> tuple:
         """What an operation may change, kept without a copy (see the class docstring)."""
         self._shared = True
-        return self._n, self._start, self._count, dict(self._cols)
+        return self._n, self._start, self._count, dict(self._cols), self._abut
 
     def restore(self, state: tuple) -> None:
-        self._n, self._start, self._count, cols = state
+        self._n, self._start, self._count, cols, self._abut = state
         self._cols = dict(cols)
         self._shared = True
 
@@ -159,11 +162,26 @@ class SegmentTable:
 
     def first_reaching(self, position: int) -> int:
         """Index of the first segment that ends after ``position``."""
+        if self._n and int(self._start[0]) + int(self._count[0]) > position:    # the first one (full attention)
+            return 0
         return int(np.searchsorted(self.ends(), position, side="right"))
+
+    def abutting(self) -> bool:
+        """Whether each segment starts where the one before it ends (known from the appends that built the
+        table; computed once after any other change)."""
+        if self._abut is None:
+            n = self._n
+            self._abut = bool((self._start[1:n] == self._start[:n - 1] + self._count[:n - 1]).all())
+        return self._abut
 
     def gap(self, first: int, view_start: int, end: int) -> tuple[int, int] | None:
         """The first position range of ``view_start..end`` that segments ``first..`` leave uncovered
         (or overlap out of order), or None when they cover it exactly, in order."""
+        n = self._n
+        if first < n and self.abutting():     # no hole between segments: only the two ends to check
+            s0, e1 = int(self._start[first]), int(self._start[n - 1]) + int(self._count[n - 1])
+            if s0 <= view_start and e1 == end:
+                return None
         starts, counts = self.start[first:], self.count[first:]
         ends = starts + counts
         if starts.size == 0:
@@ -212,6 +230,8 @@ class SegmentTable:
         n = self._n
         if n == self._start.shape[0]:
             self._adopt(self._start, self._count, self._cols)     # full: twice the room
+        if n and self._abut is not None:
+            self._abut = self._abut and int(self._start[n - 1]) + int(self._count[n - 1]) == start
         self._start[n] = start
         self._count[n] = count
         cols = self._cols
@@ -231,6 +251,7 @@ class SegmentTable:
         """Segment ``i`` now holds ``count`` positions in the chunks ``sealed`` (one per row)."""
         self._own()
         self._count[i] = count
+        self._abut = None
         for f, a in zip(COLUMNS, sealed):
             self._cols[f][i] = a
 
@@ -253,6 +274,7 @@ class SegmentTable:
         new._start, new._count = self._start.copy(), self._count.copy()
         new._cols = {f: a.copy() for f, a in self._cols.items()}
         new._shared = False
+        new._abut = self._abut
         return new
 
 

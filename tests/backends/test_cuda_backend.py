@@ -791,3 +791,33 @@ def test_calls_inside_cuda_graph_capture_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     be.encrypt_chunks(keys, LAYOUT, chunks, k, v, arena, ctx)
     assert arena.any()
+
+
+def test_each_call_s_parameters_name_its_own_k_and_v_tensors():
+    """The parameter record is remembered per (layout, strides): the K/V pointers are patched per call, as a
+    decode step's new states are new tensors of the same shape."""
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    be = CpuTwinBackend(fake_device(132, 4), execute=False)
+    chunks, size = _table()
+    arena = torch.zeros(size, dtype=torch.uint8)
+    seen = []
+    for _ in range(3):
+        k, v = _kv(torch.device("cpu"))
+        be.encrypt_chunks(_slots(), LAYOUT, chunks, k, v, arena)
+        name, a = be.launch_args[-1]
+        assert name == "pqc_encrypt_chunks"
+        assert (int(a["k"]), int(a["v"])) == (k.data_ptr(), v.data_ptr())
+        seen.append((k, v))         # kept alive: each call's tensors are distinct memory
+
+
+def test_a_bad_key_is_refused_also_in_a_call_without_chunks():
+    if not kh.available():
+        pytest.skip("no C++ compiler for the host shim")
+    be = CpuTwinBackend(fake_device(2, 2), execute=False)
+    empty = ChunkTable(*(np.zeros(0, np.int64) for _ in range(7)))
+    k, v = _kv(torch.device("cpu"))
+    bad = KeySlot(b"\x01" * 31, b"\x00" * 16, b"\x00" * 16, 0)
+    for _ in range(2):          # refused again when the same key set comes back
+        with pytest.raises(ValueError, match="32-byte key"):
+            be.encrypt_chunks([bad], LAYOUT, empty, k, v, torch.zeros(16, dtype=torch.uint8))

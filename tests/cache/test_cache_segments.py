@@ -188,3 +188,57 @@ def test_a_column_is_replaced_through_set_column_not_through_the_columns_view():
     assert t.offset.tolist() == [[4, 4, 4], [4, 4, 4]]
     with pytest.raises(ValueError, match="must be"):
         t.set_column("offset", np.zeros((3, 3), dtype=np.int64))
+
+
+def _reference_gap(t: SegmentTable, first: int, view_start: int, end: int):
+    """gap() computed from the live arrays alone (what the table answered before it kept track of abutting)."""
+    starts, ends = t.start[first:], t.start[first:] + t.count[first:]
+    if starts.size == 0:
+        return (view_start, end) if view_start < end else None
+    if int(starts[0]) > view_start:
+        return (view_start, int(starts[0]))
+    holes = np.flatnonzero(starts[1:] != ends[:-1])
+    if holes.size:
+        k = int(holes[0])
+        return (int(min(ends[k], starts[k + 1])), int(max(ends[k], starts[k + 1])))
+    if int(ends[-1]) != end:
+        return (int(min(ends[-1], end)), int(max(ends[-1], end)))
+    return None
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_gap_and_first_reaching_agree_with_the_arrays_through_any_sequence_of_changes(seed):
+    """The table remembers whether its segments abut (so a decode step's coverage check reads two ends):
+    appends in and out of place, keeps, set_segment, growth past the initial room, copies and restores of
+    states must never leave that stale."""
+    rng = np.random.default_rng(seed)
+    t, states = SegmentTable(2), []
+    for step in range(120):
+        op = rng.integers(0, 8)
+        n = t.num_segments
+        end = int(t.ends()[-1]) if n else 0
+        if op <= 2 or n == 0:           # append: mostly where the last one ends, sometimes with a hole or overlap
+            t.append(end + int(rng.choice([0, 0, 0, 2, -1])) if n else int(rng.integers(0, 3)),
+                     int(rng.integers(1, 5)), sealed(2, step))
+        elif op == 3:
+            t.keep(rng.random(n) < 0.7)
+        elif op in (4, 7):
+            t.set_segment(int(rng.integers(0, n)), int(rng.integers(1, 5)), sealed(2, step))
+        elif op == 5:
+            states.append(t.state())
+        elif states:
+            t.restore(states.pop(int(rng.integers(0, len(states)))))
+            states.clear()            # later states were taken from the one restored over
+        if rng.random() < 0.1:
+            t = t.copy()
+            states.clear()
+        m = t.num_segments
+        ends = t.ends()
+        last = int(ends[-1]) if m else 0
+        for first in range(m + 1):
+            for view_start in {0, int(t.start[first]) if first < m else last, last}:
+                for e in {last, last + 1}:
+                    assert t.gap(first, view_start, e) == _reference_gap(t, first, view_start, e)
+        if (np.diff(ends) >= 0).all():     # segments in position order (what a layer keeps)
+            for pos in {0, last - 1, last, int(t.start[0]) if m else 0}:
+                assert t.first_reaching(pos) == int(np.searchsorted(ends, pos, side="right"))
