@@ -227,8 +227,9 @@ def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None =
 
     With ``rounds_per_item`` B, a chunk of R rounds is cut into ceil(R / B) items. With ``slots`` (the
     resident CTAs of the launch), fewer chunks than slots are cut into items in proportion to their
-    rounds within the slot count (``_items_per_chunk``): one wave with every slot busy and items of
-    near-equal length; more chunks than slots are cut only where longer than an even share. Without
+    rounds within the slot count (``_items_per_chunk``): one wave of items of near-equal length, every
+    slot given one only where there is enough work (no item is shorter than ``min_rounds``, so a small
+    launch, such as a decode step's one-position seals, leaves slots idle); more chunks than slots are cut only where longer than an even share. Without
     either, no chunk is cut. A chunk is cut into at least ceil(P / ``record_limit``) items so that no
     item writes more ENCRYPT records than one launch may hold. Chunk c's k items are near-equal (item j:
     rounds [j R // k, (j + 1) R // k)), and its records are shared out the same way (positions
