@@ -12,6 +12,18 @@ A staggered batch (``--stagger K``) is K requests of one new prompt added one pe
 of a popular prompt reach a server: the later ones find the prompt's prefix saved, or being saved. Its
 time is the whole batch's; for the PQC connector the run also counts how many times each prompt's prefix
 was sealed (ENCRYPT records in the audit log, per layer and stored token): once is right.
+
+``--workload multiturn`` is a chat workload instead: ``--tenants`` tenants each hold a chat of ``--turns``
+turns that starts with the same ``--system``-token system prompt; each turn's prompt is the previous turn's
+prompt, a ``--answer``-token answer and a ``--user``-token message (answer and message are fixed synthetic
+tokens, so all engines see the same prompts). Three engines run every request, interleaved in rotating order:
+no connector, vLLM's ExampleConnector (plaintext, keyed by the whole prompt) and PQCKVConnector (sealed,
+keyed block by block per tenant). vLLM's own prefix cache is reset before every request, as if the chat's
+next turn reached an engine that no longer held it, so whatever is reused comes from the connector. Reports
+per engine the tokens loaded per request, the hit rate (requests that loaded anything; tokens loaded of the
+tokens that could be), time to first token (one output token: the request's whole time) and prompt tokens
+per second, for every request and for warm turns (turn 2 on), with the ratios against the other engines
+paired per request (median, min..max). ``--rounds`` repeats the whole workload with fresh prompts.
 """
 
 import argparse
@@ -35,7 +47,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=480, help="prompt length (stored: whole blocks minus one token)")
     ap.add_argument("--stagger", type=int, default=4, help="requests per staggered batch (0: none)")
+    ap.add_argument("--workload", choices=("prompt", "multiturn"), default="prompt")
+    ap.add_argument("--tenants", type=int, default=4, help="multiturn: tenants, one chat each")
+    ap.add_argument("--turns", type=int, default=8, help="multiturn: turns per chat")
+    ap.add_argument("--system", type=int, default=256, help="multiturn: system prompt tokens")
+    ap.add_argument("--user", type=int, default=48, help="multiturn: tokens of each user message")
+    ap.add_argument("--answer", type=int, default=48, help="multiturn: tokens of each answer")
     args = ap.parse_args()
+    if min(args.rounds, args.tokens, args.tenants, args.turns, args.system, args.user) < 1 or args.answer < 0 \
+            or args.stagger < 0:
+        ap.error("sizes must be positive (--answer and --stagger may be 0)")
+    if args.workload == "multiturn":
+        _multiturn(args)
+        return
 
     from tiny_model import save_tiny_llama
     from vllm import LLM, SamplingParams
@@ -107,6 +131,92 @@ def main() -> None:
             batches = args.rounds + 1
             print(f"  pqc staggered batches of {args.stagger}: {(seals / per_prefix - batches) / batches:.2f} seals "
                   f"of the prompt's prefix per batch ({seals} ENCRYPT records)")
+
+
+def _spread(v: list[float], scale: float = 1.0, fmt: str = ".1f") -> str:
+    if not v:
+        return "n/a"
+    return f"median {statistics.median(v) * scale:{fmt}} (min {min(v) * scale:{fmt}}, max {max(v) * scale:{fmt}})"
+
+
+def _multiturn(args) -> None:
+    from tiny_model import save_tiny_llama
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    from pqc_kv_cache.isolation import TenantIsolationManager
+    from pqc_kv_cache.session import TenantKeyPair
+    from pqc_kv_cache.vllm import KeyService, generate_server_secret_file, kv_transfer_config, request_fields
+
+    d = tempfile.mkdtemp(prefix="bench-vllm-chat-")
+    model = save_tiny_llama(os.path.join(d, "model"))
+    manager = TenantIsolationManager()
+    secret_path = os.path.join(d, "secret", "server.key")
+    secret = generate_server_secret_file(secret_path)
+    tenants = [f"tenant-{t}" for t in range(args.tenants)]
+    fields = {t: request_fields(secret, t, manager.create_session(TenantKeyPair.generate(t).identity()).session_id)
+              for t in tenants}
+    longest = args.system + args.turns * (args.user + args.answer)
+    max_len = (longest // BS + 2) * BS
+    with KeyService(manager, os.path.join(d, "keys")) as service:
+        common = dict(model=model, dtype="float32", enforce_eager=True, block_size=BS, max_model_len=max_len, seed=0)
+        engines = {
+            "none": LLM(**common),
+            "example": LLM(**common, kv_transfer_config=KVTransferConfig(
+                kv_connector="ExampleConnector", kv_role="kv_both",
+                kv_connector_extra_config={"shared_storage_path": os.path.join(d, "example")})),
+            "pqc": LLM(**common, kv_transfer_config=KVTransferConfig(**kv_transfer_config(
+                os.path.join(d, "pqc"), service.path, os.path.join(d, "audit.log"), secret_path,
+                audit_signing_key=os.path.join(d, "audit.key")))),
+        }
+        # per engine, per request (round, tenant, turn): (seconds, prompt tokens, tokens loaded, storable tokens)
+        res: dict[str, dict[tuple[int, int, int], tuple[float, int, int, int]]] = {n: {} for n in engines}
+        names = list(engines)
+        for r in range(args.rounds + 1):                 # round 0 warms up and is dropped
+            system = [5 + (r * 131 + i * 7) % 400 for i in range(args.system)]
+            prompts = {t: list(system) for t in range(args.tenants)}
+            for k in range(args.turns):
+                for t, tenant in enumerate(tenants):
+                    msg = [7 + (r * 17 + t * 101 + k * 37 + i * 13) % 400 for i in range(args.user)]
+                    ids = prompts[t] + msg
+                    f = fields[tenant]
+                    sp = SamplingParams(max_tokens=1, temperature=0,
+                                        extra_args={"kv_transfer_params": f["kv_transfer_params"]})
+                    shift = (r * args.turns * args.tenants + k * args.tenants + t) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        llm = engines[name]
+                        llm.reset_prefix_cache()
+                        prompt = {"prompt_token_ids": ids, "cache_salt": f["cache_salt"]}
+                        t0 = time.perf_counter()
+                        out = llm.generate(prompt, sp, use_tqdm=False)[0]
+                        dt = time.perf_counter() - t0
+                        if r:
+                            res[name][(r, t, k)] = (dt, len(ids), out.num_cached_tokens,
+                                                    (len(ids) - 1) // BS * BS)
+                    answer = [9 + (r * 19 + t * 59 + k * 41 + i * 3) % 400 for i in range(args.answer)]
+                    prompts[t] = ids + answer
+        print(f"vLLM {__import__('vllm').__version__} CPU backend, tiny Llama (2 layers, 4 KV heads x 32, fp32); "
+              f"{args.tenants} tenants x {args.turns} turns, system prompt {args.system} tokens, "
+              f"{args.user}-token messages, {args.answer}-token answers; {args.rounds} round(s), "
+              f"{os.cpu_count()} CPUs; vLLM's prefix cache reset before every request")
+        for name in names:
+            v = list(res[name].values())
+            warm = [x for key, x in res[name].items() if key[2] > 0]
+            hits = sum(1 for x in v if x[2] > 0)
+            print(f"  {name:8s} loaded/request {_spread([x[2] for x in v], fmt='.0f')} tokens; hit rate "
+                  f"{hits}/{len(v)} requests, {sum(x[2] for x in v) / max(sum(x[3] for x in v), 1):.2f} of "
+                  f"storable tokens")
+            print(f"  {'':8s} TTFT all {_spread([x[0] for x in v], 1e3)} ms; warm turns "
+                  f"{_spread([x[0] for x in warm], 1e3)} ms")
+            print(f"  {'':8s} prompt tokens/s warm turns {_spread([x[1] / x[0] for x in warm], fmt='.0f')}")
+        keys = sorted(k for k in res["pqc"] if k[2] > 0)
+        for other in ("example", "none"):
+            ratios = [res["pqc"][k][0] / res[other][k][0] for k in keys]
+            print(f"  TTFT ratio pqc/{other} (warm turns, paired per request): {_spread(ratios, fmt='.2f')}")
+        ratios = [res["example"][k][0] / res["none"][k][0] for k in keys]
+        print(f"  TTFT ratio example/none (warm turns, paired per request): {_spread(ratios, fmt='.2f')}")
+        for llm in engines.values():
+            llm.llm_engine.engine_core.shutdown(timeout=30)
 
 
 def _staggered(llm, prompt, sp, k: int, tag: str) -> float:

@@ -26,6 +26,7 @@ extern "C" {
 #define PQC_OP_RELEASE 10 // working-set plaintext zeroed and dropped; only ciphertext remains
 #define PQC_OP_SAVE 11    // a row's chunks written to a save file (ciphertext only)
 #define PQC_OP_LOAD 12    // a row's chunks read back from a save file, every tag verified
+#define PQC_OP_DELETE 13  // stored ciphertext deleted by a clean-up (the vLLM connector's store)
 
 // status codes
 #define PQC_STATUS_OK 0

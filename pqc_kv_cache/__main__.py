@@ -1,4 +1,4 @@
-"""Command line: ``python -m pqc_kv_cache {demo,audit,info}`` (or the ``pqc-kv-cache`` script); ``bench``
+"""Command line: ``python -m pqc_kv_cache {demo,audit,info,vllm-store}`` (or the ``pqc-kv-cache`` script); ``bench``
 too when run from a source checkout, whose ``benchmarks/`` it runs."""
 
 from __future__ import annotations
@@ -51,6 +51,51 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= s < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return s
+
+
+def _vllm_store_gc(args: argparse.Namespace) -> int:
+    from .audit import KVAuditLog
+    from .audit.keys import default_key_path
+    from .vllm.storegc import collect_garbage
+
+    if not os.path.isdir(args.store):
+        print(f"vllm-store gc: no store directory at {args.store!r}", file=sys.stderr)
+        return 2
+    log = KVAuditLog(args.audit_log, signing_key=args.audit_signing_key or str(default_key_path(args.audit_log)))
+    try:
+        rep = collect_garbage(args.store, max_bytes=args.max_bytes, max_age=args.max_age, log=log,
+                              progress=lambda line: print(line, flush=True))
+    except ValueError as e:
+        print(f"vllm-store gc: {e}", file=sys.stderr)
+        return 2
+    finally:
+        log.close(timeout=60)
+    print(f"deleted {rep.deleted_blocks} of {rep.blocks} block(s) ({rep.deleted_bytes} of {rep.bytes} bytes), "
+          f"{rep.deleted_sessions} ended session directory(ies), {rep.deleted_temporaries} left-over temporary "
+          f"file(s); {rep.kept_bytes} bytes kept; each deletion is a DELETE record in {args.audit_log}")
+    if rep.skipped:
+        print(f"left alone (not the connector's): {len(rep.skipped)} entr(ies), e.g. {rep.skipped[0]}")
+    return 0
+
+
 def _openssl_version() -> str:
     try:
         from cryptography.hazmat.backends.openssl.backend import backend
@@ -77,7 +122,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Encrypted, tenant-isolated, audited KV cache.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
-    commands = "{demo,audit,bench,info}" if _offers_bench() else "{demo,audit,info}"
+    commands = "{demo,audit,bench,info,vllm-store}" if _offers_bench() else "{demo,audit,info,vllm-store}"
     sub = parser.add_subparsers(dest="command", required=True, metavar=commands)
     demo = sub.add_parser("demo", help="two tenants: sessions, entries, a refused access, rotation, the cache, "
                                        "the audit log",
@@ -106,6 +151,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                       "cryptography), why, and what the native path runs on (versions, "
                                       "library file, CPU features, threads). PQC_KV_CACHE_BACKEND=host|native forces one.")
     info.set_defaults(func=_info)
+    vstore = sub.add_parser("vllm-store", help="the vLLM connector's store: clean-up",
+                            description="Maintenance of the vLLM connector's block store.")
+    vsub = vstore.add_subparsers(dest="store_command", required=True, metavar="{gc}")
+    gc = vsub.add_parser("gc", help="delete blocks of ended sessions, old blocks, and the least recently used "
+                                    "beyond a quota",
+                         description="Delete from the store every block of a tenant's ended sessions (all but "
+                                     "its newest session), then with --max-age the blocks unused for longer, "
+                                     "then with --max-bytes the least recently used blocks until the rest fit. "
+                                     "Each deletion is a DELETE record in the audit log.")
+    gc.add_argument("--store", metavar="PATH", required=True, help="the connector's storage_path")
+    gc.add_argument("--max-bytes", metavar="N", type=_count, default=None,
+                    help="keep at most N bytes of blocks (least recently used deleted first)")
+    gc.add_argument("--max-age", metavar="S", type=_seconds, default=None,
+                    help="delete blocks not loaded or saved for more than S seconds")
+    gc.add_argument("--audit-log", metavar="PATH", required=True,
+                    help="the signed audit log the deletions are recorded in (created or continued)")
+    gc.add_argument("--audit-signing-key", metavar="FILE", default=None,
+                    help="the log's signing key file (default: as for other logs, see `audit keygen`)")
+    gc.set_defaults(func=_vllm_store_gc)
     from .audit.cli import register
     register(sub)
     return parser

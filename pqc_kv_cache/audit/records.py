@@ -60,6 +60,7 @@ class Op(enum.IntEnum):
     RELEASE = 10    # plaintext (working set, scratch) zeroed and dropped; only ciphertext remains
     SAVE = 11       # a row's chunks written to a save file (ciphertext only)
     LOAD = 12       # a row's chunks read back from a save file, every tag verified
+    DELETE = 13     # stored ciphertext deleted by a clean-up (the vLLM connector's store)
 
 
 class Status(enum.IntEnum):
@@ -84,6 +85,7 @@ OP_NAMES = {
     Op.RELEASE: "release",
     Op.SAVE: "save",
     Op.LOAD: "load",
+    Op.DELETE: "delete",
 }
 _OPS_BY_NAME = {v: k for k, v in OP_NAMES.items()}
 _OPS_BY_NAME["isolation_violation"] = Op.ISOLATION_VIOLATION

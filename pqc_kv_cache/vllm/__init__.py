@@ -24,11 +24,13 @@ CONNECTOR_MODULE = "pqc_kv_cache.vllm.connector"
 def kv_transfer_config(storage_path: str, key_service: str, audit_log: str, server_secret: str, *,
                        audit_signing_key: str | None = None, key_service_token: str | None = None,
                        key_service_tls: MutualTLS | None = None,
-                       load_failure_policy: str = "recompute") -> dict:
+                       load_failure_policy: str = "recompute", store_gc: dict | None = None) -> dict:
     """The ``kv_transfer_config`` that loads the connector (paths only; no key material): the store, the key
     service's socket, the worker's audit log, the server secret's key file, the audit log's signing key
-    file (default: ``pqc_kv_cache.audit.keys.default_key_path(audit_log)``; created when the log is new), and
-    the engine token's file the worker shows the key service (when the service was started with one).
+    file (default: ``pqc_kv_cache.audit.keys.default_key_path(audit_log)``; created when the log is new), the
+    engine token's file the worker shows the key service (when the service was started with one), and
+    ``store_gc`` (``{"max_bytes": N, "max_age": S, "interval_s": T}``: the worker cleans the store up every T
+    seconds, as ``python -m pqc_kv_cache vllm-store gc`` does, recording the deletions in its log).
     ``key_service`` is a socket path, or ``tls://HOST:PORT`` with ``key_service_tls`` (the worker's
     certificate files) for a key service on another host."""
     if load_failure_policy not in ("recompute", "fail"):
@@ -42,5 +44,7 @@ def kv_transfer_config(storage_path: str, key_service: str, audit_log: str, serv
     if key_service_tls is not None:
         extra.update(key_service_tls_ca=key_service_tls.ca, key_service_tls_cert=key_service_tls.cert,
                      key_service_tls_key=key_service_tls.key)
+    if store_gc is not None:
+        extra["store_gc"] = dict(store_gc)
     return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both",
             "kv_load_failure_policy": load_failure_policy, "kv_connector_extra_config": extra}

@@ -15,18 +15,22 @@ row is 16 bits: the call then works on a window of 32768 blocks and the record's
 **Save.** ``save_layer`` seals into a uint8 arena on the KV's device and, on CUDA, starts a non-blocking
 copy of the arena into pinned host memory; the backend writes the ENCRYPT records (on CUDA into the log's
 device ring). Nothing in it waits for the device. ``finish_saves`` (vLLM's ``wait_for_save``, a point where
-the step's work is done) waits for those copies and writes the files, then the index of every prefix
-whose last part is saved in every layer.
+the step's work is done) waits for those copies and writes one file per block holding its chunk of every
+layer, through a temporary file renamed over the block's name (so a block is on disk whole or not at all,
+and engines saving it at once each leave a whole file), then a SAVE record per request.
 
 **Load.** ``load`` reads and checks the files of every request first (host only); a request with a
 missing, malformed or foreign file, or a key the key service refuses, is not opened at all: its blocks
-are zeroed in every layer and reported. The others are opened straight into vLLM's blocks, one
-``decrypt_chunks`` per layer. A chunk whose tag fails has its block zeroed by the backend (on CUDA on the
-stream, before the forward reads it) and is reported by ``load_errors``. Decrypting in place is right
-here: the destination blocks were allocated to the request for exactly these positions (blocks vLLM
-already had are counted as computed and not loaded), a block another request of the same step shares
-through vLLM's prefix cache is recomputed for every request that uses it once it is reported, and zeros
-are not unverified bytes; a scratch would cost a second plaintext copy and a device buffer per layer.
+are zeroed in every layer and reported, and a malformed file is removed (unless another engine has renamed
+a new one over it since), so that the block's next save stores it afresh rather than every later request
+failing on it. A loaded block's file gets its access time set (its last use, for clean-up). The others are
+opened straight into vLLM's blocks, one ``decrypt_chunks`` per layer. A chunk whose tag fails has its block
+zeroed by the backend (on CUDA on the stream, before the forward reads it) and is reported by
+``load_errors`` (which removes its file as above). Decrypting in place is right here: the destination blocks
+were allocated to the request for exactly these positions (blocks vLLM already had are counted as computed
+and not loaded), a block another request of the same step shares through vLLM's prefix cache is recomputed
+for every request that uses it once it is reported, and zeros are not unverified bytes; a scratch would
+cost a second plaintext copy and a device buffer per layer.
 
 **Failures on CUDA** are deferred (``DecryptStatus.device``): ``load_errors`` reads them through the
 backend's ``pending_failures(owner)`` (which waits for the device and writes each failing chunk's
@@ -40,7 +44,8 @@ Files, names, the prefix chain hash bound into each chunk's AAD, and the checks 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -50,8 +55,8 @@ from ..audit import KVAuditLog
 from ..backends import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, KeySlot
 from ..envelope import tenant_tag
 from ..errors import DecryptionError, KVCacheError
-from .storefiles import (MalformedStoreError, bound_session_tag, encode_layer, layer_file, make_private_dirs,
-                         read_stored_layer, write_atomic, write_index)
+from .storefiles import (MalformedStoreError, bound_session_tag, encode_block, make_session_dir, read_block,
+                         remove_if_same, write_atomic)
 
 __all__ = ["LAYOUTS", "kv_block_views", "SavePart", "LoadRequest", "KVBlockStore"]
 
@@ -91,35 +96,46 @@ def kv_block_views(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torc
 
 @dataclass
 class SavePart:
-    """Blocks of one request to seal in this step: ``block_ids[i]`` holds positions
-    ``[(first_block + i) * block_size, ...)``. ``parts`` is set on the part that completes the prefix: the
-    (first block, block count) of every part of it, so the index is written once all are on disk."""
+    """Blocks of one request to seal in this step: ``block_ids[i]`` holds the prompt's block ``indices[i]``
+    (positions ``[indices[i] * block_size, ...)``), whose chain hash is ``chains[i]`` and whose file is
+    ``paths[i]`` (``storefiles.block_file``)."""
 
     req_id: str
     tenant_id: str
     session_id: str
-    directory: str
     block_ids: list[int]
+    indices: list[int]
     chains: list[bytes]                               # the chain hash of each block (storefiles.chain_hashes)
-    first_block: int
-    num_tokens: int                                   # the whole stored prefix (a multiple of the block size)
-    parts: list[tuple[int, int]] | None = None
+    paths: list[str]
 
 
 @dataclass
 class LoadRequest:
-    """Blocks of one request to fill from its stored prefix: ``block_ids[i]`` gets positions
-    ``[(first_block + i) * block_size, ...)``; ``parts`` as in the prefix's index."""
+    """Blocks of one request to fill from the store: ``block_ids[i]`` gets the prompt's block ``indices[i]``
+    from the file ``paths[i]``, whose chunks must authenticate for chain hash ``chains[i]``."""
 
     req_id: str
     tenant_id: str
     session_id: str
-    directory: str
     block_ids: list[int]
-    chains: list[bytes]                               # the chain hash of each block (storefiles.chain_hashes)
-    first_block: int
-    num_tokens: int
-    parts: list[tuple[int, int]] = field(default_factory=list)
+    indices: list[int]
+    chains: list[bytes]
+    paths: list[str]
+
+
+def _spans(indices: Sequence[int]) -> str:
+    """``0-3,7`` for blocks 0, 1, 2, 3 and 7."""
+    out, run = [], None
+    for i in sorted(indices):
+        if run is not None and i == run[1] + 1:
+            run[1] = i
+            continue
+        if run is not None:
+            out.append(f"{run[0]}-{run[1]}" if run[1] > run[0] else str(run[0]))
+        run = [i, i]
+    if run is not None:
+        out.append(f"{run[0]}-{run[1]}" if run[1] > run[0] else str(run[0]))
+    return ",".join(out)
 
 
 class KeySource(Protocol):
@@ -147,6 +163,7 @@ class _Opened:
     layer: int
     status: Any                                      # DecryptStatus
     block_ids: np.ndarray                            # block id of each chunk
+    files: list[tuple[str, Any]]                     # (path, status when read) of each chunk's block file
     arena: torch.Tensor                              # kept alive until the device has read it
 
 
@@ -165,7 +182,7 @@ class KVBlockStore:
         self._open_keys: dict[tuple[str, str, int], bytes] = {}
         self._step_need: dict[tuple[str, str], int] = {}
         self._failed_saves: set[str] = set()
-        self._saved: dict[str, set[tuple[int, int]]] = {}   # req -> (layer, part's first block) on disk
+        self._read_files: dict[str, Any] = {}               # block file -> its status when this step read it
         self._sealed: list[_Sealed] = []
         self._opened: list[_Opened] = []
         self._load_errors: set[int] = set()
@@ -224,8 +241,8 @@ class KVBlockStore:
     # ------------------------------------------------------------------ save
     def save_layer(self, layer: int, cache: torch.Tensor, parts: Sequence[SavePart]) -> None:
         """Seal ``parts``' blocks of one layer (one encrypt call) and start copying the ciphertext to the host;
-        ``finish_saves`` writes the files. A part whose key the key service refuses is not stored (its
-        request's prefix never gets an index) and the refusal is recorded once."""
+        ``finish_saves`` writes the files. A part whose key the key service refuses is not stored and the
+        refusal is recorded once."""
         k, v = kv_block_views(cache, self.layout)
         self._check_blocks(k)
         layout = self._chunk_layout(layer, k)
@@ -240,16 +257,18 @@ class KVBlockStore:
             if p.req_id in self._failed_saves or not p.block_ids:
                 continue
             n = len(p.block_ids)
-            if len(p.chains) != n:
-                raise ValueError(f"part of {p.req_id}: {len(p.chains)} chain hashes for {n} blocks")
+            if not len(p.chains) == len(p.indices) == len(p.paths) == n:
+                raise ValueError(f"part of {p.req_id}: {n} blocks, {len(p.indices)} indices, {len(p.chains)} chain "
+                                 f"hashes and {len(p.paths)} paths")
             try:
                 epoch, first, key = self._nonces(p.tenant_id, p.session_id, n)
             except KVCacheError as e:
-                # no key (closed or expired session, no key service): this prefix is not stored, and vLLM
+                # no key (closed or expired session, no key service): these blocks are not stored, and vLLM
                 # goes on computing; the refusal is on record
                 self._failed_saves.add(p.req_id)
-                self.log.log_encrypt(p.tenant_id, p.session_id, layer, p.first_block * bs,
-                                     position_count=n * bs, success=False, details=f"save refused (request {p.req_id}): {e}")
+                self.log.log_encrypt(p.tenant_id, p.session_id, layer, p.indices[0] * bs,
+                                     position_count=n * bs, success=False,
+                                     details=f"save refused (request {p.req_id}): {e}")
                 continue
             # one key slot per block: its AAD's session tag binds the session and the block's token prefix
             cols["slot"].append(np.arange(len(keys), len(keys) + n, dtype=np.int64))
@@ -259,7 +278,7 @@ class KVBlockStore:
                 who.append((p.tenant_id, p.session_id))
             j = np.arange(n, dtype=np.int64)
             cols["row"].append(np.asarray(p.block_ids, dtype=np.int64))
-            cols["pos_start"].append((p.first_block + j) * bs)
+            cols["pos_start"].append(np.asarray(p.indices, dtype=np.int64) * bs)
             cols["pos_count"].append(np.full(n, bs, np.int64))
             cols["io_start"].append(np.zeros(n, np.int64))
             cols["counter"].append(first + j)
@@ -284,90 +303,101 @@ class KVBlockStore:
         self._sealed.append(_Sealed(layer, layout, host, done, placed))
 
     def finish_saves(self, parts: Sequence[SavePart], layers: Iterable[int]) -> list[str]:
-        """Write the files of this step's seals, then the index of each prefix whose every part is on disk in
-        every layer of ``layers``. Returns the directories whose index was written."""
+        """Write this step's sealed blocks: one file per block, holding its chunk of every layer of ``layers``,
+        through a temporary file renamed over the block's name (another engine saving the same block at once
+        leaves a whole file too). Returns the paths written."""
         bs = self.block_size
+        want = sorted(set(layers))
         sealed, self._sealed = self._sealed, []
+        # (request, block's position in its part) -> layer -> (header entry, chunk)
+        got: dict[tuple[str, int], dict[int, tuple[dict, bytes]]] = {}
         for s in sealed:
             if s.done is not None:
                 s.done.synchronize()
             body = s.host.numpy()
             chunk_len = bs * s.layout.bytes_per_position + TAG
             for p, epoch, first, off in s.parts:
-                n = len(p.block_ids)
-                try:
-                    if p.req_id not in self._failed_saves:
-                        store, tenant_dir = os.path.split(os.path.dirname(p.directory))
-                        make_private_dirs(store, tenant_dir, os.path.basename(p.directory))
-                        write_atomic(layer_file(p.directory, s.layer, p.first_block * bs), encode_layer(
-                            epoch=epoch, layer=s.layer, block_size=bs, num_heads=s.layout.num_heads,
-                            head_dim=s.layout.head_dim, dtype=str(s.layout.dtype).removeprefix("torch."),
-                            first=p.first_block, counters=range(first, first + n),
-                            body=body[off:off + n * chunk_len].tobytes()))
-                        self._saved.setdefault(p.req_id, set()).add((s.layer, p.first_block))
-                except (OSError, KVCacheError) as e:
-                    # a full disk or a planted link: this prefix is not stored, vLLM goes on; on record once
-                    self._failed_saves.add(p.req_id)
-                    self.log.log_encrypt(p.tenant_id, p.session_id, s.layer, p.first_block * bs,
-                                         position_count=n * bs, success=False, details=f"save failed (request {p.req_id}): {e}")
-        want = sorted(set(layers))
-        written = []
+                for j in range(len(p.block_ids)):
+                    o = off + j * chunk_len
+                    got.setdefault((p.req_id, j), {})[s.layer] = (
+                        {"layer": s.layer, "num_heads": s.layout.num_heads, "head_dim": s.layout.head_dim,
+                         "epoch": epoch, "counter": first + j}, body[o:o + chunk_len].tobytes())
+        dtypes = {str(s.layout.dtype).removeprefix("torch.") for s in sealed}
+        written: list[str] = []
         for p in parts:
-            if p.parts is None:
-                continue
-            done = self._saved.pop(p.req_id, set())
             failed = p.req_id in self._failed_saves
             self._failed_saves.discard(p.req_id)
-            if failed:
+            if failed or not p.block_ids:
                 continue
-            if not all((layer, first) in done for layer in want for first, _ in p.parts):
-                continue        # some layer or part was not saved: no index, so no hit on a partial prefix
+            mine: list[int] = []
             try:
-                write_index(p.directory, p.num_tokens, bs, want, p.parts)
-            except OSError as e:
-                self.log.log_encrypt(p.tenant_id, p.session_id, want[0], 0, position_count=p.num_tokens,
-                                     success=False, details=f"save failed (request {p.req_id}): index: {e}")
-                continue
-            written.append(p.directory)
-            # the request's own record: its ENCRYPT records are the ones of its tenant, session and positions
-            self.log.log_event("save", p.tenant_id, p.session_id, position=0, position_count=p.num_tokens,
-                               details=f"request {p.req_id}: a prefix of {p.num_tokens} tokens stored in "
-                                       f"{len(want)} layer(s)")
+                for j, path in enumerate(p.paths):
+                    per_layer = got.get((p.req_id, j), {})
+                    if any(layer not in per_layer for layer in want) or len(dtypes) != 1:
+                        raise MalformedStoreError(f"block {p.indices[j]} was not sealed in every layer {want} "
+                                                  f"in one dtype")
+                    entries = [per_layer[layer][0] for layer in want]
+                    if len({(e["num_heads"], e["head_dim"]) for e in entries}) != 1:
+                        raise MalformedStoreError("layers of different head counts or sizes are not stored")
+                    directory = os.path.dirname(path)
+                    tenant_dir = os.path.dirname(directory)
+                    make_session_dir(os.path.dirname(tenant_dir), os.path.basename(tenant_dir),
+                                     os.path.basename(directory))
+                    write_atomic(path, encode_block(block_size=bs, dtype=next(iter(dtypes)), index=p.indices[j],
+                                                    layers=entries,
+                                                    body=b"".join(per_layer[layer][1] for layer in want)))
+                    mine.append(j)
+                    written.append(path)
+            except (OSError, KVCacheError) as e:
+                # a full disk or a planted link: the rest of these blocks are not stored, vLLM goes on; on record
+                j = len(mine)
+                self.log.log_encrypt(p.tenant_id, p.session_id, want[0] if want else -1, p.indices[j] * bs,
+                                     position_count=(len(p.block_ids) - j) * bs, success=False,
+                                     details=f"save failed (request {p.req_id}): {e}")
+            if mine:
+                # the request's own record: its ENCRYPT records are the ones of its tenant, session and positions
+                idx = [p.indices[j] for j in mine]
+                self.log.log_event("save", p.tenant_id, p.session_id, position=idx[0] * bs,
+                                   position_count=len(idx) * bs,
+                                   details=f"request {p.req_id}: {len(idx)} block(s) stored (blocks {_spans(idx)}) "
+                                           f"in {len(want)} layer(s)")
         return written
 
     def forget(self, req_ids: Iterable[str]) -> None:
-        """Drop what the store keeps of finished requests (parts saved without their prefix completing)."""
+        """Drop what the store keeps of finished requests."""
         for r in req_ids:
-            self._saved.pop(r, None)
             self._failed_saves.discard(r)
 
     # ------------------------------------------------------------------ load
-    def _read(self, req: LoadRequest, layer: int, layout: ChunkLayout, chunk_len: int) -> list[tuple[int, int, int, bytes, int]]:
-        """(block id, epoch, counter, ciphertext with tag, pos_start) of each of ``req``'s blocks in ``layer``,
-        read from its files and checked against the request (MalformedStoreError if not)."""
+    def _read(self, req: LoadRequest, views: dict) -> dict[int, list[tuple[int, int, int, bytes, int]]]:
+        """Per layer of ``views``: (block id, epoch, counter, ciphertext with tag, pos_start) of each of
+        ``req``'s blocks, read from its files and checked against the request (MalformedStoreError if not)."""
         bs = self.block_size
-        chunks: dict[int, tuple[int, int, bytes]] = {}
-        dtype = str(layout.dtype).removeprefix("torch.")
-        for first, count in req.parts:
-            if first + count <= req.first_block:
-                continue                              # a part vLLM already holds (prefix-cache hit)
-            path = layer_file(req.directory, layer, first * bs)
-            h, body = read_stored_layer(path, chunk_len, count)
-            if (h["layer"], h["block_size"], h["first"], len(h["counters"])) != (layer, bs, first, count) or \
-                    (h["num_heads"], h["head_dim"], h["dtype"]) != (layout.num_heads, layout.head_dim, dtype):
-                raise MalformedStoreError(f"{path}: not {count} blocks of {bs} from block {first} of layer {layer} "
-                                          f"in {dtype} [{layout.num_heads} x {layout.head_dim}]")
-            for j, counter in enumerate(h["counters"]):
-                chunks[first + j] = (h["epoch"], counter, body[j * chunk_len:(j + 1) * chunk_len])
-        out = []
-        for i, block_id in enumerate(req.block_ids):
-            got = chunks.get(req.first_block + i)
-            pos = (req.first_block + i) * bs
-            if got is None:
-                raise MalformedStoreError(f"{req.directory}: layer {layer} has no chunk for positions "
-                                          f"{pos}..{pos + bs - 1}")
-            epoch, counter, ct = got
-            out.append((int(block_id), epoch, counter, ct, pos))
+        lays = [views[layer][2] for layer in views]
+        chunk_lens = {views[layer][3] for layer in views}
+        if len(chunk_lens) != 1 or len({(x.num_heads, x.head_dim, x.dtype) for x in lays}) != 1:
+            raise MalformedStoreError("layers of different head counts, sizes or dtypes are not stored")
+        lay, cl = lays[0], chunk_lens.pop()
+        dtype = str(lay.dtype).removeprefix("torch.")
+        out: dict[int, list] = {layer: [] for layer in views}
+        for block_id, index, path in zip(req.block_ids, req.indices, req.paths):
+            try:
+                h, body, st = read_block(path, cl)
+                self._read_files[path] = st
+                entries = {e["layer"]: (i, e) for i, e in enumerate(h["layers"])}
+                if (h["block_size"], h["index"], h["dtype"]) != (bs, index, dtype) or any(
+                        layer not in entries or (entries[layer][1]["num_heads"], entries[layer][1]["head_dim"]) !=
+                        (lay.num_heads, lay.head_dim) for layer in views):
+                    err = MalformedStoreError(f"{path}: not block {index} of {bs} positions in {dtype} "
+                                              f"[{lay.num_heads} x {lay.head_dim}] of layers {sorted(views)}")
+                    err.stat = st
+                    raise err
+            except MalformedStoreError as e:
+                e.path = path
+                raise
+            for layer in views:
+                i, e = entries[layer]
+                out[layer].append((int(block_id), e["epoch"], e["counter"], body[i * cl:(i + 1) * cl], index * bs))
         return out
 
     def _key(self, tenant: str, session: str, epoch: int) -> bytes:
@@ -375,6 +405,11 @@ class KVBlockStore:
         if ck not in self._open_keys:
             self._open_keys[ck] = self.keys.key(tenant, session, epoch)
         return self._open_keys[ck]
+
+    def _drop_file(self, path: str, st: Any) -> bool:
+        """Remove a block file found bad (malformed, or a tag that failed), unless another engine has replaced
+        it since it was read, so that the block's next save stores it afresh."""
+        return st is not None and remove_if_same(path, st)
 
     def load(self, loads: Sequence[LoadRequest], layers: Sequence[tuple[int, torch.Tensor]]) -> None:
         """Fill ``loads``' blocks in every layer of ``layers`` ((layer index, block tensor)); see the module
@@ -391,24 +426,29 @@ class KVBlockStore:
         read: dict[int, list[tuple[LoadRequest, list]]] = {layer: [] for layer, _ in layers}
         refused: list[LoadRequest] = []
         for req in loads:
-            per_layer, why = {}, None
-            for layer, _ in layers:
-                try:
-                    if len(req.chains) != len(req.block_ids):
-                        raise MalformedStoreError(f"{len(req.chains)} chain hashes for {len(req.block_ids)} blocks")
-                    per_layer[layer] = self._read(req, layer, views[layer][2], views[layer][3])
-                    for epoch in {x[1] for x in per_layer[layer]}:
-                        self._key(req.tenant_id, req.session_id, epoch)
-                except KVCacheError as e:        # a bad or missing file, a refused key: this request only
-                    why = why or f"load refused: {e}"
-                    self.log.log_decrypt(req.tenant_id, req.session_id, layer, req.first_block * bs,
-                                         position_count=len(req.block_ids) * bs, success=False,
-                                         details=f"load refused (request {req.req_id}): {e}")
-            if why is not None:
+            try:
+                if not len(req.chains) == len(req.indices) == len(req.paths) == len(req.block_ids):
+                    raise MalformedStoreError(f"{len(req.block_ids)} blocks, {len(req.indices)} indices, "
+                                              f"{len(req.chains)} chain hashes and {len(req.paths)} paths")
+                per_layer = self._read(req, views)
+                for epoch in {x[1] for chunks in per_layer.values() for x in chunks}:
+                    self._key(req.tenant_id, req.session_id, epoch)
+            except KVCacheError as e:        # a bad or missing file, a refused key: this request only
+                dropped = isinstance(e, MalformedStoreError) and self._drop_file(e.path, e.stat)
                 refused.append(req)
-            else:
-                for layer in per_layer:
-                    read[layer].append((req, per_layer[layer]))
+                self.log.log_decrypt(req.tenant_id, req.session_id, -1, req.indices[0] * bs if req.indices else 0,
+                                     position_count=len(req.block_ids) * bs, success=False,
+                                     details=f"load refused (request {req.req_id}): {e}"
+                                             + (" (the bad file is removed)" if dropped else ""))
+                continue
+            for layer in per_layer:
+                read[layer].append((req, per_layer[layer]))
+            now = time.time_ns()
+            for path in req.paths:      # the block's last use, for clean-up (least recently used first)
+                try:
+                    os.utime(path, ns=(now, self._read_files[path].st_mtime_ns), follow_symlinks=False)
+                except (OSError, KeyError):
+                    pass
         for layer, _ in layers:
             k, v, _, _ = views[layer]
             for req in refused:        # nothing of a refused request is opened; its blocks hold no stale bytes
@@ -421,20 +461,20 @@ class KVBlockStore:
             self._load_errors.update(int(b) for b in req.block_ids)
         for req in loads:
             if req not in refused:   # the request's own record; its DECRYPT records say which tags held
-                self.log.log_event("load", req.tenant_id, req.session_id, position=req.first_block * bs,
+                self.log.log_event("load", req.tenant_id, req.session_id, position=req.indices[0] * bs,
                                    position_count=len(req.block_ids) * bs,
-                                   details=f"request {req.req_id}: {len(req.block_ids)} block(s) opened in "
-                                           f"{len(layers)} layer(s)")
+                                   details=f"request {req.req_id}: {len(req.block_ids)} block(s) opened (blocks "
+                                           f"{_spans(req.indices)}) in {len(layers)} layer(s)")
 
     def _open_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, reqs) -> None:
         layout = self._chunk_layout(layer, k)
         keys: list[KeySlot] = []
         who: list[tuple[str, str]] = []
-        rows, slot, pos, ctr, offs, parts = [], [], [], [], [], []
+        rows, slot, pos, ctr, offs, parts, files = [], [], [], [], [], [], []
         off = 0
         for req, chunks in reqs:
             tt = tenant_tag(req.tenant_id)
-            for (block_id, epoch, counter, ct, ps), chain in zip(chunks, req.chains):
+            for (block_id, epoch, counter, ct, ps), chain, path in zip(chunks, req.chains, req.paths):
                 # the AAD is rebuilt from the request being served: its tenant, session and token prefix
                 slot.append(len(keys))
                 keys.append(KeySlot(self._key(req.tenant_id, req.session_id, epoch), tt,
@@ -445,6 +485,7 @@ class KVBlockStore:
                 ctr.append(counter)
                 offs.append(off)
                 parts.append(ct)
+                files.append((path, self._read_files.get(path)))
                 off += len(ct)
         n = len(rows)
         table = {"slot": np.asarray(slot, np.int64), "row": np.asarray(rows, np.int64),
@@ -457,16 +498,20 @@ class KVBlockStore:
         else:
             arena = host
         audit = self._audit(who)
+        window = table["row"] // WINDOW
         for chunks, kw, vw, base in self._calls(table, k, v):
             status = self.backend.decrypt_chunks(keys, layout, chunks, arena, kw, vw, audit, owner=self)
-            self._opened.append(_Opened(layer, status, chunks.row + base, arena))
+            sel = np.flatnonzero(window == base // WINDOW)
+            self._opened.append(_Opened(layer, status, chunks.row + base, [files[i] for i in sel], arena))
 
     def load_errors(self) -> set[int]:
         """Block ids of this step's loads that are not verified KV (vLLM recomputes them or fails their
-        request): refused requests' blocks and every block whose tag failed. On CUDA this waits for the
+        request): refused requests' blocks and every block whose tag failed (whose file is then removed, so
+        that the block's next save stores it afresh; the failure is on record). On CUDA this waits for the
         device (the caller's synchronisation point) and writes the failing chunks' records into the log."""
         errors, self._load_errors = self._load_errors, set()
         opened, self._opened = self._opened, []
+        self._read_files = {}
         if any(o.status.deferred for o in opened):
             try:
                 self.backend.check(self)      # waits for the device; the failures' records go to the log
@@ -474,7 +519,10 @@ class KVBlockStore:
                 pass                          # which blocks failed: from the statuses below
         for o in opened:
             st = o.status.host if not o.status.deferred else o.status.device.cpu().numpy()
-            errors.update(int(b) for b in o.block_ids[np.flatnonzero(st)])
+            bad = np.flatnonzero(st)
+            errors.update(int(b) for b in o.block_ids[bad])
+            for i in bad:
+                self._drop_file(*o.files[int(i)])
         return errors
 
     def close(self) -> None:

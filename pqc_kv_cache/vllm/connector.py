@@ -9,21 +9,28 @@ Loaded by vLLM from ``kv_transfer_config`` (see docs/vllm.md)::
 
 Scheduler side (no session keys, no audit): reads the tenant of each request from ``kv_transfer_params``,
 checks that its ``cache_salt`` is the tenant's (a MAC under the server secret), passes requests with
-multimodal inputs or prompt embeddings through unstored, answers hits only from the directory of that
-tenant, session, LoRA adapter and token prefix, and
-decides per step which of a request's prompt blocks are saved (the blocks that became whole in the step,
-so a prompt prefilled over several steps is saved in parts) and which are loaded.
+multimodal inputs or prompt embeddings through unstored, and looks each of the prompt's whole blocks up under
+its name (a MAC of tenant, session and the chain hash of the LoRA adapter and every token up to and including
+the block): the longest run of leading blocks on disk is the hit, whichever request or engine stored them,
+so a chat's next turn loads the turns before it and a system prompt is stored once per tenant session. It
+decides per step which blocks are loaded and which are saved (the blocks past the hit that became whole in
+the step and that no request of this engine is saving, so a prompt prefilled over several steps is saved
+in parts).
 Worker side: :class:`~pqc_kv_cache.vllm.blocks.KVBlockStore` over ``select_backend(device)`` of the KV
 caches (the host backend on CPU, the CUDA backend on a GPU): one ``encrypt_chunks`` per layer and step for
 every block saved, one ``decrypt_chunks`` per layer and step for every block loaded, the ENCRYPT / DECRYPT
 records written by the backend into the worker's ``KVAuditLog`` (on CUDA into its device ring). Keys and
-nonce counters come from the key service. Storage layout and file format: ``pqc_kv_cache.vllm.blocks``.
+nonce counters come from the key service. Storage layout and file format: ``pqc_kv_cache.vllm.storefiles``.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import stat
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +46,11 @@ from vllm.model_executor.models.utils import extract_layer_index
 from ..audit import KVAuditLog
 from ..audit.keys import default_key_path
 from ..backends import select_backend
+from ..errors import KVCacheError
 from .blocks import KVBlockStore, LoadRequest, SavePart
 from .keyservice import KeyClient
-from .storefiles import INDEX, chain_hashes, prefix_dir, read_index
+from .storefiles import block_file, chain_hashes
+from .storegc import collect_garbage
 from .tenancy import PARAMS_KEY, ServerSecret, load_server_secret
 
 if TYPE_CHECKING:
@@ -54,14 +63,46 @@ if TYPE_CHECKING:
 
 __all__ = ["PQCKVConnector", "PQCConnectorMetadata", "ATTENTION_LAYOUTS"]
 
+logger = logging.getLogger(__name__)
+
 #: vLLM attention backend name -> the block layout its KV cache tensors have (pqc_kv_cache.vllm.blocks.LAYOUTS)
 ATTENTION_LAYOUTS = {"CPU_ATTN": "cpu", "FLASH_ATTN": "kv_last", "TRITON_ATTN": "kv_last",
                      "FLEX_ATTENTION": "kv_last"}
 
-# Steps for which a prefix whose last part went to the worker counts as stored though its index is not yet on
-# disk: vLLM schedules at most one step ahead of the one running (async scheduling), so the index is written
+# Steps for which a block handed to the worker to save counts as being saved though its file is not yet on
+# disk: vLLM schedules at most one step ahead of the one running (async scheduling), so the file is written
 # (or its save was refused) two steps later; the margin covers a scheduler that runs further ahead.
 _HANDED_STEPS = 4
+
+
+def _gc_config(value: Any) -> dict | None:
+    """``kv_connector_extra_config['store_gc']``: None, or ``{"max_bytes": N, "max_age": S, "interval_s": T}``
+    (each optional; ``interval_s`` default 600)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"max_bytes", "max_age", "interval_s"}:
+        raise ValueError("kv_connector_extra_config['store_gc'] must be an object of max_bytes, max_age and "
+                         f"interval_s, got {value!r:.200}")
+    out = {"max_bytes": value.get("max_bytes"), "max_age": value.get("max_age"),
+           "interval_s": value.get("interval_s", 600)}
+    mb = out["max_bytes"]
+    if mb is not None and (type(mb) is not int or mb < 0):
+        raise ValueError(f"store_gc max_bytes must be an int >= 0, got {mb!r}")
+    for k in ("max_age", "interval_s"):
+        v = out[k]
+        if v is not None and (type(v) not in (int, float) or not 0 <= v < float("inf")):
+            raise ValueError(f"store_gc {k} must be a finite number of seconds >= 0, got {v!r}")
+    if out["interval_s"] is None:
+        raise ValueError("store_gc interval_s must be a number of seconds")
+    return out
+
+
+def _is_file(path: str) -> bool:
+    """Whether a regular file (not a link) is at ``path``."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _aligned(num_prompt_tokens: int, block_size: int) -> int:
@@ -85,7 +126,7 @@ class _Plan:
     session_id: str
     num_tokens: int                                       # the prefix to store or load (whole blocks)
     chains: list[bytes]                                   # chain hash of each of its blocks
-    directory: str
+    paths: list[str]                                      # file of each of its blocks
 
 
 @dataclass
@@ -94,8 +135,7 @@ class _Storing:
 
     plan: _Plan
     block_ids: list[int]                                  # the request's blocks as vLLM last told them
-    saved: int = 0                                        # blocks [0, saved) are handed to the worker
-    parts: list[tuple[int, int]] = field(default_factory=list)
+    saved: int = 0                                        # blocks [0, saved) are stored or handed over
 
 
 @dataclass
@@ -169,6 +209,9 @@ class PQCKVConnector(KVConnectorBase_V1):
             # folder), so that a restarted worker continues the same log rather than failing to start
             signing = cfg.get_from_extra_config("audit_signing_key", None) or str(default_key_path(audit_path))
             self._keys = KeyClient.from_config(cfg.get_from_extra_config)   # socket path or tls://HOST:PORT
+            self._gc = _gc_config(cfg.get_from_extra_config("store_gc", None))
+            self._gc_next = time.monotonic() + (self._gc["interval_s"] if self._gc else 0)
+            self._gc_thread: threading.Thread | None = None
             self._audit = KVAuditLog(audit_path, signing_key=signing)
             atexit.register(self._close_audit)      # sealed when the worker exits without a shutdown call
 
@@ -179,14 +222,14 @@ class PQCKVConnector(KVConnectorBase_V1):
         self._storage = storage
         self._secret = secret
         self._plans: dict[str, _Plan] = {}                     # requests the connector serves
-        self._hits: dict[str, list[tuple[int, int]]] = {}      # req -> parts of the stored prefix it hit
+        self._hits: dict[str, int] = {}                        # req -> leading blocks found on disk
         self._pending_loads: dict[str, LoadRequest] = {}
         self._pending_refusals: list[_Refusal] = []
         self._refused: set[str] = set()
         self._storing: dict[str, _Storing] = {}
-        self._storing_dirs: set[str] = set()                   # one request saves a prefix at a time
         self._step = 0
-        self._handed: dict[str, int] = {}                      # prefix -> step its last part went to the worker
+        self._handed: dict[str, int] = {}                      # block file -> step it went to the worker
+        self._started: set[str] = set()                        # requests whose storing was considered
 
     def _plan(self, request: "Request") -> _Plan | None:
         """The plan of a request the connector serves; None to pass it through (a refusal is queued for a
@@ -212,65 +255,61 @@ class PQCKVConnector(KVConnectorBase_V1):
         lora = getattr(request, "lora_request", None)
         chains = chain_hashes(tokens[:n], self._block_size,
                               None if lora is None else (lora.lora_name, lora.lora_path))
-        plan = _Plan(ts[0], ts[1], n, chains, prefix_dir(self._storage, self._secret, ts[0], ts[1], chains[-1]))
+        plan = _Plan(ts[0], ts[1], n, chains,
+                     [block_file(self._storage, self._secret, ts[0], ts[1], c) for c in chains])
         self._plans[request.request_id] = plan
         return plan
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         plan = self._plan(request)
-        if plan is None or plan.num_tokens <= num_computed_tokens:
+        if plan is None:
             return 0, False
-        index = read_index(plan.directory)
-        if index is None or index["num_tokens"] != plan.num_tokens or index["block_size"] != self._block_size:
-            return 0, False
-        self._hits[request.request_id] = list(index["parts"])
-        return plan.num_tokens - num_computed_tokens, False
+        hit = 0
+        for path in plan.paths:          # the longest run of leading blocks on disk
+            if not _is_file(path):
+                break
+            hit += 1
+        self._hits[request.request_id] = hit
+        return max(hit * self._block_size - num_computed_tokens, 0), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens <= 0:
             return
         plan = self._plans[request.request_id]
-        n, bs = plan.num_tokens, self._block_size
+        hit, bs = self._hits[request.request_id], self._block_size
         block_ids = list(blocks.get_block_ids()[0])
-        first = (n - num_external_tokens) // bs
+        first = (hit * bs - num_external_tokens) // bs
         self._pending_loads[request.request_id] = LoadRequest(
-            request.request_id, plan.tenant_id, plan.session_id, plan.directory, block_ids[first:n // bs],
-            plan.chains[first:n // bs], first, n, self._hits.pop(request.request_id))
+            request.request_id, plan.tenant_id, plan.session_id, block_ids[first:hit], list(range(first, hit)),
+            plan.chains[first:hit], plan.paths[first:hit])
 
     def _start_storing(self, req_id: str, block_ids: list[int]) -> None:
-        """Begin saving a new request's prompt prefix, unless it is stored already or being stored."""
+        """Begin saving a new request's whole prompt blocks past those found on disk."""
         plan = self._plans.get(req_id)
         if plan is None:
             return
-        if plan.directory in self._storing_dirs or plan.directory in self._handed or \
-                os.path.lexists(os.path.join(plan.directory, INDEX)):
-            return
-        self._storing_dirs.add(plan.directory)
-        self._storing[req_id] = _Storing(plan, list(block_ids))
+        start = self._hits.get(req_id, 0)
+        if start * self._block_size < plan.num_tokens:
+            self._storing[req_id] = _Storing(plan, list(block_ids), start)
 
     def _advance(self, meta: PQCConnectorMetadata, req_id: str, computed: int) -> None:
         """Hand the worker the blocks of ``req_id``'s prefix that are whole once this step has computed
-        ``computed`` tokens; the part that completes the prefix names every part (the worker then writes
-        the index)."""
+        ``computed`` tokens, but for those on disk already or handed over for another request."""
         st = self._storing[req_id]
         p = st.plan
         whole = min(computed, p.num_tokens) // self._block_size
         if whole <= st.saved:
             return
-        part = SavePart(req_id, p.tenant_id, p.session_id, p.directory, st.block_ids[st.saved:whole],
-                        p.chains[st.saved:whole], st.saved, p.num_tokens)
-        st.parts.append((st.saved, whole - st.saved))
+        pick = [j for j in range(st.saved, whole) if p.paths[j] not in self._handed and not _is_file(p.paths[j])]
         st.saved = whole
         if whole * self._block_size == p.num_tokens:
-            part.parts = list(st.parts)
-            self._stop_storing(req_id)
-            self._handed[p.directory] = self._step
-        meta.stores.append(part)
-
-    def _stop_storing(self, req_id: str) -> None:
-        st = self._storing.pop(req_id, None)
-        if st is not None:
-            self._storing_dirs.discard(st.plan.directory)
+            self._storing.pop(req_id, None)
+        if not pick:
+            return
+        for j in pick:
+            self._handed[p.paths[j]] = self._step
+        meta.stores.append(SavePart(req_id, p.tenant_id, p.session_id, [st.block_ids[j] for j in pick], pick,
+                                    [p.chains[j] for j in pick], [p.paths[j] for j in pick]))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         self._step += 1
@@ -279,14 +318,14 @@ class PQCKVConnector(KVConnectorBase_V1):
         # every pending load is of a request scheduled in this step (new or resumed after preemption)
         meta = PQCConnectorMetadata(loads=list(self._pending_loads.values()), refusals=self._pending_refusals)
         self._pending_loads, self._pending_refusals = {}, []
-        loading = {r.req_id for r in meta.loads}
         scheduled = scheduler_output.num_scheduled_tokens
         for new_req in scheduler_output.scheduled_new_reqs:
             st = self._storing.get(new_req.req_id)
             if st is not None:
                 # resumed after preemption, re-sent as new (vLLM 0.34): these are all its blocks
                 st.block_ids = list(new_req.block_ids[0])
-            elif new_req.req_id not in loading:
+            elif new_req.req_id not in self._started:
+                self._started.add(new_req.req_id)
                 self._start_storing(new_req.req_id, list(new_req.block_ids[0]))
             if new_req.req_id in self._storing:
                 self._advance(meta, new_req.req_id, new_req.num_computed_tokens + scheduled.get(new_req.req_id, 0))
@@ -307,12 +346,13 @@ class PQCKVConnector(KVConnectorBase_V1):
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # a request that ends before its prefix is whole leaves parts without an index: never a hit
+        # a request that ends before its prompt is whole has stored the blocks it computed: each is a hit alone
         self._refused.discard(request.request_id)
         self._plans.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         self._hits.pop(request.request_id, None)
-        self._stop_storing(request.request_id)
+        self._started.discard(request.request_id)
+        self._storing.pop(request.request_id, None)
         return False, None
 
     # ------------------------------------------------------------------ worker side
@@ -384,6 +424,25 @@ class PQCKVConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if isinstance(meta, PQCConnectorMetadata) and self._store is not None:
             self._store.finish_saves(meta.stores, [idx for idx, _ in self._layers])
+        self._maybe_collect()
+
+    def _maybe_collect(self) -> None:
+        """With ``store_gc`` configured: a clean-up of the store (``vllm-store gc``) every ``interval_s``
+        seconds, on a thread of its own (the step does not wait), its deletions recorded in the worker's log."""
+        if not getattr(self, "_gc", None) or time.monotonic() < self._gc_next or self._audit is None or \
+                (self._gc_thread is not None and self._gc_thread.is_alive()):
+            return
+        self._gc_next = time.monotonic() + self._gc["interval_s"]
+        audit, storage = self._audit, self._storage
+
+        def run() -> None:
+            try:
+                collect_garbage(storage, max_bytes=self._gc["max_bytes"], max_age=self._gc["max_age"], log=audit)
+            except (OSError, ValueError, KVCacheError) as e:
+                logger.warning("PQCKVConnector: store clean-up failed: %s", e)
+
+        self._gc_thread = threading.Thread(target=run, name="pqc-kv-store-gc", daemon=True)
+        self._gc_thread.start()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._store is not None:
@@ -399,6 +458,9 @@ class PQCKVConnector(KVConnectorBase_V1):
             audit.close(timeout=30)
 
     def shutdown(self):
+        t = getattr(self, "_gc_thread", None)
+        if t is not None:
+            t.join(timeout=60)              # its records go to the log closed below
         if self._store is not None:
             self._store.close()
             self._store = None

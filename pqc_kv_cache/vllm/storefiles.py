@@ -1,29 +1,32 @@
-"""The connector's stored files: names, prefix chain hashes, the two file formats, and reading and writing
+"""The connector's stored files: names, prefix chain hashes, the block file format, and reading and writing
 them safely (no vLLM, no keys beyond the server secret's MACs).
 
-Layout: ``<storage>/<tenant name>/<prefix name>/L<layer>-p<pos>.pkvb``, one file per layer and saved part
-(``pos`` = the part's first position), and ``index.json``, written last. The names are MACs under the server
-secret (``ServerSecret.tenant_name`` / ``prefix_name``); the prefix name covers tenant, session and the chain
-hash of the prefix's last block, so each session of a tenant stores its prompts afresh.
+Layout: ``<storage>/<tenant name>/<session name>/<block name>.pkvb``, one file per stored block holding that
+block in every layer, and ``.created`` in each session directory (an empty file made with the directory; its
+time orders a tenant's sessions for clean-up). The names are MACs under the server secret
+(``ServerSecret.tenant_name`` and ``prefix_name``): a block's name covers its tenant, session
+and the chain hash of every token up to and including the block, so a request finds each of its leading
+blocks under its own name (the longest stored run of them is a hit), whichever request or engine stored
+them, and nobody without the secret can tell from the names which tenant or prompt they are.
 
 **Chain hashes.** ``chain_hashes(tokens, block_size, lora)``: ``c_0 = SHA-256(label ‖ block size ‖ LoRA
-adapter name and path)``, ``c_{i+1} = SHA-256(c_i ‖ token ids of block i as int64 little-endian)``; block ``i``'s hash
-``c_{i+1}`` covers every token id up to and including the block. It is bound into each chunk's AAD through
+adapter name and path)``, ``c_{i+1} = SHA-256(c_i ‖ token ids of block i as int64 little-endian)``;
+block ``i``'s hash ``c_{i+1}`` covers every token id up to and including the block. It is bound into each chunk's AAD through
 the session tag field: ``bound_session_tag(session_id, c) = SHA-256(label ‖ session_tag(session_id) ‖
 c)[:16]``, so a chunk authenticates only for the token prefix it was sealed for.
 
-**Formats.** ``index.json`` (``pqc_kv_cache/vllm-prefix-3``): ``num_tokens``, ``block_size``, ``layers``,
-``parts`` (``[first block, block count]`` in order, covering the prefix). A layer file: a 4-byte big-endian
-header length, a JSON header (``pqc_kv_cache/vllm-layer-2``: epoch, layer, block size, heads, head size,
-dtype, ``first`` block, ``counters``: one nonce counter per chunk), then the chunks (ciphertext and tag,
-``chunk_len`` bytes each) back to back. A file of another format is no hit (index) or refused (layer).
+**Format.** A block file: a 4-byte big-endian header length, a JSON header (``pqc_kv_cache/vllm-block-1``:
+block size, dtype, the block's index in the prompt, and per stored layer its index, heads, head size, key
+epoch and nonce counter), then one chunk (ciphertext and tag) per layer, in the header's order. A file of
+another format is refused.
 
 **Hostile files.** Files are opened without following links, only when regular, and read up to a bound
 (``MalformedStoreError`` otherwise); every header field is type- and range-checked, JSON constants
 (``Infinity``, ``NaN``), floats and over-long integers are refused, nesting too deep is refused.
 Writes go to a fresh temporary file in the target directory (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600),
-then renamed; directories are created with mode 0700, and an existing one that is a link or not the
-server's is refused.
+then renamed over the block's name, so that engines saving the same block at once each leave a whole file
+and a reader sees one of them; directories are created with mode 0700, and an existing one that is a link or
+not the server's is refused.
 """
 
 from __future__ import annotations
@@ -42,15 +45,15 @@ from ..envelope import session_tag
 from ..errors import KVCacheError
 from .tenancy import ServerSecret
 
-__all__ = ["INDEX", "LAYER_FORMAT", "PREFIX_FORMAT", "MalformedStoreError", "chain_hashes", "bound_session_tag",
-           "prefix_dir", "layer_file", "read_stored_layer", "encode_layer", "read_index", "write_index",
-           "make_private_dirs", "write_atomic", "MAX_HEADER"]
+__all__ = ["BLOCK_FORMAT", "BLOCK_SUFFIX", "CREATED", "MalformedStoreError", "chain_hashes", "bound_session_tag",
+           "session_dir", "block_file", "read_block", "encode_block", "make_private_dirs", "make_session_dir",
+           "write_atomic", "remove_if_same", "MAX_HEADER"]
 
-INDEX = "index.json"
-LAYER_FORMAT = "pqc_kv_cache/vllm-layer-2"
-PREFIX_FORMAT = "pqc_kv_cache/vllm-prefix-3"
-MAX_HEADER = 1 << 20          # a layer file's JSON header
-MAX_INDEX = 1 << 20
+BLOCK_FORMAT = "pqc_kv_cache/vllm-block-1"
+BLOCK_SUFFIX = ".pkvb"
+CREATED = ".created"          # in each session directory: made with it, never written again
+MAX_HEADER = 1 << 20          # a block file's JSON header
+MAX_LAYERS = 4096
 _HDR = struct.Struct(">I")
 _U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
 _DTYPES = ("float32", "float16", "bfloat16", "float64", "uint8", "int8", "float8_e4m3fn", "float8_e5m2")
@@ -58,7 +61,11 @@ _DTYPES = ("float32", "float16", "bfloat16", "float64", "uint8", "int8", "float8
 
 class MalformedStoreError(KVCacheError):
     """A stored KV file is missing, not a regular file, too large, truncated, of another format version or
-    not the connector's."""
+    not the connector's. ``path`` and ``stat``: where a block file's check failed, the file and the status
+    of the regular file found there, if any."""
+
+    path: str = ""
+    stat: os.stat_result | None = None
 
 
 # ---------------------------------------------------------------------------------------------- names, hashes
@@ -85,18 +92,23 @@ def bound_session_tag(session_id: str, chain: bytes) -> bytes:
     return hashlib.sha256(b"pqc_kv_cache/vllm-bound\x00" + session_tag(session_id) + bytes(chain)).digest()[:16]
 
 
-def prefix_dir(storage: str, secret: ServerSecret, tenant_id: str, session_id: str, chain: bytes) -> str:
-    """The directory of a stored prefix whose last block has chain hash ``chain``."""
-    return os.path.join(storage, secret.tenant_name(tenant_id), secret.prefix_name(tenant_id, session_id, chain))
+def session_dir(storage: str, secret: ServerSecret, tenant_id: str, session_id: str) -> str:
+    """The directory of a tenant session's stored blocks: named by the server secret's MAC of tenant, session
+    and an empty chain (``prefix_name``; a block's chain hash is 32 bytes, so no block has this MAC)."""
+    return os.path.join(storage, secret.tenant_name(tenant_id), secret.prefix_name(tenant_id, session_id, b"")[:32])
 
 
-def layer_file(directory: str, layer: int, pos_start: int) -> str:
-    return os.path.join(directory, f"L{layer}-p{pos_start}.pkvb")
+def block_file(storage: str, secret: ServerSecret, tenant_id: str, session_id: str, chain: bytes) -> str:
+    """The file of a stored block whose chain hash is ``chain`` (``prefix_name`` of tenant, session and chain)."""
+    if len(chain) != 32:
+        raise ValueError("a block's chain hash is 32 bytes")
+    return os.path.join(session_dir(storage, secret, tenant_id, session_id),
+                        secret.prefix_name(tenant_id, session_id, chain) + BLOCK_SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _read_bounded(path: str, limit: int) -> bytes:
-    """The bytes of a regular file (not followed through a link) of at most ``limit`` bytes."""
+def _read_bounded(path: str, limit: int) -> tuple[bytes, os.stat_result]:
+    """The bytes and status of a regular file (not followed through a link) of at most ``limit`` bytes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
@@ -121,7 +133,7 @@ def _read_bounded(path: str, limit: int) -> bytes:
     data = b"".join(chunks)
     if len(data) > limit:
         raise MalformedStoreError(f"{path}: grew past the bound of {limit} bytes while read")
-    return data
+    return data, st
 
 
 def _no_constant(name: str):
@@ -154,10 +166,24 @@ def _int(obj: dict, key: str, lo: int, hi: int, where: str) -> int:
     return v
 
 
-def read_stored_layer(path: str, chunk_len: int, max_chunks: int) -> tuple[dict, bytes]:
-    """(checked header, body) of a layer file whose chunks are ``chunk_len`` bytes, at most ``max_chunks`` of
-    them. ``MalformedStoreError`` for anything else."""
-    data = _read_bounded(path, _HDR.size + MAX_HEADER + max_chunks * chunk_len)
+def read_block(path: str, chunk_len: int, max_layers: int = MAX_LAYERS) -> tuple[dict, bytes, os.stat_result]:
+    """(checked header, body, file status) of a block file whose chunks are ``chunk_len`` bytes each, one per
+    layer (at most ``max_layers``). ``MalformedStoreError`` for anything else; its ``stat`` attribute is the
+    file's status where the file could be opened (so that a caller can remove that very file)."""
+    try:
+        return _read_block(path, chunk_len, max_layers)
+    except MalformedStoreError as e:
+        if e.stat is None:
+            try:
+                st = os.lstat(path)
+                e.stat = st if stat.S_ISREG(st.st_mode) else None
+            except OSError:
+                pass
+        raise
+
+
+def _read_block(path: str, chunk_len: int, max_layers: int) -> tuple[dict, bytes, os.stat_result]:
+    data, st = _read_bounded(path, _HDR.size + MAX_HEADER + max_layers * chunk_len)
     if len(data) < _HDR.size:
         raise MalformedStoreError(f"{path}: truncated")
     (n,) = _HDR.unpack_from(data, 0)
@@ -166,55 +192,28 @@ def read_stored_layer(path: str, chunk_len: int, max_chunks: int) -> tuple[dict,
     try:
         header = _loads(data[_HDR.size:_HDR.size + n])
     except (ValueError, UnicodeDecodeError) as e:
-        raise MalformedStoreError(f"{path}: not a stored KV layer ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != LAYER_FORMAT:
-        raise MalformedStoreError(f"{path}: not a {LAYER_FORMAT} file")
-    for key in ("epoch", "layer", "num_heads", "head_dim"):
-        _int(header, key, 0, _U32, path)
+        raise MalformedStoreError(f"{path}: not a stored KV block ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != BLOCK_FORMAT:
+        raise MalformedStoreError(f"{path}: not a {BLOCK_FORMAT} file")
     _int(header, "block_size", 1, _U32, path)
-    _int(header, "first", 0, _U32, path)
+    _int(header, "index", 0, _U32, path)
     if header.get("dtype") not in _DTYPES:
         raise MalformedStoreError(f"{path}: unknown dtype")
-    counters = header.get("counters")
-    if not isinstance(counters, list) or not 1 <= len(counters) <= max_chunks or \
-            any(type(c) is not int or not 0 <= c <= _U64 for c in counters):
-        raise MalformedStoreError(f"{path}: 'counters' must be 1..{max_chunks} ints in 0..2**64-1")
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not 1 <= len(layers) <= max_layers:
+        raise MalformedStoreError(f"{path}: 'layers' must be a list of 1..{max_layers} entries")
+    for entry in layers:
+        if not isinstance(entry, dict):
+            raise MalformedStoreError(f"{path}: a layer entry is not an object")
+        for key in ("layer", "num_heads", "head_dim", "epoch"):
+            _int(entry, key, 0, _U32, path)
+        _int(entry, "counter", 0, _U64, path)
+    if len({e["layer"] for e in layers}) != len(layers):
+        raise MalformedStoreError(f"{path}: a layer is listed twice")
     body = data[_HDR.size + n:]
-    if len(body) != len(counters) * chunk_len:
-        raise MalformedStoreError(f"{path}: {len(body)} bytes of chunks, expected {len(counters)} x {chunk_len}")
-    return header, body
-
-
-def read_index(directory: str) -> dict | None:
-    """The checked index of a stored prefix, or None if there is none, or none that is well formed and of
-    this format version (no hit)."""
-    try:
-        index = _loads(_read_bounded(os.path.join(directory, INDEX), MAX_INDEX))
-    except (MalformedStoreError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(index, dict) or index.get("format") != PREFIX_FORMAT:
-        return None
-    try:
-        bs = _int(index, "block_size", 1, _U32, directory)
-        n = _int(index, "num_tokens", 1, _U64, directory)
-        layers, parts = index.get("layers"), index.get("parts")
-        if not isinstance(layers, list) or not layers or any(type(x) is not int or not 0 <= x <= _U32
-                                                             for x in layers):
-            return None
-        if not isinstance(parts, list) or not parts:
-            return None
-        nxt = 0
-        for p in parts:       # contiguous, in order, covering the prefix exactly
-            if not isinstance(p, list) or len(p) != 2 or any(type(x) is not int for x in p) or p[0] != nxt \
-                    or p[1] < 1:
-                return None
-            nxt += p[1]
-        if nxt * bs != n:
-            return None
-    except MalformedStoreError:
-        return None
-    index["parts"] = [tuple(p) for p in parts]
-    return index
+    if len(body) != len(layers) * chunk_len:
+        raise MalformedStoreError(f"{path}: {len(body)} bytes of chunks, expected {len(layers)} x {chunk_len}")
+    return header, body, st
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -242,6 +241,18 @@ def make_private_dirs(storage: str, *names: str) -> str:
     return path
 
 
+def make_session_dir(storage: str, tenant_name: str, session_name: str) -> str:
+    """``storage/tenant/session`` (``make_private_dirs``), with its ``.created`` marker made the first time."""
+    path = make_private_dirs(storage, tenant_name, session_name)
+    try:
+        os.close(os.open(os.path.join(path, CREATED), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise MalformedStoreError(f"{path}: cannot mark the session directory ({e.strerror})") from None
+    return path
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a fresh temporary file in its directory (mode 0600, created with
     O_EXCL | O_NOFOLLOW by ``mkstemp``), renamed over ``path``; nothing is left behind on failure."""
@@ -258,16 +269,24 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def encode_layer(*, epoch: int, layer: int, block_size: int, num_heads: int, head_dim: int, dtype: str,
-                 first: int, counters: Sequence[int], body: bytes) -> bytes:
-    header = json.dumps({"format": LAYER_FORMAT, "epoch": epoch, "layer": layer, "block_size": block_size,
-                         "num_heads": num_heads, "head_dim": head_dim, "dtype": dtype, "first": first,
-                         "counters": [int(c) for c in counters]}).encode()
+def remove_if_same(path: str, st: os.stat_result) -> bool:
+    """Remove ``path`` if it is still the file ``st`` describes (not one another engine has since renamed
+    over it); True if removed."""
+    try:
+        now = os.lstat(path)
+        if (now.st_ino, now.st_dev, now.st_mtime_ns, now.st_size) != (st.st_ino, st.st_dev, st.st_mtime_ns,
+                                                                        st.st_size):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def encode_block(*, block_size: int, dtype: str, index: int, layers: Sequence[dict], body: bytes) -> bytes:
+    """A block file: ``layers`` are ``{"layer", "num_heads", "head_dim", "epoch", "counter"}`` in the order of
+    their chunks in ``body``."""
+    header = json.dumps({"format": BLOCK_FORMAT, "block_size": block_size, "dtype": dtype, "index": index,
+                         "layers": [{k: int(e[k]) for k in ("layer", "num_heads", "head_dim", "epoch", "counter")}
+                                    for e in layers]}).encode()
     return _HDR.pack(len(header)) + header + body
-
-
-def write_index(directory: str, num_tokens: int, block_size: int, layers: Sequence[int],
-                parts: Sequence[tuple[int, int]]) -> None:
-    write_atomic(os.path.join(directory, INDEX), json.dumps(
-        {"format": PREFIX_FORMAT, "num_tokens": num_tokens, "block_size": block_size, "layers": list(layers),
-         "parts": [list(p) for p in parts]}).encode())

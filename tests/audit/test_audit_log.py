@@ -222,7 +222,7 @@ def test_bad_input_raises_one_clear_error(log):
     with pytest.raises(ValueError, match="operation"):
         log.emit(99, tenant_idx=t, session_idx=s)
     with pytest.raises(ValueError):
-        log.log_event("delete", "a", "s")
+        log.log_event("shred", "a", "s")
     with pytest.raises(TypeError):
         log.tenant_index(5)
     with pytest.raises(ValueError):

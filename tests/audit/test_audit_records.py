@@ -73,7 +73,7 @@ def test_earlier_operation_names_are_accepted():
         assert op_from_name(name) is op
     assert op_from_name("isolation_violation") is Op.ISOLATION_VIOLATION
     with pytest.raises(ValueError):
-        op_from_name("delete")
+        op_from_name("shred")
 
 
 def test_host_ring_packs_every_field_where_the_dtype_reads_it():

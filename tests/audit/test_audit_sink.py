@@ -333,7 +333,7 @@ def test_show_filters_by_tenant_layer_position_operation(logfile, capsys):
     rc, out = run_cli("show", logfile, "--position", "2", "--operation", "isolation-violation", capsys=capsys)
     lines = out.out.splitlines()   # two legend lines, the header, the rule, then the one record and its details
     assert rc == 0 and len(lines) == 6 and "mallory" in lines[4] and "probe" in lines[5]
-    rc, out = run_cli("show", logfile, "--operation", "delete", capsys=capsys)
+    rc, out = run_cli("show", logfile, "--operation", "shred", capsys=capsys)
     assert rc == 2
 
 

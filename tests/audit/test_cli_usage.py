@@ -135,7 +135,7 @@ def test_an_installed_package_does_not_offer_bench(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     proc = _run_module("--help", cwd=tmp_path, env=env)
-    assert proc.returncode == 0 and "{demo,audit,info}" in proc.stdout and "bench" not in proc.stdout
+    assert proc.returncode == 0 and "{demo,audit,info,vllm-store}" in proc.stdout and "bench" not in proc.stdout
     proc = _run_module("bench", "--quick", cwd=tmp_path, env=env)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

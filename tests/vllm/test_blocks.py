@@ -21,8 +21,7 @@ from pqc_kv_cache.isolation import TenantIsolationManager
 from pqc_kv_cache.session import TenantKeyPair
 from pqc_kv_cache.vllm import KeyClient, KeyService
 from pqc_kv_cache.vllm.blocks import KVBlockStore, LoadRequest, SavePart, kv_block_views
-from pqc_kv_cache.vllm.storefiles import (INDEX, bound_session_tag, chain_hashes, layer_file, prefix_dir, read_index,
-                                          read_stored_layer)
+from pqc_kv_cache.vllm.storefiles import block_file, bound_session_tag, chain_hashes, read_block
 from pqc_kv_cache.vllm.tenancy import ServerSecret
 
 BS, HEADS, HD, NB = 4, 2, 16, 12
@@ -31,14 +30,20 @@ SECRET = ServerSecret(bytes(range(32)))
 CH = chain_hashes(list(range(8 * BS)), BS)        # block i of the prompt range(k * BS) has chain hash CH[i]
 
 
-def _pdir(tmp_path, session_id, nblocks, tenant="tenant-a"):
-    """The directory of the stored prefix range(nblocks * BS)."""
-    return prefix_dir(str(tmp_path / "store"), SECRET, tenant, session_id, CH[nblocks - 1])
+def _paths(tmp_path, session_id, indices, tenant="tenant-a"):
+    """The files of blocks ``indices`` of the prompt range(8 * BS)."""
+    return [block_file(str(tmp_path / "store"), SECRET, tenant, session_id, CH[i]) for i in indices]
 
 
-def _load(req_id, sa, directory, block_ids, first, ntok, parts, chains=None):
-    return LoadRequest(req_id, "tenant-a", sa.session_id, directory, list(block_ids),
-                       CH[first:first + len(block_ids)] if chains is None else chains, first, ntok, list(parts))
+def _part(req_id, tmp_path, sa, block_ids, indices, tenant="tenant-a", session_id=None):
+    session_id = session_id or sa.session_id
+    return SavePart(req_id, tenant, session_id, list(block_ids), list(indices), [CH[i] for i in indices],
+                    _paths(tmp_path, session_id, indices, tenant))
+
+
+def _load(req_id, tmp_path, sa, block_ids, indices, chains=None):
+    return LoadRequest(req_id, "tenant-a", sa.session_id, list(block_ids), list(indices),
+                       [CH[i] for i in indices] if chains is None else chains, _paths(tmp_path, sa.session_id, indices))
 
 
 def _chunk_len(dtype=torch.float32):
@@ -89,20 +94,15 @@ def _store(backend, log, client, layout):
     return KVBlockStore(backend, log, client, BS, layout)
 
 
-def _save(store, caches, directory, sa, parts):
-    """Save ``parts`` (list of steps, each a list of (first block, block ids)) of a prefix; the last part
-    of the last step carries the part list."""
-    allparts = [(first, len(ids)) for step in parts for first, ids in step]
-    ntok = sum(n for _, n in allparts) * BS
+def _save(store, caches, tmp_path, sa, steps, req_id="r1"):
+    """Save ``steps`` (a list of steps, each a list of (block indices, block ids)); the paths written."""
     written = []
-    for si, step in enumerate(parts):
-        sp = [SavePart("r1", "tenant-a", sa.session_id, directory, list(ids), CH[first:first + len(ids)], first,
-                       ntok, allparts if si == len(parts) - 1 and j == len(step) - 1 else None)
-              for j, (first, ids) in enumerate(step)]
+    for step in steps:
+        sp = [_part(req_id, tmp_path, sa, ids, indices) for indices, ids in step]
         for layer in LAYERS:
             store.save_layer(layer, caches[layer], sp)
         written += store.finish_saves(sp, LAYERS)
-    return written, allparts, ntok
+    return written
 
 
 LAYOUT_IDS = ["cpu", "kv_last", "kv_first"]
@@ -115,12 +115,10 @@ def test_blocks_saved_then_loaded_into_other_blocks_give_the_same_kv(backend, ke
     try:
         store = _store(backend, log, client, layout)
         src = {layer: _cache(layout, seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, sa.session_id, 3)
-        written, parts, ntok = _save(store, src, directory, sa, [[(0, [7, 2, 9])]])
-        assert written == [directory] and read_index(directory)["parts"] == [(0, 3)]
+        written = _save(store, src, tmp_path, sa, [[([0, 1, 2], [7, 2, 9])]])
+        assert written == _paths(tmp_path, sa.session_id, [0, 1, 2])
         dst = {layer: torch.zeros_like(src[layer]) for layer in LAYERS}
-        store.load([_load("r2", sa, directory, [1, 5, 11], 0, ntok, parts)],
-                   [(layer, dst[layer]) for layer in LAYERS])
+        store.load([_load("r2", tmp_path, sa, [1, 5, 11], [0, 1, 2])], [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == set()
         for layer in LAYERS:
             ks, vs = kv_block_views(src[layer], layout)
@@ -141,7 +139,8 @@ def test_blocks_saved_then_loaded_into_other_blocks_give_the_same_kv(backend, ke
         # each request's save and load has a record of its own naming vLLM's request id
         [save] = [r for r in recs if r.operation == "save"]
         [load] = [r for r in recs if r.operation == "load"]
-        assert "request r1" in save.details and (save.position, save.position_count) == (0, ntok)
+        assert "request r1" in save.details and "blocks 0-2" in save.details
+        assert (save.position, save.position_count) == (0, 3 * BS)
         assert "request r2" in load.details and (load.position, load.position_count) == (0, 3 * BS)
         assert save.session_id == load.session_id == sa.session_id
     finally:
@@ -154,22 +153,24 @@ def test_stored_chunks_open_with_plain_aesgcm_and_hold_no_plaintext(backend, key
     try:
         store = _store(backend, log, client, "kv_last")
         src = {layer: _cache("kv_last", torch.bfloat16, seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, sa.session_id, 2)
-        _save(store, src, directory, sa, [[(0, [3, 4])]])
-        for layer in LAYERS:
-            cl = _chunk_len(torch.bfloat16)
-            header, body = read_stored_layer(layer_file(directory, layer, 0), cl, 2)
-            assert header["dtype"] == "bfloat16" and len(header["counters"]) == 2
-            k, v = kv_block_views(src[layer], "kv_last")
-            for i, (counter, b) in enumerate(zip(header["counters"], (3, 4))):
+        _save(store, src, tmp_path, sa, [[([0, 1], [3, 4])]])
+        cl = _chunk_len(torch.bfloat16)
+        for i, (path, b) in enumerate(zip(_paths(tmp_path, sa.session_id, [0, 1]), (3, 4))):
+            header, body, _ = read_block(path, cl)
+            assert header["dtype"] == "bfloat16" and header["index"] == i
+            assert [e["layer"] for e in header["layers"]] == list(LAYERS)
+            assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+            for j, e in enumerate(header["layers"]):
+                layer = e["layer"]
+                k, v = kv_block_views(src[layer], "kv_last")
                 k_len = HEADS * BS * HD * 2
-                aad = build_aad(tenant_id="tenant-a", session_id=sa.session_id, epoch=header["epoch"],
+                aad = build_aad(tenant_id="tenant-a", session_id=sa.session_id, epoch=e["epoch"],
                                 layer_idx=layer, position=i * BS, position_count=BS, key_len=k_len,
                                 dtype="bfloat16", num_heads=HEADS, head_dim=HD)
                 # the session tag field holds the session tag bound to the block's token prefix
                 aad = aad[:24] + bound_session_tag(sa.session_id, CH[i]) + aad[40:]
-                plain = AESGCM(sa.key_for_epoch(header["epoch"])).decrypt(
-                    make_nonce(header["epoch"], counter), body[i * cl:(i + 1) * cl], aad)
+                plain = AESGCM(sa.key_for_epoch(e["epoch"])).decrypt(
+                    make_nonce(e["epoch"], e["counter"]), body[j * cl:(j + 1) * cl], aad)
                 want = b"".join(t[b].contiguous().view(torch.uint8).numpy().tobytes() for t in (k, v))
                 assert plain == want
                 assert want[:64] not in body
@@ -178,21 +179,20 @@ def test_stored_chunks_open_with_plain_aesgcm_and_hold_no_plaintext(backend, key
 
 
 @pytest.mark.parametrize("layout", ["cpu", "kv_last"])
-def test_a_flipped_byte_zeroes_its_block_reports_it_and_is_on_record(backend, keys, tmp_path, layout):
+def test_a_flipped_byte_zeroes_its_block_reports_it_and_the_next_save_replaces_the_file(backend, keys, tmp_path,
+                                                                                         layout):
     _, sa, client = keys
     log = _log(backend, tmp_path / "audit.log")
     try:
         store = _store(backend, log, client, layout)
         src = {layer: _cache(layout, seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, sa.session_id, 2)
-        _, parts, ntok = _save(store, src, directory, sa, [[(0, [0, 1])]])
-        victim = layer_file(directory, 1, 0)
+        _save(store, src, tmp_path, sa, [[([0, 1], [0, 1])]])
+        victim = _paths(tmp_path, sa.session_id, [1])[0]
         data = bytearray(open(victim, "rb").read())
-        data[-40] ^= 1                                      # in the second chunk (block 1) of layer 1
+        data[-40] ^= 1                                      # in block 1's chunk of layer 1 (the last)
         open(victim, "wb").write(bytes(data))
         dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
-        store.load([_load("r2", sa, directory, [4, 6], 0, ntok, parts)],
-                   [(layer, dst[layer]) for layer in LAYERS])
+        store.load([_load("r2", tmp_path, sa, [4, 6], [0, 1])], [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == {6}
         k1, v1 = kv_block_views(dst[1], layout)
         assert not k1[6].any() and not v1[6].any()          # zeroed, never the unverified bytes
@@ -200,61 +200,86 @@ def test_a_flipped_byte_zeroes_its_block_reports_it_and_is_on_record(backend, ke
         assert log.flush(timeout=10)
         failed = [r for r in log.entries(limit=None) if r.operation == "decrypt" and not r.success]
         assert failed and all(r.layer_idx == 1 and r.position == BS and r.position_count == BS for r in failed)
+        # the tampered file is gone (not a hit that fails every later request); the next save stores it anew
+        assert not os.path.exists(victim) and os.path.exists(_paths(tmp_path, sa.session_id, [0])[0])
+        _save(store, src, tmp_path, sa, [[([1], [1])]], req_id="r3")
+        dst = {layer: torch.zeros_like(src[layer]) for layer in LAYERS}
+        store.load([_load("r4", tmp_path, sa, [4, 6], [0, 1])], [(layer, dst[layer]) for layer in LAYERS])
+        assert store.load_errors() == set()
+        assert torch.equal(kv_block_views(dst[1], layout)[1][6], kv_block_views(src[1], layout)[1][1])
     finally:
         log.close(timeout=10)
 
 
-def test_a_missing_layer_file_refuses_the_whole_request_and_zeroes_its_blocks(backend, keys, tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "truncated", "foreign"])
+def test_a_missing_or_bad_block_file_refuses_the_whole_request_and_a_bad_one_is_replaced(backend, keys, tmp_path,
+                                                                                         damage):
     _, sa, client = keys
     log = _log(backend, tmp_path / "audit.log")
     try:
         store = _store(backend, log, client, "cpu")
         src = {layer: _cache("cpu", seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, sa.session_id, 2)
-        _, parts, ntok = _save(store, src, directory, sa, [[(0, [0, 1])]])
-        os.remove(layer_file(directory, 0, 0))
+        _save(store, src, tmp_path, sa, [[([0, 1], [0, 1])]])
+        p0, p1 = _paths(tmp_path, sa.session_id, [0, 1])
+        if damage == "missing":
+            os.remove(p0)
+        elif damage == "truncated":
+            os.truncate(p0, os.path.getsize(p0) - 7)
+        else:                                   # block 1's file under block 0's name
+            os.replace(p1, p0)
         dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
-        store.load([_load("r2", sa, directory, [4, 6], 0, ntok, parts)],
-                   [(layer, dst[layer]) for layer in LAYERS])
+        store.load([_load("r2", tmp_path, sa, [4, 6], [0, 1])], [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == {4, 6}
         for layer in LAYERS:
             k, v = kv_block_views(dst[layer], "cpu")
             assert not k[[4, 6]].any() and not v[[4, 6]].any() and (k[5] == 3).all()
         assert log.flush(timeout=10)
         recs = [r for r in log.entries(limit=None) if r.operation == "decrypt"]
-        assert len(recs) == 1 and not recs[0].success and "load refused" in recs[0].details
+        assert len(recs) == 1 and not recs[0].success and "load refused (request r2)" in recs[0].details
+        assert ("removed" in recs[0].details) == (damage != "missing")
+        assert not os.path.exists(p0)
+        _save(store, src, tmp_path, sa, [[([0, 1], [0, 1])]], req_id="r3")     # the next save stores it anew
+        store.load([_load("r4", tmp_path, sa, [4, 6], [0, 1])], [(layer, dst[layer]) for layer in LAYERS])
+        assert store.load_errors() == set()
+        assert torch.equal(kv_block_views(dst[0], "cpu")[0][4], kv_block_views(src[0], "cpu")[0][0])
     finally:
         log.close(timeout=10)
 
 
-def test_a_prefix_saved_over_several_steps_gets_its_index_only_when_complete(backend, keys, tmp_path):
+def test_blocks_saved_over_several_steps_are_each_on_disk_when_their_step_ends(backend, keys, tmp_path):
     _, sa, client = keys
     log = _log(backend, tmp_path / "audit.log")
     try:
         store = _store(backend, log, client, "kv_first")
         src = {layer: _cache("kv_first", seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, sa.session_id, 4)
-        allparts = [(0, 1), (1, 3)]
-        step1 = [SavePart("r1", "tenant-a", sa.session_id, directory, [5], CH[:1], 0, 4 * BS)]
-        for layer in LAYERS:
-            store.save_layer(layer, src[layer], step1)
-        assert store.finish_saves(step1, LAYERS) == []
-        assert not os.path.exists(os.path.join(directory, INDEX))        # a partial prefix is never a hit
-        step2 = [SavePart("r1", "tenant-a", sa.session_id, directory, [8, 2, 10], CH[1:4], 1, 4 * BS, allparts)]
-        for layer in LAYERS:
-            store.save_layer(layer, src[layer], step2)
-        assert store.finish_saves(step2, LAYERS) == [directory]
-        index = read_index(directory)
-        assert index["parts"] == [(0, 1), (1, 3)] and index["num_tokens"] == 4 * BS
-        # a load of the blocks past a one-block prefix-cache hit reads only the parts it needs
+        p = _paths(tmp_path, sa.session_id, range(4))
+        assert _save(store, src, tmp_path, sa, [[([0], [5])]]) == p[:1]
+        assert not any(os.path.exists(x) for x in p[1:])
+        assert _save(store, src, tmp_path, sa, [[([1, 2, 3], [8, 2, 10])]]) == p[1:]
+        # a load of the blocks past a one-block prefix-cache hit reads only the blocks it needs
         dst = {layer: torch.zeros_like(src[layer]) for layer in LAYERS}
-        store.load([_load("r2", sa, directory, [0, 1, 3], 1, 4 * BS,
-                          index["parts"])], [(layer, dst[layer]) for layer in LAYERS])
+        store.load([_load("r2", tmp_path, sa, [0, 1, 3], [1, 2, 3])], [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == set()
         for layer in LAYERS:
             ks, _ = kv_block_views(src[layer], "kv_first")
             kd, _ = kv_block_views(dst[layer], "kv_first")
             assert torch.equal(kd[0], ks[8]) and torch.equal(kd[1], ks[2]) and torch.equal(kd[3], ks[10])
+    finally:
+        log.close(timeout=10)
+
+
+def test_a_block_loaded_under_another_index_or_prefix_fails_its_tags(backend, keys, tmp_path):
+    _, sa, client = keys
+    log = _log(backend, tmp_path / "audit.log")
+    try:
+        store = _store(backend, log, client, "cpu")
+        src = {layer: _cache("cpu", seed=layer) for layer in LAYERS}
+        _save(store, src, tmp_path, sa, [[([0], [2])]])
+        other = chain_hashes(list(range(100, 100 + BS)), BS)
+        dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
+        store.load([_load("r2", tmp_path, sa, [5], [0], chains=other)], [(layer, dst[layer]) for layer in LAYERS])
+        assert store.load_errors() == {5}
+        assert not kv_block_views(dst[0], "cpu")[0][5].any()
     finally:
         log.close(timeout=10)
 
@@ -265,11 +290,10 @@ def test_a_refused_key_stores_nothing_and_the_refusal_is_on_record(backend, keys
     try:
         store = _store(backend, log, client, "cpu")
         src = {layer: _cache("cpu", seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, "urn:pqc-kv-sess:none", 1, tenant="tenant-c")
-        sp = [SavePart("r1", "tenant-c", "urn:pqc-kv-sess:none", directory, [0], CH[:1], 0, BS, [(0, 1)])]
+        sp = [_part("r1", tmp_path, sa, [0], [0], tenant="tenant-c", session_id="urn:pqc-kv-sess:none")]
         for layer in LAYERS:
             store.save_layer(layer, src[layer], sp)
-        assert store.finish_saves(sp, LAYERS) == [] and not os.path.exists(directory)
+        assert store.finish_saves(sp, LAYERS) == [] and not os.path.exists(tmp_path / "store")
         assert log.flush(timeout=10)
         recs = list(log.entries(limit=None))
         assert len(recs) == 1 and not recs[0].success and "UnknownTenantError" in recs[0].details
@@ -284,10 +308,9 @@ def test_block_ids_past_the_record_row_range_are_sealed_in_windows(backend, keys
         nb = (1 << 15) + 8
         store = _store(backend, log, client, "cpu")
         src = {layer: _cache("cpu", torch.float16, nb=nb, seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, sa.session_id, 3)
-        _, parts, ntok = _save(store, src, directory, sa, [[(0, [3, nb - 1, 5])]])
+        _save(store, src, tmp_path, sa, [[([0, 1, 2], [3, nb - 1, 5])]])
         dst = {layer: torch.zeros_like(src[layer]) for layer in LAYERS}
-        store.load([_load("r2", sa, directory, [nb - 2, 1, nb - 3], 0, ntok, parts)],
+        store.load([_load("r2", tmp_path, sa, [nb - 2, 1, nb - 3], [0, 1, 2])],
                    [(layer, dst[layer]) for layer in LAYERS])
         assert store.load_errors() == set()
         for layer in LAYERS:
@@ -302,19 +325,12 @@ def test_block_ids_past_the_record_row_range_are_sealed_in_windows(backend, keys
         log.close(timeout=10)
 
 
-def test_an_index_or_layer_file_of_another_format_version_is_refused(tmp_path):
+def test_a_file_of_another_format_version_is_refused(tmp_path):
     from pqc_kv_cache.vllm.storefiles import MalformedStoreError
-    d = tmp_path / "p"
-    d.mkdir()
-    (d / INDEX).write_text(json.dumps({"session_id": "s", "num_tokens": 4, "layers": [0]}))   # the first layout
-    assert read_index(str(d)) is None
-    (d / INDEX).write_text(json.dumps({"format": "pqc_kv_cache/vllm-prefix-2", "session_id": "s", "num_tokens": 4,
-                                       "block_size": 4, "layers": [0], "parts": [[0, 1]]}))   # the unbound one
-    assert read_index(str(d)) is None
-    header = json.dumps({"format": "pqc_kv_cache/vllm-layer-1", "chunks": []}).encode()
-    (d / "L0-p0.pkvb").write_bytes(len(header).to_bytes(4, "big") + header)
-    with pytest.raises(MalformedStoreError, match="vllm-layer-2"):
-        read_stored_layer(str(d / "L0-p0.pkvb"), 100, 1)
+    header = json.dumps({"format": "pqc_kv_cache/vllm-layer-2", "epoch": 0, "layer": 0, "counters": [0]}).encode()
+    (tmp_path / "b.pkvb").write_bytes(len(header).to_bytes(4, "big") + header)      # the per-layer files before
+    with pytest.raises(MalformedStoreError, match="vllm-block-1"):
+        read_block(str(tmp_path / "b.pkvb"), 100)
 
 
 def test_the_twin_seals_and_opens_through_the_cuda_backend_launches_with_deferred_status(keys, tmp_path):
@@ -326,11 +342,10 @@ def test_the_twin_seals_and_opens_through_the_cuda_backend_launches_with_deferre
     try:
         store = _store(be, log, client, "kv_last")
         src = {layer: _cache("kv_last", seed=layer) for layer in LAYERS}
-        directory = _pdir(tmp_path, sa.session_id, 2)
-        _, parts, ntok = _save(store, src, directory, sa, [[(0, [2, 3])]])
+        _save(store, src, tmp_path, sa, [[([0, 1], [2, 3])]])
         enc_launches = [x for x in be.launches if x[0] == "pqc_encrypt_chunks"]
         assert len(enc_launches) == len(LAYERS)                         # one encrypt call per layer
-        store.load([_load("r2", sa, directory, [0, 1], 0, ntok, parts)],
+        store.load([_load("r2", tmp_path, sa, [0, 1], [0, 1])],
                    [(layer, torch.zeros_like(src[layer])) for layer in LAYERS])
         assert all(o.status.deferred for o in store._opened)            # read at load_errors, not before
         assert store.load_errors() == set()
@@ -354,10 +369,8 @@ def test_on_cuda_save_and_load_make_no_host_sync_and_a_flipped_byte_is_found_at_
     try:
         store = _store(be, log, client, layout)
         src = {layer: _cache(layout, torch.bfloat16, seed=layer).to(dev) for layer in LAYERS}
-        warm = _pdir(tmp_path, sa.session_id, 1)
-        _save(store, src, warm, sa, [[(0, [1])]])                 # kernels compiled, key schedules prepared
-        directory = _pdir(tmp_path, sa.session_id, 2)
-        sp = [SavePart("r1", "tenant-a", sa.session_id, directory, [7, 2], CH[:2], 0, 2 * BS, [(0, 2)])]
+        _save(store, src, tmp_path, sa, [[([5], [1])]])           # kernels compiled, key schedules prepared
+        sp = [_part("r1", tmp_path, sa, [7, 2], [0, 1])]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -365,13 +378,13 @@ def test_on_cuda_save_and_load_make_no_host_sync_and_a_flipped_byte_is_found_at_
                 store.save_layer(layer, src[layer], sp)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert store.finish_saves(sp, LAYERS) == [directory]     # waits for the copies (vLLM's wait_for_save)
-        victim = layer_file(directory, 1, 0)
+        assert store.finish_saves(sp, LAYERS) == sp[0].paths     # waits for the copies (vLLM's wait_for_save)
+        victim = sp[0].paths[1]
         data = bytearray(open(victim, "rb").read())
         data[-40] ^= 1                                            # block 2's chunk in layer 1
         open(victim, "wb").write(bytes(data))
         dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
-        req = _load("r2", sa, directory, [4, 6], 0, 2 * BS, [(0, 2)])
+        req = _load("r2", tmp_path, sa, [4, 6], [0, 1])
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

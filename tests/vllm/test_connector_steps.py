@@ -92,18 +92,12 @@ def test_saved_over_several_steps_under_preemption_then_loaded_gives_the_tokens_
     assert [c for _, c in world["loaded"]] == [64, 64, 64]  # every stored prefix came from the connector
 
 
-def test_each_prefix_is_stored_once_in_parts_and_indexed_whole(world):
-    from pqc_kv_cache.vllm.storefiles import read_index, read_stored_layer
-    dirs = sorted({root for root, _, files in os.walk(world["store"]) if any(f.endswith(".pkvb") for f in files)})
-    assert len(dirs) == len(PROMPTS)
-    for directory in dirs:
-        index = read_index(directory)
-        assert index is not None and index["num_tokens"] == 64
-        parts = index["parts"]
-        # at most one block becomes whole per 32-token step: the two blocks were saved in two steps
-        assert parts == [(0, 1), (1, 1)]
-        for layer in (0, 1):
-            for first, n in parts:
-                header, _ = read_stored_layer(os.path.join(directory, f"L{layer}-p{first * BS}.pkvb"),
-                                              2 * 4 * BS * 32 * 2 + 16, n)
-                assert header["dtype"] == world["dtype"] and len(header["counters"]) == n
+def test_each_block_is_stored_once_in_its_own_file(world):
+    from pqc_kv_cache.vllm.storefiles import read_block
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(world["store"]) for f in fs if f.endswith(".pkvb"))
+    assert len(files) == 2 * len(PROMPTS)                # two whole blocks of each prompt, once each
+    esize = 2
+    for path in files:
+        header, _, _ = read_block(path, 2 * 4 * BS * 32 * esize + 16)
+        assert header["dtype"] == world["dtype"] and [e["layer"] for e in header["layers"]] == [0, 1]
+    assert sorted(read_block(p, 2 * 4 * BS * 32 * esize + 16)[0]["index"] for p in files) == [0, 0, 0, 1, 1, 1]

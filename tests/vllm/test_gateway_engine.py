@@ -302,10 +302,10 @@ def test_a_batch_of_one_prompt_seals_and_writes_its_prefix_once(served):
     assert len(enc) == 2 * 64 and all(r["status"] == "OK" for r in enc)
     tenant_dirs = [e for e in os.listdir(served["store"])
                    if e == served["secret"].tenant_name("tenant-d")]
-    prefixes = os.listdir(os.path.join(served["store"], tenant_dirs[0]))
-    assert len(prefixes) == 1
-    assert sorted(os.listdir(os.path.join(served["store"], tenant_dirs[0], prefixes[0]))) == \
-        ["L0-p0.pkvb", "L1-p0.pkvb", "index.json"]
+    sessions = os.listdir(os.path.join(served["store"], tenant_dirs[0]))
+    assert len(sessions) == 1
+    files = sorted(os.listdir(os.path.join(served["store"], tenant_dirs[0], sessions[0])))
+    assert files[0] == ".created" and len(files) == 3 and all(f.endswith(".pkvb") for f in files[1:])   # 2 blocks
 
 
 def test_concurrent_requests_of_one_prompt_seal_and_write_its_prefix_once(served):

@@ -1,0 +1,199 @@
+"""Clean-up of the connector's store: the blocks of ended sessions, blocks unused for too long, and the least
+recently used blocks beyond a byte quota are deleted, each deletion recorded (no vLLM, no keys).
+
+What the store's layout (``pqc_kv_cache.vllm.storefiles``) tells without the server secret:
+
+* **ended sessions**: a tenant has one live session at a time (the key service serves keys of no other), so
+  in a tenant's directory every session directory but the newest (by its ``.created`` marker) is of a
+  closed or expired session, whose blocks no key will open again: they are deleted, directory and all;
+* **last use** of a block: its file's access time, which a load sets, or its modification time (its save)
+  if later; ``max_age`` deletes blocks unused for longer (a session that expired with no successor has
+  no use after its expiry, so this deletes it too), ``max_bytes`` then deletes the least recently used
+  blocks until the store's block files fit the quota;
+* left-over temporary files of a writer that died mid-write (older than ``TMP_AGE`` seconds) are deleted.
+
+Nothing else is touched: an entry whose name is not one the connector makes, a link, or a directory that is
+not the server's is left as it is and counted as skipped. Deleting a block an engine is about to load makes
+that load a recorded refusal, and vLLM computes the block again.
+
+Each deleted block (or session directory) is one DELETE record in the given audit log, with the tenant
+directory's and block's names (MACs; the clean-up does not know tenant ids) and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..audit import KVAuditLog
+from .storefiles import BLOCK_SUFFIX, CREATED
+
+__all__ = ["GCReport", "collect_garbage", "TMP_AGE"]
+
+TMP_AGE = 3600                 # seconds after which a writer's temporary file is taken as left over
+_NAME = re.compile(r"[0-9a-f]{32}")
+_BLOCK = re.compile(r"[0-9a-f]{64}" + re.escape(BLOCK_SUFFIX))
+_TMP = re.compile(r"\..*\.tmp")
+
+
+@dataclass
+class _Block:
+    path: str
+    tenant: str
+    session: str
+    size: int
+    used_ns: int
+
+
+@dataclass
+class GCReport:
+    """What a clean-up found and did (sizes are of block files)."""
+
+    blocks: int = 0
+    bytes: int = 0
+    deleted_blocks: int = 0
+    deleted_bytes: int = 0
+    deleted_sessions: int = 0
+    deleted_temporaries: int = 0
+    skipped: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept_bytes(self) -> int:
+        return self.bytes - self.deleted_bytes
+
+
+def _dir_ok(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+def collect_garbage(storage: str, *, max_bytes: int | None = None, max_age: float | None = None,
+                    log: KVAuditLog | None = None, now_ns: int | None = None,
+                    progress: Callable[[str], None] | None = None) -> GCReport:
+    """Delete from the store at ``storage`` the blocks of ended sessions, blocks unused for more than
+    ``max_age`` seconds, then the least recently used blocks until at most ``max_bytes`` bytes of blocks
+    remain; each deletion is a DELETE record in ``log`` (if given). ``progress`` gets a line per phase."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+    if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or
+                                not max_age >= 0 or max_age == float("inf")):
+        raise ValueError(f"max_age must be a finite number of seconds >= 0, got {max_age!r}")
+    try:
+        st = os.stat(storage)                  # the root may be a link an operator made, as for the connector
+    except OSError as e:
+        raise ValueError(f"no store at {storage!r} ({e.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ValueError(f"{storage!r} is not a directory of uid {os.getuid()}")
+    now = time.time_ns() if now_ns is None else now_ns
+    say = progress or (lambda _line: None)
+    rep = GCReport()
+
+    def record(tenant: str, what: str, size: int, reason: str) -> None:
+        rep.reasons[reason] = rep.reasons.get(reason, 0) + 1
+        if log is not None:
+            log.log_event("delete", tenant, "", position_count=0, nbytes=size,
+                          details=f"vllm-store gc: {what} deleted ({reason})")
+
+    def unlink(path: str) -> bool:
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False              # another clean-up or a load's removal got there first
+
+    live: list[_Block] = []
+    for tenant in sorted(os.listdir(storage)):
+        tdir = os.path.join(storage, tenant)
+        if not _NAME.fullmatch(tenant) or not _dir_ok(tdir):
+            rep.skipped.append(tdir)
+            continue
+        sessions = []
+        for session in os.listdir(tdir):
+            sdir = os.path.join(tdir, session)
+            if not _NAME.fullmatch(session) or not _dir_ok(sdir):
+                rep.skipped.append(sdir)
+                continue
+            try:
+                created = os.lstat(os.path.join(sdir, CREATED)).st_mtime_ns
+            except OSError:
+                created = 0                            # no marker: older than any session that has one
+            sessions.append((created, session, sdir))
+        sessions.sort()
+        for i, (_, session, sdir) in enumerate(sessions):
+            ended = i < len(sessions) - 1
+            for name in os.listdir(sdir):
+                path = os.path.join(sdir, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if name == CREATED:
+                    continue
+                if _TMP.fullmatch(name) and stat.S_ISREG(st.st_mode):
+                    if now - st.st_mtime_ns > TMP_AGE * 10**9 and unlink(path):
+                        rep.deleted_temporaries += 1
+                    continue
+                if not _BLOCK.fullmatch(name) or not stat.S_ISREG(st.st_mode):
+                    rep.skipped.append(path)
+                    continue
+                rep.blocks += 1
+                rep.bytes += st.st_size
+                b = _Block(path, tenant, session, st.st_size, max(st.st_atime_ns, st.st_mtime_ns))
+                if ended:
+                    if unlink(path):
+                        rep.deleted_blocks += 1
+                        rep.deleted_bytes += b.size
+                        record(tenant, f"block {session}/{name}", b.size, "its session ended")
+                else:
+                    live.append(b)
+            if ended:
+                try:
+                    os.unlink(os.path.join(sdir, CREATED))
+                except OSError:
+                    pass
+                try:
+                    os.rmdir(sdir)
+                    rep.deleted_sessions += 1
+                    record(tenant, f"session directory {session}", 0, "its session ended")
+                except OSError:
+                    rep.skipped.append(sdir)           # something not the connector's is left in it
+    say(f"scanned {rep.blocks} block(s), {rep.bytes} bytes; {rep.deleted_blocks} of ended sessions deleted")
+    if max_age is not None:
+        cutoff = now - int(max_age * 10**9)
+        keep = []
+        for b in live:
+            if b.used_ns < cutoff:
+                if unlink(b.path):
+                    rep.deleted_blocks += 1
+                    rep.deleted_bytes += b.size
+                    record(b.tenant, f"block {b.session}/{os.path.basename(b.path)}", b.size,
+                           f"unused for more than {max_age:g} s")
+            else:
+                keep.append(b)
+        live = keep
+        say(f"max age {max_age:g} s: {rep.reasons.get(f'unused for more than {max_age:g} s', 0)} block(s) deleted")
+    if max_bytes is not None:
+        total = sum(b.size for b in live)
+        n = 0
+        for b in sorted(live, key=lambda b: (b.used_ns, b.path)):      # least recently used first
+            if total <= max_bytes:
+                break
+            if unlink(b.path):
+                rep.deleted_blocks += 1
+                rep.deleted_bytes += b.size
+                n += 1
+                record(b.tenant, f"block {b.session}/{os.path.basename(b.path)}", b.size,
+                       f"least recently used beyond the quota of {max_bytes} bytes")
+            total -= b.size
+        say(f"quota {max_bytes} bytes: {n} least recently used block(s) deleted")
+    if log is not None:
+        log.flush(timeout=60)
+    return rep
