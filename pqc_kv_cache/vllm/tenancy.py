@@ -81,8 +81,9 @@ class ServerSecret:
         return self._mac(b"vllm-tenant-dir", _field(_check_id("tenant_id", tenant_id))).hex()[:32]
 
     def prefix_name(self, tenant_id: str, session_id: str, chain: bytes) -> str:
-        """The store's directory name of a prefix of a tenant's session (``chain``: its last block's chain
-        hash, which covers every token id of the prefix, the block size and the LoRA adapter)."""
+        """The store's name of a tenant session's block (``chain``: the block's chain hash, which covers every
+        token id up to and including the block, the block size and the LoRA adapter; an empty ``chain`` names
+        the session's directory, which no block shares since every chain hash is 32 bytes)."""
         return self._mac(b"vllm-prefix-dir", _field(_check_id("tenant_id", tenant_id)),
                          _field(_check_id("session_id", session_id)), bytes(chain)).hex()
 
