@@ -236,7 +236,8 @@ class StaticSealer:
         p, iox = pos[j], io[j]
         slots = self._row_slots[rows]
         reason = np.zeros(rows.size, dtype=np.int64)
-        reason[(p < 0) | (iox < 0) | (iox >= seq) | ((not ring) & (p >= n_slots))] = FailReason.OUT_OF_RANGE
+        outside = (p < 0) | (p >= 0xFFFFFFFF) | (iox < 0) | (iox >= seq) | ((not ring) & (p >= n_slots))
+        reason[outside] = FailReason.OUT_OF_RANGE
         room = self._room(records, record_head, rows.size + batch)
         if not room:
             reason[:] = FailReason.RECORDS_FULL
@@ -251,7 +252,8 @@ class StaticSealer:
         else:
             counter = self._take_counters(slots, reason, nxt, end)
         good = reason == 0
-        slot_of = np.where((p >= 0) & (reason != FailReason.OUT_OF_RANGE), p % n_slots, -1)
+        # a position outside the cache has no slot, whatever else refused it
+        slot_of = np.where(outside, -1, p % n_slots)
         arena_np, meta_np = arena.numpy(), meta.numpy()
         # the slots written now are emptied first: a seal that fails part-way leaves none claiming a chunk
         # (the arena bytes of the chunks sealed below are overwritten, or zeroed if the seal raises)
