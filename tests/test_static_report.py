@@ -25,6 +25,5 @@ def test_static_report_runs(tmp_path):
     tiny = data["results"]["tiny"]
     assert set(tiny["decode_tokens_per_s"]) == {"static", "static_encrypted"}
     assert len(tiny["ratio_encrypted_to_static"]["values"]) == 1
-    assert tiny["ratio_of_fastest"] > 0 and "ratio of the fastest repeats" in proc.stdout
     mem = tiny["memory"]["static_encrypted"]
     assert mem["arena_bytes"] > mem["plaintext_bytes"]      # ciphertext of every slot plus a tag each
