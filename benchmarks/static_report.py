@@ -18,7 +18,12 @@ spread above ``--max-spread``, is reported as not conclusive. The thread count i
 default 1). Memory: the plaintext K/V (the same in both), and what the encrypted cache adds (ciphertext
 arena with tags, slot table, record buffer). Prints markdown, writes JSON (``--out``).
 
+``--method steps`` instead prefills both caches once and alternates their decode steps one by one, each
+timed alone, with ratios per block of steps (see ``measure_steps``): other work on a shared machine then
+lands on both variants about equally.
+
     python benchmarks/static_report.py [--shapes readme,qwen05] [--repeats 5] [--threads 1] [--quick]
+                                       [--method generate|steps]
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ SHAPES = {
     "tiny": dict(kind="llama", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256,
                  batch=2, prompt=16, new=6),
 }
+
+
+_METHODS = {"steps": "decode steps alternating one by one, ratios per block of steps",
+            "generate": "whole generates, ratios per repeat"}
 
 
 def build_model(shape: dict):
@@ -160,7 +169,8 @@ def measure_steps(name: str, shape: dict, repeats: int, max_spread: float) -> di
     blocks = [slice(i * per, (i + 1) * per) for i in range(min(repeats, new))]
     tps = {k: [shape["batch"] * len(v[b]) / sum(v[b]) for b in blocks] for k, v in times.items()}
     ratio = [sum(times["static"][b]) / sum(times["static_encrypted"][b]) for b in blocks]
-    result = {"shape": shape, "method": "steps", "decode_tokens_per_s": {k: spread(v, max_spread) for k, v in tps.items()},
+    result = {"shape": shape, "method": "steps",
+              "decode_tokens_per_s": {k: spread(v, max_spread) for k, v in tps.items()},
               "ratio_encrypted_to_static": spread(ratio, max_spread),
               "step_ms_median": {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()},
               "memory": {k: memory(v.cache) for k, v in variants.items()}}
@@ -202,7 +212,7 @@ def report(results: dict, meta: dict) -> str:
     lines = [f"# Compiled StaticEncryptedCache vs compiled StaticCache ({meta['date']})", "",
              f"CPU: {meta['cpu']}; torch {meta['torch']}, {meta['threads']} thread(s); "
              f"torch.compile(model.forward, fullgraph=True); audit on", "",
-             f"method: {meta['method']} ({'decode steps alternating one by one, ratios per block of steps' if meta['method'] == 'steps' else 'whole generates, ratios per repeat'})", "",
+             f"method: {meta['method']} ({_METHODS[meta['method']]})", "",
              "| shape | StaticCache tok/s (median) | encrypted tok/s (median) | ratio min / median / max | verdict |",
              "|---|---:|---:|---|---|"]
     for name, r in results.items():

@@ -55,7 +55,8 @@ class StaticSealer:
         self._seal_static = getattr(backend, "seal_static", None)
         self._record_slots = None if tenant_idx is None else np.ascontiguousarray(
             np.stack([np.asarray(tenant_idx, dtype=np.int64), np.asarray(session_idx, dtype=np.int64)], axis=1))
-        self._rows_state: tuple | None = None    # (validity and epoch per session of the rows, keys, rows' key, rows' reason)
+        # (validity and epoch of each session of the rows, keys, each row's key index, each row's reason)
+        self._rows_state: tuple | None = None
 
     # ---- keys ---------------------------------------------------------------------------------------
     def _key_slot(self, slot: int, epoch: int) -> KeySlot:
