@@ -218,3 +218,32 @@ def test_a_call_the_backend_refuses_leaves_its_slots_empty_and_nothing_recorded(
     assert torch.equal(fast.head, state["head"]) and torch.equal(fast.failures, state["failures"])
     assert torch.equal(fast.meta[:, 0], state["meta"][:, 0]) and torch.equal(fast.arena[:, 0], state["arena"][:, 0])
     assert (fast.next > state["next"]).all()        # the counters taken stay taken: never handed out twice
+
+
+def test_a_generate_seals_each_layer_step_with_one_native_call_and_no_chunk_calls(monkeypatch):
+    from transformers import StaticCache
+
+    from pqc_kv_cache import KVAuditLog, StaticEncryptedCache
+    from tests.support.cache_models import generate, prompts, tiny_model
+
+    backend = native.NativeBackend()
+    calls = {"seal_static": 0, "encrypt_chunks": 0}
+    for name in calls:
+        real = getattr(backend, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(backend, name, counted)
+    model, ids = tiny_model("mistral"), prompts(2, 7)     # a sliding-window model: ring slots too
+    want = generate(model, ids, StaticCache(model.config, max_cache_len=32), max_new_tokens=9, do_sample=False)
+    log = KVAuditLog()
+    cache = StaticEncryptedCache(model.config, sessions=make_sessions("alice", "bob"), max_cache_len=32, audit=log,
+                                 backend=backend)
+    got = generate(model, ids, cache, max_new_tokens=9, do_sample=False)
+    cache.check()
+    assert torch.equal(got, want)
+    layers = model.config.num_hidden_layers
+    assert calls == {"seal_static": layers * 9, "encrypt_chunks": 0}     # the prefill and 8 decode steps
+    assert len(log.entries(limit=10_000, operation="encrypt")) == layers * 2 * (7 + 8)
+    log.close()
