@@ -247,3 +247,17 @@ def test_a_generate_seals_each_layer_step_with_one_native_call_and_no_chunk_call
     assert calls == {"seal_static": layers * 9, "encrypt_chunks": 0}     # the prefill and 8 decode steps
     assert len(log.entries(limit=10_000, operation="encrypt")) == layers * 2 * (7 + 8)
     log.close()
+
+
+def test_a_retired_key_is_not_used_from_the_kept_row_keys(pair):
+    sess, host, fast = pair
+    for t in (host, fast):
+        t.seal([0])                           # the native seal now keeps the rows' keys
+    sess[0].rotate_key()
+    sess[0].retire_epoch(0)                   # the range still names epoch 0 (no refill yet)
+    for t in (host, fast):
+        t.sealer.forget_keys(0, 0)            # what the cache does when an epoch is retired
+        t.seal([1])
+    same(host, fast)
+    assert FailReason(int(fast.failures[4])) == FailReason.KEY_UNAVAILABLE and int(fast.failures[5]) == 0
+    assert int(fast.meta[0, 1, 2]) == 0 and (fast.arena[0, 1] == 0).all()
