@@ -18,7 +18,12 @@ spread above ``--max-spread``, is reported as not conclusive. The thread count i
 default 1). Memory: the plaintext K/V (the same in both), and what the encrypted cache adds (ciphertext
 arena with tags, slot table, record buffer). Prints markdown, writes JSON (``--out``).
 
+``--method steps`` instead prefills both caches once and alternates their decode steps one by one, each
+timed alone, with ratios per block of steps (see ``measure_steps``): other work on a shared machine then
+lands on both variants about equally.
+
     python benchmarks/static_report.py [--shapes readme,qwen05] [--repeats 5] [--threads 1] [--quick]
+                                       [--method generate|steps]
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ SHAPES = {
     "tiny": dict(kind="llama", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256,
                  batch=2, prompt=16, new=6),
 }
+
+
+_METHODS = {"steps": "decode steps alternating one by one, ratios per block of steps",
+            "generate": "whole generates, ratios per repeat"}
 
 
 def build_model(shape: dict):
@@ -113,6 +122,63 @@ def memory(cache) -> dict:
     return out
 
 
+def measure_steps(name: str, shape: dict, repeats: int, max_spread: float) -> dict:
+    """``--method steps``: both caches prefilled once, then their decode steps alternate one by one (the
+    order swapping every step), each step timed alone: other work on a shared machine lands on both about
+    equally. The steps are cut into ``repeats`` blocks; each block gives a ratio (StaticCache's time over the
+    encrypted cache's, i.e. tokens/s encrypted over StaticCache). The encrypted cache's ``check()`` after its
+    last step is timed and spread over its steps."""
+    model = build_model(shape)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, shape["vocab"], (shape["batch"], shape["prompt"]), generator=g)
+    prompt, new = shape["prompt"], shape["new"]
+    variants = {v: Variant(v, model, shape, prompt + 2 * new) for v in ("static", "static_encrypted")}
+
+    def run(timed: bool) -> dict[str, list[float]]:
+        caches = {k: v.make() for k, v in variants.items()}
+        nxt, times, same = {}, {k: [] for k in caches}, True
+        with torch.no_grad():
+            for k, c in caches.items():
+                out = model(input_ids=ids, past_key_values=c, cache_position=torch.arange(prompt), use_cache=True)
+                nxt[k] = out.logits[:, -1:].argmax(-1)
+            for step in range(new if timed else 3):
+                pos = torch.tensor([prompt + step])
+                for k in (list(caches) if step % 2 == 0 else list(caches)[::-1]):
+                    t = time.perf_counter()
+                    out = model(input_ids=nxt[k], past_key_values=caches[k], cache_position=pos, use_cache=True)
+                    nxt[k] = out.logits[:, -1:].argmax(-1)
+                    times[k].append(time.perf_counter() - t)
+                same = same and torch.equal(nxt["static"], nxt["static_encrypted"])
+        t = time.perf_counter()
+        caches["static_encrypted"].check()
+        drain = time.perf_counter() - t
+        times["static_encrypted"] = [x + drain / len(times["static_encrypted"]) for x in times["static_encrypted"]]
+        for k, c in caches.items():
+            variants[k].cache = c
+        if not same:
+            raise SystemExit(f"{name}: the encrypted cache decoded other tokens than StaticCache")
+        return times
+
+    t = time.perf_counter()
+    run(False)                          # compile both caches' graphs (prefill and decode) untimed
+    progress(f"{name}: compiled and warmed up in {time.perf_counter() - t:.1f} s")
+    times = run(True)
+    progress(f"{name}: {new} interleaved decode steps timed")
+    per = max(1, new // repeats)
+    blocks = [slice(i * per, (i + 1) * per) for i in range(min(repeats, new))]
+    tps = {k: [shape["batch"] * len(v[b]) / sum(v[b]) for b in blocks] for k, v in times.items()}
+    ratio = [sum(times["static"][b]) / sum(times["static_encrypted"][b]) for b in blocks]
+    result = {"shape": shape, "method": "steps",
+              "decode_tokens_per_s": {k: spread(v, max_spread) for k, v in tps.items()},
+              "ratio_encrypted_to_static": spread(ratio, max_spread),
+              "step_ms_median": {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()},
+              "memory": {k: memory(v.cache) for k, v in variants.items()}}
+    for v in variants.values():
+        v.close()
+    return result
+
+
 def measure(name: str, shape: dict, repeats: int, max_spread: float) -> dict:
     model = build_model(shape)
     model.forward = torch.compile(model.forward, fullgraph=True)
@@ -146,6 +212,7 @@ def report(results: dict, meta: dict) -> str:
     lines = [f"# Compiled StaticEncryptedCache vs compiled StaticCache ({meta['date']})", "",
              f"CPU: {meta['cpu']}; torch {meta['torch']}, {meta['threads']} thread(s); "
              f"torch.compile(model.forward, fullgraph=True); audit on", "",
+             f"method: {meta['method']} ({_METHODS[meta['method']]})", "",
              "| shape | StaticCache tok/s (median) | encrypted tok/s (median) | ratio min / median / max | verdict |",
              "|---|---:|---:|---|---|"]
     for name, r in results.items():
@@ -169,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-spread", type=float, default=0.10)
     ap.add_argument("--quick", action="store_true", help="the tiny shape, 1 repeat (a smoke run)")
+    ap.add_argument("--method", choices=("generate", "steps"), default="generate",
+                    help="generate: whole generates per repeat; steps: decode steps of both caches alternating "
+                         "one by one, ratios per block of steps (steadier on a shared machine)")
     ap.add_argument("--out", default="bench-results/static_report.json")
     args = ap.parse_args(argv)
     shapes = ["tiny"] if args.quick else [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -181,8 +251,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": repeats}
-    results = {s: measure(s, SHAPES[s], repeats, args.max_spread) for s in shapes}
+            "repeats": repeats, "method": args.method}
+    fn = measure_steps if args.method == "steps" else measure
+    results = {s: fn(s, SHAPES[s], repeats, args.max_spread) for s in shapes}
     print(report(results, meta))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

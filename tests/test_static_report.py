@@ -27,3 +27,16 @@ def test_static_report_runs(tmp_path):
     assert len(tiny["ratio_encrypted_to_static"]["values"]) == 1
     mem = tiny["memory"]["static_encrypted"]
     assert mem["arena_bytes"] > mem["plaintext_bytes"]      # ciphertext of every slot plus a tag each
+
+
+@pytest.mark.slow
+def test_static_report_steps_method_runs(tmp_path):
+    out_json = tmp_path / "static.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "benchmarks/static_report.py", "--quick", "--method", "steps", "--out",
+                           str(out_json)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "method: steps" in proc.stdout and "| tiny |" in proc.stdout
+    tiny = json.loads(out_json.read_text())["results"]["tiny"]
+    assert tiny["method"] == "steps" and set(tiny["step_ms_median"]) == {"static", "static_encrypted"}
+    assert len(tiny["ratio_encrypted_to_static"]["values"]) == 1

@@ -54,6 +54,7 @@ from ..audit.records import RECORD_DTYPE
 from .native_lib import _MAX_THREADS, BACKEND_ENV, THREADS_ENV, available, default_threads, host_backend_choice, \
     library_info, load, threads_from_env
 from .base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, check_cpu_kv
+from .native_static import STATIC_ARGS, StaticSealArgs
 
 __all__ = ["NativeBackend", "BACKEND_ENV", "THREADS_ENV", "load", "available", "library_info", "select_host_backend",
            "threads_from_env", "default_threads",
@@ -421,6 +422,38 @@ class NativeBackend(CryptoBackend):
         if rc != 0:
             self._raise(rc, sc.err, keys, layout, name, k)
         return n, (None if seal else sc.status[:n].copy())
+
+    # ---- a static cache's seal (beyond the contract) -----------------------------------
+    def seal_static(self, keys: Sequence[KeySlot], layout: ChunkLayout, k: torch.Tensor, v: torch.Tensor,
+                    io_index: torch.Tensor, positions: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor,
+                    nonce_next: torch.Tensor, nonce_end: torch.Tensor, nonce_epoch: torch.Tensor,
+                    records: torch.Tensor, record_head: torch.Tensor, failures: torch.Tensor, ring: bool,
+                    row_sess: np.ndarray, row_key: np.ndarray, row_reason: np.ndarray,
+                    record_slots: np.ndarray | None) -> None:
+        """One layer step of a static cache's seal in one C call (``native/pqc_static.c`` says what it does):
+        row ``r`` is sealed under ``keys[row_key[r]]`` with counters of session slot ``row_sess[r]``, or
+        refused with ``row_reason[r]`` when ``row_key[r]`` is -1; ``record_slots`` ([session slots, 2]: the
+        log's tenant and session index; None: no records) names the records. Tensors that do not fit:
+        ValueError / TypeError before anything moves."""
+        a = getattr(self._local, "static_args", None)
+        if a is None:
+            if self._lib.pqc_native_static_args() != STATIC_ARGS:
+                raise BackendUnavailableError("native backend: the static seal's argument block does not match")
+            a = self._local.static_args = StaticSealArgs()
+        block, tens = a.fill(layout, k, v, io_index, positions, arena, meta, nonce_next, nonce_end, nonce_epoch,
+                             records, record_head, failures, ring, row_sess, row_key, row_reason, record_slots)
+        geom, prefix = self._geometry(layout, k.element_size())
+        packed = self._enter(keys)
+        try:
+            rc = self._lib.pqc_native_static_seal(self._ring.ptr, prefix, packed, len(keys), geom, tens,
+                                                  arena.data_ptr(), self._par, block.ctypes.data, a.err_ptr)
+        finally:
+            self._leave()
+        if rc == _E_ARG:
+            raise ValueError("the native static seal refused its arguments (a row's session slot or key index "
+                             "out of range, or a record head outside the record buffer)")
+        if rc != 0:
+            self._raise(rc, a.err, keys, layout, "src", k)
 
     # ---- the contract ------------------------------------------------------------------
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,

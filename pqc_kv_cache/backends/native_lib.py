@@ -34,6 +34,7 @@ _MAX_THREADS = 64          # pqc_native.c's MAX_THREADS
 _DEFAULT_THREADS = 1
 _SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
 _RECORDS_SOURCE = _SOURCE.with_name("pqc_records.c")     # the audit records of a call, written in C
+_STATIC_SOURCE = _SOURCE.with_name("pqc_static.c")       # a static cache's seal of one layer step
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
 _ABI = 4
@@ -62,15 +63,15 @@ def _compiler() -> str | None:
 
 
 def _build() -> Path:
-    for src in (_SOURCE, _RECORDS_SOURCE):
+    for src in (_SOURCE, _RECORDS_SOURCE, _STATIC_SOURCE):
         if not src.is_file():
             raise BackendUnavailableError(f"native backend source not found: {src}")
     cc = _compiler()
     if not cc:
         raise BackendUnavailableError("no C compiler ($CC, cc or gcc) to build the native backend")
     return compile_cached(
-        "pqc_native", _SOURCE.read_bytes() + b"\0" + _RECORDS_SOURCE.read_bytes(),
-        lambda out: [cc, *_FLAGS, str(_SOURCE), str(_RECORDS_SOURCE), "-o", out, *_LIBS],
+        "pqc_native", b"\0".join(src.read_bytes() for src in (_SOURCE, _RECORDS_SOURCE, _STATIC_SOURCE)),
+        lambda out: [cc, *_FLAGS, str(_SOURCE), str(_RECORDS_SOURCE), str(_STATIC_SOURCE), "-o", out, *_LIBS],
         f"the native backend with {cc}",
         hint=lambda err: " (is libipsec-mb-dev installed?)" if "ipsec" in err.lower() else "")
 
@@ -111,6 +112,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     sig["pqc_native_records"] = ([ctypes.c_int, ctypes.c_char_p, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                                   _P, _P, _I64, _P, _P], _I64)
     sig["pqc_native_record_layout"] = ([_P, _I64], _I64)
+    # (ring, prefix8, key slots, nkeys, geom, tensors, arena, par, int64 argument block, err): pqc_static.c
+    sig["pqc_native_static_seal"] = ([_P, ctypes.c_char_p, ctypes.c_char_p, _I64, ctypes.c_char_p, ctypes.c_char_p,
+                                      _P, ctypes.c_char_p, _P, _P], ctypes.c_int)
+    sig["pqc_native_static_args"] = ([], _I64)
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
         fn.argtypes = args

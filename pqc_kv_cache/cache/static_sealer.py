@@ -41,7 +41,7 @@ class StaticSealer:
     def __init__(self, sessions: Sequence[TenantSession], row_slots: np.ndarray, backend: CryptoBackend,
                  tenant_idx: np.ndarray | None, session_idx: np.ndarray | None):
         self._sessions = sessions
-        self._row_slots = np.asarray(row_slots, dtype=np.int64)
+        self._row_slots = np.ascontiguousarray(row_slots, dtype=np.int64)
         self._backend = backend
         self._tenant_idx = tenant_idx          # the log's indices per session slot (None: no audit)
         self._session_idx = session_idx
@@ -51,6 +51,12 @@ class StaticSealer:
         self._row_sessions, self._row_key = np.unique(self._row_slots, return_inverse=True)
         self._row_key = self._row_key.reshape(-1).astype(np.int64)
         self._grids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # a backend that seals a whole step in one call (the native one) is handed the step as it is
+        self._seal_static = getattr(backend, "seal_static", None)
+        self._record_slots = None if tenant_idx is None else np.ascontiguousarray(
+            np.stack([np.asarray(tenant_idx, dtype=np.int64), np.asarray(session_idx, dtype=np.int64)], axis=1))
+        # (validity and epoch of each session of the rows, keys, each row's key index, each row's reason)
+        self._rows_state: tuple | None = None
 
     # ---- keys ---------------------------------------------------------------------------------------
     def _key_slot(self, slot: int, epoch: int) -> KeySlot:
@@ -63,6 +69,7 @@ class StaticSealer:
 
     def forget_keys(self, slot: int | None = None, epoch: int | None = None) -> None:
         """Drop the key copies of ``slot`` (of one ``epoch``, or all; every slot when None)."""
+        self._rows_state = None
         for k in [k for k in self._keys if (slot is None or k[0] == slot) and (epoch is None or k[1] == epoch)]:
             del self._keys[k]
         self._backend.forget_keys()
@@ -95,6 +102,19 @@ class StaticSealer:
         for i, why in dead:
             reason[(session == i) & (reason == 0)] = why
         return keys, where[session]
+
+    def _row_keys(self, nonce_epoch: np.ndarray) -> tuple:
+        """For a one-call seal: the keys, and per row the index of its key (-1: none) and why it has none.
+        Kept while every session of the rows stays as valid as it was and its range's epoch is unchanged."""
+        state = tuple((self._sessions[s].is_valid(), int(nonce_epoch[s])) for s in self._row_sessions.tolist())
+        got = self._rows_state
+        if got is not None and got[0] == state:
+            return got[1:]
+        reason = np.zeros(self._row_key.size, dtype=np.int64)
+        keys, key_of_row = self._seal_keys(nonce_epoch, np.arange(self._row_key.size), reason)
+        row_key = np.ascontiguousarray(np.where(reason == 0, key_of_row, -1), dtype=np.int64)
+        self._rows_state = (state, keys, row_key, reason)
+        return keys, row_key, reason
 
     def _grid(self, batch: int, n: int) -> tuple:
         """For ``n`` positions of every row, row-major: the row of each chunk, the index of its position,
@@ -195,8 +215,18 @@ class StaticSealer:
         """Seal positions ``positions`` of every row (ENCRYPT per row and position; then one READ per row
         for the update that wrote them, covering the positions the layer holds)."""
         batch, heads, seq, dim = keys.shape
-        n_slots, stride = int(arena.shape[1]), int(arena.shape[2])
         layout = self._layout(layer_idx, heads, dim, keys.dtype)
+        if self._seal_static is not None:
+            if positions.dtype != torch.int64 or not positions.is_contiguous():
+                positions = positions.to(torch.int64).contiguous()
+            if io_index.dtype != torch.int64 or not io_index.is_contiguous():
+                io_index = io_index.to(torch.int64).contiguous()
+            key_list, row_key, row_reason = self._row_keys(nonce_epoch.numpy())
+            self._seal_static(key_list, layout, keys, values, io_index, positions, arena, meta, nonce_next,
+                              nonce_end, nonce_epoch, records, record_head, failures, ring, self._row_slots,
+                              row_key, row_reason, self._record_slots)
+            return
+        n_slots, stride = int(arena.shape[1]), int(arena.shape[2])
         bpp = layout.bytes_per_position
         pos = positions.numpy().reshape(-1).astype(np.int64, copy=False)
         n = pos.size
@@ -207,7 +237,8 @@ class StaticSealer:
         p, iox = pos[j], io[j]
         slots = self._row_slots[rows]
         reason = np.zeros(rows.size, dtype=np.int64)
-        reason[(p < 0) | (iox < 0) | (iox >= seq) | ((not ring) & (p >= n_slots))] = FailReason.OUT_OF_RANGE
+        outside = (p < 0) | (p >= 0xFFFFFFFF) | (iox < 0) | (iox >= seq) | ((not ring) & (p >= n_slots))
+        reason[outside] = FailReason.OUT_OF_RANGE
         room = self._room(records, record_head, rows.size + batch)
         if not room:
             reason[:] = FailReason.RECORDS_FULL
@@ -222,7 +253,8 @@ class StaticSealer:
         else:
             counter = self._take_counters(slots, reason, nxt, end)
         good = reason == 0
-        slot_of = np.where((p >= 0) & (reason != FailReason.OUT_OF_RANGE), p % n_slots, -1)
+        # a position outside the cache has no slot, whatever else refused it
+        slot_of = np.where(outside, -1, p % n_slots)
         arena_np, meta_np = arena.numpy(), meta.numpy()
         # the slots written now are emptied first: a seal that fails part-way leaves none claiming a chunk
         # (the arena bytes of the chunks sealed below are overwritten, or zeroed if the seal raises)
