@@ -50,6 +50,24 @@ def _nonces(cache: StaticEncryptedCache) -> list[tuple[str, int, int]]:
 
 
 # ---- generation, eager -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mistral", "hybrid"])
+def test_sliding_and_hybrid_models_get_static_cache_s_layer_kinds_and_its_tokens(kind):
+    """A model whose layers mix full attention and a sliding window (per-layer ``layer_types``) gets the
+    encrypted counterpart of each of StaticCache's layers, and the same tokens past the window."""
+    model, ids = tiny_model(kind), prompts(2, 7)
+    plain = StaticCache(model.config, max_cache_len=32)
+    want = generate(model, ids, plain, max_new_tokens=12, do_sample=False)
+    log = KVAuditLog()
+    cache = StaticEncryptedCache(model.config, sessions=sessions("alice", "bob"), max_cache_len=32, audit=log)
+    assert [layer.is_sliding for layer in cache.layers] == [layer.is_sliding for layer in plain.layers]
+    assert any(layer.is_sliding for layer in cache.layers)
+    got = generate(model, ids, cache, max_new_tokens=12, do_sample=False)
+    cache.check()
+    assert torch.equal(got, want)
+    assert _ops(log)["encrypt"] == 2 * 2 * 18          # every written position sealed, in every layer and row
+    log.close()
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_generates_what_static_cache_generates_with_the_records_of_the_working_set_mode(kind):
     model, ids = tiny_model(kind), prompts(2, 7)

@@ -16,6 +16,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from pqc_kv_cache.session import TenantIdentity, establish_tenant_session
@@ -34,6 +36,10 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2):
         model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(num_key_value_heads=2, sliding_window=8, **common))
+    elif kind == "hybrid":      # one full-attention layer, then sliding-window ones (per-layer layer_types)
+        types = ["full_attention"] + ["sliding_attention"] * (layers - 1)
+        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                                             max_window_layers=1, layer_types=types, **common))
     elif kind == "neox":
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**common))
     else:
