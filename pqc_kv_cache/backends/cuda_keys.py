@@ -70,7 +70,6 @@ class KeyStore:
         self._scheds: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self._seen: dict[tuple[int, ...], _Seen] = {}
         self._stage = None          # the last preparation's pinned raw-key staging (zeroed by the device)
-        self._dev_keys = None       # device raw-key buffer (zeroed on the stream after each preparation)
 
     # ---- look-up
     def entry(self, keys: Sequence) -> _Seen:
@@ -130,16 +129,15 @@ class KeyStore:
         return dev
 
     # ---- preparation and erasure
-    def _device_keys(self, nbytes: int) -> torch.Tensor:
-        if self._dev_keys is None or self._dev_keys.numel() < nbytes:
-            self._dev_keys = self._device.empty(max(nbytes, 8 * KEY_BYTES))
-        return self._dev_keys
-
     def _prepare_set(self, keys: Sequence) -> torch.Tensor:
         n = len(keys)
         nbytes = n * KEY_BYTES
-        with self._lock:      # one preparation at a time: they share the device key buffer
-            dev_keys = self._device_keys(nbytes)
+        with self._lock:
+            # a device raw-key buffer of its own per preparation, allocated on the current stream: two
+            # preparations on different streams (threads) are not ordered by this lock, so a shared buffer
+            # could be overwritten by one while the other's kernel reads it; torch's caching allocator hands a
+            # freed block out again only on the stream it was freed on, after the zeroing below
+            dev_keys = self._device.empty(nbytes)
             # a staging buffer of its own per preparation: the device wipes it after its copy, so the host
             # never writes into one a copy may still be reading
             stage = self._device.pinned(nbytes)

@@ -732,6 +732,30 @@ def test_raw_keys_leave_the_pinned_staging_as_soon_as_the_schedules_are_built():
 
 
 @needs_shim
+def test_each_key_preparation_has_a_device_key_buffer_of_its_own():
+    """Two key-set preparations never share the device raw-key buffer: preparations on different streams
+    are not ordered by the host lock, so a shared buffer could take one set's keys while the other's
+    preparation kernel reads it (a schedule built from another tenant's key or from zeros)."""
+    be = CpuTwinBackend()
+    targets = []
+
+    class Watch(type(be.twin_device)):
+        def upload_keys(self, dst, src):
+            targets.append(dst)                          # kept alive: a buffer still in use elsewhere
+            super().upload_keys(dst, src)
+
+    be.twin_device.__class__ = Watch
+    first = _slots()
+    second = [KeySlot(key=bytes([i + 1]) * 32, tenant_tag=tenant_tag("other"), session_tag=session_tag("o"),
+                      epoch=1) for i in range(3)]
+    be._schedules(first)
+    be._schedules(second)
+    assert len(targets) == 2
+    assert targets[0].untyped_storage().data_ptr() != targets[1].untyped_storage().data_ptr()
+    assert not targets[0].any() and not targets[1].any()   # each zeroed after its preparation
+
+
+@needs_shim
 def test_a_failure_counted_while_the_queue_is_read_is_not_erased():
     """A decrypt on another thread that finds a failure while check() empties the failure queue (between the
     read and the reset of its counter) keeps its failure: the next check of its owner raises it."""
