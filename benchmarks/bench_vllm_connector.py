@@ -148,16 +148,16 @@ def _multiturn(args) -> None:
     from pqc_kv_cache.session import TenantKeyPair
     from pqc_kv_cache.vllm import KeyService, generate_server_secret_file, kv_transfer_config, request_fields
 
+    longest = args.system + args.turns * (args.user + args.answer)
+    max_len = (longest // BS + 2) * BS
     d = tempfile.mkdtemp(prefix="bench-vllm-chat-")
-    model = save_tiny_llama(os.path.join(d, "model"))
+    model = save_tiny_llama(os.path.join(d, "model"), max_positions=max(512, max_len))   # a chat may pass 512
     manager = TenantIsolationManager()
     secret_path = os.path.join(d, "secret", "server.key")
     secret = generate_server_secret_file(secret_path)
     tenants = [f"tenant-{t}" for t in range(args.tenants)]
     fields = {t: request_fields(secret, t, manager.create_session(TenantKeyPair.generate(t).identity()).session_id)
               for t in tenants}
-    longest = args.system + args.turns * (args.user + args.answer)
-    max_len = (longest // BS + 2) * BS
     with KeyService(manager, os.path.join(d, "keys")) as service:
         common = dict(model=model, dtype="float32", enforce_eager=True, block_size=BS, max_model_len=max_len, seed=0)
         engines = {

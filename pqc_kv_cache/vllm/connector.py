@@ -185,7 +185,7 @@ class PQCKVConnector(KVConnectorBase_V1):
         cfg = self._kv_transfer_config
         par = vllm_config.parallel_config
         if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-            # every worker would write its own heads or layers into the same files and index
+            # every worker would write its own heads or layers under the same block names
             raise ValueError("PQCKVConnector runs with one worker per engine (tensor_parallel_size and "
                              "pipeline_parallel_size 1)")
         storage = cfg.get_from_extra_config("storage_path", None)

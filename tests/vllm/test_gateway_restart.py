@@ -8,11 +8,9 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
+from support.ports import free_port, wait_port  # noqa: E402
 
 from pqc_kv_cache.envelope import make_nonce  # noqa: E402
 from pqc_kv_cache.vllm import KeyClient, generate_engine_token_file, generate_server_secret_file  # noqa: E402
@@ -32,25 +31,6 @@ from pqc_kv_cache.vllm.certs import make_certificates  # noqa: E402
 from pqc_kv_cache.vllm.gateway import add_api_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited: {proc.stderr.read().decode()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 class FakeWorker:
@@ -85,7 +65,7 @@ def test_a_block_sealed_before_the_gateway_is_killed_opens_after_it_restarts(tmp
     server, clients = make_certificates(tmp_path / "pki", ["127.0.0.1"], ["worker"])
     generate_server_secret_file(tmp_path / "secrets" / "server.key")
     api_key = add_api_key(str(tmp_path / "keys.json"), "tenant-a")
-    key_port, gw_port, up_port = _free_port(), _free_port(), _free_port()
+    key_port, gw_port, up_port = free_port(), free_port(), free_port()
     token = generate_engine_token_file(str(tmp_path / "secrets" / "engine.token"))
     worker = FakeWorker(KeyClient(f"tls://127.0.0.1:{key_port}", tls=clients["worker"], token=token))
     up = uvicorn.Server(uvicorn.Config(worker.app(), host="127.0.0.1", port=up_port, log_level="warning"))
@@ -103,8 +83,8 @@ def test_a_block_sealed_before_the_gateway_is_killed_opens_after_it_restarts(tmp
         for _ in range(2):
             proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
-                _wait_port(gw_port, proc)
-                _wait_port(key_port, proc)
+                wait_port(gw_port, proc)
+                wait_port(key_port, proc)
                 r = httpx.post(f"http://127.0.0.1:{gw_port}/v1/completions", json={"prompt": "p"},
                                headers={"authorization": f"Bearer {api_key}"}, timeout=60)
                 assert r.status_code == 200, r.text
