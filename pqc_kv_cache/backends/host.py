@@ -190,9 +190,11 @@ class HostBackend(CryptoBackend):
             return
         if int(t["row"].max()) >= batch:
             raise ValueError(f"chunk row {int(t['row'].max())} outside the batch of {batch}")
-        if int((t["io_start"] + t["pos_count"]).max()) > seq:
+        # the columns are >= 0 and < 2^63 (``_table``), so their sums in uint64 cannot wrap, as int64 ones can
+        if int((t["io_start"].view(np.uint64) + t["pos_count"].view(np.uint64)).max()) > seq:
             raise ValueError(f"a chunk reaches past the {seq} positions of the tensors")
-        if int((t["offset"] + chunk_bytes + TAG_SIZE).max()) > arena_len:
+        # pos_count <= seq now, so chunk_bytes (pos_count * bytes per position) did not wrap either
+        if int((t["offset"].view(np.uint64) + chunk_bytes.view(np.uint64)).max()) + TAG_SIZE > arena_len:
             raise ValueError("a chunk reaches past the end of the arena")
 
     def _checked_call(self, keys, layout, chunks, arena, name: str, k: torch.Tensor, v: torch.Tensor):

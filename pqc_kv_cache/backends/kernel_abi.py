@@ -316,10 +316,13 @@ def check_bounds(table: np.ndarray, layout, k, v, arena, nkeys: int) -> None:
     if lo[3] < 1 or lo[2] < 0 or lo[5] < 0 or lo[6] < 0 or lo[4] < 0:
         raise ValueError("chunk table has negative or empty entries")
     bpp = layout.bytes_per_position
-    # the positions and bytes a chunk reaches, bounded first by the columns' maxima (exact when every chunk
-    # has the same length, as in a decode step); only a table that passes the bound is summed per chunk
+    # the positions and bytes a chunk reaches, bounded first by the columns' maxima in Python ints (exact
+    # when every chunk has the same length, as in a decode step); a table over the bound is summed per chunk
+    # in int64 only when each term is below the limit (so no sum wraps): a chunk whose io_start, pos_count
+    # or offset alone reaches the limit is out of range whatever the others, and the bound stays
     io_end = hi[4] + hi[3]
-    if io_end > min(k.shape[2], v.shape[2]):
+    seq = min(k.shape[2], v.shape[2])
+    if io_end > seq and hi[4] < seq and hi[3] <= seq:
         io_end = int((table[4] + table[3]).max())
     for name, t in (("k", k), ("v", v)):
         if lo[1] < 0 or hi[1] >= t.shape[0]:
@@ -334,7 +337,8 @@ def check_bounds(table: np.ndarray, layout, k, v, arena, nkeys: int) -> None:
     check_gcm_length(hi[3] * bpp)
     end = hi[6] + hi[3] * bpp + TAG_SIZE
     if end > arena.numel():
-        end = int((table[6] + table[3] * bpp).max()) + TAG_SIZE
+        if hi[6] < arena.numel():       # pos_count * bpp is bounded by the GCM limit just checked
+            end = int((table[6] + table[3] * bpp).max()) + TAG_SIZE
         if end > arena.numel():
             raise ValueError("chunk ciphertext out of range of the arena")
 

@@ -44,7 +44,9 @@ class StaticSaveFiles:
 
         First it drains the records and raises a pending failure, as ``check()`` does; a closed or expired
         session is refused (SAVE REFUSED records, SessionExpiredError / SessionClosedError); a held position
-        without its chunk (a seal failed) is refused (SaveFileError). Nothing is written then."""
+        without its chunk (a seal failed) is refused (SaveFileError). Nothing is written then. Every refusal,
+        and a write that fails, leaves SAVE records with status REFUSED: one per layer and row, or
+        one per session when no layer holds positions yet."""
         if self._ctx.closed:
             raise ValueError("this StaticEncryptedCache is closed")
         dead = [slot for slot, s in enumerate(self._sessions) if not s.is_valid()]
@@ -52,13 +54,25 @@ class StaticSaveFiles:
             for slot in dead:
                 self._ctx.auditor.session(Op.SAVE, slot, status=Status.REFUSED, now=True)
             self._sessions[dead[0]].check_valid()
-        self.check()
-        parts = [layer.saved() for layer in self.layers]
-        manifest = {"mode": STATIC_MODE, "max_cache_len": self.max_cache_len,
-                    "layers": [desc for desc, _ in parts]}
-        file_id = write_savefile(path, self._sessions, manifest, [data for _, data in parts])
+        try:
+            self.check()
+            parts = [layer.saved() for layer in self.layers]
+            manifest = {"mode": STATIC_MODE, "max_cache_len": self.max_cache_len,
+                        "layers": [desc for desc, _ in parts]}
+            file_id = write_savefile(path, self._sessions, manifest, [data for _, data in parts])
+        except BaseException:
+            self._refuse_save()
+            raise
         self._record_file(Op.SAVE, Status.OK)
         return file_id
+
+    def _refuse_save(self) -> None:
+        """SAVE REFUSED records: one per layer and row, or one per session when no layer holds positions."""
+        if any(layer.is_initialized for layer in self.layers):
+            self._record_file(Op.SAVE, Status.REFUSED)
+        else:
+            for slot in range(len(self._sessions)):
+                self._ctx.auditor.session(Op.SAVE, slot, status=Status.REFUSED, now=True)
 
     def _record_file(self, op: Op, status: Status) -> None:
         """One ``op`` record per layer and row (positions held, chunk bytes per row)."""
@@ -111,29 +125,33 @@ class StaticSaveFiles:
         except SaveFileError:
             for _, undo in reversed(adopted):
                 undo()
-            if audit is not None:
-                refused = CacheAuditor(audit, list(sessions))
-                for slot in range(len(sessions)):
-                    refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)
+            _refuse_load(audit, sessions)
             raise
+        opening = False     # once every chunk is opened, its tag check writes the LOAD records
         try:
             cache = cls(config, contents.sessions, max_cache_len, audit=audit, **kwargs)
             try:
-                cache._take_saved(manifest["layers"], contents.layer_data)
+                held = cache._fill_saved(manifest["layers"], contents.layer_data)
+                opening = True
+                if held:
+                    cache._record_opened()
             except BaseException:
                 cache.close()
                 raise
         except BaseException:
             for _, undo in reversed(adopted):
                 undo()
+            if not opening:     # the file verified, yet this config or its layer descriptions refuse it
+                _refuse_load(audit, sessions)
             raise
         for commit, _ in adopted:
             commit()
         cache.refill_nonces()       # only now: under the epochs the sessions stand at after the load
         return cache
 
-    def _take_saved(self, descs: list, data: list) -> None:
-        """Fill the layers from a verified save file, open every chunk (verified), record the load."""
+    def _fill_saved(self, descs: list, data: list) -> bool:
+        """Fill the layers from a verified save file and open every chunk they took (the tags are checked by
+        ``_record_opened``); whether any layer holds positions."""
         if len(descs) != len(self.layers):
             raise ValueError(f"the save file holds {len(descs)} layers, this config {len(self.layers)}")
         first = next((d for d in descs if isinstance(d, dict) and d.get("initialized")), None)
@@ -153,13 +171,25 @@ class StaticSaveFiles:
                 raise SaveFileError(f"save file: layer {layer.layer_idx} maps its rows to other sessions")
             layer.load_saved(desc, chunk_bytes, slot_map, rows)
         if rows is None:
-            return
+            return False
         for layer in self.layers:
             layer.open_released()
         self._ctx.drain()
+        return True
+
+    def _record_opened(self) -> None:
+        """Check every opened chunk's tag and record the load (OK, or AUTH_FAILED and SaveFileError)."""
         try:
             self._ctx.failures.check(self._sessions)
         except KVCacheError as exc:     # a tag that failed, or a chunk whose key or session is gone
             self._record_file(Op.LOAD, Status.AUTH_FAILED)
             raise SaveFileError(f"a save file chunk could not be opened ({exc}); nothing is loaded") from exc
         self._record_file(Op.LOAD, Status.OK)
+
+
+def _refuse_load(audit: KVAuditLog | None, sessions: Sequence[TenantSession]) -> None:
+    """LOAD REFUSED records, one per given session, for a save file that was not loaded."""
+    if audit is not None:
+        refused = CacheAuditor(audit, list(sessions))
+        for slot in range(len(sessions)):
+            refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)

@@ -86,3 +86,27 @@ def test_vectorised_aad_and_nonce_equal_the_envelope(epoch, layer, start, count,
                      position_count=count, key_len=key_len, dtype=str(dtype)[6:], num_heads=heads, head_dim=dim)
     assert aads.tobytes() == want
     assert chunk_nonces(ks, [1], [counter]).tobytes() == make_nonce(epoch, counter)
+
+
+@pytest.mark.parametrize("op", ["encrypt", "decrypt"])
+@pytest.mark.parametrize("col, value, match", [
+    ("io_start", (1 << 63) - 1, "past the 4 positions"),      # io_start + pos_count wraps in int64
+    ("offset", (1 << 63) - 10, "past the end of the arena"),  # offset + bytes + tag wraps in int64
+])
+def test_a_chunk_column_near_2_to_the_63_is_refused_not_wrapped(op, col, value, match):
+    """Chunk 1 is in range, so the largest per-chunk sum is small: a wrapped sum of chunk 0 must not hide."""
+    lay = ChunkLayout(layer_idx=0, num_heads=2, head_dim=8, dtype=torch.float32)      # 128 B per position
+    k, v = torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8)
+    arena = torch.zeros(4096, dtype=torch.uint8)
+    cols = dict(slot=[0, 0], row=[0, 1], pos_start=[0, 0], pos_count=[1, 4], io_start=[0, 0], counter=[0, 1],
+                offset=[0, 512])
+    cols[col] = [value, 0]
+    chunks = ChunkTable(**{f: np.array(c, dtype=np.int64) for f, c in cols.items()})
+    before = arena.clone()
+    backend = HostBackend(threads=1)
+    with pytest.raises(ValueError, match=match):
+        if op == "encrypt":
+            backend.encrypt_chunks([keyslot()], lay, chunks, k, v, arena)
+        else:
+            backend.decrypt_chunks([keyslot()], lay, chunks, arena, k, v)
+    assert torch.equal(arena, before) and not k.any() and not v.any()

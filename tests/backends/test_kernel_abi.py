@@ -137,3 +137,38 @@ def test_params_template_packs_the_bytes_of_chunk_params():
         tpl.pack_into(buf, 0, nn=1)
     with pytest.raises(OverflowError):
         tpl.pack_into(buf, 0, n_items=1 << 63)
+
+
+BIG = (1 << 63) - 1
+
+
+@pytest.mark.parametrize("col, value, match", [
+    (4, BIG, "positions out of range of k"),            # io_start: io_start + pos_count wraps in int64
+    (4, BIG - 3, "positions out of range of k"),
+    (3, BIG, "positions out of range of k"),            # pos_count
+    (6, BIG - 10, "ciphertext out of range of the arena"),   # offset: offset + pos_count * bpp wraps
+    (6, 4096, "ciphertext out of range of the arena"),
+])
+def test_check_bounds_refuses_a_column_whose_int64_sum_would_wrap(col, value, match):
+    """Two chunks, so that the columns' maxima are not one chunk's and the per-chunk sum is taken: a value near
+    2^63 in one column must not wrap that sum round to a small one that passes."""
+    lay = ChunkLayout(layer_idx=0, num_heads=2, head_dim=8, dtype=torch.float32)
+    k = torch.zeros(2, 2, 4, 8)
+    arena = torch.zeros(4096, dtype=torch.uint8)
+    # columns: slot, row, pos_start, pos_count, io_start, counter, offset, aux; chunk 1 is in range
+    table = np.array([[0, 0], [0, 1], [0, 0], [1, 4], [0, 0], [0, 1], [0, 512], [-1, -1]], dtype=np.int64)
+    abi.check_bounds(table, lay, k, k, arena, 1)
+    table[col, 0] = value
+    with pytest.raises(ValueError, match=match):
+        abi.check_bounds(table, lay, k, k, arena, 1)
+
+
+def test_check_bounds_sums_per_chunk_when_the_maxima_are_of_different_chunks():
+    """The exact per-chunk bound still accepts what the columns' maxima alone would refuse."""
+    lay = ChunkLayout(layer_idx=0, num_heads=2, head_dim=8, dtype=torch.float32)   # 128 B per position
+    k = torch.zeros(1, 2, 4, 8)
+    arena = torch.zeros(4 * 128 + 16 + 3 * (128 + 16), dtype=torch.uint8)
+    offsets = [0, 4 * 128 + 16, 4 * 128 + 16 + 128 + 16, 4 * 128 + 16 + 2 * (128 + 16)]
+    table = np.array([[0] * 4, [0] * 4, [0, 0, 1, 2], [4, 1, 1, 1], [0, 1, 2, 3], [0, 4, 5, 6], offsets,
+                      [-1] * 4], dtype=np.int64)
+    abi.check_bounds(table, lay, k, k, arena, 1)
