@@ -44,7 +44,11 @@ class SaveFiles:
         self._refuse_dead(Op.SAVE)
         parts = [layer.saved() for layer in self.layers]
         manifest = {"mode": self.mode, "layers": [desc for desc, _ in parts]}
-        file_id = write_savefile(path, self._sessions, manifest, [data for _, data in parts])
+        try:
+            file_id = write_savefile(path, self._sessions, manifest, [data for _, data in parts])
+        except (KVCacheError, OSError):
+            self._record_file(Op.SAVE, Status.REFUSED)      # nothing was written: the refusal is on record
+            raise
         self._record_file(Op.SAVE, Status.OK)
         return file_id
 
@@ -117,20 +121,27 @@ class SaveFiles:
         except SaveFileError:
             for _, undo in reversed(adopted):
                 undo()
-            if audit is not None:
-                refused = CacheAuditor(audit, list(sessions))
-                for slot in range(len(sessions)):
-                    refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)
+            _refuse_load(audit, sessions)
             raise
         manifest = contents.manifest
         try:
-            cache = cls(config, contents.sessions, audit=audit,
-                        mode=manifest.get("mode") if mode is None else mode, **kwargs)
+            try:
+                cache = cls(config, contents.sessions, audit=audit,
+                            mode=manifest.get("mode") if mode is None else mode, **kwargs)
+            except ValueError:              # a config or mode the file's layers cannot be opened with
+                _refuse_load(audit, sessions)
+                raise
             try:
                 descs = manifest["layers"]
-                if len(descs) != len(cache.layers):
-                    raise ValueError(f"the save file holds {len(descs)} layers, this config {len(cache.layers)}")
-                cache._take_saved(descs, contents.layer_data, torch.device(device))
+                try:
+                    if len(descs) != len(cache.layers):
+                        raise ValueError(f"the save file holds {len(descs)} layers, this config "
+                                         f"{len(cache.layers)}")
+                    cache._fill_saved(descs, contents.layer_data, torch.device(device))
+                except (SaveFileError, ValueError):     # refused before any chunk was opened
+                    _refuse_load(audit, sessions)
+                    raise
+                cache._open_saved()                     # AUTH_FAILED or OK records
             except BaseException:
                 cache.close()
                 raise
@@ -142,8 +153,8 @@ class SaveFiles:
             commit()
         return cache
 
-    def _take_saved(self, descs: list, data: list, device: torch.device) -> None:
-        """Fill the layers from a verified save file, open every chunk, record the load."""
+    def _fill_saved(self, descs: list, data: list, device: torch.device) -> None:
+        """Fill the layers from a verified save file (SaveFileError or ValueError for one that does not fit)."""
         slot_map = self._ctx.prompt_slots        # the file's session slot -> this cache's
         first = next((d for d in descs if d.get("initialized")), None)
         if first is not None:
@@ -158,6 +169,10 @@ class SaveFiles:
             layer.load_saved(desc, chunk_bytes, slot_map, device)
             if layer.is_initialized and not np.array_equal(layer.row_session_slots, self._ctx.row_slots):
                 raise SaveFileError(f"save file: layer {layer.layer_idx} maps its rows to other sessions")
+
+    def _open_saved(self) -> None:
+        """Open every chunk of the filled layers, every tag verified; one LOAD record per layer and row (status
+        AUTH_FAILED and SaveFileError when a tag fails)."""
         try:
             try:
                 for layer in self.layers:
@@ -169,3 +184,11 @@ class SaveFiles:
             self._record_file(Op.LOAD, Status.AUTH_FAILED)
             raise SaveFileError(f"save file chunk failed authentication ({exc}); nothing is loaded") from exc
         self._record_file(Op.LOAD, Status.OK)
+
+
+def _refuse_load(audit: KVAuditLog | None, sessions: Sequence[TenantSession]) -> None:
+    """One LOAD REFUSED record per given session (the file is refused before any layer of it is opened)."""
+    if audit is not None:
+        refused = CacheAuditor(audit, list(sessions))
+        for slot in range(len(sessions)):
+            refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)

@@ -328,11 +328,47 @@ def test_nothing_of_a_refused_load_is_kept(tmp_path, saved, two):
     assert read_savefile(tmp_path / "a", two).manifest["layers"][li]["chunks"]["nbytes"][ci] == size
 
 
-def test_wrong_config_is_api_misuse(saved, two):
+def _ops(log, op):
+    log.flush()
+    return [(e.tenant_id, e.status) for e in log.entries(limit=None) if e.operation == op]
+
+
+def test_wrong_config_is_api_misuse_and_the_refused_load_is_recorded(saved, two):
+    log = KVAuditLog()
+    before = [s.lineage for s in two]
     with pytest.raises(ValueError):
-        EncryptedCache.load(saved, tiny_model("mistral").config, two)
-    with pytest.raises(ValueError):
-        EncryptedCache.load(saved, tiny_model("llama", layers=3).config, two)
+        EncryptedCache.load(saved, tiny_model("mistral").config, two, audit=log)
+    with pytest.raises(ValueError, match="holds 2 layers, this config 3"):
+        EncryptedCache.load(saved, tiny_model("llama", layers=3).config, two, audit=log)
+    assert sorted(_ops(log, "load")) == [("alice", Status.REFUSED), ("alice", Status.REFUSED),
+                                         ("bob", Status.REFUSED), ("bob", Status.REFUSED)]
+    assert [s.lineage for s in two] == before
+    log.close()
+
+
+def test_a_load_refused_for_rows_of_another_session_is_recorded(tmp_path, two):
+    cache, _, _ = filled(two)
+    cache.save(tmp_path / "c.pkvf")
+    parts = parse(tmp_path / "c.pkvf")
+    m = json.loads(json.dumps(parts["manifest"]))
+    m["layers"][1]["row_slots"] = [1, 0]            # layer 1 gives each row the other session's chunks
+    write(tmp_path / "a", parts, manifest=m, retag_with=two)
+    log = KVAuditLog()
+    with pytest.raises(SaveFileError, match="another session"):
+        EncryptedCache.load(tmp_path / "a", tiny_model("llama").config, two, audit=log)
+    assert sorted(_ops(log, "load")) == [("alice", Status.REFUSED), ("bob", Status.REFUSED)]
+    log.close()
+
+
+def test_a_save_whose_write_fails_is_recorded_and_a_later_save_succeeds(tmp_path, two):
+    log = KVAuditLog()
+    cache, _, _ = filled(two, audit=log)
+    with pytest.raises(SaveFileError, match="does not exist"):
+        cache.save(tmp_path / "missing" / "c.pkvf")
+    assert sorted(_ops(log, "save")) == [("alice", Status.REFUSED)] * 2 + [("bob", Status.REFUSED)] * 2
+    cache.save(tmp_path / "c.pkvf")
+    assert sorted(status for _, status in _ops(log, "save")) == [Status.OK] * 4 + [Status.REFUSED] * 4
+    log.close()
 
 
 # ---- nonces --------------------------------------------------------------------------------------------
