@@ -26,7 +26,8 @@ another format is refused.
 Writes go to a fresh temporary file in the target directory (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600),
 then renamed over the block's name, so that engines saving the same block at once each leave a whole file
 and a reader sees one of them; directories are created with mode 0700, and an existing one that is a link or
-not the server's is refused.
+not the server's is refused. A session directory is built with its marker under a temporary name and renamed
+into place, so that it never exists without its marker.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import os
 import stat
 import struct
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -242,15 +243,47 @@ def make_private_dirs(storage: str, *names: str) -> str:
 
 
 def make_session_dir(storage: str, tenant_name: str, session_name: str) -> str:
-    """``storage/tenant/session`` (``make_private_dirs``), with its ``.created`` marker made the first time."""
-    path = make_private_dirs(storage, tenant_name, session_name)
+    """``storage/tenant/session``, which appears with its ``.created`` marker already in it: the directory is
+    built under a temporary name in the tenant's directory and renamed into place, so that a clean-up never
+    sees a session directory without its marker. If another engine renamed its own into place first, that one
+    is used (and given a marker if it is an older one that lacks it)."""
+    tenant_dir = make_private_dirs(storage, tenant_name)
+    path = os.path.join(tenant_dir, session_name)
+    if not os.path.lexists(path):
+        try:
+            tmp = tempfile.mkdtemp(dir=tenant_dir, prefix=f".{session_name}.", suffix=".tmp")
+        except OSError as e:
+            raise MalformedStoreError(f"{tenant_dir}: cannot create a session directory ({e.strerror})") from None
+        try:
+            _make_marker(tmp)
+            os.rename(tmp, path)      # fails if another engine's (non-empty) directory is there already
+        except BaseException as e:
+            _remove_quietly(os.path.join(tmp, CREATED), os.unlink)
+            _remove_quietly(tmp, os.rmdir)
+            if not isinstance(e, OSError):
+                raise
+    st = os.lstat(path) if os.path.lexists(path) else None
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise MalformedStoreError(f"{path}: not a directory of uid {os.getuid()} (a link, a file, another "
+                                  f"user's, or it could not be created)")
+    _make_marker(path)
+    return path
+
+
+def _remove_quietly(path: str, remove: Callable[[str], None]) -> None:
+    try:
+        remove(path)
+    except OSError:
+        pass
+
+
+def _make_marker(path: str) -> None:
     try:
         os.close(os.open(os.path.join(path, CREATED), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     except FileExistsError:
         pass
     except OSError as e:
         raise MalformedStoreError(f"{path}: cannot mark the session directory ({e.strerror})") from None
-    return path
 
 
 def write_atomic(path: str, data: bytes) -> None:

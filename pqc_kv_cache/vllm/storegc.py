@@ -4,8 +4,12 @@ recently used blocks beyond a byte quota are deleted, each deletion recorded (no
 What the store's layout (``pqc_kv_cache.vllm.storefiles``) tells without the server secret:
 
 * **ended sessions**: a tenant has one live session at a time (the key service serves keys of no other), so
-  in a tenant's directory every session directory but the newest (by its ``.created`` marker) is of a
-  closed or expired session, whose blocks no key will open again: they are deleted, directory and all;
+  in a tenant's directory every session directory older than the newest (by its ``.created`` marker) is of
+  a closed or expired session, whose blocks no key will open again: they are deleted, directory and all
+  (sessions whose markers have the same time are all kept). A session directory appears with its marker
+  in it; one without (made by an earlier version, or abandoned) is skipped, and reported, until it has not
+  changed for ``MARKER_GRACE`` seconds, then deleted as abandoned. A marker is removed only with its
+  directory;
 * **last use** of a block: its file's access time, which a load sets, or its modification time (its save)
   if later; ``max_age`` deletes blocks unused for longer (a session that expired with no successor has
   no use after its expiry, so this deletes it too), ``max_bytes`` then deletes the least recently used
@@ -32,9 +36,10 @@ from typing import Callable
 from ..audit import KVAuditLog
 from .storefiles import BLOCK_SUFFIX, CREATED
 
-__all__ = ["GCReport", "collect_garbage", "TMP_AGE"]
+__all__ = ["GCReport", "collect_garbage", "TMP_AGE", "MARKER_GRACE"]
 
 TMP_AGE = 3600                 # seconds after which a writer's temporary file is taken as left over
+MARKER_GRACE = 3600            # seconds after which a session directory without its marker is taken as abandoned
 _NAME = re.compile(r"[0-9a-f]{32}")
 _BLOCK = re.compile(r"[0-9a-f]{64}" + re.escape(BLOCK_SUFFIX))
 _TMP = re.compile(r"\..*\.tmp")
@@ -73,6 +78,42 @@ def _dir_ok(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+def _idle_since(path: str, now: int, seconds: int) -> bool:
+    """Whether ``path`` (a directory) has not changed for more than ``seconds``."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return now - max(st.st_mtime_ns, st.st_ctime_ns) > seconds * 10**9
+
+
+def _remove_session_dir(sdir: str, created: int | None) -> bool:
+    """Remove an ended session's directory if only its marker is left in it; the marker is removed only
+    together with the directory (put back, with its time, if the directory cannot go)."""
+    try:
+        left = os.listdir(sdir)
+    except OSError:
+        return False
+    if any(name != CREATED for name in left):
+        return False
+    marker = os.path.join(sdir, CREATED)
+    try:
+        if left:
+            os.unlink(marker)
+        os.rmdir(sdir)
+        return True
+    except FileNotFoundError:
+        return not os.path.lexists(sdir)     # another clean-up removed it first
+    except OSError:
+        if left and created is not None:     # a file appeared in the meantime: the directory stays marked
+            try:
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+                os.utime(marker, ns=(created, created), follow_symlinks=False)
+            except OSError:
+                pass
+        return False
 
 
 def collect_garbage(storage: str, *, max_bytes: int | None = None, max_age: float | None = None,
@@ -124,11 +165,20 @@ def collect_garbage(storage: str, *, max_bytes: int | None = None, max_age: floa
             try:
                 created = os.lstat(os.path.join(sdir, CREATED)).st_mtime_ns
             except OSError:
-                created = 0                            # no marker: older than any session that has one
+                created = None
+            if created is None:
+                # no marker: a directory an earlier version was still making, or abandoned; never the oldest
+                if not _idle_since(sdir, now, MARKER_GRACE):
+                    rep.skipped.append(sdir)
+                    continue
             sessions.append((created, session, sdir))
-        sessions.sort()
-        for i, (_, session, sdir) in enumerate(sessions):
-            ended = i < len(sessions) - 1
+        marked = [c for c, _, _ in sessions if c is not None]
+        newest = max(marked, default=None)
+        for created, session, sdir in sorted(sessions, key=lambda e: (e[0] is not None, e[0] or 0, e[1])):
+            # ended: older than the newest marked session (sessions tied with it are all kept), or without
+            # a marker and untouched for longer than the grace period
+            ended = created is None or created < newest
+            reason = "its session ended" if created is not None else "its session directory was left unmarked"
             for name in os.listdir(sdir):
                 path = os.path.join(sdir, name)
                 try:
@@ -151,19 +201,14 @@ def collect_garbage(storage: str, *, max_bytes: int | None = None, max_age: floa
                     if unlink(path):
                         rep.deleted_blocks += 1
                         rep.deleted_bytes += b.size
-                        record(tenant, f"block {session}/{name}", b.size, "its session ended")
+                        record(tenant, f"block {session}/{name}", b.size, reason)
                 else:
                     live.append(b)
             if ended:
-                try:
-                    os.unlink(os.path.join(sdir, CREATED))
-                except OSError:
-                    pass
-                try:
-                    os.rmdir(sdir)
+                if _remove_session_dir(sdir, created):
                     rep.deleted_sessions += 1
-                    record(tenant, f"session directory {session}", 0, "its session ended")
-                except OSError:
+                    record(tenant, f"session directory {session}", 0, reason)
+                else:
                     rep.skipped.append(sdir)           # something not the connector's is left in it
     say(f"scanned {rep.blocks} block(s), {rep.bytes} bytes; {rep.deleted_blocks} of ended sessions deleted")
     if max_age is not None:
