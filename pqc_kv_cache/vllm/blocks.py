@@ -163,7 +163,7 @@ class _Opened:
     layer: int
     status: Any                                      # DecryptStatus
     block_ids: np.ndarray                            # block id of each chunk
-    files: list[tuple[str, Any]]                     # (path, status when read) of each chunk's block file
+    files: list[tuple[str, Any, str, str]]           # (path, status when read, tenant, session) per chunk
     arena: torch.Tensor                              # kept alive until the device has read it
 
 
@@ -406,10 +406,14 @@ class KVBlockStore:
             self._open_keys[ck] = self.keys.key(tenant, session, epoch)
         return self._open_keys[ck]
 
-    def _drop_file(self, path: str, st: Any) -> bool:
+    def _drop_file(self, path: str, st: Any, tenant_id: str, session_id: str, why: str) -> bool:
         """Remove a block file found bad (malformed, or a tag that failed), unless another engine has replaced
-        it since it was read, so that the block's next save stores it afresh."""
-        return st is not None and remove_if_same(path, st)
+        it since it was read, so that the block's next save stores it afresh; each removal is a DELETE record."""
+        if st is None or not remove_if_same(path, st):
+            return False
+        self.log.log_event("delete", tenant_id, session_id, nbytes=st.st_size,
+                           details=f"vllm block store: block file {os.path.basename(path)} deleted ({why})")
+        return True
 
     def load(self, loads: Sequence[LoadRequest], layers: Sequence[tuple[int, torch.Tensor]]) -> None:
         """Fill ``loads``' blocks in every layer of ``layers`` ((layer index, block tensor)); see the module
@@ -434,7 +438,8 @@ class KVBlockStore:
                 for epoch in {x[1] for chunks in per_layer.values() for x in chunks}:
                     self._key(req.tenant_id, req.session_id, epoch)
             except KVCacheError as e:        # a bad or missing file, a refused key: this request only
-                dropped = isinstance(e, MalformedStoreError) and self._drop_file(e.path, e.stat)
+                dropped = isinstance(e, MalformedStoreError) and self._drop_file(
+                    e.path, e.stat, req.tenant_id, req.session_id, f"malformed: {e}")
                 refused.append(req)
                 self.log.log_decrypt(req.tenant_id, req.session_id, -1, req.indices[0] * bs if req.indices else 0,
                                      position_count=len(req.block_ids) * bs, success=False,
@@ -485,7 +490,7 @@ class KVBlockStore:
                 ctr.append(counter)
                 offs.append(off)
                 parts.append(ct)
-                files.append((path, self._read_files.get(path)))
+                files.append((path, self._read_files.get(path), req.tenant_id, req.session_id))
                 off += len(ct)
         n = len(rows)
         table = {"slot": np.asarray(slot, np.int64), "row": np.asarray(rows, np.int64),
@@ -522,7 +527,7 @@ class KVBlockStore:
             bad = np.flatnonzero(st)
             errors.update(int(b) for b in o.block_ids[bad])
             for i in bad:
-                self._drop_file(*o.files[int(i)])
+                self._drop_file(*o.files[int(i)], f"a tag failed in layer {o.layer}")
         return errors
 
     def close(self) -> None:

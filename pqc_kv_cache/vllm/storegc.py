@@ -14,13 +14,14 @@ What the store's layout (``pqc_kv_cache.vllm.storefiles``) tells without the ser
   if later; ``max_age`` deletes blocks unused for longer (a session that expired with no successor has
   no use after its expiry, so this deletes it too), ``max_bytes`` then deletes the least recently used
   blocks until the store's block files fit the quota;
-* left-over temporary files of a writer that died mid-write (older than ``TMP_AGE`` seconds) are deleted.
+* left-over temporary files of a writer that died mid-write, and session directories it was still making
+  (older than ``TMP_AGE`` seconds), are deleted.
 
 Nothing else is touched: an entry whose name is not one the connector makes, a link, or a directory that is
 not the server's is left as it is and counted as skipped. Deleting a block an engine is about to load makes
 that load a recorded refusal, and vLLM computes the block again.
 
-Each deleted block (or session directory) is one DELETE record in the given audit log, with the tenant
+Each deleted block (or session directory, or temporary file) is one DELETE record in the given audit log, with the tenant
 directory's and block's names (MACs; the clean-up does not know tenant ids) and the reason.
 """
 
@@ -43,6 +44,7 @@ MARKER_GRACE = 3600            # seconds after which a session directory without
 _NAME = re.compile(r"[0-9a-f]{32}")
 _BLOCK = re.compile(r"[0-9a-f]{64}" + re.escape(BLOCK_SUFFIX))
 _TMP = re.compile(r"\..*\.tmp")
+_LEFT_OVER = "left over by a writer that stopped mid-write"
 
 
 @dataclass
@@ -159,6 +161,14 @@ def collect_garbage(storage: str, *, max_bytes: int | None = None, max_age: floa
         sessions = []
         for session in os.listdir(tdir):
             sdir = os.path.join(tdir, session)
+            if _TMP.fullmatch(session) and _dir_ok(sdir):
+                # a session directory a writer was making (it holds at most the marker) when it stopped
+                if _idle_since(sdir, now, TMP_AGE) and _remove_session_dir(sdir, None):
+                    rep.deleted_temporaries += 1
+                    record(tenant, f"temporary session directory {session}", 0, _LEFT_OVER)
+                elif os.path.lexists(sdir):
+                    rep.skipped.append(sdir)
+                continue
             if not _NAME.fullmatch(session) or not _dir_ok(sdir):
                 rep.skipped.append(sdir)
                 continue
@@ -190,6 +200,7 @@ def collect_garbage(storage: str, *, max_bytes: int | None = None, max_age: floa
                 if _TMP.fullmatch(name) and stat.S_ISREG(st.st_mode):
                     if now - st.st_mtime_ns > TMP_AGE * 10**9 and unlink(path):
                         rep.deleted_temporaries += 1
+                        record(tenant, f"temporary file {session}/{name}", st.st_size, _LEFT_OVER)
                     continue
                 if not _BLOCK.fullmatch(name) or not stat.S_ISREG(st.st_mode):
                     rep.skipped.append(path)

@@ -200,6 +200,10 @@ def test_a_flipped_byte_zeroes_its_block_reports_it_and_the_next_save_replaces_t
         assert log.flush(timeout=10)
         failed = [r for r in log.entries(limit=None) if r.operation == "decrypt" and not r.success]
         assert failed and all(r.layer_idx == 1 and r.position == BS and r.position_count == BS for r in failed)
+        deleted = [r for r in log.entries(limit=None) if r.operation == "delete"]      # the removal is on record
+        assert len(deleted) == 1 and deleted[0].nbytes == len(data)
+        assert (deleted[0].tenant_id, deleted[0].session_id) == (sa.tenant_id, sa.session_id)
+        assert os.path.basename(victim) in deleted[0].details and "a tag failed in layer 1" in deleted[0].details
         # the tampered file is gone (not a hit that fails every later request); the next save stores it anew
         assert not os.path.exists(victim) and os.path.exists(_paths(tmp_path, sa.session_id, [0])[0])
         _save(store, src, tmp_path, sa, [[([1], [1])]], req_id="r3")
@@ -237,6 +241,9 @@ def test_a_missing_or_bad_block_file_refuses_the_whole_request_and_a_bad_one_is_
         recs = [r for r in log.entries(limit=None) if r.operation == "decrypt"]
         assert len(recs) == 1 and not recs[0].success and "load refused (request r2)" in recs[0].details
         assert ("removed" in recs[0].details) == (damage != "missing")
+        deleted = [r for r in log.entries(limit=None) if r.operation == "delete"]
+        assert [os.path.basename(p0) in r.details and "malformed" in r.details for r in deleted] == \
+            ([] if damage == "missing" else [True])
         assert not os.path.exists(p0)
         _save(store, src, tmp_path, sa, [[([0, 1], [0, 1])]], req_id="r3")     # the next save stores it anew
         store.load([_load("r4", tmp_path, sa, [4, 6], [0, 1])], [(layer, dst[layer]) for layer in LAYERS])

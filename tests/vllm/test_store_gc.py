@@ -259,3 +259,29 @@ def test_an_ended_session_directory_that_cannot_be_removed_keeps_its_marker(tmp_
     assert os.path.dirname(old) in rep.skipped
     rep = collect_garbage(str(store), now_ns=NOW)                    # still the older one: the newest is kept
     assert os.path.exists(new) and rep.deleted_blocks == 0
+
+
+def test_left_over_temporaries_are_deleted_on_record_and_fresh_ones_kept(tmp_path):
+    store = tmp_path / "store"
+    p = _block(store, "tenant-a", "s", 0, 100, used_s=5)
+    sdir, tdir = os.path.dirname(p), os.path.dirname(os.path.dirname(p))
+    old_file, new_file = os.path.join(sdir, ".a1.tmp"), os.path.join(sdir, ".b2.tmp")
+    for path, age in ((old_file, 7200), (new_file, 60)):
+        with open(path, "wb") as f:
+            f.write(b"y" * 30)
+        os.utime(path, ns=(NOW - age * 10**9,) * 2)
+    old_dir, new_dir = os.path.join(tdir, ".s1.x.tmp"), os.path.join(tdir, ".s2.y.tmp")   # session dirs being made
+    for path, age in ((old_dir, 7200), (new_dir, 60)):
+        os.mkdir(path, 0o700)
+        open(os.path.join(path, ".created"), "wb").close()
+        os.utime(path, ns=(NOW - age * 10**9,) * 2)
+    log = KVAuditLog(str(tmp_path / "audit.log"))
+    try:
+        rep = collect_garbage(str(store), log=log, now_ns=NOW)
+        recs = [r for r in log.entries(limit=None) if r.operation == "delete"]
+    finally:
+        log.close(timeout=10)
+    assert not os.path.exists(old_file) and not os.path.exists(old_dir) and rep.deleted_temporaries == 2
+    assert os.path.exists(new_file) and os.path.exists(new_dir) and os.path.exists(p) and new_dir in rep.skipped
+    assert sorted((r.nbytes, "left over by a writer" in r.details) for r in recs) == [(0, True), (30, True)]
+    assert any(".a1.tmp" in r.details for r in recs) and any(".s1.x.tmp" in r.details for r in recs)
