@@ -156,6 +156,9 @@ class _Sealed:
     parts: list[tuple[SavePart, int, int, int]]      # part, epoch, first counter, arena offset
 
 
+_U32 = (1 << 32) - 1            # a record's byte count; a larger file's size is in its details
+
+
 @dataclass
 class _Opened:
     """One layer's open of a step, until its status is read."""
@@ -411,8 +414,9 @@ class KVBlockStore:
         it since it was read, so that the block's next save stores it afresh; each removal is a DELETE record."""
         if st is None or not remove_if_same(path, st):
             return False
-        self.log.log_event("delete", tenant_id, session_id, nbytes=st.st_size,
-                           details=f"vllm block store: block file {os.path.basename(path)} deleted ({why})")
+        self.log.log_event("delete", tenant_id, session_id, nbytes=min(st.st_size, _U32),
+                           details=f"vllm block store: block file {os.path.basename(path)} of {st.st_size} bytes "
+                                   f"deleted ({why})")
         return True
 
     def load(self, loads: Sequence[LoadRequest], layers: Sequence[tuple[int, torch.Tensor]]) -> None:

@@ -44,6 +44,7 @@ MARKER_GRACE = 3600            # seconds after which a session directory without
 _NAME = re.compile(r"[0-9a-f]{32}")
 _BLOCK = re.compile(r"[0-9a-f]{64}" + re.escape(BLOCK_SUFFIX))
 _TMP = re.compile(r"\..*\.tmp")
+_U32 = (1 << 32) - 1           # a record's byte count; a larger file's size is in its details
 _LEFT_OVER = "left over by a writer that stopped mid-write"
 
 
@@ -142,8 +143,8 @@ def collect_garbage(storage: str, *, max_bytes: int | None = None, max_age: floa
     def record(tenant: str, what: str, size: int, reason: str) -> None:
         rep.reasons[reason] = rep.reasons.get(reason, 0) + 1
         if log is not None:
-            log.log_event("delete", tenant, "", position_count=0, nbytes=size,
-                          details=f"vllm-store gc: {what} deleted ({reason})")
+            log.log_event("delete", tenant, "", position_count=0, nbytes=min(size, _U32),
+                          details=f"vllm-store gc: {what} of {size} bytes deleted ({reason})")
 
     def unlink(path: str) -> bool:
         try:

@@ -285,3 +285,19 @@ def test_left_over_temporaries_are_deleted_on_record_and_fresh_ones_kept(tmp_pat
     assert os.path.exists(new_file) and os.path.exists(new_dir) and os.path.exists(p) and new_dir in rep.skipped
     assert sorted((r.nbytes, "left over by a writer" in r.details) for r in recs) == [(0, True), (30, True)]
     assert any(".a1.tmp" in r.details for r in recs) and any(".s1.x.tmp" in r.details for r in recs)
+
+
+def test_a_block_file_over_4_gib_is_deleted_on_record_with_its_size(tmp_path):
+    store = tmp_path / "store"
+    old = _block(store, "tenant-a", "s-old", 0, 10, used_s=5, created_s=9000)
+    _block(store, "tenant-a", "s-new", 0, 10, used_s=5, created_s=100)
+    with open(old, "r+b") as f:
+        f.truncate(1 << 33)                                          # sparse
+    log = KVAuditLog(str(tmp_path / "audit.log"))
+    try:
+        rep = collect_garbage(str(store), log=log, now_ns=NOW)
+        recs = [r for r in log.entries(limit=None) if r.operation == "delete" and r.nbytes]
+    finally:
+        log.close(timeout=10)
+    assert not os.path.exists(old) and rep.deleted_bytes == 1 << 33
+    assert len(recs) == 1 and recs[0].nbytes == (1 << 32) - 1 and f"of {1 << 33} bytes" in recs[0].details
