@@ -176,9 +176,13 @@ class KVBlockStore:
     ``backend``: ``select_backend(device)`` of the KV caches (or a twin in tests); ``log``: the worker's
     KVAuditLog; ``keys``: the key service's client; ``layout``: a key of LAYOUTS."""
 
-    def __init__(self, backend: CryptoBackend, log: KVAuditLog, keys: KeySource, block_size: int, layout: str):
+    def __init__(self, backend: CryptoBackend, log: KVAuditLog, keys: KeySource, block_size: int, layout: str,
+                 model: bytes = b""):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown KV block layout {layout!r}; known: {sorted(LAYOUTS)}")
+        if not isinstance(model, bytes) or len(model) not in (0, 32):
+            raise ValueError("model must be a 32-byte model_fingerprint (or empty)")
+        self.model = model                  # written in each block file's header and checked on read
         self.backend, self.log, self.keys = backend, log, keys
         self.block_size, self.layout = block_size, layout
         self._reservations: dict[tuple[str, str], list] = {}
@@ -347,7 +351,7 @@ class KVBlockStore:
                     make_session_dir(os.path.dirname(tenant_dir), os.path.basename(tenant_dir),
                                      os.path.basename(directory))
                     write_atomic(path, encode_block(block_size=bs, dtype=next(iter(dtypes)), index=p.indices[j],
-                                                    layers=entries,
+                                                    model=self.model, layers=entries,
                                                     body=b"".join(per_layer[layer][1] for layer in want)))
                     mine.append(j)
                     written.append(path)
@@ -388,11 +392,12 @@ class KVBlockStore:
                 h, body, st = read_block(path, cl)
                 self._read_files[path] = st
                 entries = {e["layer"]: (i, e) for i, e in enumerate(h["layers"])}
-                if (h["block_size"], h["index"], h["dtype"]) != (bs, index, dtype) or any(
+                if (h["block_size"], h["index"], h["dtype"], h["model"]) != (bs, index, dtype, self.model.hex()) or any(
                         layer not in entries or (entries[layer][1]["num_heads"], entries[layer][1]["head_dim"]) !=
                         (lay.num_heads, lay.head_dim) for layer in views):
                     err = MalformedStoreError(f"{path}: not block {index} of {bs} positions in {dtype} "
-                                              f"[{lay.num_heads} x {lay.head_dim}] of layers {sorted(views)}")
+                                              f"[{lay.num_heads} x {lay.head_dim}] of layers {sorted(views)} "
+                                              f"of this model")
                     err.stat = st
                     raise err
             except MalformedStoreError as e:
