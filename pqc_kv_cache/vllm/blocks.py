@@ -156,6 +156,9 @@ class _Sealed:
     parts: list[tuple[SavePart, int, int, int]]      # part, epoch, first counter, arena offset
 
 
+_U32 = (1 << 32) - 1            # a record's byte count; a larger file's size is in its details
+
+
 @dataclass
 class _Opened:
     """One layer's open of a step, until its status is read."""
@@ -163,7 +166,7 @@ class _Opened:
     layer: int
     status: Any                                      # DecryptStatus
     block_ids: np.ndarray                            # block id of each chunk
-    files: list[tuple[str, Any]]                     # (path, status when read) of each chunk's block file
+    files: list[tuple[str, Any, str, str]]           # (path, status when read, tenant, session) per chunk
     arena: torch.Tensor                              # kept alive until the device has read it
 
 
@@ -173,9 +176,13 @@ class KVBlockStore:
     ``backend``: ``select_backend(device)`` of the KV caches (or a twin in tests); ``log``: the worker's
     KVAuditLog; ``keys``: the key service's client; ``layout``: a key of LAYOUTS."""
 
-    def __init__(self, backend: CryptoBackend, log: KVAuditLog, keys: KeySource, block_size: int, layout: str):
+    def __init__(self, backend: CryptoBackend, log: KVAuditLog, keys: KeySource, block_size: int, layout: str,
+                 model: bytes = b""):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown KV block layout {layout!r}; known: {sorted(LAYOUTS)}")
+        if not isinstance(model, bytes) or len(model) not in (0, 32):
+            raise ValueError("model must be a 32-byte model_fingerprint (or empty)")
+        self.model = model                  # written in each block file's header and checked on read
         self.backend, self.log, self.keys = backend, log, keys
         self.block_size, self.layout = block_size, layout
         self._reservations: dict[tuple[str, str], list] = {}
@@ -344,7 +351,7 @@ class KVBlockStore:
                     make_session_dir(os.path.dirname(tenant_dir), os.path.basename(tenant_dir),
                                      os.path.basename(directory))
                     write_atomic(path, encode_block(block_size=bs, dtype=next(iter(dtypes)), index=p.indices[j],
-                                                    layers=entries,
+                                                    model=self.model, layers=entries,
                                                     body=b"".join(per_layer[layer][1] for layer in want)))
                     mine.append(j)
                     written.append(path)
@@ -385,11 +392,12 @@ class KVBlockStore:
                 h, body, st = read_block(path, cl)
                 self._read_files[path] = st
                 entries = {e["layer"]: (i, e) for i, e in enumerate(h["layers"])}
-                if (h["block_size"], h["index"], h["dtype"]) != (bs, index, dtype) or any(
+                if (h["block_size"], h["index"], h["dtype"], h["model"]) != (bs, index, dtype, self.model.hex()) or any(
                         layer not in entries or (entries[layer][1]["num_heads"], entries[layer][1]["head_dim"]) !=
                         (lay.num_heads, lay.head_dim) for layer in views):
                     err = MalformedStoreError(f"{path}: not block {index} of {bs} positions in {dtype} "
-                                              f"[{lay.num_heads} x {lay.head_dim}] of layers {sorted(views)}")
+                                              f"[{lay.num_heads} x {lay.head_dim}] of layers {sorted(views)} "
+                                              f"of this model")
                     err.stat = st
                     raise err
             except MalformedStoreError as e:
@@ -406,10 +414,15 @@ class KVBlockStore:
             self._open_keys[ck] = self.keys.key(tenant, session, epoch)
         return self._open_keys[ck]
 
-    def _drop_file(self, path: str, st: Any) -> bool:
+    def _drop_file(self, path: str, st: Any, tenant_id: str, session_id: str, why: str) -> bool:
         """Remove a block file found bad (malformed, or a tag that failed), unless another engine has replaced
-        it since it was read, so that the block's next save stores it afresh."""
-        return st is not None and remove_if_same(path, st)
+        it since it was read, so that the block's next save stores it afresh; each removal is a DELETE record."""
+        if st is None or not remove_if_same(path, st):
+            return False
+        self.log.log_event("delete", tenant_id, session_id, nbytes=min(st.st_size, _U32),
+                           details=f"vllm block store: block file {os.path.basename(path)} of {st.st_size} bytes "
+                                   f"deleted ({why})")
+        return True
 
     def load(self, loads: Sequence[LoadRequest], layers: Sequence[tuple[int, torch.Tensor]]) -> None:
         """Fill ``loads``' blocks in every layer of ``layers`` ((layer index, block tensor)); see the module
@@ -434,7 +447,8 @@ class KVBlockStore:
                 for epoch in {x[1] for chunks in per_layer.values() for x in chunks}:
                     self._key(req.tenant_id, req.session_id, epoch)
             except KVCacheError as e:        # a bad or missing file, a refused key: this request only
-                dropped = isinstance(e, MalformedStoreError) and self._drop_file(e.path, e.stat)
+                dropped = isinstance(e, MalformedStoreError) and self._drop_file(
+                    e.path, e.stat, req.tenant_id, req.session_id, f"malformed: {e}")
                 refused.append(req)
                 self.log.log_decrypt(req.tenant_id, req.session_id, -1, req.indices[0] * bs if req.indices else 0,
                                      position_count=len(req.block_ids) * bs, success=False,
@@ -485,7 +499,7 @@ class KVBlockStore:
                 ctr.append(counter)
                 offs.append(off)
                 parts.append(ct)
-                files.append((path, self._read_files.get(path)))
+                files.append((path, self._read_files.get(path), req.tenant_id, req.session_id))
                 off += len(ct)
         n = len(rows)
         table = {"slot": np.asarray(slot, np.int64), "row": np.asarray(rows, np.int64),
@@ -522,7 +536,7 @@ class KVBlockStore:
             bad = np.flatnonzero(st)
             errors.update(int(b) for b in o.block_ids[bad])
             for i in bad:
-                self._drop_file(*o.files[int(i)])
+                self._drop_file(*o.files[int(i)], f"a tag failed in layer {o.layer}")
         return errors
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ from ..backends import select_backend
 from ..errors import KVCacheError
 from .blocks import KVBlockStore, LoadRequest, SavePart
 from .keyservice import KeyClient
-from .storefiles import block_file, chain_hashes
+from .storefiles import block_file, chain_hashes, model_fingerprint
 from .storegc import collect_garbage
 from .tenancy import PARAMS_KEY, ServerSecret, load_server_secret
 
@@ -95,6 +95,15 @@ def _gc_config(value: Any) -> dict | None:
     if out["interval_s"] is None:
         raise ValueError("store_gc interval_s must be a number of seconds")
     return out
+
+
+def model_of(vllm_config: Any) -> bytes:
+    """``model_fingerprint`` of the engine's model from vLLM's configuration: the model's name or path, its
+    revision, the KV cache dtype (the model's dtype when ``auto``), its layer count, KV heads and head size."""
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    kv_dtype = cc.cache_dtype if cc.cache_dtype != "auto" else str(mc.dtype).removeprefix("torch.")
+    return model_fingerprint(str(mc.model), mc.revision, str(kv_dtype), mc.get_total_num_hidden_layers(),
+                             mc.get_total_num_kv_heads(), mc.get_head_size())
 
 
 def _is_file(path: str) -> bool:
@@ -193,7 +202,8 @@ class PQCKVConnector(KVConnectorBase_V1):
         if not isinstance(storage, str) or not storage or not isinstance(secret_path, str) or not secret_path:
             raise ValueError("PQCKVConnector needs kv_connector_extra_config['storage_path'] and "
                              "['server_secret'] (the path of the server secret's key file)")
-        self._init_scheduler_state(vllm_config.cache_config.block_size, storage, load_server_secret(secret_path))
+        self._init_scheduler_state(vllm_config.cache_config.block_size, storage, load_server_secret(secret_path),
+                                   model_of(vllm_config))
         # worker side
         self._layers: list[tuple[int, torch.Tensor]] = []
         self._store: KVBlockStore | None = None
@@ -216,9 +226,11 @@ class PQCKVConnector(KVConnectorBase_V1):
             atexit.register(self._close_audit)      # sealed when the worker exits without a shutdown call
 
     # ------------------------------------------------------------------ scheduler side
-    def _init_scheduler_state(self, block_size: int, storage: str, secret: ServerSecret) -> None:
-        """What the scheduler side keeps between steps (also how its tests build one without an engine)."""
+    def _init_scheduler_state(self, block_size: int, storage: str, secret: ServerSecret, model: bytes) -> None:
+        """What the scheduler side keeps between steps (also how its tests build one without an engine);
+        ``model``: the model's ``model_fingerprint``, in every chain hash and block file."""
         self._block_size = block_size
+        self._model = model
         self._storage = storage
         self._secret = secret
         self._plans: dict[str, _Plan] = {}                     # requests the connector serves
@@ -254,7 +266,7 @@ class PQCKVConnector(KVConnectorBase_V1):
             return None
         lora = getattr(request, "lora_request", None)
         chains = chain_hashes(tokens[:n], self._block_size,
-                              None if lora is None else (lora.lora_name, lora.lora_path))
+                              None if lora is None else (lora.lora_name, lora.lora_path), self._model)
         plan = _Plan(ts[0], ts[1], n, chains,
                      [block_file(self._storage, self._secret, ts[0], ts[1], c) for c in chains])
         self._plans[request.request_id] = plan
@@ -384,7 +396,7 @@ class PQCKVConnector(KVConnectorBase_V1):
         assert self._audit is not None and self._keys is not None
         self._layers = sorted(((extract_layer_index(name), t) for name, t in kv_caches.items()), key=lambda x: x[0])
         self._store = KVBlockStore(select_backend(devices.pop()), self._audit, self._keys, self._block_size,
-                                   layouts.pop())
+                                   layouts.pop(), self._model)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

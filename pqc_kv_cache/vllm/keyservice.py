@@ -25,9 +25,13 @@ expired one, or one that does not speak TLS 1.3, fails the handshake before anyt
 request: it is counted in ``refused`` and logged at WARNING (logger ``pqc_kv_cache.vllm.keyservice``). The
 engine token and the in-flight check apply on TCP as on the socket; the uid check is the socket's only.
 
-Connections are served concurrently (up to ``MAX_CONNECTIONS``, each on its own thread, with a
-``CONNECTION_TIMEOUT`` per read), so idle clients do not stall the others; a malformed request gets an error
-reply and the service goes on.
+Connections are served concurrently, each on its own thread, with a ``CONNECTION_TIMEOUT`` per read, so idle
+clients do not stall the others; a malformed request gets an error reply and the service goes on. The socket
+and TCP have slot pools of their own (``MAX_CONNECTIONS`` each), so peers on the network cannot take the
+socket's slots; a TCP peer's TLS handshake must finish within ``HANDSHAKE_TIMEOUT`` seconds in all (not per
+read), and one peer address holds at most ``MAX_CONNECTIONS_PER_PEER`` TCP connections at once. A connection
+turned away for want of a slot is closed at once, counted in ``turned_away`` and logged at WARNING (at most
+one line per ``TURNED_AWAY_LOG_INTERVAL`` seconds, with the count since the last line).
 
 Protocol: one request per connection, a 4-byte big-endian length then a JSON object; the reply likewise.
 
@@ -70,8 +74,11 @@ SOCKET_NAME = "keys.sock"
 _LEN = struct.Struct(">I")
 _MAX_MESSAGE = 64 * 1024
 _MAX_RESERVE = 1 << 20
-MAX_CONNECTIONS = 64          # served at once, each on its own thread
+MAX_CONNECTIONS = 64          # served at once on the socket, and as many on TCP, each on its own thread
+MAX_CONNECTIONS_PER_PEER = 8  # TCP connections of one peer address served at once
 CONNECTION_TIMEOUT = 5.0      # seconds a connection may wait between reads
+HANDSHAKE_TIMEOUT = 5.0       # seconds a TCP peer's whole TLS handshake may take
+TURNED_AWAY_LOG_INTERVAL = 10.0
 TLS_SCHEME = "tls://"
 _log = logging.getLogger("pqc_kv_cache.vllm.keyservice")
 
@@ -156,6 +163,21 @@ def _recv(conn: socket.socket) -> dict:
     return obj
 
 
+def _handshake_by(tls: ssl.SSLSocket, deadline: float) -> None:
+    """``tls.do_handshake()`` that fails (``socket.timeout``) once ``deadline`` (``time.monotonic()``) has
+    passed, however the peer paces its bytes."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the TLS handshake took too long")
+        tls.settimeout(left)
+        try:
+            tls.do_handshake()
+            return
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            continue
+
+
 def _private_dir(path: str) -> str:
     """Create ``path`` with mode 0700, or check that an existing one is ours and 0700."""
     path = os.path.abspath(path)
@@ -224,13 +246,18 @@ class KeyService:
         self.allowed_uids = frozenset({os.getuid()}) if allowed_uids is None else frozenset(allowed_uids)
         self.refused = 0          # connections refused by the peer check or the TLS handshake
         self.messages = 0         # requests read (a refused handshake reads none)
+        self.turned_away = 0      # connections closed unserved for want of a slot (pool or per-peer cap)
         self.address: str | None = None     # tls://host:port once listening on TCP
         self._count_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._tcp_sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._slots = {False: threading.BoundedSemaphore(MAX_CONNECTIONS),      # the socket's
+                       True: threading.BoundedSemaphore(MAX_CONNECTIONS)}       # TCP's
+        self._per_peer: Counter[str] = Counter()
+        self._unlogged = 0
+        self._last_log = -float("inf")
 
     def start(self) -> "KeyService":
         if self._sock is not None:
@@ -275,11 +302,12 @@ class KeyService:
             os.unlink(self.path)
         # connections already accepted finish (each within its read timeout), so that the counters are final
         deadline = time.monotonic() + 2 * CONNECTION_TIMEOUT
-        held = 0
-        while held < MAX_CONNECTIONS and self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            held += 1
-        for _ in range(held):
-            self._slots.release()
+        for slots in self._slots.values():
+            held = 0
+            while held < MAX_CONNECTIONS and slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                held += 1
+            for _ in range(held):
+                slots.release()
 
     def __enter__(self) -> "KeyService":
         return self.start()
@@ -290,16 +318,63 @@ class KeyService:
     def _serve(self, sock: socket.socket, tls: bool) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = sock.accept()
+                conn, addr = sock.accept()
             except socket.timeout:
                 continue
             except OSError:
                 return
-            if not self._slots.acquire(blocking=False):
-                conn.close()        # MAX_CONNECTIONS busy: refused at once rather than queued behind them
+            peer = addr[0] if tls else None
+            if not self._take_slot(tls, peer):
+                conn.close()        # refused at once rather than queued behind the busy ones
                 continue
-            threading.Thread(target=self._connection, args=(conn, tls), name="pqc-kv-key-conn",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._connection, args=(conn, tls, peer), name="pqc-kv-key-conn",
+                                 daemon=True).start()
+            except RuntimeError:    # no thread to be had: turned away like a full pool
+                conn.close()
+                self._give_slot(tls, peer)
+                self._turn_away("no thread to serve it")
+
+    def _take_slot(self, tls: bool, peer: str | None) -> bool:
+        """A slot of the socket's or TCP's pool and, on TCP, one of the peer address's; False (turned away,
+        counted and logged) if none is free."""
+        if tls:
+            with self._count_lock:
+                if self._per_peer[peer] >= MAX_CONNECTIONS_PER_PEER:
+                    full = True
+                else:
+                    full = False
+                    self._per_peer[peer] += 1
+            if full:
+                self._turn_away(f"{peer} already has {MAX_CONNECTIONS_PER_PEER} connections")
+                return False
+        if self._slots[tls].acquire(blocking=False):
+            return True
+        if tls:
+            self._give_peer(peer)
+        self._turn_away(f"all {MAX_CONNECTIONS} {'TCP' if tls else 'socket'} connections are busy")
+        return False
+
+    def _give_slot(self, tls: bool, peer: str | None) -> None:
+        self._slots[tls].release()
+        if tls:
+            self._give_peer(peer)
+
+    def _give_peer(self, peer: str | None) -> None:
+        with self._count_lock:
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
+
+    def _turn_away(self, why: str) -> None:
+        with self._count_lock:
+            self.turned_away += 1
+            self._unlogged += 1
+            now = time.monotonic()
+            if now - self._last_log < TURNED_AWAY_LOG_INTERVAL:
+                return
+            n, self._unlogged, self._last_log = self._unlogged, 0, now
+        _log.warning("key service turned away %d connection(s) since its last such line; the latest: %s", n, why)
 
     def _refuse(self, why: str) -> None:
         with self._count_lock:
@@ -320,20 +395,21 @@ class KeyService:
             conn.close()
             return None
         try:
-            tls.do_handshake()
+            _handshake_by(tls, time.monotonic() + HANDSHAKE_TIMEOUT)
         except ssl.SSLError as e:
             self._refuse(f"TLS handshake with {peer} failed: {e.reason or e}")
             tls.close()
             return None
-        except OSError as e:                 # a peer that hung up or stayed silent past the timeout
+        except OSError as e:                 # a peer that hung up or did not finish in time
             self._refuse(f"TLS handshake with {peer} failed: {type(e).__name__}")
             tls.close()
             return None
+        tls.settimeout(CONNECTION_TIMEOUT)
         return tls
 
-    def _connection(self, conn: socket.socket, tls: bool) -> None:
+    def _connection(self, conn: socket.socket, tls: bool, peer: str | None) -> None:
         """One connection, on its own thread: an idle or slow client holds only its own slot, for at most
-        CONNECTION_TIMEOUT seconds per read."""
+        HANDSHAKE_TIMEOUT seconds in its handshake and CONNECTION_TIMEOUT seconds per read after it."""
         try:
             conn.settimeout(CONNECTION_TIMEOUT)
             if tls:
@@ -352,7 +428,7 @@ class KeyService:
                 except OSError:
                     pass            # a broken client gets nothing; the service keeps serving
         finally:
-            self._slots.release()
+            self._give_slot(tls, peer)
 
     def _read(self, conn: socket.socket) -> dict:
         with self._count_lock:

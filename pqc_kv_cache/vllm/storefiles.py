@@ -9,15 +9,20 @@ and the chain hash of every token up to and including the block, so a request fi
 blocks under its own name (the longest stored run of them is a hit), whichever request or engine stored
 them, and nobody without the secret can tell from the names which tenant or prompt they are.
 
-**Chain hashes.** ``chain_hashes(tokens, block_size, lora)``: ``c_0 = SHA-256(label ‖ block size ‖ LoRA
-adapter name and path)``, ``c_{i+1} = SHA-256(c_i ‖ token ids of block i as int64 little-endian)``;
+**Chain hashes.** ``chain_hashes(tokens, block_size, lora, model)``: ``c_0 = SHA-256(label ‖ block size ‖ LoRA
+adapter name and path ‖ model fingerprint)``, ``c_{i+1} = SHA-256(c_i ‖ token ids of block i as int64 little-endian)``;
 block ``i``'s hash ``c_{i+1}`` covers every token id up to and including the block. It is bound into each chunk's AAD through
 the session tag field: ``bound_session_tag(session_id, c) = SHA-256(label ‖ session_tag(session_id) ‖
 c)[:16]``, so a chunk authenticates only for the token prefix it was sealed for.
 
-**Format.** A block file: a 4-byte big-endian header length, a JSON header (``pqc_kv_cache/vllm-block-1``:
-block size, dtype, the block's index in the prompt, and per stored layer its index, heads, head size, key
-epoch and nonce counter), then one chunk (ciphertext and tag) per layer, in the header's order. A file of
+**Model.** ``model_fingerprint`` (model name or path, revision, KV dtype, layer count and head shape) is mixed
+into ``c_0``, so a block of one model is stored under other names than the same prompt's block of another
+(a base model and its fine-tune, or weights upgraded under a store that persists): another model's blocks
+are never found, hence never loaded, and are left to the clean-up. It is also in each file's header.
+
+**Format.** A block file: a 4-byte big-endian header length, a JSON header (``pqc_kv_cache/vllm-block-2``:
+block size, dtype, the block's index in the prompt, the model fingerprint, and per stored layer its index,
+heads, head size, key epoch and nonce counter), then one chunk (ciphertext and tag) per layer, in the header's order. A file of
 another format is refused.
 
 **Hostile files.** Files are opened without following links, only when regular, and read up to a bound
@@ -26,7 +31,8 @@ another format is refused.
 Writes go to a fresh temporary file in the target directory (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600),
 then renamed over the block's name, so that engines saving the same block at once each leave a whole file
 and a reader sees one of them; directories are created with mode 0700, and an existing one that is a link or
-not the server's is refused.
+not the server's is refused. A session directory is built with its marker under a temporary name and renamed
+into place, so that it never exists without its marker.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import os
 import stat
 import struct
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -47,9 +53,9 @@ from .tenancy import ServerSecret
 
 __all__ = ["BLOCK_FORMAT", "BLOCK_SUFFIX", "CREATED", "MalformedStoreError", "chain_hashes", "bound_session_tag",
            "session_dir", "block_file", "read_block", "encode_block", "make_private_dirs", "make_session_dir",
-           "write_atomic", "remove_if_same", "MAX_HEADER"]
+           "write_atomic", "remove_if_same", "MAX_HEADER", "model_fingerprint"]
 
-BLOCK_FORMAT = "pqc_kv_cache/vllm-block-1"
+BLOCK_FORMAT = "pqc_kv_cache/vllm-block-2"
 BLOCK_SUFFIX = ".pkvb"
 CREATED = ".created"          # in each session directory: made with it, never written again
 MAX_HEADER = 1 << 20          # a block file's JSON header
@@ -69,16 +75,37 @@ class MalformedStoreError(KVCacheError):
 
 
 # ---------------------------------------------------------------------------------------------- names, hashes
-def chain_hashes(token_ids: Sequence[int], block_size: int, lora: tuple[str, str] | None = None) -> list[bytes]:
+def model_fingerprint(model: str, revision: str | None, kv_dtype: str, num_layers: int, num_kv_heads: int,
+                      head_size: int) -> bytes:
+    """32 bytes naming the model whose KV is stored: its name or path, revision (None: unpinned), KV cache
+    dtype, number of layers, KV heads and head size."""
+    for name, value in (("model", model), ("kv_dtype", kv_dtype)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string")
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError("revision must be a string or None")
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_size", head_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _U32:
+            raise ValueError(f"{name} must be an int in 1..2**32-1, got {value!r}")
+    text = json.dumps([model, revision, kv_dtype, num_layers, num_kv_heads, head_size])
+    return hashlib.sha256(b"pqc_kv_cache/vllm-model\x00" + text.encode("utf-8")).digest()
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, lora: tuple[str, str] | None = None,
+                 model: bytes = b"") -> list[bytes]:
     """The chain hash of each whole block of ``token_ids`` (see the module docstring); ``lora``: the
-    adapter's (name, path), as vLLM's prefix cache keys on both."""
+    adapter's (name, path), as vLLM's prefix cache keys on both; ``model``: ``model_fingerprint`` of the
+    model (the connector always gives it; empty only where no model is involved)."""
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError("block_size must be a positive int")
+    if not isinstance(model, bytes) or len(model) not in (0, 32):
+        raise ValueError("model must be a 32-byte model_fingerprint (or empty)")
     ids = np.asarray(token_ids, dtype="<i8")
     seed = struct.pack(">QB", block_size, lora is not None)
     for part in lora or ():
         b = str(part).encode("utf-8")
         seed += struct.pack(">I", len(b)) + b
+    seed += struct.pack(">B", len(model)) + model
     h = hashlib.sha256(b"pqc_kv_cache/vllm-chain\x00" + seed).digest()
     out = []
     for i in range(ids.shape[0] // block_size):
@@ -197,6 +224,9 @@ def _read_block(path: str, chunk_len: int, max_layers: int) -> tuple[dict, bytes
         raise MalformedStoreError(f"{path}: not a {BLOCK_FORMAT} file")
     _int(header, "block_size", 1, _U32, path)
     _int(header, "index", 0, _U32, path)
+    model = header.get("model")
+    if not isinstance(model, str) or len(model) not in (0, 64) or any(c not in "0123456789abcdef" for c in model):
+        raise MalformedStoreError(f"{path}: 'model' must be a model fingerprint (64 hex digits) or empty")
     if header.get("dtype") not in _DTYPES:
         raise MalformedStoreError(f"{path}: unknown dtype")
     layers = header.get("layers")
@@ -242,15 +272,47 @@ def make_private_dirs(storage: str, *names: str) -> str:
 
 
 def make_session_dir(storage: str, tenant_name: str, session_name: str) -> str:
-    """``storage/tenant/session`` (``make_private_dirs``), with its ``.created`` marker made the first time."""
-    path = make_private_dirs(storage, tenant_name, session_name)
+    """``storage/tenant/session``, which appears with its ``.created`` marker already in it: the directory is
+    built under a temporary name in the tenant's directory and renamed into place, so that a clean-up never
+    sees a session directory without its marker. If another engine renamed its own into place first, that one
+    is used (and given a marker if it is an older one that lacks it)."""
+    tenant_dir = make_private_dirs(storage, tenant_name)
+    path = os.path.join(tenant_dir, session_name)
+    if not os.path.lexists(path):
+        try:
+            tmp = tempfile.mkdtemp(dir=tenant_dir, prefix=f".{session_name}.", suffix=".tmp")
+        except OSError as e:
+            raise MalformedStoreError(f"{tenant_dir}: cannot create a session directory ({e.strerror})") from None
+        try:
+            _make_marker(tmp)
+            os.rename(tmp, path)      # fails if another engine's (non-empty) directory is there already
+        except BaseException as e:
+            _remove_quietly(os.path.join(tmp, CREATED), os.unlink)
+            _remove_quietly(tmp, os.rmdir)
+            if not isinstance(e, OSError):
+                raise
+    st = os.lstat(path) if os.path.lexists(path) else None
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise MalformedStoreError(f"{path}: not a directory of uid {os.getuid()} (a link, a file, another "
+                                  f"user's, or it could not be created)")
+    _make_marker(path)
+    return path
+
+
+def _remove_quietly(path: str, remove: Callable[[str], None]) -> None:
+    try:
+        remove(path)
+    except OSError:
+        pass
+
+
+def _make_marker(path: str) -> None:
     try:
         os.close(os.open(os.path.join(path, CREATED), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     except FileExistsError:
         pass
     except OSError as e:
         raise MalformedStoreError(f"{path}: cannot mark the session directory ({e.strerror})") from None
-    return path
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -283,10 +345,11 @@ def remove_if_same(path: str, st: os.stat_result) -> bool:
         return False
 
 
-def encode_block(*, block_size: int, dtype: str, index: int, layers: Sequence[dict], body: bytes) -> bytes:
+def encode_block(*, block_size: int, dtype: str, index: int, layers: Sequence[dict], body: bytes,
+                 model: bytes = b"") -> bytes:
     """A block file: ``layers`` are ``{"layer", "num_heads", "head_dim", "epoch", "counter"}`` in the order of
     their chunks in ``body``."""
+    fields = ("layer", "num_heads", "head_dim", "epoch", "counter")
     header = json.dumps({"format": BLOCK_FORMAT, "block_size": block_size, "dtype": dtype, "index": index,
-                         "layers": [{k: int(e[k]) for k in ("layer", "num_heads", "head_dim", "epoch", "counter")}
-                                    for e in layers]}).encode()
+                         "model": model.hex(), "layers": [{k: int(e[k]) for k in fields} for e in layers]}).encode()
     return _HDR.pack(len(header)) + header + body

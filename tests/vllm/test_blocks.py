@@ -200,6 +200,10 @@ def test_a_flipped_byte_zeroes_its_block_reports_it_and_the_next_save_replaces_t
         assert log.flush(timeout=10)
         failed = [r for r in log.entries(limit=None) if r.operation == "decrypt" and not r.success]
         assert failed and all(r.layer_idx == 1 and r.position == BS and r.position_count == BS for r in failed)
+        deleted = [r for r in log.entries(limit=None) if r.operation == "delete"]      # the removal is on record
+        assert len(deleted) == 1 and deleted[0].nbytes == len(data)
+        assert (deleted[0].tenant_id, deleted[0].session_id) == (sa.tenant_id, sa.session_id)
+        assert os.path.basename(victim) in deleted[0].details and "a tag failed in layer 1" in deleted[0].details
         # the tampered file is gone (not a hit that fails every later request); the next save stores it anew
         assert not os.path.exists(victim) and os.path.exists(_paths(tmp_path, sa.session_id, [0])[0])
         _save(store, src, tmp_path, sa, [[([1], [1])]], req_id="r3")
@@ -237,6 +241,9 @@ def test_a_missing_or_bad_block_file_refuses_the_whole_request_and_a_bad_one_is_
         recs = [r for r in log.entries(limit=None) if r.operation == "decrypt"]
         assert len(recs) == 1 and not recs[0].success and "load refused (request r2)" in recs[0].details
         assert ("removed" in recs[0].details) == (damage != "missing")
+        deleted = [r for r in log.entries(limit=None) if r.operation == "delete"]
+        assert [os.path.basename(p0) in r.details and "malformed" in r.details for r in deleted] == \
+            ([] if damage == "missing" else [True])
         assert not os.path.exists(p0)
         _save(store, src, tmp_path, sa, [[([0, 1], [0, 1])]], req_id="r3")     # the next save stores it anew
         store.load([_load("r4", tmp_path, sa, [4, 6], [0, 1])], [(layer, dst[layer]) for layer in LAYERS])
@@ -325,11 +332,35 @@ def test_block_ids_past_the_record_row_range_are_sealed_in_windows(backend, keys
         log.close(timeout=10)
 
 
+def test_a_block_file_of_another_model_under_this_models_name_is_refused(backend, keys, tmp_path):
+    """The model fingerprint in each file's header: a file another model's store wrote (copied or planted
+    under this model's block name) is not loaded."""
+    from pqc_kv_cache.vllm.storefiles import model_fingerprint
+    _, sa, client = keys
+    base = model_fingerprint("org/base", None, "float32", 2, HEADS, HD)
+    tuned = model_fingerprint("org/base-tuned", None, "float32", 2, HEADS, HD)
+    log = _log(backend, tmp_path / "audit.log")
+    try:
+        src = {layer: _cache("cpu", seed=layer) for layer in LAYERS}
+        _save(KVBlockStore(backend, log, client, BS, "cpu", tuned), src, tmp_path, sa, [[([0], [0])]])
+        assert read_block(_paths(tmp_path, sa.session_id, [0])[0], _chunk_len())[0]["model"] == tuned.hex()
+        store = KVBlockStore(backend, log, client, BS, "cpu", base)
+        dst = {layer: torch.full_like(src[layer], 3.0) for layer in LAYERS}
+        store.load([_load("r2", tmp_path, sa, [4], [0])], [(layer, dst[layer]) for layer in LAYERS])
+        assert store.load_errors() == {4}
+        assert not kv_block_views(dst[0], "cpu")[0][4].any()
+        assert log.flush(timeout=10)
+        recs = [r for r in log.entries(limit=None) if r.operation == "decrypt" and not r.success]
+        assert len(recs) == 1 and "of this model" in recs[0].details
+    finally:
+        log.close(timeout=10)
+
+
 def test_a_file_of_another_format_version_is_refused(tmp_path):
     from pqc_kv_cache.vllm.storefiles import MalformedStoreError
     header = json.dumps({"format": "pqc_kv_cache/vllm-layer-2", "epoch": 0, "layer": 0, "counters": [0]}).encode()
     (tmp_path / "b.pkvb").write_bytes(len(header).to_bytes(4, "big") + header)      # the per-layer files before
-    with pytest.raises(MalformedStoreError, match="vllm-block-1"):
+    with pytest.raises(MalformedStoreError, match="vllm-block-2"):
         read_block(str(tmp_path / "b.pkvb"), 100)
 
 

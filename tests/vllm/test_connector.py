@@ -23,7 +23,8 @@ from pqc_kv_cache.isolation import TenantIsolationManager  # noqa: E402
 from pqc_kv_cache.session import TenantKeyPair  # noqa: E402
 from pqc_kv_cache.vllm import (KeyService, generate_server_secret_file, kv_transfer_config,  # noqa: E402
                                request_fields)
-from pqc_kv_cache.vllm.storefiles import block_file, bound_session_tag, chain_hashes, read_block  # noqa: E402
+from pqc_kv_cache.vllm.storefiles import (block_file, bound_session_tag, chain_hashes, model_fingerprint,  # noqa: E402
+                                          read_block)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import save_tiny_llama  # noqa: E402
@@ -99,7 +100,8 @@ def world(tmp_path_factory):
         fa, fb = request_fields(secret, "tenant-a", sa.session_id), request_fields(secret, "tenant-b", sb.session_id)
         w = {"dir": d, "store": store, "sa": sa, "sb": sb, "fa": fa, "fb": fb, "secret": secret,
              # one log for both engines: the second continues what the first sealed, with the same signing key
-             "audit_save": str(d / "audit.log"), "audit_load": str(d / "audit.log")}
+             "audit_save": str(d / "audit.log"), "audit_load": str(d / "audit.log"),
+             "model": model_fingerprint(model, None, "float32", 2, 4, 32)}    # the tiny model as vLLM loads it
         # engine 1: computes and saves
         llm = _engine(model, store, service.path, w["audit_save"], secret_path)
         w["saved"] = {"a": _run(llm, PROMPT, fa), "t": _run(llm, PROMPT_TAMPERED, fa)}
@@ -143,7 +145,7 @@ def world(tmp_path_factory):
 
 def _block(w, prompt, i, tenant="tenant-a", session=None):
     session = session or w["sa"].session_id
-    return block_file(w["store"], w["secret"], tenant, session, chain_hashes(prompt[:(i + 1) * BS], BS)[i])
+    return block_file(w["store"], w["secret"], tenant, session, chain_hashes(prompt[:(i + 1) * BS], BS, None, w["model"])[i])
 
 
 def test_load_in_a_fresh_engine_gives_the_computed_tokens(world):
@@ -155,7 +157,7 @@ def test_load_in_a_fresh_engine_gives_the_computed_tokens(world):
 
 def test_stored_files_hold_ciphertext_that_plain_aesgcm_opens_and_no_plaintext(world):
     sa = world["sa"]
-    chains = chain_hashes(PROMPT[:64], BS)
+    chains = chain_hashes(PROMPT[:64], BS, None, world["model"])
     rows, blobs = [], []
     heads, hd = 4, 32                                     # the tiny Llama: 4 KV heads of 128 / 4
     chunk = 2 * heads * BS * hd * 4 + 16
@@ -165,6 +167,7 @@ def test_stored_files_hold_ciphertext_that_plain_aesgcm_opens_and_no_plaintext(w
         assert [(e["layer"], e["num_heads"], e["head_dim"]) for e in header["layers"]] == \
             [(0, heads, hd), (1, heads, hd)]
         assert sa.session_id not in json.dumps(header)   # no session id in plaintext
+        assert header["model"] == world["model"].hex()   # written by the engine from vLLM's configuration
         for j, e in enumerate(header["layers"]):
             layer, epoch = e["layer"], e["epoch"]
             k_len = heads * BS * hd * 4

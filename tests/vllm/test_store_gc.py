@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -148,3 +149,155 @@ def test_the_command_refuses_bad_arguments_clearly(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr
     r = _cli("vllm-store", "gc", "--store", str(tmp_path / "none"), "--audit-log", str(tmp_path / "a.log"))
     assert r.returncode == 2 and "no store directory" in r.stderr
+
+
+# ------------------------------------------------------------------ session markers and the order of sessions
+def _marked(store, tenant, session, created_s):
+    sdir = make_session_dir(str(store), tenant, session)
+    t = NOW - created_s * 10**9
+    os.utime(os.path.join(sdir, ".created"), ns=(t, t))
+    return sdir
+
+
+def test_a_session_directory_appears_with_its_marker_in_it(tmp_path, monkeypatch):
+    from pqc_kv_cache.vllm import storefiles
+    final = os.path.join(str(tmp_path), "t" * 32, "s" * 32)
+    seen = []
+    real_open = storefiles.os.open
+
+    def watch(path, *a, **kw):
+        if os.path.basename(path) == ".created":
+            seen.append(os.path.lexists(final))        # the session directory must not be visible yet
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(storefiles.os, "open", watch)
+    assert make_session_dir(str(tmp_path), "t" * 32, "s" * 32) == final
+    assert seen == [False, True] and os.path.exists(os.path.join(final, ".created"))
+    assert os.listdir(os.path.dirname(final)) == ["s" * 32]          # no temporary directory left
+
+
+def test_two_engines_making_one_session_directory_share_the_first(tmp_path, monkeypatch):
+    from pqc_kv_cache.vllm import storefiles
+    tdir = os.path.join(str(tmp_path), "t" * 32)
+    final = os.path.join(tdir, "s" * 32)
+    real_rename = storefiles.os.rename
+
+    def other_engine_first(src, dst):                # the other engine's directory lands just before ours
+        monkeypatch.setattr(storefiles.os, "rename", real_rename)
+        make_session_dir(str(tmp_path), "t" * 32, "s" * 32)
+        open(os.path.join(final, "1" * 64 + ".pkvb"), "wb").close()
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(storefiles.os, "rename", other_engine_first)
+    assert make_session_dir(str(tmp_path), "t" * 32, "s" * 32) == final
+    assert sorted(os.listdir(final)) == [".created", "1" * 64 + ".pkvb"] and os.listdir(tdir) == ["s" * 32]
+
+
+def test_a_live_session_being_made_during_a_clean_up_keeps_its_blocks(tmp_path, monkeypatch):
+    """A session directory without its marker (as an earlier version made it, marker just after) is not
+    taken for the oldest: the ended session is the one deleted, for the right reason."""
+    from pqc_kv_cache.vllm import storegc
+    store = tmp_path / "store"
+    t, a, b = "a" * 32, "b" * 32, "c" * 32                          # tenant; a ended; b live, being made
+    now = time.time_ns()                     # the clean-up sees the directory's real times here
+    ended = os.path.join(make_session_dir(str(store), t, a), "1" * 64 + ".pkvb")
+    os.utime(os.path.join(os.path.dirname(ended), ".created"), ns=(now - 9000 * 10**9,) * 2)
+    open(ended, "wb").close()
+    live_dir = os.path.join(str(store), t, b)
+    os.mkdir(live_dir, 0o700)
+    real_lstat = storegc.os.lstat
+    live = os.path.join(live_dir, "2" * 64 + ".pkvb")
+
+    def lstat(path, *args, **kw):
+        try:
+            return real_lstat(path, *args, **kw)
+        finally:
+            if path == os.path.join(live_dir, ".created") and not os.path.exists(live):
+                make_session_dir(str(store), t, b)                  # the engine goes on while gc walks
+                with open(live, "wb") as f:
+                    f.write(b"live block")
+
+    monkeypatch.setattr(storegc.os, "lstat", lstat)
+    r1 = collect_garbage(str(store), now_ns=now + 10**9)
+    monkeypatch.setattr(storegc.os, "lstat", real_lstat)
+    assert live_dir in r1.skipped and os.path.exists(os.path.join(live_dir, ".created")) and os.path.exists(live)
+    r2 = collect_garbage(str(store), now_ns=now + 2 * 10**9)
+    assert os.path.exists(live) and not os.path.exists(os.path.dirname(ended))
+    assert r2.reasons == {"its session ended": 2} and r2.deleted_blocks == 1
+
+
+def test_sessions_with_the_same_marker_time_are_all_kept(tmp_path):
+    store = tmp_path / "store"
+    old = _block(store, "tenant-a", "s-old", 0, 100, used_s=5, created_s=9000)
+    tied = [_block(store, "tenant-a", s, 1, 100, used_s=5, created_s=100) for s in ("s-x", "s-y", "s-z")]
+    rep = collect_garbage(str(store), now_ns=NOW)
+    assert not os.path.exists(old) and all(os.path.exists(p) for p in tied)
+    assert (rep.deleted_blocks, rep.deleted_sessions) == (1, 1)
+
+
+def test_an_unmarked_session_directory_is_skipped_until_it_is_idle_past_the_grace(tmp_path):
+    from pqc_kv_cache.vllm.storegc import MARKER_GRACE
+    store = tmp_path / "store"
+    p = _block(store, "tenant-a", "s", 0, 100, used_s=5)
+    sdir = os.path.dirname(p)
+    os.unlink(os.path.join(sdir, ".created"))
+    os.utime(sdir, ns=(NOW - 10 * 10**9,) * 2)
+    rep = collect_garbage(str(store), now_ns=NOW)
+    assert os.path.exists(p) and rep.skipped == [sdir]
+    rep = collect_garbage(str(store), now_ns=NOW + MARKER_GRACE * 10**9)
+    assert not os.path.exists(sdir) and rep.reasons == {"its session directory was left unmarked": 2}
+
+
+def test_an_ended_session_directory_that_cannot_be_removed_keeps_its_marker(tmp_path):
+    store = tmp_path / "store"
+    old = _block(store, "tenant-a", "s-old", 0, 100, used_s=5, created_s=9000)
+    new = _block(store, "tenant-a", "s-new", 0, 100, used_s=5, created_s=100)
+    with open(os.path.join(os.path.dirname(old), "notes.txt"), "w") as f:
+        f.write("an operator's")
+    rep = collect_garbage(str(store), now_ns=NOW)
+    assert not os.path.exists(old) and os.path.exists(os.path.join(os.path.dirname(old), ".created"))
+    assert os.path.dirname(old) in rep.skipped
+    rep = collect_garbage(str(store), now_ns=NOW)                    # still the older one: the newest is kept
+    assert os.path.exists(new) and rep.deleted_blocks == 0
+
+
+def test_left_over_temporaries_are_deleted_on_record_and_fresh_ones_kept(tmp_path):
+    store = tmp_path / "store"
+    p = _block(store, "tenant-a", "s", 0, 100, used_s=5)
+    sdir, tdir = os.path.dirname(p), os.path.dirname(os.path.dirname(p))
+    old_file, new_file = os.path.join(sdir, ".a1.tmp"), os.path.join(sdir, ".b2.tmp")
+    for path, age in ((old_file, 7200), (new_file, 60)):
+        with open(path, "wb") as f:
+            f.write(b"y" * 30)
+        os.utime(path, ns=(NOW - age * 10**9,) * 2)
+    old_dir, new_dir = os.path.join(tdir, ".s1.x.tmp"), os.path.join(tdir, ".s2.y.tmp")   # session dirs being made
+    for path, age in ((old_dir, 7200), (new_dir, 60)):
+        os.mkdir(path, 0o700)
+        open(os.path.join(path, ".created"), "wb").close()
+        os.utime(path, ns=(NOW - age * 10**9,) * 2)
+    log = KVAuditLog(str(tmp_path / "audit.log"))
+    try:
+        rep = collect_garbage(str(store), log=log, now_ns=NOW)
+        recs = [r for r in log.entries(limit=None) if r.operation == "delete"]
+    finally:
+        log.close(timeout=10)
+    assert not os.path.exists(old_file) and not os.path.exists(old_dir) and rep.deleted_temporaries == 2
+    assert os.path.exists(new_file) and os.path.exists(new_dir) and os.path.exists(p) and new_dir in rep.skipped
+    assert sorted((r.nbytes, "left over by a writer" in r.details) for r in recs) == [(0, True), (30, True)]
+    assert any(".a1.tmp" in r.details for r in recs) and any(".s1.x.tmp" in r.details for r in recs)
+
+
+def test_a_block_file_over_4_gib_is_deleted_on_record_with_its_size(tmp_path):
+    store = tmp_path / "store"
+    old = _block(store, "tenant-a", "s-old", 0, 10, used_s=5, created_s=9000)
+    _block(store, "tenant-a", "s-new", 0, 10, used_s=5, created_s=100)
+    with open(old, "r+b") as f:
+        f.truncate(1 << 33)                                          # sparse
+    log = KVAuditLog(str(tmp_path / "audit.log"))
+    try:
+        rep = collect_garbage(str(store), log=log, now_ns=NOW)
+        recs = [r for r in log.entries(limit=None) if r.operation == "delete" and r.nbytes]
+    finally:
+        log.close(timeout=10)
+    assert not os.path.exists(old) and rep.deleted_bytes == 1 << 33
+    assert len(recs) == 1 and recs[0].nbytes == (1 << 32) - 1 and f"of {1 << 33} bytes" in recs[0].details

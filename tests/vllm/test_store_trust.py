@@ -205,7 +205,7 @@ def _layer_entry(**change):
 
 
 def _hostile_header(layers=None, **change):
-    h = {"format": "pqc_kv_cache/vllm-block-1", "block_size": BS, "dtype": "float32", "index": 0,
+    h = {"format": "pqc_kv_cache/vllm-block-2", "block_size": BS, "dtype": "float32", "index": 0, "model": "",
          "layers": layers if layers is not None else [_layer_entry(), _layer_entry(layer=1, counter=2)]}
     h.update(change)
     return json.dumps(h)
@@ -227,6 +227,8 @@ def _hostile_header(layers=None, **change):
     ("wrong dtype", _hostile_header(dtype="float16")),
     ("another index", _hostile_header(index=1)),
     ("other heads", _hostile_header([_layer_entry(), _layer_entry(layer=1, num_heads=1)])),
+    ("another model", _hostile_header(model="ab" * 32)),
+    ("a bad model field", _hostile_header(model="xyz")),
 ])
 def test_a_hostile_block_header_is_a_load_error_of_its_request_only(env, tmp_path, name, header):
     _, sa, store, log = env
