@@ -1,0 +1,163 @@
+"""The CUDA backend's static seal (backends/cuda_static.py) on the CPU twin of the CUDA backend, against the
+native one-call seal: the same arena bytes, slot table, nonce ranges, records, record head and failure record,
+step by step, in the usual case and in every fail-closed one; and a generate through the twin.
+
+The twin runs CudaBackend's own host code with each kernel launch carried out by the host shim, and the
+torch operations of the seal on CPU tensors: what a GPU runs is not shown here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pqc_kv_cache.audit.records import Op, Status
+from pqc_kv_cache.backends import kernel_shim, native
+from pqc_kv_cache.cache.static_state import FailReason
+from tests.cache.test_static_native_seal import BATCH, SEQ, SLOTS, Twin, records, same
+from tests.support.cache_models import sessions as make_sessions
+from tests.support.twin import CpuTwinBackend
+
+pytestmark = [pytest.mark.skipif(not native.available(), reason="the native backend does not build here"),
+              pytest.mark.skipif(not kernel_shim.available(), reason="the kernel host shim does not build here")]
+
+
+def _pair(capacity=256, audit=True, end=100):
+    sess = make_sessions("alice", "bob")
+    want = Twin(sess, native.NativeBackend(), audit=audit, capacity=capacity)
+    twin = CpuTwinBackend()
+    got = Twin(sess, twin, audit=audit, capacity=capacity)
+    for t in (want, got):
+        t.end[:] = end
+    return sess, want, got, twin
+
+
+def _encrypt_launches(twin: CpuTwinBackend) -> int:
+    return sum(1 for k, _, _ in twin.launches if k == "pqc_encrypt_chunks")
+
+
+def test_prefill_and_decode_match_the_native_seal_with_one_launch_per_step():
+    _, want, got, twin = _pair()
+    for t in (want, got):
+        t.seal([0, 1, 2, 3, 4])
+        for p in range(5, 9):
+            t.seal([p])
+    same(want, got)
+    assert _encrypt_launches(twin) == 5
+    r = records(got)
+    assert (r["op"] == Op.ENCRYPT).sum() == BATCH * 9 and (r["op"] == Op.READ).sum() == BATCH * 5
+    assert (r["status"] == Status.OK).all() and np.array_equal(r["record_no"], np.arange(r.size))
+    assert got.next.tolist() == [9, 18]
+
+
+def test_a_ring_matches_including_a_call_longer_than_the_slots():
+    _, want, got, _ = _pair()
+    for t in (want, got):
+        t.seal(list(range(0, SEQ)), ring=True)            # more positions than slots: the last of each slot wins
+        for p in range(SEQ, SEQ + 4):
+            t.seal([p], io=[p % SEQ], ring=True)
+    same(want, got)
+    assert sorted((got.meta[0, :, 2] - 1).tolist()) == list(range(SEQ + 4 - SLOTS, SEQ + 4))
+
+
+def test_positions_outside_the_cache_match():
+    _, want, got, _ = _pair()
+    for t in (want, got):
+        t.seal([0, 1, 2])
+        t.seal([SLOTS, -1, 3], io=[3, 3, 3])
+        t.seal([4], io=[SEQ])
+    same(want, got)
+    assert FailReason(int(got.failures[4])) == FailReason.OUT_OF_RANGE and int(got.failures[0]) == 3 * BATCH
+
+
+def test_a_range_used_up_part_way_matches():
+    _, want, got, _ = _pair()
+    for t in (want, got):
+        t.end[:] = torch.tensor([2, 3])
+        t.seal([0, 1])
+        t.seal([2])
+    same(want, got)
+    enc = records(got)
+    enc = enc[enc["op"] == Op.ENCRYPT]
+    assert (enc["status"] == Status.REFUSED).sum() == 1 + BATCH and (enc[enc["status"] != 0]["nonce_counter"] == 0).all()
+    assert FailReason(int(got.failures[4])) == FailReason.NONCES_EXHAUSTED
+
+
+def test_a_full_record_buffer_matches():
+    _, want, got, _ = _pair(capacity=2 * (BATCH + BATCH))
+    for t in (want, got):
+        t.seal([0])
+        t.seal([1])
+        t.seal([SLOTS, 2], io=[2, 2])
+    same(want, got)
+    assert FailReason(int(got.failures[4])) == FailReason.RECORDS_FULL and int(got.head[0]) == 12
+
+
+def test_a_closed_session_and_a_retired_key_match():
+    sess, want, got, _ = _pair()
+    for t in (want, got):
+        t.seal([0])
+        t.epoch[0] = 5
+        t.seal([1])
+    same(want, got)
+    sess[1].close()
+    for t in (want, got):
+        t.failures.zero_()
+        t.epoch[0] = 0
+        t.seal([2])
+    same(want, got)
+    assert FailReason(int(got.failures[4])) == FailReason.SESSION_INVALID
+
+
+def test_without_audit_nothing_is_recorded():
+    _, want, got, _ = _pair(audit=False, end=50)
+    for t in (want, got):
+        t.seal([0, 1])
+        t.seal([2])
+    same(want, got)
+    assert got.head.tolist() == [0, 0]
+
+
+def test_a_step_reads_no_tensor_value_on_the_host(monkeypatch):
+    """After the first step (which sets up the device state), a step neither turns a tensor into a Python
+    value nor copies one to the host: every per-step decision is a device operation."""
+    from pqc_kv_cache.backends.base import ChunkLayout
+
+    sess, want, got, twin = _pair()
+    layout = ChunkLayout(1, got.k.shape[1], got.k.shape[3], got.k.dtype)
+    keys, row_key, reason = got.sealer._row_keys(got.epoch.numpy())
+    rows = np.ascontiguousarray(np.array([0, 1, 1]), dtype=np.int64)
+    slots = np.ascontiguousarray(np.stack([np.arange(2) + 7, np.arange(2) + 11], axis=1), dtype=np.int64)
+
+    def step(t, backend, p):
+        pos = torch.tensor([p], dtype=torch.int64)
+        backend.seal_static(keys, layout, t.k, t.v, pos.clone(), pos, t.arena, t.meta, t.next, t.end, t.epoch,
+                            t.records, t.head, t.failures, False, rows, row_key, reason, slots)
+
+    nat = native.NativeBackend()
+    step(want, nat, 0)
+    step(got, twin, 0)
+    positions = [torch.tensor([p], dtype=torch.int64) for p in (1, 2)]
+    for name in ("item", "tolist", "numpy", "cpu", "__int__", "__bool__", "__index__", "__float__"):
+        def refuse(*a, _name=name, **k):
+            raise AssertionError(f"Tensor.{_name} called during a step")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for pos in positions:
+        twin.seal_static(keys, layout, got.k, got.v, pos.clone(), pos, got.arena, got.meta, got.next, got.end,
+                         got.epoch, got.records, got.head, got.failures, False, rows, row_key, reason, slots)
+    monkeypatch.undo()
+    for p in (1, 2):
+        step(want, nat, p)
+    same(want, got)
+
+
+def test_new_tensors_during_a_capture_are_refused(monkeypatch):
+    from pqc_kv_cache.errors import BackendUnavailableError
+
+    _, _, got, twin = _pair()
+    got.seal([0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    got.seal([1])                             # the same tensors: nothing to set up, runs
+    got.arena = got.arena.clone()             # a new arena: a new parameter record, refused while capturing
+    with pytest.raises(BackendUnavailableError, match="capture"):
+        got.seal([2])
