@@ -22,10 +22,10 @@ pytestmark = [pytest.mark.skipif(not native.available(), reason="the native back
               pytest.mark.skipif(not kernel_shim.available(), reason="the kernel host shim does not build here")]
 
 
-def _pair(capacity=256, audit=True, end=100):
+def _pair(capacity=256, audit=True, end=100, order=0):
     sess = make_sessions("alice", "bob")
     want = Twin(sess, native.NativeBackend(), audit=audit, capacity=capacity)
-    twin = CpuTwinBackend()
+    twin = CpuTwinBackend(order=order)
     got = Twin(sess, twin, audit=audit, capacity=capacity)
     for t in (want, got):
         t.end[:] = end
@@ -50,8 +50,11 @@ def test_prefill_and_decode_match_the_native_seal_with_one_launch_per_step():
     assert got.next.tolist() == [9, 18]
 
 
-def test_a_ring_matches_including_a_call_longer_than_the_slots():
-    _, want, got, _ = _pair()
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_a_ring_matches_including_a_call_longer_than_the_slots(order):
+    """Positions of one call that share a slot: only the last is sealed into it (whatever order the device
+    runs the chunks in), and every one takes its counter and records as in the native seal."""
+    _, want, got, _ = _pair(order=order)
     for t in (want, got):
         t.seal(list(range(0, SEQ)), ring=True)            # more positions than slots: the last of each slot wins
         for p in range(SEQ, SEQ + 4):
@@ -161,3 +164,29 @@ def test_new_tensors_during_a_capture_are_refused(monkeypatch):
     got.arena = got.arena.clone()             # a new arena: a new parameter record, refused while capturing
     with pytest.raises(BackendUnavailableError, match="capture"):
         got.seal([2])
+
+
+def test_a_generate_through_the_twin_matches_static_cache_and_the_native_records():
+    """A sliding-window model (ring slots too) generates through the CUDA backend's static seal on the twin:
+    the tokens of StaticCache, one encrypt launch per layer step, and the records of the native backend."""
+    from transformers import StaticCache
+
+    from pqc_kv_cache import KVAuditLog, StaticEncryptedCache
+    from tests.support.cache_models import generate, prompts, tiny_model
+
+    model, ids = tiny_model("mistral"), prompts(2, 7)
+    want = generate(model, ids, StaticCache(model.config, max_cache_len=32), max_new_tokens=9, do_sample=False)
+    entries = []
+    for backend in (native.NativeBackend(), CpuTwinBackend(record=True)):
+        log = KVAuditLog()
+        cache = StaticEncryptedCache(model.config, sessions=make_sessions("alice", "bob"), max_cache_len=32,
+                                     audit=log, backend=backend)
+        got = generate(model, ids, cache, max_new_tokens=9, do_sample=False)
+        cache.check()
+        assert torch.equal(got, want)
+        entries.append([(e.operation, e.layer_idx, e.row, e.position, e.position_count, e.sequence_number,
+                         e.record_number, e.epoch, e.nbytes, e.status) for e in log.entries(limit=10_000)])
+        log.close()
+    layers = model.config.num_hidden_layers
+    assert _encrypt_launches(backend) == layers * 9          # the prefill and 8 decode steps
+    assert sum(e[0] == "encrypt" for e in entries[1]) == layers * 2 * (7 + 8) and entries[0] == entries[1]
