@@ -190,3 +190,61 @@ def test_a_generate_through_the_twin_matches_static_cache_and_the_native_records
     layers = model.config.num_hidden_layers
     assert _encrypt_launches(backend) == layers * 9          # the prefill and 8 decode steps
     assert sum(e[0] == "encrypt" for e in entries[1]) == layers * 2 * (7 + 8) and entries[0] == entries[1]
+
+
+def test_the_operators_have_a_cuda_implementation_and_open_refuses_clearly():
+    import pqc_kv_cache.ops  # noqa: F401  (registers the operators)
+    from pqc_kv_cache.errors import BackendUnavailableError
+    from pqc_kv_cache.ops import kv_seal
+
+    for op in ("seal_positions", "open_positions"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pqc_kv_cache::{op}", "CUDA"), op
+    with pytest.raises(BackendUnavailableError, match="open_positions"):
+        kv_seal._open_cuda(*([None] * 11))
+
+
+class _DeviceSeal:
+    """A backend that seals on 'another device': it records the keys' epochs it is given."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def seal_static(self, keys, *args):
+        self.epochs.append([k.epoch for k in keys])
+
+    def forget_keys(self):
+        pass
+
+
+def test_a_seal_on_another_device_takes_its_epochs_from_the_host_copy_not_the_device():
+    from pqc_kv_cache.cache.static_sealer import StaticSealer
+
+    sess = make_sessions("alice", "bob")
+    sess[0].rotate_key()                      # epoch 1 for slot 0
+    host = np.array([1, 0], dtype=np.int64)
+    backend = _DeviceSeal()
+    rows = np.array([0, 1, 1])
+    sealer = StaticSealer(sess, rows, backend, None, None, host_epochs=lambda: host)
+    m = torch.device("meta")                  # a device the host cannot read: any read of it raises
+    k = torch.empty(3, 2, 4, 8, device=m)
+    pos = torch.zeros(1, dtype=torch.int64, device=m)
+    state = [torch.empty(3, 4, 40, dtype=torch.uint8, device=m), torch.empty(3, 4, 3, dtype=torch.int64, device=m)]
+    ranges = [torch.empty(2, dtype=torch.int64, device=m) for _ in range(3)]
+    tail = [torch.empty(0, 64, dtype=torch.uint8, device=m), torch.empty(2, dtype=torch.int64, device=m),
+            torch.empty(6, dtype=torch.int64, device=m)]
+    sealer.seal(0, k, k, pos, pos, *state, *ranges, *tail, False)
+    assert backend.epochs == [[1, 0]]
+    plain = StaticSealer(sess, rows, _DeviceSeal(), None, None)      # no host copy: refused, not read
+    with pytest.raises(ValueError, match="host's copy"):
+        plain.seal(0, k, k, pos, pos, *state, *ranges, *tail, False)
+
+
+def test_refill_keeps_the_host_copy_of_the_epochs():
+    from pqc_kv_cache.cache.static_state import NonceRanges
+
+    sess = make_sessions("alice", "bob")
+    ranges = NonceRanges(sess, torch.device("cpu"))
+    ranges.refill(np.array([8, 8]))
+    sess[1].rotate_key()
+    ranges.refill(np.array([8, 8]))
+    assert ranges.epoch_host.tolist() == ranges.epoch.tolist() == [0, 1]
