@@ -15,8 +15,8 @@ head, refusals and the failure record) and gives the same bytes. Nothing of a st
   chunk up to the device's resident CTAs; CTAs past the count do nothing), without audit records of its own;
 - what the host provides is fixed for a set of tensors (K / V, arena, key set): the parameter record and
   the table's buffer are made and uploaded once per set and kept; the rows' session slots, key indices and
-  reasons are uploaded once per value. A step whose set or row values are new is refused while the current
-  stream is being captured (``BackendUnavailableError``): run one step eagerly before a capture.
+  reasons are uploaded once per value. A step whose set, key set or row values are new is refused while the
+  current stream is being captured (``BackendUnavailableError``): run one step eagerly before a capture.
 
 A call is not safe against a concurrent call with the same tensors on another stream (they share the
 table and parameter buffers). A record head outside the record buffer, which the native seal refuses with
@@ -195,6 +195,10 @@ class StaticSealMixin:
         if n == 0:
             return
         seen = self._keys.entry(keys) if keys else None
+        if seen is not None and not self._keys.prepared(seen) and stream_capturing():
+            raise BackendUnavailableError(
+                "the CUDA static seal meets a key set without device schedules during a CUDA graph capture: "
+                "they must be prepared outside the capture (run one step eagerly first)")
         sched, seen = self._keys.schedules(keys, seen) if keys else (arena, None)
         kmeta = self._keys.meta(seen, keys, None, None) if keys else arena
         rows = self._static_rows(row_sess, row_key, row_reason, record_slots)

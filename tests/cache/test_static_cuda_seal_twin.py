@@ -164,6 +164,26 @@ def test_new_tensors_during_a_capture_are_refused(monkeypatch):
     got.arena = got.arena.clone()             # a new arena: a new parameter record, refused while capturing
     with pytest.raises(BackendUnavailableError, match="capture"):
         got.seal([2])
+    monkeypatch.undo()
+    got.seal([2])
+    twin.forget_keys()                        # the key schedules dropped: preparing them again is refused
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    uploads = twin.twin_device.uploads
+    with pytest.raises(BackendUnavailableError, match="key set"):
+        got.seal([3])
+    assert twin.twin_device.uploads == uploads
+
+
+def test_every_row_refused_seals_nothing_and_matches():
+    sess, want, got, twin = _pair()
+    for t in (want, got):
+        t.seal([0])
+    for s in sess:
+        s.close()
+    for t in (want, got):
+        t.seal([1, 2])
+    same(want, got)
+    assert int(got.failures[0]) == 2 * BATCH and (got.meta[:, 1:3] == 0).all()
 
 
 def test_a_generate_through_the_twin_matches_static_cache_and_the_native_records():
