@@ -15,8 +15,10 @@ head, refusals and the failure record) and gives the same bytes. Nothing of a st
   chunk up to the device's resident CTAs; CTAs past the count do nothing), without audit records of its own;
 - what the host provides is fixed for a set of tensors (K / V, arena, key set): the parameter record and
   the table's buffer are made and uploaded once per set and kept; the rows' session slots, key indices and
-  reasons are uploaded once per value. A step whose set, key set or row values are new is refused while the
-  current stream is being captured (``BackendUnavailableError``): run one step eagerly before a capture.
+  reasons are uploaded once per value, and kept with the arena (dropped when it is collected: a graph
+  captured over a seal reads them by address, as it reads the arena; more than 64 of them for one arena
+  drop them all). A step whose set, key set or row values are new is refused while the current stream is
+  being captured (``BackendUnavailableError``): run one step eagerly before a capture.
 
 A call is not safe against a concurrent call with the same tensors on another stream (they share the
 table and parameter buffers). A record head outside the record buffer, which the native seal refuses with
@@ -27,6 +29,7 @@ Unverified on a GPU: shown on the CPU twin of the CUDA backend only (``tests/sup
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -46,7 +49,7 @@ _OP_ENCRYPT, _OP_READ = 1, 9
 _ST_REFUSED = 2
 _R_NONCES, _R_RECORDS, _R_RANGE = 1, 4, 5       # FailReason of cache/static_state.py
 _U32 = 0xFFFFFFFF
-_KEEP = 256
+_KEEP = 64           # device states kept per arena (sets of tensors, rows, grids); more and they are all dropped
 _N_WORD = _abi.CHUNK_PARAMS_DTYPE.fields["n"][1] // 8
 _NI_WORD = _abi.CHUNK_PARAMS_DTYPE.fields["n_items"][1] // 8
 
@@ -98,33 +101,33 @@ class _Plan:
 class StaticSealMixin:
     """``seal_static`` for ``CudaBackend`` (the module docstring says how)."""
 
-    def _static_memo(self) -> dict:
-        memo = self.__dict__.get("_static")
-        if memo is None:
-            memo = self.__dict__["_static"] = {}
-        return memo
-
-    def _static_store(self, key, make):
-        memo = self._static_memo()
-        got = memo.get(key)
+    def _static_store(self, arena: torch.Tensor, key, make):
+        """What ``make`` gives for ``key``, kept with ``arena``: dropped when the arena is collected (a graph
+        captured over a seal reads it by address, as it reads the arena, so it lives as long as the arena)."""
+        memo = self.__dict__.setdefault("_static", {})
+        per = memo.get(id(arena))
+        if per is None or per[0]() is not arena:
+            per = memo[id(arena)] = (weakref.ref(arena), {})
+            weakref.finalize(arena, memo.pop, id(arena), None)
+        got = per[1].get(key)
         if got is None:
             if stream_capturing():
                 raise BackendUnavailableError(
                     "the CUDA static seal meets new tensors or rows during a CUDA graph capture: their device "
                     "state must be set up outside the capture (run one step eagerly first)")
-            if len(memo) >= _KEEP:
-                memo.clear()
-            got = memo[key] = make()
+            if len(per[1]) >= _KEEP:
+                per[1].clear()
+            got = per[1][key] = make()
         return got
 
-    def _static_rows(self, row_sess, row_key, row_reason, record_slots) -> tuple:
+    def _static_rows(self, arena, row_sess, row_key, row_reason, record_slots) -> tuple:
         """The rows' session slots, key indices and reasons, and the record slots, as device tensors."""
         arrays = (row_sess, row_key, row_reason) + (() if record_slots is None else (record_slots,))
         key = ("rows",) + tuple(a.tobytes() for a in arrays) + tuple(a.shape for a in arrays)
 
         def make():
             return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device) for a in arrays)
-        return self._static_store(key, make)
+        return self._static_store(arena, key, make)
 
     def _static_plan(self, layout, k, v, arena, sched, meta, total) -> _Plan:
         kp, ks = self._check_tensor("k", k, layout)
@@ -141,14 +144,14 @@ class StaticSealMixin:
             params = self._dev.empty(_abi.ParamsTemplate.size)
             self._dev.upload(params, host)
             return _Plan(table, params, host, min(total, self.launch_slots("pqc_encrypt_chunks")))
-        return self._static_store(key, make)
+        return self._static_store(arena, key, make)
 
-    def _static_grid(self, batch: int, n: int) -> tuple:
+    def _static_grid(self, arena, batch: int, n: int) -> tuple:
         def make():
             r = torch.arange(batch, dtype=torch.int64, device=self.device).repeat_interleave(n)
             j = torch.arange(n, dtype=torch.int64, device=self.device).repeat(batch)
             return r, j, torch.arange(batch * n, dtype=torch.int64, device=self.device)
-        return self._static_store(("grid", batch, n), make)
+        return self._static_store(arena, ("grid", batch, n), make)
 
     def seal_static(self, keys: Sequence[KeySlot], layout: ChunkLayout, k: torch.Tensor, v: torch.Tensor,
                     io_index: torch.Tensor, positions: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor,
@@ -201,7 +204,7 @@ class StaticSealMixin:
                 "they must be prepared outside the capture (run one step eagerly first)")
         sched, seen = self._keys.schedules(keys, seen) if keys else (arena, None)
         kmeta = self._keys.meta(seen, keys, None, None) if keys else arena
-        rows = self._static_rows(row_sess, row_key, row_reason, record_slots)
+        rows = self._static_rows(arena, row_sess, row_key, row_reason, record_slots)
         plan = self._static_plan(layout, k, v, arena, sched, kmeta, batch * n)
         self._static_step(plan, rows, layout, seq, nsl, stride, io_index, positions, arena, meta, nonce_next,
                           nonce_end, nonce_epoch, records, record_head, failures, ring)
@@ -213,7 +216,7 @@ class StaticSealMixin:
         dev = self.device
         batch, n = int(arena.shape[0]), int(positions.shape[0])
         total, nsess, cap = batch * n, int(nonce_next.shape[0]), int(records.shape[0])
-        r, j, i = self._static_grid(batch, n)
+        r, j, i = self._static_grid(arena, batch, n)
         row_sess_d, row_key_d, row_reason_d = rows[:3]
         p, io = positions[j], io_index[j]
         rs, rk = row_sess_d[r], row_key_d[r]

@@ -268,3 +268,15 @@ def test_refill_keeps_the_host_copy_of_the_epochs():
     sess[1].rotate_key()
     ranges.refill(np.array([8, 8]))
     assert ranges.epoch_host.tolist() == ranges.epoch.tolist() == [0, 1]
+
+
+def test_the_device_state_of_a_seal_lives_as_long_as_its_arena():
+    import gc
+
+    _, _, got, twin = _pair()
+    got.seal([0])
+    assert len(twin._static) == 1
+    got.arena = got.arena.clone()
+    got.seal([1])
+    gc.collect()
+    assert len(twin._static) == 1                 # the first arena's buffers went with it
