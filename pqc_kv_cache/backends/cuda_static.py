@@ -163,6 +163,8 @@ class StaticSealMixin:
         if not isinstance(layout, ChunkLayout):
             raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
         dev = self.device
+        if (layout.head_dim * layout.itemsize) % 16:
+            raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the CUDA kernels")
         self._check_tensor("k", k, layout)
         self._check_tensor("v", v, layout)
         batch, _, seq, _ = k.shape

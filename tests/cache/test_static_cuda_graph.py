@@ -4,10 +4,11 @@ What it asks: the tokens of 50 replays are those of ``StaticCache`` under the sa
 writes its own complete set of records (ENCRYPT and READ per layer and row); no (key, nonce) pair is used
 twice; the replay loop makes no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``).
 
-Unverified: written on a machine without a GPU, where it is skipped. ``StaticEncryptedCache`` has no CUDA
-operators yet (it refuses CUDA tensors), so on a GPU this test fails today and is marked as an expected
-failure, strictly: once the operators exist it passes, and the strict mark makes that a failure to remove
-the mark by.
+Unverified: written on a machine without a GPU, where it is skipped. The seal operator has a CUDA
+implementation (``CudaBackend.seal_static``), but ``StaticEncryptedCache`` still refuses CUDA tensors at its
+first update (the open operator has no CUDA implementation, and release / restore / save read the arena on
+the host), so on a GPU this test fails today and is marked as an expected failure, strictly: once the cache
+runs on a GPU it passes, and the strict mark makes that a failure to remove the mark by.
 """
 
 from __future__ import annotations

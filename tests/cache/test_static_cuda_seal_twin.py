@@ -280,3 +280,36 @@ def test_the_device_state_of_a_seal_lives_as_long_as_its_arena():
     got.seal([1])
     gc.collect()
     assert len(twin._static) == 1                 # the first arena's buffers went with it
+
+
+def test_tensors_that_do_not_fit_are_refused_before_anything_moves():
+    _, _, got, _ = _pair()
+    got.seal([0])
+    before = got.state()
+    good_meta, good_records = got.meta, got.records
+    got.meta = got.meta[:, :SLOTS - 1].clone()
+    with pytest.raises(ValueError, match="meta"):
+        got.seal([1])
+    got.meta = good_meta
+    got.records = torch.zeros(8, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="records"):
+        got.seal([1])
+    got.records = good_records
+    with pytest.raises(ValueError, match="io_index"):
+        got.seal([1, 2], io=[1])
+    after = got.state()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_a_record_head_outside_the_buffer_refuses_every_chunk_on_the_device():
+    """Where the native seal raises ValueError (it reads the head on the host), the device cannot: it treats
+    the head as leaving no room, refuses every chunk (RECORDS_FULL) and writes no record."""
+    _, _, got, _ = _pair()
+    got.seal([0])
+    for bad in (-1, 10_000):
+        got.head[0] = bad
+        got.failures.zero_()
+        got.seal([1])
+        assert int(got.head[0]) == bad and FailReason(int(got.failures[4])) == FailReason.RECORDS_FULL
+        assert (got.meta[:, 1] == 0).all() and (got.arena[:, 1] == 0).all()
