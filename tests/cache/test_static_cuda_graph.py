@@ -61,7 +61,7 @@ def _captured_tokens(model, ids, cache) -> torch.Tensor:
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="StaticEncryptedCache has no CUDA operators yet (it refuses CUDA tensors)")
+                   reason="StaticEncryptedCache refuses CUDA tensors (no CUDA open operator yet)")
 def test_a_captured_decode_step_replays_as_static_cache_with_its_own_records_each_time():
     model = tiny_model("llama").cuda()
     ids = prompts(BATCH, PROMPT).cuda()
