@@ -82,7 +82,7 @@ fi
 step "tests"
 timeout 100 python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs -o faulthandler_timeout=60 \
     tests/backends/test_cuda_backend.py tests/backends/test_contract.py tests/vllm/test_blocks.py \
-    tests/audit/test_audit_cuda.py tests/cache/test_static_cuda_graph.py \
+    tests/audit/test_audit_cuda.py tests/cache/test_static_cuda_graph.py tests/cache/test_static_cuda_seal_gpu.py \
     2>&1 | tee "$out/gpu_tests.txt" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU tests: FAILED"; status=1; }
 

@@ -94,6 +94,7 @@ from .cuda_device import CudaDevice, DeviceProps, stream_capturing
 from .cuda_failures import FailureBook
 from .cuda_keys import KeyStore
 from .cuda_staging import Packed, StagingRing
+from .cuda_static import StaticSealMixin
 from .kernel_abi import kernel_source
 
 __all__ = ["CudaBackend", "DeviceProps", "kernel_source"]
@@ -118,8 +119,9 @@ def _u64(x: int) -> np.uint64:
     return np.uint64(x)
 
 
-class CudaBackend(CryptoBackend):
-    """AES-256-GCM over KV chunks on one CUDA device (see the module docstring)."""
+class CudaBackend(StaticSealMixin, CryptoBackend):
+    """AES-256-GCM over KV chunks on one CUDA device (see the module docstring); ``seal_static``: a static
+    cache's layer step with its state on the device (``cuda_static``)."""
 
     _instances: dict[int, "CudaBackend"] = {}
     _instances_lock = threading.Lock()

@@ -89,6 +89,20 @@ class KeyStore:
             self._seen[ids] = seen
         return seen
 
+    def prepared(self, seen: _Seen, tenant_idx=None, session_idx=None) -> bool:
+        """Whether the key set of ``seen`` has its schedules and slot metadata (with these audit indices) on
+        the device already, so that ``schedules`` and ``meta`` upload nothing."""
+        with self._lock:
+            if seen.ident not in self._scheds:
+                return False
+        return self._meta_key(tenant_idx, session_idx) in seen.metas
+
+    @staticmethod
+    def _meta_key(tenant_idx, session_idx) -> tuple[bytes, bytes]:
+        ti = None if tenant_idx is None else np.asarray(tenant_idx, dtype=np.uint32)
+        si = None if session_idx is None else np.asarray(session_idx, dtype=np.uint32)
+        return (b"" if ti is None else ti.tobytes(), b"" if si is None else si.tobytes())
+
     def schedules(self, keys: Sequence, seen: _Seen | None = None) -> tuple[torch.Tensor, _Seen]:
         """Device key schedules (uint8 [n, SCHED_SIZE]) of ``keys``, prepared on first use; and the handle
         ``meta`` takes (``seen``: ``entry(keys)`` when the caller has it)."""
@@ -117,7 +131,7 @@ class KeyStore:
         """pqc_slot_meta rows of ``keys`` on the device (uploaded once per key set and audit indices)."""
         ti = None if tenant_idx is None else np.asarray(tenant_idx, dtype=np.uint32)
         si = None if session_idx is None else np.asarray(session_idx, dtype=np.uint32)
-        mkey = (b"" if ti is None else ti.tobytes(), b"" if si is None else si.tobytes())
+        mkey = self._meta_key(tenant_idx, session_idx)
         dev = seen.metas.get(mkey)
         if dev is None:
             host_meta = _abi.slot_meta_array(keys, ti, si)

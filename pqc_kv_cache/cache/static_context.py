@@ -113,7 +113,9 @@ class StaticContext:
         self.failures = SealFailures(device)
         for t in (*self.nonces.tensors(), self.records.records, self.records.head, self.failures.tensor):
             torch._dynamo.mark_static_address(t)
-        self.sealer = StaticSealer(self.sessions, rows, backend, tenant_idx, session_idx)
+        nonces = self.nonces
+        self.sealer = StaticSealer(self.sessions, rows, backend, tenant_idx, session_idx,
+                                   host_epochs=lambda: nonces.epoch_host)
         self.handle_no = register_handler(self.sealer)
         self.handle = torch.tensor(self.handle_no, dtype=torch.int64)
         torch._dynamo.mark_static_address(self.handle)

@@ -16,7 +16,7 @@ record with status REFUSED is written (when there is room), and ``failures`` kee
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ class StaticSealer:
     """Seals and opens one cache's positions (the ``SealHandler`` of ``pqc_kv_cache.ops``)."""
 
     def __init__(self, sessions: Sequence[TenantSession], row_slots: np.ndarray, backend: CryptoBackend,
-                 tenant_idx: np.ndarray | None, session_idx: np.ndarray | None):
+                 tenant_idx: np.ndarray | None, session_idx: np.ndarray | None,
+                 host_epochs: Callable[[], np.ndarray] | None = None):
         self._sessions = sessions
         self._row_slots = np.ascontiguousarray(row_slots, dtype=np.int64)
         self._backend = backend
@@ -57,6 +58,8 @@ class StaticSealer:
             np.stack([np.asarray(tenant_idx, dtype=np.int64), np.asarray(session_idx, dtype=np.int64)], axis=1))
         # (validity and epoch of each session of the rows, keys, each row's key index, each row's reason)
         self._rows_state: tuple | None = None
+        # the host's copy of the ranges' epochs, for ranges held on a device (read there, it would wait for it)
+        self._host_epochs = host_epochs
 
     # ---- keys ---------------------------------------------------------------------------------------
     def _key_slot(self, slot: int, epoch: int) -> KeySlot:
@@ -216,12 +219,16 @@ class StaticSealer:
         for the update that wrote them, covering the positions the layer holds)."""
         batch, heads, seq, dim = keys.shape
         layout = self._layout(layer_idx, heads, dim, keys.dtype)
+        on_host = nonce_epoch.device.type == "cpu"
+        if not on_host and (self._seal_static is None or self._host_epochs is None):
+            raise ValueError(f"the seal of tensors on {nonce_epoch.device} needs a backend that seals a step on "
+                             "that device (seal_static) and the host's copy of the ranges' epochs")
         if self._seal_static is not None:
             if positions.dtype != torch.int64 or not positions.is_contiguous():
                 positions = positions.to(torch.int64).contiguous()
             if io_index.dtype != torch.int64 or not io_index.is_contiguous():
                 io_index = io_index.to(torch.int64).contiguous()
-            key_list, row_key, row_reason = self._row_keys(nonce_epoch.numpy())
+            key_list, row_key, row_reason = self._row_keys(nonce_epoch.numpy() if on_host else self._host_epochs())
             self._seal_static(key_list, layout, keys, values, io_index, positions, arena, meta, nonce_next,
                               nonce_end, nonce_epoch, records, record_head, failures, ring, self._row_slots,
                               row_key, row_reason, self._record_slots)

@@ -65,6 +65,8 @@ class NonceRanges:
         self.next = torch.zeros(n, dtype=torch.int64, device=device)
         self.end = torch.zeros(n, dtype=torch.int64, device=device)
         self.epoch = torch.zeros(n, dtype=torch.int64, device=device)
+        # the host's copy of ``epoch`` (only ``refill`` changes it), read by a seal on another device
+        self.epoch_host = np.zeros(n, dtype=np.int64)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.next, self.end, self.epoch
@@ -89,6 +91,7 @@ class NonceRanges:
         if changed:
             for t, a in ((self.next, nxt), (self.end, end), (self.epoch, epoch)):
                 t.copy_(torch.from_numpy(a))
+            self.epoch_host = epoch.copy()
 
     def revoke(self, slot: int) -> None:
         """No more counters for ``slot`` (its session closed): later seals of its rows fail closed."""

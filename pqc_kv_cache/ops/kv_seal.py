@@ -18,9 +18,12 @@ the nonce counters of each session slot, the audit record buffer and its head,
 and the failure record. Nothing a later step needs is kept on the host, so a
 step replays as it was traced.
 
-Implemented for CPU tensors (the handler runs on the host). A device
-implementation registers its own kernel for these operators under the same
-schema.
+The CPU implementation calls the handler on the host. The CUDA
+implementation of ``seal_positions`` calls the same handler, whose backend
+(the CUDA one) does the step's work on the device, on torch's current stream,
+without reading any tensor on the host (unverified on a GPU: shown on the CPU
+twin of the CUDA backend only). ``open_positions`` has no CUDA implementation
+yet: called with CUDA tensors it raises ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import weakref
 from typing import Protocol
 
 import torch
+
+from ..errors import BackendUnavailableError
 
 __all__ = ["SealHandler", "register_handler", "unregister_handler", "seal_positions", "open_positions"]
 
@@ -125,6 +130,11 @@ def _open_cpu(handle, layer_idx, keys, values, end, arena, meta, records, record
     _handler(int(handle)).open(layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring)
 
 
+def _open_cuda(handle, layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring):
+    raise BackendUnavailableError("open_positions has no CUDA implementation: a static cache's positions are "
+                                  "opened on the host only")
+
+
 def _no_outputs(*args) -> None:
     """The fake implementation of both operators: they return nothing and change no shape."""
     return None
@@ -132,5 +142,7 @@ def _no_outputs(*args) -> None:
 
 _LIB.impl("seal_positions", _seal_cpu, "CPU")
 _LIB.impl("open_positions", _open_cpu, "CPU")
+_LIB.impl("seal_positions", _seal_cpu, "CUDA")
+_LIB.impl("open_positions", _open_cuda, "CUDA")
 torch.library.register_fake("pqc_kv_cache::seal_positions", _no_outputs, lib=_LIB)
 torch.library.register_fake("pqc_kv_cache::open_positions", _no_outputs, lib=_LIB)

@@ -4,10 +4,11 @@ What it asks: the tokens of 50 replays are those of ``StaticCache`` under the sa
 writes its own complete set of records (ENCRYPT and READ per layer and row); no (key, nonce) pair is used
 twice; the replay loop makes no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``).
 
-Unverified: written on a machine without a GPU, where it is skipped. ``StaticEncryptedCache`` has no CUDA
-operators yet (it refuses CUDA tensors), so on a GPU this test fails today and is marked as an expected
-failure, strictly: once the operators exist it passes, and the strict mark makes that a failure to remove
-the mark by.
+Unverified: written on a machine without a GPU, where it is skipped. The seal operator has a CUDA
+implementation (``CudaBackend.seal_static``), but ``StaticEncryptedCache`` still refuses CUDA tensors at its
+first update (the open operator has no CUDA implementation, and release / restore / save read the arena on
+the host), so on a GPU this test fails today and is marked as an expected failure, strictly: once the cache
+runs on a GPU it passes, and the strict mark makes that a failure to remove the mark by.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _captured_tokens(model, ids, cache) -> torch.Tensor:
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="StaticEncryptedCache has no CUDA operators yet (it refuses CUDA tensors)")
+                   reason="StaticEncryptedCache refuses CUDA tensors (no CUDA open operator yet)")
 def test_a_captured_decode_step_replays_as_static_cache_with_its_own_records_each_time():
     model = tiny_model("llama").cuda()
     ids = prompts(BATCH, PROMPT).cuda()
