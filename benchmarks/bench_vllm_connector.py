@@ -1,7 +1,7 @@
 """Time per saved and per loaded prompt token: PQCKVConnector (sealed, audited) against vLLM's own
 ExampleConnector (plaintext safetensors files), interleaved in one run, on vLLM's CPU backend.
 
-    .venv-vllm/bin/python benchmarks/bench_vllm_connector.py [--rounds 7] [--tokens 480]
+    .venv-vllm/bin/python benchmarks/bench_vllm_connector.py [--rounds 7] [--tokens 480] [--shape tiny]
 
 A save is a request whose prompt is computed and stored; a load is the same prompt again after vLLM's
 prefix cache is reset, so it is filled from the connector. Times are whole requests (one output token),
@@ -24,6 +24,11 @@ per engine the tokens loaded per request, the hit rate (requests that loaded any
 tokens that could be), time to first token (one output token: the request's whole time) and prompt tokens
 per second, for every request and for warm turns (turn 2 on), with the ratios against the other engines
 paired per request (median, min..max). ``--rounds`` repeats the whole workload with fresh prompts.
+
+``--shape`` picks the model: ``tiny`` (2 layers, hidden 128, 4 KV heads x 32), where recomputing a prompt
+costs less than reading it back, or ``0.5b``, the layer shape of a 0.5B-parameter Llama-architecture chat
+model (24 layers, hidden 896, 14 query heads, 2 KV heads x 64, MLP 4864) with the small test vocabulary.
+Both have random weights (fp32); the times depend on the shape, not on what the weights say.
 """
 
 import argparse
@@ -37,9 +42,24 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM's CPU backend keeps cores back from an engine's compute threads, one more when it has a KV connector:
+# on a 2-core machine the engine without a connector would compute on 1 core and the others on 2. The same
+# number for every engine keeps the comparison fair.
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "vllm"))
 
 BS = 32
+# model shapes: save_tiny_llama's keyword arguments
+SHAPES = {
+    "tiny": dict(layers=2, hidden=128, heads=4, kv_heads=4, head_dim=32, intermediate=256),
+    "0.5b": dict(layers=24, hidden=896, heads=14, kv_heads=2, head_dim=64, intermediate=4864),
+}
+
+
+def _describe(shape: str) -> str:
+    s = SHAPES[shape]
+    return (f"{shape} random-weight Llama ({s['layers']} layers, hidden {s['hidden']}, {s['kv_heads']} KV heads x "
+            f"{s['head_dim']}, fp32)")
 
 
 def main() -> None:
@@ -48,6 +68,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=480, help="prompt length (stored: whole blocks minus one token)")
     ap.add_argument("--stagger", type=int, default=4, help="requests per staggered batch (0: none)")
     ap.add_argument("--workload", choices=("prompt", "multiturn"), default="prompt")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="tiny", help="model shape (random weights)")
     ap.add_argument("--tenants", type=int, default=4, help="multiturn: tenants, one chat each")
     ap.add_argument("--turns", type=int, default=8, help="multiturn: turns per chat")
     ap.add_argument("--system", type=int, default=256, help="multiturn: system prompt tokens")
@@ -70,7 +91,7 @@ def main() -> None:
     from pqc_kv_cache.vllm import KeyService, generate_server_secret_file, kv_transfer_config, request_fields
 
     d = tempfile.mkdtemp(prefix="bench-vllm-")
-    model = save_tiny_llama(os.path.join(d, "model"))
+    model = save_tiny_llama(os.path.join(d, "model"), **SHAPES[args.shape])
     manager = TenantIsolationManager()
     session = manager.create_session(TenantKeyPair.generate("tenant-a").identity())
     secret_path = os.path.join(d, "secret", "server.key")
@@ -111,7 +132,7 @@ def main() -> None:
                                     args.stagger, f"{name}-{r}")
                     if r:
                         times[(name, "stagger")].append(dt / stored)
-        print(f"vLLM {__import__('vllm').__version__} CPU backend, tiny Llama (2 layers, 4 KV heads x 32, fp32), "
+        print(f"vLLM {__import__('vllm').__version__} CPU backend, {_describe(args.shape)}, "
               f"{stored} stored tokens per request, {args.rounds} rounds, {os.cpu_count()} CPUs")
         for (name, op), v in times.items():
             print(f"  {name:8s} {op}: median {statistics.median(v) * 1e6:8.1f} us/token "
@@ -127,7 +148,7 @@ def main() -> None:
             r = subprocess.run([sys.executable, "-m", "pqc_kv_cache", "audit", "show", "--json", "--operation",
                                 "ENCRYPT", os.path.join(d, "audit.log")], capture_output=True, text=True)
             seals = sum(1 for line in r.stdout.splitlines() if line.strip() and json.loads(line)["status"] == "OK")
-            per_prefix = 2 * stored                      # the tiny Llama's 2 layers
+            per_prefix = SHAPES[args.shape]["layers"] * stored       # one record per layer and stored token
             batches = args.rounds + 1
             print(f"  pqc staggered batches of {args.stagger}: {(seals / per_prefix - batches) / batches:.2f} seals "
                   f"of the prompt's prefix per batch ({seals} ENCRYPT records)")
@@ -151,7 +172,8 @@ def _multiturn(args) -> None:
     longest = args.system + args.turns * (args.user + args.answer)
     max_len = (longest // BS + 2) * BS
     d = tempfile.mkdtemp(prefix="bench-vllm-chat-")
-    model = save_tiny_llama(os.path.join(d, "model"), max_positions=max(512, max_len))   # a chat may pass 512
+    model = save_tiny_llama(os.path.join(d, "model"), max_positions=max(512, max_len),  # a chat may pass 512
+                            **SHAPES[args.shape])
     manager = TenantIsolationManager()
     secret_path = os.path.join(d, "secret", "server.key")
     secret = generate_server_secret_file(secret_path)
@@ -195,7 +217,7 @@ def _multiturn(args) -> None:
                                                     (len(ids) - 1) // BS * BS)
                     answer = [9 + (r * 19 + t * 59 + k * 41 + i * 3) % 400 for i in range(args.answer)]
                     prompts[t] = ids + answer
-        print(f"vLLM {__import__('vllm').__version__} CPU backend, tiny Llama (2 layers, 4 KV heads x 32, fp32); "
+        print(f"vLLM {__import__('vllm').__version__} CPU backend, {_describe(args.shape)}; "
               f"{args.tenants} tenants x {args.turns} turns, system prompt {args.system} tokens, "
               f"{args.user}-token messages, {args.answer}-token answers; {args.rounds} round(s), "
               f"{os.cpu_count()} CPUs; vLLM's prefix cache reset before every request")
