@@ -21,7 +21,7 @@ if TYPE_CHECKING:   # annotations only: the cache writes records, it does not im
     from ..audit.log import KVAuditLog
     from ..session import TenantSession
 
-__all__ = ["CacheAuditor"]
+__all__ = ["CacheAuditor", "refuse_load"]
 
 
 class CacheAuditor:
@@ -116,3 +116,11 @@ class CacheAuditor:
 
     def abandon(self) -> None:
         self._held = None
+
+
+def refuse_load(log: "KVAuditLog | None", sessions: "Sequence[TenantSession]") -> None:
+    """LOAD REFUSED records, one per given session, for a save file that was not loaded (either cache form)."""
+    if log is not None:
+        refused = CacheAuditor(log, list(sessions))
+        for slot in range(len(sessions)):
+            refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)

@@ -43,7 +43,7 @@ from ..errors import DecryptionError, SessionExpiredError, TenantIsolationError
 from ..rotation import KeyRotationPolicy
 from ..session import TenantSession
 from .audit import CacheAuditor
-from .context import (LayerContext, MergeSettings, Scratch, check_backend_argument, session_slots,
+from .context import (LayerContext, MergeSettings, Scratch, check_backend_argument, session_slots, tenant_slots,
                       watch_sessions)
 from .guards import guard_continuous_batching, refuse_unsupported
 from .layer import EncryptedLayer
@@ -406,15 +406,7 @@ class EncryptedCache(SaveFiles, Cache):
     def rotate(self, tenant: "str | TenantSession") -> list[int]:
         """Rotate the session(s) of ``tenant`` (a tenant id or a session) now: re-seal their chunks under the
         new epoch and retire the old keys. Returns the new epoch of each rotated session."""
-        if isinstance(tenant, TenantSession):
-            hits = [i for i, s in enumerate(self._sessions) if s is tenant]
-        elif isinstance(tenant, str):
-            hits = [i for i, s in enumerate(self._sessions) if s.tenant_id == tenant]
-        else:
-            raise TypeError(f"tenant must be a tenant id or a TenantSession, got {type(tenant).__name__}")
-        if not hits:
-            raise TenantIsolationError(f"tenant {tenant if isinstance(tenant, str) else tenant.tenant_id!r} "
-                                       "has no session in this cache")
+        hits = tenant_slots(self._sessions, tenant)
         return [self._rotate(slot) for slot in hits]
 
     def _rotate(self, slot: int) -> int:

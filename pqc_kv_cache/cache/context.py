@@ -69,6 +69,21 @@ def watch_sessions(owner, sessions: Sequence[TenantSession]) -> None:
         s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
 
 
+def tenant_slots(sessions: Sequence[TenantSession], tenant: "str | TenantSession") -> list[int]:
+    """The slots in ``sessions`` of ``tenant`` (a tenant id, or a session: that session only);
+    TenantIsolationError when it has none, TypeError for anything else."""
+    if isinstance(tenant, TenantSession):
+        hits = [i for i, s in enumerate(sessions) if s is tenant]
+    elif isinstance(tenant, str):
+        hits = [i for i, s in enumerate(sessions) if s.tenant_id == tenant]
+    else:
+        raise TypeError(f"tenant must be a tenant id or a TenantSession, got {type(tenant).__name__}")
+    if not hits:
+        raise TenantIsolationError(f"tenant {tenant if isinstance(tenant, str) else tenant.tenant_id!r} "
+                                   "has no session in this cache")
+    return hits
+
+
 def row_slots_for_batch(prompt_slots: np.ndarray, rows_per_session: int | None, batch: int) -> np.ndarray:
     """The session slot of each of ``batch`` rows, from the slots of the sessions as given and
     ``rows_per_session`` (ValueError for a batch that matches neither: a row's tenant is never guessed)."""

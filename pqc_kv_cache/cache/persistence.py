@@ -17,7 +17,7 @@ import torch
 from ..audit.records import Op, Status
 from ..errors import DecryptionError, KVCacheError, SaveFileError
 from ..session import TenantSession
-from .audit import CacheAuditor
+from .audit import refuse_load
 from .savefile import read_savefile, write_savefile
 
 if TYPE_CHECKING:   # for annotations only: the cache does not import the audit pipeline's log
@@ -121,7 +121,7 @@ class SaveFiles:
         except SaveFileError:
             for _, undo in reversed(adopted):
                 undo()
-            _refuse_load(audit, sessions)
+            refuse_load(audit, sessions)
             raise
         manifest = contents.manifest
         try:
@@ -129,7 +129,7 @@ class SaveFiles:
                 cache = cls(config, contents.sessions, audit=audit,
                             mode=manifest.get("mode") if mode is None else mode, **kwargs)
             except ValueError:              # a config or mode the file's layers cannot be opened with
-                _refuse_load(audit, sessions)
+                refuse_load(audit, sessions)
                 raise
             try:
                 descs = manifest["layers"]
@@ -139,7 +139,7 @@ class SaveFiles:
                                          f"{len(cache.layers)}")
                     cache._fill_saved(descs, contents.layer_data, torch.device(device))
                 except (SaveFileError, ValueError):     # refused before any chunk was opened
-                    _refuse_load(audit, sessions)
+                    refuse_load(audit, sessions)
                     raise
                 cache._open_saved()                     # AUTH_FAILED or OK records
             except BaseException:
@@ -184,11 +184,3 @@ class SaveFiles:
             self._record_file(Op.LOAD, Status.AUTH_FAILED)
             raise SaveFileError(f"save file chunk failed authentication ({exc}); nothing is loaded") from exc
         self._record_file(Op.LOAD, Status.OK)
-
-
-def _refuse_load(audit: KVAuditLog | None, sessions: Sequence[TenantSession]) -> None:
-    """One LOAD REFUSED record per given session (the file is refused before any layer of it is opened)."""
-    if audit is not None:
-        refused = CacheAuditor(audit, list(sessions))
-        for slot in range(len(sessions)):
-            refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)

@@ -20,7 +20,7 @@ from .._checks import check_int
 from ..audit.records import Op, Status
 from ..errors import KVCacheError, SaveFileError
 from ..session import TenantSession
-from .audit import CacheAuditor
+from .audit import refuse_load
 from .savefile import read_savefile, write_savefile
 
 if TYPE_CHECKING:   # annotations only: the cache writes records, it does not import the log
@@ -125,7 +125,7 @@ class StaticSaveFiles:
         except SaveFileError:
             for _, undo in reversed(adopted):
                 undo()
-            _refuse_load(audit, sessions)
+            refuse_load(audit, sessions)
             raise
         opening = False     # once every chunk is opened, its tag check writes the LOAD records
         try:
@@ -142,7 +142,7 @@ class StaticSaveFiles:
             for _, undo in reversed(adopted):
                 undo()
             if not opening:     # the file verified, yet this config or its layer descriptions refuse it
-                _refuse_load(audit, sessions)
+                refuse_load(audit, sessions)
             raise
         for commit, _ in adopted:
             commit()
@@ -185,11 +185,3 @@ class StaticSaveFiles:
             self._record_file(Op.LOAD, Status.AUTH_FAILED)
             raise SaveFileError(f"a save file chunk could not be opened ({exc}); nothing is loaded") from exc
         self._record_file(Op.LOAD, Status.OK)
-
-
-def _refuse_load(audit: KVAuditLog | None, sessions: Sequence[TenantSession]) -> None:
-    """LOAD REFUSED records, one per given session, for a save file that was not loaded."""
-    if audit is not None:
-        refused = CacheAuditor(audit, list(sessions))
-        for slot in range(len(sessions)):
-            refused.session(Op.LOAD, slot, status=Status.REFUSED, now=True)

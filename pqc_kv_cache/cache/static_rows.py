@@ -23,8 +23,9 @@ import numpy as np
 from transformers.cache_utils import Cache, StaticLayer
 
 from ..audit.records import Op, Status
-from ..errors import SessionExpiredError, TenantIsolationError
+from ..errors import SessionExpiredError
 from ..session import TenantSession
+from .context import tenant_slots
 
 __all__ = ["StaticRowOps"]
 
@@ -101,15 +102,7 @@ class StaticRowOps:
         retired (their keys erased). Released plaintext is opened first (verified) and released again after.
         Returns the new epoch of each rotated session; a chunk that could not be sealed again is raised as
         by ``check()``."""
-        if isinstance(tenant, TenantSession):
-            hits = [i for i, s in enumerate(self._sessions) if s is tenant]
-        elif isinstance(tenant, str):
-            hits = [i for i, s in enumerate(self._sessions) if s.tenant_id == tenant]
-        else:
-            raise TypeError(f"tenant must be a tenant id or a TenantSession, got {type(tenant).__name__}")
-        if not hits:
-            raise TenantIsolationError(f"tenant {tenant if isinstance(tenant, str) else tenant.tenant_id!r} "
-                                       "has no session in this cache")
+        hits = tenant_slots(self._sessions, tenant)
         if self._ctx.closed:
             raise ValueError("this StaticEncryptedCache is closed")
         return [self._rotate(slot) for slot in hits]
