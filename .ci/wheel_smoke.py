@@ -41,7 +41,8 @@ tree = {".".join(("pqc_kv_cache", *p.relative_to(ROOT / "pqc_kv_cache").with_suf
 tree = {m.removesuffix(".__init__") for m in tree}
 wheel = {"pqc_kv_cache"} | {m.name for m in pkgutil.walk_packages([str(installed)], "pqc_kv_cache.")}
 check(tree - wheel == set(), f"the wheel holds every module of the tree ({len(tree)}; missing: {sorted(tree - wheel)})")
-for name in ("native/pqc_native.c", "native/pqc_records.c", "py.typed", "kernels/pqc_kernels.cu",
+for name in ("native/pqc_native.c", "native/pqc_records.c", "native/pqc_static.c", "native/pqc_record.h", "py.typed",
+             "kernels/pqc_kernels.cu",
              "kernels/pqc_audit_record.h"):
     check((installed / name).is_file(), f"the wheel holds {name}")
 # the vLLM modules that need the `vllm` extra's packages are left out where those are not installed

@@ -24,7 +24,7 @@ PACKAGE = ROOT / "pqc_kv_cache"
 def _tree_files() -> set[str]:
     """The files of the source tree a wheel must carry, as paths inside the wheel."""
     want = {f"pqc_kv_cache/{p.relative_to(PACKAGE).as_posix()}"
-            for p in PACKAGE.rglob("*") if p.is_file() and p.suffix in (".py", ".c", ".typed")
+            for p in PACKAGE.rglob("*") if p.is_file() and p.suffix in (".py", ".c", ".h", ".typed")
             and "__pycache__" not in p.parts}
     want |= {f"pqc_kv_cache/kernels/{p.name}" for p in (ROOT / "kernels").iterdir()
              if p.suffix in (".cu", ".cuh", ".h", ".cpp")}

@@ -35,6 +35,7 @@ _DEFAULT_THREADS = 1
 _SOURCE = Path(__file__).resolve().parents[1] / "native" / "pqc_native.c"
 _RECORDS_SOURCE = _SOURCE.with_name("pqc_records.c")     # the audit records of a call, written in C
 _STATIC_SOURCE = _SOURCE.with_name("pqc_static.c")       # a static cache's seal of one layer step
+_RECORD_HEADER = _SOURCE.with_name("pqc_record.h")       # the record layout both of those write
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall")
 _LIBS = ("-lIPSec_MB",)
 _ABI = 4
@@ -63,14 +64,15 @@ def _compiler() -> str | None:
 
 
 def _build() -> Path:
-    for src in (_SOURCE, _RECORDS_SOURCE, _STATIC_SOURCE):
+    for src in (_SOURCE, _RECORDS_SOURCE, _STATIC_SOURCE, _RECORD_HEADER):
         if not src.is_file():
             raise BackendUnavailableError(f"native backend source not found: {src}")
     cc = _compiler()
     if not cc:
         raise BackendUnavailableError("no C compiler ($CC, cc or gcc) to build the native backend")
     return compile_cached(
-        "pqc_native", b"\0".join(src.read_bytes() for src in (_SOURCE, _RECORDS_SOURCE, _STATIC_SOURCE)),
+        "pqc_native", b"\0".join(src.read_bytes()
+                                  for src in (_SOURCE, _RECORDS_SOURCE, _STATIC_SOURCE, _RECORD_HEADER)),
         lambda out: [cc, *_FLAGS, str(_SOURCE), str(_RECORDS_SOURCE), str(_STATIC_SOURCE), "-o", out, *_LIBS],
         f"the native backend with {cc}",
         hint=lambda err: " (is libipsec-mb-dev installed?)" if "ipsec" in err.lower() else "")

@@ -18,20 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef struct {
-    uint64_t record_no, host_ts_ns, device_ts_ns, nonce_counter;
-    uint32_t pos_start, pos_count, tenant_idx, session_idx, epoch, nbytes;
-    uint16_t layer, row;
-    uint8_t op, status;
-    uint16_t flags;
-} pqc_rec;
+#include "pqc_record.h"
 
-_Static_assert(sizeof(pqc_rec) == 64, "an audit record is 64 bytes");
-
-#define OP_ENCRYPT 1
-#define OP_DECRYPT 2
-#define ST_OK 0
-#define ST_AUTH_FAILED 1
 #define RSLOT_SIZE 16       /* per key slot: uint32 tenant index, uint32 session index, int64 epoch */
 
 enum {

@@ -31,18 +31,8 @@ int pqc_native_seal(const void *ring, const uint8_t *prefix8, const uint8_t *slo
                     const int64_t *geom, const int64_t *tensors, uint8_t *arena, int64_t arena_len,
                     const int64_t *par, int64_t n, const int64_t *cols, int64_t *err);
 
-typedef struct {
-    uint64_t record_no, host_ts_ns, device_ts_ns, nonce_counter;
-    uint32_t pos_start, pos_count, tenant_idx, session_idx, epoch, nbytes;
-    uint16_t layer, row;
-    uint8_t op, status;
-    uint16_t flags;
-} srec;
+#include "pqc_record.h"
 
-_Static_assert(sizeof(srec) == 64, "an audit record is 64 bytes");
-
-enum { OP_ENCRYPT = 1, OP_READ = 9 };
-enum { ST_OK = 0, ST_REFUSED = 2 };
 /* FailReason of pqc_kv_cache/cache/static_state.py */
 enum { R_NONCES = 1, R_RECORDS = 4, R_RANGE = 5 };
 enum { S_ARG = -13, S_NOMEM = -14 };   /* pqc_native.c's PQC_E_ARG, PQC_E_NOMEM */
@@ -75,7 +65,7 @@ int pqc_native_static_seal(const void *ring, const uint8_t *prefix8, const uint8
     const int64_t *epoch = PTR(const int64_t, st[A_EPOCH]), *end = PTR(const int64_t, st[A_END]);
     int64_t *meta = PTR(int64_t, st[A_META]), *next = PTR(int64_t, st[A_NEXT]);
     int64_t *head = PTR(int64_t, st[A_HEAD]), *fail = PTR(int64_t, st[A_FAIL]);
-    srec *recs = PTR(srec, st[A_RECORDS]);
+    pqc_rec *recs = PTR(pqc_rec, st[A_RECORDS]);
     int64_t total, arena_len;
     if (n < 0 || batch < 1 || batch > 65536 || seq < 0 || nsl < 1 || stride < bpp + 16 || bpp < 1 || nsess < 1
         || cap < 0 || layer < 0 || layer > 0xFFFF || (n && (!pos || !io)) || !meta || !next || !end || !epoch
@@ -154,7 +144,7 @@ int pqc_native_static_seal(const void *ring, const uint8_t *prefix8, const uint8
         }
     }
     if (room && cap && rslots) {
-        srec *out = recs + head[0];
+        pqc_rec *out = recs + head[0];
         uint64_t no = (uint64_t)head[1];
         memset(out, 0, (size_t)(total + batch) * sizeof *out);
         for (int64_t i = 0; i < total; i++, out++) {
