@@ -336,6 +336,16 @@ class TenantSession:
         in a child process that inherited the session through fork().
         KeyRotationRequiredError when the epoch's hard cap would be passed (nothing is allocated).
         """
+        if n == 1 and type(n) is int:       # one chunk (every decode step): the checks below, in their order
+            with self._lock:
+                if (not self.closed and self.clock() < self._deadline and not self._forked and self._owns
+                        and self.entries_encrypted < self.max_entries_per_epoch):
+                    first = self.next_sequence
+                    self.next_sequence = first + 1
+                    self.entries_encrypted += 1
+                    self.total_entries_encrypted += 1
+                    self._generation += 1
+                    return self._keychain.epoch, first
         n = check_int("n", n, 0, MAX_COUNTER)
         with self._lock:
             self.check_valid()

@@ -117,6 +117,7 @@ class CudaAuditRing:
         self._batch: list[_Reservation] = []   # committed, copy not yet enqueued (published)
         self._batch_records = 0
         self.publish_at = max(1, capacity // 4)   # a commit bringing the batch to this many publishes it
+        self._templates: dict[tuple, np.ndarray] = {}   # ERROR-record templates of ``records_at`` (read-only)
 
     # -- device work: the only CUDA calls of the ring --------------------------------------
     def _allocate(self) -> None:
@@ -256,6 +257,11 @@ class CudaAuditRing:
         if isinstance(res, _Oversize):
             self._commit_oversize(res)
             return
+        self._commit_claimed(res)
+
+    def _commit_claimed(self, res: _Reservation) -> None:
+        """Hand a claimed reservation's records to the batch the drain publishes."""
+        alloc = self._alloc
         try:
             stream = self._current_stream()
         except BaseException:
@@ -264,8 +270,8 @@ class CudaAuditRing:
         with alloc.lock:
             res.stream = stream
             self._batch.append(res)
-            self._batch_records += n
-            alloc.emitted += n          # handed to the drain, which publishes the batch at its next pass
+            self._batch_records += res.n
+            alloc.emitted += res.n      # handed to the drain, which publishes the batch at its next pass
             full = self._batch_records >= self.publish_at
         if full:
             self.publish()
@@ -383,6 +389,33 @@ class CudaAuditRing:
             raise
         self.commit(n, first)
 
+    def records_at(self, n: int, *, op: int, tenant_idx: int, session_idx: int, layer: int) -> "_RecordsAt":
+        """``with ring.records_at(n, op=...) as (address, first_no):`` what ``reservation`` does, for at most
+        ``capacity`` records, yielding the device address of the reserved slots instead of a view, and
+        committing (or abandoning) the reservation it took without looking it up: a launch's path that runs
+        for every layer of every decode step."""
+        if type(n) is not int or not 1 <= n <= self.capacity:
+            raise ValueError(f"records_at takes 1 .. {self.capacity} records, got {n!r}")
+        key = (op, tenant_idx, session_idx, layer)
+        template = self._templates.get(key)
+        if template is None:
+            template = _template(int(op), field_int("tenant_idx", tenant_idx), field_int("session_idx", session_idx),
+                                 field_int("layer", layer))
+            template.flags.writeable = False
+            if len(self._templates) >= 1024:
+                self._templates.clear()
+            self._templates[key] = template
+        return _RecordsAt(self, n, template)
+
+    def _take_for(self, n: int, template: np.ndarray) -> _Reservation:
+        with self._alloc.lock:
+            res = self._take_slots(n, None, template)
+            res.event = False     # claimed by its block: neither commit() nor abandon() of another takes it
+        return res
+
+    def _slot_address(self, slot: int) -> int:
+        return self.buf.data_ptr() + slot * RECORD_SIZE
+
     def emit_torch(self, op, *, tenant_idx, session_idx, layer=NONE16, row=NONE16, pos_start=0, pos_count=0,
                    nonce_counter=0, epoch=0, nbytes=0, status=0, device_ts_ns=0) -> int:
         """Build records with torch ops on the device (fields: ints or 1-D device tensors) and commit them.
@@ -485,3 +518,23 @@ class CudaAuditRing:
             if freed:
                 self._space.notify_all()
         return out, waiting
+
+
+class _RecordsAt:
+    """The block of ``CudaAuditRing.records_at`` (a class: it is on every decode step's path)."""
+
+    __slots__ = ("_ring", "_n", "_template", "_res")
+
+    def __init__(self, ring: CudaAuditRing, n: int, template: np.ndarray):
+        self._ring, self._n, self._template = ring, n, template
+
+    def __enter__(self) -> tuple[int, int]:
+        res = self._res = self._ring._take_for(self._n, self._template)
+        return self._ring._slot_address(res.slot), res.first_no
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._ring._fail(self._res)
+        else:
+            self._ring._commit_claimed(self._res)
+        return False

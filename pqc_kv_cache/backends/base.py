@@ -36,6 +36,7 @@ from ``check(owner)``, at a synchronisation point the caller owns.
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Sequence, Union
 
@@ -51,7 +52,7 @@ if TYPE_CHECKING:   # annotations only: a backend writes records, it does not im
 #: One column of a ChunkTable: int64 values, numpy on the host, a tensor on a device.
 IndexArray = Union[np.ndarray, torch.Tensor]
 
-__all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "DecryptStatus", "CryptoBackend",
+__all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "DecryptStatus", "CryptoBackend", "RowsSeal",
            "RowSummary", "decrypt_row_summary"]
 
 
@@ -300,8 +301,71 @@ class DecryptStatus:
         return self.device is not None
 
 
+def _frozen(a) -> np.ndarray:
+    """``a`` as a read-only 1-D int64 array: itself when it already is one (kept by identity), else a copy."""
+    if type(a) is np.ndarray and a.dtype == np.int64 and a.ndim == 1 and not a.flags.writeable:
+        return a
+    a = np.array(a, dtype=np.int64).reshape(-1)
+    a.flags.writeable = False
+    return a
+
+
+class RowsSeal:
+    """A seal prepared for repeated calls of one shape: chunk i of a call seals row ``rows[i]`` under key
+    ``keys[key_idx[i]]`` into ``arena``, audited into ``audit``; per call only the positions, the nonce
+    counters and where the chunks go change (what a cache's update of every row does, step after step).
+
+    Made by :meth:`CryptoBackend.rows_seal`; a call is :meth:`CryptoBackend.seal_rows` with the same
+    contract and checks as ``encrypt_chunks`` over the table it describes. ``state`` is what the backend
+    keeps between calls of this seal (nothing for a host backend). A caller keeps one while ``matches``
+    holds (the same key list object, arena tensor and audit context) and makes a new one otherwise."""
+
+    __slots__ = ("backend", "keys", "layout", "key_idx", "rows", "arena", "audit", "state", "_seal_rows")
+
+    def __init__(self, backend: "CryptoBackend", keys: Sequence[KeySlot], layout: ChunkLayout,
+                 key_idx: np.ndarray, rows: np.ndarray, arena: torch.Tensor, audit: AuditContext | None):
+        key_idx, rows = _frozen(key_idx), _frozen(rows)
+        if key_idx.shape != rows.shape:
+            raise ValueError(f"a rows seal needs one key index per row; got {key_idx.size} for {rows.size} rows")
+        self.backend, self.keys, self.layout = backend, keys, layout
+        self.key_idx, self.rows, self.arena, self.audit = key_idx, rows, arena, audit
+        self.state = None
+        # a backend registered as a CryptoBackend without deriving from it has only the abstract methods
+        impl = getattr(backend, "seal_rows", None)
+        self._seal_rows = impl if impl is not None else functools.partial(CryptoBackend.seal_rows, backend)
+
+    def matches(self, keys: Sequence[KeySlot], arena: torch.Tensor, audit: AuditContext | None) -> bool:
+        return keys is self.keys and arena is self.arena and audit is self.audit
+
+    def __call__(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int,
+                 k_src: torch.Tensor, v_src: torch.Tensor) -> None:
+        """Seal positions ``pos_start .. pos_start + pos_count`` (index 0.. of ``k_src``/``v_src``) of every
+        row, chunk i under nonce ``counter[i]`` at ``offset + i * stride`` of the arena."""
+        self._seal_rows(self, pos_start, pos_count, counter, offset, stride, k_src, v_src)
+
+    def table(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int) -> ChunkTable:
+        """The chunk table one call describes."""
+        n = self.rows.shape[0]
+        return ChunkTable(self.key_idx, self.rows, np.full(n, pos_start, dtype=np.int64),
+                          np.full(n, pos_count, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                          np.asarray(counter, dtype=np.int64).reshape(-1),
+                          offset + np.arange(n, dtype=np.int64) * stride)
+
+
 class CryptoBackend(abc.ABC):
     """Seal and open batches of chunks; the same contract on every device."""
+
+    def rows_seal(self, keys: Sequence[KeySlot], layout: ChunkLayout, key_idx: np.ndarray, rows: np.ndarray,
+                  arena: torch.Tensor, audit: AuditContext | None = None) -> RowsSeal:
+        """A :class:`RowsSeal` over these keys, rows and arena (nothing is checked or sealed yet)."""
+        return RowsSeal(self, keys, layout, key_idx, rows, arena, audit)
+
+    def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
+                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor) -> None:
+        """One call of ``seal`` (see :class:`RowsSeal`): ``encrypt_chunks`` over the table it describes; a
+        backend with per-call costs to spare overrides it."""
+        self.encrypt_chunks(seal.keys, seal.layout, seal.table(pos_start, pos_count, counter, offset, stride),
+                            k_src, v_src, seal.arena, seal.audit)
 
     @abc.abstractmethod
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,

@@ -81,6 +81,12 @@ class CudaDevice:
         """Copy a pinned host buffer into a device buffer, on the current stream, without waiting."""
         dst.copy_(src, non_blocking=True)
 
+    def upload_raw(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from pinned host memory at ``src_ptr`` to device memory at ``dst_ptr``, on the current
+        stream, without waiting (the staging ring's per-call copy: no tensor views to make)."""
+        self._cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, 1,          # 1: host to device
+                                            torch.cuda.current_stream(self.device).cuda_stream)
+
     def record(self):
         """An event recorded on the current stream after the work enqueued so far."""
         ev = torch.cuda.Event()

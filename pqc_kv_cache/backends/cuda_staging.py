@@ -63,11 +63,12 @@ class Packed:
 
 
 class _Buffers:
-    __slots__ = ("host", "host_np", "dev", "dev_ptr", "size", "regions")
+    __slots__ = ("host", "host_np", "host_ptr", "dev", "dev_ptr", "size", "regions")
 
     def __init__(self, device, size: int):
         self.host = device.pinned(size)
         self.host_np = self.host.numpy()
+        self.host_ptr = self.host.data_ptr()
         self.dev = device.empty(size)
         self.dev_ptr = self.dev.data_ptr()
         self.size = size
@@ -138,6 +139,12 @@ class StagingRing:
                     self._head = 0
             raise
 
+    def staged(self, nbytes: int) -> "_Staged":
+        """``with ring.staged(n) as st:`` a region of ``n`` bytes without parts: the caller writes
+        ``st.host`` (numpy uint8), calls ``st.upload()`` (one asynchronous copy to ``st.dev_ptr``) and
+        enqueues the launches that read it inside the block; released as ``region``'s are."""
+        return _Staged(self, _round(max(1, nbytes)))
+
     @staticmethod
     def device_view(packed: Packed, offset: int, nbytes: int):
         """The device bytes of part ``offset`` of a region (valid inside its ``region`` block only)."""
@@ -148,7 +155,7 @@ class StagingRing:
         """The one copy of a region taken by ``region`` (call it inside the block, after writing any part
         that was reserved by size)."""
         buf, start = packed.buffers, packed.start
-        self._device.upload(buf.dev[start:start + packed.size], buf.host[start:start + packed.size])
+        self._device.upload_raw(buf.dev_ptr + start, buf.host_ptr + start, packed.size)
 
 
 class _Region:
@@ -181,6 +188,35 @@ class _Region:
             ring._release(region, buf)
             raise
         return packed
+
+    def __exit__(self, *exc) -> bool:
+        self._ring._release(self._region, self._buf)
+        return False
+
+
+class _Staged:
+    """The block of ``StagingRing.staged`` (a decode step's path: no parts to lay out)."""
+
+    __slots__ = ("_ring", "_size", "_region", "_buf", "host", "host_ptr", "dev_ptr")
+
+    def __init__(self, ring: StagingRing, size: int):
+        self._ring, self._size = ring, size
+
+    def __enter__(self) -> "_Staged":
+        ring = self._ring
+        with ring._lock:
+            region = ring._take(self._size)
+            buf = ring._buf
+        self._region, self._buf = region, buf
+        start = region[0]
+        self.host = buf.host_np[start:region[1]]
+        self.host_ptr = buf.host_ptr + start
+        self.dev_ptr = buf.dev_ptr + start
+        return self
+
+    def upload(self) -> None:
+        """The one copy of the region's bytes to the device (asynchronous, on the current stream)."""
+        self._ring._device.upload_raw(self.dev_ptr, self.host_ptr, self._size)
 
     def __exit__(self, *exc) -> bool:
         self._ring._release(self._region, self._buf)

@@ -380,6 +380,28 @@ class ParamsTemplate:
                 raise TypeError(f"pqc_chunk_params has no field {name!r}")
             values[i] = 0 if value is None else int(value)
 
+    #: the record's ``struct`` format without its byte-order prefix (to pack it behind other values)
+    format = _PARAMS_STRUCT.format[1:]
+
+    @staticmethod
+    def index(name: str) -> int:
+        """The place of field ``name`` among the record's values (``values()``)."""
+        try:
+            return _PARAM_INDEX[name]
+        except KeyError:
+            raise TypeError(f"pqc_chunk_params has no field {name!r}") from None
+
+    def values(self) -> list:
+        """The record's values (integers) in field order (a copy)."""
+        return self._values.copy()
+
+    def with_fields(self, **fields) -> "ParamsTemplate":
+        """A copy with these fields set too."""
+        new = ParamsTemplate.__new__(ParamsTemplate)
+        new._values = self._values.copy()
+        self._set(new._values, fields)
+        return new
+
     def pack_into(self, buf, offset: int, **fields) -> None:
         values = self._values.copy()
         index = _PARAM_INDEX

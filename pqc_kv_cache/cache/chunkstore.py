@@ -46,6 +46,7 @@ class ChunkStore:
         self.arena: ByteArena | None = None
         self._end = 0       # absolute position after the last stored one
         self._start = 0     # first visible position (0 for full attention)
+        self._rows_seal = None      # (the backend's prepared seal of every row, what it was made for)
 
     @property
     def cumulative_length(self) -> int:
@@ -110,6 +111,11 @@ class ChunkStore:
             raise ValueError("key and value states must share dtype and device")
 
     def _check_update(self, k, v) -> None:
+        ks = k.shape if type(k) is torch.Tensor and type(v) is torch.Tensor else None
+        if (ks is not None and len(ks) == 4 and v.shape == ks and ks[0] == self._batch and ks[1] == self.num_heads
+                and ks[3] == self.head_dim and k.dtype == self.dtype and v.dtype == self.dtype
+                and k.device == self.device and v.device == self.device):
+            return      # every decode step: the checks below, at once
         self._check_states(k, v)
         b, h, _, d = k.shape
         if (b, h, d) != (self._batch, self.num_heads, self.head_dim):
@@ -251,23 +257,17 @@ class ChunkStore:
 
     def _seal_new(self, k_src, v_src, start: int, n: int) -> SealedChunks:
         """Seal positions ``start..start+n`` (index 0.. of ``k_src``/``v_src``) of every row, one chunk per row
-        (audited): ``_seal`` for the shape of every update, its per-row columns taken from per-batch arrays."""
-        batch = self._batch
-        rows = self._all_rows()
+        (audited), at consecutive places of the arena: through the layer's prepared row seal, which the
+        backend keeps from step to step while its keys, arena and audit context stay the same."""
         size = n * self._bytes_per_position + TAG_SIZE
         ctx = self._ctx
         slots = self._row_slots
         counter, epoch = ctx.reserve(slots)
-        base = self._alloc(size * batch)
-        if n == 1:          # a decode step
-            pos_count = self._per_batch("ones", lambda b: np.ones(b, dtype=np.int64))
-            offset = base + self._per_batch(("offsets", size), lambda b: np.arange(b, dtype=np.int64) * size)
-        else:
-            pos_count = np.full(batch, n, dtype=np.int64)
-            offset = base + rows * size
-        ctx.encrypt(self._backend, self._layout, slots, epoch, rows, np.full(batch, start, dtype=np.int64),
-                    pos_count, self._all_zeros(), counter, offset, k_src, v_src, self.arena.buffer, True)
-        return SealedChunks(counter, epoch, slots.copy(), offset)
+        base = self._alloc(size * self._batch)
+        held = self._rows_seal = ctx.rows_seal(self._backend, self._layout, slots, epoch, self._all_rows(),
+                                               self.arena.buffer, self._rows_seal)
+        held[0](start, n, counter, base, size, k_src, v_src)
+        return SealedChunks(counter, epoch, slots.copy(), base + self._offsets(size))
 
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):
         """Decrypt segments ``segs`` × rows ``rows`` into k_out/v_out (positions from ``base``);
@@ -316,6 +316,14 @@ class ChunkStore:
         if got is None:
             got = memo[1][name] = make(self._batch)
             got.flags.writeable = False
+        return got
+
+    def _offsets(self, size: int) -> np.ndarray:
+        """0, size, 2 * size, ... (one per row)."""
+        memo = self.__dict__.get("_batch_memo")
+        got = None if memo is None or memo[0] != self._batch else memo[1].get(size)
+        if got is None:
+            got = self._per_batch(size, lambda b: np.arange(b, dtype=np.int64) * size)
         return got
 
     def _all_rows(self) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 
 from ..audit.records import Op, Status
 from ..backends import select_backend
-from ..backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot
+from ..backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, RowsSeal
 from ..envelope import session_tag, tenant_tag
 from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
@@ -171,6 +171,12 @@ class MergeSettings:
         self.enabled, self.max_positions, self.min_segments = enabled, max_positions, min_segments
 
 
+class _Groups(list):
+    """``LayerContext._groups``'s list, with ``order``: the slot of each chunk, in chunk order."""
+
+    order: list
+
+
 class LayerContext:
     """Everything a layer of one cache may use.
 
@@ -192,6 +198,7 @@ class LayerContext:
         self.key_slots: dict[tuple[int, int], KeySlot] = {}
         self._group_memo: dict[bytes, list] = {}     # see _groups
         self._keys_memo: dict[bytes, list] = {}      # see _keys
+        self._keys_generation = 0                    # moves whenever a key slot is forgotten (rows_seal)
         self.closed = False
         self.rotation_policy: Callable[[], None] = lambda: None
 
@@ -220,9 +227,8 @@ class LayerContext:
         sessions = self.sessions
         groups = self._groups(slots)
         if len(groups) == n_chunks:         # one chunk per session slot (a decode step, a session per row)
-            counters, epochs = [0] * n_chunks, [0] * n_chunks
-            for slot, where, _, _ in groups:
-                epochs[where], counters[where] = sessions[slot].reserve(1)
+            pairs = [sessions[slot].reserve(1) for slot in groups.order]
+            epochs, counters = zip(*pairs)
             return np.array(counters, dtype=np.int64), np.array(epochs, dtype=np.int64)
         counter = np.empty(n_chunks, dtype=np.int64)
         epoch = np.empty(n_chunks, dtype=np.int64)
@@ -244,8 +250,9 @@ class LayerContext:
         if groups is None:
             order = np.argsort(slots, kind="stable")
             bounds = np.flatnonzero(np.diff(slots[order])) + 1
-            groups = [(int(slots[w[0]]), int(w[0]) if w.size == 1 else w, np.arange(w.size, dtype=np.int64),
-                       int(w.size)) for w in np.split(order, bounds)]
+            groups = _Groups((int(slots[w[0]]), int(w[0]) if w.size == 1 else w, np.arange(w.size, dtype=np.int64),
+                              int(w.size)) for w in np.split(order, bounds))
+            groups.order = slots.tolist()
             if len(self._group_memo) >= _MEMO_CAP:
                 self._group_memo.clear()
             self._group_memo[key] = groups
@@ -304,6 +311,7 @@ class LayerContext:
             del self.key_slots[k]
         if gone:
             self._keys_memo.clear()     # their key lists name forgotten key slots
+            self._keys_generation += 1
         return bool(gone)
 
     def forget_backend_keys(self) -> None:
@@ -366,6 +374,23 @@ class LayerContext:
         table = ChunkTable(key_idx, np.asarray(src_row, dtype=np.int64), pos_start, pos_count, io_start,
                            counter, offset)
         backend.encrypt_chunks(keys, layout, table, k_src, v_src, arena, ctx)
+
+    def rows_seal(self, backend: CryptoBackend, layout: ChunkLayout, slots: np.ndarray, epoch: np.ndarray,
+                  rows: np.ndarray, arena: torch.Tensor, held: tuple | None) -> tuple:
+        """The backend's prepared seal of one chunk per row ``rows`` (session slots ``slots`` with the epochs
+        ``reserve(slots)`` has just given, every session checked there) into ``arena``, audited, as
+        ``(seal, what it was made for)``: ``held`` (the caller's pair from its last call) while it applies
+        (the same slots, epochs, arena, layout, rows and backend, and no key slot forgotten since)."""
+        made_for = (slots.tobytes(), epoch.tobytes(), self._keys_generation)
+        if held is not None and held[1] == made_for:
+            seal = held[0]
+            if seal.arena is arena and seal.layout is layout and seal.rows is rows and seal.backend is backend:
+                return held
+        keys, key_idx, ctx = self._keys(slots, epoch, True, checked=True)
+        make = getattr(backend, "rows_seal", None)      # None: registered as a CryptoBackend, not derived
+        seal = make(keys, layout, key_idx, rows, arena, ctx) if make is not None else RowsSeal(
+            backend, keys, layout, key_idx, rows, arena, ctx)
+        return seal, made_for
 
     def decrypt(self, backend: CryptoBackend, layout: ChunkLayout, columns: dict, dst_row, pos_start, pos_count,
                 io_start, arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> DecryptStatus:

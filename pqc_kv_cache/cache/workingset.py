@@ -100,8 +100,8 @@ class PlaintextStore:
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor, keep_from: int) -> None:
         """Append the positions ``end..end+n`` of ``k_new``/``v_new``; growing moves positions ``keep_from..``
         (``keep_from`` <= end: the first position any later read may need) into a buffer twice their size."""
-        n = k_new.shape[-2]
-        if self.k is None or self.end + n > self.base + self.capacity:
+        n = k_new.shape[2]
+        if self.k is None or self.end + n > self.base + self.k.shape[2]:
             keep_from = min(max(keep_from, self.base if self.k is not None else keep_from), self.end)
             b, h, _, d = k_new.shape
             # positions keep_from..end are copied below (when held) and end..end+n written after: then only
@@ -113,14 +113,14 @@ class PlaintextStore:
                 v[:, :, :self.end - keep_from].copy_(self.v[:, :, keep_from - self.base:self.end - self.base])
             self._install(k, v, keep_from, self.end)
         at = self.end - self.base
-        self.k[:, :, at:at + n].copy_(k_new)
-        self.v[:, :, at:at + n].copy_(v_new)
+        self.k.narrow(2, at, n).copy_(k_new)
+        self.v.narrow(2, at, n).copy_(v_new)
         self.end += n
 
     def view(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views ``[batch, heads, end - start, dim]`` of positions ``start..end``."""
-        a, b = start - self.base, end - self.base
-        return self.k[:, :, a:b], self.v[:, :, a:b]
+        a = start - self.base
+        return self.k.narrow(2, a, end - start), self.v.narrow(2, a, end - start)
 
     def truncate(self, end: int) -> None:
         """Forget positions from ``end`` on; their bytes stay in the buffer (as ``DynamicLayer.crop`` leaves
@@ -267,9 +267,9 @@ class WorkingSetStorage:
         """Open the ciphertext of the released rows into the plaintext store: all tags verified (DECRYPT
         records) before the store takes any of it; a failure leaves the rows released and raises."""
         self._ws.sweep()
-        rows = np.flatnonzero(self._released)
-        if rows.size == 0:
+        if not self._released.any():
             return
+        rows = np.flatnonzero(self._released)
         first = int(self.table.start[0]) if self.num_segments else self._end
         self._check_covered(0, first)
         # positions first.._end of the opened rows are written by the decrypt; the buffers are zeroed below

@@ -4,6 +4,8 @@ parts land where the kernels are told they are."""
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,10 @@ class FakeDevice:
     def upload(self, dst, src):
         self.uploads += 1
         dst.copy_(src)
+
+    def upload_raw(self, dst_ptr, src_ptr, nbytes):
+        self.uploads += 1
+        ctypes.memmove(dst_ptr, src_ptr, nbytes)
 
     def record(self):
         if self.fail_record:

@@ -103,6 +103,12 @@ class FakeRing:
             raise
         self.commit(n, first)
 
+    @contextlib.contextmanager
+    def records_at(self, n, *, op, tenant_idx, session_idx, layer):
+        """The real ring's ``records_at`` on this fake: ``reservation`` yielding the slots' address."""
+        with self.reservation(n, op=op, tenant_idx=tenant_idx, session_idx=session_idx, layer=layer) as (view, first):
+            yield view.data_ptr(), first
+
     def records(self):
         return torch.cat(self.views).cpu().numpy().view(RECORD_DTYPE).reshape(-1)
 

@@ -1,0 +1,148 @@
+"""The CUDA backend's prepared row seal: a decode step's encrypt with only what changes done per call.
+
+A cache seals every row of a layer at each update, with the same keys, rows, arena and tensor strides
+step after step; only the positions, the nonce counters, where the chunks go and the K / V tensors
+(new ones each step, same shape) change. ``RowsSealMixin.seal_rows`` checks once per (seal, position
+count, stride, tensor shape) what ``encrypt_chunks`` checks on every call (key set, layout, arena, rows
+and positions against the tensors, the GCM length), plans the launch and builds its parameter record
+and chunk table; a call then checks only what it changes (the tensors' shape, strides, dtype and device
+against the prepared ones, the positions, the counters, the arena range), patches the table's
+position, counter and offset columns and the record's pointers, and makes one packed upload and one
+launch, with the ring reservation of its ENCRYPT records when audited.
+
+What is not prepared this way goes through ``encrypt_chunks`` unchanged (the same bytes, checks and
+records): a call whose values fail a per-call check (so that it raises the same error), a launch that
+would be split into work items or into several launches (a prefill's long chunks), a call while the
+current stream is being captured (refused there). A prepared record reads the key set's schedules and
+slot metadata by address: it is rebuilt when the key store has zeroed any schedule since
+(``KeyStore.generation``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import numpy as np
+import torch
+
+from ..audit.records import Op
+from . import kernel_abi as _abi
+from ..envelope import TAG_SIZE
+from .base import RowsSeal
+from .cuda_staging import ALIGN as _ALIGN
+
+__all__ = ["RowsSealMixin"]
+
+_COL_POS, _COL_COUNTER, _COL_OFFSET = 2, 5, 6
+_ENCRYPT = "pqc_encrypt_chunks"
+_MOD64 = 1 << 64
+_UNAUDITED = (0, 0)       # no record address, no first record number
+
+
+class _Prepared:
+    """What a prepared seal keeps for one (position count, stride, K/V shape and strides)."""
+
+    __slots__ = ("pos_count", "stride", "k_shape", "v_shape", "generation", "tpl", "n", "sig", "rel", "values",
+                 "pos", "counter", "offset", "fields", "struct", "t_bytes", "size", "records", "ring", "res", "grid",
+                 "span", "arena_bytes", "keep")
+
+    def __init__(self, pos_count: int, stride: int, k_src: torch.Tensor, v_src: torch.Tensor, generation: int):
+        self.pos_count, self.stride, self.generation = pos_count, stride, generation
+        self.k_shape, self.v_shape = k_src.shape, v_src.shape
+        self.tpl = None         # None: this shape takes the general path (a split launch)
+
+
+class RowsSealMixin:
+    """``seal_rows`` of the CUDA backend (mixed into ``CudaBackend``)."""
+
+    def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
+                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor) -> None:
+        prep = seal.state
+        if (prep is None or prep.pos_count != pos_count or prep.stride != stride or k_src.shape != prep.k_shape
+                or v_src.shape != prep.v_shape or prep.generation != self._keys.generation):
+            prep = seal.state = self._prepare_rows(seal, pos_count, stride, k_src, v_src)
+        ints = counter.tolist() if type(counter) is np.ndarray and counter.dtype == np.int64 else None
+        if prep is None or prep.tpl is None or ints is None or not self._rows_call_ok(prep, pos_start, ints, offset,
+                                                                                     k_src, v_src):
+            # the general path: the same bytes, and the error a bad value deserves
+            return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src)
+        self._refuse_capture()
+        n = prep.n
+        values = prep.values.copy()
+        values[prep.pos] = [pos_start] * n
+        values[prep.counter] = ints
+        values[prep.offset] = [offset + r for r in prep.rel]
+        res = (contextlib.nullcontext(_UNAUDITED) if prep.ring is None
+               else prep.ring.records_at(prep.records, **prep.res))
+        with res as (records_at, first_no), self._staging.staged(prep.size) as st:
+            ik, iv, it, ir, i_first = prep.fields
+            values[ik] = k_src.data_ptr()
+            values[iv] = v_src.data_ptr()
+            values[it] = st.dev_ptr
+            values[ir] = records_at
+            values[i_first] = first_no % _MOD64
+            prep.struct.pack_into(st.host, 0, *values)
+            st.upload()
+            self._launch(_ENCRYPT, prep.grid, _abi.LANES, (np.uint64(st.dev_ptr + prep.t_bytes),))
+
+    def _rows_call_ok(self, prep: _Prepared, pos_start: int, counter: list, offset: int, k_src, v_src) -> bool:
+        """Whether this call's values pass every check ``encrypt_chunks`` makes of them (the rest was checked
+        when ``prep`` was made)."""
+        if (k_src.stride(), v_src.stride(), k_src.dtype, v_src.dtype, k_src.device, v_src.device) != prep.sig:
+            return False
+        if type(pos_start) is not int or type(offset) is not int or pos_start < 0 or offset < 0:
+            return False
+        return offset + prep.span <= prep.arena_bytes and len(counter) == prep.n and min(counter) >= 0
+
+    def _prepare_rows(self, seal: RowsSeal, pos_count: int, stride: int, k_src, v_src) -> _Prepared | None:
+        """Check and plan what every call of this shape shares, as ``encrypt_chunks`` would. None when a check
+        fails (the general path raises); one without a record (``tpl`` None) for a shape the general path
+        serves (a launch split into work items or into several launches)."""
+        keys, layout, arena, audit = seal.keys, seal.layout, seal.arena, seal.audit
+        n = seal.rows.shape[0]
+        if n == 0 or type(pos_count) is not int or type(stride) is not int or pos_count < 1 or stride < 0:
+            return None
+        generation = self._keys.generation
+        try:
+            table, seen = self._check_common(keys, layout, seal.table(0, pos_count, np.zeros(n, np.int64), 0,
+                                                                      stride), arena)
+            kp, ks = self._check_tensor("k_src", k_src, layout)
+            vp, vs = self._check_tensor("v_src", v_src, layout)
+            _abi.check_bounds(table, layout, k_src, v_src, arena, len(keys))
+        except (TypeError, ValueError):
+            return None
+        ring = audit.log.cuda_ring(self.device) if audit is not None else None
+        limit = max(1, ring.capacity // 4) if ring is not None else None
+        items, first, records = self._plan(_ENCRYPT, table[3], layout.bytes_per_position, limit)
+        prep = _Prepared(pos_count, stride, k_src, v_src, generation)
+        if items.shape[1] != n or (limit is not None and records > limit):
+            return prep         # split into work items or launches: the general path
+        sched, seen = self._keys.schedules(keys, seen)
+        meta = self._meta(seen, keys, audit)
+        prep.keep = (sched, meta)       # the record reads them by address
+        prep.sig = (k_src.stride(), v_src.stride(), layout.dtype, layout.dtype, self.device, self.device)
+        tpl = self._template(_ENCRYPT, (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), ks, vs, layout)
+                             ).with_fields(n=n, items=0, n_items=n, rec_lo=0, partials=0, counters=0)
+        prep.tpl = tpl
+        # the region: the chunk table (int64 [TABLE_COLS, n], row-major) then, aligned, the parameter record;
+        # packed by one struct call from a list of values where a call sets only its own
+        table[7] = first
+        prep.n = n
+        prep.rel = table[_COL_OFFSET].tolist()
+        prep.values = table.reshape(-1).tolist() + tpl.values()
+        prep.pos, prep.counter, prep.offset = (slice(c * n, (c + 1) * n) for c in (_COL_POS, _COL_COUNTER, _COL_OFFSET))
+        at = table.size
+        prep.fields = tuple(at + _abi.ParamsTemplate.index(f) for f in ("k", "v", "table", "records", "first_no"))
+        prep.t_bytes = _ALIGN * -(-table.nbytes // _ALIGN)
+        prep.struct = struct.Struct(f"<{table.size}q{prep.t_bytes - table.nbytes}x{_abi.ParamsTemplate.format}")
+        prep.size = prep.struct.size
+        prep.records, prep.ring = records, ring
+        prep.res = None if ring is None else dict(
+            op=int(Op.ENCRYPT), tenant_idx=int(audit.tenant_idx[0]) if len(audit.tenant_idx) else 0,
+            session_idx=int(audit.session_idx[0]) if len(audit.session_idx) else 0,
+            layer=min(int(layout.layer_idx), 0xFFFF))
+        prep.grid = min(n, self.launch_slots(_ENCRYPT))
+        prep.span = int(table[_COL_OFFSET].max()) + pos_count * layout.bytes_per_position + TAG_SIZE
+        prep.arena_bytes = arena.numel()
+        return prep

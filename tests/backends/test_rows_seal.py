@@ -1,0 +1,196 @@
+"""The prepared row seal (``CryptoBackend.rows_seal`` / ``seal_rows``): what a cache's every update calls.
+
+On the CPU twin of the CUDA backend (its own host code, launches run by the host shim) the prepared path
+(``backends/cuda_rows.py``) must give the bytes and records ``encrypt_chunks`` gives for the same table,
+refuse what it refuses, follow the key store when schedules are zeroed, and make one upload and one launch
+per call. The base class's seal (every other backend) is ``encrypt_chunks`` over the same table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from support.twin import CpuTwinBackend, TwinLog
+
+from pqc_kv_cache.audit.records import Status
+from pqc_kv_cache.backends import kernel_shim
+from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, CryptoBackend, KeySlot, RowsSeal
+from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
+
+pytestmark = pytest.mark.skipif(not kernel_shim.available(), reason="no C++ compiler for the host shim")
+
+LAYOUT = ChunkLayout(layer_idx=5, num_heads=2, head_dim=64, dtype=torch.bfloat16)
+BATCH = 3
+SIZE = LAYOUT.bytes_per_position + 16          # one position per chunk
+
+
+def _keys():
+    g = np.random.default_rng(11)
+    return [KeySlot(key=g.bytes(32), tenant_tag=tenant_tag(f"t{i}"), session_tag=session_tag(f"s{i}"), epoch=1 + i)
+            for i in range(2)]
+
+
+def _kv(seed, n=1, batch=BATCH):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 2, n, 64, generator=g).to(torch.bfloat16),
+            torch.randn(batch, 2, n, 64, generator=g).to(torch.bfloat16))
+
+
+def _ctx(log):
+    return AuditContext(log, np.array([log.tenant_index("t0"), log.tenant_index("t1")], np.uint32),
+                        np.array([log.session_index("s0", "t0"), log.session_index("s1", "t1")], np.uint32))
+
+
+KEY_IDX = np.array([0, 1, 1], dtype=np.int64)
+ROWS = np.arange(BATCH, dtype=np.int64)
+
+
+def _steps(n=1):
+    """(pos_start, counters, offset, k, v) of four calls: new tensors, counters and places each time."""
+    return [(40 + 7 * i, np.array([10 + i, 20 + i, 30 + i], dtype=np.int64), 3 * SIZE * i + 16 * i,
+             *_kv(i, n)) for i in range(4)]
+
+
+_FIELDS = ("operation", "tenant_id", "session_id", "layer_idx", "position", "position_count", "row",
+           "sequence_number", "epoch", "nbytes", "status")
+
+
+def _records(log):
+    """The log's records, oldest first, without their numbers and time stamps."""
+    assert log.flush(timeout=10)
+    return [tuple(e.to_dict()[f] for f in _FIELDS) for e in reversed(log.entries(limit=None))]
+
+
+def test_the_prepared_seal_gives_the_bytes_and_records_of_encrypt_chunks():
+    keys = _keys()
+    out = {}
+    for path in ("prepared", "general"):
+        be = CpuTwinBackend()
+        log = TwinLog()
+        try:
+            arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+            seal = be.rows_seal(keys, LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+            for pos, ctr, off, k, v in _steps():
+                if path == "prepared":
+                    seal(pos, 1, ctr, off, SIZE, k, v)
+                else:
+                    CryptoBackend.seal_rows(be, seal, pos, 1, ctr, off, SIZE, k, v)
+            out[path] = (arena.clone(), _records(log))
+        finally:
+            log.close()
+    assert torch.equal(out["prepared"][0], out["general"][0])
+    a, b = out["prepared"][1], out["general"][1]
+    assert a == b and len(a) == 4 * BATCH
+    assert {r[0] for r in a} == {"encrypt"} and {r[-1] for r in a} == {int(Status.OK)}
+    assert [r[4] for r in a] == [pos for pos, *_ in _steps() for _ in range(BATCH)]
+    assert [r[7] for r in a] == [int(c) for _, ctr, *_ in _steps() for c in ctr]
+    # and the bytes open with plain AES-GCM under the nonce and AAD the call named
+    arena = out["prepared"][0].numpy()
+    for pos, ctr, off, k, v in _steps():
+        for i in range(BATCH):
+            key = keys[KEY_IDX[i]]
+            ct = arena[off + i * SIZE: off + (i + 1) * SIZE].tobytes()
+            aad = build_aad(tenant_id=f"t{KEY_IDX[i]}", session_id=f"s{KEY_IDX[i]}", epoch=key.epoch, layer_idx=5,
+                            position=pos, position_count=1, key_len=LAYOUT.bytes_per_position // 2,
+                            dtype="bfloat16", num_heads=2, head_dim=64)
+            plain = (k[i].contiguous().view(torch.uint8).numpy().tobytes()
+                     + v[i].contiguous().view(torch.uint8).numpy().tobytes())
+            assert AESGCM(key.key).decrypt(make_nonce(key.epoch, int(ctr[i])), ct, aad) == plain
+
+
+def test_a_decode_step_is_one_upload_and_one_launch():
+    be = CpuTwinBackend()
+    arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+    seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena)
+    steps = _steps()
+    seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])
+    uploads, launches = be.twin_device.uploads, len(be.launches)
+    for pos, ctr, off, k, v in steps[1:]:
+        seal(pos, 1, ctr, off, SIZE, k, v)
+    assert be.twin_device.uploads - uploads == 3
+    assert [kname for kname, _, _ in be.launches[launches:]] == ["pqc_encrypt_chunks"] * 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(counter=np.array([1, -1, 2], dtype=np.int64)), "negative"),
+    (dict(offset=4 * 3 * SIZE), "out of range of the arena"),
+    (dict(pos=-1), "negative"),
+    (dict(k=_kv(9)[0].float()), "dtype"),
+    (dict(k=_kv(9, batch=2)[0]), "out of range of k"),
+    (dict(k=_kv(9)[0].transpose(2, 3)), "shape|contiguous|must be"),
+])
+def test_a_prepared_seal_refuses_what_encrypt_chunks_refuses(bad, message):
+    be = CpuTwinBackend()
+    arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+    seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena)
+    pos, ctr, off, k, v = _steps()[0]
+    seal(pos, 1, ctr, off, SIZE, k, v)          # prepared
+    before = arena.clone()
+    launches = len(be.launches)
+    args = dict(pos=pos, counter=ctr, offset=off, k=k, v=v)
+    args.update(bad)
+    if "k" in bad and bad["k"].shape != k.shape:
+        args["v"] = bad["k"].clone()
+    with pytest.raises(ValueError, match=message):
+        seal(args["pos"], 1, args["counter"], args["offset"], SIZE, args["k"], args["v"])
+    assert len(be.launches) == launches and torch.equal(arena, before)
+    seal(pos, 1, ctr, off, SIZE, k, v)          # and the seal still works afterwards
+    assert torch.equal(arena, before)
+
+
+def test_a_prepared_seal_follows_key_schedules_the_store_has_zeroed():
+    """forget_keys() zeroes the device schedules a prepared record points at: the next call must prepare
+    again (with a record naming the schedules made anew), or it would seal under zeroed round keys."""
+    keys = _keys()
+    be = CpuTwinBackend()
+    arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+    seal = be.rows_seal(keys, LAYOUT, KEY_IDX, ROWS, arena)
+    steps = _steps()
+    seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])
+    be.forget_keys()
+    pos, ctr, off, k, v = steps[1]
+    seal(pos, 1, ctr, off, SIZE, k, v)
+    ref = torch.zeros_like(arena)
+    CryptoBackend.seal_rows(CpuTwinBackend(), RowsSeal(None, keys, LAYOUT, KEY_IDX, ROWS, ref, None),
+                            pos, 1, ctr, off, SIZE, k, v)
+    assert torch.equal(arena[off:off + 3 * SIZE], ref[off:off + 3 * SIZE])
+
+
+def test_a_prefill_sized_seal_takes_the_general_path_with_the_same_bytes():
+    """Chunks long enough to be cut into work items are not prepared: the general path seals them."""
+    keys = _keys()
+    n = 600
+    size = n * LAYOUT.bytes_per_position + 16
+    arenas = []
+    for path in ("seal", "general"):
+        be = CpuTwinBackend()
+        arena = torch.zeros(3 * size, dtype=torch.uint8)
+        seal = be.rows_seal(keys, LAYOUT, KEY_IDX, ROWS, arena)
+        k, v = _kv(3, n)
+        ctr = np.array([1, 2, 3], dtype=np.int64)
+        if path == "seal":
+            seal(0, n, ctr, 0, size, k, v)
+            assert seal.state is not None and seal.state.tpl is None      # not prepared: split launch
+        else:
+            CryptoBackend.seal_rows(be, seal, 0, n, ctr, 0, size, k, v)
+        arenas.append(arena)
+    assert torch.equal(*arenas)
+
+
+def test_a_backend_registered_without_deriving_seals_rows_through_encrypt_chunks():
+    class Registered:
+        def __init__(self):
+            self.calls = []
+
+        def encrypt_chunks(self, keys, layout, chunks, k, v, arena, audit=None):
+            self.calls.append(chunks)
+
+    CryptoBackend.register(Registered)
+    be = Registered()
+    seal = RowsSeal(be, _keys(), LAYOUT, KEY_IDX, ROWS, torch.zeros(1), None)
+    seal(7, 1, np.array([4, 5, 6], dtype=np.int64), 100, SIZE, *_kv(1))
+    (t,) = be.calls
+    assert t.pos_start.tolist() == [7, 7, 7] and t.counter.tolist() == [4, 5, 6]
+    assert t.offset.tolist() == [100, 100 + SIZE, 100 + 2 * SIZE] and t.slot.tolist() == [0, 1, 1]
