@@ -29,7 +29,7 @@ from .fields import check_int, expand_per_position, prepare
 from .keys import SigningKey
 from .names import DetailTexts, NameTable
 from .query import KVAuditEntry, query
-from .records import NONE16, RECORD_DTYPE, Op, Status, op_from_name
+from .records import NONE16, RECORD_DTYPE, Op, Status, op_from_name, valid_ops
 from .ring import HostRing
 from .sink import AuditSink
 from .store import ColumnarStore
@@ -37,8 +37,6 @@ from .store import ColumnarStore
 __all__ = ["KVAuditLog", "KVAuditEntry"]
 
 _VALID_OPS = frozenset(int(o) for o in Op)
-_VALID_OP_TABLE = np.zeros(256, dtype=np.bool_)
-_VALID_OP_TABLE[list(_VALID_OPS)] = True
 
 _OPEN_LOGS: "weakref.WeakSet[KVAuditLog]" = weakref.WeakSet()
 
@@ -243,8 +241,8 @@ class KVAuditLog:
             with self._lock:
                 return self._alloc.next_no
         ops = records["op"]
-        if not _VALID_OP_TABLE[ops].all():
-            bad = int(ops[~_VALID_OP_TABLE[ops]][0])
+        if not valid_ops(ops):
+            bad = next(int(o) for o in ops.tolist() if o not in _VALID_OPS)
             raise ValueError(f"unknown audit operation code {bad}")
         return self._write(0, n, None, None, records=records)
 

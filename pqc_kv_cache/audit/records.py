@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 
-__all__ = ["RECORD_DTYPE", "RECORD_SIZE", "RECORD_STRUCT", "RECORD_WORDS", "Op", "Status", "NONE16", "OP_NAMES",
+__all__ = ["RECORD_DTYPE", "RECORD_SIZE", "RECORD_STRUCT", "RECORD_WORDS", "Op", "Status", "NONE16", "OP_NAMES", "valid_ops",
            "op_from_name"]
 
 RECORD_DTYPE = np.dtype([
@@ -99,3 +99,12 @@ def op_from_name(name: "str | Op") -> Op:
         return _OPS_BY_NAME[str(name).lower()]
     except KeyError:
         raise ValueError(f"unknown audit operation {name!r}; known: {sorted(OP_NAMES.values())}") from None
+
+
+_VALID_OP_TABLE = np.zeros(256, dtype=np.bool_)
+_VALID_OP_TABLE[[int(o) for o in Op]] = True
+
+
+def valid_ops(ops: np.ndarray) -> bool:
+    """Whether every entry of ``ops`` (the ``op`` field of a record batch, uint8) names an operation."""
+    return bool(_VALID_OP_TABLE[ops].all())

@@ -338,10 +338,15 @@ class RowsSeal:
         return keys is self.keys and arena is self.arena and audit is self.audit
 
     def __call__(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int,
-                 k_src: torch.Tensor, v_src: torch.Tensor) -> None:
+                 k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
         """Seal positions ``pos_start .. pos_start + pos_count`` (index 0.. of ``k_src``/``v_src``) of every
-        row, chunk i under nonce ``counter[i]`` at ``offset + i * stride`` of the arena."""
-        self._seal_rows(self, pos_start, pos_count, counter, offset, stride, k_src, v_src)
+        row, chunk i under nonce ``counter[i]`` at ``offset + i * stride`` of the arena.
+
+        ``records``: the caller's own audit records (a RECORD_DTYPE array whose fields it set, as for
+        ``KVAuditLog.emit_records``), written into the audit context's log with the call's ENCRYPT records
+        once the seal is enqueued (a device backend: in the same reservation, moved by the call's own copies);
+        not written if the seal raises. Only with an audit context."""
+        self._seal_rows(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
 
     def table(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int) -> ChunkTable:
         """The chunk table one call describes."""
@@ -361,11 +366,15 @@ class CryptoBackend(abc.ABC):
         return RowsSeal(self, keys, layout, key_idx, rows, arena, audit)
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
-                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor) -> None:
-        """One call of ``seal`` (see :class:`RowsSeal`): ``encrypt_chunks`` over the table it describes; a
-        backend with per-call costs to spare overrides it."""
+                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
+        """One call of ``seal`` (see :class:`RowsSeal`): ``encrypt_chunks`` over the table it describes, then
+        the caller's ``records``; a backend with per-call costs to spare overrides it."""
+        if records is not None and seal.audit is None:
+            raise ValueError("records to write with a seal need the seal's audit context (audit=None)")
         self.encrypt_chunks(seal.keys, seal.layout, seal.table(pos_start, pos_count, counter, offset, stride),
                             k_src, v_src, seal.arena, seal.audit)
+        if records is not None:
+            seal.audit.log.emit_records(records)
 
     @abc.abstractmethod
     def encrypt_chunks(self, keys: Sequence[KeySlot], layout: ChunkLayout, chunks: ChunkTable,

@@ -26,7 +26,7 @@ import struct
 import numpy as np
 import torch
 
-from ..audit.records import Op
+from ..audit.records import RECORD_DTYPE, RECORD_SIZE as _RECORD, Op, valid_ops
 from . import kernel_abi as _abi
 from ..envelope import TAG_SIZE
 from .base import RowsSeal
@@ -45,7 +45,7 @@ class _Prepared:
 
     __slots__ = ("pos_count", "stride", "k_shape", "v_shape", "generation", "tpl", "n", "sig", "rel", "values",
                  "pos", "counter", "offset", "fields", "struct", "t_bytes", "size", "records", "ring", "res", "grid",
-                 "span", "arena_bytes", "keep")
+                 "span", "arena_bytes", "keep", "limit")
 
     def __init__(self, pos_count: int, stride: int, k_src: torch.Tensor, v_src: torch.Tensor, generation: int):
         self.pos_count, self.stride, self.generation = pos_count, stride, generation
@@ -53,20 +53,31 @@ class _Prepared:
         self.tpl = None         # None: this shape takes the general path (a split launch)
 
 
+def _extra_records(records, prep) -> int | None:
+    """How many caller records a prepared call carries; None when the general path must take them (not a
+    1-D RECORD_DTYPE array with valid operations, no audit, or too many for one launch's reservation)."""
+    if (type(records) is not np.ndarray or records.dtype != RECORD_DTYPE or records.ndim != 1 or prep is None
+            or prep.tpl is None or prep.ring is None or prep.records + records.shape[0] > prep.limit
+            or not valid_ops(records["op"])):
+        return None
+    return records.shape[0]
+
+
 class RowsSealMixin:
     """``seal_rows`` of the CUDA backend (mixed into ``CudaBackend``)."""
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
-                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor) -> None:
+                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
         prep = seal.state
         if (prep is None or prep.pos_count != pos_count or prep.stride != stride or k_src.shape != prep.k_shape
                 or v_src.shape != prep.v_shape or prep.generation != self._keys.generation):
             prep = seal.state = self._prepare_rows(seal, pos_count, stride, k_src, v_src)
         ints = counter.tolist() if type(counter) is np.ndarray and counter.dtype == np.int64 else None
-        if prep is None or prep.tpl is None or ints is None or not self._rows_call_ok(prep, pos_start, ints, offset,
-                                                                                     k_src, v_src):
-            # the general path: the same bytes, and the error a bad value deserves
-            return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src)
+        extra = 0 if records is None else _extra_records(records, prep)
+        if (prep is None or prep.tpl is None or ints is None or extra is None
+                or not self._rows_call_ok(prep, pos_start, ints, offset, k_src, v_src)):
+            # the general path: the same bytes and records, and the error a bad value deserves
+            return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
         self._refuse_capture()
         n = prep.n
         values = prep.values.copy()
@@ -74,8 +85,8 @@ class RowsSealMixin:
         values[prep.counter] = ints
         values[prep.offset] = [offset + r for r in prep.rel]
         res = (contextlib.nullcontext(_UNAUDITED) if prep.ring is None
-               else prep.ring.records_at(prep.records, **prep.res))
-        with res as (records_at, first_no), self._staging.staged(prep.size) as st:
+               else prep.ring.records_at(prep.records + extra, **prep.res))
+        with res as (records_at, first_no), self._staging.staged(prep.size + extra * _RECORD) as st:
             ik, iv, it, ir, i_first = prep.fields
             values[ik] = k_src.data_ptr()
             values[iv] = v_src.data_ptr()
@@ -83,7 +94,11 @@ class RowsSealMixin:
             values[ir] = records_at
             values[i_first] = first_no % _MOD64
             prep.struct.pack_into(st.host, 0, *values)
+            if extra:       # the caller's records, behind the call's own: moved by a copy of their own
+                st.host[prep.size:prep.size + extra * _RECORD] = records.view(np.uint8)
             st.upload()
+            if extra:
+                self._dev.upload_raw(records_at + prep.records * _RECORD, st.host_ptr + prep.size, extra * _RECORD)
             self._launch(_ENCRYPT, prep.grid, _abi.LANES, (np.uint64(st.dev_ptr + prep.t_bytes),))
 
     def _rows_call_ok(self, prep: _Prepared, pos_start: int, counter: list, offset: int, k_src, v_src) -> bool:
@@ -137,7 +152,7 @@ class RowsSealMixin:
         prep.t_bytes = _ALIGN * -(-table.nbytes // _ALIGN)
         prep.struct = struct.Struct(f"<{table.size}q{prep.t_bytes - table.nbytes}x{_abi.ParamsTemplate.format}")
         prep.size = prep.struct.size
-        prep.records, prep.ring = records, ring
+        prep.records, prep.ring, prep.limit = records, ring, limit
         prep.res = None if ring is None else dict(
             op=int(Op.ENCRYPT), tenant_idx=int(audit.tenant_idx[0]) if len(audit.tenant_idx) else 0,
             session_idx=int(audit.session_idx[0]) if len(audit.session_idx) else 0,

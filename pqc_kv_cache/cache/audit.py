@@ -66,8 +66,21 @@ class CacheAuditor:
     def rows(self, op: Op, layer: int, slots: np.ndarray, rows: np.ndarray, *, status: Status = Status.OK,
              now: bool = False, **fields) -> None:
         """One record per batch row ``rows`` of ``layer`` (``slots``: each row's session slot)."""
-        if self.log is None or rows.size == 0:
+        batch = self.batch(op, layer, slots, rows, status=status, **fields)
+        if batch is None:
             return
+        if self._held is not None and not now:
+            self._held.append((None, batch.copy()))
+        else:
+            self.log.emit_records(batch)
+
+    def batch(self, op: Op, layer: int, slots: np.ndarray, rows: np.ndarray, *, status: Status = Status.OK,
+              **fields) -> np.ndarray | None:
+        """The records ``rows`` writes, prepared and not written (None without a log or rows): for a caller
+        that hands them to a backend to write with a launch's own. The array is kept for the next batch of the
+        same kind (read it before asking for another)."""
+        if self.log is None or rows.size == 0:
+            return None
         key = (int(op), layer, int(status), slots.tobytes(), rows.tobytes(), tuple(fields))
 
         def build() -> np.ndarray:
@@ -79,10 +92,7 @@ class CacheAuditor:
         batch = self._batches.get(key, build)
         for name, value in fields.items():
             set_field(batch, name, value)
-        if self._held is not None and not now:
-            self._held.append((None, batch.copy()))
-        else:
-            self.log.emit_records(batch)
+        return batch
 
     def session(self, op: Op, slot: int, *, status: Status = Status.OK, now: bool = False, **fields) -> None:
         """One record of session slot ``slot`` as a whole (no layer, no row)."""

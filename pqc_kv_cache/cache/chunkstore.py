@@ -192,9 +192,16 @@ class ChunkStore:
     def _kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The positions just sealed, in the clear (sealed: not kept)."""
 
-    def _visible(self, view_start: int):
+    def _read_records(self, view_start: int, end: int) -> np.ndarray | None:
+        """Before an update seals: the records of the read it ends with (positions ``view_start..end`` of
+        every row), to be written with the seal's own, once anything that could refuse the read has been
+        checked; None when the read records itself (sealed: the backend records its decrypt)."""
+        return None
+
+    def _visible(self, view_start: int, recorded: bool = False):
         """The layer's plaintext from the first segment reaching ``view_start``: (K, V, its first position,
-        per-chunk status or None). Sealed: every such chunk decrypted into the scratch."""
+        per-chunk status or None). Sealed: every such chunk decrypted into the scratch. ``recorded``: the
+        read's records were written with the update's seal (``_read_records``)."""
         return self._read_from(view_start)
 
     def _truncated(self, new_end: int) -> None:
@@ -255,10 +262,11 @@ class ChunkStore:
             aside.zero_()
         return sealed
 
-    def _seal_new(self, k_src, v_src, start: int, n: int) -> SealedChunks:
+    def _seal_new(self, k_src, v_src, start: int, n: int, records: np.ndarray | None = None) -> SealedChunks:
         """Seal positions ``start..start+n`` (index 0.. of ``k_src``/``v_src``) of every row, one chunk per row
         (audited), at consecutive places of the arena: through the layer's prepared row seal, which the
-        backend keeps from step to step while its keys, arena and audit context stay the same."""
+        backend keeps from step to step while its keys, arena and audit context stay the same. ``records``:
+        the update's own records, written with the seal's (see ``_read_records``)."""
         size = n * self._bytes_per_position + TAG_SIZE
         ctx = self._ctx
         slots = self._row_slots
@@ -266,7 +274,7 @@ class ChunkStore:
         base = self._alloc(size * self._batch)
         held = self._rows_seal = ctx.rows_seal(self._backend, self._layout, slots, epoch, self._all_rows(),
                                                self.arena.buffer, self._rows_seal)
-        held[0](start, n, counter, base, size, k_src, v_src)
+        held[0](start, n, counter, base, size, k_src, v_src, records)
         return SealedChunks(counter, epoch, slots.copy(), base + self._offsets(size))
 
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):

@@ -89,13 +89,19 @@ class EncryptedLayer(ChunkStore, CacheLayerMixin):
         try:
             with self._atomic():    # a failed update leaves the layer as it was
                 self._open_released()
+                recorded = False
                 if n:
-                    sealed = self._seal_new(key_states, value_states, end, n)
+                    # the read's records go with the seal's (one reservation and copy): what could refuse the
+                    # read is checked first, and the plaintext is written before the seal, so nothing after
+                    # the seal can fail and leave a record of a read that did not happen
+                    reads = self._read_records(view_start, end + n)
+                    self._kept(key_states, value_states)
+                    sealed = self._seal_new(key_states, value_states, end, n, reads)
                     self.table.append(end, n, sealed)
                     self._end += n
-                    self._kept(key_states, value_states)
+                    recorded = reads is not None
                     refused = (Op.DECRYPT, view_start, self._end - view_start)
-                k, v, base, status = self._visible(view_start)
+                k, v, base, status = self._visible(view_start, recorded)
                 if n and ctx.merge.enabled:
                     try:
                         self._merge_tail(k, v, base, status)

@@ -178,8 +178,12 @@ class PlaintextStore:
 
     def restore(self, state: tuple) -> None:
         """Put back a state from ``state()``; live buffers made since are zeroed at once (no snapshot taken
-        before them can hold them)."""
+        before them can hold them), and so are positions written since into the same buffers (an update
+        writes its plaintext before it seals: a refused seal leaves none of it behind)."""
         k, v, base, end = state
+        if k is not None and self.k is k and self.end > end:
+            zero(k.narrow(2, end - base, self.end - end))
+            zero(v.narrow(2, end - base, self.end - end))
         if self.k is not None and self.k is not k:
             zero(self.k)
             zero(self.v)
@@ -291,16 +295,29 @@ class WorkingSetStorage:
         self._released[rows] = False
 
     def _kept(self, key_states, value_states) -> None:
+        # called before the update's segment is appended: with no segment yet, the first kept position is the
+        # first the update writes
         first = int(self.table.start[0]) if self.num_segments else self._end
         self._ws.write(key_states, value_states, keep_from=first)
 
-    def _visible(self, view_start: int):
+    def _read_records(self, view_start: int, end: int) -> np.ndarray | None:
+        # what _visible would refuse, refused before the seal (the new positions only extend the coverage)
+        self._check_covered(self.table.first_reaching(view_start), view_start)
+        auditor = self._ctx.auditor
+        if auditor.holding:         # an operation over several layers holds its records: _visible writes them
+            return None
+        count = end - view_start
+        return auditor.batch(Op.READ, self.layer_idx, self._row_slots, self._all_rows(), pos_start=view_start,
+                             pos_count=count, nbytes=count * self._bytes_per_position)
+
+    def _visible(self, view_start: int, recorded: bool = False):
         i0 = self.table.first_reaching(view_start)
-        self._check_covered(i0, view_start)
+        if not recorded:
+            self._check_covered(i0, view_start)
         base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
         k, v = self._ws.view(base, self._end)
         auditor = self._ctx.auditor
-        if auditor.enabled:
+        if auditor.enabled and not recorded:
             count = self._end - view_start
             auditor.rows(Op.READ, self.layer_idx, self._row_slots, self._all_rows(), pos_start=view_start,
                          pos_count=count, nbytes=count * self._bytes_per_position)
