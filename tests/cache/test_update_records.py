@@ -6,7 +6,6 @@ record for record); a refused update must leave no record of a read and none of 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
