@@ -91,14 +91,15 @@ class StaticContext:
             raise RuntimeError("a StaticEncryptedCache must be initialised before its first compiled step: call "
                                "cache.early_initialization(batch_size, num_heads, head_dim, dtype, device) (or run "
                                "one step uncompiled) before torch.compile traces the model")
-        if device.type != "cpu":
-            raise ValueError(f"StaticEncryptedCache seals on the host and holds CPU tensors only (got {device}); "
-                             "on a GPU use EncryptedCache(mode='working_set')")
         if rows is None:
             rows = row_slots_for_batch(self.prompt_slots, self.rows_per_session, batch)
         for slot in np.unique(rows).tolist():
             self.sessions[slot].check_valid()
         backend = self.backend if self.backend is not None else select_backend(device)
+        if device.type != "cpu" and not (callable(getattr(backend, "seal_static", None))
+                                         and callable(getattr(backend, "open_static", None))):
+            raise ValueError(f"StaticEncryptedCache on {device} needs a backend that seals and opens a layer step "
+                             f"on that device (seal_static and open_static); {type(backend).__name__} does not")
         tenant_idx = session_idx = None
         capacity = 0
         if self.auditor.enabled:
