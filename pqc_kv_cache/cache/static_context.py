@@ -4,7 +4,8 @@ A static layer is handed one ``StaticContext``; it never sees the cache. The con
 first layer that learns the batch (its ``lazy_initialization``, or ``early_initialization``): then the
 rows are mapped to session slots, the backend is chosen, the ``StaticSealer`` is registered with the
 operators, and the nonce ranges, record buffer and failure record are allocated once, on the cache's
-device, at addresses that never change. Everything that must run on the host between steps (refilling
+device, at addresses that never change. A device other than the CPU needs a backend that seals and opens a
+layer there (``seal_static`` and ``open_static``). Everything that must run on the host between steps (refilling
 nonce ranges, draining records, raising failures) is a method here, called by the cache outside any
 compiled region.
 """

@@ -14,6 +14,10 @@ of its window, used as a ring (position ``p`` in slot ``p % window``), as its pl
 
 ``release`` zeroes the plaintext in place; the next update (or ``open_released``) opens every held
 position from the arena with ``pqc_kv_cache::open_positions``, every tag verified.
+
+On a device (CUDA), the operators run on it through the backend and read nothing back; the row and position
+operations below (crop, beam reorder, re-seal, save, load, export) read lengths, slot tables or chunks back
+to the host, which waits for the device: they run between steps, never in a captured region.
 """
 
 from __future__ import annotations

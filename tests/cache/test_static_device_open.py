@@ -8,7 +8,6 @@ launch through the host shim: what a GPU runs is not shown here."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
