@@ -258,3 +258,35 @@ def test_a_device_without_a_device_backend_is_refused_clearly():
                                  backend=native.NativeBackend())
     with pytest.raises(ValueError, match="needs a backend that seals and opens .*NativeBackend"):
         cache.early_initialization(1, 2, 16, torch.float32, torch.device("meta"))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_through_the_twin_with_an_open_in_the_step_matches_compiled_static_cache(fresh_dynamo):
+    """Both operators, on the device path, traced by torch.compile(fullgraph=True): a released cache is opened
+    by the compiled step's update."""
+    model = copy.deepcopy(tiny_model("llama"))
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    ids = prompts(2, 7)
+    want = generate(model, ids, StaticCache(model.config, max_cache_len=32), max_new_tokens=10, do_sample=False)
+    log, twin = KVAuditLog(), RecordingTwin()
+    cache = StaticEncryptedCache(model.config, sessions=sessions("alice", "bob"), max_cache_len=32, audit=log,
+                                 backend=twin)
+    cache.early_initialization(2, 2, 16, torch.float32, torch.device("cpu"))
+    first = generate(model, ids, cache, max_new_tokens=5, do_sample=False)
+    cache.check()
+    cache.release()
+    got = generate(model, first, cache, attention_mask=torch.ones_like(first), max_new_tokens=5, do_sample=False)
+    cache.check()
+    assert torch.equal(got, want)
+    ops = _ops(log)
+    assert ops["encrypt"] == len(twin.sealed) == LAYERS * 2 * (7 + 9) and ops["decrypt"] == LAYERS * 2
+    assert twin.count("pqc_decrypt_chunks") == LAYERS
+    log.close()
