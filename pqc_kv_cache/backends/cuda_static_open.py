@@ -203,8 +203,8 @@ class StaticOpenMixin(StaticDeviceState):
         why = torch.where(failed, _R_AUTH, why)
         bad = why != 0
         # nothing of a position that did not open is left readable
-        zm = torch.zeros(batch * seq, dtype=torch.int8, device=dev)
-        zm.scatter_reduce_(0, r * seq + io, bad.to(torch.int8), "amax")
+        zm = torch.zeros(batch * seq, dtype=torch.int64, device=dev)      # (int64: atomic max on any device)
+        zm.scatter_reduce_(0, r * seq + io, bad.to(torch.int64), "amax")
         zm = zm.view(batch, 1, seq, 1).to(torch.bool)
         k.masked_fill_(zm, 0)
         v.masked_fill_(zm, 0)
