@@ -261,7 +261,9 @@ class StaticSealer:
                 positions = positions.to(torch.int64).contiguous()
             if io_index.dtype != torch.int64 or not io_index.is_contiguous():
                 io_index = io_index.to(torch.int64).contiguous()
-            key_list, row_key, row_reason = self._row_keys(nonce_epoch.numpy() if on_host else self._host_epochs())
+            # the host's copy when there is one (a cache's, whatever its device: one path for CPU and GPU)
+            epochs = self._host_epochs() if self._host_epochs is not None else nonce_epoch.numpy()
+            key_list, row_key, row_reason = self._row_keys(epochs)
             self._seal_static(key_list, layout, keys, values, io_index, positions, arena, meta, nonce_next,
                               nonce_end, nonce_epoch, records, record_head, failures, ring, self._row_slots,
                               row_key, row_reason, self._record_slots)
