@@ -83,6 +83,9 @@ class StaticContext:
         them only once the sessions have taken what the file says of them)."""
         if self.closed:
             raise ValueError("this StaticEncryptedCache is closed")
+        device = torch.device(device)
+        if device.index is None and device.type not in ("cpu", "meta"):
+            device = torch.empty(0, device=device).device      # "cuda" -> the current "cuda:N", as tensors name it
         if self.started:
             if batch != self.row_slots.size or device != self.device:
                 raise ValueError(f"this static cache holds {self.row_slots.size} rows on {self.device}; got a "

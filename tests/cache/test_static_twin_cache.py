@@ -150,6 +150,8 @@ def test_save_and_load_through_the_twin_continue_as_static_cache(tmp_path, kind)
                                  backend=RecordingTwin(sealed))
     first = generate(model, ids, cache, max_new_tokens=5, do_sample=False)
     cache.save(tmp_path / "c.pkvf")
+    with pytest.raises(TypeError, match="device must be"):
+        StaticEncryptedCache.load(tmp_path / "c.pkvf", model.config, two, device="no-such-device")
     loader = RecordingTwin(sealed)
     loaded = StaticEncryptedCache.load(tmp_path / "c.pkvf", model.config, two, audit=log, backend=loader,
                                        device="cpu")
