@@ -11,8 +11,9 @@
 #                        (--budget 80, at most 25 s per attempt, none past the budget); stops if no kernel
 #                        can run
 #   3. tests    (100 s)  the `gpu`-marked tests (-m gpu) of tests/backends/test_cuda_backend.py,
-#                        tests/backends/test_contract.py, tests/vllm/test_blocks.py and
-#                        tests/audit/test_audit_cuda.py, verbose, with PQC_REQUIRE_GPU=1 (a skipped GPU
+#                        tests/backends/test_contract.py, tests/vllm/test_blocks.py,
+#                        tests/audit/test_audit_cuda.py and the static cache's tests/cache/test_static_cuda_graph.py
+#                        and tests/cache/test_static_cuda_seal_gpu.py, verbose, with PQC_REQUIRE_GPU=1 (a skipped GPU
 #                        test fails) and a faulthandler dump of every thread after 60 s in one test; every
 #                        audit flush in those tests has a timeout
 #   4. host      (60 s)  benchmarks/host_overhead.py: host and GPU milliseconds per layer update against

@@ -29,7 +29,6 @@ Unverified on a GPU: shown on the CPU twin of the CUDA backend only (``tests/sup
 
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import numpy as np
@@ -38,54 +37,19 @@ import torch
 from . import kernel_abi as _abi
 from .base import ChunkLayout, KeySlot
 from .cuda_device import stream_capturing
+from .cuda_static_common import FAIL as _FAIL, RECORD as _RECORD, TAG as _TAG, U32 as _U32
+from .cuda_static_common import check_host_rows as _host_rows, check_static_tensor as _check
+from .cuda_static_common import pack_records, put_rows as _put_rows
+from .cuda_static_open import StaticOpenMixin
 from ..errors import BackendUnavailableError
 
 __all__ = ["StaticSealMixin"]
 
-_RECORD = 64
-_TAG = 16
-_FAIL = 6
 _OP_ENCRYPT, _OP_READ = 1, 9
 _ST_REFUSED = 2
 _R_NONCES, _R_RECORDS, _R_RANGE = 1, 4, 5       # FailReason of cache/static_state.py
-_U32 = 0xFFFFFFFF
-_KEEP = 64           # device states kept per arena (sets of tensors, rows, grids); more and they are all dropped
 _N_WORD = _abi.CHUNK_PARAMS_DTYPE.fields["n"][1] // 8
 _NI_WORD = _abi.CHUNK_PARAMS_DTYPE.fields["n_items"][1] // 8
-
-
-def _u32(x: torch.Tensor) -> torch.Tensor:
-    """uint32 saturation of int64 values, as int32 bit patterns."""
-    x = x.clamp(0, _U32)
-    return torch.where(x > 0x7FFFFFFF, x - (1 << 32), x).to(torch.int32)
-
-
-def _put_rows(flat: torch.Tensor, idx: torch.Tensor, write: torch.Tensor, values: torch.Tensor) -> None:
-    """``flat[idx[i]] = values[i]`` where ``write[i]``, fixed-shape: entries that do not write are sent to the
-    first writer's index with its value (or, with no writer, write back what the first index holds), so every
-    index receives one value however the device orders the writes. Entries that write one index must carry
-    the same value."""
-    first = torch.argmax(write.to(torch.int8))
-    idx = idx.clamp(0, flat.shape[0] - 1)
-    at = torch.where(write, idx, idx[first])
-    fill = torch.where(write[first], values[first], flat[idx[first]])
-    shape = (-1,) + (1,) * (values.dim() - 1)
-    flat.index_put_((at,), torch.where(write.view(shape), values, fill))
-
-
-def _check(name: str, t, dtype: torch.dtype, shape: tuple, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype != dtype or t.device != device or not t.is_contiguous() or t.dim() != len(shape) \
-            or any(want is not None and got != want for got, want in zip(t.shape, shape)):
-        want = ", ".join("*" if s is None else str(s) for s in shape)
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape [{want}] on {device}, got "
-                         f"{t.dtype} {list(t.shape)} on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
-
-
-def _host_rows(name: str, a, n: int) -> None:
-    if type(a) is not np.ndarray or a.dtype != np.int64 or a.shape != (n,):
-        raise ValueError(f"{name} must be an int64 numpy array of {n} entries")
 
 
 class _Plan:
@@ -98,36 +62,14 @@ class _Plan:
         self.table, self.params, self.host, self.grid = table, params, host, grid
 
 
-class StaticSealMixin:
-    """``seal_static`` for ``CudaBackend`` (the module docstring says how)."""
-
-    def _static_store(self, arena: torch.Tensor, key, make):
-        """What ``make`` gives for ``key``, kept with ``arena``: dropped when the arena is collected (a graph
-        captured over a seal reads it by address, as it reads the arena, so it lives as long as the arena)."""
-        memo = self.__dict__.setdefault("_static", {})
-        per = memo.get(id(arena))
-        if per is None or per[0]() is not arena:
-            per = memo[id(arena)] = (weakref.ref(arena), {})
-            weakref.finalize(arena, memo.pop, id(arena), None)
-        got = per[1].get(key)
-        if got is None:
-            if stream_capturing():
-                raise BackendUnavailableError(
-                    "the CUDA static seal meets new tensors or rows during a CUDA graph capture: their device "
-                    "state must be set up outside the capture (run one step eagerly first)")
-            if len(per[1]) >= _KEEP:
-                per[1].clear()
-            got = per[1][key] = make()
-        return got
+class StaticSealMixin(StaticOpenMixin):
+    """``seal_static`` for ``CudaBackend`` (the module docstring says how), and ``open_static``
+    (``cuda_static_open``), so that the backend has both of a static cache's device operations."""
 
     def _static_rows(self, arena, row_sess, row_key, row_reason, record_slots) -> tuple:
         """The rows' session slots, key indices and reasons, and the record slots, as device tensors."""
         arrays = (row_sess, row_key, row_reason) + (() if record_slots is None else (record_slots,))
-        key = ("rows",) + tuple(a.tobytes() for a in arrays) + tuple(a.shape for a in arrays)
-
-        def make():
-            return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device) for a in arrays)
-        return self._static_store(arena, key, make)
+        return self._static_upload(arena, "rows", arrays)
 
     def _static_plan(self, layout, k, v, arena, sched, meta, total) -> _Plan:
         kp, ks = self._check_tensor("k", k, layout)
@@ -285,33 +227,14 @@ class StaticSealMixin:
         span = (stop - first).expand(batch)
         sess = torch.cat([rs, row_sess_d])
         h0, h1 = record_head[0], record_head[1]
-        # the 64-bit fields: record_no, host_ts_ns, device_ts_ns, nonce_counter
-        wide = torch.stack([h1 + torch.arange(count, dtype=torch.int64, device=dev),
-                            torch.zeros(count, dtype=torch.int64, device=dev),
-                            torch.zeros(count, dtype=torch.int64, device=dev),
-                            torch.cat([counter, zb])], dim=1)
-        # the 32-bit ones: pos_start, pos_count, tenant_idx, session_idx, epoch, nbytes, layer | row << 16,
-        # op | status << 8 (flags 0)
         status = torch.where(why != 0, _ST_REFUSED, 0)
-        narrow = torch.stack([
-            _u32(torch.cat([p, first.expand(batch)])),
-            _u32(torch.cat([torch.ones_like(p), span])),
-            _u32(rslots[sess, 0]), _u32(rslots[sess, 1]),
-            _u32(torch.cat([epoch, zb])),
-            _u32(torch.cat([torch.full_like(p, bpp), span.clamp(0, 1 << 32) * bpp])),
-            _u32(layout.layer_idx + (torch.cat([r, rb]) << 16)),
-            _u32(torch.cat([_OP_ENCRYPT + (status << 8), torch.full_like(rb, _OP_READ)])),
-        ], dim=1)
-        out = torch.cat([wide.view(torch.uint8).view(count, 32), narrow.view(torch.uint8).view(count, 32)], dim=1)
+        out = pack_records(h1 + torch.arange(count, dtype=torch.int64, device=dev), torch.cat([counter, zb]),
+                           torch.cat([p, first.expand(batch)]), torch.cat([torch.ones_like(p), span]),
+                           rslots[sess, 0], rslots[sess, 1], torch.cat([epoch, zb]),
+                           torch.cat([torch.full_like(p, bpp), span.clamp(0, 1 << 32) * bpp]), layout.layer_idx,
+                           torch.cat([r, rb]),
+                           torch.cat([torch.full_like(p, _OP_ENCRYPT), torch.full_like(rb, _OP_READ)]),
+                           torch.cat([status, zb]))
         at = h0 + torch.arange(count, dtype=torch.int64, device=dev)
         _put_rows(records, at, room.expand(count), out)
         record_head.add_(torch.where(room, count, 0))
-
-    def _static_failure(self, failures, layer: int, why, r, p, rs) -> None:
-        bad_mask = why != 0
-        bad = bad_mask.to(torch.int64).sum()
-        f = torch.argmax(bad_mask.to(torch.int8))
-        named = torch.stack([torch.full_like(bad, layer), r[f], p[f], why[f], rs[f]])
-        fresh = (failures[0] == 0) & (bad > 0)
-        failures[1:].copy_(torch.where(fresh, named, failures[1:]))
-        failures[0:1].add_(bad.view(1))

@@ -84,8 +84,15 @@ class StaticEncryptedCache(StaticSaveFiles, StaticRowOps, Cache):
     ``sessions``, ``rows_per_session``, ``audit`` and ``backend`` as for ``EncryptedCache``;
     ``max_cache_len`` as for ``StaticCache``. ``audit_records``: records the buffer holds between two
     drains (default: the ENCRYPT and READ records of a whole sequence of ``max_cache_len``).
-    ``nonce_reserve``: nonce counters reserved per row ahead of time (default: ``max_cache_len`` per layer). Host CPU tensors
-    only (the operators' device kernels are not part of this release)."""
+    ``nonce_reserve``: nonce counters reserved per row ahead of time (default: ``max_cache_len`` per layer).
+
+    Devices: CPU tensors with any backend; tensors on another device (CUDA) with a backend that seals and
+    opens a layer there (``seal_static`` and ``open_static``: the CUDA backend; any other is refused with a
+    ValueError at the first update). The path is the backend's, whatever the tensors' device (the CPU twin of
+    the CUDA backend runs it on CPU tensors). On a GPU the seal and the open an update does never wait for
+    the device; ``check``, ``release`` / ``restore``, ``save`` / ``load``, ``crop``, ``reorder_cache``,
+    ``rotate`` and deepcopy read state back to the host and wait for it (call them between steps). The GPU
+    path is unverified: it has not run on a GPU."""
 
     def __init__(self, config, sessions: TenantSession | Sequence[TenantSession], max_cache_len: int,
                  audit: KVAuditLog | None = None, backend: CryptoBackend | None = None,

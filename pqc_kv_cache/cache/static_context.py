@@ -4,7 +4,8 @@ A static layer is handed one ``StaticContext``; it never sees the cache. The con
 first layer that learns the batch (its ``lazy_initialization``, or ``early_initialization``): then the
 rows are mapped to session slots, the backend is chosen, the ``StaticSealer`` is registered with the
 operators, and the nonce ranges, record buffer and failure record are allocated once, on the cache's
-device, at addresses that never change. Everything that must run on the host between steps (refilling
+device, at addresses that never change. A device other than the CPU needs a backend that seals and opens a
+layer there (``seal_static`` and ``open_static``). Everything that must run on the host between steps (refilling
 nonce ranges, draining records, raising failures) is a method here, called by the cache outside any
 compiled region.
 """
@@ -82,6 +83,9 @@ class StaticContext:
         them only once the sessions have taken what the file says of them)."""
         if self.closed:
             raise ValueError("this StaticEncryptedCache is closed")
+        device = torch.device(device)
+        if device.index is None and device.type not in ("cpu", "meta"):
+            device = torch.empty(0, device=device).device      # "cuda" -> the current "cuda:N", as tensors name it
         if self.started:
             if batch != self.row_slots.size or device != self.device:
                 raise ValueError(f"this static cache holds {self.row_slots.size} rows on {self.device}; got a "
@@ -91,14 +95,15 @@ class StaticContext:
             raise RuntimeError("a StaticEncryptedCache must be initialised before its first compiled step: call "
                                "cache.early_initialization(batch_size, num_heads, head_dim, dtype, device) (or run "
                                "one step uncompiled) before torch.compile traces the model")
-        if device.type != "cpu":
-            raise ValueError(f"StaticEncryptedCache seals on the host and holds CPU tensors only (got {device}); "
-                             "on a GPU use EncryptedCache(mode='working_set')")
         if rows is None:
             rows = row_slots_for_batch(self.prompt_slots, self.rows_per_session, batch)
         for slot in np.unique(rows).tolist():
             self.sessions[slot].check_valid()
         backend = self.backend if self.backend is not None else select_backend(device)
+        if device.type != "cpu" and not (callable(getattr(backend, "seal_static", None))
+                                         and callable(getattr(backend, "open_static", None))):
+            raise ValueError(f"StaticEncryptedCache on {device} needs a backend that seals and opens a layer step "
+                             f"on that device (seal_static and open_static); {type(backend).__name__} does not")
         tenant_idx = session_idx = None
         capacity = 0
         if self.auditor.enabled:

@@ -14,6 +14,10 @@ of its window, used as a ring (position ``p`` in slot ``p % window``), as its pl
 
 ``release`` zeroes the plaintext in place; the next update (or ``open_released``) opens every held
 position from the arena with ``pqc_kv_cache::open_positions``, every tag verified.
+
+On a device (CUDA), the operators run on it through the backend and read nothing back; the row and position
+operations below (crop, beam reorder, re-seal, save, load, export) read lengths, slot tables or chunks back
+to the host, which waits for the device: they run between steps, never in a captured region.
 """
 
 from __future__ import annotations
@@ -208,7 +212,7 @@ class StaticSealing:
         first, end = self.held_range()
         pos = np.arange(first, end, dtype=np.int64)
         slot_of = pos % self.max_cache_len
-        meta = self.meta.numpy()[:, slot_of]                 # [batch, held, 3]
+        meta = self.meta.cpu().numpy()[:, slot_of]           # [batch, held, 3] (a device's: read back)
         rows = self._ctx.row_slots
         missing = np.argwhere(meta[:, :, 2] != pos + 1)
         if missing.size:
@@ -222,7 +226,9 @@ class StaticSealing:
         rank = np.empty(order.size, dtype=np.int64)
         rank[order] = np.arange(order.size)
         src = first_at[order]
-        data = self.arena.numpy()[src // max(held, 1), slot_of[src % max(held, 1)]]
+        at = (torch.from_numpy(src // max(held, 1)).to(self.device),
+              torch.from_numpy(slot_of[src % max(held, 1)]).to(self.device))
+        data = self.arena[at].cpu().numpy()
         desc = {"initialized": True, "kind": kind, "dtype": str(self.keys.dtype).removeprefix("torch."),
                 "heads": int(self.keys.shape[1]), "head_dim": int(self.keys.shape[3]), "batch": int(batch),
                 "slots": int(self.max_cache_len), "start": first, "end": end,
@@ -273,12 +279,13 @@ class StaticSealing:
         row_of = np.repeat(np.arange(batch), held)
         if refs.size and not np.array_equal(c_slot[refs], rows[row_of]):
             raise SaveFileError(f"save file: layer {self.layer_idx} gives a row a chunk of another session")
-        self.lazy_initialization(torch.zeros((batch, heads, 0, dim), dtype=dtype),
-                                 torch.zeros((batch, heads, 0, dim), dtype=dtype))
+        dev = self._ctx.device
+        self.lazy_initialization(torch.zeros((batch, heads, 0, dim), dtype=dtype, device=dev),
+                                 torch.zeros((batch, heads, 0, dim), dtype=dtype, device=dev))
         pos = np.tile(np.arange(start, end, dtype=np.int64), batch)
-        arena, meta = self.arena.numpy(), self.meta.numpy()
-        arena[row_of, pos % slots] = data.reshape(-1, stride)[refs]
-        meta[row_of, pos % slots] = np.stack([c_counter[refs], c_epoch[refs], pos + 1], axis=1)
+        at = (torch.from_numpy(row_of).to(dev), torch.from_numpy(pos % slots).to(dev))
+        self.arena[at] = torch.from_numpy(np.ascontiguousarray(data.reshape(-1, stride)[refs])).to(dev)
+        self.meta[at] = torch.from_numpy(np.stack([c_counter[refs], c_epoch[refs], pos + 1], axis=1)).to(dev)
         self.cumulative_length.fill_(length)
         if self._ring:
             self.cumulative_length_int = end
@@ -349,7 +356,7 @@ class StaticSlidingEncryptedLayer(StaticSealing, StaticSlidingWindowLayer):
     _ring = True
 
     def _end(self) -> torch.Tensor:
-        return torch.full((), self.cumulative_length_int, dtype=torch.int64)
+        return torch.full((), self.cumulative_length_int, dtype=torch.int64, device=self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:

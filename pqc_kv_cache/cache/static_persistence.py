@@ -46,7 +46,8 @@ class StaticSaveFiles:
         session is refused (SAVE REFUSED records, SessionExpiredError / SessionClosedError); a held position
         without its chunk (a seal failed) is refused (SaveFileError). Nothing is written then. Every refusal,
         and a write that fails, leaves SAVE records with status REFUSED: one per layer and row, or
-        one per session when no layer holds positions yet."""
+        one per session when no layer holds positions yet. A cache on a GPU is read back to the host here (it
+        waits for the device): call it between steps, not inside a captured or compiled region."""
         if self._ctx.closed:
             raise ValueError("this StaticEncryptedCache is closed")
         dead = [slot for slot, s in enumerate(self._sessions) if not s.is_valid()]
@@ -86,10 +87,11 @@ class StaticSaveFiles:
 
     @classmethod
     def load(cls, path, config, sessions: TenantSession | Sequence[TenantSession],
-             audit: KVAuditLog | None = None, **kwargs):
+             audit: KVAuditLog | None = None, device: torch.device | str = "cpu", **kwargs):
         """Open a file written by ``StaticEncryptedCache.save`` as a new static cache (``max_cache_len`` and
-        the rows' sessions as saved; ``kwargs``: the constructor's ``backend``, ``audit_records``,
-        ``nonce_reserve``). One LOAD record per layer and row.
+        the rows' sessions as saved; ``device``: where its tensors are made, as the first update would make
+        them; ``kwargs``: the constructor's ``backend``, ``audit_records``, ``nonce_reserve``). One LOAD record
+        per layer and row.
 
         What opening needs is what ``EncryptedCache.load`` needs: for every session of the file, a session
         with the same tenant id, session id and key material (the live one, one rebuilt from the tenant's key
@@ -102,6 +104,10 @@ class StaticSaveFiles:
         file, another tenant's or session's file, another branch's, a file that is not a static cache's, an
         edited chunk list or a chunk whose tag fails (LOAD REFUSED or AUTH_FAILED records); ValueError when
         ``config`` does not describe the saved layers."""
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError):
+            raise TypeError(f"device must be a torch.device or a device name, got {device!r}") from None
         if isinstance(sessions, TenantSession):
             sessions = [sessions]
         if not isinstance(sessions, (list, tuple)) or not all(isinstance(s, TenantSession) for s in sessions):
@@ -131,7 +137,7 @@ class StaticSaveFiles:
         try:
             cache = cls(config, contents.sessions, max_cache_len, audit=audit, **kwargs)
             try:
-                held = cache._fill_saved(manifest["layers"], contents.layer_data)
+                held = cache._fill_saved(manifest["layers"], contents.layer_data, device)
                 opening = True
                 if held:
                     cache._record_opened()
@@ -149,7 +155,7 @@ class StaticSaveFiles:
         cache.refill_nonces()       # only now: under the epochs the sessions stand at after the load
         return cache
 
-    def _fill_saved(self, descs: list, data: list) -> bool:
+    def _fill_saved(self, descs: list, data: list, device: torch.device) -> bool:
         """Fill the layers from a verified save file and open every chunk they took (the tags are checked by
         ``_record_opened``); whether any layer holds positions."""
         if len(descs) != len(self.layers):
@@ -165,7 +171,7 @@ class StaticSaveFiles:
             except (KeyError, TypeError, ValueError, OverflowError):
                 raise SaveFileError("save file: malformed row slots") from None
             rows = slot_map[rows]
-            self._ctx.start(int(rows.size), torch.device("cpu"), rows=rows, reserve=False)
+            self._ctx.start(int(rows.size), device, rows=rows, reserve=False)
         for layer, desc, chunk_bytes in zip(self.layers, descs, data):
             if isinstance(desc, dict) and desc.get("initialized") and desc.get("row_slots") != first["row_slots"]:
                 raise SaveFileError(f"save file: layer {layer.layer_idx} maps its rows to other sessions")

@@ -60,6 +60,10 @@ class StaticSealer:
         self._rows_state: tuple | None = None
         # the host's copy of the ranges' epochs, for ranges held on a device (read there, it would wait for it)
         self._host_epochs = host_epochs
+        # a backend that opens a layer on its device (the CUDA one) is handed the layer's tensors as they are
+        self._open_static = getattr(backend, "open_static", None)
+        # (validity and live epochs of each session of the rows, keys, their slots and epochs, each row's reason)
+        self._open_state: tuple | None = None
 
     # ---- keys ---------------------------------------------------------------------------------------
     def _key_slot(self, slot: int, epoch: int) -> KeySlot:
@@ -72,7 +76,7 @@ class StaticSealer:
 
     def forget_keys(self, slot: int | None = None, epoch: int | None = None) -> None:
         """Drop the key copies of ``slot`` (of one ``epoch``, or all; every slot when None)."""
-        self._rows_state = None
+        self._rows_state = self._open_state = None
         for k in [k for k in self._keys if (slot is None or k[0] == slot) and (epoch is None or k[1] == epoch)]:
             del self._keys[k]
         self._backend.forget_keys()
@@ -118,6 +122,34 @@ class StaticSealer:
         row_key = np.ascontiguousarray(np.where(reason == 0, key_of_row, -1), dtype=np.int64)
         self._rows_state = (state, keys, row_key, reason)
         return keys, row_key, reason
+
+    def _open_keys(self) -> tuple:
+        """For an open on the backend's device: the keys of every live epoch of the rows' sessions, the session
+        slot and epoch of each, and per row why it cannot be opened (0: it can). Kept while every session of the
+        rows stays as valid as it was, with the same live epochs."""
+        sessions = [self._sessions[s] for s in self._row_sessions.tolist()]
+        state = tuple((s.is_valid(), tuple(s.live_epochs) if s.is_valid() else ()) for s in sessions)
+        got = self._open_state
+        if got is not None and got[0] == state:
+            return got[1:]
+        keys: list[KeySlot] = []
+        key_slot, key_epoch = [], []
+        reason = np.zeros(self._row_key.size, dtype=np.int64)
+        for i, (slot, (valid, epochs)) in enumerate(zip(self._row_sessions.tolist(), state)):
+            if not valid:
+                reason[self._row_key == i] = FailReason.SESSION_INVALID
+                continue
+            for epoch in epochs:
+                try:
+                    ks = self._key_slot(slot, epoch)
+                except KVCacheError:     # retired since: its chunks are refused (KEY_UNAVAILABLE)
+                    continue
+                keys.append(ks)
+                key_slot.append(slot)
+                key_epoch.append(epoch)
+        self._open_state = (state, keys, np.array(key_slot, dtype=np.int64), np.array(key_epoch, dtype=np.int64),
+                            reason)
+        return self._open_state[1:]
 
     def _grid(self, batch: int, n: int) -> tuple:
         """For ``n`` positions of every row, row-major: the row of each chunk, the index of its position,
@@ -190,11 +222,12 @@ class StaticSealer:
         bad = np.flatnonzero(reason)
         if bad.size == 0:
             return
-        f = failures.numpy()
+        f = failures.cpu().numpy().copy()     # (a device's failure record is read back: a rotation's, no step's)
         if f[0] == 0:
             i = int(bad[0])
             f[1:] = (layer, int(rows[i]), int(pos[i]), int(reason[i]), int(slots[i]))
         f[0] += bad.size
+        failures.copy_(torch.from_numpy(f))
 
     @staticmethod
     def _take_counters(slots: np.ndarray, reason: np.ndarray, nxt: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -228,7 +261,9 @@ class StaticSealer:
                 positions = positions.to(torch.int64).contiguous()
             if io_index.dtype != torch.int64 or not io_index.is_contiguous():
                 io_index = io_index.to(torch.int64).contiguous()
-            key_list, row_key, row_reason = self._row_keys(nonce_epoch.numpy() if on_host else self._host_epochs())
+            # the host's copy when there is one (a cache's, whatever its device: one path for CPU and GPU)
+            epochs = self._host_epochs() if self._host_epochs is not None else nonce_epoch.numpy()
+            key_list, row_key, row_reason = self._row_keys(epochs)
             self._seal_static(key_list, layout, keys, values, io_index, positions, arena, meta, nonce_next,
                               nonce_end, nonce_epoch, records, record_head, failures, ring, self._row_slots,
                               row_key, row_reason, self._record_slots)
@@ -299,6 +334,14 @@ class StaticSealer:
         batch, heads, seq, dim = keys.shape
         n_slots, stride = int(arena.shape[1]), int(arena.shape[2])
         layout = self._layout(layer_idx, heads, dim, keys.dtype)
+        if self._open_static is not None:
+            key_list, key_slot, key_epoch, row_reason = self._open_keys()
+            self._open_static(key_list, layout, keys, values, end, arena, meta, records, record_head, failures,
+                              ring, self._row_slots, row_reason, key_slot, key_epoch, self._record_slots)
+            return
+        if arena.device.type != "cpu":
+            raise ValueError(f"the open of tensors on {arena.device} needs a backend that opens a layer on that "
+                             "device (open_static)")
         last = int(end)
         first = max(0, last - n_slots) if ring else 0
         if last <= first:
@@ -356,34 +399,42 @@ class StaticSealer:
         """Seal again, from ``keys`` / ``values`` (index ``io_index[j]`` holds position ``positions[j]``), the
         chunks that the slots of ``rows`` (ascending) hold of ``positions``, under fresh counters of each
         row's session range and that range's epoch. No records (the caller records the operation). A chunk
-        that cannot be sealed fails closed as in ``seal``. Returns each row's first new counter (0: none)."""
+        that cannot be sealed fails closed as in ``seal``. Returns each row's first new counter (0: none).
+        Tensors on a device are read on the host here (it waits for the device): a rotation, never a step."""
         heads, dim = int(keys.shape[1]), int(keys.shape[3])
         n_slots, stride = int(arena.shape[1]), int(arena.shape[2])
         layout = self._layout(layer_idx, heads, dim, keys.dtype)
+        dev = arena.device
         r = np.repeat(rows, positions.size)
         p, iox = np.tile(positions, rows.size), np.tile(io_index, rows.size)
-        arena_np, meta_np = arena.numpy(), meta.numpy()
-        held = meta_np[r, p % n_slots, _SEALED] == p + 1
+        # the slot table and the ranges are read on the host (a device's wait: this is no step's path), and
+        # every change is written back through the tensors
+        held = meta[:, :, _SEALED].cpu().numpy()[r, p % n_slots] == p + 1
         r, p, iox = r[held], p[held], iox[held]
         slot_of = p % n_slots
         slots = self._row_slots[r]
-        epoch = nonce_epoch.numpy()[slots]
+        epoch = nonce_epoch.cpu().numpy()[slots]
         reason = np.zeros(r.size, dtype=np.int64)
         key_list, key_index = self._keys_for(slots, epoch, np.arange(r.size), reason)
-        counter = self._take_counters(slots, reason, nonce_next.numpy(), nonce_end.numpy())
+        nxt = nonce_next.cpu().numpy().copy()
+        counter = self._take_counters(slots, reason, nxt, nonce_end.cpu().numpy())
+        nonce_next.copy_(torch.from_numpy(nxt))        # taken before the seal: never handed out twice
         good = reason == 0
-        meta_np[r, slot_of] = 0          # emptied first, as in seal
-        arena_np[r[~good], slot_of[~good]] = 0
+        rt, st = (torch.from_numpy(a).to(dev) for a in (r, slot_of))
+        meta[rt, st] = 0                 # emptied first, as in seal
+        bad_t = torch.from_numpy(~good).to(dev)
+        arena[rt[bad_t], st[bad_t]] = 0
         if good.any():
             g = np.flatnonzero(good)
+            gt = torch.from_numpy(g).to(dev)
             table = ChunkTable(key_index[g], r[g], p[g], np.ones(g.size, dtype=np.int64), iox[g], counter[g],
                                (r[g] * n_slots + slot_of[g]) * stride)
             try:
                 self._backend.encrypt_chunks(key_list, layout, table, keys, values, arena.view(-1), None)
             except BaseException:
-                arena_np[r[g], slot_of[g]] = 0
+                arena[rt[gt], st[gt]] = 0
                 raise
-            meta_np[r[g], slot_of[g]] = np.stack([counter[g], epoch[g], p[g] + 1], axis=1)
+            meta[rt[gt], st[gt]] = torch.from_numpy(np.stack([counter[g], epoch[g], p[g] + 1], axis=1)).to(dev)
         self._fail(failures, layer_idx, r, p, reason, slots)
         first = np.full(rows.size, np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(first, np.searchsorted(rows, r[good]), counter[good])

@@ -19,11 +19,10 @@ and the failure record. Nothing a later step needs is kept on the host, so a
 step replays as it was traced.
 
 The CPU implementation calls the handler on the host. The CUDA
-implementation of ``seal_positions`` calls the same handler, whose backend
-(the CUDA one) does the step's work on the device, on torch's current stream,
-without reading any tensor on the host (unverified on a GPU: shown on the CPU
-twin of the CUDA backend only). ``open_positions`` has no CUDA implementation
-yet: called with CUDA tensors it raises ``BackendUnavailableError``.
+implementations of both operators call the same handler, whose backend (the
+CUDA one: ``seal_static`` and ``open_static``) does the work on the device, on
+torch's current stream, without reading any tensor on the host (unverified on
+a GPU: shown on the CPU twin of the CUDA backend only).
 """
 
 from __future__ import annotations
@@ -34,8 +33,6 @@ import weakref
 from typing import Protocol
 
 import torch
-
-from ..errors import BackendUnavailableError
 
 __all__ = ["SealHandler", "register_handler", "unregister_handler", "seal_positions", "open_positions"]
 
@@ -120,19 +117,15 @@ def open_positions(handle: torch.Tensor, layer_idx: int, keys: torch.Tensor, val
                                           record_head, failures, ring)
 
 
-def _seal_cpu(handle, layer_idx, keys, values, io_index, positions, arena, meta, nonce_next, nonce_end,
-              nonce_epoch, records, record_head, failures, ring):
+def _seal(handle, layer_idx, keys, values, io_index, positions, arena, meta, nonce_next, nonce_end,
+          nonce_epoch, records, record_head, failures, ring):
+    # ``handle`` is a host tensor (the number of a handler, never a device value): reading it waits for nothing
     _handler(int(handle)).seal(layer_idx, keys, values, io_index, positions, arena, meta, nonce_next, nonce_end,
                                nonce_epoch, records, record_head, failures, ring)
 
 
-def _open_cpu(handle, layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring):
+def _open(handle, layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring):
     _handler(int(handle)).open(layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring)
-
-
-def _open_cuda(handle, layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring):
-    raise BackendUnavailableError("open_positions has no CUDA implementation: a static cache's positions are "
-                                  "opened on the host only")
 
 
 def _no_outputs(*args) -> None:
@@ -140,9 +133,9 @@ def _no_outputs(*args) -> None:
     return None
 
 
-_LIB.impl("seal_positions", _seal_cpu, "CPU")
-_LIB.impl("open_positions", _open_cpu, "CPU")
-_LIB.impl("seal_positions", _seal_cpu, "CUDA")
-_LIB.impl("open_positions", _open_cuda, "CUDA")
+_LIB.impl("seal_positions", _seal, "CPU")
+_LIB.impl("open_positions", _open, "CPU")
+_LIB.impl("seal_positions", _seal, "CUDA")
+_LIB.impl("open_positions", _open, "CUDA")
 torch.library.register_fake("pqc_kv_cache::seal_positions", _no_outputs, lib=_LIB)
 torch.library.register_fake("pqc_kv_cache::open_positions", _no_outputs, lib=_LIB)

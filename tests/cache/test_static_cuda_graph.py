@@ -4,11 +4,9 @@ What it asks: the tokens of 50 replays are those of ``StaticCache`` under the sa
 writes its own complete set of records (ENCRYPT and READ per layer and row); no (key, nonce) pair is used
 twice; the replay loop makes no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``).
 
-Unverified: written on a machine without a GPU, where it is skipped. The seal operator has a CUDA
-implementation (``CudaBackend.seal_static``), but ``StaticEncryptedCache`` still refuses CUDA tensors at its
-first update (the open operator has no CUDA implementation, and release / restore / save read the arena on
-the host), so on a GPU this test fails today and is marked as an expected failure, strictly: once the cache
-runs on a GPU it passes, and the strict mark makes that a failure to remove the mark by.
+Unverified: written on a machine without a GPU, where it is skipped; it has never run. Both operators have
+CUDA implementations (``CudaBackend.seal_static`` and ``open_static``) and ``StaticEncryptedCache`` takes
+CUDA tensors; the same cache code runs on the CPU twin of the CUDA backend in ``test_static_twin_cache.py``.
 """
 
 from __future__ import annotations
@@ -60,8 +58,6 @@ def _captured_tokens(model, ids, cache) -> torch.Tensor:
     return got.cpu()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="StaticEncryptedCache refuses CUDA tensors (no CUDA open operator yet)")
 def test_a_captured_decode_step_replays_as_static_cache_with_its_own_records_each_time():
     model = tiny_model("llama").cuda()
     ids = prompts(BATCH, PROMPT).cuda()
@@ -69,7 +65,7 @@ def test_a_captured_decode_step_replays_as_static_cache_with_its_own_records_eac
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     log = KVAuditLog()
     cache = StaticEncryptedCache(cfg, sessions=sessions("alice", "bob"), max_cache_len=MAX_LEN, audit=log)
-    # first: today this is where a CUDA device is refused (ValueError), the expected failure
+    # the cache's buffers and state on the device before the first step (a capture allocates nothing new)
     cache.early_initialization(BATCH, cfg.num_key_value_heads, head_dim, torch.float32, torch.device("cuda"))
     want = _captured_tokens(model, ids, StaticCache(cfg, max_cache_len=MAX_LEN))
     got = _captured_tokens(model, ids, cache)

@@ -1,4 +1,5 @@
-"""The CUDA backend's static seal on a GPU: the native seal's bytes, and a seal step captured in a CUDA graph.
+"""The CUDA backend's static seal and open on a GPU: the native seal's bytes and the host open's, and a seal
+step and an open captured in a CUDA graph.
 
 Unverified: written on a machine without a GPU, where it is skipped (the same scenarios pass on the CPU twin,
 ``test_static_cuda_seal_twin.py``). On a GPU it checks what the twin cannot: the torch operations and the
@@ -111,3 +112,55 @@ def test_a_captured_seal_step_takes_fresh_counters_each_replay_without_host_sync
     for slot in (7, 8):
         c = enc["nonce_counter"][enc["tenant_idx"] == slot]
         assert len(set(c.tolist())) == c.size
+
+
+def _open(t, end, ring=False, layer=1):
+    end = torch.tensor(end, dtype=torch.int64, device=t.arena.device)
+    t.sealer.open(layer, t.k, t.v, end, t.arena, t.meta, t.records, t.head, t.failures, ring)
+
+
+def _same_plain(want, got):
+    _same(want, got)
+    assert torch.equal(want.k, got.k.cpu()) and torch.equal(want.v, got.v.cpu()), "the plaintext differs"
+
+
+def test_the_gpu_open_gives_the_host_open_bytes_in_every_case():
+    want, got = _pair()
+    for t in (want, got):
+        t.seal(list(range(6)))
+        t.seal(list(range(SEQ + 3)), io=[p % SEQ for p in range(SEQ + 3)], ring=True, layer=2)
+        t.k.zero_()
+        t.v.zero_()
+        t.arena[1, 3, 5] ^= 1             # a tampered chunk
+        t.meta[2, 4] = 0                  # a slot that holds nothing
+        _open(t, 6)
+        _open(t, SEQ + 3, ring=True, layer=2)
+    _same_plain(want, got)
+    assert int(got.failures[0]) > 0
+
+
+def test_a_captured_open_replays_without_host_syncs():
+    replays = 5
+    want, got = _pair(capacity=2048)
+    for t in (want, got):
+        t.seal(list(range(6)))
+        _open(t, 6)                                   # the warm-up a capture needs
+    end = torch.tensor(6, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.records, got.head, got.failures, False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(replays):
+            got.k.zero_()
+            got.v.zero_()
+            graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for _ in range(replays):
+        want.k.zero_()
+        want.v.zero_()
+        _open(want, 6)
+    _same_plain(want, got)

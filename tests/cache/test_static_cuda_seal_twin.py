@@ -212,15 +212,27 @@ def test_a_generate_through_the_twin_matches_static_cache_and_the_native_records
     assert sum(e[0] == "encrypt" for e in entries[1]) == layers * 2 * (7 + 8) and entries[0] == entries[1]
 
 
-def test_the_operators_have_a_cuda_implementation_and_open_refuses_clearly():
+def test_both_operators_have_a_cuda_implementation_that_calls_the_handler():
     import pqc_kv_cache.ops  # noqa: F401  (registers the operators)
-    from pqc_kv_cache.errors import BackendUnavailableError
     from pqc_kv_cache.ops import kv_seal
 
     for op in ("seal_positions", "open_positions"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pqc_kv_cache::{op}", "CUDA"), op
-    with pytest.raises(BackendUnavailableError, match="open_positions"):
-        kv_seal._open_cuda(*([None] * 11))
+    assert not hasattr(kv_seal, "_open_cuda")          # no refusing CUDA open any more
+
+    class _Handler:
+        calls = []
+
+        def open(self, *args):
+            self.calls.append(args)
+
+    h = _Handler()
+    handle = kv_seal.register_handler(h)
+    try:
+        kv_seal._open(torch.tensor(handle), *range(10))
+    finally:
+        kv_seal.unregister_handler(handle)
+    assert _Handler.calls == [tuple(range(10))]
 
 
 class _DeviceSeal:
