@@ -75,20 +75,9 @@ from .tenant import (
     check_tenant_id,
 )
 
-__all__ = [
-    "TenantIdentity",
-    "TenantKeyPair",
-    "TenantSession",
-    "KEMAlgorithm",
-    "Lineage",
-    "SessionState",
-    "establish_tenant_session",
-    "SESSION_TTL_SECONDS",
-    "DEFAULT_TTL_SECONDS",
-    "DEFAULT_MAX_ENTRIES_PER_EPOCH",
-    "KEM_CIPHERTEXT_SIZE",
-    "KEM_PUBLIC_KEY_SIZE",
-]
+__all__ = ["TenantIdentity", "TenantKeyPair", "TenantSession", "KEMAlgorithm", "Lineage", "SessionState",
+           "establish_tenant_session", "SESSION_TTL_SECONDS", "DEFAULT_TTL_SECONDS", "DEFAULT_MAX_ENTRIES_PER_EPOCH",
+           "KEM_CIPHERTEXT_SIZE", "KEM_PUBLIC_KEY_SIZE"]
 
 SESSION_TTL_SECONDS = 900
 DEFAULT_TTL_SECONDS = float(SESSION_TTL_SECONDS)
