@@ -84,8 +84,9 @@ class CudaDevice:
     def upload_raw(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         """Copy ``nbytes`` from pinned host memory at ``src_ptr`` to device memory at ``dst_ptr``, on the current
         stream, without waiting (the staging ring's per-call copy: no tensor views to make)."""
-        self._cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, 1,          # 1: host to device
-                                            torch.cuda.current_stream(self.device).cuda_stream)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        with self._cupy.cuda.Device(self.device.index):     # the stream's device current, as for a launch
+            self._cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, 1, stream)   # 1: host to device
 
     def record(self):
         """An event recorded on the current stream after the work enqueued so far."""
