@@ -12,7 +12,10 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from support.devices import has_cuda
 from support.twin import CpuTwinBackend, TwinLog
+
+from pqc_kv_cache.audit import KVAuditLog
 
 from pqc_kv_cache.audit.records import Status
 from pqc_kv_cache.backends import kernel_shim
@@ -194,3 +197,36 @@ def test_a_backend_registered_without_deriving_seals_rows_through_encrypt_chunks
     (t,) = be.calls
     assert t.pos_start.tolist() == [7, 7, 7] and t.counter.tolist() == [4, 5, 6]
     assert t.offset.tolist() == [100, 100 + SIZE, 100 + 2 * SIZE] and t.slot.tolist() == [0, 1, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device and CuPy")
+def test_on_a_gpu_the_prepared_seal_gives_the_host_shim_s_bytes_without_a_host_sync():
+    """Unverified here (no GPU on the machine it was written on): the prepared path on a real device, its
+    calls after the first (which prepares) made under sync-debug 'error'."""
+    from pqc_kv_cache.backends.cuda import CudaBackend
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    keys = _keys()
+    log = KVAuditLog()
+    try:
+        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8, device=dev)
+        seal = be.rows_seal(keys, LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+        steps = [(pos, ctr, off, k.to(dev), v.to(dev)) for pos, ctr, off, k, v in _steps()]
+        seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])
+        torch.cuda.synchronize(dev)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for pos, ctr, off, k, v in steps[1:]:
+                seal(pos, 1, ctr, off, SIZE, k, v)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(dev)
+        ref = torch.zeros(arena.shape, dtype=torch.uint8)
+        for pos, ctr, off, k, v in steps:
+            kernel_shim.encrypt_chunks(keys, LAYOUT, RowsSeal(None, keys, LAYOUT, KEY_IDX, ROWS, ref, None).table(
+                pos, 1, ctr, off, SIZE), k.cpu(), v.cpu(), ref)
+        assert torch.equal(arena.cpu(), ref)
+        assert sum(1 for r in _records(log) if r[0] == "encrypt") == 4 * BATCH
+    finally:
+        log.close()
