@@ -39,7 +39,13 @@ Hot path (``encrypt_chunks`` / ``decrypt_chunks``), per call only what changed:
   it as a uint8 device tensor;
 - a call made while the current stream is being captured into a CUDA graph is
   refused (``BackendUnavailableError``): a replay would reuse the staging and
-  seal again under the nonces of the capture.
+  seal again under the nonces of the capture;
+- a cache's update of every row goes through a prepared row seal
+  (``rows_seal`` / ``seal_rows``, ``cuda_rows.py``): what ``encrypt_chunks``
+  checks and plans is done once per shape, and a call packs the chunk table and
+  parameter record with one ``struct`` call into a staging region, makes one
+  copy (and one more for records the caller adds) and one launch, its ENCRYPT
+  records reserved with ``records_at``.
 
 Failures are read at a synchronisation point the caller owns:
 
