@@ -192,16 +192,17 @@ class ChunkStore:
     def _kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The positions just sealed, in the clear (sealed: not kept)."""
 
-    def _read_records(self, view_start: int, end: int) -> np.ndarray | None:
-        """Before an update seals: the records of the read it ends with (positions ``view_start..end`` of
-        every row), to be written with the seal's own, once anything that could refuse the read has been
-        checked; None when the read records itself (sealed: the backend records its decrypt)."""
-        return None
+    def _read_records(self, view_start: int, end: int) -> tuple[bool, np.ndarray | None]:
+        """Before an update seals: (whether the read it ends with, positions ``view_start..end`` of every
+        row, is checked and recorded here, its records (None without audit)): the records are written with
+        the seal's own, once anything that could refuse the read has been checked. (False, None) when the
+        read checks and records itself (sealed: the backend records its decrypt)."""
+        return False, None
 
     def _visible(self, view_start: int, recorded: bool = False):
         """The layer's plaintext from the first segment reaching ``view_start``: (K, V, its first position,
         per-chunk status or None). Sealed: every such chunk decrypted into the scratch. ``recorded``: the
-        read's records were written with the update's seal (``_read_records``)."""
+        read was checked and its records written with the update's seal (``_read_records``)."""
         return self._read_from(view_start)
 
     def _truncated(self, new_end: int) -> None:

@@ -94,12 +94,11 @@ class EncryptedLayer(ChunkStore, CacheLayerMixin):
                     # the read's records go with the seal's (one reservation and copy): what could refuse the
                     # read is checked first, and the plaintext is written before the seal, so nothing after
                     # the seal can fail and leave a record of a read that did not happen
-                    reads = self._read_records(view_start, end + n)
+                    recorded, reads = self._read_records(view_start, end + n)
                     self._kept(key_states, value_states)
                     sealed = self._seal_new(key_states, value_states, end, n, reads)
                     self.table.append(end, n, sealed)
                     self._end += n
-                    recorded = reads is not None
                     refused = (Op.DECRYPT, view_start, self._end - view_start)
                 k, v, base, status = self._visible(view_start, recorded)
                 if n and ctx.merge.enabled:

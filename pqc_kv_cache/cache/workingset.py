@@ -300,15 +300,15 @@ class WorkingSetStorage:
         first = int(self.table.start[0]) if self.num_segments else self._end
         self._ws.write(key_states, value_states, keep_from=first)
 
-    def _read_records(self, view_start: int, end: int) -> np.ndarray | None:
-        # what _visible would refuse, refused before the seal (the new positions only extend the coverage)
-        self._check_covered(self.table.first_reaching(view_start), view_start)
+    def _read_records(self, view_start: int, end: int) -> tuple[bool, np.ndarray | None]:
         auditor = self._ctx.auditor
         if auditor.holding:         # an operation over several layers holds its records: _visible writes them
-            return None
+            return False, None
+        # what _visible would refuse, refused before the seal (the new positions only extend the coverage)
+        self._check_covered(self.table.first_reaching(view_start), view_start)
         count = end - view_start
-        return auditor.batch(Op.READ, self.layer_idx, self._row_slots, self._all_rows(), pos_start=view_start,
-                             pos_count=count, nbytes=count * self._bytes_per_position)
+        return True, auditor.batch(Op.READ, self.layer_idx, self._row_slots, self._all_rows(),
+                                   pos_start=view_start, pos_count=count, nbytes=count * self._bytes_per_position)
 
     def _visible(self, view_start: int, recorded: bool = False):
         i0 = self.table.first_reaching(view_start)
