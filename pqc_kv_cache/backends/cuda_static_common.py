@@ -67,8 +67,10 @@ def pack_records(record_no, nonce_counter, pos_start, pos_count, tenant_idx, ses
     ``count`` entries each (``layer`` an int; ``op`` and ``status`` tensors or ints); 32-bit fields saturate."""
     count = int(record_no.shape[0])
     zero = torch.zeros_like(record_no)
-    op = torch.as_tensor(op, dtype=torch.int64, device=record_no.device).expand(count)
-    status = torch.as_tensor(status, dtype=torch.int64, device=record_no.device).expand(count)
+    # an int becomes a tensor filled on the device (torch.as_tensor of a Python int would copy it from the
+    # host, a stream synchronisation, and illegal inside a CUDA graph capture)
+    op = torch.full_like(record_no, op) if isinstance(op, int) else op.to(torch.int64).expand(count)
+    status = torch.full_like(record_no, status) if isinstance(status, int) else status.to(torch.int64).expand(count)
     # the 64-bit fields: record_no, host_ts_ns, device_ts_ns, nonce_counter
     wide = torch.stack([record_no, zero, zero, nonce_counter], dim=1)
     # the 32-bit ones: pos_start, pos_count, tenant_idx, session_idx, epoch, nbytes, layer | row << 16,

@@ -145,8 +145,13 @@ def test_a_step_reads_no_tensor_value_on_the_host(monkeypatch):
         def refuse(*a, _name=name, **k):
             raise AssertionError(f"Tensor.{_name} called during a step")
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    for pos in positions:
-        twin.seal_static(keys, layout, got.k, got.v, pos.clone(), pos, got.arena, got.meta, got.next, got.end,
+    for name in ("as_tensor", "tensor", "from_numpy"):     # nor copies Python data to the device
+        def refuse_host_data(*a, _name=name, **k):
+            raise AssertionError(f"torch.{_name} called during a step")
+        monkeypatch.setattr(torch, name, refuse_host_data)
+    pos_clones = [p.clone() for p in positions]
+    for pos, pos_clone in zip(positions, pos_clones):
+        twin.seal_static(keys, layout, got.k, got.v, pos_clone, pos, got.arena, got.meta, got.next, got.end,
                          got.epoch, got.records, got.head, got.failures, False, rows, row_key, reason, slots)
     monkeypatch.undo()
     for p in (1, 2):

@@ -168,6 +168,11 @@ def test_an_open_reads_no_tensor_value_on_the_host(monkeypatch):
         def refuse(*a, _name=name, **k):
             raise AssertionError(f"Tensor.{_name} called during an open")
         monkeypatch.setattr(torch.Tensor, name, refuse)
+    # nor copies Python data to the device (a tensor made from host values is a copy the stream waits for)
+    for name in ("as_tensor", "tensor", "from_numpy"):
+        def refuse_host_data(*a, _name=name, **k):
+            raise AssertionError(f"torch.{_name} called during an open")
+        monkeypatch.setattr(torch, name, refuse_host_data)
     got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.records, got.head, got.failures, False)
     monkeypatch.undo()
     _open(want, 6)
