@@ -389,11 +389,14 @@ class CudaAuditRing:
             raise
         self.commit(n, first)
 
-    def records_at(self, n: int, *, op: int, tenant_idx: int, session_idx: int, layer: int) -> "_RecordsAt":
+    def records_at(self, n: int, *, op: int, tenant_idx: int, session_idx: int, layer: int,
+                   tail: np.ndarray | None = None) -> "_RecordsAt":
         """``with ring.records_at(n, op=...) as (address, first_no):`` what ``reservation`` does, for at most
         ``capacity`` records, yielding the device address of the reserved slots instead of a view, and
         committing (or abandoning) the reservation it took without looking it up: a launch's path that runs
-        for every layer of every decode step."""
+        for every layer of every decode step. ``tail``: the last ``len(tail)`` slots are for these records
+        (a RECORD_DTYPE array the caller copies in); if the block raises, their ERROR stand-ins keep their
+        fields (operation, tenant, row, positions) instead of the launch's."""
         if type(n) is not int or not 1 <= n <= self.capacity:
             raise ValueError(f"records_at takes 1 .. {self.capacity} records, got {n!r}")
         key = (op, tenant_idx, session_idx, layer)
@@ -405,7 +408,7 @@ class CudaAuditRing:
             if len(self._templates) >= 1024:
                 self._templates.clear()
             self._templates[key] = template
-        return _RecordsAt(self, n, template)
+        return _RecordsAt(self, n, template, tail)
 
     def _take_for(self, n: int, template: np.ndarray) -> _Reservation:
         with self._alloc.lock:
@@ -497,7 +500,7 @@ class CudaAuditRing:
         waiting = False
         for r in ready:
             if r.failed:
-                recs = np.repeat(r.template, r.n)
+                recs = r.template.copy() if r.template.shape[0] == r.n else np.repeat(r.template, r.n)
             elif not self._copy_done(r.event):
                 waiting = True
                 continue
@@ -523,10 +526,10 @@ class CudaAuditRing:
 class _RecordsAt:
     """The block of ``CudaAuditRing.records_at`` (a class: it is on every decode step's path)."""
 
-    __slots__ = ("_ring", "_n", "_template", "_res")
+    __slots__ = ("_ring", "_n", "_template", "_tail", "_res")
 
-    def __init__(self, ring: CudaAuditRing, n: int, template: np.ndarray):
-        self._ring, self._n, self._template = ring, n, template
+    def __init__(self, ring: CudaAuditRing, n: int, template: np.ndarray, tail: np.ndarray | None):
+        self._ring, self._n, self._template, self._tail = ring, n, template, tail
 
     def __enter__(self) -> tuple[int, int]:
         res = self._res = self._ring._take_for(self._n, self._template)
@@ -534,6 +537,12 @@ class _RecordsAt:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
+            tail = self._tail
+            if tail is not None and 0 < tail.shape[0] <= self._n:     # one stand-in per slot
+                stand_ins = np.repeat(self._template, self._n)
+                stand_ins[self._n - tail.shape[0]:] = tail
+                stand_ins["status"] = int(Status.ERROR)
+                self._res.template = stand_ins
             self._ring._fail(self._res)
         else:
             self._ring._commit_claimed(self._res)

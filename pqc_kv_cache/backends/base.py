@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Sequence, Union
 
@@ -320,7 +321,7 @@ class RowsSeal:
     keeps between calls of this seal (nothing for a host backend). A caller keeps one while ``matches``
     holds (the same key list object, arena tensor and audit context) and makes a new one otherwise."""
 
-    __slots__ = ("backend", "keys", "layout", "key_idx", "rows", "arena", "audit", "state", "_seal_rows")
+    __slots__ = ("backend", "keys", "layout", "key_idx", "rows", "_arena", "audit", "state", "_seal_rows")
 
     def __init__(self, backend: "CryptoBackend", keys: Sequence[KeySlot], layout: ChunkLayout,
                  key_idx: np.ndarray, rows: np.ndarray, arena: torch.Tensor, audit: AuditContext | None):
@@ -328,14 +329,20 @@ class RowsSeal:
         if key_idx.shape != rows.shape:
             raise ValueError(f"a rows seal needs one key index per row; got {key_idx.size} for {rows.size} rows")
         self.backend, self.keys, self.layout = backend, keys, layout
-        self.key_idx, self.rows, self.arena, self.audit = key_idx, rows, arena, audit
+        # the arena is held weakly: a seal kept from step to step must not keep a replaced arena allocated
+        self.key_idx, self.rows, self._arena, self.audit = key_idx, rows, weakref.ref(arena), audit
         self.state = None
         # a backend registered as a CryptoBackend without deriving from it has only the abstract methods
         impl = getattr(backend, "seal_rows", None)
         self._seal_rows = impl if impl is not None else functools.partial(CryptoBackend.seal_rows, backend)
 
+    @property
+    def arena(self) -> torch.Tensor | None:
+        """The arena this seal writes into (None once nothing else holds it: the seal is then refused)."""
+        return self._arena()
+
     def matches(self, keys: Sequence[KeySlot], arena: torch.Tensor, audit: AuditContext | None) -> bool:
-        return keys is self.keys and arena is self.arena and audit is self.audit
+        return keys is self.keys and arena is self._arena() and audit is self.audit
 
     def __call__(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int,
                  k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
@@ -345,7 +352,10 @@ class RowsSeal:
         ``records``: the caller's own audit records (a RECORD_DTYPE array whose fields it set, as for
         ``KVAuditLog.emit_records``), written into the audit context's log with the call's ENCRYPT records
         once the seal is enqueued (a device backend: in the same reservation, moved by the call's own copies);
-        not written if the seal raises. Only with an audit context."""
+        not written as given if the seal raises (a device backend that had reserved their record numbers
+        writes them with status ERROR in their place: the log stays dense). Only with an audit context."""
+        if self._arena() is None:
+            raise ValueError("the arena this seal was made for is gone: make a new seal")
         self._seal_rows(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
 
     def table(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int) -> ChunkTable:

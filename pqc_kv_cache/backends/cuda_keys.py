@@ -70,13 +70,16 @@ class KeyStore:
         self._scheds: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self._seen: dict[tuple[int, ...], _Seen] = {}
         self._stage = None          # the last preparation's pinned raw-key staging (zeroed by the device)
-        self._generation = 0        # counts the schedules zeroed (evicted or forgotten)
 
-    @property
-    def generation(self) -> int:
-        """A number that changes whenever a cached schedule is zeroed (evicted or forgotten): a caller that
-        kept a schedule's address since a reading of it may keep using it only while it reads the same."""
-        return self._generation
+    def touch(self, ident: tuple, sched: torch.Tensor) -> bool:
+        """Whether ``sched`` is still the cached schedule of key set ``ident`` (neither evicted nor forgotten,
+        so not zeroed): then it is marked most recently used, as ``schedules`` would. A caller that kept a
+        schedule's address may use it only while this holds."""
+        with self._lock:
+            if self._scheds.get(ident) is not sched:
+                return False
+            self._scheds.move_to_end(ident)
+            return True
 
     # ---- look-up
     def entry(self, keys: Sequence) -> _Seen:
@@ -130,8 +133,6 @@ class KeyStore:
             self._scheds[seen.ident] = sched
             while len(self._scheds) > KEY_CACHE_ENTRIES:
                 evicted.append(self._scheds.popitem(last=False)[1])
-            if evicted:
-                self._generation += 1
         for old in evicted:
             old.zero_()           # on the stream: after every launch enqueued so far that reads it
         return sched, seen
@@ -192,6 +193,5 @@ class KeyStore:
             scheds = list(self._scheds.values())
             self._scheds.clear()
             self._seen.clear()
-            self._generation += 1
         for sched in scheds:
             sched.zero_()

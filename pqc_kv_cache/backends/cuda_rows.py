@@ -13,9 +13,10 @@ launch, with the ring reservation of its ENCRYPT records when audited.
 What is not prepared this way goes through ``encrypt_chunks`` unchanged (the same bytes, checks and
 records): a call whose values fail a per-call check (so that it raises the same error), a launch that
 would be split into work items or into several launches (a prefill's long chunks), a call while the
-current stream is being captured (refused there). A prepared record reads the key set's schedules and
-slot metadata by address: it is rebuilt when the key store has zeroed any schedule since
-(``KeyStore.generation``).
+current stream is being captured (refused before anything is prepared, uploaded or launched). A prepared
+record reads the key set's schedules and slot metadata by address: each call asks the key store whether
+that schedule is still the one it keeps (``KeyStore.touch``, which also marks it recently used) and
+prepares again when it is not (evicted or forgotten, hence zeroed).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ _UNAUDITED = (0, 0)       # no record address, no first record number
 class _Prepared:
     """What a prepared seal keeps for one (position count, stride, K/V shape and strides)."""
 
-    __slots__ = ("pos_count", "stride", "k_shape", "v_shape", "generation", "tpl", "n", "sig", "rel", "values",
+    __slots__ = ("pos_count", "stride", "k_shape", "v_shape", "tpl", "n", "sig", "rel", "values",
                  "pos", "counter", "offset", "fields", "struct", "t_bytes", "size", "records", "ring", "res", "grid",
-                 "span", "arena_bytes", "keep", "limit")
+                 "span", "arena_bytes", "keep", "meta", "limit")
 
-    def __init__(self, pos_count: int, stride: int, k_src: torch.Tensor, v_src: torch.Tensor, generation: int):
-        self.pos_count, self.stride, self.generation = pos_count, stride, generation
+    def __init__(self, pos_count: int, stride: int, k_src: torch.Tensor, v_src: torch.Tensor):
+        self.pos_count, self.stride = pos_count, stride
         self.k_shape, self.v_shape = k_src.shape, v_src.shape
         self.tpl = None         # None: this shape takes the general path (a split launch)
 
@@ -68,9 +69,10 @@ class RowsSealMixin:
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
                   stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
+        self._refuse_capture()      # before anything is prepared, uploaded or launched
         prep = seal.state
         if (prep is None or prep.pos_count != pos_count or prep.stride != stride or k_src.shape != prep.k_shape
-                or v_src.shape != prep.v_shape or prep.generation != self._keys.generation):
+                or v_src.shape != prep.v_shape or (prep.tpl is not None and not self._keys.touch(*prep.keep))):
             prep = seal.state = self._prepare_rows(seal, pos_count, stride, k_src, v_src)
         ints = counter.tolist() if type(counter) is np.ndarray and counter.dtype == np.int64 else None
         extra = 0 if records is None else _extra_records(records, prep)
@@ -78,14 +80,13 @@ class RowsSealMixin:
                 or not self._rows_call_ok(prep, pos_start, ints, offset, k_src, v_src)):
             # the general path: the same bytes and records, and the error a bad value deserves
             return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
-        self._refuse_capture()
         n = prep.n
         values = prep.values.copy()
         values[prep.pos] = [pos_start] * n
         values[prep.counter] = ints
         values[prep.offset] = [offset + r for r in prep.rel]
         res = (contextlib.nullcontext(_UNAUDITED) if prep.ring is None
-               else prep.ring.records_at(prep.records + extra, **prep.res))
+               else prep.ring.records_at(prep.records + extra, tail=records, **prep.res))
         with res as (records_at, first_no), self._staging.staged(prep.size + extra * _RECORD) as st:
             ik, iv, it, ir, i_first = prep.fields
             values[ik] = k_src.data_ptr()
@@ -118,7 +119,6 @@ class RowsSealMixin:
         n = seal.rows.shape[0]
         if n == 0 or type(pos_count) is not int or type(stride) is not int or pos_count < 1 or stride < 0:
             return None
-        generation = self._keys.generation
         try:
             table, seen = self._check_common(keys, layout, seal.table(0, pos_count, np.zeros(n, np.int64), 0,
                                                                       stride), arena)
@@ -130,12 +130,13 @@ class RowsSealMixin:
         ring = audit.log.cuda_ring(self.device) if audit is not None else None
         limit = max(1, ring.capacity // 4) if ring is not None else None
         items, first, records = self._plan(_ENCRYPT, table[3], layout.bytes_per_position, limit)
-        prep = _Prepared(pos_count, stride, k_src, v_src, generation)
+        prep = _Prepared(pos_count, stride, k_src, v_src)
         if items.shape[1] != n or (limit is not None and records > limit):
             return prep         # split into work items or launches: the general path
         sched, seen = self._keys.schedules(keys, seen)
         meta = self._meta(seen, keys, audit)
-        prep.keep = (sched, meta)       # the record reads them by address
+        prep.keep = (seen.ident, sched)     # the record reads the schedules by address: while touch() holds
+        prep.meta = meta                    # and the slot metadata (kept alive here)
         prep.sig = (k_src.stride(), v_src.stride(), layout.dtype, layout.dtype, self.device, self.device)
         tpl = self._template(_ENCRYPT, (sched.data_ptr(), meta.data_ptr(), arena.data_ptr(), ks, vs, layout)
                              ).with_fields(n=n, items=0, n_items=n, rec_lo=0, partials=0, counters=0)

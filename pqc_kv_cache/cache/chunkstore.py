@@ -46,7 +46,6 @@ class ChunkStore:
         self.arena: ByteArena | None = None
         self._end = 0       # absolute position after the last stored one
         self._start = 0     # first visible position (0 for full attention)
-        self._rows_seal = None      # (the backend's prepared seal of every row, what it was made for)
 
     @property
     def cumulative_length(self) -> int:
@@ -273,9 +272,9 @@ class ChunkStore:
         slots = self._row_slots
         counter, epoch = ctx.reserve(slots)
         base = self._alloc(size * self._batch)
-        held = self._rows_seal = ctx.rows_seal(self._backend, self._layout, slots, epoch, self._all_rows(),
-                                               self.arena.buffer, self._rows_seal)
-        held[0](start, n, counter, base, size, k_src, v_src, records)
+        seal = ctx.rows_seal(self.layer_idx, self._backend, self._layout, slots, epoch, self._all_rows(),
+                             self.arena.buffer)
+        seal(start, n, counter, base, size, k_src, v_src, records)
         return SealedChunks(counter, epoch, slots.copy(), base + self._offsets(size))
 
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):

@@ -198,7 +198,7 @@ class LayerContext:
         self.key_slots: dict[tuple[int, int], KeySlot] = {}
         self._group_memo: dict[bytes, list] = {}     # see _groups
         self._keys_memo: dict[bytes, list] = {}      # see _keys
-        self._keys_generation = 0                    # moves whenever a key slot is forgotten (rows_seal)
+        self._seals: dict[int, tuple] = {}           # see rows_seal
         self.closed = False
         self.rotation_policy: Callable[[], None] = lambda: None
 
@@ -311,12 +311,14 @@ class LayerContext:
             del self.key_slots[k]
         if gone:
             self._keys_memo.clear()     # their key lists name forgotten key slots
-            self._keys_generation += 1
+            self._seals.clear()         # and so may the prepared seals
         return bool(gone)
 
     def forget_backend_keys(self) -> None:
         """Let a backend that caches key schedules (the CUDA backend keeps them on the device) drop them,
-        so retired or closed keys do not outlive their session's erasure."""
+        so retired or closed keys do not outlive their session's erasure; the prepared seals, which hold key
+        slots, go too."""
+        self._seals.clear()
         if self.backend is not None:
             self.backend.forget_keys()
 
@@ -375,22 +377,24 @@ class LayerContext:
                            counter, offset)
         backend.encrypt_chunks(keys, layout, table, k_src, v_src, arena, ctx)
 
-    def rows_seal(self, backend: CryptoBackend, layout: ChunkLayout, slots: np.ndarray, epoch: np.ndarray,
-                  rows: np.ndarray, arena: torch.Tensor, held: tuple | None) -> tuple:
+    def rows_seal(self, layer_idx: int, backend: CryptoBackend, layout: ChunkLayout, slots: np.ndarray,
+                  epoch: np.ndarray, rows: np.ndarray, arena: torch.Tensor) -> RowsSeal:
         """The backend's prepared seal of one chunk per row ``rows`` (session slots ``slots`` with the epochs
-        ``reserve(slots)`` has just given, every session checked there) into ``arena``, audited, as
-        ``(seal, what it was made for)``: ``held`` (the caller's pair from its last call) while it applies
-        (the same slots, epochs, arena, layout, rows and backend, and no key slot forgotten since)."""
-        made_for = (slots.tobytes(), epoch.tobytes(), self._keys_generation)
+        ``reserve(slots)`` has just given, every session checked there) into ``arena``, audited: the one
+        layer ``layer_idx`` used last while it applies (the same slots, epochs, arena, layout, rows and
+        backend). Kept here, not by the layer, so that forgetting key slots drops every seal holding them."""
+        made_for = (slots.tobytes(), epoch.tobytes())
+        held = self._seals.get(layer_idx)
         if held is not None and held[1] == made_for:
             seal = held[0]
             if seal.arena is arena and seal.layout is layout and seal.rows is rows and seal.backend is backend:
-                return held
+                return seal
         keys, key_idx, ctx = self._keys(slots, epoch, True, checked=True)
         make = getattr(backend, "rows_seal", None)      # None: registered as a CryptoBackend, not derived
         seal = make(keys, layout, key_idx, rows, arena, ctx) if make is not None else RowsSeal(
             backend, keys, layout, key_idx, rows, arena, ctx)
-        return seal, made_for
+        self._seals[layer_idx] = (seal, made_for)
+        return seal
 
     def decrypt(self, backend: CryptoBackend, layout: ChunkLayout, columns: dict, dst_row, pos_start, pos_count,
                 io_start, arena: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> DecryptStatus:

@@ -17,7 +17,8 @@ from support.twin import CpuTwinBackend, TwinLog
 
 from pqc_kv_cache.audit import KVAuditLog
 
-from pqc_kv_cache.audit.records import Status
+from pqc_kv_cache.audit.fields import build_records
+from pqc_kv_cache.audit.records import Op, Status
 from pqc_kv_cache.backends import kernel_shim
 from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, CryptoBackend, KeySlot, RowsSeal
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
@@ -192,7 +193,8 @@ def test_a_backend_registered_without_deriving_seals_rows_through_encrypt_chunks
 
     CryptoBackend.register(Registered)
     be = Registered()
-    seal = RowsSeal(be, _keys(), LAYOUT, KEY_IDX, ROWS, torch.zeros(1), None)
+    arena = torch.zeros(1)
+    seal = RowsSeal(be, _keys(), LAYOUT, KEY_IDX, ROWS, arena, None)
     seal(7, 1, np.array([4, 5, 6], dtype=np.int64), 100, SIZE, *_kv(1))
     (t,) = be.calls
     assert t.pos_start.tolist() == [7, 7, 7] and t.counter.tolist() == [4, 5, 6]
@@ -230,3 +232,57 @@ def test_on_a_gpu_the_prepared_seal_gives_the_host_shim_s_bytes_without_a_host_s
         assert sum(1 for r in _records(log) if r[0] == "encrypt") == 4 * BATCH
     finally:
         log.close()
+
+
+def test_a_capture_is_refused_before_anything_is_prepared(monkeypatch):
+    from pqc_kv_cache.errors import BackendUnavailableError
+    be = CpuTwinBackend()
+    arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+    seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena)
+    pos, ctr, off, k, v = _steps()[0]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(BackendUnavailableError, match="capture"):
+        seal(pos, 1, ctr, off, SIZE, k, v)
+    assert be.launches == [] and be.twin_device.uploads == 0 and seal.state is None
+
+
+def test_a_failed_launch_leaves_error_stand_ins_that_keep_the_caller_records_fields(monkeypatch):
+    be = CpuTwinBackend()
+    log = TwinLog()
+    try:
+        ctx = _ctx(log)
+        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, ctx)
+        steps = _steps()
+        seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])     # prepared
+        reads = build_records(int(Op.READ), (ctx.tenant_idx[KEY_IDX], ctx.session_idx[KEY_IDX], 5, ROWS, 0, 9, 0,
+                                             0, 9 * LAYOUT.bytes_per_position, 0, 0))
+
+        def fail(*a, **k):
+            raise RuntimeError("launch failed")
+        monkeypatch.setattr(be, "_launch", fail)
+        pos, ctr, off, k, v = steps[1]
+        with pytest.raises(RuntimeError, match="launch failed"):
+            seal(pos, 1, ctr, off, SIZE, k, v, reads)
+        got = _records(log)[BATCH:]
+        assert [(r[0], r[-1]) for r in got] == [("encrypt", int(Status.ERROR))] * BATCH + \
+            [("read", int(Status.ERROR))] * BATCH
+        assert [r[1] for r in got[BATCH:]] == ["t0", "t1", "t1"] and [r[6] for r in got[BATCH:]] == [0, 1, 2]
+    finally:
+        log.close()
+
+
+def test_a_seal_does_not_keep_its_arena_alive_and_refuses_once_it_is_gone():
+    import gc
+    import weakref
+    be = CpuTwinBackend()
+    arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+    seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena)
+    pos, ctr, off, k, v = _steps()[0]
+    seal(pos, 1, ctr, off, SIZE, k, v)
+    gone = weakref.ref(arena)
+    del arena
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(ValueError, match="arena .* is gone"):
+        seal(pos, 1, ctr, off, SIZE, k, v)

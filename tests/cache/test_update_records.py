@@ -86,3 +86,35 @@ def test_a_refused_update_leaves_no_read_record_and_no_plaintext(clock):
         assert not store_k[:, :, at].any() and not store_v[:, :, at].any()
     finally:
         log.close()
+
+
+def test_no_prepared_seal_keeps_an_erased_key_or_a_replaced_arena():
+    """The prepared seals a cache keeps between updates hold key slots (raw keys) and arenas: a closed
+    session's and a retired epoch's keys must not outlive their erasure, nor a compacted-away arena its use."""
+    import gc
+    import weakref
+
+    from pqc_kv_cache.backends.base import KeySlot
+    alice, bob = (establish_tenant_session(TenantIdentity(t), ttl_seconds=3600) for t in ("alice", "bob"))
+    cache = EncryptedCache(tiny_model("llama").config, sessions=[alice, bob], backend=HostBackend(threads=1),
+                           mode="working_set", merge_segments=False)
+    for step, n in enumerate([4, 1, 1]):
+        for layer in range(2):
+            cache.update(*kv(2, n, seed=step), layer)
+
+    def held(key: bytes) -> bool:
+        gc.collect()
+        return any(isinstance(o, KeySlot) and o.key == key for o in gc.get_objects())
+
+    old = weakref.ref(cache.layers[0].arena.buffer)
+    cache.layers[0].compact()
+    gc.collect()
+    assert old() is None
+    bob_key, alice_first = bob.symmetric_key, alice.key_for_epoch(alice.epoch)
+    assert held(bob_key) and held(alice_first)
+    bob.close()
+    assert not held(bob_key)
+    alice.rotate_key()
+    alice.retire_epoch(0)
+    assert not held(alice_first)
+    cache.close()
