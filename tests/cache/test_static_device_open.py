@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.skipif(not native.available(), reason="the native back
 
 
 def _open(t, end, ring=False, layer=1):
-    t.sealer.open(layer, t.k, t.v, torch.tensor(end, dtype=torch.int64), t.arena, t.meta, t.records, t.head,
-                  t.failures, ring)
+    t.sealer.open(layer, t.k, t.v, torch.tensor(end, dtype=torch.int64), t.arena, t.meta, t.released, t.records,
+                  t.head, t.failures, ring)
 
 
 def _same(want, got):
@@ -168,7 +168,8 @@ def test_an_open_reads_no_tensor_value_on_the_host(monkeypatch):
         def refuse(*a, _name=name, **k):
             raise AssertionError(f"Tensor.{_name} called during an open")
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.records, got.head, got.failures, False)
+    got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.released, got.records, got.head, got.failures,
+                    False)
     monkeypatch.undo()
     _open(want, 6)
     _same(want, got)
@@ -193,11 +194,11 @@ def test_arguments_that_do_not_fit_are_refused_before_anything_moves():
     before = got.state()
     end = torch.tensor(4, dtype=torch.int64)
     with pytest.raises(ValueError, match="end"):
-        got.sealer.open(1, got.k, got.v, end.view(1), got.arena, got.meta, got.records, got.head, got.failures,
-                        False)
-    with pytest.raises(ValueError, match="meta"):
-        got.sealer.open(1, got.k, got.v, end, got.arena, got.meta[:, :2].clone(), got.records, got.head,
+        got.sealer.open(1, got.k, got.v, end.view(1), got.arena, got.meta, got.released, got.records, got.head,
                         got.failures, False)
+    with pytest.raises(ValueError, match="meta"):
+        got.sealer.open(1, got.k, got.v, end, got.arena, got.meta[:, :2].clone(), got.released, got.records,
+                        got.head, got.failures, False)
     after = got.state()
     for name in before:
         assert torch.equal(before[name], after[name]), name

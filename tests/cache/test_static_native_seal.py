@@ -38,6 +38,7 @@ class Twin:
         self.records = torch.zeros(capacity if audit else 0, RECORD_SIZE, dtype=torch.uint8)
         self.head = torch.zeros(2, dtype=torch.int64)
         self.failures = torch.zeros(6, dtype=torch.int64)
+        self.released = torch.ones(BATCH, dtype=torch.int64)       # the rows an open opens
         idx = np.arange(n, dtype=np.int64)
         self.sealer = StaticSealer(sess, ROWS, backend, idx + 7 if audit else None, idx + 11 if audit else None)
 
