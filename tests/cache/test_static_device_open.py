@@ -203,3 +203,46 @@ def test_arguments_that_do_not_fit_are_refused_before_anything_moves():
     for name in before:
         assert torch.equal(before[name], after[name]), name
     assert _decrypt_launches(twin) == 0
+
+
+def test_an_open_of_some_rows_opens_and_records_only_those_as_the_host_does():
+    """The released-row mask: row 1 is not opened (its plaintext is left as it is, even over a tampered chunk),
+    not recorded and not counted for the record buffer's room; rows 0 and 2 open as the host opens them."""
+    _, want, got, twin = _pair()
+    k, v = _sealed_then_zeroed(want, got, list(range(6)))
+    for t in (want, got):
+        t.k[1].copy_(k[1] + 1)            # row 1 holds plaintext the open must not touch
+        t.v[1].copy_(v[1] + 1)
+        t.arena[1, 2, 0] ^= 1             # and a tampered chunk the open must not read
+        t.released.copy_(torch.tensor([1, 0, 1]))
+        _open(t, 6)
+    _same(want, got)
+    assert torch.equal(got.k[1], k[1] + 1) and torch.equal(got.v[1], v[1] + 1)
+    assert torch.equal(got.k[0, :, :6], k[0, :, :6]) and torch.equal(got.k[2, :, :6], k[2, :, :6])
+    assert int(got.failures[0]) == 0 and _decrypt_launches(twin) == 1
+    r = records(got)
+    dec = r[r["op"] == Op.DECRYPT]
+    assert [int(x) for x in dec["row"]] == [0, 2] and (dec["status"] == Status.OK).all()
+    assert dec["record_no"].tolist() == list(range(int(r["record_no"][0]) + r.size - 2, int(r["record_no"][0]) + r.size))
+    for t in (want, got):
+        t.released.zero_()                # no row: nothing opened, nothing recorded
+        t.k.zero_()
+        _open(t, 6)
+    _same(want, got)
+    assert not got.k.any() and records(got).size == r.size
+
+
+def test_the_room_for_the_records_counts_only_the_rows_opened():
+    # 6 ENCRYPT + 2 READ per row written, then room for one row's open (2 records per position), not for two
+    _, want, got, _ = _pair(capacity=BATCH * 6 + 2 * BATCH + 2 * 6)
+    k, _ = _sealed_then_zeroed(want, got, list(range(6)))
+    for t in (want, got):
+        t.released.copy_(torch.tensor([0, 0, 1]))
+        _open(t, 6)
+    _same(want, got)
+    assert int(got.failures[0]) == 0 and torch.equal(got.k[2, :, :6], k[2, :, :6]) and not got.k[:2].any()
+    for t in (want, got):
+        t.released.copy_(torch.tensor([1, 1, 0]))
+        _open(t, 6)
+    _same(want, got)
+    assert FailReason(int(got.failures[4])) == FailReason.RECORDS_FULL and int(got.failures[0]) == 2 * 6

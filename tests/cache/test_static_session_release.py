@@ -238,7 +238,7 @@ def test_compiled_fullgraph_opens_only_the_released_session_in_the_step(backend,
     assert [(e[1], e[2], e[3], e[4], e[-1]) for e in dec] == [(i, 0, 0, 11, Status.OK) for i in range(LAYERS)]
     if backend == "twin":
         assert impl.count("pqc_decrypt_chunks") == LAYERS
-    used = [(e[5], e[6]) for e in _by_op(_entries(log), "encrypt")]
+    used = [(e[2], e[5], e[6]) for e in _by_op(_entries(log), "encrypt")]     # row: one session each
     assert len(used) == len(set(used)) == LAYERS * 2 * (7 + 9)
     cache.close()
     log.close()
