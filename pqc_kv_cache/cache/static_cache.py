@@ -28,6 +28,7 @@ import numpy as np
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from .._checks import check_int
+from .._cleanup import Cleanup
 from ..audit.records import Op
 from ..envelope import EncryptedEntry
 from ..errors import DecryptionError, TenantIsolationError
@@ -197,13 +198,18 @@ class StaticEncryptedCache(StaticSaveFiles, StaticRowOps, Cache):
         self._release_rows([rows] * len(self.layers))
 
     def _release_rows(self, per_layer: list[np.ndarray]) -> None:
-        """Release ``per_layer[i]`` (row indices) of layer ``i``; RELEASE per layer and row released now."""
-        self._ctx.drain()
+        """Release ``per_layer[i]`` (row indices) of layer ``i``; RELEASE per layer and row released now. Every
+        layer releases its rows whatever the log raises (the first failure is raised at the end)."""
+        done = Cleanup()
+        with done.step():
+            self._ctx.drain()
         for layer, rows in zip(self.layers, per_layer):
             if layer.is_initialized and rows.size:
                 new = layer.release_rows(rows)
                 if new.size:
-                    self._record_rows(Op.RELEASE, layer, self._ctx.row_slots[new], new)
+                    with done.step():
+                        self._record_rows(Op.RELEASE, layer, self._ctx.row_slots[new], new)
+        done.done()
 
     @property
     def released(self) -> bool:
