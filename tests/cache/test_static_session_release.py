@@ -260,3 +260,26 @@ def test_the_released_rows_are_a_device_mask_the_open_operator_takes():
     assert [layer.released_mask.data_ptr() for layer in cache.layers] == ptrs
     assert np.array_equal(cache.layers[0].released_rows(), np.zeros(0, dtype=np.int64))
     cache.close()
+
+
+def test_one_session_s_release_zeroes_its_rows_in_every_layer_when_the_audit_file_fails(tmp_path):
+    from pqc_kv_cache.errors import AuditError
+    from tests.support.audit_fakes import fill_disk
+
+    cfg = tiny_model("llama").config
+    log = KVAuditLog(path=tmp_path / "audit.log", fsync=False)
+    cache = StaticEncryptedCache(cfg, sessions=sessions("alice", "bob"), max_cache_len=8, audit=log)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(LAYERS):
+        cache.update(torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g), layer)
+    cache.check()
+    held = _plain(cache)
+    fill_disk(log)
+    with pytest.raises(AuditError):
+        cache.release(cache.sessions[0])
+    for layer, (k, v) in zip(cache.layers, held):
+        assert not layer.keys[0].any() and not layer.values[0].any()
+        assert torch.equal(layer.keys[1], k[1]) and torch.equal(layer.values[1], v[1])
+        assert layer.released_rows().tolist() == [0]
+    with pytest.raises(AuditError):       # the file failed: closing says so too
+        log.close()
