@@ -1,12 +1,14 @@
-"""The CUDA backend's static open: every position a static cache's layer holds, opened from its fixed slot
-into the plaintext buffers, with every per-call decision on the device.
+"""The CUDA backend's static open: every position a static cache's layer holds in the rows its released-row
+mask marks, opened from its fixed slot into the plaintext buffers, with every per-call decision on the device.
 
 ``StaticOpenMixin.open_static`` does what the host open of ``cache/static_sealer.py`` does (the same
 plaintext, slot reads, records, record head and failure record; ``tests/cache/test_static_device_open.py``
 compares them), without reading a tensor on the host:
 
 - the positions held are ``[first, end)`` with ``end`` a device scalar (a ring holds the last ``slots`` of
-  them): the call covers every slot of every row (fixed shape) and masks the slots past ``end``;
+  them): the call covers every slot of every row (fixed shape) and masks the slots past ``end`` and those of
+  the rows the mask (a device tensor) does not mark, which are neither read, written nor recorded (the room
+  for the records is counted for the marked rows only);
 - each chunk's slot-table entry (counter, epoch, position + 1) is gathered on the device; a slot that does
   not hold its position is refused (NOT_SEALED), every chunk when the record buffer lacks room for two
   records per chunk (RECORDS_FULL), a row whose session cannot be used (SESSION_INVALID, given per row by the
