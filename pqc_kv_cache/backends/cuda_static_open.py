@@ -106,10 +106,10 @@ class StaticOpenMixin(StaticDeviceState):
         """Open every position a static layer holds (``end``: int64 scalar, one past the last position written;
         a ``ring`` holds the last ``slots`` of them) in the rows ``released`` marks (int64 [batch], non-zero: open
         the row; the others are neither read, written nor recorded) from ``arena`` into ``k`` / ``v`` ([batch,
-        heads, slots or more, dim]), every tag verified. ``row_sess`` / ``row_reason``: each row's session slot and the reason
-        it cannot be opened (0: none); ``keys[i]`` is the key of session slot ``key_sess[i]`` and epoch
-        ``key_epoch[i]``; ``record_slots``: the log's tenant and session index of each session slot (None: no
-        records). See the module docstring."""
+        heads, slots or more, dim]), every tag verified. ``row_sess`` / ``row_reason``: each row's session slot
+        and the reason it cannot be opened (0: none); ``keys[i]`` is the key of session slot ``key_sess[i]`` and
+        epoch ``key_epoch[i]``; ``record_slots``: the log's tenant and session index of each session slot (None:
+        no records). See the module docstring."""
         if not isinstance(layout, ChunkLayout):
             raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
         dev = self.device

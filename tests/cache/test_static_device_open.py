@@ -223,7 +223,7 @@ def test_an_open_of_some_rows_opens_and_records_only_those_as_the_host_does():
     r = records(got)
     dec = r[r["op"] == Op.DECRYPT]
     assert [int(x) for x in dec["row"]] == [0, 2] and (dec["status"] == Status.OK).all()
-    assert dec["record_no"].tolist() == list(range(int(r["record_no"][0]) + r.size - 2, int(r["record_no"][0]) + r.size))
+    assert dec["record_no"].tolist() == r["record_no"][-2:].tolist() == [r.size - 2, r.size - 1]
     for t in (want, got):
         t.released.zero_()                # no row: nothing opened, nothing recorded
         t.k.zero_()
