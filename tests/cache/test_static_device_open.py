@@ -199,6 +199,10 @@ def test_arguments_that_do_not_fit_are_refused_before_anything_moves():
     with pytest.raises(ValueError, match="meta"):
         got.sealer.open(1, got.k, got.v, end, got.arena, got.meta[:, :2].clone(), got.released, got.records,
                         got.head, got.failures, False)
+    for bad in (got.released[:2].clone(), got.released.to(torch.int32), got.released.view(1, -1)):
+        with pytest.raises(ValueError, match="released"):
+            got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, bad, got.records, got.head, got.failures,
+                            False)
     after = got.state()
     for name in before:
         assert torch.equal(before[name], after[name]), name
