@@ -100,8 +100,7 @@ class StaticOpenMixin(StaticDeviceState):
     def open_static(self, keys: Sequence[KeySlot], layout: ChunkLayout, k: torch.Tensor, v: torch.Tensor,
                     end: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor, released: torch.Tensor,
                     records: torch.Tensor, record_head: torch.Tensor, failures: torch.Tensor, ring: bool,
-                    row_sess: np.ndarray,
-                    row_reason: np.ndarray, key_sess: np.ndarray, key_epoch: np.ndarray,
+                    row_sess: np.ndarray, row_reason: np.ndarray, key_sess: np.ndarray, key_epoch: np.ndarray,
                     record_slots: np.ndarray | None) -> None:
         """Open every position a static layer holds (``end``: int64 scalar, one past the last position written;
         a ``ring`` holds the last ``slots`` of them) in the rows ``released`` marks (int64 [batch], non-zero: open
