@@ -1,12 +1,14 @@
-"""The CUDA backend's static open: every position a static cache's layer holds, opened from its fixed slot
-into the plaintext buffers, with every per-call decision on the device.
+"""The CUDA backend's static open: every position a static cache's layer holds in the rows its released-row
+mask marks, opened from its fixed slot into the plaintext buffers, with every per-call decision on the device.
 
 ``StaticOpenMixin.open_static`` does what the host open of ``cache/static_sealer.py`` does (the same
 plaintext, slot reads, records, record head and failure record; ``tests/cache/test_static_device_open.py``
 compares them), without reading a tensor on the host:
 
 - the positions held are ``[first, end)`` with ``end`` a device scalar (a ring holds the last ``slots`` of
-  them): the call covers every slot of every row (fixed shape) and masks the slots past ``end``;
+  them): the call covers every slot of every row (fixed shape) and masks the slots past ``end`` and those of
+  the rows the mask (a device tensor) does not mark, which are neither read, written nor recorded (the room
+  for the records is counted for the marked rows only);
 - each chunk's slot-table entry (counter, epoch, position + 1) is gathered on the device; a slot that does
   not hold its position is refused (NOT_SEALED), every chunk when the record buffer lacks room for two
   records per chunk (RECORDS_FULL), a row whose session cannot be used (SESSION_INVALID, given per row by the
@@ -96,16 +98,17 @@ class StaticOpenMixin(StaticDeviceState):
         return self._static_store(arena, ("open-grid", batch, slots), make)
 
     def open_static(self, keys: Sequence[KeySlot], layout: ChunkLayout, k: torch.Tensor, v: torch.Tensor,
-                    end: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor, records: torch.Tensor,
-                    record_head: torch.Tensor, failures: torch.Tensor, ring: bool, row_sess: np.ndarray,
-                    row_reason: np.ndarray, key_sess: np.ndarray, key_epoch: np.ndarray,
+                    end: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor, released: torch.Tensor,
+                    records: torch.Tensor, record_head: torch.Tensor, failures: torch.Tensor, ring: bool,
+                    row_sess: np.ndarray, row_reason: np.ndarray, key_sess: np.ndarray, key_epoch: np.ndarray,
                     record_slots: np.ndarray | None) -> None:
         """Open every position a static layer holds (``end``: int64 scalar, one past the last position written;
-        a ``ring`` holds the last ``slots`` of them) from ``arena`` into ``k`` / ``v`` ([batch, heads, slots or
-        more, dim]), every tag verified. ``row_sess`` / ``row_reason``: each row's session slot and the reason
-        it cannot be opened (0: none); ``keys[i]`` is the key of session slot ``key_sess[i]`` and epoch
-        ``key_epoch[i]``; ``record_slots``: the log's tenant and session index of each session slot (None: no
-        records). See the module docstring."""
+        a ``ring`` holds the last ``slots`` of them) in the rows ``released`` marks (int64 [batch], non-zero: open
+        the row; the others are neither read, written nor recorded) from ``arena`` into ``k`` / ``v`` ([batch,
+        heads, slots or more, dim]), every tag verified. ``row_sess`` / ``row_reason``: each row's session slot
+        and the reason it cannot be opened (0: none); ``keys[i]`` is the key of session slot ``key_sess[i]`` and
+        epoch ``key_epoch[i]``; ``record_slots``: the log's tenant and session index of each session slot (None:
+        no records). See the module docstring."""
         if not isinstance(layout, ChunkLayout):
             raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
         dev = self.device
@@ -125,6 +128,7 @@ class StaticOpenMixin(StaticDeviceState):
             raise ValueError("arena must have at least one slot")
         check_static_tensor("meta", meta, torch.int64, (batch, nsl, 3), dev)
         check_static_tensor("end", end, torch.int64, (), dev)
+        check_static_tensor("released", released, torch.int64, (batch,), dev)
         check_static_tensor("records", records, torch.uint8, (None, RECORD), dev)
         check_static_tensor("record_head", record_head, torch.int64, (2,), dev)
         check_static_tensor("failures", failures, torch.int64, (FAIL,), dev)
@@ -150,10 +154,10 @@ class StaticOpenMixin(StaticDeviceState):
         arrays = (row_sess, row_reason, key_sess, key_epoch) + (() if record_slots is None else (record_slots,))
         rows = self._static_upload(arena, "open-rows", arrays)
         plan = self._open_plan(layout, k, v, arena, sched, kmeta, batch * nsl)
-        self._open_step(plan, rows, layout, k, v, end, arena, meta, records, record_head, failures, ring)
+        self._open_step(plan, rows, layout, k, v, end, arena, meta, released, records, record_head, failures, ring)
 
-    def _open_step(self, plan: _OpenPlan, rows: tuple, layout: ChunkLayout, k, v, end, arena, meta, records,
-                   record_head, failures, ring: bool) -> None:
+    def _open_step(self, plan: _OpenPlan, rows: tuple, layout: ChunkLayout, k, v, end, arena, meta, released,
+                   records, record_head, failures, ring: bool) -> None:
         """The device work of one open (fixed shapes, no host read)."""
         dev = self.device
         batch, nsl, stride = (int(x) for x in arena.shape)
@@ -164,7 +168,8 @@ class StaticOpenMixin(StaticDeviceState):
         first = (last - nsl).clamp_min(0) if ring else torch.zeros_like(last)
         held = (last - first).clamp_min(0)
         p = first + j
-        valid = p < last
+        opened = released != 0                 # the rows to open; the others are left as they are
+        valid = (p < last) & opened[r]
         flat = r * nsl + p % nsl
         m = meta.view(total, 3)[flat]
         counter, epoch = m[:, 0], m[:, 1]
@@ -173,7 +178,7 @@ class StaticOpenMixin(StaticDeviceState):
         room = None
         if cap:
             h0 = record_head[0]
-            room = (h0 >= 0) & (h0 + 2 * batch * held <= cap)
+            room = (h0 >= 0) & (h0 + 2 * opened.to(torch.int64).sum() * held <= cap)
             why = torch.where(room, why, _R_RECORDS)
         rr = row_reason_d[r]
         why = torch.where((why == 0) & (rr != 0), rr, why)
@@ -210,12 +215,13 @@ class StaticOpenMixin(StaticDeviceState):
         v.masked_fill_(zm, 0)
         if cap and len(rows) == 5:
             self._open_records(rows[4], row_sess_d, layout, records, record_head, room, held, first, r, rs, p,
-                               counter, epoch, valid, why)
+                               counter, epoch, valid, why, opened)
         self._static_failure(failures, layout.layer_idx, why, r, p, rs)
 
     def _open_records(self, rslots, row_sess_d, layout, records, record_head, room, held, first, r, rs, p, counter,
-                      epoch, valid, why) -> None:
-        """DECRYPT per row read, then per failed position, at the record head, when there is room."""
+                      epoch, valid, why, opened) -> None:
+        """DECRYPT per row read (the rows ``opened`` marks), then per failed position, at the record head, when
+        there is room."""
         dev = self.device
         batch, total = int(row_sess_d.shape[0]), int(r.shape[0])
         nsl = total // batch
@@ -228,8 +234,10 @@ class StaticOpenMixin(StaticDeviceState):
         status = torch.where(refused, _ST_REFUSED, _ST_AUTH)
         rank = bad.to(torch.int64).cumsum(0) - 1
         nbad = bad.to(torch.int64).sum()
+        row_rank = opened.to(torch.int64).cumsum(0) - 1
+        nrows = opened.to(torch.int64).sum()
         h0, h1 = record_head[0], record_head[1]
-        index = torch.cat([rb, batch + rank])
+        index = torch.cat([row_rank.clamp_min(0), nrows + rank])
         sess = torch.cat([row_sess_d, rs])
         out = pack_records(h1 + index, torch.cat([row_counter, counter]), torch.cat([first.expand(batch), p]),
                            torch.cat([held.expand(batch), torch.ones_like(p)]), rslots[sess, 0], rslots[sess, 1],
@@ -237,5 +245,5 @@ class StaticOpenMixin(StaticDeviceState):
                            torch.cat([(held * bpp).expand(batch), torch.full_like(p, bpp)]), layout.layer_idx,
                            torch.cat([rb, r]), _OP_DECRYPT, torch.cat([row_status, status]))
         write = room & (held > 0)
-        put_rows(records, h0 + index, torch.cat([write.expand(batch), bad & write]), out)
-        record_head.add_(torch.where(write, batch + nbad, 0))
+        put_rows(records, h0 + index, torch.cat([write & opened, bad & write]), out)
+        record_head.add_(torch.where(write, nrows + nbad, 0))

@@ -28,9 +28,10 @@ import numpy as np
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from .._checks import check_int
+from .._cleanup import Cleanup
 from ..audit.records import Op
 from ..envelope import EncryptedEntry
-from ..errors import DecryptionError
+from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
 from .context import check_backend_argument, session_slots, watch_sessions
 from .guards import guard_continuous_batching, refuse_unsupported
@@ -172,24 +173,53 @@ class StaticEncryptedCache(StaticSaveFiles, StaticRowOps, Cache):
         self._ctx.refill()
 
     # ---- release and restore --------------------------------------------------------------------------
-    def release(self) -> None:
-        """Zero the plaintext of every layer in place (its buffers stay, at the same addresses): only
-        ciphertext remains. One RELEASE record per layer and row. The next update or ``restore()`` opens it."""
+    def _rows_of_session(self, session: TenantSession | None) -> np.ndarray | None:
+        """The session slots of ``session`` (None: every row's); TenantIsolationError when it has none here."""
+        if session is None:
+            return None
+        if not isinstance(session, TenantSession):
+            raise TypeError(f"session must be a TenantSession or None, got {type(session).__name__}")
+        slots = [i for i, s in enumerate(self._sessions) if s is session]
+        if not slots:
+            raise TenantIsolationError(f"tenant {session.tenant_id!r} has no session in this cache")
+        return np.array(slots, dtype=np.int64)
+
+    def release(self, session: TenantSession | None = None) -> None:
+        """Zero the plaintext of every row (or of ``session``'s rows) of every layer in place (the buffers stay,
+        at the same addresses): only ciphertext remains. One RELEASE record per layer and row released (a row
+        released already is not released or recorded again). The next update or ``restore()`` opens the
+        released rows, and only those. TenantIsolationError, with nothing released, for a session that is not
+        one of this cache's."""
+        slots = self._rows_of_session(session)
         if self._ctx.closed or not self._ctx.started:
             return
-        self._ctx.drain()
-        for layer in self.layers:
-            if layer.is_initialized and not layer.released:
-                layer.release()
-                self._record_rows(Op.RELEASE, layer)
+        rows = (np.arange(self._ctx.row_slots.size) if slots is None
+                else np.flatnonzero(np.isin(self._ctx.row_slots, slots)))
+        self._release_rows([rows] * len(self.layers))
+
+    def _release_rows(self, per_layer: list[np.ndarray]) -> None:
+        """Release ``per_layer[i]`` (row indices) of layer ``i``; RELEASE per layer and row released now. Every
+        layer releases its rows whatever the log raises (the first failure is raised at the end)."""
+        done = Cleanup()
+        with done.step():
+            self._ctx.drain()
+        for layer, rows in zip(self.layers, per_layer):
+            if layer.is_initialized and rows.size:
+                new = layer.release_rows(rows)
+                if new.size:
+                    with done.step():
+                        self._record_rows(Op.RELEASE, layer, self._ctx.row_slots[new], new)
+        done.done()
 
     @property
     def released(self) -> bool:
+        """Whether some row's plaintext is released (in some layer)."""
         return any(layer.released for layer in self.layers)
 
     def restore(self) -> None:
-        """Open every released layer once, every tag verified (DECRYPT records). A failure raises
-        DecryptionError and leaves every layer released."""
+        """Open the released rows of every layer once, every tag verified (DECRYPT records for those rows only;
+        rows still held are not opened again). A failure raises DecryptionError and leaves every layer
+        released."""
         if self._ctx.closed:
             raise ValueError("this StaticEncryptedCache is closed")
         self._ctx.drain()
@@ -198,14 +228,16 @@ class StaticEncryptedCache(StaticSaveFiles, StaticRowOps, Cache):
         self.check()
 
     @contextlib.contextmanager
-    def generating(self):
-        """``with cache.generating(): model.generate(..., past_key_values=cache)``: the plaintext is released
-        when the block ends, however it ends (after a ``check()`` when it ends normally)."""
+    def generating(self, session: TenantSession | None = None):
+        """``with cache.generating(): model.generate(..., past_key_values=cache)``: the plaintext of every row
+        (or of ``session``'s rows) is released when the block ends, however it ends (after a ``check()`` when
+        it ends normally)."""
+        self._rows_of_session(session)
         try:
             yield self
             self.check()
         finally:
-            self.release()
+            self.release(session)
 
     def _record_rows(self, op: Op, layer, slots: np.ndarray | None = None, rows: np.ndarray | None = None) -> None:
         """One ``op`` record per row (default: all) of ``layer``, covering the positions it holds."""

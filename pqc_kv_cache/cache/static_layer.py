@@ -12,8 +12,10 @@ Slots: a full-attention layer has one per position (``max_cache_len``); a slidin
 of its window, used as a ring (position ``p`` in slot ``p % window``), as its plaintext keeps the last
 ``window`` positions. A position written again (after a crop) is sealed again under a fresh nonce.
 
-``release`` zeroes the plaintext in place; the next update (or ``open_released``) opens every held
-position from the arena with ``pqc_kv_cache::open_positions``, every tag verified.
+``release_rows`` zeroes the plaintext of some rows (or all) in place and marks them in the layer's released-row
+mask (int64 [batch], on the device, at a fixed address); the next update (or ``open_released``) opens every
+held position of the marked rows, and only of those, from the arena with ``pqc_kv_cache::open_positions``,
+every tag verified, then clears the mask.
 
 On a device (CUDA), the operators run on it through the backend and read nothing back; the row and position
 operations below (crop, beam reorder, re-seal, save, load, export) read lengths, slot tables or chunks back
@@ -56,7 +58,9 @@ class StaticSealing:
         self.layer_idx = layer_idx
         self.arena: torch.Tensor | None = None     # uint8 [batch, slots, chunk bytes + tag]
         self.meta: torch.Tensor | None = None      # int64 [batch, slots, (counter, epoch, position + 1)]
-        self._released = False
+        self.released_mask: torch.Tensor | None = None   # int64 [batch]: 1 for a row whose plaintext is released
+        self._released = False       # whether any row is released (the host's; the mask is the device's)
+        self._released_rows = np.zeros(0, dtype=bool)    # the host's copy of the mask, valid while _released
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape[-1] != value_states.shape[-1] or key_states.dtype != value_states.dtype:
@@ -69,9 +73,12 @@ class StaticSealing:
         chunk = 2 * heads * dim * key_states.element_size() + TAG_SIZE
         self.arena = torch.zeros((batch, self.max_cache_len, chunk), dtype=torch.uint8, device=self.device)
         self.meta = torch.zeros((batch, self.max_cache_len, 3), dtype=torch.int64, device=self.device)
+        self.released_mask = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self._released_rows = np.zeros(batch, dtype=bool)
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.arena)
             torch._dynamo.mark_static_address(self.meta)
+            torch._dynamo.mark_static_address(self.released_mask)
         # a layer dropped without reset() or close() leaves no plaintext behind in freed memory
         weakref.finalize(self, _zero_all, (self.keys, self.values))
 
@@ -88,20 +95,50 @@ class StaticSealing:
     def _open(self) -> None:
         ctx = self._ctx
         torch.ops.pqc_kv_cache.open_positions(ctx.handle, self.layer_idx, self.keys, self.values, self._end(),
-                                              self.arena, self.meta, *ctx.open_state(), self._ring)
+                                              self.arena, self.meta, self.released_mask, *ctx.open_state(),
+                                              self._ring)
+        self.released_mask.zero_()
         self._released = False
 
     # ---- release and restore (outside any compiled region, except the open an update does) ---------------
     @property
     def released(self) -> bool:
+        """Whether some row's plaintext is released."""
         return self._released
 
+    def released_rows(self) -> np.ndarray:
+        """The rows whose plaintext is released, ascending."""
+        return np.flatnonzero(self._released_rows) if self._released else np.zeros(0, dtype=np.int64)
+
     def release(self) -> None:
-        """Zero the plaintext in place (its addresses stay); only ciphertext remains until it is opened."""
+        """Zero the plaintext of every row in place (its addresses stay); only ciphertext remains until it is
+        opened."""
         if self.is_initialized:
+            self.release_rows(np.arange(self._released_rows.size))
+
+    def release_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Zero the plaintext of ``rows`` in place (the buffers keep their addresses) and mark them released;
+        returns those of them that were not released already (ascending), the rows this call released."""
+        if not self.is_initialized:
+            return np.zeros(0, dtype=np.int64)
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        marked = self._released_rows if self._released else np.zeros(self._released_rows.size, dtype=bool)
+        new = rows[~marked[rows]]
+        if new.size == 0:
+            return new
+        if new.size == marked.size:
             zero(self.keys)
             zero(self.values)
-            self._released = True
+        else:
+            for r in new.tolist():
+                zero(self.keys[r])
+                zero(self.values[r])
+        marked = marked.copy()
+        marked[new] = True
+        self.released_mask.copy_(torch.from_numpy(marked.astype(np.int64)))
+        self._released_rows = marked
+        self._released = True
+        return new
 
     def open_released(self) -> None:
         if self.is_initialized and self._released:
@@ -120,6 +157,7 @@ class StaticSealing:
         if self.is_initialized:
             zero(self.arena)
             zero(self.meta)
+            self.released_mask.zero_()
         self._released = False
 
     # ---- row and position operations (outside any compiled region) ------------------------------------------
@@ -141,10 +179,11 @@ class StaticSealing:
         if moved.size == 0:
             return
         t = torch.from_numpy(idx).to(self.device)
-        for buf in (self.keys, self.values, self.arena, self.meta):
+        for buf in (self.keys, self.values, self.arena, self.meta, self.released_mask):
             taken = buf.index_select(0, t)
             buf.copy_(taken)
             zero(taken)
+        self._released_rows = self._released_rows[idx]
         first, end = self.held_range()
         self._ctx.auditor.rows(Op.REORDER, self.layer_idx, self._ctx.row_slots[moved], moved, now=True,
                                pos_start=first, pos_count=end - first, nonce_counter=idx[moved].astype(np.uint64))
@@ -188,14 +227,15 @@ class StaticSealing:
 
     def offload(self) -> None:
         """Release this layer's plaintext (zeroed in place; its ciphertext is on the host already), one
-        RELEASE record per row; ``prefetch`` opens it again (DECRYPT records, failures raised at check())."""
-        if self.is_initialized and not self._released:
+        RELEASE record per row not released before; ``prefetch`` opens it again (DECRYPT records, failures
+        raised at check())."""
+        if self.is_initialized:
             self._ctx.drain()
-            self.release()
-            first, end = self.held_range()
-            rows = np.arange(self._ctx.row_slots.size)
-            self._ctx.auditor.rows(Op.RELEASE, self.layer_idx, self._ctx.row_slots, rows, now=True,
-                                   pos_start=first, pos_count=end - first)
+            rows = self.release_rows(np.arange(self._ctx.row_slots.size))
+            if rows.size:
+                first, end = self.held_range()
+                self._ctx.auditor.rows(Op.RELEASE, self.layer_idx, self._ctx.row_slots[rows], rows, now=True,
+                                       pos_start=first, pos_count=end - first)
 
     def prefetch(self) -> None:
         self.open_released()
@@ -289,6 +329,8 @@ class StaticSealing:
         self.cumulative_length.fill_(length)
         if self._ring:
             self.cumulative_length_int = end
+        self.released_mask.fill_(1)
+        self._released_rows = np.ones(batch, dtype=bool)
         self._released = True
 
     def copy_from(self, other: "StaticSealing") -> None:
@@ -299,8 +341,10 @@ class StaticSealing:
         empty = other.keys[:, :, :0]
         self.lazy_initialization(empty, other.values[:, :, :0])
         for mine, theirs in ((self.keys, other.keys), (self.values, other.values), (self.arena, other.arena),
-                             (self.meta, other.meta)):
+                             (self.meta, other.meta), (self.released_mask, other.released_mask)):
             mine.copy_(theirs)
+        self._released_rows = np.zeros(self._released_rows.size, dtype=bool)
+        self._released_rows[other.released_rows()] = True
         self.cumulative_length.copy_(other.cumulative_length)
         if hasattr(other, "cumulative_length_int"):
             self.cumulative_length_int = other.cumulative_length_int

@@ -110,8 +110,8 @@ class StaticRowOps:
     def _rotate(self, slot: int) -> int:
         s = self._sessions[slot]
         caches = [c for c in list(self._copies) if not c._ctx.closed]
-        released = [c for c in caches if c.released]
-        for c in released:
+        released = [(c, [layer.released_rows() for layer in c.layers]) for c in caches if c.released]
+        for c, _ in released:
             c.restore()         # a chunk that fails: DecryptionError here, before anything rotated
         try:
             try:
@@ -128,8 +128,8 @@ class StaticRowOps:
                 if e != new:
                     s.retire_epoch(e)     # the retire hook drops every cache's key copies
         finally:
-            for c in released:
-                c.release()
+            for c, rows in released:
+                c._release_rows(rows)       # the rows released before, and only those
         for c in caches:
             c.check()
         return new

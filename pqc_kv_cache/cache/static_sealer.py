@@ -327,29 +327,34 @@ class StaticSealer:
         self._fail(failures, layer_idx, rows, p, reason, slots)
 
     def open(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, end: torch.Tensor,
-             arena: torch.Tensor, meta: torch.Tensor, records: torch.Tensor, record_head: torch.Tensor,
-             failures: torch.Tensor, ring: bool) -> None:
-        """Open every position the layer holds into ``keys`` / ``values`` (DECRYPT per row read, and one
-        record per position that failed: AUTH_FAILED, or REFUSED when its session or key is gone)."""
+             arena: torch.Tensor, meta: torch.Tensor, released: torch.Tensor, records: torch.Tensor,
+             record_head: torch.Tensor, failures: torch.Tensor, ring: bool) -> None:
+        """Open every position the layer holds in the rows ``released`` marks (non-zero) into ``keys`` /
+        ``values`` (DECRYPT per row read, and one record per position that failed: AUTH_FAILED, or REFUSED
+        when its session or key is gone); the other rows are neither read, written nor recorded."""
         batch, heads, seq, dim = keys.shape
         n_slots, stride = int(arena.shape[1]), int(arena.shape[2])
         layout = self._layout(layer_idx, heads, dim, keys.dtype)
+        if not isinstance(released, torch.Tensor) or released.dtype != torch.int64 \
+                or tuple(released.shape) != (batch,) or released.device != arena.device:
+            raise ValueError(f"released must be an int64 tensor of {batch} entries on {arena.device}")
         if self._open_static is not None:
             key_list, key_slot, key_epoch, row_reason = self._open_keys()
-            self._open_static(key_list, layout, keys, values, end, arena, meta, records, record_head, failures,
-                              ring, self._row_slots, row_reason, key_slot, key_epoch, self._record_slots)
+            self._open_static(key_list, layout, keys, values, end, arena, meta, released, records, record_head,
+                              failures, ring, self._row_slots, row_reason, key_slot, key_epoch, self._record_slots)
             return
         if arena.device.type != "cpu":
             raise ValueError(f"the open of tensors on {arena.device} needs a backend that opens a layer on that "
                              "device (open_static)")
         last = int(end)
         first = max(0, last - n_slots) if ring else 0
-        if last <= first:
+        opened = np.flatnonzero(released.numpy())
+        if last <= first or opened.size == 0:
             return
         pos = np.arange(first, last, dtype=np.int64)
         n = pos.size
-        rows = np.repeat(np.arange(batch, dtype=np.int64), n)
-        p, iox = np.tile(pos, batch), np.tile(pos - first, batch)
+        rows = np.repeat(opened.astype(np.int64), n)
+        p, iox = np.tile(pos, opened.size), np.tile(pos - first, opened.size)
         slots = self._row_slots[rows]
         slot_of = p % n_slots
         m = meta.numpy()[rows, slot_of]

@@ -46,8 +46,8 @@ class SealHandler(Protocol):
              failures: torch.Tensor, ring: bool) -> None: ...
 
     def open(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, end: torch.Tensor,
-             arena: torch.Tensor, meta: torch.Tensor, records: torch.Tensor, record_head: torch.Tensor,
-             failures: torch.Tensor, ring: bool) -> None: ...
+             arena: torch.Tensor, meta: torch.Tensor, released: torch.Tensor, records: torch.Tensor,
+             record_head: torch.Tensor, failures: torch.Tensor, ring: bool) -> None: ...
 
 
 _LOCK = threading.Lock()
@@ -85,8 +85,8 @@ _LIB.define("seal_positions(Tensor handle, int layer_idx, Tensor keys, Tensor va
             "Tensor positions, Tensor(a!) arena, Tensor(b!) meta, Tensor(c!) nonce_next, Tensor nonce_end, "
             "Tensor nonce_epoch, Tensor(d!) records, Tensor(e!) record_head, Tensor(f!) failures, bool ring) -> ()")
 _LIB.define("open_positions(Tensor handle, int layer_idx, Tensor(a!) keys, Tensor(b!) values, Tensor end, "
-            "Tensor arena, Tensor meta, Tensor(c!) records, Tensor(d!) record_head, Tensor(e!) failures, "
-            "bool ring) -> ()")
+            "Tensor arena, Tensor meta, Tensor released, Tensor(c!) records, Tensor(d!) record_head, "
+            "Tensor(e!) failures, bool ring) -> ()")
 
 
 def seal_positions(handle: torch.Tensor, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
@@ -107,13 +107,15 @@ def seal_positions(handle: torch.Tensor, layer_idx: int, keys: torch.Tensor, val
 
 
 def open_positions(handle: torch.Tensor, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
-                   end: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor, records: torch.Tensor,
-                   record_head: torch.Tensor, failures: torch.Tensor, ring: bool) -> None:
+                   end: torch.Tensor, arena: torch.Tensor, meta: torch.Tensor, released: torch.Tensor,
+                   records: torch.Tensor, record_head: torch.Tensor, failures: torch.Tensor, ring: bool) -> None:
     """``torch.ops.pqc_kv_cache.open_positions``: open every position a layer holds (``end``: int64 scalar,
-    one past the last position written; a ``ring`` holds the last ``slots`` of them) from ``arena`` into
-    ``keys`` / ``values``, every tag verified; a position whose tag fails, or whose slot does not hold it,
-    is zeroed and recorded in ``failures``. DECRYPT records go to ``records`` as for ``seal_positions``."""
-    torch.ops.pqc_kv_cache.open_positions(handle, layer_idx, keys, values, end, arena, meta, records,
+    one past the last position written; a ``ring`` holds the last ``slots`` of them) in the rows ``released``
+    (int64 [batch], on the tensors' device: non-zero for a row to open) from ``arena`` into ``keys`` /
+    ``values``, every tag verified; a position whose tag fails, or whose slot does not hold it, is zeroed and
+    recorded in ``failures``. The other rows are neither read nor written nor recorded. DECRYPT records go to
+    ``records`` as for ``seal_positions``."""
+    torch.ops.pqc_kv_cache.open_positions(handle, layer_idx, keys, values, end, arena, meta, released, records,
                                           record_head, failures, ring)
 
 
@@ -124,8 +126,9 @@ def _seal(handle, layer_idx, keys, values, io_index, positions, arena, meta, non
                                nonce_epoch, records, record_head, failures, ring)
 
 
-def _open(handle, layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring):
-    _handler(int(handle)).open(layer_idx, keys, values, end, arena, meta, records, record_head, failures, ring)
+def _open(handle, layer_idx, keys, values, end, arena, meta, released, records, record_head, failures, ring):
+    _handler(int(handle)).open(layer_idx, keys, values, end, arena, meta, released, records, record_head, failures,
+                               ring)
 
 
 def _no_outputs(*args) -> None:

@@ -277,7 +277,7 @@ def test_the_operators_fake_implementations_match_their_schemas():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.pqc_kv_cache.open_positions.default,
                           (state.handle, 0, layer.keys, layer.values, layer.cumulative_length, layer.arena,
-                           layer.meta, *state.open_state(), False),
+                           layer.meta, layer.released_mask, *state.open_state(), False),
                           test_utils=("test_schema", "test_faketensor"))
     cache.check()
     log.close()

@@ -33,7 +33,7 @@ class GpuTwin(Twin):
         from pqc_kv_cache.cache.static_sealer import StaticSealer
 
         super().__init__(sess, native.NativeBackend(), **kwargs)
-        for name in ("k", "v", *_STATE):
+        for name in ("k", "v", "released", *_STATE):
             setattr(self, name, getattr(self, name).cuda())
         self.epoch_host = np.zeros(len(sess), dtype=np.int64)
         idx = np.arange(len(sess), dtype=np.int64)
@@ -116,7 +116,7 @@ def test_a_captured_seal_step_takes_fresh_counters_each_replay_without_host_sync
 
 def _open(t, end, ring=False, layer=1):
     end = torch.tensor(end, dtype=torch.int64, device=t.arena.device)
-    t.sealer.open(layer, t.k, t.v, end, t.arena, t.meta, t.records, t.head, t.failures, ring)
+    t.sealer.open(layer, t.k, t.v, end, t.arena, t.meta, t.released, t.records, t.head, t.failures, ring)
 
 
 def _same_plain(want, got):
@@ -149,7 +149,8 @@ def test_a_captured_open_replays_without_host_syncs():
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.records, got.head, got.failures, False)
+        got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.released, got.records, got.head,
+                        got.failures, False)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

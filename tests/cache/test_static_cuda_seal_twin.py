@@ -234,10 +234,10 @@ def test_both_operators_have_a_cuda_implementation_that_calls_the_handler():
     h = _Handler()
     handle = kv_seal.register_handler(h)
     try:
-        kv_seal._open(torch.tensor(handle), *range(10))
+        kv_seal._open(torch.tensor(handle), *range(11))
     finally:
         kv_seal.unregister_handler(handle)
-    assert _Handler.calls == [tuple(range(10))]
+    assert _Handler.calls == [tuple(range(11))]
 
 
 class _DeviceSeal:

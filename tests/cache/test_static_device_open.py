@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.skipif(not native.available(), reason="the native back
 
 
 def _open(t, end, ring=False, layer=1):
-    t.sealer.open(layer, t.k, t.v, torch.tensor(end, dtype=torch.int64), t.arena, t.meta, t.records, t.head,
-                  t.failures, ring)
+    t.sealer.open(layer, t.k, t.v, torch.tensor(end, dtype=torch.int64), t.arena, t.meta, t.released, t.records,
+                  t.head, t.failures, ring)
 
 
 def _same(want, got):
@@ -173,7 +173,8 @@ def test_an_open_reads_no_tensor_value_on_the_host(monkeypatch):
         def refuse_host_data(*a, _name=name, **k):
             raise AssertionError(f"torch.{_name} called during an open")
         monkeypatch.setattr(torch, name, refuse_host_data)
-    got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.records, got.head, got.failures, False)
+    got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, got.released, got.records, got.head, got.failures,
+                    False)
     monkeypatch.undo()
     _open(want, 6)
     _same(want, got)
@@ -198,12 +199,59 @@ def test_arguments_that_do_not_fit_are_refused_before_anything_moves():
     before = got.state()
     end = torch.tensor(4, dtype=torch.int64)
     with pytest.raises(ValueError, match="end"):
-        got.sealer.open(1, got.k, got.v, end.view(1), got.arena, got.meta, got.records, got.head, got.failures,
-                        False)
-    with pytest.raises(ValueError, match="meta"):
-        got.sealer.open(1, got.k, got.v, end, got.arena, got.meta[:, :2].clone(), got.records, got.head,
+        got.sealer.open(1, got.k, got.v, end.view(1), got.arena, got.meta, got.released, got.records, got.head,
                         got.failures, False)
+    with pytest.raises(ValueError, match="meta"):
+        got.sealer.open(1, got.k, got.v, end, got.arena, got.meta[:, :2].clone(), got.released, got.records,
+                        got.head, got.failures, False)
+    for bad in (got.released[:2].clone(), got.released.to(torch.int32), got.released.view(1, -1)):
+        with pytest.raises(ValueError, match="released"):
+            got.sealer.open(1, got.k, got.v, end, got.arena, got.meta, bad, got.records, got.head, got.failures,
+                            False)
     after = got.state()
     for name in before:
         assert torch.equal(before[name], after[name]), name
     assert _decrypt_launches(twin) == 0
+
+
+def test_an_open_of_some_rows_opens_and_records_only_those_as_the_host_does():
+    """The released-row mask: row 1 is not opened (its plaintext is left as it is, even over a tampered chunk),
+    not recorded and not counted for the record buffer's room; rows 0 and 2 open as the host opens them."""
+    _, want, got, twin = _pair()
+    k, v = _sealed_then_zeroed(want, got, list(range(6)))
+    for t in (want, got):
+        t.k[1].copy_(k[1] + 1)            # row 1 holds plaintext the open must not touch
+        t.v[1].copy_(v[1] + 1)
+        t.arena[1, 2, 0] ^= 1             # and a tampered chunk the open must not read
+        t.released.copy_(torch.tensor([1, 0, 1]))
+        _open(t, 6)
+    _same(want, got)
+    assert torch.equal(got.k[1], k[1] + 1) and torch.equal(got.v[1], v[1] + 1)
+    assert torch.equal(got.k[0, :, :6], k[0, :, :6]) and torch.equal(got.k[2, :, :6], k[2, :, :6])
+    assert int(got.failures[0]) == 0 and _decrypt_launches(twin) == 1
+    r = records(got)
+    dec = r[r["op"] == Op.DECRYPT]
+    assert [int(x) for x in dec["row"]] == [0, 2] and (dec["status"] == Status.OK).all()
+    assert dec["record_no"].tolist() == r["record_no"][-2:].tolist() == [r.size - 2, r.size - 1]
+    for t in (want, got):
+        t.released.zero_()                # no row: nothing opened, nothing recorded
+        t.k.zero_()
+        _open(t, 6)
+    _same(want, got)
+    assert not got.k.any() and records(got).size == r.size
+
+
+def test_the_room_for_the_records_counts_only_the_rows_opened():
+    # 6 ENCRYPT + 2 READ per row written, then room for one row's open (2 records per position), not for two
+    _, want, got, _ = _pair(capacity=BATCH * 6 + 2 * BATCH + 2 * 6)
+    k, _ = _sealed_then_zeroed(want, got, list(range(6)))
+    for t in (want, got):
+        t.released.copy_(torch.tensor([0, 0, 1]))
+        _open(t, 6)
+    _same(want, got)
+    assert int(got.failures[0]) == 0 and torch.equal(got.k[2, :, :6], k[2, :, :6]) and not got.k[:2].any()
+    for t in (want, got):
+        t.released.copy_(torch.tensor([1, 1, 0]))
+        _open(t, 6)
+    _same(want, got)
+    assert FailReason(int(got.failures[4])) == FailReason.RECORDS_FULL and int(got.failures[0]) == 2 * 6

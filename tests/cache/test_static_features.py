@@ -199,7 +199,7 @@ def test_offload_releases_one_layer_and_prefetch_opens_it_verified():
 
 
 # ---- key rotation -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("released", [False, True])
+@pytest.mark.parametrize("released", [False, True, "bob"])
 def test_rotation_reseals_the_sessions_chunks_and_generation_continues_as_static_cache(released):
     model, ids = tiny_model("mistral"), prompts(2, 7)
     want = generate(model, ids, StaticCache(model.config, max_cache_len=32), max_new_tokens=10, do_sample=False)
@@ -210,10 +210,14 @@ def test_rotation_reseals_the_sessions_chunks_and_generation_continues_as_static
     cache.check()
     twin = copy.deepcopy(cache)
     bob_before = [cache.export_entries(i, 1) for i in range(2)]
-    if released:
+    if released == "bob":
+        cache.release(bob)            # only bob's rows: they alone are released again after the rotation
+    elif released:
         cache.release()
     assert cache.rotate("alice") == [1]
-    assert alice.live_epochs == [1] and cache.released == released
+    assert alice.live_epochs == [1] and cache.released == bool(released)
+    want_rows = {False: [], True: [0, 1], "bob": [1]}[released]
+    assert [layer.released_rows().tolist() for layer in cache.layers] == [want_rows] * 2
     for c in (cache, twin):
         c.restore()
         for i in range(2):

@@ -38,6 +38,7 @@ class Twin:
         self.records = torch.zeros(capacity if audit else 0, RECORD_SIZE, dtype=torch.uint8)
         self.head = torch.zeros(2, dtype=torch.int64)
         self.failures = torch.zeros(6, dtype=torch.int64)
+        self.released = torch.ones(BATCH, dtype=torch.int64)       # the rows an open opens
         idx = np.arange(n, dtype=np.int64)
         self.sealer = StaticSealer(sess, ROWS, backend, idx + 7 if audit else None, idx + 11 if audit else None)
 
@@ -261,3 +262,23 @@ def test_a_retired_key_is_not_used_from_the_kept_row_keys(pair):
     same(host, fast)
     assert FailReason(int(fast.failures[4])) == FailReason.KEY_UNAVAILABLE and int(fast.failures[5]) == 0
     assert int(fast.meta[0, 1, 2]) == 0 and (fast.arena[0, 1] == 0).all()
+
+
+def test_an_open_of_some_rows_over_the_native_backend_matches_the_host_backend(pair):
+    """The host open over the native backend's decrypt and over the host backend's: the same plaintext and
+    state when only some rows are opened (the released-row mask); the other rows are left as they are."""
+    _, host, fast = pair
+    for t in (host, fast):
+        t.seal([0, 1, 2, 3])
+    kept = fast.k.clone()
+    for t in (host, fast):
+        t.k[:2].zero_()
+        t.released.copy_(torch.tensor([1, 1, 0]))
+        t.arena[2, 1, 3] ^= 1             # row 2's chunk: not opened, not read
+        t.sealer.open(1, t.k, t.v, torch.tensor(4), t.arena, t.meta, t.released, t.records, t.head, t.failures,
+                      False)
+    same(host, fast)
+    assert torch.equal(host.k, fast.k) and int(fast.failures[0]) == 0
+    assert torch.equal(fast.k[:2, :, :4], kept[:2, :, :4]) and torch.equal(fast.k[2], kept[2])   # row 2 untouched
+    r = records(fast)
+    assert [int(x) for x in r[r["op"] == Op.DECRYPT]["row"]] == [0, 1]
