@@ -216,6 +216,17 @@ class WorkingSetStorage:
 
     residency = "working_set"
 
+    # which rows are released: an array replaced, never written in place, with whether any row is, kept
+    # beside it (every update asks; a numpy reduction there costs more than the rest of the question)
+    @property
+    def _released(self) -> np.ndarray:
+        return self._released_mask
+
+    @_released.setter
+    def _released(self, mask: np.ndarray) -> None:
+        self._released_mask = mask
+        self._some_released = bool(mask.any())
+
     def _clear(self) -> None:
         super()._clear()
         self._ws = PlaintextStore()
@@ -242,14 +253,14 @@ class WorkingSetStorage:
 
     def _held_view(self, which: int):
         ws = self.__dict__.get("_ws")
-        if ws is None or not ws.held or self._released.any():
+        if ws is None or not ws.held or self._some_released:
             return None
         return ws.view(max(self._start, ws.base), self._end)[which]
 
     @property
     def released(self) -> bool:
         """Whether some row's plaintext is not held (the next update or ``open_released`` opens it)."""
-        return bool(self.is_initialized and self._released.any())
+        return bool(self.is_initialized and self._some_released)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -257,7 +268,7 @@ class WorkingSetStorage:
 
     # ---- hooks --------------------------------------------------------------------------------------------
     def _storage_state(self):
-        return self._ws.state(), self._released.copy()
+        return self._ws.state(), self._released      # never written in place: kept without a copy
 
     def _storage_restore(self, state) -> None:
         ws, released = state
@@ -271,7 +282,7 @@ class WorkingSetStorage:
         """Open the ciphertext of the released rows into the plaintext store: all tags verified (DECRYPT
         records) before the store takes any of it; a failure leaves the rows released and raises."""
         self._ws.sweep()
-        if not self._released.any():
+        if not self._some_released:
             return
         rows = np.flatnonzero(self._released)
         first = int(self.table.start[0]) if self.num_segments else self._end
@@ -292,7 +303,9 @@ class WorkingSetStorage:
             if k is not None:
                 zero(k)
                 zero(v)
-        self._released[rows] = False
+        mask = self._released.copy()
+        mask[rows] = False
+        self._released = mask
 
     def _kept(self, key_states, value_states) -> None:
         # called before the update's segment is appended: with no segment yet, the first kept position is the
@@ -335,8 +348,10 @@ class WorkingSetStorage:
         """Zero and drop the plaintext of ``rows`` (all rows: the whole store); only ciphertext remains."""
         if not self.is_initialized or rows.size == 0:
             return
-        self._released[rows] = True
-        if self._released.all():
+        mask = self._released.copy()
+        mask[rows] = True
+        self._released = mask
+        if mask.all():
             self._ws.release()
         else:
             self._ws.zero_rows(rows)
