@@ -162,7 +162,7 @@ class ChunkStore:
     def snapshot(self) -> tuple:
         """Everything an operation may change (the table's state, kept without a copy: the table copies on
         write; the arena's bytes are kept by reference)."""
-        return (self._batch, self.table.state(), self._row_slots.copy(),
+        return (self._batch, self.table.state(), self._row_slots,     # replaced, never written in place
                 None if self.arena is None else self.arena.state(), self._end, self._start,
                 self._storage_state())
 
@@ -275,7 +275,7 @@ class ChunkStore:
         seal = ctx.rows_seal(self.layer_idx, self._backend, self._layout, slots, epoch, self._all_rows(),
                              self.arena.buffer)
         seal(start, n, counter, base, size, k_src, v_src, records)
-        return SealedChunks(counter, epoch, slots.copy(), base + self._offsets(size))
+        return SealedChunks(counter, epoch, slots, base + self._offsets(size))    # the table copies them
 
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):
         """Decrypt segments ``segs`` × rows ``rows`` into k_out/v_out (positions from ``base``);
