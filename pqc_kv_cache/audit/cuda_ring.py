@@ -495,20 +495,27 @@ class CudaAuditRing:
             stand_ins, self._stand_ins = self._stand_ins, []
         out = []
         waiting = False
+        ts = alloc.clock() if ready or stand_ins else 0     # one pick-up time for the pass
+        run: list[_Reservation] = []   # completed reservations in consecutive slots: one copy serves them
         for r in ready:
-            if r.failed:
-                recs = np.repeat(r.template, r.n)
-            elif not self._copy_done(r.event):
+            if not r.failed and not self._copy_done(r.event):
                 waiting = True
                 continue
+            if run and (r.failed or r.slot != run[-1].slot + run[-1].n):
+                self._take_run(run, ts, out)
+                run = []
+            if r.failed:
+                recs = np.repeat(r.template, r.n)
+                recs["record_no"] = np.arange(r.first_no, r.first_no + r.n, dtype=np.uint64)
+                recs["host_ts_ns"] = ts
+                out.append((r.first_no, recs))
+                r.taken = True
             else:
-                recs = self._staging_np[r.slot:r.slot + r.n].copy()
-            recs["record_no"] = np.arange(r.first_no, r.first_no + r.n, dtype=np.uint64)
-            recs["host_ts_ns"] = alloc.clock()
-            out.append((r.first_no, recs))
-            r.taken = True
+                run.append(r)
+        if run:
+            self._take_run(run, ts, out)
         for first, recs in stand_ins:
-            recs["host_ts_ns"] = alloc.clock()
+            recs["host_ts_ns"] = ts
             out.append((first, recs))
         with alloc.lock:
             freed = False
@@ -518,6 +525,26 @@ class CudaAuditRing:
             if freed:
                 self._space.notify_all()
         return out, waiting
+
+    def _take_run(self, run: list, ts: int, out: list) -> None:
+        """Copy the staged records of reservations in consecutive slots out at once, number them (each
+        reservation its own range, set in one vectorised step) and hand each on as a view of the copy."""
+        first = run[0]
+        total = run[-1].slot + run[-1].n - first.slot
+        recs = self._staging_np[first.slot:first.slot + total].copy()
+        if len(run) == 1:
+            recs["record_no"] = np.arange(first.first_no, first.first_no + total, dtype=np.uint64)
+        else:
+            counts = np.fromiter((r.n for r in run), dtype=np.int64, count=len(run))
+            starts = np.fromiter((r.first_no for r in run), dtype=np.int64, count=len(run))
+            # record i of the run, in reservation j, is starts[j] + (i - offset of j)
+            recs["record_no"] = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        recs["host_ts_ns"] = ts
+        off = 0
+        for r in run:
+            out.append((r.first_no, recs[off:off + r.n]))
+            r.taken = True
+            off += r.n
 
 
 class _RecordsAt:

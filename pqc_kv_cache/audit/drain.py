@@ -11,6 +11,7 @@ violations to Python ``logging``.  Flush and queries wait on ``done`` for
 from __future__ import annotations
 
 import heapq
+import operator
 import threading
 import time
 import weakref
@@ -18,12 +19,18 @@ import weakref
 import numpy as np
 
 from ..errors import AuditError, KVCacheError
-from .records import NONE16, OP_NAMES, Op, Status
+from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status
 
 __all__ = ["Drain"]
 
 # failures and violations itemised in the log per delivered batch; device tag failures kept for flush()
 _ITEMISE = 1000
+# the codes the delivery checks compare with, as plain ints (an enum member's lookup costs more than the test)
+_VIOLATION = int(Op.ISOLATION_VIOLATION)
+_DECRYPT = int(Op.DECRYPT)
+_AUTH_FAILED = int(Status.AUTH_FAILED)
+_first_no = operator.itemgetter(0)
+_SLOT = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
 def _drain_main(ref) -> None:
@@ -121,12 +128,12 @@ class Drain:
             if sink is not None:
                 self._sink_ok(sink.write_tables, tables)
                 self._sink_ok(sink.write_details, details)
-            self._take_segments(segs)
+            pieces = self._segment_pieces(segs)
             for cr in cuda_rings:
                 chunks, still = cr.collect()
                 waiting |= still
-                for first, recs in chunks:
-                    self._arrive(first, recs, owned=True)
+                pieces.extend((first, recs, True) for first, recs in chunks)
+            self._arrive(pieces)
             if self.delivered >= flush_target and sink is not None and self._sink_ok(sink.flush):
                 flushed = self.delivered
         except BaseException as e:   # a bug or a failing CUDA runtime: report it, never hang emitters
@@ -179,26 +186,49 @@ class Drain:
             self.logger.error("audit log file failed: %s", e)
             return False
 
-    def _take_segments(self, segs) -> None:
-        """Deliver ring segments (slot order) in record-number order; park those that are early."""
+    def _segment_pieces(self, segs) -> list:
+        """The host ring's segments (slot order) as (first_no, records, owned) pieces: views of the ring's
+        buffer, each run of segments that continues both the slots and the numbering as one piece."""
         buf = self.ring.buf
+        pieces = []
         i = 0
         while i < len(segs):
             s, first, k = segs[i]
-            # merge following segments that continue both the slots and the numbering
             while i + 1 < len(segs) and segs[i + 1][0] == s + k and segs[i + 1][1] == first + k:
                 k += segs[i + 1][2]
                 i += 1
-            self._arrive(first, buf[s:s + k], owned=False)
+            pieces.append((first, buf[s:s + k], False))
             i += 1
+        return pieces
 
-    def _arrive(self, first: int, recs: np.ndarray, owned: bool) -> None:
-        if first != self.delivered:
-            heapq.heappush(self.reorder, (first, id(recs), recs if owned else recs.copy()))
+    def _arrive(self, pieces: list) -> None:
+        """Deliver the pieces of one pass (host ring and CUDA rings, any order) with those waiting in the
+        reorder heap: every run that continues ``delivered`` goes to the store and sink as one batch (one
+        concatenation, one store append, one sink write), and what is still ahead of its turn waits in
+        the heap (copied out of the host ring, whose slots this pass frees)."""
+        heap = self.reorder
+        if not pieces and not (heap and heap[0][0] == self.delivered):
             return
-        self._deliver(recs)
-        while self.reorder and self.reorder[0][0] == self.delivered:
-            self._deliver(heapq.heappop(self.reorder)[2])
+        pieces.sort(key=_first_no)
+        expect = self.delivered
+        run = []
+        i, n = 0, len(pieces)
+        while True:
+            if i < n and pieces[i][0] == expect:
+                recs = pieces[i][1]
+                i += 1
+            elif heap and heap[0][0] == expect:
+                recs = heapq.heappop(heap)[2]
+            else:
+                break
+            run.append(recs)
+            expect += len(recs)
+        for first, recs, owned in pieces[i:]:
+            heapq.heappush(heap, (first, id(recs), recs if owned else recs.copy()))
+        if run:
+            # whole records as opaque 64-byte items: a structured concatenation would promote field by field
+            self._deliver(run[0] if len(run) == 1
+                          else np.concatenate([r.view(_SLOT) for r in run]).view(RECORD_DTYPE))
 
     def _deliver(self, recs: np.ndarray) -> None:
         with self.store_lock:
@@ -208,14 +238,14 @@ class Drain:
         if self.sink is not None:
             self._sink_ok(self.sink.write_records, recs)
         failed = recs["status"] != 0
-        violation = recs["op"] == Op.ISOLATION_VIOLATION
+        violation = recs["op"] == _VIOLATION
         bad = np.flatnonzero(failed | violation)
         if not len(bad):
             return
         self.failures += int(np.count_nonzero(failed))
         self.violations += int(np.count_nonzero(violation))
-        dev = np.flatnonzero(failed & (recs["device_ts_ns"] != 0) & (recs["op"] == Op.DECRYPT)
-                             & (recs["status"] == Status.AUTH_FAILED))
+        dev = np.flatnonzero(failed & (recs["device_ts_ns"] != 0) & (recs["op"] == _DECRYPT)
+                             & (recs["status"] == _AUTH_FAILED))
         if len(dev):
             with self.device_fail_lock:
                 if len(self.device_auth_failures) < _ITEMISE:
