@@ -485,6 +485,24 @@ class CudaAuditRing:
         Returns (chunks, still_waiting) where still_waiting says that some
         committed copy has not completed yet.  Called by the drain thread only.
         """
+        runs, waiting = self._collect(True)
+        out = []
+        for spans, recs in runs:
+            off = 0
+            for first, n in spans:
+                out.append((first, recs[off:off + n]))
+                off += n
+        return out, waiting
+
+    def collect_runs(self):
+        """What ``collect`` takes, as few arrays as there are runs of consecutive slots (and stand-ins),
+        each record numbered in its ``record_no``: (arrays, still_waiting). What the drain calls."""
+        runs, waiting = self._collect(False)
+        return [recs for _, recs in runs], waiting
+
+    def _collect(self, spans: bool):
+        """(spans or None, records) per run of completed reservations in consecutive slots (one copy out of
+        the staging memory serves a run) and per abandoned reservation; frees their slots."""
         alloc = self._alloc
         try:
             self.publish()
@@ -496,27 +514,31 @@ class CudaAuditRing:
         out = []
         waiting = False
         ts = alloc.clock() if ready or stand_ins else 0     # one pick-up time for the pass
-        run: list[_Reservation] = []   # completed reservations in consecutive slots: one copy serves them
+        run: list[_Reservation] = []
+        event, copied = None, False     # the reservations of a published run share one completion event
         for r in ready:
-            if not r.failed and not self._copy_done(r.event):
-                waiting = True
-                continue
+            if not r.failed:
+                if r.event is not event:
+                    event, copied = r.event, self._copy_done(r.event)
+                if not copied:
+                    waiting = True
+                    continue
             if run and (r.failed or r.slot != run[-1].slot + run[-1].n):
-                self._take_run(run, ts, out)
+                out.append(self._take_run(run, ts, spans))
                 run = []
             if r.failed:
                 recs = np.repeat(r.template, r.n)
                 recs["record_no"] = np.arange(r.first_no, r.first_no + r.n, dtype=np.uint64)
                 recs["host_ts_ns"] = ts
-                out.append((r.first_no, recs))
+                out.append(([(r.first_no, r.n)], recs))
                 r.taken = True
             else:
                 run.append(r)
         if run:
-            self._take_run(run, ts, out)
+            out.append(self._take_run(run, ts, spans))
         for first, recs in stand_ins:
             recs["host_ts_ns"] = ts
-            out.append((first, recs))
+            out.append(([(first, len(recs))], recs))
         with alloc.lock:
             freed = False
             while self._res and self._res[0].taken:
@@ -526,9 +548,9 @@ class CudaAuditRing:
                 self._space.notify_all()
         return out, waiting
 
-    def _take_run(self, run: list, ts: int, out: list) -> None:
-        """Copy the staged records of reservations in consecutive slots out at once, number them (each
-        reservation its own range, set in one vectorised step) and hand each on as a view of the copy."""
+    def _take_run(self, run: list, ts: int, spans: bool):
+        """Copy the staged records of reservations in consecutive slots out at once and number them (each
+        reservation its own range, set in one vectorised step): (spans or None, records)."""
         first = run[0]
         total = run[-1].slot + run[-1].n - first.slot
         recs = self._staging_np[first.slot:first.slot + total].copy()
@@ -540,11 +562,9 @@ class CudaAuditRing:
             # record i of the run, in reservation j, is starts[j] + (i - offset of j)
             recs["record_no"] = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(total)
         recs["host_ts_ns"] = ts
-        off = 0
         for r in run:
-            out.append((r.first_no, recs[off:off + r.n]))
             r.taken = True
-            off += r.n
+        return ([(r.first_no, r.n) for r in run] if spans else None), recs
 
 
 class _RecordsAt:

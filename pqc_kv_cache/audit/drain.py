@@ -2,16 +2,15 @@
 
 One ``Drain`` per log.  Each pass takes what the host ring holds and what
 the CUDA rings have copied back, delivers it in record-number order (records
-that arrive ahead of their turn wait in a reorder heap), writes new table
-entries, details and records to the sink, and reports failures and isolation
+that arrive ahead of their turn wait, sorted, until the gap before them
+fills) as one batch per pass, writes new table entries, details and records
+to the sink, and reports failures and isolation
 violations to Python ``logging``.  Flush and queries wait on ``done`` for
 ``persisted`` / ``delivered`` to pass their target.
 """
 
 from __future__ import annotations
 
-import heapq
-import operator
 import threading
 import time
 import weakref
@@ -29,7 +28,6 @@ _ITEMISE = 1000
 _VIOLATION = int(Op.ISOLATION_VIOLATION)
 _DECRYPT = int(Op.DECRYPT)
 _AUTH_FAILED = int(Status.AUTH_FAILED)
-_first_no = operator.itemgetter(0)
 _SLOT = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
@@ -78,7 +76,7 @@ class Drain:
         self.delivered = first_no     # every record below this number is in the store (and sink)
         self.persisted = first_no     # ... and flushed to disk
         self.flush_target = first_no
-        self.reorder: list = []       # heap of (first_no, id, records) that arrived ahead of their turn
+        self.pending: list = []       # arrays of records that arrived ahead of their turn (copies)
         self.cuda_waiting = False
         self.stopping = False
         self.abandon = False
@@ -128,12 +126,18 @@ class Drain:
             if sink is not None:
                 self._sink_ok(sink.write_tables, tables)
                 self._sink_ok(sink.write_details, details)
-            pieces = self._segment_pieces(segs)
+            borrowed = self._segment_views(segs)
+            owned = []
             for cr in cuda_rings:
-                chunks, still = cr.collect()
+                runs = getattr(cr, "collect_runs", None)
+                if runs is not None:
+                    arrays, still = runs()
+                else:                   # a ring with only collect(): its (first_no, records) chunks
+                    chunks, still = cr.collect()
+                    arrays = [recs for _, recs in chunks]
                 waiting |= still
-                pieces.extend((first, recs, True) for first, recs in chunks)
-            self._arrive(pieces)
+                owned.extend(arrays)
+            self._arrive(borrowed, owned)
             if self.delivered >= flush_target and sink is not None and self._sink_ok(sink.flush):
                 flushed = self.delivered
         except BaseException as e:   # a bug or a failing CUDA runtime: report it, never hang emitters
@@ -186,49 +190,56 @@ class Drain:
             self.logger.error("audit log file failed: %s", e)
             return False
 
-    def _segment_pieces(self, segs) -> list:
-        """The host ring's segments (slot order) as (first_no, records, owned) pieces: views of the ring's
-        buffer, each run of segments that continues both the slots and the numbering as one piece."""
+    def _segment_views(self, segs) -> list:
+        """The host ring's segments (slot order) as views of its buffer, one per run of consecutive slots
+        (the records carry their numbers; the order of delivery is sorted out by ``_arrive``)."""
         buf = self.ring.buf
-        pieces = []
+        views = []
         i = 0
         while i < len(segs):
-            s, first, k = segs[i]
-            while i + 1 < len(segs) and segs[i + 1][0] == s + k and segs[i + 1][1] == first + k:
+            s, _, k = segs[i]
+            while i + 1 < len(segs) and segs[i + 1][0] == s + k:
                 k += segs[i + 1][2]
                 i += 1
-            pieces.append((first, buf[s:s + k], False))
+            views.append(buf[s:s + k])
             i += 1
-        return pieces
+        return views
 
-    def _arrive(self, pieces: list) -> None:
-        """Deliver the pieces of one pass (host ring and CUDA rings, any order) with those waiting in the
-        reorder heap: every run that continues ``delivered`` goes to the store and sink as one batch (one
-        concatenation, one store append, one sink write), and what is still ahead of its turn waits in
-        the heap (copied out of the host ring, whose slots this pass frees)."""
-        heap = self.reorder
-        if not pieces and not (heap and heap[0][0] == self.delivered):
+    def _arrive(self, borrowed: list, owned: list) -> None:
+        """Deliver what one pass took, in record-number order, with the records that wait for their turn.
+
+        ``borrowed``: views of the host ring (its slots are freed after the pass: what waits is copied);
+        ``owned``: arrays of the CUDA rings. Whole batches, no Python work per record: when some record
+        continues ``delivered``, everything taken and waiting is put in one array, sorted by record number,
+        and its dense run from ``delivered`` on goes to the store and sink at once; the rest waits in
+        ``pending`` (sorted). When none does, the arrivals join ``pending`` as they are. A record numbered
+        below ``delivered`` or twice is a broken ring: an AuditError (the pipeline fails), never a wait.
+        """
+        arrivals = [a for a in borrowed + owned if len(a)]
+        if not arrivals:
             return
-        pieces.sort(key=_first_no)
-        expect = self.delivered
-        run = []
-        i, n = 0, len(pieces)
-        while True:
-            if i < n and pieces[i][0] == expect:
-                recs = pieces[i][1]
-                i += 1
-            elif heap and heap[0][0] == expect:
-                recs = heapq.heappop(heap)[2]
-            else:
-                break
-            run.append(recs)
-            expect += len(recs)
-        for first, recs, owned in pieces[i:]:
-            heapq.heappush(heap, (first, id(recs), recs if owned else recs.copy()))
-        if run:
-            # whole records as opaque 64-byte items: a structured concatenation would promote field by field
-            self._deliver(run[0] if len(run) == 1
-                          else np.concatenate([r.view(_SLOT) for r in run]).view(RECORD_DTYPE))
+        delivered = self.delivered
+        lo = min(int(a["record_no"].min()) for a in arrivals)
+        if lo < delivered:
+            raise AuditError(f"internal: audit record {lo} arrived after records up to {delivered - 1} "
+                             "were delivered (a ring handed it on twice or misnumbered it)")
+        if lo > delivered:          # nothing can go before the record numbered ``delivered`` arrives
+            self.pending = self.pending + [a.copy() for a in borrowed if len(a)] + [a for a in owned if len(a)]
+            return
+        parts = self.pending + arrivals
+        if len(parts) == 1:
+            whole = parts[0].view(_SLOT)
+        else:   # whole records as opaque 64-byte items: a structured concatenation promotes field by field
+            whole = np.concatenate([p.view(_SLOT) for p in parts])
+        numbers = whole.view(RECORD_DTYPE)["record_no"]
+        order = np.argsort(numbers, kind="stable")
+        got = numbers[order]
+        off = np.flatnonzero(got != np.arange(delivered, delivered + len(got), dtype=np.uint64))
+        m = int(off[0]) if len(off) else len(got)
+        if m < len(got) and got[m] == got[m - 1]:
+            raise AuditError(f"internal: audit record {int(got[m])} arrived twice")
+        self.pending = [whole[order[m:]].view(RECORD_DTYPE)] if m < len(got) else []
+        self._deliver(whole[order[:m]].view(RECORD_DTYPE))
 
     def _deliver(self, recs: np.ndarray) -> None:
         with self.store_lock:
@@ -317,4 +328,4 @@ class Drain:
         self.thread.join()
 
     def reorder_pending(self) -> int:
-        return sum(len(r[2]) for r in self.reorder)
+        return sum(len(a) for a in self.pending)
