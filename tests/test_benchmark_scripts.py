@@ -47,3 +47,14 @@ def test_host_overhead_runs(tmp_path):
     assert set(res["host_ms_per_layer_update"]) == {"dynamic", "sealed_audit_off", "sealed_audit_on",
                                                     "working_set_audit_off", "working_set_audit_on"}
     assert all(v["n"] == 2 and v["median"] > 0 for v in res["host_ms_per_layer_update"].values())
+
+
+def test_audit_drain_runs(tmp_path):
+    out = tmp_path / "audit_drain.json"
+    text = _run("benchmarks/audit_drain.py", "--smoke", "--out", str(out))
+    assert "drain ns per record" in text
+    import json
+    res = json.loads(out.read_text())
+    assert set(res["logs"]) == {"memory", "file"}
+    assert all(r["drain_ns_per_record"]["n"] == 2 and r["drain_ns_per_record"]["median"] > 0
+               for r in res["logs"].values())

@@ -488,6 +488,24 @@ class CudaAuditRing:
         Returns (chunks, still_waiting) where still_waiting says that some
         committed copy has not completed yet.  Called by the drain thread only.
         """
+        runs, waiting = self._collect(True)
+        out = []
+        for spans, recs in runs:
+            off = 0
+            for first, n in spans:
+                out.append((first, recs[off:off + n]))
+                off += n
+        return out, waiting
+
+    def collect_runs(self):
+        """What ``collect`` takes, as few arrays as there are runs of consecutive slots (and stand-ins),
+        each record numbered in its ``record_no``: (arrays, still_waiting). What the drain calls."""
+        runs, waiting = self._collect(False)
+        return [recs for _, recs in runs], waiting
+
+    def _collect(self, spans: bool):
+        """(spans or None, records) per run of completed reservations in consecutive slots (one copy out of
+        the staging memory serves a run) and per abandoned reservation; frees their slots."""
         alloc = self._alloc
         try:
             self.publish()
@@ -498,21 +516,32 @@ class CudaAuditRing:
             stand_ins, self._stand_ins = self._stand_ins, []
         out = []
         waiting = False
+        ts = alloc.clock() if ready or stand_ins else 0     # one pick-up time for the pass
+        run: list[_Reservation] = []
+        event, copied = None, False     # the reservations of a published run share one completion event
         for r in ready:
+            if not r.failed:
+                if r.event is not event:
+                    event, copied = r.event, self._copy_done(r.event)
+                if not copied:
+                    waiting = True
+                    continue
+            if run and (r.failed or r.slot != run[-1].slot + run[-1].n):
+                out.append(self._take_run(run, ts, spans))
+                run = []
             if r.failed:
                 recs = r.template.copy() if r.template.shape[0] == r.n else np.repeat(r.template, r.n)
-            elif not self._copy_done(r.event):
-                waiting = True
-                continue
+                recs["record_no"] = np.arange(r.first_no, r.first_no + r.n, dtype=np.uint64)
+                recs["host_ts_ns"] = ts
+                out.append(([(r.first_no, r.n)], recs))
+                r.taken = True
             else:
-                recs = self._staging_np[r.slot:r.slot + r.n].copy()
-            recs["record_no"] = np.arange(r.first_no, r.first_no + r.n, dtype=np.uint64)
-            recs["host_ts_ns"] = alloc.clock()
-            out.append((r.first_no, recs))
-            r.taken = True
+                run.append(r)
+        if run:
+            out.append(self._take_run(run, ts, spans))
         for first, recs in stand_ins:
-            recs["host_ts_ns"] = alloc.clock()
-            out.append((first, recs))
+            recs["host_ts_ns"] = ts
+            out.append(([(first, len(recs))], recs))
         with alloc.lock:
             freed = False
             while self._res and self._res[0].taken:
@@ -521,6 +550,24 @@ class CudaAuditRing:
             if freed:
                 self._space.notify_all()
         return out, waiting
+
+    def _take_run(self, run: list, ts: int, spans: bool):
+        """Copy the staged records of reservations in consecutive slots out at once and number them (each
+        reservation its own range, set in one vectorised step): (spans or None, records)."""
+        first = run[0]
+        total = run[-1].slot + run[-1].n - first.slot
+        recs = self._staging_np[first.slot:first.slot + total].copy()
+        if len(run) == 1:
+            recs["record_no"] = np.arange(first.first_no, first.first_no + total, dtype=np.uint64)
+        else:
+            counts = np.fromiter((r.n for r in run), dtype=np.int64, count=len(run))
+            starts = np.fromiter((r.first_no for r in run), dtype=np.int64, count=len(run))
+            # record i of the run, in reservation j, is starts[j] + (i - offset of j)
+            recs["record_no"] = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        recs["host_ts_ns"] = ts
+        for r in run:
+            r.taken = True
+        return ([(r.first_no, r.n) for r in run] if spans else None), recs
 
 
 class _RecordsAt:

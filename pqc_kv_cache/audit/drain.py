@@ -2,15 +2,15 @@
 
 One ``Drain`` per log.  Each pass takes what the host ring holds and what
 the CUDA rings have copied back, delivers it in record-number order (records
-that arrive ahead of their turn wait in a reorder heap), writes new table
-entries, details and records to the sink, and reports failures and isolation
+that arrive ahead of their turn wait, sorted, until the gap before them
+fills) as one batch per pass, writes new table entries, details and records
+to the sink, and reports failures and isolation
 violations to Python ``logging``.  Flush and queries wait on ``done`` for
 ``persisted`` / ``delivered`` to pass their target.
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 import weakref
@@ -18,12 +18,17 @@ import weakref
 import numpy as np
 
 from ..errors import AuditError, KVCacheError
-from .records import NONE16, OP_NAMES, Op, Status
+from .records import NONE16, OP_NAMES, RECORD_DTYPE, Op, Status
 
 __all__ = ["Drain"]
 
 # failures and violations itemised in the log per delivered batch; device tag failures kept for flush()
 _ITEMISE = 1000
+# the codes the delivery checks compare with, as plain ints (an enum member's lookup costs more than the test)
+_VIOLATION = int(Op.ISOLATION_VIOLATION)
+_DECRYPT = int(Op.DECRYPT)
+_AUTH_FAILED = int(Status.AUTH_FAILED)
+_SLOT = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
 def _drain_main(ref) -> None:
@@ -71,7 +76,7 @@ class Drain:
         self.delivered = first_no     # every record below this number is in the store (and sink)
         self.persisted = first_no     # ... and flushed to disk
         self.flush_target = first_no
-        self.reorder: list = []       # heap of (first_no, id, records) that arrived ahead of their turn
+        self.pending: list = []       # arrays of records that arrived ahead of their turn (copies)
         self.cuda_waiting = False
         self.stopping = False
         self.abandon = False
@@ -121,12 +126,18 @@ class Drain:
             if sink is not None:
                 self._sink_ok(sink.write_tables, tables)
                 self._sink_ok(sink.write_details, details)
-            self._take_segments(segs)
+            borrowed = self._segment_views(segs)
+            owned = []
             for cr in cuda_rings:
-                chunks, still = cr.collect()
+                runs = getattr(cr, "collect_runs", None)
+                if runs is not None:
+                    arrays, still = runs()
+                else:                   # a ring with only collect(): its (first_no, records) chunks
+                    chunks, still = cr.collect()
+                    arrays = [recs for _, recs in chunks]
                 waiting |= still
-                for first, recs in chunks:
-                    self._arrive(first, recs, owned=True)
+                owned.extend(arrays)
+            self._arrive(borrowed, owned)
             if self.delivered >= flush_target and sink is not None and self._sink_ok(sink.flush):
                 flushed = self.delivered
         except BaseException as e:   # a bug or a failing CUDA runtime: report it, never hang emitters
@@ -179,26 +190,67 @@ class Drain:
             self.logger.error("audit log file failed: %s", e)
             return False
 
-    def _take_segments(self, segs) -> None:
-        """Deliver ring segments (slot order) in record-number order; park those that are early."""
+    def _segment_views(self, segs) -> list:
+        """The host ring's segments (slot order) as views of its buffer, one per run of consecutive slots
+        (the records carry their numbers; the order of delivery is sorted out by ``_arrive``)."""
         buf = self.ring.buf
+        views = []
         i = 0
         while i < len(segs):
-            s, first, k = segs[i]
-            # merge following segments that continue both the slots and the numbering
-            while i + 1 < len(segs) and segs[i + 1][0] == s + k and segs[i + 1][1] == first + k:
+            s, _, k = segs[i]
+            while i + 1 < len(segs) and segs[i + 1][0] == s + k:
                 k += segs[i + 1][2]
                 i += 1
-            self._arrive(first, buf[s:s + k], owned=False)
+            views.append(buf[s:s + k])
             i += 1
+        return views
 
-    def _arrive(self, first: int, recs: np.ndarray, owned: bool) -> None:
-        if first != self.delivered:
-            heapq.heappush(self.reorder, (first, id(recs), recs if owned else recs.copy()))
+    def _arrive(self, borrowed: list, owned: list) -> None:
+        """Deliver what one pass took, in record-number order, with the records that wait for their turn.
+
+        ``borrowed``: views of the host ring (its slots are freed after the pass: what waits is copied);
+        ``owned``: arrays of the CUDA rings. Whole batches, no Python work per record: when some record
+        continues ``delivered``, everything taken and waiting is put in one array, sorted by record number,
+        and its dense run from ``delivered`` on goes to the store and sink at once; the rest waits in
+        ``pending`` (sorted). When none does, the arrivals join ``pending`` as they are. A record numbered
+        below ``delivered`` or twice is a broken ring: an AuditError (the pipeline fails), never a wait.
+        """
+        arrivals = [a for a in borrowed + owned if len(a)]
+        if not arrivals:
             return
-        self._deliver(recs)
-        while self.reorder and self.reorder[0][0] == self.delivered:
-            self._deliver(heapq.heappop(self.reorder)[2])
+        delivered = self.delivered
+        if len(arrivals) == 1 and not self.pending:     # one run (a host ring on its own): in order already?
+            numbers = arrivals[0]["record_no"]
+            if numbers[0] == delivered and np.array_equal(
+                    numbers, np.arange(delivered, delivered + len(numbers), dtype=np.uint64)):
+                self._deliver(arrivals[0])
+                return
+        lo = min(int(a["record_no"].min()) for a in arrivals)
+        if lo < delivered:
+            raise AuditError(f"internal: audit record {lo} arrived after records up to {delivered - 1} "
+                             "were delivered (a ring handed it on twice or misnumbered it)")
+        if lo > delivered:          # nothing can go before the record numbered ``delivered`` arrives
+            self.pending = self.pending + [a.copy() for a in borrowed if len(a)] + [a for a in owned if len(a)]
+            return
+        parts = self.pending + arrivals
+        if len(parts) == 1:
+            whole = parts[0].view(_SLOT)
+        else:   # whole records as opaque 64-byte items: a structured concatenation promotes field by field
+            whole = np.concatenate([p.view(_SLOT) for p in parts])
+        numbers = whole.view(RECORD_DTYPE)["record_no"]
+        due = np.arange(delivered, delivered + len(numbers), dtype=np.uint64)
+        if np.array_equal(numbers, due):    # in order and dense already: delivered as it is
+            self.pending = []
+            self._deliver(whole.view(RECORD_DTYPE))
+            return
+        order = np.argsort(numbers, kind="stable")
+        got = numbers[order]
+        off = np.flatnonzero(got != due)
+        m = int(off[0]) if len(off) else len(got)
+        if m < len(got) and got[m] == got[m - 1]:
+            raise AuditError(f"internal: audit record {int(got[m])} arrived twice")
+        self.pending = [whole[order[m:]].view(RECORD_DTYPE)] if m < len(got) else []
+        self._deliver(whole[order[:m]].view(RECORD_DTYPE))
 
     def _deliver(self, recs: np.ndarray) -> None:
         with self.store_lock:
@@ -208,14 +260,14 @@ class Drain:
         if self.sink is not None:
             self._sink_ok(self.sink.write_records, recs)
         failed = recs["status"] != 0
-        violation = recs["op"] == Op.ISOLATION_VIOLATION
+        violation = recs["op"] == _VIOLATION
         bad = np.flatnonzero(failed | violation)
         if not len(bad):
             return
         self.failures += int(np.count_nonzero(failed))
         self.violations += int(np.count_nonzero(violation))
-        dev = np.flatnonzero(failed & (recs["device_ts_ns"] != 0) & (recs["op"] == Op.DECRYPT)
-                             & (recs["status"] == Status.AUTH_FAILED))
+        dev = np.flatnonzero(failed & (recs["device_ts_ns"] != 0) & (recs["op"] == _DECRYPT)
+                             & (recs["status"] == _AUTH_FAILED))
         if len(dev):
             with self.device_fail_lock:
                 if len(self.device_auth_failures) < _ITEMISE:
@@ -287,4 +339,4 @@ class Drain:
         self.thread.join()
 
     def reorder_pending(self) -> int:
-        return sum(len(r[2]) for r in self.reorder)
+        return sum(len(a) for a in self.pending)
