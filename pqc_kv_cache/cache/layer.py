@@ -460,7 +460,7 @@ class EncryptedLayer(ChunkStore, CacheLayerMixin):
                 new.__dict__[name] = None if value is None else value.clone()
             elif name in ("_backend", "_layout", "device", "dtype"):
                 new.__dict__[name] = value
-            elif name == "_rows_seal":      # prepared for this layer's arena: the copy prepares its own
+            elif name in ("_rows_seal", "_rows_open"):     # prepared for this layer: the copy prepares its own
                 new.__dict__[name] = None
             else:
                 new.__dict__[name] = copy.deepcopy(value)
