@@ -94,6 +94,7 @@ from .cuda_device import CudaDevice, DeviceProps, stream_capturing
 from .cuda_failures import FailureBook
 from .cuda_keys import KeyStore
 from .cuda_staging import Packed, StagingRing
+from .cuda_open import RowsOpenMixin
 from .cuda_rows import RowsSealMixin
 from .cuda_static import StaticSealMixin
 from .kernel_abi import kernel_source
@@ -120,7 +121,7 @@ def _u64(x: int) -> np.uint64:
     return np.uint64(x)
 
 
-class CudaBackend(RowsSealMixin, StaticSealMixin, CryptoBackend):
+class CudaBackend(RowsSealMixin, RowsOpenMixin, StaticSealMixin, CryptoBackend):
     """AES-256-GCM over KV chunks on one CUDA device (see the module docstring); ``seal_static``: a static
     cache's layer step with its state on the device (``cuda_static``)."""
 

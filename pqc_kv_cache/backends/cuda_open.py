@@ -1,0 +1,209 @@
+"""The CUDA backend's prepared read: a layer's decrypt of every row with only what changes done per call.
+
+A cache reads every row of a layer at each update, from the same arena, rows and owner step after step;
+from one step to the next the key set and audit context stay, and only the segments (one more, or trailing
+ones merged into one) and the scratch views change. ``RowsOpenMixin.open_rows`` checks once per (read, key
+set, audit context) what ``decrypt_chunks`` checks of the keys, layout and arena, keeps the key schedules,
+slot metadata and the decrypt parameter record, and per call checks the call's values at the level of
+segments (positions, counts, counters, offsets, key indices and the K/V views; every refusal of
+``decrypt_chunks``), builds the chunk table and the DECRYPT row descriptors by broadcasting segment columns
+over the rows (no per-chunk grouping: every segment holds one chunk per row), and makes one packed upload,
+the row-record launch (audited, its records reserved with ``records_at``) and the decrypt launch.
+
+What is not prepared this way goes through ``decrypt_chunks`` unchanged (the same bytes, checks, statuses and
+records): a call whose values fail a check (so that it raises the same error), rows not strictly ascending,
+more rows than one launch's record reservation holds, inputs that are not int64 numpy arrays of the
+expected shapes. A prepared read holds the key set's schedules and slot metadata by address: it is
+prepared again when the key store has zeroed any schedule since (``KeyStore.generation``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import numpy as np
+import torch
+
+from ..audit.records import Op
+from ..envelope import TAG_SIZE
+from . import kernel_abi as _abi
+from .base import ChunkTable, DecryptStatus, RowsOpen
+from .cuda_staging import Packed
+
+__all__ = ["RowsOpenMixin"]
+
+_DECRYPT = "pqc_decrypt_chunks"
+_ROW_RECORDS = "pqc_decrypt_row_records"
+_ROW_RECORD_THREADS = 128
+_UNAUDITED = (0, 0)       # no record address, no first record number
+
+
+class _Opened:
+    """What a prepared read keeps for one (key set, audit context)."""
+
+    __slots__ = ("keys", "audit", "generation", "keep", "tpl", "ring", "res", "owner_ref", "nkeys", "rows",
+                 "rows_list", "row_hi", "row_index", "aux", "bpp", "half_bpp", "row_args")
+
+
+def _int64(a, ndim: int) -> bool:
+    return type(a) is np.ndarray and a.dtype == np.int64 and a.ndim == ndim
+
+
+class RowsOpenMixin:
+    """``open_rows`` of the CUDA backend (mixed into ``CudaBackend``)."""
+
+    def open_rows(self, read: RowsOpen, keys, key_idx, audit, start, count, counter, offset, base: int,
+                  k_out: torch.Tensor, v_out: torch.Tensor) -> DecryptStatus:
+        st = read.state
+        if st is None or st.keys is not keys or st.audit is not audit or st.generation != self._keys.generation:
+            st = read.state = self._prepare_open(read, keys, audit)
+        table = None if st is None else self._open_table(st, read, key_idx, start, count, counter, offset, base,
+                                                         k_out, v_out)
+        if table is None:
+            # the general path: the same bytes, statuses and records, and the error a bad value deserves
+            return super().open_rows(read, keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
+        self._refuse_capture()
+        table, desc = table
+        n = table.shape[1]
+        bpp = st.bpp
+        status = torch.empty(n, dtype=torch.uint8, device=self.device)   # the kernel writes every chunk's
+        items = self._plan(_DECRYPT, table[3], bpp, None)[0]
+        n_items = items.shape[1]
+        split = n_items != n
+        pk = Packed()
+        t_off = pk.add(table)
+        d_off = pk.add(desc) if desc is not None else None
+        i_off = pk.add(items) if split else None            # unsplit: item i = chunk i
+        p_off = pk.reserve(n_items * _abi.PARTIAL_SIZE) if split else None
+        c_off = pk.reserve(4 * n, zero=True) if split else None
+        prm_off = pk.reserve(_abi.ParamsTemplate.size)
+        it = k_out.element_size()
+        ks, vs = k_out.stride(), v_out.stride()
+        ring = st.ring
+        with self._fq_lock:     # the failure queue is not read between this call's tag and its launches
+            tag = self._call_tag(audit.log if audit is not None else None, read.owner, st.owner_ref)
+            res = contextlib.nullcontext(_UNAUDITED) if ring is None else ring.records_at(len(st.rows_list),
+                                                                                           **st.res)
+            with res as (records_at, first_no), self._staging.region(pk) as g:
+                st.tpl.pack_into(g.host, prm_off, k=k_out.data_ptr(), k_sb=ks[0] * it, k_sh=ks[1] * it,
+                                 k_ss=ks[2] * it, v=v_out.data_ptr(), v_sb=vs[0] * it, v_sh=vs[1] * it,
+                                 v_ss=vs[2] * it, table=g.device_ptr(t_off), n=n,
+                                 items=0 if i_off is None else g.device_ptr(i_off), n_items=n_items,
+                                 status=status.data_ptr(), records=records_at, call_tag=tag,
+                                 partials=0 if p_off is None else g.device_ptr(p_off),
+                                 counters=0 if c_off is None else g.device_ptr(c_off))
+                self._upload_region(g)
+                if ring is not None:
+                    nrows = desc.shape[1]
+                    self._launch(_ROW_RECORDS, (nrows + _ROW_RECORD_THREADS - 1) // _ROW_RECORD_THREADS,
+                                 _ROW_RECORD_THREADS, (np.uint64(st.keep[1].data_ptr()), np.uint64(g.device_ptr(d_off)),
+                                                       np.int64(nrows), *st.row_args, np.uint64(records_at),
+                                                       np.uint64(first_no)))
+                self._launch(_DECRYPT, min(n_items, self.launch_slots(_DECRYPT)), _abi.LANES,
+                             (np.uint64(g.device_ptr(prm_off)),))
+        return DecryptStatus(device=status)
+
+    def _prepare_open(self, read: RowsOpen, keys, audit) -> _Opened | None:
+        """Check what every call with these keys and this audit context shares, as ``decrypt_chunks`` would
+        (layout, arena, keys, owner); None when a check fails or the read is one the general path serves."""
+        layout, arena, rows = read.layout, read.arena, read.rows
+        nr = rows.shape[0]
+        if nr == 0 or (nr > 1 and not bool((rows[1:] > rows[:-1]).all())) or int(rows[0]) < 0:
+            return None
+        zeros = np.zeros(nr, dtype=np.int64)
+        try:
+            _, seen = self._check_common(keys, layout, ChunkTable(zeros, rows, zeros, zeros + 1, zeros, zeros, zeros),
+                                         arena)
+            owner_ref = None if read.owner is None else weakref.ref(read.owner)
+        except (TypeError, ValueError):
+            return None
+        ring = audit.log.cuda_ring(self.device) if audit is not None else None
+        if ring is not None and nr > max(1, ring.capacity // 4):
+            return None         # row groups of several launches: the general path
+        generation = self._keys.generation
+        sched, seen = self._keys.schedules(keys, seen)
+        meta = self._meta(seen, keys, audit)
+        st = _Opened()
+        st.keys, st.audit, st.generation, st.owner_ref = keys, audit, generation, owner_ref
+        st.keep = (sched, meta)         # the parameter record and the row-record launch read them by address
+        lf = self._layout_fields(layout)
+        st.tpl = _abi.ParamsTemplate(sched=sched.data_ptr(), meta=meta.data_ptr(), arena=arena.data_ptr(),
+                                     fq=self._fq.data_ptr(), fq_count=self._fq_count.data_ptr(),
+                                     fq_cap=self._fq.shape[0], **lf)
+        st.row_args = tuple(np.uint32(lf[f]) for f in ("layer", "num_heads", "head_dim", "itemsize", "dtype_code"))
+        st.ring = ring
+        st.res = None if ring is None else dict(
+            op=int(Op.DECRYPT), tenant_idx=int(audit.tenant_idx[0]) if len(audit.tenant_idx) else 0,
+            session_idx=int(audit.session_idx[0]) if len(audit.session_idx) else 0,
+            layer=min(int(layout.layer_idx), 0xFFFF))
+        st.nkeys = len(keys)
+        st.rows = rows
+        st.rows_list = rows.tolist()
+        st.row_hi = st.rows_list[-1]
+        st.row_index = np.arange(nr, dtype=np.int64)     # a chunk's row record: its row's place in ``rows``
+        st.aux = st.row_index if ring is not None else -1
+        st.bpp = layout.bytes_per_position
+        st.half_bpp = st.bpp // 2
+        return st
+
+    def _open_table(self, st: _Opened, read: RowsOpen, key_idx, start, count, counter, offset, base, k_out, v_out):
+        """(chunk table, row descriptors or None) of a call whose values pass every check ``decrypt_chunks``
+        makes of them; None otherwise (the general path then raises what it raises)."""
+        nr = len(st.rows_list)
+        if not (_int64(start, 1) and _int64(count, 1) and _int64(counter, 2) and _int64(offset, 2)
+                and _int64(key_idx, 2) and type(base) is int):
+            return None
+        ns = start.shape[0]
+        if ns == 0 or count.shape[0] != ns or counter.shape != (ns, nr) or offset.shape != (ns, nr) \
+                or key_idx.shape != (ns, nr):
+            return None
+        layout = read.layout
+        for t in (k_out, v_out):
+            if not isinstance(t, torch.Tensor) or t.device != self.device or t.dtype != layout.dtype:
+                return None
+            shape = t.shape
+            if (len(shape) != 4 or shape[1] != layout.num_heads or shape[3] != layout.head_dim
+                    or t.stride()[3] != 1 or st.row_hi >= shape[0]):
+                return None
+        starts, counts = start.tolist(), count.tolist()
+        lo_start, lo_count, hi_count = min(starts), min(counts), max(counts)
+        hi_end = max(s + c for s, c in zip(starts, counts))
+        if lo_count < 1 or lo_start < 0 or lo_start - base < 0:
+            return None
+        if hi_end - base > min(k_out.shape[2], v_out.shape[2]):
+            return None
+        if hi_count * st.half_bpp > 0xFFFFFFFF or hi_count * st.bpp > 16 * _abi.GCM_MAX_BLOCKS:
+            return None
+        if int(key_idx.min()) < 0 or int(key_idx.max()) >= st.nkeys or int(counter.min()) < 0:
+            return None
+        numel = read.arena.numel()
+        row_hi_off = offset.max(1)
+        if int(offset.min()) < 0 or int(row_hi_off.max()) >= numel:
+            return None
+        if int((row_hi_off + count * st.bpp).max()) + TAG_SIZE > numel:
+            return None
+        # the table, segment-major with rows inner (what the general path builds)
+        table = np.empty((_abi.TABLE_COLS, ns, nr), dtype=np.int64)
+        table[0] = key_idx
+        table[1] = st.rows
+        table[2] = start[:, None]
+        table[3] = count[:, None]
+        table[4] = (start - base)[:, None]
+        table[5] = counter
+        table[6] = offset
+        table[7] = st.aux
+        table = table.reshape(_abi.TABLE_COLS, ns * nr)
+        if st.ring is None:
+            return table, None
+        # the DECRYPT row descriptors (``base.decrypt_row_summary`` of a table whose every segment lists the
+        # same ascending rows): the rows' span, lowest counter, first chunk's key and bytes read
+        desc = np.empty((_abi.ROWDESC_COLS, nr), dtype=np.int64)
+        desc[0] = st.rows
+        desc[1] = lo_start
+        desc[2] = hi_end - lo_start
+        desc[3] = counter.min(0)
+        desc[4] = key_idx[0]
+        desc[5] = sum(counts) * st.bpp
+        return table, desc
+
