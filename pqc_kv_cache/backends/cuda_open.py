@@ -20,6 +20,7 @@ prepared again when the key store has zeroed any schedule since (``KeyStore.gene
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 
 import numpy as np
@@ -43,7 +44,7 @@ class _Opened:
     """What a prepared read keeps for one (key set, audit context)."""
 
     __slots__ = ("keys", "audit", "generation", "keep", "tpl", "ring", "res", "owner_ref", "nkeys", "rows",
-                 "rows_list", "row_hi", "row_index", "aux", "bpp", "half_bpp", "row_args")
+                 "rows_list", "row_hi", "row_index", "aux", "bpp", "half_bpp", "row_args", "plan", "slots")
 
 
 def _int64(a, ndim: int) -> bool:
@@ -64,11 +65,10 @@ class RowsOpenMixin:
             # the general path: the same bytes, statuses and records, and the error a bad value deserves
             return super().open_rows(read, keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
         self._refuse_capture()
-        table, desc = table
+        table, desc, counts = table
         n = table.shape[1]
-        bpp = st.bpp
         status = torch.empty(n, dtype=torch.uint8, device=self.device)   # the kernel writes every chunk's
-        items = self._plan(_DECRYPT, table[3], bpp, None)[0]
+        items = st.plan.items(counts)
         n_items = items.shape[1]
         split = n_items != n
         pk = Packed()
@@ -100,7 +100,7 @@ class RowsOpenMixin:
                                  _ROW_RECORD_THREADS, (np.uint64(st.keep[1].data_ptr()), np.uint64(g.device_ptr(d_off)),
                                                        np.int64(nrows), *st.row_args, np.uint64(records_at),
                                                        np.uint64(first_no)))
-                self._launch(_DECRYPT, min(n_items, self.launch_slots(_DECRYPT)), _abi.LANES,
+                self._launch(_DECRYPT, min(n_items, st.slots), _abi.LANES,
                              (np.uint64(g.device_ptr(prm_off)),))
         return DecryptStatus(device=status)
 
@@ -145,6 +145,8 @@ class RowsOpenMixin:
         st.aux = st.row_index if ring is not None else -1
         st.bpp = layout.bytes_per_position
         st.half_bpp = st.bpp // 2
+        st.slots = self.launch_slots(_DECRYPT)
+        st.plan = SegmentPlan(st.slots, nr, st.bpp)
         return st
 
     def _open_table(self, st: _Opened, read: RowsOpen, key_idx, start, count, counter, offset, base, k_out, v_out):
@@ -195,7 +197,7 @@ class RowsOpenMixin:
         table[7] = st.aux
         table = table.reshape(_abi.TABLE_COLS, ns * nr)
         if st.ring is None:
-            return table, None
+            return table, None, counts
         # the DECRYPT row descriptors (``base.decrypt_row_summary`` of a table whose every segment lists the
         # same ascending rows): the rows' span, lowest counter, first chunk's key and bytes read
         desc = np.empty((_abi.ROWDESC_COLS, nr), dtype=np.int64)
@@ -205,5 +207,91 @@ class RowsOpenMixin:
         desc[3] = counter.min(0)
         desc[4] = key_idx[0]
         desc[5] = sum(counts) * st.bpp
-        return table, desc
+        return table, desc, counts
 
+
+
+class SegmentPlan:
+    """The decrypt work items (``kernel_abi.work_items`` with ``slots``, no record limit) of tables whose every
+    segment holds one chunk per row, worked out per segment: how each segment's chunks are cut is decided
+    over the segments (``kernel_abi._items_per_chunk``'s rule), and the items of a segment cut a given way are
+    kept (a decode step's segments come back step after step), so a call joins kept blocks and numbers their
+    chunks. The same items as ``work_items`` gives for the table's ``pos_count`` column, value for value."""
+
+    __slots__ = ("slots", "nr", "bpp", "min_rounds", "_blocks")
+
+    def __init__(self, slots: int, nr: int, bpp: int, min_rounds: int = _abi.MIN_ITEM_ROUNDS):
+        self.slots, self.nr, self.bpp, self.min_rounds = max(1, int(slots)), nr, bpp, min_rounds
+        self._blocks: dict[tuple, tuple[np.ndarray, int]] = {}
+
+    def _cuts(self, counts: list) -> tuple[list, list]:
+        """(rounds, (k_hi, q, k_lo)) per segment: rows ``< q`` cut into ``k_hi`` items, the others ``k_lo``
+        (``kernel_abi._items_per_chunk`` over the chunks, segment-major, rows inner)."""
+        nr, slots, mr = self.nr, self.slots, self.min_rounds
+        lanes = _abi.LANES
+        r = [(_abi.AAD_BLOCKS + (c * self.bpp + 15) // 16 + 1 + lanes - 1) // lanes for c in counts]
+        n = len(counts) * nr
+        total = nr * sum(r)
+        if n >= slots:
+            b = max(int(mr), -(-total // slots))
+            return r, [(k, 0, k) for k in (max(1, -(-x // b)) for x in r)]
+        k = [1] * len(r)
+        plus = [0] * len(r)                      # rows of each segment given one more item
+        big = [i for i, x in enumerate(r) if x * slots >= total]
+        if big:
+            s_big = slots - nr * (len(r) - len(big))
+            t_big = nr * sum(r[i] for i in big)
+            for i in big:
+                k[i] = max(1, math.floor(r[i] * s_big / t_big))
+            left = s_big - nr * sum(k[i] for i in big)
+            if left > 0:       # the longest items first (stable: segment order, then rows)
+                for i in sorted(big, key=lambda i: -(r[i] / k[i])):
+                    plus[i] = min(nr, left)
+                    left -= plus[i]
+                    if left <= 0:
+                        break
+        cuts = []
+        for x, kk, q in zip(r, k, plus):
+            cap = max(1, x // max(1, int(mr)))
+            cuts.append((min(kk + 1, cap), q, min(kk, cap)) if q else (min(kk, cap), 0, min(kk, cap)))
+        return r, cuts
+
+    def _block(self, count: int, rounds: int, cut: tuple) -> tuple[np.ndarray, int]:
+        """The items of one segment's chunks cut as ``cut`` says, numbered from chunk 0 and item 0 (read-only),
+        and how many there are."""
+        key = (count, cut)
+        got = self._blocks.get(key)
+        if got is None:
+            k_hi, q, k_lo = cut
+            k = np.array([k_hi] * q + [k_lo] * (self.nr - q), dtype=np.int64)
+            first = np.cumsum(k) - k
+            total = int(k.sum())
+            chunk = np.repeat(np.arange(self.nr, dtype=np.int64), k)
+            j = np.arange(total, dtype=np.int64) - first[chunk]
+            kk = k[chunk]
+            blk = np.empty((_abi.ITEM_COLS, total), dtype=np.int64)
+            blk[0] = chunk
+            blk[1] = j * rounds // kk
+            blk[2] = (j + 1) * rounds // kk
+            blk[3] = j * count // kk
+            blk[4] = (j + 1) * count // kk
+            blk[5] = first[chunk]
+            blk[6] = j
+            blk[7] = kk
+            blk.setflags(write=False)
+            if len(self._blocks) >= 1024:
+                self._blocks.clear()
+            got = self._blocks[key] = (blk, total)
+        return got
+
+    def items(self, counts: list) -> np.ndarray:
+        """The work items of a call over segments of these position counts (int64 [ITEM_COLS, n_items])."""
+        rounds, cuts = self._cuts(counts)
+        got = [self._block(c, r, cut) for c, r, cut in zip(counts, rounds, cuts)]
+        if len(got) == 1:
+            return got[0][0]
+        items = np.concatenate([b for b, _ in got], axis=1)
+        sizes = np.array([n for _, n in got], dtype=np.int64)
+        items[0] += np.repeat(np.arange(0, len(got) * self.nr, self.nr, dtype=np.int64), sizes)
+        items[5] += np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return items

@@ -311,3 +311,30 @@ def test_a_sealed_cache_on_the_twin_reads_what_it_reads_on_the_host_and_fails_cl
     assert got["twin"][1] == got["host"][1]
     for name in ("twin", "host"):
         assert any(r[0] == "decrypt" and r[-1] != 0 for r in got[name][2])
+
+
+@pytest.mark.parametrize("slots, nr, bpp", [(4, 3, 512), (528, 8, 4096), (100, 2, 64), (8, 1, 4096), (528, 3, 512)])
+def test_the_segment_plan_gives_the_work_items_of_the_general_plan(slots, nr, bpp):
+    """Decode steps, merged tails, a moving window and arbitrary tables: the items ``work_items`` gives."""
+    import random
+
+    from pqc_kv_cache.backends import kernel_abi
+    from pqc_kv_cache.backends.cuda_open import SegmentPlan
+
+    rng = random.Random(slots * 31 + nr)
+    plan = SegmentPlan(slots, nr, bpp)
+    counts = [rng.choice([1, 5, 300, 4096, 2000])]
+    for _ in range(200):
+        op = rng.random()
+        if op < 0.6:
+            counts.append(rng.choice([1, 1, 1, 2, 7]))
+        elif op < 0.8 and len(counts) > 2:
+            j = rng.randrange(1, len(counts))
+            counts = counts[:j] + [sum(counts[j:])]
+        elif op < 0.9 and len(counts) > 1:
+            counts = counts[1:]
+        else:
+            counts = [rng.randrange(1, 5000) for _ in range(rng.randrange(1, 30))]
+        pc = np.repeat(np.array(counts, dtype=np.int64), nr)
+        want = kernel_abi.work_items(kernel_abi.chunk_rounds(pc * bpp), pc, slots=slots)
+        assert np.array_equal(plan.items(counts), want), counts
