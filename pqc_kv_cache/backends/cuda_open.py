@@ -30,7 +30,7 @@ from ..audit.records import Op
 from ..envelope import TAG_SIZE
 from . import kernel_abi as _abi
 from .base import ChunkTable, DecryptStatus, RowsOpen
-from .cuda_staging import Packed
+from .cuda_staging import ALIGN
 
 __all__ = ["RowsOpenMixin"]
 
@@ -45,6 +45,11 @@ class _Opened:
 
     __slots__ = ("keys", "audit", "generation", "keep", "tpl", "ring", "res", "owner_ref", "nkeys", "rows",
                  "rows_list", "row_hi", "row_index", "aux", "bpp", "half_bpp", "row_args", "plan", "slots")
+
+
+def _room(nbytes: int) -> int:
+    """The bytes a part of ``nbytes`` takes in a staging region (parts start at multiples of ALIGN)."""
+    return (max(1, nbytes) + ALIGN - 1) // ALIGN * ALIGN
 
 
 def _int64(a, ndim: int) -> bool:
@@ -71,13 +76,19 @@ class RowsOpenMixin:
         items = st.plan.items(counts)
         n_items = items.shape[1]
         split = n_items != n
-        pk = Packed()
-        t_off = pk.add(table)
-        d_off = pk.add(desc) if desc is not None else None
-        i_off = pk.add(items) if split else None            # unsplit: item i = chunk i
-        p_off = pk.reserve(n_items * _abi.PARTIAL_SIZE) if split else None
-        c_off = pk.reserve(4 * n, zero=True) if split else None
-        prm_off = pk.reserve(_abi.ParamsTemplate.size)
+        # the region: table, row descriptors (audited), items and partials and zeroed counters (split), then the
+        # parameter record; laid out as a packed region lays them out, written in place, moved by one copy
+        t_bytes = table.nbytes
+        at = _room(t_bytes)
+        d_off = at if desc is not None else None
+        at += _room(desc.nbytes) if desc is not None else 0
+        i_off = at if split else None                       # unsplit: item i = chunk i
+        at += _room(items.nbytes) if split else 0
+        p_off = at if split else None
+        at += _room(n_items * _abi.PARTIAL_SIZE) if split else 0
+        c_off = at if split else None
+        at += _room(4 * n) if split else 0
+        prm_off = at
         it = k_out.element_size()
         ks, vs = k_out.stride(), v_out.stride()
         ring = st.ring
@@ -85,23 +96,28 @@ class RowsOpenMixin:
             tag = self._call_tag(audit.log if audit is not None else None, read.owner, st.owner_ref)
             res = contextlib.nullcontext(_UNAUDITED) if ring is None else ring.records_at(len(st.rows_list),
                                                                                            **st.res)
-            with res as (records_at, first_no), self._staging.region(pk) as g:
-                st.tpl.pack_into(g.host, prm_off, k=k_out.data_ptr(), k_sb=ks[0] * it, k_sh=ks[1] * it,
+            with res as (records_at, first_no), self._staging.staged(prm_off + _abi.ParamsTemplate.size) as g:
+                host, dev = g.host, g.dev_ptr
+                host[:t_bytes] = table.reshape(-1).view(np.uint8)
+                if desc is not None:
+                    host[d_off:d_off + desc.nbytes] = desc.reshape(-1).view(np.uint8)
+                if split:
+                    host[i_off:i_off + items.nbytes] = items.reshape(-1).view(np.uint8)
+                    host[c_off:c_off + 4 * n] = 0
+                st.tpl.pack_into(host, prm_off, k=k_out.data_ptr(), k_sb=ks[0] * it, k_sh=ks[1] * it,
                                  k_ss=ks[2] * it, v=v_out.data_ptr(), v_sb=vs[0] * it, v_sh=vs[1] * it,
-                                 v_ss=vs[2] * it, table=g.device_ptr(t_off), n=n,
-                                 items=0 if i_off is None else g.device_ptr(i_off), n_items=n_items,
-                                 status=status.data_ptr(), records=records_at, call_tag=tag,
-                                 partials=0 if p_off is None else g.device_ptr(p_off),
-                                 counters=0 if c_off is None else g.device_ptr(c_off))
-                self._upload_region(g)
+                                 v_ss=vs[2] * it, table=dev, n=n, items=0 if i_off is None else dev + i_off,
+                                 n_items=n_items, status=status.data_ptr(), records=records_at, call_tag=tag,
+                                 partials=0 if p_off is None else dev + p_off,
+                                 counters=0 if c_off is None else dev + c_off)
+                g.upload()
                 if ring is not None:
                     nrows = desc.shape[1]
                     self._launch(_ROW_RECORDS, (nrows + _ROW_RECORD_THREADS - 1) // _ROW_RECORD_THREADS,
-                                 _ROW_RECORD_THREADS, (np.uint64(st.keep[1].data_ptr()), np.uint64(g.device_ptr(d_off)),
+                                 _ROW_RECORD_THREADS, (np.uint64(st.keep[1].data_ptr()), np.uint64(dev + d_off),
                                                        np.int64(nrows), *st.row_args, np.uint64(records_at),
                                                        np.uint64(first_no)))
-                self._launch(_DECRYPT, min(n_items, st.slots), _abi.LANES,
-                             (np.uint64(g.device_ptr(prm_off)),))
+                self._launch(_DECRYPT, min(n_items, st.slots), _abi.LANES, (np.uint64(dev + prm_off),))
         return DecryptStatus(device=status)
 
     def _prepare_open(self, read: RowsOpen, keys, audit) -> _Opened | None:
