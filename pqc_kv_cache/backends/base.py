@@ -387,7 +387,8 @@ class RowsOpen:
         """Open chunk (s, r): row ``rows[r]`` of positions ``start[s] ..`` under key ``keys[key_idx[s, r]]`` and
         nonce ``counter[s, r]``, its ciphertext at ``offset[s, r]`` of the arena, into index ``start[s] - base``
         .. of ``k_out`` / ``v_out``; audited into ``audit``. ``start`` / ``count``: int64 [segments];
-        ``key_idx`` / ``counter`` / ``offset``: int64 [segments, rows]. Returns the status per chunk
+        ``counter`` / ``offset``: int64 [segments, rows]; ``key_idx``: int64 [segments, rows], or [rows] when
+        every segment uses the same key per row. Returns the status per chunk
         (segment-major, rows inner), as ``decrypt_chunks`` does."""
         return self._open_rows(self, keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
 
@@ -398,7 +399,9 @@ class RowsOpen:
         start = np.asarray(start, dtype=np.int64).reshape(-1)
         count = np.asarray(count, dtype=np.int64).reshape(-1)
         pos_start = np.repeat(start, nr)
-        return ChunkTable(np.asarray(key_idx, dtype=np.int64).reshape(-1), np.tile(rows, start.shape[0]), pos_start,
+        key_idx = np.asarray(key_idx, dtype=np.int64)
+        key_idx = np.tile(key_idx, start.shape[0]) if key_idx.ndim == 1 else key_idx.reshape(-1)
+        return ChunkTable(key_idx, np.tile(rows, start.shape[0]), pos_start,
                           np.repeat(count, nr), pos_start - base, np.asarray(counter, dtype=np.int64).reshape(-1),
                           np.asarray(offset, dtype=np.int64).reshape(-1))
 

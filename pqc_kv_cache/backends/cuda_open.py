@@ -64,24 +64,27 @@ class RowsOpenMixin:
         st = read.state
         if st is None or st.keys is not keys or st.audit is not audit or st.generation != self._keys.generation:
             st = read.state = self._prepare_open(read, keys, audit)
-        table = None if st is None else self._open_table(st, read, key_idx, start, count, counter, offset, base,
-                                                         k_out, v_out)
-        if table is None:
+        got = None if st is None else self._open_checks(st, read, key_idx, start, count, counter, offset, base,
+                                                        k_out, v_out)
+        if got is None:
             # the general path: the same bytes, statuses and records, and the error a bad value deserves
             return super().open_rows(read, keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
         self._refuse_capture()
-        table, desc, counts = table
-        n = table.shape[1]
+        counts, lo_start, hi_end, low_counter = got
+        ns, nr = len(counts), len(st.rows_list)
+        n = ns * nr
         status = torch.empty(n, dtype=torch.uint8, device=self.device)   # the kernel writes every chunk's
         items = st.plan.items(counts)
         n_items = items.shape[1]
         split = n_items != n
+        audited = st.ring is not None
         # the region: table, row descriptors (audited), items and partials and zeroed counters (split), then the
         # parameter record; laid out as a packed region lays them out, written in place, moved by one copy
-        t_bytes = table.nbytes
+        t_bytes = _abi.TABLE_COLS * n * 8
+        d_bytes = _abi.ROWDESC_COLS * nr * 8
         at = _room(t_bytes)
-        d_off = at if desc is not None else None
-        at += _room(desc.nbytes) if desc is not None else 0
+        d_off = at if audited else None
+        at += _room(d_bytes) if audited else 0
         i_off = at if split else None                       # unsplit: item i = chunk i
         at += _room(items.nbytes) if split else 0
         p_off = at if split else None
@@ -98,9 +101,26 @@ class RowsOpenMixin:
                                                                                            **st.res)
             with res as (records_at, first_no), self._staging.staged(prm_off + _abi.ParamsTemplate.size) as g:
                 host, dev = g.host, g.dev_ptr
-                host[:t_bytes] = table.reshape(-1).view(np.uint8)
-                if desc is not None:
-                    host[d_off:d_off + desc.nbytes] = desc.reshape(-1).view(np.uint8)
+                # the table, segment-major with rows inner (what the general path builds)
+                table = host[:t_bytes].view(np.int64).reshape(_abi.TABLE_COLS, ns, nr)
+                table[0] = key_idx
+                table[1] = st.rows
+                table[2] = start[:, None]
+                table[3] = count[:, None]
+                table[4] = (start - base)[:, None]
+                table[5] = counter
+                table[6] = offset
+                table[7] = st.aux
+                if audited:
+                    # the DECRYPT row descriptors (``base.decrypt_row_summary`` of a table whose every segment
+                    # lists the same ascending rows): the rows' span, lowest counter, first chunk's key, bytes read
+                    desc = host[d_off:d_off + d_bytes].view(np.int64).reshape(_abi.ROWDESC_COLS, nr)
+                    desc[0] = st.rows
+                    desc[1] = lo_start
+                    desc[2] = hi_end - lo_start
+                    desc[3] = low_counter
+                    desc[4] = key_idx if key_idx.ndim == 1 else key_idx[0]
+                    desc[5] = sum(counts) * st.bpp
                 if split:
                     host[i_off:i_off + items.nbytes] = items.reshape(-1).view(np.uint8)
                     host[c_off:c_off + 4 * n] = 0
@@ -111,11 +131,10 @@ class RowsOpenMixin:
                                  partials=0 if p_off is None else dev + p_off,
                                  counters=0 if c_off is None else dev + c_off)
                 g.upload()
-                if ring is not None:
-                    nrows = desc.shape[1]
-                    self._launch(_ROW_RECORDS, (nrows + _ROW_RECORD_THREADS - 1) // _ROW_RECORD_THREADS,
+                if audited:
+                    self._launch(_ROW_RECORDS, (nr + _ROW_RECORD_THREADS - 1) // _ROW_RECORD_THREADS,
                                  _ROW_RECORD_THREADS, (np.uint64(st.keep[1].data_ptr()), np.uint64(dev + d_off),
-                                                       np.int64(nrows), *st.row_args, np.uint64(records_at),
+                                                       np.int64(nr), *st.row_args, np.uint64(records_at),
                                                        np.uint64(first_no)))
                 self._launch(_DECRYPT, min(n_items, st.slots), _abi.LANES, (np.uint64(dev + prm_off),))
         return DecryptStatus(device=status)
@@ -165,16 +184,18 @@ class RowsOpenMixin:
         st.plan = SegmentPlan(st.slots, nr, st.bpp)
         return st
 
-    def _open_table(self, st: _Opened, read: RowsOpen, key_idx, start, count, counter, offset, base, k_out, v_out):
-        """(chunk table, row descriptors or None) of a call whose values pass every check ``decrypt_chunks``
-        makes of them; None otherwise (the general path then raises what it raises)."""
+    def _open_checks(self, st: _Opened, read: RowsOpen, key_idx, start, count, counter, offset, base, k_out,
+                     v_out):
+        """(position counts, lowest start, highest end, lowest counter per row or None) of a call whose values
+        pass every check ``decrypt_chunks`` makes of them (``kernel_abi.check_bounds`` and the K/V checks, at
+        the level of segments); None otherwise (the general path then raises what it raises)."""
         nr = len(st.rows_list)
         if not (_int64(start, 1) and _int64(count, 1) and _int64(counter, 2) and _int64(offset, 2)
-                and _int64(key_idx, 2) and type(base) is int):
+                and type(key_idx) is np.ndarray and key_idx.dtype == np.int64 and type(base) is int):
             return None
         ns = start.shape[0]
-        if ns == 0 or count.shape[0] != ns or counter.shape != (ns, nr) or offset.shape != (ns, nr) \
-                or key_idx.shape != (ns, nr):
+        if (ns == 0 or count.shape[0] != ns or counter.shape != (ns, nr) or offset.shape != (ns, nr)
+                or key_idx.shape not in ((nr,), (ns, nr))):
             return None
         layout = read.layout
         for t in (k_out, v_out):
@@ -186,46 +207,31 @@ class RowsOpenMixin:
                 return None
         starts, counts = start.tolist(), count.tolist()
         lo_start, lo_count, hi_count = min(starts), min(counts), max(counts)
-        hi_end = max(s + c for s, c in zip(starts, counts))
+        hi_end = max(map(int.__add__, starts, counts))
         if lo_count < 1 or lo_start < 0 or lo_start - base < 0:
             return None
         if hi_end - base > min(k_out.shape[2], v_out.shape[2]):
             return None
         if hi_count * st.half_bpp > 0xFFFFFFFF or hi_count * st.bpp > 16 * _abi.GCM_MAX_BLOCKS:
             return None
-        if int(key_idx.min()) < 0 or int(key_idx.max()) >= st.nkeys or int(counter.min()) < 0:
+        if key_idx.ndim == 1:
+            idx = key_idx.tolist()
+            lo_key, hi_key = min(idx), max(idx)
+        else:
+            lo_key, hi_key = int(key_idx.min()), int(key_idx.max())
+        if lo_key < 0 or hi_key >= st.nkeys:
+            return None
+        low_counter = counter.min(0) if st.ring is not None else None
+        if int(counter.min() if low_counter is None else low_counter.min()) < 0:
             return None
         numel = read.arena.numel()
-        row_hi_off = offset.max(1)
-        if int(offset.min()) < 0 or int(row_hi_off.max()) >= numel:
+        lo_off, hi_off = int(offset.min()), int(offset.max())
+        if lo_off < 0 or hi_off >= numel:
             return None
-        if int((row_hi_off + count * st.bpp).max()) + TAG_SIZE > numel:
-            return None
-        # the table, segment-major with rows inner (what the general path builds)
-        table = np.empty((_abi.TABLE_COLS, ns, nr), dtype=np.int64)
-        table[0] = key_idx
-        table[1] = st.rows
-        table[2] = start[:, None]
-        table[3] = count[:, None]
-        table[4] = (start - base)[:, None]
-        table[5] = counter
-        table[6] = offset
-        table[7] = st.aux
-        table = table.reshape(_abi.TABLE_COLS, ns * nr)
-        if st.ring is None:
-            return table, None, counts
-        # the DECRYPT row descriptors (``base.decrypt_row_summary`` of a table whose every segment lists the
-        # same ascending rows): the rows' span, lowest counter, first chunk's key and bytes read
-        desc = np.empty((_abi.ROWDESC_COLS, nr), dtype=np.int64)
-        desc[0] = st.rows
-        desc[1] = lo_start
-        desc[2] = hi_end - lo_start
-        desc[3] = counter.min(0)
-        desc[4] = key_idx[0]
-        desc[5] = sum(counts) * st.bpp
-        return table, desc, counts
-
-
+        if hi_off + hi_count * st.bpp + TAG_SIZE > numel:     # a bound first, exact per segment when over it
+            if int((offset.max(1) + count * st.bpp).max()) + TAG_SIZE > numel:
+                return None
+        return counts, lo_start, hi_end, low_counter
 
 class SegmentPlan:
     """The decrypt work items (``kernel_abi.work_items`` with ``slots``, no record limit) of tables whose every

@@ -430,11 +430,10 @@ class LayerContext:
         s0, e0 = slots[0], epoch[0]
         if slots.shape[0] == 1 or ((slots == s0).all() and (epoch == e0).all()):
             # every segment under the same key per row (no rotation in view): the row's key list, remembered
-            keys, idx, ctx = self._keys(s0, e0, audited=True)
-            key_idx = np.broadcast_to(idx, slots.shape)
+            keys, key_idx, ctx = self._keys(s0, e0, audited=True)
         else:
-            keys, idx, ctx = self._keys(slots.reshape(-1), epoch.reshape(-1), audited=True)
-            key_idx = idx.reshape(slots.shape)
+            keys, key_idx, ctx = self._keys(slots.reshape(-1), epoch.reshape(-1), audited=True)
+            key_idx = key_idx.reshape(slots.shape)
         try:
             status = read(keys, key_idx, ctx, start, count, counter, offset, base, k_out, v_out)
         except BaseException:
