@@ -240,18 +240,19 @@ class SegmentPlan:
     kept (a decode step's segments come back step after step), so a call joins kept blocks and numbers their
     chunks. The same items as ``work_items`` gives for the table's ``pos_count`` column, value for value."""
 
-    __slots__ = ("slots", "nr", "bpp", "min_rounds", "_blocks")
+    __slots__ = ("slots", "nr", "bpp", "min_rounds", "_blocks", "_rounds")
 
     def __init__(self, slots: int, nr: int, bpp: int, min_rounds: int = _abi.MIN_ITEM_ROUNDS):
         self.slots, self.nr, self.bpp, self.min_rounds = max(1, int(slots)), nr, bpp, min_rounds
         self._blocks: dict[tuple, tuple[np.ndarray, int]] = {}
+        self._rounds: dict[int, int] = {}
 
     def _cuts(self, counts: list) -> tuple[list, list]:
         """(rounds, (k_hi, q, k_lo)) per segment: rows ``< q`` cut into ``k_hi`` items, the others ``k_lo``
         (``kernel_abi._items_per_chunk`` over the chunks, segment-major, rows inner)."""
         nr, slots, mr = self.nr, self.slots, self.min_rounds
-        lanes = _abi.LANES
-        r = [(_abi.AAD_BLOCKS + (c * self.bpp + 15) // 16 + 1 + lanes - 1) // lanes for c in counts]
+        rounds = self._rounds
+        r = [rounds.get(c) or self._count_rounds(c) for c in counts]
         n = len(counts) * nr
         total = nr * sum(r)
         if n >= slots:
@@ -273,10 +274,21 @@ class SegmentPlan:
                     if left <= 0:
                         break
         cuts = []
+        mr = max(1, int(mr))
         for x, kk, q in zip(r, k, plus):
-            cap = max(1, x // max(1, int(mr)))
-            cuts.append((min(kk + 1, cap), q, min(kk, cap)) if q else (min(kk, cap), 0, min(kk, cap)))
+            cap = max(1, x // mr)
+            lo = kk if kk < cap else cap
+            cuts.append((min(kk + 1, cap), q, lo) if q else (lo, 0, lo))
         return r, cuts
+
+    def _count_rounds(self, count: int) -> int:
+        """``kernel_abi.chunk_rounds`` of a chunk of ``count`` positions (kept per count)."""
+        lanes = _abi.LANES
+        r = (_abi.AAD_BLOCKS + (count * self.bpp + 15) // 16 + 1 + lanes - 1) // lanes
+        if len(self._rounds) >= 4096:
+            self._rounds.clear()
+        self._rounds[count] = r
+        return r
 
     def _block(self, count: int, rounds: int, cut: tuple) -> tuple[np.ndarray, int]:
         """The items of one segment's chunks cut as ``cut`` says, numbered from chunk 0 and item 0 (read-only),

@@ -93,8 +93,9 @@ def _key_idx(s):
     return np.broadcast_to(KEY_IDX, (s, BATCH))
 
 
+@pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("tamper", [False, True])
-def test_the_prepared_read_gives_the_plaintext_status_and_records_of_decrypt_chunks(tamper):
+def test_the_prepared_read_gives_the_plaintext_status_and_records_of_decrypt_chunks(tamper, per_row):
     keys = _keys()
     arena, start, count, counter, offset, k_all, v_all = _store(keys)
     if tamper:          # segment 1 (one position), row 2
@@ -111,7 +112,7 @@ def test_the_prepared_read_gives_the_plaintext_status_and_records_of_decrypt_chu
             for i, (st, ct, ctr, off, base) in enumerate(_calls(start, count, counter, offset)):
                 seq = int(st[-1] + ct[-1]) - base
                 k_out, v_out = _out(seq)
-                args = (keys, _key_idx(st.shape[0]), ctx, st, ct, ctr, off, base, k_out, v_out)
+                args = (keys, KEY_IDX if per_row else _key_idx(st.shape[0]), ctx, st, ct, ctr, off, base, k_out, v_out)
                 uploads = be.twin_device.uploads
                 status = read(*args) if path == "prepared" else CryptoBackend.open_rows(be, read, *args)
                 if path == "prepared" and i:        # (the first call uploads the key set too)
@@ -250,7 +251,9 @@ def test_a_backend_registered_without_deriving_reads_rows_through_decrypt_chunks
     read = RowsOpen(be, LAYOUT, ROWS, torch.zeros(1), owner)
     counter = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
     read(_keys(), _key_idx(2), None, np.array([0, 4]), np.array([4, 1]), counter, counter * 100, 0, *_out(5))
-    ((t, who),) = be.calls
+    read(_keys(), KEY_IDX, None, np.array([0, 4]), np.array([4, 1]), counter, counter * 100, 0, *_out(5))
+    (t, who), (t1, _) = be.calls
+    assert all(np.array_equal(getattr(t, f), getattr(t1, f)) for f in ChunkTable.fields())
     assert who is owner
     assert t.row.tolist() == [0, 1, 2] * 2 and t.slot.tolist() == [0, 1, 1] * 2
     assert t.pos_start.tolist() == [0] * 3 + [4] * 3 and t.pos_count.tolist() == [4] * 3 + [1] * 3
