@@ -25,6 +25,10 @@ Hot path (``encrypt_chunks`` / ``decrypt_chunks``), per call only what changed:
   persistent pinned staging ring and moved by one asynchronous copy
   (``cuda_staging``); the parameter record's call-independent fields are set
   once per (layout, tensors) and patched (``kernel_abi.ParamsTemplate``);
+- a cache's update of every row goes through prepared calls that check once what
+  repeats: the row seal (``cuda_rows``) and the read of the layer's segments
+  (``cuda_open``: segment-level checks, table and row descriptors, a work plan
+  kept per segment's cut);
 - key schedules and slot metadata stay on the device per key set
   (``cuda_keys``): a key set's raw keys are written into a pinned staging
   buffer of that preparation's own and copied to the device on the current

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import weakref
 
 import numpy as np
@@ -43,7 +44,7 @@ _UNAUDITED = (0, 0)       # no record address, no first record number
 class _Opened:
     """What a prepared read keeps for one (key set, audit context)."""
 
-    __slots__ = ("keys", "audit", "generation", "keep", "tpl", "ring", "res", "owner_ref", "nkeys", "rows",
+    __slots__ = ("keys", "key_slots", "audit", "generation", "keep", "tpl", "ring", "res", "owner_ref", "nkeys", "rows",
                  "rows_list", "row_hi", "row_index", "aux", "bpp", "half_bpp", "row_args", "plan", "slots")
 
 
@@ -62,8 +63,9 @@ class RowsOpenMixin:
     def open_rows(self, read: RowsOpen, keys, key_idx, audit, start, count, counter, offset, base: int,
                   k_out: torch.Tensor, v_out: torch.Tensor) -> DecryptStatus:
         st = read.state
-        if st is None or st.keys is not keys or st.audit is not audit or st.generation != self._keys.generation:
-            st = read.state = self._prepare_open(read, keys, audit)
+        if (st is None or st.keys is not keys or st.audit is not audit or st.generation != self._keys.generation
+                or len(keys) != st.nkeys or not all(map(operator.is_, keys, st.key_slots))):
+            st = read.state = self._prepare_open(read, keys, audit)     # (a list changed in place: checked again)
         got = None if st is None else self._open_checks(st, read, key_idx, start, count, counter, offset, base,
                                                         k_out, v_out)
         if got is None:
@@ -161,6 +163,7 @@ class RowsOpenMixin:
         meta = self._meta(seen, keys, audit)
         st = _Opened()
         st.keys, st.audit, st.generation, st.owner_ref = keys, audit, generation, owner_ref
+        st.key_slots = tuple(keys)
         st.keep = (sched, meta)         # the parameter record and the row-record launch read them by address
         lf = self._layout_fields(layout)
         st.tpl = _abi.ParamsTemplate(sched=sched.data_ptr(), meta=meta.data_ptr(), arena=arena.data_ptr(),

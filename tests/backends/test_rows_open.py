@@ -341,3 +341,24 @@ def test_the_segment_plan_gives_the_work_items_of_the_general_plan(slots, nr, bp
         pc = np.repeat(np.array(counts, dtype=np.int64), nr)
         want = kernel_abi.work_items(kernel_abi.chunk_rounds(pc * bpp), pc, slots=slots)
         assert np.array_equal(plan.items(counts), want), counts
+
+
+def test_a_key_list_changed_in_place_is_checked_again():
+    """The read keeps what it checked of a key list; the same list object holding another key must not open
+    under the schedules of the old one (nor skip the check of a bad key)."""
+    keys = _keys()
+    arena, start, count, counter, offset, k_all, _ = _store(keys)
+    be = CpuTwinBackend()
+    owner = Owner()
+    read = be.rows_open(LAYOUT, ROWS, arena, owner)
+    held = list(keys)
+    read(held, _key_idx(2), None, start[:2], count[:2], counter[:2], offset[:2], 0, *_out(301))
+    held[1] = KeySlot(key=bytes(32), tenant_tag=keys[1].tenant_tag, session_tag=keys[1].session_tag,
+                      epoch=keys[1].epoch)      # not the key rows 1 and 2 were sealed under
+    status = read(held, _key_idx(2), None, start[:2], count[:2], counter[:2], offset[:2], 0, *_out(301))
+    assert status.device.view(2, BATCH).tolist() == [[0, 1, 1], [0, 1, 1]]
+    with pytest.raises(DecryptionError):
+        be.check(owner)
+    held[1] = KeySlot(key=b"short", tenant_tag=keys[1].tenant_tag, session_tag=keys[1].session_tag, epoch=4)
+    with pytest.raises(ValueError):
+        read(held, _key_idx(2), None, start[:2], count[:2], counter[:2], offset[:2], 0, *_out(301))
