@@ -184,7 +184,13 @@ class RowsOpenMixin:
         st.bpp = layout.bytes_per_position
         st.half_bpp = st.bpp // 2
         st.slots = self.launch_slots(_DECRYPT)
-        st.plan = SegmentPlan(st.slots, nr, st.bpp)
+        plans = self.__dict__.setdefault("_segment_plans", {})     # shared by the reads of every layer
+        key = (st.slots, nr, st.bpp)
+        st.plan = plans.get(key)
+        if st.plan is None:
+            if len(plans) >= 64:
+                plans.clear()
+            st.plan = plans[key] = SegmentPlan(st.slots, nr, st.bpp)
         return st
 
     def _open_checks(self, st: _Opened, read: RowsOpen, key_idx, start, count, counter, offset, base, k_out,
@@ -241,14 +247,16 @@ class SegmentPlan:
     segment holds one chunk per row, worked out per segment: how each segment's chunks are cut is decided
     over the segments (``kernel_abi._items_per_chunk``'s rule), and the items of a segment cut a given way are
     kept (a decode step's segments come back step after step), so a call joins kept blocks and numbers their
-    chunks. The same items as ``work_items`` gives for the table's ``pos_count`` column, value for value."""
+    chunks; the last call's items are kept whole (the backend shares a plan between the reads of every layer
+    of one shape, and a step's layers have the same segments). The same items as ``work_items`` gives for the table's ``pos_count`` column, value for value."""
 
-    __slots__ = ("slots", "nr", "bpp", "min_rounds", "_blocks", "_rounds")
+    __slots__ = ("slots", "nr", "bpp", "min_rounds", "_blocks", "_rounds", "_last")
 
     def __init__(self, slots: int, nr: int, bpp: int, min_rounds: int = _abi.MIN_ITEM_ROUNDS):
         self.slots, self.nr, self.bpp, self.min_rounds = max(1, int(slots)), nr, bpp, min_rounds
         self._blocks: dict[tuple, tuple[np.ndarray, int]] = {}
         self._rounds: dict[int, int] = {}
+        self._last: tuple = ((), None)          # the last call's counts and items (a step's other layers)
 
     def _cuts(self, counts: list) -> tuple[list, list]:
         """(rounds, (k_hi, q, k_lo)) per segment: rows ``< q`` cut into ``k_hi`` items, the others ``k_lo``
@@ -322,13 +330,20 @@ class SegmentPlan:
         return got
 
     def items(self, counts: list) -> np.ndarray:
-        """The work items of a call over segments of these position counts (int64 [ITEM_COLS, n_items])."""
+        """The work items of a call over segments of these position counts (int64 [ITEM_COLS, n_items],
+        read-only)."""
+        last = self._last
+        if last[0] == counts:
+            return last[1]
         rounds, cuts = self._cuts(counts)
         got = [self._block(c, r, cut) for c, r, cut in zip(counts, rounds, cuts)]
         if len(got) == 1:
+            self._last = (list(counts), got[0][0])
             return got[0][0]
         items = np.concatenate([b for b, _ in got], axis=1)
         sizes = np.array([n for _, n in got], dtype=np.int64)
         items[0] += np.repeat(np.arange(0, len(got) * self.nr, self.nr, dtype=np.int64), sizes)
         items[5] += np.repeat(np.cumsum(sizes) - sizes, sizes)
+        items.setflags(write=False)
+        self._last = (list(counts), items)
         return items

@@ -341,6 +341,7 @@ def test_the_segment_plan_gives_the_work_items_of_the_general_plan(slots, nr, bp
         pc = np.repeat(np.array(counts, dtype=np.int64), nr)
         want = kernel_abi.work_items(kernel_abi.chunk_rounds(pc * bpp), pc, slots=slots)
         assert np.array_equal(plan.items(counts), want), counts
+        assert np.array_equal(plan.items(list(counts)), want)       # the next layer of the same step
 
 
 def test_a_key_list_changed_in_place_is_checked_again():
