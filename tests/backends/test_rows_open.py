@@ -363,3 +363,25 @@ def test_a_key_list_changed_in_place_is_checked_again():
     held[1] = KeySlot(key=b"short", tenant_tag=keys[1].tenant_tag, session_tag=keys[1].session_tag, epoch=4)
     with pytest.raises(ValueError):
         read(held, _key_idx(2), None, start[:2], count[:2], counter[:2], offset[:2], 0, *_out(301))
+
+
+def test_more_rows_than_one_launch_records_take_the_general_path():
+    """A ring whose quarter holds fewer DECRYPT row records than the read has rows: the general path (row
+    groups of several launches) serves the read, with its records."""
+    keys = _keys()
+    arena, start, count, counter, offset, k_all, _ = _store(keys)
+    got = []
+    for path in ("prepared", "general"):
+        be = CpuTwinBackend()
+        log = TwinLog(ring_capacity=8)          # a quarter: 2 records per launch, 3 rows
+        try:
+            read = be.rows_open(LAYOUT, ROWS, arena, Owner())
+            k_out, v_out = _out(302)
+            args = (keys, KEY_IDX, _ctx(log), start[:3], count[:3], counter[:3], offset[:3], 0, k_out, v_out)
+            status = read(*args) if path == "prepared" else CryptoBackend.open_rows(be, read, *args)
+            assert read.state is None and not status.device.any()
+            assert torch.equal(k_out, k_all[:, :, :302])
+            got.append(_records(log))
+        finally:
+            log.close()
+    assert got[0] == got[1] and len(got[0]) == BATCH
