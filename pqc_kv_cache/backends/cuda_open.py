@@ -248,7 +248,8 @@ class SegmentPlan:
     over the segments (``kernel_abi._items_per_chunk``'s rule), and the items of a segment cut a given way are
     kept (a decode step's segments come back step after step), so a call joins kept blocks and numbers their
     chunks; the last call's items are kept whole (the backend shares a plan between the reads of every layer
-    of one shape, and a step's layers have the same segments). The same items as ``work_items`` gives for the table's ``pos_count`` column, value for value."""
+    of one shape, and a step's layers have the same segments). The same items as ``work_items`` gives for
+    the table's ``pos_count`` column, value for value."""
 
     __slots__ = ("slots", "nr", "bpp", "min_rounds", "_blocks", "_rounds", "_last")
 

@@ -18,7 +18,8 @@ import torch
 
 from ..audit.records import Op, Status
 from ..backends import select_backend
-from ..backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, RowsOpen, RowsSeal
+from ..backends.base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, RowsOpen,
+                             RowsSeal)
 from ..envelope import session_tag, tenant_tag
 from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
