@@ -14,7 +14,8 @@ What is not prepared this way goes through ``decrypt_chunks`` unchanged (the sam
 records): a call whose values fail a check (so that it raises the same error), rows not strictly ascending,
 more rows than one launch's record reservation holds, inputs that are not int64 numpy arrays of the
 expected shapes. A prepared read holds the key set's schedules and slot metadata by address: it is
-prepared again when the key store has zeroed any schedule since (``KeyStore.generation``).
+prepared again when the key store has zeroed any schedule since (``KeyStore.generation``), and when the
+key list, audit context or any key slot in the list is another than the one it was prepared for.
 """
 
 from __future__ import annotations
@@ -241,6 +242,7 @@ class RowsOpenMixin:
             if int((offset.max(1) + count * st.bpp).max()) + TAG_SIZE > numel:
                 return None
         return counts, lo_start, hi_end, low_counter
+
 
 class SegmentPlan:
     """The decrypt work items (``kernel_abi.work_items`` with ``slots``, no record limit) of tables whose every
