@@ -63,6 +63,7 @@ class RowsOpenMixin:
 
     def open_rows(self, read: RowsOpen, keys, key_idx, audit, start, count, counter, offset, base: int,
                   k_out: torch.Tensor, v_out: torch.Tensor) -> DecryptStatus:
+        self._refuse_capture()      # first, as decrypt_chunks: nothing (not even a key set) enqueued into a capture
         st = read.state
         if (st is None or st.keys is not keys or st.audit is not audit or st.generation != self._keys.generation
                 or len(keys) != st.nkeys or not all(map(operator.is_, keys, st.key_slots))):
@@ -72,7 +73,6 @@ class RowsOpenMixin:
         if got is None:
             # the general path: the same bytes, statuses and records, and the error a bad value deserves
             return super().open_rows(read, keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
-        self._refuse_capture()
         counts, lo_start, hi_end, low_counter = got
         ns, nr = len(counts), len(st.rows_list)
         n = ns * nr

@@ -385,3 +385,21 @@ def test_more_rows_than_one_launch_records_take_the_general_path():
         finally:
             log.close()
     assert got[0] == got[1] and len(got[0]) == BATCH
+
+
+def test_a_read_under_graph_capture_is_refused_before_anything_is_enqueued(monkeypatch):
+    """As decrypt_chunks: refused first, before a key set is prepared (no key upload, no launch captured)."""
+    from pqc_kv_cache.errors import BackendUnavailableError
+
+    keys = _keys()
+    arena, start, count, counter, offset, _, _ = _store(keys)
+    be = CpuTwinBackend()
+    read = be.rows_open(LAYOUT, ROWS, arena, Owner())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    uploads, launches = be.twin_device.uploads, len(be.launches)
+    with pytest.raises(BackendUnavailableError, match="graph"):
+        read(keys, KEY_IDX, None, start[:2], count[:2], counter[:2], offset[:2], 0, *_out(301))
+    assert be.twin_device.uploads == uploads and len(be.launches) == launches
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    k_out, v_out = _out(301)
+    assert not read(keys, KEY_IDX, None, start[:2], count[:2], counter[:2], offset[:2], 0, k_out, v_out).device.any()
