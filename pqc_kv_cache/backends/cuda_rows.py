@@ -68,6 +68,7 @@ class RowsSealMixin:
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
                   stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
+        self._refuse_capture()      # first, as encrypt_chunks: nothing (not even a key set) enqueued into a capture
         prep = seal.state
         if (prep is None or prep.pos_count != pos_count or prep.stride != stride or k_src.shape != prep.k_shape
                 or v_src.shape != prep.v_shape or prep.generation != self._keys.generation):
@@ -78,7 +79,6 @@ class RowsSealMixin:
                 or not self._rows_call_ok(prep, pos_start, ints, offset, k_src, v_src)):
             # the general path: the same bytes and records, and the error a bad value deserves
             return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
-        self._refuse_capture()
         n = prep.n
         values = prep.values.copy()
         values[prep.pos] = [pos_start] * n

@@ -194,3 +194,21 @@ def test_a_backend_registered_without_deriving_seals_rows_through_encrypt_chunks
     (t,) = be.calls
     assert t.pos_start.tolist() == [7, 7, 7] and t.counter.tolist() == [4, 5, 6]
     assert t.offset.tolist() == [100, 100 + SIZE, 100 + 2 * SIZE] and t.slot.tolist() == [0, 1, 1]
+
+
+def test_a_seal_under_graph_capture_is_refused_before_anything_is_enqueued(monkeypatch):
+    """As encrypt_chunks: refused first, before the seal's first call prepares its key set (no key upload and
+    no key-preparation launch captured into the graph)."""
+    from pqc_kv_cache.errors import BackendUnavailableError
+
+    be = CpuTwinBackend()
+    arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+    seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena)
+    pos, ctr, off, k, v = _steps()[0]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(BackendUnavailableError, match="graph"):
+        seal(pos, 1, ctr, off, SIZE, k, v)
+    assert be.twin_device.uploads == 0 and be.launches == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    seal(pos, 1, ctr, off, SIZE, k, v)
+    assert arena.any()
