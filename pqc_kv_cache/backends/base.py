@@ -54,7 +54,7 @@ if TYPE_CHECKING:   # annotations only: a backend writes records, it does not im
 IndexArray = Union[np.ndarray, torch.Tensor]
 
 __all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "DecryptStatus", "CryptoBackend", "RowsSeal",
-           "RowSummary", "decrypt_row_summary"]
+           "RowsOpen", "RowSummary", "decrypt_row_summary"]
 
 
 @dataclass(frozen=True)
@@ -367,8 +367,78 @@ class RowsSeal:
                           offset + np.arange(n, dtype=np.int64) * stride)
 
 
+class RowsOpen:
+    """A read prepared for repeated calls over every row of a layer: a call opens segments (position ranges
+    ``start[s] .. start[s] + count[s]``, one chunk per row of ``rows`` each) into ``k_out`` / ``v_out`` from
+    position ``base`` on, from ``arena``, the failures of the call owned by ``owner``. What a cache's read of
+    its layer does step after step, where from one step to the next most segments stay as they were.
+
+    Made by :meth:`CryptoBackend.rows_open`; a call is :meth:`CryptoBackend.open_rows` with the same
+    contract, checks, bytes and records as ``decrypt_chunks`` over the table it describes (``table``).
+    ``state`` is what the backend keeps between calls (nothing for a host backend). A caller keeps one while
+    ``matches`` holds and makes a new one otherwise."""
+
+    __slots__ = ("backend", "layout", "rows", "_arena", "owner", "state", "_open_rows")
+
+    def __init__(self, backend: "CryptoBackend", layout: ChunkLayout, rows: np.ndarray, arena: torch.Tensor,
+                 owner: object = None):
+        self.backend, self.layout, self.rows, self.owner = backend, layout, _frozen(rows), owner
+        # the arena is held weakly: a read kept from step to step must not keep a replaced arena allocated
+        self._arena = weakref.ref(arena)
+        self.state = None
+        # a backend registered as a CryptoBackend without deriving from it has only the abstract methods
+        impl = getattr(backend, "open_rows", None)
+        self._open_rows = impl if impl is not None else functools.partial(CryptoBackend.open_rows, backend)
+
+    @property
+    def arena(self) -> torch.Tensor | None:
+        """The arena this read opens from (None once nothing else holds it: the read is then refused)."""
+        return self._arena()
+
+    def matches(self, layout: ChunkLayout, rows: np.ndarray, arena: torch.Tensor, owner: object) -> bool:
+        return layout is self.layout and rows is self.rows and arena is self._arena() and owner is self.owner
+
+    def __call__(self, keys: Sequence[KeySlot], key_idx: np.ndarray, audit: AuditContext | None, start: np.ndarray,
+                 count: np.ndarray, counter: np.ndarray, offset: np.ndarray, base: int, k_out: torch.Tensor,
+                 v_out: torch.Tensor) -> DecryptStatus:
+        """Open chunk (s, r): row ``rows[r]`` of positions ``start[s] ..`` under key ``keys[key_idx[s, r]]`` and
+        nonce ``counter[s, r]``, its ciphertext at ``offset[s, r]`` of the arena, into index ``start[s] - base``
+        .. of ``k_out`` / ``v_out``; audited into ``audit``. ``start`` / ``count``: int64 [segments];
+        ``counter`` / ``offset``: int64 [segments, rows]; ``key_idx``: int64 [segments, rows], or [rows] when
+        every segment uses the same key per row. Returns the status per chunk
+        (segment-major, rows inner), as ``decrypt_chunks`` does."""
+        if self._arena() is None:
+            raise ValueError("the arena this read was made for is gone: make a new read")
+        return self._open_rows(self, keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
+
+    def table(self, key_idx, start, count, counter, offset, base: int) -> ChunkTable:
+        """The chunk table one call describes (segment-major, rows inner)."""
+        rows = self.rows
+        nr = rows.shape[0]
+        start = np.asarray(start, dtype=np.int64).reshape(-1)
+        count = np.asarray(count, dtype=np.int64).reshape(-1)
+        pos_start = np.repeat(start, nr)
+        key_idx = np.asarray(key_idx, dtype=np.int64)
+        key_idx = np.tile(key_idx, start.shape[0]) if key_idx.ndim == 1 else key_idx.reshape(-1)
+        return ChunkTable(key_idx, np.tile(rows, start.shape[0]), pos_start,
+                          np.repeat(count, nr), pos_start - base, np.asarray(counter, dtype=np.int64).reshape(-1),
+                          np.asarray(offset, dtype=np.int64).reshape(-1))
+
+
 class CryptoBackend(abc.ABC):
     """Seal and open batches of chunks; the same contract on every device."""
+
+    def rows_open(self, layout: ChunkLayout, rows: np.ndarray, arena: torch.Tensor, owner: object = None) -> RowsOpen:
+        """A :class:`RowsOpen` over these rows and arena (nothing is checked or opened yet)."""
+        return RowsOpen(self, layout, rows, arena, owner)
+
+    def open_rows(self, read: RowsOpen, keys: Sequence[KeySlot], key_idx: np.ndarray, audit: AuditContext | None,
+                  start: np.ndarray, count: np.ndarray, counter: np.ndarray, offset: np.ndarray, base: int,
+                  k_out: torch.Tensor, v_out: torch.Tensor) -> DecryptStatus:
+        """One call of ``read`` (see :class:`RowsOpen`): ``decrypt_chunks`` over the table it describes; a
+        backend with per-call costs to spare overrides it."""
+        return self.decrypt_chunks(keys, read.layout, read.table(key_idx, start, count, counter, offset, base),
+                                   read.arena, k_out, v_out, audit, owner=read.owner)
 
     def rows_seal(self, keys: Sequence[KeySlot], layout: ChunkLayout, key_idx: np.ndarray, rows: np.ndarray,
                   arena: torch.Tensor, audit: AuditContext | None = None) -> RowsSeal:

@@ -25,6 +25,10 @@ Hot path (``encrypt_chunks`` / ``decrypt_chunks``), per call only what changed:
   persistent pinned staging ring and moved by one asynchronous copy
   (``cuda_staging``); the parameter record's call-independent fields are set
   once per (layout, tensors) and patched (``kernel_abi.ParamsTemplate``);
+- a cache's update of every row goes through prepared calls that check once what
+  repeats: the row seal (``cuda_rows``) and the read of the layer's segments
+  (``cuda_open``: segment-level checks, table and row descriptors, a work plan
+  kept per segment's cut);
 - key schedules and slot metadata stay on the device per key set
   (``cuda_keys``): a key set's raw keys are written into a pinned staging
   buffer of that preparation's own and copied to the device on the current
@@ -100,6 +104,7 @@ from .cuda_device import CudaDevice, DeviceProps, stream_capturing
 from .cuda_failures import FailureBook
 from .cuda_keys import KeyStore
 from .cuda_staging import Packed, StagingRing
+from .cuda_open import RowsOpenMixin
 from .cuda_rows import RowsSealMixin
 from .cuda_static import StaticSealMixin
 from .kernel_abi import kernel_source
@@ -126,7 +131,7 @@ def _u64(x: int) -> np.uint64:
     return np.uint64(x)
 
 
-class CudaBackend(RowsSealMixin, StaticSealMixin, CryptoBackend):
+class CudaBackend(RowsSealMixin, RowsOpenMixin, StaticSealMixin, CryptoBackend):
     """AES-256-GCM over KV chunks on one CUDA device (see the module docstring); ``seal_static``: a static
     cache's layer step with its state on the device (``cuda_static``)."""
 

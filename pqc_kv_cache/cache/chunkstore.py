@@ -300,8 +300,19 @@ class ChunkStore:
         base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
         k_out, v_out = self._ctx.scratch.views(self._batch, self._end - base, self.num_heads, self.head_dim,
                                                self.dtype, self.device)
-        status = self._open(np.arange(i0, self.num_segments), self._all_rows(), k_out, v_out, base)
+        status = self._open_all(i0, k_out, v_out, base)
         return k_out, v_out, base, status
+
+    def _open_all(self, i0: int, k_out, v_out, base: int):
+        """``_open`` of segments ``i0..`` × every row, through the layer's prepared read, which the context
+        keeps from step to step while the arena stays the same (most segments are those it opened last)."""
+        t = self.table
+        rows = self._all_rows()
+        if i0 >= t.num_segments or rows.size == 0:
+            return None
+        read = self._ctx.rows_open(self.layer_idx, self._backend, self._layout, rows, self.arena.buffer)
+        return self._ctx.decrypt_rows(read, t.session_slot[i0:], t.epoch[i0:], t.start[i0:], t.count[i0:],
+                                      t.counter[i0:], t.offset[i0:], base, k_out, v_out)
 
     def _check_covered(self, i0: int, view_start: int) -> None:
         """Refuse a read whose positions ``view_start``.. ``_end`` are not all covered by chunks, in order:

@@ -18,7 +18,8 @@ import torch
 
 from ..audit.records import Op, Status
 from ..backends import select_backend
-from ..backends.base import AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, RowsSeal
+from ..backends.base import (AuditContext, ChunkLayout, ChunkTable, CryptoBackend, DecryptStatus, KeySlot, RowsOpen,
+                             RowsSeal)
 from ..envelope import session_tag, tenant_tag
 from ..errors import DecryptionError, TenantIsolationError
 from ..session import TenantSession
@@ -199,6 +200,7 @@ class LayerContext:
         self._group_memo: dict[bytes, list] = {}     # see _groups
         self._keys_memo: dict[bytes, list] = {}      # see _keys
         self._seals: dict[int, tuple] = {}           # see rows_seal
+        self._opens: dict[int, RowsOpen] = {}        # see rows_open
         self.closed = False
         self.rotation_policy: Callable[[], None] = lambda: None
 
@@ -312,13 +314,15 @@ class LayerContext:
         if gone:
             self._keys_memo.clear()     # their key lists name forgotten key slots
             self._seals.clear()         # and so may the prepared seals
+            self._opens.clear()         # and reads (which keep the key list they were last called with)
         return bool(gone)
 
     def forget_backend_keys(self) -> None:
         """Let a backend that caches key schedules (the CUDA backend keeps them on the device) drop them,
         so retired or closed keys do not outlive their session's erasure; the prepared seals, which hold key
-        slots, go too."""
+        slots, go too, and the prepared reads."""
         self._seals.clear()
+        self._opens.clear()
         if self.backend is not None:
             self.backend.forget_keys()
 
@@ -415,6 +419,43 @@ class LayerContext:
         if not status.deferred:
             self._raise_failed(layout.layer_idx, status.host, pos_start, pos_count, columns["session_slot"],
                                (k_out, v_out))
+        return status
+
+    def rows_open(self, layer_idx: int, backend: CryptoBackend, layout: ChunkLayout, rows: np.ndarray,
+                  arena: torch.Tensor) -> RowsOpen:
+        """The backend's prepared read of every row ``rows`` of layer ``layer_idx`` from ``arena`` (its failures
+        owned by this context): the one that layer used last while it applies. Kept here, not by the layer,
+        so that forgetting key slots drops every read holding them."""
+        held = self._opens.get(layer_idx)
+        if held is not None and held.backend is backend and held.matches(layout, rows, arena, self):
+            return held
+        make = getattr(backend, "rows_open", None)      # None: registered as a CryptoBackend, not derived
+        read = make(layout, rows, arena, self) if make is not None else RowsOpen(backend, layout, rows, arena, self)
+        self._opens[layer_idx] = read
+        return read
+
+    def decrypt_rows(self, read: RowsOpen, slots: np.ndarray, epoch: np.ndarray, start: np.ndarray,
+                     count: np.ndarray, counter: np.ndarray, offset: np.ndarray, base: int, k_out: torch.Tensor,
+                     v_out: torch.Tensor) -> DecryptStatus:
+        """``decrypt`` of segments × every row through the prepared ``read`` (``slots``, ``epoch``, ``counter``,
+        ``offset``: the chunk table's ``[segments, rows]`` columns; ``start`` / ``count``: the segments')."""
+        s0, e0 = slots[0], epoch[0]
+        if slots.shape[0] == 1 or ((slots == s0).all() and (epoch == e0).all()):
+            # every segment under the same key per row (no rotation in view): the row's key list, remembered
+            keys, key_idx, ctx = self._keys(s0, e0, audited=True)
+        else:
+            keys, key_idx, ctx = self._keys(slots.reshape(-1), epoch.reshape(-1), audited=True)
+            key_idx = key_idx.reshape(slots.shape)
+        try:
+            status = read(keys, key_idx, ctx, start, count, counter, offset, base, k_out, v_out)
+        except BaseException:
+            zero(k_out)         # whatever was opened before the failure is not left behind
+            zero(v_out)
+            raise
+        if not status.deferred and status.host.any():
+            nr = slots.shape[1]
+            self._raise_failed(read.layout.layer_idx, status.host, np.repeat(start, nr), np.repeat(count, nr),
+                               slots.reshape(-1), (k_out, v_out))
         return status
 
     def _raise_failed(self, layer_idx: int, status: np.ndarray, pos_start, pos_count, slots, outs) -> None:

@@ -88,16 +88,21 @@ def test_a_refused_update_leaves_no_read_record_and_no_plaintext(clock):
         log.close()
 
 
-def test_no_prepared_seal_keeps_an_erased_key_or_a_replaced_arena():
-    """The prepared seals a cache keeps between updates hold key slots (raw keys) and arenas: a closed
-    session's and a retired epoch's keys must not outlive their erasure, nor a compacted-away arena its use."""
+@pytest.mark.parametrize("backend", ["host", "twin"])
+@pytest.mark.parametrize("mode", ["working_set", "sealed"])
+def test_no_prepared_seal_or_read_keeps_an_erased_key_or_a_replaced_arena(mode, backend):
+    """The prepared seals (and, sealed, reads) a cache keeps between updates hold key slots (raw keys) and
+    arenas: a closed session's and a retired epoch's keys must not outlive their erasure, nor a
+    compacted-away arena its use."""
     import gc
     import weakref
 
     from pqc_kv_cache.backends.base import KeySlot
     alice, bob = (establish_tenant_session(TenantIdentity(t), ttl_seconds=3600) for t in ("alice", "bob"))
-    cache = EncryptedCache(tiny_model("llama").config, sessions=[alice, bob], backend=HostBackend(threads=1),
-                           mode="working_set", merge_segments=False)
+    from support.twin import CpuTwinBackend
+    be = HostBackend(threads=1) if backend == "host" else CpuTwinBackend()
+    cache = EncryptedCache(tiny_model("llama").config, sessions=[alice, bob], backend=be, mode=mode,
+                           merge_segments=False)
     for step, n in enumerate([4, 1, 1]):
         for layer in range(2):
             cache.update(*kv(2, n, seed=step), layer)
