@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from support.devices import has_cuda
 from support.twin import CpuTwinBackend, TwinLog
 
 from pqc_kv_cache.backends import kernel_shim
@@ -404,3 +405,46 @@ def test_a_read_under_graph_capture_is_refused_before_anything_is_enqueued(monke
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     k_out, v_out = _out(301)
     assert not read(keys, KEY_IDX, None, start[:2], count[:2], counter[:2], offset[:2], 0, k_out, v_out).device.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device and CuPy")
+def test_on_a_gpu_the_prepared_read_gives_the_plaintext_without_a_host_sync():
+    """Unverified here (no GPU on the machine it was written on): the prepared read on a real device against
+    what was sealed, audited, its calls after the first (which prepares) made under sync-debug 'error'."""
+    from pqc_kv_cache.audit import KVAuditLog
+    from pqc_kv_cache.backends.cuda import CudaBackend
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    keys = _keys()
+    arena, start, count, counter, offset, k_all, v_all = _store(keys)
+    arena = arena.to(dev)
+    owner = Owner()
+    log = KVAuditLog()
+    try:
+        ctx = _ctx(log)
+        read = be.rows_open(LAYOUT, ROWS, arena, owner)
+        calls = _calls(start, count, counter, offset)
+        outs = []
+        for i, (st, ct, ctr, off, base) in enumerate(calls):
+            k_out, v_out = (t.to(dev) for t in _out(int(st[-1] + ct[-1]) - base))
+            if i == 1:
+                torch.cuda.synchronize(dev)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                read(keys, _key_idx(len(st)), ctx, st, ct, ctr, off, base, k_out, v_out)
+            finally:
+                if i == len(calls) - 1:
+                    torch.cuda.set_sync_debug_mode("default")
+            outs.append((base, k_out, v_out))
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(dev)
+        be.check(owner)
+        for (st, ct, _, _, _), (base, k_out, v_out) in zip(calls, outs, strict=True):
+            end = int(st[-1] + ct[-1])
+            assert torch.equal(k_out.cpu(), k_all[:, :, base:end]) and torch.equal(v_out.cpu(), v_all[:, :, base:end])
+        decrypts = [r for r in _records(log) if r[0] == "decrypt"]
+        assert len(decrypts) == len(calls) * BATCH and all(r[-1] == 0 for r in decrypts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        log.close()
