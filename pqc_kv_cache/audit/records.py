@@ -103,8 +103,11 @@ def op_from_name(name: "str | Op") -> Op:
 
 _VALID_OP_TABLE = np.zeros(256, dtype=np.bool_)
 _VALID_OP_TABLE[[int(o) for o in Op]] = True
+_VALID_OP_BYTES = bytes(int(o) for o in Op)
 
 
 def valid_ops(ops: np.ndarray) -> bool:
     """Whether every entry of ``ops`` (the ``op`` field of a record batch, uint8) names an operation."""
+    if ops.dtype == np.uint8:   # what is left once every valid byte is deleted (C speed: on every decode step)
+        return not ops.tobytes().translate(None, _VALID_OP_BYTES)
     return bool(_VALID_OP_TABLE[ops].all())

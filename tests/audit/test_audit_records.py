@@ -91,3 +91,19 @@ def test_host_ring_packs_every_field_where_the_dtype_reads_it():
         assert int(rec["host_ts_ns"]) == 0x1234_5678_9ABC
         for name, v in zip(VALUE_FIELDS, values):
             assert int(rec[name]) == v, name
+
+
+def test_valid_ops_names_every_operation_and_nothing_else():
+    """The byte-level check (uint8, what a record batch's ``op`` field is) and the table (other dtypes) agree
+    for every value, in a strided field view as in a contiguous array."""
+    from pqc_kv_cache.audit.records import RECORD_DTYPE, Op, valid_ops
+    known = {int(o) for o in Op}
+    recs = np.zeros(4, dtype=RECORD_DTYPE)
+    for value in range(256):
+        recs["op"] = int(Op.READ)
+        recs["op"][2] = value
+        want = value in known
+        assert valid_ops(recs["op"]) is want
+        assert valid_ops(np.array([value], dtype=np.uint8)) is want
+        assert valid_ops(np.array([int(Op.ENCRYPT), value], dtype=np.int64)) is want
+    assert valid_ops(np.zeros(0, dtype=np.uint8)) is True
