@@ -7,6 +7,10 @@ batch row) for four variants — sealed and working set, audit off and on — an
 
 Shape (default): a Llama-8B-shaped layer (8 KV heads x 128, bf16), batch 8 (one tenant session per
 row), a context of ``--context`` positions (4096) sealed by a prefill before the timed steps.
+``--layers N`` (default 1) times a decode step of N such layers, one update per layer as a model makes
+them, and reports the step's time divided by N: what is prepared once per step and shared by the
+layers of one shape (the sealed read's work plan) is then paid once per step, as in a model, where one
+layer updated over and over pays it at every update.
 
 - On a CPU (no CUDA device, or ``--twin``): the CUDA backend's CPU twin (``tests/support/twin.py``:
   ``CudaBackend``'s own host code) with kernel work skipped (``execute=False``), so the time is the
@@ -23,8 +27,8 @@ repeat to repeat; a repeat's figure is the median over its steps; the table give
 over ``--repeats`` and each variant's per-repeat ratio to DynamicCache. torch runs one thread
 (``--threads``). Prints a markdown table and writes JSON (``--out``).
 
-    python benchmarks/host_overhead.py [--context 4096] [--batch 8] [--steps 30] [--repeats 5]
-                                       [--twin] [--smoke] [--out bench-results/host_overhead.json]
+    python benchmarks/host_overhead.py [--context 4096] [--batch 8] [--layers 1] [--steps 30]
+                                       [--repeats 5] [--twin] [--smoke] [--out bench-results/host_overhead.json]
 """
 
 from __future__ import annotations
@@ -59,10 +63,10 @@ def spread(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def layer_config(kv_heads: int, head_dim: int) -> LlamaConfig:
-    """One Llama layer of the given KV shape (the host cost is per layer; 4 query heads per KV head)."""
+def layer_config(kv_heads: int, head_dim: int, layers: int = 1) -> LlamaConfig:
+    """Llama layers of the given KV shape (the host cost is per layer; 4 query heads per KV head)."""
     return LlamaConfig(vocab_size=128, hidden_size=4 * kv_heads * head_dim, intermediate_size=256,
-                       num_hidden_layers=1, num_attention_heads=4 * kv_heads, num_key_value_heads=kv_heads,
+                       num_hidden_layers=layers, num_attention_heads=4 * kv_heads, num_key_value_heads=kv_heads,
                        head_dim=head_dim, max_position_embeddings=1 << 16)
 
 
@@ -74,6 +78,7 @@ class Variant:
         self.device = device
         self.gpu = gpu
         self.log = None
+        self.layers = args.layers
         shape = (args.batch, args.kv_heads, 1, args.head_dim)
         g = torch.Generator().manual_seed(1)
         self.new = [(torch.randn(shape, generator=g).to(torch.bfloat16).to(device),
@@ -84,7 +89,8 @@ class Variant:
             # on a CPU the layer is cropped back to one position after every update (host work only)
             self.crop = not gpu
             ctx = 1 if self.crop else ctx
-            self.cache.update(*self._prefill(args, ctx, device), 0)
+            for layer in range(self.layers):
+                self.cache.update(*self._prefill(args, ctx, device), layer)
             return
         self.crop = False
         mode = "sealed" if name.startswith("sealed") else "working_set"
@@ -94,9 +100,10 @@ class Variant:
             else:
                 from support.twin import TwinLog
                 self.log = TwinLog()
-        self.cache = EncryptedCache(layer_config(args.kv_heads, args.head_dim), sessions=sessions,
+        self.cache = EncryptedCache(layer_config(args.kv_heads, args.head_dim, args.layers), sessions=sessions,
                                     backend=backend_factory(), audit=self.log, mode=mode)
-        self.cache.update(*self._prefill(args, ctx, device), 0)
+        for layer in range(self.layers):
+            self.cache.update(*self._prefill(args, ctx, device), layer)
         if gpu:
             torch.cuda.synchronize(device)
 
@@ -106,19 +113,22 @@ class Variant:
         return t, t
 
     def step(self, i: int) -> tuple[float, float | None]:
-        """One decode update: (host milliseconds of the call, GPU milliseconds of its work or None)."""
+        """One decode step, an update per layer: (host milliseconds of the calls, GPU milliseconds of their
+        work or None), each per layer update (the step's time divided by the number of layers)."""
         k, v = self.new[i % len(self.new)]
         if self.gpu:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
+        update, layers = self.cache.update, self.layers
         t0 = time.perf_counter_ns()
-        self.cache.update(k, v, 0)
-        host = (time.perf_counter_ns() - t0) / 1e6
+        for layer in range(layers):
+            update(k, v, layer)
+        host = (time.perf_counter_ns() - t0) / 1e6 / layers
         gpu_ms = None
         if self.gpu:
             b.record()
             b.synchronize()
-            gpu_ms = a.elapsed_time(b)
+            gpu_ms = a.elapsed_time(b) / layers
         if self.crop:
             self.cache.crop(-1)
         return host, gpu_ms
@@ -154,7 +164,8 @@ def run(args) -> dict:
             return CpuTwinBackend(fake_device(132, 4), execute=False, record=False)
         backend_name = "CPU twin of CudaBackend, kernel work skipped"
     sessions = [establish_tenant_session(TenantIdentity(f"tenant-{i}"), ttl_seconds=3600) for i in range(args.batch)]
-    print(f"host_overhead: preparing {len(VARIANTS)} variants ({args.context} positions x batch {args.batch})",
+    print(f"host_overhead: preparing {len(VARIANTS)} variants ({args.layers} layer(s) x {args.context} positions x "
+          f"batch {args.batch})",
           file=sys.stderr)
     variants = {name: Variant(name, device, args, backend_factory, sessions, gpu) for name in VARIANTS}
     host = {name: [] for name in VARIANTS}
@@ -186,7 +197,7 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",
         "backend": backend_name, "smoke": args.smoke,
         "shape": {"kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": "bfloat16", "batch": args.batch,
-                  "context": args.context, "new_positions_per_row": 1},
+                  "context": args.context, "layers": args.layers, "new_positions_per_row": 1},
         "steps": args.steps, "repeats": args.repeats,
         "host_ms_per_layer_update": {n: spread(host[n]) for n in VARIANTS},
         "ratio_to_dynamic": {n: spread([a / b for a, b in zip(host[n], host["dynamic"])]) for n in VARIANTS},
@@ -198,8 +209,10 @@ def run(args) -> dict:
 
 def markdown(res: dict) -> str:
     s = res["shape"]
+    per = ("one layer updated each step" if s.get("layers", 1) == 1
+           else f"a step of {s['layers']} layers, its time divided by {s['layers']}")
     lines = [f"Host work per layer update: {s['kv_heads']} KV heads x {s['head_dim']} {s['dtype']}, batch {s['batch']},"
-             f" {s['context']}-position context, one new position per row; {res['backend']}; {res['cpu']}, "
+             f" {s['context']}-position context, one new position per row, {per}; {res['backend']}; {res['cpu']}, "
              f"{res['threads']} torch thread(s); {res['repeats']} repeats x {res['steps']} steps"
              + (" · **smoke run (tiny shapes)**" if res["smoke"] else ""), "",
              "| variant | host ms per update (median [min, max] of repeats) | ratio to DynamicCache |"
@@ -223,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=1, help="layers updated per decode step (times divided by it)")
     ap.add_argument("--steps", type=int, default=30, help="timed updates per variant per repeat")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -232,7 +246,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.context, args.batch, args.steps, args.repeats = 16, 2, 2, 2
-    for name in ("context", "batch", "kv_heads", "head_dim", "steps", "repeats", "threads"):
+    for name in ("context", "batch", "kv_heads", "head_dim", "layers", "steps", "repeats", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     res = run(args)

@@ -40,10 +40,11 @@ def test_host_overhead_runs(tmp_path):
     if not kernel_shim.available():
         pytest.skip("no C++ compiler for the host shim (the CPU twin of the CUDA backend)")
     out = tmp_path / "host_overhead.json"
-    text = _run("benchmarks/host_overhead.py", "--smoke", "--twin", "--out", str(out))
-    assert "working set, audit on" in text and "DynamicCache" in text
+    text = _run("benchmarks/host_overhead.py", "--smoke", "--twin", "--layers", "2", "--out", str(out))
+    assert "working set, audit on" in text and "DynamicCache" in text and "a step of 2 layers" in text
     import json
     res = json.loads(out.read_text())
+    assert res["shape"]["layers"] == 2
     assert set(res["host_ms_per_layer_update"]) == {"dynamic", "sealed_audit_off", "sealed_audit_on",
                                                     "working_set_audit_off", "working_set_audit_on"}
     assert all(v["n"] == 2 and v["median"] > 0 for v in res["host_ms_per_layer_update"].values())
