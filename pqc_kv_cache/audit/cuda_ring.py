@@ -38,11 +38,11 @@ import numpy as np
 
 from ..errors import BackendUnavailableError
 from .fields import check_int, field_int
-from .records import NONE16, RECORD_DTYPE, RECORD_SIZE, RECORD_WORDS, Op, Status
+from .records import NONE16, RECORD_DTYPE, RECORD_SIZE, Status
+from .torch_records import fill_records, torch_fields
 
 __all__ = ["CudaAuditRing"]
 
-_VALID_OPS = frozenset(int(o) for o in Op)
 _FAILED = object()    # the event of an abandoned reservation: nothing to wait for
 
 
@@ -81,15 +81,6 @@ def _template(op, tenant_idx, session_idx, layer) -> np.ndarray:
     t["layer"] = layer
     t["row"] = NONE16
     return t
-
-
-def _signed(v: int, width: int) -> int:
-    """A field value as the signed integer of ``width`` bytes with the same bits (torch has no wide unsigned
-    arithmetic); single bytes are written through the uint8 view as they are."""
-    if width == 1:
-        return v
-    bits = 8 * width
-    return v - (1 << bits) if v >= (1 << (bits - 1)) else v
 
 
 class CudaAuditRing:
@@ -390,13 +381,15 @@ class CudaAuditRing:
         self.commit(n, first)
 
     def records_at(self, n: int, *, op: int, tenant_idx: int, session_idx: int, layer: int,
-                   tail: np.ndarray | None = None) -> "_RecordsAt":
+                   tail: np.ndarray | None = None, head=None) -> "_RecordsAt":
         """``with ring.records_at(n, op=...) as (address, first_no):`` what ``reservation`` does, for at most
         ``capacity`` records, yielding the device address of the reserved slots instead of a view, and
         committing (or abandoning) the reservation it took without looking it up: a launch's path that runs
         for every layer of every decode step. ``tail``: the last ``len(tail)`` slots are for these records
         (a RECORD_DTYPE array the caller copies in); if the block raises, their ERROR stand-ins keep their
-        fields (operation, tenant, row, positions) instead of the launch's."""
+        fields (operation, tenant, row, positions) instead of the launch's. ``head``: the stand-ins of the
+        first slots (the launch's own records: a RECORD_DTYPE array naming each one's tenant, session and
+        row, or a callable returning one, called only if the block raises); the others take the template."""
         if type(n) is not int or not 1 <= n <= self.capacity:
             raise ValueError(f"records_at takes 1 .. {self.capacity} records, got {n!r}")
         key = (op, tenant_idx, session_idx, layer)
@@ -408,7 +401,7 @@ class CudaAuditRing:
             if len(self._templates) >= 1024:
                 self._templates.clear()
             self._templates[key] = template
-        return _RecordsAt(self, n, template, tail)
+        return _RecordsAt(self, n, template, tail, head)
 
     def _take_for(self, n: int, template: np.ndarray) -> _Reservation:
         with self._alloc.lock:
@@ -430,56 +423,18 @@ class CudaAuditRing:
         everything is checked before a slot is reserved; if writing the
         records raises, the reservation is abandoned (ERROR records).
         """
-        torch = self._torch
-        if isinstance(op, (bool, np.bool_)) or not isinstance(op, (int, np.integer)) or int(op) not in _VALID_OPS:
-            raise ValueError(f"unknown audit operation code {op!r}")
-        op = int(op)
-        fields = dict(tenant_idx=tenant_idx, session_idx=session_idx, layer=layer, row=row, pos_start=pos_start,
-                      pos_count=pos_count, nonce_counter=nonce_counter, epoch=epoch, nbytes=nbytes, status=status,
-                      device_ts_ns=device_ts_ns)
-        n = None
-        for name, v in fields.items():
-            if isinstance(v, torch.Tensor):
-                if v.dim() != 1 or v.device != self.device or v.dtype.is_floating_point or v.dtype.is_complex \
-                        or v.dtype == torch.bool:
-                    raise TypeError(f"{name} must be a 1-D integer tensor on {self.device}, "
-                                    f"got {v.dim()}-D {v.dtype} on {v.device}")
-                if n is None:
-                    n = v.shape[0]
-                elif v.shape[0] != n:
-                    raise ValueError(f"{name} has {v.shape[0]} elements, other fields {n}")
-            elif isinstance(v, (int, np.integer, bool, np.bool_)):
-                fields[name] = field_int(name, v)
-            else:
-                raise TypeError(f"{name} must be an int or a 1-D integer tensor, got {type(v).__name__}")
-        n = 1 if n is None else n
+        op, n, fields = torch_fields(op, self.device, dict(
+            tenant_idx=tenant_idx, session_idx=session_idx, layer=layer, row=row, pos_start=pos_start,
+            pos_count=pos_count, nonce_counter=nonce_counter, epoch=epoch, nbytes=nbytes, status=status,
+            device_ts_ns=device_ts_ns))
         if n == 0:
             with self._alloc.lock:
                 return self._alloc.next_no
         scalar = {k: (v if isinstance(v, int) else 0) for k, v in fields.items()}
         with self.reservation(n, op=op, tenant_idx=scalar["tenant_idx"], session_idx=scalar["session_idx"],
                               layer=scalar["layer"] if isinstance(fields["layer"], int) else NONE16) as (view, first):
-            self._fill(view, first, n, op, fields)
+            fill_records(view, first, n, op, fields)
         return first
-
-    def _fill(self, view, first: int, n: int, op: int, fields: dict) -> None:
-        """Write ``n`` records into ``view`` with torch ops on the current stream (layout: RECORD_WORDS)."""
-        torch = self._torch
-        words = {8: view.view(torch.int64), 4: view.view(torch.int32), 2: view.view(torch.int16), 1: view}
-
-        def col(name):
-            width, index = RECORD_WORDS[name]
-            return words[width][:, index]
-
-        col("record_no").copy_(torch.arange(first, first + n, dtype=torch.int64, device=view.device))
-        col("host_ts_ns").fill_(0)      # set by the drain
-        col("flags").fill_(0)
-        col("op").fill_(op)
-        for name, v in fields.items():
-            if isinstance(v, int):
-                col(name).fill_(_signed(v, RECORD_WORDS[name][0]))
-            else:
-                col(name).copy_(v)
 
     # -- drain side ---------------------------------------------------------------
     def collect(self):
@@ -573,10 +528,10 @@ class CudaAuditRing:
 class _RecordsAt:
     """The block of ``CudaAuditRing.records_at`` (a class: it is on every decode step's path)."""
 
-    __slots__ = ("_ring", "_n", "_template", "_tail", "_res")
+    __slots__ = ("_ring", "_n", "_template", "_tail", "_head", "_res")
 
-    def __init__(self, ring: CudaAuditRing, n: int, template: np.ndarray, tail: np.ndarray | None):
-        self._ring, self._n, self._template, self._tail = ring, n, template, tail
+    def __init__(self, ring: CudaAuditRing, n: int, template: np.ndarray, tail: np.ndarray | None, head=None):
+        self._ring, self._n, self._template, self._tail, self._head = ring, n, template, tail, head
 
     def __enter__(self) -> tuple[int, int]:
         res = self._res = self._ring._take_for(self._n, self._template)
@@ -584,10 +539,21 @@ class _RecordsAt:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            tail = self._tail
-            if tail is not None and 0 < tail.shape[0] <= self._n:     # one stand-in per slot
-                stand_ins = np.repeat(self._template, self._n)
-                stand_ins[self._n - tail.shape[0]:] = tail
+            n, tail, head = self._n, self._tail, self._head
+            try:
+                head = head() if callable(head) else head
+            except Exception:       # noqa: BLE001 - the template's stand-ins still fill every slot
+                head = None
+            if head is not None and not 0 < head.shape[0] <= n:
+                head = None
+            if tail is not None and not 0 < tail.shape[0] <= n:
+                tail = None
+            if head is not None or tail is not None:     # one stand-in per slot
+                stand_ins = np.repeat(self._template, n)
+                if head is not None:
+                    stand_ins[:head.shape[0]] = head
+                if tail is not None:
+                    stand_ins[n - tail.shape[0]:] = tail
                 stand_ins["status"] = int(Status.ERROR)
                 self._res.template = stand_ins
             self._ring._fail(self._res)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..audit.records import Op
+from ..audit.torch_records import stand_ins
 from ..envelope import TAG_SIZE
 from . import kernel_abi as _abi
 from .base import ChunkTable, DecryptStatus, RowsOpen
@@ -101,8 +102,9 @@ class RowsOpenMixin:
         ring = st.ring
         with self._fq_lock:     # the failure queue is not read between this call's tag and its launches
             tag = self._call_tag(audit.log if audit is not None else None, read.owner, st.owner_ref)
-            res = contextlib.nullcontext(_UNAUDITED) if ring is None else ring.records_at(len(st.rows_list),
-                                                                                           **st.res)
+            # if the block raises, the DECRYPT stand-ins name each row's tenant, session and row (built then)
+            res = contextlib.nullcontext(_UNAUDITED) if ring is None else ring.records_at(
+                len(st.rows_list), head=lambda: self._open_stand_ins(st, read, key_idx), **st.res)
             with res as (records_at, first_no), self._staging.staged(prm_off + _abi.ParamsTemplate.size) as g:
                 host, dev = g.host, g.dev_ptr
                 # the table, segment-major with rows inner (what the general path builds)
@@ -142,6 +144,14 @@ class RowsOpenMixin:
                                                        np.uint64(first_no)))
                 self._launch(_DECRYPT, min(n_items, st.slots), _abi.LANES, (np.uint64(dev + prm_off),))
         return DecryptStatus(device=status)
+
+    @staticmethod
+    def _open_stand_ins(st: _Opened, read: RowsOpen, key_idx) -> np.ndarray:
+        """The ERROR records standing in for a failed call's DECRYPT row records (each row's key: its first
+        segment's, as the row descriptor names it)."""
+        first = key_idx if key_idx.ndim == 1 else key_idx[0]
+        return stand_ins(int(Op.DECRYPT), st.audit.tenant_idx[first], st.audit.session_idx[first],
+                         read.layout.layer_idx, st.rows)
 
     def _prepare_open(self, read: RowsOpen, keys, audit) -> _Opened | None:
         """Check what every call with these keys and this audit context shares, as ``decrypt_chunks`` would

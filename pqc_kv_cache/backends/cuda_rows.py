@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..audit.records import RECORD_DTYPE, RECORD_SIZE as _RECORD, Op, valid_ops
+from ..audit.torch_records import stand_ins
 from . import kernel_abi as _abi
 from ..envelope import TAG_SIZE
 from .base import RowsSeal
@@ -38,6 +39,7 @@ __all__ = ["RowsSealMixin"]
 _COL_POS, _COL_COUNTER, _COL_OFFSET = 2, 5, 6
 _ENCRYPT = "pqc_encrypt_chunks"
 _MOD64 = 1 << 64
+_POS_LIMIT = 1 << 62      # a position past it takes the general path (which refuses what overflows)
 _UNAUDITED = (0, 0)       # no record address, no first record number
 
 
@@ -46,7 +48,7 @@ class _Prepared:
 
     __slots__ = ("pos_count", "stride", "k_shape", "v_shape", "tpl", "n", "sig", "rel", "values",
                  "pos", "counter", "offset", "fields", "struct", "t_bytes", "size", "records", "ring", "res", "grid",
-                 "span", "arena_bytes", "keep", "meta", "limit")
+                 "span", "arena_bytes", "keep", "meta", "limit", "head")
 
     def __init__(self, pos_count: int, stride: int, k_src: torch.Tensor, v_src: torch.Tensor):
         self.pos_count, self.stride = pos_count, stride
@@ -57,8 +59,8 @@ class _Prepared:
 def _extra_records(records, prep) -> int | None:
     """How many caller records a prepared call carries; None when the general path must take them (not a
     1-D RECORD_DTYPE array with valid operations, no audit, or too many for one launch's reservation)."""
-    if (type(records) is not np.ndarray or records.dtype != RECORD_DTYPE or records.ndim != 1 or prep is None
-            or prep.tpl is None or prep.ring is None or prep.records + records.shape[0] > prep.limit
+    if (type(records) is not np.ndarray or records.dtype != RECORD_DTYPE or records.ndim != 1
+            or not records.flags.c_contiguous or prep is None or prep.tpl is None or prep.ring is None or prep.records + records.shape[0] > prep.limit
             or not valid_ops(records["op"])):
         return None
     return records.shape[0]
@@ -74,7 +76,8 @@ class RowsSealMixin:
         if (prep is None or prep.pos_count != pos_count or prep.stride != stride or k_src.shape != prep.k_shape
                 or v_src.shape != prep.v_shape or (prep.tpl is not None and not self._keys.touch(*prep.keep))):
             prep = seal.state = self._prepare_rows(seal, pos_count, stride, k_src, v_src)
-        ints = counter.tolist() if type(counter) is np.ndarray and counter.dtype == np.int64 else None
+        ints = (counter.tolist() if type(counter) is np.ndarray and counter.dtype == np.int64 and counter.ndim == 1
+                else None)
         extra = 0 if records is None else _extra_records(records, prep)
         if (prep is None or prep.tpl is None or ints is None or extra is None
                 or not self._rows_call_ok(prep, pos_start, ints, offset, k_src, v_src)):
@@ -86,7 +89,7 @@ class RowsSealMixin:
         values[prep.counter] = ints
         values[prep.offset] = [offset + r for r in prep.rel]
         res = (contextlib.nullcontext(_UNAUDITED) if prep.ring is None
-               else prep.ring.records_at(prep.records + extra, tail=records, **prep.res))
+               else prep.ring.records_at(prep.records + extra, tail=records, head=prep.head, **prep.res))
         with res as (records_at, first_no), self._staging.staged(prep.size + extra * _RECORD) as st:
             ik, iv, it, ir, i_first = prep.fields
             values[ik] = k_src.data_ptr()
@@ -107,7 +110,8 @@ class RowsSealMixin:
         when ``prep`` was made)."""
         if (k_src.stride(), v_src.stride(), k_src.dtype, v_src.dtype, k_src.device, v_src.device) != prep.sig:
             return False
-        if type(pos_start) is not int or type(offset) is not int or pos_start < 0 or offset < 0:
+        if (type(pos_start) is not int or type(offset) is not int or not 0 <= pos_start < _POS_LIMIT
+                or offset < 0):
             return False
         return offset + prep.span <= prep.arena_bytes and len(counter) == prep.n and min(counter) >= 0
 
@@ -158,6 +162,10 @@ class RowsSealMixin:
             op=int(Op.ENCRYPT), tenant_idx=int(audit.tenant_idx[0]) if len(audit.tenant_idx) else 0,
             session_idx=int(audit.session_idx[0]) if len(audit.session_idx) else 0,
             layer=min(int(layout.layer_idx), 0xFFFF))
+        # if the call's block raises, its ENCRYPT stand-ins name each row's tenant, session and row
+        prep.head = None if ring is None or records != n else stand_ins(
+            int(Op.ENCRYPT), audit.tenant_idx[seal.key_idx], audit.session_idx[seal.key_idx], layout.layer_idx,
+            seal.rows)
         prep.grid = min(n, self.launch_slots(_ENCRYPT))
         prep.span = int(table[_COL_OFFSET].max()) + pos_count * layout.bytes_per_position + TAG_SIZE
         prep.arena_bytes = arena.numel()

@@ -448,3 +448,27 @@ def test_on_a_gpu_the_prepared_read_gives_the_plaintext_without_a_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
         log.close()
+
+
+def test_a_failed_launch_leaves_stand_ins_naming_each_row_s_tenant(monkeypatch):
+    """A prepared read whose launch fails leaves ERROR records in its reserved slots, each naming its row's
+    tenant, session, layer and row (they named the first key's tenant and no row)."""
+    keys = _keys()
+    arena, start, count, counter, offset, _, _ = _store(keys)
+    be = CpuTwinBackend()
+    log = TwinLog()
+    try:
+        ctx = _ctx(log)
+        read = be.rows_open(LAYOUT, ROWS, arena, Owner())
+        read(keys, KEY_IDX, ctx, start[:2], count[:2], counter[:2], offset[:2], 0, *_out(301))   # prepared
+
+        def fail(*a, **k):
+            raise RuntimeError("launch failed")
+        monkeypatch.setattr(be, "_launch", fail)
+        with pytest.raises(RuntimeError, match="launch failed"):
+            read(keys, KEY_IDX, ctx, start[:3], count[:3], counter[:3], offset[:3], 0, *_out(302))
+        got = _records(log)[BATCH:]
+        assert [(r[0], r[1], r[2], r[3], r[6], r[-1]) for r in got] == [
+            ("decrypt", "t0", "s0", 5, 0, 3), ("decrypt", "t1", "s1", 5, 1, 3), ("decrypt", "t1", "s1", 5, 2, 3)]
+    finally:
+        log.close()

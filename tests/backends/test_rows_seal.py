@@ -268,6 +268,9 @@ def test_a_failed_launch_leaves_error_stand_ins_that_keep_the_caller_records_fie
         assert [(r[0], r[-1]) for r in got] == [("encrypt", int(Status.ERROR))] * BATCH + \
             [("read", int(Status.ERROR))] * BATCH
         assert [r[1] for r in got[BATCH:]] == ["t0", "t1", "t1"] and [r[6] for r in got[BATCH:]] == [0, 1, 2]
+        # the seal's own stand-ins name each row's tenant, session, layer and row (not the first key's)
+        assert [(r[1], r[2], r[3], r[6]) for r in got[:BATCH]] == [("t0", "s0", 5, 0), ("t1", "s1", 5, 1),
+                                                                    ("t1", "s1", 5, 2)]
     finally:
         log.close()
 
@@ -286,3 +289,72 @@ def test_a_seal_does_not_keep_its_arena_alive_and_refuses_once_it_is_gone():
     assert gone() is None
     with pytest.raises(ValueError, match="arena .* is gone"):
         seal(pos, 1, ctr, off, SIZE, k, v)
+
+
+def _seal_both(call):
+    """``call(seal)`` on the prepared path (a first call prepared it) and on the general path (a backend
+    without the prepared seal): (outcome, records after the first call, arena) of each."""
+    out = {}
+    for path in ("prepared", "general"):
+        be = CpuTwinBackend()
+        log = TwinLog()
+        try:
+            arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+            seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+            if path == "general":
+                seal._seal_rows = lambda *a: CryptoBackend.seal_rows(be, *a)
+            pos, ctr, off, k, v = _steps()[0]
+            seal(pos, 1, ctr, off, SIZE, k, v)
+            before = arena.clone()
+            try:
+                call(seal)
+                outcome = "sealed"
+            except Exception as e:      # noqa: BLE001 - compared between the paths
+                outcome = type(e).__name__
+            out[path] = (outcome, _records(log)[BATCH:], torch.equal(arena, before))
+        finally:
+            log.close()
+    return out
+
+
+@pytest.mark.parametrize("case", ["position past int64", "strided records", "2-D counters"])
+def test_values_the_prepared_checks_do_not_take_go_the_general_way(case):
+    """A position past int64 is refused before any record is reserved (it failed in the struct pack, with
+    ERROR records of a call that never ran); strided caller records and [n, 1] counters are sealed as the
+    general path seals them (they raised)."""
+    pos, ctr, off, k, v = _steps()[1]
+    reads = np.zeros(2 * BATCH, dtype=build_records(int(Op.READ), (0,) * 11).dtype)
+    reads["op"] = int(Op.READ)
+    reads["row"] = np.repeat(ROWS, 2)
+    calls = {"position past int64": lambda seal: seal(1 << 63, 1, ctr, off, SIZE, k, v),
+             "strided records": lambda seal: seal(pos, 1, ctr, off, SIZE, k, v, reads[::2]),
+             "2-D counters": lambda seal: seal(pos, 1, ctr.reshape(-1, 1), off, SIZE, k, v)}
+    got = _seal_both(calls[case])
+    assert got["prepared"] == got["general"]
+    outcome, records, unchanged = got["prepared"]
+    if case == "position past int64":
+        assert outcome != "sealed" and records == [] and unchanged
+    else:
+        assert outcome == "sealed" and not unchanged
+        assert [r[0] for r in records] == ["encrypt"] * BATCH + (["read"] * BATCH if case == "strided records" else [])
+
+
+@pytest.mark.parametrize("bad", ["not an array", "unknown operation"])
+def test_the_base_seal_refuses_bad_records_before_it_seals(bad):
+    """Every backend's seal (the base class's: encrypt_chunks, then the records): records it cannot write
+    are refused before anything is sealed (the arena was written, the nonces used and ENCRYPT recorded)."""
+    from pqc_kv_cache.backends.host import HostBackend
+    log = KVAuditLog()
+    try:
+        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+        seal = HostBackend(threads=1).rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+        pos, ctr, off, k, v = _steps()[0]
+        records = [1, 2, 3]
+        if bad == "unknown operation":
+            records = build_records(int(Op.READ), (0,) * 11)
+            records["op"] = 250
+        with pytest.raises((TypeError, ValueError)):
+            seal(pos, 1, ctr, off, SIZE, k, v, records)
+        assert not arena.any() and _records(log) == []
+    finally:
+        log.close()
