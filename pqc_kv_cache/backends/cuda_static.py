@@ -37,8 +37,8 @@ import torch
 from . import kernel_abi as _abi
 from .base import ChunkLayout, KeySlot
 from .cuda_device import stream_capturing
-from .cuda_static_common import FAIL as _FAIL, RECORD as _RECORD, TAG as _TAG, U32 as _U32
-from .cuda_static_common import check_host_rows as _host_rows, check_static_tensor as _check
+from .cuda_static_common import FAIL as _FAIL, RECORD as _RECORD, U32 as _U32
+from .cuda_static_common import check_host_rows as _host_rows, check_layer_tensors, check_static_tensor as _check
 from .cuda_static_common import pack_records, put_rows as _put_rows
 from .cuda_static_open import StaticOpenMixin
 from ..errors import BackendUnavailableError
@@ -102,25 +102,8 @@ class StaticSealMixin(StaticOpenMixin):
                     row_sess: np.ndarray, row_key: np.ndarray, row_reason: np.ndarray,
                     record_slots: np.ndarray | None) -> None:
         """``NativeBackend.seal_static``'s contract, every step's state kept and computed on the device."""
-        if not isinstance(layout, ChunkLayout):
-            raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
         dev = self.device
-        if (layout.head_dim * layout.itemsize) % 16:
-            raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the CUDA kernels")
-        self._check_tensor("k", k, layout)
-        self._check_tensor("v", v, layout)
-        batch, _, seq, _ = k.shape
-        if tuple(v.shape) != tuple(k.shape):
-            raise ValueError(f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
-        bpp = layout.bytes_per_position
-        stride = bpp + _TAG
-        if not isinstance(arena, torch.Tensor) or arena.dim() != 3:
-            raise ValueError(f"arena must be a [batch, slots, {stride}] tensor")
-        nsl = int(arena.shape[1])
-        _check("arena", arena, torch.uint8, (batch, None, stride), dev)
-        if nsl < 1:
-            raise ValueError("arena must have at least one slot")
-        _check("meta", meta, torch.int64, (batch, nsl, 3), dev)
+        batch, seq, stride, nsl = check_layer_tensors(self._check_tensor, layout, k, v, arena, meta, dev)
         nsess = int(nonce_next.shape[0]) if isinstance(nonce_next, torch.Tensor) and nonce_next.dim() == 1 else -1
         for name, t in (("nonce_next", nonce_next), ("nonce_end", nonce_end), ("nonce_epoch", nonce_epoch)):
             _check(name, t, torch.int64, (nsess,), dev)

@@ -56,6 +56,33 @@ def check_static_tensor(name: str, t, dtype: torch.dtype, shape: tuple, device: 
                          f"{t.dtype} {list(t.shape)} on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
 
 
+def check_layer_tensors(check_tensor, layout, k, v, arena, meta, device) -> tuple[int, int, int, int]:
+    """What a static layer's seal and open check alike before anything is enqueued: the layout, K and V
+    (``check_tensor``: the backend's check of one K/V tensor against the layout; V of K's shape), the arena
+    (uint8 [batch, slots >= 1, bytes per position + tag]) and the slot table (int64 [batch, slots, 3]).
+    Returns (batch, seq, arena stride, slots)."""
+    from .base import ChunkLayout
+
+    if not isinstance(layout, ChunkLayout):
+        raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
+    if (layout.head_dim * layout.itemsize) % 16:
+        raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the CUDA kernels")
+    check_tensor("k", k, layout)
+    check_tensor("v", v, layout)
+    batch, _, seq, _ = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+    stride = layout.bytes_per_position + TAG
+    if not isinstance(arena, torch.Tensor) or arena.dim() != 3:
+        raise ValueError(f"arena must be a [batch, slots, {stride}] tensor")
+    slots = int(arena.shape[1])
+    check_static_tensor("arena", arena, torch.uint8, (batch, None, stride), device)
+    if slots < 1:
+        raise ValueError("arena must have at least one slot")
+    check_static_tensor("meta", meta, torch.int64, (batch, slots, 3), device)
+    return batch, seq, stride, slots
+
+
 def check_host_rows(name: str, a, n: int) -> None:
     if type(a) is not np.ndarray or a.dtype != np.int64 or a.shape != (n,):
         raise ValueError(f"{name} must be an int64 numpy array of {n} entries")

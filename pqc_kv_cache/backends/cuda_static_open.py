@@ -39,7 +39,8 @@ import torch
 from . import kernel_abi as _abi
 from .base import ChunkLayout, KeySlot
 from .cuda_device import stream_capturing
-from .cuda_static_common import FAIL, RECORD, TAG, StaticDeviceState, check_host_rows, check_static_tensor
+from .cuda_static_common import FAIL, RECORD, StaticDeviceState, check_host_rows, check_layer_tensors
+from .cuda_static_common import check_static_tensor
 from .cuda_static_common import pack_records, put_rows
 from ..errors import BackendUnavailableError
 
@@ -109,24 +110,8 @@ class StaticOpenMixin(StaticDeviceState):
         and the reason it cannot be opened (0: none); ``keys[i]`` is the key of session slot ``key_sess[i]`` and
         epoch ``key_epoch[i]``; ``record_slots``: the log's tenant and session index of each session slot (None:
         no records). See the module docstring."""
-        if not isinstance(layout, ChunkLayout):
-            raise TypeError(f"layout must be a ChunkLayout, got {type(layout).__name__}")
         dev = self.device
-        if (layout.head_dim * layout.itemsize) % 16:
-            raise ValueError("head_dim * itemsize must be a multiple of 16 bytes for the CUDA kernels")
-        self._check_tensor("k", k, layout)
-        self._check_tensor("v", v, layout)
-        batch, _, seq, _ = k.shape
-        if tuple(v.shape) != tuple(k.shape):
-            raise ValueError(f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
-        stride = layout.bytes_per_position + TAG
-        if not isinstance(arena, torch.Tensor) or arena.dim() != 3:
-            raise ValueError(f"arena must be a [batch, slots, {stride}] tensor")
-        nsl = int(arena.shape[1])
-        check_static_tensor("arena", arena, torch.uint8, (batch, None, stride), dev)
-        if nsl < 1:
-            raise ValueError("arena must have at least one slot")
-        check_static_tensor("meta", meta, torch.int64, (batch, nsl, 3), dev)
+        batch, seq, stride, nsl = check_layer_tensors(self._check_tensor, layout, k, v, arena, meta, dev)
         check_static_tensor("end", end, torch.int64, (), dev)
         check_static_tensor("released", released, torch.int64, (batch,), dev)
         check_static_tensor("records", records, torch.uint8, (None, RECORD), dev)

@@ -39,12 +39,12 @@ from .._checks import check_int
 from .._cleanup import Cleanup
 from ..audit.records import Op
 from ..envelope import EncryptedEntry
-from ..errors import DecryptionError, SessionExpiredError, TenantIsolationError
+from ..errors import DecryptionError, SessionExpiredError
 from ..rotation import KeyRotationPolicy
 from ..session import TenantSession
 from .audit import CacheAuditor
-from .context import (LayerContext, MergeSettings, Scratch, check_backend_argument, session_slots, tenant_slots,
-                      watch_sessions)
+from .context import (LayerContext, MergeSettings, Scratch, check_backend_argument, session_slots, slots_of_session,
+                      tenant_slots, watch_sessions)
 from .guards import guard_continuous_batching, refuse_unsupported
 from .layer import EncryptedLayer
 from .persistence import SaveFiles
@@ -318,14 +318,7 @@ class EncryptedCache(SaveFiles, Cache):
 
     # ---- release and restore ----------------------------------------------------------------------
     def _slots_of(self, session: TenantSession | None) -> list[int] | None:
-        if session is None:
-            return None
-        if not isinstance(session, TenantSession):
-            raise TypeError(f"session must be a TenantSession or None, got {type(session).__name__}")
-        slots = [i for i, s in enumerate(self._sessions) if s is session]
-        if not slots:
-            raise TenantIsolationError(f"tenant {session.tenant_id!r} has no session in this cache")
-        return slots
+        return slots_of_session(self._sessions, session)
 
     def release(self, session: TenantSession | None = None) -> None:
         """Zero and drop the plaintext of every row (or of ``session``'s rows): only ciphertext remains.

@@ -70,6 +70,16 @@ def watch_sessions(owner, sessions: Sequence[TenantSession]) -> None:
         s.on_retire(lambda sess, e, me=me: me() is not None and me()._on_epoch_retired(sess, e))
 
 
+def slots_of_session(sessions: Sequence[TenantSession], session: TenantSession | None) -> list[int] | None:
+    """The slots in ``sessions`` of ``session`` (None for None: every row's); TypeError for anything but a
+    TenantSession or None, TenantIsolationError when it has none here."""
+    if session is None:
+        return None
+    if not isinstance(session, TenantSession):
+        raise TypeError(f"session must be a TenantSession or None, got {type(session).__name__}")
+    return tenant_slots(sessions, session)
+
+
 def tenant_slots(sessions: Sequence[TenantSession], tenant: "str | TenantSession") -> list[int]:
     """The slots in ``sessions`` of ``tenant`` (a tenant id, or a session: that session only);
     TenantIsolationError when it has none, TypeError for anything else."""

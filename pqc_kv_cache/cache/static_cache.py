@@ -31,9 +31,9 @@ from .._checks import check_int
 from .._cleanup import Cleanup
 from ..audit.records import Op
 from ..envelope import EncryptedEntry
-from ..errors import DecryptionError, TenantIsolationError
+from ..errors import DecryptionError
 from ..session import TenantSession
-from .context import check_backend_argument, session_slots, watch_sessions
+from .context import check_backend_argument, session_slots, slots_of_session, watch_sessions
 from .guards import guard_continuous_batching, refuse_unsupported
 from .static_context import StaticContext
 from .static_layer import StaticEncryptedLayer, StaticSealing, StaticSlidingEncryptedLayer
@@ -175,14 +175,8 @@ class StaticEncryptedCache(StaticSaveFiles, StaticRowOps, Cache):
     # ---- release and restore --------------------------------------------------------------------------
     def _rows_of_session(self, session: TenantSession | None) -> np.ndarray | None:
         """The session slots of ``session`` (None: every row's); TenantIsolationError when it has none here."""
-        if session is None:
-            return None
-        if not isinstance(session, TenantSession):
-            raise TypeError(f"session must be a TenantSession or None, got {type(session).__name__}")
-        slots = [i for i, s in enumerate(self._sessions) if s is session]
-        if not slots:
-            raise TenantIsolationError(f"tenant {session.tenant_id!r} has no session in this cache")
-        return np.array(slots, dtype=np.int64)
+        slots = slots_of_session(self._sessions, session)
+        return None if slots is None else np.array(slots, dtype=np.int64)
 
     def release(self, session: TenantSession | None = None) -> None:
         """Zero the plaintext of every row (or of ``session``'s rows) of every layer in place (the buffers stay,
