@@ -323,20 +323,8 @@ class SegmentPlan:
         if got is None:
             k_hi, q, k_lo = cut
             k = np.array([k_hi] * q + [k_lo] * (self.nr - q), dtype=np.int64)
-            first = np.cumsum(k) - k
             total = int(k.sum())
-            chunk = np.repeat(np.arange(self.nr, dtype=np.int64), k)
-            j = np.arange(total, dtype=np.int64) - first[chunk]
-            kk = k[chunk]
-            blk = np.empty((_abi.ITEM_COLS, total), dtype=np.int64)
-            blk[0] = chunk
-            blk[1] = j * rounds // kk
-            blk[2] = (j + 1) * rounds // kk
-            blk[3] = j * count // kk
-            blk[4] = (j + 1) * count // kk
-            blk[5] = first[chunk]
-            blk[6] = j
-            blk[7] = kk
+            blk = _abi.cut_items(k, np.full(self.nr, rounds, dtype=np.int64), np.full(self.nr, count, dtype=np.int64))
             blk.setflags(write=False)
             if len(self._blocks) >= 1024:
                 self._blocks.clear()

@@ -37,7 +37,7 @@ __all__ = [
     "LANES", "RECORD_SIZE", "SLOT_META_SIZE", "SCHED_SIZE", "TABLE_COLS", "ROWDESC_COLS", "ITEM_COLS",
     "PARTIAL_SIZE", "MIN_ITEM_ROUNDS", "GCM_MAX_BLOCKS", "AAD_BLOCKS", "COLS", "ITEM_FIELDS", "ROWDESC_FIELDS",
     "SLOT_META_DTYPE", "CHUNK_PARAMS_DTYPE", "kernel_sources_dir", "kernel_source", "slot_meta_array",
-    "chunk_table_array", "encrypt_record_index", "chunk_rounds", "work_items", "row_descriptors",
+    "chunk_table_array", "encrypt_record_index", "chunk_rounds", "work_items", "cut_items", "row_descriptors",
     "check_bounds", "check_gcm_length", "chunk_params", "ParamsTemplate", "plan_efficiency",
 ]
 
@@ -261,9 +261,16 @@ def work_items(rounds: np.ndarray, pos_count: np.ndarray, *, slots: int | None =
         items[6] = 0
         items[7] = 1
         return items
-    first = np.zeros(n, dtype=np.int64)
-    if n:
-        first[1:] = np.cumsum(k)[:-1]
+    return cut_items(k, r, p)
+
+
+def cut_items(k: np.ndarray, r: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The work items of chunks of ``r`` rounds and ``p`` positions cut into ``k`` items each (int64 arrays,
+    one entry per chunk): chunk c's item j covers rounds [j R // k, (j + 1) R // k) and positions
+    [j P // k, (j + 1) P // k)."""
+    n = k.shape[0]
+    first = np.cumsum(k) - k
+    total = int(k.sum()) if n else 0
     chunk = np.repeat(np.arange(n, dtype=np.int64), k)
     j = np.arange(total, dtype=np.int64) - first[chunk]
     kk, rr, pp = k[chunk], r[chunk], p[chunk]
