@@ -290,14 +290,6 @@ def _compiled(kind: str):
     return model
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Every model's forward goes through one transformers wrapper, a single code object for dynamo: its
-    recompile limit would count the graphs of every model and cache class compiled in this process."""
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow

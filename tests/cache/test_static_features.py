@@ -359,12 +359,6 @@ def test_a_cache_with_a_failed_seal_is_not_saved(tmp_path):
 
 
 # ---- compiled -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow

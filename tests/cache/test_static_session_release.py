@@ -209,12 +209,6 @@ def test_a_beam_reorder_and_a_deepcopy_keep_the_released_rows(with_mask):
 
 
 # ---- compiled ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow

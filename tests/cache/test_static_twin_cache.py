@@ -262,12 +262,6 @@ def test_a_device_without_a_device_backend_is_refused_clearly():
         cache.early_initialization(1, 2, 16, torch.float32, torch.device("meta"))
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow
