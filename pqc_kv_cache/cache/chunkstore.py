@@ -339,19 +339,11 @@ class ChunkStore:
 
     def _offsets(self, size: int) -> np.ndarray:
         """0, size, 2 * size, ... (one per row)."""
-        memo = self.__dict__.get("_batch_memo")
-        got = None if memo is None or memo[0] != self._batch else memo[1].get(size)
-        if got is None:
-            got = self._per_batch(size, lambda b: np.arange(b, dtype=np.int64) * size)
-        return got
+        return self._per_batch(("offsets", size), lambda b: np.arange(b, dtype=np.int64) * size)
 
     def _all_rows(self) -> np.ndarray:
         """0 .. batch-1."""
         return self._per_batch("rows", lambda b: np.arange(b, dtype=np.int64))
-
-    def _all_zeros(self) -> np.ndarray:
-        """``batch`` zeros."""
-        return self._per_batch("zeros", lambda b: np.zeros(b, dtype=np.int64))
 
 
 class _Atomic:
