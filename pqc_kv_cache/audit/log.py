@@ -29,14 +29,13 @@ from .fields import check_int, expand_per_position, prepare
 from .keys import SigningKey
 from .names import DetailTexts, NameTable
 from .query import KVAuditEntry, query
-from .records import NONE16, RECORD_DTYPE, Op, Status, op_from_name, valid_ops
+from .records import NONE16, VALID_OPS as _VALID_OPS, Op, Status, check_records, op_from_name
 from .ring import HostRing
 from .sink import AuditSink
 from .store import ColumnarStore
 
 __all__ = ["KVAuditLog", "KVAuditEntry"]
 
-_VALID_OPS = frozenset(int(o) for o in Op)
 
 _OPEN_LOGS: "weakref.WeakSet[KVAuditLog]" = weakref.WeakSet()
 
@@ -231,19 +230,11 @@ class KVAuditLog:
         fields that change are set before each call. The array is copied; the caller may reuse it at once.
         Every field already has its exact width, so only the operation codes are checked.
         """
-        if type(records) is not np.ndarray:
-            raise TypeError(f"emit_records takes a numpy array of RECORD_DTYPE, got {type(records).__name__}")
-        if records.dtype != RECORD_DTYPE or records.ndim != 1:
-            raise TypeError(f"emit_records takes a 1-D array of RECORD_DTYPE, got a {records.ndim}-D array "
-                            f"of {records.dtype}")
+        check_records(records, "emit_records")
         n = records.shape[0]
         if n == 0:
             with self._lock:
                 return self._alloc.next_no
-        ops = records["op"]
-        if not valid_ops(ops):
-            bad = next(int(o) for o in ops.tolist() if o not in _VALID_OPS)
-            raise ValueError(f"unknown audit operation code {bad}")
         return self._write(0, n, None, None, records=records)
 
     def emit_per_position(self, op, *, tenant_idx, session_idx, layer=NONE16, row=NONE16, pos_start=0,

@@ -11,8 +11,8 @@ import struct
 
 import numpy as np
 
-__all__ = ["RECORD_DTYPE", "RECORD_SIZE", "RECORD_STRUCT", "RECORD_WORDS", "Op", "Status", "NONE16", "OP_NAMES", "valid_ops",
-           "op_from_name"]
+__all__ = ["RECORD_DTYPE", "RECORD_SIZE", "RECORD_STRUCT", "RECORD_WORDS", "Op", "Status", "NONE16", "OP_NAMES",
+           "valid_ops", "check_records", "op_from_name"]
 
 RECORD_DTYPE = np.dtype([
     ("record_no", "<u8"),
@@ -101,9 +101,10 @@ def op_from_name(name: "str | Op") -> Op:
         raise ValueError(f"unknown audit operation {name!r}; known: {sorted(OP_NAMES.values())}") from None
 
 
+VALID_OPS = frozenset(int(o) for o in Op)
 _VALID_OP_TABLE = np.zeros(256, dtype=np.bool_)
-_VALID_OP_TABLE[[int(o) for o in Op]] = True
-_VALID_OP_BYTES = bytes(int(o) for o in Op)
+_VALID_OP_TABLE[sorted(VALID_OPS)] = True
+_VALID_OP_BYTES = bytes(sorted(VALID_OPS))
 
 
 def valid_ops(ops: np.ndarray) -> bool:
@@ -111,3 +112,17 @@ def valid_ops(ops: np.ndarray) -> bool:
     if ops.dtype == np.uint8:   # what is left once every valid byte is deleted (C speed: on every decode step)
         return not ops.tobytes().translate(None, _VALID_OP_BYTES)
     return bool(_VALID_OP_TABLE[ops].all())
+
+
+def check_records(records, what: str) -> None:
+    """Refuse what cannot be written as a batch of prepared records (``what``: the call, for the message):
+    TypeError unless ``records`` is a 1-D numpy array of RECORD_DTYPE, ValueError naming the first operation
+    code that names no operation."""
+    if type(records) is not np.ndarray:
+        raise TypeError(f"{what} takes a numpy array of RECORD_DTYPE, got {type(records).__name__}")
+    if records.dtype != RECORD_DTYPE or records.ndim != 1:
+        raise TypeError(f"{what} takes a 1-D array of RECORD_DTYPE, got a {records.ndim}-D array of {records.dtype}")
+    ops = records["op"]
+    if not valid_ops(ops):
+        bad = next(int(o) for o in ops.tolist() if o not in VALID_OPS)
+        raise ValueError(f"unknown audit operation code {bad}")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from .fields import field_int
-from .records import NONE16, RECORD_DTYPE, RECORD_WORDS, Op, Status
+from .records import NONE16, RECORD_DTYPE, RECORD_WORDS, VALID_OPS, Status
 
 __all__ = ["torch_fields", "fill_records", "stand_ins"]
-
-_VALID_OPS = frozenset(int(o) for o in Op)
 
 
 def _signed(v: int, width: int) -> int:
@@ -33,7 +31,7 @@ def torch_fields(op, device, fields: dict) -> tuple[int, int, dict]:
     ValueError / TypeError for what cannot be written."""
     import torch
 
-    if isinstance(op, (bool, np.bool_)) or not isinstance(op, (int, np.integer)) or int(op) not in _VALID_OPS:
+    if isinstance(op, (bool, np.bool_)) or not isinstance(op, (int, np.integer)) or int(op) not in VALID_OPS:
         raise ValueError(f"unknown audit operation code {op!r}")
     fields = dict(fields)
     n = None

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..audit.fields import RecordTemplates, build_records, set_field
-from ..audit.records import RECORD_DTYPE, Op, Status, valid_ops
+from ..audit.records import Op, Status, check_records
 
 if TYPE_CHECKING:   # annotations only: a backend writes records, it does not import the log
     from ..audit.log import KVAuditLog
@@ -452,11 +452,7 @@ class CryptoBackend(abc.ABC):
         if records is not None:     # refused before anything is sealed, as emit_records would refuse them
             if seal.audit is None:
                 raise ValueError("records to write with a seal need the seal's audit context (audit=None)")
-            if type(records) is not np.ndarray or records.dtype != RECORD_DTYPE or records.ndim != 1:
-                raise TypeError(f"records must be a 1-D numpy array of RECORD_DTYPE, got {type(records).__name__}"
-                                f"{'' if type(records) is not np.ndarray else f' {records.ndim}-D of {records.dtype}'}")
-            if not valid_ops(records["op"]):
-                raise ValueError("records name an unknown audit operation")
+            check_records(records, "seal_rows")
         self.encrypt_chunks(seal.keys, seal.layout, seal.table(pos_start, pos_count, counter, offset, stride),
                             k_src, v_src, seal.arena, seal.audit)
         if records is not None:

@@ -27,7 +27,7 @@ import struct
 import numpy as np
 import torch
 
-from ..audit.records import RECORD_DTYPE, RECORD_SIZE as _RECORD, Op, valid_ops
+from ..audit.records import RECORD_SIZE as _RECORD, Op, check_records
 from ..audit.torch_records import stand_ins
 from . import kernel_abi as _abi
 from ..envelope import TAG_SIZE
@@ -58,10 +58,14 @@ class _Prepared:
 
 def _extra_records(records, prep) -> int | None:
     """How many caller records a prepared call carries; None when the general path must take them (not a
-    1-D RECORD_DTYPE array with valid operations, no audit, or too many for one launch's reservation)."""
-    if (type(records) is not np.ndarray or records.dtype != RECORD_DTYPE or records.ndim != 1
-            or not records.flags.c_contiguous or prep is None or prep.tpl is None or prep.ring is None or prep.records + records.shape[0] > prep.limit
-            or not valid_ops(records["op"])):
+    contiguous 1-D RECORD_DTYPE array with valid operations, no audit, or too many for one launch's reservation)."""
+    if prep is None or prep.tpl is None or prep.ring is None:
+        return None
+    try:
+        check_records(records, "seal_rows")     # what the general path refuses, it refuses itself
+    except (TypeError, ValueError):
+        return None
+    if not records.flags.c_contiguous or prep.records + records.shape[0] > prep.limit:
         return None
     return records.shape[0]
 
@@ -151,7 +155,8 @@ class RowsSealMixin:
         prep.n = n
         prep.rel = table[_COL_OFFSET].tolist()
         prep.values = table.reshape(-1).tolist() + tpl.values()
-        prep.pos, prep.counter, prep.offset = (slice(c * n, (c + 1) * n) for c in (_COL_POS, _COL_COUNTER, _COL_OFFSET))
+        prep.pos, prep.counter, prep.offset = (slice(c * n, (c + 1) * n)
+                                               for c in (_COL_POS, _COL_COUNTER, _COL_OFFSET))
         at = table.size
         prep.fields = tuple(at + _abi.ParamsTemplate.index(f) for f in ("k", "v", "table", "records", "first_no"))
         prep.t_bytes = _ALIGN * -(-table.nbytes // _ALIGN)
