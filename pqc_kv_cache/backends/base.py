@@ -311,7 +311,35 @@ def _frozen(a) -> np.ndarray:
     return a
 
 
-class RowsSeal:
+class _PreparedCall:
+    """What :class:`RowsSeal` and :class:`RowsOpen` share: the backend, its implementation of the call
+    (``name``: the CryptoBackend method), what the backend keeps between calls (``state``), and the arena,
+    held weakly (a call kept from step to step must not keep a replaced arena allocated; once it is gone,
+    the call is refused)."""
+
+    __slots__ = ("backend", "_arena", "state", "_impl")
+    _what = "call"
+
+    def __init__(self, backend: "CryptoBackend", arena: torch.Tensor, name: str):
+        self.backend = backend
+        self._arena = weakref.ref(arena)
+        self.state = None
+        # a backend registered as a CryptoBackend without deriving from it has only the abstract methods
+        impl = getattr(backend, name, None)
+        self._impl = impl if impl is not None else functools.partial(getattr(CryptoBackend, name), backend)
+
+    @property
+    def arena(self) -> torch.Tensor | None:
+        """The arena of this call (None once nothing else holds it: the call is then refused)."""
+        return self._arena()
+
+    def _run(self, *args):
+        if self._arena() is None:
+            raise ValueError(f"the arena this {self._what} was made for is gone: make a new {self._what}")
+        return self._impl(self, *args)
+
+
+class RowsSeal(_PreparedCall):
     """A seal prepared for repeated calls of one shape: chunk i of a call seals row ``rows[i]`` under key
     ``keys[key_idx[i]]`` into ``arena``, audited into ``audit``; per call only the positions, the nonce
     counters and where the chunks go change (what a cache's update of every row does, step after step).
@@ -321,25 +349,16 @@ class RowsSeal:
     keeps between calls of this seal (nothing for a host backend). A caller keeps one while ``matches``
     holds (the same key list object, arena tensor and audit context) and makes a new one otherwise."""
 
-    __slots__ = ("backend", "keys", "layout", "key_idx", "rows", "_arena", "audit", "state", "_seal_rows")
+    __slots__ = ("keys", "layout", "key_idx", "rows", "audit")
+    _what = "seal"
 
     def __init__(self, backend: "CryptoBackend", keys: Sequence[KeySlot], layout: ChunkLayout,
                  key_idx: np.ndarray, rows: np.ndarray, arena: torch.Tensor, audit: AuditContext | None):
         key_idx, rows = _frozen(key_idx), _frozen(rows)
         if key_idx.shape != rows.shape:
             raise ValueError(f"a rows seal needs one key index per row; got {key_idx.size} for {rows.size} rows")
-        self.backend, self.keys, self.layout = backend, keys, layout
-        # the arena is held weakly: a seal kept from step to step must not keep a replaced arena allocated
-        self.key_idx, self.rows, self._arena, self.audit = key_idx, rows, weakref.ref(arena), audit
-        self.state = None
-        # a backend registered as a CryptoBackend without deriving from it has only the abstract methods
-        impl = getattr(backend, "seal_rows", None)
-        self._seal_rows = impl if impl is not None else functools.partial(CryptoBackend.seal_rows, backend)
-
-    @property
-    def arena(self) -> torch.Tensor | None:
-        """The arena this seal writes into (None once nothing else holds it: the seal is then refused)."""
-        return self._arena()
+        super().__init__(backend, arena, "seal_rows")
+        self.keys, self.layout, self.key_idx, self.rows, self.audit = keys, layout, key_idx, rows, audit
 
     def matches(self, keys: Sequence[KeySlot], arena: torch.Tensor, audit: AuditContext | None) -> bool:
         return keys is self.keys and arena is self._arena() and audit is self.audit
@@ -354,9 +373,7 @@ class RowsSeal:
         once the seal is enqueued (a device backend: in the same reservation, moved by the call's own copies);
         not written as given if the seal raises (a device backend that had reserved their record numbers
         writes them with status ERROR in their place: the log stays dense). Only with an audit context."""
-        if self._arena() is None:
-            raise ValueError("the arena this seal was made for is gone: make a new seal")
-        self._seal_rows(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
+        self._run(pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
 
     def table(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int) -> ChunkTable:
         """The chunk table one call describes."""
@@ -367,7 +384,7 @@ class RowsSeal:
                           offset + np.arange(n, dtype=np.int64) * stride)
 
 
-class RowsOpen:
+class RowsOpen(_PreparedCall):
     """A read prepared for repeated calls over every row of a layer: a call opens segments (position ranges
     ``start[s] .. start[s] + count[s]``, one chunk per row of ``rows`` each) into ``k_out`` / ``v_out`` from
     position ``base`` on, from ``arena``, the failures of the call owned by ``owner``. What a cache's read of
@@ -378,22 +395,13 @@ class RowsOpen:
     ``state`` is what the backend keeps between calls (nothing for a host backend). A caller keeps one while
     ``matches`` holds and makes a new one otherwise."""
 
-    __slots__ = ("backend", "layout", "rows", "_arena", "owner", "state", "_open_rows")
+    __slots__ = ("layout", "rows", "owner")
+    _what = "read"
 
     def __init__(self, backend: "CryptoBackend", layout: ChunkLayout, rows: np.ndarray, arena: torch.Tensor,
                  owner: object = None):
-        self.backend, self.layout, self.rows, self.owner = backend, layout, _frozen(rows), owner
-        # the arena is held weakly: a read kept from step to step must not keep a replaced arena allocated
-        self._arena = weakref.ref(arena)
-        self.state = None
-        # a backend registered as a CryptoBackend without deriving from it has only the abstract methods
-        impl = getattr(backend, "open_rows", None)
-        self._open_rows = impl if impl is not None else functools.partial(CryptoBackend.open_rows, backend)
-
-    @property
-    def arena(self) -> torch.Tensor | None:
-        """The arena this read opens from (None once nothing else holds it: the read is then refused)."""
-        return self._arena()
+        super().__init__(backend, arena, "open_rows")
+        self.layout, self.rows, self.owner = layout, _frozen(rows), owner
 
     def matches(self, layout: ChunkLayout, rows: np.ndarray, arena: torch.Tensor, owner: object) -> bool:
         return layout is self.layout and rows is self.rows and arena is self._arena() and owner is self.owner
@@ -407,9 +415,7 @@ class RowsOpen:
         ``counter`` / ``offset``: int64 [segments, rows]; ``key_idx``: int64 [segments, rows], or [rows] when
         every segment uses the same key per row. Returns the status per chunk
         (segment-major, rows inner), as ``decrypt_chunks`` does."""
-        if self._arena() is None:
-            raise ValueError("the arena this read was made for is gone: make a new read")
-        return self._open_rows(self, keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
+        return self._run(keys, key_idx, audit, start, count, counter, offset, base, k_out, v_out)
 
     def table(self, key_idx, start, count, counter, offset, base: int) -> ChunkTable:
         """The chunk table one call describes (segment-major, rows inner)."""
