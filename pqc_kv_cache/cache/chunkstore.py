@@ -311,8 +311,7 @@ class ChunkStore:
         if i0 >= t.num_segments or rows.size == 0:
             return None
         read = self._ctx.rows_open(self.layer_idx, self._backend, self._layout, rows, self.arena.buffer)
-        return self._ctx.decrypt_rows(read, t.session_slot[i0:], t.epoch[i0:], t.start[i0:], t.count[i0:],
-                                      t.counter[i0:], t.offset[i0:], base, k_out, v_out)
+        return self._ctx.decrypt_rows(read, *t.read_columns(i0), base, k_out, v_out)
 
     def _check_covered(self, i0: int, view_start: int) -> None:
         """Refuse a read whose positions ``view_start``.. ``_end`` are not all covered by chunks, in order:

@@ -135,10 +135,11 @@ class Scratch:
     The buffer lives in a box shared with a finalizer that zeroes it when the owning cache is collected
     (the finalizer holds no reference to the cache, so it cannot keep it alive)."""
 
-    __slots__ = ("_box", "_guard", "_owner")
+    __slots__ = ("_box", "_guard", "_owner", "_typed")
 
     def __init__(self, owner: object):
         self._box: list = [None]
+        self._typed: tuple = (None, None, None)     # (buffer, dtype, the buffer viewed as dtype): every step asks
         self._owner = weakref.ref(owner)
         self._guard = weakref.finalize(owner, _zero_scratch, self._box)
 
@@ -160,8 +161,17 @@ class Scratch:
             owner = self._owner()
             if not self._guard.alive and owner is not None:
                 self._guard = weakref.finalize(owner, _zero_scratch, self._box)
-        x = s[:need].view(dtype).view(batch, 2, heads, seq, dim)
-        return x[:, 0], x[:, 1]
+        typed = self._typed
+        if typed[0] is not s or typed[1] != dtype:
+            size = dtype.itemsize
+            typed = self._typed = (s, dtype, s[:s.numel() // size * size].view(dtype))
+        t = typed[2]
+        # [batch, 2, heads, seq, dim] from the buffer's start: K at index 0 of the second axis, V at index 1
+        plane = heads * seq * dim
+        strides = (2 * plane, seq * dim, dim, 1)
+        at = t.storage_offset()
+        return (t.as_strided((batch, heads, seq, dim), strides, at),
+                t.as_strided((batch, heads, seq, dim), strides, at + plane))
 
     def wipe(self) -> None:
         """Zero the scratch (the K/V views last returned become zeros)."""
@@ -170,6 +180,7 @@ class Scratch:
 
     def release(self) -> None:
         """Zero and drop the scratch."""
+        self._typed = (None, None, None)
         _zero_scratch(self._box)
 
 
@@ -450,7 +461,10 @@ class LayerContext:
         """``decrypt`` of segments × every row through the prepared ``read`` (``slots``, ``epoch``, ``counter``,
         ``offset``: the chunk table's ``[segments, rows]`` columns; ``start`` / ``count``: the segments')."""
         s0, e0 = slots[0], epoch[0]
-        if slots.shape[0] == 1 or ((slots == s0).all() and (epoch == e0).all()):
+        ns = slots.shape[0]
+        # (byte comparisons of the int64 columns: a tenth of the time of element-wise ones, same answer)
+        if ns == 1 or (slots.dtype == epoch.dtype == np.int64 and slots.tobytes() == s0.tobytes() * ns
+                       and epoch.tobytes() == e0.tobytes() * ns):
             # every segment under the same key per row (no rotation in view): the row's key list, remembered
             keys, key_idx, ctx = self._keys(s0, e0, audited=True)
         else:

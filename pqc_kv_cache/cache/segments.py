@@ -156,6 +156,13 @@ class SegmentTable:
     def ends(self) -> np.ndarray:
         return self.start + self.count
 
+    def read_columns(self, first: int) -> tuple:
+        """(session_slot, epoch, start, count, counter, offset) of segments ``first``.. (views): what a read
+        of them takes, in one call (every step reads them)."""
+        n, c = self._n, self._cols
+        return (c["session_slot"][first:n], c["epoch"][first:n], self._start[first:n], self._count[first:n],
+                c["counter"][first:n], c["offset"][first:n])
+
     def chunk_sizes(self, bytes_per_position: int, tag_size: int) -> np.ndarray:
         """Stored bytes of each segment's chunks (every row's chunk of a segment has the same size)."""
         return self.count * bytes_per_position + tag_size
