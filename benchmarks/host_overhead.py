@@ -15,8 +15,8 @@ layer updated over and over pays it at every update.
 - On a CPU (no CUDA device, or ``--twin``): the CUDA backend's CPU twin (``tests/support/twin.py``:
   ``CudaBackend``'s own host code) with kernel work skipped (``execute=False``), so the time is the
   backend's and the cache's host code only; the audited variants log through a real ``KVAuditLog`` whose
-  CUDA ring lives in host memory (``TwinLog``), so the CUDA-only costs of a ring commit (event record,
-  stream wait, side-stream copy) are not in these figures. DynamicCache runs on CPU tensors whose layer
+  CUDA ring lives in host memory (``TwinLog``, holding as many records as a GPU log's CUDA ring), so the
+  CUDA-only costs of a ring commit (event record, stream wait, side-stream copy) are not in these figures. DynamicCache runs on CPU tensors whose layer
   is cropped back to one position after every timed update: its time is the host work of its two
   ``torch.cat`` calls, without the copy a GPU would run asynchronously.
 - On a GPU: the real backend and kernels; per update the host wall time of the call and, with CUDA
@@ -24,8 +24,10 @@ layer updated over and over pays it at every update.
 
 Each repeat runs ``--steps`` timed updates of every variant, the variants in an order that rotates from
 repeat to repeat; a repeat's figure is the median over its steps; the table gives median, min and max
-over ``--repeats`` and each variant's per-repeat ratio to DynamicCache. torch runs one thread
-(``--threads``). Prints a markdown table and writes JSON (``--out``).
+over ``--repeats`` and each variant's per-repeat ratio to DynamicCache, and the median over repeats of the
+mean over all steps (what the steps the median passes over cost too: a merge of segments, an arena
+compaction, a drain pass; on the twin the device's share of those, memory copies, runs on the host as
+well, so the mean overstates a GPU's). torch runs one thread (``--threads``). Prints a markdown table and writes JSON (``--out``).
 
     python benchmarks/host_overhead.py [--context 4096] [--batch 8] [--layers 1] [--steps 30]
                                        [--repeats 5] [--twin] [--smoke] [--out bench-results/host_overhead.json]
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import statistics
@@ -54,6 +57,7 @@ from pqc_kv_cache.audit import KVAuditLog  # noqa: E402
 from pqc_kv_cache.cache import EncryptedCache  # noqa: E402
 from pqc_kv_cache.session import TenantIdentity, establish_tenant_session  # noqa: E402
 
+DEFAULT_RING_RECORDS = inspect.signature(KVAuditLog).parameters["ring_records"].default
 VARIANTS = ("dynamic", "sealed_audit_off", "sealed_audit_on", "working_set_audit_off", "working_set_audit_on")
 LABELS = {"dynamic": "DynamicCache", "sealed_audit_off": "sealed, audit off", "sealed_audit_on": "sealed, audit on",
           "working_set_audit_off": "working set, audit off", "working_set_audit_on": "working set, audit on"}
@@ -99,7 +103,9 @@ class Variant:
                 self.log = KVAuditLog()
             else:
                 from support.twin import TwinLog
-                self.log = TwinLog()
+                # the ring a GPU's log gives its CUDA ring: as many records as the log's host ring
+                # (KVAuditLog's default ring_records); a smaller one would publish (and drain) more often
+                self.log = TwinLog(ring_capacity=DEFAULT_RING_RECORDS)
         self.cache = EncryptedCache(layer_config(args.kv_heads, args.head_dim, args.layers), sessions=sessions,
                                     backend=backend_factory(), audit=self.log, mode=mode)
         for layer in range(self.layers):
@@ -169,6 +175,7 @@ def run(args) -> dict:
           file=sys.stderr)
     variants = {name: Variant(name, device, args, backend_factory, sessions, gpu) for name in VARIANTS}
     host = {name: [] for name in VARIANTS}
+    host_mean = {name: [] for name in VARIANTS}
     gpu_work = {name: [] for name in VARIANTS}
     try:
         for name in VARIANTS:                 # warm-up: first-call costs (key schedules, memos) untimed
@@ -184,6 +191,7 @@ def run(args) -> dict:
                     if g is not None:
                         gs.append(g)
                 host[name].append(statistics.median(hs))
+                host_mean[name].append(statistics.fmean(hs))
                 if gs:
                     gpu_work[name].append(statistics.median(gs))
             print(f"host_overhead: repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
@@ -200,6 +208,9 @@ def run(args) -> dict:
                   "context": args.context, "layers": args.layers, "new_positions_per_row": 1},
         "steps": args.steps, "repeats": args.repeats,
         "host_ms_per_layer_update": {n: spread(host[n]) for n in VARIANTS},
+        # the mean over every step (merges, arena compactions and drain passes included; on the twin, the
+        # device's share of those, memory copies, runs on the host too)
+        "host_ms_per_layer_update_mean": {n: spread(host_mean[n]) for n in VARIANTS},
         "ratio_to_dynamic": {n: spread([a / b for a, b in zip(host[n], host["dynamic"])]) for n in VARIANTS},
     }
     if gpu:
@@ -215,14 +226,15 @@ def markdown(res: dict) -> str:
              f" {s['context']}-position context, one new position per row, {per}; {res['backend']}; {res['cpu']}, "
              f"{res['threads']} torch thread(s); {res['repeats']} repeats x {res['steps']} steps"
              + (" · **smoke run (tiny shapes)**" if res["smoke"] else ""), "",
-             "| variant | host ms per update (median [min, max] of repeats) | ratio to DynamicCache |"
+             "| variant | host ms per update (median [min, max] of repeats) | ratio to DynamicCache | mean of all steps |"
              + (" GPU ms |" if "gpu_ms_per_layer_update" in res else ""),
-             "|---|---|---|" + ("---|" if "gpu_ms_per_layer_update" in res else "")]
+             "|---|---|---|---|" + ("---|" if "gpu_ms_per_layer_update" in res else "")]
     for n in VARIANTS:
         h = res["host_ms_per_layer_update"][n]
         r = res["ratio_to_dynamic"][n]
         line = (f"| {LABELS[n]} | {h['median']:.3f} [{h['min']:.3f}, {h['max']:.3f}] | "
-                f"{r['median']:.1f}x [{r['min']:.1f}, {r['max']:.1f}] |")
+                f"{r['median']:.1f}x [{r['min']:.1f}, {r['max']:.1f}] | "
+                f"{res['host_ms_per_layer_update_mean'][n]['median']:.3f} |")
         if "gpu_ms_per_layer_update" in res:
             g = res["gpu_ms_per_layer_update"].get(n)
             line += f" {g['median']:.3f} |" if g else " |"

@@ -295,9 +295,8 @@ class ChunkStore:
         """Decrypt every segment that reaches past ``view_start`` into the scratch.
 
         Returns the scratch views from the first decrypted position (``base``), base, and the status."""
-        i0 = self.table.first_reaching(view_start)
+        i0, base = self.table.reaching(view_start, self._end)
         self._check_covered(i0, view_start)
-        base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
         k_out, v_out = self._ctx.scratch.views(self._batch, self._end - base, self.num_heads, self.head_dim,
                                                self.dtype, self.device)
         status = self._open_all(i0, k_out, v_out, base)

@@ -52,6 +52,7 @@ class PlaintextStore:
         self.v: torch.Tensor | None = None
         self.base = 0
         self.end = 0
+        self._geo: tuple = (None, None)    # (k, v, k's strides and offset, v's): what the step's views are cut by
         self._box: list = [[], []]        # [live buffers, retired buffers]
         self._guard = weakref.finalize(self, _zero_box, self._box)
 
@@ -112,15 +113,29 @@ class PlaintextStore:
                 k[:, :, :self.end - keep_from].copy_(self.k[:, :, keep_from - self.base:self.end - self.base])
                 v[:, :, :self.end - keep_from].copy_(self.v[:, :, keep_from - self.base:self.end - self.base])
             self._install(k, v, keep_from, self.end)
-        at = self.end - self.base
-        self.k.narrow(2, at, n).copy_(k_new)
-        self.v.narrow(2, at, n).copy_(v_new)
+        k_at, v_at = self._cut(self.end - self.base, n)
+        k_at.copy_(k_new)
+        v_at.copy_(v_new)
         self.end += n
 
     def view(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views ``[batch, heads, end - start, dim]`` of positions ``start..end``."""
-        a = start - self.base
-        return self.k.narrow(2, a, end - start), self.v.narrow(2, a, end - start)
+        return self._cut(start - self.base, end - start)
+
+    def _cut(self, at: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views of buffer positions ``at..at+n`` (``narrow(2, at, n)`` of each, by ``as_strided`` with
+        the buffers' strides, read once per buffer: every step cuts two views for its write and two for its
+        read)."""
+        shape = self.k.shape
+        if not 0 <= at <= at + n <= shape[2]:
+            raise IndexError(f"positions {at}..{at + n} are outside the buffer's {shape[2]}")
+        geo = self._geo
+        if geo[0] is not self.k or geo[1] is not self.v:
+            k, v = self.k, self.v
+            geo = self._geo = (k, v, k.stride(), k.storage_offset(), v.stride(), v.storage_offset())
+        _, _, ks, ko, vs, vo = geo
+        size = (shape[0], shape[1], n, shape[3])      # (v has k's shape: both made or selected together)
+        return self.k.as_strided(size, ks, ko + at * ks[2]), self.v.as_strided(size, vs, vo + at * vs[2])
 
     def truncate(self, end: int) -> None:
         """Forget positions from ``end`` on; their bytes stay in the buffer (as ``DynamicLayer.crop`` leaves
@@ -171,6 +186,7 @@ class PlaintextStore:
         """Zero and drop every buffer."""
         _zero_box(self._box)
         self.k = self.v = None
+        self._geo = (None, None)
         self.base = self.end = 0
 
     def state(self) -> tuple:
@@ -324,10 +340,9 @@ class WorkingSetStorage:
                                    pos_start=view_start, pos_count=count, nbytes=count * self._bytes_per_position)
 
     def _visible(self, view_start: int, recorded: bool = False):
-        i0 = self.table.first_reaching(view_start)
+        i0, base = self.table.reaching(view_start, self._end)
         if not recorded:
             self._check_covered(i0, view_start)
-        base = int(self.table.start[i0]) if i0 < self.num_segments else self._end
         k, v = self._ws.view(base, self._end)
         auditor = self._ctx.auditor
         if auditor.enabled and not recorded:
