@@ -16,7 +16,7 @@
 
 #include "pqc_chunk.cuh"
 
-#define PQC_HOST_ABI 3
+#define PQC_HOST_ABI 4
 #define PQC_HOST_EARG (-1)
 
 namespace {
@@ -261,7 +261,8 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
 // (or chunk i of p->table without items) seals its rounds of its chunk from the K/V
 // tensors into arena + offset; the item completing a chunk writes its tag; ENCRYPT
 // records of positions [p0, p1) at records[(aux + pos - rec_lo) * 64] when records
-// is set, numbered first_no + aux + pos.
+// is set, numbered first_no + aux + pos, and with row_op set the chunk's first item
+// (j == 0) its row record at records[(row_rec0 + chunk - rec_lo) * 64].
 int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
     if (p == nullptr || p->n < 0 || p->n_items < 0 || ((p->head_dim * p->itemsize) & 15u) != 0u || order > 2u ||
         !items_ok(p->items, p->n_items, p->n, p->partials, p->counters))
@@ -295,6 +296,13 @@ int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
                 uint32_t w[16];
                 pqc_encrypt_record(c, p->meta, L, p->first_no + (uint64_t)(c.aux + pos), 0ull, (uint32_t)pos, w);
                 write_record(p->records + PQC_RECORD_SIZE * (c.aux + pos - p->rec_lo), w);
+            }
+            if (p->row_op != 0u && it.j == 0) {  // the chunk's row record, once (the kernel's thread 0)
+                uint32_t w[16];
+                const int64_t at = p->row_rec0 + it.chunk;
+                pqc_chunk_row_record(c, p->meta, L, p->row_op, p->row_pos_start, p->row_pos_count, p->row_nbytes,
+                                     p->first_no + (uint64_t)at, 0ull, w);
+                write_record(p->records + PQC_RECORD_SIZE * (at - p->rec_lo), w);
             }
         }
     }

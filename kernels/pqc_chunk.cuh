@@ -135,6 +135,31 @@ PQC_HD void pqc_encrypt_record(const pqc_chunk& c, const pqc_slot_meta* meta, co
     pqc_encode_record(f, w);
 }
 
+// The record of operation `op` about chunk c's row (pqc_chunk_params.row_op): the row's tenant and
+// session (its key slot's), the layer, positions [pos_start, pos_start + pos_count), nbytes; no
+// nonce or epoch (what the host writes for a working-set READ), status OK.
+PQC_HD void pqc_chunk_row_record(const pqc_chunk& c, const pqc_slot_meta* meta, const pqc_layout_args& L,
+                                 uint32_t op, uint32_t pos_start, uint32_t pos_count, uint32_t nbytes,
+                                 uint64_t record_no, uint64_t ts, uint32_t w[16]) {
+    const pqc_slot_meta& sm = meta[c.slot];
+    pqc_record_fields f;
+    f.record_no = record_no;
+    f.device_ts_ns = ts;
+    f.nonce_counter = 0ull;
+    f.pos_start = pos_start;
+    f.pos_count = pos_count;
+    f.tenant_idx = sm.tenant_idx;
+    f.session_idx = sm.session_idx;
+    f.epoch = 0u;
+    f.nbytes = nbytes;
+    f.layer = L.layer;
+    f.row = (uint32_t)c.row;
+    f.op = op;
+    f.status = 0u;
+    f.flags = 0u;
+    pqc_encode_record(f, w);
+}
+
 // DECRYPT record of row descriptor r (status OK; failing chunks OR in AUTH_FAILED).
 PQC_HD void pqc_row_record(const int64_t* rowdesc, int64_t nrows, int64_t r, const pqc_slot_meta* meta,
                            const pqc_layout_args& L, uint64_t record_no, uint64_t ts, uint32_t w[16]) {

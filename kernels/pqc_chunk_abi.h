@@ -82,7 +82,14 @@ struct pqc_chunk_params {
     uint64_t call_tag;            // decrypt: written into each failure record's record_no
     uint32_t layer, num_heads, head_dim, itemsize, dtype_code;
     uint32_t fq_cap;
+    // encrypt: with records and row_op != 0, the first item of chunk i also writes a record of
+    // operation row_op about the chunk's row (its key slot's tenant and session, the layer,
+    // positions [row_pos_start, row_pos_start + row_pos_count), row_nbytes bytes; no nonce or
+    // epoch) at record index row_rec0 + i, numbered first_no + row_rec0 + i: a working-set
+    // update's READ record of each row, written by the launch that seals the row's new positions
+    uint32_t row_op, row_pos_start, row_pos_count, row_nbytes;
+    int64_t row_rec0;
 };
-static_assert(sizeof(pqc_chunk_params) == 216, "pqc_chunk_params layout changed: update kernel_abi.CHUNK_PARAMS_DTYPE");
+static_assert(sizeof(pqc_chunk_params) == 240, "pqc_chunk_params layout changed: update kernel_abi.CHUNK_PARAMS_DTYPE");
 
 #endif  // PQC_CHUNK_ABI_H

@@ -381,12 +381,13 @@ class CudaAuditRing:
         self.commit(n, first)
 
     def records_at(self, n: int, *, op: int, tenant_idx: int, session_idx: int, layer: int,
-                   tail: np.ndarray | None = None, head=None) -> "_RecordsAt":
+                   tail=None, head=None) -> "_RecordsAt":
         """``with ring.records_at(n, op=...) as (address, first_no):`` what ``reservation`` does, for at most
         ``capacity`` records, yielding the device address of the reserved slots instead of a view, and
         committing (or abandoning) the reservation it took without looking it up: a launch's path that runs
         for every layer of every decode step. ``tail``: the last ``len(tail)`` slots are for these records
-        (a RECORD_DTYPE array the caller copies in); if the block raises, their ERROR stand-ins keep their
+        (a RECORD_DTYPE array the caller copies in, or a callable returning the records the launch writes
+        there, called only if the block raises); if the block raises, their ERROR stand-ins keep their
         fields (operation, tenant, row, positions) instead of the launch's. ``head``: the stand-ins of the
         first slots (the launch's own records: a RECORD_DTYPE array naming each one's tenant, session and
         row, or a callable returning one, called only if the block raises); the others take the template."""
@@ -544,6 +545,10 @@ class _RecordsAt:
                 head = head() if callable(head) else head
             except Exception:       # noqa: BLE001 - the template's stand-ins still fill every slot
                 head = None
+            try:
+                tail = tail() if callable(tail) else tail
+            except Exception:       # noqa: BLE001 - as for head
+                tail = None
             if head is not None and not 0 < head.shape[0] <= n:
                 head = None
             if tail is not None and not 0 < tail.shape[0] <= n:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..audit.fields import RecordTemplates, build_records, set_field
-from ..audit.records import Op, Status, check_records
+from ..audit.records import VALID_OPS, Op, Status, check_records
 
 if TYPE_CHECKING:   # annotations only: a backend writes records, it does not import the log
     from ..audit.log import KVAuditLog
@@ -54,7 +54,7 @@ if TYPE_CHECKING:   # annotations only: a backend writes records, it does not im
 IndexArray = Union[np.ndarray, torch.Tensor]
 
 __all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "DecryptStatus", "CryptoBackend", "RowsSeal",
-           "RowsOpen", "RowSummary", "decrypt_row_summary"]
+           "RowsOpen", "RowRecords", "RowSummary", "decrypt_row_summary"]
 
 
 @dataclass(frozen=True)
@@ -339,6 +339,32 @@ class _PreparedCall:
         return self._impl(self, *args)
 
 
+_U32_MAX = 0xFFFFFFFF
+
+
+class RowRecords(NamedTuple):
+    """One audit record per row of a prepared seal's call, written with the call's ENCRYPT records (a device
+    backend: by the launch that seals): operation ``op`` (a working-set update's READ of each row),
+    positions ``pos_start .. pos_start + pos_count``, ``nbytes`` bytes (a count past 2^32 - 1 is written as
+    2^32 - 1, as a device DECRYPT record saturates it); the tenant, session and row each row's, the layer
+    the seal's. Status OK; no nonce or epoch."""
+
+    op: int
+    pos_start: int
+    pos_count: int
+    nbytes: int
+
+    def fields(self) -> tuple[int, int, int, int] | None:
+        """(op, pos_start, pos_count, nbytes) as a record holds them (nbytes saturated), or None when a value
+        cannot be held (an operation code that names none, a position outside 0 .. 2^32 - 1)."""
+        op, start, count, nbytes = self
+        if not all(type(x) is int for x in self) or op not in VALID_OPS:
+            return None
+        if not (0 <= start <= _U32_MAX and 0 <= count <= _U32_MAX and nbytes >= 0):
+            return None
+        return op, start, count, min(nbytes, _U32_MAX)
+
+
 class RowsSeal(_PreparedCall):
     """A seal prepared for repeated calls of one shape: chunk i of a call seals row ``rows[i]`` under key
     ``keys[key_idx[i]]`` into ``arena``, audited into ``audit``; per call only the positions, the nonce
@@ -349,7 +375,7 @@ class RowsSeal(_PreparedCall):
     keeps between calls of this seal (nothing for a host backend). A caller keeps one while ``matches``
     holds (the same key list object, arena tensor and audit context) and makes a new one otherwise."""
 
-    __slots__ = ("keys", "layout", "key_idx", "rows", "audit")
+    __slots__ = ("keys", "layout", "key_idx", "rows", "audit", "_kept_rows")
     _what = "seal"
 
     def __init__(self, backend: "CryptoBackend", keys: Sequence[KeySlot], layout: ChunkLayout,
@@ -359,12 +385,14 @@ class RowsSeal(_PreparedCall):
             raise ValueError(f"a rows seal needs one key index per row; got {key_idx.size} for {rows.size} rows")
         super().__init__(backend, arena, "seal_rows")
         self.keys, self.layout, self.key_idx, self.rows, self.audit = keys, layout, key_idx, rows, audit
+        self._kept_rows: tuple | None = None     # (op, the row records last built with status OK)
 
     def matches(self, keys: Sequence[KeySlot], arena: torch.Tensor, audit: AuditContext | None) -> bool:
         return keys is self.keys and arena is self._arena() and audit is self.audit
 
     def __call__(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int,
-                 k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
+                 k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None, *,
+                 row_records: RowRecords | None = None) -> None:
         """Seal positions ``pos_start .. pos_start + pos_count`` (index 0.. of ``k_src``/``v_src``) of every
         row, chunk i under nonce ``counter[i]`` at ``offset + i * stride`` of the arena.
 
@@ -372,8 +400,43 @@ class RowsSeal(_PreparedCall):
         ``KVAuditLog.emit_records``), written into the audit context's log with the call's ENCRYPT records
         once the seal is enqueued (a device backend: in the same reservation, moved by the call's own copies);
         not written as given if the seal raises (a device backend that had reserved their record numbers
-        writes them with status ERROR in their place: the log stays dense). Only with an audit context."""
-        self._run(pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
+        writes them with status ERROR in their place: the log stays dense). Only with an audit context.
+        ``row_records``: instead, one record per row described by a :class:`RowRecords` (which a device backend
+        writes in the launch itself, with nothing built or copied per call)."""
+        if row_records is None:
+            self._run(pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
+        else:
+            self._run(pos_start, pos_count, counter, offset, stride, k_src, v_src, records, row_records)
+
+    def row_records(self, spec: RowRecords, status: Status = Status.OK) -> np.ndarray:
+        """The records ``spec`` describes for this seal's rows, built on the host (ValueError for a value a
+        record cannot hold; this seal needs an audit context). With status OK the array is kept for the next
+        call (read it before asking again)."""
+        if self.audit is None:
+            raise ValueError("row records need the seal's audit context (audit=None)")
+        if not isinstance(spec, RowRecords):
+            raise TypeError(f"row_records takes a RowRecords, got {type(spec).__name__}")
+        got = spec.fields()
+        if got is None:
+            raise ValueError(f"row records {spec!r} hold a value an audit record cannot (an unknown operation, "
+                             "or a position outside 0 .. 2^32 - 1)")
+        op, start, count, nbytes = got
+        kept = self._kept_rows
+        if status == Status.OK and kept is not None and kept[0] == op:
+            batch = kept[1]         # every step asks again: only the positions change
+        else:
+            k = self.key_idx
+            batch = build_records(op, (self.audit.tenant_idx[k], self.audit.session_idx[k],
+                                       min(int(self.layout.layer_idx), 0xFFFF), self.rows, 0, 0, 0, 0, 0,
+                                       int(status), 0))
+            if status != Status.OK:
+                kept = None
+            else:
+                self._kept_rows = (op, batch)
+        batch["pos_start"] = start
+        batch["pos_count"] = count
+        batch["nbytes"] = nbytes
+        return batch
 
     def table(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int) -> ChunkTable:
         """The chunk table one call describes."""
@@ -452,9 +515,15 @@ class CryptoBackend(abc.ABC):
         return RowsSeal(self, keys, layout, key_idx, rows, arena, audit)
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
-                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
+                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None,
+                  row_records: RowRecords | None = None) -> None:
         """One call of ``seal`` (see :class:`RowsSeal`): ``encrypt_chunks`` over the table it describes, then
-        the caller's ``records``; a backend with per-call costs to spare overrides it."""
+        the caller's ``records`` (or those ``row_records`` describes); a backend with per-call costs to spare
+        overrides it."""
+        if row_records is not None:
+            if records is not None:
+                raise TypeError("a seal writes records or row_records, not both")
+            records = seal.row_records(row_records)
         if records is not None:     # refused before anything is sealed, as emit_records would refuse them
             if seal.audit is None:
                 raise ValueError("records to write with a seal need the seal's audit context (audit=None)")

@@ -22,16 +22,17 @@ prepares again when it is not (evicted or forgotten, hence zeroed).
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 
 import numpy as np
 import torch
 
-from ..audit.records import RECORD_SIZE as _RECORD, Op, check_records
+from ..audit.records import RECORD_SIZE as _RECORD, Op, Status, check_records
 from ..audit.torch_records import stand_ins
 from . import kernel_abi as _abi
 from ..envelope import TAG_SIZE
-from .base import RowsSeal
+from .base import RowRecords, RowsSeal
 from .cuda_staging import ALIGN as _ALIGN
 
 __all__ = ["RowsSealMixin"]
@@ -48,12 +49,24 @@ class _Prepared:
 
     __slots__ = ("pos_count", "stride", "k_shape", "v_shape", "tpl", "n", "sig", "rel", "values",
                  "pos", "counter", "offset", "fields", "struct", "t_bytes", "size", "records", "ring", "res", "grid",
-                 "span", "arena_bytes", "keep", "meta", "limit", "head")
+                 "span", "arena_bytes", "keep", "meta", "limit", "head", "row_fields")
 
     def __init__(self, pos_count: int, stride: int, k_src: torch.Tensor, v_src: torch.Tensor):
         self.pos_count, self.stride = pos_count, stride
         self.k_shape, self.v_shape = k_src.shape, v_src.shape
         self.tpl = None         # None: this shape takes the general path (a split launch)
+
+
+def _row_fields(spec, records, prep) -> list | None:
+    """The row record fields of the parameter record (row_op, row_pos_start, row_pos_count, row_nbytes,
+    row_rec0) a prepared call writes for ``spec``; None when the general path must take it (no audit, the
+    caller's records too, a value a record cannot hold, more records than one launch's reservation)."""
+    if prep is None or prep.tpl is None or prep.ring is None or records is not None or not isinstance(spec, RowRecords):
+        return None
+    got = spec.fields()
+    if got is None or prep.records + prep.n > prep.limit:
+        return None
+    return [*got, prep.records]
 
 
 def _extra_records(records, prep) -> int | None:
@@ -74,7 +87,8 @@ class RowsSealMixin:
     """``seal_rows`` of the CUDA backend (mixed into ``CudaBackend``)."""
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
-                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None) -> None:
+                  stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None,
+                  row_records: RowRecords | None = None) -> None:
         self._refuse_capture()      # before anything is prepared, uploaded or launched
         prep = seal.state
         if (prep is None or prep.pos_count != pos_count or prep.stride != stride or k_src.shape != prep.k_shape
@@ -83,17 +97,28 @@ class RowsSealMixin:
         ints = (counter.tolist() if type(counter) is np.ndarray and counter.dtype == np.int64 and counter.ndim == 1
                 else None)
         extra = 0 if records is None else _extra_records(records, prep)
+        rows = None if row_records is None else _row_fields(row_records, records, prep)
         if (prep is None or prep.tpl is None or ints is None or extra is None
+                or (row_records is not None and rows is None)
                 or not self._rows_call_ok(prep, pos_start, ints, offset, k_src, v_src)):
             # the general path: the same bytes and records, and the error a bad value deserves
-            return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
+            return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src, records,
+                                     row_records)
         n = prep.n
         values = prep.values.copy()
         values[prep.pos] = [pos_start] * n
         values[prep.counter] = ints
         values[prep.offset] = [offset + r for r in prep.rel]
+        if rows is not None:        # the launch writes each row's record after its ENCRYPT records
+            extra = n
+            values[prep.row_fields] = rows
+            tail = functools.partial(seal.row_records, row_records, Status.ERROR)
+        else:
+            tail = records
         res = (contextlib.nullcontext(_UNAUDITED) if prep.ring is None
-               else prep.ring.records_at(prep.records + extra, tail=records, head=prep.head, **prep.res))
+               else prep.ring.records_at(prep.records + extra, tail=tail, head=prep.head, **prep.res))
+        if rows is not None:
+            extra = 0               # nothing of the caller's to copy
         with res as (records_at, first_no), self._staging.staged(prep.size + extra * _RECORD) as st:
             ik, iv, it, ir, i_first = prep.fields
             values[ik] = k_src.data_ptr()
@@ -159,6 +184,8 @@ class RowsSealMixin:
                                                for c in (_COL_POS, _COL_COUNTER, _COL_OFFSET))
         at = table.size
         prep.fields = tuple(at + _abi.ParamsTemplate.index(f) for f in ("k", "v", "table", "records", "first_no"))
+        first_row = at + _abi.ParamsTemplate.index("row_op")
+        prep.row_fields = slice(first_row, first_row + 5)    # row_op .. row_rec0, consecutive
         prep.t_bytes = _ALIGN * -(-table.nbytes // _ALIGN)
         prep.struct = struct.Struct(f"<{table.size}q{prep.t_bytes - table.nbytes}x{_abi.ParamsTemplate.format}")
         prep.size = prep.struct.size

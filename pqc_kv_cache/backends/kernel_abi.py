@@ -77,6 +77,7 @@ CHUNK_PARAMS_DTYPE = np.dtype([
     ("status", _PTR), ("fq", _PTR), ("fq_count", _PTR), ("call_tag", _U64),
     ("layer", _U32), ("num_heads", _U32), ("head_dim", _U32), ("itemsize", _U32), ("dtype_code", _U32),
     ("fq_cap", _U32),
+    ("row_op", _U32), ("row_pos_start", _U32), ("row_pos_count", _U32), ("row_nbytes", _U32), ("row_rec0", _I64),
 ])
 
 

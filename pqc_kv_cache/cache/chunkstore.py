@@ -24,6 +24,7 @@ from .context import LayerContext
 from .segments import SealedChunks, SegmentTable
 
 if TYPE_CHECKING:
+    from ..backends.base import RowRecords
     from .context import ChunkLayout
 
 __all__ = ["ChunkStore"]
@@ -191,11 +192,11 @@ class ChunkStore:
     def _kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The positions just sealed, in the clear (sealed: not kept)."""
 
-    def _read_records(self, view_start: int, end: int) -> tuple[bool, np.ndarray | None]:
+    def _read_records(self, view_start: int, end: int) -> tuple[bool, RowRecords | None]:
         """Before an update seals: (whether the read it ends with, positions ``view_start..end`` of every
-        row, is checked and recorded here, its records (None without audit)): the records are written with
-        the seal's own, once anything that could refuse the read has been checked. (False, None) when the
-        read checks and records itself (sealed: the backend records its decrypt)."""
+        row, is checked and recorded here, the row records that record it (None without audit)): they are
+        written with the seal's own, once anything that could refuse the read has been checked. (False, None)
+        when the read checks and records itself (sealed: the backend records its decrypt)."""
         return False, None
 
     def _visible(self, view_start: int, recorded: bool = False):
@@ -262,11 +263,11 @@ class ChunkStore:
             aside.zero_()
         return sealed
 
-    def _seal_new(self, k_src, v_src, start: int, n: int, records: np.ndarray | None = None) -> SealedChunks:
+    def _seal_new(self, k_src, v_src, start: int, n: int, records: RowRecords | None = None) -> SealedChunks:
         """Seal positions ``start..start+n`` (index 0.. of ``k_src``/``v_src``) of every row, one chunk per row
         (audited), at consecutive places of the arena: through the layer's prepared row seal, which the
         backend keeps from step to step while its keys, arena and audit context stay the same. ``records``:
-        the update's own records, written with the seal's (see ``_read_records``)."""
+        the update's own row records, written with the seal's (see ``_read_records``)."""
         size = n * self._bytes_per_position + TAG_SIZE
         ctx = self._ctx
         slots = self._row_slots
@@ -274,7 +275,7 @@ class ChunkStore:
         base = self._alloc(size * self._batch)
         seal = ctx.rows_seal(self.layer_idx, self._backend, self._layout, slots, epoch, self._all_rows(),
                              self.arena.buffer)
-        seal(start, n, counter, base, size, k_src, v_src, records)
+        seal(start, n, counter, base, size, k_src, v_src, row_records=records)
         return SealedChunks(counter, epoch, slots, base + self._offsets(size))    # the table copies them
 
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):

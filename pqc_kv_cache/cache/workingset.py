@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..audit.records import Op
+from ..backends.base import RowRecords
 from ..errors import SessionExpiredError
 from .clearing import zero, zero_at_collection
 from .layer import EncryptedLayer
@@ -329,15 +330,17 @@ class WorkingSetStorage:
         first = int(self.table.start[0]) if self.num_segments else self._end
         self._ws.write(key_states, value_states, keep_from=first)
 
-    def _read_records(self, view_start: int, end: int) -> tuple[bool, np.ndarray | None]:
+    def _read_records(self, view_start: int, end: int) -> tuple[bool, RowRecords | None]:
         auditor = self._ctx.auditor
         if auditor.holding:         # an operation over several layers holds its records: _visible writes them
             return False, None
         # what _visible would refuse, refused before the seal (the new positions only extend the coverage)
         self._check_covered(self.table.first_reaching(view_start), view_start)
+        if not auditor.enabled:
+            return True, None
         count = end - view_start
-        return True, auditor.batch(Op.READ, self.layer_idx, self._row_slots, self._all_rows(),
-                                   pos_start=view_start, pos_count=count, nbytes=count * self._bytes_per_position)
+        # one READ record per row, written by the seal (a device backend: by its launch, nothing built here)
+        return True, RowRecords(int(Op.READ), view_start, count, count * self._bytes_per_position)
 
     def _visible(self, view_start: int, recorded: bool = False):
         i0, base = self.table.reaching(view_start, self._end)

@@ -22,7 +22,7 @@ from pqc_kv_cache.audit import KVAuditLog
 from pqc_kv_cache.audit.fields import build_records
 from pqc_kv_cache.audit.records import Op, Status
 from pqc_kv_cache.backends import kernel_shim
-from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, CryptoBackend, KeySlot, RowsSeal
+from pqc_kv_cache.backends.base import AuditContext, ChunkLayout, CryptoBackend, KeySlot, RowRecords, RowsSeal
 from pqc_kv_cache.envelope import build_aad, make_nonce, session_tag, tenant_tag
 
 pytestmark = pytest.mark.skipif(not kernel_shim.available(), reason="no C++ compiler for the host shim")
@@ -221,8 +221,11 @@ def test_on_a_gpu_the_prepared_seal_gives_the_host_shim_s_bytes_without_a_host_s
         torch.cuda.synchronize(dev)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for pos, ctr, off, k, v in steps[1:]:
-                seal(pos, 1, ctr, off, SIZE, k, v)
+            for i, (pos, ctr, off, k, v) in enumerate(steps[1:]):
+                if i == 1:      # the launch writes each row's READ record after its ENCRYPT records
+                    seal(pos, 1, ctr, off, SIZE, k, v, row_records=_reads(pos - 8))
+                else:
+                    seal(pos, 1, ctr, off, SIZE, k, v)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize(dev)
@@ -231,7 +234,12 @@ def test_on_a_gpu_the_prepared_seal_gives_the_host_shim_s_bytes_without_a_host_s
             kernel_shim.encrypt_chunks(keys, LAYOUT, RowsSeal(None, keys, LAYOUT, KEY_IDX, ROWS, ref, None).table(
                 pos, 1, ctr, off, SIZE), k.cpu(), v.cpu(), ref)
         assert torch.equal(arena.cpu(), ref)
-        assert sum(1 for r in _records(log) if r[0] == "encrypt") == 4 * BATCH
+        got = _records(log)
+        assert sum(1 for r in got if r[0] == "encrypt") == 4 * BATCH
+        pos = steps[2][0]
+        assert [(r[1], r[2], r[3], r[4], r[5], r[6], r[9], r[10]) for r in got if r[0] == "read"] == [
+            (f"t{KEY_IDX[i]}", f"s{KEY_IDX[i]}", 5, pos - 8, 9, i, 9 * LAYOUT.bytes_per_position, int(Status.OK))
+            for i in range(BATCH)]
     finally:
         log.close()
 
@@ -356,5 +364,116 @@ def test_the_base_seal_refuses_bad_records_before_it_seals(bad):
         with pytest.raises((TypeError, ValueError)):
             seal(pos, 1, ctr, off, SIZE, k, v, records)
         assert not arena.any() and _records(log) == []
+    finally:
+        log.close()
+
+
+# ---- row records: one record per row described, written by the seal's own launch ------------------------
+def _reads(pos, count=9):
+    return RowRecords(int(Op.READ), pos, count, count * LAYOUT.bytes_per_position)
+
+
+def test_row_records_are_written_by_the_launch_as_the_host_path_writes_them():
+    keys = _keys()
+    out = {}
+    for path in ("prepared", "general"):
+        be = CpuTwinBackend()
+        log = TwinLog()
+        try:
+            arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+            seal = be.rows_seal(keys, LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+            for i, (pos, ctr, off, k, v) in enumerate(_steps()):
+                spec = _reads(pos - 9 + 1 + i, 9 + i)
+                if path == "prepared":
+                    uploads = be.twin_device.uploads
+                    seal(pos, 1, ctr, off, SIZE, k, v, row_records=spec)
+                    if i:       # prepared: one upload (the region) and one launch; no record built or copied
+                        assert be.twin_device.uploads - uploads == 1
+                else:
+                    CryptoBackend.seal_rows(be, seal, pos, 1, ctr, off, SIZE, k, v, None, spec)
+            out[path] = (arena.clone(), _records(log))
+        finally:
+            log.close()
+    assert torch.equal(out["prepared"][0], out["general"][0])
+    a, b = out["prepared"][1], out["general"][1]
+    assert a == b and len(a) == 4 * 2 * BATCH
+    for i, (pos, *_) in enumerate(_steps()):
+        step = a[2 * BATCH * i:2 * BATCH * (i + 1)]
+        assert [r[0] for r in step] == ["encrypt"] * BATCH + ["read"] * BATCH
+        reads = step[BATCH:]
+        assert [(r[1], r[2], r[3], r[6]) for r in reads] == [("t0", "s0", 5, 0), ("t1", "s1", 5, 1),
+                                                              ("t1", "s1", 5, 2)]
+        assert {(r[4], r[5], r[7], r[8], r[9], r[10]) for r in reads} == {
+            (pos - 8 + i, 9 + i, 0, 0, (9 + i) * LAYOUT.bytes_per_position, int(Status.OK))}
+
+
+@pytest.mark.parametrize("spec", [RowRecords(250, 0, 1, 1), RowRecords(int(Op.READ), -1, 1, 1),
+                                  RowRecords(int(Op.READ), 0, 1 << 32, 1), RowRecords(int(Op.READ), 0, 1, -1)])
+def test_row_records_a_record_cannot_hold_are_refused_before_anything_is_sealed(spec):
+    be = CpuTwinBackend()
+    log = TwinLog()
+    try:
+        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+        steps = _steps()
+        seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])     # prepared
+        before = arena.clone()
+        pos, ctr, off, k, v = steps[1]
+        with pytest.raises(ValueError, match="row records"):
+            seal(pos, 1, ctr, off, SIZE, k, v, row_records=spec)
+        assert torch.equal(arena, before) and len(_records(log)) == BATCH
+    finally:
+        log.close()
+
+
+def test_row_records_count_their_bytes_up_to_what_the_field_holds():
+    be = CpuTwinBackend()
+    log = TwinLog()
+    try:
+        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+        for pos, ctr, off, k, v in _steps()[:2]:
+            seal(pos, 1, ctr, off, SIZE, k, v, row_records=RowRecords(int(Op.READ), 0, 1 << 20, 1 << 40))
+        reads = [r for r in _records(log) if r[0] == "read"]
+        assert len(reads) == 2 * BATCH and {r[9] for r in reads} == {0xFFFFFFFF}
+    finally:
+        log.close()
+
+
+def test_a_failed_launch_leaves_error_stand_ins_for_the_row_records(monkeypatch):
+    be = CpuTwinBackend()
+    log = TwinLog()
+    try:
+        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
+        steps = _steps()
+        seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])     # prepared
+
+        def fail(*a, **k):
+            raise RuntimeError("launch failed")
+        monkeypatch.setattr(be, "_launch", fail)
+        pos, ctr, off, k, v = steps[1]
+        with pytest.raises(RuntimeError, match="launch failed"):
+            seal(pos, 1, ctr, off, SIZE, k, v, row_records=_reads(3))
+        got = _records(log)[BATCH:]
+        assert [(r[0], r[-1]) for r in got] == [("encrypt", int(Status.ERROR))] * BATCH + \
+            [("read", int(Status.ERROR))] * BATCH
+        assert [(r[1], r[2], r[3], r[4], r[5], r[6]) for r in got[BATCH:]] == [
+            ("t0", "s0", 5, 3, 9, 0), ("t1", "s1", 5, 3, 9, 1), ("t1", "s1", 5, 3, 9, 2)]
+    finally:
+        log.close()
+
+
+def test_row_records_and_records_together_are_refused():
+    be = CpuTwinBackend()
+    log = TwinLog()
+    try:
+        ctx = _ctx(log)
+        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, ctx)
+        pos, ctr, off, k, v = _steps()[0]
+        reads = seal.row_records(_reads(0)).copy()
+        with pytest.raises(TypeError, match="not both"):
+            seal(pos, 1, ctr, off, SIZE, k, v, reads, row_records=_reads(0))
     finally:
         log.close()
