@@ -403,10 +403,12 @@ class RowsSeal(_PreparedCall):
         writes them with status ERROR in their place: the log stays dense). Only with an audit context.
         ``row_records``: instead, one record per row described by a :class:`RowRecords` (which a device backend
         writes in the launch itself, with nothing built or copied per call)."""
+        if self._arena() is None:
+            self._run()         # refused: the arena is gone
         if row_records is None:
-            self._run(pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
+            self._impl(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
         else:
-            self._run(pos_start, pos_count, counter, offset, stride, k_src, v_src, records, row_records)
+            self._impl(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records, row_records)
 
     def row_records(self, spec: RowRecords, status: Status = Status.OK) -> np.ndarray:
         """The records ``spec`` describes for this seal's rows, built on the host (ValueError for a value a

@@ -219,6 +219,7 @@ class LayerContext:
         self.backend = backend
         self.key_slots: dict[tuple[int, int], KeySlot] = {}
         self._group_memo: dict[bytes, list] = {}     # see _groups
+        self._epochs_kept: tuple = ((), None)         # see reserve
         self._keys_memo: dict[bytes, list] = {}      # see _keys
         self._seals: dict[int, tuple] = {}           # see rows_seal
         self._opens: dict[int, RowsOpen] = {}        # see rows_open
@@ -243,7 +244,8 @@ class LayerContext:
         self.rotation_policy()
 
     def reserve(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Fresh nonce counters for chunks sealed by session slots ``slots``: (counter, epoch) per chunk."""
+        """Fresh nonce counters for chunks sealed by session slots ``slots``: (counter, epoch) per chunk (the
+        epoch array may be one kept from an earlier call: read-only)."""
         n_chunks = slots.shape[0]
         if n_chunks == 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
@@ -252,7 +254,11 @@ class LayerContext:
         if len(groups) == n_chunks:         # one chunk per session slot (a decode step, a session per row)
             pairs = [sessions[slot].reserve(1) for slot in groups.order]
             epochs, counters = zip(*pairs)
-            return np.array(counters, dtype=np.int64), np.array(epochs, dtype=np.int64)
+            kept = self._epochs_kept
+            if kept[0] != epochs:       # the epochs stay from step to step: their array is kept (read-only)
+                kept = self._epochs_kept = (epochs, np.array(epochs, dtype=np.int64))
+                kept[1].flags.writeable = False
+            return np.array(counters, dtype=np.int64), kept[1]
         counter = np.empty(n_chunks, dtype=np.int64)
         epoch = np.empty(n_chunks, dtype=np.int64)
         for slot, where, steps, n in groups:
