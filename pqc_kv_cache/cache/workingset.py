@@ -99,11 +99,14 @@ class PlaintextStore:
         """Hold buffers ``k``/``v`` whose index 0 is position ``base``, positions up to ``end`` written."""
         self._install(k, v, base, end)
 
-    def write(self, k_new: torch.Tensor, v_new: torch.Tensor, keep_from: int) -> None:
+    def write(self, k_new: torch.Tensor, v_new: torch.Tensor, keep_from) -> None:
         """Append the positions ``end..end+n`` of ``k_new``/``v_new``; growing moves positions ``keep_from..``
-        (``keep_from`` <= end: the first position any later read may need) into a buffer twice their size."""
+        (``keep_from`` <= end: the first position any later read may need; or a callable returning it, called
+        only when the store grows) into a buffer twice their size."""
         n = k_new.shape[2]
         if self.k is None or self.end + n > self.base + self.k.shape[2]:
+            if callable(keep_from):
+                keep_from = keep_from()
             keep_from = min(max(keep_from, self.base if self.k is not None else keep_from), self.end)
             b, h, _, d = k_new.shape
             # positions keep_from..end are copied below (when held) and end..end+n written after: then only
@@ -325,10 +328,12 @@ class WorkingSetStorage:
         self._released = mask
 
     def _kept(self, key_states, value_states) -> None:
-        # called before the update's segment is appended: with no segment yet, the first kept position is the
-        # first the update writes
-        first = int(self.table.start[0]) if self.num_segments else self._end
-        self._ws.write(key_states, value_states, keep_from=first)
+        self._ws.write(key_states, value_states, keep_from=self._first_kept)
+
+    def _first_kept(self) -> int:
+        """The first position a later read may need (asked only when the store grows). Called before the
+        update's segment is appended: with no segment yet, the first the update writes."""
+        return int(self.table.start[0]) if self.num_segments else self._end
 
     def _read_records(self, view_start: int, end: int) -> tuple[bool, RowRecords | None]:
         auditor = self._ctx.auditor
