@@ -16,9 +16,10 @@ layer updated over and over pays it at every update.
   ``CudaBackend``'s own host code) with kernel work skipped (``execute=False``), so the time is the
   backend's and the cache's host code only; the audited variants log through a real ``KVAuditLog`` whose
   CUDA ring lives in host memory (``TwinLog``, holding as many records as a GPU log's CUDA ring), so the
-  CUDA-only costs of a ring commit (event record, stream wait, side-stream copy) are not in these figures. DynamicCache runs on CPU tensors whose layer
-  is cropped back to one position after every timed update: its time is the host work of its two
-  ``torch.cat`` calls, without the copy a GPU would run asynchronously.
+  CUDA-only costs of a ring commit (event record, stream wait, side-stream copy) are not in these
+  figures. DynamicCache runs on CPU tensors whose layer is cropped back to one position after every
+  timed update: its time is the host work of its two ``torch.cat`` calls, without the copy a GPU would
+  run asynchronously.
 - On a GPU: the real backend and kernels; per update the host wall time of the call and, with CUDA
   events, the GPU time of its work; DynamicCache at the full context on the device.
 
@@ -27,7 +28,8 @@ repeat to repeat; a repeat's figure is the median over its steps; the table give
 over ``--repeats`` and each variant's per-repeat ratio to DynamicCache, and the median over repeats of the
 mean over all steps (what the steps the median passes over cost too: a merge of segments, an arena
 compaction, a drain pass; on the twin the device's share of those, memory copies, runs on the host as
-well, so the mean overstates a GPU's). torch runs one thread (``--threads``). Prints a markdown table and writes JSON (``--out``).
+well, so the mean overstates a GPU's). torch runs one thread (``--threads``). Prints a markdown table
+and writes JSON (``--out``).
 
     python benchmarks/host_overhead.py [--context 4096] [--batch 8] [--layers 1] [--steps 30]
                                        [--repeats 5] [--twin] [--smoke] [--out bench-results/host_overhead.json]
@@ -226,7 +228,8 @@ def markdown(res: dict) -> str:
              f" {s['context']}-position context, one new position per row, {per}; {res['backend']}; {res['cpu']}, "
              f"{res['threads']} torch thread(s); {res['repeats']} repeats x {res['steps']} steps"
              + (" · **smoke run (tiny shapes)**" if res["smoke"] else ""), "",
-             "| variant | host ms per update (median [min, max] of repeats) | ratio to DynamicCache | mean of all steps |"
+             "| variant | host ms per update (median [min, max] of repeats) | ratio to DynamicCache "
+             "| mean of all steps |"
              + (" GPU ms |" if "gpu_ms_per_layer_update" in res else ""),
              "|---|---|---|---|" + ("---|" if "gpu_ms_per_layer_update" in res else "")]
     for n in VARIANTS:

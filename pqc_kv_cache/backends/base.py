@@ -333,9 +333,12 @@ class _PreparedCall:
         """The arena of this call (None once nothing else holds it: the call is then refused)."""
         return self._arena()
 
-    def _run(self, *args):
+    def _check_arena(self) -> None:
         if self._arena() is None:
             raise ValueError(f"the arena this {self._what} was made for is gone: make a new {self._what}")
+
+    def _run(self, *args):
+        self._check_arena()
         return self._impl(self, *args)
 
 
@@ -403,8 +406,7 @@ class RowsSeal(_PreparedCall):
         writes them with status ERROR in their place: the log stays dense). Only with an audit context.
         ``row_records``: instead, one record per row described by a :class:`RowRecords` (which a device backend
         writes in the launch itself, with nothing built or copied per call)."""
-        if self._arena() is None:
-            self._run()         # refused: the arena is gone
+        self._check_arena()
         if row_records is None:
             self._impl(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
         else:
@@ -431,9 +433,7 @@ class RowsSeal(_PreparedCall):
             batch = build_records(op, (self.audit.tenant_idx[k], self.audit.session_idx[k],
                                        min(int(self.layout.layer_idx), 0xFFFF), self.rows, 0, 0, 0, 0, 0,
                                        int(status), 0))
-            if status != Status.OK:
-                kept = None
-            else:
+            if status == Status.OK:
                 self._kept_rows = (op, batch)
         batch["pos_start"] = start
         batch["pos_count"] = count
