@@ -240,15 +240,14 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
             pqc_gcm_tag(te, rk_s, c.msg.nonce_w, ghash, ct + c.nbytes);
         if (P.records != nullptr) {
             const uint64_t ts = pqc_globaltimer();
+            const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
             for (int64_t p = it.p0 + threadIdx.x; p < it.p1; p += PQC_LANES) {
                 uint32_t w[16];
-                const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
                 pqc_encrypt_record(c, P.meta, L, P.first_no + (uint64_t)(c.aux + p), ts, (uint32_t)p, w);
                 pqc_store_record(P.records + 64ll * (c.aux + p - P.rec_lo), w);
             }
             if (P.row_op != 0u && it.j == 0 && threadIdx.x == 0) {  // the chunk's row record, once
                 uint32_t w[16];
-                const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};
                 const int64_t at = P.row_rec0 + it.chunk;
                 pqc_chunk_row_record(c, P.meta, L, P.row_op, P.row_pos_start, P.row_pos_count, P.row_nbytes,
                                      P.first_no + (uint64_t)at, ts, w);

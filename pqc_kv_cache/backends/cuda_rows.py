@@ -110,15 +110,12 @@ class RowsSealMixin:
         values[prep.counter] = ints
         values[prep.offset] = [offset + r for r in prep.rel]
         if rows is not None:        # the launch writes each row's record after its ENCRYPT records
-            extra = n
             values[prep.row_fields] = rows
-            tail = functools.partial(seal.row_records, row_records, Status.ERROR)
-        else:
-            tail = records
+            tail, n_tail = functools.partial(seal.row_records, row_records, Status.ERROR), n
+        else:                       # the caller's records (extra of them), copied in behind the launch's own
+            tail, n_tail = records, extra
         res = (contextlib.nullcontext(_UNAUDITED) if prep.ring is None
-               else prep.ring.records_at(prep.records + extra, tail=tail, head=prep.head, **prep.res))
-        if rows is not None:
-            extra = 0               # nothing of the caller's to copy
+               else prep.ring.records_at(prep.records + n_tail, tail=tail, head=prep.head, **prep.res))
         with res as (records_at, first_no), self._staging.staged(prep.size + extra * _RECORD) as st:
             ik, iv, it, ir, i_first = prep.fields
             values[ik] = k_src.data_ptr()

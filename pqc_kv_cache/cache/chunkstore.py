@@ -263,10 +263,10 @@ class ChunkStore:
             aside.zero_()
         return sealed
 
-    def _seal_new(self, k_src, v_src, start: int, n: int, records: RowRecords | None = None) -> SealedChunks:
+    def _seal_new(self, k_src, v_src, start: int, n: int, row_records: RowRecords | None = None) -> SealedChunks:
         """Seal positions ``start..start+n`` (index 0.. of ``k_src``/``v_src``) of every row, one chunk per row
         (audited), at consecutive places of the arena: through the layer's prepared row seal, which the
-        backend keeps from step to step while its keys, arena and audit context stay the same. ``records``:
+        backend keeps from step to step while its keys, arena and audit context stay the same. ``row_records``:
         the update's own row records, written with the seal's (see ``_read_records``)."""
         size = n * self._bytes_per_position + TAG_SIZE
         ctx = self._ctx
@@ -275,7 +275,7 @@ class ChunkStore:
         base = self._alloc(size * self._batch)
         seal = ctx.rows_seal(self.layer_idx, self._backend, self._layout, slots, epoch, self._all_rows(),
                              self.arena.buffer)
-        seal(start, n, counter, base, size, k_src, v_src, row_records=records)
+        seal(start, n, counter, base, size, k_src, v_src, row_records=row_records)
         return SealedChunks(counter, epoch, slots, base + self._offsets(size))    # the table copies them
 
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):

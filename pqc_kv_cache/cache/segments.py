@@ -176,11 +176,8 @@ class SegmentTable:
     def reaching(self, position: int, end: int) -> tuple[int, int]:
         """(``first_reaching(position)``, that segment's start, or ``end`` when no segment reaches past
         ``position``): where a read from ``position`` begins, in one call."""
-        n = self._n
-        if n and int(self._start[0]) + int(self._count[0]) > position:
-            return 0, int(self._start[0])
         i = self.first_reaching(position)
-        return i, (int(self._start[i]) if i < n else end)
+        return i, (int(self._start[i]) if i < self._n else end)
 
     def abutting(self) -> bool:
         """Whether each segment starts where the one before it ends (known from the appends that built the

@@ -59,6 +59,32 @@ def _steps(n=1):
              *_kv(i, n)) for i in range(4)]
 
 
+class _Audited:
+    """A twin backend's prepared seal over a fresh arena, audited into a TwinLog (the ``audited`` fixture)."""
+
+    def __init__(self):
+        self.be = CpuTwinBackend()
+        self.log = TwinLog()
+        self.ctx = _ctx(self.log)
+        self.arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
+        self.seal = self.be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, self.arena, self.ctx)
+
+    def prepare(self):
+        """Seal the first of ``_steps()`` (the call that prepares); the other steps."""
+        steps = _steps()
+        self.seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])
+        return steps[1:]
+
+
+@pytest.fixture
+def audited():
+    a = _Audited()
+    try:
+        yield a
+    finally:
+        a.log.close()
+
+
 _FIELDS = ("operation", "tenant_id", "session_id", "layer_idx", "position", "position_count", "row",
            "sequence_number", "epoch", "nbytes", "status")
 
@@ -256,33 +282,28 @@ def test_a_capture_is_refused_before_anything_is_prepared(monkeypatch):
     assert be.launches == [] and be.twin_device.uploads == 0 and seal.state is None
 
 
-def test_a_failed_launch_leaves_error_stand_ins_that_keep_the_caller_records_fields(monkeypatch):
-    be = CpuTwinBackend()
-    log = TwinLog()
-    try:
-        ctx = _ctx(log)
-        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
-        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, ctx)
-        steps = _steps()
-        seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])     # prepared
-        reads = build_records(int(Op.READ), (ctx.tenant_idx[KEY_IDX], ctx.session_idx[KEY_IDX], 5, ROWS, 0, 9, 0,
-                                             0, 9 * LAYOUT.bytes_per_position, 0, 0))
+def _failing_launch(be, monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("launch failed")
+    monkeypatch.setattr(be, "_launch", fail)
 
-        def fail(*a, **k):
-            raise RuntimeError("launch failed")
-        monkeypatch.setattr(be, "_launch", fail)
-        pos, ctr, off, k, v = steps[1]
-        with pytest.raises(RuntimeError, match="launch failed"):
-            seal(pos, 1, ctr, off, SIZE, k, v, reads)
-        got = _records(log)[BATCH:]
-        assert [(r[0], r[-1]) for r in got] == [("encrypt", int(Status.ERROR))] * BATCH + \
-            [("read", int(Status.ERROR))] * BATCH
-        assert [r[1] for r in got[BATCH:]] == ["t0", "t1", "t1"] and [r[6] for r in got[BATCH:]] == [0, 1, 2]
-        # the seal's own stand-ins name each row's tenant, session, layer and row (not the first key's)
-        assert [(r[1], r[2], r[3], r[6]) for r in got[:BATCH]] == [("t0", "s0", 5, 0), ("t1", "s1", 5, 1),
-                                                                    ("t1", "s1", 5, 2)]
-    finally:
-        log.close()
+
+def test_a_failed_launch_leaves_error_stand_ins_that_keep_the_caller_records_fields(audited, monkeypatch):
+    steps = audited.prepare()
+    ctx = audited.ctx
+    reads = build_records(int(Op.READ), (ctx.tenant_idx[KEY_IDX], ctx.session_idx[KEY_IDX], 5, ROWS, 0, 9, 0,
+                                         0, 9 * LAYOUT.bytes_per_position, 0, 0))
+    _failing_launch(audited.be, monkeypatch)
+    pos, ctr, off, k, v = steps[0]
+    with pytest.raises(RuntimeError, match="launch failed"):
+        audited.seal(pos, 1, ctr, off, SIZE, k, v, reads)
+    got = _records(audited.log)[BATCH:]
+    assert [(r[0], r[-1]) for r in got] == [("encrypt", int(Status.ERROR))] * BATCH + \
+        [("read", int(Status.ERROR))] * BATCH
+    assert [r[1] for r in got[BATCH:]] == ["t0", "t1", "t1"] and [r[6] for r in got[BATCH:]] == [0, 1, 2]
+    # the seal's own stand-ins name each row's tenant, session, layer and row (not the first key's)
+    assert [(r[1], r[2], r[3], r[6]) for r in got[:BATCH]] == [("t0", "s0", 5, 0), ("t1", "s1", 5, 1),
+                                                                ("t1", "s1", 5, 2)]
 
 
 def test_a_seal_does_not_keep_its_arena_alive_and_refuses_once_it_is_gone():
@@ -409,71 +430,37 @@ def test_row_records_are_written_by_the_launch_as_the_host_path_writes_them():
 
 @pytest.mark.parametrize("spec", [RowRecords(250, 0, 1, 1), RowRecords(int(Op.READ), -1, 1, 1),
                                   RowRecords(int(Op.READ), 0, 1 << 32, 1), RowRecords(int(Op.READ), 0, 1, -1)])
-def test_row_records_a_record_cannot_hold_are_refused_before_anything_is_sealed(spec):
-    be = CpuTwinBackend()
-    log = TwinLog()
-    try:
-        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
-        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
-        steps = _steps()
-        seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])     # prepared
-        before = arena.clone()
-        pos, ctr, off, k, v = steps[1]
-        with pytest.raises(ValueError, match="row records"):
-            seal(pos, 1, ctr, off, SIZE, k, v, row_records=spec)
-        assert torch.equal(arena, before) and len(_records(log)) == BATCH
-    finally:
-        log.close()
+def test_row_records_a_record_cannot_hold_are_refused_before_anything_is_sealed(audited, spec):
+    steps = audited.prepare()
+    before = audited.arena.clone()
+    pos, ctr, off, k, v = steps[0]
+    with pytest.raises(ValueError, match="row records"):
+        audited.seal(pos, 1, ctr, off, SIZE, k, v, row_records=spec)
+    assert torch.equal(audited.arena, before) and len(_records(audited.log)) == BATCH
 
 
-def test_row_records_count_their_bytes_up_to_what_the_field_holds():
-    be = CpuTwinBackend()
-    log = TwinLog()
-    try:
-        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
-        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
-        for pos, ctr, off, k, v in _steps()[:2]:
-            seal(pos, 1, ctr, off, SIZE, k, v, row_records=RowRecords(int(Op.READ), 0, 1 << 20, 1 << 40))
-        reads = [r for r in _records(log) if r[0] == "read"]
-        assert len(reads) == 2 * BATCH and {r[9] for r in reads} == {0xFFFFFFFF}
-    finally:
-        log.close()
+def test_row_records_count_their_bytes_up_to_what_the_field_holds(audited):
+    for pos, ctr, off, k, v in _steps()[:2]:
+        audited.seal(pos, 1, ctr, off, SIZE, k, v, row_records=RowRecords(int(Op.READ), 0, 1 << 20, 1 << 40))
+    reads = [r for r in _records(audited.log) if r[0] == "read"]
+    assert len(reads) == 2 * BATCH and {r[9] for r in reads} == {0xFFFFFFFF}
 
 
-def test_a_failed_launch_leaves_error_stand_ins_for_the_row_records(monkeypatch):
-    be = CpuTwinBackend()
-    log = TwinLog()
-    try:
-        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
-        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, _ctx(log))
-        steps = _steps()
-        seal(steps[0][0], 1, steps[0][1], steps[0][2], SIZE, *steps[0][3:])     # prepared
-
-        def fail(*a, **k):
-            raise RuntimeError("launch failed")
-        monkeypatch.setattr(be, "_launch", fail)
-        pos, ctr, off, k, v = steps[1]
-        with pytest.raises(RuntimeError, match="launch failed"):
-            seal(pos, 1, ctr, off, SIZE, k, v, row_records=_reads(3))
-        got = _records(log)[BATCH:]
-        assert [(r[0], r[-1]) for r in got] == [("encrypt", int(Status.ERROR))] * BATCH + \
-            [("read", int(Status.ERROR))] * BATCH
-        assert [(r[1], r[2], r[3], r[4], r[5], r[6]) for r in got[BATCH:]] == [
-            ("t0", "s0", 5, 3, 9, 0), ("t1", "s1", 5, 3, 9, 1), ("t1", "s1", 5, 3, 9, 2)]
-    finally:
-        log.close()
+def test_a_failed_launch_leaves_error_stand_ins_for_the_row_records(audited, monkeypatch):
+    steps = audited.prepare()
+    _failing_launch(audited.be, monkeypatch)
+    pos, ctr, off, k, v = steps[0]
+    with pytest.raises(RuntimeError, match="launch failed"):
+        audited.seal(pos, 1, ctr, off, SIZE, k, v, row_records=_reads(3))
+    got = _records(audited.log)[BATCH:]
+    assert [(r[0], r[-1]) for r in got] == [("encrypt", int(Status.ERROR))] * BATCH + \
+        [("read", int(Status.ERROR))] * BATCH
+    assert [(r[1], r[2], r[3], r[4], r[5], r[6]) for r in got[BATCH:]] == [
+        ("t0", "s0", 5, 3, 9, 0), ("t1", "s1", 5, 3, 9, 1), ("t1", "s1", 5, 3, 9, 2)]
 
 
-def test_row_records_and_records_together_are_refused():
-    be = CpuTwinBackend()
-    log = TwinLog()
-    try:
-        ctx = _ctx(log)
-        arena = torch.zeros(4 * 3 * SIZE + 64, dtype=torch.uint8)
-        seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena, ctx)
-        pos, ctr, off, k, v = _steps()[0]
-        reads = seal.row_records(_reads(0)).copy()
-        with pytest.raises(TypeError, match="not both"):
-            seal(pos, 1, ctr, off, SIZE, k, v, reads, row_records=_reads(0))
-    finally:
-        log.close()
+def test_row_records_and_records_together_are_refused(audited):
+    pos, ctr, off, k, v = _steps()[0]
+    reads = audited.seal.row_records(_reads(0)).copy()
+    with pytest.raises(TypeError, match="not both"):
+        audited.seal(pos, 1, ctr, off, SIZE, k, v, reads, row_records=_reads(0))
