@@ -16,7 +16,7 @@
 
 #include "pqc_chunk.cuh"
 
-#define PQC_HOST_ABI 4
+#define PQC_HOST_ABI 5
 #define PQC_HOST_EARG (-1)
 
 namespace {
@@ -262,7 +262,8 @@ int pqc_host_gcm_open_many(int64_t n, const uint8_t* keys, const uint8_t* nonces
 // tensors into arena + offset; the item completing a chunk writes its tag; ENCRYPT
 // records of positions [p0, p1) at records[(aux + pos - rec_lo) * 64] when records
 // is set, numbered first_no + aux + pos, and with row_op set the chunk's first item
-// (j == 0) its row record at records[(row_rec0 + chunk - rec_lo) * 64].
+// (j == 0) its row record at records[(row_rec0 + chunk - rec_lo) * 64]; with copy_k set,
+// the chunk's first item also copies its plaintext into copy_k / copy_v.
 int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
     if (p == nullptr || p->n < 0 || p->n_items < 0 || ((p->head_dim * p->itemsize) & 15u) != 0u || order > 2u ||
         !items_ok(p->items, p->n_items, p->n, p->partials, p->counters))
@@ -291,6 +292,13 @@ int pqc_host_encrypt_chunks(const pqc_chunk_params* p, uint32_t order) {
         pqc_u128 ghash;
         if (combine_item(g, it, rounds, ks, p->partials, p->counters, &ghash))
             pqc_gcm_tag(te_lane(0), ks->rk, c.msg.nonce_w, ghash, p->arena + c.offset + c.nbytes);
+        if (p->copy_k != nullptr && it.j == 0) {  // the chunk's plaintext copy, by its first item
+            const pqc_kv_tensor ck = {p->copy_k, p->copy_k_sb, p->copy_k_sh, p->copy_k_ss};
+            const pqc_kv_tensor cv = {p->copy_v, p->copy_v_sb, p->copy_v_sh, p->copy_v_ss};
+            pqc_kv_view to;
+            pqc_copy_view(c, ck, cv, &to);
+            for (uint64_t j = 0; j < (c.nbytes >> 4); ++j) pqc_copy_block(c.kv, to, j);
+        }
         if (p->records) {
             for (int64_t pos = it.p0; pos < it.p1; ++pos) {
                 uint32_t w[16];

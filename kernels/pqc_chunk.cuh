@@ -36,6 +36,18 @@ PQC_HD int64_t pqc_table_get(const int64_t* table, int64_t n, int col, int64_t i
     return table[(int64_t)col * n + i];
 }
 
+// Points view kv (its chunk geometry set) at tensors k and v.
+PQC_HD void pqc_kv_view_tensors(pqc_kv_view* kv, const pqc_kv_tensor& k, const pqc_kv_tensor& v) {
+    kv->k = k.base;
+    kv->v = v.base;
+    kv->k_sb = k.sb; kv->k_sh = k.sh; kv->k_ss = k.ss;
+    kv->v_sb = v.sb; kv->v_sh = v.sh; kv->v_ss = v.ss;
+    kv->aligned = (((uint64_t)reinterpret_cast<unsigned long long>(k.base) |
+                    (uint64_t)reinterpret_cast<unsigned long long>(v.base) |
+                    (uint64_t)k.sb | (uint64_t)k.sh | (uint64_t)k.ss | (uint64_t)v.sb |
+                    (uint64_t)v.sh | (uint64_t)v.ss) & 15ull) == 0ull;
+}
+
 // Reads chunk i of the table and builds its AAD, nonce and tensor view.
 PQC_HD void pqc_chunk_setup(const int64_t* table, int64_t n, int64_t i, const pqc_slot_meta* meta,
                             const pqc_layout_args& L, const pqc_kv_tensor& k,
@@ -59,19 +71,25 @@ PQC_HD void pqc_chunk_setup(const int64_t* table, int64_t n, int64_t i, const pq
     c->msg.aad = c->aad;
     c->msg.aad_len = PQC_AAD_V1_SIZE;
     c->msg.nbytes = c->nbytes;
-    c->kv.k = k.base;
-    c->kv.v = v.base;
-    c->kv.k_sb = k.sb; c->kv.k_sh = k.sh; c->kv.k_ss = k.ss;
-    c->kv.v_sb = v.sb; c->kv.v_sh = v.sh; c->kv.v_ss = v.ss;
     c->kv.row_bytes = row_bytes;
     c->kv.pos_count = (uint64_t)c->pos_count;
     c->kv.half = half;
     c->kv.row = c->row;
     c->kv.io_start = c->io_start;
-    c->kv.aligned = (((uint64_t)reinterpret_cast<unsigned long long>(k.base) |
-                      (uint64_t)reinterpret_cast<unsigned long long>(v.base) |
-                      (uint64_t)k.sb | (uint64_t)k.sh | (uint64_t)k.ss | (uint64_t)v.sb |
-                      (uint64_t)v.sh | (uint64_t)v.ss) & 15ull) == 0ull;
+    pqc_kv_view_tensors(&c->kv, k, v);
+}
+
+// The plaintext copy of an encrypt (pqc_chunk_params.copy_k): `to` takes chunk c's view with the
+// copy tensors in place of the sources; block j (0 .. nbytes / 16) then moves by pqc_copy_block.
+PQC_HD void pqc_copy_view(const pqc_chunk& c, const pqc_kv_tensor& k, const pqc_kv_tensor& v, pqc_kv_view* to) {
+    *to = c.kv;
+    pqc_kv_view_tensors(to, k, v);
+}
+
+PQC_HD void pqc_copy_block(const pqc_kv_view& from, const pqc_kv_view& to, uint64_t j) {
+    uint32_t w[4];
+    pqc_load16(from.addr(j), from.aligned, w);
+    pqc_store16(to.addr(j), to.aligned, w);
 }
 
 // One work item (see PQC_ITEM_*), resolved against its chunk.

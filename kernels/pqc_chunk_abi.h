@@ -89,7 +89,14 @@ struct pqc_chunk_params {
     // update's READ record of each row, written by the launch that seals the row's new positions
     uint32_t row_op, row_pos_start, row_pos_count, row_nbytes;
     int64_t row_rec0;
+    // encrypt: with copy_k set, the first item of each chunk also writes the chunk's plaintext into
+    // copy_k / copy_v (byte strides of batch, head, seq; the same index it is read from in k / v):
+    // a working-set update's plaintext store, written by the launch that seals the new positions
+    uint8_t* copy_k;
+    int64_t copy_k_sb, copy_k_sh, copy_k_ss;
+    uint8_t* copy_v;
+    int64_t copy_v_sb, copy_v_sh, copy_v_ss;
 };
-static_assert(sizeof(pqc_chunk_params) == 240, "pqc_chunk_params layout changed: update kernel_abi.CHUNK_PARAMS_DTYPE");
+static_assert(sizeof(pqc_chunk_params) == 304, "pqc_chunk_params layout changed: update kernel_abi.CHUNK_PARAMS_DTYPE");
 
 #endif  // PQC_CHUNK_ABI_H

@@ -50,6 +50,10 @@
 // contiguous dim axis; head_dim * itemsize must be a multiple of 16 (checked on
 // the host). Blocks are moved as 16-byte vectors when base pointers and strides
 // are 16-byte aligned, bytewise otherwise. Offsets within a chunk are 64-bit.
+// An encrypt with copy_k set also writes each chunk's plaintext into the copy
+// tensors (same layout rules) at the index it reads it from: the first item of
+// the chunk does, after its lane walk (a working-set update's plaintext store,
+// written without a launch of its own).
 //
 // Audit: encrypt writes one ENCRYPT record per (row, position): item i writes
 // those of positions [p0, p1) of its chunk, record index aux + p (aux = exclusive
@@ -180,6 +184,7 @@ struct pqc_item_ctx {
     pqc_item it;
     pqc_chunk c;
     uint64_t rounds;
+    pqc_kv_view copy;     // encrypt with copy_k: where the chunk's plaintext is copied to
 };
 
 __device__ __forceinline__ void pqc_item_setup(const pqc_chunk_params& P, long long i, pqc_item_ctx* s) {
@@ -189,6 +194,11 @@ __device__ __forceinline__ void pqc_item_setup(const pqc_chunk_params& P, long l
         pqc_item_get(P.items, P.n_items, i, &s->it);
         pqc_chunk_setup(P.table, P.n, s->it.chunk, P.meta, L, kt, vt, &s->c);
         s->rounds = pqc_item_resolve(&s->it, s->c, PQC_LANES);
+        if (P.copy_k != nullptr) {
+            const pqc_kv_tensor ck = {P.copy_k, P.copy_k_sb, P.copy_k_sh, P.copy_k_ss};
+            const pqc_kv_tensor cv = {P.copy_v, P.copy_v_sb, P.copy_v_sh, P.copy_v_ss};
+            pqc_copy_view(s->c, ck, cv, &s->copy);
+        }
     }
     __syncthreads();
 }
@@ -238,6 +248,9 @@ extern "C" __global__ void __launch_bounds__(PQC_LANES, PQC_MIN_CTAS) pqc_encryp
         pqc_u128 ghash;
         if (pqc_item_combine(g, it, rounds, ks, P.partials, P.counters, red_s, &last_s, &ghash) && threadIdx.x == 0)
             pqc_gcm_tag(te, rk_s, c.msg.nonce_w, ghash, ct + c.nbytes);
+        if (P.copy_k != nullptr && it.j == 0) {     // the chunk's plaintext copy, by its first item
+            for (uint64_t j = threadIdx.x; j < (c.nbytes >> 4); j += PQC_LANES) pqc_copy_block(c.kv, x_s.copy, j);
+        }
         if (P.records != nullptr) {
             const uint64_t ts = pqc_globaltimer();
             const pqc_layout_args L = {P.layer, P.num_heads, P.head_dim, P.itemsize, P.dtype_code};

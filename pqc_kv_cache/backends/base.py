@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from ..audit.fields import RecordTemplates, build_records, set_field
-from ..audit.records import VALID_OPS, Op, Status, check_records
+from ..audit.records import Op, Status, check_records
+from .seal_parts import PlaintextCopy, RowRecords
 
 if TYPE_CHECKING:   # annotations only: a backend writes records, it does not import the log
     from ..audit.log import KVAuditLog
@@ -54,7 +55,7 @@ if TYPE_CHECKING:   # annotations only: a backend writes records, it does not im
 IndexArray = Union[np.ndarray, torch.Tensor]
 
 __all__ = ["KeySlot", "ChunkLayout", "ChunkTable", "AuditContext", "DecryptStatus", "CryptoBackend", "RowsSeal",
-           "RowsOpen", "RowRecords", "RowSummary", "decrypt_row_summary"]
+           "RowsOpen", "RowRecords", "PlaintextCopy", "RowSummary", "decrypt_row_summary"]
 
 
 @dataclass(frozen=True)
@@ -342,32 +343,6 @@ class _PreparedCall:
         return self._impl(self, *args)
 
 
-_U32_MAX = 0xFFFFFFFF
-
-
-class RowRecords(NamedTuple):
-    """One audit record per row of a prepared seal's call, written with the call's ENCRYPT records (a device
-    backend: by the launch that seals): operation ``op`` (a working-set update's READ of each row),
-    positions ``pos_start .. pos_start + pos_count``, ``nbytes`` bytes (a count past 2^32 - 1 is written as
-    2^32 - 1, as a device DECRYPT record saturates it); the tenant, session and row each row's, the layer
-    the seal's. Status OK; no nonce or epoch."""
-
-    op: int
-    pos_start: int
-    pos_count: int
-    nbytes: int
-
-    def fields(self) -> tuple[int, int, int, int] | None:
-        """(op, pos_start, pos_count, nbytes) as a record holds them (nbytes saturated), or None when a value
-        cannot be held (an operation code that names none, a position outside 0 .. 2^32 - 1)."""
-        op, start, count, nbytes = self
-        if not all(type(x) is int for x in self) or op not in VALID_OPS:
-            return None
-        if not (0 <= start <= _U32_MAX and 0 <= count <= _U32_MAX and nbytes >= 0):
-            return None
-        return op, start, count, min(nbytes, _U32_MAX)
-
-
 class RowsSeal(_PreparedCall):
     """A seal prepared for repeated calls of one shape: chunk i of a call seals row ``rows[i]`` under key
     ``keys[key_idx[i]]`` into ``arena``, audited into ``audit``; per call only the positions, the nonce
@@ -395,7 +370,7 @@ class RowsSeal(_PreparedCall):
 
     def __call__(self, pos_start: int, pos_count: int, counter: np.ndarray, offset: int, stride: int,
                  k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None, *,
-                 row_records: RowRecords | None = None) -> None:
+                 row_records: RowRecords | None = None, copy_to: PlaintextCopy | None = None) -> None:
         """Seal positions ``pos_start .. pos_start + pos_count`` (index 0.. of ``k_src``/``v_src``) of every
         row, chunk i under nonce ``counter[i]`` at ``offset + i * stride`` of the arena.
 
@@ -405,12 +380,14 @@ class RowsSeal(_PreparedCall):
         not written as given if the seal raises (a device backend that had reserved their record numbers
         writes them with status ERROR in their place: the log stays dense). Only with an audit context.
         ``row_records``: instead, one record per row described by a :class:`RowRecords` (which a device backend
-        writes in the launch itself, with nothing built or copied per call)."""
+        writes in the launch itself, with nothing built or copied per call). ``copy_to``: where the call also
+        writes ``k_src`` / ``v_src`` (see :class:`PlaintextCopy`)."""
         self._check_arena()
-        if row_records is None:
+        if row_records is None and copy_to is None:
             self._impl(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records)
         else:
-            self._impl(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records, row_records)
+            self._impl(self, pos_start, pos_count, counter, offset, stride, k_src, v_src, records, row_records,
+                       copy_to)
 
     def row_records(self, spec: RowRecords, status: Status = Status.OK) -> np.ndarray:
         """The records ``spec`` describes for this seal's rows, built on the host (ValueError for a value a
@@ -518,10 +495,10 @@ class CryptoBackend(abc.ABC):
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
                   stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None,
-                  row_records: RowRecords | None = None) -> None:
-        """One call of ``seal`` (see :class:`RowsSeal`): ``encrypt_chunks`` over the table it describes, then
-        the caller's ``records`` (or those ``row_records`` describes); a backend with per-call costs to spare
-        overrides it."""
+                  row_records: RowRecords | None = None, copy_to: PlaintextCopy | None = None) -> None:
+        """One call of ``seal`` (see :class:`RowsSeal`): the plaintext copy (``copy_to``), ``encrypt_chunks``
+        over the table it describes, then the caller's ``records`` (or those ``row_records`` describes); a
+        backend with per-call costs to spare overrides it."""
         if row_records is not None:
             if records is not None:
                 raise TypeError("a seal writes records or row_records, not both")
@@ -530,6 +507,15 @@ class CryptoBackend(abc.ABC):
             if seal.audit is None:
                 raise ValueError("records to write with a seal need the seal's audit context (audit=None)")
             check_records(records, "seal_rows")
+        if copy_to is not None:
+            if not isinstance(copy_to, PlaintextCopy):
+                raise TypeError(f"copy_to takes a PlaintextCopy, got {type(copy_to).__name__}")
+            k_to, v_to = copy_to.views(k_src, v_src)
+            try:
+                k_to.copy_(k_src)
+                v_to.copy_(v_src)
+            except RuntimeError as e:   # overlapping memory
+                raise ValueError(f"copy_to cannot take the sources: {e}") from None
         self.encrypt_chunks(seal.keys, seal.layout, seal.table(pos_start, pos_count, counter, offset, stride),
                             k_src, v_src, seal.arena, seal.audit)
         if records is not None:

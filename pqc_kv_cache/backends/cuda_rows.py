@@ -32,7 +32,7 @@ from ..audit.records import RECORD_SIZE as _RECORD, Op, Status, check_records
 from ..audit.torch_records import stand_ins
 from . import kernel_abi as _abi
 from ..envelope import TAG_SIZE
-from .base import RowRecords, RowsSeal
+from .base import PlaintextCopy, RowRecords, RowsSeal
 from .cuda_staging import ALIGN as _ALIGN
 
 __all__ = ["RowsSealMixin"]
@@ -49,7 +49,8 @@ class _Prepared:
 
     __slots__ = ("pos_count", "stride", "k_shape", "v_shape", "tpl", "n", "sig", "rel", "values",
                  "pos", "counter", "offset", "fields", "struct", "t_bytes", "size", "records", "ring", "res", "grid",
-                 "span", "arena_bytes", "keep", "meta", "limit", "head", "row_fields")
+                 "span", "arena_bytes", "keep", "meta", "limit", "head", "row_fields", "copy_fields", "itemsize",
+                 "src_spans", "copy_memo")
 
     def __init__(self, pos_count: int, stride: int, k_src: torch.Tensor, v_src: torch.Tensor):
         self.pos_count, self.stride = pos_count, stride
@@ -67,6 +68,56 @@ def _row_fields(spec, records, prep) -> list | None:
     if got is None or prep.records + prep.n > prep.limit:
         return None
     return [*got, prep.records]
+
+
+def _span(t: torch.Tensor, itemsize: int) -> int:
+    """Bytes from a tensor's first element to one past its last."""
+    return itemsize * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+
+def _copy_geometry(k, v, prep) -> tuple | None:
+    """What a prepared call needs of copy buffers ``k`` / ``v`` at any position: (their pointers, byte strides,
+    the position each can start at, at most, and the byte range each spans), or None when the launch cannot
+    write them (not the sources' batch, heads, dim, dtype and device, a dim axis that is not contiguous,
+    K and V sharing memory)."""
+    shape, item, n = prep.k_shape, prep.itemsize, prep.pos_count
+    out = []
+    for t in (k, v):
+        if (t.dim() != 4 or t.shape[:2] != shape[:2] or t.shape[3] != shape[3] or t.shape[2] < n
+                or t.dtype != prep.sig[2] or t.device != prep.sig[4] or t.stride(3) != 1 or min(t.stride()) < 0):
+            return None
+        sb, sh, ss, _ = t.stride()
+        lo = t.data_ptr()
+        out.append((lo, sb * item, sh * item, ss * item, t.shape[2] - n, lo, lo + _span(t, item)))
+    (_, *_, k0, k1), (_, *_, v0, v1) = out
+    return None if k0 < v1 and v0 < k1 else tuple(out)
+
+
+def _copy_fields(copy_to, k_src, v_src, prep) -> list | None:
+    """The copy fields of the parameter record (copy_k, its byte strides, copy_v, its byte strides) a prepared
+    call writes for ``copy_to``; None when the general path must take it (see ``_copy_geometry``; a position
+    the buffers cannot take; buffers sharing memory with the sources). What is derived from the buffers'
+    geometry is kept from call to call while it stays the same (a store's buffers, step after step)."""
+    if type(copy_to) is not PlaintextCopy:
+        return None
+    k, v, at = copy_to
+    if type(k) is not torch.Tensor or type(v) is not torch.Tensor or type(at) is not int:
+        return None
+    geo = (k.data_ptr(), v.data_ptr(), k.shape, v.shape, k.stride(), v.stride(), k.dtype, v.dtype)
+    memo = prep.copy_memo
+    if memo is None or memo[0] != geo:
+        memo = prep.copy_memo = (geo, _copy_geometry(k, v, prep))
+    bufs = memo[1]
+    if bufs is None:
+        return None
+    (kp, ksb, ksh, kss, k_last, k0, k1), (vp, vsb, vsh, vss, v_last, v0, v1) = bufs
+    if not 0 <= at <= min(k_last, v_last):
+        return None
+    sk, sv = k_src.data_ptr(), v_src.data_ptr()
+    sk1, sv1 = sk + prep.src_spans[0], sv + prep.src_spans[1]
+    if (sk < k1 and k0 < sk1) or (sv < k1 and k0 < sv1) or (sk < v1 and v0 < sk1) or (sv < v1 and v0 < sv1):
+        return None
+    return [kp + at * kss, ksb, ksh, kss, vp + at * vss, vsb, vsh, vss]
 
 
 def _extra_records(records, prep) -> int | None:
@@ -88,7 +139,7 @@ class RowsSealMixin:
 
     def seal_rows(self, seal: RowsSeal, pos_start: int, pos_count: int, counter: np.ndarray, offset: int,
                   stride: int, k_src: torch.Tensor, v_src: torch.Tensor, records: np.ndarray | None = None,
-                  row_records: RowRecords | None = None) -> None:
+                  row_records: RowRecords | None = None, copy_to: PlaintextCopy | None = None) -> None:
         self._refuse_capture()      # before anything is prepared, uploaded or launched
         prep = seal.state
         if (prep is None or prep.pos_count != pos_count or prep.stride != stride or k_src.shape != prep.k_shape
@@ -100,15 +151,18 @@ class RowsSealMixin:
         rows = None if row_records is None else _row_fields(row_records, records, prep)
         if (prep is None or prep.tpl is None or ints is None or extra is None
                 or (row_records is not None and rows is None)
-                or not self._rows_call_ok(prep, pos_start, ints, offset, k_src, v_src)):
+                or not self._rows_call_ok(prep, pos_start, ints, offset, k_src, v_src)
+                or (copy_to is not None and (copy := _copy_fields(copy_to, k_src, v_src, prep)) is None)):
             # the general path: the same bytes and records, and the error a bad value deserves
             return super().seal_rows(seal, pos_start, pos_count, counter, offset, stride, k_src, v_src, records,
-                                     row_records)
+                                     row_records, copy_to)
         n = prep.n
         values = prep.values.copy()
         values[prep.pos] = [pos_start] * n
         values[prep.counter] = ints
         values[prep.offset] = [offset + r for r in prep.rel]
+        if copy_to is not None:     # the launch copies the plaintext too (no copy of its own)
+            values[prep.copy_fields] = copy
         if rows is not None:        # the launch writes each row's record after its ENCRYPT records
             values[prep.row_fields] = rows
             tail, n_tail = functools.partial(seal.row_records, row_records, Status.ERROR), n
@@ -183,6 +237,11 @@ class RowsSealMixin:
         prep.fields = tuple(at + _abi.ParamsTemplate.index(f) for f in ("k", "v", "table", "records", "first_no"))
         first_row = at + _abi.ParamsTemplate.index("row_op")
         prep.row_fields = slice(first_row, first_row + 5)    # row_op .. row_rec0, consecutive
+        first_copy = at + _abi.ParamsTemplate.index("copy_k")
+        prep.copy_fields = slice(first_copy, first_copy + 8)   # copy_k .. copy_v_ss, consecutive
+        prep.itemsize = layout.itemsize
+        prep.src_spans = (_span(k_src, layout.itemsize), _span(v_src, layout.itemsize))
+        prep.copy_memo = None
         prep.t_bytes = _ALIGN * -(-table.nbytes // _ALIGN)
         prep.struct = struct.Struct(f"<{table.size}q{prep.t_bytes - table.nbytes}x{_abi.ParamsTemplate.format}")
         prep.size = prep.struct.size

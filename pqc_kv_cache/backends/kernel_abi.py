@@ -78,6 +78,8 @@ CHUNK_PARAMS_DTYPE = np.dtype([
     ("layer", _U32), ("num_heads", _U32), ("head_dim", _U32), ("itemsize", _U32), ("dtype_code", _U32),
     ("fq_cap", _U32),
     ("row_op", _U32), ("row_pos_start", _U32), ("row_pos_count", _U32), ("row_nbytes", _U32), ("row_rec0", _I64),
+    ("copy_k", _PTR), ("copy_k_sb", _I64), ("copy_k_sh", _I64), ("copy_k_ss", _I64),
+    ("copy_v", _PTR), ("copy_v_sb", _I64), ("copy_v_sh", _I64), ("copy_v_ss", _I64),
 ])
 
 

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
-_ABI = 4
+_ABI = 5
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

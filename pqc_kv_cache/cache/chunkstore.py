@@ -24,7 +24,7 @@ from .context import LayerContext
 from .segments import SealedChunks, SegmentTable
 
 if TYPE_CHECKING:
-    from ..backends.base import RowRecords
+    from ..backends.base import PlaintextCopy, RowRecords
     from .context import ChunkLayout
 
 __all__ = ["ChunkStore"]
@@ -189,8 +189,13 @@ class ChunkStore:
     def _open_released(self) -> None:
         """Before an update writes: open what a release dropped."""
 
-    def _kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """The positions just sealed, in the clear (sealed: not kept)."""
+    def _kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> PlaintextCopy | None:
+        """Before an update seals: where the seal also writes the new positions in the clear (None: sealed,
+        not kept); ``_stored`` once it has."""
+        return None
+
+    def _stored(self, n: int) -> None:
+        """After the seal: the ``n`` new positions are where ``_kept`` said."""
 
     def _read_records(self, view_start: int, end: int) -> tuple[bool, RowRecords | None]:
         """Before an update seals: (whether the read it ends with, positions ``view_start..end`` of every
@@ -263,11 +268,13 @@ class ChunkStore:
             aside.zero_()
         return sealed
 
-    def _seal_new(self, k_src, v_src, start: int, n: int, row_records: RowRecords | None = None) -> SealedChunks:
+    def _seal_new(self, k_src, v_src, start: int, n: int, row_records: RowRecords | None = None,
+                  copy_to: PlaintextCopy | None = None) -> SealedChunks:
         """Seal positions ``start..start+n`` (index 0.. of ``k_src``/``v_src``) of every row, one chunk per row
         (audited), at consecutive places of the arena: through the layer's prepared row seal, which the
         backend keeps from step to step while its keys, arena and audit context stay the same. ``row_records``:
-        the update's own row records, written with the seal's (see ``_read_records``)."""
+        the update's own row records, written with the seal's (see ``_read_records``); ``copy_to``: where the
+        seal also writes the plaintext (see ``_kept``)."""
         size = n * self._bytes_per_position + TAG_SIZE
         ctx = self._ctx
         slots = self._row_slots
@@ -275,7 +282,7 @@ class ChunkStore:
         base = self._alloc(size * self._batch)
         seal = ctx.rows_seal(self.layer_idx, self._backend, self._layout, slots, epoch, self._all_rows(),
                              self.arena.buffer)
-        seal(start, n, counter, base, size, k_src, v_src, row_records=row_records)
+        seal(start, n, counter, base, size, k_src, v_src, row_records=row_records, copy_to=copy_to)
         return SealedChunks(counter, epoch, slots, base + self._offsets(size))    # the table copies them
 
     def _open(self, segs: np.ndarray, rows: np.ndarray, k_out, v_out, base: int, out_rows: np.ndarray | None = None):

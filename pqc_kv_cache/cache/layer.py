@@ -92,11 +92,13 @@ class EncryptedLayer(ChunkStore, CacheLayerMixin):
                 recorded = False
                 if n:
                     # the read's records go with the seal's (one reservation and copy): what could refuse the
-                    # read is checked first, and the plaintext is written before the seal, so nothing after
-                    # the seal can fail and leave a record of a read that did not happen
+                    # read is checked first, and the room for the plaintext is made before the seal (which
+                    # writes it there), so nothing after the seal can fail and leave a record of a read that
+                    # did not happen
                     recorded, reads = self._read_records(view_start, end + n)
-                    self._kept(key_states, value_states)
-                    sealed = self._seal_new(key_states, value_states, end, n, reads)
+                    copy_to = self._kept(key_states, value_states)
+                    sealed = self._seal_new(key_states, value_states, end, n, reads, copy_to)
+                    self._stored(n)
                     self.table.append(end, n, sealed)
                     self._end += n
                     refused = (Op.DECRYPT, view_start, self._end - view_start)

@@ -10,7 +10,7 @@ next update (or ``open_released``) opens their ciphertext once, every tag
 verified before any of it is kept.
 
 The variant differs from the sealed layer only through the layer's storage
-hooks (``_open_released``, ``_kept``, ``_visible``, ``_truncated``,
+hooks (``_open_released``, ``_kept`` / ``_stored``, ``_visible``, ``_truncated``,
 ``_rows_taken`` and the snapshot pair), in the way transformers' quantized
 layers differ from ``DynamicLayer`` through ``_quantize`` / ``_dequantize``.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..audit.records import Op
-from ..backends.base import RowRecords
+from ..backends.base import PlaintextCopy, RowRecords
 from ..errors import SessionExpiredError
 from .clearing import zero, zero_at_collection
 from .layer import EncryptedLayer
@@ -100,7 +100,19 @@ class PlaintextStore:
         self._install(k, v, base, end)
 
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor, keep_from) -> None:
-        """Append the positions ``end..end+n`` of ``k_new``/``v_new``; growing moves positions ``keep_from..``
+        """Append the positions ``end..end+n`` of ``k_new``/``v_new`` (``room`` then the copy then ``written``)."""
+        k_at, v_at = self.room(k_new, keep_from).views(k_new, v_new)
+        k_at.copy_(k_new)
+        v_at.copy_(v_new)
+        self.written(k_new.shape[2])
+
+    def written(self, n: int) -> None:
+        """Positions ``end..end+n`` of the room ``room`` gave were written."""
+        self.end += n
+
+    def room(self, k_new: torch.Tensor, keep_from) -> PlaintextCopy:
+        """Room for positions ``end..end+n`` (``n``, dtype and device of ``k_new``): where they go, as a seal's
+        plaintext copy takes it; ``written(n)`` once they are there. Growing moves positions ``keep_from..``
         (``keep_from`` <= end: the first position any later read may need; or a callable returning it, called
         only when the store grows) into a buffer twice their size."""
         n = k_new.shape[2]
@@ -117,10 +129,7 @@ class PlaintextStore:
                 k[:, :, :self.end - keep_from].copy_(self.k[:, :, keep_from - self.base:self.end - self.base])
                 v[:, :, :self.end - keep_from].copy_(self.v[:, :, keep_from - self.base:self.end - self.base])
             self._install(k, v, keep_from, self.end)
-        k_at, v_at = self._cut(self.end - self.base, n)
-        k_at.copy_(k_new)
-        v_at.copy_(v_new)
-        self.end += n
+        return PlaintextCopy(self.k, self.v, self.end - self.base)
 
     def view(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views ``[batch, heads, end - start, dim]`` of positions ``start..end``."""
@@ -327,8 +336,11 @@ class WorkingSetStorage:
         mask[rows] = False
         self._released = mask
 
-    def _kept(self, key_states, value_states) -> None:
-        self._ws.write(key_states, value_states, keep_from=self._first_kept)
+    def _kept(self, key_states, value_states) -> PlaintextCopy:
+        return self._ws.room(key_states, keep_from=self._first_kept)
+
+    def _stored(self, n: int) -> None:
+        self._ws.written(n)
 
     def _first_kept(self) -> int:
         """The first position a later read may need (asked only when the store grows). Called before the
