@@ -11,7 +11,7 @@
 #                        (--budget 80, at most 25 s per attempt, none past the budget); stops if no kernel
 #                        can run
 #   3. tests    (100 s)  the `gpu`-marked tests (-m gpu) of tests/backends/test_cuda_backend.py,
-#                        tests/backends/test_contract.py, tests/backends/test_rows_seal.py,
+#                        tests/backends/test_contract.py, tests/backends/test_rows_seal.py, test_rows_seal_copy.py,
 #                        tests/backends/test_rows_open.py, tests/vllm/test_blocks.py,
 #                        tests/audit/test_audit_cuda.py and the static cache's tests/cache/test_static_cuda_graph.py
 #                        and tests/cache/test_static_cuda_seal_gpu.py, verbose, with PQC_REQUIRE_GPU=1 (a skipped GPU
@@ -84,6 +84,7 @@ fi
 step "tests"
 timeout 100 python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs -o faulthandler_timeout=60 \
     tests/backends/test_cuda_backend.py tests/backends/test_contract.py tests/backends/test_rows_seal.py \
+    tests/backends/test_rows_seal_copy.py \
     tests/backends/test_rows_open.py tests/vllm/test_blocks.py \
     tests/audit/test_audit_cuda.py tests/cache/test_static_cuda_graph.py tests/cache/test_static_cuda_seal_gpu.py \
     2>&1 | tee "$out/gpu_tests.txt" | tail -60

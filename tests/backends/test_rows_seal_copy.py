@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from support.cache_models import tiny_model
+from support.devices import has_cuda
 from support.twin import CpuTwinBackend
 
 from pqc_kv_cache.backends import kernel_shim
@@ -180,3 +181,34 @@ def test_a_working_set_cache_over_the_twin_returns_dynamic_cache_s_states():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     cache.check()
     cache.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device and CuPy")
+def test_on_a_gpu_the_seal_s_launch_writes_the_copy_without_a_host_sync():
+    """Unverified here (no GPU on the machine it was written on): the copy written by the encrypt kernel on a
+    real device, the calls after the first (which prepares) under sync-debug 'error'; the ciphertext is the
+    host shim's for the same calls."""
+    from pqc_kv_cache.backends.cuda import CudaBackend
+    dev = torch.device("cuda", torch.cuda.current_device())
+    be = CudaBackend.for_device(dev)
+    arena = torch.zeros(4 * 3 * SIZE, dtype=torch.uint8, device=dev)
+    seal = be.rows_seal(_keys(), LAYOUT, KEY_IDX, ROWS, arena)
+    calls = [(pos, ctr, off, k.to(dev), v.to(dev)) for pos, ctr, off, k, v in _calls()]
+    k_buf, v_buf = (t.to(dev) for t in _store())
+    _first(seal, calls)
+    torch.cuda.synchronize(dev)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, (pos, ctr, off, k, v) in enumerate(calls[1:]):
+            seal(pos, 1, ctr, off, SIZE, k, v, copy_to=PlaintextCopy(k_buf, v_buf, 2 + i))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(dev)
+    for i, (_, _, _, k, v) in enumerate(calls[1:]):
+        assert torch.equal(k_buf[:, :, 2 + i:3 + i], k) and torch.equal(v_buf[:, :, 2 + i:3 + i], v)
+    assert (k_buf[:, :, 5:] == 7).all() and (v_buf[:, :, :2] == 9).all()
+    ref_arena, ref = _seal(CpuTwinBackend())
+    for pos, ctr, off, k, v in calls:
+        ref(pos, 1, ctr, off, SIZE, k.cpu(), v.cpu())
+    assert torch.equal(arena.cpu(), ref_arena)
