@@ -77,14 +77,14 @@ def _span(t: torch.Tensor, itemsize: int) -> int:
 
 def _copy_geometry(k, v, prep) -> tuple | None:
     """What a prepared call needs of copy buffers ``k`` / ``v`` at any position: (their pointers, byte strides,
-    the position each can start at, at most, and the byte range each spans), or None when the launch cannot
-    write them (not the sources' batch, heads, dim, dtype and device, a dim axis that is not contiguous,
-    K and V sharing memory)."""
+    the last position a copy can start at (negative: none), and the byte range each spans), or None when the
+    launch cannot write them (not the sources' batch, heads, dim, dtype and device, a dim axis that is not
+    contiguous, K and V sharing memory)."""
     shape, item, n = prep.k_shape, prep.itemsize, prep.pos_count
     out = []
     for t in (k, v):
-        if (t.dim() != 4 or t.shape[:2] != shape[:2] or t.shape[3] != shape[3] or t.shape[2] < n
-                or t.dtype != prep.sig[2] or t.device != prep.sig[4] or t.stride(3) != 1 or min(t.stride()) < 0):
+        if (t.dim() != 4 or t.shape[:2] != shape[:2] or t.shape[3] != shape[3] or t.dtype != prep.sig[2]
+                or t.device != prep.sig[4] or t.stride(3) != 1):
             return None
         sb, sh, ss, _ = t.stride()
         lo = t.data_ptr()

@@ -99,13 +99,6 @@ class PlaintextStore:
         """Hold buffers ``k``/``v`` whose index 0 is position ``base``, positions up to ``end`` written."""
         self._install(k, v, base, end)
 
-    def write(self, k_new: torch.Tensor, v_new: torch.Tensor, keep_from) -> None:
-        """Append the positions ``end..end+n`` of ``k_new``/``v_new`` (``room`` then the copy then ``written``)."""
-        k_at, v_at = self.room(k_new, keep_from).views(k_new, v_new)
-        k_at.copy_(k_new)
-        v_at.copy_(v_new)
-        self.written(k_new.shape[2])
-
     def written(self, n: int) -> None:
         """Positions ``end..end+n`` of the room ``room`` gave were written."""
         self.end += n
@@ -137,8 +130,8 @@ class PlaintextStore:
 
     def _cut(self, at: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views of buffer positions ``at..at+n`` (``narrow(2, at, n)`` of each, by ``as_strided`` with
-        the buffers' strides, read once per buffer: every step cuts two views for its write and two for its
-        read)."""
+        the buffers' strides, read once per buffer: every step cuts two for its read; its write goes through
+        the seal's plaintext copy, ``room``)."""
         shape = self.k.shape
         if not 0 <= at <= at + n <= shape[2]:
             raise IndexError(f"positions {at}..{at + n} are outside the buffer's {shape[2]}")

@@ -15,12 +15,20 @@ def _states(n, seed):
     return torch.randn((2, 3, n, 4), generator=g), torch.randn((2, 3, n, 4), generator=g)
 
 
+def _write(store, k, v, keep_from=0):
+    """Append k / v as a working-set update does: room, the seal's plaintext copy, written."""
+    k_at, v_at = store.room(k, keep_from).views(k, v)
+    k_at.copy_(k)
+    v_at.copy_(v)
+    store.written(k.shape[2])
+
+
 def test_views_equal_narrow_through_growth_and_row_selection():
     store = PlaintextStore()
     ks, vs = [], []
     for step in range(40):              # grows several times (the buffer doubles)
         k, v = _states(1 if step else 5, step)
-        store.write(k, v, keep_from=0)
+        _write(store, k, v)
         ks.append(k)
         vs.append(v)
         if step == 25:
@@ -38,7 +46,7 @@ def test_views_equal_narrow_through_growth_and_row_selection():
 
 def test_a_view_outside_the_buffer_is_refused():
     store = PlaintextStore()
-    store.write(*_states(4, 0), keep_from=0)
+    _write(store, *_states(4, 0))
     with pytest.raises(IndexError):
         store.view(0, store.base + store.capacity + 1)
     with pytest.raises(IndexError):
@@ -47,7 +55,7 @@ def test_a_view_outside_the_buffer_is_refused():
 
 def test_released_store_keeps_no_buffer_for_its_views():
     store = PlaintextStore()
-    store.write(*_states(4, 0), keep_from=0)
+    _write(store, *_states(4, 0))
     store.view(0, 4)
     gone = weakref.ref(store.k)
     store.release()
